@@ -1,0 +1,131 @@
+"""Activities of BuildImage: thin, idempotent adapters over thaw.imagefs and thaw.registry.
+
+Each is safe to run twice: ingest restarts its staging area (or reuses a finished one), store skips chunks
+already present, register inserts a digest once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from thaw.config import Config
+from thaw.imagefs import oci
+from thaw.imagefs.ingest import IngestError, Limits, ingest, source_size
+from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.store import ChunkStore, StoreError
+from thaw.registry import images
+from thaw.registry.models import Image
+from thaw.workflows.build_image import (
+    IngestInput, IngestResult, RegisterInput, RegisterResult, ResolvedSource, StoreResult)
+
+USER_ERRORS = (IngestError, oci.SourceError, StoreError, images.NotFound)
+MANIFEST_FILE = ".manifest"
+RESULT_FILE = ".result.json"
+
+
+def user_errors_fail_fast(fn):
+    """A bad input fails the workflow at once with its one-line message instead of being retried."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise ApplicationError(str(e), type="UserError", non_retryable=True) from None
+
+    return wrapper
+
+
+class Heartbeat:
+    """Progress callback that heartbeats at most every ``every`` seconds."""
+
+    def __init__(self, stage: str, total: int | None, every: float = 0.5):
+        self.stage, self.total, self.every = stage, total, every
+        self.done = 0
+        self.last = 0.0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            activity.heartbeat({"stage": self.stage, "done": self.done, "total": self.total})
+
+
+class BuildActivities:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.store = ChunkStore.open(cfg)
+
+    @activity.defn(name="resolve_source")
+    @user_errors_fail_fast
+    def resolve_source(self, source: str) -> ResolvedSource:
+        spec = oci.resolve(source)
+        return ResolvedSource(spec.kind, spec.location)
+
+    @activity.defn(name="ingest_image")
+    @user_errors_fail_fast
+    def ingest_image(self, inp: IngestInput) -> IngestResult:
+        t0 = time.monotonic()
+        staging = self.store.staging(inp.build_id)
+        done = staging.dir / RESULT_FILE
+        if done.exists():  # an earlier attempt finished; its staging area is complete
+            return IngestResult(**json.loads(done.read_text()))
+        staging.reset()
+        spec = oci.SourceSpec(inp.source.kind, inp.source.location)
+        try:
+            manifest = ingest(spec, staging, Limits.from_config(self.cfg),
+                              Heartbeat("ingest", source_size(spec)))
+        except BaseException:
+            staging.abort()  # nothing of a rejected or failed image stays behind
+            raise
+        data = manifest.to_bytes()
+        (staging.dir / MANIFEST_FILE).write_bytes(data)
+        stats = manifest.stats()
+        result = IngestResult(
+            build_id=inp.build_id, manifest_digest=manifest.digest, size=stats["size"], files=stats["files"],
+            entries=stats["entries"], chunks=stats["chunks"], new_chunks=staging.new_chunks,
+            new_bytes=staging.new_bytes, ms=int((time.monotonic() - t0) * 1000))
+        done.write_text(json.dumps(result.__dict__))
+        return result
+
+    @activity.defn(name="store_image")
+    @user_errors_fail_fast
+    def store_image(self, ing: IngestResult) -> StoreResult:
+        t0 = time.monotonic()
+        staging = self.store.staging(ing.build_id)
+        if not staging.exists():  # committed by an earlier attempt
+            if not self.store.has_manifest(ing.manifest_digest):
+                raise StoreError(f"build {ing.build_id}: staging area is gone and manifest "
+                                 f"{ing.manifest_digest} was never stored; rebuild the image")
+            return StoreResult(ing.manifest_digest, 0, 0, int((time.monotonic() - t0) * 1000))
+        manifest_bytes = (staging.dir / MANIFEST_FILE).read_bytes()
+        activity.heartbeat({"stage": "store"})
+        # chunks first (moved and synced), then the manifest that names them, then the staging dir goes
+        count, size = staging.commit_chunks()
+        self.store.put_manifest_bytes(manifest_bytes)
+        self.store.sync()
+        staging.abort()
+        return StoreResult(ing.manifest_digest, count, size, int((time.monotonic() - t0) * 1000))
+
+    @activity.defn(name="register_image")
+    @user_errors_fail_fast
+    def register_image(self, inp: RegisterInput) -> RegisterResult:
+        t0 = time.monotonic()
+        ing = inp.ingest
+        manifest = ImageManifest.load(self.store, ing.manifest_digest)  # verified read: it is durable
+        missing = [d for d in manifest.chunk_digests() if not self.store.has_chunk(d)]
+        if missing:
+            raise StoreError(f"image {ing.manifest_digest}: {len(missing)} chunks missing from the store")
+        row, created = images.register(self.cfg.registry_url, Image(
+            digest=ing.manifest_digest, source=inp.source, source_kind=inp.source_kind, size=ing.size,
+            files=ing.files, entries=ing.entries, chunks=ing.chunks, new_chunks=ing.new_chunks,
+            new_bytes=ing.new_bytes, build_id=ing.build_id, config=manifest.config, timings_ms=inp.timings_ms))
+        return RegisterResult(row.digest, created, int((time.monotonic() - t0) * 1000))
+
+    def all(self) -> list:
+        return [self.resolve_source, self.ingest_image, self.store_image, self.register_image]

@@ -1,0 +1,360 @@
+"""Turn an image source into an :class:`ImageManifest` whose file contents are chunks in a staging area.
+
+Layers are applied in order on an in-memory tree (nothing is extracted to disk), with OCI whiteouts
+(``.wh.NAME`` deletes, ``.wh..wh..opq`` makes a directory opaque). Every member is checked before it is
+accepted: absolute or ``..`` paths, writes through a symlink, relative symlinks that climb out of the root,
+hard links to anything but an earlier regular file, device nodes (unless allowed), absurd sizes and entry
+counts. A rejected image raises :class:`IngestError`; its chunks stay in staging, which the caller discards,
+so nothing is stored under a final name.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import posixpath
+import stat
+import tarfile
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .manifest import BLK, CHR, CONFIG_KEYS, DIR, FIFO, REG, SYMLINK, Entry, ImageManifest
+from .store import Staging
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+
+Progress = Callable[[int], None]  # called with bytes consumed since the last call
+
+
+class IngestError(ValueError):
+    """The image is malformed or hostile; the message names the offending input."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_file_size: int
+    max_image_size: int
+    max_entries: int
+    allow_devices: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "Limits":
+        return cls(cfg.max_file_size, cfg.max_image_size, cfg.max_entries, cfg.allow_devices)
+
+
+def normalize(name: str, what: str = "path") -> str:
+    """Image-relative path with no '.', '' or '..' parts; '' is the root."""
+    if name.startswith("/"):
+        raise IngestError(f"absolute {what} {name!r} in image")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise IngestError(f"{what} {name!r} escapes the image root")
+    if any("\0" in p for p in parts):
+        raise IngestError(f"{what} {name!r} contains a NUL byte")
+    return "/".join(parts)
+
+
+def _symlink_escapes(path: str, target: str) -> bool:
+    if target.startswith("/"):
+        return False  # absolute targets resolve inside the image root at run time
+    depth = path.count("/")  # depth of the link's parent directory
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False
+
+
+class Tree:
+    """The image's file tree while layers are applied."""
+
+    def __init__(self, staging: Staging, limits: Limits, progress: Progress | None = None):
+        self.staging = staging
+        self.limits = limits
+        self.progress = progress or (lambda n: None)
+        self.entries: dict[str, Entry] = {"": Entry(path="", type=DIR, mode=0o755)}
+        self.children: dict[str, set[str]] = {"": set()}
+        self.inode: dict[str, int] = {}  # regular file path -> inode id (hard links share one)
+        self._next_inode = 0
+        self.total_size = 0
+        self.layer_added: set[str] = set()
+
+    # -- structure -------------------------------------------------------------------------
+    def _check_parent(self, path: str, src: str) -> None:
+        parent = posixpath.dirname(path)
+        missing = []
+        while parent not in self.entries:
+            missing.append(parent)
+            parent = posixpath.dirname(parent)
+        e = self.entries[parent]
+        if e.type == SYMLINK:
+            raise IngestError(f"{src!r} would be written through the symlink {parent!r}")
+        if e.type != DIR:
+            raise IngestError(f"{src!r}: parent {parent!r} is not a directory")
+        for d in reversed(missing):  # implicit parent directories
+            self._put(Entry(path=d, type=DIR, mode=0o755))
+
+    def _put(self, entry: Entry) -> None:
+        if len(self.entries) >= self.limits.max_entries:
+            raise IngestError(f"image has more than {self.limits.max_entries} entries")
+        self.entries[entry.path] = entry
+        if entry.path:
+            self.children[posixpath.dirname(entry.path)].add(entry.path)
+        if entry.type == DIR:
+            self.children.setdefault(entry.path, set())
+        self.layer_added.add(entry.path)
+
+    def remove(self, path: str) -> None:
+        entry = self.entries.pop(path, None)
+        if entry is None:
+            return
+        self.inode.pop(path, None)
+        self.layer_added.discard(path)
+        if path:
+            self.children[posixpath.dirname(path)].discard(path)
+        for child in list(self.children.pop(path, ())):
+            self.remove(child)
+
+    def add(self, entry: Entry, src: str, data: BinaryIO | None = None) -> None:
+        path = entry.path
+        if path == "":
+            if entry.type != DIR:
+                raise IngestError(f"{src!r}: the image root must be a directory")
+            root = self.entries[""]
+            root.mode, root.uid, root.gid, root.mtime_ns, root.xattrs = (
+                entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+            return
+        self._check_parent(path, src)
+        old = self.entries.get(path)
+        if old is not None:
+            if old.type == DIR and entry.type == DIR:  # a directory entry updates metadata, keeps children
+                old.mode, old.uid, old.gid, old.mtime_ns, old.xattrs = (
+                    entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
+                self.layer_added.add(path)
+                return
+            self.remove(path)
+        if entry.type == SYMLINK and _symlink_escapes(path, entry.target or ""):
+            raise IngestError(f"symlink {src!r} -> {entry.target!r} escapes the image root")
+        if entry.type in (CHR, BLK) and not self.limits.allow_devices:
+            raise IngestError(f"device node {src!r} is not allowed in an image (set allow_devices to permit)")
+        if entry.type == REG:
+            if entry.size > self.limits.max_file_size:
+                raise IngestError(f"{src!r} is {entry.size} bytes, over the {self.limits.max_file_size}-byte file limit")
+            self.total_size += entry.size
+            if self.total_size > self.limits.max_image_size:
+                raise IngestError(f"image is over the {self.limits.max_image_size}-byte size limit at {src!r}")
+            entry.chunks = self._store(data, entry.size, src) if entry.size else []
+            self.inode[path] = self._next_inode
+            self._next_inode += 1
+        self._put(entry)
+
+    def hardlink(self, path: str, target: str, src: str) -> None:
+        t = self.entries.get(target)
+        if t is None or t.type != REG:
+            raise IngestError(f"hard link {src!r} points at {target!r}, which is not an earlier regular file")
+        if path == target:
+            return
+        self._check_parent(path, src)
+        self.remove(path)
+        e = Entry(**{**t.to_dict(), "path": path, "chunks": list(t.chunks)})
+        self._put(e)
+        self.inode[path] = self.inode[target]
+
+    def whiteout(self, path: str, src: str) -> None:
+        """Apply ``.wh.`` markers: they hide lower-layer entries only."""
+        parent, name = posixpath.split(path)
+        if name == OPAQUE:
+            for child in list(self.children.get(parent, ())):
+                if child not in self.layer_added:
+                    self.remove(child)
+        else:
+            victim = posixpath.join(parent, name[len(WHITEOUT):])
+            if victim not in self.layer_added:
+                self.remove(victim)
+
+    def _store(self, f: BinaryIO, size: int, src: str) -> list[list]:
+        chunk_size = self.staging.store.chunk_size
+        chunks, left = [], size
+        buf = bytearray(min(chunk_size, size))
+        view = memoryview(buf)
+        while left:
+            want = min(chunk_size, left)
+            n = _readfull(f, view[:want])
+            if n < want:
+                raise IngestError(f"{src!r} is truncated: expected {size} bytes, got {size - left + n}")
+            chunks.append([self.staging.put_chunk(view[:n]), n])
+            left -= n
+            self.progress(n)
+        return chunks
+
+    # -- result ----------------------------------------------------------------------------
+    def manifest(self, config: dict | None = None) -> ImageManifest:
+        first: dict[int, str] = {}
+        for path in sorted(self.inode):
+            ino = self.inode[path]
+            if ino in first:
+                self.entries[path].hardlink = first[ino]
+            else:
+                first[ino] = path
+        cfg = {k: v for k, v in (config or {}).items() if k in CONFIG_KEYS and v not in (None, [], {})}
+        return ImageManifest(entries=list(self.entries.values()), config=cfg)
+
+
+def _readfull(f: BinaryIO, view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:]) if hasattr(f, "readinto") else None
+        if n is None:
+            data = f.read(len(view) - got)
+            n = len(data)
+            view[got:got + n] = data
+        if not n:
+            break
+        got += n
+    return got
+
+
+# -- tar layers ---------------------------------------------------------------------------------
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    raw = m.pax_headers.get("mtime")
+    if raw:
+        return int(Decimal(raw) * 1_000_000_000)
+    return int(m.mtime) * 1_000_000_000
+
+
+def _xattrs(m: tarfile.TarInfo) -> dict[str, str] | None:
+    out = {}
+    for k, v in m.pax_headers.items():
+        if k.startswith("SCHILY.xattr."):
+            raw = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
+            out[k[len("SCHILY.xattr."):]] = base64.b64encode(raw).decode()
+    return out or None
+
+
+def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
+    tree.layer_added = set()
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tf:
+            for m in tf:
+                src = f"{label}:{m.name}"
+                path = normalize(m.name)
+                base = posixpath.basename(path)
+                if base.startswith(WHITEOUT):
+                    tree.whiteout(path, src)
+                    continue
+                if m.islnk():
+                    tree.hardlink(path, normalize(m.linkname, "hard link target"), src)
+                    continue
+                common = dict(path=path, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
+                              mtime_ns=_mtime_ns(m), xattrs=_xattrs(m))
+                if m.isreg():
+                    if m.size < 0:
+                        raise IngestError(f"{src!r} has a negative size")
+                    tree.add(Entry(type=REG, size=m.size, **common), src, tf.extractfile(m))
+                elif m.isdir():
+                    tree.add(Entry(type=DIR, **common), src)
+                elif m.issym():
+                    tree.add(Entry(type=SYMLINK, target=m.linkname, **common), src)
+                elif m.isfifo():
+                    tree.add(Entry(type=FIFO, **common), src)
+                elif m.ischr() or m.isblk():
+                    tree.add(Entry(type=CHR if m.ischr() else BLK, rdev=os.makedev(m.devmajor, m.devminor),
+                                   **common), src)
+                else:
+                    raise IngestError(f"{src!r} has unsupported tar member type {m.type!r}")
+    except tarfile.TarError as e:
+        raise IngestError(f"{label} is not a valid tar layer: {e}") from None
+    except EOFError as e:
+        raise IngestError(f"{label} is truncated: {e}") from None
+
+
+# -- plain directories ---------------------------------------------------------------------------
+def _dir_xattrs(path: str) -> dict[str, str] | None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return None
+    out = {}
+    for n in names:
+        try:
+            out[n] = base64.b64encode(os.getxattr(path, n, follow_symlinks=False)).decode()
+        except OSError:
+            continue
+    return out or None
+
+
+def ingest_directory(tree: Tree, root: Path) -> None:
+    root = Path(root)
+    if not root.is_dir():
+        raise IngestError(f"{root} is not a directory")
+    seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first path, for hard links
+
+    def visit(rel: str, full: str, st: os.stat_result) -> None:
+        common = dict(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                      mtime_ns=st.st_mtime_ns, xattrs=_dir_xattrs(full))
+        src = rel or "."
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            tree.add(Entry(type=DIR, **common), src)
+            with os.scandir(full) as it:
+                names = sorted(e.name for e in it)
+            for name in names:
+                child = os.path.join(full, name)
+                visit(f"{rel}/{name}" if rel else name, child, os.lstat(child))
+        elif stat.S_ISREG(m):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in seen:
+                tree.hardlink(rel, seen[key], src)
+                return
+            with open(full, "rb") as f:
+                tree.add(Entry(type=REG, size=st.st_size, **common), src, f)
+            if st.st_nlink > 1:
+                seen[key] = rel
+        elif stat.S_ISLNK(m):
+            tree.add(Entry(type=SYMLINK, target=os.readlink(full), **common), src)
+        elif stat.S_ISFIFO(m):
+            tree.add(Entry(type=FIFO, **common), src)
+        elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+            tree.add(Entry(type=CHR if stat.S_ISCHR(m) else BLK, rdev=st.st_rdev, **common), src)
+        else:
+            raise IngestError(f"{full} is a socket or other special file that cannot be part of an image")
+
+    visit("", str(root), os.lstat(root))
+
+
+def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = None) -> ImageManifest:
+    """Ingest any source (see :func:`thaw.imagefs.oci.resolve`) into staging; returns the manifest."""
+    from . import oci
+
+    tree = Tree(staging, limits, progress)
+    if spec.kind == "dir":
+        ingest_directory(tree, Path(spec.location))
+        return tree.manifest()
+    with oci.open_image(spec) as image:
+        for i, layer in enumerate(image.layers):
+            with contextlib.closing(layer.open()) as stream:
+                apply_layer(tree, stream, f"layer {i} ({layer.digest[:19]})")
+        return tree.manifest(image.config)
+
+
+def source_size(spec) -> int | None:
+    """Best-effort total for progress bars: file bytes of a directory, or the sum of layer sizes."""
+    if spec.kind == "dir":
+        total = 0
+        for dirpath, _, files in os.walk(spec.location):
+            for f in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, f))
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+        return total
+    return None

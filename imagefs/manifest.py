@@ -1,0 +1,95 @@
+"""Image manifest: the file tree of an image, small, canonical JSON, addressed by its blake3 digest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from .store import ChunkStore, digest_of
+
+FORMAT_VERSION = 1
+
+# entry types
+DIR, REG, SYMLINK, FIFO, CHR, BLK = "dir", "reg", "sym", "fifo", "chr", "blk"
+TYPES = (DIR, REG, SYMLINK, FIFO, CHR, BLK)
+
+# OCI config keys kept in the manifest (what a launcher needs)
+CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Labels", "StopSignal")
+
+
+@dataclass(slots=True)
+class Entry:
+    path: str  # relative to the image root, no leading "/", "" is the root directory
+    type: str
+    mode: int = 0o755  # permission bits including setuid/setgid/sticky
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    target: str | None = None  # symlink target
+    hardlink: str | None = None  # path of the entry this one shares an inode with
+    rdev: int | None = None  # device number for chr/blk
+    xattrs: dict[str, str] | None = None  # name -> base64 value
+    chunks: list[list] = field(default_factory=list)  # [[digest, size], ...] for reg files
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Entry":
+        return cls(**d)
+
+
+@dataclass
+class ImageManifest:
+    entries: list[Entry]
+    config: dict = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def to_bytes(self) -> bytes:
+        body = {
+            "version": self.version,
+            "config": self.config,
+            "entries": [e.to_dict() for e in sorted(self.entries, key=lambda e: e.path)],
+        }
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.to_bytes())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ImageManifest":
+        body = json.loads(data)
+        if body.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest version {body.get('version')!r}")
+        return cls([Entry.from_dict(e) for e in body["entries"]], body.get("config", {}), body["version"])
+
+    @classmethod
+    def load(cls, store: ChunkStore, digest: str) -> "ImageManifest":
+        return cls.from_bytes(store.get_manifest_bytes(digest))
+
+    def save(self, store: ChunkStore) -> str:
+        digest, _ = store.put_manifest_bytes(self.to_bytes())
+        return digest
+
+    def files(self) -> Iterator[Entry]:
+        return (e for e in self.entries if e.type == REG)
+
+    def chunk_digests(self) -> set[str]:
+        return {c[0] for e in self.files() for c in e.chunks}
+
+    @property
+    def size(self) -> int:
+        """Bytes of file content, each inode counted once."""
+        return sum(e.size for e in self.files() if not e.hardlink)
+
+    def stats(self) -> dict:
+        return {
+            "entries": len(self.entries),
+            "files": sum(1 for _ in self.files()),
+            "size": self.size,
+            "chunks": len(self.chunk_digests()),
+        }

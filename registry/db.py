@@ -1,0 +1,38 @@
+"""Engine and sessions: SQLite file by default, PostgreSQL (or anything SQLAlchemy speaks) by DSN."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, SQLModel, create_engine
+
+from . import models  # noqa: F401  (registers the tables)
+
+
+@lru_cache(maxsize=8)
+def engine(url: str) -> Engine:
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(eng, "connect")
+        def _pragmas(conn, _record):
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+    else:
+        eng = create_engine(url, pool_pre_ping=True)
+    SQLModel.metadata.create_all(eng)
+    return eng
+
+
+@contextmanager
+def session(url: str) -> Iterator[Session]:
+    with Session(engine(url), expire_on_commit=False) as s:
+        yield s

@@ -1,0 +1,95 @@
+"""The one configuration object.
+
+Resolution order (later wins): defaults → TOML file (``$THAW_CONFIG`` or ``<state_dir>/config.toml``)
+→ environment variables (``THAW_*``) → CLI flags (passed as overrides to :func:`load`).
+Every path thaw uses is derived here, from ``state_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "thaw"
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="THAW_", extra="ignore", frozen=True)
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    # Registry: SQLite file under state_dir unless a DSN (e.g. postgresql+psycopg://...) is given.
+    db_url: str | None = None
+
+    # Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_ui_port: int = 8233
+    build_task_queue: str = "thaw-build"
+
+    # Content-addressed store
+    chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)
+
+    # Ingest limits: anything past these is rejected as hostile or absurd.
+    max_file_size: int = 64 * GiB
+    max_image_size: int = 512 * GiB
+    max_entries: int = 5_000_000
+    allow_devices: bool = False
+
+    # Activity timeouts (seconds)
+    heartbeat_timeout: float = 30.0
+    activity_timeout: float = 3600.0
+
+    @cached_property
+    def store_dir(self) -> Path:
+        return self.state_dir / "store"
+
+    @cached_property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @cached_property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @cached_property
+    def temporal_db(self) -> Path:
+        return self.state_dir / "temporal.db"
+
+    @cached_property
+    def registry_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.state_dir / 'registry.db'}"
+
+    @cached_property
+    def temporal_ui_url(self) -> str:
+        host = self.temporal_address.rsplit(":", 1)[0]
+        return f"http://{host}:{self.temporal_ui_port}"
+
+    def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
+        tail = f"/{run_id}" if run_id else ""
+        return f"{self.temporal_ui_url}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}{tail}/history"
+
+
+def load(**overrides) -> Config:
+    """Build the Config: file < env < overrides (None values in overrides are ignored)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    env_state = overrides.get("state_dir") or os.environ.get("THAW_STATE_DIR")
+    state_dir = Path(env_state) if env_state else _default_state_dir()
+    path = Path(os.environ.get("THAW_CONFIG", state_dir / "config.toml"))
+    file_values = {}
+    if path.is_file():
+        file_values = tomllib.loads(path.read_text())
+    env_values = Config().model_dump(exclude_unset=True)  # what THAW_* set
+    merged = {**file_values, **env_values, **overrides}
+    merged.setdefault("state_dir", state_dir)
+    cfg = Config(**{k: v for k, v in merged.items()})
+    return cfg

