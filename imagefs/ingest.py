@@ -330,19 +330,23 @@ def ingest_directory(tree: Tree, root: Path) -> None:
     visit("", str(root), os.lstat(root))
 
 
-def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = None) -> ImageManifest:
-    """Ingest any source (see :func:`thaw.imagefs.oci.resolve`) into staging; returns the manifest."""
+def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = None,
+           config: dict | None = None) -> ImageManifest:
+    """Ingest any source (see :func:`thaw.imagefs.oci.resolve`) into staging; returns the manifest.
+
+    ``config`` (OCI config keys such as Cmd, Env) is a directory's image config, or overrides an image's own.
+    """
     from . import oci
 
     tree = Tree(staging, limits, progress)
     if spec.kind == "dir":
         ingest_directory(tree, Path(spec.location))
-        return tree.manifest()
+        return tree.manifest(config)
     with oci.open_image(spec) as image:
         for i, layer in enumerate(image.layers):
             with contextlib.closing(layer.open()) as stream:
                 apply_layer(tree, stream, f"layer {i} ({layer.digest[:19]})")
-        return tree.manifest(image.config)
+        return tree.manifest({**(image.config or {}), **(config or {})})
 
 
 def source_size(spec) -> int | None:

@@ -7,12 +7,13 @@ export THAW_STATE_DIR=${THAW_STATE_DIR:-$PWD/.state}
 
 thaw up
 rootfs=$(python3 -m thaw.examples.minilm.recipe)
+config="$(dirname "$rootfs")/image-config.json"
 echo "example image root: $rootfs"
 
 t0=$(date +%s.%N)
-first=$(thaw build image "$rootfs" --json)
+first=$(thaw build image "$rootfs" --config "$config" --json)
 t1=$(date +%s.%N)
-second=$(thaw build image "$rootfs" --json)
+second=$(thaw build image "$rootfs" --config "$config" --json)
 t2=$(date +%s.%N)
 
 python3 - "$first" "$second" "$t0" "$t1" "$t2" <<'PY'

@@ -166,8 +166,11 @@ async def _follow(handle, client, show_progress: bool):
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (has `digest`).")
 @click.option("--id", "workflow_id", help="Workflow id (default build-image-<random>).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON file with OCI image config keys (Cmd, Env, WorkingDir, ExposedPorts): a directory's "
+                   "config, or overrides for an image's.")
 @click.pass_obj
-def build_image(cfg, source, as_json, workflow_id):
+def build_image(cfg, source, as_json, workflow_id, config_file):
     """Ingest SOURCE into the chunk store and register it.
 
     SOURCE: a directory, docker-archive tar, OCI layout (dir or tar), registry reference
@@ -177,12 +180,21 @@ def build_image(cfg, source, as_json, workflow_id):
 
     from thaw.workflows.build_image import BuildImage, BuildImageInput
 
+    config = None
+    if config_file:
+        try:
+            config = json.loads(Path(config_file).read_text())
+            if not isinstance(config, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            _fail(f"--config {config_file}: not a JSON object of image config keys ({e})")
+
     async def go():
         client = await _connect(cfg)
         wid = workflow_id or f"build-image-{uuid.uuid4().hex[:12]}"
         handle = await client.start_workflow(
             BuildImage.run,
-            BuildImageInput(_absolute_source(source), cfg.heartbeat_timeout, cfg.activity_timeout),
+            BuildImageInput(_absolute_source(source), config, cfg.heartbeat_timeout, cfg.activity_timeout),
             id=wid, task_queue=cfg.build_task_queue)
         url = cfg.workflow_url(wid, handle.result_run_id)
         if not as_json:

@@ -20,6 +20,7 @@ RETRY = RetryPolicy(
 @dataclass
 class BuildImageInput:
     source: str  # as the user gave it (paths already absolute)
+    config: dict | None = None  # OCI image config (Cmd, Env, ...): a directory's, or overrides for an image's
     heartbeat_timeout_s: float = 30.0
     activity_timeout_s: float = 3600.0
 
@@ -34,6 +35,7 @@ class ResolvedSource:
 class IngestInput:
     build_id: str
     source: ResolvedSource
+    config: dict | None = None
 
 
 @dataclass
@@ -107,7 +109,7 @@ class BuildImage:
         src = await workflow.execute_activity("resolve_source", inp.source, result_type=ResolvedSource, **quick)
         self.stage = "ingest"
         ing = await workflow.execute_activity(
-            "ingest_image", IngestInput(build_id, src), result_type=IngestResult, **long)
+            "ingest_image", IngestInput(build_id, src, inp.config), result_type=IngestResult, **long)
         self.stage = "store"
         stored = await workflow.execute_activity("store_image", ing, result_type=StoreResult, **long)
         timings = {"ingest": ing.ms, "store": stored.ms}

