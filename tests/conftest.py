@@ -67,8 +67,10 @@ def worker(cfg):
 
     lt = LoopThread()
     executor = ThreadPoolExecutor(4)
-    client = lt.run(Client.connect(cfg.temporal_address))
-    w = build_worker(client, cfg, executor)
+    async def make():  # a Worker must be built inside a running event loop
+        return build_worker(await Client.connect(cfg.temporal_address), cfg, executor)
+
+    w = lt.run(make())
     task = asyncio.run_coroutine_threadsafe(w.run(), lt.loop)
     try:
         yield w

@@ -1,0 +1,63 @@
+"""Queries shared by every table keyed by a digest or id: idempotent insert, lookup by unique prefix."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import SQLModel, col, select
+
+from .db import session
+
+T = TypeVar("T", bound=SQLModel)
+
+
+class NotFound(LookupError):
+    pass
+
+
+def _pk(model: type[SQLModel]):
+    (pk,) = model.__table__.primary_key.columns
+    return getattr(model, pk.name)
+
+
+def register(url: str, row: T) -> tuple[T, bool]:
+    """Insert ``row`` unless its primary key is already registered. Returns (row, created)."""
+    model = type(row)
+    key = getattr(row, _pk(model).key)
+    with session(url) as s:
+        existing = s.get(model, key)
+        if existing:
+            return existing, False
+        s.add(row)
+        try:
+            s.commit()
+        except IntegrityError:  # a concurrent registration of the same key won
+            s.rollback()
+            return s.get(model, key), False
+        s.refresh(row)
+        return row, True
+
+
+def by_prefix(url: str, model: type[T], ref: str, what: str, ls_cmd: str) -> T:
+    """Look up by full digest or unique prefix (at least 6 hex characters)."""
+    ref = ref.removeprefix("blake3:").lower()
+    if len(ref) < 6 or any(c not in "0123456789abcdef" for c in ref):
+        article = "an" if what[0] in "aeiou" else "a"
+        raise NotFound(f"{ref!r} is not {article} {what} digest (give at least 6 hex characters)")
+    pk = _pk(model)
+    with session(url) as s:
+        rows = s.exec(select(model).where(col(pk).startswith(ref)).limit(2)).all()
+    if not rows:
+        raise NotFound(f"no {what} {ref} in the registry (see `{ls_cmd}`)")
+    if len(rows) > 1:
+        raise NotFound(f"{what} prefix {ref} is ambiguous; give more characters")
+    return rows[0]
+
+
+def newest_first(url: str, model: type[T], **where) -> list[T]:
+    with session(url) as s:
+        q = select(model)
+        for k, v in where.items():
+            q = q.where(getattr(model, k) == v)
+        return list(s.exec(q.order_by(col(model.created_at).desc())).all())

@@ -1,0 +1,467 @@
+"""Image sources for real: resolve(), then builds through the real Temporal workflow and CLI from a docker-archive,
+an OCI layout (skopeo), a registry (anonymous and bearer-token auth), the docker daemon and a Dockerfile. Every
+image is materialized and compared with docker's or umoci's own view of the same image."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from services import (  # noqa: F401  (fixtures)
+    APP_IMAGE, CONTAINER_PATHS, app_archive, app_context, app_export, app_image, base_image, docker_env, dockerd,
+    free_port, hardlink_groups, registry, skopeo_copy, token_registry, tree_snapshot, umoci_unpack,
+    write_app_context)
+from tarutil import docker_archive, layer, member
+from thaw.imagefs import oci
+from thaw.imagefs.ingest import Limits, ingest
+from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.materialize import materialize
+from thaw.imagefs.oci import SourceError, SourceSpec, resolve
+from thaw.imagefs.store import ChunkStore, LocalDirTier
+from thaw.registry import images
+
+LIMITS = Limits(max_file_size=1 << 30, max_image_size=1 << 34, max_entries=100_000)
+APP_CONFIG = {"Cmd": ["/bin/sh", "-c", "cat /app/cfg.txt"], "WorkingDir": "/app"}
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+def oci_layout(root: Path, layers: list[bytes], config: dict | None = None, ref: str = "v1",
+               compress: str = "gzip") -> Path:
+    """Write an OCI image layout by hand (no tools): gzip or plain layers, one image named ``ref``."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes, media_type: str) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    descs = [put(gzip.compress(l, mtime=0), oci.MT_TAR + "+gzip") if compress == "gzip" else put(l, oci.MT_TAR)
+             for l in layers]
+    arch = oci._host_platform()[0]
+    cfg = {"architecture": arch, "os": "linux", "config": config or {},
+           "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(l).hexdigest()}" for l in layers]}}
+    manifest = {"schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
+                "config": put(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json"), "layers": descs}
+    mdesc = put(json.dumps(manifest).encode(), oci.MT_OCI_MANIFEST)
+    mdesc["annotations"] = {oci.REF_NAME: ref}
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [mdesc]}))
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return root
+
+
+def layer_blobs(layout: Path) -> list[Path]:
+    index = json.loads((layout / "index.json").read_text())
+    manifest = json.loads((layout / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    return [layout / "blobs" / "sha256" / l["digest"][7:] for l in manifest["layers"]]
+
+
+def library_ingest(source: str, store_dir: Path) -> tuple[ImageManifest, ChunkStore]:
+    """Ingest without Temporal (resolve → ingest → commit), the way the activities do it."""
+    store = ChunkStore([LocalDirTier(store_dir)])  # default chunk size, as builds use: same digests
+    st = store.staging("t")
+    st.reset()
+    try:
+        m = ingest(resolve(source), st, LIMITS)
+        st.commit_chunks()
+        m.save(store)
+    finally:
+        st.abort()
+    return m, store
+
+
+def build(thaw_cli, source: str) -> dict:
+    return json.loads(thaw_cli("build", "image", source, "--json").output)
+
+
+def one_line_error(thaw_cli, source: str) -> str:
+    """The build fails with exit code 1 and exactly one `error:` line, which is returned."""
+    res = thaw_cli("build", "image", source, ok=False)
+    errors = [l for l in res.output.splitlines() if l.startswith("error:")]
+    assert res.exit_code == 1 and len(errors) == 1, res.output
+    return errors[0]
+
+
+def build_fails(cfg, thaw_cli, source: str) -> str:
+    """One-line failure, and nothing is stored or registered."""
+    err = one_line_error(thaw_cli, source)
+    assert ChunkStore.open(cfg).usage() == (0, 0)
+    assert not any((cfg.store_dir / "staging").iterdir())
+    assert images.list_all(cfg.registry_url) == []
+    return err
+
+
+def materialized(cfg, digest: str, dest: Path) -> Path:
+    store = ChunkStore.open(cfg)
+    return materialize(ImageManifest.load(store, digest), store, dest)
+
+
+def assert_same_tree(actual: Path, expected: Path, skip=frozenset(), mtimes=False) -> None:
+    a, e = tree_snapshot(actual, skip, mtimes), tree_snapshot(expected, skip, mtimes)
+    diff = {p: (a.get(p), e.get(p)) for p in set(a) | set(e) if a.get(p) != e.get(p)}
+    assert not diff, f"{len(diff)} paths differ (thaw, expected): {dict(sorted(diff.items())[:10])}"
+    assert hardlink_groups(actual) == {g for g in hardlink_groups(expected) if not any(p in skip for p in g)}
+
+
+def assert_app_tree(root: Path) -> None:
+    """The Dockerfile's effects, whiteouts included."""
+    assert not (root / "etc/motd").exists() and not (root / "usr/share").exists()  # deleted base file and dir
+    assert sorted(os.listdir(root / "opt/data")) == ["c"]  # dir removed and recreated: opaque
+    assert not (root / "app/bin/tool").exists() and (root / "app/second").read_text() == "two\n"
+    assert os.readlink(root / "app/link") == "cfg.txt" and os.readlink(root / "app/abs-link") == "/bin/busybox"
+    st = os.lstat(root / "app/cfg.txt")
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 123, 456)
+    assert os.lstat(root / "app/bin").st_mode & 0o7777 == 0o750
+    assert (root / "bin/busybox").stat().st_size > 100_000 and os.readlink(root / "bin/sh") == "busybox"
+
+
+@pytest.fixture(scope="session")
+def reference(app_archive, tmp_path_factory) -> ImageManifest:
+    """APP_IMAGE ingested from its `docker save` tar by the library: every other source must give this digest."""
+    m, _ = library_ingest(f"docker-archive:{app_archive}", tmp_path_factory.mktemp("ref-store"))
+    return m
+
+
+# -- resolve -----------------------------------------------------------------------------------------------
+def test_resolve_prefixes_and_autodetection(tmp_path):
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc").mkdir(parents=True)
+    archive = docker_archive(tmp_path / "img.tar", [layer(member("f", data=b"x"))])
+    layout = oci_layout(tmp_path / "layout", [layer(member("f", data=b"x"))], ref="v1")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\n")
+
+    assert resolve(str(rootfs)) == SourceSpec("dir", str(rootfs))
+    assert resolve(f"dir:{rootfs}") == SourceSpec("dir", str(rootfs))
+    assert resolve(str(ctx)) == SourceSpec("dir", str(ctx))  # a Dockerfile alone does not make it a build
+    assert resolve(f"dockerfile:{ctx}") == SourceSpec("dockerfile", str(ctx))
+    assert resolve(f"dockerfile:{ctx / 'Dockerfile'}") == SourceSpec("dockerfile", str(ctx / "Dockerfile"))
+    assert resolve(str(archive)) == SourceSpec("docker-archive", str(archive))
+    assert resolve(f"docker-archive:{archive}:test:latest") == SourceSpec("docker-archive", f"{archive}:test:latest")
+    assert resolve(str(layout)) == SourceSpec("oci", str(layout))
+    assert resolve(f"oci:{layout}:v1") == SourceSpec("oci", f"{layout}:v1")
+    assert resolve("127.0.0.1:5000/app:v1") == SourceSpec("registry", "127.0.0.1:5000/app:v1")
+    assert resolve("docker://localhost:5000/team/app") == SourceSpec("registry", "localhost:5000/team/app:latest")
+    assert resolve("docker://busybox") == SourceSpec("registry", "docker.io/library/busybox:latest")
+    assert resolve("ghcr.io/org/img@sha256:" + "a" * 64) == SourceSpec("registry", "ghcr.io/org/img@sha256:" + "a" * 64)
+    assert resolve("docker-daemon:app:v1") == SourceSpec("docker-daemon", "app:v1")
+    assert str(resolve("docker://busybox")) == "docker://docker.io/library/busybox:latest"
+
+    with oci.open_image(resolve(f"oci:{layout}:v1")) as img:
+        assert [l.digest for l in img.layers] and img.ref.startswith(f"oci:{layout}:v1@sha256:")
+    with oci.open_image(resolve(f"docker-archive:{archive}:test:latest")) as img:
+        assert len(img.layers) == 1
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{tmp}/missing", "no such file or directory"),
+    ("dir:{tmp}/missing", "no such directory"),
+    ("docker-archive:{tmp}/missing.tar", "no such file"),
+    ("docker-archive:{tmp}/plain.tar", "not a docker-archive (no manifest.json)"),
+    ("{tmp}/plain.tar", "neither a docker-archive"),
+    ("{tmp}/notatar", "not a directory or a tar file"),
+    ("oci:{tmp}", "not an OCI image layout (no index.json)"),
+    ("dockerfile:{tmp}", "no Dockerfile"),
+    ("docker://Bad_Host/UPPER:case", "not a valid image reference"),
+    ("docker://127.0.0.1:5000/app:bad!tag", "not a valid tag"),
+    ("docker://127.0.0.1:5000/app@sha256:xyz", "not a valid digest"),
+    ("docker-daemon:", "give an image name"),
+    ("   ", "empty image source"),
+])
+def test_resolve_errors_are_one_line(tmp_path, source, message):
+    with tarfile.open(tmp_path / "plain.tar", "w") as tf:
+        tf.addfile(tarfile.TarInfo("hello"))
+    (tmp_path / "notatar").write_text("hello")
+    with pytest.raises(SourceError) as e:
+        resolve(source.format(tmp=tmp_path))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_open_errors_name_the_input(tmp_path, monkeypatch):
+    archive = docker_archive(tmp_path / "img.tar", [layer(member("f", data=b"x"))])
+    with pytest.raises(SourceError, match=r"no image tagged 'other:1' .*\(has: test:latest\)"):
+        with oci.open_image(resolve(f"docker-archive:{archive}:other:1")):
+            pass
+    layout = oci_layout(tmp_path / "layout", [layer(member("f", data=b"x"))], ref="v1")
+    with pytest.raises(SourceError, match=r"no image named 'v2' in the layout \(has: v1\)"):
+        with oci.open_image(resolve(f"oci:{layout}:v2")):
+            pass
+    with pytest.raises(SourceError, match=r"registry 127.0.0.1:\d+ unreachable: .*refused"):
+        with oci.open_image(resolve(f"docker://127.0.0.1:{free_port()}/app:v1")):
+            pass
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    with pytest.raises(SourceError, match=r"cannot reach the Docker daemon at unix://.*no-docker.sock: start dockerd"):
+        with oci.open_image(resolve("docker-daemon:app:v1")):
+            pass
+
+
+# -- layer streams (no docker) --------------------------------------------------------------------------------
+@pytest.mark.parametrize("compress", ["gzip", "plain"])
+def test_oci_layout_layers_are_verified_and_applied(tmp_path, compress):
+    payload = os.urandom(1_500_000)
+    lower = layer(member("d", "dir"), member("d/gone", data=b"old"), member("d/keep", data=payload),
+                  member("old", "dir"), member("old/x", data=b"x"))
+    upper = layer(member("d/.wh.gone"), member(".wh.old"), member("d/link", "sym", link="keep"))
+    layout = oci_layout(tmp_path / "layout", [lower, upper], {"Cmd": ["run"], "Env": ["A=1"]}, compress=compress)
+    m, store = library_ingest(str(layout), tmp_path / "store")
+    out = materialize(m, store, tmp_path / "out")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["d", "d/keep", "d/link"]
+    assert (out / "d/keep").read_bytes() == payload and m.config == {"Cmd": ["run"], "Env": ["A=1"]}
+
+
+def test_oci_archive_tar(tmp_path):
+    layout = oci_layout(tmp_path / "layout", [layer(member("f", data=b"in a tar"))], ref="v1")
+    with tarfile.open(tmp_path / "oci.tar", "w") as tf:
+        tf.add(layout, arcname=".")
+    assert resolve(str(tmp_path / "oci.tar")) == SourceSpec("oci", str(tmp_path / "oci.tar"))
+    m, store = library_ingest(f"oci:{tmp_path / 'oci.tar'}:v1", tmp_path / "store")
+    assert (materialize(m, store, tmp_path / "out") / "f").read_bytes() == b"in a tar"
+
+
+@pytest.mark.parametrize("compress, damage, message", [
+    ("gzip", "flip", "does not match its digest"),
+    ("plain", "flip", "does not match its digest"),
+    ("plain", "truncate", "truncated"),
+    ("gzip", "append", "larger than the"),
+])
+def test_damaged_layer_blob_is_a_source_error(tmp_path, compress, damage, message):
+    layout = oci_layout(tmp_path / "layout", [layer(member("f", data=os.urandom(200_000)))], compress=compress)
+    blob = layer_blobs(layout)[0]
+    data = bytearray(blob.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF  # inside the file's contents: the tar still parses
+    elif damage == "truncate":
+        del data[-2048:]
+    else:
+        data += b"\0" * 512
+    blob.write_bytes(bytes(data))
+    with pytest.raises(SourceError) as e:
+        library_ingest(str(layout), tmp_path / "store")
+    assert message in str(e.value) and str(layout) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tampered_oci_blob_fails_the_build_and_stores_nothing(cfg, worker, thaw_cli, tmp_path):
+    layout = oci_layout(tmp_path / "layout", [layer(member("ok", data=os.urandom(300_000))),
+                                              layer(member("model.bin", data=os.urandom(300_000)))], compress="plain")
+    blob = layer_blobs(layout)[1]
+    data = bytearray(blob.read_bytes())
+    data[1024 + 5000] ^= 1  # one bit of model.bin's contents
+    blob.write_bytes(bytes(data))
+    err = build_fails(cfg, thaw_cli, f"oci:{layout}:v1")
+    assert "does not match its digest" in err and "tampered" in err
+
+
+def test_index_picks_the_host_platform(tmp_path):
+    """index.json → image index → per-platform manifests (and an attestation), as registries serve them."""
+    layout = oci_layout(tmp_path / "layout", [layer(member("arch", data=b"host"))])
+    blobs = layout / "blobs" / "sha256"
+    host = json.loads((layout / "index.json").read_text())["manifests"][0]
+    host = {**host, "annotations": {}, "platform": {"os": "linux", "architecture": oci._host_platform()[0]}}
+    other_manifest = json.loads((blobs / host["digest"][7:]).read_bytes())
+    other_manifest["layers"] = []  # an empty image stands for the other architecture
+    data = json.dumps(other_manifest).encode()
+    (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    other = {"mediaType": oci.MT_OCI_MANIFEST, "digest": f"sha256:{hashlib.sha256(data).hexdigest()}",
+             "size": len(data), "platform": {"os": "linux", "architecture": "s390x"}}
+    attestation = {**other, "platform": {"os": "unknown", "architecture": "unknown"}}
+    index = json.dumps({"schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX,
+                        "manifests": [attestation, other, host]}).encode()
+    (blobs / hashlib.sha256(index).hexdigest()).write_bytes(index)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": oci.MT_OCI_INDEX, "digest": f"sha256:{hashlib.sha256(index).hexdigest()}",
+         "size": len(index), "annotations": {oci.REF_NAME: "multi"}}]}))
+    m, store = library_ingest(f"oci:{layout}:multi", tmp_path / "store")
+    assert (materialize(m, store, tmp_path / "out") / "arch").read_bytes() == b"host"
+
+    index = json.dumps({"schemaVersion": 2, "mediaType": oci.MT_OCI_INDEX, "manifests": [other]}).encode()
+    (blobs / hashlib.sha256(index).hexdigest()).write_bytes(index)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": oci.MT_OCI_INDEX, "digest": f"sha256:{hashlib.sha256(index).hexdigest()}", "size": len(index)}]}))
+    arch = oci._host_platform()[0]
+    with pytest.raises(SourceError, match=rf"no linux/{arch} image in the index \(has: linux/s390x\)"):
+        library_ingest(str(layout), tmp_path / "store2")
+
+
+@pytest.mark.parametrize("legacy_path", [False, True])
+def test_docker_archive_in_the_blobs_layout_of_newer_docker(tmp_path, legacy_path):
+    """Docker >= 25 saves an OCI layout plus manifest.json naming blobs/sha256/...; <id>/layer.tar are symlinks."""
+    layers = [layer(member("a", data=b"A" * 10_000)), layer(member("b", "sym", link="a"))]
+    blobs = [gzip.compress(layers[0], mtime=0), layers[1]]  # docker load accepts compressed layers too
+    config = json.dumps({"os": "linux", "config": {"Cmd": ["x"]}, "rootfs": {
+        "type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(l).hexdigest()}" for l in layers]}}).encode()
+    files, names = {}, []
+    for i, blob in enumerate([config, *blobs]):
+        files[f"blobs/sha256/{hashlib.sha256(blob).hexdigest()}"] = blob
+        names.append(f"blobs/sha256/{hashlib.sha256(blob).hexdigest()}")
+    layer_names = [f"legacy{i}/layer.tar" for i in (1, 2)] if legacy_path else names[1:]
+    manifest = json.dumps([{"Config": names[0], "RepoTags": ["new:1"], "Layers": layer_names}]).encode()
+    with tarfile.open(tmp_path / "new.tar", "w") as tf:
+        for name, data in [*files.items(), ("manifest.json", manifest)]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        for i in (1, 2):
+            ti = tarfile.TarInfo(f"legacy{i}/layer.tar")
+            ti.type, ti.linkname = tarfile.SYMTYPE, f"../{names[i]}"
+            tf.addfile(ti)
+    m, store = library_ingest(str(tmp_path / "new.tar"), tmp_path / "store")
+    out = materialize(m, store, tmp_path / "out")
+    assert (out / "a").read_bytes() == b"A" * 10_000 and os.readlink(out / "b") == "a" and m.config == {"Cmd": ["x"]}
+
+
+# -- docker-archive, OCI layout, docker daemon, Dockerfile ---------------------------------------------------
+@pytest.mark.docker
+def test_docker_archive_from_docker_save(cfg, worker, thaw_cli, tmp_path, app_archive, app_export, reference):
+    res = build(thaw_cli, f"docker-archive:{app_archive}")
+    assert res["digest"] == reference.digest
+    out = materialized(cfg, res["digest"], tmp_path / "out")
+    assert_same_tree(out, app_export, skip=CONTAINER_PATHS)
+    assert_app_tree(out)
+    config = json.loads(thaw_cli("images", "show", res["digest"], "--json").output)["config"]
+    assert {k: config[k] for k in APP_CONFIG} == APP_CONFIG and "GREETING=hi" in config["Env"]
+    tagged = build(thaw_cli, f"docker-archive:{app_archive}:{APP_IMAGE}")
+    assert (tagged["digest"], tagged["created"], tagged["new_bytes"]) == (reference.digest, False, 0)
+
+
+@pytest.mark.docker
+def test_oci_layout_from_skopeo_matches_umoci(cfg, worker, thaw_cli, tmp_path, app_archive, reference):
+    layout = tmp_path / "layout"
+    skopeo_copy(f"docker-archive:{app_archive}", f"oci:{layout}:app", "--dest-compress")
+    res = build(thaw_cli, f"oci:{layout}:app")
+    assert res["digest"] == reference.digest
+    assert build(thaw_cli, str(layout))["digest"] == reference.digest  # autodetected, the only image
+    out = materialized(cfg, res["digest"], tmp_path / "out")
+    expected = umoci_unpack(layout, "app", tmp_path / "bundle")
+    assert_same_tree(out, expected, mtimes=True)
+    assert_app_tree(out)
+
+
+@pytest.mark.docker
+def test_tampered_skopeo_layout_stores_nothing(cfg, worker, thaw_cli, tmp_path, app_archive):
+    layout = tmp_path / "layout"
+    skopeo_copy(f"docker-archive:{app_archive}", f"oci:{layout}:app")
+    blob = max(layer_blobs(layout), key=lambda p: p.stat().st_size)  # the base layer with busybox
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    blob.write_bytes(bytes(data))
+    assert "does not match its digest" in build_fails(cfg, thaw_cli, f"oci:{layout}:app")
+
+
+@pytest.mark.docker
+def test_zstd_layers(tmp_path, app_archive, reference):
+    layout = tmp_path / "layout"
+    skopeo_copy(f"docker-archive:{app_archive}", f"oci:{layout}:app", "--dest-compress",
+                "--dest-compress-format", "zstd")
+    with open(layer_blobs(layout)[0], "rb") as f:
+        assert f.read(4) == oci.ZSTD_MAGIC
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        with pytest.raises(SourceError, match=r"zstd-compressed: install the zstandard module"):
+            library_ingest(f"oci:{layout}:app", tmp_path / "store")
+    else:
+        assert library_ingest(f"oci:{layout}:app", tmp_path / "store")[0].digest == reference.digest
+
+
+@pytest.mark.docker
+def test_docker_daemon_image(cfg, worker, thaw_cli, docker_env, app_image, reference):
+    assert build(thaw_cli, f"docker-daemon:{APP_IMAGE}")["digest"] == reference.digest
+    assert "no such image in the Docker daemon" in one_line_error(thaw_cli, "docker-daemon:thaw-test/nope:1")
+
+
+@pytest.mark.docker
+def test_dockerfile_build_applies_whiteouts(cfg, worker, thaw_cli, tmp_path, docker_env, app_export, reference):
+    ctx = write_app_context(tmp_path / "ctx")  # a fresh copy of the context: docker's build cache gives the same image
+    res = build(thaw_cli, f"dockerfile:{ctx}")
+    out = materialized(cfg, res["digest"], tmp_path / "out")
+    assert_same_tree(out, app_export, skip=CONTAINER_PATHS)
+    assert_app_tree(out)
+    assert res["digest"] == reference.digest
+
+
+@pytest.mark.docker
+def test_failing_dockerfile_is_one_line(cfg, worker, thaw_cli, tmp_path, docker_env, base_image):
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo building && false\n")
+    err = build_fails(cfg, thaw_cli, f"dockerfile:{tmp_path / 'ctx'}")
+    assert "docker build failed" in err and "non-zero code: 1" in err
+
+
+@pytest.mark.docker
+def test_silent_build_step_longer_than_the_heartbeat_timeout(cfg, worker, thaw_cli, tmp_path, docker_env, base_image):
+    assert cfg.heartbeat_timeout <= 5
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(
+        f"FROM {base_image}\nRUN sleep 7 && echo {os.urandom(4).hex()} > /slow\n")  # silent for > 5 s
+    res = build(thaw_cli, f"dockerfile:{tmp_path / 'ctx'}")
+    assert (materialized(cfg, res["digest"], tmp_path / "out") / "slow").exists()
+    assert set(activity_attempts(cfg, res["workflow_id"])) == {1}  # ingest was not timed out and retried
+
+
+def activity_attempts(cfg, workflow_id: str) -> list[int]:
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import Client
+
+    async def go():
+        handle = (await Client.connect(cfg.temporal_address)).get_workflow_handle(workflow_id)
+        return [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
+                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+
+    return asyncio.run(go())
+
+
+# -- registries ------------------------------------------------------------------------------------------------
+@pytest.mark.docker
+def test_registry_anonymous(cfg, worker, thaw_cli, tmp_path, registry, app_archive, reference):
+    skopeo_copy(f"docker-archive:{app_archive}", f"docker://{registry.host}/thaw/app:1", "--dest-tls-verify=false")
+    assert "not found in registry" in build_fails(cfg, thaw_cli, f"{registry.host}/thaw/app:nope")
+    res = build(thaw_cli, f"{registry.host}/thaw/app:1")  # bare reference, pushed gzip-compressed by skopeo
+    assert res["digest"] == reference.digest
+    with oci.open_image(resolve(f"docker://{registry.host}/thaw/app:1")) as img:
+        by_digest = img.ref.split("@")[1]
+        assert all(l.media_type.endswith("gzip") for l in img.layers)
+    assert build(thaw_cli, f"docker://{registry.host}/thaw/app@{by_digest}")["digest"] == reference.digest
+
+
+@pytest.mark.docker
+def test_registry_with_token_auth(cfg, worker, thaw_cli, monkeypatch, tmp_path, token_registry, app_archive,
+                                  reference):
+    reg = token_registry
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    for var in ("THAW_REGISTRY_USERNAME", "THAW_REGISTRY_USER", "THAW_REGISTRY_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    skopeo_copy(f"docker-archive:{app_archive}", f"docker://{reg.host}/thaw/app:1", "--dest-tls-verify=false",
+                "--dest-creds", reg.creds)
+    source = f"docker://{reg.host}/thaw/app:1"
+
+    err = build_fails(cfg, thaw_cli, source)  # anonymous: the token grants nothing
+    assert f"registry {reg.host} denied access (anonymous)" in err and "THAW_REGISTRY_USERNAME" in err
+    user, password = reg.creds.split(":")
+    monkeypatch.setenv("THAW_REGISTRY_USERNAME", user)
+    monkeypatch.setenv("THAW_REGISTRY_PASSWORD", "wrong")
+    err = build_fails(cfg, thaw_cli, source)
+    assert f"token server {reg.token_server.realm} refused user '{user}' (HTTP 401)" in err
+
+    monkeypatch.setenv("THAW_REGISTRY_PASSWORD", password)
+    res = build(thaw_cli, source)
+    assert res["digest"] == reference.digest
+    assert (user, [{"type": "repository", "name": "thaw/app", "actions": ["pull"]}]) in reg.token_server.issued
+
+    monkeypatch.delenv("THAW_REGISTRY_USERNAME")  # credentials from ~/.docker/config.json work too
+    monkeypatch.delenv("THAW_REGISTRY_PASSWORD")
+    (tmp_path / "docker-config").mkdir()
+    (tmp_path / "docker-config" / "config.json").write_text(json.dumps(
+        {"auths": {reg.host: {"auth": base64.b64encode(reg.creds.encode()).decode()}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    with oci.open_image(resolve(source)) as img:
+        assert img.config["WorkingDir"] == "/app"
