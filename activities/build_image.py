@@ -27,17 +27,24 @@ MANIFEST_FILE = ".manifest"
 RESULT_FILE = ".result.json"
 
 
-def user_errors_fail_fast(fn):
+def fail_fast_on(*errors: type[BaseException]):
     """A bad input fails the workflow at once with its one-line message instead of being retried."""
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise ApplicationError(str(e), type="UserError", non_retryable=True) from None
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except errors as e:
+                raise ApplicationError(str(e).splitlines()[0] if str(e) else type(e).__name__,
+                                       type="UserError", non_retryable=True) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+user_errors_fail_fast = fail_fast_on(*USER_ERRORS)
 
 
 class Heartbeat:

@@ -26,7 +26,7 @@ from pathlib import Path
 import blake3
 
 from thaw.config import Config
-from thaw.imagefs.ingest import Limits, ingest
+from thaw.imagefs.ingest import Limits, ingest_and_commit
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import ChunkStore
 
@@ -44,15 +44,9 @@ def hash_speed(fn, data: bytes, rounds: int = 3) -> float:
 
 
 def timed_ingest(store: ChunkStore, cfg: Config, source: Path) -> dict:
-    staging = store.staging(uuid.uuid4().hex)
-    staging.reset()
     w0, c0 = time.monotonic(), time.process_time()
-    manifest = ingest(SourceSpec("dir", str(source)), staging, Limits.from_config(cfg))
-    new_chunks, new_bytes = staging.new_chunks, staging.new_bytes
-    staging.commit_chunks()
-    store.put_manifest_bytes(manifest.to_bytes())
-    store.sync()
-    staging.abort()
+    manifest, new_chunks, new_bytes = ingest_and_commit(
+        SourceSpec("dir", str(source)), store, uuid.uuid4().hex, Limits.from_config(cfg))
     wall, cpu = time.monotonic() - w0, time.process_time() - c0
     stats = manifest.stats()
     return {"digest": manifest.digest, "size": stats["size"], "files": stats["files"], "chunks": stats["chunks"],

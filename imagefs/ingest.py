@@ -349,6 +349,25 @@ def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = N
         return tree.manifest({**(image.config or {}), **(config or {})})
 
 
+def ingest_and_commit(spec, store, txn_id: str, limits: Limits, progress: Progress | None = None,
+                      config: dict | None = None) -> tuple[ImageManifest, int, int]:
+    """Ingest ``spec`` and make it durable in one go: chunks, then the manifest naming them.
+
+    Returns (manifest, new_chunks, new_bytes). Nothing stays under a final name if it fails.
+    """
+    staging = store.staging(txn_id)
+    staging.reset()
+    try:
+        manifest = ingest(spec, staging, limits, progress, config)
+        new = (staging.new_chunks, staging.new_bytes)
+        staging.commit_chunks()
+        store.put_manifest_bytes(manifest.to_bytes())
+        store.sync()
+    finally:
+        staging.abort()
+    return (manifest, *new)
+
+
 def source_size(spec) -> int | None:
     """Best-effort total for progress bars: file bytes of a directory, or the sum of layer sizes."""
     if spec.kind == "dir":

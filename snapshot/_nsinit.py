@@ -1,0 +1,193 @@
+"""Process shims that thaw runs with the host's ``python3 -I -S`` (standalone: stdlib only, no thaw imports).
+
+``init``: pid 1 of a fresh replica, started as ``unshare --pid --fork --mount --net --uts --ipc -- python3 -I -S
+_nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME] -- argv...``.
+Before it exec()s the workload it
+
+1. reports its host pid on the status fd (``/proc`` is still the host's procfs here);
+2. reads the environment (NUL-separated ``KEY=VALUE``) from the env fd, so no value is on a command line;
+3. mounts ROOT/proc (procfs of the new pid namespace), ROOT/sys (ro), ROOT/dev (tmpfs with the usual
+   nodes and /dev/shm), ROOT/tmp (tmpfs); brings loopback up; sets the hostname;
+4. pivot_root(ROOT) and detaches the old root, so the mount namespace holds only ROOT and these mounts
+   (CRIU dumps exactly these and restores them under a new ``--root``);
+5. setsid() (session leader, so CRIU needs no --shell-job), stdin = /dev/null inside the root, stdout and
+   stderr = the log fd, closes every other fd, chdir(cwd), reports ``exec`` and execs argv with exactly the
+   given environment.
+
+Status fd protocol: ``pid <hostpid>``, then ``exec`` or ``error <message>``, one per line.
+
+``reap``: run by ``criu restore --exec-cmd``: criu execs it once the restored tree runs, which leaves it the
+parent of the restored pid 1. It prints ``ready <pid>`` on stdout, closes stdout, and waits for its children
+(so the replica's processes are never left as zombies), exiting with the restored init's exit code.
+"""
+
+import ctypes
+import fcntl
+import os
+import platform
+import socket
+import stat
+import struct
+import sys
+import warnings  # noqa: F401  (os.execvpe imports it lazily, after pivot_root the host stdlib is gone)
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+_PIVOT_ROOT_NR = {"x86_64": 155, "aarch64": 41}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+
+# (name, major, minor); all character devices, mode 0666
+DEVICES = [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
+DEV_LINKS = [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+             ("stderr", "/proc/self/fd/2")]
+
+
+def _check(ret, what):
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def mount(src, target, fstype, flags=0, data=None):
+    _check(_libc.mount(src and src.encode(), target.encode(), fstype and fstype.encode(), flags,
+                       data and data.encode()), f"mount {fstype or src} on {target}")
+
+
+def loopback_up():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sh22x", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sh22x", b"lo", 0)))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
+
+
+def setup_root(root, hostname):
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if not os.path.ismount(root):
+        mount(root, root, None, MS_BIND | MS_REC)
+
+    def sub(name, mode=0o755):
+        path = os.path.join(root, name)
+        os.makedirs(path, mode, exist_ok=True)
+        return path
+
+    mount("proc", sub("proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("sysfs", sub("sys"), "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    dev = sub("dev")
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k")
+    for name, major, minor in DEVICES:
+        path = os.path.join(dev, name)
+        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(path, 0o666)  # mknod honours the umask
+    for name, target in DEV_LINKS:
+        os.symlink(target, os.path.join(dev, name))
+    os.mkdir(os.path.join(dev, "shm"))
+    mount("shm", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    mount("tmpfs", sub("tmp", 0o1777), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+
+    loopback_up()
+    socket.sethostname(hostname)
+
+    # pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then drops it.
+    nr = _PIVOT_ROOT_NR.get(platform.machine())
+    if nr is None:
+        raise OSError(f"pivot_root: unsupported arch {platform.machine()}")
+    os.chdir(root)
+    _check(_libc.syscall(ctypes.c_long(nr), b".", b"."), "pivot_root")
+    _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+    os.chdir("/")
+
+
+def read_env(fd):
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    env = {}
+    for item in data.split(b"\0"):
+        if item:
+            k, _, v = item.partition(b"=")
+            env[os.fsdecode(k)] = os.fsdecode(v)
+    return env
+
+
+def init(args):
+    opts = {"--root": None, "--status-fd": "-1", "--env-fd": None, "--log-fd": None, "--cwd": "/",
+            "--hostname": "thaw"}
+    sep = args.index("--")
+    for key, val in zip(args[:sep:2], args[1:sep:2]):
+        if key not in opts:
+            raise SystemExit(f"_nsinit: unknown option {key}")
+        opts[key] = val
+    argv = args[sep + 1:]
+    status_fd = int(opts["--status-fd"])
+
+    def report(line):
+        if status_fd >= 0:
+            os.write(status_fd, (line + "\n").encode())
+
+    try:
+        if os.getpid() != 1:
+            raise RuntimeError(f"must run as pid 1 of a new pid namespace (got pid {os.getpid()})")
+        if not argv or not opts["--root"]:
+            raise RuntimeError("usage: init --root ROOT ... -- argv...")
+        report(f"pid {os.readlink('/proc/self')}")
+        env = read_env(int(opts["--env-fd"])) if opts["--env-fd"] else {}
+        setup_root(opts["--root"], opts["--hostname"])
+        os.setsid()
+        os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
+        if opts["--log-fd"]:
+            os.dup2(int(opts["--log-fd"]), 1)
+            os.dup2(int(opts["--log-fd"]), 2)
+        if status_fd >= 0:
+            os.closerange(3, status_fd)
+        os.closerange(max(3, status_fd + 1), os.sysconf("SC_OPEN_MAX"))
+        os.chdir(opts["--cwd"])
+        report("exec")
+        if status_fd >= 0:
+            os.close(status_fd)
+        os.execvpe(argv[0], argv, env)
+    except BaseException as exc:  # noqa: BLE001 - report anything, then die
+        msg = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        try:
+            report(f"error {msg}")
+        except OSError:
+            pass
+        print(f"thaw nsinit: {msg}", file=sys.stderr, flush=True)
+        os._exit(127)
+
+
+def reap():
+    with open(f"/proc/self/task/{os.getpid()}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    if not children:
+        print("error no restored process is a child of the reaper", flush=True)
+        raise SystemExit(1)
+    print(f"ready {children[0]}", flush=True)
+    os.close(1)
+    code = 0
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return code
+        if pid == children[0]:
+            code = os.waitstatus_to_exitcode(status)
+            code = 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signo
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["reap"]:
+        sys.exit(reap())
+    init(sys.argv[2:] if sys.argv[1:2] == ["init"] else sys.argv[1:])

@@ -1,0 +1,103 @@
+"""Can a snapshot taken on one host be restored on another? Host facts, a compatibility key, and a check.
+
+What matters for a CRIU restore: the architecture; the CPU features (the restored code may already have
+chosen AVX-512 paths, and CRIU refuses a host whose FPU/xsave features are missing); the CRIU version (image
+format and restore logic); and, conservatively, the kernel series (major.minor). The CPU model name is
+kept for people, not compared. Facts added by other modules (GPU model, driver, CUDA version) are compared
+for equality and are part of the key.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import re
+import subprocess
+
+INFO_ONLY = {"cpu_model", "cpu_flags_hash"}  # reported, never compared
+
+
+class Incompatible(Exception):
+    """A snapshot can't be restored on this host; the message says why (see ``check``)."""
+
+
+@functools.cache
+def criu_version() -> str | None:
+    from .criu import CriuError, criu_binary
+    try:
+        out = subprocess.run([criu_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (CriuError, OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"Version:\s*(\S+)", out)
+    return m[1] if m else None
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's block of /proc/cpuinfo."""
+    info: dict[str, str] = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if not line.strip():
+                if info:
+                    break
+                continue
+            key, _, val = line.partition(":")
+            info.setdefault(key.strip(), val.strip())
+    return info
+
+
+def host_facts() -> dict:
+    info = _cpuinfo()
+    flags = sorted(set((info.get("flags") or info.get("Features") or "").split()))  # x86 | arm64
+    return {
+        "arch": platform.machine(),
+        "cpu_model": info.get("model name") or info.get("CPU part") or "",
+        "cpu_flags": flags,
+        "cpu_flags_hash": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+        "kernel": platform.release(),
+        "criu": criu_version(),
+    }
+
+
+def _series(release: str | None) -> str:
+    return ".".join((release or "").split(".")[:2])
+
+
+def _key_facts(facts: dict) -> dict:
+    out = {k: v for k, v in facts.items() if k not in INFO_ONLY}
+    out["cpu_flags"] = sorted(out.get("cpu_flags") or [])
+    out["kernel"] = _series(out.get("kernel"))
+    return out
+
+
+def compat_key(facts: dict, image_digest: str) -> str:
+    """A stable hash of the facts that matter for a restore plus the image: equal keys restore each other."""
+    blob = json.dumps({"facts": _key_facts(facts), "image": image_digest}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check(snapshot_facts: dict, host_facts: dict) -> list[str]:
+    """Why a snapshot with ``snapshot_facts`` can't be restored on a host with ``host_facts`` ([] = it can).
+
+    Looser than key equality: a host with more CPU features than the snapshot's host is fine.
+    """
+    snap, host = _key_facts(snapshot_facts), _key_facts(host_facts)
+    reasons = []
+    missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")))
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        reasons.append(f"cpu flags differ: host lacks {shown}")
+    for key in sorted(set(snap) | set(host)):
+        if snap.get(key) != host.get(key):
+            what = "kernel series" if key == "kernel" else key
+            reasons.append(f"{what} {snap.get(key)} != {host.get(key)} (snapshot != host)")
+    return reasons
+
+
+def require(snapshot_facts: dict, host_facts: dict, what: str = "snapshot") -> None:
+    """Raise Incompatible with every reason from ``check``, in one line."""
+    reasons = check(snapshot_facts, host_facts)
+    if reasons:
+        raise Incompatible(f"{what} can't be restored on this host: {'; '.join(reasons)}")

@@ -1,0 +1,301 @@
+"""What a host does with snapshots, Temporal-free: take one, verify one, restore replicas, cold-boot as fallback.
+
+Roots come from the chunk store, materialized once per host under ``work_dir/images/<digest>`` (the lazy FUSE
+mount replaces that seam later); each replica gets its own overlay upper layer and its own namespaces.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from thaw.config import Config
+from thaw.imagefs.materialize import materialize_cached
+from thaw.imagefs.store import ChunkStore, StoreError, digest_of
+
+from . import _linux, compat, criu
+
+RECORD = "replica.json"
+RESULT = "result.json"
+
+
+class SnapshotError(Exception):
+    """A snapshot could not be taken or used; the message is one line and names the log to read."""
+
+
+@dataclass
+class Stages:
+    """Per-stage wall times in ms, in the order they ran."""
+
+    ms: dict[str, int] = field(default_factory=dict)
+    t: float = field(default_factory=time.monotonic)
+    t0: float = field(default_factory=time.monotonic)
+
+    def mark(self, stage: str) -> None:
+        now = time.monotonic()
+        self.ms[stage] = self.ms.get(stage, 0) + int((now - self.t) * 1000)
+        self.t = now
+
+    def done(self) -> dict[str, int]:
+        return {**self.ms, "total": int((time.monotonic() - self.t0) * 1000)}
+
+
+def breakdown(ms: dict[str, int]) -> str:
+    """The one-line stage breakdown every restore logs."""
+    return " ".join(f"{k}={v}ms" for k, v in ms.items())
+
+
+def _starttime(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass
+class Running:
+    """A serving replica: the process tree and the overlay root it runs on, recorded in ``record``."""
+
+    id: str
+    replica: criu.Replica
+    root: criu.Root
+    port: int
+    record: Path | None = None
+
+    def __post_init__(self):
+        if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
+            self.record.write_text(json.dumps({"pid": self.replica.pid, "start": _starttime(self.replica.pid)}))
+
+    def stop(self) -> None:
+        try:
+            self.replica.stop()
+        finally:
+            self.root.cleanup()
+            if self.record:
+                shutil.rmtree(self.record.parent, ignore_errors=True)
+
+
+def clear(d: Path) -> None:
+    """Stop the replica recorded in ``d`` (by pid, only if that pid still has the recorded start time),
+    unmount whatever is mounted under ``d``, remove ``d``: what an agent that died left behind."""
+    rec = d / RECORD
+    if rec.exists():
+        info = json.loads(rec.read_text() or "{}")
+        pid = info.get("pid")
+        if pid and info.get("start") and _starttime(pid) == info["start"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for mnt in sorted((m for m in _linux.mountpoints() if m.startswith(f"{d}/")), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            _linux.umount(mnt, _linux.MNT_DETACH)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def cleanup_stale(work_dir: Path) -> int:
+    """On agent start: clear every replica dir, and every build dir whose checkpoint did not finish."""
+    n = 0
+    for kind in ("replicas", "builds"):
+        parent = work_dir / kind
+        for d in sorted(parent.iterdir()) if parent.is_dir() else []:
+            if kind == "builds" and (d / RESULT).exists():
+                continue
+            clear(d)
+            n += 1
+    return n
+
+
+def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
+    body = base64.b64decode(golden.get("body_b64") or "")
+    status, answer = replica.http_request(golden.get("method", "GET"), golden.get("path", "/"), body, port,
+                                          timeout=timeout, content_type=golden.get("content_type"))
+    if status != 200:
+        raise SnapshotError(f"golden request {golden.get('method')} {golden.get('path')} answered HTTP {status}: "
+                            f"{answer[:200]!r}")
+    return answer
+
+
+class HostSnapshots:
+    def __init__(self, cfg: Config, store: ChunkStore | None = None):
+        self.cfg = cfg
+        self.store = store or ChunkStore.open(cfg)
+        self.facts = compat.host_facts()
+        for d in ("images", "snapshots", "builds", "replicas"):
+            (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def image_root(self, image_digest: str) -> Path:
+        return materialize_cached(self.store, image_digest, self.cfg.work_dir / "images")
+
+    def snapshot_files(self, digest: str) -> Path:
+        return materialize_cached(self.store, digest, self.cfg.work_dir / "snapshots")
+
+    def secrets(self, names: list[str]) -> dict[str, str]:
+        values = json.loads(self.cfg.secrets_file.read_text()) if self.cfg.secrets_file.exists() else {}
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise SnapshotError(f"secret(s) {', '.join(missing)} not set on host {self.cfg.host_id}: "
+                                f"`thaw secrets set NAME` first")
+        return {n: values[n] for n in names}
+
+    def _replica_dir(self, rid: str) -> Path:
+        d = self.cfg.work_dir / "replicas" / rid
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- build --------------------------------------------------------------------------------------
+    def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
+             beat: Callable[[str], None] = lambda stage: None) -> dict:
+        """Launch once, wait healthy, answer the golden request, checkpoint. Idempotent per build_id."""
+        work = self.cfg.work_dir / "builds" / build_id
+        done = work / RESULT
+        if done.exists():
+            return json.loads(done.read_text())
+        clear(work)  # an earlier attempt's leftovers
+        work.mkdir(parents=True)
+        st = Stages()
+        beat("root")
+        lower = self.image_root(image_digest)
+        root = criu.prepare_root(lower, work / "rw")
+        st.mark("root")
+        log = work / "launch.log"
+        try:
+            beat("launch")
+            replica = criu.launch(root.path, spec["cmd"], spec["env"], spec.get("cwd") or "/", log)
+            (work / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
+            try:
+                replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
+                                   beat=lambda: beat("launch"))
+                st.mark("cold_boot")
+                answer = golden_answer(replica, spec["port"], golden)
+                st.mark("golden")
+                beat("checkpoint")
+                criu.checkpoint(replica, work / "dump")
+                st.mark("dump")
+            finally:
+                replica.stop()
+        finally:
+            root.cleanup()
+        result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
+                  "host_facts": self.facts, "compat_key": compat.compat_key(self.facts, image_digest),
+                  "timings_ms": st.ms}
+        done.write_text(json.dumps(result))
+        return result
+
+    # -- restore ------------------------------------------------------------------------------------
+    def restore(self, snap: dict, secrets: dict[str, str], beat: Callable[[str], None] = lambda s: None
+                ) -> tuple[Running, dict[str, int]]:
+        """Restore one replica of ``snap`` (a registry Snapshot as dict), verified by replaying its golden request."""
+        spec, rid, st = snap["spec"], f"r-{uuid.uuid4().hex[:10]}", Stages()
+        reasons = compat.check(snap["host_facts"], self.facts)
+        if reasons:
+            raise compat.Incompatible(f"snapshot {snap['digest'][:12]} is incompatible with host "
+                                      f"{self.cfg.host_id}: {'; '.join(reasons)}")
+        beat("fetch")
+        files = self.snapshot_files(snap["digest"])
+        lower = self.image_root(snap["image_digest"])
+        st.mark("fetch")
+        work = self._replica_dir(rid)
+        root = criu.prepare_root(lower, work / "rw")
+        st.mark("root")
+        try:
+            beat("criu")
+            replica = criu.restore(files, root.path, work / "restore.log")
+            st.mark("criu")
+            running = Running(rid, replica, root, spec["port"], work / RECORD)
+        except BaseException:
+            root.cleanup()
+            raise
+        try:
+            try:
+                criu.after_restore(replica, spec["port"], secrets, rid)
+            except criu.ReplicaError:
+                if secrets:  # the hook is optional for a server without the SDK, unless it needs secrets
+                    raise
+            st.mark("hooks")
+            replica.wait_healthy(spec["port"], spec["health"], timeout=60)
+            st.mark("health")
+            answer = golden_answer(replica, spec["port"], snap["golden_request"])
+            st.mark("replay")
+            if digest_of(answer) != snap["golden_digest"]:
+                raise SnapshotError(f"replica {rid} of snapshot {snap['digest'][:12]} answered the golden request "
+                                    f"differently ({len(answer)} bytes, digest {digest_of(answer)[:12]})")
+        except BaseException:
+            running.stop()
+            raise
+        return running, st.done()
+
+    def cold_boot(self, image_digest: str, spec: dict, secrets: dict[str, str], golden: dict | None = None,
+                  golden_digest: str | None = None) -> tuple[Running, dict[str, int], bool | None]:
+        """Start the model from scratch (secrets as plain env: no snapshot is taken of this process).
+        The third value says whether it answered the golden request as the snapshot did (None: not asked)."""
+        rid, st = f"c-{uuid.uuid4().hex[:10]}", Stages()
+        lower = self.image_root(image_digest)
+        st.mark("fetch")
+        work = self._replica_dir(rid)
+        root = criu.prepare_root(lower, work / "rw")
+        st.mark("root")
+        try:
+            replica = criu.launch(root.path, spec["cmd"], {**spec["env"], **secrets}, spec.get("cwd") or "/",
+                                  work / "launch.log")
+        except BaseException:
+            root.cleanup()
+            raise
+        running = Running(rid, replica, root, spec["port"], work / RECORD)
+        try:
+            replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
+            st.mark("boot")
+            same = None
+            if golden:  # recorded, not enforced: a fresh process may legitimately differ (randomness, time)
+                answer = golden_answer(replica, spec["port"], golden)
+                st.mark("replay")
+                same = digest_of(answer) == golden_digest
+        except BaseException:
+            running.stop()
+            raise
+        return running, st.done(), same
+
+    def verify(self, snapshot_digest: str, image_digest: str, spec: dict, golden: dict, golden_digest: str,
+               secret_names: list[str]) -> dict[str, int]:
+        """Verify-by-replay before registration: restore from the store, replay, compare, stop."""
+        snap = {"digest": snapshot_digest, "image_digest": image_digest, "spec": spec, "golden_request": golden,
+                "golden_digest": golden_digest, "host_facts": self.facts}
+        running, ms = self.restore(snap, self.secrets(secret_names))
+        running.stop()
+        return ms
+
+    def restore_many(self, snap: dict, n: int, secrets: dict[str, str]) -> list[tuple[Running | None, dict]]:
+        """``n`` replicas side by side; each falls back to a cold boot on its own when its restore fails."""
+
+        def one(_):
+            try:
+                running, ms = self.restore(snap, secrets)
+                return running, {"outcome": "restored", "reason": "", "timings_ms": ms, "golden_ok": True}
+            except (compat.Incompatible, criu.CriuError, criu.ReplicaError, SnapshotError, StoreError, OSError) as e:
+                reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], secrets, snap["golden_request"],
+                                               snap["golden_digest"])
+            return running, {"outcome": "cold-boot", "reason": reason, "timings_ms": ms, "golden_ok": bool(same)}
+
+        with ThreadPoolExecutor(min(n, 16)) as pool:
+            futures = [pool.submit(one, i) for i in range(n)]
+        results, errors = [], []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:  # noqa: BLE001 - restore and cold boot both failed for this replica
+                errors.append(e)
+        if errors:
+            for running, _ in results:
+                running.stop()
+            raise SnapshotError(f"{len(errors)} of {n} replicas could neither restore nor cold-boot: {errors[0]}")
+        return results

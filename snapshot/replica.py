@@ -1,0 +1,265 @@
+"""Replicas: a workload running with its own root filesystem in new pid, mount, network (loopback only), UTS
+and IPC namespaces, whether started fresh (``launch``) or restored by CRIU (``criu.restore``).
+
+The host reaches a replica's server through its network namespace: a short-lived thread ``setns()``-es into
+it and creates the socket there (a socket stays in the namespace it was made in), then the caller's thread
+uses it. No thread of the caller ever changes namespace, and every replica can listen on the same port.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import _linux
+from .sdk import AFTER_RESTORE_PATH, READY_PATH
+
+NSINIT = Path(__file__).with_name("_nsinit.py")
+UNSHARE = ["unshare", "--pid", "--fork", "--mount", "--net", "--uts", "--ipc", "--propagation", "private"]
+
+
+class ReplicaError(RuntimeError):
+    """A replica failed to start, died, or did not answer in time."""
+
+
+@dataclass(eq=False)
+class Replica:
+    pid: int                  # host pid of the replica's pid 1
+    root: Path
+    log_path: Path            # the workload's stdout + stderr
+    external_files: list[str]  # CRIU ids of its open files outside its mount namespace (the log)
+    proc: subprocess.Popen    # parent of pid 1 (unshare after launch, the reaper after restore)
+    timings: dict[str, float] = field(default_factory=dict)  # ms
+    _pidfd: int | None = None
+    _netns: int | None = None
+
+    @classmethod
+    def _attach(cls, pid: int, netns: int | None = None, **kw) -> Replica:
+        """Hold the replica by a pidfd and an fd of its network namespace (given, or its pid 1's)."""
+        pidfd = os.pidfd_open(pid)
+        try:
+            if netns is None:
+                netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(pidfd)
+            raise
+        return cls(pid=pid, _pidfd=pidfd, _netns=netns, **kw)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGKILL the replica's pid 1 (the kernel then kills its whole pid namespace) and wait; idempotent."""
+        if self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout)
+        for fd in (self._pidfd, self._netns):
+            if fd is not None:
+                os.close(fd)
+        self._pidfd = self._netns = None
+
+    def netns_inode(self) -> int:
+        if self._netns is None:
+            raise ReplicaError(f"replica {self.pid} is stopped")
+        return os.fstat(self._netns).st_ino
+
+    def __enter__(self) -> Replica:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = 2000) -> str:
+        return _tail(self.log_path, n)
+
+    # --- the replica's network namespace -------------------------------------------------------------------
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A new socket inside the replica's network namespace."""
+        netns = self._netns
+        if netns is None:
+            raise ReplicaError(f"replica {self.pid} is stopped")
+
+        def make():
+            _linux.setns(netns, _linux.CLONE_NEWNET)
+            return socket.socket(family, type)
+        return _linux.in_thread(make)
+
+    def http_request(self, method: str, path: str, body: bytes | None = None, port: int = 8080,
+                     timeout: float = 10.0, headers: dict | None = None,
+                     content_type: str | None = None) -> tuple[int, bytes]:
+        """One HTTP request to 127.0.0.1:port inside the replica: (status, body)."""
+        headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
+        conn = _NetnsHTTPConnection(self, port, timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def wait_healthy(self, port: int = 8080, path: str = "/health", timeout: float = 60.0,
+                     beat: Callable[[], None] | None = None) -> float:
+        """Poll GET path until it answers 200; the ms it took. ReplicaError if the replica dies or times out.
+        ``beat`` is called on every poll (a Temporal activity heartbeat, say)."""
+        return self._poll(port, [path], timeout, beat)
+
+    def wait_ready(self, port: int = 8080, health_path: str = "/health", timeout: float = 60.0,
+                   beat: Callable[[], None] | None = None) -> float:
+        """Poll the SDK's GET /thaw/ready (the server says it is warm) or, where it is 404, the health path."""
+        return self._poll(port, [READY_PATH, health_path], timeout, beat)
+
+    def _poll(self, port: int, paths: list[str], timeout: float, beat: Callable[[], None] | None) -> float:
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        last = "no answer"
+        while True:
+            if beat:
+                beat()
+            if not self.alive():
+                raise ReplicaError(f"replica {self.pid} exited with code {self.proc.returncode} before "
+                                   f"{paths[0]} answered; log {self.log_path}: {_tail(self.log_path)!r}")
+            try:
+                wait = max(0.1, min(2.0, deadline - time.monotonic()))
+                status, body = self.http_request("GET", paths[0], port=port, timeout=wait)
+                if status == 200:
+                    return (time.monotonic() - t0) * 1000
+                if status == 404 and len(paths) > 1:
+                    paths = paths[1:]
+                    continue
+                last = f"HTTP {status} {body[:200]!r}"
+            except (OSError, http.client.HTTPException) as e:
+                last = f"{type(e).__name__}: {e}"
+            if time.monotonic() > deadline:
+                raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} not 200 after {timeout:g}s "
+                                   f"({last}); log {self.log_path}")
+            time.sleep(0.02)
+
+
+class _NetnsHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, replica: Replica, port: int, timeout: float):
+        super().__init__("127.0.0.1", port, timeout=timeout)
+        self._replica = replica
+
+    def connect(self):
+        self.sock = self._replica.socket()
+        self.sock.settimeout(self.timeout)
+        try:
+            self.sock.connect((self.host, self.port))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = None, restore_id: str | None = None,
+                  timeout: float = 30.0) -> dict:
+    """POST the secrets (and a fresh restore id) to the server's /thaw/after-restore; its JSON answer."""
+    body = json.dumps({"env": secrets or {}, "restore_id": restore_id or uuid.uuid4().hex}).encode()
+    status, resp = replica.http_request("POST", AFTER_RESTORE_PATH, body, port, timeout,
+                                        content_type="application/json")
+    if status != 200:
+        raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: {resp[:300]!r}")
+    return json.loads(resp or b"{}")
+
+
+def open_log(log_path: Path) -> tuple[int, str]:
+    """Open (append) a replica's log; the fd and its CRIU external-file id ``file[mnt_id:inode]``."""
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    return fd, f"file[{_linux.fd_mnt_id(fd):x}:{os.fstat(fd).st_ino:x}]"
+
+
+def launch(root: Path, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
+           hostname: str = "thaw", timeout: float = 30.0) -> Replica:
+    """Start ``argv`` as pid 1 of new namespaces with ``root`` as its "/"; stdout + stderr append to log_path.
+
+    ``env`` is the whole environment; it travels through a pipe, never on a command line.
+    Returns once the workload has been exec()ed (use ``wait_healthy``/``wait_ready`` for its server).
+    """
+    root, log_path = Path(root), Path(log_path)
+    if not argv:
+        raise ValueError("launch() needs a command")
+    t0 = time.monotonic()
+    logfd, ext = open_log(log_path)
+    status_r, status_w = os.pipe()
+    env_r, env_w = os.pipe()
+    cmd = [*UNSHARE, "--", sys.executable, "-I", "-S", str(NSINIT), "init", "--root", str(root),
+           "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
+           "--hostname", hostname, "--", *argv]
+    try:  # unshare's own complaints go to a pipe, read only when the launch fails
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                pass_fds=(status_w, env_r, logfd), start_new_session=True)
+    finally:
+        for fd in (logfd, status_w, env_r):
+            os.close(fd)
+    replica = None
+    try:
+        with os.fdopen(status_r, "rb", buffering=0) as status, os.fdopen(env_w, "wb") as envf:
+            for line in _lines(status, proc, timeout):
+                kind, _, arg = line.partition(" ")
+                if kind == "pid":
+                    replica = Replica._attach(int(arg), root=root, log_path=log_path, external_files=[ext],
+                                              proc=proc)
+                    try:
+                        envf.write(b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items()))
+                        envf.close()
+                    except BrokenPipeError:
+                        pass  # it died first: its error follows on the status pipe
+                elif kind == "exec" and replica:
+                    replica.timings["launch_ms"] = (time.monotonic() - t0) * 1000
+                    proc.stderr.close()
+                    return replica
+                elif kind == "error":
+                    raise ReplicaError(f"launch of {argv[0]!r} in {root} failed: {arg}")
+        why = " ".join(proc.stderr.read().decode(errors="replace").split()) or _tail(log_path)
+        raise ReplicaError(f"launch of {argv[0]!r} in {root} failed (exit {proc.wait()}): {why}; log {log_path}")
+    except BaseException as e:
+        if replica:
+            replica.stop()
+        else:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        if isinstance(e, TimeoutError):
+            raise ReplicaError(f"launch of {argv[0]!r} in {root} failed: {e}; log {log_path}") from None
+        raise
+
+
+def _lines(f, proc: subprocess.Popen, timeout: float):
+    """Lines from a pipe until EOF; TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while True:
+        if not select.select([f], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise TimeoutError(f"no word from pid {proc.pid} ({proc.args[0]}) after {timeout:g}s")
+        chunk = f.read(4096)
+        if not chunk:
+            return
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.decode(errors="replace")
+
+
+def _tail(path: Path, n: int = 500) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - n))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""

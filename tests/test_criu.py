@@ -1,0 +1,327 @@
+"""thaw.snapshot with real CRIU and real processes: launch, checkpoint, restore (one and four side by side),
+secrets after restore, a failing restore, compatibility facts. Needs root and a working `criu check`.
+
+The test image is two read-only layers: a small tmpfs holding the app (a stdlib HTTP server using the SDK)
+over the host's own "/" (for python3). The app layer is a tmpfs because overlayfs refuses a lower layer
+that lies inside another lower layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from thaw.snapshot import (CriuError, Incompatible, ReplicaError, after_restore, check, checkpoint, compat_key,
+                           criu_check, host_facts, launch, prepare_root, require, restore)
+from thaw.snapshot import _linux, sdk
+from thaw.snapshot.sdk import READY_PATH
+
+_skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_check()
+needs_criu = pytest.mark.skipif(_skip is not None, reason=f"CRIU unusable here: {_skip}")
+
+PORT = 8080
+DATA_MB = 50
+MARKER = "thaw-test-marker-4f1c2e"     # plain env at launch: must be in the images (positive control)
+SECRET = "thaw-test-secret-9b7d13a5e0"  # only ever sent after restore: must not be in the images
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
+
+SERVER = r'''
+import hashlib, json, os, random, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import thaw_sdk
+
+SEED = random.getrandbits(64)                       # state made at start ...
+DATA = random.Random(SEED).randbytes(int(os.environ["DATA_MB"]) << 20)
+DIGEST = hashlib.sha256(DATA).hexdigest()[:16]      # ... and 50 MB of it
+count = 0
+seen = {}
+
+@thaw_sdk.on_after_restore
+def reread(env):
+    seen["secret"] = os.environ.get("API_KEY")
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        global count
+        if os.environ.get("SDK") != "0" and thaw_sdk.handle(self):
+            return
+        if self.path == "/health":
+            return self.reply({"ok": True})
+        if self.path == "/answer":
+            count += 1
+            return self.reply({"seed": SEED, "digest": DIGEST, "count": count, "pid": os.getpid(),
+                               "marker": os.environ.get("MARKER")})
+        if self.path == "/secret":
+            return self.reply({"secret": seen.get("secret"), "restore_id": thaw_sdk.restore_id,
+                               "rand": random.getrandbits(64)})
+        self.send_error(404)
+
+    do_POST = do_GET
+
+server = HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+print("serving", flush=True)
+thaw_sdk.mark_ready()
+server.serve_forever()
+'''
+
+
+def _points_into(link: Path, d: Path) -> bool:
+    try:
+        return os.readlink(link).startswith(str(d))
+    except OSError:
+        return False
+
+
+def get(replica, path):
+    status, body = replica.http_request("GET", path, port=PORT)
+    assert status == 200, (path, status, body)
+    return json.loads(body)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    d = tmp_path_factory.mktemp("image")
+    layer = d / "app-layer"
+    layer.mkdir()
+    _linux.mount("tmpfs", layer, "tmpfs", 0, "size=16m,mode=755")
+    try:
+        (layer / "app").mkdir()
+        (layer / "app" / "server.py").write_text(SERVER)
+        shutil.copy(sdk.__file__, layer / "app" / "thaw_sdk.py")
+        yield [layer, Path("/")]
+    finally:
+        _linux.umount(layer)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("criu")
+    yield d
+    left = [m for m in _linux.mountpoints() if m.startswith(str(d))]
+    assert not left, f"mounts left behind: {left}"
+
+
+@pytest.fixture
+def roots(image, work):
+    """prepare_root() for the test image; every root made is cleaned up after the test."""
+    made = []
+
+    def make():
+        made.append(prepare_root(image, work / "roots"))
+        return made[-1]
+    yield make
+    for r in made:
+        r.cleanup()
+
+
+def start(root, work, name, data_mb=DATA_MB, **extra):
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": str(data_mb), "MARKER": MARKER,
+           **extra}
+    return launch(root.path, [PYTHON, "-I", "/app/server.py"], env, "/app", work / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def snapshot(image, work):
+    """Launched once, warmed, golden request answered, checkpointed (the launched replica is gone after)."""
+    root = prepare_root(image, work / "roots")
+    replica = start(root, work, "launch")
+    try:
+        beats = []
+        ready_ms = replica.wait_ready(PORT, "/health", timeout=60, beat=lambda: beats.append(1))
+        assert beats
+        golden = get(replica, "/answer")
+        # the env went through a pipe: it is in the workload's environment but on no command line
+        environ = Path(f"/proc/{replica.pid}/environ").read_bytes()
+        assert f"MARKER={MARKER}".encode() in environ
+        for pid in (replica.pid, replica.proc.pid):
+            assert MARKER.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cp = checkpoint(replica, work / "images")
+    finally:
+        replica.stop()
+        root.cleanup()
+    assert not replica.alive()
+    print(f"\nlaunch {replica.timings['launch_ms']:.0f} ms, ready {ready_ms:.0f} ms; "
+          f"dump {cp.dump_ms:.0f} ms, {cp.size_bytes / 2**20:.1f} MiB of images")
+    return cp, golden
+
+
+@needs_criu
+def test_restore_gives_the_golden_answer(snapshot, roots, work):
+    cp, golden = snapshot
+    assert golden["pid"] == 1 and golden["count"] == 1 and golden["marker"] == MARKER
+    replica = restore(cp.images_dir, roots().path, work / "one.log")
+    try:
+        print(f"\nrestore {replica.timings['restore_ms']:.0f} ms")
+        assert get(replica, READY_PATH) == {"ready": True}
+        assert get(replica, "/answer") == {**golden, "count": golden["count"] + 1}
+        replica.stop()
+        replica.stop()  # idempotent
+        assert not replica.alive() and not Path(f"/proc/{replica.pid}").exists()
+    finally:
+        replica.stop()
+
+
+@needs_criu
+def test_four_replicas_side_by_side(snapshot, roots, work):
+    cp, golden = snapshot
+    rs = [roots() for _ in range(4)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(restore, cp.images_dir, r.path, work / f"four-{i}.log") for i, r in enumerate(rs)]
+        replicas = [f.result() for f in futures if f.exception() is None]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    wall_ms = (time.monotonic() - t0) * 1000
+    try:
+        assert not errors, errors
+        print(f"\n4 restores side by side: {wall_ms:.0f} ms wall, each "
+              + ", ".join(f"{r.timings['restore_ms']:.0f}" for r in replicas) + " ms")
+        assert len({r.pid for r in replicas}) == 4
+        for r in replicas:  # same port, same in-namespace pid, same state in each
+            assert get(r, "/answer") == {**golden, "count": golden["count"] + 1}
+        # one memory image, so one random stream, until after_restore re-seeds each replica
+        assert len({get(r, "/secret")["rand"] for r in replicas}) == 1
+        for i, r in enumerate(replicas):
+            assert after_restore(r, PORT, {}, restore_id=f"r{i}")["restore_id"] == f"r{i}"
+        assert len({get(r, "/secret")["rand"] for r in replicas}) == 4
+    finally:
+        for r in replicas:
+            r.stop()
+    for r in rs:
+        r.cleanup()
+    for r in replicas:
+        assert not r.alive() and r.proc.returncode is not None
+        assert not Path(f"/proc/{r.pid}").exists(), f"replica pid {r.pid} still there"
+    left = [m for m in _linux.mountpoints() if m.startswith(str(work / "roots"))]
+    assert not left, f"mounts left behind: {left}"
+
+
+@needs_criu
+def test_secret_arrives_after_restore_only(snapshot, roots, work):
+    cp, _ = snapshot
+    replica = restore(cp.images_dir, roots().path, work / "secret.log")
+    try:
+        assert get(replica, "/secret")["secret"] is None
+        answer = after_restore(replica, PORT, {"API_KEY": SECRET}, restore_id="rid-1")
+        assert answer == {"restore_id": "rid-1", "env": ["API_KEY"], "callbacks": 1}
+        assert get(replica, "/secret")["secret"] == SECRET
+        again = checkpoint(replica, work / "images-after-secret")  # a restored replica checkpoints too
+    finally:
+        replica.stop()
+
+    def grep(value, d):
+        return subprocess.run(["grep", "-r", "-l", "-F", "-a", value, str(d)], capture_output=True, text=True)
+    found = grep(SECRET, cp.images_dir)
+    assert found.returncode == 1, f"secret found in the images: {found.stdout}{found.stderr}"
+    # the controls: grep finds the plain launch env in the images, and the secret once the server held it
+    assert "pages-" in grep(MARKER, cp.images_dir).stdout
+    assert "pages-" in grep(SECRET, again.images_dir).stdout
+
+
+@needs_criu
+def test_leave_running_checkpoint(roots, work):
+    root = roots()
+    replica = start(root, work, "leave", data_mb=1, SDK="0")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)  # no /thaw/ready here: falls back to /health
+        first = get(replica, "/answer")
+        cp = checkpoint(replica, work / "images-leave", leave_running=True)
+        assert cp.leave_running and replica.alive()
+        assert get(replica, "/answer")["count"] == first["count"] + 1
+    finally:
+        replica.stop()
+    assert not replica.alive()
+
+
+@needs_criu
+def test_launch_failures_are_reported(roots, work):
+    replica = launch(roots().path, ["/no/such/server"], {}, "/", work / "nope.log")
+    with pytest.raises(ReplicaError, match="exited with code 127.*No such file"):
+        replica.wait_healthy(PORT, "/health", timeout=30)
+    replica.stop()
+    with pytest.raises(ReplicaError, match="no-such-dir"):
+        launch(roots().path, [PYTHON, "-c", "pass"], {}, "/no-such-dir", work / "nope.log")
+
+
+@needs_criu
+def test_broken_images_fail_with_the_log_named(snapshot, roots, work):
+    cp, _ = snapshot
+    truncated, garbled = work / "images-truncated", work / "images-garbled"
+    for d in (truncated, garbled):
+        shutil.copytree(cp.images_dir, d)
+    pages = max(truncated.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    os.truncate(pages, pages.stat().st_size // 2)  # caught before criu runs (CRIU 4.2.1 would spin forever)
+    with pytest.raises(CriuError, match=f"{pages.name} has .* bytes"):
+        restore(truncated, roots().path, work / "truncated.log")
+
+    meta = json.loads((truncated / "thaw-snapshot.json").read_text())  # hide the damage from the size check
+    meta["files"][pages.name] = pages.stat().st_size
+    (truncated / "thaw-snapshot.json").write_text(json.dumps(meta))
+    with pytest.raises(CriuError, match="criu restore"):  # 4.2.1 hangs; killed at the timeout with its children
+        restore(truncated, roots().path, work / "hung.log", timeout=1.5)
+    holders = [p for p in Path("/proc").glob("[0-9]*/fd/*") if _points_into(p, truncated)]
+    assert not holders, f"processes still hold the broken images: {holders}"
+    (work / "hung.criu-restore.log").unlink()  # the spinning restorer logs ~40 MB/s
+
+    with open(garbled / "core-1.img", "r+b") as f:  # same size, broken magic: criu itself fails
+        f.write(b"\0" * 8)
+    log = work / "garbled.criu-restore.log"
+    with pytest.raises(CriuError) as e:
+        restore(garbled, roots().path, work / "garbled.log", criu_log=log)
+    msg = str(e.value)
+    print(f"\n{msg}")
+    assert msg.startswith("criu restore failed") and "\n" not in msg and str(log) in msg and log.exists()
+
+    # a dump that fails names its log too: an open, deleted 2 MiB file is over CRIU's ghost-file limit
+    ghost = "import os, time; f = open('/big', 'wb'); f.write(bytes(2 << 20)); f.flush(); os.unlink('/big'); " \
+            "print('ready', flush=True); time.sleep(600)"
+    replica = launch(roots().path, [PYTHON, "-I", "-c", ghost], {}, "/", work / "ghost.log")
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in replica.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(CriuError) as e:
+            checkpoint(replica, work / "images-ghost")
+        msg = str(e.value)
+        print(msg)
+        assert "criu dump failed" in msg and str(work / "images-ghost" / "dump.log") in msg and "\n" not in msg
+        assert replica.alive()  # criu lets the tree run on after a failed dump
+    finally:
+        replica.stop()
+
+
+def test_compat_facts_key_and_check():
+    facts = host_facts()
+    assert facts["arch"] and facts["kernel"] and facts["cpu_flags"] == sorted(facts["cpu_flags"])
+    key = compat_key(facts, "sha256:abc")
+    assert key == compat_key(json.loads(json.dumps(facts)), "sha256:abc")
+    assert key != compat_key(facts, "sha256:def")
+    assert check(facts, facts) == []
+    # a newer kernel patch release or more host CPU features do not matter; the rest does
+    newer = {**facts, "kernel": facts["kernel"] + "-1", "cpu_flags": facts["cpu_flags"] + ["zzz_new"]}
+    assert check(facts, newer) == [] and compat_key(facts, "x") != compat_key(newer, "x")
+    snap = {**facts, "cpu_flags": facts["cpu_flags"] + ["avx512_made_up"], "criu": "4.1", "arch": "riscv64"}
+    reasons = check(snap, facts)
+    assert any("host lacks avx512_made_up" in r for r in reasons)
+    assert any(r.startswith(f"criu 4.1 != {facts['criu']}") for r in reasons)
+    assert any(r.startswith("arch riscv64") for r in reasons)
+    with pytest.raises(Incompatible, match="host lacks avx512_made_up"):
+        require(snap, facts)

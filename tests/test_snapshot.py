@@ -1,0 +1,240 @@
+"""BuildSnapshot / RestoreSnapshot end to end: real Temporal, real agent, real CRIU, real store and registry.
+
+The image is a small real root filesystem (Debian's python3.11 + stdlib) with test_criu's stateful server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cfg_env
+from pyroot import python_rootfs
+from test_criu import SECRET, needs_criu
+from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.store import ChunkStore
+from thaw.registry import snapshots
+from thaw.snapshot import sdk
+
+pytestmark = needs_criu
+PORT = 8080
+DATA_MB = 20
+
+SERVER = r'''
+import hashlib, json, os, random, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+sys.path.insert(0, "/app")
+import thaw_sdk
+
+time.sleep(float(os.environ.get("SLOW_START", "0")))
+STATE = random.getrandbits(64)                      # drawn at start: restored replicas share it, cold boots don't
+DATA = random.Random(7).randbytes(int(os.environ["DATA_MB"]) << 20)
+DIGEST = hashlib.sha256(DATA).hexdigest()           # the golden answer: the same in every correct process
+seen = {}
+
+@thaw_sdk.on_after_restore
+def reread(env):
+    seen["secret"] = os.environ.get("API_KEY")
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if thaw_sdk.handle(self):
+            return
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/health":
+            return self.reply({"ok": True})
+        if self.path == "/answer-stable":
+            return self.reply({"digest": DIGEST, "data_mb": len(DATA) >> 20, "pid": os.getpid()})
+        if self.path == "/state":
+            return self.reply({"state": STATE})
+        if self.path == "/secret":
+            return self.reply({"secret": seen.get("secret") or os.environ.get("API_KEY")})
+        self.send_error(404)
+
+    do_POST = do_GET
+
+server = HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+thaw_sdk.mark_ready()
+server.serve_forever()
+'''
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory):
+    return python_rootfs(tmp_path_factory.mktemp("img") / "rootfs",
+                         {"server.py": SERVER, "thaw_sdk.py": Path(sdk.__file__).read_text()})
+
+
+def image_config(tmp_path, data_mb=DATA_MB, **env) -> Path:
+    f = tmp_path / "image-config.json"
+    f.write_text(json.dumps({"Cmd": ["python3", "-I", "/app/server.py"], "WorkingDir": "/app",
+                             "Env": ["PATH=/usr/bin", f"PORT={PORT}", f"DATA_MB={data_mb}", "MARKER=m",
+                                     *(f"{k}={v}" for k, v in env.items())]}))
+    return f
+
+
+def build_snapshot(thaw_cli, image, tmp_path, *extra, ok=True):
+    golden = tmp_path / "golden.json"
+    golden.write_text("{}")
+    res = thaw_cli("build", "snapshot", image, "--port", str(PORT), "--health", "/health", "--golden", str(golden),
+                   "--golden-path", "/answer-stable", *extra, "--json", ok=ok)
+    return json.loads(res.output) if ok else res
+
+
+def restore(thaw_cli, digest, *extra):
+    return json.loads(thaw_cli("restore", digest, *extra, "--json").output)
+
+
+@pytest.fixture
+def image(cfg, worker, thaw_cli, rootfs, tmp_path):
+    res = thaw_cli("build", "image", str(rootfs), "--config", str(image_config(tmp_path)), "--json")
+    return json.loads(res.output)["digest"]
+
+
+def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_after_restore(
+        cfg, worker, agent, thaw_cli, image, tmp_path):
+    thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
+    snap = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY")
+    assert snap["created"] and snap["image_digest"] == image and snap["host_id"] == cfg.host_id
+    assert {"cold_boot", "golden", "dump", "store", "verify_criu", "verify_replay", "register"} <= set(
+        snap["timings_ms"])
+    row = snapshots.get(cfg.registry_url, snap["digest"][:8])
+    assert row.spec["secrets"] == ["API_KEY"] and "API_KEY" not in row.spec["env"]
+    assert snap["digest"][:16] in thaw_cli("snapshots", "ls").output
+
+    # the secret is nowhere in the snapshot's files (the launch env marker is: the search works)
+    files = tmp_path / "snapfiles"
+    from thaw.imagefs.materialize import materialize
+    store = ChunkStore.open(cfg)
+    materialize(ImageManifest.load(store, snap["digest"]), store, files)
+    grep = lambda s: subprocess.run(["grep", "-rl", s, str(files)], capture_output=True).returncode  # noqa: E731
+    assert grep("MARKER=m") == 0 and grep(SECRET) == 1
+
+    out = restore(thaw_cli, snap["digest"], "--replicas", "4", "--keep")
+    reps = out["replicas"]
+    assert [r["outcome"] for r in reps] == ["restored"] * 4 and all(r["golden_ok"] for r in reps)
+    assert {"fetch", "root", "criu", "hooks", "health", "replay", "total"} <= set(reps[0]["timings_ms"])
+    answers, states = [], set()
+    for r in reps:
+        running = agent.serving[r["replica"]]
+        status, body = running.replica.http_request("GET", "/answer-stable", port=PORT)
+        answers.append(body)
+        states.add(running.replica.http_request("GET", "/state", port=PORT)[1])
+        status, body = running.replica.http_request("GET", "/secret", port=PORT)
+        assert status == 200 and json.loads(body)["secret"] == SECRET  # injected after restore
+    assert len(set(answers)) == 1 and json.loads(answers[0])["data_mb"] == DATA_MB
+    assert len(states) == 1, "restored replicas carry the memory of the process that was checkpointed"
+    assert len(snapshots.restores(cfg.registry_url, snap["digest"])) == 4
+
+    # a second build of the same image + spec stores no new bytes
+    again = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY")
+    assert again["digest"] != snap["digest"] or not again["created"]
+
+
+def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli, image, tmp_path):
+    snap = build_snapshot(thaw_cli, image, tmp_path)
+    with snapshots.session(cfg.registry_url) as s:
+        row = s.get(snapshots.Snapshot, snap["digest"])
+        row.host_facts = {**row.host_facts, "criu": "3.0"}
+        s.add(row)
+        s.commit()
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "cold-boot" and "criu 3.0 != " in r["reason"] and r["golden_ok"]
+    (ev,) = snapshots.restores(cfg.registry_url, snap["digest"])
+    assert ev.outcome == "cold-boot" and "incompatible" in ev.reason
+    assert "cold-boot" in thaw_cli("snapshots", "show", snap["digest"]).output
+
+
+def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path):
+    snap = build_snapshot(thaw_cli, image, tmp_path)
+    store = ChunkStore.open(cfg)
+    manifest = ImageManifest.load(store, snap["digest"])
+    pages = max((e for e in manifest.entries if e.chunks), key=lambda e: e.size)
+    chunk = store.local.path(f"chunks/{pages.chunks[0][0][:2]}/{pages.chunks[0][0]}")
+    assert chunk.exists()
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    cached = cfg.work_dir / "snapshots" / snap["digest"]
+    shutil.rmtree(cached)  # as on a host that has not fetched this snapshot yet (verify left a copy here)
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "cold-boot" and "corrupt" in r["reason"].lower() and r["golden_ok"], r
+    assert not cached.exists(), "nothing half-fetched stays in the cache"
+
+    # repair the store, then break the CRIU images in the host's cache: criu fails and its log is named
+    data[100] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "restored"
+    core = next(cached.glob("core-*.img"))
+    core.write_bytes(b"\0" * core.stat().st_size)
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "cold-boot" and ".log" in r["reason"], r
+
+
+def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, thaw_cli, image, tmp_path):
+    res = thaw_cli("restore", "abcdef123456", ok=False)
+    assert res.exit_code == 1 and "no snapshot abcdef123456" in res.output and res.output.count("\n") <= 2
+    res = build_snapshot(thaw_cli, "abcdef123456", tmp_path, ok=False)
+    assert res.exit_code == 1 and "no image abcdef123456" in res.output
+    res = build_snapshot(thaw_cli, image, tmp_path, "--cmd", "python3 /app/nope.py", ok=False)
+    assert res.exit_code == 1 and "nope.py" in res.output and res.output.count("\n") <= 2
+    assert snapshots.list_all(cfg.registry_url) == []  # nothing registered half-done
+
+
+def _agent_proc(cfg) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "thaw", "agent"], env={**os.environ, **cfg_env(cfg)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_cli, rootfs, tmp_path):
+    # a server that takes a few seconds to get ready, so the agent dies mid-launch
+    img = json.loads(thaw_cli("build", "image", str(rootfs), "--config",
+                              str(image_config(tmp_path, SLOW_START="4")), "--json").output)["digest"]
+    agent = _agent_proc(cfg)
+    try:
+        ready = cfg.run_dir / "agent.ready"
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and agent.poll() is None, "agent did not start"
+            time.sleep(0.1)
+        golden = tmp_path / "golden.json"
+        golden.write_text("{}")
+        build = subprocess.Popen(["thaw", "build", "snapshot", img, "--port", str(PORT), "--health", "/health",
+                                  "--golden", str(golden), "--golden-path", "/answer-stable", "--json"],
+                                 env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.PIPE, text=True)
+        builds = cfg.work_dir / "builds"
+        deadline = time.monotonic() + 60
+        while not any(builds.glob("*/launch.log")):
+            assert time.monotonic() < deadline, "launch never started"
+            time.sleep(0.1)
+        time.sleep(1)
+        os.kill(agent.pid, signal.SIGKILL)  # the agent only: the replica it launched is left behind
+        agent.wait()
+        agent = _agent_proc(cfg)  # a restarted agent clears the leftovers; Temporal retries the activity
+        out, _ = build.communicate(timeout=240)
+        assert build.returncode == 0, out
+        res = json.loads(out)
+        assert res["created"]
+        assert [s.digest for s in snapshots.list_all(cfg.registry_url)] == [res["digest"]]
+    finally:
+        os.killpg(agent.pid, signal.SIGTERM)
+        agent.wait(60)

@@ -1,0 +1,204 @@
+"""BuildSnapshot and RestoreSnapshot: launch a model once, checkpoint it, verify by replay, register; restore it.
+
+Deterministic and small: every stage is an activity (so Temporal UI shows each with its duration); activities
+that touch a process run on the chosen host's own task queue; only ids, digests and small specs travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from temporalio import workflow
+
+from .build_image import RETRY
+
+
+@dataclass
+class Golden:
+    """The request replayed after every restore; the answer must be byte-identical to the one at build."""
+
+    path: str = "/"
+    method: str = "GET"
+    body_b64: str = ""  # base64 of the request body
+    content_type: str = "application/json"
+
+
+@dataclass
+class ModelSpec:
+    cmd: list[str] = field(default_factory=list)  # empty: the image's Entrypoint + Cmd
+    port: int = 8080
+    health: str = "/healthz"
+    env: dict[str, str] = field(default_factory=dict)  # plain env, part of the snapshot
+    secrets: list[str] = field(default_factory=list)  # names only; values injected by the host after restore
+    cwd: str = ""  # empty: the image's WorkingDir or /
+    ready_timeout_s: float = 600.0
+
+
+@dataclass
+class BuildSnapshotInput:
+    image: str  # digest or unique prefix
+    spec: ModelSpec
+    golden: Golden
+    host: str = ""  # host id; empty: any live host
+    heartbeat_timeout_s: float = 30.0
+
+
+@dataclass
+class Plan:
+    image_digest: str
+    spec: ModelSpec  # with the image's defaults filled in
+    host_id: str
+    task_queue: str
+
+
+@dataclass
+class CheckpointInput:
+    build_id: str
+    plan: Plan
+    golden: Golden
+
+
+@dataclass
+class CheckpointResult:
+    build_id: str
+    dump_dir: str
+    golden_digest: str
+    golden_size: int
+    host_facts: dict
+    compat_key: str
+    timings_ms: dict[str, int]
+
+
+@dataclass
+class StoredSnapshot:
+    digest: str
+    size: int
+    files: int
+    new_bytes: int
+    ms: int
+
+
+@dataclass
+class VerifyInput:
+    plan: Plan
+    snapshot_digest: str
+    golden: Golden
+    golden_digest: str
+
+
+@dataclass
+class VerifyResult:
+    timings_ms: dict[str, int]
+
+
+@dataclass
+class RegisterSnapshotInput:
+    build_id: str
+    plan: Plan
+    golden: Golden
+    checkpoint: CheckpointResult
+    stored: StoredSnapshot
+    timings_ms: dict[str, int]
+
+
+@dataclass
+class BuildSnapshotResult:
+    digest: str
+    created: bool
+    image_digest: str
+    host_id: str
+    compat_key: str
+    size: int
+    new_bytes: int
+    timings_ms: dict[str, int]
+
+
+@workflow.defn(name="BuildSnapshot")
+class BuildSnapshot:
+    def __init__(self) -> None:
+        self.stage = "pending"
+
+    @workflow.query
+    def current_stage(self) -> str:
+        return self.stage
+
+    @workflow.run
+    async def run(self, inp: BuildSnapshotInput) -> BuildSnapshotResult:
+        build_id = workflow.info().workflow_id
+        quick = dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=RETRY)
+        timings: dict[str, int] = {}
+
+        self.stage = "plan"
+        plan = await workflow.execute_activity("plan_snapshot", inp, result_type=Plan, **quick)
+        on_host = dict(task_queue=plan.task_queue, start_to_close_timeout=timedelta(seconds=plan.spec.ready_timeout_s + 300),
+                       heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY)
+
+        self.stage = "launch+checkpoint"
+        ckpt = await workflow.execute_activity(
+            "checkpoint_model", CheckpointInput(build_id, plan, inp.golden), result_type=CheckpointResult, **on_host)
+        timings.update(ckpt.timings_ms)
+        self.stage = "store"
+        stored = await workflow.execute_activity("store_snapshot", ckpt, result_type=StoredSnapshot, **on_host)
+        timings["store"] = stored.ms
+        self.stage = "verify"
+        ver = await workflow.execute_activity(
+            "verify_snapshot", VerifyInput(plan, stored.digest, inp.golden, ckpt.golden_digest),
+            result_type=VerifyResult, **on_host)
+        timings.update({f"verify_{k}": v for k, v in ver.timings_ms.items()})
+        self.stage = "register"
+        snap = await workflow.execute_activity(
+            "register_snapshot", RegisterSnapshotInput(build_id, plan, inp.golden, ckpt, stored, timings),
+            result_type=BuildSnapshotResult, **quick)
+        self.stage = "done"
+        return snap
+
+
+@dataclass
+class RestoreInput:
+    snapshot: str  # digest or unique prefix
+    replicas: int = 1
+    host: str = ""
+    secrets: list[str] = field(default_factory=list)  # extra secret names (beyond the snapshot's)
+    keep: bool = False  # leave the replicas serving (owned by the host agent) instead of stopping them
+    heartbeat_timeout_s: float = 30.0
+
+
+@dataclass
+class RestorePlan:
+    snapshot_digest: str
+    host_id: str
+    task_queue: str
+    replicas: int
+    secrets: list[str]
+    keep: bool
+
+
+@dataclass
+class ReplicaResult:
+    replica: str
+    outcome: str  # "restored" | "cold-boot"
+    reason: str
+    golden_ok: bool
+    timings_ms: dict[str, int]
+
+
+@dataclass
+class RestoreResult:
+    snapshot_digest: str
+    host_id: str
+    replicas: list[ReplicaResult]
+    total_ms: int
+
+
+@workflow.defn(name="RestoreSnapshot")
+class RestoreSnapshot:
+    @workflow.run
+    async def run(self, inp: RestoreInput) -> RestoreResult:
+        plan = await workflow.execute_activity(
+            "plan_restore", inp, result_type=RestorePlan, start_to_close_timeout=timedelta(minutes=2),
+            retry_policy=RETRY)
+        return await workflow.execute_activity(
+            "restore_replicas", plan, result_type=RestoreResult, task_queue=plan.task_queue,
+            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
+            retry_policy=RETRY)
