@@ -13,6 +13,7 @@ test: setup
 
 bench: setup
 	python3 bench/ingest.py
+	python3 bench/restore.py
 
 down:
 	THAW_STATE_DIR=$${THAW_STATE_DIR:-$$PWD/.state} thaw down

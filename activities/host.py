@@ -13,6 +13,7 @@ from pathlib import Path
 from temporalio import activity
 
 from thaw.config import Config
+from thaw.heartbeat import keepalive
 from thaw.imagefs.ingest import IngestError, Limits, ingest_and_commit
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import StoreError
@@ -37,29 +38,6 @@ def beat(stage: str) -> None:
     activity.heartbeat({"stage": stage})
 
 
-class HeartbeatWhile:
-    """Heartbeat from a side thread while a blocking step (a model loading, CRIU dumping) runs."""
-
-    def __init__(self, every: float = 1.0):
-        self.stage, self.every, self.stop = "start", every, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self.stop.wait(self.every):
-            activity.heartbeat({"stage": self.stage})
-
-    def __call__(self, stage: str) -> None:
-        self.stage = stage
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-
-
 class HostActivities:
     def __init__(self, cfg: Config, host: HostSnapshots):
         self.cfg, self.host = cfg, host
@@ -70,7 +48,7 @@ class HostActivities:
     @host_errors_fail_fast
     def checkpoint_model(self, inp: CheckpointInput) -> CheckpointResult:
         spec = dataclasses.asdict(inp.plan.spec)
-        with HeartbeatWhile() as hb:
+        with keepalive("checkpoint") as hb:
             r = self.host.take(inp.build_id, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden), hb)
         return CheckpointResult(build_id=inp.build_id, **r)
 
@@ -111,7 +89,7 @@ class HostActivities:
         row = snapshots.get(self.cfg.registry_url, plan.snapshot_digest)
         snap = row.model_dump()
         secrets = self.host.secrets(plan.secrets)
-        with HeartbeatWhile():
+        with keepalive("restore"):
             results = self.host.restore_many(snap, plan.replicas, secrets)
         out = []
         for running, info in results:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 from .store import ChunkStore, digest_of
@@ -34,8 +34,7 @@ class Entry:
     chunks: list[list] = field(default_factory=list)  # [[digest, size], ...] for reg files
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
+        return {k: v for k in self.__slots__ if (v := getattr(self, k)) is not None and v != [] and v != {}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Entry":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import contextvars
 import functools
 import gzip
 import hashlib
@@ -31,7 +30,6 @@ import posixpath
 import re
 import tarfile
 import tempfile
-import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,34 +316,10 @@ def _small_config(doc) -> dict:
     return {k: cfg[k] for k in CONFIG_FIELDS if cfg.get(k) not in (None, [], {}, "")}
 
 
-@contextlib.contextmanager
 def _keepalive(stage: str, every: float = 1.0):
-    """Heartbeat the running Temporal activity (if any) from a side thread while docker builds or saves:
-    a silent RUN step can outlast the heartbeat timeout. If the worker dies, so does the thread."""
-    try:
-        from temporalio import activity
+    from thaw.heartbeat import keepalive
 
-        active = activity.in_activity()
-    except Exception:
-        active = False
-    if not active:
-        yield
-        return
-    ctx = contextvars.copy_context()  # the activity's context, for activity.heartbeat in the thread
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(every):
-            with contextlib.suppress(Exception):
-                ctx.run(activity.heartbeat, {"stage": stage})
-
-    thread = threading.Thread(target=beat, name=f"thaw-{stage.replace(' ', '-')}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    return keepalive(stage, every)
 
 
 # -- layer streams -----------------------------------------------------------------------------------------

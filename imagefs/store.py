@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -45,8 +46,11 @@ def digest_of(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
 def _key(kind: str, digest: str) -> str:
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if not _DIGEST.fullmatch(digest):
         raise StoreError(f"not a blake3 digest: {digest!r}")
     return f"{kind}/{digest[:2]}/{digest}"
 
@@ -245,10 +249,10 @@ class Staging:
         staged = self.dir / digest
         if staged.exists() or self.store.has_chunk(digest):
             return digest
-        tmp = self.dir / f".{digest}.tmp"
-        with open(tmp, "wb") as f:
+        # written straight under its digest: staging is private, reset by every (re)try before use, and
+        # committed only after the whole ingest finished, so a torn write here is never committed
+        with open(staged, "wb") as f:
             f.write(data)
-        os.replace(tmp, staged)
         self.new_chunks += 1
         self.new_bytes += len(data)
         return digest

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: start the stack, build the example model's image into the
-# content-addressed store (twice, to show the second build stores nothing new), print what happened.
+# content-addressed store (twice: the rebuild stores nothing new), snapshot the model once (launch, warm up,
+# golden request, CRIU dump, verify by restore + replay, register), restore it, and print cold boot vs restore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export THAW_STATE_DIR=${THAW_STATE_DIR:-$PWD/.state}
@@ -8,25 +9,35 @@ export THAW_STATE_DIR=${THAW_STATE_DIR:-$PWD/.state}
 thaw up
 rootfs=$(python3 -m thaw.examples.minilm.recipe)
 config="$(dirname "$rootfs")/image-config.json"
+golden=examples/minilm/golden.json
 echo "example image root: $rootfs"
 
-t0=$(date +%s.%N)
 first=$(thaw build image "$rootfs" --config "$config" --json)
-t1=$(date +%s.%N)
 second=$(thaw build image "$rootfs" --config "$config" --json)
-t2=$(date +%s.%N)
+image=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["digest"])' "$first")
+snap=$(thaw build snapshot "$image" --port 8080 --health /healthz --golden "$golden" --golden-path /embed --json)
+digest=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["digest"])' "$snap")
+restored=$(thaw restore "$digest" --replicas 2 --json)
 
-python3 - "$first" "$second" "$t0" "$t1" "$t2" <<'PY'
+python3 - "$first" "$second" "$snap" "$restored" <<'PY'
 import json, sys
-a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-t0, t1, t2 = map(float, sys.argv[3:])
+a, b, s, r = (json.loads(x) for x in sys.argv[1:])
 assert a["digest"] == b["digest"]
-print(f"image        {a['digest']}")
-print(f"size         {a['size'] / 2**20:.1f} MiB in {a['files']} files, {a['chunks']} chunks")
-print(f"first build  {t1 - t0:.1f} s  stored {a['new_chunks']} chunks / {a['new_bytes'] / 2**20:.1f} MiB  {a['timings_ms']}")
-print(f"rebuild      {t2 - t1:.1f} s  stored {b['new_chunks']} chunks / {b['new_bytes']} bytes (dedup)")
-print(f"Temporal UI  {a['ui']}")
+t = s["timings_ms"]
+print(f"image        {a['digest'][:16]}  {a['size'] / 2**20:.0f} MiB in {a['files']} files, {a['chunks']} chunks")
+print(f"first build  stored {a['new_chunks']} chunks / {a['new_bytes'] / 2**20:.1f} MiB  {a['timings_ms']}")
+print(f"rebuild      stored {b['new_chunks']} chunks / {b['new_bytes']} bytes (dedup)")
+print(f"snapshot     {s['digest'][:16]}  {s['size'] / 2**20:.0f} MiB of CRIU images, dump {t['dump']} ms, "
+      f"verified by restore + replay")
+for rep in r["replicas"]:
+    ms = rep["timings_ms"]
+    print(f"replica      {rep['replica']} {rep['outcome']}: " + " ".join(f"{k}={v}ms" for k, v in ms.items()))
+restore_ms = min(rep["timings_ms"]["total"] for rep in r["replicas"])
+cold_ms = t["cold_boot"] + t["golden"]
+print(f"cold boot to first answer {cold_ms} ms  vs  restore to first answer {restore_ms} ms  "
+      f"-> {cold_ms / restore_ms:.1f}x faster")
+print(f"Temporal UI  {s['ui']}")
 PY
-thaw images ls
+thaw snapshots ls
 thaw status
 echo "stop the stack with: THAW_STATE_DIR=$THAW_STATE_DIR thaw down"

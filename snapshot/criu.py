@@ -57,6 +57,31 @@ class CheckpointResult:
     facts: dict           # compat.host_facts() of the dumping host
 
 
+KDAT_RUN_DIR = "/dev/shm/thaw-criu-run"  # tmpfs that stands in for /run where /run is not one
+
+
+def _with_kdat_cache(cmd: list[str]) -> list[str]:
+    """CRIU caches its kernel probe in /run/criu.kdat only when /run is a tmpfs (it is on most hosts; not on
+    this kind of VM, where every criu run re-probes for ~60 ms). There, run criu in a private mount
+    namespace whose /run is a persistent tmpfs directory. Used for restore only: dump keys external files by
+    mount ids, which must stay the host's."""
+    if _fstype("/run") == "tmpfs" or _fstype("/dev/shm") != "tmpfs":
+        return cmd
+    os.makedirs(KDAT_RUN_DIR, mode=0o700, exist_ok=True)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            'mount --bind "$0" /run && exec "$@"', KDAT_RUN_DIR, *cmd]
+
+
+def _fstype(path: str) -> str:
+    best = ("", "")
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype, *_ = line.split()
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fstype)
+    return best[1]
+
+
 def criu_binary() -> str:
     """``$THAW_CRIU``, else criu on PATH or in /usr/local/sbin, /usr/sbin."""
     found = os.environ.get("THAW_CRIU") or shutil.which(
@@ -187,7 +212,8 @@ def restore(images_dir: Path, root: Path, log_path: Path, *, criu_log: Path | No
     cmd += ["--inherit-fd", f"fd[{netns}]:{NETNS_KEY}"]
     cmd += ["--exec-cmd", "--", sys.executable, "-I", "-S", str(NSINIT), "reap"]
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(_with_kdat_cache(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
                                 bufsize=0, pass_fds=(logfd, netns), start_new_session=True)
     except BaseException:
         os.close(netns)

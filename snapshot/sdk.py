@@ -43,8 +43,22 @@ def on_after_restore(fn: Callable[[dict], None]) -> Callable[[dict], None]:
 
 
 def mark_ready(ready: bool = True) -> None:
-    """Say that the server is warm: the host may snapshot it now."""
+    """Say that the server is warm: the host may snapshot it now. Garbage from loading and warm-up is
+    collected and free heap handed back to the kernel first, so the snapshot (and every restore) is smaller."""
+    if ready:
+        _trim()
     (_ready.set if ready else _ready.clear)()
+
+
+def _trim() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def is_ready() -> bool:

@@ -206,9 +206,11 @@ def _agent_proc(cfg) -> subprocess.Popen:
 
 
 def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_cli, rootfs, tmp_path):
-    # a server that takes a few seconds to get ready, so the agent dies mid-launch
+    # a server that takes longer to get ready than the heartbeat timeout (5 s here): the agent dies mid-launch,
+    # and the retried launch only survives if the agent keeps heartbeating while it waits
+    assert cfg.heartbeat_timeout < 8
     img = json.loads(thaw_cli("build", "image", str(rootfs), "--config",
-                              str(image_config(tmp_path, SLOW_START="4")), "--json").output)["digest"]
+                              str(image_config(tmp_path, SLOW_START="8")), "--json").output)["digest"]
     agent = _agent_proc(cfg)
     try:
         ready = cfg.run_dir / "agent.ready"
@@ -238,3 +240,30 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
     finally:
         os.killpg(agent.pid, signal.SIGTERM)
         agent.wait(60)
+
+
+@pytest.mark.slow
+def test_example_model_snapshot_restores_with_identical_embeddings(cfg, worker, agent, thaw_cli, tmp_path):
+    from thaw.examples.minilm import recipe
+
+    rootfs = recipe.build_rootfs()
+    image = json.loads(thaw_cli("build", "image", str(rootfs), "--config", str(rootfs.parent / "image-config.json"),
+                                "--json").output)["digest"]
+    snap = json.loads(thaw_cli("build", "snapshot", image, "--port", "8080", "--health", "/healthz", "--golden",
+                               str(recipe.GOLDEN_JSON), "--golden-path", "/embed", "--json").output)
+    assert snap["created"] and snap["timings_ms"]["verify_replay"] >= 0
+    out = restore(thaw_cli, snap["digest"], "--replicas", "2", "--keep")
+    assert [r["outcome"] for r in out["replicas"]] == ["restored"] * 2
+    body = recipe.GOLDEN_JSON.read_bytes()
+    answers = {agent.serving[r["replica"]].replica.http_request("POST", "/embed", body, 8080,
+                                                                content_type="application/json")[1]
+               for r in out["replicas"]}
+    (answer,) = answers
+    emb = json.loads(answer)["embeddings"]
+    assert len(emb) == len(json.loads(body)["texts"]) and len(emb[0]) == 384
+    # the restored model is the real one: related sentences are closer than unrelated ones
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert dot(emb[0], emb[1]) > dot(emb[0], emb[7]) + 0.2
+    # and a restore beats the cold boot it replaced, by a wide margin
+    restore_ms = min(r["timings_ms"]["total"] for r in out["replicas"])
+    assert restore_ms * 3 < snap["timings_ms"]["cold_boot"], (restore_ms, snap["timings_ms"])

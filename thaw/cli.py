@@ -22,6 +22,20 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+def _ms(timings: dict[str, int], sep: str = "=") -> str:
+    return " ".join(f"{k}{sep}{v}ms" for k, v in timings.items())
+
+
+def _table(rows, as_json: bool, header: str, line) -> None:
+    """Registry rows as JSON, or as a header plus one ``line(row)`` each."""
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        return
+    click.echo(header)
+    for r in rows:
+        click.echo(line(r))
+
+
 def _human(n: int | None) -> str:
     if n is None:
         return "-"
@@ -218,7 +232,7 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
     click.echo(f"{res.digest}")
     click.echo(f"  {note}: {res.files} files, {_human(res.size)}, {res.chunks} chunks; "
                f"stored {res.new_chunks} new chunks ({_human(res.new_bytes)}); "
-               + " ".join(f"{k} {v} ms" for k, v in res.timings_ms.items()), err=True)
+               + _ms(res.timings_ms, " "), err=True)
 
 
 # -- images -----------------------------------------------------------------------------------------
@@ -233,14 +247,8 @@ def images():
 def images_ls(cfg, as_json):
     from thaw.registry import images as q
 
-    rows = q.list_all(cfg.registry_url)
-    if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
-        return
-    click.echo(f"{'DIGEST':<16} {'SIZE':>10} {'FILES':>7} {'CREATED':<20} SOURCE")
-    for r in rows:
-        click.echo(f"{r.digest[:16]} {_human(r.size):>10} {r.files:>7} "
-                   f"{r.created_at:%Y-%m-%d %H:%M:%S}  {r.source}")
+    _table(q.list_all(cfg.registry_url), as_json, f"{'DIGEST':<16} {'SIZE':>10} {'FILES':>7} {'CREATED':<20} SOURCE",
+           lambda r: f"{r.digest[:16]} {_human(r.size):>10} {r.files:>7} {r.created_at:%Y-%m-%d %H:%M:%S}  {r.source}")
 
 
 def _image_or_fail(cfg, ref):
@@ -333,7 +341,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
     click.echo(res.digest)
     click.echo(f"  {'new snapshot' if res.created else 'already registered'} of image {res.image_digest[:12]} on "
                f"host {res.host_id}: {_human(res.size)} ({_human(res.new_bytes)} new); "
-               + " ".join(f"{k} {v} ms" for k, v in res.timings_ms.items()), err=True)
+               + _ms(res.timings_ms, " "), err=True)
 
 
 @cli.group()
@@ -347,14 +355,10 @@ def snapshots():
 def snapshots_ls(cfg, as_json):
     from thaw.registry import snapshots as q
 
-    rows = q.list_all(cfg.registry_url)
-    if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
-        return
-    click.echo(f"{'DIGEST':<16} {'IMAGE':<12} {'SIZE':>10} {'HOST':<12} {'CREATED':<20} CMD")
-    for r in rows:
-        click.echo(f"{r.digest[:16]} {r.image_digest[:12]} {_human(r.size):>10} {(r.host_id or '-'):<12} "
-                   f"{r.created_at:%Y-%m-%d %H:%M:%S}  {' '.join(r.spec.get('cmd', []))}")
+    _table(q.list_all(cfg.registry_url), as_json,
+           f"{'DIGEST':<16} {'IMAGE':<12} {'SIZE':>10} {'HOST':<12} {'CREATED':<20} CMD",
+           lambda r: f"{r.digest[:16]} {r.image_digest[:12]} {_human(r.size):>10} {(r.host_id or '-'):<12} "
+                     f"{r.created_at:%Y-%m-%d %H:%M:%S}  {' '.join(r.spec.get('cmd', []))}")
 
 
 @snapshots.command("show")
@@ -378,7 +382,7 @@ def snapshots_show(cfg, digest, as_json):
             click.echo(f"{k:<15} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     for e in data["restores"]:
         click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
-                   + " ".join(f"{k}={v}ms" for k, v in e["timings_ms"].items()) + (f"  ({e['reason']})" if e["reason"] else ""))
+                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else ""))
 
 
 @cli.command()
@@ -400,7 +404,7 @@ def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "ui": url}))
         return
     for r in res.replicas:
-        click.echo(f"{r.replica} {r.outcome:<9} " + " ".join(f"{k}={v}ms" for k, v in r.timings_ms.items())
+        click.echo(f"{r.replica} {r.outcome:<9} " + _ms(r.timings_ms)
                    + (f"  fallback: {r.reason}" if r.reason else ""))
     click.echo(f"{len(res.replicas)} replica(s) of {res.snapshot_digest[:12]} on {res.host_id} in {res.total_ms} ms"
                + ("; serving" if keep else "; stopped after verification"), err=True)

@@ -86,8 +86,12 @@ class BuildImageResult:
     timings_ms: dict[str, int]
 
 
-@workflow.defn(name="BuildImage")
-class BuildImage:
+QUICK = dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=RETRY)  # registry-only activities
+
+
+class Staged:
+    """A build workflow whose current stage can be queried (Temporal UI's "Queries" tab, `current_stage`)."""
+
     def __init__(self) -> None:
         self.stage = "pending"
 
@@ -95,10 +99,13 @@ class BuildImage:
     def current_stage(self) -> str:
         return self.stage
 
+
+@workflow.defn(name="BuildImage")
+class BuildImage(Staged):
     @workflow.run
     async def run(self, inp: BuildImageInput) -> BuildImageResult:
         build_id = workflow.info().workflow_id
-        quick = dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=RETRY)
+        quick = QUICK
         long = dict(
             start_to_close_timeout=timedelta(seconds=inp.activity_timeout_s),
             heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),

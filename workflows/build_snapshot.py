@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 
-from .build_image import RETRY
+from .build_image import QUICK, RETRY, Staged
 
 
 @dataclass
@@ -115,18 +115,11 @@ class BuildSnapshotResult:
 
 
 @workflow.defn(name="BuildSnapshot")
-class BuildSnapshot:
-    def __init__(self) -> None:
-        self.stage = "pending"
-
-    @workflow.query
-    def current_stage(self) -> str:
-        return self.stage
-
+class BuildSnapshot(Staged):
     @workflow.run
     async def run(self, inp: BuildSnapshotInput) -> BuildSnapshotResult:
         build_id = workflow.info().workflow_id
-        quick = dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=RETRY)
+        quick = QUICK
         timings: dict[str, int] = {}
 
         self.stage = "plan"
@@ -195,9 +188,7 @@ class RestoreResult:
 class RestoreSnapshot:
     @workflow.run
     async def run(self, inp: RestoreInput) -> RestoreResult:
-        plan = await workflow.execute_activity(
-            "plan_restore", inp, result_type=RestorePlan, start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=RETRY)
+        plan = await workflow.execute_activity("plan_restore", inp, result_type=RestorePlan, **QUICK)
         return await workflow.execute_activity(
             "restore_replicas", plan, result_type=RestoreResult, task_queue=plan.task_queue,
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
