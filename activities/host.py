@@ -17,14 +17,16 @@ from thaw.heartbeat import keepalive
 from thaw.imagefs.ingest import IngestError, Limits, ingest_and_commit
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import StoreError
-from thaw.registry import snapshots
-from thaw.registry.models import RestoreEvent
+from thaw.registry import deployments, snapshots
+from thaw.registry.models import Replica, RestoreEvent
+from thaw.runtime import metrics
 from thaw.registry.queries import NotFound
 from thaw.snapshot import compat, criu
 from thaw.snapshot.host import HostSnapshots, Running, SnapshotError, breakdown
 from thaw.workflows.build_snapshot import (
     CheckpointInput, CheckpointResult, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot, VerifyInput,
     VerifyResult)
+from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput
 
 from .build_image import fail_fast_on
 
@@ -96,6 +98,7 @@ class HostActivities:
             golden_ok = info.pop("golden_ok")
             snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
                 snapshot_digest=row.digest, host_id=self.cfg.host_id, replica=running.id, **info))
+            metrics.observe_restore(info["outcome"], info["timings_ms"])
             log.info("replica %s %s: %s%s", running.id, info["outcome"], breakdown(info["timings_ms"]),
                      f" ({info['reason']})" if info["reason"] else "")
             out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"]))
@@ -106,11 +109,49 @@ class HostActivities:
                 running.stop()
         return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
+    @activity.defn(name="start_replica")
+    @host_errors_fail_fast
+    def start_replica(self, inp: StartReplicaInput) -> ReplicaInfo:
+        """One serving replica of a deployment: restored (or cold-booted as a fallback), published, recorded."""
+        started = int(time.time() * 1000)
+        snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
+        with keepalive("restore"):
+            ((running, info),) = self.host.restore_many(snap, 1, self.host.secrets(inp.secrets))
+        try:
+            endpoint = running.publish(self.cfg.replica_bind)
+            deployments.add_replica(self.cfg.registry_url, Replica(
+                id=running.id, deployment=inp.deployment, host_id=self.cfg.host_id, endpoint=endpoint,
+                outcome=info["outcome"]))
+        except BaseException:
+            running.stop()
+            raise
+        with self.lock:
+            self.serving[running.id] = running
+        info.pop("golden_ok")
+        snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
+            snapshot_digest=inp.snapshot, host_id=self.cfg.host_id, replica=running.id, deployment=inp.deployment,
+            **info))
+        metrics.observe_restore(info["outcome"], info["timings_ms"])
+        log.info("replica %s of %s %s at %s: %s", running.id, inp.deployment, info["outcome"], endpoint,
+                 breakdown(info["timings_ms"]))
+        return ReplicaInfo(running.id, self.cfg.host_id, self.cfg.host_task_queue, endpoint, info["outcome"],
+                           info["reason"], info["timings_ms"], started, inp.signal_ms)
+
+    @activity.defn(name="stop_replica")
+    def stop_replica(self, inp: StopReplicaInput) -> None:
+        with self.lock:
+            running = self.serving.pop(inp.replica_id, None)
+        deployments.remove_replica(self.cfg.registry_url, inp.replica_id)
+        if running:
+            running.stop()
+
     def stop_all(self) -> None:
         with self.lock:
             serving, self.serving = list(self.serving.values()), {}
         for r in serving:
             r.stop()
+            deployments.remove_replica(self.cfg.registry_url, r.id)
 
     def all(self) -> list:
-        return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas]
+        return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas,
+                self.start_replica, self.stop_replica]

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from datetime import timedelta
 
 from temporalio import activity
 
 from thaw.config import Config
 from thaw.registry import images, snapshots
-from thaw.registry.models import Snapshot, utcnow
+from thaw.registry.models import Snapshot
 from thaw.registry.queries import NotFound
 from thaw.workflows.build_snapshot import (
     BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
 
 from .build_image import user_errors_fail_fast
-
-HOST_STALE = timedelta(seconds=60)  # an agent that has not heartbeated for this long is not offered work
-
 
 def host_queue(cfg: Config, host_id: str) -> str:
     return f"{cfg.host_task_queue_prefix}{host_id}"
@@ -26,17 +22,15 @@ def host_queue(cfg: Config, host_id: str) -> str:
 
 def live_host(cfg: Config, host_id: str = ""):
     """The named host, or the most recently heartbeating one; NotFound with what to do otherwise."""
+    live = snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s)
     if host_id:
-        host = snapshots.get_host(cfg.registry_url, host_id)
-    else:
-        hosts = sorted(snapshots.list_hosts(cfg.registry_url), key=lambda h: h.heartbeat_at, reverse=True)
-        if not hosts:
-            raise NotFound("no host agent has registered: start one with `thaw up` or `thaw agent`")
-        host = hosts[0]
-    seen = host.heartbeat_at if host.heartbeat_at.tzinfo else host.heartbeat_at.replace(tzinfo=utcnow().tzinfo)
-    if utcnow() - seen > HOST_STALE:
-        raise NotFound(f"host {host.id} last heartbeated at {seen:%H:%M:%S}: its agent is down (`thaw up` restarts it)")
-    return host
+        snapshots.get_host(cfg.registry_url, host_id)  # NotFound when it never registered
+        live = [h for h in live if h.id == host_id]
+        if not live:
+            raise NotFound(f"host {host_id}'s agent is not heartbeating: it is down (`thaw up` restarts it)")
+    if not live:
+        raise NotFound("no live host agent: start one with `thaw up` or `thaw agent`")
+    return live[0]
 
 
 def image_defaults(spec, config: dict):

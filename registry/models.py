@@ -60,6 +60,8 @@ class Host(SQLModel, table=True):
     started_at: datetime = Field(default_factory=utcnow)
     heartbeat_at: datetime = Field(default_factory=utcnow)
     pid: int | None = None
+    reserved_for: str | None = Field(default=None, index=True)  # deployment keeping it as an idle buffer host
+    capacity: int = 4  # replicas it may run
 
 
 class RestoreEvent(SQLModel, table=True):
@@ -70,6 +72,30 @@ class RestoreEvent(SQLModel, table=True):
     host_id: str
     replica: str
     outcome: str  # "restored" | "cold-boot"
+    deployment: str | None = Field(default=None, index=True)
     reason: str = ""  # why a fallback happened, with the criu log path where there is one
     timings_ms: dict = Field(default_factory=dict, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Deployment(SQLModel, table=True):
+    """A served model: which snapshot, how many replicas, how many idle hosts to keep reserved."""
+
+    name: str = Field(primary_key=True)
+    snapshot_digest: str = Field(max_length=64)
+    min_replicas: int = 0
+    max_replicas: int = 1
+    buffer: int = 0
+    secrets: list = Field(default_factory=list, sa_column=Column(JSON))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Replica(SQLModel, table=True):
+    """A replica serving (written by the agent that started it once its health check and replay passed)."""
+
+    id: str = Field(primary_key=True)
+    deployment: str = Field(index=True)
+    host_id: str = Field(index=True)
+    endpoint: str  # http://host:port reaching the replica's server
+    outcome: str  # "restored" | "cold-boot"
     created_at: datetime = Field(default_factory=utcnow)

@@ -19,10 +19,10 @@ def list_all(url: str, image_digest: str | None = None) -> list[Snapshot]:
     return queries.newest_first(url, Snapshot, **({"image_digest": image_digest} if image_digest else {}))
 
 
-def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int | None) -> Host:
+def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int | None, capacity: int = 4) -> Host:
     with session(url) as s:
         row = s.get(Host, host_id) or Host(id=host_id, task_queue=task_queue)
-        row.task_queue, row.facts, row.pid = task_queue, facts, pid
+        row.task_queue, row.facts, row.pid, row.capacity = task_queue, facts, pid, capacity
         row.started_at = row.heartbeat_at = utcnow()
         s.add(row)
         s.commit()
@@ -45,6 +45,17 @@ def get_host(url: str, host_id: str) -> Host:
     if row is None:
         raise queries.NotFound(f"no host {host_id!r} in the registry: is its agent running (`thaw status`)?")
     return row
+
+
+def live_hosts(url: str, stale_s: float) -> list[Host]:
+    """Hosts whose agent heartbeated within ``stale_s`` seconds, freshest first."""
+    now = utcnow()
+
+    def age(h: Host) -> float:
+        seen = h.heartbeat_at if h.heartbeat_at.tzinfo else h.heartbeat_at.replace(tzinfo=now.tzinfo)
+        return (now - seen).total_seconds()
+
+    return sorted((h for h in list_hosts(url) if age(h) <= stale_s), key=age)
 
 
 def list_hosts(url: str) -> list[Host]:

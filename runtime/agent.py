@@ -17,30 +17,34 @@ from temporalio.worker import Worker
 
 from thaw.activities.host import HostActivities
 from thaw.config import Config
-from thaw.registry import snapshots
+from thaw.registry import deployments, snapshots
 from thaw.snapshot.host import HostSnapshots, cleanup_stale
 
+from . import metrics
 from .worker import serve
 
 log = logging.getLogger("thaw.agent")
 
 
-def task_queue(cfg: Config) -> str:
-    return f"{cfg.host_task_queue_prefix}{cfg.host_id}"
-
-
 def build_agent_worker(client: Client, cfg: Config, acts: HostActivities, executor: ThreadPoolExecutor) -> Worker:
-    return Worker(client, task_queue=task_queue(cfg), activities=acts.all(), activity_executor=executor,
+    return Worker(client, task_queue=cfg.host_task_queue, activities=acts.all(), activity_executor=executor,
                   max_concurrent_activities=8)
 
 
 def register(cfg: Config, host: HostSnapshots) -> None:
-    snapshots.upsert_host(cfg.registry_url, cfg.host_id, task_queue(cfg), host.facts, os.getpid())
+    """Announce this host (facts, capacity); replicas the registry still lists for it died with its last agent."""
+    for rep in deployments.replicas(cfg.registry_url, host_id=cfg.host_id):
+        deployments.remove_replica(cfg.registry_url, rep.id)
+    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, host.facts, os.getpid(),
+                          cfg.host_capacity)
 
 
-async def heartbeat(cfg: Config) -> None:
+async def heartbeat(cfg: Config, acts: HostActivities) -> None:
     while True:
         await asyncio.sleep(cfg.agent_heartbeat_s)
+        n = len(acts.serving)
+        metrics.REPLICAS.set(n)
+        metrics.GPU_SECONDS_ALLOCATED.inc(n * cfg.agent_heartbeat_s)
         await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
 
 
@@ -51,9 +55,11 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     host = HostSnapshots(cfg)
     register(cfg, host)
     acts = HostActivities(cfg, host)
-    log.info("agent %s: facts %s", cfg.host_id, {k: v for k, v in host.facts.items() if k != "cpu_flags"})
+    port = metrics.serve(cfg.agent_metrics_port)
+    log.info("agent %s: facts %s; metrics on :%s", cfg.host_id,
+             {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
     try:
         await serve(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex), ready_file,
-                    background=lambda: heartbeat(cfg))
+                    background=lambda: heartbeat(cfg, acts))
     finally:
         acts.stop_all()

@@ -21,6 +21,7 @@ restored=$(thaw restore "$digest" --replicas 2 --json)
 
 python3 - "$first" "$second" "$snap" "$restored" <<'PY'
 import json, sys
+from thaw.cli import _ms
 a, b, s, r = (json.loads(x) for x in sys.argv[1:])
 assert a["digest"] == b["digest"]
 t = s["timings_ms"]
@@ -31,7 +32,7 @@ print(f"snapshot     {s['digest'][:16]}  {s['size'] / 2**20:.0f} MiB of CRIU ima
       f"verified by restore + replay")
 for rep in r["replicas"]:
     ms = rep["timings_ms"]
-    print(f"replica      {rep['replica']} {rep['outcome']}: " + " ".join(f"{k}={v}ms" for k, v in ms.items()))
+    print(f"replica      {rep['replica']} {rep['outcome']}: {_ms(ms)}")
 restore_ms = min(rep["timings_ms"]["total"] for rep in r["replicas"])
 cold_ms = t["cold_boot"] + t["golden"]
 print(f"cold boot to first answer {cold_ms} ms  vs  restore to first answer {restore_ms} ms  "

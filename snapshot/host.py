@@ -24,6 +24,7 @@ from thaw.imagefs.materialize import materialize_cached
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
 from . import _linux, compat, criu
+from .forward import Forwarder
 
 RECORD = "replica.json"
 RESULT = "result.json"
@@ -76,7 +77,17 @@ class Running:
         if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
             self.record.write_text(json.dumps({"pid": self.replica.pid, "start": _starttime(self.replica.pid)}))
 
+    forwarder: "Forwarder | None" = None
+
+    def publish(self, bind: str = "127.0.0.1") -> str:
+        """Make the replica's server reachable from the host; returns its endpoint URL."""
+        if self.forwarder is None:
+            self.forwarder = Forwarder(self.replica, self.port, bind)
+        return self.forwarder.endpoint
+
     def stop(self) -> None:
+        if self.forwarder:
+            self.forwarder.close()
         try:
             self.replica.stop()
         finally:

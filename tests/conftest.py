@@ -49,13 +49,15 @@ def temporal_address():
 def cfg(tmp_path, temporal_address) -> Config:
     return Config(state_dir=tmp_path / "state", temporal_address=temporal_address,
                   build_task_queue=f"build-{uuid.uuid4().hex[:8]}", heartbeat_timeout=5.0,
-                  host_id=f"host-{uuid.uuid4().hex[:8]}")
+                  host_id=f"host-{uuid.uuid4().hex[:8]}", agent_metrics_port=0, agent_heartbeat_s=1.0,
+                  host_stale_s=4.0)
 
 
 def cfg_env(cfg: Config) -> dict[str, str]:
     return {"THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": cfg.temporal_address,
             "THAW_BUILD_TASK_QUEUE": cfg.build_task_queue, "THAW_HEARTBEAT_TIMEOUT": str(cfg.heartbeat_timeout),
-            "THAW_HOST_ID": cfg.host_id,
+            "THAW_HOST_ID": cfg.host_id, "THAW_AGENT_METRICS_PORT": str(cfg.agent_metrics_port),
+            "THAW_AGENT_HEARTBEAT_S": str(cfg.agent_heartbeat_s), "THAW_HOST_STALE_S": str(cfg.host_stale_s),
             **({"THAW_DB_URL": cfg.db_url} if cfg.db_url else {})}
 
 
@@ -90,22 +92,38 @@ def worker(cfg):
         yield w
 
 
-@pytest.fixture
-def agent(cfg):
-    """A real host agent (in-process): registered in the registry, polling its own task queue.
-    Yields its HostActivities (``.serving`` holds replicas restored with --keep)."""
+@contextlib.contextmanager
+def in_process_agent(cfg):
+    """A real host agent in this process: registered, heartbeating, polling its own task queue.
+    Yields its HostActivities (``.serving`` holds the replicas it keeps)."""
     from thaw.activities.host import HostActivities
+    from thaw.registry import snapshots
     from thaw.runtime.agent import build_agent_worker, register
     from thaw.snapshot.host import HostSnapshots
 
     host = HostSnapshots(cfg)
     register(cfg, host)
     acts = HostActivities(cfg, host)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(cfg.agent_heartbeat_s):
+            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
     try:
         with running_worker(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex)):
             yield acts
     finally:
+        stop.set()
         acts.stop_all()
+
+
+@pytest.fixture
+def agent(cfg):
+    with in_process_agent(cfg) as acts:
+        yield acts
 
 
 @pytest.fixture

@@ -24,10 +24,11 @@ def thaw(env, *args, check=True):
 
 def test_up_status_build_down(tmp_path):
     env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"),
-           "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "THAW_TEMPORAL_UI_PORT": str(free_port())}
+           "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "THAW_TEMPORAL_UI_PORT": str(free_port()),
+           "THAW_API_PORT": str(free_port()), "THAW_AGENT_METRICS_PORT": "0"}
     try:
         out = thaw(env, "up").stdout
-        assert "temporal: started" in out and "worker: started" in out and "agent: started" in out
+        assert "temporal: started" in out and "worker: started" in out and "agent: started" in out and "api: started" in out
         st = json.loads(thaw(env, "status", "--json").stdout)
         assert st["temporal"]["reachable"] and st["temporal"]["pid"] and st["worker"]["pid"] and st["agent"]["pid"]
         assert st["temporal"]["ui"] == f"http://127.0.0.1:{env['THAW_TEMPORAL_UI_PORT']}"
@@ -35,7 +36,7 @@ def test_up_status_build_down(tmp_path):
         pids = (st["temporal"]["pid"], st["worker"]["pid"])
 
         again = thaw(env, "up").stdout  # re-running is safe
-        assert again.count("already running") == 3
+        assert again.count("already running") == 4
         assert (tmp_path / "state" / "temporal.db").exists()  # persistent Temporal history
 
         (tmp_path / "img").mkdir()

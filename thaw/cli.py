@@ -22,8 +22,14 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+STAGE_ORDER = ["fetch", "prefetch", "root", "criu", "hooks", "health", "boot", "replay", "total"]
+
+
 def _ms(timings: dict[str, int], sep: str = "=") -> str:
-    return " ".join(f"{k}{sep}{v}ms" for k, v in timings.items())
+    """Stage timings in the order stages run (JSON transport may have sorted them)."""
+    rank = {k: i for i, k in enumerate(STAGE_ORDER)}
+    items = sorted(timings.items(), key=lambda kv: rank.get(kv[0], len(rank) - 1 - 0.5))
+    return " ".join(f"{k}{sep}{v}ms" for k, v in items)
 
 
 def _table(rows, as_json: bool, header: str, line) -> None:
@@ -85,11 +91,15 @@ def down(cfg):
 
 
 @cli.command()
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def status(cfg, as_json):
-    """What runs and where."""
+def status(cfg, name, as_json):
+    """What runs and where; with NAME, that deployment's replicas, hosts, buffer and recent restores."""
     from .stack import status as stack_status
+
+    if name:
+        return _deployment_status(cfg, name, as_json)
 
     st = stack_status(cfg)
     if as_json:
@@ -100,6 +110,7 @@ def status(cfg, as_json):
     click.echo(f"state dir  {st['state_dir']}")
     click.echo(f"temporal   {run(t['pid'])}  {t['address']}  UI {t['ui']}")
     click.echo(f"worker     {run(w['pid'])}  queue {w['task_queue']}")
+    click.echo(f"api        {run(st['api']['pid'])}  {st['api']['url']}  token {st['api']['token_file']}")
     click.echo(f"agent      {run(st['agent']['pid'])}  host {st['agent']['host_id']}  queue {st['agent']['task_queue']}")
     click.echo(f"registry   {r['url']}  {r['status']}  images {r['images']}")
     click.echo(f"store      {s['dir']}  {s['objects']} objects  {_human(s['bytes'])}")
@@ -461,6 +472,96 @@ def agent(cfg, host_id):
         asyncio.run(agent_mod.run(cfg, ready_file=agent_ready_file(cfg)))
     except RuntimeError as e:
         _fail(f"agent: {e}")
+
+
+# -- runtime ----------------------------------------------------------------------------------------
+def _pool_call(cfg, fn):
+    """Run ``fn(client)`` against Temporal; registry/pool errors become one-line failures."""
+    from thaw.registry.queries import NotFound
+
+    async def go():
+        return await fn(await _connect(cfg))
+
+    try:
+        return asyncio.run(go())
+    except NotFound as e:
+        _fail(str(e))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--snapshot", required=True, help="Snapshot digest or unique prefix.")
+@click.option("--min", "min_replicas", type=int, default=0, show_default=True)
+@click.option("--max", "max_replicas", type=int, default=4, show_default=True)
+@click.option("--buffer", type=int, default=1, show_default=True, help="Idle healthy hosts kept reserved.")
+@click.option("--secret", "secrets", multiple=True, help="Secret NAME injected after each restore.")
+@click.option("--cooldown", type=float, default=30.0, show_default=True, help="Seconds before scaling down.")
+@click.pass_obj
+def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, cooldown):
+    """Create or update deployment NAME and start its pool (a Temporal entity workflow)."""
+    from thaw.runtime import pool
+    from thaw.workflows.pool import PoolSpec
+
+    spec = PoolSpec(name, snapshot, min_replicas, max_replicas, buffer, list(secrets), cooldown,
+                    heartbeat_timeout_s=cfg.heartbeat_timeout)
+    spec, started = _pool_call(cfg, lambda c: pool.deploy(c, cfg, spec))
+    click.echo(f"deployment {name}: snapshot {spec.snapshot[:12]}, replicas {min_replicas}..{max_replicas}, "
+               f"buffer {buffer} ({'pool started' if started else 'pool updated'}; "
+               f"UI {cfg.workflow_url(pool.workflow_id(name))})")
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("replicas", type=int)
+@click.pass_obj
+def scale(cfg, name, replicas):
+    """Ask deployment NAME for REPLICAS replicas (the pool restores or stops replicas to match)."""
+    from thaw.runtime import pool
+
+    _pool_call(cfg, lambda c: pool.scale(c, name, replicas, "cli"))
+    click.echo(f"deployment {name}: scale to {replicas} requested")
+
+
+@cli.command()
+@click.argument("name")
+@click.pass_obj
+def undeploy(cfg, name):
+    """Stop deployment NAME's replicas, release its buffer hosts and end its pool."""
+    from thaw.runtime import pool
+
+    _pool_call(cfg, lambda c: pool.undeploy(c, name))
+    click.echo(f"deployment {name}: stopping")
+
+
+@cli.command()
+@click.pass_obj
+def api(cfg):
+    """Serve the HTTP control API (token-authenticated) in the foreground."""
+    from thaw.runtime import api as api_mod
+
+    from .stack import ready_file
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    click.echo(f"control API on http://{cfg.api_host}:{cfg.api_port} (token: {api_mod.token_file(cfg)})", err=True)
+    asyncio.run(api_mod.run(cfg, ready_file(cfg, "api")))
+
+
+def _deployment_status(cfg, name, as_json):
+    from thaw.runtime import pool
+
+    st = _pool_call(cfg, lambda c: pool.state(c, name))
+    if as_json:
+        click.echo(json.dumps(asdict(st), indent=2))
+        return
+    sp = st.spec
+    click.echo(f"deployment {sp.name}  snapshot {sp.snapshot[:12]}  desired {st.desired} "
+               f"(min {sp.min_replicas}, max {sp.max_replicas})  serving {len(st.replicas)}")
+    click.echo(f"buffer     {len(st.reserved)}/{sp.buffer} hosts reserved: {', '.join(st.reserved) or '-'}")
+    click.echo("counts     " + (" ".join(f"{k}={v}" for k, v in sorted(st.counts.items())) or "-"))
+    for r in st.replicas:
+        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint} {r.outcome}")
+    for r in st.recent:
+        click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
 
 
 def main():

@@ -39,6 +39,16 @@ class Config(BaseSettings):
     host_task_queue_prefix: str = "thaw-host-"
     host_id: str = Field(default_factory=lambda: os.uname().nodename)
     agent_heartbeat_s: float = 10.0
+    host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
+    host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
+    replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
+    agent_metrics_port: int | None = 9101  # Prometheus /metrics of the agent; None: off
+
+    # Runtime: control API (token-authenticated) and gateway
+    api_host: str = "127.0.0.1"
+    api_port: int = 8470
+    api_token: str | None = None  # default: generated once into <state_dir>/api-token
+    gateway_port: int = 8480
 
     # Content-addressed store
     chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)
@@ -65,10 +75,15 @@ class Config(BaseSettings):
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
 
-    @cached_property
+    @property
     def work_dir(self) -> Path:
-        """Host-local scratch: materialized image roots, checkpoint dumps, per-replica overlays."""
-        return self.state_dir / "work"
+        """Host-local scratch: materialized image roots, checkpoint dumps, per-replica overlays (per host id,
+        so several agents can share a state dir)."""
+        return self.state_dir / "work" / self.host_id
+
+    @property
+    def host_task_queue(self) -> str:
+        return f"{self.host_task_queue_prefix}{self.host_id}"
 
     @cached_property
     def secrets_file(self) -> Path:

@@ -93,7 +93,7 @@ def components(cfg: Config) -> list[Component]:
         lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
     )
     workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
-                         lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent")]
+                         lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent", "api")]
     return [temporal, *workers]
 
 
@@ -195,7 +195,9 @@ def status(cfg: Config) -> dict:
         "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
                      "reachable": port_open(*_host_port(cfg.temporal_address)), "ui": cfg.temporal_ui_url},
         "worker": {"pid": procs["worker"], "task_queue": cfg.build_task_queue},
-        "agent": {"pid": procs["agent"], "host_id": cfg.host_id, "task_queue": f"{cfg.host_task_queue_prefix}{cfg.host_id}"},
+        "api": {"pid": procs["api"], "url": f"http://{cfg.api_host}:{cfg.api_port}",
+                "token_file": str(cfg.state_dir / "api-token")},
+        "agent": {"pid": procs["agent"], "host_id": cfg.host_id, "task_queue": cfg.host_task_queue},
         "registry": {"url": _redact(cfg.registry_url), "status": registry, "images": image_count},
         "store": {"dir": str(cfg.store_dir), "objects": store_objects, "bytes": store_bytes},
     }

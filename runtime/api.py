@@ -1,0 +1,121 @@
+"""HTTP control API (aiohttp): scale and inspect deployments with a bearer token; Prometheus /metrics.
+
+    POST /v1/deployments/{name}/scale   {"replicas": N}     -> 202 {"deployment", "replicas"}
+    GET  /v1/deployments                                     -> [{name, snapshot, min, max, buffer}]
+    GET  /v1/deployments/{name}                              -> the pool's state
+    GET  /metrics                                            -> Prometheus text (no token)
+
+Every /v1 call needs ``Authorization: Bearer <token>``; the token is ``THAW_API_TOKEN`` or generated once
+into ``<state_dir>/api-token`` (mode 0600). A missing or wrong token gets 401 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+from dataclasses import asdict
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from temporalio.client import Client
+
+from thaw.config import Config
+from thaw.registry import deployments
+from thaw.registry.queries import NotFound
+
+from . import pool
+
+
+def token_file(cfg: Config) -> Path:
+    return cfg.state_dir / "api-token"
+
+
+def api_token(cfg: Config) -> str:
+    """The configured token, else the one in the state dir (created on first use)."""
+    if cfg.api_token:
+        return cfg.api_token
+    path = token_file(cfg)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _error(status: int, msg: str) -> web.Response:
+    return web.json_response({"error": msg}, status=status)
+
+
+def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = None) -> web.Application:
+    token = api_token(cfg).encode()
+    registry = registry or CollectorRegistry()
+    calls = Counter("thaw_api_requests_total", "Control API calls", ["route", "code"], registry=registry)
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
+        if request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(given, token):
+                calls.labels(route, "401").inc()
+                return _error(401, "missing or wrong bearer token (see <state_dir>/api-token or THAW_API_TOKEN)")
+        try:
+            resp = await handler(request)
+        except NotFound as e:
+            resp = _error(404, str(e))
+        calls.labels(route, str(resp.status)).inc()
+        return resp
+
+    async def scale(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            replicas = int(body["replicas"])
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            return _error(400, 'expected a JSON body {"replicas": N}')
+        name = request.match_info["name"]
+        deployments.get(cfg.registry_url, name)
+        await pool.scale(client, name, replicas, "api")
+        return web.json_response({"deployment": name, "replicas": replicas}, status=202)
+
+    async def list_deployments(request: web.Request) -> web.Response:
+        return web.json_response([
+            {"name": d.name, "snapshot": d.snapshot_digest, "min": d.min_replicas, "max": d.max_replicas,
+             "buffer": d.buffer} for d in deployments.list_all(cfg.registry_url)])
+
+    async def show(request: web.Request) -> web.Response:
+        return web.json_response(asdict(await pool.state(client, request.match_info["name"])))
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application(middlewares=[auth])
+    app.add_routes([web.post("/v1/deployments/{name}/scale", scale), web.get("/v1/deployments", list_deployments),
+                    web.get("/v1/deployments/{name}", show), web.get("/metrics", metrics)])
+    return app
+
+
+async def run(cfg: Config, ready_file: Path | None = None) -> None:
+    """Serve the API until cancelled/SIGTERM (as `thaw api`)."""
+    import asyncio
+    import signal
+
+    client = await Client.connect(cfg.temporal_address, namespace=cfg.temporal_namespace)
+    runner = web.AppRunner(make_app(cfg, client))
+    await runner.setup()
+    await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if ready_file:
+        ready_file.write_text(str(os.getpid()))
+    try:
+        await stop.wait()
+    finally:
+        if ready_file:
+            ready_file.unlink(missing_ok=True)
+        await runner.cleanup()

@@ -1,0 +1,199 @@
+"""DeploymentPool end to end: real Temporal, real agents (several hosts), real CRIU restores of a small server,
+every scale signal path, buffer reservations, the control API's auth, and replacing a replica whose agent died."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from aiohttp import web
+
+from conftest import cfg_env, in_process_agent
+from test_criu import needs_criu
+from test_snapshot import PORT, build_snapshot, image, image_config, rootfs  # noqa: F401  (fixtures)
+from thaw.registry import deployments, snapshots
+
+pytestmark = needs_criu
+
+
+def wait_for(pred, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def serving(cfg, name):
+    return deployments.replicas(cfg.registry_url, deployment=name)
+
+
+def answer(endpoint: str) -> dict:
+    with urllib.request.urlopen(endpoint + "/answer-stable", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def snap(cfg, worker, agent, thaw_cli, image, tmp_path):  # noqa: F811
+    return build_snapshot(thaw_cli, image, tmp_path)["digest"]
+
+
+@contextlib.contextmanager
+def more_agents(cfg, n):
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(in_process_agent(cfg.model_copy(update={"host_id": f"{cfg.host_id}-{i}"})))
+               for i in range(n)]
+
+
+def signal_raw(cfg, name, replicas):
+    """A raw Temporal signal, as `temporal workflow signal --name scale --input '{"replicas": N}'` sends it."""
+    from temporalio.client import Client
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        await client.get_workflow_handle(f"pool-{name}").signal("scale", {"replicas": replicas, "source": "temporal"})
+
+    asyncio.run(go())
+
+
+@pytest.fixture
+def api(cfg):
+    """The real control API (aiohttp) on a free port, in a thread."""
+    from temporalio.client import Client
+
+    from conftest import LoopThread
+    from thaw.runtime.api import api_token, make_app
+
+    lt = LoopThread()
+
+    async def start():
+        runner = web.AppRunner(make_app(cfg, await Client.connect(cfg.temporal_address)))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]
+
+    runner, port = lt.run(start())
+    try:
+        yield f"http://127.0.0.1:{port}", api_token(cfg)
+    finally:
+        lt.run(runner.cleanup())
+        lt.close()
+
+
+def api_call(url, path, token=None, body=None):
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {token}"} if token else {},
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent, thaw_cli, snap, api):
+    url, token = api
+    with more_agents(cfg, 2):  # three hosts
+        thaw_cli("deploy", "web", "--snapshot", snap[:10], "--min", "0", "--max", "3", "--buffer", "1",
+                 "--cooldown", "0")
+        wait_for(lambda: len(snapshots.live_hosts(cfg.registry_url, 5)) == 3, what="3 live hosts")
+        reserved = wait_for(lambda: [h.id for h in snapshots.list_hosts(cfg.registry_url) if h.reserved_for == "web"],
+                            what="a buffer host")
+        assert len(reserved) == 1
+        assert serving(cfg, "web") == []
+
+        for path, up in (("cli", lambda: thaw_cli("scale", "web", "3")),
+                         ("api", lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 3})),
+                         ("temporal", lambda: signal_raw(cfg, "web", 3))):
+            up()
+            reps = wait_for(lambda: len(serving(cfg, "web")) == 3 and serving(cfg, "web"), what=f"3 replicas ({path})")
+            answers = [answer(r.endpoint) for r in reps]
+            assert len({a["digest"] for a in answers}) == 1, "every replica serves the snapshot's answer"
+            assert all(r.outcome == "restored" for r in reps)
+            assert len({r.host_id for r in reps}) >= 2, "replicas are spread over the hosts"
+            down = {"cli": lambda: thaw_cli("scale", "web", "0"),
+                    "api": lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 0}),
+                    "temporal": lambda: signal_raw(cfg, "web", 0)}[path]
+            down()
+            wait_for(lambda: serving(cfg, "web") == [], what=f"0 replicas ({path})")
+            for r in reps:  # stopped for real: the published endpoint is closed
+                with pytest.raises(OSError):
+                    answer(r.endpoint)
+
+        st = wait_for(lambda: "buffer     1/1" in (out := thaw_cli("status", "web").output) and out,
+                      what="the buffer refilled")
+        assert "restored" in st
+        status, body = api_call(url, "/v1/deployments/web", token)
+        assert status == 200 and body["counts"]["restored"] == 9 and body["counts"]["stopped"] == 9
+        thaw_cli("undeploy", "web")
+        wait_for(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
+                 what="buffer released")
+
+
+def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cli, snap, api):
+    url, token = api
+    thaw_cli("deploy", "api-dep", "--snapshot", snap, "--max", "2", "--buffer", "0")
+    for bad in (None, "wrong", token + "x"):
+        status, body = api_call(url, "/v1/deployments/api-dep/scale", bad, {"replicas": 2})
+        assert status == 401 and "token" in body["error"]
+        assert api_call(url, "/v1/deployments", bad)[0] == 401
+    time.sleep(1)
+    assert serving(cfg, "api-dep") == [], "a refused call changed nothing"
+    assert api_call(url, "/v1/deployments/nope/scale", token, {"replicas": 1})[0] == 404
+    assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": "x"})[0] == 400
+    with urllib.request.urlopen(url + "/metrics") as r:
+        assert b'thaw_api_requests_total{code="401"' in r.read()
+    thaw_cli("undeploy", "api-dep")
+
+
+def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
+    res = thaw_cli("deploy", "x", "--snapshot", "abcdef12", ok=False)
+    assert res.exit_code == 1 and "no snapshot abcdef12" in res.output
+    res = thaw_cli("deploy", "x", "--snapshot", snap, "--min", "3", "--max", "1", ok=False)
+    assert res.exit_code == 1 and "--min" in res.output
+    res = thaw_cli("scale", "never-deployed", "2", ok=False)
+    assert res.exit_code == 1 and "never-deployed" in res.output
+
+
+def _agent_proc(cfg, host_id):
+    return subprocess.Popen([sys.executable, "-m", "thaw", "agent", "--host-id", host_id],
+                            env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
+    # the in-process agent is full, so the first replica lands on the subprocess agent
+    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
+    victim = _agent_proc(cfg, "victim")
+    try:
+        wait_for(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
+        thaw_cli("deploy", "ha", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
+        (rep,) = wait_for(lambda: serving(cfg, "ha"), what="first replica")
+        assert rep.host_id == "victim"
+        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
+        os.kill(victim.pid, signal.SIGKILL)  # the host dies with its replica
+        victim.wait()
+        new = wait_for(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
+                       what="replacement replica")
+        assert answer(new[0].endpoint)["digest"]
+        st = json.loads(thaw_cli("status", "ha", "--json").output)
+        assert st["counts"]["lost"] == 1 and st["replicas"][0]["host_id"] == cfg.host_id
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        thaw_cli("undeploy", "ha", ok=False)
+        from thaw.snapshot.host import cleanup_stale
+        cleanup_stale(cfg.model_copy(update={"host_id": "victim"}).work_dir)  # what its next start would do

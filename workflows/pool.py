@@ -1,0 +1,230 @@
+"""DeploymentPool: one long-running entity workflow per deployment.
+
+It owns the deployment's replicas and its buffer of reserved idle hosts, and turns every scale signal (CLI,
+HTTP control API, raw Temporal signal, gateway) into restores on hosts. Deterministic: all I/O is in
+activities; the state is small and continues as new before the history grows large.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+
+from .build_image import QUICK
+
+WORKFLOW_ID = "pool-{name}"
+RECENT = 20  # restores kept in the state for `thaw status NAME`
+
+
+@dataclass
+class PoolSpec:
+    name: str
+    snapshot: str  # full digest
+    min_replicas: int = 0
+    max_replicas: int = 1
+    buffer: int = 0
+    secrets: list[str] = field(default_factory=list)
+    cooldown_s: float = 30.0  # no scale-down sooner than this after the last scale-up
+    check_every_s: float = 5.0  # host health / buffer check period
+    start_timeout_s: float = 600.0
+    heartbeat_timeout_s: float = 30.0
+
+
+@dataclass
+class ScaleRequest:
+    replicas: int
+    source: str = "signal"  # cli | api | temporal | gateway | keda
+    at_ms: int = 0  # sender's wall clock (ms since epoch): signal → restore-start latency
+
+
+@dataclass
+class ReplicaInfo:
+    id: str
+    host_id: str
+    task_queue: str
+    endpoint: str
+    outcome: str  # restored | cold-boot
+    reason: str = ""
+    timings_ms: dict[str, int] = field(default_factory=dict)
+    started_at_ms: int = 0  # when the host began the restore (agent's wall clock)
+    signal_ms: int = 0  # the scale signal that caused it
+
+
+@dataclass
+class PlacedHost:
+    host_id: str
+    task_queue: str
+
+
+@dataclass
+class StartReplicaInput:
+    deployment: str
+    snapshot: str
+    secrets: list[str]
+    signal_ms: int
+
+
+@dataclass
+class StopReplicaInput:
+    replica_id: str
+
+
+@dataclass
+class PlaceInput:
+    deployment: str
+    snapshot: str
+    count: int
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HostsInput:
+    deployment: str
+    snapshot: str
+    buffer: int
+    busy: list[str]  # hosts with replicas of this deployment (not idle, so not buffer)
+
+
+@dataclass
+class HostsResult:
+    live: list[str]
+    reserved: list[str]
+
+
+@dataclass
+class PoolState:
+    spec: PoolSpec
+    desired: int = 0
+    replicas: list[ReplicaInfo] = field(default_factory=list)
+    reserved: list[str] = field(default_factory=list)
+    recent: list[ReplicaInfo] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # restored, cold-boot, failed, lost, stopped
+    last_signal: ScaleRequest | None = None
+    last_scale_up_s: float = 0.0
+    stopping: bool = False
+
+
+@workflow.defn(name="DeploymentPool")
+class DeploymentPool:
+    def __init__(self) -> None:
+        self.s: PoolState | None = None
+        self.wake = False
+
+    @workflow.signal
+    def scale(self, req: ScaleRequest) -> None:
+        sp = self.s.spec
+        self.s.desired = max(sp.min_replicas, min(sp.max_replicas, req.replicas))
+        self.s.last_signal = req
+        self.wake = True
+
+    @workflow.signal
+    def update(self, spec: PoolSpec) -> None:
+        self.s.spec = spec
+        self.s.desired = max(spec.min_replicas, min(spec.max_replicas, self.s.desired))
+        self.wake = True
+
+    @workflow.signal
+    def stop(self) -> None:
+        self.s.stopping = True
+        self.wake = True
+
+    @workflow.query
+    def state(self) -> PoolState:
+        return self.s
+
+    @workflow.run
+    async def run(self, state: PoolState) -> PoolState:
+        self.s = state
+        self.s.desired = max(self.s.spec.min_replicas, self.s.desired)
+        while True:
+            try:
+                await workflow.wait_condition(lambda: self.wake, timeout=timedelta(seconds=self.s.spec.check_every_s))
+            except asyncio.TimeoutError:
+                pass
+            self.wake = False
+            if self.s.stopping:
+                self.s.desired = 0
+                await self._scale_down(force=True)
+                await self._hosts(buffer=0)
+                return self.s
+            await self._reconcile()
+            if workflow.info().is_continue_as_new_suggested() or workflow.info().get_current_history_length() > 8000:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                workflow.continue_as_new(self.s)
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.s.counts[key] = self.s.counts.get(key, 0) + n
+
+    async def _hosts(self, buffer: int) -> HostsResult:
+        busy = sorted({r.host_id for r in self.s.replicas})
+        res = await workflow.execute_activity(
+            "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
+            result_type=HostsResult, **QUICK)
+        self.s.reserved = res.reserved
+        return res
+
+    async def _reconcile(self) -> None:
+        hosts = await self._hosts(self.s.spec.buffer)
+        lost = [r for r in self.s.replicas if r.host_id not in hosts.live]
+        if lost:  # their host stopped heartbeating: replace them
+            self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
+            self._count("lost", len(lost))
+        missing = self.s.desired - len(self.s.replicas)
+        if missing > 0:
+            await self._scale_up(missing)
+        elif missing < 0:
+            await self._scale_down()
+        if missing:  # hosts turned busy or idle: refill the buffer now rather than at the next check
+            await self._hosts(self.s.spec.buffer)
+
+    async def _scale_up(self, n: int) -> None:
+        sig = self.s.last_signal.at_ms if self.s.last_signal else 0
+        placed = await workflow.execute_activity(
+            "place_replicas", PlaceInput(self.s.spec.name, self.s.spec.snapshot, n), result_type=list[PlacedHost],
+            **QUICK)
+        sp = self.s.spec
+
+        async def start(h: PlacedHost):
+            try:
+                return await workflow.execute_activity(
+                    "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig), result_type=ReplicaInfo,
+                    task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
+                    heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
+                    retry_policy=RetryPolicy(maximum_attempts=1))  # a failed host: place again, elsewhere
+            except Exception:  # noqa: BLE001 - counted; the next reconcile places it again
+                self._count("failed")
+                return None
+
+        for info in await asyncio.gather(*(start(h) for h in placed)):
+            if info is None:
+                continue
+            self.s.replicas.append(info)
+            self.s.recent = [info, *self.s.recent][:RECENT]
+            self._count(info.outcome)
+        self.s.last_scale_up_s = workflow.now().timestamp()
+        if len(placed) < n or len(self.s.replicas) < self.s.desired:
+            self.wake = True  # not all placed (no capacity yet, or a start failed): retry on the next turn
+            await workflow.sleep(1)
+
+    async def _scale_down(self, force: bool = False) -> None:
+        if not force and workflow.now().timestamp() - self.s.last_scale_up_s < self.s.spec.cooldown_s:
+            return
+        extra = len(self.s.replicas) - self.s.desired
+        if extra <= 0:
+            return
+        victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
+
+        async def stop(r: ReplicaInfo):
+            try:
+                await workflow.execute_activity(
+                    "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
+                    start_to_close_timeout=timedelta(seconds=60), retry_policy=RetryPolicy(maximum_attempts=3))
+            except Exception:  # noqa: BLE001 - the host is gone; so is the replica
+                pass
+
+        await asyncio.gather(*(stop(r) for r in victims))
+        self._count("stopped", len(victims))
