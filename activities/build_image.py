@@ -16,7 +16,7 @@ from thaw.config import Config
 from thaw.imagefs import oci
 from thaw.imagefs.ingest import IngestError, Limits, ingest, source_size
 from thaw.imagefs.manifest import ImageManifest
-from thaw.imagefs.store import ChunkStore, StoreError
+from thaw.imagefs.store import ChunkStore, StoreError, StoreUnavailable
 from thaw.registry import images
 from thaw.registry.models import Image
 from thaw.workflows.build_image import (
@@ -35,6 +35,8 @@ def fail_fast_on(*errors: type[BaseException]):
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
+            except StoreUnavailable:  # a remote tier is down: let Temporal retry with backoff
+                raise
             except errors as e:
                 raise ApplicationError(str(e).splitlines()[0] if str(e) else type(e).__name__,
                                        type="UserError", non_retryable=True) from None
@@ -125,7 +127,7 @@ class BuildActivities:
         t0 = time.monotonic()
         ing = inp.ingest
         manifest = ImageManifest.load(self.store, ing.manifest_digest)  # verified read: it is durable
-        missing = [d for d in manifest.chunk_digests() if not self.store.has_chunk(d)]
+        missing = [d for d in manifest.chunk_digests() if not self.store.has_chunk_durably(d)]
         if missing:
             raise StoreError(f"image {ing.manifest_digest}: {len(missing)} chunks missing from the store")
         row, created = images.register(self.cfg.registry_url, Image(

@@ -6,8 +6,17 @@ verified. Writes are atomic (temp file + rename), so a crash never leaves a part
 name. Builds write into a :class:`Staging` area first and :meth:`Staging.commit_chunks` moves the objects to their
 final names and syncs the filesystem once, so nothing is visible (or registered) half-done.
 
-Tiers are tried in order on reads (memory → disk → S3 in later issues); a corrupt copy in one tier is
-dropped and the next tier is asked; a hit in a later tier is copied into the earlier ones.
+Tiers are tried in order on reads: memory → local disk → S3 (see :meth:`ChunkStore.open`). A corrupt copy in
+one tier is dropped and the next tier is asked; a hit in a later tier is copied into the earlier ones. Nothing
+enters a tier unverified: ``put_chunk``/``put_manifest_bytes`` address data by the digest they compute,
+the heal path copies only verified bytes, and :meth:`Staging.commit_chunks` re-hashes each staged file before
+it uploads it or adopts it.
+
+Roles: the tiers before :attr:`ChunkStore.local` are caches filled by reads (memory); ``local`` is the
+disk; the tiers after it are remote (S3). The last tier is the durable one, the source of truth: without a
+remote tier that is the local directory (unbounded), with one it is S3 and the local directory becomes a
+bounded cache (``LocalDirTier(max_bytes=...)``). Writes go to the remote tiers first (the durable one
+first), then to ``local``, so with S3 configured a chunk is on the local disk only once S3 has it.
 """
 
 from __future__ import annotations
@@ -18,7 +27,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import zlib
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -42,6 +55,10 @@ class CorruptObject(StoreError):
     pass
 
 
+class StoreUnavailable(StoreError):
+    """A remote tier did not answer (timeouts, refused connections, 5xx): transient, worth a retry."""
+
+
 def digest_of(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
@@ -56,6 +73,9 @@ def _key(kind: str, digest: str) -> str:
 
 
 class Tier(Protocol):
+    """Bytes under keys. ``put``/``put_file`` return False when the key was already there. ``put_file``
+    moves the file into a :class:`LocalDirTier` and copies it into any other tier."""
+
     name: str
 
     def has(self, key: str) -> bool: ...
@@ -75,15 +95,39 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-class LocalDirTier:
-    """Objects as files under ``root/<kind>/<ab>/<digest>``."""
+def _touch_file(path: Path) -> None:
+    now = time.time_ns()  # finer than the kernel's coarse clock that os.utime(path) would use
+    os.utime(path, ns=(now, now))
 
-    def __init__(self, root: Path | str):
+
+class LocalDirTier:
+    """Objects as files under ``root/<kind>/<ab>/<digest>``.
+
+    Unbounded by default: then it is the store's source of truth. With ``max_bytes`` (only when a remote tier
+    holds everything) it is a cache: when chunks beyond ``max_bytes`` are stored, the least recently used
+    chunks are deleted. Recency is the file's mtime (set when an object is stored, touched on every read),
+    mirrored in an in-memory LRU index built lazily from one directory scan, so a restart and other processes
+    sharing the directory see the same order; each process enforces the bound on its index and rescans the
+    directory (at most every ``rescan_s``) before evicting, to count what other processes added. Manifests
+    are never evicted and do not count against the bound: they are small and every image a host runs needs
+    its manifest. Evicting a file another thread is reading is harmless (the reader has it open, or gets a
+    miss and asks the next tier). Thread-safe.
+    """
+
+    def __init__(self, root: Path | str, max_bytes: int | None = None, *, rescan_s: float = 30.0):
         self.root = Path(root)
-        self.name = f"local:{self.root}"
+        self.max_bytes = max_bytes
+        self.rescan_s = rescan_s
+        bound = f" (cache, {max_bytes >> 20} MiB)" if max_bytes is not None else ""
+        self.name = f"local:{self.root}{bound}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[str, int] | None = None  # chunk key -> size, least recently used first
+        self._lru_bytes = 0
+        self._scanned = 0.0
+        self.evicted = 0  # chunks evicted by this process
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -93,17 +137,23 @@ class LocalDirTier:
 
     def get(self, key: str) -> bytes | None:
         try:
-            return self.path(key).read_bytes()
+            data = self.path(key).read_bytes()
         except FileNotFoundError:
             return None
+        if self._bounded(key):
+            self._touch(key, len(data))
+        return data
 
     def put(self, key: str, data: bytes) -> bool:
         if self.has(key):
             return False
         fd, tmp = tempfile.mkstemp(dir=self.tmp)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return self.put_file(key, Path(tmp))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return self.put_file(key, Path(tmp))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def put_file(self, key: str, path: Path) -> bool:
         """Move ``path`` (on the same filesystem) to ``key`` atomically; False if it already existed."""
@@ -113,10 +163,23 @@ class LocalDirTier:
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
+        if self._bounded(key):
+            with self._lock:
+                try:
+                    _touch_file(dest)  # recency = stored now, not when the staged file was written
+                    size = dest.stat().st_size
+                except FileNotFoundError:  # pragma: no cover - evicted by another process already
+                    return True
+                self._index_add(key, size)
+                self._evict(keep=key)
         return True
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+        if self._bounded(key):
+            with self._lock:
+                if self._lru is not None and key in self._lru:
+                    self._lru_bytes -= self._lru.pop(key)
 
     def sync(self) -> None:
         _syncfs(self.root)
@@ -133,21 +196,106 @@ class LocalDirTier:
                     size += e.stat().st_size
         return count, size
 
+    # -- the bound (chunks only) ---------------------------------------------------------------
+    def _bounded(self, key: str) -> bool:
+        return self.max_bytes is not None and key.startswith(CHUNKS + "/")
+
+    def cached_bytes(self) -> int:
+        """Bytes of chunks the LRU index counts (what the bound applies to)."""
+        with self._lock:
+            self._index()
+            return self._lru_bytes
+
+    def _scan(self) -> None:
+        items = []
+        base = self.root / CHUNKS
+        if base.is_dir():
+            for sub in os.scandir(base):
+                if not sub.is_dir():
+                    continue
+                for e in os.scandir(sub.path):
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue
+                    items.append((st.st_mtime_ns, f"{CHUNKS}/{sub.name}/{e.name}", st.st_size))
+        items.sort()
+        self._lru = OrderedDict((k, n) for _, k, n in items)
+        self._lru_bytes = sum(n for _, _, n in items)
+        self._scanned = time.monotonic()
+
+    def _index(self) -> OrderedDict:
+        if self._lru is None:
+            self._scan()
+        return self._lru
+
+    def _index_add(self, key: str, size: int) -> None:
+        lru = self._index()
+        old = lru.pop(key, None)
+        if old is not None:
+            self._lru_bytes -= old
+        lru[key] = size
+        self._lru_bytes += size
+
+    def _touch(self, key: str, size: int) -> None:
+        with self._lock:
+            try:
+                _touch_file(self.path(key))
+            except FileNotFoundError:  # evicted meanwhile
+                return
+            lru = self._index()
+            if key in lru:
+                lru.move_to_end(key)
+            else:  # stored by another process since our scan
+                self._index_add(key, size)
+
+    def _evict(self, keep: str) -> None:
+        if self._lru_bytes <= self.max_bytes:
+            return
+        if time.monotonic() - self._scanned > self.rescan_s:
+            self._scan()  # pick up what other processes stored or evicted
+        lru = self._lru
+        while self._lru_bytes > self.max_bytes and len(lru) > 1:
+            key, size = lru.popitem(last=False)
+            if key == keep:  # the newest object stays even when it alone is over the bound
+                lru[key] = size
+                continue
+            self.path(key).unlink(missing_ok=True)
+            self._lru_bytes -= size
+            self.evicted += 1
+
 
 class ChunkStore:
-    def __init__(self, tiers: list[Tier], *, chunk_size: int = 4 << 20):
+    def __init__(self, tiers: list[Tier], *, chunk_size: int = 4 << 20, upload_workers: int = 8):
         if not tiers:
             raise ValueError("a store needs at least one tier")
         self.tiers = tiers
         self.chunk_size = chunk_size
+        self.upload_workers = upload_workers
+        i = next((i for i, t in enumerate(tiers) if isinstance(t, LocalDirTier)), None)
+        if i is None:
+            raise ValueError("a store needs a LocalDirTier (staging and the disk cache live there)")
+        self.local: LocalDirTier = tiers[i]
+        self.front: list[Tier] = tiers[:i]  # caches in front of the disk, filled by reads
+        self.remote: list[Tier] = tiers[i + 1:]  # behind the disk; the last one is the source of truth
+        self.durable: Tier = tiers[-1]
 
     @classmethod
     def open(cls, cfg) -> "ChunkStore":
-        return cls([LocalDirTier(cfg.store_dir)], chunk_size=cfg.chunk_size)
+        """The store ``cfg`` describes: [memory, local disk cache (bounded), S3] when ``s3_endpoint`` is
+        set, else the local directory alone (unbounded: it is the source of truth, and the kernel's page
+        cache already keeps its hot files in memory)."""
+        endpoint = getattr(cfg, "s3_endpoint", None)
+        if not endpoint:
+            return cls([LocalDirTier(cfg.store_dir)], chunk_size=cfg.chunk_size)
+        from .tiers import MemoryTier, S3Tier
 
-    @property
-    def local(self) -> LocalDirTier:
-        return next(t for t in self.tiers if isinstance(t, LocalDirTier))
+        tiers: list[Tier] = []
+        if cfg.memory_cache_bytes > 0:
+            tiers.append(MemoryTier(cfg.memory_cache_bytes))
+        tiers.append(LocalDirTier(cfg.store_dir, max_bytes=cfg.disk_cache_bytes))
+        tiers.append(S3Tier.from_config(cfg))
+        return cls(tiers, chunk_size=cfg.chunk_size, upload_workers=cfg.s3_upload_workers)
 
     # -- reads -------------------------------------------------------------------------------
     def _get_verified(self, kind: str, digest: str, decode=lambda b: b) -> bytes:
@@ -162,13 +310,16 @@ class ChunkStore:
                 data = decode(raw)
             except zlib.error:
                 data = None
-            if data is None or digest_of(data) != digest:
+            if data is None or (not getattr(tier, "trusted", False) and digest_of(data) != digest):
                 log.warning("corrupt %s in %s: dropped", key, tier.name)
                 tier.delete(key)
                 missed.append(tier)
                 continue
-            for t in missed:  # heal / fill faster tiers
-                t.put(key, raw)
+            for t in missed:  # heal / fill faster tiers, with verified bytes only
+                try:
+                    t.put(key, raw)
+                except (OSError, StoreError) as e:  # a full disk must not fail a good read
+                    log.warning("could not copy %s into %s: %s", key, t.name, e)
             return data
         if any(t.has(key) for t in self.tiers):  # pragma: no cover - race
             raise CorruptObject(f"{kind[:-1]} {digest} is corrupt")
@@ -181,6 +332,7 @@ class ChunkStore:
         return self._get_verified(MANIFESTS, digest, zlib.decompress)
 
     def has_chunk(self, digest: str) -> bool:
+        """In any tier (a local copy counts)."""
         key = _key(CHUNKS, digest)
         return any(t.has(key) for t in self.tiers)
 
@@ -188,23 +340,29 @@ class ChunkStore:
         key = _key(MANIFESTS, digest)
         return any(t.has(key) for t in self.tiers)
 
+    def has_chunk_durably(self, digest: str) -> bool:
+        """In the source-of-truth tier (S3 when configured): what a build may skip uploading."""
+        return self.durable.has(_key(CHUNKS, digest))
+
     # -- writes ------------------------------------------------------------------------------
+    def _put(self, key: str, data: bytes) -> bool:
+        """Remote tiers (durable first), then the local disk; True when new to the durable tier."""
+        new = False
+        for t in reversed(self.remote + [self.local]):
+            stored = t.put(key, data)
+            if t is self.durable:
+                new = stored
+        return new
+
     def put_chunk(self, data: bytes) -> tuple[str, bool]:
         if len(data) > self.chunk_size:
             raise StoreError(f"chunk of {len(data)} bytes exceeds {self.chunk_size}")
-        digest = digest_of(data)
-        new = False
-        for t in self.tiers:
-            new = t.put(_key(CHUNKS, digest), data) or new
-        return digest, new
+        digest = digest_of(data)  # the key is the digest of these very bytes: verified by construction
+        return digest, self._put(_key(CHUNKS, digest), data)
 
     def put_manifest_bytes(self, data: bytes) -> tuple[str, bool]:
         digest = digest_of(data)
-        packed = zlib.compress(data, 6)
-        new = False
-        for t in self.tiers:
-            new = t.put(_key(MANIFESTS, digest), packed) or new
-        return digest, new
+        return digest, self._put(_key(MANIFESTS, digest), zlib.compress(data, 6))
 
     def sync(self) -> None:
         for t in self.tiers:
@@ -232,6 +390,8 @@ class Staging:
         self.dir = store.local.root / "staging" / txn_id
         self.new_chunks = 0
         self.new_bytes = 0
+        self.uploaded_chunks = 0  # by the last commit_chunks, into the remote tiers
+        self.uploaded_bytes = 0
 
     def reset(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -242,12 +402,15 @@ class Staging:
         return self.dir.is_dir()
 
     def put_chunk(self, data: bytes | memoryview) -> str:
-        """Hash ``data``; stage it unless the store (or this staging area) already holds it."""
+        """Hash ``data``; stage it unless the store's durable tier (or this staging area) already holds it.
+
+        With S3 configured that is S3, so chunks only cached locally (say, built before S3 was configured)
+        are staged again and uploaded by :meth:`commit_chunks`."""
         if len(data) > self.store.chunk_size:
             raise StoreError(f"chunk of {len(data)} bytes exceeds {self.store.chunk_size}")
         digest = digest_of(data)
         staged = self.dir / digest
-        if staged.exists() or self.store.has_chunk(digest):
+        if staged.exists() or self.store.has_chunk_durably(digest):
             return digest
         # written straight under its digest: staging is private, reset by every (re)try before use, and
         # committed only after the whole ingest finished, so a torn write here is never committed
@@ -263,22 +426,49 @@ class Staging:
                 yield Path(e.path)
 
     def commit_chunks(self) -> tuple[int, int]:
-        """Move staged chunks to their final names (skipping ones already there) and sync.
+        """Make staged chunks durable: each staged file is re-hashed, uploaded to the remote tiers that
+        lack it (S3: HEAD, then a PUT; ``upload_workers`` in parallel), then moved to its final name in the
+        local tier; then the filesystem is synced once.
 
-        Returns (chunks, bytes) newly stored. Safe to repeat; :meth:`abort` removes what is left."""
+        Returns (chunks, bytes) newly stored in the local tier; ``uploaded_chunks``/``uploaded_bytes`` count
+        what went to the durable remote tier. Safe to repeat; :meth:`abort` removes what is left. A staged
+        file that no longer matches its digest raises :class:`CorruptObject` (nothing of it is stored)."""
         count = size = 0
-        if self.exists():
-            for p in self.staged():
-                n = p.stat().st_size
-                key = _key(CHUNKS, p.name)
-                # other tiers (S3) receive a copy before the local tier adopts the file
-                for t in self.store.tiers:
-                    if t is not self.store.local and not t.has(key):
-                        t.put(key, p.read_bytes())
-                if self.store.local.put_file(key, p):
+        up_count = up_size = 0
+        lock = threading.Lock()
+
+        def one(p: Path) -> None:
+            nonlocal count, size, up_count, up_size
+            data = p.read_bytes()
+            if digest_of(data) != p.name:  # left in place: every retry fails the same way, abort() removes it
+                raise CorruptObject(f"staged chunk {p.name} in {self.dir} is corrupt (disk error?); "
+                                    f"build the image again")
+            key = _key(CHUNKS, p.name)
+            uploaded = False
+            for t in reversed(self.store.remote):  # the durable tier first
+                if t.put(key, data) and t is self.store.durable:
+                    uploaded = True
+            moved = self.store.local.put_file(key, p)
+            with lock:
+                if uploaded:
+                    up_count += 1
+                    up_size += len(data)
+                if moved:
                     count += 1
-                    size += n
+                    size += len(data)
+
+        if self.exists():
+            staged = list(self.staged())
+            if self.store.remote and len(staged) > 1 and self.store.upload_workers > 1:
+                with ThreadPoolExecutor(min(self.store.upload_workers, len(staged)),
+                                        thread_name_prefix="upload") as pool:
+                    for f in [pool.submit(one, p) for p in staged]:
+                        f.result()
+            else:
+                for p in staged:
+                    one(p)
             self.store.sync()
+        self.uploaded_chunks, self.uploaded_bytes = up_count, up_size
         return count, size
 
     def abort(self) -> None:

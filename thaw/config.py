@@ -52,6 +52,20 @@ class Config(BaseSettings):
 
     # Content-addressed store
     chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)
+    # Store tiers (memory → local disk → S3). Without s3_endpoint the local store directory is the source
+    # of truth (unbounded, no memory tier); with it S3 is, and the local directory becomes a cache.
+    memory_cache_bytes: int = Field(default=256 * MiB, ge=0)  # per process; 0 = no memory tier
+    disk_cache_bytes: int = Field(default=20 * GiB, gt=0)  # bound of the local chunk cache (with S3 only)
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333; None = no S3 tier
+    s3_bucket: str = "thaw"
+    s3_access_key: str | None = None  # None (both) → boto3's default credential chain
+    s3_secret_key: str | None = Field(default=None, repr=False)
+    s3_region: str = "us-east-1"
+    s3_prefix: str = ""
+    s3_timeout_s: float = Field(default=5.0, gt=0)  # connect and read timeout of each S3 request
+    s3_max_attempts: int = Field(default=3, ge=1)  # per S3 call, first try included (backoff between)
+    s3_multipart_threshold: int = Field(default=8 * MiB, ge=5 * MiB)  # objects this big go multipart
+    s3_upload_workers: int = Field(default=8, ge=1)  # parallel chunk uploads when a build commits
 
     # Ingest limits: anything past these is rejected as hostile or absurd.
     max_file_size: int = 64 * GiB

@@ -1,0 +1,87 @@
+"""Prefetch the chunks a recorded start read, in the order it read them.
+
+The profile is an access recording written by the image filesystem (``--record``):
+``{"image": digest, "reads": [[path, chunk_index, chunk_digest, t_ms], ...]}``. Fetching goes through
+``store.get_chunk``, which copies a chunk found in a slower tier (S3) into the faster ones (disk, memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefetchStats:
+    chunks: int = 0
+    bytes: int = 0
+    ms: float = 0.0
+    errors: int = 0
+
+
+def load_profile(path) -> list[str]:
+    """Chunk digests of a recording, in first-read order, each once."""
+    with open(path) as f:
+        reads = json.load(f)["reads"]
+    return list(dict.fromkeys(r[2] for r in reads))
+
+
+def prefetch(store, digests, concurrency: int = 8, stop: threading.Event | None = None,
+             stats: PrefetchStats | None = None) -> PrefetchStats:
+    """Fetch ``digests`` with ``concurrency`` threads (roughly in order); failures are counted, not raised."""
+    stats = stats if stats is not None else PrefetchStats()
+    lock = threading.Lock()
+    t0 = time.monotonic()
+
+    def one(digest: str) -> None:
+        if stop is not None and stop.is_set():
+            return
+        try:
+            n = len(store.get_chunk(digest))
+        except Exception as err:  # a missing chunk is the reader's problem, not the prefetcher's
+            log.warning("prefetch of chunk %s failed: %s", digest, err)
+            with lock:
+                stats.errors += 1
+            return
+        with lock:
+            stats.chunks += 1
+            stats.bytes += n
+
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="prefetch") as pool:
+        list(pool.map(one, digests))
+    stats.ms = round((time.monotonic() - t0) * 1000, 1)
+    log.info("prefetched %d chunks (%d bytes) in %.0f ms, %d failed", stats.chunks, stats.bytes, stats.ms,
+             stats.errors)
+    return stats
+
+
+class PrefetchHandle:
+    def __init__(self, store, digests, concurrency: int):
+        self.stats = PrefetchStats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=prefetch, args=(store, list(digests), concurrency, self._stop,
+                                                               self.stats), name="prefetch", daemon=True)
+        self._thread.start()
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> PrefetchStats:
+        self._thread.join(timeout)
+        return self.stats
+
+    def cancel(self) -> None:
+        """Skip the chunks not started yet."""
+        self._stop.set()
+
+
+def start_prefetch(store, digests, concurrency: int = 8) -> PrefetchHandle:
+    """:func:`prefetch` on a background thread; ``.wait()`` returns the stats."""
+    return PrefetchHandle(store, digests, concurrency)

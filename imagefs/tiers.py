@@ -1,0 +1,384 @@
+"""Tiers of the chunk store besides the local directory: a bounded in-memory LRU and S3.
+
+A tier stores opaque bytes under keys like ``chunks/ab/<blake3hex>``; it does not hash anything itself.
+:class:`~thaw.imagefs.store.ChunkStore` verifies every object (blake3) before it puts it into a tier and
+after it reads it from one, so a tier only has to keep bytes and say when it has none.
+
+- :class:`MemoryTier` — thread-safe LRU bounded by bytes; filled by reads (never by builds). Objects in it
+  were verified on the way in and live in this process's memory only, so reads from it are not re-hashed
+  (``trusted``).
+- :class:`S3Tier` — boto3 against any S3 endpoint (AWS, SeaweedFS, MinIO): HEAD for ``has``, whole-object
+  or ranged GET, single PUT below ``multipart_threshold`` and a multipart upload (boto3's transfer manager)
+  above it, bounded retries with backoff (botocore "standard" mode) and connect/read timeouts, so a dead or
+  frozen server is a :class:`StoreError` after at most about ``max_attempts × timeout_s`` plus backoff,
+  never a hang. The bucket is created on first use when missing. Every failure is a one-line
+  :class:`StoreError` naming the endpoint and bucket.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from .store import StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+class MemoryTier:
+    """Objects in process memory, least recently used evicted beyond ``max_bytes``."""
+
+    trusted = True  # holds only bytes verified on the way in; reads skip re-hashing
+
+    def __init__(self, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError("a memory tier needs max_bytes > 0")
+        self.max_bytes = max_bytes
+        self.name = f"memory:{max_bytes >> 20}MiB"
+        self._objects: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def has(self, key: str) -> bool:
+        with self._lock:
+            return key in self._objects
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            data = self._objects.get(key)
+            if data is not None:
+                self._objects.move_to_end(key)
+            return data
+
+    def put(self, key: str, data: bytes | memoryview) -> bool:
+        n = len(data)
+        if n > self.max_bytes:
+            return False  # would evict everything else and still not fit
+        data = bytes(data)
+        with self._lock:
+            if key in self._objects:
+                self._objects.move_to_end(key)
+                return False
+            self._objects[key] = data
+            self._bytes += n
+            while self._bytes > self.max_bytes:
+                _, old = self._objects.popitem(last=False)
+                self._bytes -= len(old)
+            return True
+
+    def put_file(self, key: str, path: Path) -> bool:
+        """Copy ``path``'s content in (the file stays where it is)."""
+        return self.put(key, Path(path).read_bytes())
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            data = self._objects.pop(key, None)
+            if data is not None:
+                self._bytes -= len(data)
+
+    def usage(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._objects), self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._objects.clear()
+            self._bytes = 0
+
+
+_DENIED = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
+           "Forbidden", "403", "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+_NO_BUCKET = {"404", "NoSuchBucket", "NotFound"}
+
+
+class S3Tier:
+    """Objects in an S3 bucket under ``prefix``.
+
+    ``access_key``/``secret_key`` None → boto3's default credential chain (env, ~/.aws, instance role).
+    ``put_file`` uploads a copy; the file stays where it is.
+    """
+
+    trusted = False
+
+    def __init__(self, bucket: str, endpoint_url: str | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, region: str = "us-east-1", prefix: str = "", *,
+                 timeout_s: float = 5.0, max_attempts: int = 3, multipart_threshold: int = 8 * MiB,
+                 multipart_chunksize: int = 8 * MiB, max_concurrency: int = 8, create_bucket: bool = True,
+                 known_limit: int = 1_000_000):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config as BotoConfig
+
+        if not bucket:
+            raise StoreError("S3 tier needs a bucket name (s3_bucket)")
+        self.bucket = bucket
+        self.endpoint_url = endpoint_url or None
+        self.region = region or "us-east-1"
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.multipart_threshold = multipart_threshold
+        self.create_bucket = create_bucket
+        self.name = f"s3:{self.endpoint_url or 'aws'}/{bucket}/{self.prefix}"
+        extra = {}
+        if self.endpoint_url:
+            extra["s3"] = {"addressing_style": "path"}  # S3-compatible servers rarely do virtual hosts
+        try:  # botocore >= 1.36 adds CRC trailers by default; not every S3-compatible server takes them
+            BotoConfig(request_checksum_calculation="when_required")
+            extra.update(request_checksum_calculation="when_required",
+                         response_checksum_validation="when_required")
+        except TypeError:  # pragma: no cover - older botocore
+            pass
+        config = BotoConfig(
+            region_name=self.region, connect_timeout=timeout_s, read_timeout=timeout_s,
+            retries={"mode": "standard", "total_max_attempts": max_attempts},  # first try included
+            max_pool_connections=max(10, 2 * max_concurrency), **extra)
+        session = boto3.session.Session(aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                                        region_name=self.region)
+        self.client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
+                                       multipart_chunksize=multipart_chunksize, max_concurrency=max_concurrency)
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        # keys this process has seen in the bucket (objects are immutable and content-addressed): spares
+        # repeated HEADs when builds re-check chunks they uploaded or found earlier
+        self._known: set[str] = set()
+        self._known_limit = known_limit
+        self.stats = {"heads": 0, "gets": 0, "puts": 0, "put_bytes": 0, "multipart_puts": 0}
+        self._stats_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, cfg) -> "S3Tier":
+        return cls(cfg.s3_bucket, cfg.s3_endpoint, cfg.s3_access_key, cfg.s3_secret_key, cfg.s3_region,
+                   cfg.s3_prefix, timeout_s=cfg.s3_timeout_s, max_attempts=cfg.s3_max_attempts,
+                   multipart_threshold=cfg.s3_multipart_threshold, max_concurrency=cfg.s3_upload_workers)
+
+    # -- errors ---------------------------------------------------------------------------------
+    def _error(self, op: str, key: str | None, e: BaseException) -> StoreError:
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError, NoCredentialsError
+
+        chain, c = [], e  # S3UploadFailedError (multipart) wraps the botocore error that caused it
+        while c is not None and len(chain) < 10:
+            chain.append(c)
+            c = c.__cause__ or c.__context__
+        network = (HTTPClientError, BotoConnectionError, IncompleteReadError)  # timeouts, refusals, resets
+        cause = next((c for c in chain if isinstance(c, (ClientError, NoCredentialsError) + network)), e)
+        where = f"S3 {self.endpoint_url or 'aws'} bucket {self.bucket!r}"
+        what = f"{op} {self.prefix}{key}" if key else op
+        kind = StoreError
+        if isinstance(cause, ClientError):
+            err = cause.response.get("Error", {})
+            code = str(err.get("Code", "?"))
+            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _DENIED or status == 403:
+                msg = (f"{where}: access denied on {what} ({code}); check s3_access_key/s3_secret_key "
+                       f"(THAW_S3_ACCESS_KEY/THAW_S3_SECRET_KEY)")
+            else:
+                msg = f"{where}: {what} failed: {code} {err.get('Message', '')}".rstrip()
+                if isinstance(status, int) and status >= 500 or code in ("SlowDown", "ServiceUnavailable"):
+                    kind = StoreUnavailable
+        elif isinstance(cause, NoCredentialsError):
+            msg = f"{where}: no S3 credentials; set s3_access_key/s3_secret_key or configure boto3's credentials"
+        elif isinstance(cause, network):
+            msg = (f"{where}: {what}: no answer after {self.max_attempts} attempts ({self.timeout_s:g} s timeout "
+                   f"each): {cause}; is the S3 server up and reachable?")
+            kind = StoreUnavailable
+        else:
+            msg = f"{where}: {what} failed: {type(e).__name__}: {e}"
+        return kind(" ".join(msg.split()))
+
+    def _call(self, op: str, key: str | None, fn, *args, **kwargs):
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError, Boto3Error) as e:
+            raise self._error(op, key, e) from None
+
+    @staticmethod
+    def _code(e) -> str:
+        return str(e.response.get("Error", {}).get("Code", ""))
+
+    # -- bucket ---------------------------------------------------------------------------------
+    def ensure_bucket(self) -> None:
+        """Check the bucket (and the credentials) once; create it when missing (``create_bucket``)."""
+        if self._ready:
+            return
+        with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                self._call("head bucket", None, self._head_bucket)
+            except _NoBucket:
+                if not self.create_bucket:
+                    raise StoreError(f"S3 {self.endpoint_url or 'aws'}: bucket {self.bucket!r} does not exist "
+                                     f"(create it or let thaw create it)") from None
+                kwargs = {}
+                if self.region != "us-east-1":
+                    kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+                try:
+                    self._call("create bucket", None, self._create_bucket, **kwargs)
+                except _Exists:
+                    pass
+                log.info("created S3 bucket %s at %s", self.bucket, self.endpoint_url or "aws")
+            self._ready = True
+
+    def _head_bucket(self):
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if self._code(e) in _NO_BUCKET:
+                raise _NoBucket() from None
+            raise
+
+    def _create_bucket(self, **kwargs):
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.create_bucket(Bucket=self.bucket, **kwargs)
+        except ClientError as e:
+            if self._code(e) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise _Exists() from None
+            raise
+
+    # -- the tier -------------------------------------------------------------------------------
+    def _count(self, **n: int) -> None:
+        with self._stats_lock:
+            for k, v in n.items():
+                self.stats[k] += v
+
+    def _remember(self, key: str) -> None:
+        if len(self._known) >= self._known_limit:
+            self._known.clear()
+        self._known.add(key)
+
+    def has(self, key: str) -> bool:
+        if key in self._known:
+            return True
+        self.ensure_bucket()
+        from botocore.exceptions import ClientError
+
+        def head():
+            self._count(heads=1)
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+                return True
+            except ClientError as e:
+                if self._code(e) in _MISSING:
+                    return False
+                raise
+
+        found = self._call("HEAD", key, head)
+        if found:
+            self._remember(key)
+        return found
+
+    def get(self, key: str) -> bytes | None:
+        return self._get(key, None)
+
+    def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` of the object (a ranged GET); None when the object is missing.
+
+        Unverified: the caller checks what it reads (whole chunks go through :meth:`get`)."""
+        if not 0 <= start < end:
+            raise ValueError(f"bad range [{start}, {end})")
+        return self._get(key, f"bytes={start}-{end - 1}")
+
+    def _get(self, key: str, rng: str | None) -> bytes | None:
+        self.ensure_bucket()
+        from botocore.exceptions import ClientError
+
+        def fetch():
+            self._count(gets=1)
+            try:
+                kw = {"Range": rng} if rng else {}
+                resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key, **kw)
+            except ClientError as e:
+                if self._code(e) in _MISSING:
+                    return None
+                raise
+            with resp["Body"] as body:
+                return body.read()
+
+        data = self._call("GET", key, fetch)
+        if data is not None:
+            self._remember(key)
+        return data
+
+    def put(self, key: str, data: bytes | memoryview) -> bool:
+        """Upload unless the bucket already holds ``key``; True when uploaded."""
+        if self.has(key):
+            return False
+        self._upload(key, io.BytesIO(data), len(data))
+        return True
+
+    def put_file(self, key: str, path: Path) -> bool:
+        if self.has(key):
+            return False
+        with open(path, "rb") as f:
+            self._upload(key, f, os.fstat(f.fileno()).st_size)
+        return True
+
+    def _upload(self, key: str, f, size: int) -> None:
+        def up():
+            if size >= self.multipart_threshold:
+                self._count(multipart_puts=1)
+                self.client.upload_fileobj(f, self.bucket, self.prefix + key, Config=self.transfer)
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=f.read())
+            self._count(puts=1, put_bytes=size)
+
+        self._call("PUT", key, up)
+        self._remember(key)
+
+    def delete(self, key: str) -> None:
+        self.ensure_bucket()
+        self._known.discard(key)
+        self._call("DELETE", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+
+    def keys(self, under: str = "") -> list[str]:
+        """Keys (without the tier's prefix) that start with ``under``."""
+        self.ensure_bucket()
+
+        def listing():
+            out = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self.prefix + under)
+            for page in pages:
+                out += [(o["Key"][len(self.prefix):], o["Size"]) for o in page.get("Contents", ())]
+            return out
+
+        return [k for k, _ in self._call("LIST", under or None, listing)]
+
+    def usage(self) -> tuple[int, int]:
+        self.ensure_bucket()
+
+        def listing():
+            count = size = 0
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                              Prefix=self.prefix):
+                for o in page.get("Contents", ()):
+                    count += 1
+                    size += o["Size"]
+            return count, size
+
+        return self._call("LIST", None, listing)
+
+
+class _NoBucket(Exception):
+    pass
+
+
+class _Exists(Exception):
+    pass

@@ -1,0 +1,283 @@
+"""Store tiers: memory LRU, bounded disk cache, S3 against a real SeaweedFS (signatures checked), builds that
+upload only what S3 lacks, a fresh host reading an image back, healing from S3, S3 frozen → bounded error."""
+
+from __future__ import annotations
+
+import logging
+import random
+import subprocess
+import threading
+import time
+import zlib
+
+import pytest
+
+from s3server import new_bucket, s3server, s3server_own  # noqa: F401  (pytest fixtures)
+from test_ingest import make_fancy_tree, snapshot_stats
+from thaw.config import Config
+from thaw.imagefs.ingest import Limits, ingest_and_commit
+from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.materialize import materialize
+from thaw.imagefs.oci import SourceSpec
+from thaw.imagefs.store import ChunkStore, CorruptObject, LocalDirTier, StoreError, StoreUnavailable, digest_of
+from thaw.imagefs.tiers import MemoryTier, S3Tier
+
+LIMITS = Limits(max_file_size=1 << 30, max_image_size=1 << 32, max_entries=10_000)
+MiB = 1 << 20
+
+
+def ckey(digest: str) -> str:
+    return f"chunks/{digest[:2]}/{digest}"
+
+
+def blob(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+def test_memory_tier_is_a_bounded_lru():
+    m = MemoryTier(1000)
+    for k in "abc":
+        assert m.put(k, b"x" * 300)
+    assert not m.put("a", b"x" * 300)  # already there
+    assert m.get("a") == b"x" * 300  # a is now the most recently used
+    assert m.put("d", b"y" * 300)  # over 1000 → b (least recently used) goes
+    assert not m.has("b") and m.has("a") and m.has("c") and m.has("d")
+    assert m.usage() == (3, 900)
+    assert not m.put("huge", b"z" * 1001) and m.usage() == (3, 900)  # never fits, evicts nothing
+    m.delete("a")
+    assert m.get("a") is None and m.usage() == (2, 600)
+
+
+def test_memory_tier_stays_bounded_under_threads():
+    m = MemoryTier(64 * 1024)
+
+    def work(seed):
+        rnd = random.Random(seed)
+        for _ in range(2000):
+            k = f"k{rnd.randrange(200)}"
+            if rnd.random() < 0.5:
+                m.put(k, bytes(rnd.randrange(1, 2048)))
+            else:
+                m.get(k)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    count, size = m.usage()
+    assert size <= 64 * 1024 and size == sum(len(v) for v in m._objects.values()) and count == len(m._objects)
+
+
+# -- disk cache -------------------------------------------------------------------------------------
+def test_disk_cache_is_bounded_and_evicts_least_recently_used(tmp_path):
+    tier = LocalDirTier(tmp_path / "cache", max_bytes=3000)
+    data = {i: blob(1000, i) for i in range(6)}
+    keys = {i: ckey(digest_of(d)) for i, d in data.items()}
+    for i in (0, 1, 2):
+        assert tier.put(keys[i], data[i])
+    assert tier.get(keys[0]) == data[0]  # 0 recently used: 1 is now the oldest
+    tier.put("manifests/aa/" + "a" * 64, b"m" * 5000)  # manifests: never evicted, not counted
+    assert tier.put(keys[3], data[3])
+    assert not tier.has(keys[1]) and all(tier.has(keys[i]) for i in (0, 2, 3))
+    assert tier.cached_bytes() == 3000 and tier.evicted == 1
+    assert tier.has("manifests/aa/" + "a" * 64)
+
+    # a restarted process (or another one) rebuilds the order from mtimes: 2 is the oldest now
+    again = LocalDirTier(tmp_path / "cache", max_bytes=3000)
+    assert again.get(keys[0]) == data[0]
+    assert again.put(keys[4], data[4])
+    assert not again.has(keys[2]) and all(again.has(keys[i]) for i in (0, 3, 4))
+    assert again.cached_bytes() == 3000
+
+    # one object over the bound on its own stays (the newest is never evicted), the rest goes
+    big = blob(4000, 99)
+    assert again.put(ckey(digest_of(big)), big)
+    assert again.has(ckey(digest_of(big))) and again.cached_bytes() == 4000
+    assert again.usage() == (2, 4000 + 5000)
+
+
+def test_disk_cache_stays_bounded_under_threads(tmp_path):
+    tier = LocalDirTier(tmp_path / "cache", max_bytes=50_000)
+    blobs = [blob(1000 + i, i) for i in range(150)]
+
+    def work(seed):
+        rnd = random.Random(seed)
+        for _ in range(300):
+            d = rnd.choice(blobs)
+            k = ckey(digest_of(d))
+            got = tier.get(k)
+            assert got is None or got == d
+            if got is None:
+                tier.put(k, d)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file())
+    assert on_disk <= 50_000 + 1200 and tier.cached_bytes() == on_disk
+    assert not any((tmp_path / "cache" / "tmp").iterdir())
+
+
+def test_open_builds_the_tiers_the_config_names(tmp_path):
+    local_only = ChunkStore.open(Config(state_dir=tmp_path / "a", disk_cache_bytes=1000))
+    assert [type(t) for t in local_only.tiers] == [LocalDirTier]
+    assert local_only.local.max_bytes is None  # the source of truth is never evicted
+    assert local_only.durable is local_only.local
+    s3 = ChunkStore.open(Config(state_dir=tmp_path / "b", s3_endpoint="http://127.0.0.1:9", disk_cache_bytes=1000,
+                                memory_cache_bytes=MiB))
+    assert [type(t) for t in s3.tiers] == [MemoryTier, LocalDirTier, S3Tier]
+    assert s3.local is s3.tiers[1] and s3.local.max_bytes == 1000 and s3.durable is s3.tiers[2]
+    assert s3.tiers[0].max_bytes == MiB and s3.local.path("chunks/ab/x") == tmp_path / "b/store/chunks/ab/x"
+
+
+def test_a_corrupt_staged_chunk_is_never_committed(tmp_path):
+    store = ChunkStore([LocalDirTier(tmp_path / "store")])
+    st = store.staging("t")
+    st.reset()
+    d = st.put_chunk(b"good bytes" * 100)
+    (st.dir / d).write_bytes(b"bad bytes!" * 100)
+    with pytest.raises(CorruptObject, match=d):
+        st.commit_chunks()
+    assert not store.has_chunk(d)
+
+
+# -- S3 ---------------------------------------------------------------------------------------------
+def s3tier(server, bucket=None, **kw) -> S3Tier:
+    return S3Tier(bucket or new_bucket(), server.endpoint, server.access_key, kw.pop("secret_key", server.secret_key),
+                  server.region, timeout_s=kw.pop("timeout_s", 3.0), max_attempts=kw.pop("max_attempts", 2), **kw)
+
+
+def test_s3_round_trip_ranged_reads_and_multipart(s3server, tmp_path):
+    tier = s3tier(s3server, prefix="some/prefix", multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    data = blob(3 * MiB, 1)
+    k = ckey(digest_of(data))
+    assert not tier.has(k) and tier.get(k) is None  # the bucket was created on first use
+    assert tier.put(k, data) and not tier.put(k, data)
+    assert tier.has(k) and tier.get(k) == data
+    assert tier.get_range(k, 1000, 1010) == data[1000:1010]
+    big = blob(11 * MiB, 2)  # over the threshold: a multipart upload (3 parts)
+    path = tmp_path / "big"
+    path.write_bytes(big)
+    assert tier.put_file("blobs/big", path) and path.exists()  # uploaded a copy
+    assert tier.stats["multipart_puts"] == 1 and tier.get("blobs/big") == big
+    raw = s3server.client().get_object(Bucket=tier.bucket, Key=f"some/prefix/{k}")["Body"].read()
+    assert raw == data  # keys live under the prefix
+    assert sorted(tier.keys()) == sorted([k, "blobs/big"]) and tier.usage() == (2, len(data) + len(big))
+    tier.delete(k)
+    assert not tier.has(k)
+
+
+@pytest.mark.parametrize("which", ["secret", "access"])
+def test_wrong_credentials_are_a_one_line_error(s3server, which):
+    s3server.client().create_bucket(Bucket=(bucket := new_bucket()))
+    if which == "secret":
+        tier = s3tier(s3server, bucket, secret_key="not-the-secret")
+    else:
+        tier = S3Tier(bucket, s3server.endpoint, "nobody", s3server.secret_key, timeout_s=3, max_attempts=2)
+    for op in (lambda: tier.has(ckey("0" * 64)), lambda: tier.get(ckey("0" * 64))):
+        with pytest.raises(StoreError) as err:
+            op()
+        msg = str(err.value)
+        assert "\n" not in msg and s3server.endpoint in msg and bucket in msg and "access denied" in msg, msg
+        assert "s3_secret_key" in msg
+
+
+def s3cfg(tmp_path, server, host: str, bucket: str, **kw) -> Config:
+    return Config(state_dir=tmp_path / host, chunk_size=MiB, **server.settings(bucket, s3_timeout_s=3.0,
+                                                                                s3_max_attempts=2), **kw)
+
+
+def make_source(root):
+    src = make_fancy_tree(root)
+    (src / "weights").mkdir()
+    for i in range(4):
+        (src / "weights" / f"shard{i}.bin").write_bytes(blob(2 * MiB + 7 * i, 100 + i))
+    return src
+
+
+def test_build_uploads_what_s3_lacks_and_a_fresh_host_reads_it_back(s3server, tmp_path):
+    bucket = new_bucket()
+    src = make_source(tmp_path / "src")
+    spec = SourceSpec("dir", str(src))
+
+    # host 1 builds: every chunk and the manifest go to S3 (uploaded before the local tier adopts them)
+    store = ChunkStore.open(s3cfg(tmp_path, s3server, "host1", bucket))
+    manifest, new_chunks, new_bytes = ingest_and_commit(spec, store, "build-1", LIMITS)
+    digests = manifest.chunk_digests()
+    assert new_chunks == len(digests) > 8
+    s3 = store.durable
+    in_bucket = set(s3.keys())
+    assert in_bucket == {ckey(d) for d in digests} | {f"manifests/{manifest.digest[:2]}/{manifest.digest}"}
+    assert s3.stats["puts"] == len(digests) + 1 and s3.stats["put_bytes"] > new_bytes
+    raw = s3server.client().get_object(Bucket=bucket, Key=f"manifests/{manifest.digest[:2]}/{manifest.digest}")
+    assert digest_of(zlib.decompress(raw["Body"].read())) == manifest.digest
+
+    # a second build (a new process: nothing remembered) uploads nothing and stages nothing
+    again = ChunkStore.open(s3cfg(tmp_path, s3server, "host1", bucket))
+    m2, new2, bytes2 = ingest_and_commit(spec, again, "build-2", LIMITS)
+    assert (m2.digest, new2, bytes2) == (manifest.digest, 0, 0)
+    assert again.durable.stats["puts"] == 0 and set(again.durable.keys()) == in_bucket
+
+    # a fresh host with the same S3 and a disk cache smaller than the image reads the image back, verified
+    host2 = ChunkStore.open(s3cfg(tmp_path, s3server, "host2", bucket, disk_cache_bytes=3 * MiB,
+                                  memory_cache_bytes=2 * MiB))
+    out = materialize(ImageManifest.load(host2, manifest.digest), host2, tmp_path / "out")
+    diff = subprocess.run(["diff", "-r", "--no-dereference", src, out], capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout
+    assert snapshot_stats(src) == snapshot_stats(out)
+    assert host2.durable.stats["gets"] >= len(digests) and host2.durable.stats["puts"] == 0
+    assert host2.local.evicted > 0 and host2.local.cached_bytes() <= 3 * MiB  # the bound held
+    assert host2.tiers[0].usage()[1] <= 2 * MiB
+    assert host2.local.has(f"manifests/{manifest.digest[:2]}/{manifest.digest}")
+
+    # chunks only in a host's local store (say, built before S3 was configured) are uploaded by the next build
+    lost = sorted(digests)[0]
+    store.durable.delete(ckey(lost))
+    assert store.local.has(ckey(lost))
+    third = ChunkStore.open(s3cfg(tmp_path, s3server, "host1", bucket))
+    ingest_and_commit(spec, third, "build-3", LIMITS)
+    assert third.durable.stats["puts"] == 1 and third.durable.has(ckey(lost))
+
+
+def test_a_corrupt_disk_cache_chunk_is_dropped_and_fetched_from_s3(s3server, tmp_path, caplog):
+    bucket = new_bucket()
+    data = blob(MiB, 7)
+    writer = ChunkStore.open(s3cfg(tmp_path, s3server, "writer", bucket))
+    d, new = writer.put_chunk(data)
+    assert new and writer.durable.has(ckey(d)) and writer.local.has(ckey(d))
+    assert not writer.tiers[0].has(ckey(d))  # builds do not fill the memory tier
+
+    reader_cfg = s3cfg(tmp_path, s3server, "reader", bucket)
+    reader = ChunkStore.open(reader_cfg)
+    assert reader.get_chunk(d) == data  # from S3; the disk cache and memory now hold it
+    path = reader.local.path(ckey(d))
+    assert path.read_bytes() == data and reader.tiers[0].has(ckey(d))
+    path.write_bytes(b"\0" * 100 + data[100:])  # bit rot in the disk cache
+
+    restarted = ChunkStore.open(reader_cfg)  # a new process: memory is empty, the disk copy is bad
+    with caplog.at_level(logging.WARNING, logger="thaw.imagefs.store"):
+        assert restarted.get_chunk(d) == data
+    assert "corrupt" in caplog.text and "local:" in caplog.text
+    assert path.read_bytes() == data  # healed with the verified copy
+    assert restarted.durable.stats["gets"] == 1
+
+
+def test_s3_down_is_a_bounded_error_and_reads_recover(s3server_own, tmp_path):
+    bucket = new_bucket()
+    cfg = Config(state_dir=tmp_path / "w", chunk_size=MiB, **s3server_own.settings(
+        bucket, s3_timeout_s=1.5, s3_max_attempts=2))
+    data = blob(MiB, 8)
+    d, _ = ChunkStore.open(cfg).put_chunk(data)
+    reader = ChunkStore.open(Config(state_dir=tmp_path / "r", chunk_size=MiB, **s3server_own.settings(
+        bucket, s3_timeout_s=1.5, s3_max_attempts=2)))
+    reader.durable.ensure_bucket()
+    with s3server_own.paused():
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as err:  # a StoreError callers may retry
+            reader.get_chunk(d)
+        took = time.monotonic() - t0
+    print(f"S3 frozen: StoreError after {took:.1f} s: {err.value}")
+    assert took < 15, took
+    msg = str(err.value)
+    assert "\n" not in msg and s3server_own.endpoint in msg and "no answer" in msg, msg
+    assert reader.get_chunk(d) == data  # the server is back: the same store works again
