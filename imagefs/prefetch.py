@@ -23,6 +23,7 @@ class PrefetchStats:
     bytes: int = 0
     ms: float = 0.0
     errors: int = 0
+    first_error: str = ""  # the first failure, one line
 
 
 def load_profile(path) -> list[str]:
@@ -48,6 +49,7 @@ def prefetch(store, digests, concurrency: int = 8, stop: threading.Event | None 
             log.warning("prefetch of chunk %s failed: %s", digest, err)
             with lock:
                 stats.errors += 1
+                stats.first_error = stats.first_error or f"chunk {digest[:12]}: {err}".splitlines()[0]
             return
         with lock:
             stats.chunks += 1

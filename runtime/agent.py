@@ -63,3 +63,4 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
                     background=lambda: heartbeat(cfg, acts))
     finally:
         acts.stop_all()
+        host.close()

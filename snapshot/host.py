@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import shutil
 import time
 import uuid
@@ -20,13 +21,17 @@ from pathlib import Path
 from typing import Callable
 
 from thaw.config import Config
+from thaw.imagefs import mount as imagefs_mount
+from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize_cached
+from thaw.imagefs.prefetch import load_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
 from . import _linux, compat, criu
 from .forward import Forwarder
 
 RECORD = "replica.json"
+PROFILE = "thaw-access.json"  # the image chunks the model read while starting, stored with its snapshot
 RESULT = "result.json"
 
 
@@ -140,15 +145,47 @@ class HostSnapshots:
         self.cfg = cfg
         self.store = store or ChunkStore.open(cfg)
         self.facts = compat.host_facts()
+        self.mounts: dict[Path, imagefs_mount.MountHandle] = {}
+        self.mount_lock = threading.Lock()
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
 
     # -- inputs -------------------------------------------------------------------------------------
+    def _tree(self, kind: str, digest: str) -> Path:
+        """An image or snapshot tree on this host: a lazy FUSE mount shared by every replica (chunks are
+        fetched on first read), or with ``lazy_mounts`` off a copy materialized once."""
+        if not self.cfg.lazy_mounts:
+            return materialize_cached(self.store, digest, self.cfg.work_dir / kind)
+        mp = self.cfg.work_dir / "mnt" / kind / digest
+        with self.mount_lock:
+            h = self.mounts.get(mp)
+            if h is None or not h.alive():
+                # a daemon left by an earlier agent keeps serving (it is idle and correct); else a new one
+                self.mounts[mp] = imagefs_mount.attach(self.cfg, mp) or imagefs_mount.mount(self.cfg, digest, mp)
+        return mp
+
     def image_root(self, image_digest: str) -> Path:
-        return materialize_cached(self.store, image_digest, self.cfg.work_dir / "images")
+        return self._tree("images", image_digest)
 
     def snapshot_files(self, digest: str) -> Path:
-        return materialize_cached(self.store, digest, self.cfg.work_dir / "snapshots")
+        return self._tree("snapshots", digest)
+
+    def close(self) -> None:
+        """Unmount this host's image and snapshot mounts (stop the replicas on them first)."""
+        with self.mount_lock:
+            handles, self.mounts = list(self.mounts.values()), {}
+        for h in handles:
+            with contextlib.suppress(imagefs_mount.MountError, OSError):
+                h.unmount()
+
+    def _prefetch(self, snap: dict, files: Path):
+        """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
+        the image chunks recorded while the model started (in first-read order). Returns the handle."""
+        digests = [c[0] for e in ImageManifest.load(self.store, snap["digest"]).files() for c in e.chunks]
+        profile = files / PROFILE
+        if profile.exists():
+            digests += load_profile(profile)
+        return start_prefetch(self.store, list(dict.fromkeys(digests)), self.cfg.prefetch_concurrency)
 
     def secrets(self, names: list[str]) -> dict[str, str]:
         values = json.loads(self.cfg.secrets_file.read_text()) if self.cfg.secrets_file.exists() else {}
@@ -175,7 +212,12 @@ class HostSnapshots:
         work.mkdir(parents=True)
         st = Stages()
         beat("root")
-        lower = self.image_root(image_digest)
+        recording = None
+        if self.cfg.lazy_mounts:  # its own mount, recording what the model reads while it starts
+            recording = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
+            lower = Path(recording.mountpoint)
+        else:
+            lower = self.image_root(image_digest)
         root = criu.prepare_root(lower, work / "rw")
         st.mark("root")
         log = work / "launch.log"
@@ -196,6 +238,10 @@ class HostSnapshots:
                 replica.stop()
         finally:
             root.cleanup()
+            if recording:
+                recording.unmount()  # writes the access profile
+        if recording and (work / PROFILE).exists():
+            shutil.copy2(work / PROFILE, work / "dump" / PROFILE)  # stored with the snapshot
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": self.facts, "compat_key": compat.compat_key(self.facts, image_digest),
                   "timings_ms": st.ms}
@@ -214,16 +260,25 @@ class HostSnapshots:
         beat("fetch")
         files = self.snapshot_files(snap["digest"])
         lower = self.image_root(snap["image_digest"])
+        fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts else None
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = criu.prepare_root(lower, work / "rw")
         st.mark("root")
         try:
             beat("criu")
-            replica = criu.restore(files, root.path, work / "restore.log")
+            try:
+                replica = criu.restore(files, root.path, work / "restore.log")
+            except criu.CriuError as e:
+                failed = fetch.wait().first_error if fetch else ""
+                if failed:  # name the real cause: a chunk that could not be fetched or verified
+                    raise SnapshotError(f"{failed} (then: {e})") from None
+                raise
             st.mark("criu")
             running = Running(rid, replica, root, spec["port"], work / RECORD)
         except BaseException:
+            if fetch:
+                fetch.cancel()
             root.cleanup()
             raise
         try:
@@ -243,7 +298,11 @@ class HostSnapshots:
         except BaseException:
             running.stop()
             raise
-        return running, st.done()
+        ms = st.done()
+        if fetch:  # in the background until now; what it cost is reported, not waited for
+            stats = fetch.stats
+            ms.update(prefetch=int(stats.ms), prefetch_chunks=stats.chunks, prefetch_kb=stats.bytes // 1024)
+        return running, ms
 
     def cold_boot(self, image_digest: str, spec: dict, secrets: dict[str, str], golden: dict | None = None,
                   golden_digest: str | None = None) -> tuple[Running, dict[str, int], bool | None]:

@@ -118,6 +118,7 @@ def in_process_agent(cfg):
     finally:
         stop.set()
         acts.stop_all()
+        host.close()
 
 
 @pytest.fixture

@@ -173,18 +173,20 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    cached = cfg.work_dir / "snapshots" / snap["digest"]
-    shutil.rmtree(cached)  # as on a host that has not fetched this snapshot yet (verify left a copy here)
+    agent.host.close()  # as on a host that has not read this snapshot yet (verify left a warm mount here)
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and "corrupt" in r["reason"].lower() and r["golden_ok"], r
-    assert not cached.exists(), "nothing half-fetched stays in the cache"
+    assert "chunk " + pages.chunks[0][0][:12] in r["reason"], "the reason names the chunk"
 
-    # repair the store, then break the CRIU images in the host's cache: criu fails and its log is named
+    # repair the store; with the materialized (non-lazy) layout, break the CRIU images in the host's copy:
+    # criu fails and its log is named
     data[100] ^= 0xFF
     chunk.write_bytes(bytes(data))
+    agent.host.close()
+    agent.host.cfg = cfg.model_copy(update={"lazy_mounts": False})
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "restored"
-    core = next(cached.glob("core-*.img"))
+    core = next((cfg.work_dir / "snapshots" / snap["digest"]).glob("core-*.img"))
     core.write_bytes(b"\0" * core.stat().st_size)
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and ".log" in r["reason"], r

@@ -39,6 +39,8 @@ class Config(BaseSettings):
     host_task_queue_prefix: str = "thaw-host-"
     host_id: str = Field(default_factory=lambda: os.uname().nodename)
     agent_heartbeat_s: float = 10.0
+    lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
+    prefetch_concurrency: int = 8
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
