@@ -63,3 +63,32 @@ def test_up_refuses_a_port_taken_by_someone_else(tmp_path):
                "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{s.getsockname()[1]}", "THAW_TEMPORAL_UI_PORT": str(free_port())}
         res = thaw(env, "up", check=False)
     assert res.returncode == 1 and "already in use" in res.stderr
+
+
+def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
+    import boto3
+
+    from thaw.config import load
+
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"),
+           "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "THAW_TEMPORAL_UI_PORT": str(free_port()),
+           "THAW_API_PORT": str(free_port()), "THAW_AGENT_METRICS_PORT": "0",
+           "THAW_S3_EMBEDDED_PORT": str(free_port())}
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(os.urandom(5 << 20))  # two chunks
+    try:
+        thaw(env, "up", "--s3")
+        st = json.loads(thaw(env, "status", "--json").stdout)
+        assert st["s3"]["pid"] and st["s3"]["embedded"]
+        built = json.loads(thaw(env, "build", "image", str(src), "--json").stdout)
+        cfg = load(state_dir=tmp_path / "state")
+        s3 = boto3.client("s3", endpoint_url=cfg.s3_endpoint, aws_access_key_id=cfg.s3_access_key,
+                          aws_secret_access_key=cfg.s3_secret_key, region_name=cfg.s3_region)
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=cfg.s3_bucket).get("Contents", [])}
+        assert any(built["digest"] in k for k in keys) and sum(k.startswith("chunks/") for k in keys) == 2
+        thaw(env, "up")  # remembered: the S3 tier stays on
+        assert json.loads(thaw(env, "status", "--json").stdout)["s3"]["pid"]
+    finally:
+        down = thaw(env, "down", check=False)
+    assert "s3: stopped" in down.stdout

@@ -69,10 +69,16 @@ def cli(ctx, state_dir, temporal_address, db_url, verbose):
 
 # -- stack ------------------------------------------------------------------------------------------
 @cli.command()
+@click.option("--s3", "with_s3", is_flag=True,
+              help="Also run SeaweedFS and use it as the store's S3 tier (remote-store mode); remembered.")
 @click.pass_obj
-def up(cfg):
-    """Start the embedded stack: Temporal dev server (UI included), worker, registry. Safe to re-run."""
-    from .stack import StackError, up as stack_up
+def up(cfg, with_s3):
+    """Start the embedded stack: Temporal dev server (UI included), worker, host agent, control API, registry.
+    Safe to re-run."""
+    from .stack import StackError, enable_s3, up as stack_up
+
+    if with_s3:
+        cfg = enable_s3(cfg)
 
     try:
         stack_up(cfg, echo=click.echo)
@@ -113,7 +119,20 @@ def status(cfg, name, as_json):
     click.echo(f"api        {run(st['api']['pid'])}  {st['api']['url']}  token {st['api']['token_file']}")
     click.echo(f"agent      {run(st['agent']['pid'])}  host {st['agent']['host_id']}  queue {st['agent']['task_queue']}")
     click.echo(f"registry   {r['url']}  {r['status']}  images {r['images']}")
+    s3 = st["s3"]
+    if s3["endpoint"]:
+        click.echo(f"s3         {run(s3['pid']) if s3['embedded'] else 'external'}  {s3['endpoint']}  "
+                   f"bucket {s3['bucket']}")
     click.echo(f"store      {s['dir']}  {s['objects']} objects  {_human(s['bytes'])}")
+
+
+@cli.command(hidden=True)
+@click.pass_obj
+def s3(cfg):
+    """Run the embedded SeaweedFS S3 server in the foreground."""
+    from .stack import serve_s3
+
+    serve_s3(cfg)
 
 
 @cli.command(hidden=True)

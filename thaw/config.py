@@ -51,6 +51,9 @@ class Config(BaseSettings):
     api_port: int = 8470
     api_token: str | None = None  # default: generated once into <state_dir>/api-token
     gateway_port: int = 8480
+    # `thaw up --s3`: run SeaweedFS as the store's S3 tier (remote-store mode on one machine)
+    s3_embedded: bool = False
+    s3_embedded_port: int = 8333
 
     # Content-addressed store
     chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)
@@ -122,6 +125,22 @@ class Config(BaseSettings):
     def workflow_url(self, workflow_id: str, run_id: str | None = None) -> str:
         tail = f"/{run_id}" if run_id else ""
         return f"{self.temporal_ui_url}/namespaces/{self.temporal_namespace}/workflows/{workflow_id}{tail}/history"
+
+
+def save_settings(state_dir: Path, **values) -> Path:
+    """Merge ``values`` (str/int/float/bool) into ``<state_dir>/config.toml``, which every thaw process reads."""
+    import json
+
+    path = Path(state_dir) / "config.toml"
+    current = tomllib.loads(path.read_text()) if path.is_file() else {}
+    current.update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold credentials
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"{k} = {json.dumps(v)}\n" for k, v in sorted(current.items()))
+    os.replace(tmp, path)
+    return path
 
 
 def load(**overrides) -> Config:

@@ -94,7 +94,9 @@ def components(cfg: Config) -> list[Component]:
     )
     workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
                          lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent", "api")]
-    return [temporal, *workers]
+    s3 = [Component("s3", [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "s3"],
+                    lambda: port_open("127.0.0.1", cfg.s3_embedded_port))] if cfg.s3_embedded else []
+    return [temporal, *s3, *workers]
 
 
 def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
@@ -117,6 +119,34 @@ def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
     _stop_pid(proc.pid)
     c.pidfile(cfg).unlink(missing_ok=True)
     raise StackError(f"{c.name} did not become ready within {timeout:.0f}s; see {c.logfile(cfg)}")
+
+
+def enable_s3(cfg: Config) -> Config:
+    """Turn on the embedded SeaweedFS for this state dir: credentials generated once, settings saved."""
+    import secrets
+
+    from thaw.config import load, save_settings
+
+    if not cfg.s3_embedded:
+        save_settings(cfg.state_dir, s3_embedded=True, s3_endpoint=f"http://127.0.0.1:{cfg.s3_embedded_port}",
+                      s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
+                      s3_secret_key=secrets.token_urlsafe(24))
+    return load(state_dir=cfg.state_dir)
+
+
+def serve_s3(cfg: Config) -> None:
+    """Run SeaweedFS in the foreground (the `s3` component) until SIGTERM."""
+    from thaw.seaweed import SeaweedS3
+
+    server = SeaweedS3(cfg.state_dir / "s3", cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port)
+    server.start()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and server.proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        server.stop()
 
 
 def up(cfg: Config, echo=print) -> None:
@@ -195,6 +225,8 @@ def status(cfg: Config) -> dict:
         "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
                      "reachable": port_open(*_host_port(cfg.temporal_address)), "ui": cfg.temporal_ui_url},
         "worker": {"pid": procs["worker"], "task_queue": cfg.build_task_queue},
+        "s3": {"pid": procs.get("s3"), "endpoint": cfg.s3_endpoint, "bucket": cfg.s3_bucket,
+               "embedded": cfg.s3_embedded},
         "api": {"pid": procs["api"], "url": f"http://{cfg.api_host}:{cfg.api_port}",
                 "token_file": str(cfg.state_dir / "api-token")},
         "agent": {"pid": procs["agent"], "host_id": cfg.host_id, "task_queue": cfg.host_task_queue},
