@@ -167,6 +167,16 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     assert res.exit_code == 1 and "never-deployed" in res.output
 
 
+def release_dead_host(cfg, host_id):
+    """What a restarted agent would do with a dead one's leftovers, plus unmounting its image mounts
+    (a restarted agent would reuse them; this host never comes back)."""
+    from thaw.snapshot.host import cleanup_stale, clear
+
+    work = cfg.model_copy(update={"host_id": host_id}).work_dir
+    cleanup_stale(work)
+    clear(work / "mnt")
+
+
 def _agent_proc(cfg, host_id):
     return subprocess.Popen([sys.executable, "-m", "thaw", "agent", "--host-id", host_id],
                             env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -195,5 +205,51 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
             os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
         thaw_cli("undeploy", "ha", ok=False)
-        from thaw.snapshot.host import cleanup_stale
-        cleanup_stale(cfg.model_copy(update={"host_id": "victim"}).work_dir)  # what its next start would do
+        release_dead_host(cfg, "victim")
+
+
+def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_restore(cfg, worker, agent,
+                                                                                         thaw_cli, snap):
+    import threading
+
+    from thaw.runtime.frontdoor import PoolBackends
+    from thaw.runtime.gateway import Gateway, GatewayThread
+
+    # only the subprocess agent has room at first, so the first restore runs there
+    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
+    victim = _agent_proc(cfg, "victim")
+    gw = None
+    try:
+        wait_for(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
+        thaw_cli("deploy", "gw", "--snapshot", snap, "--min", "0", "--max", "2", "--buffer", "0")
+        gw = GatewayThread(Gateway("gw", PoolBackends(cfg, "gw"), max_replicas=2, scale_to_zero_grace_s=600,
+                                   refresh_s=0.2, hold_timeout_s=90))
+        assert serving(cfg, "gw") == []
+        got = {}
+
+        def call():
+            req = urllib.request.Request(gw.url + "/answer-stable", data=b"{}", method="POST")
+            with urllib.request.urlopen(req, timeout=120) as r:
+                got["status"], got["body"] = r.status, json.loads(r.read())
+
+        t = threading.Thread(target=call)
+        t.start()  # arrives at zero replicas: held, and the gateway signals the pool at once
+        victim_dir = cfg.model_copy(update={"host_id": "victim"}).work_dir / "replicas"
+        wait_for(lambda: victim_dir.is_dir() and any(victim_dir.iterdir()), timeout=60, what="restore on victim")
+        os.kill(victim.pid, signal.SIGKILL)  # mid-restore
+        victim.wait()
+        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
+        t.join(120)
+        assert got.get("status") == 200 and got["body"]["digest"], got
+        (rep,) = serving(cfg, "gw")
+        assert rep.host_id == cfg.host_id, "the replacement runs on the surviving host"
+        st = gw.gateway.state()
+        assert st["ready"] == 1
+    finally:
+        if gw:
+            gw.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+        thaw_cli("undeploy", "gw", ok=False)
+        release_dead_host(cfg, "victim")

@@ -1,0 +1,76 @@
+"""A deployment's front door (`thaw gateway NAME`): the gateway wired to its pool, and the KEDA scaler.
+
+The gateway reads the serving replicas from the registry (an agent records a replica only once its health
+check and golden replay passed) and sends its scale decisions as the pool's `scale` signal. The KEDA external
+scaler reports the same gateway's concurrency, so a Kubernetes ScaledObject sees the numbers thaw acts on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from temporalio.client import Client
+
+from thaw.config import Config
+from thaw.registry import deployments
+
+from . import pool
+from .gateway import Gateway, serving
+from .keda.scaler import Demand
+
+log = logging.getLogger("thaw.gateway")
+
+
+class PoolBackends:
+    """The gateway's view of a deployment: registry replicas in, pool signals out."""
+
+    def __init__(self, cfg: Config, name: str, client: Client | None = None):
+        self.cfg, self.name, self.client = cfg, name, client
+
+    async def endpoints(self) -> list[str]:
+        rows = await asyncio.to_thread(deployments.replicas, self.cfg.registry_url, self.name)
+        return [r.endpoint for r in rows]
+
+    async def scale(self, replicas: int, reason: str) -> None:
+        log.info("scale %s to %d (%s)", self.name, replicas, reason)
+        if self.client is None:  # connected on the gateway's own loop, at first use
+            self.client = await Client.connect(self.cfg.temporal_address, namespace=self.cfg.temporal_namespace)
+        await pool.scale(self.client, self.name, replicas, "gateway")
+
+
+class GatewayDemand:
+    """KEDA's DemandSource over one gateway (thread-safe reads of a few ints)."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def demand(self, deployment: str) -> Demand:
+        g = self.gateway
+        if deployment != g.deployment:
+            raise KeyError(deployment)
+        return Demand(desired_replicas=g.autoscaler.desired, queued=g.queued, inflight=g.inflight_total,
+                      ready_replicas=len(g.endpoints))
+
+
+async def run(cfg: Config, name: str, port: int, keda_port: int | None, **gateway_options) -> None:
+    from .keda import serve as keda_serve
+
+    dep = deployments.get(cfg.registry_url, name)
+    gw = Gateway(name, PoolBackends(cfg, name), min_replicas=dep.min_replicas,
+                 max_replicas=dep.max_replicas, **gateway_options)
+    keda = None
+    if keda_port is not None:
+        keda, bound = keda_serve(GatewayDemand(gw), f"127.0.0.1:{keda_port}")
+        log.info("KEDA external scaler for %s on 127.0.0.1:%d", name, bound)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        async with serving(gw, "127.0.0.1", port) as url:
+            log.info("gateway for %s on %s", name, url)
+            await stop.wait()
+    finally:
+        if keda:
+            keda.stop(1)
