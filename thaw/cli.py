@@ -609,5 +609,14 @@ def _deployment_status(cfg, name, as_json):
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
 
 
+def _add_simulate():
+    from thaw.runtime import simulate
+
+    cli.add_command(simulate.cli_command())
+
+
+_add_simulate()
+
+
 def main():
     cli(prog_name="thaw")

@@ -1,0 +1,258 @@
+"""`thaw simulate`: the simulator against hand-computed traces, trace parsing, registry timings, the CLI."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from thaw.config import Config
+from thaw.registry import snapshots
+from thaw.registry.models import RestoreEvent, Snapshot
+from thaw.runtime import simulate as sim
+from thaw.runtime.simulate import Autoscaler, Policy, Request, Timings, Trace
+
+# Autoscaler settings simple enough to follow by hand: one request per replica, target 100 %, ticks every
+# second, demand = work arrived in the last second, no panic window, no backlog term, cold service at t=0.
+HAND = Autoscaler(concurrency=1, target_utilization=1.0, tick_s=1.0, window_s=1.0, panic_window_s=0.0,
+                  drain_s=0.0, cooldown_s=3.0, min_replicas=0, max_replicas=10, warm_start=False)
+HAND_T = Timings(cold_start_s=5.0, restore_s=0.5, provision_s=2.0)
+# two requests at t=0 and one at t=10, 1 s each; the replay ends at the last arrival or completion
+THREE = Trace((Request(0, 1), Request(0, 1), Request(10, 1)), end_s=10, source="hand")
+
+
+def test_restore_with_buffer_by_hand():
+    """buffer=1 (restore 0.5 s, acquiring a host 2 s):
+    t=0   buffer host H0 idle. Tick: demand 2 s of work in 1 s -> 2 replicas. #1 takes H0 (ready 0.5); the buffer
+          is refilled by acquiring H1 (ready 2). #2: no idle host, so it claims H1 (ready 2, restored 2.5); the
+          buffer is refilled again with H2 (ready 2).
+    0.5   H0 serves request a (delay 0.5) until 1.5, then b (delay 1.5) until 2.5.
+    2     H1 arrives and restores (ready 2.5); H2 arrives and idles in the buffer.
+    2.5   H0 and H1 idle. Tick 6: both idle 3.5 s >= cooldown 3, desired 0: released (buffer already full).
+    10    c arrives; tick: H2 restores (ready 10.5), H3 acquired for the buffer (10 -> 12).
+    10.5  c served (delay 0.5) until 11.5 = horizon.
+    paid: H0 0-6, H1 0-6, H2 0-11.5, H3 10-11.5 = 6 + 6 + 11.5 + 1.5 = 25 GPU-s; busy 3 GPU-s."""
+    r = sim.simulate(THREE, Policy("restore", buffer=1), HAND_T, HAND, gpu_hour_usd=3.6)
+    assert r.delays == [0.5, 0.5, 1.5]
+    assert (r.paid_gpu_s, r.busy_gpu_s, r.horizon_s) == (25.0, 3.0, 11.5)
+    assert r.utilization == pytest.approx(3 / 25)
+    assert (r.delay_p50_s, r.delay_p99_s, r.delay_max_s) == (0.5, 1.5, 1.5)
+    assert r.delay_mean_s == pytest.approx(2.5 / 3)
+    assert r.cost_usd == pytest.approx(25 / 3600 * 3.6)
+    assert (r.served, r.restores, r.cold_starts, r.hosts_acquired, r.peak_hosts) == (3, 3, 0, 3, 3)
+
+
+def test_cold_by_hand():
+    """cold (no buffer): a replica is a new host (2 s) plus a cold boot (5 s), paid from the request.
+    t=0 two hosts requested, serving at 7: a and b wait 7 s, done at 8. c at 10 goes to the oldest idle replica
+    (delay 0), done at 11 = horizon. Tick 11: the other replica has idled 3 s and desired is 1: released.
+    paid 11 + 11 = 22 GPU-s."""
+    r = sim.simulate(THREE, Policy("cold"), HAND_T, HAND)
+    assert r.delays == [0.0, 7.0, 7.0]
+    assert (r.paid_gpu_s, r.busy_gpu_s, r.horizon_s) == (22.0, 3.0, 11.0)
+    assert r.utilization == pytest.approx(3 / 22)
+    assert (r.delay_p50_s, r.delay_p99_s) == (7.0, 7.0)
+    assert (r.cold_starts, r.restores, r.hosts_acquired) == (2, 0, 2)
+
+
+def test_restore_without_buffer_and_long_cooldown_by_hand():
+    """buffer=0: each replica acquires a host (2 s) then restores (0.5 s): a, b wait 2.5 s, done 3.5.
+    cooldown 3: both released at tick 7 (idle 3.5 s) -> 7 + 7; c at 10: new host, serving at 12.5 (delay 2.5),
+    done 13.5 -> 3.5 more. With a 100 s cooldown nothing is released: the first two replicas carry c at once."""
+    r = sim.simulate(THREE, Policy("restore", buffer=0), HAND_T, HAND)
+    assert r.delays == [2.5, 2.5, 2.5]
+    assert (r.paid_gpu_s, r.horizon_s, r.restores) == (17.5, 13.5, 3)
+    long = sim.simulate(THREE, Policy("restore", buffer=0), HAND_T,
+                        Autoscaler(**{**HAND.__dict__, "cooldown_s": 100.0}))
+    assert long.delays == [0.0, 2.5, 2.5]
+    assert (long.paid_gpu_s, long.horizon_s, long.restores) == (22.0, 11.0, 2)
+
+
+def test_static_and_warm_start_by_hand():
+    r = sim.simulate(THREE, Policy("static", replicas=2), HAND_T, HAND)
+    assert r.delays == [0.0, 0.0, 0.0]
+    assert (r.paid_gpu_s, r.busy_gpu_s, r.horizon_s, r.peak_hosts) == (22.0, 3.0, 11.0, 2)
+    # warm start: the first second's 2 s of work -> 2 replicas already serving at t=0 under any policy
+    warm = sim.simulate(THREE, Policy("cold"), HAND_T, Autoscaler(**{**HAND.__dict__, "warm_start": True}))
+    # tick 4: both idle 3 s -> released; c at 10: new host + cold boot = 7 s -> 17, done 18
+    assert warm.delays == [0.0, 0.0, 7.0]
+    assert warm.cold_starts == 1
+    assert (warm.paid_gpu_s, warm.horizon_s) == (4 + 4 + 8, 18.0)
+
+
+def test_backlog_drain_by_hand():
+    """Four 2 s requests at t=0, a 10 s window (0.8 busy slots of offered load), cold start 3 s, no host wait.
+    drain_s=8: t=0 the queue (8 s of work) adds 8 / max(8, 3) = 1 -> desired ceil(1.8) = 2, ready at 3: a, b wait
+    3 s. While they start, the backlog is not counted again (desired 1). At t=3 the queue holds 4 s: 0.8 + 0.5
+    -> 2, no change; c, d start at 5 (delay 5), done 7. paid 2 x 7 = 14."""
+    scaler = Autoscaler(**{**HAND.__dict__, "window_s": 10.0, "drain_s": 8.0, "cooldown_s": 100.0})
+    four = Trace(tuple(Request(0, 2) for _ in range(4)), 0, "four")
+    r = sim.simulate(four, Policy("cold"), Timings(cold_start_s=3, restore_s=1, provision_s=0), scaler)
+    assert r.delays == [3.0, 3.0, 5.0, 5.0]
+    assert (r.paid_gpu_s, r.busy_gpu_s, r.utilization) == (14.0, 8.0, pytest.approx(8 / 14))
+    assert (r.delay_p50_s, r.delay_p99_s, r.cold_starts) == (3.0, 5.0, 2)
+    # drain_s=1: 8 / max(1, 3) adds 2.67 -> 4 replicas at once, all wait 3 s, done at 5: 4 x 5 = 20
+    fast = sim.simulate(four, Policy("cold"), Timings(cold_start_s=3, restore_s=1, provision_s=0),
+                        Autoscaler(**{**scaler.__dict__, "drain_s": 1.0}))
+    assert fast.delays == [3.0] * 4
+    assert (fast.paid_gpu_s, fast.cold_starts) == (20.0, 4)
+
+
+def test_concurrency_counts_slots():
+    """Two slots per replica: 2 requests of 1 s on one replica = 1 GPU-s busy (half of each slot-second)."""
+    tr = Trace((Request(0, 1), Request(0, 1)), 0, "two")
+    r = sim.simulate(tr, Policy("static", replicas=1), HAND_T, Autoscaler(**{**HAND.__dict__, "concurrency": 2}))
+    assert r.delays == [0.0, 0.0]
+    assert (r.busy_gpu_s, r.paid_gpu_s) == (1.0, 1.0)
+
+
+def test_percentile_nearest_rank():
+    xs = [float(i) for i in range(1, 101)]
+    assert (sim.percentile(xs, 50), sim.percentile(xs, 99), sim.percentile(xs, 100)) == (50.0, 99.0, 100.0)
+    assert sim.percentile([3.0], 99) == 3.0
+
+
+def test_bursty_trace_is_deterministic():
+    a = sim.bursty_trace(seed=7, duration_s=1200, base_rps=2, burst_rps=20, burst_every_s=600, burst_len_s=60)
+    b = sim.bursty_trace(seed=7, duration_s=1200, base_rps=2, burst_rps=20, burst_every_s=600, burst_len_s=60)
+    c = sim.bursty_trace(seed=8, duration_s=1200, base_rps=2, burst_rps=20, burst_every_s=600, burst_len_s=60)
+    assert a == b and a.requests != c.requests
+    ts = [r.t for r in a.requests]
+    assert ts == sorted(ts) and all(0 <= t < 1200 for t in ts)
+    calm = sum(1 for t in ts if t % 600 < 540)
+    burst = len(ts) - calm
+    # expected 2 x 1080 = 2160 calm and 20 x 120 = 2400 burst arrivals; Poisson noise is a few %
+    assert 1950 < calm < 2370 and 2200 < burst < 2600
+    assert sim.simulate(a, Policy("restore", 2)).summary() == sim.simulate(b, Policy("restore", 2)).summary()
+
+
+def test_csv_trace(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("timestamp,duration_s\n1700000010,2\n1700000000,\n1700000005.5,0.25\n")
+    tr = sim.load_trace(p, service_s=1.0)
+    assert [(r.t, r.service_s) for r in tr.requests] == [(0.0, 1.0), (5.5, 0.25), (10.0, 2.0)]  # sorted
+    assert tr.end_s == 10.0
+    q = tmp_path / "plain.csv"
+    q.write_text("# seconds\n3\n1\n2000-01-01T00:00:05Z\n")  # no header, mixed forms, a comment
+    assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0, pytest.approx(946684805 - 1)]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "has no requests"),
+    ("timestamp\n", "has a header but no requests"),
+    ("0\nsoon\n", r"line 2: 'soon' is not a timestamp"),
+    ("time,dur\n1,2\n", "has no 'timestamp' column"),
+    ("timestamp,duration_s\n1,fast\n", "line 2: duration 'fast' is not a number"),
+    ("timestamp,duration_s\n1,0\n", "must be > 0"),
+])
+def test_csv_errors_are_one_line(tmp_path, text, match):
+    p = tmp_path / "bad.csv"
+    p.write_text(text)
+    with pytest.raises(sim.TraceError, match=match) as e:
+        sim.load_trace(p)
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_policy_specs():
+    assert Policy.parse("restore") == Policy("restore", 1)
+    assert Policy.parse("restore:buffer=4").name == "restore:buffer=4"
+    assert Policy.parse("cold") == Policy("cold", 0)
+    assert Policy.parse("static:replicas=3") == Policy("static", 0, 3)
+    for bad in ("warm", "restore:buffer=-1", "restore:replicas=2", "static:replicas=x", "cold:buffer"):
+        with pytest.raises(sim.SimError):
+            Policy.parse(bad)
+
+
+def test_static_sizing_meets_target():
+    tr = sim.bursty_trace(seed=3, duration_s=900, base_rps=2, burst_rps=10, burst_every_s=300, burst_len_s=60)
+    r = sim.size_static(tr, Autoscaler(), p99_target_s=1.0)
+    assert r.delay_p99_s <= 1.0
+    fewer = sim.simulate(tr, Policy("static", replicas=r.replicas - 1), scaler=Autoscaler())
+    assert fewer.delay_p99_s > 1.0
+
+
+def _snapshot(timings: dict) -> Snapshot:
+    return Snapshot(digest=uuid.uuid4().hex * 2, image_digest="ab" * 32, compat_key="k", golden_digest="g",
+                    size=1, files=1, new_bytes=1, timings_ms=timings)
+
+
+def _event(digest: str, outcome: str, total_ms: int) -> RestoreEvent:
+    return RestoreEvent(snapshot_digest=digest, host_id="h", replica=uuid.uuid4().hex[:8], outcome=outcome,
+                        timings_ms={"criu": total_ms - 40, "total": total_ms})
+
+
+def test_measured_timings_from_registry(tmp_path):
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    assert sim.measured_timings(url)["restore_s"] is None  # no registry file: nothing, and none created
+    assert not (tmp_path / "reg.db").exists()
+    s1, _ = snapshots.register(url, _snapshot({"root": 100, "cold_boot": 3000, "golden": 40, "dump": 900}))
+    snapshots.register(url, _snapshot({"root": 0, "cold_boot": 5000, "golden": 60}))
+    snapshots.register(url, _snapshot({"root": 0, "cold_boot": 2000, "golden": 0}))
+    for ms in (200, 400, 250):
+        snapshots.record_restore(url, _event(s1.digest, "restored", ms))
+    m = sim.measured_timings(url)
+    assert m["restore_s"] == 0.25
+    assert m["cold_start_s"] == 3.14  # median of 3.14, 5.06, 2.0 (root + cold_boot + golden)
+    assert "3 restored replicas" in m["sources"]["restore_s"] and "3 snapshot builds" in m["sources"]["cold_start_s"]
+    for ms in (2500, 2300):
+        snapshots.record_restore(url, _event(s1.digest, "cold-boot", ms))
+    m = sim.measured_timings(url)
+    assert m["cold_start_s"] == 2.4 and "2 cold-booted replicas" in m["sources"]["cold_start_s"]
+    t, src = sim.resolve_timings(url, cold_start_s=60.0, provision_s=30.0)
+    assert (t.cold_start_s, t.restore_s, t.provision_s) == (60.0, 0.25, 30.0)
+    assert src["cold_start_s"] == "--cold-start-s" and "registry" in src["restore_s"]
+
+
+def _cli():
+    return click.Group(commands=[sim.cli_command()])
+
+
+def test_cli_end_to_end(tmp_path):
+    cfg = Config(state_dir=tmp_path / "state")
+    url = cfg.registry_url
+    s, _ = snapshots.register(url, _snapshot({"root": 0, "cold_boot": 30000, "golden": 0}))
+    for ms in (1500, 1000, 2000):
+        snapshots.record_restore(url, _event(s.digest, "restored", ms))
+    trace = tmp_path / "trace.csv"
+    trace.write_text("timestamp\n" + "".join(f"{t / 4}\n" for t in range(400)) + "".join(
+        f"{100 + t / 40}\n" for t in range(800)))
+    out = tmp_path / "plots"
+    res = CliRunner().invoke(_cli(), ["simulate", str(trace), "--policy", "cold", "--policy", "restore:buffer=2",
+                                      "--policy", "static", "--service-s", "0.5", "--provision-s", "30",
+                                      "--out", str(out)], obj=cfg)
+    assert res.exit_code == 0, res.output
+    assert "restore: 1.5 s  (median total of 3 restored replicas in the registry)" in res.output
+    assert "cold start: 30 s  (median launch-to-first-answer" in res.output
+    assert "provision: 30 s  (--provision-s)" in res.output
+    for name in ("cold:buffer=0", "restore:buffer=2", "static:replicas="):
+        assert name in res.output
+    for png in ("timeline.png", "delay_cdf.png", "summary.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+    res = CliRunner().invoke(_cli(), ["simulate", "--generate", "--duration-s", "1200", "--json", "--no-plots",
+                                      "--restore-s", "2", "--cold-start-s", "60"], obj=cfg)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert [r["policy"] for r in doc["results"]][:4] == [Policy.parse(p).name for p in sim.DEFAULT_POLICIES[:4]]
+    assert doc["timings"]["sources"]["restore_s"] == "--restore-s" and doc["plots"] == []
+    by = {r["policy"]: r for r in doc["results"]}
+    assert by["restore:buffer=4"]["delay_p99_s"] < by["cold:buffer=0"]["delay_p99_s"]
+    for r in doc["results"]:
+        assert 0 < r["utilization"] <= 1 and r["paid_gpu_s"] >= r["busy_gpu_s"]
+
+
+@pytest.mark.parametrize("args,match", [
+    ([], "give either a TRACE CSV file or --generate"),
+    (["--generate", "--policy", "warm"], "policy 'warm'"),
+    (["missing.csv"], "cannot read trace missing.csv"),
+    (["--generate", "--target-utilization", "1.5"], "target utilization"),
+])
+def test_cli_errors(tmp_path, args, match, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(_cli(), ["simulate", *args, "--no-plots"], obj=Config(state_dir=tmp_path / "s"))
+    assert res.exit_code == 1
+    assert match in res.output and res.output.count("\n") == 1 and res.output.startswith("error: ")
