@@ -1,0 +1,723 @@
+"""Gateway: an HTTP reverse proxy in front of one deployment's replicas.
+
+* Balances by in-flight requests: each request goes to the healthy replica with the fewest requests in
+  flight (ties broken round robin). ``max_inflight_per_replica`` optionally caps a replica's in-flight
+  requests; past the cap requests queue at the gateway (like Knative's containerConcurrency).
+* Holds requests while the deployment has no ready replica (scale from zero, like Knative's activator): the
+  request waits in a FIFO queue, a scale signal to at least one replica is emitted at once, and queued
+  requests are released as soon as ``Backends.endpoints()`` lists a replica (polled every ``refresh_s``;
+  the pool may call :meth:`Gateway.refresh` to release them without waiting for the next poll). A request
+  held for ``hold_timeout_s`` in total is answered 503 with a one-line JSON error.
+* Loses no request it holds when a replica dies. The request body is read in full before proxying so it
+  can be re-sent. A failure before any response byte came back is retried:
+    - the connection could not be made (refused, unreachable, connect timeout): the request never reached
+      the replica, so it is always safe to re-send. The endpoint is dropped from the current list and
+      quarantined (until the pool stops listing it, or ``quarantine_s`` passes) and the request goes to
+      another replica, or is held again until one appears.
+    - the connection broke after the request was sent but before a response (replica died mid-request,
+      or a stale keep-alive connection): the replica may have seen the request, so this is re-sent only
+      because this system's requests are idempotent JSON POSTs (inference: same input, same output). At most
+      ``max_delivery_attempts`` such deliveries are made, so a request that itself kills replicas cannot
+      take the whole deployment down; after that it is answered 502.
+  Once response headers came back the response is streamed through and never retried; if the replica dies
+  mid-body the client connection is closed so the client sees a truncated response, not a short success.
+* Autoscales like Knative's KPA (:class:`Autoscaler`): every ``tick_s`` it samples the time-weighted
+  concurrency (in-flight + queued) over the tick and keeps stable- and panic-window averages;
+  desired = ceil(stable_avg / target). When panic_avg / (max(ready, 1) * target) >= panic_threshold it enters
+  panic mode for ``stable_window_s`` (re-armed while the condition holds): desired = max(stable, panic,
+  previous), i.e. never scale down while panicking. It scales to zero only when the whole stable window saw
+  no traffic and there was none for ``scale_to_zero_grace_s``. Desired is clamped to [min, max] and
+  ``Backends.scale`` is called only when it changes (a failed call is retried the next tick).
+* ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
+  Every other method and path (``POST /metrics`` too) is proxied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, runtime_checkable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from multidict import CIMultiDict
+from yarl import URL
+
+log = logging.getLogger("thaw.gateway")
+
+# RFC 7230 section 6.1 hop-by-hop headers (plus Host and Content-Length, which the client library sets).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+
+HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+@runtime_checkable
+class Backends(Protocol):
+    """What the gateway needs from a deployment's pool."""
+
+    async def endpoints(self) -> list[str]:
+        """Base URLs (``http://127.0.0.1:PORT``) of the replicas that are healthy now."""
+        ...
+
+    async def scale(self, replicas: int, reason: str) -> None:
+        """The gateway's scale signal: the deployment should run ``replicas`` replicas."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------- autoscaler
+
+@dataclass
+class Decision:
+    desired: int
+    reason: str
+    kind: str            # "stable" | "panic" | "zero" | "hold"
+    stable_avg: float
+    panic_avg: float
+    panicking: bool
+
+
+@dataclass
+class Autoscaler:
+    """Knative-KPA-like decisions from concurrency samples (pure: time is passed in, for tests)."""
+
+    target_concurrency: float = 1.0
+    stable_window_s: float = 60.0
+    panic_window_s: float = 6.0
+    panic_threshold: float = 2.0
+    min_replicas: int = 0
+    max_replicas: int | None = None
+    scale_to_zero_grace_s: float = 30.0
+    desired: int = 0                                   # the previous decision
+    samples: deque = field(default_factory=deque)      # (t, concurrency)
+    panic_until: float | None = None
+    last_active: float = -math.inf
+    stable_avg: float = 0.0
+    panic_avg: float = 0.0
+
+    def clamp(self, n: int) -> int:
+        n = max(self.min_replicas, n)
+        return n if self.max_replicas is None else min(self.max_replicas, n)
+
+    @property
+    def panicking(self) -> bool:
+        return self.panic_until is not None
+
+    def touch(self, now: float) -> None:
+        """Traffic seen now (a request arrived), even if no tick sampled it yet."""
+        self.last_active = now
+
+    def decide(self, now: float, concurrency: float, ready: int) -> Decision:
+        self.samples.append((now, concurrency))
+        while self.samples and self.samples[0][0] <= now - self.stable_window_s:
+            self.samples.popleft()
+        if concurrency > 0:
+            self.last_active = now
+        stable = [c for _, c in self.samples]
+        panic = [c for t, c in self.samples if t > now - self.panic_window_s] or [concurrency]
+        self.stable_avg = sum(stable) / len(stable)
+        self.panic_avg = sum(panic) / len(panic)
+        want_stable = _ceil(self.stable_avg / self.target_concurrency)
+        want_panic = _ceil(self.panic_avg / self.target_concurrency)
+
+        ratio = self.panic_avg / (max(ready, 1) * self.target_concurrency)
+        if self.panic_avg > 0 and ratio >= self.panic_threshold:
+            self.panic_until = now + self.stable_window_s       # enter, or stay, in panic mode
+        elif self.panic_until is not None and now >= self.panic_until:
+            self.panic_until = None
+
+        if self.panic_until is not None:
+            desired, kind = max(want_stable, want_panic, self.desired), "panic"
+            reason = (f"panic: concurrency {self.panic_avg:.2f} over {self.panic_window_s:g}s on {ready} ready "
+                      f"(target {self.target_concurrency:g})")
+        else:
+            desired, kind = want_stable, "stable"
+            reason = f"stable: concurrency {self.stable_avg:.2f} over {self.stable_window_s:g}s " \
+                     f"(target {self.target_concurrency:g})"
+            if desired == 0:
+                idle = now - self.last_active
+                if self.desired > 0 and idle < self.scale_to_zero_grace_s:
+                    desired, kind = 1, "hold"
+                    reason = f"idle {idle:.1f}s < scale-to-zero grace {self.scale_to_zero_grace_s:g}s"
+                else:
+                    kind, reason = "zero", f"scale to zero: no traffic for {idle:.1f}s"
+        self.desired = self.clamp(desired)
+        return Decision(self.desired, reason, kind, self.stable_avg, self.panic_avg, self.panicking)
+
+
+def _ceil(x: float) -> int:
+    return max(0, math.ceil(x - 1e-6))
+
+
+# ------------------------------------------------------------------------------------------------ gateway
+
+class _Retry(Exception):
+    def __init__(self, delivered: bool, cause: BaseException):
+        super().__init__(str(cause))
+        self.delivered = delivered
+        self.cause = cause
+
+
+class Gateway:
+    """The reverse proxy, hold queue and autoscaler of one deployment (see the module docstring).
+
+    Beyond the issue's knobs: ``max_inflight_per_replica`` (None: no cap) queues requests at the gateway
+    while every replica has that many in flight; ``quarantine_s`` keeps an endpoint that refused a connection
+    out of the list while the pool still reports it; ``connect_timeout_s`` bounds a connect (a replica whose
+    host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request.
+    """
+
+    def __init__(self, deployment: str, backends: Backends, *, target_concurrency: float = 1.0,
+                 stable_window_s: float = 60, panic_window_s: float = 6, panic_threshold: float = 2.0,
+                 tick_s: float = 0.5, hold_timeout_s: float = 120, max_replicas: int | None = None,
+                 min_replicas: int = 0, scale_to_zero_grace_s: float = 30, refresh_s: float = 0.5,
+                 max_inflight_per_replica: int | None = None, quarantine_s: float = 5.0,
+                 connect_timeout_s: float = 5.0, max_delivery_attempts: int = 3,
+                 max_body_bytes: int = 64 << 20):
+        if target_concurrency <= 0:
+            raise ValueError("target_concurrency must be > 0")
+        self.deployment = deployment
+        self.backends = backends
+        self.tick_s = tick_s
+        self.refresh_s = refresh_s
+        self.hold_timeout_s = hold_timeout_s
+        self.max_inflight_per_replica = max_inflight_per_replica
+        self.quarantine_s = quarantine_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_delivery_attempts = max_delivery_attempts
+        self.max_body_bytes = max_body_bytes
+        self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
+                                     min_replicas, max_replicas, scale_to_zero_grace_s)
+        self.last_decision: Decision | None = None
+
+        self._endpoints: list[str] = []
+        self._quarantine: dict[str, float] = {}       # endpoint -> monotonic time it may come back
+        self._inflight: dict[str, int] = {}
+        self._waiters: deque[tuple[asyncio.Future, set[str]]] = deque()
+        self._rr = 0
+        self._signaled: int | None = None             # last replica count Backends.scale accepted
+        self._scale_lock: asyncio.Lock | None = None
+        self._kick: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._session: aiohttp.ClientSession | None = None
+        self._running = False
+        # time-weighted concurrency (in flight + queued) since the last tick
+        self._conc = 0
+        self._area = 0.0
+        self._area_since = time.monotonic()
+        self._last_change = self._area_since
+
+        self.registry = CollectorRegistry()
+        lbl = ["deployment"]
+        d = deployment
+        Gauge("thaw_gateway_queue_depth", "Requests held at the gateway waiting for a replica", lbl,
+              registry=self.registry).labels(d).set_function(lambda: self.queued)
+        Gauge("thaw_gateway_inflight", "Requests proxied to a replica and not finished", lbl,
+              registry=self.registry).labels(d).set_function(lambda: self.inflight_total)
+        Gauge("thaw_gateway_replicas", "Ready replicas the gateway balances over", lbl,
+              registry=self.registry).labels(d).set_function(lambda: len(self._endpoints))
+        Gauge("thaw_gateway_desired_replicas", "The autoscaler's desired replica count", lbl,
+              registry=self.registry).labels(d).set_function(lambda: self.autoscaler.desired)
+        Gauge("thaw_gateway_panic", "1 while the autoscaler is in panic mode", lbl,
+              registry=self.registry).labels(d).set_function(lambda: int(self.autoscaler.panicking))
+        self._m_requests = Counter("thaw_gateway_requests", "Requests answered, by status code",
+                                   lbl + ["code"], registry=self.registry)
+        self._m_hold = Histogram("thaw_gateway_hold_seconds", "Time requests were held waiting for a replica "
+                                 "(only requests that had to wait)", lbl, buckets=HOLD_BUCKETS,
+                                 registry=self.registry).labels(d)
+        self._m_scale = Counter("thaw_gateway_scale_signals", "Scale signals sent to the pool", lbl + ["kind"],
+                                registry=self.registry)
+        self._m_retries = Counter("thaw_gateway_upstream_retries", "Requests re-sent after an upstream failure",
+                                  lbl + ["reason"], registry=self.registry)
+
+    # ---------------------------------------------------------------------------------------- state
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for f, _ in self._waiters if not f.done())
+
+    @property
+    def inflight_total(self) -> int:
+        return sum(self._inflight.values())
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)
+
+    def state(self) -> dict:
+        a = self.autoscaler
+        return {
+            "deployment": self.deployment,
+            "queued": self.queued,
+            "inflight": {ep: self._inflight.get(ep, 0) for ep in self._endpoints}
+            | {ep: n for ep, n in self._inflight.items() if n},
+            "inflight_total": self.inflight_total,
+            "endpoints": list(self._endpoints),
+            "quarantined": sorted(self._quarantine),
+            "ready": len(self._endpoints),
+            "desired": a.desired,
+            "signaled": self._signaled,
+            "panic": a.panicking,
+            "stable_avg": round(a.stable_avg, 4),
+            "panic_avg": round(a.panic_avg, 4),
+            "target_concurrency": a.target_concurrency,
+            "stable_window_s": a.stable_window_s,
+            "panic_window_s": a.panic_window_s,
+            "last_reason": self.last_decision.reason if self.last_decision else None,
+        }
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes)
+        app.router.add_get("/-/gateway", self._handle_state)
+        app.router.add_get("/metrics", self._handle_metrics)
+        app.router.add_route("*", "/{tail:.*}", self._handle_proxy)
+        app.cleanup_ctx.append(self._lifecycle)
+        return app
+
+    async def _lifecycle(self, _app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        """Open the upstream session and start the refresh and autoscaler loops (``app()`` does this)."""
+        if self._running:
+            return
+        self._running = True
+        self._scale_lock = asyncio.Lock()
+        self._kick = asyncio.Event()
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        with contextlib.suppress(Exception):
+            await self._refresh_once()
+        self._signaled = self.autoscaler.desired = len(self._endpoints)   # adopt what runs; no signal at start
+        self.autoscaler.last_active = time.monotonic()                   # grace counts from gateway start
+        self._area_since = self._last_change = time.monotonic()
+        self._spawn(self._refresh_loop())
+        self._spawn(self._tick_loop())
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        for fut, _ in self._waiters:
+            if not fut.done():
+                fut.cancel()
+        if self._session:
+            await self._session.close()
+            self._session = None
+
+    def _spawn(self, coro) -> asyncio.Task:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    # ------------------------------------------------------------------------------------ endpoints
+
+    async def refresh(self) -> None:
+        """Ask for the endpoint list now (the pool may call this when a replica became healthy)."""
+        if self._kick:
+            self._kick.set()
+
+    async def _refresh_loop(self) -> None:
+        while self._running:
+            try:   # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation (stop() hangs)
+                async with asyncio.timeout(self.refresh_s):
+                    await self._kick.wait()
+            except TimeoutError:
+                pass
+            self._kick.clear()
+            try:
+                await self._refresh_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep serving the last known list
+                log.warning("gateway %s: endpoints() failed: %s", self.deployment, e)
+
+    async def _refresh_once(self) -> None:
+        async with asyncio.timeout(max(10.0, 4 * self.refresh_s)):
+            listed = list(dict.fromkeys(await self.backends.endpoints()))
+        now = time.monotonic()
+        for ep, until in list(self._quarantine.items()):
+            if ep not in listed or now >= until:   # gone from the pool (a later one is new), or time to retry
+                del self._quarantine[ep]
+        self._set_endpoints([ep for ep in listed if ep not in self._quarantine])
+
+    def _set_endpoints(self, eps: list[str]) -> None:
+        if eps != self._endpoints:
+            log.info("gateway %s: endpoints %s", self.deployment, eps)
+        self._endpoints = eps
+        for ep in [ep for ep, n in self._inflight.items() if n == 0 and ep not in eps]:
+            del self._inflight[ep]
+        self._pump()
+
+    def _drop(self, ep: str) -> None:
+        """The endpoint refused a connection: out of the list until the pool stops listing it, or a while."""
+        self._quarantine[ep] = time.monotonic() + self.quarantine_s
+        if ep in self._endpoints:
+            log.warning("gateway %s: dropping unreachable endpoint %s", self.deployment, ep)
+            self._set_endpoints([e for e in self._endpoints if e != ep])
+        if not self._endpoints and self._kick:
+            self._kick.set()
+
+    # ------------------------------------------------------------------------------- balancing/hold
+
+    def _pick(self, avoid: set[str] = frozenset()) -> str | None:
+        cap = self.max_inflight_per_replica
+        cands = [e for e in self._endpoints if cap is None or self._inflight.get(e, 0) < cap]
+        if not cands:
+            return None
+        pref = [e for e in cands if e not in avoid] or cands
+        start = self._rr % len(pref)
+        self._rr += 1
+        return min(pref[start:] + pref[:start], key=lambda e: self._inflight.get(e, 0))
+
+    def _take(self, ep: str) -> None:
+        self._inflight[ep] = self._inflight.get(ep, 0) + 1
+
+    def _release(self, ep: str) -> None:
+        self._inflight[ep] -= 1
+        if self._inflight[ep] <= 0 and ep not in self._endpoints:
+            del self._inflight[ep]
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand endpoints to queued requests, first come first served."""
+        while self._waiters:
+            fut, avoid = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            ep = self._pick(avoid)
+            if ep is None:
+                return
+            self._waiters.popleft()
+            self._take(ep)
+            fut.set_result(ep)
+
+    def _conc_change(self, delta: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._area += self._conc * (now - self._last_change)
+        self._last_change = now
+        self._conc += delta
+
+    async def _acquire(self, request: web.Request, avoid: set[str], budget: float) -> tuple[str | None, float]:
+        """An endpoint with a slot taken on it (``None`` when held past ``budget``), and seconds held."""
+        if not self._waiters:
+            ep = self._pick(avoid)
+            if ep is not None:
+                self._take(ep)
+                return ep, 0.0
+        fut = asyncio.get_running_loop().create_future()
+        if avoid:
+            self._waiters.appendleft((fut, avoid))   # a retried request keeps its place: it came first
+        else:
+            self._waiters.append((fut, avoid))
+        self._pump()
+        if not self._endpoints:
+            self._activate()
+        t0 = time.monotonic()
+        try:
+            while not fut.done():
+                remaining = budget - (time.monotonic() - t0)
+                if remaining <= 0:
+                    break
+                await asyncio.wait({fut}, timeout=min(remaining, 0.25))
+                if not fut.done() and (request.transport is None or request.transport.is_closing()):
+                    break  # the client went away while held
+        except BaseException:  # cancelled (client gone): give back a slot handed over meanwhile
+            if fut.done() and not fut.cancelled():
+                self._release(fut.result())
+            fut.cancel()
+            raise
+        held = time.monotonic() - t0
+        if not fut.done():
+            fut.cancel()  # _pump skips it
+            return None, held
+        return fut.result(), held
+
+    def _activate(self) -> None:
+        """A request is held with no replica: ask for one now, not at the next tick."""
+        a = self.autoscaler
+        if a.desired < 1:
+            n = a.clamp(1)
+            if n >= 1:
+                a.desired = n
+                a.touch(time.monotonic())
+                self.last_decision = Decision(n, "activate: request held with no ready replica", "activate",
+                                              a.stable_avg, a.panic_avg, a.panicking)
+                self._spawn(self._sync_scale())
+
+    async def _sync_scale(self) -> None:
+        async with self._scale_lock:
+            want, d = self.autoscaler.desired, self.last_decision
+            if want == self._signaled:
+                return
+            reason = d.reason if d else "autoscaler"
+            kind = d.kind if d else "stable"
+            try:
+                await self.backends.scale(want, reason)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # retried on the next tick
+                log.warning("gateway %s: scale(%d) failed: %s", self.deployment, want, e)
+                return
+            log.info("gateway %s: scale %s -> %d (%s)", self.deployment, self._signaled, want, reason)
+            self._signaled = want
+            self._m_scale.labels(self.deployment, kind).inc()
+
+    # ------------------------------------------------------------------------------------ autoscale
+
+    def _sample(self) -> float:
+        """Time-weighted mean concurrency since the previous sample."""
+        now = time.monotonic()
+        self._conc_change(0, now)
+        dt = now - self._area_since
+        sample = self._area / dt if dt > 0 else float(self._conc)
+        self._area, self._area_since = 0.0, now
+        return sample
+
+    async def tick(self) -> Decision:
+        """One autoscaler step (the tick loop calls this every ``tick_s``)."""
+        d = self.autoscaler.decide(time.monotonic(), self._sample(), len(self._endpoints))
+        self.last_decision = d
+        if d.desired != self._signaled:
+            await self._sync_scale()
+        return d
+
+    async def _tick_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("gateway %s: autoscaler tick failed", self.deployment)
+
+    # ---------------------------------------------------------------------------------------- HTTP
+
+    async def _handle_state(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.state())
+
+    async def _handle_metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _error(self, status: int, message: str) -> web.Response:
+        self._m_requests.labels(self.deployment, str(status)).inc()
+        body = json.dumps({"error": message, "deployment": self.deployment}) + "\n"
+        return web.Response(status=status, text=body, content_type="application/json")
+
+    def _upstream_headers(self, request: web.Request) -> dict:
+        drop = set(_NOT_FORWARDED)
+        for h in request.headers.getall("Connection", []):
+            drop |= {t.strip().lower() for t in h.split(",")}
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in drop)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        headers.setdefault("X-Forwarded-Host", request.host)
+        headers.setdefault("X-Forwarded-Proto", request.scheme)
+        return headers
+
+    async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = self._upstream_headers(request)
+        self._conc_change(+1)      # a request counts as concurrency from arrival to answer, held or in flight
+        self.autoscaler.touch(time.monotonic())
+        held_total, deliveries, avoid = 0.0, 0, set()
+        try:
+            while True:
+                try:
+                    ep, held = await self._acquire(request, avoid, self.hold_timeout_s - held_total)
+                except asyncio.CancelledError:   # the client hung up while held
+                    self._m_requests.labels(self.deployment, "499").inc()
+                    raise
+                held_total += held
+                if ep is None:
+                    if request.transport is None or request.transport.is_closing():
+                        self._m_requests.labels(self.deployment, "499").inc()
+                        return web.Response(status=499)
+                    return self._error(503, f"no replica of {self.deployment} was ready within "
+                                            f"{self.hold_timeout_s:g}s")
+                try:
+                    return await self._forward(request, ep, body, headers)
+                except _Retry as r:
+                    if r.delivered:
+                        deliveries += 1
+                        self._m_retries.labels(self.deployment, "disconnect").inc()
+                        if deliveries >= self.max_delivery_attempts:
+                            return self._error(502, f"replica connection broke {deliveries} times before a "
+                                                    f"response: {r.cause}")
+                        log.warning("gateway %s: %s broke before responding (%s); re-sending",
+                                    self.deployment, ep, r.cause)
+                    else:
+                        self._m_retries.labels(self.deployment, "connect").inc()
+                        self._drop(ep)
+                    avoid.add(ep)
+                finally:
+                    self._release(ep)
+        finally:
+            self._conc_change(-1)
+            if held_total > 0:
+                self._m_hold.observe(held_total)   # once per request that had to wait, however it ended
+
+    async def _forward(self, request: web.Request, ep: str, body: bytes, headers) -> web.StreamResponse:
+        url = URL(ep.rstrip("/") + request.raw_path, encoded=True)
+        try:
+            up = await self._session.request(
+                request.method, url, headers=headers, data=body if body else None, allow_redirects=False,
+                skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+            raise _Retry(False, e) from e
+        except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
+            raise _Retry(True, e) from e
+        except aiohttp.ClientError as e:
+            return self._error(502, f"bad response from replica: {e}")
+        code = str(up.status)
+        outcome = "499"      # unless it is answered in full: the client went away (or the handler was cancelled)
+        try:
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            drop = set(HOP_BY_HOP)
+            for h in up.headers.getall("Connection", []):
+                drop |= {t.strip().lower() for t in h.split(",")}
+            for k, v in up.headers.items():
+                if k.lower() not in drop:
+                    resp.headers.add(k, v)
+            written = 0
+            try:
+                await resp.prepare(request)
+                while True:
+                    try:
+                        chunk = await up.content.readany()
+                    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                        log.warning("gateway %s: %s broke mid-response: %s", self.deployment, ep, e)
+                        outcome = f"{code}-truncated"
+                        if request.transport:
+                            request.transport.close()     # the client must see a truncated response
+                        raise ConnectionResetError(f"replica {ep} broke mid-response") from e
+                    if not chunk:
+                        break
+                    written += len(chunk)
+                    if up.content_length is not None and written >= up.content_length:
+                        outcome = code   # the last bytes go to the client in this write
+                    await resp.write(chunk)
+                outcome = code
+                await resp.write_eof()
+            except (ConnectionError, aiohttp.ClientConnectionError):
+                if outcome == "499":
+                    return resp      # the client hung up; nobody is left to answer
+                if outcome != code:
+                    raise
+            return resp
+        finally:
+            self._m_requests.labels(self.deployment, outcome).inc()
+            if outcome == code and up.content.at_eof():
+                up.release()
+            else:
+                up.close()
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serving(gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve ``gateway`` on the running loop; yields its base URL (``port=0`` picks a free port)."""
+    runner = web.AppRunner(gateway.app(), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    sock = _bind(host, port)
+    site = web.SockSite(runner, sock)
+    await site.start()
+    h, p = sock.getsockname()[:2]
+    try:
+        yield f"http://{'[' + h + ']' if ':' in h else h}:{p}"
+    finally:
+        await runner.cleanup()
+
+
+async def run(gateway: Gateway, host: str = "0.0.0.0", port: int = 8080) -> None:
+    """Serve ``gateway`` until cancelled."""
+    async with serving(gateway, host, port) as url:
+        log.info("gateway %s listening on %s", gateway.deployment, url)
+        await asyncio.Event().wait()
+
+
+class GatewayThread:
+    """A gateway served on its own event loop thread (``Backends`` coroutines run on that loop)."""
+
+    def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0, timeout: float = 30):
+        self.gateway = gateway
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.url = ""
+        self.thread = threading.Thread(target=self._main, args=(host, port), daemon=True,
+                                       name=f"gateway-{gateway.deployment}")
+        self.thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("gateway did not start")
+        if self._error:
+            raise self._error
+
+    def _main(self, host: str, port: int) -> None:
+        async def main():
+            self._stop = asyncio.Event()
+            try:
+                async with serving(self.gateway, host, port) as url:
+                    self.url = url
+                    self._started.set()
+                    await self._stop.wait()
+            except BaseException as e:
+                self._error = e
+                self._started.set()
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def call(self, coro, timeout: float = 30):
+        """Run ``coro`` on the gateway's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, timeout: float = 10) -> None:
+        if self._stop and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "GatewayThread":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_in_thread(gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> GatewayThread:
+    return GatewayThread(gateway, host, port)

@@ -1,0 +1,521 @@
+"""Gateway: real HTTP end to end.
+
+A real aiohttp gateway proxies to real HTTP servers, each a separate Python process (so a replica can die by
+SIGKILL, like a restored replica whose host goes away). They stand in for restored replicas; a fake
+``Backends`` records scale signals and "starts" a replica after a delay when scaled from zero, which is the
+pool's job in thaw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import sys
+import threading
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from thaw.runtime.gateway import Autoscaler, Backends, Gateway, serving, start_in_thread
+
+pytestmark = pytest.mark.timeout(60)
+
+REPLICA = r"""
+import json, os, sys, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+name, delay = sys.argv[1], float(sys.argv[2])
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def handle_any(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        time.sleep(float(self.headers.get("X-Sleep", delay)))
+        if self.headers.get("X-Die") == "before-response":
+            os._exit(1)
+        out = json.dumps({"replica": name, "method": self.command, "path": self.path, "body": body.decode(),
+                          "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.send_header("Connection", "keep-alive")
+        self.send_header("X-Replica", name)
+        self.end_headers()
+        if self.headers.get("X-Die") == "mid-body":
+            self.wfile.write(out[:10])
+            self.wfile.flush()
+            os._exit(1)
+        self.wfile.write(out)
+    do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+ThreadingHTTPServer.request_queue_size = 256   # the default backlog of 5 drops SYNs under a burst
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv.daemon_threads = True
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+class Replica:
+    """A fake model replica: an HTTP server in its own process."""
+
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, port: int):
+        self.name, self.proc, self.url = name, proc, f"http://127.0.0.1:{port}"
+
+    @classmethod
+    async def start(cls, name: str, delay: float = 0.0) -> "Replica":
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", REPLICA, name, str(delay),
+                                                    stdout=asyncio.subprocess.PIPE)
+        port = int((await asyncio.wait_for(proc.stdout.readline(), 10)).strip())
+        return cls(name, proc, port)
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class FakeBackends:
+    """Records scale signals; with ``start_delay`` it starts a replica that long after a scale from zero."""
+
+    def __init__(self, start_delay: float | None = None):
+        self.urls: list[str] = []
+        self.replicas: list[Replica] = []
+        self.scales: list[tuple[float, int, str]] = []
+        self.start_delay = start_delay
+        self._starting = False
+        self._tasks: set[asyncio.Task] = set()
+        self._n = 0
+
+    async def endpoints(self) -> list[str]:
+        return list(self.urls)
+
+    async def scale(self, replicas: int, reason: str) -> None:
+        self.scales.append((time.monotonic(), replicas, reason))
+        if self.start_delay is not None and replicas >= 1 and not self.urls and not self._starting:
+            self._starting = True
+            t = asyncio.ensure_future(self._start_later())
+            self._tasks.add(t)
+            t.add_done_callback(self._tasks.discard)
+
+    async def _start_later(self) -> None:
+        await asyncio.sleep(self.start_delay)
+        await self.add(f"restored-{self._n}")
+        self._starting = False
+
+    async def add(self, name: str, delay: float = 0.0) -> Replica:
+        self._n += 1
+        r = await Replica.start(name, delay)
+        self.replicas.append(r)
+        self.urls.append(r.url)
+        return r
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for r in self.replicas:
+            await r.kill()
+
+
+FAST = dict(tick_s=0.1, refresh_s=0.1, stable_window_s=2.0, panic_window_s=0.3, scale_to_zero_grace_s=1.0)
+
+
+@contextlib.asynccontextmanager
+async def stack(backends: FakeBackends, replicas: tuple[tuple[str, float], ...] = (), **kw):
+    """Replicas running before the gateway starts, then the gateway and a client."""
+    try:
+        for name, delay in replicas:
+            await backends.add(name, delay)
+        gw = Gateway("demo", backends, **{**FAST, **kw})
+        async with serving(gw) as url, aiohttp.ClientSession() as client:
+            yield gw, url, client
+    finally:
+        await backends.close()
+
+
+async def post(client: aiohttp.ClientSession, url: str, body: dict | None = None, **headers):
+    async with client.post(url, json=body or {}, headers=headers) as r:
+        return r.status, await r.text()
+
+
+async def settled_metrics(gw: Gateway, client: aiohttp.ClientSession, url: str) -> str:
+    """/metrics once the gateway finished accounting for answered requests (a client may read the whole
+    response a moment before the handler that wrote it returns)."""
+    for _ in range(100):
+        if gw.inflight_total == 0 and gw.queued == 0:
+            break
+        await asyncio.sleep(0.02)
+    return await (await client.get(f"{url}/metrics")).text()
+
+
+def metric(text: str, name: str, **labels) -> float | None:
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return None
+
+
+def test_backends_protocol():
+    assert isinstance(FakeBackends(), Backends)
+
+
+def test_held_at_zero_until_first_replica():
+    async def main():
+        backends = FakeBackends(start_delay=1.0)
+        # a tick far away: the scale signal must come from the held request itself, not the autoscaler
+        async with stack(backends, tick_s=5.0) as (gw, url, client):
+            t0 = time.monotonic()
+            task = asyncio.ensure_future(client.post(
+                f"{url}/embed?a=1&b=x%20y", json={"text": "hi"},
+                headers={"X-Custom": "yes", "Connection": "keep-alive, X-Hop", "X-Hop": "1", "Keep-Alive": "5",
+                         "Proxy-Authorization": "Basic eDp5"}))
+            await asyncio.sleep(0.3)
+            assert [(n, r) for _, n, r in backends.scales] == [(1, "activate: request held with no ready replica")]
+            assert backends.scales[0][0] - t0 < 0.2
+            state = await (await client.get(f"{url}/-/gateway")).json()
+            assert state["queued"] == 1 and state["ready"] == 0 and state["desired"] == 1
+            async with await task as r:
+                body = await r.json()
+                assert r.status == 200 and r.headers["X-Replica"] == "restored-0"
+            elapsed = time.monotonic() - t0
+            assert 1.0 <= elapsed < 3.0
+            assert body["replica"] == "restored-0" and body["method"] == "POST"
+            assert body["path"] == "/embed?a=1&b=x%20y" and json.loads(body["body"]) == {"text": "hi"}
+            assert body["headers"]["x-custom"] == "yes" and body["headers"]["x-forwarded-for"] == "127.0.0.1"
+            assert not {"x-hop", "keep-alive", "proxy-authorization"} & set(body["headers"])   # hop-by-hop
+            assert body["headers"]["x-forwarded-host"] == url.removeprefix("http://")
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_hold_seconds_count", deployment="demo") == 1
+            assert 0.9 < metric(metrics, "thaw_gateway_hold_seconds_sum", deployment="demo") < elapsed
+            assert metric(metrics, "thaw_gateway_requests_total", code="200") == 1
+            assert metric(metrics, "thaw_gateway_scale_signals_total", kind="activate") == 1
+            # the next request is not held
+            t1 = time.monotonic()
+            assert (await post(client, f"{url}/embed"))[0] == 200 and time.monotonic() - t1 < 0.5
+    asyncio.run(main())
+
+
+def test_balances_by_inflight():
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends) as (gw, url, client):
+            await backends.add("slow", delay=0.5)
+            await backends.add("fast", delay=0.0)
+            await gw.refresh()
+            await asyncio.sleep(0.2)
+            assert len(gw.endpoints) == 2
+            # idle replicas: ties go round robin
+            seen = [json.loads((await post(client, url, **{"X-Sleep": "0"}))[1])["replica"] for _ in range(6)]
+            assert sorted(seen) == ["fast"] * 3 + ["slow"] * 3
+            assert all(a != b for a, b in zip(seen, seen[1:]))
+
+            counts = {"slow": 0, "fast": 0}
+
+            async def worker():
+                for _ in range(10):
+                    status, text = await post(client, url)
+                    assert status == 200
+                    counts[json.loads(text)["replica"]] += 1
+
+            await asyncio.gather(*(worker() for _ in range(4)))
+            assert sum(counts.values()) == 40
+            assert counts["fast"] >= 30, counts
+    asyncio.run(main())
+
+
+def test_replica_dies_with_requests_in_flight_and_queued():
+    """Two replicas at capacity, more requests queued; one is SIGKILLed: every request still gets a 200."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, max_inflight_per_replica=2) as (gw, url, client):
+            a = await backends.add("a", delay=1.0)
+            await backends.add("b", delay=1.0)
+            await gw.refresh()
+            await asyncio.sleep(0.2)
+            tasks = [asyncio.ensure_future(post(client, url, {"i": i})) for i in range(8)]
+            await asyncio.sleep(0.3)
+            state = gw.state()
+            assert state["inflight_total"] == 4 and state["queued"] == 4
+            await a.kill()                      # the pool has not noticed yet: it still lists a
+            await asyncio.sleep(0.5)
+            backends.urls.remove(a.url)         # now it has; a replacement comes a little later
+            await asyncio.sleep(0.5)
+            await backends.add("c", delay=1.0)
+            results = await asyncio.gather(*tasks)
+            assert [s for s, _ in results] == [200] * 8
+            served = [json.loads(t) for _, t in results]
+            assert sorted(s["body"] for s in served) == sorted(json.dumps({"i": i}) for i in range(8))
+            assert {s["replica"] for s in served} <= {"b", "c"}
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_upstream_retries_total", reason="disconnect") >= 2
+            assert metric(metrics, "thaw_gateway_requests_total", code="200") == 8
+    asyncio.run(main())
+
+
+def test_only_replica_dies_requests_held_until_replacement():
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, quarantine_s=30) as (gw, url, client):
+            a = await backends.add("a", delay=1.0)
+            await gw.refresh()
+            await asyncio.sleep(0.2)
+            tasks = [asyncio.ensure_future(post(client, url, {"i": i})) for i in range(5)]
+            await asyncio.sleep(0.3)
+            await a.kill()                      # still listed by the pool for a while: the gateway drops it
+            await asyncio.sleep(0.5)
+            state = gw.state()
+            assert state["ready"] == 0 and state["queued"] == 5 and state["quarantined"] == [a.url]
+            more = [asyncio.ensure_future(post(client, url, {"i": i})) for i in range(5, 8)]
+            await asyncio.sleep(0.3)
+            assert gw.state()["queued"] == 8
+            await backends.add("b", delay=0.1)
+            results = await asyncio.gather(*tasks, *more)
+            assert [s for s, _ in results] == [200] * 8
+            assert {json.loads(t)["replica"] for _, t in results} == {"b"}
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_upstream_retries_total", reason="connect") >= 1
+            assert metric(metrics, "thaw_gateway_hold_seconds_count") == 8
+    asyncio.run(main())
+
+
+def test_request_that_kills_replicas_is_not_retried_forever():
+    """A connection broken before a response is re-sent (the replica may have died of something else), but a
+    request that kills every replica it reaches gets 502 after max_delivery_attempts deliveries."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0), ("b", 0.0), ("c", 0.0)), max_delivery_attempts=2) as (gw, url, client):
+            status, text = await post(client, url, **{"X-Die": "before-response"})
+            assert status == 502 and "broke 2 times" in json.loads(text)["error"]
+            alive = lambda: sum(r.proc.returncode is None for r in backends.replicas)  # noqa: E731
+            for _ in range(40):   # the exits are reaped asynchronously
+                if alive() <= 1:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            assert alive() == 1                                    # one replica survives
+            status, text = await post(client, url)
+            assert status == 200
+    asyncio.run(main())
+
+
+def test_replica_dies_mid_body_is_not_retried():
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0), ("b", 0.0))) as (gw, url, client):
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with client.post(url, json={}, headers={"X-Die": "mid-body"}) as r:
+                    assert r.status == 200
+                    await r.read()
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_requests_total", code="200-truncated") == 1
+            assert metric(metrics, "thaw_gateway_upstream_retries_total") is None
+            assert (await post(client, url))[0] == 200
+    asyncio.run(main())
+
+
+def test_streams_chunked_responses_as_they_come():
+    """Token streaming: chunks reach the client as the replica writes them, not when it finishes."""
+    async def main():
+        async def stream(request):
+            r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await r.prepare(request)
+            for i in range(3):
+                await r.write(f"data: tok{i}\n\n".encode())
+                await asyncio.sleep(0.3)
+            await r.write_eof()
+            return r
+
+        upstream = web.Application()
+        upstream.router.add_get("/stream", stream)
+        runner = web.AppRunner(upstream)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        backends = FakeBackends()
+        backends.urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")
+        try:
+            async with stack(backends) as (gw, url, client):
+                t0 = time.monotonic()
+                async with client.get(f"{url}/stream") as r:
+                    assert r.headers["Content-Type"] == "text/event-stream"
+                    first = await r.content.readuntil(b"\n\n")
+                    assert first == b"data: tok0\n\n" and time.monotonic() - t0 < 0.25
+                    assert (await r.read()) == b"data: tok1\n\ndata: tok2\n\n"
+                assert time.monotonic() - t0 >= 0.6
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())
+
+
+def test_client_gone_while_held_leaves_the_queue():
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends) as (gw, url, client):
+            with pytest.raises(asyncio.TimeoutError):
+                await client.post(url, json={}, timeout=aiohttp.ClientTimeout(total=0.3))
+            for _ in range(40):
+                if gw.state()["queued"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert gw.state()["queued"] == 0
+    asyncio.run(main())
+
+
+def test_panic_then_stable_then_zero():
+    async def main():
+        backends = FakeBackends()
+        grace = 3.0
+        async with stack(backends, (("a", 1.0),), scale_to_zero_grace_s=grace) as (gw, url, client):
+            await asyncio.sleep(0.3)
+            assert gw.state()["desired"] == 1 and backends.scales == []   # adopts what runs, no signal
+            t0 = time.monotonic()
+            burst = [asyncio.ensure_future(post(client, url)) for _ in range(8)]
+            await asyncio.sleep(0.45)
+            assert backends.scales, "no scale signal within a few ticks of the burst"
+            first_t, first_n, first_reason = backends.scales[0]
+            assert first_n >= 3 and first_reason.startswith("panic") and first_t - t0 < 0.45
+            assert gw.state()["panic"] is True
+            assert all(s == 200 for s, _ in await asyncio.gather(*burst))
+            t_end = time.monotonic()
+            top = max(n for _, n, _ in backends.scales)
+            assert top == 8
+
+            # wait for scale to zero (panic lasts a stable window past the burst, then grace)
+            while not backends.scales or backends.scales[-1][1] != 0:
+                assert time.monotonic() - t_end < 8
+                await asyncio.sleep(0.1)
+            ns = [n for _, n, _ in backends.scales]
+            ups = ns[:ns.index(top) + 1]
+            assert ups == sorted(ups)                               # only up while panicking
+            downs = [(t, n) for t, n, _ in backends.scales[ns.index(top) + 1:]]
+            assert downs[0][0] - t_end >= gw.autoscaler.stable_window_s - 0.3  # none while panicking
+            assert not any(r.startswith("panic") for _, n, r in backends.scales[ns.index(top) + 1:])
+            assert [n for _, n in downs] == [1, 0]                  # 1 until the grace passed, then 0
+            assert downs[1][0] - t_end >= grace - 0.2
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_scale_signals_total", kind="zero") == 1
+            assert metric(metrics, "thaw_gateway_desired_replicas") == 0
+    asyncio.run(main())
+
+
+def test_hold_timeout_is_503_json():
+    async def main():
+        backends = FakeBackends()   # never starts anything
+        async with stack(backends, hold_timeout_s=0.5) as (gw, url, client):
+            t0 = time.monotonic()
+            async with client.post(f"{url}/embed", json={}) as r:
+                text = await r.text()
+                assert r.status == 503 and r.content_type == "application/json"
+            assert 0.5 <= time.monotonic() - t0 < 1.5
+            assert text.endswith("\n") and text.count("\n") == 1
+            err = json.loads(text)
+            assert "demo" in err["error"] and "0.5s" in err["error"]
+            assert [n for _, n, _ in backends.scales][:1] == [1]
+            assert gw.state()["queued"] == 0
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_requests_total", code="503") == 1
+            assert metric(metrics, "thaw_gateway_hold_seconds_count") == 1
+    asyncio.run(main())
+
+
+def test_metrics_and_state_in_thread():
+    """start_in_thread() serves on its own loop; a plain blocking client reads /metrics and /-/gateway."""
+    lt_loop = asyncio.new_event_loop()
+    threading.Thread(target=lt_loop.run_forever, daemon=True).start()
+    backends = FakeBackends()
+    replica = asyncio.run_coroutine_threadsafe(backends.add("a"), lt_loop).result(20)
+    gw = Gateway("demo", backends, **FAST)
+    try:
+        with start_in_thread(gw) as srv:
+            def get(path):
+                with urllib.request.urlopen(srv.url + path, timeout=10) as r:
+                    return r.status, r.headers.get("Content-Type"), r.read().decode()
+
+            statuses = []
+
+            def slow():
+                req = urllib.request.Request(srv.url + "/x", data=b"{}", headers={"X-Sleep": "1.0"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    statuses.append(r.status)
+
+            t = threading.Thread(target=slow)
+            t.start()
+            for _ in range(50):
+                status, ctype, text = get("/-/gateway")
+                if json.loads(text)["inflight_total"]:
+                    break
+                time.sleep(0.05)
+            state = json.loads(text)
+            assert status == 200 and ctype.startswith("application/json")
+            assert state["inflight"] == {replica.url: 1} and state["queued"] == 0 and state["ready"] == 1
+            for key in ("desired", "panic", "stable_avg", "panic_avg", "endpoints", "signaled"):
+                assert key in state
+            status, ctype, text = get("/metrics")
+            assert status == 200 and ctype.startswith("text/plain")
+            assert metric(text, "thaw_gateway_inflight", deployment="demo") == 1
+            assert metric(text, "thaw_gateway_queue_depth", deployment="demo") == 0
+            assert metric(text, "thaw_gateway_replicas", deployment="demo") == 1
+            for name in ("thaw_gateway_requests_total", "thaw_gateway_hold_seconds",
+                         "thaw_gateway_scale_signals_total"):
+                assert f"# TYPE {name.removesuffix('_total')} " in text or f"# TYPE {name} " in text
+            t.join(10)
+            assert statuses == [200]
+            for _ in range(50):
+                status, _, text = get("/metrics")
+                if metric(text, "thaw_gateway_inflight") == 0:
+                    break
+                time.sleep(0.05)
+            assert metric(text, "thaw_gateway_requests_total", code="200") == 1
+            assert metric(text, "thaw_gateway_inflight") == 0
+            # any other path, method included, is proxied
+            assert json.loads(get("/v1/models?x=1")[2]) | {"headers": None} == {
+                "replica": "a", "method": "GET", "path": "/v1/models?x=1", "body": "", "headers": None}
+    finally:
+        asyncio.run_coroutine_threadsafe(backends.close(), lt_loop).result(20)
+        lt_loop.call_soon_threadsafe(lt_loop.stop)
+
+
+# --------------------------------------------------------------------------- autoscaler decisions (no I/O)
+
+def run_ticks(a: Autoscaler, t: float, until: float, conc: float, ready: int, step: float = 0.5):
+    out = []
+    while t < until - 1e-9:
+        t += step
+        out.append((t, a.decide(t, conc, ready)))
+    return t, out
+
+
+def test_autoscaler_stable_panic_and_zero():
+    a = Autoscaler(target_concurrency=2, stable_window_s=10, panic_window_s=1, panic_threshold=2,
+                   scale_to_zero_grace_s=20, desired=1, last_active=0)
+    t, out = run_ticks(a, 0, 5, conc=3, ready=1)          # 3 / (1 * 2) < 2: no panic, desired ceil(3/2)
+    assert all(not d.panicking for _, d in out) and out[-1][1].desired == 2
+    t, out = run_ticks(a, t, 6, conc=20, ready=2)         # 20 / (2 * 2) >= 2: panic on the next tick
+    assert out[0][1].panicking and out[0][1].kind == "panic" and out[0][1].desired == 6   # ceil(11.5 / 2)
+    assert out[1][1].desired == 10                        # the panic window is all burst now
+    t, out = run_ticks(a, t, 16, conc=0, ready=10)        # traffic gone: never down while panicking
+    assert all(d.desired == 10 for _, d in out if d.panicking)
+    assert not out[-1][1].panicking and out[-1][1].desired < 10
+    t, out = run_ticks(a, t, 30, conc=0, ready=1)
+    zero_at = next(tt for tt, d in out if d.desired == 0)
+    assert zero_at >= 6 + 20 and all(d.desired == 1 for tt, d in out if 16 < tt < zero_at)   # grace from last traffic
+
+
+def test_autoscaler_clamps():
+    a = Autoscaler(target_concurrency=1, stable_window_s=4, panic_window_s=1, min_replicas=1, max_replicas=3,
+                   scale_to_zero_grace_s=0)
+    _, out = run_ticks(a, 0, 2, conc=50, ready=1)
+    assert out[-1][1].desired == 3
+    _, out = run_ticks(a, 2, 40, conc=0, ready=3)
+    assert out[-1][1].desired == 1
