@@ -31,7 +31,7 @@ from . import _linux, compat, criu
 from .forward import Forwarder
 
 RECORD = "replica.json"
-PROFILE = "thaw-access.json"  # the image chunks the model read while starting, stored with its snapshot
+PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 RESULT = "result.json"
 
 
@@ -212,12 +212,7 @@ class HostSnapshots:
         work.mkdir(parents=True)
         st = Stages()
         beat("root")
-        recording = None
-        if self.cfg.lazy_mounts:  # its own mount, recording what the model reads while it starts
-            recording = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
-            lower = Path(recording.mountpoint)
-        else:
-            lower = self.image_root(image_digest)
+        lower = self.image_root(image_digest)
         root = criu.prepare_root(lower, work / "rw")
         st.mark("root")
         log = work / "launch.log"
@@ -238,15 +233,37 @@ class HostSnapshots:
                 replica.stop()
         finally:
             root.cleanup()
-            if recording:
-                recording.unmount()  # writes the access profile
-        if recording and (work / PROFILE).exists():
-            shutil.copy2(work / PROFILE, work / "dump" / PROFILE)  # stored with the snapshot
+        if self.cfg.lazy_mounts:
+            beat("profile")
+            self._record_profile(work, image_digest, spec, golden)
+            st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": self.facts, "compat_key": compat.compat_key(self.facts, image_digest),
                   "timings_ms": st.ms}
         done.write_text(json.dumps(result))
         return result
+
+    def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict) -> None:
+        """Restore the fresh dump once on a recording mount of the image and replay the golden request: the
+        image chunks a *restore* reads, in order, are the prefetch profile stored with the snapshot."""
+        rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
+        try:
+            root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
+            try:
+                replica = criu.restore(work / "dump", root.path, work / "profile-restore.log")
+                try:
+                    with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
+                        criu.after_restore(replica, spec["port"], {})
+                    replica.wait_healthy(spec["port"], spec["health"], timeout=60)
+                    golden_answer(replica, spec["port"], golden)
+                finally:
+                    replica.stop()
+            finally:
+                root.cleanup()
+        finally:
+            rec.unmount()  # writes the profile
+        if (work / PROFILE).exists():
+            shutil.copy2(work / PROFILE, work / "dump" / PROFILE)
 
     # -- restore ------------------------------------------------------------------------------------
     def restore(self, snap: dict, secrets: dict[str, str], beat: Callable[[str], None] = lambda s: None
@@ -260,7 +277,7 @@ class HostSnapshots:
         beat("fetch")
         files = self.snapshot_files(snap["digest"])
         lower = self.image_root(snap["image_digest"])
-        fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts else None
+        fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts and self.cfg.prefetch else None
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = criu.prepare_root(lower, work / "rw")

@@ -224,7 +224,8 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         golden.write_text("{}")
         build = subprocess.Popen(["thaw", "build", "snapshot", img, "--port", str(PORT), "--health", "/health",
                                   "--golden", str(golden), "--golden-path", "/answer-stable", "--json"],
-                                 env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.PIPE, text=True)
+                                 env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
         builds = cfg.work_dir / "builds"
         deadline = time.monotonic() + 60
         while not any(builds.glob("*/launch.log")):
@@ -234,8 +235,8 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         os.kill(agent.pid, signal.SIGKILL)  # the agent only: the replica it launched is left behind
         agent.wait()
         agent = _agent_proc(cfg)  # a restarted agent clears the leftovers; Temporal retries the activity
-        out, _ = build.communicate(timeout=240)
-        assert build.returncode == 0, out
+        out, err = build.communicate(timeout=240)
+        assert build.returncode == 0, (out, err[-3000:])
         res = json.loads(out)
         assert res["created"]
         assert [s.digest for s in snapshots.list_all(cfg.registry_url)] == [res["digest"]]

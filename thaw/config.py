@@ -40,6 +40,7 @@ class Config(BaseSettings):
     host_id: str = Field(default_factory=lambda: os.uname().nodename)
     agent_heartbeat_s: float = 10.0
     lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
+    prefetch: bool = True  # on restore, fetch the snapshot's chunks and its recorded image reads in parallel
     prefetch_concurrency: int = 8
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
