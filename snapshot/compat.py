@@ -16,7 +16,9 @@ import platform
 import re
 import subprocess
 
-INFO_ONLY = {"cpu_model", "cpu_flags_hash"}  # reported, never compared
+INFO_ONLY = {"cpu_model", "cpu_flags_hash", "gpu_count", "gpu_uuids", "gpu_processes"}  # reported, never compared
+GPU_KEYS = ("gpu_model", "nvidia_driver", "cuda")  # compared when the snapshot has them (see check)
+LABELS = {"kernel": "kernel series", "gpu_model": "gpu model", "nvidia_driver": "nvidia driver", "cuda": "CUDA"}
 
 
 class Incompatible(Exception):
@@ -58,7 +60,32 @@ def host_facts() -> dict:
         "cpu_flags_hash": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
         "kernel": platform.release(),
         "criu": criu_version(),
+        **gpu_host_facts(),  # nothing on a host without an NVIDIA GPU/driver: CPU hosts' facts are unchanged
     }
+
+
+@functools.cache
+def gpu_host_facts() -> dict:
+    """This host's GPU facts (``cuda.gpu_facts``: gpu_model, nvidia_driver, cuda; gpu_count and gpu_uuids for
+    information), or {} without an NVIDIA GPU/driver. Cached: a driver upgrade restarts the agent."""
+    from .cuda import gpu_facts
+    try:
+        return gpu_facts()
+    except Exception:  # noqa: BLE001 - facts must never stop a host agent; no facts = no GPU snapshots here
+        return {}
+
+
+def needs_gpu(snapshot_facts: dict) -> bool:
+    """Was the snapshot taken of a process using a GPU (so only a host with the same GPU facts may restore it)?"""
+    return bool(snapshot_facts.get("gpu_model"))
+
+
+def snapshot_facts(host_facts: dict, uses_gpu: bool) -> dict:
+    """The facts to record with a snapshot: the host's, without its GPU facts when the dumped process did not use
+    the GPU (a CPU-only snapshot taken on a GPU host then restores on CPU hosts too)."""
+    if uses_gpu:
+        return dict(host_facts)
+    return {k: v for k, v in host_facts.items() if k not in GPU_KEYS and k not in ("gpu_count", "gpu_uuids")}
 
 
 def _series(release: str | None) -> str:
@@ -81,17 +108,28 @@ def compat_key(facts: dict, image_digest: str) -> str:
 def check(snapshot_facts: dict, host_facts: dict) -> list[str]:
     """Why a snapshot with ``snapshot_facts`` can't be restored on a host with ``host_facts`` ([] = it can).
 
-    Looser than key equality: a host with more CPU features than the snapshot's host is fine.
+    Looser than key equality: a host with more CPU features than the snapshot's host is fine, and a snapshot
+    without GPU facts (a CPU-only process) ignores the host's GPU facts. A GPU snapshot needs the same GPU model,
+    NVIDIA driver and CUDA version.
     """
     snap, host = _key_facts(snapshot_facts), _key_facts(host_facts)
     reasons = []
+    if not needs_gpu(snap):
+        for key in GPU_KEYS:
+            host.pop(key, None)
+    elif not needs_gpu(host):
+        reasons.append(f"no NVIDIA GPU on host (snapshot needs {snap['gpu_model']}, driver "
+                       f"{snap.get('nvidia_driver')}, CUDA {snap.get('cuda')})")
+        for key in GPU_KEYS:
+            snap.pop(key, None)
+            host.pop(key, None)
     missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")))
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
         reasons.append(f"cpu flags differ: host lacks {shown}")
     for key in sorted(set(snap) | set(host)):
         if snap.get(key) != host.get(key):
-            what = "kernel series" if key == "kernel" else key
+            what = LABELS.get(key, key)
             reasons.append(f"{what} {snap.get(key)} != {host.get(key)} (snapshot != host)")
     return reasons
 

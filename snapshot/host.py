@@ -27,7 +27,7 @@ from thaw.imagefs.materialize import materialize_cached
 from thaw.imagefs.prefetch import load_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
-from . import _linux, compat, criu
+from . import _linux, compat, criu, cuda
 from .forward import Forwarder
 
 RECORD = "replica.json"
@@ -227,23 +227,40 @@ class HostSnapshots:
                 answer = golden_answer(replica, spec["port"], golden)
                 st.mark("golden")
                 beat("checkpoint")
-                criu.checkpoint(replica, work / "dump")
+                gpu_pids = cuda.tree_uses_nvidia(replica.pid)  # /proc scan, no driver needed on CPU hosts
+                if gpu_pids:  # lock -> device memory to host -> CRIU dump; a half-done checkpoint raises
+                    ck = cuda.GpuCheckpointer()
+                    gpu_pids = [p for p in gpu_pids if ck.uses_gpu(p)]
+                    st.ms.update(ck.around_dump(gpu_pids, lambda: criu.checkpoint(replica, work / "dump")).timings_ms)
+                else:
+                    criu.checkpoint(replica, work / "dump")
                 st.mark("dump")
             finally:
                 replica.stop()
         finally:
             root.cleanup()
+        facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
+        facts["gpu_processes"] = len(gpu_pids)
         if self.cfg.lazy_mounts:
             beat("profile")
-            self._record_profile(work, image_digest, spec, golden)
+            self._record_profile(work, image_digest, spec, golden, facts)
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
-                  "host_facts": self.facts, "compat_key": compat.compat_key(self.facts, image_digest),
+                  "host_facts": facts, "compat_key": compat.compat_key(facts, image_digest),
                   "timings_ms": st.ms}
         done.write_text(json.dumps(result))
         return result
 
-    def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict) -> None:
+    def _restore_gpu(self, snap: dict, replica, st: Stages) -> None:
+        """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay."""
+        facts = snap["host_facts"]
+        if compat.needs_gpu(facts):
+            cuda.GpuCheckpointer().restore_tree(
+                replica.pid, expected=facts.get("gpu_processes"),
+                gpu_pairs=cuda.gpu_remap(facts.get("gpu_uuids", []), self.facts.get("gpu_uuids", [])))
+            st.mark("cuda")
+
+    def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict, facts: dict) -> None:
         """Restore the fresh dump once on a recording mount of the image and replay the golden request: the
         image chunks a *restore* reads, in order, are the prefetch profile stored with the snapshot."""
         rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
@@ -252,6 +269,7 @@ class HostSnapshots:
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log")
                 try:
+                    self._restore_gpu({"host_facts": facts}, replica, Stages())
                     with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
                         criu.after_restore(replica, spec["port"], {})
                     replica.wait_healthy(spec["port"], spec["health"], timeout=60)
@@ -299,6 +317,7 @@ class HostSnapshots:
             root.cleanup()
             raise
         try:
+            self._restore_gpu(snap, replica, st)
             try:
                 criu.after_restore(replica, spec["port"], secrets, rid)
             except criu.ReplicaError:
@@ -367,7 +386,8 @@ class HostSnapshots:
             try:
                 running, ms = self.restore(snap, secrets)
                 return running, {"outcome": "restored", "reason": "", "timings_ms": ms, "golden_ok": True}
-            except (compat.Incompatible, criu.CriuError, criu.ReplicaError, SnapshotError, StoreError, OSError) as e:
+            except (compat.Incompatible, criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, StoreError,
+                    OSError) as e:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
             running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], secrets, snap["golden_request"],
                                                snap["golden_digest"])

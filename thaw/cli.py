@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sys
 import uuid
 from dataclasses import asdict
@@ -619,4 +621,18 @@ _add_simulate()
 
 
 def main():
-    cli(prog_name="thaw")
+    """Entry point. Ends with os._exit once output is flushed: with grpcio installed, temporalio's native
+    threads can abort the interpreter's finalization ("PyGILState_Release ... finalizing"), turning a
+    finished command's exit code into SIGABRT. Nothing is left to do by then: every command has cleaned up."""
+    try:
+        cli(prog_name="thaw")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            click.echo(str(e.code), err=True)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -1,0 +1,683 @@
+"""thaw.snapshot.cuda: GPU checkpoint ordering, state checks, timeouts, rollback, GPU compatibility facts.
+
+Without a GPU (this machine, CI) the only fake is ``FakeCu``: a stand-in for the ``cuda.bindings.driver`` module
+(functions returning ``(CUresult, ...)`` tuples, a CUprocessState machine per pid, injectable error codes and
+hangs). ``RealCudaDriver`` runs on it unchanged, so the timeouts and CUDA error names are thaw's real code.
+Tests marked ``gpu`` use the real driver and skip where there is no NVIDIA GPU/driver:
+``python3 -m pytest tests/test_cuda.py -m gpu -v -rs -s``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from thaw.snapshot import compat
+from thaw.snapshot import cuda as gpu
+from thaw.snapshot.cuda import (CHECKPOINTED, LOCKED, RUNNING, CudaError, CudaStateError, CudaUnavailable,
+                                GpuCheckpointer, RealCudaDriver, facts_from, gpu_checkpoint_around_dump, gpu_remap)
+
+PID = 4242
+H100 = "NVIDIA H100 80GB HBM3"
+UUID0 = "GPU-11111111-2222-3333-4444-555555555555"
+UUID1 = "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+
+
+# -- the fake cuda.bindings.driver -------------------------------------------------------------------------------
+class CUresult(enum.IntEnum):
+    CUDA_SUCCESS = 0
+    CUDA_ERROR_INVALID_VALUE = 1
+    CUDA_ERROR_NOT_INITIALIZED = 3
+    CUDA_ERROR_NO_DEVICE = 100
+    CUDA_ERROR_ILLEGAL_STATE = 401
+    CUDA_ERROR_NOT_FOUND = 500
+    CUDA_ERROR_NOT_READY = 600
+    CUDA_ERROR_NOT_SUPPORTED = 801
+    CUDA_ERROR_UNKNOWN = 999
+
+
+class CUprocessState(enum.IntEnum):
+    CU_PROCESS_STATE_RUNNING = 0
+    CU_PROCESS_STATE_LOCKED = 1
+    CU_PROCESS_STATE_CHECKPOINTED = 2
+    CU_PROCESS_STATE_FAILED = 3
+    CU_PROCESS_STATE_CHECKPOINTING = 4
+    CU_PROCESS_STATE_RESTORING = 5
+
+
+S = CUprocessState
+OK = CUresult.CUDA_SUCCESS
+
+
+class CUcheckpointLockArgs:
+    timeoutMs = 0
+
+
+class CUcheckpointRestoreArgs:
+    gpuPairs: list = []
+    gpuPairsCount = 0
+
+
+class CUcheckpointGpuPair:
+    oldUuid = newUuid = None
+
+
+class CUuuid:
+    def __init__(self, ptr: int = 0):
+        self.bytes = ctypes.string_at(ptr, 16) if ptr else bytes(16)
+
+
+class FakeCu:
+    """``cuda.bindings.driver`` as far as thaw uses it. ``fail[name]`` or ``fail[(name, pid)] = CUresult`` makes
+    that call fail once (leaving the state given in ``fail_state``); ``hang[name] = seconds`` makes it block first
+    (in the transitional state CHECKPOINTING/RESTORING, as the real driver would be) and then finish."""
+
+    CUresult, CUprocessState = CUresult, CUprocessState
+    CUcheckpointLockArgs, CUcheckpointRestoreArgs = CUcheckpointLockArgs, CUcheckpointRestoreArgs
+    CUcheckpointGpuPair, CUuuid = CUcheckpointGpuPair, CUuuid
+
+    def __init__(self, states: dict[int, S] | None = None, version: int = 12080, init: CUresult = OK,
+                 devices=((H100, UUID0),)):
+        self.states = dict(states if states is not None else {PID: S.CU_PROCESS_STATE_RUNNING})
+        self.version, self.init, self.devs = version, init, list(devices)
+        self.calls: list[tuple[str, int | None]] = []
+        self.fail: dict = {}
+        self.fail_state: dict[str, S] = {}
+        self.hang: dict[str, float] = {}
+        self.lock_busy = False  # the target never releases its CUDA locks: lock waits timeoutMs, NOT_READY
+        self.lock_args: list[int] = []
+        self.restore_pairs: list = []
+        self.release = threading.Event()  # ends every hang (teardown)
+        self.mu = threading.Lock()
+
+    # plumbing
+    def _step(self, name, pid, need: S, then: S, transit: S | None = None):
+        with self.mu:
+            self.calls.append((name, pid))
+            if pid not in self.states:
+                return (CUresult.CUDA_ERROR_NOT_INITIALIZED,)
+            key = (name, pid) if (name, pid) in self.fail else name
+            if key in self.fail:
+                err = self.fail.pop(key)
+                if name in self.fail_state:
+                    self.states[pid] = self.fail_state.pop(name)
+                return (err,)
+            if self.states[pid] != need:
+                return (CUresult.CUDA_ERROR_ILLEGAL_STATE,)
+            hang = self.hang.pop(name, 0)
+            if hang and transit is not None:
+                self.states[pid] = transit
+        if hang:
+            self.release.wait(hang)
+        with self.mu:
+            self.states[pid] = then
+        return (OK,)
+
+    def cuInit(self, flags):
+        self.calls.append(("cuInit", None))
+        return (self.init,)
+
+    def cuDriverGetVersion(self):
+        return (OK, self.version)
+
+    def cuGetErrorName(self, err):
+        return (OK, CUresult(err).name.encode())
+
+    def cuDeviceGetCount(self):
+        return (OK, len(self.devs))
+
+    def cuDeviceGet(self, i):
+        return (OK, i)
+
+    def cuDeviceGetName(self, length, dev):
+        return (OK, self.devs[dev][0].encode() + b"\0" * 8)
+
+    def cuDeviceGetUuid(self, dev):
+        u = CUuuid()
+        u.bytes = gpu._uuid_bytes(self.devs[dev][1])
+        return (OK, u)
+
+    def cuCheckpointProcessGetState(self, pid):
+        with self.mu:
+            self.calls.append(("GetState", pid))
+            if "GetState" in self.fail:
+                return (self.fail.pop("GetState"), None)
+            if pid not in self.states:
+                return (CUresult.CUDA_ERROR_NOT_INITIALIZED, None)
+            return (OK, self.states[pid])
+
+    def cuCheckpointProcessGetRestoreThreadId(self, pid):
+        return (OK, pid + 1) if pid in self.states else (CUresult.CUDA_ERROR_NOT_INITIALIZED, None)
+
+    def cuCheckpointProcessLock(self, pid, args):
+        self.lock_args.append(args.timeoutMs if args else 0)
+        if self.lock_busy:
+            with self.mu:
+                self.calls.append(("Lock", pid))
+            self.release.wait((args.timeoutMs if args else 0) / 1000)
+            return (CUresult.CUDA_ERROR_NOT_READY,)  # the driver's lock timeout: left RUNNING
+        return self._step("Lock", pid, S.CU_PROCESS_STATE_RUNNING, S.CU_PROCESS_STATE_LOCKED)
+
+    def cuCheckpointProcessCheckpoint(self, pid, args):
+        return self._step("Checkpoint", pid, S.CU_PROCESS_STATE_LOCKED, S.CU_PROCESS_STATE_CHECKPOINTED,
+                          S.CU_PROCESS_STATE_CHECKPOINTING)
+
+    def cuCheckpointProcessRestore(self, pid, args):
+        if args is not None:
+            self.restore_pairs.append([(p.oldUuid.bytes, p.newUuid.bytes) for p in args.gpuPairs])
+        return self._step("Restore", pid, S.CU_PROCESS_STATE_CHECKPOINTED, S.CU_PROCESS_STATE_LOCKED,
+                          S.CU_PROCESS_STATE_RESTORING)
+
+    def cuCheckpointProcessUnlock(self, pid, args):
+        return self._step("Unlock", pid, S.CU_PROCESS_STATE_LOCKED, S.CU_PROCESS_STATE_RUNNING)
+
+    # for tests
+    def state(self, pid=PID) -> str:
+        return self.states[pid].name.removeprefix("CU_PROCESS_STATE_")
+
+    def steps(self) -> list[str]:
+        return [name for name, _ in self.calls if name != "cuInit"]
+
+
+@pytest.fixture
+def cu():
+    fake = FakeCu()
+    yield fake
+    fake.release.set()
+
+
+def checkpointer(cu: FakeCu, **kw) -> GpuCheckpointer:
+    kw.setdefault("timeout_s", 2.0)
+    kw.setdefault("lock_timeout_s", 1.0)
+    kw.setdefault("state_timeout_s", 1.0)
+    return GpuCheckpointer(RealCudaDriver(cu, lock_grace_s=0.2), **kw)
+
+
+# -- ordering ----------------------------------------------------------------------------------------------------
+def test_checkpoint_order_and_timings(cu):
+    t = checkpointer(cu, lock_timeout_s=0.75).checkpoint(PID)
+    assert cu.steps() == ["GetState", "Lock", "GetState", "Checkpoint", "GetState"]
+    assert cu.state() == CHECKPOINTED
+    assert cu.lock_args == [750]  # the lock's own driver timeout is set
+    assert set(t) == {"cuda_lock", "cuda_checkpoint"} and all(v >= 0 for v in t.values())
+
+
+def test_restore_order(cu):
+    cu.states[PID] = S.CU_PROCESS_STATE_CHECKPOINTED
+    t = checkpointer(cu).restore(PID)
+    assert cu.steps() == ["GetState", "Restore", "GetState", "Unlock", "GetState"]
+    assert cu.state() == RUNNING
+    assert set(t) == {"cuda_restore", "cuda_unlock"}
+
+
+def test_restore_tree(cu):
+    cu.states[PID] = S.CU_PROCESS_STATE_CHECKPOINTED  # a pid not on this machine: its tree is itself
+    c = checkpointer(cu)
+    with pytest.raises(CudaStateError, match=f"1 CHECKPOINTED CUDA process\\(es\\) under pid {PID}, 2 were dumped"):
+        c.restore_tree(PID, expected=2)
+    assert set(c.restore_tree(PID, expected=1)) == {"cuda_restore", "cuda_unlock"}
+    assert cu.state() == RUNNING
+    assert c.checkpointed_pids(PID) == []
+
+
+def test_restore_remaps_gpus(cu):
+    cu.states[PID] = S.CU_PROCESS_STATE_CHECKPOINTED
+    pairs = gpu_remap([UUID0], [UUID1])
+    checkpointer(cu).restore(PID, gpu_pairs=pairs)
+    assert cu.restore_pairs == [[(gpu._uuid_bytes(UUID0), gpu._uuid_bytes(UUID1))]]
+    assert gpu_remap([UUID0], [UUID0, UUID1]) is None  # same GPUs: no remap
+    with pytest.raises(CudaError, match="every checkpointed GPU"):
+        gpu_remap([UUID0, UUID1], [UUID1])
+
+
+# -- state checks ------------------------------------------------------------------------------------------------
+def test_checkpoint_refuses_a_locked_process(cu):
+    cu.states[PID] = S.CU_PROCESS_STATE_LOCKED
+    with pytest.raises(CudaStateError, match=f"pid {PID} is LOCKED, not RUNNING: refusing cuCheckpointProcessLock"):
+        checkpointer(cu).checkpoint(PID)
+    assert cu.steps() == ["GetState"]  # nothing was done, nothing is undone
+    assert cu.state() == LOCKED
+
+
+def test_restore_refuses_a_running_process(cu):
+    with pytest.raises(CudaStateError, match="is RUNNING, not CHECKPOINTED.*cuda_plugin"):
+        checkpointer(cu).restore(PID)
+    assert cu.steps() == ["GetState"]
+
+
+def test_restore_failure_names_the_state_left(cu):
+    cu.states[PID] = S.CU_PROCESS_STATE_CHECKPOINTED
+    cu.fail["Restore"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    cu.fail_state["Restore"] = S.CU_PROCESS_STATE_FAILED
+    with pytest.raises(CudaError) as ei:
+        checkpointer(cu).restore(PID)
+    assert str(ei.value) == (f"cuCheckpointProcessRestore(pid {PID}): CUDA_ERROR_NOT_SUPPORTED; "
+                             f"pid {PID} is now FAILED")
+    assert ei.value.code == "CUDA_ERROR_NOT_SUPPORTED" and ei.value.pid == PID
+
+
+def test_uses_gpu(cu):
+    c, me = checkpointer(cu), os.getpid()  # a pid that exists
+    cu.states[me] = S.CU_PROCESS_STATE_RUNNING
+    assert c.uses_gpu(me)
+    assert not c.uses_gpu(PID + 1)  # no CUDA context: CUDA_ERROR_NOT_INITIALIZED
+    cu.fail["GetState"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    with pytest.raises(CudaError, match="CUDA_ERROR_NOT_SUPPORTED"):
+        c.uses_gpu(me)
+    cu.fail["GetState"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    assert not c.uses_gpu(PID)  # a process that is gone
+    assert c.gpu_pids(os.getpid()) == []  # this process holds no /dev/nvidia* file
+
+
+def test_multi_gpu_is_refused_before_locking(cu, monkeypatch):
+    monkeypatch.setattr(gpu, "nvidia_files", lambda pid: ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl"])
+    with pytest.raises(CudaError, match="uses 2 GPUs .*not supported in this version"):
+        checkpointer(cu).checkpoint(PID)
+    assert "Lock" not in cu.steps() and cu.state() == RUNNING
+
+
+# -- failures roll back ------------------------------------------------------------------------------------------
+def test_lock_timeout_rolls_back(cu):
+    cu.lock_busy = True  # the driver's own lock timeout: CUDA_ERROR_NOT_READY, process left RUNNING
+    t0 = time.monotonic()
+    with pytest.raises(CudaError) as ei:
+        checkpointer(cu, lock_timeout_s=0.2).checkpoint(PID)
+    assert time.monotonic() - t0 < 1.5
+    assert str(ei.value) == (f"cuCheckpointProcessLock(pid {PID}): CUDA_ERROR_NOT_READY; "
+                             f"rolled back: pid {PID} is RUNNING again")
+    assert cu.state() == RUNNING
+
+
+def test_lock_hang_past_its_own_timeout(cu):
+    cu.hang["Lock"] = 30  # the driver ignores timeoutMs: thaw's thread timeout still ends it
+    t0 = time.monotonic()
+    with pytest.raises(CudaError) as ei:
+        checkpointer(cu, lock_timeout_s=0.2).checkpoint(PID)
+    assert time.monotonic() - t0 < 2.0
+    assert ei.value.timed_out
+    assert str(ei.value) == (f"cuCheckpointProcessLock timed out after 0.4 s for pid {PID}; "
+                             f"pid {PID} is RUNNING and the timed-out call is still in the driver: stop it")
+
+
+def test_checkpoint_error_rolls_back_to_running(cu):
+    cu.fail["Checkpoint"] = CUresult.CUDA_ERROR_NOT_SUPPORTED  # e.g. UVM memory; the process stays LOCKED
+    with pytest.raises(CudaError) as ei:
+        checkpointer(cu).checkpoint(PID)
+    assert str(ei.value) == (f"cuCheckpointProcessCheckpoint(pid {PID}): CUDA_ERROR_NOT_SUPPORTED; "
+                             f"rolled back: pid {PID} is RUNNING again")
+    assert cu.steps()[-3:] == ["GetState", "Unlock", "GetState"]
+    assert cu.state() == RUNNING
+
+
+def test_checkpoint_that_leaves_failed_says_stop_it(cu):
+    cu.fail["Checkpoint"] = CUresult.CUDA_ERROR_UNKNOWN
+    cu.fail_state["Checkpoint"] = S.CU_PROCESS_STATE_FAILED
+    with pytest.raises(CudaError, match=f"CUDA_ERROR_UNKNOWN; rollback impossible: pid {PID} is FAILED: stop it"):
+        checkpointer(cu).checkpoint(PID)
+
+
+def test_checkpoint_hang_times_out_within_bound(cu):
+    cu.hang["Checkpoint"] = 30
+    t0 = time.monotonic()
+    with pytest.raises(CudaError) as ei:
+        checkpointer(cu, state_timeout_s=0.2).checkpoint(PID, timeout_s=0.3)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 0.3 + 3 * 0.2 + 0.5, elapsed  # the call's bound plus at most a rollback state query
+    assert ei.value.timed_out
+    assert str(ei.value) == (f"cuCheckpointProcessCheckpoint timed out after 0.3 s for pid {PID}; "
+                             f"pid {PID} is CHECKPOINTING and the timed-out call is still in the driver: stop it")
+
+
+def test_hung_state_query_is_bounded(cu):
+    cu.states[PID] = S.CU_PROCESS_STATE_RUNNING
+    slow = cu.cuCheckpointProcessGetState
+    cu.cuCheckpointProcessGetState = lambda pid: (cu.release.wait(30), slow(pid))[1]
+    t0 = time.monotonic()
+    with pytest.raises(CudaError, match="cuCheckpointProcessGetState timed out after 0.2 s for pid"):
+        checkpointer(cu, state_timeout_s=0.2).checkpoint(PID)
+    assert time.monotonic() - t0 < 1.0
+
+
+# -- around the CRIU dump ----------------------------------------------------------------------------------------
+def test_around_dump_dumps_only_checkpointed(cu):
+    seen = []
+    res = gpu_checkpoint_around_dump(PID, lambda: seen.append(cu.state()) or "images",
+                                     checkpointer=checkpointer(cu))
+    assert seen == [CHECKPOINTED] and res.value == "images" and res.pids == [PID]
+    assert {"cuda_lock", "cuda_checkpoint", "dump"} <= set(res.timings_ms)
+    assert cu.state() == CHECKPOINTED  # without leave_running criu ends the process: nothing to restore
+
+
+def test_around_dump_leave_running(cu):
+    res = checkpointer(cu).around_dump([PID], lambda: None, leave_running=True)
+    assert cu.state() == RUNNING
+    assert {"cuda_restore", "cuda_unlock"} <= set(res.timings_ms)
+
+
+def test_around_dump_leave_running_restore_failure_is_raised(cu):
+    cu.fail["Restore"] = CUresult.CUDA_ERROR_ILLEGAL_STATE
+    with pytest.raises(CudaError, match=f"cuCheckpointProcessRestore\\(pid {PID}\\): CUDA_ERROR_ILLEGAL_STATE"):
+        checkpointer(cu).around_dump(PID, lambda: None, leave_running=True)
+
+
+def test_failed_dump_puts_the_process_back_running(cu):
+    class DumpFailed(RuntimeError):
+        pass
+
+    def dump():
+        assert cu.state() == CHECKPOINTED
+        raise DumpFailed("criu dump failed (exit 1): ... -- see log dump.log")
+
+    with pytest.raises(DumpFailed) as ei:
+        checkpointer(cu).around_dump(PID, dump)
+    assert cu.state() == RUNNING
+    assert ei.value.__notes__ == [f"pid {PID} is RUNNING again"]
+
+
+def test_half_done_checkpoint_never_reaches_the_dump(cu):
+    other = PID + 10
+    cu.states[other] = S.CU_PROCESS_STATE_RUNNING
+    cu.fail[("Checkpoint", other)] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    dumped = []
+    # the first pid checkpoints, the second fails: both end RUNNING, the dump never runs
+    with pytest.raises(CudaError, match=f"pid {other}.*CUDA_ERROR_NOT_SUPPORTED.*pid {PID} is RUNNING again"):
+        checkpointer(cu).around_dump([PID, other], lambda: dumped.append(1))
+    assert dumped == []
+    assert cu.state(PID) == RUNNING and cu.state(other) == RUNNING
+
+
+def test_around_dump_without_gpu_pids_just_dumps(cu):
+    assert checkpointer(cu).around_dump([], lambda: 7).value == 7
+    assert cu.steps() == []
+
+
+# -- driver availability and facts -------------------------------------------------------------------------------
+def test_driver_unavailable_is_explained(cu):
+    with pytest.raises(CudaUnavailable, match="driver >= 570"):
+        RealCudaDriver(FakeCu(version=12040))
+    with pytest.raises(CudaUnavailable, match="no usable NVIDIA GPU: cuInit: CUDA_ERROR_NO_DEVICE"):
+        RealCudaDriver(FakeCu(init=CUresult.CUDA_ERROR_NO_DEVICE))
+
+    class Old:
+        pass
+
+    with pytest.raises(CudaUnavailable, match="lacks the checkpoint API"):
+        RealCudaDriver(Old())
+
+
+HAS_NVIDIA = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
+@pytest.mark.skipif(HAS_NVIDIA, reason="this host has an NVIDIA driver")
+def test_real_driver_on_a_host_without_gpu():
+    with pytest.raises(CudaUnavailable) as ei:
+        RealCudaDriver()
+    assert "cuda-python is not installed" in str(ei.value) or "no NVIDIA driver on this host" in str(ei.value)
+    assert gpu.gpu_facts() == {}
+    facts = compat.host_facts()
+    assert not any(k.startswith("gpu") or k in ("nvidia_driver", "cuda") for k in facts)
+
+
+def test_gpu_facts_from_the_driver(cu):
+    cu.devs = [(H100, UUID0), (H100, UUID1)]
+    cu.version = 12090
+    facts = gpu.gpu_facts(RealCudaDriver(cu))
+    assert facts["gpu_model"] == H100 and facts["gpu_count"] == 2 and facts["cuda"] == "12.9"
+    assert facts["gpu_uuids"] == [UUID0, UUID1]
+    assert facts_from([], [], None, None) == {}
+    assert facts_from(["B", "A", "B"], [], "580.1", 13000)["gpu_model"] == "A; B"
+
+
+@pytest.mark.parametrize("text", [
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.86.15  Wed Jan 22 00:00:00 UTC 2025\nGCC version: gcc\n",
+    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs-builder@U16)\n",
+])
+def test_proc_driver_version(tmp_path, monkeypatch, text):
+    (tmp_path / "version").write_text(text)
+    monkeypatch.setattr(gpu, "NVIDIA_PROC", tmp_path)
+    assert gpu._proc_driver_version() == "570.86.15"
+
+
+# -- compatibility -----------------------------------------------------------------------------------------------
+CPU = {"arch": "x86_64", "cpu_model": "Xeon", "cpu_flags": ["avx2", "sse4_2"], "cpu_flags_hash": "x",
+       "kernel": "6.1.0-18-amd64", "criu": "4.2.1"}
+
+
+def with_gpu(model=H100, driver="570.86.15", cuda="12.8", uuids=(UUID0,)):
+    major, minor = cuda.split(".")
+    return {**CPU, **facts_from([model] * len(uuids), list(uuids), driver, int(major) * 1000 + int(minor) * 10)}
+
+
+def test_compat_refuses_gpu_mismatches():
+    snap = with_gpu()
+    assert compat.check(snap, with_gpu(uuids=(UUID1, UUID0))) == []  # other GPUs of the same kind: fine
+    assert compat.check(snap, with_gpu(model="NVIDIA A100-SXM4-80GB")) == [
+        f"gpu model {H100} != NVIDIA A100-SXM4-80GB (snapshot != host)"]
+    assert compat.check(snap, with_gpu(driver="580.65.06")) == [
+        "nvidia driver 570.86.15 != 580.65.06 (snapshot != host)"]
+    assert compat.check(snap, with_gpu(cuda="13.0")) == ["CUDA 12.8 != 13.0 (snapshot != host)"]
+    assert compat.check(snap, CPU) == [f"no NVIDIA GPU on host (snapshot needs {H100}, driver 570.86.15, CUDA 12.8)"]
+    with pytest.raises(compat.Incompatible, match="nvidia driver"):
+        compat.require(snap, with_gpu(driver="580.65.06"))
+
+
+def test_compat_cpu_snapshots():
+    assert compat.check(CPU, CPU) == []
+    assert compat.check(CPU, with_gpu()) == []  # a CPU-only snapshot restores on a GPU host
+    assert compat.check(CPU, {**with_gpu(), "kernel": "6.2.0"}) == ["kernel series 6.1 != 6.2 (snapshot != host)"]
+    # the key of CPU facts is what it was before GPU facts existed; GPU facts are part of a GPU snapshot's key
+    assert compat.compat_key(CPU, "img") == compat.compat_key(dict(CPU), "img")
+    assert compat.compat_key(with_gpu(), "img") != compat.compat_key(with_gpu(driver="580.65.06"), "img")
+    assert compat.compat_key(with_gpu(), "img") == compat.compat_key(with_gpu(uuids=(UUID1,)), "img")
+
+
+def test_snapshot_facts_and_placement():
+    assert compat.needs_gpu(with_gpu()) and not compat.needs_gpu(CPU)
+    assert compat.snapshot_facts(with_gpu(), uses_gpu=False) == CPU
+    assert compat.snapshot_facts(with_gpu(), uses_gpu=True) == with_gpu()
+
+
+def test_process_tree_and_device_files():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 5
+        while child.pid not in gpu.process_tree(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert child.pid in gpu.process_tree(os.getpid())
+        assert gpu.nvidia_files(child.pid) == [] and gpu.tree_uses_nvidia(child.pid) == []
+    finally:
+        child.kill()
+        child.wait()
+    assert gpu.gpus_in_use(["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia3"]) == ["/dev/nvidia3"]
+
+
+# -- the real driver (GPU hosts only) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_driver():
+    try:
+        return RealCudaDriver()
+    except CudaUnavailable as e:
+        pytest.skip(f"no NVIDIA GPU/driver: {e}")
+
+
+CHILD_CUDA_PYTHON = textwrap.dedent("""
+    import sys
+    from cuda.bindings import driver as cu
+    def ok(r):
+        if int(r[0]) != 0:
+            raise SystemExit(f"CUDA error {r[0]!r}")
+        return r[1] if len(r) == 2 else None
+    ok(cu.cuInit(0))
+    ctx = ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))
+    ok(cu.cuCtxSetCurrent(ctx))
+    n = 64 << 20
+    data = bytes(range(256)) * (n // 256)
+    ptr = ok(cu.cuMemAlloc(n))
+    ok(cu.cuMemcpyHtoD(ptr, data, n))
+    print("ready", sum(data[::4096]), flush=True)
+    sys.stdin.readline()
+    out = bytearray(n)
+    ok(cu.cuMemcpyDtoH(out, ptr, n))
+    print("after", sum(out[::4096]), flush=True)
+""")
+
+CHILD_TORCH = textwrap.dedent("""
+    import sys, torch
+    x = torch.arange(1 << 24, device="cuda", dtype=torch.float64)
+    torch.cuda.synchronize()
+    print("ready", float(x.sum()), flush=True)
+    sys.stdin.readline()
+    print("after", float((x * 1).sum()), flush=True)
+""")
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["cuda-python", "torch"])
+def test_real_checkpoint_and_restore(real_driver, kind):
+    """A process with 64 MiB (or a torch tensor) on the GPU: checkpoint (device memory to host), restore, unlock,
+    and its data is intact."""
+    if kind == "torch" and not _torch_cuda():
+        pytest.skip("torch with CUDA is not installed")
+    code = CHILD_CUDA_PYTHON if kind == "cuda-python" else CHILD_TORCH
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        first = child.stdout.readline().split()
+        assert first and first[0] == "ready", first
+        c = GpuCheckpointer(real_driver, timeout_s=60)
+        assert c.uses_gpu(child.pid) and c.state(child.pid) == RUNNING
+        print(f"\n{kind}: open before checkpoint: {gpu.nvidia_files(child.pid)}")
+        t1 = c.checkpoint(child.pid)
+        assert c.state(child.pid) == CHECKPOINTED
+        print(f"{kind}: open while checkpointed: {gpu.nvidia_files(child.pid)}; checkpoint ms {t1}")
+        t2 = c.restore(child.pid)
+        print(f"{kind}: restore ms {t2}")
+        assert c.state(child.pid) == RUNNING
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        after = child.stdout.readline().split()
+        assert after == ["after", first[1]], (first, after)
+        assert child.wait(30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.gpu
+def test_real_checkpoint_refused_states(real_driver):
+    child = subprocess.Popen([sys.executable, "-c", CHILD_CUDA_PYTHON], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().startswith("ready")
+        c = GpuCheckpointer(real_driver, timeout_s=60)
+        with pytest.raises(CudaStateError, match="is RUNNING, not CHECKPOINTED"):
+            c.restore(child.pid)
+        c.checkpoint(child.pid)
+        with pytest.raises(CudaStateError, match="is CHECKPOINTED, not RUNNING"):
+            c.checkpoint(child.pid)
+        c.restore(child.pid)
+        assert c.state(child.pid) == RUNNING
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.gpu
+def test_real_gpu_facts(real_driver):
+    facts = gpu.gpu_facts(real_driver)
+    print(f"\nGPU facts: {facts}")
+    assert facts["gpu_count"] >= 1 and facts["gpu_model"]
+    assert tuple(map(int, facts["cuda"].split("."))) >= (12, 8) and facts["nvidia_driver"] != "unknown"
+    assert compat.check(facts, facts) == []
+
+
+CRIU_CHILD = textwrap.dedent("""
+    import os, sys, time
+    from cuda.bindings import driver as cu
+    def ok(r):
+        if int(r[0]) != 0:
+            raise SystemExit(f"CUDA error {r[0]!r}")
+        return r[1] if len(r) == 2 else None
+    d = sys.argv[1]
+    ok(cu.cuInit(0))
+    ok(cu.cuCtxSetCurrent(ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))))
+    n = 16 << 20
+    data = bytes(range(251)) * (n // 251)
+    ptr = ok(cu.cuMemAlloc(len(data)))
+    ok(cu.cuMemcpyHtoD(ptr, data, len(data)))
+    open(os.path.join(d, "ready"), "w").close()
+    while not os.path.exists(os.path.join(d, "go")):
+        time.sleep(0.05)
+    out = bytearray(len(data))
+    ok(cu.cuMemcpyDtoH(out, ptr, len(data)))
+    with open(os.path.join(d, "result.tmp"), "w") as f:
+        f.write("same" if bytes(out) == data else "differs")
+    os.rename(os.path.join(d, "result.tmp"), os.path.join(d, "result"))
+""")
+
+
+def _wait_for(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout:g} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.gpu
+def test_real_checkpoint_criu_dump_restore(real_driver, tmp_path):
+    """The whole path without namespaces: CUDA checkpoint -> criu dump -> criu restore -> CUDA restore + unlock."""
+    from thaw.snapshot.criu import criu_binary, criu_check
+    if os.geteuid() != 0:
+        pytest.skip("needs root (criu)")
+    if (why := criu_check()) is not None:
+        pytest.skip(f"criu unusable: {why}")
+    images = tmp_path / "images"
+    images.mkdir()
+    log = open(tmp_path / "child.log", "w")
+    child = subprocess.Popen([sys.executable, "-c", CRIU_CHILD, str(tmp_path)], stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, start_new_session=True)
+    restored = None
+    try:
+        _wait_for(tmp_path / "ready")
+        c = GpuCheckpointer(real_driver, timeout_s=60)
+        res = c.around_dump(child.pid, lambda: subprocess.run(
+            [criu_binary(), "dump", "-t", str(child.pid), "-D", str(images), "-o", "dump.log", "-v4"],
+            check=True, capture_output=True, timeout=120))
+        print(f"\ncheckpoint+dump ms {res.timings_ms}")
+        child.wait(30)
+        subprocess.run([criu_binary(), "restore", "-D", str(images), "-o", "restore.log", "-v4",
+                        "--restore-detached", "--pidfile", str(tmp_path / "pid")], check=True,
+                       capture_output=True, timeout=120)
+        restored = int((tmp_path / "pid").read_text())
+        print(f"restore ms {c.restore(restored)}")
+        (tmp_path / "go").touch()
+        _wait_for(tmp_path / "result")
+        assert (tmp_path / "result").read_text() == "same"
+    finally:
+        for pid in (restored, child.pid):
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        if child.poll() is None:
+            child.wait()
+        log.close()
