@@ -39,6 +39,8 @@ class PoolActivities:
         deployment's buffer hosts first among equals. With no compatible host left, any live host: the replica cold-boots there."""
         live, ok = self._live(inp.snapshot)
         load = deployments.load(self.cfg.registry_url)
+        for host_id in inp.pending:
+            load[host_id] = load.get(host_id, 0) + 1
         out: list[PlacedHost] = []
         for pool in (ok, live):
             cands = [h for h in pool if h.id not in inp.exclude and h.reserved_for in (None, inp.deployment)]

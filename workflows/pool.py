@@ -79,6 +79,7 @@ class PlaceInput:
     snapshot: str
     count: int
     exclude: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # hosts of starts still in flight (not in the registry yet)
 
 
 @dataclass
@@ -113,6 +114,8 @@ class DeploymentPool:
     def __init__(self) -> None:
         self.s: PoolState | None = None
         self.wake = False
+        self.starting: list[str] = []  # host ids of replica starts in flight (background tasks)
+        self.tasks: set[asyncio.Task] = set()
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
@@ -148,12 +151,13 @@ class DeploymentPool:
             self.wake = False
             if self.s.stopping:
                 self.s.desired = 0
+                await workflow.wait_condition(lambda: not self.starting)
                 await self._scale_down(force=True)
                 await self._hosts(buffer=0)
                 return self.s
             await self._reconcile()
             if workflow.info().is_continue_as_new_suggested() or workflow.info().get_current_history_length() > 8000:
-                await workflow.wait_condition(workflow.all_handlers_finished)
+                await workflow.wait_condition(lambda: not self.starting and workflow.all_handlers_finished())
                 workflow.continue_as_new(self.s)
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -173,42 +177,46 @@ class DeploymentPool:
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
             self._count("lost", len(lost))
-        missing = self.s.desired - len(self.s.replicas)
+        missing = self.s.desired - len(self.s.replicas) - len(self.starting)
         if missing > 0:
             await self._scale_up(missing)
-        elif missing < 0:
+        elif missing < 0 and not self.starting:
             await self._scale_down()
         if missing:  # hosts turned busy or idle: refill the buffer now rather than at the next check
             await self._hosts(self.s.spec.buffer)
 
     async def _scale_up(self, n: int) -> None:
+        """Place n replicas and start them in the background: the loop keeps answering signals meanwhile."""
         sig = self.s.last_signal.at_ms if self.s.last_signal else 0
         placed = await workflow.execute_activity(
-            "place_replicas", PlaceInput(self.s.spec.name, self.s.spec.snapshot, n), result_type=list[PlacedHost],
-            **QUICK)
+            "place_replicas", PlaceInput(self.s.spec.name, self.s.spec.snapshot, n, pending=list(self.starting)),
+            result_type=list[PlacedHost], **QUICK)
+        for h in placed:
+            self.starting.append(h.host_id)
+            task = asyncio.create_task(self._start(h, sig))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.s.last_scale_up_s = workflow.now().timestamp()
+        if len(placed) < n:  # no capacity yet: look again shortly
+            self.wake = True
+            await workflow.sleep(1)
+
+    async def _start(self, h: PlacedHost, sig: int) -> None:
         sp = self.s.spec
-
-        async def start(h: PlacedHost):
-            try:
-                return await workflow.execute_activity(
-                    "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig), result_type=ReplicaInfo,
-                    task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
-                    heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
-                    retry_policy=RetryPolicy(maximum_attempts=1))  # a failed host: place again, elsewhere
-            except Exception:  # noqa: BLE001 - counted; the next reconcile places it again
-                self._count("failed")
-                return None
-
-        for info in await asyncio.gather(*(start(h) for h in placed)):
-            if info is None:
-                continue
+        try:
+            info = await workflow.execute_activity(
+                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig), result_type=ReplicaInfo,
+                task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
+                heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(maximum_attempts=1))  # a failed host: place again, elsewhere
             self.s.replicas.append(info)
             self.s.recent = [info, *self.s.recent][:RECENT]
             self._count(info.outcome)
-        self.s.last_scale_up_s = workflow.now().timestamp()
-        if len(placed) < n or len(self.s.replicas) < self.s.desired:
-            self.wake = True  # not all placed (no capacity yet, or a start failed): retry on the next turn
-            await workflow.sleep(1)
+        except Exception:  # noqa: BLE001 - counted; the next reconcile places it again
+            self._count("failed")
+        finally:
+            self.starting.remove(h.host_id)
+            self.wake = True
 
     async def _scale_down(self, force: bool = False) -> None:
         if not force and workflow.now().timestamp() - self.s.last_scale_up_s < self.s.spec.cooldown_s:
