@@ -1,7 +1,7 @@
 """P2 + P3: the lazy image filesystem with an S3 tier, measured side by side in one run.
 
 Set-up: a real SeaweedFS (S3) on loopback; a "build host" (its own state dir) ingests the example model's image
-(uploaded to S3), takes its snapshot (the model is launched once through a recording mount: the access profile
+(uploaded to S3), takes its snapshot (the build restores the fresh dump once through a recording mount: the access profile
 is stored with the snapshot) and uploads the CRIU images. Every cold run below is a fresh "host": a new state
 dir and host id (empty memory and disk cache tiers) on the same bucket, after ``sync`` + drop_caches.
 
@@ -351,7 +351,7 @@ def main() -> None:
         profile_bytes = sum(image_chunks.get(d, 0) for d in profile)
         print(f"snapshot {snap['digest'][:16]}: {snap_manifest.size / MB:,.1f} MB of CRIU images, uploaded in "
               f"{time.monotonic() - t0:.1f} s (build on the lazy mount: {breakdown(taken['timings_ms'])})")
-        print(f"access profile (image chunks the model read while starting): {len(profile):,} chunks, "
+        print(f"access profile (image chunks a restore of the snapshot reads): {len(profile):,} chunks, "
               f"{profile_bytes / MB:,.1f} MB = {profile_bytes / image_size * 100:.1f}% of the image")
         build_host.close()
         build_host = None

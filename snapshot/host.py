@@ -56,9 +56,12 @@ class Stages:
         return {**self.ms, "total": int((time.monotonic() - self.t0) * 1000)}
 
 
+COUNTS = ("_chunks", "_kb")  # keys of the breakdown that are counts, not milliseconds
+
+
 def breakdown(ms: dict[str, int]) -> str:
     """The one-line stage breakdown every restore logs."""
-    return " ".join(f"{k}={v}ms" for k, v in ms.items())
+    return " ".join(f"{k}={v}" if k.endswith(COUNTS) else f"{k}={v}ms" for k, v in ms.items())
 
 
 def _starttime(pid: int) -> str | None:
@@ -251,6 +254,16 @@ class HostSnapshots:
         done.write_text(json.dumps(result))
         return result
 
+    def _first_bad_chunk(self, digest: str) -> str:
+        """After a failed restore: the first chunk of the snapshot that cannot be read and verified, if any."""
+        for e in ImageManifest.load(self.store, digest).files():
+            for d, _ in e.chunks:
+                try:
+                    self.store.get_chunk(d)
+                except StoreError as err:
+                    return f"chunk {d[:12]} of {e.path}: {err}".splitlines()[0]
+        return ""
+
     def _restore_gpu(self, snap: dict, replica, st: Stages) -> None:
         """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay."""
         facts = snap["host_facts"]
@@ -295,7 +308,9 @@ class HostSnapshots:
         beat("fetch")
         files = self.snapshot_files(snap["digest"])
         lower = self.image_root(snap["image_digest"])
-        fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts and self.cfg.prefetch else None
+        # prefetch pays off only when chunks come from a remote tier; a local store serves reads at once
+        fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote \
+            else None
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = criu.prepare_root(lower, work / "rw")
@@ -305,7 +320,7 @@ class HostSnapshots:
             try:
                 replica = criu.restore(files, root.path, work / "restore.log")
             except criu.CriuError as e:
-                failed = fetch.wait().first_error if fetch else ""
+                failed = fetch.wait().first_error if fetch else self._first_bad_chunk(snap["digest"])
                 if failed:  # name the real cause: a chunk that could not be fetched or verified
                     raise SnapshotError(f"{failed} (then: {e})") from None
                 raise

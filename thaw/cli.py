@@ -31,7 +31,7 @@ def _ms(timings: dict[str, int], sep: str = "=") -> str:
     """Stage timings in the order stages run (JSON transport may have sorted them)."""
     rank = {k: i for i, k in enumerate(STAGE_ORDER)}
     items = sorted(timings.items(), key=lambda kv: rank.get(kv[0], len(rank) - 1 - 0.5))
-    return " ".join(f"{k}{sep}{v}ms" for k, v in items)
+    return " ".join(f"{k}{sep}{v}" if k.endswith(("_chunks", "_kb")) else f"{k}{sep}{v}ms" for k, v in items)
 
 
 def _table(rows, as_json: bool, header: str, line) -> None:

@@ -1,0 +1,138 @@
+"""P5 + P7: scale-signal latency of the real runtime, and simulated utilization with the measured timings.
+
+Starts its own embedded stack (`thaw up` on free ports, temporary state dir), builds the example model's image
+and snapshot, deploys it, then:
+  P5a  bursts of 8 scale-up signals (1, 2, ... 8 replicas, 20 ms apart) from 0: for every replica, the time
+       from the signal that asked for it to the moment its host began the restore (Temporal signal →
+       workflow task → placement activity → start_replica on the host), p50/p99 over all bursts;
+  P5b  from 0 replicas, a request sent to the gateway: time until it is answered (scale from zero);
+  P7   the simulator (bench/runtime_sim.py) fed with this run's measured cold-boot and restore times.
+Last line: ``P5 signal-to-restore p99: <ms> ms P7 utilization: <percent>%``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from thaw.examples.minilm import recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def thaw(env, *args) -> str:
+    r = subprocess.run(["thaw", *args], env=env, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"thaw {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def pool_state(env, name) -> dict:
+    return json.loads(thaw(env, "status", name, "--json"))
+
+
+def wait(pred, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise SystemExit("timed out")
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def main() -> None:
+    state = Path(tempfile.mkdtemp(prefix="thaw-bench-runtime-"))
+    env = {**os.environ, "THAW_STATE_DIR": str(state), "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
+           "THAW_TEMPORAL_UI_PORT": str(free_port()), "THAW_API_PORT": str(free_port()),
+           "THAW_GATEWAY_PORT": str(free_port()), "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_CAPACITY": "8",
+           "THAW_AGENT_HEARTBEAT_S": "2"}
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
+    gateway = None
+    try:
+        thaw(env, "up")
+        rootfs = recipe.build_rootfs()
+        image = json.loads(thaw(env, "build", "image", str(rootfs), "--config",
+                                str(rootfs.parent / "image-config.json"), "--json"))["digest"]
+        snap = json.loads(thaw(env, "build", "snapshot", image, "--port", "8080", "--health", "/healthz",
+                               "--golden", str(recipe.GOLDEN_JSON), "--golden-path", "/embed", "--json"))
+        cold_ms = snap["timings_ms"]["cold_boot"] + snap["timings_ms"]["golden"]
+        thaw(env, "deploy", "bench", "--snapshot", snap["digest"], "--min", "0", "--max", "8", "--buffer", "0",
+             "--cooldown", "0")
+
+        lat, restore_ms = [], []
+        for burst in range(3):
+            for n in range(1, 9):
+                thaw(env, "scale", "bench", str(n))
+                time.sleep(0.02)
+            st = wait(lambda: len((s := pool_state(env, "bench"))["replicas"]) == 8 and s)
+            for r in st["replicas"]:
+                lat.append(r["started_at_ms"] - r["signal_ms"])
+                restore_ms.append(r["timings_ms"]["total"])
+            thaw(env, "scale", "bench", "0")
+            wait(lambda: not pool_state(env, "bench")["replicas"])
+        print(f"P5a signal -> restore start over {len(lat)} replicas in 3 bursts of 8: p50 {pct(lat, 50):.0f} ms, "
+              f"p99 {pct(lat, 99):.0f} ms, max {max(lat):.0f} ms")
+        print(f"    restore of each replica (8 at once on {os.cpu_count()} cpus): median "
+              f"{statistics.median(restore_ms):.0f} ms")
+
+        port = int(env["THAW_GATEWAY_PORT"])
+        gateway = subprocess.Popen(["thaw", "gateway", "bench", "--port", str(port)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait(lambda: _up(port))
+        t0 = time.monotonic()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/embed", data=recipe.GOLDEN_JSON.read_bytes(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+        zero_ms = (time.monotonic() - t0) * 1000
+        assert len(body["embeddings"]) == 8
+        print(f"P5b first request at 0 replicas, through the gateway: answered in {zero_ms:.0f} ms "
+              f"(cold boot to first answer: {cold_ms} ms)")
+
+        restore_med = statistics.median(restore_ms)
+        sim = subprocess.run([sys.executable, str(ROOT / "bench" / "runtime_sim.py"), "--cold-start-s",
+                              f"{cold_ms / 1000:.3f}", "--restore-s", f"{(restore_med + pct(lat, 50)) / 1000:.3f}"],
+                             capture_output=True, text=True, check=True).stdout
+        print(sim.rstrip())
+        util = sim.strip().splitlines()[-1].split(":", 1)[1].strip()
+        print(f"P5 signal-to-restore p99: {pct(lat, 99):.0f} ms P7 utilization: {util}")
+    finally:
+        if gateway:
+            gateway.terminate()
+            gateway.wait(30)
+        subprocess.run(["thaw", "down"], env=env, capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _up(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
