@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import signal
 import threading
@@ -30,6 +31,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, compat, criu, cuda
 from .forward import Forwarder
 
+log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 RESULT = "result.json"
@@ -183,7 +185,7 @@ class HostSnapshots:
 
     def _prefetch(self, snap: dict, files: Path):
         """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
-        the image chunks recorded while the model started (in first-read order). Returns the handle."""
+        the image chunks recorded by the build's profiling restore (in first-read order). Returns the handle."""
         digests = [c[0] for e in ImageManifest.load(self.store, snap["digest"]).files() for c in e.chunks]
         profile = files / PROFILE
         if profile.exists():
@@ -246,7 +248,11 @@ class HostSnapshots:
         facts["gpu_processes"] = len(gpu_pids)
         if self.cfg.lazy_mounts:
             beat("profile")
-            self._record_profile(work, image_digest, spec, golden, facts)
+            try:
+                self._record_profile(work, image_digest, spec, golden, facts)
+            except (criu.CriuError, criu.ReplicaError, SnapshotError, imagefs_mount.MountError, OSError) as e:
+                # only an optimisation: the snapshot is complete without it (verify-by-replay still decides)
+                log.warning("build %s: no prefetch profile (%s)", build_id, str(e).splitlines()[0])
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": facts, "compat_key": compat.compat_key(facts, image_digest),
@@ -281,6 +287,7 @@ class HostSnapshots:
             root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log")
+                (work / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
                 try:
                     self._restore_gpu({"host_facts": facts}, replica, Stages())
                     with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
