@@ -106,6 +106,7 @@ def main() -> None:
         print(f"4 replicas restored at once: {four} ms wall, all answers byte-identical "
               f"(golden digest {taken['golden_digest'][:12]})")
         print(f"P1 restore speedup: {c / r:.1f}x")
+        host.close()
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

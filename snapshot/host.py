@@ -116,10 +116,30 @@ def clear(d: Path) -> None:
         if pid and info.get("start") and _starttime(pid) == info["start"]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    for pid in _pids_using(d):  # replicas (and their criu/reaper) that no record names: killed mid-restore
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     for mnt in sorted((m for m in _linux.mountpoints() if m.startswith(f"{d}/")), key=len, reverse=True):
         with contextlib.suppress(OSError):
             _linux.umount(mnt, _linux.MNT_DETACH)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def _pids_using(d: Path) -> list[int]:
+    """Processes in other mount namespaces whose mounts name a path under ``d`` (a replica's overlay root)."""
+    mine, needle, out = os.readlink("/proc/self/ns/mnt"), f"{d}/", []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{name}/ns/mnt") == mine:
+                continue
+            with open(f"/proc/{name}/mountinfo") as f:
+                if needle in f.read():
+                    out.append(int(name))
+        except OSError:
+            continue
+    return out
 
 
 def cleanup_stale(work_dir: Path) -> int:

@@ -593,6 +593,36 @@ def gateway(cfg, name, port, keda_port, target_concurrency, scale_to_zero_after)
         _fail(f"gateway for {name}: {e}")
 
 
+@cli.group()
+def hosts():
+    """Test/demo mode: several host agents on this machine, each in its own network namespace."""
+
+
+@hosts.command("up")
+@click.argument("count", type=int)
+@click.option("--capacity", type=int, default=4, show_default=True, help="Replicas per host.")
+@click.pass_obj
+def hosts_up(cfg, count, capacity):
+    """Start COUNT namespaced host agents (needs THAW_TEMPORAL_ADDRESS=0.0.0.0:<port> for the stack)."""
+    from thaw.runtime import hosts as hosts_mod
+
+    try:
+        for h in hosts_mod.up(cfg, count, capacity=capacity):
+            click.echo(f"{h['host_id']}: agent pid {h['pid']} in netns {h['netns']}, replicas on {h['address']}")
+    except hosts_mod.HostsError as e:
+        _fail(str(e))
+
+
+@hosts.command("down")
+@click.pass_obj
+def hosts_down(cfg):
+    """Stop the namespaced agents and delete their namespaces."""
+    from thaw.runtime import hosts as hosts_mod
+
+    for host_id in hosts_mod.down(cfg):
+        click.echo(f"{host_id}: stopped")
+
+
 def _deployment_status(cfg, name, as_json):
     from thaw.runtime import pool
 

@@ -1,0 +1,97 @@
+"""Several hosts on one machine (test/demo mode): N host agents, each in its own network namespace.
+
+`thaw hosts up N` makes, per host, a network namespace `thaw-<id>` joined to this machine by a veth pair
+(10.77.<k>.1 here, 10.77.<k>.2 there, a /30 each) and starts `thaw agent --host-id <id>` inside it with
+`nsenter --net` (same filesystem, so the same state dir and store; each host id gets its own work dir).
+Its replicas are published on 10.77.<k>.2, so the gateway and the pool reach them over a real network hop,
+and killing one agent (or `ip link set ... down`) is a real host failure. Temporal must listen where the
+namespaces can reach it: run the stack with THAW_TEMPORAL_ADDRESS=0.0.0.0:<port>. `thaw hosts down` stops
+the agents by PID and deletes the namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from thaw.config import Config
+
+PREFIX = "thaw-"
+
+
+class HostsError(Exception):
+    pass
+
+
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode:
+        raise HostsError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def _file(cfg: Config) -> Path:
+    return cfg.run_dir / "hosts.json"
+
+
+def _load(cfg: Config) -> list[dict]:
+    return json.loads(_file(cfg).read_text()) if _file(cfg).exists() else []
+
+
+def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
+    """Start ``n`` namespaced host agents (subnets 10.77.<base>.. onwards); returns their records."""
+    if cfg.temporal_address.split(":")[0] in ("127.0.0.1", "localhost"):
+        raise HostsError("namespaced hosts cannot reach Temporal on loopback: run the stack with "
+                         "THAW_TEMPORAL_ADDRESS=0.0.0.0:<port>")
+    port = cfg.temporal_address.rsplit(":", 1)[1]
+    hosts = _load(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        k = base + len(hosts)
+        host_id, ns, veth = f"nshost{k}", f"{PREFIX}nshost{k}-{os.getpid()}", f"thv{k}-{os.getpid() % 10000}"
+        here, there = f"10.77.{k}.1", f"10.77.{k}.2"
+        _ip("netns", "add", ns)
+        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        _ip("addr", "add", f"{here}/30", "dev", veth)
+        _ip("link", "set", veth, "up")
+        for args in (("addr", "add", f"{there}/30", "dev", "eth0"), ("link", "set", "eth0", "up"),
+                     ("link", "set", "lo", "up"), ("route", "add", "default", "via", here)):
+            _ip("-n", ns, *args)
+        env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": f"{here}:{port}",
+               "THAW_REPLICA_BIND": there, "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": host_id,
+               "THAW_HOST_CAPACITY": str(capacity)}
+        log = open(cfg.log_dir / f"agent-{host_id}.log", "ab")
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "thaw", "agent"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()
+        hosts.append({"host_id": host_id, "netns": ns, "veth": veth, "address": there, "pid": proc.pid})
+        _file(cfg).write_text(json.dumps(hosts))
+    return hosts
+
+
+def down(cfg: Config) -> list[str]:
+    """Stop every namespaced agent (SIGTERM: it stops its replicas and mounts), then delete its namespace."""
+    done = []
+    for h in _load(cfg):
+        try:
+            os.kill(h["pid"], signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{h['pid']}").exists() and time.monotonic() < deadline:
+                try:
+                    if os.waitpid(h["pid"], os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:
+                    pass
+                time.sleep(0.1)
+        except ProcessLookupError:
+            pass
+        subprocess.run(["ip", "netns", "del", h["netns"]], capture_output=True)  # its veth pair goes with it
+        done.append(h["host_id"])
+    _file(cfg).unlink(missing_ok=True)
+    return done

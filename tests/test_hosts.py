@@ -1,0 +1,61 @@
+"""Several hosts on one machine, each agent in its own network namespace (`thaw hosts up`): replicas are
+placed on both, reached over the veth hop, and a host whose agent dies is replaced by the other."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+
+import pytest
+
+from test_criu import needs_criu
+from test_pool import release_dead_host, wait_for
+from test_snapshot import PORT, image_config, rootfs  # noqa: F401  (fixture)
+from test_stack import free_port, thaw
+from thaw.config import load
+from thaw.registry import deployments
+
+pytestmark = needs_criu
+
+
+def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noqa: F811
+    port = free_port()
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": f"0.0.0.0:{port}",
+           "THAW_TEMPORAL_UI_PORT": str(free_port()), "THAW_API_PORT": str(free_port()),
+           "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": "builder", "THAW_HOST_CAPACITY": "0",
+           "THAW_AGENT_HEARTBEAT_S": "1", "THAW_HOST_STALE_S": "4", "THAW_HEARTBEAT_TIMEOUT": "5"}
+    cfg = load(state_dir=tmp_path / "state")
+    golden = tmp_path / "golden.json"
+    golden.write_text("{}")
+    try:
+        thaw(env, "up")
+        img = json.loads(thaw(env, "build", "image", str(rootfs), "--config", str(image_config(tmp_path)),
+                              "--json").stdout)["digest"]
+        snap = json.loads(thaw(env, "build", "snapshot", img, "--port", str(PORT), "--health", "/health",
+                               "--golden", str(golden), "--golden-path", "/answer-stable", "--json").stdout)["digest"]
+        out = thaw(env, "hosts", "up", "2").stdout
+        assert out.count("in netns") == 2
+        thaw(env, "deploy", "ns", "--snapshot", snap, "--min", "2", "--max", "2", "--buffer", "0")
+        reps = wait_for(lambda: len(r := deployments.replicas(cfg.registry_url, "ns")) == 2 and r, timeout=90,
+                        what="2 replicas on the namespaced hosts")
+        assert {r.host_id for r in reps} == {"nshost1", "nshost2"}
+        for r in reps:
+            assert r.endpoint.startswith("http://10.77.")  # published inside the host's namespace
+            with urllib.request.urlopen(r.endpoint + "/answer-stable", timeout=10) as resp:
+                assert json.loads(resp.read())["digest"]
+        hosts = json.loads((cfg.run_dir / "hosts.json").read_text())
+        os.kill(hosts[0]["pid"], signal.SIGKILL)  # host 1 dies
+        wait_for(lambda: {r.host_id for r in deployments.replicas(cfg.registry_url, "ns")
+                          if r.host_id == "nshost2"} and sum(r.host_id == "nshost2" for r in
+                                                              deployments.replicas(cfg.registry_url, "ns")) == 2,
+                 timeout=90, what="both replicas on the surviving host")
+    finally:
+        thaw(env, "undeploy", "ns", check=False)
+        down = thaw(env, "hosts", "down", check=False)
+        thaw(env, "down", check=False)
+        release_dead_host(cfg, "nshost1")
+    assert "nshost2: stopped" in down.stdout
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("thaw-nshost")] if os.path.isdir("/run/netns") \
+        else True
