@@ -45,6 +45,7 @@ class HostActivities:
         self.cfg, self.host = cfg, host
         self.serving: dict[str, Running] = {}  # replicas kept serving, owned by this agent
         self.lock = threading.Lock()
+        self.closing = False
 
     @activity.defn(name="checkpoint_model")
     @host_errors_fail_fast
@@ -102,10 +103,11 @@ class HostActivities:
             log.info("replica %s %s: %s%s", running.id, info["outcome"], breakdown(info["timings_ms"]),
                      f" ({info['reason']})" if info["reason"] else "")
             out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"]))
-            if plan.keep:
-                with self.lock:
+            with self.lock:
+                keep = plan.keep and not self.closing
+                if keep:
                     self.serving[running.id] = running
-            else:
+            if not keep:
                 running.stop()
         return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
@@ -126,7 +128,13 @@ class HostActivities:
             running.stop()
             raise
         with self.lock:
-            self.serving[running.id] = running
+            closing = self.closing
+            if not closing:
+                self.serving[running.id] = running
+        if closing:  # the agent is stopping: a replica started now would have no owner
+            running.stop()
+            deployments.remove_replica(self.cfg.registry_url, running.id)
+            raise SnapshotError(f"agent {self.cfg.host_id} is stopping; replica {running.id} stopped")
         info.pop("golden_ok")
         snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
             snapshot_digest=inp.snapshot, host_id=self.cfg.host_id, replica=running.id, deployment=inp.deployment,
@@ -146,7 +154,9 @@ class HostActivities:
             running.stop()
 
     def stop_all(self) -> None:
+        """Stop every replica this agent serves, and any a still-running activity starts from now on."""
         with self.lock:
+            self.closing = True
             serving, self.serving = list(self.serving.values()), {}
         for r in serving:
             r.stop()

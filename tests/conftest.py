@@ -7,6 +7,7 @@ import contextlib
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -45,8 +46,31 @@ def temporal_address():
         lt.close()
 
 
+def sweep(state_dir: Path) -> list[int]:
+    """Safety net after a test: kill replica processes still using ``state_dir`` (by pid, found by their
+    mounts) and unmount what is left under it. Returns the pids it had to kill (normally none)."""
+    from thaw.snapshot.host import clear, _pids_using
+
+    pids = _pids_using(state_dir)
+    clear_dirs = [state_dir / "work"] if (state_dir / "work").exists() else []
+    for d in clear_dirs:
+        for host in d.iterdir():
+            clear(host / "replicas")
+            clear(host / "mnt")
+    return pids
+
+
 @pytest.fixture
-def cfg(tmp_path, temporal_address) -> Config:
+def cfg(tmp_path, temporal_address):
+    c = _cfg(tmp_path, temporal_address)
+    yield c
+    leaked = sweep(c.state_dir)
+    if leaked:
+        import logging
+        logging.getLogger("tests").warning("killed %d leftover replica process(es): %s", len(leaked), leaked)
+
+
+def _cfg(tmp_path, temporal_address) -> Config:
     return Config(state_dir=tmp_path / "state", temporal_address=temporal_address,
                   build_task_queue=f"build-{uuid.uuid4().hex[:8]}", heartbeat_timeout=5.0,
                   host_id=f"host-{uuid.uuid4().hex[:8]}", agent_metrics_port=0, agent_heartbeat_s=1.0,
