@@ -96,18 +96,9 @@ class HostActivities:
             results = self.host.restore_many(snap, plan.replicas, secrets)
         out = []
         for running, info in results:
-            golden_ok = info.pop("golden_ok")
-            snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
-                snapshot_digest=row.digest, host_id=self.cfg.host_id, replica=running.id, **info))
-            metrics.observe_restore(info["outcome"], info["timings_ms"])
-            log.info("replica %s %s: %s%s", running.id, info["outcome"], breakdown(info["timings_ms"]),
-                     f" ({info['reason']})" if info["reason"] else "")
+            golden_ok = self._record(row.digest, running, info)
             out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"]))
-            with self.lock:
-                keep = plan.keep and not self.closing
-                if keep:
-                    self.serving[running.id] = running
-            if not keep:
+            if not (plan.keep and self._adopt(running)):
                 running.stop()
         return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
@@ -127,23 +118,33 @@ class HostActivities:
         except BaseException:
             running.stop()
             raise
-        with self.lock:
-            closing = self.closing
-            if not closing:
-                self.serving[running.id] = running
-        if closing:  # the agent is stopping: a replica started now would have no owner
+        if not self._adopt(running):  # the agent is stopping: a replica started now would have no owner
             running.stop()
             deployments.remove_replica(self.cfg.registry_url, running.id)
             raise SnapshotError(f"agent {self.cfg.host_id} is stopping; replica {running.id} stopped")
-        info.pop("golden_ok")
-        snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
-            snapshot_digest=inp.snapshot, host_id=self.cfg.host_id, replica=running.id, deployment=inp.deployment,
-            **info))
-        metrics.observe_restore(info["outcome"], info["timings_ms"])
-        log.info("replica %s of %s %s at %s: %s", running.id, inp.deployment, info["outcome"], endpoint,
-                 breakdown(info["timings_ms"]))
+        self._record(inp.snapshot, running, info, inp.deployment, endpoint)
         return ReplicaInfo(running.id, self.cfg.host_id, self.cfg.host_task_queue, endpoint, info["outcome"],
                            info["reason"], info["timings_ms"], started, inp.signal_ms)
+
+    def _record(self, snapshot: str, running: Running, info: dict, deployment: str | None = None,
+                endpoint: str = "") -> bool:
+        """A replica start in the registry, the metrics and the log; returns whether it replayed the golden
+        request as the snapshot did."""
+        golden_ok = info.pop("golden_ok")
+        snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
+            snapshot_digest=snapshot, host_id=self.cfg.host_id, replica=running.id, deployment=deployment, **info))
+        metrics.observe_restore(info["outcome"], info["timings_ms"])
+        log.info("replica %s%s %s%s: %s%s", running.id, f" of {deployment}" if deployment else "", info["outcome"],
+                 f" at {endpoint}" if endpoint else "", breakdown(info["timings_ms"]),
+                 f" ({info['reason']})" if info["reason"] else "")
+        return golden_ok
+
+    def _adopt(self, running: Running) -> bool:
+        """Keep ``running`` serving under this agent, unless the agent is stopping (then False)."""
+        with self.lock:
+            if not self.closing:
+                self.serving[running.id] = running
+            return not self.closing
 
     @activity.defn(name="stop_replica")
     def stop_replica(self, inp: StopReplicaInput) -> None:

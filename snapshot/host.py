@@ -73,6 +73,11 @@ def _starttime(pid: int) -> str | None:
         return None
 
 
+def write_record(path: Path, pid: int) -> None:
+    """Name the replica process a directory belongs to, for :func:`clear` (pid + start time: never a reused pid)."""
+    path.write_text(json.dumps({"pid": pid, "start": _starttime(pid)}))
+
+
 @dataclass
 class Running:
     """A serving replica: the process tree and the overlay root it runs on, recorded in ``record``."""
@@ -85,7 +90,7 @@ class Running:
 
     def __post_init__(self):
         if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
-            self.record.write_text(json.dumps({"pid": self.replica.pid, "start": _starttime(self.replica.pid)}))
+            write_record(self.record, self.replica.pid)
 
     forwarder: "Forwarder | None" = None
 
@@ -244,7 +249,7 @@ class HostSnapshots:
         try:
             beat("launch")
             replica = criu.launch(root.path, spec["cmd"], spec["env"], spec.get("cwd") or "/", log)
-            (work / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
+            write_record(work / RECORD, replica.pid)
             try:
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
                                    beat=lambda: beat("launch"))
@@ -307,7 +312,7 @@ class HostSnapshots:
             root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log")
-                (work / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
+                write_record(work / RECORD, replica.pid)
                 try:
                     self._restore_gpu({"host_facts": facts}, replica, Stages())
                     with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
