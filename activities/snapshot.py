@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import replace
 
@@ -62,10 +63,7 @@ class SnapshotActivities:
     def register_snapshot(self, inp: RegisterSnapshotInput) -> BuildSnapshotResult:
         t0 = time.monotonic()
         ck, st, plan = inp.checkpoint, inp.stored, inp.plan
-        spec = {"cmd": plan.spec.cmd, "env": plan.spec.env, "port": plan.spec.port, "health": plan.spec.health,
-                "secrets": plan.spec.secrets, "cwd": plan.spec.cwd, "ready_timeout_s": plan.spec.ready_timeout_s}
-        golden = {"path": inp.golden.path, "method": inp.golden.method, "body_b64": inp.golden.body_b64,
-                  "content_type": inp.golden.content_type}
+        spec, golden = dataclasses.asdict(plan.spec), dataclasses.asdict(inp.golden)
         timings = dict(inp.timings_ms)
         row, created = snapshots.register(self.cfg.registry_url, Snapshot(
             digest=st.digest, image_digest=plan.image_digest, compat_key=ck.compat_key, host_facts=ck.host_facts,

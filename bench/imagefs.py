@@ -63,13 +63,9 @@ from thaw.imagefs.store import ChunkStore
 from thaw.seaweed import SeaweedS3, new_bucket
 from thaw.snapshot.host import PROFILE, HostSnapshots, breakdown
 
+from restore import spec_from_config  # bench/restore.py: the example model's launch spec
+
 MB = 1e6
-
-
-def spec_from_config(config: dict) -> dict:
-    env = dict(e.split("=", 1) for e in config.get("Env", []))
-    return {"cmd": config["Cmd"], "env": env, "cwd": config.get("WorkingDir", "/"), "port": 8080,
-            "health": "/healthz", "ready_timeout_s": 300}
 
 
 def drop_caches() -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import os
 import platform
@@ -25,18 +26,20 @@ import time
 import uuid
 from pathlib import Path
 
+from thaw.activities.snapshot import image_defaults
 from thaw.config import Config
 from thaw.examples.minilm import recipe
 from thaw.imagefs.ingest import Limits, ingest_and_commit
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import ChunkStore
 from thaw.snapshot.host import HostSnapshots, breakdown
+from thaw.workflows.build_snapshot import ModelSpec
 
 
 def spec_from_config(config: dict) -> dict:
-    env = dict(e.split("=", 1) for e in config.get("Env", []))
-    return {"cmd": config["Cmd"], "env": env, "cwd": config.get("WorkingDir", "/"), "port": 8080,
-            "health": "/healthz", "ready_timeout_s": 300}
+    """The example model's launch spec: the image config's command, env and workdir (as a snapshot build
+    fills them in), port 8080, health /healthz."""
+    return dataclasses.asdict(image_defaults(ModelSpec(port=8080, health="/healthz", ready_timeout_s=300), config))
 
 
 def main() -> None:

@@ -27,11 +27,13 @@ def _fail(msg: str) -> None:
 STAGE_ORDER = ["fetch", "prefetch", "root", "criu", "hooks", "health", "boot", "replay", "total"]
 
 
-def _ms(timings: dict[str, int], sep: str = "=") -> str:
-    """Stage timings in the order stages run (JSON transport may have sorted them)."""
+def _ms(timings: dict[str, int]) -> str:
+    """The stage breakdown, in the order stages run (JSON transport may have sorted them); unknown stages
+    just before the total."""
+    from thaw.snapshot.host import breakdown
+
     rank = {k: i for i, k in enumerate(STAGE_ORDER)}
-    items = sorted(timings.items(), key=lambda kv: rank.get(kv[0], len(rank) - 1 - 0.5))
-    return " ".join(f"{k}{sep}{v}" if k.endswith(("_chunks", "_kb")) else f"{k}{sep}{v}ms" for k, v in items)
+    return breakdown(dict(sorted(timings.items(), key=lambda kv: rank.get(kv[0], rank["total"] - 0.5))))
 
 
 def _table(rows, as_json: bool, header: str, line) -> None:
@@ -264,7 +266,7 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
     click.echo(f"{res.digest}")
     click.echo(f"  {note}: {res.files} files, {_human(res.size)}, {res.chunks} chunks; "
                f"stored {res.new_chunks} new chunks ({_human(res.new_bytes)}); "
-               + _ms(res.timings_ms, " "), err=True)
+               + _ms(res.timings_ms), err=True)
 
 
 # -- images -----------------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
     click.echo(res.digest)
     click.echo(f"  {'new snapshot' if res.created else 'already registered'} of image {res.image_digest[:12]} on "
                f"host {res.host_id}: {_human(res.size)} ({_human(res.new_bytes)} new); "
-               + _ms(res.timings_ms, " "), err=True)
+               + _ms(res.timings_ms), err=True)
 
 
 @cli.group()
