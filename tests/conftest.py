@@ -47,17 +47,15 @@ def temporal_address():
 
 
 def sweep(state_dir: Path) -> list[int]:
-    """Safety net after a test: kill replica processes still using ``state_dir`` (by pid, found by their
-    mounts) and unmount what is left under it. Returns the pids it had to kill (normally none)."""
-    from thaw.snapshot.host import clear, _pids_using
+    """Safety net after a test: what a restarted agent does with a dead one's scratch (kill its replica
+    processes by pid, found by their mounts; unmount; remove), for every host dir under ``state_dir``.
+    Returns the pids that were still running (normally none)."""
+    from thaw.snapshot.host import _pids_using, clear
 
-    pids = _pids_using(state_dir)
-    clear_dirs = [state_dir / "work"] if (state_dir / "work").exists() else []
-    for d in clear_dirs:
-        for host in d.iterdir():
-            clear(host / "replicas")
-            clear(host / "mnt")
-    return pids
+    leaked = _pids_using(state_dir)
+    for host in (state_dir / "work").glob("*"):
+        clear(host)
+    return leaked
 
 
 @pytest.fixture
