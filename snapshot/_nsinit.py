@@ -1,7 +1,9 @@
 """Process shims that thaw runs with the host's ``python3 -I -S`` (standalone: stdlib only, no thaw imports).
 
 ``init``: pid 1 of a fresh replica, started as ``unshare --pid --fork --mount --net --uts --ipc -- python3 -I -S
-_nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME] -- argv...``.
+_nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME] -- argv...``
+(``--root ""`` without ``--mount``: the host's filesystem, so step 3 and 4 bring only loopback up and set the
+hostname).
 Before it exec()s the workload it
 
 1. reports its host pid on the status fd (``/proc`` is still the host's procfs here);
@@ -140,11 +142,15 @@ def init(args):
     try:
         if os.getpid() != 1:
             raise RuntimeError(f"must run as pid 1 of a new pid namespace (got pid {os.getpid()})")
-        if not argv or not opts["--root"]:
+        if not argv or opts["--root"] is None:
             raise RuntimeError("usage: init --root ROOT ... -- argv...")
         report(f"pid {os.readlink('/proc/self')}")
         env = read_env(int(opts["--env-fd"])) if opts["--env-fd"] else {}
-        setup_root(opts["--root"], opts["--hostname"])
+        if opts["--root"]:
+            setup_root(opts["--root"], opts["--hostname"])
+        else:  # the host's filesystem: only the network and the hostname are the replica's own
+            loopback_up()
+            socket.sethostname(opts["--hostname"])
         os.setsid()
         os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
         if opts["--log-fd"]:

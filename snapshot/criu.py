@@ -184,14 +184,15 @@ def _check_files(images_dir: Path, files: dict[str, int]) -> None:
             raise CriuError(f"checkpoint {images_dir} is damaged: {name} has {have} bytes, {size} were dumped")
 
 
-def restore(images_dir: Path, root: Path, log_path: Path, *, criu_log: Path | None = None,
+def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Path | None = None,
             timeout: float = 120.0) -> Replica:
-    """Restore a checkpoint into new namespaces with ``root`` (a mount point, see prepare_root) as "/".
+    """Restore a checkpoint into new namespaces with ``root`` (a mount point, see prepare_root) as "/"
+    (None for a replica launched with ``root=None``: it shares the host's filesystem).
 
     stdout/stderr of the restored processes append to ``log_path``; criu's own log goes to ``criu_log``
     (default: next to log_path, ``<name>.criu-restore.log``). Raises CriuError naming that log.
     """
-    images_dir, root, log_path = Path(images_dir).resolve(), Path(root), Path(log_path)
+    images_dir, root, log_path = Path(images_dir).resolve(), root and Path(root), Path(log_path)
     criu_log = Path(criu_log or log_path.with_name(log_path.stem + ".criu-restore.log")).resolve()
     try:
         meta = json.loads((images_dir / META).read_text())
@@ -206,7 +207,7 @@ def restore(images_dir: Path, root: Path, log_path: Path, *, criu_log: Path | No
         os.close(logfd)
         raise
     cmd = [criu_binary(), "restore", "-D", str(images_dir), "-W", str(criu_log.parent), "-o", str(criu_log),
-           "--root", str(root), *COMMON]
+           *(["--root", str(root)] if root else []), *COMMON]
     for old in meta["external_files"]:
         cmd += ["--inherit-fd", f"fd[{logfd}]:{old}"]
     cmd += ["--inherit-fd", f"fd[{netns}]:{NETNS_KEY}"]

@@ -26,7 +26,8 @@ from . import _linux
 from .sdk import AFTER_RESTORE_PATH, READY_PATH
 
 NSINIT = Path(__file__).with_name("_nsinit.py")
-UNSHARE = ["unshare", "--pid", "--fork", "--mount", "--net", "--uts", "--ipc", "--propagation", "private"]
+UNSHARE = ["unshare", "--pid", "--fork", "--net", "--uts", "--ipc"]
+UNSHARE_MOUNT = ["--mount", "--propagation", "private"]
 
 
 class ReplicaError(RuntimeError):
@@ -36,7 +37,7 @@ class ReplicaError(RuntimeError):
 @dataclass(eq=False)
 class Replica:
     pid: int                  # host pid of the replica's pid 1
-    root: Path
+    root: Path | None         # its "/"; None: the host's filesystem (no mount namespace)
     log_path: Path            # the workload's stdout + stderr
     external_files: list[str]  # CRIU ids of its open files outside its mount namespace (the log)
     proc: subprocess.Popen    # parent of pid 1 (unshare after launch, the reaper after restore)
@@ -184,21 +185,25 @@ def open_log(log_path: Path) -> tuple[int, str]:
     return fd, f"file[{_linux.fd_mnt_id(fd):x}:{os.fstat(fd).st_ino:x}]"
 
 
-def launch(root: Path, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
+def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
            hostname: str = "thaw", timeout: float = 30.0) -> Replica:
     """Start ``argv`` as pid 1 of new namespaces with ``root`` as its "/"; stdout + stderr append to log_path.
 
+    ``root=None`` keeps the host's filesystem: no mount namespace, only pid, network, UTS and IPC ones. That is
+    for a workload installed on the host itself (the GPU benchmark: the host's CUDA torch and driver).
     ``env`` is the whole environment; it travels through a pipe, never on a command line.
     Returns once the workload has been exec()ed (use ``wait_healthy``/``wait_ready`` for its server).
     """
-    root, log_path = Path(root), Path(log_path)
+    root, log_path = root and Path(root), Path(log_path)
+    where = root or "the host's root"
     if not argv:
         raise ValueError("launch() needs a command")
     t0 = time.monotonic()
     logfd, ext = open_log(log_path)
     status_r, status_w = os.pipe()
     env_r, env_w = os.pipe()
-    cmd = [*UNSHARE, "--", sys.executable, "-I", "-S", str(NSINIT), "init", "--root", str(root),
+    cmd = [*UNSHARE, *(UNSHARE_MOUNT if root else []), "--", sys.executable, "-I", "-S", str(NSINIT), "init",
+           "--root", str(root or ""),
            "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
            "--hostname", hostname, "--", *argv]
     try:  # unshare's own complaints go to a pipe, read only when the launch fails
@@ -225,9 +230,9 @@ def launch(root: Path, argv: list[str], env: dict[str, str], cwd: str, log_path:
                     proc.stderr.close()
                     return replica
                 elif kind == "error":
-                    raise ReplicaError(f"launch of {argv[0]!r} in {root} failed: {arg}")
+                    raise ReplicaError(f"launch of {argv[0]!r} in {where} failed: {arg}")
         why = " ".join(proc.stderr.read().decode(errors="replace").split()) or _tail(log_path)
-        raise ReplicaError(f"launch of {argv[0]!r} in {root} failed (exit {proc.wait()}): {why}; log {log_path}")
+        raise ReplicaError(f"launch of {argv[0]!r} in {where} failed (exit {proc.wait()}): {why}; log {log_path}")
     except BaseException as e:
         if replica:
             replica.stop()
@@ -236,7 +241,7 @@ def launch(root: Path, argv: list[str], env: dict[str, str], cwd: str, log_path:
             proc.wait()
         proc.stderr.close()
         if isinstance(e, TimeoutError):
-            raise ReplicaError(f"launch of {argv[0]!r} in {root} failed: {e}; log {log_path}") from None
+            raise ReplicaError(f"launch of {argv[0]!r} in {where} failed: {e}; log {log_path}") from None
         raise
 
 

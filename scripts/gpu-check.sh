@@ -1,0 +1,38 @@
+#!/bin/bash
+# The GPU checks, in one run on a GPU machine (driver >= 570, torch with CUDA, cuda-python, nvidia-ml-py),
+# from the repository root, after scripts/gpu-carry.sh made .gpu/ here:
+#   the real-driver tests (tests/test_cuda.py, gpu-marked), a host-root CRIU replica, and bench/gpu.py (P6) on
+#   the float16 MiniLM and on a 1.3 B-parameter BERT made there. Output and logs go to $OUT (default /tmp/gpu-out).
+set -u
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu-check.log") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+repo=$PWD
+# thaw importable without installing it (no registry there): a thaw package made of links into the checkout
+py=/tmp/thaw-py
+rm -rf $py && mkdir -p $py/thaw
+ln -s "$repo/thaw/__init__.py" $py/thaw/__init__.py
+ln -s "$repo/snapshot" $py/thaw/snapshot
+ln -s "$repo/examples" $py/thaw/examples
+export PYTHONPATH=$py THAW_CRIU=$repo/.gpu/criu/criu
+step() { echo; echo "### $* ($(date +%T))"; }
+
+step facts
+nvidia-smi --query-gpu=name,driver_version,memory.total,persistence_mode --format=csv
+uname -r; python3 -V; nproc; free -g | head -2
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available())"
+$THAW_CRIU --version && $THAW_CRIU check
+
+step real-driver tests
+timeout 120 python3 -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
+  -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
+
+step P6 benchmark
+timeout 90 python3 bench/gpu.py --make-model /tmp/bert-${HIDDEN:-2048}x${LAYERS:-24} --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
+timeout 300 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir /tmp/bert-${HIDDEN:-2048}x${LAYERS:-24} --runs ${RUNS:-3} \
+  --json "$OUT/p6.json"
+echo "bench exit $?"
+tar czf "$OUT/logs.tgz" --exclude '*.img' -C /tmp thaw-gpu-bench $(cd /tmp && ls -d pytest-of-* 2>/dev/null)
+ls -la "$OUT"
+sleep 1  # let tee write the last lines
