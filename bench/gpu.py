@@ -231,9 +231,15 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     results = []
     for d in a.model_dir:
-        results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype).run(a.runs))
+        try:
+            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype).run(a.runs))
+        except Exception as e:  # noqa: BLE001 - the next model still runs; the error is printed
+            log(f"  {d.name}: FAILED: {type(e).__name__}: {e}")
+            continue
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
+    if not results:
+        return 1
     log("\nmodel                      cold ms  restore ms  speedup  GPU GB  restore GB/s")
     for r in results:
         gb = r["gpu_bytes"] / 1e9 if r["gpu_bytes"] else 0

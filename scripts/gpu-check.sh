@@ -24,8 +24,14 @@ uname -r; python3 -V; nproc; free -g | head -2
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.is_available())"
 $THAW_CRIU --version && $THAW_CRIU check
 
+step namespaces and CUDA
+for ns in "" "--net --uts --ipc" "--pid --fork" "--pid --fork --mount-proc"; do
+  echo "unshare $ns: $(timeout 30 unshare $ns python3 -c 'from cuda.bindings import driver as cu
+print(cu.cuInit(0)[0].name, cu.cuDeviceGetCount())' 2>&1 | tail -1)"
+done
+
 step real-driver tests
-timeout 120 python3 -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
+timeout 120 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
   -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
 
 step P6 benchmark

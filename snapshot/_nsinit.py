@@ -2,8 +2,8 @@
 
 ``init``: pid 1 of a fresh replica, started as ``unshare --pid --fork --mount --net --uts --ipc -- python3 -I -S
 _nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME] -- argv...``
-(``--root ""`` without ``--mount``: the host's filesystem, so step 3 and 4 bring only loopback up and set the
-hostname).
+(``--root ""``, started without ``--pid --fork --mount``: the host's filesystem and pids, so step 3 and 4 bring
+only loopback up and set the hostname).
 Before it exec()s the workload it
 
 1. reports its host pid on the status fd (``/proc`` is still the host's procfs here);
@@ -140,7 +140,7 @@ def init(args):
             os.write(status_fd, (line + "\n").encode())
 
     try:
-        if os.getpid() != 1:
+        if opts["--root"] and os.getpid() != 1:
             raise RuntimeError(f"must run as pid 1 of a new pid namespace (got pid {os.getpid()})")
         if not argv or opts["--root"] is None:
             raise RuntimeError("usage: init --root ROOT ... -- argv...")
@@ -151,7 +151,8 @@ def init(args):
         else:  # the host's filesystem: only the network and the hostname are the replica's own
             loopback_up()
             socket.sethostname(opts["--hostname"])
-        os.setsid()
+        if os.getsid(0) != os.getpid():  # without a pid namespace it already leads its session
+            os.setsid()
         os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
         if opts["--log-fd"]:
             os.dup2(int(opts["--log-fd"]), 1)

@@ -26,8 +26,8 @@ from . import _linux
 from .sdk import AFTER_RESTORE_PATH, READY_PATH
 
 NSINIT = Path(__file__).with_name("_nsinit.py")
-UNSHARE = ["unshare", "--pid", "--fork", "--net", "--uts", "--ipc"]
-UNSHARE_MOUNT = ["--mount", "--propagation", "private"]
+UNSHARE = ["unshare", "--net", "--uts", "--ipc"]
+UNSHARE_ROOT = ["--pid", "--fork", "--mount", "--propagation", "private"]  # with a root of its own
 
 
 class ReplicaError(RuntimeError):
@@ -36,7 +36,7 @@ class ReplicaError(RuntimeError):
 
 @dataclass(eq=False)
 class Replica:
-    pid: int                  # host pid of the replica's pid 1
+    pid: int                  # host pid of the replica's pid 1 (of the workload, without a root of its own)
     root: Path | None         # its "/"; None: the host's filesystem (no mount namespace)
     log_path: Path            # the workload's stdout + stderr
     external_files: list[str]  # CRIU ids of its open files outside its mount namespace (the log)
@@ -189,8 +189,11 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
            hostname: str = "thaw", timeout: float = 30.0) -> Replica:
     """Start ``argv`` as pid 1 of new namespaces with ``root`` as its "/"; stdout + stderr append to log_path.
 
-    ``root=None`` keeps the host's filesystem: no mount namespace, only pid, network, UTS and IPC ones. That is
-    for a workload installed on the host itself (the GPU benchmark: the host's CUDA torch and driver).
+    ``root=None`` keeps the host's filesystem: no mount or pid namespace, only network, UTS and IPC ones. That
+    is for a workload installed on the host itself (the GPU benchmark: the host's CUDA torch and driver). A pid
+    namespace needs its own /proc, hence its own mount namespace: under the host's /proc the CUDA driver fails
+    (``cudaGetDeviceCount``: error 304). So such a replica keeps its host pid, and CRIU restores it under that
+    pid: one restored replica per snapshot at a time.
     ``env`` is the whole environment; it travels through a pipe, never on a command line.
     Returns once the workload has been exec()ed (use ``wait_healthy``/``wait_ready`` for its server).
     """
@@ -202,7 +205,7 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     logfd, ext = open_log(log_path)
     status_r, status_w = os.pipe()
     env_r, env_w = os.pipe()
-    cmd = [*UNSHARE, *(UNSHARE_MOUNT if root else []), "--", sys.executable, "-I", "-S", str(NSINIT), "init",
+    cmd = [*UNSHARE, *(UNSHARE_ROOT if root else []), "--", sys.executable, "-I", "-S", str(NSINIT), "init",
            "--root", str(root or ""),
            "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
            "--hostname", hostname, "--", *argv]

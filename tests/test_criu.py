@@ -253,27 +253,24 @@ def test_leave_running_checkpoint(roots, work):
 
 @needs_criu
 def test_host_root_replica(image, work):
-    """root=None: the host's filesystem, own pid and network namespaces (the GPU path, where the model's CUDA
-    stack is the host's); it checkpoints and restores like an image-rooted replica, twice side by side."""
+    """root=None: the host's filesystem and pids, its own network namespace (the GPU path, where the model's CUDA
+    stack is the host's); it checkpoints and restores like an image-rooted replica, under the same pid."""
     app = image[0] / "app"
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": "1", "MARKER": MARKER}
     replica = launch(None, [PYTHON, "-I", str(app / "server.py")], env, str(app), work / "host-root.log")
     try:
         replica.wait_ready(PORT, "/health", timeout=60)
         golden = get(replica, "/answer")
-        assert golden["pid"] == 1 and replica.root is None
-        assert os.readlink(f"/proc/{replica.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+        assert golden["pid"] == replica.pid and replica.root is None
+        for ns in ("mnt", "pid"):
+            assert os.readlink(f"/proc/{replica.pid}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
         assert os.readlink(f"/proc/{replica.pid}/ns/net") != os.readlink("/proc/self/ns/net")
         checkpoint(replica, work / "images-host-root")
     finally:
         replica.stop()
-    restored = [restore(work / "images-host-root", None, work / f"host-root-{i}.log") for i in range(2)]
-    try:
-        for r in restored:
-            assert get(r, "/answer") == {**golden, "count": 2}
-    finally:
-        for r in restored:
-            r.stop()
+    for i in range(2):
+        with restore(work / "images-host-root", None, work / f"host-root-{i}.log") as r:
+            assert r.pid == golden["pid"] and get(r, "/answer") == {**golden, "count": 2}
 
 
 @needs_criu
