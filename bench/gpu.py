@@ -66,8 +66,9 @@ def gpu_used_bytes() -> int | None:
 
 # -- one model ------------------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, model_dir: Path, label: str, work: Path, device: str, dtype: str):
+    def __init__(self, model_dir: Path, label: str, work: Path, device: str, dtype: str, images_in: Path):
         self.model_dir, self.work, self.device, self.dtype = model_dir, work, device, dtype
+        self.images = images_in / f"images-{label}"
         self.label = label
         self.argv = [sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", str(PORT), "--model-dir",
                      str(model_dir), "--device", device, "--dtype", dtype, "--model-name", self.label]
@@ -79,7 +80,7 @@ class Bench:
 
     def _log(self, name: str) -> Path:
         self.n += 1
-        return self.work / f"{self.n:02d}-{name}.log"
+        return self.work / f"{self.label}-{self.n:02d}-{name}.log"
 
     def answer(self, r: Replica) -> bytes:
         status, body = r.http_request("POST", "/embed", self.body, PORT, timeout=120,
@@ -153,7 +154,7 @@ class Bench:
             cold.append(ms)
             cold_bodies.append(body)
             log(f"  cold boot {i + 1}: {ms:8.0f} ms to the first answer")
-        images = self.work / f"images-{self.label}"
+        images = self.images
         shutil.rmtree(images, ignore_errors=True)
         snap = self.snapshot(images)
         gb = snap["gpu_bytes"]
@@ -211,6 +212,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--work", type=Path, default=Path("/tmp/thaw-gpu-bench"))
     p.add_argument("--json", type=Path)
+    p.add_argument("--images-in", type=Path, help="where the CRIU images go (default: --work)")
     p.add_argument("--make-model", type=Path, metavar="OUT")
     p.add_argument("--from", dest="tokenizer_from", type=Path)
     p.add_argument("--hidden", type=int, default=2048)
@@ -232,7 +234,7 @@ def main() -> int:
     results = []
     for d in a.model_dir:
         try:
-            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype).run(a.runs))
+            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work).run(a.runs))
         except Exception as e:  # noqa: BLE001 - the next model still runs; the error is printed
             log(f"  {d.name}: FAILED: {type(e).__name__}: {e}")
             continue
