@@ -16,9 +16,12 @@ class PoolActivities:
         self.cfg = cfg
 
     def _live(self, snapshot: str):
-        """(live hosts, the ones whose facts can restore ``snapshot``), freshest heartbeat first."""
+        """(live hosts that can run ``snapshot``'s model, the ones whose facts can restore it), freshest heartbeat
+        first. A GPU model runs on GPU hosts only, restored or cold-booted."""
         snap = snapshots.get(self.cfg.registry_url, snapshot)
         live = snapshots.live_hosts(self.cfg.registry_url, self.cfg.host_stale_s)
+        if compat.needs_gpu(snap.host_facts):
+            live = [h for h in live if compat.needs_gpu(h.facts)]
         return live, [h for h in live if not compat.check(snap.host_facts, h.facts)]
 
     @activity.defn(name="pool_hosts")

@@ -63,3 +63,46 @@ def postgres_url():
 
 def test_postgres_registry(postgres_url):
     _exercise(postgres_url)
+
+
+def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
+    """Placement (DeploymentPool's activities, registry only): a GPU snapshot goes to hosts with the same GPU,
+    driver and CUDA; with none free it cold-boots on another GPU host, never on a CPU-only one. A CPU snapshot
+    goes anywhere."""
+    from thaw.activities.pool import PoolActivities
+    from thaw.config import Config
+    from thaw.registry import snapshots
+    from thaw.registry.models import Snapshot
+    from thaw.snapshot import compat
+    from thaw.snapshot.cuda import facts_from
+    from thaw.workflows.pool import HostsInput, PlaceInput
+
+    cfg = Config(state_dir=tmp_path / "state")
+    url = cfg.registry_url
+    cpu = {**compat.host_facts(), "gpu_processes": 0}
+    cpu = {k: v for k, v in cpu.items() if not k.startswith("gpu") and k not in ("nvidia_driver", "cuda")}
+    h200 = {**cpu, **facts_from(["NVIDIA H200"], ["GPU-1"], "580.159.04", 13000)}
+    old_driver = {**cpu, **facts_from(["NVIDIA H200"], ["GPU-2"], "570.86.15", 12080)}
+    for host, facts in (("cpu-a", cpu), ("gpu-old", old_driver), ("gpu-a", h200), ("gpu-b", h200)):
+        snapshots.upsert_host(url, host, f"q-{host}", facts, None, capacity=1)
+    for digest, facts in (("a" * 64, h200), ("c" * 64, cpu)):
+        snapshots.register(url, Snapshot(digest=digest, image_digest="i" * 64, compat_key=compat.compat_key(facts, "i"),
+                                         host_facts=facts, golden_digest="x", size=1, files=1, new_bytes=0))
+    acts = PoolActivities(cfg)
+
+    def place(snap, count):
+        return sorted(p.host_id for p in acts.place_replicas(PlaceInput("d", snap, count)))
+
+    assert place("a" * 64, 2) == ["gpu-a", "gpu-b"]
+    assert place("a" * 64, 4) == ["gpu-a", "gpu-b", "gpu-old"]  # a cold boot on the other driver, not on cpu-a
+    assert place("c" * 64, 4) == ["cpu-a", "gpu-a", "gpu-b", "gpu-old"]
+    hosts = acts.pool_hosts(HostsInput("d", "a" * 64, buffer=3, busy=[]))
+    assert sorted(hosts.live) == ["gpu-a", "gpu-b", "gpu-old"] and sorted(hosts.reserved) == ["gpu-a", "gpu-b"]
+
+    from click.testing import CliRunner
+    from thaw.cli import cli
+    out = CliRunner().invoke(cli, ["--state-dir", str(cfg.state_dir), "hosts", "ls"]).output.splitlines()
+    assert out[0].split() == ["HOST", "STATE", "CAP", "RESERVED", "FOR", "GPUS"]
+    rows = {line.split()[0]: line for line in out[1:]}
+    assert rows["cpu-a"].split()[1:] == ["live", "1", "-", "-"]
+    assert rows["gpu-a"].split(None, 4)[1:] == ["live", "1", "d", "1x NVIDIA H200, driver 580.159.04, CUDA 13.0"]

@@ -597,7 +597,26 @@ def gateway(cfg, name, port, keda_port, target_concurrency, scale_to_zero_after)
 
 @cli.group()
 def hosts():
-    """Test/demo mode: several host agents on this machine, each in its own network namespace."""
+    """Host agents: list them with their GPUs; start several on this machine (test/demo mode)."""
+
+
+@hosts.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def hosts_ls(cfg, as_json):
+    """Registered host agents: live or stale, capacity, buffer reservation, GPUs (what placement matches)."""
+    from thaw.registry import snapshots as q
+
+    live = {h.id for h in q.live_hosts(cfg.registry_url, cfg.host_stale_s)}
+
+    def gpus(f: dict) -> str:
+        if not f.get("gpu_model"):
+            return "-"
+        return f"{f.get('gpu_count', 1)}x {f['gpu_model']}, driver {f.get('nvidia_driver')}, CUDA {f.get('cuda')}"
+
+    _table(q.list_hosts(cfg.registry_url), as_json, f"{'HOST':<24} {'STATE':<6} {'CAP':>3} {'RESERVED FOR':<16} GPUS",
+           lambda h: f"{h.id:<24} {'live' if h.id in live else 'stale':<6} {h.capacity:>3} "
+                     f"{h.reserved_for or '-':<16} {gpus(h.facts)}")
 
 
 @hosts.command("up")
@@ -605,7 +624,8 @@ def hosts():
 @click.option("--capacity", type=int, default=4, show_default=True, help="Replicas per host.")
 @click.pass_obj
 def hosts_up(cfg, count, capacity):
-    """Start COUNT namespaced host agents (needs THAW_TEMPORAL_ADDRESS=0.0.0.0:<port> for the stack)."""
+    """Start COUNT host agents on this machine, each in its own network namespace (test/demo mode; needs
+    THAW_TEMPORAL_ADDRESS=0.0.0.0:<port> for the stack)."""
     from thaw.runtime import hosts as hosts_mod
 
     try:
