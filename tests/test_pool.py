@@ -192,6 +192,8 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         thaw_cli("deploy", "ha", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
         (rep,) = wait_for(lambda: serving(cfg, "ha"), what="first replica")
         assert rep.host_id == "victim"
+        # the pool holds it too (the registry row comes first): killed now, it is lost, not a failed start
+        wait_for(lambda: json.loads(thaw_cli("status", "ha", "--json").output)["replicas"], what="pool's replica")
         snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
         os.kill(victim.pid, signal.SIGKILL)  # the host dies with its replica
         victim.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_postgres_registry(postgres_url):
 
 
 def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
-    """Placement (DeploymentPool's activities, registry only): a GPU snapshot goes to hosts with the same GPU,
+    """Placement (DeploymentPool's host check and its in-workflow placement, registry only): a GPU snapshot goes to hosts with the same GPU,
     driver and CUDA; with none free it cold-boots on another GPU host, never on a CPU-only one. A CPU snapshot
     goes anywhere."""
     from thaw.activities.pool import PoolActivities
@@ -75,7 +76,7 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     from thaw.registry.models import Snapshot
     from thaw.snapshot import compat
     from thaw.snapshot.cuda import facts_from
-    from thaw.workflows.pool import HostsInput, PlaceInput
+    from thaw.workflows.pool import HostsInput, place
 
     cfg = Config(state_dir=tmp_path / "state")
     url = cfg.registry_url
@@ -90,14 +91,20 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
                                          host_facts=facts, golden_digest="x", size=1, files=1, new_bytes=0))
     acts = PoolActivities(cfg)
 
-    def place(snap, count):
-        return sorted(p.host_id for p in acts.place_replicas(PlaceInput("d", snap, count)))
+    def place_new(snap, count):
+        hosts = acts.pool_hosts(HostsInput("d", snap, buffer=0, busy=[])).hosts
+        return sorted(h.host_id for h in place(hosts, count, "d", {}))
 
-    assert place("a" * 64, 2) == ["gpu-a", "gpu-b"]
-    assert place("a" * 64, 4) == ["gpu-a", "gpu-b", "gpu-old"]  # a cold boot on the other driver, not on cpu-a
-    assert place("c" * 64, 4) == ["cpu-a", "gpu-a", "gpu-b", "gpu-old"]
+    assert place_new("a" * 64, 2) == ["gpu-a", "gpu-b"]
+    assert place_new("a" * 64, 4) == ["gpu-a", "gpu-b", "gpu-old"]  # a cold boot on the other driver, not on cpu-a
+    assert place_new("c" * 64, 4) == ["cpu-a", "gpu-a", "gpu-b", "gpu-old"]
     hosts = acts.pool_hosts(HostsInput("d", "a" * 64, buffer=3, busy=[]))
     assert sorted(hosts.live) == ["gpu-a", "gpu-b", "gpu-old"] and sorted(hosts.reserved) == ["gpu-a", "gpu-b"]
+    slots = {h.host_id: h for h in hosts.hosts}
+    assert slots["gpu-a"].reserved_for == "d" and slots["gpu-a"].compatible and not slots["gpu-old"].compatible
+    # placement counts this deployment's replicas (running or starting) and everyone else's against capacity
+    assert [h.host_id for h in place(hosts.hosts, 3, "d", {"gpu-a": 1})] == ["gpu-b", "gpu-old"]
+    assert place([replace(slots["gpu-a"], others=1)], 1, "d", {}) == []
 
     from click.testing import CliRunner
     from thaw.cli import cli

@@ -55,9 +55,14 @@ class ReplicaInfo:
 
 
 @dataclass
-class PlacedHost:
+class HostSlot:
+    """A live host that can run the deployment's model, as the last host check saw it."""
     host_id: str
     task_queue: str
+    capacity: int
+    others: int  # replicas of other deployments on it
+    compatible: bool  # its facts can restore the snapshot (else a replica cold-boots there)
+    reserved_for: str | None = None
 
 
 @dataclass
@@ -74,15 +79,6 @@ class StopReplicaInput:
 
 
 @dataclass
-class PlaceInput:
-    deployment: str
-    snapshot: str
-    count: int
-    exclude: list[str] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)  # hosts of starts still in flight (not in the registry yet)
-
-
-@dataclass
 class HostsInput:
     deployment: str
     snapshot: str
@@ -94,6 +90,25 @@ class HostsInput:
 class HostsResult:
     live: list[str]
     reserved: list[str]
+    hosts: list[HostSlot] = field(default_factory=list)  # what placement chooses from
+
+
+def place(hosts: list[HostSlot], count: int, deployment: str, own: dict[str, int]) -> list[HostSlot]:
+    """Hosts for ``count`` new replicas: compatible ones with free capacity, least loaded first, this deployment's
+    buffer hosts first among equals; with no compatible host left, any other (the replica cold-boots there).
+    ``own``: this deployment's replicas per host, running or starting."""
+    load = {h.host_id: h.others + own.get(h.host_id, 0) for h in hosts}
+    out: list[HostSlot] = []
+    for pool in ([h for h in hosts if h.compatible], hosts):
+        cands = [h for h in pool if h.reserved_for in (None, deployment)]
+        while len(out) < count:
+            free = [h for h in cands if load[h.host_id] < h.capacity]
+            if not free:
+                break
+            h = min(free, key=lambda h: (load[h.host_id], h.reserved_for != deployment, h.host_id))
+            load[h.host_id] += 1
+            out.append(h)
+    return out
 
 
 @dataclass
@@ -116,6 +131,7 @@ class DeploymentPool:
         self.wake = False
         self.starting: list[str] = []  # host ids of replica starts in flight (background tasks)
         self.tasks: set[asyncio.Task] = set()
+        self.hosts: list[HostSlot] = []  # from the last host check: a scale-up places without a round trip
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
@@ -164,20 +180,25 @@ class DeploymentPool:
         self.s.counts[key] = self.s.counts.get(key, 0) + n
 
     async def _hosts(self, buffer: int) -> HostsResult:
-        busy = sorted({r.host_id for r in self.s.replicas})
+        busy = sorted({r.host_id for r in self.s.replicas} | set(self.starting))
         res = await workflow.execute_activity(
             "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
             result_type=HostsResult, **QUICK)
-        self.s.reserved = res.reserved
+        self.s.reserved, self.hosts = res.reserved, res.hosts
         return res
 
+    def _missing(self) -> int:
+        return self.s.desired - len(self.s.replicas) - len(self.starting)
+
     async def _reconcile(self) -> None:
+        if self._missing() > 0 and self.hosts:  # a scale-up starts at once, on the hosts the last check saw
+            await self._scale_up(self._missing())
         hosts = await self._hosts(self.s.spec.buffer)
         lost = [r for r in self.s.replicas if r.host_id not in hosts.live]
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
             self._count("lost", len(lost))
-        missing = self.s.desired - len(self.s.replicas) - len(self.starting)
+        missing = self._missing()
         if missing > 0:
             await self._scale_up(missing)
         elif missing < 0 and not self.starting:
@@ -188,9 +209,10 @@ class DeploymentPool:
     async def _scale_up(self, n: int) -> None:
         """Place n replicas and start them in the background: the loop keeps answering signals meanwhile."""
         sig = self.s.last_signal.at_ms if self.s.last_signal else 0
-        placed = await workflow.execute_activity(
-            "place_replicas", PlaceInput(self.s.spec.name, self.s.spec.snapshot, n, pending=list(self.starting)),
-            result_type=list[PlacedHost], **QUICK)
+        own: dict[str, int] = {}
+        for host_id in [r.host_id for r in self.s.replicas] + self.starting:
+            own[host_id] = own.get(host_id, 0) + 1
+        placed = place(self.hosts, n, self.s.spec.name, own)
         for h in placed:
             self.starting.append(h.host_id)
             task = asyncio.create_task(self._start(h, sig))
@@ -201,7 +223,7 @@ class DeploymentPool:
             self.wake = True
             await workflow.sleep(1)
 
-    async def _start(self, h: PlacedHost, sig: int) -> None:
+    async def _start(self, h: HostSlot, sig: int) -> None:
         sp = self.s.spec
         try:
             info = await workflow.execute_activity(
