@@ -230,12 +230,14 @@ class DeploymentPool:
                 "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig), result_type=ReplicaInfo,
                 task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
                 heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
+                schedule_to_start_timeout=timedelta(seconds=sp.heartbeat_timeout_s),  # placed on a host that died
                 retry_policy=RetryPolicy(maximum_attempts=1))  # a failed host: place again, elsewhere
             self.s.replicas.append(info)
             self.s.recent = [info, *self.s.recent][:RECENT]
             self._count(info.outcome)
-        except Exception:  # noqa: BLE001 - counted; the next reconcile places it again
+        except Exception:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
+            self.hosts = []
         finally:
             self.starting.remove(h.host_id)
             self.wake = True
