@@ -6,21 +6,14 @@ from sqlmodel import col, func, select
 
 from .db import session
 from .models import Deployment, Host, Replica
+from . import queries
 from .queries import NotFound
 
 
 def upsert(url: str, dep: Deployment) -> Deployment:
-    with session(url) as s:
-        row = s.get(Deployment, dep.name)
-        if row:
-            for k in ("snapshot_digest", "min_replicas", "max_replicas", "buffer", "secrets"):
-                setattr(row, k, getattr(dep, k))
-        else:
-            row = dep
-        s.add(row)
-        s.commit()
-        s.refresh(row)
-        return row
+    """Create the deployment, or change an existing one's snapshot, replica bounds, buffer and secrets."""
+    return queries.upsert(url, dep, **{k: getattr(dep, k) for k in
+                                       ("snapshot_digest", "min_replicas", "max_replicas", "buffer", "secrets")})
 
 
 def get(url: str, name: str) -> Deployment:

@@ -1,4 +1,4 @@
-"""Queries shared by every table keyed by a digest or id: idempotent insert, lookup by unique prefix."""
+"""Queries shared by every table keyed by a digest or id: idempotent insert, upsert, lookup by unique prefix."""
 
 from __future__ import annotations
 
@@ -37,6 +37,19 @@ def register(url: str, row: T) -> tuple[T, bool]:
             return s.get(model, key), False
         s.refresh(row)
         return row, True
+
+
+def upsert(url: str, new: T, **fields) -> T:
+    """Insert ``new`` unless a row with its primary key exists; then set ``fields`` on the row. Returns the row."""
+    model = type(new)
+    with session(url) as s:
+        row = s.get(model, getattr(new, _pk(model).key)) or new
+        for k, v in fields.items():
+            setattr(row, k, v)
+        s.add(row)
+        s.commit()
+        s.refresh(row)
+        return row
 
 
 def by_prefix(url: str, model: type[T], ref: str, what: str, ls_cmd: str) -> T:

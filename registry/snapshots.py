@@ -20,14 +20,9 @@ def list_all(url: str, image_digest: str | None = None) -> list[Snapshot]:
 
 
 def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int | None, capacity: int = 4) -> Host:
-    with session(url) as s:
-        row = s.get(Host, host_id) or Host(id=host_id, task_queue=task_queue)
-        row.task_queue, row.facts, row.pid, row.capacity = task_queue, facts, pid, capacity
-        row.started_at = row.heartbeat_at = utcnow()
-        s.add(row)
-        s.commit()
-        s.refresh(row)
-        return row
+    now = utcnow()
+    return queries.upsert(url, Host(id=host_id, task_queue=task_queue), task_queue=task_queue, facts=facts, pid=pid,
+                          capacity=capacity, started_at=now, heartbeat_at=now)
 
 
 def heartbeat_host(url: str, host_id: str) -> None:
