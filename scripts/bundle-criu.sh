@@ -12,8 +12,8 @@ ldd "$src" | awk '/=> \//{print $3}' | while read -r lib; do
   case $(basename "$lib") in libc.so.*|ld-linux*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*) continue;; esac
   cp -L "$lib" "$dest/lib/"
 done
-# DT_RPATH (not RUNPATH) also applies to the libraries' own dependencies
 strip --strip-unneeded "$dest/criu" "$dest"/lib/*.so* 2>/dev/null || true
+# DT_RPATH (not RUNPATH) also applies to the libraries' own dependencies
 patchelf --force-rpath --set-rpath '$ORIGIN/lib' "$dest/criu"
 "$dest/criu" --version >/dev/null
 du -sh "$dest"
