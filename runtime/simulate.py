@@ -49,6 +49,7 @@ Metrics
 
 from __future__ import annotations
 
+import bisect
 import csv
 import heapq
 import json
@@ -82,6 +83,7 @@ class TraceError(SimError):
 class Request:
     t: float  # arrival, seconds from the start of the trace
     service_s: float
+    deployment: int = 0  # index of the deployment the request is for
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,16 @@ class Trace:
     requests: tuple[Request, ...]
     end_s: float  # the replay covers [0, max(end_s, last completion)]
     source: str
+    deployments: int = 1  # at least this many deployments (also every index a request names)
+
+    @property
+    def n_deployments(self) -> int:
+        return max(self.deployments, 1 + max((r.deployment for r in self.requests), default=0))
+
+    def only(self, deployment: int) -> "Trace":
+        """The requests of one deployment, as a one-deployment trace over the same span."""
+        return Trace(tuple(Request(r.t, r.service_s) for r in self.requests if r.deployment == deployment),
+                     self.end_s, f"{self.source}, deployment {deployment}")
 
 
 def _parse_time(text: str) -> float:
@@ -104,10 +116,13 @@ def _parse_time(text: str) -> float:
 
 
 def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
-    """A CSV with a ``timestamp`` column (seconds, e.g. epoch, or ISO 8601) and optionally ``duration_s``.
+    """A CSV with a ``timestamp`` column (seconds, e.g. epoch, or ISO 8601) and optionally ``duration_s`` and
+    ``deployment`` (any label; the distinct labels, sorted (numerically when all are whole numbers), become
+    deployments 0, 1, ...).
 
-    A header row is optional (without one: column 1 is the timestamp, column 2 the duration). Rows without a
-    duration use ``service_s``. Rows need not be sorted. Times are shifted so the earliest arrival is t=0.
+    A header row is optional (without one: column 1 is the timestamp, column 2 the duration, one deployment).
+    Rows without a duration use ``service_s``. Rows need not be sorted. Times are shifted so the earliest arrival
+    is t=0.
     """
     path = Path(path)
     try:
@@ -118,7 +133,7 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
     rows = [(n, r) for n, r in rows if not r[0].lstrip().startswith("#")]
     if not rows:
         raise TraceError(f"trace {path} has no requests (expected CSV rows: timestamp[,duration_s])")
-    ts_col, dur_col = 0, 1
+    ts_col, dur_col, dep_col = 0, 1, None
     first = [c.strip().lower() for c in rows[0][1]]
     try:
         _parse_time(first[0])
@@ -131,6 +146,7 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
                              f"(expected timestamp[,duration_s])")
         ts_col = first.index("timestamp")
         dur_col = first.index("duration_s") if "duration_s" in first else None
+        dep_col = first.index("deployment") if "deployment" in first else None
         rows = rows[1:]
         if not rows:
             raise TraceError(f"trace {path} has a header but no requests")
@@ -153,20 +169,31 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
                                  f"seconds") from None
             if not (d > 0 and math.isfinite(d)):
                 raise TraceError(f"trace {path} line {n}: duration {r[dur_col].strip()!r} must be > 0 seconds")
-        parsed.append((t, d))
-    t0 = min(t for t, _ in parsed)
-    reqs = tuple(sorted(Request(t - t0, d) for t, d in parsed))
-    return Trace(reqs, reqs[-1].t, f"{path} ({len(reqs)} requests)")
+        label = ""
+        if dep_col is not None:
+            label = r[dep_col].strip() if dep_col < len(r) else ""
+            if not label:
+                raise TraceError(f"trace {path} line {n}: no deployment (give a label in the deployment column)")
+        parsed.append((t, d, label))
+    t0 = min(t for t, _, _ in parsed)
+    labels = sorted({x for _, _, x in parsed})
+    if all(x.isdigit() for x in labels):
+        labels.sort(key=int)
+    index = {x: i for i, x in enumerate(labels)}
+    reqs = tuple(sorted(Request(t - t0, d, index[x]) for t, d, x in parsed))
+    deps = f", {len(labels)} deployments" if len(labels) > 1 else ""
+    return Trace(reqs, reqs[-1].t, f"{path} ({len(reqs)} requests{deps})", len(labels))
 
 
 def bursty_trace(seed: int = 1, duration_s: float = 3600.0, base_rps: float = 2.0, burst_rps: float = 20.0,
                  burst_every_s: float = 600.0, burst_len_s: float = 60.0, service_s: float = 0.5,
-                 ramp_s: float = 0.0) -> Trace:
+                 ramp_s: float = 0.0, phase_s: float = 0.0, deployment: int = 0) -> Trace:
     """Poisson arrivals at ``base_rps``, rising to ``burst_rps`` for ``burst_len_s`` seconds in every
-    ``burst_every_s`` seconds (bursts at the end of each period, so the trace starts calm). With ``ramp_s`` > 0
-    a burst ramps linearly up over its first ramp_s seconds and down over its last ramp_s (else it is a step).
-    Fixed ``service_s``. Deterministic for a given seed: ``random.Random`` drawing a Poisson process at the
-    highest rate, thinned to the rate at each instant."""
+    ``burst_every_s`` seconds (bursts at the end of each period, so the trace starts calm; ``phase_s`` shifts the
+    pattern: the rate at t is the rate at t + phase_s without it). With ``ramp_s`` > 0 a burst ramps linearly up
+    over its first ramp_s seconds and down over its last ramp_s (else it is a step). Fixed ``service_s``; every
+    request is for ``deployment``. Deterministic for a given seed: ``random.Random`` drawing a Poisson process
+    at the highest rate, thinned to the rate at each instant."""
     for name, v in (("duration_s", duration_s), ("burst_every_s", burst_every_s), ("service_s", service_s)):
         if not v > 0:
             raise SimError(f"{name} must be > 0 (got {v})")
@@ -177,7 +204,7 @@ def bursty_trace(seed: int = 1, duration_s: float = 3600.0, base_rps: float = 2.
     calm = burst_every_s - burst_len_s
 
     def rate(t: float) -> float:
-        phase = t % burst_every_s
+        phase = (t + phase_s) % burst_every_s
         if phase < calm:
             return base_rps
         if ramp_s <= 0:
@@ -193,23 +220,70 @@ def bursty_trace(seed: int = 1, duration_s: float = 3600.0, base_rps: float = 2.
         if t >= duration_s:
             break
         if rng.random() * top < rate(t):
-            reqs.append(Request(round(t, 6), service_s))
+            reqs.append(Request(round(t, 6), service_s, deployment))
     ramp = f" ramp {ramp_s:g}s" if ramp_s > 0 else ""
     return Trace(tuple(reqs), duration_s,
                  f"bursty seed={seed} {duration_s:g}s base={base_rps:g}rps burst={burst_rps:g}rps "
-                 f"{burst_len_s:g}s every {burst_every_s:g}s{ramp} service={service_s:g}s ({len(reqs)} requests)")
+                 f"{burst_len_s:g}s every {burst_every_s:g}s{ramp} service={service_s:g}s ({len(reqs)} requests)",
+                 deployment + 1)
+
+
+def fleet_trace(seed: int = 1, deployments: int = 20, duration_s: float = 3600.0, base_rps_lo: float = 0.1,
+                base_rps_hi: float = 10.0, burst_x: float = 10.0, burst_every_s: float = 600.0,
+                burst_len_s: float = 60.0, service_s: float = 0.5, ramp_s: float = 0.0) -> Trace:
+    """Many deployments on one fleet: each deployment is an independent :func:`bursty_trace` with its own seed,
+    its own base rate and its own burst phase.
+
+    Deployment i draws, from ``random.Random(f"fleet-{seed}-{i}")`` (so deployment i does not depend on how many
+    there are), a base rate log-uniform in [``base_rps_lo``, ``base_rps_hi``], a burst phase uniform in
+    [0, ``burst_every_s``) and the seed of its arrivals; it bursts to ``burst_x`` times its base for
+    ``burst_len_s`` seconds in every ``burst_every_s``.
+
+    Defaults, chosen as a picture of a multi-tenant inference platform before looking at any result:
+
+    * 20 deployments: a small region of a shared GPU pool (platforms host hundreds to thousands; fewer tenants
+      mean less pooling, so this is on the conservative side).
+    * base rates log-uniform over two decades, 0.1 to 10 rps (mean 2.15 rps, so the fleet's average tenant is
+      the one-deployment trace's 2 rps): demand across tenants is heavy-tailed, a few busy deployments and many
+      small ones, and 0.1 rps of 0.5 s requests is 5 % of one GPU.
+    * each burst 10x the base for 60 s in every 600 s: the same shape as the one-deployment P7 trace (a 10x jump
+      within a second, 10 % of the time), so the difference between the two results is the sharing.
+    * phases independent and uniform: tenants do not burst together (no fleet-wide event).
+    * 0.5 s per request, as in the one-deployment trace.
+    """
+    if deployments < 1:
+        raise SimError(f"deployments must be >= 1 (got {deployments})")
+    if not 0 < base_rps_lo <= base_rps_hi:
+        raise SimError(f"need 0 < base_rps_lo <= base_rps_hi (got {base_rps_lo}, {base_rps_hi})")
+    if not burst_x >= 1:
+        raise SimError(f"burst_x must be >= 1 (got {burst_x})")
+    reqs: list[Request] = []
+    for i in range(deployments):
+        rng = random.Random(f"fleet-{seed}-{i}")
+        base = math.exp(rng.uniform(math.log(base_rps_lo), math.log(base_rps_hi)))
+        phase = rng.uniform(0, burst_every_s)
+        reqs += bursty_trace(rng.getrandbits(63), duration_s, base, base * burst_x, burst_every_s, burst_len_s,
+                             service_s, ramp_s, phase, i).requests
+    reqs.sort()
+    ramp = f" ramp {ramp_s:g}s" if ramp_s > 0 else ""
+    return Trace(tuple(reqs), duration_s,
+                 f"fleet seed={seed} {deployments} deployments {duration_s:g}s base={base_rps_lo:g}..{base_rps_hi:g}rps "
+                 f"(log-uniform) burst={burst_x:g}x {burst_len_s:g}s every {burst_every_s:g}s (random phase){ramp} "
+                 f"service={service_s:g}s ({len(reqs)} requests)", deployments)
 
 
 # -- parameters -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Policy:
     kind: str  # cold | restore | static
-    buffer: int = 0
-    replicas: int | None = None  # static only
+    buffer: int = 0  # the fleet's idle hosts, shared by its deployments
+    replicas: int | tuple[int, ...] | None = None  # static only: per deployment (one count for all, or each's)
 
     @property
     def name(self) -> str:
         if self.kind == "static":
+            if isinstance(self.replicas, tuple):
+                return f"static:replicas={sum(self.replicas)}"  # the fleet's total
             return f"static:replicas={self.replicas}" if self.replicas is not None else "static"
         return f"{self.kind}:buffer={self.buffer}"
 
@@ -297,8 +371,16 @@ class Result:
     hosts_acquired: int  # hosts requested during the replay (not counting those present at t=0)
     peak_hosts: int  # most hosts paid for at once
     horizon_s: float
+    deployments: int = 1
+    # the deployments' own view: GPU-seconds of hosts while they were a deployment's replica (acquired for it,
+    # starting, serving, idle until cool-down), without the shared buffer; busy / that
+    replica_gpu_s: float = float("nan")
+    replica_utilization: float = float("nan")
+    # per deployment: {deployment, served, replicas (static), starts, busy_gpu_s, replica_gpu_s,
+    # replica_utilization, delay_p50_s, delay_p99_s, delay_max_s}
+    per_deployment: list[dict] = field(default_factory=list, repr=False)
     delays: list[float] = field(default_factory=list, repr=False)
-    # (t, serving, starting, buffer_idle, provisioning, in_system, in_flight) at every tick
+    # (t, serving, starting, buffer_idle, provisioning, in_system, in_flight) at every tick, fleet-wide
     timeline: list[tuple] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -306,7 +388,16 @@ class Result:
         d = asdict(self)
         d.pop("delays")
         d.pop("timeline")
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+        def clean(v):
+            if isinstance(v, float) and math.isnan(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+        return clean(d)
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -322,23 +413,54 @@ _HOST_READY, _REPLICA_READY, _DONE, _ARRIVAL, _TICK = range(5)  # order of event
 
 
 class _Host:
-    __slots__ = ("id", "since", "until", "state", "ready_at", "claimed", "inflight", "idle_since", "in_free")
+    __slots__ = ("id", "since", "until", "state", "ready_at", "dep", "gen", "inflight", "idle_since", "in_free",
+                 "spans")
 
-    def __init__(self, hid: int, since: float, state: str, ready_at: float = 0.0, claimed: bool = False):
+    def __init__(self, hid: int, since: float, state: str):
         self.id, self.since, self.until, self.state = hid, since, None, state
-        self.ready_at, self.claimed, self.inflight, self.idle_since = ready_at, claimed, 0, since
-        self.in_free = False
+        self.ready_at, self.inflight, self.idle_since, self.in_free = 0.0, 0, since, False
+        self.dep: _Deployment | None = None  # whose replica it is (acquired for it, starting, serving); else buffer
+        self.gen = 0  # assignments so far: tells a deployment's stale free-slot entries apart
+        self.spans: list[tuple[int, float, float]] = []  # (deployment, from, to) while a replica
+
+
+class _Deployment:
+    """One deployment's queue, replicas and autoscaler state."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.reps: list[_Host] = []  # its replicas (acquired for it, starting or serving), by host id
+        self.queue: list[Request] = []
+        self.qhead = 0
+        self.queued_work = 0.0  # service seconds waiting in the queue
+        self.free: list[tuple[int, int, _Host]] = []  # (id, gen, host) with a free slot; stale entries skipped
+        self.recent: deque[Request] = deque()  # arrivals in the demand window
+        self.window_work = 0.0
+        self.delays: list[float] = []
+        self.busy = 0.0
+        self.starts = 0
+        self.static = 0
 
 
 def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler: Autoscaler = Autoscaler(),
              gpu_hour_usd: float = 2.5) -> Result:
-    """Replay ``trace`` under ``policy``. ``policy`` must be concrete (static needs ``replicas``)."""
+    """Replay ``trace`` under ``policy``. ``policy`` must be concrete (static needs ``replicas``).
+
+    The trace's deployments share the fleet: the buffer, and the hosts a scaled-down replica gives back. Each
+    deployment has its own FIFO queue, replicas and autoscaler (the same parameters for all); at a tick the
+    deployments are evaluated in index order, so at the same instant a lower index takes a buffered host first.
+    One deployment is the fleet of one."""
     scaler.check()
     if policy.kind == "static" and policy.replicas is None:
         raise SimError("static policy needs replicas=N here (size_static() picks it)")
     for name in ("cold_start_s", "restore_s", "provision_s"):
         if not getattr(timings, name) >= 0:
             raise SimError(f"{name} must be >= 0 (got {getattr(timings, name)})")
+    if any(r.deployment < 0 for r in trace.requests):
+        raise SimError("a request's deployment must be >= 0")
+    deps = [_Deployment(i) for i in range(trace.n_deployments)]
+    if isinstance(policy.replicas, tuple) and len(policy.replicas) != len(deps):
+        raise SimError(f"static policy gives {len(policy.replicas)} replica counts for {len(deps)} deployments")
     c = scaler.concurrency
     start_s = timings.restore_s if policy.kind == "restore" else timings.cold_start_s
     static = policy.kind == "static"
@@ -355,109 +477,127 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
 
     hosts: list[_Host] = []  # every host ever paid for, for the accounting
     live: list[_Host] = []  # hosts not yet released, oldest first
+    idle_buffer: list[_Host] = []  # the fleet's idle hosts, by id
+    acquiring: list[_Host] = []  # hosts being acquired for the buffer
     counts = {"cold": 0, "restore": 0, "acquired": 0}
 
-    def new_host(now: float, state: str, claimed: bool = False) -> _Host:
-        h = _Host(len(hosts), now, state, claimed=claimed)
+    def assign(h: _Host, d: _Deployment, now: float) -> None:
+        h.dep, h.gen, h.idle_since = d, h.gen + 1, now
+        h.spans.append((d.index, now, math.inf))
+        bisect.insort(d.reps, h, key=lambda x: x.id)
+
+    def unassign(h: _Host, now: float) -> None:
+        h.dep.reps.remove(h)
+        h.spans[-1] = (h.dep.index, h.spans[-1][1], now)
+        h.dep, h.in_free = None, False
+
+    def new_host(now: float, state: str, d: _Deployment | None = None) -> _Host:
+        h = _Host(len(hosts), now, state)
         hosts.append(h)
         live.append(h)
+        if d is not None:
+            assign(h, d, now)
         if state == "provisioning":
             counts["acquired"] += 1
             h.ready_at = now + timings.provision_s
             push(h.ready_at, _HOST_READY, h)
+            if d is None:
+                acquiring.append(h)
+        elif state == "buffer":
+            idle_buffer.append(h)
         return h
 
     def release(h: _Host, now: float) -> None:
         h.state, h.until = "released", now
         live.remove(h)
+        if h in acquiring:
+            acquiring.remove(h)
 
-    n0 = scaler.min_replicas
-    if scaler.warm_start:
-        first = sum(r.service_s for r in trace.requests if r.t < scaler.window_s) / scaler.window_s
-        n0 = max(n0, min(scaler.max_replicas, math.ceil(first / (c * scaler.target_utilization) - 1e-9)))
-    for _ in range(policy.replicas if static else n0):
-        new_host(0.0, "serving")
+    for d in deps:
+        if static:
+            d.static = policy.replicas[d.index] if isinstance(policy.replicas, tuple) else policy.replicas
+            n0 = d.static
+        else:
+            n0 = scaler.min_replicas
+            if scaler.warm_start:
+                first = sum(r.service_s for r in trace.requests
+                            if r.t < scaler.window_s and r.deployment == d.index) / scaler.window_s
+                n0 = max(n0, min(scaler.max_replicas, math.ceil(first / (c * scaler.target_utilization) - 1e-9)))
+        for _ in range(n0):
+            new_host(0.0, "serving", d)
     for _ in range(0 if static else policy.buffer):
         new_host(0.0, "buffer")
 
     def begin_start(h: _Host, now: float) -> None:
         h.state = "starting"
         counts["restore" if policy.kind == "restore" else "cold"] += 1
+        h.dep.starts += 1
         push(now + start_s, _REPLICA_READY, h)
 
-    def acquiring() -> list[_Host]:  # buffer hosts on their way
-        return [h for h in live if h.state == "provisioning" and not h.claimed]
-
-    def spare() -> int:  # buffer hosts, idle or on their way
-        return sum(1 for h in live if h.state == "buffer") + len(acquiring())
-
     def refill(now: float) -> None:
-        for _ in range(policy.buffer - spare()):
+        for _ in range(policy.buffer - len(idle_buffer) - len(acquiring)):
             new_host(now, "provisioning")
 
-    def start_replica(now: float) -> None:
-        idle = [h for h in live if h.state == "buffer"]
-        if idle:
-            begin_start(idle[0], now)
+    def start_replica(d: _Deployment, now: float) -> None:
+        """A buffered host restores (or boots) for d; with none idle, d claims the host being acquired for the
+        buffer that is ready soonest, else acquires one. The buffer is then refilled."""
+        if idle_buffer:
+            h = idle_buffer.pop(0)
+            assign(h, d, now)
+            begin_start(h, now)
+        elif acquiring:
+            h = min(acquiring, key=lambda x: (x.ready_at, x.id))
+            acquiring.remove(h)
+            assign(h, d, now)
         else:
-            coming = acquiring()
-            if coming:
-                min(coming, key=lambda h: (h.ready_at, h.id)).claimed = True
-            else:
-                new_host(now, "provisioning", claimed=True)
+            new_host(now, "provisioning", d)
         refill(now)
 
     def scale_down(h: _Host, now: float) -> None:
         """A replica stops serving: its host refills the buffer when the buffer is short of idle hosts (an
         acquisition still under way is then cancelled), else it is released."""
-        if sum(1 for x in live if x.state == "buffer") < policy.buffer:
+        unassign(h, now)
+        if len(idle_buffer) < policy.buffer:
             h.state = "buffer"
-            for extra in sorted(acquiring(), key=lambda x: (-x.ready_at, -x.id))[:max(0, spare() - policy.buffer)]:
-                release(extra, now)
+            bisect.insort(idle_buffer, h, key=lambda x: x.id)
+            extra = len(idle_buffer) + len(acquiring) - policy.buffer
+            for x in sorted(acquiring, key=lambda x: (-x.ready_at, -x.id))[:max(0, extra)]:
+                release(x, now)
         else:
             release(h, now)
 
-    def active() -> int:  # replicas serving or on their way
-        return sum(1 for h in live if h.state in ("serving", "starting") or (h.state == "provisioning" and h.claimed))
-
-    queue: list[Request] = []
-    qhead = 0
     in_system = 0
-    queued_work = 0.0  # service seconds waiting in the queue
-    delays: list[float] = []
-    busy = 0.0
     last_done = 0.0
-
-    free: list[tuple[int, _Host]] = []  # (id, host) of serving replicas with a free slot; stale entries skipped
 
     def has_slot(h: _Host) -> None:
         if not h.in_free:
             h.in_free = True
-            heapq.heappush(free, (h.id, h))
+            heapq.heappush(h.dep.free, (h.id, h.gen, h))
 
     for h in live:
         if h.state == "serving":
             has_slot(h)
 
-    def dispatch(now: float) -> None:
-        """Queue head to the oldest serving replica with a free slot, while both exist."""
-        nonlocal qhead, busy, queued_work
-        while qhead < len(queue) and free:
-            h = free[0][1]
-            if h.state != "serving" or h.inflight >= c:
+    def dispatch(d: _Deployment, now: float) -> None:
+        """d's queue head to d's oldest serving replica with a free slot, while both exist."""
+        queue, free = d.queue, d.free
+        while d.qhead < len(queue) and free:
+            _, gen, h = free[0]
+            if h.gen != gen or h.state != "serving" or h.inflight >= c:
                 heapq.heappop(free)
-                h.in_free = False
+                if h.gen == gen:
+                    h.in_free = False
                 continue
-            r = queue[qhead]
-            qhead += 1
+            r = queue[d.qhead]
+            d.qhead += 1
             h.inflight += 1
-            queued_work -= r.service_s
-            delays.append(now - r.t)
-            busy += r.service_s / c
+            d.queued_work -= r.service_s
+            d.delays.append(now - r.t)
+            d.busy += r.service_s / c
             push(now + r.service_s, _DONE, h)
-        if qhead > 4096 and qhead * 2 > len(queue):
-            del queue[:qhead]
-            qhead = 0
+        if d.qhead > 4096 and d.qhead * 2 > len(queue):
+            del queue[:d.qhead]
+            d.qhead = 0
 
     for r in trace.requests:
         push(r.t, _ARRIVAL, r)
@@ -466,16 +606,14 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
     arrived = 0
     timeline: list[tuple] = []
     window = scaler.window_s
-    recent: deque[Request] = deque()  # arrivals in the demand window
-    window_work = 0.0
 
-    def autoscale(now: float) -> None:
-        nonlocal window_work
+    def autoscale(d: _Deployment, now: float) -> None:
+        recent = d.recent
         while recent and recent[0].t <= now - window + 1e-9:
-            window_work -= recent.popleft().service_s
-        demand = max(window_work, 0.0) / window  # offered load, in busy slots (Erlangs)
+            d.window_work -= recent.popleft().service_s
+        demand = max(d.window_work, 0.0) / window  # offered load, in busy slots (Erlangs)
         pw = scaler.panic_window_s
-        if 0 < pw < window and qhead < len(queue):
+        if 0 < pw < window and d.qhead < len(d.queue):
             lo = now - pw + 1e-9
             panic = 0.0
             for r in reversed(recent):
@@ -483,17 +621,16 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
                     break
                 panic += r.service_s
             demand = max(demand, panic / pw)
-        if scaler.drain_s > 0 and not any(h.state == "starting" or (h.state == "provisioning" and h.claimed)
-                                          for h in live):
-            demand += max(queued_work, 0.0) / max(scaler.drain_s, add_s)
+        if scaler.drain_s > 0 and not any(h.state in ("starting", "provisioning") for h in d.reps):
+            demand += max(d.queued_work, 0.0) / max(scaler.drain_s, add_s)
         desired = math.ceil(demand / (c * scaler.target_utilization) - 1e-9)
         desired = min(max(desired, scaler.min_replicas), scaler.max_replicas)
-        n_act = active()
+        n_act = len(d.reps)
         for _ in range(desired - n_act):
-            start_replica(now)
+            start_replica(d, now)
         n_act = max(n_act, desired)
         floor_n = max(scaler.min_replicas, desired)
-        idle = [h for h in live if h.state == "serving" and h.inflight == 0
+        idle = [h for h in d.reps if h.state == "serving" and h.inflight == 0
                 and now - h.idle_since >= scaler.cooldown_s - 1e-9]
         for h in reversed(idle):  # newest first
             if n_act - 1 < floor_n:
@@ -507,14 +644,16 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
             h = obj
             if h.state != "provisioning":
                 continue  # cancelled
-            if h.claimed:
+            if h.dep is not None:
                 begin_start(h, now)
             else:
+                acquiring.remove(h)
                 h.state = "buffer"
+                bisect.insort(idle_buffer, h, key=lambda x: x.id)
         elif kind == _REPLICA_READY:
             obj.state, obj.idle_since = "serving", now
             has_slot(obj)
-            dispatch(now)
+            dispatch(obj.dep, now)
         elif kind == _DONE:
             h = obj
             h.inflight -= 1
@@ -523,25 +662,27 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
             if h.inflight == 0:
                 h.idle_since = now
             has_slot(h)
-            dispatch(now)
+            dispatch(h.dep, now)
         elif kind == _ARRIVAL:
+            d = deps[obj.deployment]
             arrived += 1
             in_system += 1
-            queue.append(obj)
-            recent.append(obj)
-            window_work += obj.service_s
-            queued_work += obj.service_s
-            dispatch(now)
+            d.queue.append(obj)
+            d.recent.append(obj)
+            d.window_work += obj.service_s
+            d.queued_work += obj.service_s
+            dispatch(d, now)
         else:  # tick
             if not static:
-                autoscale(now)
+                for d in deps:
+                    autoscale(d, now)
             sv = st = bi = pv = fl = 0
             for h in live:
                 s = h.state
                 if s == "serving":
                     sv += 1
                     fl += h.inflight
-                elif s == "starting" or (s == "provisioning" and h.claimed):
+                elif s == "starting" or (s == "provisioning" and h.dep is not None):
                     st += 1
                 elif s == "buffer":
                     bi += 1
@@ -555,21 +696,39 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
             push((obj + 1) * scaler.tick_s, _TICK, obj + 1)
 
     horizon = max(trace.end_s, last_done)
-    paid = 0.0
+
+    def clipped(since: float, until: float | None) -> float:
+        return max(0.0, (horizon if until is None else min(until, horizon)) - since)
+
+    paid = sum(clipped(h.since, h.until) for h in hosts)
+    replica_s = [0.0] * len(deps)
     for h in hosts:
-        end = horizon if h.until is None else min(h.until, horizon)
-        paid += max(0.0, end - h.since)
-    peak = _peak_hosts(hosts, horizon)
-    delays_sorted = sorted(delays)
-    util = busy / paid if paid > 0 else float("nan")
+        for i, a, b in h.spans:
+            replica_s[i] += clipped(a, min(b, horizon if h.until is None else h.until))
+    busy = sum(d.busy for d in deps)
+    per_dep = []
+    for d in deps:
+        ds = sorted(d.delays)
+        per_dep.append({
+            "deployment": d.index, "served": len(ds), "replicas": d.static if static else None, "starts": d.starts,
+            "busy_gpu_s": d.busy, "replica_gpu_s": replica_s[d.index],
+            "replica_utilization": d.busy / replica_s[d.index] if replica_s[d.index] > 0 else float("nan"),
+            "delay_p50_s": percentile(ds, 50), "delay_p99_s": percentile(ds, 99),
+            "delay_max_s": ds[-1] if ds else float("nan")})
+    delays_sorted = sorted(x for d in deps for x in d.delays)
+    rep_total = sum(replica_s)
     return Result(
-        policy=policy.name, kind=policy.kind, buffer=policy.buffer, replicas=policy.replicas,
-        paid_gpu_s=paid, busy_gpu_s=busy, utilization=util,
+        policy=Policy("static", 0, sum(d.static for d in deps)).name if static else policy.name,
+        kind=policy.kind, buffer=policy.buffer,
+        replicas=sum(d.static for d in deps) if static else None,
+        paid_gpu_s=paid, busy_gpu_s=busy, utilization=busy / paid if paid > 0 else float("nan"),
         delay_p50_s=percentile(delays_sorted, 50), delay_p99_s=percentile(delays_sorted, 99),
         delay_max_s=delays_sorted[-1] if delays_sorted else float("nan"),
         delay_mean_s=statistics.fmean(delays_sorted) if delays_sorted else float("nan"),
-        served=len(delays), cost_usd=paid / 3600 * gpu_hour_usd, cold_starts=counts["cold"],
-        restores=counts["restore"], hosts_acquired=counts["acquired"], peak_hosts=peak, horizon_s=horizon,
+        served=len(delays_sorted), cost_usd=paid / 3600 * gpu_hour_usd, cold_starts=counts["cold"],
+        restores=counts["restore"], hosts_acquired=counts["acquired"], peak_hosts=_peak_hosts(hosts, horizon),
+        horizon_s=horizon, deployments=len(deps), replica_gpu_s=rep_total,
+        replica_utilization=busy / rep_total if rep_total > 0 else float("nan"), per_deployment=per_dep,
         delays=delays_sorted, timeline=timeline)
 
 
@@ -587,22 +746,32 @@ def _peak_hosts(hosts: list[_Host], horizon: float) -> int:
 
 
 def size_static(trace: Trace, scaler: Autoscaler, p99_target_s: float, gpu_hour_usd: float = 2.5) -> Result:
-    """The fewest always-on replicas whose p99 delay is <= p99_target_s (up to max_replicas)."""
-    def run(n: int) -> Result:
-        return simulate(trace, Policy("static", 0, n), scaler=scaler, gpu_hour_usd=gpu_hour_usd)
+    """Static replicas per deployment: for each, the fewest always-on replicas whose p99 delay over its own
+    requests is <= p99_target_s (up to max_replicas; a deployment without requests gets 1). Deployments share
+    nothing under static, so each is sized alone; then the fleet is replayed with those counts (its pooled p99
+    then meets the target too)."""
+    def meets(sub: Trace, n: int) -> bool:
+        p99 = simulate(sub, Policy("static", 0, n), scaler=scaler).delay_p99_s
+        return math.isnan(p99) or p99 <= p99_target_s
 
-    lo, hi = 1, max(1, scaler.max_replicas)
-    best = run(hi)
-    if best.delay_p99_s > p99_target_s:
-        return best  # even max_replicas misses the target; report it as is
-    while lo < hi:
-        mid = (lo + hi) // 2
-        r = run(mid)
-        if r.delay_p99_s <= p99_target_s:
-            hi, best = mid, r
-        else:
-            lo = mid + 1
-    return best if best.replicas == lo else run(lo)
+    counts = []
+    for i in range(trace.n_deployments):
+        sub = trace.only(i)
+        top = max(1, scaler.max_replicas)
+        hi = 1  # doubling, then bisection in (hi / 2, hi]: few replays with many replicas
+        while hi < top and not meets(sub, hi):
+            hi = min(top, hi * 2)
+        lo = hi // 2 + 1 if hi > 1 else 1
+        if hi == top and not meets(sub, top):
+            lo = top  # even max_replicas misses the target; report it as is
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if meets(sub, mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        counts.append(hi)
+    return simulate(trace, Policy("static", 0, tuple(counts)), scaler=scaler, gpu_hour_usd=gpu_hour_usd)
 
 
 def run_policies(trace: Trace, policies: list[Policy], timings: Timings = Timings(),
