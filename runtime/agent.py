@@ -44,6 +44,7 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
         await asyncio.sleep(cfg.agent_heartbeat_s)
         n = len(acts.serving)
         metrics.REPLICAS.set(n)
+        metrics.PINNED.set(acts.host.pins.pinned_bytes)
         metrics.GPU_SECONDS_ALLOCATED.inc(n * cfg.agent_heartbeat_s)
         await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
 

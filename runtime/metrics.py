@@ -9,6 +9,7 @@ FALLBACKS = Counter("thaw_fallbacks_total", "Replica starts that fell back to a 
 STAGE = Histogram("thaw_restore_stage_seconds", "Duration of each replica start stage", ["outcome", "stage"],
                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 REPLICAS = Gauge("thaw_agent_replicas", "Replicas this agent serves")
+PINNED = Gauge("thaw_pinned_bytes", "Snapshot memory pages this agent keeps locked in RAM for restores")
 GPU_SECONDS_ALLOCATED = Counter("thaw_gpu_seconds_allocated_total", "Accelerator-seconds held by replicas")
 GPU_SECONDS_BUSY = Counter("thaw_gpu_seconds_busy_total", "Accelerator-seconds spent serving requests")
 

@@ -18,9 +18,7 @@ Before it exec()s the workload it
 
 Status fd protocol: ``pid <hostpid>``, then ``exec`` or ``error <message>``, one per line.
 
-``reap``: run by ``criu restore --exec-cmd``: criu execs it once the restored tree runs, which leaves it the
-parent of the restored pid 1. It prints ``ready <pid>`` on stdout, closes stdout, and waits for its children
-(so the replica's processes are never left as zombies), exiting with the restored init's exit code.
+The restore side's shim is ``_reap.py``.
 """
 
 import ctypes
@@ -175,26 +173,5 @@ def init(args):
         os._exit(127)
 
 
-def reap():
-    with open(f"/proc/self/task/{os.getpid()}/children") as f:
-        children = [int(p) for p in f.read().split()]
-    if not children:
-        print("error no restored process is a child of the reaper", flush=True)
-        raise SystemExit(1)
-    print(f"ready {children[0]}", flush=True)
-    os.close(1)
-    code = 0
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            return code
-        if pid == children[0]:
-            code = os.waitstatus_to_exitcode(status)
-            code = 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + signo
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["reap"]:
-        sys.exit(reap())
     init(sys.argv[2:] if sys.argv[1:2] == ["init"] else sys.argv[1:])

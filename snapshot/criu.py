@@ -14,7 +14,7 @@ any number of replicas of one snapshot run side by side with the same in-namespa
   hands criu a fresh one with loopback up (``--inherit-fd``). That skips the ip/iptables save and restore
   runs (about 0.1 s of dump and 0.5 s of restore here). Listening sockets are restored into it;
   established connections are not worth restoring (``--tcp-close``).
-- After restore criu exec()s the reaper (``_nsinit.py reap``) that stays the parent of the replica's pid 1.
+- After restore criu exec()s the reaper (``_reap.py``) that stays the parent of the replica's pid 1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import _linux
 from .compat import host_facts
-from .replica import NSINIT, Replica, ReplicaError, _lines, after_restore, launch, open_log
+from .replica import REAP, Replica, ReplicaError, _lines, after_restore, launch, open_log
 from .rootfs import Root, prepare_root
 
 # The whole life cycle is reachable from this module (thaw.snapshot re-exports the same names).
@@ -211,7 +211,7 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
     for old in meta["external_files"]:
         cmd += ["--inherit-fd", f"fd[{logfd}]:{old}"]
     cmd += ["--inherit-fd", f"fd[{netns}]:{NETNS_KEY}"]
-    cmd += ["--exec-cmd", "--", sys.executable, "-I", "-S", str(NSINIT), "reap"]
+    cmd += ["--exec-cmd", "--", sys.executable, "-I", "-S", str(REAP)]
     try:
         proc = subprocess.Popen(_with_kdat_cache(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE,

@@ -30,6 +30,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
 from . import _linux, compat, criu, cuda
 from .forward import Forwarder
+from .pin import Pins
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -177,6 +178,8 @@ class HostSnapshots:
         self.facts = compat.host_facts()
         self.mounts: dict[Path, imagefs_mount.MountHandle] = {}
         self.mount_lock = threading.Lock()
+        self.pins = Pins(cfg.pin_mb << 20)  # restored snapshots' memory pages, kept in RAM
+        self._pinner = ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")  # off the restore's critical path
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
 
@@ -201,7 +204,10 @@ class HostSnapshots:
         return self._tree("snapshots", digest)
 
     def close(self) -> None:
-        """Unmount this host's image and snapshot mounts (stop the replicas on them first)."""
+        """Unpin and unmount this host's image and snapshot trees (stop the replicas on them first)."""
+        pinner, self._pinner = self._pinner, ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")
+        pinner.shutdown(wait=True, cancel_futures=True)
+        self.pins.close()  # a locked mapping would keep its FUSE mount busy
         with self.mount_lock:
             handles, self.mounts = list(self.mounts.values()), {}
         for h in handles:
@@ -382,6 +388,7 @@ class HostSnapshots:
             running.stop()
             raise
         ms = st.done()
+        self._pinner.submit(self.pins.pin, snap["digest"], files)
         if fetch:  # in the background until now; what it cost is reported, not waited for
             stats = fetch.stats
             ms.update(prefetch=int(stats.ms), prefetch_chunks=stats.chunks, prefetch_kb=stats.bytes // 1024)

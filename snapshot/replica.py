@@ -26,6 +26,7 @@ from . import _linux
 from .sdk import AFTER_RESTORE_PATH, READY_PATH
 
 NSINIT = Path(__file__).with_name("_nsinit.py")
+REAP = Path(__file__).with_name("_reap.py")
 UNSHARE = ["unshare", "--net", "--uts", "--ipc"]
 UNSHARE_ROOT = ["--pid", "--fork", "--mount", "--propagation", "private"]  # with a root of its own
 

@@ -143,6 +143,11 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
     assert len(set(answers)) == 1 and json.loads(answers[0])["data_mb"] == DATA_MB
     assert len(states) == 1, "restored replicas carry the memory of the process that was checkpointed"
     assert len(snapshots.restores(cfg.registry_url, snap["digest"])) == 4
+    # the snapshot's memory pages are now locked in RAM on this host (in the background, after the restores)
+    deadline = time.monotonic() + 30
+    while snap["digest"] not in agent.host.pins.pinned() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.host.pins.pinned() == [snap["digest"]] and agent.host.pins.pinned_bytes >= DATA_MB << 20
 
     # a second build of the same image + spec stores no new bytes
     again = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY")

@@ -42,6 +42,8 @@ class Config(BaseSettings):
     lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
     prefetch: bool = True  # on restore, fetch the snapshot's chunks and its recorded image reads in parallel
     prefetch_concurrency: int = 8
+    # RAM (MiB) for the memory pages of recently restored snapshots, locked so restores never read them from disk
+    pin_mb: int = 2048
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
