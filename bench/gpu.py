@@ -26,6 +26,7 @@ memory: ``P6 gpu restore speedup: <ratio>x bandwidth: <GB/s> GB/s``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ import time
 from pathlib import Path
 
 from thaw.snapshot import criu, cuda
-from thaw.snapshot.replica import Replica, ReplicaError, after_restore
+from thaw.snapshot.host import golden_answer
+from thaw.snapshot.replica import Replica, after_restore
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "examples" / "minilm" / "server.py"
@@ -74,7 +76,8 @@ class Bench:
                      str(model_dir), "--device", device, "--dtype", dtype, "--model-name", self.label]
         # the whole environment: the host's CUDA libraries, thaw on PYTHONPATH for the server's SDK import
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.body = json.dumps({"texts": GOLDEN["texts"]}).encode()
+        self.golden = {"path": "/embed", "method": "POST", "content_type": "application/json",
+                       "body_b64": base64.b64encode(json.dumps({"texts": GOLDEN["texts"]}).encode()).decode()}
         self.ck = cuda.GpuCheckpointer(timeout_s=300) if device != "cpu" else None
         self.n = 0
 
@@ -83,11 +86,7 @@ class Bench:
         return self.work / f"{self.label}-{self.n:02d}-{name}.log"
 
     def answer(self, r: Replica) -> bytes:
-        status, body = r.http_request("POST", "/embed", self.body, PORT, timeout=120,
-                                      content_type="application/json")
-        if status != 200:
-            raise ReplicaError(f"golden request answered HTTP {status}: {body[:200]!r} (log {r.log_path})")
-        return body
+        return golden_answer(r, PORT, self.golden)
 
     def launch(self, name: str) -> tuple[Replica, float]:
         t0 = time.monotonic()
