@@ -867,12 +867,15 @@ def resolve_timings(registry_url: str | None, cold_start_s: float | None = None,
 
 # -- reports ----------------------------------------------------------------------------------------------
 def format_table(results: list[Result]) -> str:
-    head = (f"{'policy':<22} {'util':>6} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'paid GPU-h':>10} "
+    """One row per result. util is the fleet's (busy / paid, buffer included); depl.util is the deployments'
+    own view (busy / their replicas' GPU-seconds, without the shared buffer), for context."""
+    head = (f"{'policy':<22} {'util':>6} {'depl.util':>9} {'p50 s':>8} {'p99 s':>8} {'max s':>8} {'paid GPU-h':>10} "
             f"{'busy GPU-h':>10} {'cost $':>9} {'starts':>7} {'peak':>5}")
     lines = [head]
     for r in results:
         starts = r.restores + r.cold_starts
-        lines.append(f"{r.policy:<22} {r.utilization * 100:>5.1f}% {r.delay_p50_s:>8.2f} {r.delay_p99_s:>8.2f} "
+        lines.append(f"{r.policy:<22} {r.utilization * 100:>5.1f}% {r.replica_utilization * 100:>8.1f}% "
+                     f"{r.delay_p50_s:>8.2f} {r.delay_p99_s:>8.2f} "
                      f"{r.delay_max_s:>8.2f} {r.paid_gpu_s / 3600:>10.2f} {r.busy_gpu_s / 3600:>10.2f} "
                      f"{r.cost_usd:>9.2f} {starts:>7d} {r.peak_hosts:>5d}")
     return "\n".join(lines)
