@@ -5,8 +5,13 @@ A small deterministic discrete-event simulation (heapq, no randomness once the t
 
 Model
 -----
-* **Requests** arrive at ``t`` and need ``service_s`` seconds of one replica slot. One FIFO queue; a request
-  goes to the oldest ready replica with a free slot (packing, so that the newest replicas go idle first).
+* A **fleet** of one or more **deployments** shares one pool of hosts and one buffer of idle hosts (as the
+  runtime's pool shares unreserved idle hosts between deployments). Each deployment has its own FIFO queue, its
+  own replicas and its own autoscaler state; the autoscaler parameters are the same for all. One deployment is
+  the fleet of one.
+* **Requests** arrive at ``t`` for a ``deployment`` and need ``service_s`` seconds of one replica slot. A request
+  goes to its deployment's oldest ready replica with a free slot (packing, so that the newest replicas go idle
+  first).
 * **Hosts** are GPUs. A host is *paid from the moment it is requested until it is released* (or the end of the
   replay), whatever it is doing: being acquired (``provision_s``), booting or restoring, serving, or sitting
   idle in the buffer. Buffer hosts are reserved GPUs, so they are paid.
@@ -15,26 +20,28 @@ Model
 
   - ``cold``: a new replica needs a new host (``provision_s``) and then a cold boot of the model
     (``cold_start_s``: image pull, CUDA init, weight load, warm-up).
-  - ``restore``: thaw. ``buffer`` idle hosts are kept ready; a new replica takes one and restores the snapshot
-    onto it (``restore_s``). Each host taken is replaced by acquiring another (``provision_s``, paid while it is
-    acquired). When the buffer is empty a new replica takes a host already being acquired for the buffer (the
-    one ready soonest) or acquires one itself, then restores. A replica scaled down goes back to the buffer when
-    the buffer is short, otherwise its host is released.
+  - ``restore``: thaw. ``buffer`` idle hosts are kept ready for the whole fleet; a new replica of any
+    deployment takes one and restores the snapshot onto it (``restore_s``). Each host taken is replaced by
+    acquiring another (``provision_s``, paid while it is acquired). When the buffer is empty a new replica takes
+    a host already being acquired for the buffer (the one ready soonest) or acquires one itself, then restores.
+    A replica scaled down goes back to the buffer when the buffer is short, otherwise its host is released. At
+    the same tick, deployments scale in index order (a lower index takes a buffered host first).
   - ``cold:buffer=N`` is also allowed (idle hosts, but cold boots on them).
-  - ``static``: ``replicas`` always-on warm replicas, no autoscaling, the "provision for the peak" reference.
-    Without ``replicas=N`` it uses the fewest replicas whose p99 delay meets the p99 target.
+  - ``static``: ``replicas`` always-on warm replicas per deployment, no autoscaling, no buffer: the "provision
+    for the peak" reference. Without ``replicas=N`` each deployment gets the fewest replicas whose p99 delay
+    over its requests meets the p99 target (reported: the fleet's total).
 
-* **Autoscaler** (cold and restore), evaluated every ``tick_s`` seconds (ticks at k * tick_s, after the events
-  of the same instant). Demand, in busy request slots: the offered load, i.e. the service seconds of the requests
-  that arrived in (now - window_s, now] divided by window_s (while requests are queued, the same over the
-  shorter ``panic_window_s`` when that is higher: a burst is seen within seconds); plus, when no replica is
-  starting, the queued service seconds divided by max(``drain_s``, provision_s + start time) (a backlog the
+* **Autoscaler** (cold and restore), per deployment, evaluated every ``tick_s`` seconds (ticks at k * tick_s,
+  after the events of the same instant). Demand, in busy request slots: the offered load, i.e. the service
+  seconds of the requests that arrived in (now - window_s, now] divided by window_s (while requests are queued,
+  the same over the shorter ``panic_window_s`` when that is higher: a burst is seen within seconds); plus, when
+  no replica is starting, the queued service seconds divided by max(``drain_s``, provision_s + start time) (a backlog the
   present replicas do not absorb, planned to drain no faster than new capacity can arrive; not counted again
   while the capacity asked for is on its way). desired = ceil(demand / (concurrency * target_utilization)), clamped to
   [min_replicas, max_replicas]; replicas starting count as present. Scale-down: a ready replica idle for
   ``cooldown_s`` is stopped (newest first) while the replicas left stay >= max(min_replicas, desired).
-  At time 0 the buffer is full and max(min_replicas, desired for the offered load of the trace's first
-  ``window_s`` seconds) replicas are warm (``warm_start``; else just min_replicas), so that a replay starts in a
+  At time 0 the buffer is full and each deployment has max(min_replicas, desired for the offered load of its
+  first ``window_s`` seconds) replicas warm (``warm_start``; else just min_replicas), so that a replay starts in a
   steady state rather than with a cold service.
 
 Metrics
@@ -42,7 +49,11 @@ Metrics
 * GPU-seconds paid: sum over hosts of (release - request), each clipped to [0, horizon]; horizon = the later of
   the trace end (generated: its duration; CSV: the last arrival) and the last completion.
 * GPU-seconds busy: sum of service_s / concurrency (the share of the GPU's request slots in use).
-* utilization = busy / paid (DESIGN: GPU-seconds used / GPU-seconds paid).
+* utilization = busy / paid (DESIGN: GPU-seconds used / GPU-seconds paid), over the whole fleet, shared buffer
+  included: the headline.
+* replica utilization (``depl.util``), for context: busy / the GPU-seconds hosts spent as some deployment's
+  replica (from being taken or acquired for it, through starting, serving and idling until cool-down, to being
+  stopped), i.e. without the shared buffer: what the deployments see, not what the fleet pays.
 * queueing delay = start of service - arrival; percentiles are nearest-rank (p-th = sorted[ceil(p/100 * n) - 1]).
 * cost = paid GPU-hours * gpu_hour_usd.
 """
@@ -267,8 +278,8 @@ def fleet_trace(seed: int = 1, deployments: int = 20, duration_s: float = 3600.0
     reqs.sort()
     ramp = f" ramp {ramp_s:g}s" if ramp_s > 0 else ""
     return Trace(tuple(reqs), duration_s,
-                 f"fleet seed={seed} {deployments} deployments {duration_s:g}s base={base_rps_lo:g}..{base_rps_hi:g}rps "
-                 f"(log-uniform) burst={burst_x:g}x {burst_len_s:g}s every {burst_every_s:g}s (random phase){ramp} "
+                 f"fleet seed={seed} {deployments} deployments {duration_s:g}s "
+                 f"base={base_rps_lo:g}..{base_rps_hi:g}rps (log-uniform) burst={burst_x:g}x {burst_len_s:g}s every {burst_every_s:g}s (random phase){ramp} "
                  f"service={service_s:g}s ({len(reqs)} requests)", deployments)
 
 
@@ -975,6 +986,9 @@ def cli_command():
     @click.command("simulate")
     @click.argument("trace", required=False, type=click.Path(path_type=Path))
     @click.option("--generate", is_flag=True, help="Replay a generated bursty trace (Poisson, seeded) instead.")
+    @click.option("--deployments", type=int, help="--generate: deployments sharing the fleet; 1 (default): one "
+                                                  "bursty deployment (--base-rps, --burst-rps); more: fleet_trace "
+                                                  "(--base-rps-lo/hi, --burst-x).")
     @click.option("--policy", "policies", multiple=True, metavar="SPEC",
                   help="cold | cold:buffer=N | restore[:buffer=N] | static[:replicas=N]; repeatable "
                        f"[default: {' '.join(DEFAULT_POLICIES)}].")
@@ -1005,8 +1019,16 @@ def cli_command():
                   help="Delay target that sizes the plain `static` policy.")
     @click.option("--seed", type=int, default=1, show_default=True, help="--generate: random seed.")
     @click.option("--duration-s", type=float, default=3600.0, show_default=True, help="--generate: length.")
-    @click.option("--base-rps", type=float, default=2.0, show_default=True, help="--generate: calm rate.")
-    @click.option("--burst-rps", type=float, default=20.0, show_default=True, help="--generate: burst rate.")
+    @click.option("--base-rps", type=float, default=2.0, show_default=True,
+                  help="--generate, one deployment: calm rate.")
+    @click.option("--burst-rps", type=float, default=20.0, show_default=True,
+                  help="--generate, one deployment: burst rate.")
+    @click.option("--base-rps-lo", type=float, default=0.1, show_default=True,
+                  help="--generate, fleet: lowest base rate of a deployment (log-uniform to --base-rps-hi).")
+    @click.option("--base-rps-hi", type=float, default=10.0, show_default=True,
+                  help="--generate, fleet: highest base rate of a deployment.")
+    @click.option("--burst-x", type=float, default=10.0, show_default=True,
+                  help="--generate, fleet: burst rate / base rate.")
     @click.option("--burst-every-s", type=float, default=600.0, show_default=True, help="--generate: period.")
     @click.option("--burst-len-s", type=float, default=60.0, show_default=True, help="--generate: burst length.")
     @click.option("--ramp-s", type=float, default=0.0, show_default=True,
@@ -1016,20 +1038,30 @@ def cli_command():
     @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
     @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
     @click.pass_obj
-    def simulate_cmd(cfg, trace, generate, policies, cold_start_s, restore_s, provision_s, service_s, concurrency,
-                     target_utilization, tick_s, window_s, panic_window_s, drain_s, cooldown_s, min_replicas,
-                     max_replicas, gpu_hour_usd, p99_target_s, seed, duration_s, base_rps, burst_rps, burst_every_s,
-                     burst_len_s, ramp_s, out, no_plots, as_json):
-        """Replay a demand TRACE (CSV: timestamp[,duration_s]) or --generate a bursty one against scaling
-        policies; report GPU allocation utilization (GPU-seconds busy / paid), p50/p99 queueing delay and
-        cost, and write PNG plots. Start times come from the registry's measured restores unless given."""
+    def simulate_cmd(cfg, trace, generate, deployments, policies, cold_start_s, restore_s, provision_s, service_s,
+                     concurrency, target_utilization, tick_s, window_s, panic_window_s, drain_s, cooldown_s,
+                     min_replicas, max_replicas, gpu_hour_usd, p99_target_s, seed, duration_s, base_rps, burst_rps,
+                     base_rps_lo, base_rps_hi, burst_x, burst_every_s, burst_len_s, ramp_s, out, no_plots, as_json):
+        """Replay a demand TRACE (CSV: timestamp[,duration_s][,deployment]) or --generate a bursty one (one
+        deployment, or a fleet of --deployments sharing one buffer) against scaling policies; report GPU
+        allocation utilization (GPU-seconds busy / paid), p50/p99 queueing delay and cost, and write PNG plots.
+        Start times come from the registry's measured restores unless given."""
         try:
             if (trace is None) == (not generate):
                 fail("give either a TRACE CSV file or --generate (not both)")
+            if deployments is not None and not generate:
+                fail("--deployments is for --generate; a CSV trace names deployments in a 'deployment' column")
+            if deployments is not None and deployments < 1:
+                fail(f"--deployments must be >= 1 (got {deployments})")
             if not service_s > 0:
                 fail(f"--service-s must be > 0 (got {service_s})")
-            tr = (bursty_trace(seed, duration_s, base_rps, burst_rps, burst_every_s, burst_len_s, service_s, ramp_s)
-                  if generate else load_trace(trace, service_s))
+            if not generate:
+                tr = load_trace(trace, service_s)
+            elif (deployments or 1) == 1:
+                tr = bursty_trace(seed, duration_s, base_rps, burst_rps, burst_every_s, burst_len_s, service_s, ramp_s)
+            else:
+                tr = fleet_trace(seed, deployments, duration_s, base_rps_lo, base_rps_hi, burst_x, burst_every_s,
+                                 burst_len_s, service_s, ramp_s)
             pols = [Policy.parse(s) for s in (policies or DEFAULT_POLICIES)]
             scaler = Autoscaler(concurrency=concurrency, target_utilization=target_utilization, tick_s=tick_s,
                                 window_s=window_s, panic_window_s=panic_window_s, drain_s=drain_s,
@@ -1043,7 +1075,8 @@ def cli_command():
         pngs = [] if no_plots else plot(results, tr, out, concurrency)
         if as_json:
             click.echo(json.dumps({
-                "trace": {"source": tr.source, "requests": len(tr.requests), "end_s": tr.end_s},
+                "trace": {"source": tr.source, "requests": len(tr.requests), "end_s": tr.end_s,
+                          "deployments": tr.n_deployments},
                 "timings": {**asdict(timings), "sources": sources},
                 "autoscaler": asdict(scaler), "gpu_hour_usd": gpu_hour_usd,
                 "results": [r.summary() for r in results], "plots": [str(p) for p in pngs]}, indent=2))
@@ -1053,6 +1086,7 @@ def cli_command():
             click.echo(f"{label}: {getattr(timings, name):g} s  ({sources[name]})")
         click.echo(format_table(results))
         click.echo("util = GPU-seconds busy / GPU-seconds paid (booting, restoring and buffered hosts are paid); "
+                   "depl.util = busy / the deployments' replica GPU-seconds, without the shared buffer (context); "
                    "delay = arrival to start of service")
         for p in pngs:
             click.echo(f"plot: {p}")
