@@ -35,14 +35,14 @@ Model
   after the events of the same instant). Demand, in busy request slots: the offered load, i.e. the service
   seconds of the requests that arrived in (now - window_s, now] divided by window_s (while requests are queued,
   the same over the shorter ``panic_window_s`` when that is higher: a burst is seen within seconds); plus, when
-  no replica is starting, the queued service seconds divided by max(``drain_s``, provision_s + start time) (a backlog the
-  present replicas do not absorb, planned to drain no faster than new capacity can arrive; not counted again
-  while the capacity asked for is on its way). desired = ceil(demand / (concurrency * target_utilization)), clamped to
-  [min_replicas, max_replicas]; replicas starting count as present. Scale-down: a ready replica idle for
-  ``cooldown_s`` is stopped (newest first) while the replicas left stay >= max(min_replicas, desired).
-  At time 0 the buffer is full and each deployment has max(min_replicas, desired for the offered load of its
-  first ``window_s`` seconds) replicas warm (``warm_start``; else just min_replicas), so that a replay starts in a
-  steady state rather than with a cold service.
+  no replica is starting, the queued service seconds divided by max(``drain_s``, provision_s + start time) (a
+  backlog the present replicas do not absorb, planned to drain no faster than new capacity can arrive; not
+  counted again while the capacity asked for is on its way). desired = ceil(demand / (concurrency *
+  target_utilization)), clamped to [min_replicas, max_replicas]; replicas starting count as present.
+  Scale-down: a ready replica idle for ``cooldown_s`` is stopped (newest first) while the replicas left stay
+  >= max(min_replicas, desired). At time 0 the buffer is full and each deployment has max(min_replicas, desired
+  for the offered load of its first ``window_s`` seconds) replicas warm (``warm_start``; else just
+  min_replicas), so that a replay starts in a steady state rather than with a cold service.
 
 Metrics
 -------
@@ -279,7 +279,8 @@ def fleet_trace(seed: int = 1, deployments: int = 20, duration_s: float = 3600.0
     ramp = f" ramp {ramp_s:g}s" if ramp_s > 0 else ""
     return Trace(tuple(reqs), duration_s,
                  f"fleet seed={seed} {deployments} deployments {duration_s:g}s "
-                 f"base={base_rps_lo:g}..{base_rps_hi:g}rps (log-uniform) burst={burst_x:g}x {burst_len_s:g}s every {burst_every_s:g}s (random phase){ramp} "
+                 f"base={base_rps_lo:g}..{base_rps_hi:g}rps (log-uniform) burst={burst_x:g}x {burst_len_s:g}s "
+                 f"every {burst_every_s:g}s (random phase){ramp} "
                  f"service={service_s:g}s ({len(reqs)} requests)", deployments)
 
 

@@ -101,6 +101,125 @@ def test_backlog_drain_by_hand():
     assert (fast.paid_gpu_s, fast.cold_starts) == (20.0, 4)
 
 
+def test_fleet_shares_one_buffer_by_hand():
+    """Two deployments, one buffered host between them (restore 0.5 s, acquiring a host 2 s, cooldown 3 s):
+    a (deployment 0) and b (deployment 1) arrive at t=0, c (deployment 1) at 8; 1 s each.
+    t=0   buffer: H0 idle. Tick: deployment 0 (lower index first) wants 1 replica: takes H0 (restored 0.5); the
+          buffer is refilled by acquiring H1 (ready 2). Deployment 1 wants 1: no idle host, so it claims H1, the
+          host on its way (ready 2, restored 2.5); the buffer is refilled again with H2 (ready 2).
+    0.5   H0 serves a (delay 0.5) until 1.5.
+    2     H1 arrives and restores for deployment 1 (ready 2.5); H2 arrives and idles in the shared buffer.
+    2.5   H1 serves b (delay 2.5: it waited for an acquisition) until 3.5.
+    5     tick: H0 idle 3.5 s >= 3, deployment 0 wants 0: the buffer is full (H2), so H0 is released.
+    7     tick: H1 idle 3.5 s: released the same way.
+    8     c arrives; tick: deployment 1 takes H2 from the buffer (restored 8.5), H3 acquired for the buffer
+          (8 -> 10).
+    8.5   c served (delay 0.5) until 9.5 = horizon.
+    paid: H0 0-5, H1 0-7, H2 0-9.5, H3 8-9.5 = 5 + 7 + 9.5 + 1.5 = 23 GPU-s; busy 3 GPU-s.
+    replicas (no buffer time): deployment 0: H0 0-5 = 5; deployment 1: H1 0-7 (claimed while acquired) + H2
+    8-9.5 = 8.5; 13.5 GPU-s in all."""
+    tr = Trace((Request(0, 1, 0), Request(0, 1, 1), Request(8, 1, 1)), end_s=8, source="hand", deployments=2)
+    r = sim.simulate(tr, Policy("restore", buffer=1), HAND_T, HAND)
+    assert r.delays == [0.5, 0.5, 2.5]
+    assert (r.paid_gpu_s, r.busy_gpu_s, r.horizon_s) == (23.0, 3.0, 9.5)
+    assert r.utilization == pytest.approx(3 / 23)
+    assert (r.replica_gpu_s, r.replica_utilization) == (13.5, pytest.approx(3 / 13.5))
+    assert (r.deployments, r.restores, r.hosts_acquired, r.peak_hosts) == (2, 3, 3, 3)
+    d0, d1 = r.per_deployment
+    keys = ("served", "starts", "busy_gpu_s", "replica_gpu_s", "delay_p99_s")
+    assert [tuple(d[k] for k in keys) for d in (d0, d1)] == [(1, 1, 1, 5, 0.5), (2, 2, 2, 8.5, 2.5)]
+    # swap the labels: now deployment 0 holds b and c, takes the buffered host at t=0, and a (deployment 1)
+    # waits for the acquisition; the fleet's numbers are the same
+    swapped = Trace(tuple(Request(q.t, q.service_s, 1 - q.deployment) for q in tr.requests), 8, "swapped", 2)
+    s = sim.simulate(swapped, Policy("restore", buffer=1), HAND_T, HAND)
+    assert [(d["served"], d["delay_p99_s"]) for d in s.per_deployment] == [(2, 0.5), (1, 2.5)]
+    assert (s.delays, s.paid_gpu_s) == ([0.5, 0.5, 2.5], 23.0)
+    # a buffer the fleet can no longer share: each deployment alone with its own buffer of 1 pays for two
+    alone = [sim.simulate(tr.only(i), Policy("restore", buffer=1), HAND_T, HAND) for i in (0, 1)]
+    assert [a.delays for a in alone] == [[0.5], [0.5, 0.5]]
+    assert sum(a.paid_gpu_s for a in alone) > r.paid_gpu_s
+
+
+def test_scaled_down_host_refills_the_shared_buffer_by_hand():
+    """Buffer 1, acquiring a host takes 20 s: a (deployment 0) at t=0, b (deployment 1) at 6; 1 s each.
+    t=0  deployment 0 takes the buffered H0 (restored 0.5, serves a until 1.5); H1 is acquired for the buffer
+         (ready 20).
+    5    tick: H0 idle 3.5 s, deployment 0 wants 0. The buffer has no idle host, so H0 goes back to it and the
+         acquisition of H1, now one too many, is cancelled (paid 0-5).
+    6    b arrives; tick: deployment 1 takes H0 from the buffer (restored 6.5, delay 0.5, done 7.5 = horizon);
+         H2 is acquired for the buffer (6 -> 26).
+    paid: H0 0-7.5 + H1 0-5 + H2 6-7.5 = 14 GPU-s; replicas: H0 for deployment 0 0-5, for deployment 1 6-7.5.
+    (Released instead of returned, H0 would leave b to wait for H1 until 20.5.)"""
+    tr = Trace((Request(0, 1, 0), Request(6, 1, 1)), end_s=6, source="hand")
+    r = sim.simulate(tr, Policy("restore", buffer=1), Timings(cold_start_s=5, restore_s=0.5, provision_s=20), HAND)
+    assert r.delays == [0.5, 0.5]
+    assert (r.paid_gpu_s, r.busy_gpu_s, r.horizon_s, r.replica_gpu_s) == (14.0, 2.0, 7.5, 6.5)
+    assert [d["replica_gpu_s"] for d in r.per_deployment] == [5.0, 1.5]
+    assert (r.restores, r.hosts_acquired, r.peak_hosts) == (2, 2, 2)
+
+
+def test_one_deployment_replays_as_before_the_fleet():
+    """Numbers from the simulator before it modelled fleets (commit 240d610), same trace and parameters."""
+    tr = sim.bursty_trace(seed=3, duration_s=1200, base_rps=2, burst_rps=20, burst_every_s=600, burst_len_s=60)
+    t = Timings(cold_start_s=30, restore_s=1.5, provision_s=60)
+    r = sim.simulate(tr, Policy("restore", 2), t, Autoscaler())
+    assert (len(tr.requests), r.restores, r.hosts_acquired, r.peak_hosts) == (4572, 31, 32, 20)
+    assert (r.paid_gpu_s, r.busy_gpu_s) == (pytest.approx(8866.5563), 2286.0)
+    assert (r.delay_p50_s, r.delay_p99_s) == (pytest.approx(5.046705), pytest.approx(31.065992))
+    c = sim.simulate(tr, Policy("cold"), t, Autoscaler())
+    assert (c.paid_gpu_s, c.cold_starts, c.delay_p99_s) == (7882.0, 31, pytest.approx(62.594935))
+    s = sim.size_static(tr, Autoscaler(), 2.0)
+    assert (s.policy, s.paid_gpu_s, s.delay_p99_s) == ("static:replicas=11", pytest.approx(13210.514658),
+                                                       pytest.approx(0.700485))
+    # the same requests as deployment 1 of a fleet whose deployment 0 has none (and needs no replica): the same
+    moved = Trace(tuple(Request(q.t, q.service_s, 1) for q in tr.requests), tr.end_s, "moved")
+    assert moved.n_deployments == 2
+    scaler = Autoscaler(min_replicas=0)
+    a, b = (sim.simulate(x, Policy("restore", 2), t, scaler) for x in (tr, moved))
+    def fleet_part(res):
+        return {k: v for k, v in res.summary().items() if k not in ("deployments", "per_deployment")}
+    assert fleet_part(a) == fleet_part(b) and a.delays == b.delays
+    assert b.per_deployment[0]["served"] == 0 and b.per_deployment[0]["replica_gpu_s"] == 0
+
+
+def test_fleet_static_is_sized_per_deployment():
+    tr = sim.fleet_trace(seed=2, deployments=3, duration_s=900, base_rps_lo=0.5, base_rps_hi=5)
+    r = sim.size_static(tr, Autoscaler(), p99_target_s=1.0)
+    counts = [d["replicas"] for d in r.per_deployment]
+    assert r.replicas == sum(counts) and r.policy == f"static:replicas={sum(counts)}" and r.delay_p99_s <= 1.0
+    for i, n in enumerate(counts):
+        alone = sim.simulate(tr.only(i), Policy("static", 0, n), scaler=Autoscaler())
+        assert alone.delay_p99_s <= 1.0 and r.per_deployment[i]["delay_p99_s"] == alone.delay_p99_s
+        if n > 1:
+            assert sim.simulate(tr.only(i), Policy("static", 0, n - 1), scaler=Autoscaler()).delay_p99_s > 1.0
+    assert (r.paid_gpu_s, r.replica_gpu_s) == (pytest.approx(sum(counts) * r.horizon_s),) * 2
+
+
+def test_fleet_trace_is_deterministic():
+    kw = dict(duration_s=1200, base_rps_lo=0.1, base_rps_hi=10, burst_x=10)
+    a, b = sim.fleet_trace(7, 5, **kw), sim.fleet_trace(7, 5, **kw)
+    assert a == b and a.n_deployments == 5 and a.requests != sim.fleet_trace(8, 5, **kw).requests
+    ts = [q.t for q in a.requests]
+    assert ts == sorted(ts) and all(0 <= t < 1200 for t in ts)
+    # deployment i does not depend on how many there are
+    three = sim.fleet_trace(7, 3, **kw)
+    assert three.requests == tuple(q for q in a.requests if q.deployment < 3)
+    # each: base in [0.1, 10] rps, bursting 10x for 60 s in 600 s: on average 1.9 x base
+    rates = [sum(1 for q in a.requests if q.deployment == i) / 1200 / 1.9 for i in range(5)]
+    assert all(0.07 < x < 13 for x in rates) and max(rates) / min(rates) > 2
+    # bursts are not in phase: the busiest 60 s of each deployment start at different times
+    def busiest(i):
+        per_s = [0] * 1200
+        for q in a.requests:
+            if q.deployment == i:
+                per_s[int(q.t)] += 1
+        return max(range(1140), key=lambda s: sum(per_s[s:s + 60])) % 600
+    assert len({busiest(i) // 30 for i in range(5)}) > 1
+    assert sim.simulate(a, Policy("restore", 4)).summary() == sim.simulate(b, Policy("restore", 4)).summary()
+    with pytest.raises(sim.SimError, match="deployments must be >= 1"):
+        sim.fleet_trace(1, 0)
+
+
 def test_concurrency_counts_slots():
     """Two slots per replica: 2 requests of 1 s on one replica = 1 GPU-s busy (half of each slot-second)."""
     tr = Trace((Request(0, 1), Request(0, 1)), 0, "two")
@@ -135,6 +254,12 @@ def test_csv_trace(tmp_path):
     tr = sim.load_trace(p, service_s=1.0)
     assert [(r.t, r.service_s) for r in tr.requests] == [(0.0, 1.0), (5.5, 0.25), (10.0, 2.0)]  # sorted
     assert tr.end_s == 10.0
+    d = tmp_path / "deps.csv"
+    d.write_text("deployment,timestamp\n10,0\n9,1\n10,2\n")  # whole-number labels sort as numbers
+    tr = sim.load_trace(d)
+    assert [r.deployment for r in tr.requests] == [1, 0, 1] and tr.n_deployments == 2
+    d.write_text("timestamp,deployment\n0,chat\n1,embed\n2,chat\n3,asr\n")
+    assert [r.deployment for r in sim.load_trace(d).requests] == [1, 2, 1, 0]  # asr, chat, embed
     q = tmp_path / "plain.csv"
     q.write_text("# seconds\n3\n1\n2000-01-01T00:00:05Z\n")  # no header, mixed forms, a comment
     assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0, pytest.approx(946684805 - 1)]
@@ -147,6 +272,7 @@ def test_csv_trace(tmp_path):
     ("time,dur\n1,2\n", "has no 'timestamp' column"),
     ("timestamp,duration_s\n1,fast\n", "line 2: duration 'fast' is not a number"),
     ("timestamp,duration_s\n1,0\n", "must be > 0"),
+    ("timestamp,deployment\n1,a\n2,\n", "line 3: no deployment"),
 ])
 def test_csv_errors_are_one_line(tmp_path, text, match):
     p = tmp_path / "bad.csv"
@@ -244,12 +370,26 @@ def test_cli_end_to_end(tmp_path):
     for r in doc["results"]:
         assert 0 < r["utilization"] <= 1 and r["paid_gpu_s"] >= r["busy_gpu_s"]
 
+    res = CliRunner().invoke(_cli(), ["simulate", "--generate", "--deployments", "3", "--duration-s", "600",
+                                      "--json", "--no-plots", "--restore-s", "2", "--cold-start-s", "60"], obj=cfg)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["trace"]["deployments"] == 3 and "fleet seed=1 3 deployments" in doc["trace"]["source"]
+    for r in doc["results"]:
+        assert r["deployments"] == 3 and [d["deployment"] for d in r["per_deployment"]] == [0, 1, 2]
+        assert sum(d["served"] for d in r["per_deployment"]) == r["served"] == doc["trace"]["requests"]
+        assert r["replica_gpu_s"] <= r["paid_gpu_s"] + 1e-6
+    static = doc["results"][-1]
+    assert static["replicas"] == sum(d["replicas"] for d in static["per_deployment"])
+
 
 @pytest.mark.parametrize("args,match", [
     ([], "give either a TRACE CSV file or --generate"),
     (["--generate", "--policy", "warm"], "policy 'warm'"),
     (["missing.csv"], "cannot read trace missing.csv"),
     (["--generate", "--target-utilization", "1.5"], "target utilization"),
+    (["--generate", "--deployments", "0"], "--deployments must be >= 1"),
+    (["t.csv", "--deployments", "2"], "--deployments is for --generate"),
 ])
 def test_cli_errors(tmp_path, args, match, monkeypatch):
     monkeypatch.chdir(tmp_path)
