@@ -148,6 +148,21 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
     while snap["digest"] not in agent.host.pins.pinned() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert agent.host.pins.pinned() == [snap["digest"]] and agent.host.pins.pinned_bytes >= DATA_MB << 20
+    # the daemon serving the snapshot's files dies: the next restore mounts them again and pins the new mount
+    mount = agent.host.mounts[agent.host.snapshot_files(snap["digest"])]
+    os.kill(mount.pid, signal.SIGKILL)
+    while mount.alive():
+        time.sleep(0.05)
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "restored", r
+    deadline = time.monotonic() + 30
+    while not agent.host.pins.pinned() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    files = agent.host.snapshot_files(snap["digest"])
+    assert agent.host.pins.pinned() == [snap["digest"]] and agent.host.mounts[files].pid != mount.pid
+    dev = os.stat(files).st_dev
+    locked = [line.split()[3] for line in open("/proc/self/maps") if f"{files}/pages-" in line]
+    assert locked == [f"{os.major(dev):02x}:{os.minor(dev):02x}"], "the pages locked are the new mount's"
 
     # a second build of the same image + spec stores no new bytes
     again = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY")
