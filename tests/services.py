@@ -94,11 +94,13 @@ def _start_dockerd(root: Path, driver: str) -> Dockerd:
     host = f"unix://{sock}"
     log = root / f"dockerd-{driver}.log"
     (root / "daemon.json").write_text("{}")
+    # containerd namespaces must match [A-Za-z0-9]+([._-][A-Za-z0-9]+)*: mkdtemp's suffix may hold "_" anywhere
+    ns = f"thaw-test-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
     cmd = [need("dockerd", "docker.io"), "--config-file", str(root / "daemon.json"),
            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid"),
            "-H", host, "--storage-driver", driver, "--bridge", "none", "--iptables=false", "--ip6tables=false",
-           "--ip-masq=false", "--containerd-namespace", f"thaw-test-{root.name}",
-           "--containerd-plugins-namespace", f"thaw-test-{root.name}-plugins", "--log-level", "warn"]
+           "--ip-masq=false", "--containerd-namespace", ns,
+           "--containerd-plugins-namespace", f"{ns}-plugins", "--log-level", "warn"]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
