@@ -192,9 +192,9 @@ class HostSnapshots:
         mp = self.cfg.work_dir / "mnt" / kind / digest
         with self.mount_lock:
             h = self.mounts.get(mp)
-            if h is not None and not h.alive():
-                self.pins.unpin(digest)  # its locked pages belong to the dead mount
             if h is None or not h.alive():
+                if h is not None:
+                    self.pins.unpin(digest)  # its locked pages belong to the dead mount
                 # a daemon left by an earlier agent keeps serving (it is idle and correct); else a new one
                 self.mounts[mp] = imagefs_mount.attach(self.cfg, mp) or imagefs_mount.mount(self.cfg, digest, mp)
         return mp
