@@ -59,6 +59,17 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = N
     raise RuntimeError(f"{what} did not become ready (exit code {code}):\n{tail}")
 
 
+def wait_until(pred, timeout: float = 60, what: str = "condition"):
+    """Poll ``pred`` until it returns something truthy, and return that; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Stop a process this module started, by its PID."""
     if proc.poll() is None:

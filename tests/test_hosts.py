@@ -8,10 +8,9 @@ import os
 import signal
 import urllib.request
 
-import pytest
-
+from services import wait_until
 from test_criu import needs_criu
-from test_pool import release_dead_host, wait_for
+from test_pool import release_dead_host
 from test_snapshot import PORT, image_config, rootfs  # noqa: F401  (fixture)
 from test_stack import free_port, thaw
 from thaw.config import load
@@ -38,7 +37,7 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
         out = thaw(env, "hosts", "up", "2").stdout
         assert out.count("in netns") == 2
         thaw(env, "deploy", "ns", "--snapshot", snap, "--min", "2", "--max", "2", "--buffer", "0")
-        reps = wait_for(lambda: len(r := deployments.replicas(cfg.registry_url, "ns")) == 2 and r, timeout=90,
+        reps = wait_until(lambda: len(r := deployments.replicas(cfg.registry_url, "ns")) == 2 and r, timeout=90,
                         what="2 replicas on the namespaced hosts")
         assert {r.host_id for r in reps} == {"nshost1", "nshost2"}
         for r in reps:
@@ -47,7 +46,7 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
                 assert json.loads(resp.read())["digest"]
         hosts = json.loads((cfg.run_dir / "hosts.json").read_text())
         os.kill(hosts[0]["pid"], signal.SIGKILL)  # host 1 dies
-        wait_for(lambda: {r.host_id for r in deployments.replicas(cfg.registry_url, "ns")
+        wait_until(lambda: {r.host_id for r in deployments.replicas(cfg.registry_url, "ns")
                           if r.host_id == "nshost2"} and sum(r.host_id == "nshost2" for r in
                                                               deployments.replicas(cfg.registry_url, "ns")) == 2,
                  timeout=90, what="both replicas on the surviving host")

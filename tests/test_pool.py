@@ -18,21 +18,12 @@ import pytest
 from aiohttp import web
 
 from conftest import cfg_env, in_process_agent
+from services import wait_until
 from test_criu import needs_criu
 from test_snapshot import PORT, build_snapshot, image, image_config, rootfs  # noqa: F401  (fixtures)
 from thaw.registry import deployments, snapshots
 
 pytestmark = needs_criu
-
-
-def wait_for(pred, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def serving(cfg, name):
@@ -108,8 +99,8 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
     with more_agents(cfg, 2):  # three hosts
         thaw_cli("deploy", "web", "--snapshot", snap[:10], "--min", "0", "--max", "3", "--buffer", "1",
                  "--cooldown", "0")
-        wait_for(lambda: len(snapshots.live_hosts(cfg.registry_url, 5)) == 3, what="3 live hosts")
-        reserved = wait_for(lambda: [h.id for h in snapshots.list_hosts(cfg.registry_url) if h.reserved_for == "web"],
+        wait_until(lambda: len(snapshots.live_hosts(cfg.registry_url, 5)) == 3, what="3 live hosts")
+        reserved = wait_until(lambda: [h.id for h in snapshots.list_hosts(cfg.registry_url) if h.reserved_for == "web"],
                             what="a buffer host")
         assert len(reserved) == 1
         assert serving(cfg, "web") == []
@@ -118,7 +109,7 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                          ("api", lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 3})),
                          ("temporal", lambda: signal_raw(cfg, "web", 3))):
             up()
-            reps = wait_for(lambda: len(serving(cfg, "web")) == 3 and serving(cfg, "web"), what=f"3 replicas ({path})")
+            reps = wait_until(lambda: len(serving(cfg, "web")) == 3 and serving(cfg, "web"), what=f"3 replicas ({path})")
             answers = [answer(r.endpoint) for r in reps]
             assert len({a["digest"] for a in answers}) == 1, "every replica serves the snapshot's answer"
             assert all(r.outcome == "restored" for r in reps)
@@ -127,18 +118,18 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                     "api": lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 0}),
                     "temporal": lambda: signal_raw(cfg, "web", 0)}[path]
             down()
-            wait_for(lambda: serving(cfg, "web") == [], what=f"0 replicas ({path})")
+            wait_until(lambda: serving(cfg, "web") == [], what=f"0 replicas ({path})")
             for r in reps:  # stopped for real: the published endpoint is closed
                 with pytest.raises(OSError):
                     answer(r.endpoint)
 
-        st = wait_for(lambda: "buffer     1/1" in (out := thaw_cli("status", "web").output) and out,
+        st = wait_until(lambda: "buffer     1/1" in (out := thaw_cli("status", "web").output) and out,
                       what="the buffer refilled")
         assert "restored" in st
         status, body = api_call(url, "/v1/deployments/web", token)
         assert status == 200 and body["counts"]["restored"] == 9 and body["counts"]["stopped"] == 9
         thaw_cli("undeploy", "web")
-        wait_for(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
+        wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
                  what="buffer released")
 
 
@@ -188,16 +179,16 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
     snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
     victim = _agent_proc(cfg, "victim")
     try:
-        wait_for(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
+        wait_until(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
         thaw_cli("deploy", "ha", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
-        (rep,) = wait_for(lambda: serving(cfg, "ha"), what="first replica")
+        (rep,) = wait_until(lambda: serving(cfg, "ha"), what="first replica")
         assert rep.host_id == "victim"
         # the pool holds it too (the registry row comes first): killed now, it is lost, not a failed start
-        wait_for(lambda: json.loads(thaw_cli("status", "ha", "--json").output)["replicas"], what="pool's replica")
+        wait_until(lambda: json.loads(thaw_cli("status", "ha", "--json").output)["replicas"], what="pool's replica")
         snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
         os.kill(victim.pid, signal.SIGKILL)  # the host dies with its replica
         victim.wait()
-        new = wait_for(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
+        new = wait_until(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
                        what="replacement replica")
         assert answer(new[0].endpoint)["digest"]
         st = json.loads(thaw_cli("status", "ha", "--json").output)
@@ -222,7 +213,7 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
     victim = _agent_proc(cfg, "victim")
     gw = None
     try:
-        wait_for(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
+        wait_until(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
         thaw_cli("deploy", "gw", "--snapshot", snap, "--min", "0", "--max", "2", "--buffer", "0")
         gw = GatewayThread(Gateway("gw", PoolBackends(cfg, "gw"), max_replicas=2, scale_to_zero_grace_s=600,
                                    refresh_s=0.2, hold_timeout_s=90))
@@ -237,7 +228,7 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
         t = threading.Thread(target=call)
         t.start()  # arrives at zero replicas: held, and the gateway signals the pool at once
         victim_dir = cfg.model_copy(update={"host_id": "victim"}).work_dir / "replicas"
-        wait_for(lambda: victim_dir.is_dir() and any(victim_dir.iterdir()), timeout=60, what="restore on victim")
+        wait_until(lambda: victim_dir.is_dir() and any(victim_dir.iterdir()), timeout=60, what="restore on victim")
         os.kill(victim.pid, signal.SIGKILL)  # mid-restore
         victim.wait()
         snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)

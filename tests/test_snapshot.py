@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cfg_env
+from services import wait_until
 from pyroot import python_rootfs
 from test_criu import SECRET, needs_criu
 from thaw.imagefs.manifest import ImageManifest
@@ -144,20 +144,15 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
     assert len(states) == 1, "restored replicas carry the memory of the process that was checkpointed"
     assert len(snapshots.restores(cfg.registry_url, snap["digest"])) == 4
     # the snapshot's memory pages are now locked in RAM on this host (in the background, after the restores)
-    deadline = time.monotonic() + 30
-    while snap["digest"] not in agent.host.pins.pinned() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: snap["digest"] in agent.host.pins.pinned(), 30, "the snapshot's pages pinned")
     assert agent.host.pins.pinned() == [snap["digest"]] and agent.host.pins.pinned_bytes >= DATA_MB << 20
     # the daemon serving the snapshot's files dies: the next restore mounts them again and pins the new mount
     mount = agent.host.mounts[agent.host.snapshot_files(snap["digest"])]
     os.kill(mount.pid, signal.SIGKILL)
-    while mount.alive():
-        time.sleep(0.05)
+    wait_until(lambda: not mount.alive(), 30, "the mount daemon gone")
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "restored", r
-    deadline = time.monotonic() + 30
-    while not agent.host.pins.pinned() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(agent.host.pins.pinned, 30, "the new mount's pages pinned")
     files = agent.host.snapshot_files(snap["digest"])
     assert agent.host.pins.pinned() == [snap["digest"]] and agent.host.mounts[files].pid != mount.pid
     dev = os.stat(files).st_dev
@@ -247,10 +242,7 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
                                  env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
         builds = cfg.work_dir / "builds"
-        deadline = time.monotonic() + 60
-        while not any(builds.glob("*/launch.log")):
-            assert time.monotonic() < deadline, "launch never started"
-            time.sleep(0.1)
+        wait_until(lambda: any(builds.glob("*/launch.log")), 60, "the launch")
         time.sleep(1)
         os.kill(agent.pid, signal.SIGKILL)  # the agent only: the replica it launched is left behind
         agent.wait()
