@@ -13,11 +13,15 @@ code path, more device memory). Each runs in its own pid and network namespaces 
   answer must be byte-identical to A.
 
 Both are measured on a warm host (libraries and images in the page cache), ``--runs`` times; the medians are
-compared. Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the
-time of ``cuCheckpointProcessRestore``. The last line is the headline, for the model that held the most GPU
-memory: ``P6 gpu restore speedup: <ratio>x bandwidth: <GB/s> GB/s``.
+compared. With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing the memory
+back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build).
+Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the time of
+``cuCheckpointProcessRestore``; for scale, the host-to-device copy rate of this machine (torch, 2 GiB, from
+pageable and from pinned memory) is printed first. The last line is the headline, for the model that held the
+most GPU memory, restored the way the last ``--huge-pages`` entry says:
+``P6 gpu restore speedup: <ratio>x bandwidth: <GB/s> GB/s``.
 
-    python bench/gpu.py --model-dir DIR [--model-dir DIR2 ...] [--runs 3] [--json out.json]
+    python bench/gpu.py --model-dir DIR [--model-dir DIR2 ...] [--runs 3] [--huge-pages off,on] [--json out.json]
     python bench/gpu.py --make-model OUT --from MINILM_DIR --hidden 2048 --layers 24
 
 ``--device cpu`` runs the same protocol without the CUDA steps (a check of the harness on a CPU host).
@@ -31,13 +35,13 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from thaw.snapshot import criu, cuda
-from thaw.snapshot.host import golden_answer
-from thaw.snapshot.replica import Replica, after_restore
+from thaw.snapshot.replica import Replica, after_restore, golden_answer
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "examples" / "minilm" / "server.py"
@@ -62,6 +66,44 @@ def gpu_used_bytes() -> int | None:
         return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used
                    for i in range(pynvml.nvmlDeviceGetCount()))
     except Exception:  # noqa: BLE001 - no NVML: no bandwidth figure
+        return None
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Anonymous and AnonHugePages (kB) of a process, from /proc/PID/smaps_rollup."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("Anonymous", "AnonHugePages"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+COPY_PROBE = """
+import json, sys, time, torch
+n = 2 << 30
+out = {}
+for kind in ("pageable", "pinned"):
+    src = torch.ones(n, dtype=torch.uint8, pin_memory=kind == "pinned")
+    best = 0.0
+    for _ in range(3):
+        torch.cuda.synchronize(); t = time.perf_counter()
+        dst = src.to("cuda", non_blocking=kind == "pinned"); torch.cuda.synchronize()
+        best = max(best, n / (time.perf_counter() - t) / 1e9)
+        del dst
+    out[kind] = round(best, 1)
+print(json.dumps(out))
+"""
+
+
+def copy_ceiling() -> dict | None:
+    """Host-to-device copy rate (GB/s, best of 3 copies of 2 GiB) from pageable and from pinned memory."""
+    try:
+        res = subprocess.run([sys.executable, "-c", COPY_PROBE], capture_output=True, text=True, timeout=120)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001 - a figure for scale only
+        log(f"host-to-device copy probe failed: {type(e).__name__}: {e}")
         return None
 
 
@@ -110,6 +152,7 @@ class Bench:
         r, _ = self.launch("snapshot")
         try:
             golden = self.answer(r)
+            mem = {"running": memory_kb(r.pid)}
             after = gpu_used_bytes()
             gpu_bytes = after - before if before is not None and after is not None else None
             t0 = time.monotonic()
@@ -117,20 +160,25 @@ class Bench:
                 pids = self.ck.gpu_pids(r.pid)
                 if not pids:
                     raise RuntimeError(f"the server (pid {r.pid}) holds no CUDA context: is it on the GPU?")
-                res = self.ck.around_dump(pids, lambda: criu.checkpoint(r, images))
+                mem["checkpointed"] = {}
+
+                def dump():  # the device memory is in the process's host memory now
+                    mem["checkpointed"] = memory_kb(r.pid)
+                    return criu.checkpoint(r, images)
+                res = self.ck.around_dump(pids, dump)
                 steps, cp = res.timings_ms, res.value
             else:
                 pids, steps, cp = [], {}, criu.checkpoint(r, images)
             return {"golden": golden, "gpu_pids": len(pids), "gpu_bytes": gpu_bytes, "steps_ms": steps,
-                    "snapshot_ms": ms_since(t0), "images_bytes": cp.size_bytes}
+                    "snapshot_ms": ms_since(t0), "images_bytes": cp.size_bytes, "memory_kb": mem}
         finally:
             r.stop()
 
-    def restore(self, images: Path, snap: dict) -> dict:
+    def restore(self, images: Path, snap: dict, huge_pages: bool) -> dict:
         t0 = time.monotonic()
-        r = criu.restore(images, None, self._log("restore"))
+        r = criu.restore(images, None, self._log("restore"), huge_pages=huge_pages)
         try:
-            out = {"criu_ms": ms_since(t0)}
+            out = {"criu_ms": ms_since(t0), "memory_kb": memory_kb(r.pid)}
             if self.ck:
                 out.update(self.ck.restore_tree(r.pid, expected=snap["gpu_pids"]))
             after_restore(r, PORT, {})
@@ -144,10 +192,10 @@ class Bench:
         finally:
             r.stop()
 
-    def run(self, runs: int) -> dict:
-        log(f"== {self.label}: {self.device} {self.dtype}, {runs} run(s) each")
+    def run(self, runs: int, cold_runs: int, modes: list[str]) -> dict:
+        log(f"== {self.label}: {self.device} {self.dtype}, {cold_runs} cold boot(s), {runs} restore(s) per mode")
         cold, cold_bodies = [], []
-        for i in range(runs):
+        for i in range(cold_runs):
             ms, body = self.cold_boot()
             cold.append(ms)
             cold_bodies.append(body)
@@ -155,30 +203,42 @@ class Bench:
         images = self.images
         shutil.rmtree(images, ignore_errors=True)
         snap = self.snapshot(images)
-        gb = snap["gpu_bytes"]
+        gb, mem = snap["gpu_bytes"], snap["memory_kb"]
         log(f"  snapshot: {snap['snapshot_ms']:.0f} ms {snap['steps_ms']}, images {snap['images_bytes'] / 1e9:.2f} GB"
-            + (f", GPU memory {gb / 1e9:.2f} GB" if gb else ""))
-        restores = []
+            + (f", GPU memory {gb / 1e9:.2f} GB" if gb else "")
+            + f"; host anonymous memory {mem['running'].get('Anonymous', 0) / 1e6:.2f} GB running"
+            + (f", {mem['checkpointed'].get('Anonymous', 0) / 1e6:.2f} GB checkpointed" if mem.get("checkpointed")
+               else ""))
+        restores: dict[str, list[dict]] = {m: [] for m in modes}
         for i in range(runs):
-            res = self.restore(images, snap)
-            restores.append(res)
-            log(f"  restore {i + 1}: {res['total_ms']:8.0f} ms to the same answer "
-                f"(criu {res['criu_ms']:.0f} ms" + (f", cuda restore {res['cuda_restore']} ms, unlock "
-                                                    f"{res['cuda_unlock']} ms" if 'cuda_restore' in res else "") + ")")
+            for mode in modes:  # alternating, so both see the same host state
+                res = self.restore(images, snap, huge_pages=mode == "on")
+                restores[mode].append(res)
+                log(f"  restore {i + 1} huge pages {mode:>3}: {res['total_ms']:6.0f} ms to the same answer "
+                    f"(criu {res['criu_ms']:.0f} ms"
+                    + (f", cuda restore {res['cuda_restore']} ms, unlock {res['cuda_unlock']} ms"
+                       if "cuda_restore" in res else "")
+                    + f"; {res['memory_kb'].get('AnonHugePages', 0) / 1e6:.2f} of "
+                      f"{res['memory_kb'].get('Anonymous', 0) / 1e6:.2f} GB anonymous in huge pages)")
         shutil.rmtree(images, ignore_errors=True)
         cold_ms = statistics.median(cold)
-        restore_ms = statistics.median(r["total_ms"] for r in restores)
-        out = {"model": self.label, "device": self.device, "dtype": self.dtype, "runs": runs,
-               "cold_ms": cold, "restores": restores, "cold_median_ms": cold_ms, "restore_median_ms": restore_ms,
-               "speedup": cold_ms / restore_ms, "cold_same_answer": all(b == snap["golden"] for b in cold_bodies),
-               **{k: v for k, v in snap.items() if k != "golden"}}
-        if gb and restores and "cuda_restore" in restores[0]:
-            cuda_ms = statistics.median(r["cuda_restore"] for r in restores)
-            out["restore_gbps"] = gb / 1e9 / max(cuda_ms / 1000, 1e-3)
-            out["checkpoint_gbps"] = gb / 1e9 / max(snap["steps_ms"].get("cuda_checkpoint", 0) / 1000, 1e-3)
-        log(f"  {self.label}: cold {cold_ms:.0f} ms, restore {restore_ms:.0f} ms: {out['speedup']:.1f}x"
-            + (f"; GPU memory restore {out['restore_gbps']:.1f} GB/s, checkpoint {out['checkpoint_gbps']:.1f} GB/s"
-               if "restore_gbps" in out else ""))
+        out = {"model": self.label, "device": self.device, "dtype": self.dtype, "runs": runs, "cold_ms": cold,
+               "cold_median_ms": cold_ms, "cold_same_answer": all(b == snap["golden"] for b in cold_bodies),
+               "modes": {}, **{k: v for k, v in snap.items() if k != "golden"}}
+        for mode, rs in restores.items():
+            m = {"restores": rs, "restore_median_ms": statistics.median(r["total_ms"] for r in rs)}
+            m["speedup"] = cold_ms / m["restore_median_ms"]
+            if gb and "cuda_restore" in rs[0]:
+                m["restore_gbps"] = gb / 1e9 / max(statistics.median(r["cuda_restore"] for r in rs) / 1000, 1e-3)
+            out["modes"][mode] = m
+            log(f"  {self.label}, huge pages {mode}: cold {cold_ms:.0f} ms, restore {m['restore_median_ms']:.0f} ms: "
+                f"{m['speedup']:.1f}x" + (f"; GPU memory restore {m['restore_gbps']:.1f} GB/s" if "restore_gbps" in m
+                                          else ""))
+        if gb and "cuda_checkpoint" in snap["steps_ms"]:
+            out["checkpoint_gbps"] = gb / 1e9 / max(snap["steps_ms"]["cuda_checkpoint"] / 1000, 1e-3)
+            log(f"  GPU memory checkpoint {out['checkpoint_gbps']:.1f} GB/s")
+        # the headline mode's figures at the top level
+        out.update({k: v for k, v in out["modes"][modes[-1]].items() if k != "restores"})
         return out
 
 
@@ -207,7 +267,9 @@ def main() -> int:
     p.add_argument("--model-dir", type=Path, action="append", default=[])
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="restores per huge-pages mode (and cold boots)")
+    p.add_argument("--cold-runs", type=int, help="cold boots (default: --runs)")
+    p.add_argument("--huge-pages", default="on", help="restore modes to compare, alternating: off, on or off,on")
     p.add_argument("--work", type=Path, default=Path("/tmp/thaw-gpu-bench"))
     p.add_argument("--json", type=Path)
     p.add_argument("--images-in", type=Path, help="where the CRIU images go (default: --work)")
@@ -221,6 +283,9 @@ def main() -> int:
         return 0
     if not a.model_dir:
         p.error("give --model-dir (or --make-model)")
+    modes = a.huge_pages.split(",")
+    if not modes or set(modes) - {"on", "off"}:
+        p.error("--huge-pages: off, on or off,on")
     if (why := criu.criu_check()) is not None:
         raise SystemExit(f"criu is not usable here: {why}")
     if a.device != "cpu":
@@ -228,11 +293,15 @@ def main() -> int:
             log(f"GPU: {cuda.gpu_facts(cuda.RealCudaDriver())}")
         except cuda.CudaUnavailable as e:
             raise SystemExit(f"no GPU for the P6 benchmark: {e} (--device cpu checks the harness)")
+        if ceiling := copy_ceiling():
+            log(f"host-to-device copy (torch, 2 GiB): pageable {ceiling['pageable']} GB/s, "
+                f"pinned {ceiling['pinned']} GB/s")
     a.work.mkdir(parents=True, exist_ok=True)
     results = []
     for d in a.model_dir:
         try:
-            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work).run(a.runs))
+            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work)
+                           .run(a.runs, a.cold_runs or a.runs, modes))
         except Exception as e:  # noqa: BLE001 - the next model still runs; the error is printed
             log(f"  {d.name}: FAILED: {type(e).__name__}: {e}")
             continue
@@ -240,12 +309,14 @@ def main() -> int:
             a.json.write_text(json.dumps(results, indent=1))
     if not results:
         return 1
-    log("\nmodel                      cold ms  restore ms  speedup  GPU GB  restore GB/s")
+    log("\nmodel                huge pages  cold ms  restore ms  speedup  GPU GB  restore GB/s")
     for r in results:
         gb = r["gpu_bytes"] / 1e9 if r["gpu_bytes"] else 0
-        log(f"{r['model']:<26} {r['cold_median_ms']:7.0f}  {r['restore_median_ms']:10.0f}  {r['speedup']:6.1f}x "
-            f"{gb:7.2f}  {r.get('restore_gbps', 0):12.1f}")
+        for mode, m in r["modes"].items():
+            log(f"{r['model']:<20} {mode:>10}  {r['cold_median_ms']:7.0f}  {m['restore_median_ms']:10.0f}  "
+                f"{m['speedup']:6.1f}x {gb:7.2f}  {m.get('restore_gbps', 0):12.1f}")
     top = max(results, key=lambda r: r["gpu_bytes"] or 0)
+    log(f"headline: {top['model']} (most GPU memory), huge pages {modes[-1]}")
     log(f"P6 gpu restore speedup: {top['speedup']:.1f}x bandwidth: {top.get('restore_gbps', 0):.1f} GB/s")
     return 0
 

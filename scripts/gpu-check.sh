@@ -2,7 +2,7 @@
 # The GPU checks, in one run on a GPU machine (driver >= 570, torch with CUDA, cuda-python, nvidia-ml-py),
 # from the repository root, after scripts/gpu-carry.sh made .gpu/ here:
 #   the real-driver tests (tests/test_cuda.py, gpu-marked), a host-root CRIU replica, and bench/gpu.py (P6) on
-#   the float16 MiniLM and on a 1.3 B-parameter BERT made there. Output and logs go to $OUT (default /tmp/gpu-out).
+#   the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and without huge pages. Output and logs go to $OUT (default /tmp/gpu-out).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -34,11 +34,22 @@ step real-driver tests
 [ -n "${SKIP_TESTS:-}" ] || timeout 120 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
   -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
 
-step P6 benchmark
-timeout 90 python3 bench/gpu.py --make-model /tmp/bert-${HIDDEN:-2048}x${LAYERS:-24} --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
-timeout 300 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir /tmp/bert-${HIDDEN:-2048}x${LAYERS:-24} --runs ${RUNS:-3} \
-  --json "$OUT/p6.json" ${IMAGES_IN:+--images-in "$IMAGES_IN"}
+step host-to-device copy and memory settings
+cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag
+grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
+
+step P6 benchmark: restores with and without huge pages, alternating
+IMAGES_IN=${IMAGES_IN:-/dev/shm/thaw-gpu-images}
+model=/tmp/bert-${HIDDEN:-2048}x${LAYERS:-24}
+timeout 300 python3 bench/gpu.py --model-dir .gpu/minilm --runs ${RUNS:-3} --huge-pages off,on \
+  --json "$OUT/p6-minilm.json" --images-in "$IMAGES_IN"
 echo "bench exit $?"
+timeout 90 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
+timeout 240 python3 bench/gpu.py --model-dir $model --runs ${RUNS:-3} --cold-runs 2 \
+  --huge-pages off,on --json "$OUT/p6-bert.json" --images-in "$IMAGES_IN"
+echo "bench exit $?"
+grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
+rm -rf "$IMAGES_IN"
 tar czf "$OUT/logs.tgz" --exclude '*.img' -C /tmp thaw-gpu-bench $(cd /tmp && ls -d pytest-of-* 2>/dev/null)
 ls -la "$OUT"
 sleep 1  # let tee write the last lines

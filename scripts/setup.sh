@@ -15,9 +15,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# CRIU 4.2.1 (Debian's packages fail on recent kernels); built from the pristine tarball in shared/vendor.
-if ! command -v criu >/dev/null || ! criu --version | grep -q 'Version: 4\.2'; then
-  bash "$shared/scripts/install-criu.sh"
+# CRIU 4.2.1 with thaw's patches (Debian's packages fail on recent kernels): built from the tarball in shared/vendor.
+if ! command -v criu >/dev/null || ! criu --version | grep -q 'Version: 4\.2' \
+   || ! grep -q CRIU_RESTORE_THP "$(command -v criu)"; then
+  THAW_SHARED_DIR=$shared bash scripts/install-criu.sh
 fi
 
 python3 -m pip install -q --disable-pip-version-check torch==2.13.0

@@ -6,7 +6,6 @@ mount replaces that seam later); each replica gets its own overlay upper layer a
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
@@ -31,6 +30,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, compat, criu, cuda
 from .forward import Forwarder
 from .pin import Pins
+from .replica import golden_answer as replica_golden_answer
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -162,13 +162,10 @@ def cleanup_stale(work_dir: Path) -> int:
 
 
 def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
-    body = base64.b64decode(golden.get("body_b64") or "")
-    status, answer = replica.http_request(golden.get("method", "GET"), golden.get("path", "/"), body, port,
-                                          timeout=timeout, content_type=golden.get("content_type"))
-    if status != 200:
-        raise SnapshotError(f"golden request {golden.get('method')} {golden.get('path')} answered HTTP {status}: "
-                            f"{answer[:200]!r}")
-    return answer
+    try:
+        return replica_golden_answer(replica, port, golden, timeout)
+    except criu.ReplicaError as e:
+        raise SnapshotError(str(e)) from None
 
 
 class HostSnapshots:
@@ -303,6 +300,10 @@ class HostSnapshots:
                     return f"chunk {d[:12]} of {e.path}: {err}".splitlines()[0]
         return ""
 
+    def _huge_pages(self, snapshot_facts: dict) -> bool:
+        mode = self.cfg.restore_huge_pages
+        return mode == "always" or (mode == "gpu" and compat.needs_gpu(snapshot_facts))
+
     def _restore_gpu(self, snap: dict, replica, st: Stages) -> None:
         """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay."""
         facts = snap["host_facts"]
@@ -319,7 +320,8 @@ class HostSnapshots:
         try:
             root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
             try:
-                replica = criu.restore(work / "dump", root.path, work / "profile-restore.log")
+                replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
+                                        huge_pages=self._huge_pages(facts))
                 write_record(work / RECORD, replica.pid)
                 try:
                     self._restore_gpu({"host_facts": facts}, replica, Stages())
@@ -358,7 +360,8 @@ class HostSnapshots:
         try:
             beat("criu")
             try:
-                replica = criu.restore(files, root.path, work / "restore.log")
+                replica = criu.restore(files, root.path, work / "restore.log",
+                                       huge_pages=self._huge_pages(snap["host_facts"]))
             except criu.CriuError as e:
                 failed = fetch.wait().first_error if fetch else self._first_bad_chunk(snap["digest"])
                 if failed:  # name the real cause: a chunk that could not be fetched or verified

@@ -8,6 +8,7 @@ uses it. No thread of the caller ever changes namespace, and every replica can l
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -177,6 +178,18 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
     if status != 200:
         raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: {resp[:300]!r}")
     return json.loads(resp or b"{}")
+
+
+def golden_answer(replica: Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
+    """Send a recorded golden request (``method``, ``path``, ``body_b64``, ``content_type``); the answer's body.
+    Anything but HTTP 200 is a ReplicaError."""
+    body = base64.b64decode(golden.get("body_b64") or "")
+    status, answer = replica.http_request(golden.get("method", "GET"), golden.get("path", "/"), body, port,
+                                          timeout=timeout, content_type=golden.get("content_type"))
+    if status != 200:
+        raise ReplicaError(f"golden request {golden.get('method')} {golden.get('path')} answered HTTP {status}: "
+                           f"{answer[:200]!r}")
+    return answer
 
 
 def open_log(log_path: Path) -> tuple[int, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from typing import Literal
 from functools import cached_property
 from pathlib import Path
 
@@ -44,6 +45,9 @@ class Config(BaseSettings):
     prefetch_concurrency: int = 8
     # RAM (MiB) for the memory pages of recently restored snapshots, locked so restores never read them from disk
     pin_mb: int = 2048
+    # CRIU restores large anonymous memory into transparent huge pages (thaw's CRIU build, snapshot/criu.py):
+    # "gpu" for snapshots that hold GPU state (the driver's copy of device memory), "always" or "never"
+    restore_huge_pages: Literal["gpu", "always", "never"] = "gpu"
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
