@@ -41,12 +41,9 @@ grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
 step P6 benchmark: restores with and without huge pages, alternating
 IMAGES_IN=${IMAGES_IN:-/dev/shm/thaw-gpu-images}
 model=/tmp/bert-${HIDDEN:-2048}x${LAYERS:-24}
-timeout 300 python3 bench/gpu.py --model-dir .gpu/minilm --runs ${RUNS:-3} --huge-pages off,on \
-  --json "$OUT/p6-minilm.json" --images-in "$IMAGES_IN"
-echo "bench exit $?"
 timeout 90 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
-timeout 240 python3 bench/gpu.py --model-dir $model --runs ${RUNS:-3} --cold-runs 2 \
-  --huge-pages off,on --json "$OUT/p6-bert.json" --images-in "$IMAGES_IN"
+timeout 400 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir $model --runs ${RUNS:-3} --huge-pages off,on \
+  --json "$OUT/p6.json" --images-in "$IMAGES_IN"
 echo "bench exit $?"
 grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
 rm -rf "$IMAGES_IN"

@@ -168,6 +168,13 @@ def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float
         raise SnapshotError(str(e)) from None
 
 
+def use_huge_pages(mode: str, snapshot_facts: dict) -> bool:
+    """Config.restore_huge_pages for one snapshot: "gpu" means only snapshots that hold GPU state (on the H100
+    their restore was 25-35 % faster; on a small VM whose freed memory goes back to the hypervisor, CPU restores
+    into huge pages were sometimes 5x slower: docs/benchmarks.md, P6)."""
+    return mode == "always" or (mode == "gpu" and compat.needs_gpu(snapshot_facts))
+
+
 class HostSnapshots:
     def __init__(self, cfg: Config, store: ChunkStore | None = None):
         self.cfg = cfg
@@ -300,10 +307,6 @@ class HostSnapshots:
                     return f"chunk {d[:12]} of {e.path}: {err}".splitlines()[0]
         return ""
 
-    def _huge_pages(self, snapshot_facts: dict) -> bool:
-        mode = self.cfg.restore_huge_pages
-        return mode == "always" or (mode == "gpu" and compat.needs_gpu(snapshot_facts))
-
     def _restore_gpu(self, snap: dict, replica, st: Stages) -> None:
         """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay."""
         facts = snap["host_facts"]
@@ -321,7 +324,7 @@ class HostSnapshots:
             root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
-                                        huge_pages=self._huge_pages(facts))
+                                        huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts))
                 write_record(work / RECORD, replica.pid)
                 try:
                     self._restore_gpu({"host_facts": facts}, replica, Stages())
@@ -360,8 +363,8 @@ class HostSnapshots:
         try:
             beat("criu")
             try:
-                replica = criu.restore(files, root.path, work / "restore.log",
-                                       huge_pages=self._huge_pages(snap["host_facts"]))
+                huge = use_huge_pages(self.cfg.restore_huge_pages, snap["host_facts"])
+                replica = criu.restore(files, root.path, work / "restore.log", huge_pages=huge)
             except criu.CriuError as e:
                 failed = fetch.wait().first_error if fetch else self._first_bad_chunk(snap["digest"])
                 if failed:  # name the real cause: a chunk that could not be fetched or verified

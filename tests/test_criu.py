@@ -273,6 +273,52 @@ def test_host_root_replica(image, work):
             assert r.pid == golden["pid"] and get(r, "/answer") == {**golden, "count": 2}
 
 
+def _anon_vmas(pid: int) -> list[tuple[int, bool]]:
+    """(size in kB, MADV_HUGEPAGE set) of each anonymous mapping of pid, from /proc/PID/smaps."""
+    out, size = [], 0
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                anon = len(line.split()) < 6  # no path: anonymous
+            elif line.startswith("Size:"):
+                size = int(line.split()[1])
+            elif line.startswith("VmFlags:") and anon:
+                out.append((size, "hg" in line.split()[1:]))
+    return out
+
+
+def _anon_huge_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+@needs_criu
+def test_restore_into_huge_pages(image, work):
+    """huge_pages=True (thaw's CRIU build): the restored process's large anonymous memory is MADV_HUGEPAGE and
+    backed by transparent huge pages, whatever the host's THP mode (madvise here); False leaves it as dumped."""
+    app = image[0] / "app"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": "64", "MARKER": MARKER}
+    replica = launch(None, [PYTHON, "-I", str(app / "server.py")], env, str(app), work / "thp.log")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        golden = get(replica, "/answer")
+        assert not any(hg for _, hg in _anon_vmas(replica.pid))  # nothing asked for huge pages at launch
+        checkpoint(replica, work / "images-thp")
+    finally:
+        replica.stop()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    for huge in (True, False):
+        with restore(work / "images-thp", None, work / f"thp-{huge}.log", huge_pages=huge) as r:
+            assert get(r, "/answer") == {**golden, "count": 2}  # same memory, whatever the pages
+            marked = [kb for kb, hg in _anon_vmas(r.pid) if hg]
+            if huge:
+                assert any(kb >= 64 << 10 for kb in marked), \
+                    "the 64 MB buffer is not MADV_HUGEPAGE: is criu built with infra/criu/restore-thp.patch?"
+                assert "[never]" in thp or _anon_huge_kb(r.pid) >= 32 << 10
+            else:
+                assert marked == [] and _anon_huge_kb(r.pid) == 0 or "[always]" in thp
+
+
 @needs_criu
 def test_launch_failures_are_reported(roots, work):
     replica = launch(roots().path, ["/no/such/server"], {}, "/", work / "nope.log")

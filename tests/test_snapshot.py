@@ -22,7 +22,9 @@ from test_criu import SECRET, needs_criu
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import snapshots
+from thaw.config import Config
 from thaw.snapshot import sdk
+from thaw.snapshot.host import use_huge_pages
 
 pytestmark = needs_criu
 PORT = 8080
@@ -282,3 +284,17 @@ def test_example_model_snapshot_restores_with_identical_embeddings(cfg, worker, 
     # and a restore beats the cold boot it replaced, by a wide margin
     restore_ms = min(r["timings_ms"]["total"] for r in out["replicas"])
     assert restore_ms * 3 < snap["timings_ms"]["cold_boot"], (restore_ms, snap["timings_ms"])
+
+
+@pytest.mark.parametrize("mode, gpu, want", [("gpu", True, True), ("gpu", False, False), ("always", False, True),
+                                             ("never", True, False)])
+def test_restore_huge_pages_setting(mode, gpu, want, tmp_path, monkeypatch):
+    monkeypatch.setenv("THAW_RESTORE_HUGE_PAGES", mode)
+    facts = {"arch": "x86_64", **({"gpu_model": "NVIDIA H100 80GB HBM3"} if gpu else {})}
+    assert use_huge_pages(Config(state_dir=tmp_path).restore_huge_pages, facts) is want
+
+
+def test_restore_huge_pages_rejects_other_values(tmp_path, monkeypatch):
+    monkeypatch.setenv("THAW_RESTORE_HUGE_PAGES", "sometimes")
+    with pytest.raises(ValueError, match="restore_huge_pages"):
+        Config(state_dir=tmp_path)
