@@ -170,7 +170,7 @@ def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float
 
 def use_huge_pages(mode: str, snapshot_facts: dict) -> bool:
     """Config.restore_huge_pages for one snapshot: "gpu" means only snapshots that hold GPU state (on the H100
-    their restore was 25-35 % faster; on a small VM whose freed memory goes back to the hypervisor, CPU restores
+    their restore was 20-34 % faster; on a small VM whose freed memory goes back to the hypervisor, CPU restores
     into huge pages were sometimes 5x slower: docs/benchmarks.md, P6)."""
     return mode == "always" or (mode == "gpu" and compat.needs_gpu(snapshot_facts))
 
