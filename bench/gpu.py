@@ -14,7 +14,8 @@ code path, more device memory). Each runs in its own pid and network namespaces 
 
 Both are measured on a warm host (libraries and images in the page cache), ``--runs`` times; the medians are
 compared. With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing the memory
-back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build).
+back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build);
+``--read-threads 1,8`` compares the threads CRIU reads the pages with the same way (modes ``on/1``, ``on/8``).
 Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the time of
 ``cuCheckpointProcessRestore``; for scale, the host-to-device copy rate of this machine (torch, 2 GiB, from
 pageable and from pinned memory) is printed first. The last line is the headline, for restores the way the last
@@ -110,8 +111,10 @@ def copy_ceiling() -> dict | None:
 
 # -- one model ------------------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, model_dir: Path, label: str, work: Path, device: str, dtype: str, images_in: Path):
+    def __init__(self, model_dir: Path, label: str, work: Path, device: str, dtype: str, images_in: Path,
+                 read_threads: int | None = None):
         self.model_dir, self.work, self.device, self.dtype = model_dir, work, device, dtype
+        self.read_threads = read_threads
         self.images = images_in / f"images-{label}"
         self.label = label
         self.argv = [sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", str(PORT), "--model-dir",
@@ -175,9 +178,9 @@ class Bench:
         finally:
             r.stop()
 
-    def restore(self, images: Path, snap: dict, huge_pages: bool) -> dict:
+    def restore(self, images: Path, snap: dict, huge_pages: bool, read_threads: int | None) -> dict:
         t0 = time.monotonic()
-        r = criu.restore(images, None, self._log("restore"), huge_pages=huge_pages)
+        r = criu.restore(images, None, self._log("restore"), huge_pages=huge_pages, read_threads=read_threads)
         try:
             out = {"criu_ms": ms_since(t0), "memory_kb": memory_kb(r.pid)}
             if self.ck:
@@ -213,9 +216,10 @@ class Bench:
         restores: dict[str, list[dict]] = {m: [] for m in modes}
         for i in range(runs):
             for mode in modes:  # alternating, so both see the same host state
-                res = self.restore(images, snap, huge_pages=mode == "on")
+                huge, _, threads = mode.partition("/")  # "on", "off", or with CRIU's read threads: "on/8"
+                res = self.restore(images, snap, huge == "on", int(threads) if threads else self.read_threads)
                 restores[mode].append(res)
-                log(f"  restore {i + 1} huge pages {mode:>3}: {res['total_ms']:6.0f} ms to the same answer "
+                log(f"  restore {i + 1} huge pages {mode:>4}: {res['total_ms']:6.0f} ms to the same answer "
                     f"(criu {res['criu_ms']:.0f} ms"
                     + (f", cuda restore {res['cuda_restore']} ms, unlock {res['cuda_unlock']} ms"
                        if "cuda_restore" in res else "")
@@ -271,6 +275,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3, help="restores per huge-pages mode (and cold boots)")
     p.add_argument("--cold-runs", type=int, help="cold boots (default: --runs)")
     p.add_argument("--huge-pages", default="on", help="restore modes to compare, alternating: off, on or off,on")
+    p.add_argument("--read-threads", help=f"threads CRIU reads pages with (default {criu.DEFAULT_READ_THREADS}); "
+                                          "several, comma-separated, are compared like --huge-pages modes")
     p.add_argument("--work", type=Path, default=Path("/tmp/thaw-gpu-bench"))
     p.add_argument("--json", type=Path)
     p.add_argument("--images-in", type=Path, help="where the CRIU images go (default: --work)")
@@ -287,6 +293,9 @@ def main() -> int:
     modes = a.huge_pages.split(",")
     if not modes or set(modes) - {"on", "off"}:
         p.error("--huge-pages: off, on or off,on")
+    threads = [int(t) for t in (a.read_threads or "").split(",") if t.strip()]
+    if len(threads) > 1:  # compare them too: modes "off/1", "on/8", ...
+        modes = [f"{m}/{t}" for m in modes for t in threads]
     if (why := criu.criu_check()) is not None:
         raise SystemExit(f"criu is not usable here: {why}")
     if a.device != "cpu":
@@ -298,11 +307,13 @@ def main() -> int:
             log(f"host-to-device copy (torch, 2 GiB): pageable {ceiling['pageable']} GB/s, "
                 f"pinned {ceiling['pinned']} GB/s")
     a.work.mkdir(parents=True, exist_ok=True)
+    log(f"CRIU reads pages with {','.join(map(str, threads)) or criu.DEFAULT_READ_THREADS} thread(s)")
+    read_threads = threads[0] if len(threads) == 1 else None
     results = []
     for d in a.model_dir:
         try:
-            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work)
-                           .run(a.runs, a.cold_runs or a.runs, modes))
+            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work,
+                                 read_threads).run(a.runs, a.cold_runs or a.runs, modes))
         except Exception as e:  # noqa: BLE001 - the next model still runs; the error is printed
             log(f"  {d.name}: FAILED: {type(e).__name__}: {e}")
             continue

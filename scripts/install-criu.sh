@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CRIU 4.2.1 for thaw: the pristine upstream tarball in shared/vendor (checksum-verified) plus thaw's patches in
-# infra/criu/ (restore-thp.patch: CRIU_RESTORE_THP, see snapshot/criu.py), installed as PREFIX/sbin/criu.
+# infra/criu/ (CRIU_RESTORE_THP and CRIU_RESTORE_THREADS, see snapshot/criu.py), installed as PREFIX/sbin/criu.
 # Debian's criu packages fail on recent kernels, so it is always built. ~45 s on 2 cores.
 # Usage: install-criu.sh [PREFIX]   (default /usr/local)
 set -euo pipefail

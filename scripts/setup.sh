@@ -17,7 +17,7 @@ fi
 
 # CRIU 4.2.1 with thaw's patches (Debian's packages fail on recent kernels): built from the tarball in shared/vendor.
 if ! command -v criu >/dev/null || ! criu --version | grep -q 'Version: 4\.2' \
-   || ! grep -q CRIU_RESTORE_THP "$(command -v criu)"; then
+   || ! grep -q CRIU_RESTORE_THREADS "$(command -v criu)" || ! grep -q CRIU_RESTORE_THP "$(command -v criu)"; then
   THAW_SHARED_DIR=$shared bash scripts/install-criu.sh
 fi
 

@@ -15,9 +15,10 @@ any number of replicas of one snapshot run side by side with the same in-namespa
   runs (about 0.1 s of dump and 0.5 s of restore here). Listening sockets are restored into it;
   established connections are not worth restoring (``--tcp-close``).
 - After restore criu exec()s the reaper (``_reap.py``) that stays the parent of the replica's pid 1.
-- Huge pages: thaw's CRIU build (``infra/criu/restore-thp.patch``) reads ``CRIU_RESTORE_THP``: the restorer
-  then marks large private anonymous memory MADV_HUGEPAGE before it reads the pages in, whatever the host's THP
-  mode, so the restore faults 2 MiB at a time (and a CUDA driver pins large folios). A stock criu ignores it.
+- thaw's CRIU build (``infra/criu/*.patch``) reads two variables at restore; a stock criu ignores them:
+  ``CRIU_RESTORE_THREADS=N`` reads the memory pages with N threads instead of one, and ``CRIU_RESTORE_THP``
+  marks large private anonymous memory MADV_HUGEPAGE before its pages are read, whatever the host's THP mode,
+  so the restore faults 2 MiB at a time (and a CUDA driver pins large folios).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ META = "thaw-snapshot.json"
 NETNS_KEY = "thaw-net"
 COMMON = ["-v4", "--file-locks", "--tcp-close"]
 HUGE_PAGES_ENV = "CRIU_RESTORE_THP"  # read by thaw's CRIU build, see infra/criu/restore-thp.patch
+THREADS_ENV = "CRIU_RESTORE_THREADS"  # infra/criu/restore-threads.patch
+DEFAULT_READ_THREADS = min(8, os.cpu_count() or 1)
 
 
 class CriuError(RuntimeError):
@@ -189,13 +192,14 @@ def _check_files(images_dir: Path, files: dict[str, int]) -> None:
 
 
 def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Path | None = None,
-            timeout: float = 120.0, huge_pages: bool = False) -> Replica:
+            timeout: float = 120.0, huge_pages: bool = False, read_threads: int | None = None) -> Replica:
     """Restore a checkpoint into new namespaces with ``root`` (a mount point, see prepare_root) as "/"
     (None for a replica launched with ``root=None``: it shares the host's filesystem).
 
     stdout/stderr of the restored processes append to ``log_path``; criu's own log goes to ``criu_log``
     (default: next to log_path, ``<name>.criu-restore.log``). ``huge_pages``: restore large anonymous memory into
-    transparent huge pages (module docstring). Raises CriuError naming that log.
+    transparent huge pages; ``read_threads``: threads that read the memory pages (default: one per CPU, at most
+    8); see the module docstring. Raises CriuError naming that log.
     """
     images_dir, root, log_path = Path(images_dir).resolve(), root and Path(root), Path(log_path)
     criu_log = Path(criu_log or log_path.with_name(log_path.stem + ".criu-restore.log")).resolve()
@@ -217,7 +221,10 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
         cmd += ["--inherit-fd", f"fd[{logfd}]:{old}"]
     cmd += ["--inherit-fd", f"fd[{netns}]:{NETNS_KEY}"]
     cmd += ["--exec-cmd", "--", sys.executable, "-I", "-S", str(REAP)]
-    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV} | ({HUGE_PAGES_ENV: "1"} if huge_pages else {})
+    env = {k: v for k, v in os.environ.items() if k not in (HUGE_PAGES_ENV, THREADS_ENV)}
+    env[THREADS_ENV] = str(read_threads or DEFAULT_READ_THREADS)
+    if huge_pages:
+        env[HUGE_PAGES_ENV] = "1"
     try:
         proc = subprocess.Popen(_with_kdat_cache(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env,

@@ -324,7 +324,8 @@ class HostSnapshots:
             root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
-                                        huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts))
+                                        huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
+                                        read_threads=self.cfg.restore_threads)
                 write_record(work / RECORD, replica.pid)
                 try:
                     self._restore_gpu({"host_facts": facts}, replica, Stages())
@@ -364,7 +365,8 @@ class HostSnapshots:
             beat("criu")
             try:
                 huge = use_huge_pages(self.cfg.restore_huge_pages, snap["host_facts"])
-                replica = criu.restore(files, root.path, work / "restore.log", huge_pages=huge)
+                replica = criu.restore(files, root.path, work / "restore.log", huge_pages=huge,
+                                       read_threads=self.cfg.restore_threads)
             except criu.CriuError as e:
                 failed = fetch.wait().first_error if fetch else self._first_bad_chunk(snap["digest"])
                 if failed:  # name the real cause: a chunk that could not be fetched or verified

@@ -70,6 +70,8 @@ class Handler(BaseHTTPRequestHandler):
             count += 1
             return self.reply({"seed": SEED, "digest": DIGEST, "count": count, "pid": os.getpid(),
                                "marker": os.environ.get("MARKER")})
+        if self.path == "/rehash":  # the memory as it is now, not the digest taken at start
+            return self.reply({"digest": hashlib.sha256(DATA).hexdigest()[:16]})
         if self.path == "/secret":
             return self.reply({"secret": seen.get("secret"), "restore_id": thaw_sdk.restore_id,
                                "rand": random.getrandbits(64)})
@@ -178,6 +180,19 @@ def test_restore_gives_the_golden_answer(snapshot, roots, work):
         assert not replica.alive() and not Path(f"/proc/{replica.pid}").exists()
     finally:
         replica.stop()
+
+
+@needs_criu
+@pytest.mark.parametrize("threads", [1, 3])
+def test_restore_reads_pages_with_threads(snapshot, roots, work, threads):
+    """read_threads (thaw's CRIU build): the pages are read by that many threads, each its share of the images,
+    and the restored memory is the dumped memory, byte for byte (the 50 MB buffer is hashed again)."""
+    cp, golden = snapshot
+    with restore(cp.images_dir, roots().path, work / f"threads-{threads}.log", read_threads=threads) as r:
+        assert get(r, "/rehash")["digest"] == golden["digest"]
+        assert get(r, "/answer") == {**golden, "count": golden["count"] + 1}
+    log = (work / f"threads-{threads}.criu-restore.log").read_text()
+    assert (f"pages with {threads} threads" in log) is (threads > 1), "is criu built with infra/criu/*.patch?"
 
 
 @needs_criu

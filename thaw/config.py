@@ -48,6 +48,7 @@ class Config(BaseSettings):
     # CRIU restores large anonymous memory into transparent huge pages (thaw's CRIU build, snapshot/criu.py):
     # "gpu" for snapshots that hold GPU state (the driver's copy of device memory), "always" or "never"
     restore_huge_pages: Literal["gpu", "always", "never"] = "gpu"
+    restore_threads: int = Field(0, ge=0)  # threads CRIU reads memory pages with; 0: one per CPU, at most 8
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
