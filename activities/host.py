@@ -26,7 +26,7 @@ from thaw.snapshot.host import HostSnapshots, Running, SnapshotError, breakdown
 from thaw.workflows.build_snapshot import (
     CheckpointInput, CheckpointResult, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot, VerifyInput,
     VerifyResult)
-from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput
+from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput, WarmInput
 
 from .build_image import fail_fast_on
 
@@ -146,6 +146,14 @@ class HostActivities:
                 self.serving[running.id] = running
             return not self.closing
 
+    @activity.defn(name="warm_snapshot")
+    @host_errors_fail_fast
+    def warm_snapshot(self, inp: WarmInput) -> dict[str, int]:
+        """Make this (buffer) host ready to restore a deployment's snapshot fast: trees mounted, pages pinned."""
+        snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
+        with keepalive("warm"):
+            return self.host.warm(snap)
+
     @activity.defn(name="stop_replica")
     def stop_replica(self, inp: StopReplicaInput) -> None:
         with self.lock:
@@ -165,4 +173,4 @@ class HostActivities:
 
     def all(self) -> list:
         return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas,
-                self.start_replica, self.stop_replica]
+                self.start_replica, self.warm_snapshot, self.stop_replica]

@@ -133,6 +133,25 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                  what="buffer released")
 
 
+def test_buffer_hosts_are_warmed_before_any_restore(cfg, worker, agent, thaw_cli, snap):
+    """A host reserved for a deployment's buffer mounts the snapshot and pins its memory pages at once, before
+    any replica is asked of it: the first restore there reads them from RAM, like every later one."""
+    with more_agents(cfg, 2) as fresh:  # never restored anything: nothing of the snapshot on them yet
+        assert all(a.host.pins.pinned() == [] for a in fresh)
+        thaw_cli("deploy", "warm", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "3")
+        for a in fresh:
+            wait_until(lambda: a.host.pins.pinned() == [snap], what=f"{a.cfg.host_id} warmed for the buffer")
+            assert a.host.pins.pinned_bytes > 0
+            assert a.host.snapshot_files(snap).is_mount()
+        assert serving(cfg, "warm") == []  # warmed, not started
+        thaw_cli("scale", "warm", "1")
+        (rep,) = wait_until(lambda: serving(cfg, "warm"), what="1 replica")
+        assert rep.outcome == "restored"
+        thaw_cli("undeploy", "warm")
+        wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
+                   what="buffer released")
+
+
 def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cli, snap, api):
     url, token = api
     thaw_cli("deploy", "api-dep", "--snapshot", snap, "--max", "2", "--buffer", "0")

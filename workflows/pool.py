@@ -1,8 +1,10 @@
 """DeploymentPool: one long-running entity workflow per deployment.
 
 It owns the deployment's replicas and its buffer of reserved idle hosts, and turns every scale signal (CLI,
-HTTP control API, raw Temporal signal, gateway) into restores on hosts. Deterministic: all I/O is in
-activities; the state is small and continues as new before the history grows large.
+HTTP control API, raw Temporal signal, gateway) into restores on hosts. A host newly reserved for the buffer is
+warmed at once (its agent mounts the snapshot and pins its pages), so the first restore there is as fast as
+the next. Deterministic: all I/O is in activities; the state is small and continues as new before the history
+grows large.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class StopReplicaInput:
 
 
 @dataclass
+class WarmInput:
+    snapshot: str
+
+
+@dataclass
 class HostsInput:
     deployment: str
     snapshot: str
@@ -122,6 +129,7 @@ class PoolState:
     last_signal: ScaleRequest | None = None
     last_scale_up_s: float = 0.0
     stopping: bool = False
+    warmed: list[str] = field(default_factory=list)  # buffer hosts asked to warm the snapshot
 
 
 @workflow.defn(name="DeploymentPool")
@@ -142,6 +150,8 @@ class DeploymentPool:
 
     @workflow.signal
     def update(self, spec: PoolSpec) -> None:
+        if spec.snapshot != self.s.spec.snapshot:
+            self.s.warmed = []
         self.s.spec = spec
         self.s.desired = max(spec.min_replicas, min(spec.max_replicas, self.s.desired))
         self.wake = True
@@ -185,7 +195,32 @@ class DeploymentPool:
             "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
             result_type=HostsResult, **QUICK)
         self.s.reserved, self.hosts = res.reserved, res.hosts
+        if workflow.patched("warm-buffer-hosts"):
+            self._warm(res)
         return res
+
+    def _warm(self, res: HostsResult) -> None:
+        """Warm the buffer hosts reserved since the last check, in the background."""
+        self.s.warmed = [h for h in self.s.warmed if h in res.reserved]
+        queues = {h.host_id: h.task_queue for h in res.hosts}
+        for host_id in res.reserved:
+            if host_id not in self.s.warmed and host_id in queues:
+                self.s.warmed.append(host_id)
+                task = asyncio.create_task(self._warm_one(queues[host_id]))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _warm_one(self, task_queue: str) -> None:
+        sp = self.s.spec
+        try:
+            await workflow.execute_activity(
+                "warm_snapshot", WarmInput(sp.snapshot), task_queue=task_queue,
+                start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
+                heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
+                schedule_to_start_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(maximum_attempts=1))
+        except Exception:  # noqa: BLE001 - best effort: a restore there still works, only slower
+            pass
 
     def _missing(self) -> int:
         return self.s.desired - len(self.s.replicas) - len(self.starting)
