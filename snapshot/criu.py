@@ -47,7 +47,7 @@ NETNS_KEY = "thaw-net"
 COMMON = ["-v4", "--file-locks", "--tcp-close"]
 HUGE_PAGES_ENV = "CRIU_RESTORE_THP"  # read by thaw's CRIU build, see infra/criu/restore-thp.patch
 THREADS_ENV = "CRIU_RESTORE_THREADS"  # infra/criu/restore-threads.patch
-DEFAULT_READ_THREADS = min(8, os.cpu_count() or 1)
+DEFAULT_READ_THREADS = min(8, len(os.sched_getaffinity(0)))  # the CPUs this process may run on
 
 
 class CriuError(RuntimeError):

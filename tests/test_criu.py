@@ -266,15 +266,25 @@ def test_leave_running_checkpoint(roots, work):
     assert not replica.alive()
 
 
+def launch_host_root(image, work, name: str, data_mb: int):
+    """The test server on the host's filesystem (``launch(root=None)``), ready to answer."""
+    app = image[0] / "app"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": str(data_mb), "MARKER": MARKER}
+    replica = launch(None, [PYTHON, "-I", str(app / "server.py")], env, str(app), work / f"{name}.log")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+    except BaseException:
+        replica.stop()
+        raise
+    return replica
+
+
 @needs_criu
 def test_host_root_replica(image, work):
     """root=None: the host's filesystem and pids, its own network namespace (the GPU path, where the model's CUDA
     stack is the host's); it checkpoints and restores like an image-rooted replica, under the same pid."""
-    app = image[0] / "app"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": "1", "MARKER": MARKER}
-    replica = launch(None, [PYTHON, "-I", str(app / "server.py")], env, str(app), work / "host-root.log")
+    replica = launch_host_root(image, work, "host-root", data_mb=1)
     try:
-        replica.wait_ready(PORT, "/health", timeout=60)
         golden = get(replica, "/answer")
         assert golden["pid"] == replica.pid and replica.root is None
         for ns in ("mnt", "pid"):
@@ -311,11 +321,8 @@ def _anon_huge_kb(pid: int) -> int:
 def test_restore_into_huge_pages(image, work):
     """huge_pages=True (thaw's CRIU build): the restored process's large anonymous memory is MADV_HUGEPAGE and
     backed by transparent huge pages, whatever the host's THP mode (madvise here); False leaves it as dumped."""
-    app = image[0] / "app"
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": "64", "MARKER": MARKER}
-    replica = launch(None, [PYTHON, "-I", str(app / "server.py")], env, str(app), work / "thp.log")
+    replica = launch_host_root(image, work, "thp", data_mb=64)
     try:
-        replica.wait_ready(PORT, "/health", timeout=60)
         golden = get(replica, "/answer")
         assert not any(hg for _, hg in _anon_vmas(replica.pid))  # nothing asked for huge pages at launch
         checkpoint(replica, work / "images-thp")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import tomllib
-from typing import Literal
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
