@@ -23,7 +23,8 @@ pageable and from pinned memory) is printed first. The last line is the headline
 the bandwidth of the model that held the most GPU memory (the driver's fixed cost of ~0.25 s weighs least there):
 ``P6 gpu restore speedup: <ratio>x bandwidth: <GB/s> GB/s``.
 
-    python bench/gpu.py --model-dir DIR [--model-dir DIR2 ...] [--runs 3] [--huge-pages off,on] [--json out.json]
+    python bench/gpu.py --model-dir DIR [--model-dir DIR2 ...] [--runs 3] [--huge-pages off,on]
+                        [--read-threads 1,8] [--json out.json]
     python bench/gpu.py --make-model OUT --from MINILM_DIR --hidden 2048 --layers 24
 
 ``--device cpu`` runs the same protocol without the CUDA steps (a check of the harness on a CPU host).
@@ -293,7 +294,10 @@ def main() -> int:
     modes = a.huge_pages.split(",")
     if not modes or set(modes) - {"on", "off"}:
         p.error("--huge-pages: off, on or off,on")
-    threads = [int(t) for t in (a.read_threads or "").split(",") if t.strip()]
+    try:
+        threads = [int(t) for t in (a.read_threads or "").split(",") if t.strip()]
+    except ValueError:
+        p.error("--read-threads: a number, or several comma-separated")
     if len(threads) > 1:  # compare them too: modes "off/1", "on/8", ...
         modes = [f"{m}/{t}" for m in modes for t in threads]
     if (why := criu.criu_check()) is not None:
