@@ -2,7 +2,8 @@
 # The GPU checks, in one run on a GPU machine (driver >= 570, torch with CUDA, cuda-python, nvidia-ml-py),
 # from the repository root, after scripts/gpu-carry.sh made .gpu/ here:
 #   the real-driver tests (tests/test_cuda.py, gpu-marked), a host-root CRIU replica, and bench/gpu.py (P6) on
-#   the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and without huge pages. Output and logs go to $OUT (default /tmp/gpu-out).
+#   the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and without huge pages
+#   (CRIU reading pages with its default threads). Output and logs go to $OUT (default /tmp/gpu-out).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"

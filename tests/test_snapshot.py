@@ -19,10 +19,10 @@ from conftest import cfg_env
 from services import wait_until
 from pyroot import python_rootfs
 from test_criu import SECRET, needs_criu
+from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import snapshots
-from thaw.config import Config
 from thaw.snapshot import sdk
 from thaw.snapshot.host import use_huge_pages
 
