@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,54 @@ thaw_sdk.mark_ready()
 server.serve_forever()
 '''
 
+# A process tree for CRIU's page readers: two forked children that keep hashing their own 16 MB and report it
+# through pipes, and a parent with busy threads; GET / says whether every process's memory is what it was.
+TREE = r'''
+import hashlib, json, os, random, threading, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+def blob(seed, mb):
+    return bytearray(random.Random(seed).randbytes(mb << 20))
+
+kids, want_kids = [], []
+for i in range(2):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        os.close(r)
+        b = blob(100 + i, 16)
+        while True:
+            os.write(w, (hashlib.sha256(b).hexdigest() + "\n").encode())
+            time.sleep(0.05)
+    os.close(w)
+    kids.append(r)
+    want_kids.append(hashlib.sha256(blob(100 + i, 16)).hexdigest())
+B = [blob(i, 8) for i in range(4)]
+digests = [hashlib.sha256(b).hexdigest() for b in B]
+
+def spin(b):
+    while True:
+        hashlib.sha256(b[: 1 << 20]).digest()
+        time.sleep(0.01)
+
+for b in B[:2]:
+    threading.Thread(target=spin, args=(b,), daemon=True).start()
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        seen = [(os.read(r, 1 << 16).decode().split() or [""])[-1] for r in kids]
+        body = json.dumps({"parent": [hashlib.sha256(b).hexdigest() for b in B] == digests,
+                           "children": seen == want_kids}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+'''
+
 
 def _points_into(link: Path, d: Path) -> bool:
     try:
@@ -108,6 +157,7 @@ def image(tmp_path_factory):
     try:
         (layer / "app").mkdir()
         (layer / "app" / "server.py").write_text(SERVER)
+        (layer / "app" / "tree.py").write_text(TREE)
         shutil.copy(sdk.__file__, layer / "app" / "thaw_sdk.py")
         yield [layer, Path("/")]
     finally:
@@ -193,6 +243,27 @@ def test_restore_reads_pages_with_threads(snapshot, roots, work, threads):
         assert get(r, "/answer") == {**golden, "count": golden["count"] + 1}
     log = (work / f"threads-{threads}.criu-restore.log").read_text()
     assert (f"pages with {threads} threads" in log) is (threads > 1), "is criu built with infra/criu/*.patch?"
+
+
+@needs_criu
+def test_process_tree_restores_with_read_threads(roots, work):
+    """Every process of a tree (a parent with running threads, two forked children) is restored with 4 page
+    readers, and each one's memory is what was dumped, restore after restore."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT)}
+    replica = launch(roots().path, [PYTHON, "-I", "/app/tree.py"], env, "/app", work / "tree.log")
+    try:
+        replica.wait_healthy(PORT, "/", timeout=60)
+        assert get(replica, "/") == {"parent": True, "children": True}
+        checkpoint(replica, work / "images-tree")
+    finally:
+        replica.stop()
+    for i in range(3):
+        with restore(work / "images-tree", roots().path, work / f"tree-{i}.log", read_threads=4) as r:
+            time.sleep(0.2)  # the children report again
+            assert get(r, "/") == {"parent": True, "children": True}
+        log = (work / f"tree-{i}.criu-restore.log").read_text()
+        readers = [int(n) for n in re.findall(r"pages with (\d+) threads", log)]
+        assert len(readers) == 3 and max(readers) == 4, readers  # each process read its pages with threads
 
 
 @needs_criu
