@@ -3,6 +3,8 @@ from (registry only; the workflow places replicas itself, so a scale-up needs no
 
 from __future__ import annotations
 
+from collections import Counter
+
 from temporalio import activity
 
 from thaw.config import Config
@@ -32,9 +34,7 @@ class PoolActivities:
         idle.sort(key=lambda h: (h.reserved_for != inp.deployment, h.id))  # keep current reservations
         reserved = [h.id for h in idle[: inp.buffer]]
         deployments.set_reservations(url, inp.deployment, reserved)
-        own: dict[str, int] = {}
-        for r in deployments.replicas(url, deployment=inp.deployment):
-            own[r.host_id] = own.get(r.host_id, 0) + 1
+        own = Counter(r.host_id for r in deployments.replicas(url, deployment=inp.deployment))
         slots = [HostSlot(h.id, h.task_queue, h.capacity, load.get(h.id, 0) - own.get(h.id, 0), h.id in ok,
                           inp.deployment if h.id in reserved else (None if h.reserved_for == inp.deployment
                                                                     else h.reserved_for))

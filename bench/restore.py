@@ -87,9 +87,7 @@ def main() -> None:
         # once, and its memory pages are then pinned in RAM, as after any restore on a host (snapshot/pin.py)
         running, _ = host.restore(snap, {})
         running.stop()
-        deadline = time.monotonic() + 60
-        while snap["digest"] not in host.pins.pinned() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        host.warm(snap)  # returns once the pages are pinned
         print(f"pinned in RAM: {host.pins.pinned_bytes / 1e6:,.0f} MB of snapshot pages (budget {cfg.pin_mb} MiB)")
 
         cold, warm = [], []

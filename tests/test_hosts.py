@@ -38,7 +38,7 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
         assert out.count("in netns") == 2
         thaw(env, "deploy", "ns", "--snapshot", snap, "--min", "2", "--max", "2", "--buffer", "0")
         reps = wait_until(lambda: len(r := deployments.replicas(cfg.registry_url, "ns")) == 2 and r, timeout=90,
-                        what="2 replicas on the namespaced hosts")
+                          what="2 replicas on the namespaced hosts")
         assert {r.host_id for r in reps} == {"nshost1", "nshost2"}
         for r in reps:
             assert r.endpoint.startswith("http://10.77.")  # published inside the host's namespace
@@ -47,9 +47,9 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
         hosts = json.loads((cfg.run_dir / "hosts.json").read_text())
         os.kill(hosts[0]["pid"], signal.SIGKILL)  # host 1 dies
         wait_until(lambda: {r.host_id for r in deployments.replicas(cfg.registry_url, "ns")
-                          if r.host_id == "nshost2"} and sum(r.host_id == "nshost2" for r in
-                                                              deployments.replicas(cfg.registry_url, "ns")) == 2,
-                 timeout=90, what="both replicas on the surviving host")
+                            if r.host_id == "nshost2"} and sum(r.host_id == "nshost2" for r in
+                                                                deployments.replicas(cfg.registry_url, "ns")) == 2,
+                   timeout=90, what="both replicas on the surviving host")
     finally:
         thaw(env, "undeploy", "ns", check=False)
         down = thaw(env, "hosts", "down", check=False)

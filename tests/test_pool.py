@@ -101,7 +101,7 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                  "--cooldown", "0")
         wait_until(lambda: len(snapshots.live_hosts(cfg.registry_url, 5)) == 3, what="3 live hosts")
         reserved = wait_until(lambda: [h.id for h in snapshots.list_hosts(cfg.registry_url) if h.reserved_for == "web"],
-                            what="a buffer host")
+                              what="a buffer host")
         assert len(reserved) == 1
         assert serving(cfg, "web") == []
 
@@ -109,7 +109,8 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                          ("api", lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 3})),
                          ("temporal", lambda: signal_raw(cfg, "web", 3))):
             up()
-            reps = wait_until(lambda: len(serving(cfg, "web")) == 3 and serving(cfg, "web"), what=f"3 replicas ({path})")
+            reps = wait_until(lambda: len(serving(cfg, "web")) == 3 and serving(cfg, "web"),
+                              what=f"3 replicas ({path})")
             answers = [answer(r.endpoint) for r in reps]
             assert len({a["digest"] for a in answers}) == 1, "every replica serves the snapshot's answer"
             assert all(r.outcome == "restored" for r in reps)
@@ -124,13 +125,13 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                     answer(r.endpoint)
 
         st = wait_until(lambda: "buffer     1/1" in (out := thaw_cli("status", "web").output) and out,
-                      what="the buffer refilled")
+                        what="the buffer refilled")
         assert "restored" in st
         status, body = api_call(url, "/v1/deployments/web", token)
         assert status == 200 and body["counts"]["restored"] == 9 and body["counts"]["stopped"] == 9
         thaw_cli("undeploy", "web")
         wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
-                 what="buffer released")
+                   what="buffer released")
 
 
 def test_buffer_hosts_are_warmed_before_any_restore(cfg, worker, agent, thaw_cli, snap):
@@ -208,7 +209,7 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         os.kill(victim.pid, signal.SIGKILL)  # the host dies with its replica
         victim.wait()
         new = wait_until(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
-                       what="replacement replica")
+                         what="replacement replica")
         assert answer(new[0].endpoint)["digest"]
         st = json.loads(thaw_cli("status", "ha", "--json").output)
         assert st["counts"]["lost"] == 1 and st["replicas"][0]["host_id"] == cfg.host_id

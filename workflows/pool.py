@@ -10,6 +10,7 @@ grows large.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -202,13 +203,17 @@ class DeploymentPool:
     def _warm(self, res: HostsResult) -> None:
         """Warm the buffer hosts reserved since the last check, in the background."""
         self.s.warmed = [h for h in self.s.warmed if h in res.reserved]
-        queues = {h.host_id: h.task_queue for h in res.hosts}
+        queues = {h.host_id: h.task_queue for h in res.hosts}  # reserved hosts are live ones: all here
         for host_id in res.reserved:
-            if host_id not in self.s.warmed and host_id in queues:
+            if host_id not in self.s.warmed:
                 self.s.warmed.append(host_id)
-                task = asyncio.create_task(self._warm_one(queues[host_id]))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self._background(self._warm_one(queues[host_id]))
+
+    def _background(self, coro) -> None:
+        """Run ``coro`` as a workflow task while the loop goes on answering signals."""
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _warm_one(self, task_queue: str) -> None:
         sp = self.s.spec
@@ -244,15 +249,11 @@ class DeploymentPool:
     async def _scale_up(self, n: int) -> None:
         """Place n replicas and start them in the background: the loop keeps answering signals meanwhile."""
         sig = self.s.last_signal.at_ms if self.s.last_signal else 0
-        own: dict[str, int] = {}
-        for host_id in [r.host_id for r in self.s.replicas] + self.starting:
-            own[host_id] = own.get(host_id, 0) + 1
+        own = Counter([r.host_id for r in self.s.replicas] + self.starting)
         placed = place(self.hosts, n, self.s.spec.name, own)
         for h in placed:
             self.starting.append(h.host_id)
-            task = asyncio.create_task(self._start(h, sig))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._background(self._start(h, sig))
         self.s.last_scale_up_s = workflow.now().timestamp()
         if len(placed) < n:  # no capacity yet: look again shortly
             self.wake = True
