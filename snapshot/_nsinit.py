@@ -1,7 +1,8 @@
 """Process shims that thaw runs with the host's ``python3 -I -S`` (standalone: stdlib only, no thaw imports).
 
 ``init``: pid 1 of a fresh replica, started as ``unshare --pid --fork --mount --net --uts --ipc -- python3 -I -S
-_nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME] -- argv...``
+_nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME]
+[--devices NAME:MAJOR:MINOR:MODE,...] -- argv...``
 (``--root ""``, started without ``--pid --fork --mount``: the host's filesystem and pids, so step 3 and 4 bring
 only loopback up and set the hostname).
 Before it exec()s the workload it
@@ -9,7 +10,8 @@ Before it exec()s the workload it
 1. reports its host pid on the status fd (``/proc`` is still the host's procfs here);
 2. reads the environment (NUL-separated ``KEY=VALUE``) from the env fd, so no value is on a command line;
 3. mounts ROOT/proc (procfs of the new pid namespace), ROOT/sys (ro), ROOT/dev (tmpfs with the usual
-   nodes and /dev/shm), ROOT/tmp (tmpfs); brings loopback up; sets the hostname;
+   nodes, the ``--devices`` given (the host's GPUs) and /dev/shm), ROOT/tmp (tmpfs); brings loopback up;
+   sets the hostname;
 4. pivot_root(ROOT) and detaches the old root, so the mount namespace holds only ROOT and these mounts
    (CRIU dumps exactly these and restores them under a new ``--root``);
 5. setsid() (session leader, so CRIU needs no --shell-job), stdin = /dev/null inside the root, stdout and
@@ -74,7 +76,18 @@ def loopback_up():
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", flags | IFF_UP))
 
 
-def setup_root(root, hostname):
+def parse_devices(arg):
+    """``name:major:minor:mode,...`` (mode in octal) -> [(name, major, minor, mode)]; names stay under /dev."""
+    out = []
+    for item in filter(None, (arg or "").split(",")):
+        name, major, minor, mode = item.rsplit(":", 3)
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"device name {name!r} is not a plain path under /dev")
+        out.append((name, int(major), int(minor), int(mode, 8)))
+    return out
+
+
+def setup_root(root, hostname, devices=()):
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     if not os.path.ismount(root):
         mount(root, root, None, MS_BIND | MS_REC)
@@ -88,10 +101,11 @@ def setup_root(root, hostname):
     mount("sysfs", sub("sys"), "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
     dev = sub("dev")
     mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=64k")
-    for name, major, minor in DEVICES:
+    for name, major, minor, mode in [(n, ma, mi, 0o666) for n, ma, mi in DEVICES] + list(devices):
         path = os.path.join(dev, name)
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
-        os.chmod(path, 0o666)  # mknod honours the umask
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        os.mknod(path, stat.S_IFCHR | mode, os.makedev(major, minor))
+        os.chmod(path, mode)  # mknod honours the umask
     for name, target in DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
     os.mkdir(os.path.join(dev, "shm"))
@@ -124,7 +138,7 @@ def read_env(fd):
 
 def init(args):
     opts = {"--root": None, "--status-fd": "-1", "--env-fd": None, "--log-fd": None, "--cwd": "/",
-            "--hostname": "thaw"}
+            "--hostname": "thaw", "--devices": ""}
     sep = args.index("--")
     for key, val in zip(args[:sep:2], args[1:sep:2]):
         if key not in opts:
@@ -144,8 +158,11 @@ def init(args):
             raise RuntimeError("usage: init --root ROOT ... -- argv...")
         report(f"pid {os.readlink('/proc/self')}")
         env = read_env(int(opts["--env-fd"])) if opts["--env-fd"] else {}
+        devices = parse_devices(opts["--devices"])
+        if devices and not opts["--root"]:
+            raise RuntimeError("--devices needs a root of its own (the host's /dev has them already)")
         if opts["--root"]:
-            setup_root(opts["--root"], opts["--hostname"])
+            setup_root(opts["--root"], opts["--hostname"], devices)
         else:  # the host's filesystem: only the network and the hostname are the replica's own
             loopback_up()
             socket.sethostname(opts["--hostname"])

@@ -7,6 +7,7 @@ mount replaces that seam later); each replica gets its own overlay upper layer a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from thaw.imagefs.materialize import materialize_cached
 from thaw.imagefs.prefetch import load_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
-from . import _linux, compat, criu, cuda
+from . import _linux, compat, criu, cuda, nvidia
 from .forward import Forwarder
 from .pin import Pins
 from .replica import golden_answer as replica_golden_answer
@@ -209,6 +210,27 @@ class HostSnapshots:
     def snapshot_files(self, digest: str) -> Path:
         return self._tree("snapshots", digest)
 
+    @functools.cached_property
+    def gpu(self) -> nvidia.GpuAccess | None:
+        """This host's GPUs for image-rooted replicas (device nodes + the driver's libraries as a root layer);
+        None on a CPU host, with ``gpu_passthrough`` off, or where the driver's libraries can't be found."""
+        if not self.cfg.gpu_passthrough or not compat.needs_gpu(self.facts):
+            return None
+        try:
+            return nvidia.for_host(self.cfg.work_dir / "gpu-driver", self.facts.get("nvidia_driver", "unknown"))
+        except (nvidia.GpuAccessError, OSError) as e:
+            log.warning("host %s: replicas get no GPU: %s", self.cfg.host_id, e)
+            return None
+
+    def _root(self, image_root: Path, rw: Path) -> criu.Root:
+        """A replica's root: a fresh overlay of the image (under the GPU driver's layer on a GPU host)."""
+        return criu.prepare_root([self.gpu.layer, image_root] if self.gpu else image_root, rw)
+
+    def _launch(self, root: criu.Root, spec: dict, env: dict[str, str], log_path: Path) -> criu.Replica:
+        gpu = self.gpu
+        return criu.launch(root.path, spec["cmd"], gpu.env(env) if gpu else env, spec.get("cwd") or "/", log_path,
+                           devices=gpu.devices if gpu else ())
+
     def close(self) -> None:
         """Unpin and unmount this host's image and snapshot trees (stop the replicas on them first)."""
         pinner, self._pinner = self._pinner, ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")
@@ -273,12 +295,11 @@ class HostSnapshots:
         st = Stages()
         beat("root")
         lower = self.image_root(image_digest)
-        root = criu.prepare_root(lower, work / "rw")
+        root = self._root(lower, work / "rw")
         st.mark("root")
-        log = work / "launch.log"
         try:
             beat("launch")
-            replica = criu.launch(root.path, spec["cmd"], spec["env"], spec.get("cwd") or "/", log)
+            replica = self._launch(root, spec, spec["env"], work / "launch.log")
             write_record(work / RECORD, replica.pid)
             try:
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
@@ -329,6 +350,8 @@ class HostSnapshots:
         """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay."""
         facts = snap["host_facts"]
         if compat.needs_gpu(facts):
+            if self.gpu and replica.root is not None:
+                self.gpu.refresh(replica.pid)  # this host's device numbers (nvidia-uvm's differ between hosts)
             cuda.GpuCheckpointer().restore_tree(
                 replica.pid, expected=facts.get("gpu_processes"),
                 gpu_pairs=cuda.gpu_remap(facts.get("gpu_uuids", []), self.facts.get("gpu_uuids", [])))
@@ -339,7 +362,7 @@ class HostSnapshots:
         image chunks a *restore* reads, in order, are the prefetch profile stored with the snapshot."""
         rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
         try:
-            root = criu.prepare_root(Path(rec.mountpoint), work / "rw-profile")
+            root = self._root(Path(rec.mountpoint), work / "rw-profile")
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
                                         huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
@@ -377,7 +400,7 @@ class HostSnapshots:
             else None
         st.mark("fetch")
         work = self._replica_dir(rid)
-        root = criu.prepare_root(lower, work / "rw")
+        root = self._root(lower, work / "rw")
         st.mark("root")
         try:
             beat("criu")
@@ -430,11 +453,10 @@ class HostSnapshots:
         lower = self.image_root(image_digest)
         st.mark("fetch")
         work = self._replica_dir(rid)
-        root = criu.prepare_root(lower, work / "rw")
+        root = self._root(lower, work / "rw")
         st.mark("root")
         try:
-            replica = criu.launch(root.path, spec["cmd"], {**spec["env"], **secrets}, spec.get("cwd") or "/",
-                                  work / "launch.log")
+            replica = self._launch(root, spec, {**spec["env"], **secrets}, work / "launch.log")
         except BaseException:
             root.cleanup()
             raise

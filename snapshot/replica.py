@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import _linux
 from .sdk import AFTER_RESTORE_PATH, READY_PATH
@@ -200,7 +200,7 @@ def open_log(log_path: Path) -> tuple[int, str]:
 
 
 def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
-           hostname: str = "thaw", timeout: float = 30.0) -> Replica:
+           hostname: str = "thaw", timeout: float = 30.0, devices: Sequence = ()) -> Replica:
     """Start ``argv`` as pid 1 of new namespaces with ``root`` as its "/"; stdout + stderr append to log_path.
 
     ``root=None`` keeps the host's filesystem: no mount or pid namespace, only network, UTS and IPC ones. That
@@ -208,7 +208,8 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     namespace needs its own /proc, hence its own mount namespace: under the host's /proc the CUDA driver fails
     (``cudaGetDeviceCount``: error 304). So such a replica keeps its host pid, and CRIU restores it under that
     pid: one restored replica per snapshot at a time.
-    ``env`` is the whole environment; it travels through a pipe, never on a command line.
+    ``env`` is the whole environment; it travels through a pipe, never on a command line. ``devices``
+    (``nvidia.Device``: the host's GPUs) are made in the replica's /dev, which needs a ``root``.
     Returns once the workload has been exec()ed (use ``wait_healthy``/``wait_ready`` for its server).
     """
     root, log_path = root and Path(root), Path(log_path)
@@ -222,7 +223,7 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     cmd = [*UNSHARE, *(UNSHARE_ROOT if root else []), "--", sys.executable, "-I", "-S", str(NSINIT), "init",
            "--root", str(root or ""),
            "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
-           "--hostname", hostname, "--", *argv]
+           "--hostname", hostname, "--devices", ",".join(d.arg() for d in devices), "--", *argv]
     try:  # unshare's own complaints go to a pipe, read only when the launch fails
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=(status_w, env_r, logfd), start_new_session=True)

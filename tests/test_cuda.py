@@ -681,3 +681,99 @@ def test_real_checkpoint_criu_dump_restore(real_driver, tmp_path):
         if child.poll() is None:
             child.wait()
         log.close()
+
+
+GPU_SERVER = textwrap.dedent("""
+    import json, os
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from cuda.bindings import driver as cu
+    def ok(r):
+        if int(r[0]) != 0:
+            raise SystemExit(f"CUDA error {r[0]!r}")
+        return r[1] if len(r) == 2 else None
+    ok(cu.cuInit(0))
+    ctx = ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))
+    ok(cu.cuCtxSetCurrent(ctx))
+    data = bytes(range(251)) * ((64 << 20) // 251)
+    ptr = ok(cu.cuMemAlloc(len(data)))
+    ok(cu.cuMemcpyHtoD(ptr, data, len(data)))
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            out = bytearray(len(data))
+            ok(cu.cuMemcpyDtoH(out, ptr, len(data)))
+            libcuda = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libcuda.so" in line})
+            body = json.dumps({"same": bytes(out) == data, "libcuda": libcuda, "pid": os.getpid()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    HTTPServer(("127.0.0.1", 8080), H).serve_forever()
+""")
+
+
+@pytest.mark.gpu
+def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
+    """A replica with a root of its own (own pid, mount and network namespaces) on the GPU: the driver's nodes and
+    libraries come from snapshot/nvidia.py. CUDA checkpoint + CRIU dump once, then two restored replicas of it
+    side by side on this host (a host-root GPU replica keeps its host pid, so only one could be restored)."""
+    import json
+
+    from thaw.snapshot import _linux, checkpoint, launch, nvidia, prepare_root, restore
+    from thaw.snapshot.criu import criu_check
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, criu)")
+    if (why := criu_check()) is not None:
+        pytest.skip(f"criu unusable: {why}")
+    import cuda.bindings
+    # the replica's image is this host's "/" (an overlay does not descend into other mounts)
+    off_root = [p for p in (os.path.realpath(sys.executable), cuda.bindings.__file__)
+                if os.stat(p).st_dev != os.stat("/").st_dev]
+    if off_root:
+        pytest.skip(f"not on the root file system, so not in an image made of it: {off_root}")
+    layers = tmp_path / "layers"  # a tmpfs: overlayfs refuses a lower layer inside another one (here "/")
+    layers.mkdir()
+    _linux.mount("tmpfs", layers, "tmpfs", 0, "size=4g,mode=755")
+    roots, restored = [], []
+
+    def new_root():
+        roots.append(prepare_root([access.layer, Path("/")], tmp_path / "roots"))
+        return roots[-1].path
+
+    def get(r):
+        status, body = r.http_request("GET", "/", port=8080, timeout=60)
+        assert status == 200, body
+        return json.loads(body)
+
+    try:
+        access = nvidia.for_host(layers, "test")
+        assert access is not None and {"nvidiactl", "nvidia0"} <= {d.name for d in access.devices}, access
+        print(f"\ndevices {[d.arg() for d in access.devices]}; layer {sorted(p.name for p in access.layer.rglob('*'))}")
+        replica = launch(new_root(), [sys.executable, "-c", GPU_SERVER], access.env({"PATH": os.environ["PATH"]}),
+                         "/", tmp_path / "launch.log", devices=access.devices, timeout=60)
+        c = GpuCheckpointer(real_driver, timeout_s=60)
+        try:
+            replica.wait_ready(8080, "/", timeout=120)
+            first = get(replica)
+            assert first["same"] and first["pid"] == 1, first
+            assert first["libcuda"] and all(p.startswith(nvidia.LIB_DIR) for p in first["libcuda"]), first
+            pids = c.gpu_pids(replica.pid)
+            dump = c.around_dump(pids, lambda: checkpoint(replica, tmp_path / "images"))
+            print(f"checkpoint + dump ms {dump.timings_ms}")
+        finally:
+            replica.stop()
+        for i in range(2):
+            restored.append(restore(tmp_path / "images", new_root(), tmp_path / f"restore{i}.log"))
+            access.refresh(restored[-1].pid)
+            print(f"replica {i}: CUDA restore ms {c.restore_tree(restored[-1].pid, expected=len(pids))}")
+        assert [get(r) for r in restored] == [first, first]
+    finally:
+        for r in restored:
+            r.stop()
+        for r in roots:
+            r.cleanup()
+        _linux.umount(layers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -257,6 +258,28 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
     finally:
         os.killpg(agent.pid, signal.SIGTERM)
         agent.wait(60)
+
+
+def test_gpu_host_replicas_get_the_driver_layer_and_device_nodes(cfg, worker, agent, thaw_cli, image, tmp_path):
+    """On a GPU host every image-rooted replica gets the driver's libraries (a root layer, first on
+    LD_LIBRARY_PATH) and the GPU device nodes, at launch and after each restore. No driver here: the layer holds
+    the host's zlib (python links it, so the process maps the layer's copy) and the node has /dev/full's numbers."""
+    from pyroot import PYTHON, _libs
+    from thaw.snapshot.nvidia import LIB_DIR, Device, GpuAccess, build_layer
+
+    libz = next(p for p in _libs(PYTHON) if p.name == "libz.so.1")
+    layer = build_layer(cfg.work_dir / "gpu-driver", "driver-test", {"libz.so.1": libz}, [])
+    agent.host.gpu = GpuAccess(layer, (Device("thaw-test/node", 1, 7, 0o666),))
+    snap = build_snapshot(thaw_cli, image, tmp_path)  # launch, dump, profile restore and verify restore use them
+    out = restore(thaw_cli, snap["digest"], "--replicas", "2", "--keep")
+    assert [r["outcome"] for r in out["replicas"]] == ["restored"] * 2, out
+    for r in out["replicas"]:
+        pid = agent.serving[r["replica"]].replica.pid
+        assert f"LD_LIBRARY_PATH={LIB_DIR}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        with open(f"/proc/{pid}/maps") as f:
+            assert {line.split()[-1] for line in f if "libz.so" in line} == {f"{LIB_DIR}/{libz.resolve().name}"}
+        node = os.stat(f"/proc/{pid}/root/dev/thaw-test/node")
+        assert stat.S_ISCHR(node.st_mode) and node.st_rdev == os.makedev(1, 7)
 
 
 @pytest.mark.slow

@@ -49,6 +49,8 @@ class Config(BaseSettings):
     # "gpu" for snapshots that hold GPU state (the driver's copy of device memory), "always" or "never"
     restore_huge_pages: Literal["gpu", "always", "never"] = "gpu"
     restore_threads: int = Field(0, ge=0)  # threads CRIU reads memory pages with; 0: one per CPU, at most 8
+    # on a GPU host, image-rooted replicas get the GPUs' device nodes and the driver's libraries (snapshot/nvidia.py)
+    gpu_passthrough: bool = True
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
