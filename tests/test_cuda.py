@@ -509,8 +509,8 @@ def real_driver():
         pytest.skip(f"no NVIDIA GPU/driver: {e}")
 
 
-CHILD_CUDA_PYTHON = textwrap.dedent("""
-    import sys
+# the start of every child below: a CUDA context on GPU 0, current on the main thread
+CUDA_SETUP = textwrap.dedent("""
     from cuda.bindings import driver as cu
     def ok(r):
         if int(r[0]) != 0:
@@ -519,6 +519,10 @@ CHILD_CUDA_PYTHON = textwrap.dedent("""
     ok(cu.cuInit(0))
     ctx = ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))
     ok(cu.cuCtxSetCurrent(ctx))
+""")
+
+CHILD_CUDA_PYTHON = CUDA_SETUP + textwrap.dedent("""
+    import sys
     n = 64 << 20
     data = bytes(range(256)) * (n // 256)
     ptr = ok(cu.cuMemAlloc(n))
@@ -608,16 +612,9 @@ def test_real_gpu_facts(real_driver):
     assert compat.check(facts, facts) == []
 
 
-CRIU_CHILD = textwrap.dedent("""
+CRIU_CHILD = CUDA_SETUP + textwrap.dedent("""
     import os, sys, time
-    from cuda.bindings import driver as cu
-    def ok(r):
-        if int(r[0]) != 0:
-            raise SystemExit(f"CUDA error {r[0]!r}")
-        return r[1] if len(r) == 2 else None
     d = sys.argv[1]
-    ok(cu.cuInit(0))
-    ok(cu.cuCtxSetCurrent(ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))))
     n = 16 << 20
     data = bytes(range(251)) * (n // 251)
     ptr = ok(cu.cuMemAlloc(len(data)))
@@ -683,17 +680,9 @@ def test_real_checkpoint_criu_dump_restore(real_driver, tmp_path):
         log.close()
 
 
-GPU_SERVER = textwrap.dedent("""
+GPU_SERVER = CUDA_SETUP + textwrap.dedent("""
     import json, os
     from http.server import BaseHTTPRequestHandler, HTTPServer
-    from cuda.bindings import driver as cu
-    def ok(r):
-        if int(r[0]) != 0:
-            raise SystemExit(f"CUDA error {r[0]!r}")
-        return r[1] if len(r) == 2 else None
-    ok(cu.cuInit(0))
-    ctx = ok(cu.cuDevicePrimaryCtxRetain(ok(cu.cuDeviceGet(0))))
-    ok(cu.cuCtxSetCurrent(ctx))
     data = bytes(range(251)) * ((64 << 20) // 251)
     ptr = ok(cu.cuMemAlloc(len(data)))
     ok(cu.cuMemcpyHtoD(ptr, data, len(data)))
