@@ -1,9 +1,10 @@
 #!/bin/bash
 # The GPU checks, in one run on a GPU machine (driver >= 570, torch with CUDA, cuda-python, nvidia-ml-py),
 # from the repository root, after scripts/gpu-carry.sh made .gpu/ here:
-#   the real-driver tests (tests/test_cuda.py, gpu-marked), a host-root CRIU replica, and bench/gpu.py (P6) on
-#   the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and without huge pages
-#   (CRIU reading pages with its default threads). Output and logs go to $OUT (default /tmp/gpu-out).
+#   the real-driver tests (tests/test_cuda.py, gpu-marked: among them two image-rooted GPU replicas restored
+#   side by side, with snapshot/nvidia.py's device nodes and driver layer), a host-root CRIU replica, and
+#   bench/gpu.py (P6) on the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and
+#   without huge pages (CRIU reading pages with its default threads). Output and logs go to $OUT (default /tmp/gpu-out).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -32,7 +33,7 @@ print(cu.cuInit(0)[0].name, cu.cuDeviceGetCount())' 2>&1 | tail -1)"
 done
 
 step real-driver tests
-[ -n "${SKIP_TESTS:-}" ] || timeout 120 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
+[ -n "${SKIP_TESTS:-}" ] || timeout 240 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
   -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
 
 step host-to-device copy and memory settings
