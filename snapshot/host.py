@@ -1,7 +1,9 @@
 """What a host does with snapshots, Temporal-free: take one, verify one, restore replicas, cold-boot as fallback.
 
-Roots come from the chunk store, materialized once per host under ``work_dir/images/<digest>`` (the lazy FUSE
-mount replaces that seam later); each replica gets its own overlay upper layer and its own namespaces.
+Image and snapshot trees come from the chunk store: lazy FUSE mounts shared by the host's replicas (or, with
+``lazy_mounts`` off, copies materialized once under ``work_dir/images/<digest>``). Each replica gets its own
+overlay upper layer and its own namespaces; on a GPU host also the GPUs' device nodes and the driver's
+libraries as one more layer (``nvidia.py``).
 """
 
 from __future__ import annotations
