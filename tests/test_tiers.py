@@ -167,6 +167,42 @@ def test_s3_round_trip_ranged_reads_and_multipart(s3server, tmp_path):
     assert not tier.has(k)
 
 
+def test_s3_objects_are_stored_compressed_where_that_pays(s3server, tmp_path, caplog):
+    """Compressible objects rest in S3 as zstd (marked by metadata) and read back as put, whole or by range;
+    random bytes stay raw; objects uploaded raw (compression off) read as they are; a compressed object that
+    no longer decodes is found corrupt by the store and dropped, like any damaged object."""
+    bucket = new_bucket()
+    tier, raw_tier = s3tier(s3server, bucket), s3tier(s3server, bucket, compress_level=0)
+    page = (b"\0" * 3000 + bytes(range(256)) * 4 + b"pointer\x7f\x00\x00") * 300  # like a process's heap
+    noise = blob(MiB, 3)
+    kp, kn = ckey(digest_of(page)), ckey(digest_of(noise))
+    assert tier.put(kp, page) and tier.put(kn, noise)
+    client = s3server.client()
+    head = client.head_object(Bucket=bucket, Key=kp)
+    assert head["Metadata"] == {"thaw-encoding": "zstd"} and head["ContentLength"] < len(page) // 10
+    head = client.head_object(Bucket=bucket, Key=kn)
+    assert head["Metadata"] == {} and head["ContentLength"] == len(noise)
+    assert tier.stats["put_bytes"] == len(page) + len(noise) > tier.stats["wire_put_bytes"]
+    for t in (tier, raw_tier):  # the reader's own setting does not matter
+        assert t.get(kp) == page and t.get(kn) == noise
+        assert t.get_range(kp, 2990, 3010) == page[2990:3010] and t.get_range(kn, 5, 9) == noise[5:9]
+    assert tier.stats["wire_get_bytes"] < tier.stats["get_bytes"]
+
+    old = page[::-1]  # uploaded by a tier with compression off: raw, unmarked, readable by everyone
+    ko = ckey(digest_of(old))
+    assert raw_tier.put(ko, old) and client.head_object(Bucket=bucket, Key=ko)["ContentLength"] == len(old)
+    assert tier.get(ko) == old
+
+    # damage: valid metadata, bytes that are not a zstd frame any more
+    store = ChunkStore([LocalDirTier(tmp_path / "local", max_bytes=64 * MiB), s3tier(s3server, bucket)])
+    client.put_object(Bucket=bucket, Key=kp, Body=b"garbage" * 100, Metadata={"thaw-encoding": "zstd"})
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(StoreError, match="not in the store"):
+            store.get_chunk(digest_of(page))
+    assert "does not decode" in caplog.text and "corrupt" in caplog.text
+    assert not store.durable.has(kp) and not store.local.has(kp)
+
+
 @pytest.mark.parametrize("which", ["secret", "access"])
 def test_wrong_credentials_are_a_one_line_error(s3server, which):
     s3server.client().create_bucket(Bucket=(bucket := new_bucket()))

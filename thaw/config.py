@@ -81,6 +81,8 @@ class Config(BaseSettings):
     s3_max_attempts: int = Field(default=3, ge=1)  # per S3 call, first try included (backoff between)
     s3_multipart_threshold: int = Field(default=8 * MiB, ge=5 * MiB)  # objects this big go multipart
     s3_upload_workers: int = Field(default=8, ge=1)  # parallel chunk uploads when a build commits
+    # zstd level of the objects uploaded to S3 (kept raw where zstd saves < 3 %); 0: upload them as they are
+    s3_compress_level: int = Field(default=3, ge=0, le=22)
 
     # Ingest limits: anything past these is rejected as hostile or absurd.
     max_file_size: int = 64 * GiB
