@@ -184,17 +184,30 @@ class LocalDirTier:
     def sync(self) -> None:
         _syncfs(self.root)
 
-    def usage(self) -> tuple[int, int]:
-        count = size = 0
+    def entries(self, under: str = "") -> list[tuple[str, int, float]]:
+        """(key, size, mtime in epoch seconds) of every chunk and manifest whose key starts with ``under``."""
+        out = []
         for kind in (CHUNKS, MANIFESTS):
             base = self.root / kind
-            if not base.exists():
+            if not kind.startswith(under[:len(kind)]) or not base.is_dir():
                 continue
             for sub in os.scandir(base):
+                if not sub.is_dir():
+                    continue
                 for e in os.scandir(sub.path):
-                    count += 1
-                    size += e.stat().st_size
-        return count, size
+                    key = f"{kind}/{sub.name}/{e.name}"
+                    if not key.startswith(under):
+                        continue
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:  # deleted or evicted meanwhile
+                        continue
+                    out.append((key, st.st_size, st.st_mtime))
+        return out
+
+    def usage(self) -> tuple[int, int]:
+        objects = self.entries()
+        return len(objects), sum(n for _, n, _ in objects)
 
     # -- the bound (chunks only) ---------------------------------------------------------------
     def _bounded(self, key: str) -> bool:

@@ -411,8 +411,9 @@ class S3Tier:
         self._known.discard(key)
         self._call("DELETE", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
 
-    def keys(self, under: str = "") -> list[str]:
-        """Keys (without the tier's prefix) that start with ``under``."""
+    def entries(self, under: str = "") -> list[tuple[str, int, float]]:
+        """(key without the tier's prefix, stored size, last-modified epoch seconds) of every object whose
+        key starts with ``under``."""
         self.ensure_bucket()
 
         def listing():
@@ -420,24 +421,19 @@ class S3Tier:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                           Prefix=self.prefix + under)
             for page in pages:
-                out += [(o["Key"][len(self.prefix):], o["Size"]) for o in page.get("Contents", ())]
+                out += [(o["Key"][len(self.prefix):], o["Size"], o["LastModified"].timestamp())
+                        for o in page.get("Contents", ())]
             return out
 
-        return [k for k, _ in self._call("LIST", under or None, listing)]
+        return self._call("LIST", under or None, listing)
+
+    def keys(self, under: str = "") -> list[str]:
+        """Keys (without the tier's prefix) that start with ``under``."""
+        return [k for k, _, _ in self.entries(under)]
 
     def usage(self) -> tuple[int, int]:
-        self.ensure_bucket()
-
-        def listing():
-            count = size = 0
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                              Prefix=self.prefix):
-                for o in page.get("Contents", ()):
-                    count += 1
-                    size += o["Size"]
-            return count, size
-
-        return self._call("LIST", None, listing)
+        objects = self.entries()
+        return len(objects), sum(n for _, n, _ in objects)
 
 
 class _NoBucket(Exception):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from sqlmodel import select
+
 from . import queries
-from .models import Image
-from .queries import NotFound  # noqa: F401  (re-exported: callers catch images.NotFound)
+from .db import session
+from .models import Image, Snapshot
+from .queries import InUse, NotFound  # noqa: F401  (re-exported: callers catch images.NotFound)
 
 
 def register(url: str, image: Image) -> tuple[Image, bool]:
@@ -17,3 +20,16 @@ def get(url: str, ref: str) -> Image:
 
 def list_all(url: str) -> list[Image]:
     return queries.newest_first(url, Image)
+
+
+def remove(url: str, ref: str) -> Image:
+    """Forget image ``ref`` (its store objects stay until ``thaw gc``). InUse while snapshots of it exist."""
+    row = get(url, ref)
+    with session(url) as s:
+        snaps = s.exec(select(Snapshot.digest).where(Snapshot.image_digest == row.digest)).all()
+        if snaps:
+            raise InUse(f"image {row.digest[:12]} has {len(snaps)} snapshot(s) ({', '.join(d[:12] for d in snaps)}): "
+                        f"`thaw snapshots rm` them first")
+        s.delete(s.get(Image, row.digest))
+        s.commit()
+    return row

@@ -16,6 +16,10 @@ class NotFound(LookupError):
     pass
 
 
+class InUse(ValueError):
+    """A row that others still use cannot be removed; the message says which, and what to do first."""
+
+
 def _pk(model: type[SQLModel]):
     (pk,) = model.__table__.primary_key.columns
     return getattr(model, pk.name)

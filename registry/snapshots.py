@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+from sqlmodel import select
+
 from . import queries
 from .db import session
-from .models import Host, RestoreEvent, Snapshot, utcnow
+from .models import Deployment, Host, Replica, RestoreEvent, Snapshot, utcnow
 
 
 def register(url: str, snap: Snapshot) -> tuple[Snapshot, bool]:
@@ -17,6 +21,28 @@ def get(url: str, ref: str) -> Snapshot:
 
 def list_all(url: str, image_digest: str | None = None) -> list[Snapshot]:
     return queries.newest_first(url, Snapshot, **({"image_digest": image_digest} if image_digest else {}))
+
+
+def remove(url: str, ref: str, pool_running: Callable[[str], bool]) -> tuple[Snapshot, list[str]]:
+    """Forget snapshot ``ref`` and its restore events (its store objects stay until ``thaw gc``). Deployments
+    of it whose pool has ended are forgotten too (returned); InUse while one of them runs a pool
+    (``pool_running(name)``) or has replicas serving."""
+    row = get(url, ref)
+    with session(url) as s:
+        deps = s.exec(select(Deployment).where(Deployment.snapshot_digest == row.digest)).all()
+        for d in deps:
+            serving = s.exec(select(Replica.id).where(Replica.deployment == d.name)).all()
+            if serving or pool_running(d.name):
+                raise queries.InUse(f"snapshot {row.digest[:12]} is deployed as {d.name!r}"
+                                    f"{f' ({len(serving)} replica(s) serving)' if serving else ''}: "
+                                    f"`thaw undeploy {d.name}` first")
+        for d in deps:
+            s.delete(d)
+        for e in s.exec(select(RestoreEvent).where(RestoreEvent.snapshot_digest == row.digest)).all():
+            s.delete(e)
+        s.delete(s.get(Snapshot, row.digest))
+        s.commit()
+    return row, [d.name for d in deps]
 
 
 def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int | None, capacity: int = 4) -> Host:

@@ -210,6 +210,75 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     assert r["outcome"] == "cold-boot" and ".log" in r["reason"], r
 
 
+def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, thaw_cli, image, rootfs, tmp_path):
+    """rm is refused while something uses the row; gc deletes only objects no registered manifest reaches and
+    that are old enough, never while a build runs; what stays registered still exports byte for byte."""
+    import asyncio
+
+    from temporalio.client import Client, WorkflowExecutionStatus
+
+    from thaw.runtime import pool
+
+    snap = build_snapshot(thaw_cli, image, tmp_path)
+    store = ChunkStore.open(cfg)
+    snap_chunks = ImageManifest.load(store, snap["digest"]).chunk_digests()
+    image_chunks = ImageManifest.load(store, image).chunk_digests()
+    only_snap = snap_chunks - image_chunks
+    assert only_snap
+
+    def fails(*args, want):
+        res = thaw_cli(*args, ok=False)
+        assert res.exit_code == 1 and want in res.output and res.output.count("\n") == 1, res.output
+
+    fails("images", "rm", image, want=f"has 1 snapshot(s) ({snap['digest'][:12]})")
+    thaw_cli("deploy", "web", "--snapshot", snap["digest"], "--min", "0", "--buffer", "0")
+    fails("snapshots", "rm", snap["digest"], want="is deployed as 'web': `thaw undeploy web` first")
+    thaw_cli("undeploy", "web")
+
+    async def pool_status():
+        c = await Client.connect(cfg.temporal_address)
+        return (await c.get_workflow_handle(pool.workflow_id("web")).describe()).status
+    wait_until(lambda: asyncio.run(pool_status()) != WorkflowExecutionStatus.RUNNING, 30, "the pool ended")
+    out = thaw_cli("snapshots", "rm", snap["digest"]).output
+    assert "removed with its ended deployment(s) web" in out
+    assert snapshots.list_all(cfg.registry_url) == [] and snapshots.restores(cfg.registry_url, snap["digest"]) == []
+
+    # a build that no worker picks up stays running: gc waits for it
+    async def stuck(terminate=False):
+        c = await Client.connect(cfg.temporal_address)
+        if terminate:
+            return await c.get_workflow_handle("build-image-stuck").terminate()
+        await c.start_workflow("BuildImage", id="build-image-stuck", task_queue=cfg.build_task_queue,
+                               execution_timeout=__import__("datetime").timedelta(minutes=5))
+    asyncio.run(stuck())
+    try:
+        wait_until(lambda: thaw_cli("gc", ok=False).exit_code == 1, 15, "gc to see the running build")
+        fails("gc", want="1 build(s) running (build-image-stuck)")
+    finally:
+        asyncio.run(stuck(terminate=True))
+
+    def gc(*args):
+        return json.loads(thaw_cli("gc", "--json", *args).output)
+
+    local = f"local:{cfg.store_dir}"
+    young = gc()  # everything is younger than the default hour
+    assert young["deleted"] == {local: []} and young["young"] == len(only_snap) + 1  # + the snapshot's manifest
+    dry = gc("--dry-run", "--min-age", "0")
+    want = {f"chunks/{d[:2]}/{d}" for d in only_snap} | {f"manifests/{snap['digest'][:2]}/{snap['digest']}"}
+    assert set(dry["deleted"][local]) == want and store.has_manifest(snap["digest"])
+    done = gc("--min-age", "0")
+    assert set(done["deleted"][local]) == want and done["deleted_bytes"] > 0
+    assert not store.has_manifest(snap["digest"]) and not any(store.has_chunk(d) for d in only_snap)
+    assert all(store.has_chunk(d) for d in image_chunks)
+    thaw_cli("images", "export", image, str(tmp_path / "out"))
+    diff = subprocess.run(["diff", "-r", "--no-dereference", str(rootfs), str(tmp_path / "out")], capture_output=True)
+    assert diff.returncode == 0, diff.stdout[-2000:]
+
+    thaw_cli("images", "rm", image)
+    assert gc("--min-age", "0")["deleted"][local] and store.local.usage() == (0, 0)
+    fails("images", "rm", image, want="no image")
+
+
 def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, thaw_cli, image, tmp_path):
     res = thaw_cli("restore", "abcdef123456", ok=False)
     assert res.exit_code == 1 and "no snapshot abcdef123456" in res.output and res.output.count("\n") <= 2

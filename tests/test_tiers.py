@@ -275,6 +275,37 @@ def test_build_uploads_what_s3_lacks_and_a_fresh_host_reads_it_back(s3server, tm
     assert third.durable.stats["puts"] == 1 and third.durable.has(ckey(lost))
 
 
+def test_gc_sweeps_s3_and_the_disk_cache(s3server, tmp_path):
+    """gc over [memory, disk cache, S3]: what only image A used goes from S3 and the disk; image B (sharing
+    most of A's chunks) still reads back on a fresh host; an unreadable kept manifest stops gc before it
+    deletes anything."""
+    from thaw.imagefs.gc import GcError, collect
+
+    bucket = new_bucket()
+    src = make_source(tmp_path / "src")
+    store = ChunkStore.open(s3cfg(tmp_path, s3server, "host1", bucket))
+    a, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "build-a", LIMITS)
+    (src / "weights" / "shard4.bin").write_bytes(blob(2 * MiB, 200))  # B = A + one more file - one shard
+    (src / "weights" / "shard0.bin").unlink()
+    b, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "build-b", LIMITS)
+    only_a = a.chunk_digests() - b.chunk_digests()
+    assert only_a and b.chunk_digests() - a.chunk_digests()
+
+    with pytest.raises(GcError, match="cannot be read"):
+        collect(store, [b.digest, "ab" * 32], min_age_s=0)
+    assert store.durable.has(ckey(next(iter(only_a))))  # nothing deleted
+
+    res = collect(store, [b.digest], min_age_s=0)
+    want = {ckey(d) for d in only_a} | {f"manifests/{a.digest[:2]}/{a.digest}"}
+    assert {k for k, _ in res.deleted[store.durable.name]} == want
+    assert {k for k, _ in res.deleted[store.local.name]} == want
+    assert set(store.durable.keys()) == {ckey(d) for d in b.chunk_digests()} | {f"manifests/{b.digest[:2]}/{b.digest}"}
+    fresh = ChunkStore.open(s3cfg(tmp_path, s3server, "host2", bucket))
+    out = materialize(ImageManifest.load(fresh, b.digest), fresh, tmp_path / "out")
+    assert subprocess.run(["diff", "-r", "--no-dereference", src, out]).returncode == 0
+    assert collect(store, [b.digest], min_age_s=0).deleted_bytes() == 0
+
+
 def test_a_corrupt_disk_cache_chunk_is_dropped_and_fetched_from_s3(s3server, tmp_path, caplog):
     bucket = new_bucket()
     data = blob(MiB, 7)

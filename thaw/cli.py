@@ -326,6 +326,20 @@ def images_export(cfg, digest, dest):
     click.echo(str(dest))
 
 
+@images.command("rm")
+@click.argument("digest")
+@click.pass_obj
+def images_rm(cfg, digest):
+    """Forget image DIGEST (refused while snapshots of it exist); `thaw gc` then frees what only it used."""
+    from thaw.registry import images as q
+
+    try:
+        row = q.remove(cfg.registry_url, digest)
+    except (q.NotFound, q.InUse) as e:
+        _fail(str(e))
+    click.echo(f"image {row.digest[:16]} removed; `thaw gc` frees the store objects only it used")
+
+
 # -- snapshots --------------------------------------------------------------------------------------
 def _pairs(items, what):
     out = {}
@@ -417,6 +431,105 @@ def snapshots_show(cfg, digest, as_json):
     for e in data["restores"]:
         click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
                    + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else ""))
+
+
+@snapshots.command("rm")
+@click.argument("digest")
+@click.pass_obj
+def snapshots_rm(cfg, digest):
+    """Forget snapshot DIGEST and its restore history (refused while a deployment of it runs); `thaw gc` then
+    frees what only it used. Stop replicas restored with `thaw restore --keep` from it first."""
+    from thaw.registry import deployments, queries
+    from thaw.registry import snapshots as q
+
+    try:
+        row = q.get(cfg.registry_url, digest)
+        names = [d.name for d in deployments.list_all(cfg.registry_url) if d.snapshot_digest == row.digest]
+        running = _pools_running(cfg, names) if names else set()
+        row, forgotten = q.remove(cfg.registry_url, row.digest, lambda name: name in running)
+    except (queries.NotFound, queries.InUse) as e:
+        _fail(str(e))
+    click.echo(f"snapshot {row.digest[:16]} removed" + (f" with its ended deployment(s) {', '.join(forgotten)}"
+                                                        if forgotten else "")
+               + "; `thaw gc` frees the store objects only it used")
+
+
+def _pools_running(cfg, names: list[str]) -> set[str]:
+    """The deployments among ``names`` whose pool workflow is running."""
+    from temporalio.client import WorkflowExecutionStatus
+    from temporalio.service import RPCError
+
+    from thaw.runtime import pool
+
+    async def go():
+        client, out = await _connect(cfg), set()
+        for name in names:
+            try:
+                info = await client.get_workflow_handle(pool.workflow_id(name)).describe()
+            except RPCError:  # never started, or its history is gone
+                continue
+            if info.status == WorkflowExecutionStatus.RUNNING:
+                out.add(name)
+        return out
+
+    return asyncio.run(go())
+
+
+BUILD_WORKFLOWS = ("BuildImage", "BuildSnapshot")
+
+
+def _builds(cfg, query: str) -> list[str]:
+    """Ids of this installation's build workflows (on its build queue) matching a visibility ``query``."""
+    types = " OR ".join(f'WorkflowType="{t}"' for t in BUILD_WORKFLOWS)
+
+    async def go():
+        client = await _connect(cfg)
+        q = f'({types}) AND TaskQueue="{cfg.build_task_queue}" AND {query}'
+        return [w.id async for w in client.list_workflows(q)]
+
+    return asyncio.run(go())
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
+@click.option("--min-age", "min_age_s", type=float, default=3600.0, show_default=True,
+              help="Seconds: unreferenced objects younger than this are kept (a build may still need them).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def gc(cfg, dry_run, min_age_s, as_json):
+    """Delete the store's chunks and manifests that no registered image or snapshot uses (the local store and
+    S3). Refused while a build runs. `thaw images rm` / `thaw snapshots rm` first to free their objects."""
+    from datetime import datetime, timezone
+
+    from thaw.imagefs.gc import collect
+    from thaw.imagefs.store import ChunkStore, StoreError
+    from thaw.registry import images, snapshots
+
+    started = datetime.now(timezone.utc)
+    running = _builds(cfg, 'ExecutionStatus="Running"')
+    if running:
+        _fail(f"{len(running)} build(s) running ({', '.join(running[:3])}): run gc once they have finished")
+    keep = [r.digest for r in images.list_all(cfg.registry_url)] + \
+        [r.digest for r in snapshots.list_all(cfg.registry_url)]
+    try:
+        res = collect(ChunkStore.open(cfg), keep, min_age_s=min_age_s, dry_run=dry_run)
+    except StoreError as e:
+        _fail(str(e))
+    late = _builds(cfg, f'StartTime > "{started.isoformat()}"')
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "manifests_kept": res.manifests_kept,
+                               "chunks_kept": res.chunks_kept, "young": res.young, "builds_during_gc": late,
+                               "deleted": {t: [k for k, _ in objs] for t, objs in res.deleted.items()},
+                               "deleted_bytes": res.deleted_bytes()}))
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        for tier, objs in res.deleted.items():
+            click.echo(f"{tier}: {verb} {len(objs)} object(s), {_human(sum(n for _, n in objs))}")
+        click.echo(f"kept {res.manifests_kept} registered manifest(s) and their {res.chunks_kept} chunk(s)"
+                   + (f"; {res.young} unreferenced object(s) younger than {min_age_s:g} s" if res.young else ""))
+    if late:
+        click.echo(f"warning: build(s) {', '.join(late)} started during gc; if one fails or its image or snapshot "
+                   f"does not restore, build it again", err=True)
 
 
 @cli.command()

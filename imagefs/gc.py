@@ -1,0 +1,63 @@
+"""Garbage collection of the chunk store: delete the chunks and manifests no registered image or snapshot uses.
+
+Mark: the manifests of every registered image and snapshot, and every chunk they list. A registered manifest
+that cannot be read stops the collection before anything is deleted: without it the marks would be wrong.
+Sweep: every other object in the store's tiers (the local directory and S3 where configured) that is older
+than ``min_age_s``. The age bound keeps what a build in progress has already stored but not yet registered;
+``thaw gc`` also refuses to run while a build workflow runs (a build may re-use an old unreferenced chunk it
+found in the store without storing it again).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .manifest import ImageManifest
+from .store import CHUNKS, MANIFESTS, ChunkStore, StoreError
+
+
+class GcError(StoreError):
+    """The collection stopped before deleting anything; the message says why."""
+
+
+@dataclass
+class GcResult:
+    manifests_kept: int = 0
+    chunks_kept: int = 0
+    deleted: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # tier name -> [(key, size)]
+    young: int = 0  # unreferenced objects kept because they are younger than min_age_s
+
+    def deleted_bytes(self) -> int:
+        return sum(n for objs in self.deleted.values() for _, n in objs)
+
+
+def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0, dry_run: bool = False,
+            now: float | None = None) -> GcResult:
+    """Delete (or with ``dry_run`` only list) what the manifests ``keep`` (digests) do not reach."""
+    manifests = set(keep)
+    chunks: set[str] = set()
+    for digest in sorted(manifests):
+        try:
+            chunks |= ImageManifest.load(store, digest).chunk_digests()
+        except (StoreError, ValueError) as e:
+            raise GcError(f"registered manifest {digest[:12]} cannot be read ({str(e).splitlines()[0]}): "
+                          f"nothing collected") from None
+    res = GcResult(len(manifests), len(chunks))
+    live = {CHUNKS: chunks, MANIFESTS: manifests}
+    cutoff = (time.time() if now is None else now) - min_age_s
+    for tier in [store.local, *store.remote]:
+        gone = res.deleted.setdefault(tier.name, [])
+        for key, size, mtime in tier.entries():
+            kind, _, digest = key.rpartition("/")
+            kind = kind.split("/")[0]
+            if kind not in live or digest in live[kind]:
+                continue
+            if mtime > cutoff:
+                res.young += 1
+                continue
+            if not dry_run:
+                tier.delete(key)
+            gone.append((key, size))
+    return res
