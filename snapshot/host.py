@@ -184,9 +184,11 @@ class HostSnapshots:
         self.store = store or ChunkStore.open(cfg)
         self.facts = compat.host_facts()
         self.mounts: dict[Path, imagefs_mount.MountHandle] = {}
-        self.mount_lock = threading.Lock()
+        self.mount_lock = threading.Lock()  # guards self.mounts and self._mounting
+        self._mounting: dict[Path, threading.Lock] = {}  # one per mount point: trees mount side by side
         self.pins = Pins(cfg.pin_mb << 20)  # restored snapshots' memory pages, kept in RAM
         self._pinner = ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")  # off the restore's critical path
+        self._mounter = ThreadPoolExecutor(4, thread_name_prefix="thaw-mount")
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
 
@@ -198,13 +200,26 @@ class HostSnapshots:
             return materialize_cached(self.store, digest, self.cfg.work_dir / kind)
         mp = self.cfg.work_dir / "mnt" / kind / digest
         with self.mount_lock:
+            h, lock = self.mounts.get(mp), self._mounting.setdefault(mp, threading.Lock())
+        if h is not None and h.alive():
+            return mp
+        with lock:
             h = self.mounts.get(mp)
             if h is None or not h.alive():
                 if h is not None:
                     self.pins.unpin(digest)  # its locked pages belong to the dead mount
                 # a daemon left by an earlier agent keeps serving (it is idle and correct); else a new one
-                self.mounts[mp] = imagefs_mount.attach(self.cfg, mp) or imagefs_mount.mount(self.cfg, digest, mp)
+                h = imagefs_mount.attach(self.cfg, mp) or imagefs_mount.mount(self.cfg, digest, mp)
+                with self.mount_lock:
+                    self.mounts[mp] = h
         return mp
+
+    def trees(self, snap: dict) -> tuple[Path, Path]:
+        """(snapshot files, image root) of ``snap``; on a host that has mounted neither, both daemons start
+        side by side (each takes a few hundred ms: Python, the manifest, the index)."""
+        files = self._mounter.submit(self.snapshot_files, snap["digest"])
+        lower = self.image_root(snap["image_digest"])
+        return files.result(), lower
 
     def image_root(self, image_digest: str) -> Path:
         return self._tree("images", image_digest)
@@ -252,8 +267,7 @@ class HostSnapshots:
         if compat.check(snap["host_facts"], self.facts):
             return {}
         st = Stages()
-        files = self.snapshot_files(snap["digest"])
-        self.image_root(snap["image_digest"])
+        files, _ = self.trees(snap)
         st.mark("mount")
         if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote:
             self._prefetch(snap, files).wait()
@@ -395,8 +409,7 @@ class HostSnapshots:
             raise compat.Incompatible(f"snapshot {snap['digest'][:12]} is incompatible with host "
                                       f"{self.cfg.host_id}: {'; '.join(reasons)}")
         beat("fetch")
-        files = self.snapshot_files(snap["digest"])
-        lower = self.image_root(snap["image_digest"])
+        files, lower = self.trees(snap)
         # prefetch pays off only when chunks come from a remote tier; a local store serves reads at once
         fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote \
             else None
