@@ -7,7 +7,10 @@ name. Builds write into a :class:`Staging` area first and :meth:`Staging.commit_
 final names and syncs the filesystem once, so nothing is visible (or registered) half-done.
 
 Tiers are tried in order on reads: memory → local disk → S3 (see :meth:`ChunkStore.open`). A corrupt copy in
-one tier is dropped and the next tier is asked; a hit in a later tier is copied into the earlier ones. Nothing
+one tier is dropped and the next tier is asked; a hit in a later tier is copied into the earlier ones. A
+fetch from a remote tier holds a lock on the object's stripe of the local directory
+(:meth:`LocalDirTier.fetch_lock`), so the processes of a host (the agent's prefetch, the FUSE daemons) fetch
+each object once and the others find it on the disk. Nothing
 enters a tier unverified: ``put_chunk``/``put_manifest_bytes`` address data by the digest they compute,
 the heal path copies only verified bytes, and :meth:`Staging.commit_chunks` re-hashes each staged file before
 it uploads it or adopts it.
@@ -21,7 +24,9 @@ first), then to ``local``, so with S3 configured a chunk is on the local disk on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import re
@@ -131,6 +136,20 @@ class LocalDirTier:
 
     def path(self, key: str) -> Path:
         return self.root / key
+
+    @contextlib.contextmanager
+    def fetch_lock(self, key: str):
+        """Held while ``key`` is fetched from a remote tier into this directory: an exclusive ``flock`` on one
+        of 4096 stripe files (by the digest's first three hex digits), which excludes the other processes and
+        threads of this host that use the same directory (each call opens its own file description)."""
+        d = self.root / "locks"
+        d.mkdir(exist_ok=True)
+        fd = os.open(d / key.rsplit("/", 1)[-1][:3], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def has(self, key: str) -> bool:
         return self.path(key).exists()
@@ -314,29 +333,44 @@ class ChunkStore:
     def _get_verified(self, kind: str, digest: str, decode=lambda b: b) -> bytes:
         key = _key(kind, digest)
         missed: list[Tier] = []
-        for tier in self.tiers:
+        local = self.tiers.index(self.local)
+        data = self._first(key, digest, decode, self.tiers[:local + 1], missed)
+        if data is None and self.remote:
+            with self.local.fetch_lock(key):  # one fetch per object on this host; then the disk has it
+                data = self._first(key, digest, decode, [self.local, *self.remote], missed)
+        if data is not None:
+            return data
+        if any(t.has(key) for t in self.tiers):  # pragma: no cover - race
+            raise CorruptObject(f"{kind[:-1]} {digest} is corrupt")
+        raise MissingObject(f"{kind[:-1]} {digest} is not in the store ({', '.join(t.name for t in self.tiers)})")
+
+    def _first(self, key: str, digest: str, decode, tiers: list[Tier], missed: list[Tier]) -> bytes | None:
+        """The verified object from the first of ``tiers`` that has it, copied into the tiers in ``missed``
+        (which gains the tiers that lacked it or held a corrupt copy); None if none has it."""
+        for tier in tiers:
             raw = tier.get(key)
+            if raw is not None:
+                try:
+                    data = decode(raw)
+                except zlib.error:
+                    data = None
+                if data is None or (not getattr(tier, "trusted", False) and digest_of(data) != digest):
+                    log.warning("corrupt %s in %s: dropped", key, tier.name)
+                    tier.delete(key)
+                    raw = None
             if raw is None:
-                missed.append(tier)
-                continue
-            try:
-                data = decode(raw)
-            except zlib.error:
-                data = None
-            if data is None or (not getattr(tier, "trusted", False) and digest_of(data) != digest):
-                log.warning("corrupt %s in %s: dropped", key, tier.name)
-                tier.delete(key)
-                missed.append(tier)
+                if tier not in missed:
+                    missed.append(tier)
                 continue
             for t in missed:  # heal / fill faster tiers, with verified bytes only
+                if t is tier:
+                    continue
                 try:
                     t.put(key, raw)
                 except (OSError, StoreError) as e:  # a full disk must not fail a good read
                     log.warning("could not copy %s into %s: %s", key, t.name, e)
             return data
-        if any(t.has(key) for t in self.tiers):  # pragma: no cover - race
-            raise CorruptObject(f"{kind[:-1]} {digest} is corrupt")
-        raise MissingObject(f"{kind[:-1]} {digest} is not in the store ({', '.join(t.name for t in self.tiers)})")
+        return None
 
     def get_chunk(self, digest: str) -> bytes:
         return self._get_verified(CHUNKS, digest)

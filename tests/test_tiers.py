@@ -3,9 +3,11 @@ upload only what S3 lacks, a fresh host reading an image back, healing from S3, 
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -304,6 +306,37 @@ def test_gc_sweeps_s3_and_the_disk_cache(s3server, tmp_path):
     out = materialize(ImageManifest.load(fresh, b.digest), fresh, tmp_path / "out")
     assert subprocess.run(["diff", "-r", "--no-dereference", src, out]).returncode == 0
     assert collect(store, [b.digest], min_age_s=0).deleted_bytes() == 0
+
+
+FETCHER = r"""
+import json, sys, time
+from pathlib import Path
+from thaw.config import Config
+from thaw.imagefs.store import ChunkStore, digest_of
+cfg, digests, go = Config(**json.loads(sys.argv[1])), json.loads(sys.argv[2]), Path(sys.argv[3])
+store = ChunkStore.open(cfg)
+while not go.exists():
+    time.sleep(0.002)
+assert all(digest_of(store.get_chunk(d)) == d for d in digests)
+print(store.durable.stats["gets"])
+"""
+
+
+def test_processes_of_a_host_fetch_each_chunk_from_s3_once(s3server, tmp_path):
+    """Two processes on one host (say the agent's prefetch and a FUSE daemon) read the same chunks at the same
+    moment through one disk cache: S3 serves each chunk once; the process that waited reads it from the disk."""
+    bucket = new_bucket()
+    writer = ChunkStore.open(s3cfg(tmp_path, s3server, "writer", bucket))
+    digests = [writer.put_chunk(blob(MiB, 300 + i))[0] for i in range(24)]
+    reader = s3cfg(tmp_path, s3server, "reader", bucket)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", FETCHER, reader.model_dump_json(), json.dumps(digests), str(go)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(1.5)  # both started and waiting
+    go.touch()
+    gets = [int(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sum(gets) == len(digests), gets
 
 
 def test_a_corrupt_disk_cache_chunk_is_dropped_and_fetched_from_s3(s3server, tmp_path, caplog):
