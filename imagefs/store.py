@@ -203,25 +203,22 @@ class LocalDirTier:
     def sync(self) -> None:
         _syncfs(self.root)
 
-    def entries(self, under: str = "") -> list[tuple[str, int, float]]:
-        """(key, size, mtime in epoch seconds) of every chunk and manifest whose key starts with ``under``."""
+    def entries(self) -> list[tuple[str, int, float]]:
+        """(key, size, mtime in epoch seconds) of every chunk and manifest."""
         out = []
         for kind in (CHUNKS, MANIFESTS):
             base = self.root / kind
-            if not kind.startswith(under[:len(kind)]) or not base.is_dir():
+            if not base.is_dir():
                 continue
             for sub in os.scandir(base):
                 if not sub.is_dir():
                     continue
                 for e in os.scandir(sub.path):
-                    key = f"{kind}/{sub.name}/{e.name}"
-                    if not key.startswith(under):
-                        continue
                     try:
                         st = e.stat()
                     except FileNotFoundError:  # deleted or evicted meanwhile
                         continue
-                    out.append((key, st.st_size, st.st_mtime))
+                    out.append((f"{kind}/{sub.name}/{e.name}", st.st_size, st.st_mtime))
         return out
 
     def usage(self) -> tuple[int, int]:

@@ -376,22 +376,23 @@ class S3Tier:
         """Upload unless the bucket already holds ``key``; True when uploaded."""
         if self.has(key):
             return False
-        body, meta = self._encode(data)
-        self._upload(key, io.BytesIO(body), len(body), meta, len(data))
+        self._put_bytes(key, data)
         return True
 
     def put_file(self, key: str, path: Path) -> bool:
         if self.has(key):
             return False
         if self.compress_level > 0:  # the store's objects are small: encode in memory
-            data = Path(path).read_bytes()
-            body, meta = self._encode(data)
-            self._upload(key, io.BytesIO(body), len(body), meta, len(data))
+            self._put_bytes(key, Path(path).read_bytes())
             return True
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             self._upload(key, f, size, {}, size)
         return True
+
+    def _put_bytes(self, key: str, data: bytes | memoryview) -> None:
+        body, meta = self._encode(data)
+        self._upload(key, io.BytesIO(body), len(body), meta, len(data))
 
     def _upload(self, key: str, f, size: int, meta: dict[str, str], given: int) -> None:
         def up():
