@@ -246,7 +246,7 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-_NVIDIA_DEV = re.compile(r"^/dev/nvidia(\d+|ctl|-uvm|-uvm-tools|-caps.*|-modeset)?$")
+NVIDIA_DEV = re.compile(r"^/dev/nvidia(\d+|ctl|-uvm|-uvm-tools|-caps.*|-modeset)?$")
 
 
 def nvidia_files(pid: int) -> list[str]:
@@ -262,13 +262,13 @@ def nvidia_files(pid: int) -> list[str]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if _NVIDIA_DEV.match(target):
+        if NVIDIA_DEV.match(target):
             found.add(target)
     try:
         with open(f"/proc/{pid}/maps") as f:
             for line in f:
                 parts = line.split(maxsplit=5)
-                if len(parts) == 6 and _NVIDIA_DEV.match(parts[5].strip()):
+                if len(parts) == 6 and NVIDIA_DEV.match(parts[5].strip()):
                     found.add(parts[5].strip())
     except OSError:
         pass

@@ -11,9 +11,9 @@ each restored one) gets
   CUDA images already have that directory on ``LD_LIBRARY_PATH``; for other images thaw puts it there.
 
 The layer is built once per host and driver from the host's own files (hard links where the file system
-allows) under ``<work_dir>/gpu-driver/<driver>-<hash>``. The layer and the nodes are plain files to CRIU: the
-libraries a process maps are files of its root, and the nodes are part of its ``/dev`` tmpfs, which CRIU
-dumps and restores with their contents. The numbers of ``nvidia-uvm`` and ``nvidia-caps`` are chosen when the
+allows) under ``<work_dir>/gpu-driver/driver-<version>-<hash>``. The layer and the nodes are plain files to
+CRIU: the libraries a process maps are files of its root, and the nodes are part of its ``/dev`` tmpfs,
+which CRIU dumps and restores with their contents. The numbers of ``nvidia-uvm`` and ``nvidia-caps`` are chosen when the
 driver loads and can differ between two hosts with the same driver, so after a restore ``refresh`` makes the
 nodes again with this host's numbers, before the CUDA restore opens them.
 """
@@ -33,7 +33,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cuda import _NVIDIA_DEV
+from .cuda import NVIDIA_DEV
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def host_devices(dev: Path = Path("/dev")) -> list[Device]:
             st = path.stat()
         except OSError:
             continue
-        if stat.S_ISCHR(st.st_mode) and _NVIDIA_DEV.match(f"/dev/{name}"):
+        if stat.S_ISCHR(st.st_mode) and NVIDIA_DEV.match(f"/dev/{name}"):
             found.append(Device(name, os.major(st.st_rdev), os.minor(st.st_rdev), stat.S_IMODE(st.st_mode)))
     return sorted(found, key=lambda d: d.name)
 
