@@ -26,11 +26,14 @@ class PrefetchStats:
     first_error: str = ""  # the first failure, one line
 
 
+def parse_profile(text: str | bytes) -> list[str]:
+    """Chunk digests of a recording (its JSON), in first-read order, each once."""
+    return list(dict.fromkeys(r[2] for r in json.loads(text)["reads"]))
+
+
 def load_profile(path) -> list[str]:
-    """Chunk digests of a recording, in first-read order, each once."""
     with open(path) as f:
-        reads = json.load(f)["reads"]
-    return list(dict.fromkeys(r[2] for r in reads))
+        return parse_profile(f.read())
 
 
 def prefetch(store, digests, concurrency: int = 8, stop: threading.Event | None = None,

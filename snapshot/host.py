@@ -27,7 +27,7 @@ from thaw.config import Config
 from thaw.imagefs import mount as imagefs_mount
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize_cached
-from thaw.imagefs.prefetch import load_profile, start_prefetch
+from thaw.imagefs.prefetch import load_profile, parse_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
 from . import _linux, compat, criu, cuda, nvidia
@@ -38,6 +38,7 @@ from .replica import golden_answer as replica_golden_answer
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
+BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
 
 
@@ -310,8 +311,11 @@ class HostSnapshots:
         work.mkdir(parents=True)
         st = Stages()
         beat("root")
-        lower = self.image_root(image_digest)
-        root = self._root(lower, work / "rw")
+        # the launch is a cold boot: on a mount of its own that records what it reads, the prefetch profile
+        # of fallback cold boots on hosts whose cache is cold (``cold_boot``)
+        rec = imagefs_mount.mount(self.cfg, image_digest, work / "image-boot", record=work / BOOT_PROFILE) \
+            if self.cfg.lazy_mounts else None
+        root = self._root(Path(rec.mountpoint) if rec else self.image_root(image_digest), work / "rw")
         st.mark("root")
         try:
             beat("launch")
@@ -336,6 +340,10 @@ class HostSnapshots:
                 replica.stop()
         finally:
             root.cleanup()
+            if rec:
+                rec.unmount()  # writes the boot profile
+        if (work / BOOT_PROFILE).exists():
+            shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
         facts["gpu_processes"] = len(gpu_pids)
         if self.cfg.lazy_mounts:
@@ -461,33 +469,61 @@ class HostSnapshots:
         return running, ms
 
     def cold_boot(self, image_digest: str, spec: dict, secrets: dict[str, str], golden: dict | None = None,
-                  golden_digest: str | None = None) -> tuple[Running, dict[str, int], bool | None]:
+                  golden_digest: str | None = None, snapshot_digest: str | None = None
+                  ) -> tuple[Running, dict[str, int], bool | None]:
         """Start the model from scratch (secrets as plain env: no snapshot is taken of this process).
-        The third value says whether it answered the golden request as the snapshot did (None: not asked)."""
+        The third value says whether it answered the golden request as the snapshot did (None: not asked).
+        With ``snapshot_digest`` (a fallback from that snapshot) and chunks coming from a remote tier, what the
+        snapshot's launch read is prefetched in parallel while the model boots."""
         rid, st = f"c-{uuid.uuid4().hex[:10]}", Stages()
-        lower = self.image_root(image_digest)
-        st.mark("fetch")
-        work = self._replica_dir(rid)
-        root = self._root(lower, work / "rw")
-        st.mark("root")
+        fetch = self._prefetch_boot(snapshot_digest) if snapshot_digest and self.cfg.lazy_mounts and \
+            self.cfg.prefetch and self.store.remote else None
         try:
-            replica = self._launch(root, spec, {**spec["env"], **secrets}, work / "launch.log")
+            lower = self.image_root(image_digest)
+            st.mark("fetch")
+            work = self._replica_dir(rid)
+            root = self._root(lower, work / "rw")
+            st.mark("root")
+            try:
+                replica = self._launch(root, spec, {**spec["env"], **secrets}, work / "launch.log")
+            except BaseException:
+                root.cleanup()
+                raise
+            running = Running(rid, replica, root, spec["port"], work / RECORD)
+            try:
+                replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
+                st.mark("boot")
+                same = None
+                if golden:  # recorded, not enforced: a fresh process may legitimately differ (randomness, time)
+                    answer = golden_answer(replica, spec["port"], golden)
+                    st.mark("replay")
+                    same = digest_of(answer) == golden_digest
+            except BaseException:
+                running.stop()
+                raise
         except BaseException:
-            root.cleanup()
+            if fetch:
+                fetch.cancel()
             raise
-        running = Running(rid, replica, root, spec["port"], work / RECORD)
+        ms = st.done()
+        if fetch:
+            ms.update(prefetch=int(fetch.stats.ms), prefetch_chunks=fetch.stats.chunks,
+                      prefetch_kb=fetch.stats.bytes // 1024)
+        return running, ms, same
+
+    def _prefetch_boot(self, snapshot_digest: str):
+        """Start fetching (in the background) the image chunks the snapshot's launch read, read from the
+        snapshot's files without mounting them; None where the snapshot has no such profile or can't be read."""
         try:
-            replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
-            st.mark("boot")
-            same = None
-            if golden:  # recorded, not enforced: a fresh process may legitimately differ (randomness, time)
-                answer = golden_answer(replica, spec["port"], golden)
-                st.mark("replay")
-                same = digest_of(answer) == golden_digest
-        except BaseException:
-            running.stop()
-            raise
-        return running, st.done(), same
+            entry = next((e for e in ImageManifest.load(self.store, snapshot_digest).files()
+                          if e.path == BOOT_PROFILE), None)
+            if entry is None:
+                return None
+            profile = parse_profile(b"".join(self.store.get_chunk(d) for d, _ in entry.chunks))
+        except (StoreError, ValueError, KeyError, IndexError) as e:
+            log.warning("no boot prefetch from snapshot %s: %s", snapshot_digest[:12], str(e).splitlines()[0])
+            return None
+        return start_prefetch(self.store, profile, self.cfg.prefetch_concurrency)
 
     def verify(self, snapshot_digest: str, image_digest: str, spec: dict, golden: dict, golden_digest: str,
                secret_names: list[str]) -> dict[str, int]:
@@ -509,7 +545,7 @@ class HostSnapshots:
                     OSError) as e:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
             running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], secrets, snap["golden_request"],
-                                               snap["golden_digest"])
+                                               snap["golden_digest"], snap["digest"])
             return running, {"outcome": "cold-boot", "reason": reason, "timings_ms": ms, "golden_ok": bool(same)}
 
         with ThreadPoolExecutor(min(n, 16)) as pool:

@@ -19,6 +19,7 @@ import pytest
 from conftest import cfg_env
 from services import wait_until
 from pyroot import python_rootfs
+from s3server import s3server  # noqa: F401  (pytest fixture)
 from test_criu import SECRET, needs_criu
 from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
@@ -277,6 +278,38 @@ def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, th
     thaw_cli("images", "rm", image)
     assert gc("--min-age", "0")["deleted"][local] and store.local.usage() == (0, 0)
     fails("images", "rm", image, want="no image")
+
+
+def test_a_host_with_a_cold_cache_restores_and_cold_boots_from_s3(cfg, worker, agent, thaw_cli, image, s3server,
+                                                                  tmp_path):
+    """A new host whose only source is S3 (every object of the build uploaded there, compressed where it pays):
+    it restores the snapshot (mounts, prefetch, criu, replay) and, as a fallback, cold-boots the image while
+    prefetching what the snapshot's own launch read (the boot profile stored with it)."""
+    from thaw.snapshot.host import BOOT_PROFILE, HostSnapshots
+
+    snap = build_snapshot(thaw_cli, image, tmp_path)
+    row = snapshots.get(cfg.registry_url, snap["digest"]).model_dump()
+    assert BOOT_PROFILE in {e.path for e in ImageManifest.load(ChunkStore.open(cfg), snap["digest"]).files()}
+    bucket_cfg = s3server.settings()
+    build = ChunkStore.open(cfg)
+    s3 = ChunkStore.open(Config(state_dir=tmp_path / "uploader", **bucket_cfg)).durable
+    for key, _, _ in build.local.entries():
+        s3.put(key, build.local.get(key))
+
+    cold = Config(state_dir=tmp_path / "cold", host_id="cold-host", **bucket_cfg)
+    host = HostSnapshots(cold)
+    try:
+        running, ms = host.restore(row, {})  # raises unless the golden answer is byte-identical
+        running.stop()
+        assert ms["prefetch_chunks"] > 0, ms
+        running, ms, same = host.cold_boot(row["image_digest"], row["spec"], {}, row["golden_request"],
+                                           row["golden_digest"], row["digest"])
+        running.stop()
+        assert same and ms["prefetch_chunks"] > 0, ms
+    finally:
+        host.close()
+    assert host.store.durable.stats["gets"] > 0 and host.store.durable.stats["wire_get_bytes"] < \
+        host.store.durable.stats["get_bytes"]  # compressed on the wire
 
 
 def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, thaw_cli, image, tmp_path):
