@@ -311,13 +311,15 @@ class HostSnapshots:
         work.mkdir(parents=True)
         st = Stages()
         beat("root")
-        # the launch is a cold boot: on a mount of its own that records what it reads, the prefetch profile
-        # of fallback cold boots on hosts whose cache is cold (``cold_boot``)
-        rec = imagefs_mount.mount(self.cfg, image_digest, work / "image-boot", record=work / BOOT_PROFILE) \
-            if self.cfg.lazy_mounts else None
-        root = self._root(Path(rec.mountpoint) if rec else self.image_root(image_digest), work / "rw")
-        st.mark("root")
-        try:
+        with contextlib.ExitStack() as cleanup:
+            rec = None
+            if self.cfg.lazy_mounts:  # the launch is a cold boot: on a mount of its own that records what it
+                # reads, the prefetch profile of fallback cold boots on hosts whose cache is cold (cold_boot)
+                rec = imagefs_mount.mount(self.cfg, image_digest, work / "image-boot", record=work / BOOT_PROFILE)
+                cleanup.callback(rec.unmount)  # last: writes the boot profile
+            root = self._root(Path(rec.mountpoint) if rec else self.image_root(image_digest), work / "rw")
+            cleanup.callback(root.cleanup)
+            st.mark("root")
             beat("launch")
             replica = self._launch(root, spec, spec["env"], work / "launch.log")
             write_record(work / RECORD, replica.pid)
@@ -338,10 +340,6 @@ class HostSnapshots:
                 st.mark("dump")
             finally:
                 replica.stop()
-        finally:
-            root.cleanup()
-            if rec:
-                rec.unmount()  # writes the boot profile
         if (work / BOOT_PROFILE).exists():
             shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
