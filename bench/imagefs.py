@@ -176,8 +176,8 @@ def cold_run(kind: str, tmp: Path, s3: dict, ctx: dict, wire: WireCounter) -> di
     if kind == "restore":
         orig = host._prefetch
 
-        def capture(snap, files):
-            h = orig(snap, files)
+        def capture(snap):
+            h = orig(snap)
             handles.append(h)
             return h
 

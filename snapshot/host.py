@@ -27,7 +27,7 @@ from thaw.config import Config
 from thaw.imagefs import mount as imagefs_mount
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize_cached
-from thaw.imagefs.prefetch import load_profile, parse_profile, start_prefetch
+from thaw.imagefs.prefetch import parse_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
 from . import _linux, compat, criu, cuda, nvidia
@@ -271,20 +271,24 @@ class HostSnapshots:
         files, _ = self.trees(snap)
         st.mark("mount")
         if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote:
-            self._prefetch(snap, files).wait()
+            self._prefetch(snap).wait()
             st.mark("fetch")
         self._pinner.submit(self.pins.pin, snap["digest"], files).result()
         st.mark("pin")
         return st.done()
 
-    def _prefetch(self, snap: dict, files: Path):
+    def _prefetch(self, snap: dict):
         """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
         the image chunks recorded by the build's profiling restore (in first-read order). Returns the handle."""
-        digests = [c[0] for e in ImageManifest.load(self.store, snap["digest"]).files() for c in e.chunks]
-        profile = files / PROFILE
-        if profile.exists():
-            digests += load_profile(profile)
+        manifest = ImageManifest.load(self.store, snap["digest"])
+        digests = [c[0] for e in manifest.files() for c in e.chunks] + self._stored_profile(manifest, PROFILE)
         return start_prefetch(self.store, list(dict.fromkeys(digests)), self.cfg.prefetch_concurrency)
+
+    def _stored_profile(self, manifest: ImageManifest, name: str) -> list[str]:
+        """The chunk digests of access profile ``name`` among a snapshot's files, read from the store ([] when
+        the snapshot has none)."""
+        entry = next((e for e in manifest.files() if e.path == name), None)
+        return parse_profile(b"".join(self.store.get_chunk(d) for d, _ in entry.chunks)) if entry else []
 
     def secrets(self, names: list[str]) -> dict[str, str]:
         values = json.loads(self.cfg.secrets_file.read_text()) if self.cfg.secrets_file.exists() else {}
@@ -417,7 +421,7 @@ class HostSnapshots:
         beat("fetch")
         files, lower = self.trees(snap)
         # prefetch pays off only when chunks come from a remote tier; a local store serves reads at once
-        fetch = self._prefetch(snap, files) if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote \
+        fetch = self._prefetch(snap) if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote \
             else None
         st.mark("fetch")
         work = self._replica_dir(rid)
@@ -513,15 +517,11 @@ class HostSnapshots:
         """Start fetching (in the background) the image chunks the snapshot's launch read, read from the
         snapshot's files without mounting them; None where the snapshot has no such profile or can't be read."""
         try:
-            entry = next((e for e in ImageManifest.load(self.store, snapshot_digest).files()
-                          if e.path == BOOT_PROFILE), None)
-            if entry is None:
-                return None
-            profile = parse_profile(b"".join(self.store.get_chunk(d) for d, _ in entry.chunks))
+            profile = self._stored_profile(ImageManifest.load(self.store, snapshot_digest), BOOT_PROFILE)
         except (StoreError, ValueError, KeyError, IndexError) as e:
             log.warning("no boot prefetch from snapshot %s: %s", snapshot_digest[:12], str(e).splitlines()[0])
             return None
-        return start_prefetch(self.store, profile, self.cfg.prefetch_concurrency)
+        return start_prefetch(self.store, profile, self.cfg.prefetch_concurrency) if profile else None
 
     def verify(self, snapshot_digest: str, image_digest: str, spec: dict, golden: dict, golden_digest: str,
                secret_names: list[str]) -> dict[str, int]:
