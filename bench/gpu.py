@@ -33,7 +33,6 @@ the bandwidth of the model that held the most GPU memory (the driver's fixed cos
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -43,12 +42,12 @@ import sys
 import time
 from pathlib import Path
 
+from thaw.examples.minilm import recipe
 from thaw.snapshot import criu, cuda
 from thaw.snapshot.replica import Replica, after_restore, golden_answer
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "examples" / "minilm" / "server.py"
-GOLDEN = json.loads((REPO / "examples" / "minilm" / "golden.json").read_text())
 PORT = 8080
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -122,8 +121,7 @@ class Bench:
                      str(model_dir), "--device", device, "--dtype", dtype, "--model-name", self.label]
         # the whole environment: the host's CUDA libraries, thaw on PYTHONPATH for the server's SDK import
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.golden = {"path": "/embed", "method": "POST", "content_type": "application/json",
-                       "body_b64": base64.b64encode(json.dumps({"texts": GOLDEN["texts"]}).encode()).decode()}
+        self.golden = recipe.golden_request()
         self.ck = cuda.GpuCheckpointer(timeout_s=300) if device != "cpu" else None
         self.n = 0
 

@@ -42,7 +42,6 @@ Last line: ``P2 start bytes: <percent>% P3 seq read: <ratio>x import: <ratio>x``
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -336,8 +335,7 @@ def main() -> None:
               f"ingested + uploaded in {time.monotonic() - t0:.1f} s ({s3tier.stats['puts']:,} PUTs, "
               f"{s3tier.stats['put_bytes'] / MB:,.1f} MB)")
         spec = spec_from_config(config)
-        golden = {"path": "/embed", "method": "POST", "content_type": "application/json",
-                  "body_b64": base64.b64encode(recipe.GOLDEN_JSON.read_bytes()).decode()}
+        golden = recipe.golden_request()
         build_host = HostSnapshots(bcfg, bstore)
         taken = build_host.take("bench", image, spec, golden)
         t0 = time.monotonic()

@@ -16,7 +16,6 @@ The last line is the headline: ``P1 restore speedup: <ratio>x``.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import json
 import os
@@ -68,8 +67,7 @@ def main() -> None:
         print(f"image {image[:16]}: {manifest.stats()['size'] / 1e6:,.0f} MB, materialized in "
               f"{time.monotonic() - t0:.1f} s (not counted below)")
         spec = spec_from_config(config)
-        golden = {"path": "/embed", "method": "POST", "content_type": "application/json",
-                  "body_b64": base64.b64encode(recipe.GOLDEN_JSON.read_bytes()).decode()}
+        golden = recipe.golden_request()
 
         # warm the page cache with one unmeasured cold boot, so neither side pays for the disk
         running, _, _ = host.cold_boot(image, spec, {}, golden)

@@ -30,6 +30,7 @@ prints the rootfs path on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import glob
@@ -49,6 +50,13 @@ HERE = Path(__file__).resolve().parent
 SERVER_PY = HERE / "server.py"
 SDK_PY = HERE.parent.parent / "snapshot" / "sdk.py"  # thaw's server-side snapshot SDK, stdlib only
 GOLDEN_JSON = HERE / "golden.json"
+
+
+def golden_request() -> dict:
+    """The example's golden request as a snapshot records it (``Golden``): POST /embed with golden.json."""
+    return {"path": "/embed", "method": "POST", "content_type": "application/json",
+            "body_b64": base64.b64encode(GOLDEN_JSON.read_bytes()).decode()}
+
 
 SUITE = "bookworm"
 DEBOOTSTRAP_VARIANT = "minbase"
