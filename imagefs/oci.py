@@ -4,11 +4,15 @@ plus a list of verified layer streams.
 Kinds (``resolve`` takes the prefix, or autodetects a bare path or a HOST[:PORT]/REPO[:TAG] reference):
 
 - ``dir:PATH``: a root filesystem directory (read by :func:`thaw.imagefs.ingest.ingest_directory`);
-- ``docker-archive:PATH[:TAG]``: a ``docker save`` tar, legacy ``<id>/layer.tar`` or ``blobs/sha256/…`` layout;
+- ``docker-archive:PATH[:TAG]``: a ``docker save`` tar;
 - ``oci:PATH[:REF]``: an OCI image layout, directory or tar; REF is an ``org.opencontainers.image.ref.name``;
-- ``docker://[HOST/]REPO[:TAG|@DIGEST]``: a registry (HTTP API v2; anonymous, basic or bearer-token auth);
-- ``docker-daemon:IMAGE``: an image in the local dockerd, saved through the docker SDK to a temporary archive;
+- ``docker://[HOST/]REPO[:TAG|@DIGEST]``: a registry;
+- ``docker-daemon:IMAGE``: an image in the local dockerd;
 - ``dockerfile:DIR`` (or the Dockerfile's path): ``docker build`` through the docker SDK, then as above.
+
+An OCI layout directory is read in place. Everything else is copied by skopeo (registry protocol and auth,
+manifest lists, docker-archive and OCI-archive formats, the daemon's export, digest checks, retries) into a
+temporary OCI layout, which is then read the same way.
 
 Every layer is read as a stream: its bytes are hashed as they go by and checked against the layer digest
 when the stream ends or is closed, so a tampered blob fails the ingest (which only commits at the end).
@@ -28,6 +32,8 @@ import os
 import platform
 import posixpath
 import re
+import shutil
+import subprocess
 import tarfile
 import tempfile
 import zlib
@@ -38,11 +44,9 @@ from typing import BinaryIO, Callable, Iterator
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MT_DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 MT_TAR = "application/vnd.oci.image.layer.v1.tar"
 INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
-ACCEPT = ", ".join((MT_OCI_INDEX, MT_OCI_MANIFEST, MT_DOCKER_LIST, MT_DOCKER_MANIFEST))
 REF_NAME = "org.opencontainers.image.ref.name"
 CONFIG_FIELDS = ("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir", "Labels",
                  "StopSignal")
@@ -129,6 +133,19 @@ def _split_path_ref(rest: str) -> tuple[Path, str | None]:
     return whole, None
 
 
+def _tar_names(path: Path, label: str) -> set[str]:
+    """The member names of an uncompressed tar, normalised (``./index.json`` is ``index.json``)."""
+    try:
+        with tarfile.open(path, "r:") as tf:
+            return {posixpath.normpath(n.lstrip("/")) for n in tf.getnames()}
+    except tarfile.ReadError as e:
+        with open(path, "rb") as f:
+            hint = "; decompress it first" if f.read(4).startswith((GZIP_MAGIC, ZSTD_MAGIC)) else ""
+        raise SourceError(f"{label}: not a readable tar file ({e}){hint}") from None
+    except OSError as e:
+        raise SourceError(f"{label}: cannot read {path}: {e.strerror or e}") from None
+
+
 def _with_ref(path: Path, ref: str | None) -> str:
     return _abs(path) + (f":{ref}" if ref else "")
 
@@ -144,7 +161,7 @@ def _resolve_docker_archive(rest: str) -> SourceSpec:
     path, ref = _split_path_ref(rest)
     if not path.is_file():
         raise SourceError(f"docker-archive:{rest}: no such file; give the tar written by `docker save`")
-    if "manifest.json" not in _TarFS(path, f"docker-archive:{rest}").names:
+    if "manifest.json" not in _tar_names(path, f"docker-archive:{rest}"):
         raise SourceError(f"docker-archive:{rest}: not a docker-archive (no manifest.json); "
                           f"give a `docker save` tar")
     return SourceSpec("docker-archive", _with_ref(path, ref))
@@ -158,7 +175,7 @@ def _resolve_oci(rest: str) -> SourceSpec:
             raise SourceError(f"{label}: not an OCI image layout (no index.json); "
                               f"give a directory written by e.g. `skopeo copy ... oci:DIR:TAG`")
     elif path.is_file():
-        if "index.json" not in _TarFS(path, label).names:
+        if "index.json" not in _tar_names(path, label):
             raise SourceError(f"{label}: not an OCI archive (no index.json in the tar)")
     else:
         raise SourceError(f"{label}: no such OCI layout directory or archive")
@@ -192,7 +209,7 @@ def _autodetect(p: Path) -> SourceSpec:
         raise SourceError(f"{p}: not a directory, docker-archive or OCI archive")
     if not tarfile.is_tarfile(p):
         raise SourceError(f"{p}: not a directory or a tar file; {KINDS_HINT}")
-    names = _TarFS(p, str(p)).names
+    names = _tar_names(p, str(p))
     if "manifest.json" in names:
         return SourceSpec("docker-archive", _abs(p))
     if "index.json" in names:
@@ -212,14 +229,6 @@ class RegistryRef:
     def __str__(self) -> str:
         return (f"{self.host}/{self.repo}" + (f":{self.tag}" if self.tag else "")
                 + (f"@{self.digest}" if self.digest else ""))
-
-    @property
-    def api_host(self) -> str:
-        return "registry-1.docker.io" if self.host == "docker.io" else self.host
-
-    @property
-    def reference(self) -> str:
-        return self.digest or self.tag or "latest"
 
 
 def _looks_like_registry_ref(s: str) -> bool:
@@ -261,28 +270,32 @@ def _resolve_registry(rest: str) -> SourceSpec:
 # -- open ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def open_image(spec: SourceSpec) -> Iterator[ImageSource]:
-    """Open a resolved source; temporary files and connections go away on exit."""
+    """Open a resolved source; the temporary layout (and the daemon connection) go away on exit."""
     label = str(spec)
+    if spec.kind == "dir":
+        raise SourceError(f"{label}: a directory has no layers; ingest it with ingest_directory")
+    path, ref = _split_path_ref(spec.location)
+    if spec.kind == "oci" and path.is_dir():
+        yield _oci_layout(_DirFS(path, label), label, ref)
+        return
     with contextlib.ExitStack() as stack:
-        if spec.kind == "docker-archive":
-            path, ref = _split_path_ref(spec.location)
-            yield _docker_archive(_TarFS(path, label), label, ref)
-        elif spec.kind == "oci":
-            path, ref = _split_path_ref(spec.location)
-            fs = _DirFS(path, label) if path.is_dir() else _TarFS(path, label)
-            yield _oci_layout(fs, label, ref)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-pull-")))
+        if spec.kind == "oci":
+            yield _copy(f"oci-archive:{_with_ref(path, ref)}", tmp / "layout", label,
+                        not_found=f"no image named {ref!r} in the archive")
+        elif spec.kind == "docker-archive":
+            tag = f"{ref}:latest" if ref and ref.rfind(":") <= ref.rfind("/") else ref
+            yield _copy(f"docker-archive:{_with_ref(path, tag)}", tmp / "layout", label,
+                        not_found=f"no image tagged {tag!r} in the archive")
         elif spec.kind == "registry":
-            reg = stack.enter_context(contextlib.closing(_Registry(parse_registry_ref(spec.location), label)))
-            yield reg.image()
+            yield _pull(parse_registry_ref(spec.location), tmp, label)
         elif spec.kind in ("docker-daemon", "dockerfile"):
             client = stack.enter_context(_docker_client(label))
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-docker-")))
             image_id = (_docker_build(client, Path(spec.location), label) if spec.kind == "dockerfile"
                         else spec.location)
-            archive = _docker_save(client, image_id, tmp / "image.tar", label)
-            yield _docker_archive(_TarFS(archive, label), label, None)
-        elif spec.kind == "dir":
-            raise SourceError(f"{label}: a directory has no layers; ingest it with ingest_directory")
+            daemon = os.environ.get("DOCKER_HOST")
+            yield _copy(f"docker-daemon:{_docker_image_id(client, image_id, label)}", tmp / "layout", label,
+                        *(["--src-daemon-host", daemon] if daemon else []))
         else:
             raise SourceError(f"{label}: unknown source kind {spec.kind!r}")
 
@@ -458,29 +471,7 @@ def _zstd_reader(f: BinaryIO, what: str):
     return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, closefd=False)
 
 
-class _Bounded(io.RawIOBase):
-    """``size`` bytes of ``f`` from its current position."""
-
-    def __init__(self, f: BinaryIO, size: int):
-        self.f, self.left = f, size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.left <= 0:
-            return 0
-        data = self.f.read(min(len(b), self.left))
-        self.left -= len(data)
-        b[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
-# -- file systems: a directory or a tar -------------------------------------------------------------------
+# -- OCI image layout --------------------------------------------------------------------------------------
 class _DirFS:
     def __init__(self, root: Path, label: str):
         self.root, self.label = Path(root), label
@@ -511,120 +502,6 @@ class _DirFS:
         return data
 
 
-class _TarFS:
-    """Random access to the members of an uncompressed tar (``docker save`` output, OCI archives)."""
-
-    def __init__(self, path: Path, label: str):
-        self.path, self.label = Path(path), label
-        try:
-            with tarfile.open(self.path, "r:") as tf:
-                members = tf.getmembers()
-        except tarfile.ReadError as e:
-            hint = "; decompress it first" if "compress" in str(e) or self._compressed() else ""
-            raise SourceError(f"{label}: not a readable tar file ({e}){hint}") from None
-        except OSError as e:
-            raise SourceError(f"{label}: cannot read {self.path}: {e.strerror or e}") from None
-        self.members = {}
-        for m in members:
-            name = posixpath.normpath(m.name.lstrip("/")) if m.name not in ("", ".", "./") else ""
-            self.members[name] = m
-        self.names = set(self.members)
-
-    def _compressed(self) -> bool:
-        with open(self.path, "rb") as f:
-            return f.read(4).startswith((GZIP_MAGIC, ZSTD_MAGIC))
-
-    def _member(self, name: str) -> tarfile.TarInfo:
-        name = posixpath.normpath(name)
-        for _ in range(16):
-            m = self.members.get(name)
-            if m is None:
-                raise SourceError(f"{self.label}: {name} is missing from the archive")
-            if m.issym():
-                name = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
-            elif m.islnk():
-                name = posixpath.normpath(m.linkname)
-            elif m.isreg() and not m.issparse():
-                return m
-            else:
-                raise SourceError(f"{self.label}: {name} is not a regular file in the archive")
-        raise SourceError(f"{self.label}: too many links at {name}")
-
-    def exists(self, name: str) -> bool:
-        return posixpath.normpath(name) in self.members
-
-    def size(self, name: str) -> int:
-        return self._member(name).size
-
-    def open(self, name: str) -> BinaryIO:
-        m = self._member(name)
-        f = open(self.path, "rb")
-        f.seek(m.offset_data)
-        return _Bounded(f, m.size)
-
-    def read(self, name: str) -> bytes:
-        if self.size(name) > MAX_JSON:
-            raise SourceError(f"{self.label}: {name} is over {MAX_JSON} bytes")
-        with self.open(name) as f:
-            return f.read()
-
-
-# -- docker-archive ----------------------------------------------------------------------------------------
-def _docker_archive(fs: _TarFS, label: str, ref: str | None) -> ImageSource:
-    if not fs.exists("manifest.json"):
-        raise SourceError(f"{label}: not a docker-archive (no manifest.json); give a `docker save` tar")
-    entries = _json(fs.read("manifest.json"), f"{label}: manifest.json")
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
-        raise SourceError(f"{label}: manifest.json lists no images")
-    tags = [t for e in entries for t in (e.get("RepoTags") or [])]
-    if ref:
-        want = {ref, f"{ref}:latest"}
-        picked = [e for e in entries if want & set(e.get("RepoTags") or [])]
-        if not picked:
-            raise SourceError(f"{label}: no image tagged {ref!r} in the archive (has: {', '.join(tags) or 'none'})")
-        entry = picked[0]
-    elif len(entries) == 1:
-        entry = entries[0]
-    else:
-        raise SourceError(f"{label}: the archive holds {len(entries)} images; pick one with "
-                          f"docker-archive:PATH:TAG (tags: {', '.join(tags) or 'none'})")
-    config_name, layer_names = entry.get("Config"), entry.get("Layers")
-    if not isinstance(config_name, str) or not isinstance(layer_names, list):
-        raise SourceError(f"{label}: manifest.json entry has no Config or Layers")
-    config = _json(fs.read(config_name), f"{label}: {config_name}")
-    diff_ids = ((config.get("rootfs") or {}).get("diff_ids") or []) if isinstance(config, dict) else []
-    if diff_ids and len(diff_ids) != len(layer_names):
-        raise SourceError(f"{label}: config lists {len(diff_ids)} layers but the manifest {len(layer_names)}")
-    layers = []
-    for i, name in enumerate(layer_names):
-        if not isinstance(name, str):
-            raise SourceError(f"{label}: bad layer entry {name!r} in manifest.json")
-        layers.append(Layer(_archive_layer_digest(fs, name, diff_ids[i] if diff_ids else None, label),
-                            fs.size(name), MT_TAR, functools.partial(fs.open, name), label))
-    return ImageSource(ref=label + (f":{ref}" if ref else ""), config=_small_config(config), layers=layers)
-
-
-def _archive_layer_digest(fs: _TarFS, name: str, diff_id, label: str) -> str:
-    """The digest to verify a docker-archive layer file against.
-
-    ``blobs/sha256/<hex>`` is content-addressed; an uncompressed legacy ``<id>/layer.tar`` must hash to its
-    config ``diff_id``; anything else (a compressed legacy layer) is hashed up front, which at least pins
-    the bytes read later to those seen now.
-    """
-    m = re.search(r"(?:^|/)(sha256|sha512)/([0-9a-f]{64,128})$", name)
-    if m and DIGEST_RE.match(f"{m[1]}:{m[2]}"):
-        return f"{m[1]}:{m[2]}"
-    with fs.open(name) as f:
-        magic = f.read(4)
-        if diff_id is not None and not magic.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
-            return _check_digest(diff_id, f"{label}: config diff_id")
-        h = hashlib.sha256(magic)
-        while data := f.read(1 << 20):
-            h.update(data)
-    return f"sha256:{h.hexdigest()}"
-
-
-# -- OCI image layout --------------------------------------------------------------------------------------
 def _blob_path(digest: str, what: str) -> str:
     alg, _, hexd = _check_digest(digest, what).partition(":")
     return f"blobs/{alg}/{hexd}"
@@ -721,210 +598,6 @@ def _image_from_manifest(doc: dict, fetch: Callable[[str], bytes], open_blob: Ca
     return ImageSource(ref=ref, config=_small_config(config), layers=layers)
 
 
-# -- registry (Docker Registry HTTP API v2) ----------------------------------------------------------------
-def _insecure(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name in ("localhost", "127.0.0.1", "[::1]") or name.startswith("127."):
-        return True
-    listed = {h.strip() for h in os.environ.get("THAW_INSECURE_REGISTRIES", "").split(",") if h.strip()}
-    return host in listed or name in listed
-
-
-def _credentials(host: str) -> tuple[str, str] | None:
-    """THAW_REGISTRY_USERNAME (or _USER) / THAW_REGISTRY_PASSWORD, else ~/.docker/config.json ``auths``."""
-    user = os.environ.get("THAW_REGISTRY_USERNAME") or os.environ.get("THAW_REGISTRY_USER")
-    if user:
-        return user, os.environ.get("THAW_REGISTRY_PASSWORD", "")
-    cfg_dir = Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
-    try:
-        auths = json.loads((cfg_dir / "config.json").read_text()).get("auths") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    keys = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"http://{host}/v1/"]
-    if host == "docker.io":
-        keys += ["https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"]
-    for k in keys:
-        entry = auths.get(k)
-        if not isinstance(entry, dict):
-            continue
-        if entry.get("auth"):
-            with contextlib.suppress(ValueError):
-                u, _, p = base64.b64decode(entry["auth"]).decode().partition(":")
-                return u, p
-        if entry.get("username"):
-            return entry["username"], entry.get("password", "")
-    return None
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = header.strip().partition(" ")
-    params = dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', rest))
-    params.update({k: v for k, v in re.findall(r'(\w+)\s*=\s*([^",\s]+)', rest) if k not in params})
-    return scheme.lower(), params
-
-
-def _net_reason(e: Exception) -> str:
-    text = str(e)
-    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text) or re.search(r"Error\(-?\d+, '([^']+)'", text)
-    if m:
-        return m.group(1).strip()
-    for word in ("timed out", "Connection refused", "Name or service not known", "certificate verify failed"):
-        if word in text:
-            return word
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-class _HTTPBody(io.RawIOBase):
-    def __init__(self, resp):
-        self.resp = resp
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.resp.raw.read(len(b), decode_content=False)
-        b[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.resp.close()
-        super().close()
-
-
-class _Registry:
-    def __init__(self, ref: RegistryRef, label: str):
-        import requests
-
-        self.requests = requests
-        self.ref, self.label = ref, label
-        scheme = "http" if _insecure(ref.host) else "https"
-        self.base = f"{scheme}://{ref.api_host}/v2/{ref.repo}"
-        self.session = requests.Session()
-        self.session.headers["User-Agent"] = "thaw"
-        self.creds = _credentials(ref.host)
-        self.auth: str | None = None
-
-    def close(self) -> None:
-        self.session.close()
-
-    def _get(self, path: str, accept: str | None = None, stream: bool = False):
-        requests = self.requests
-        url = f"{self.base}/{path}"
-        for attempt in range(2):
-            headers = {"Accept": accept} if accept else {}
-            if self.auth:
-                headers["Authorization"] = self.auth
-            try:
-                r = self.session.get(url, headers=headers, stream=stream, timeout=(15, 300))
-            except requests.exceptions.SSLError as e:
-                raise SourceError(f"{self.label}: TLS with registry {self.ref.host} failed ({_net_reason(e)}); "
-                                  f"for a plain-HTTP registry add it to THAW_INSECURE_REGISTRIES") from None
-            except requests.ConnectionError as e:
-                raise SourceError(f"{self.label}: registry {self.ref.host} unreachable: {_net_reason(e)}; "
-                                  f"check the address and that the registry runs") from None
-            except requests.Timeout as e:
-                raise SourceError(f"{self.label}: registry {self.ref.host} timed out: {_net_reason(e)}") from None
-            if r.status_code == 401 and attempt == 0:
-                challenge = r.headers.get("WWW-Authenticate", "")
-                r.close()
-                self._authenticate(challenge)
-                continue
-            return r
-        return r
-
-    def _authenticate(self, challenge: str) -> None:
-        requests = self.requests
-        scheme, params = _parse_challenge(challenge)
-        who = f"user {self.creds[0]!r}" if self.creds else "anonymous access"
-        if scheme == "basic":
-            if not self.creds:
-                raise SourceError(f"{self.label}: registry {self.ref.host} needs credentials; set "
-                                  f"THAW_REGISTRY_USERNAME and THAW_REGISTRY_PASSWORD (or docker login)")
-            self.auth = "Basic " + base64.b64encode(":".join(self.creds).encode()).decode()
-            return
-        if scheme != "bearer" or "realm" not in params:
-            raise SourceError(f"{self.label}: registry {self.ref.host} asks for unsupported auth {challenge!r}")
-        query = {"scope": params.get("scope") or f"repository:{self.ref.repo}:pull"}
-        if params.get("service"):
-            query["service"] = params["service"]
-        realm = params["realm"]
-        try:
-            r = requests.get(realm, params=query, auth=self.creds, timeout=(15, 60))
-        except requests.RequestException as e:
-            raise SourceError(f"{self.label}: token server {realm} unreachable: {_net_reason(e)}") from None
-        with contextlib.closing(r):
-            if r.status_code in (401, 403):
-                raise SourceError(f"{self.label}: token server {realm} refused {who} (HTTP {r.status_code}); "
-                                  f"check THAW_REGISTRY_USERNAME / THAW_REGISTRY_PASSWORD")
-            if r.status_code != 200:
-                raise SourceError(f"{self.label}: token server {realm} answered HTTP {r.status_code}")
-            try:
-                body = r.json()
-            except ValueError:
-                body = {}
-        token = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
-        if not token:
-            raise SourceError(f"{self.label}: token server {realm} returned no token")
-        self.auth = f"Bearer {token}"
-
-    def _check(self, r, what: str) -> None:
-        if r.status_code == 200:
-            return
-        try:
-            errors = r.json().get("errors") or []
-            detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict))
-        except Exception:
-            detail = ""
-        r.close()
-        detail = f" ({detail})" if detail else ""
-        who = f" as {self.creds[0]!r}" if self.creds else " (anonymous)"
-        if r.status_code == 404:
-            raise SourceError(f"{self.label}: {what} not found in registry {self.ref.host}{detail}; "
-                              f"check the repository and tag")
-        if r.status_code in (401, 403):
-            raise SourceError(f"{self.label}: registry {self.ref.host} denied access{who} (HTTP {r.status_code})"
-                              f"{detail}; check THAW_REGISTRY_USERNAME / THAW_REGISTRY_PASSWORD and that the "
-                              f"repository exists")
-        if r.status_code >= 500 or r.status_code == 429:  # transient: let the activity retry
-            raise RuntimeError(f"{self.label}: registry {self.ref.host} answered HTTP {r.status_code}{detail}")
-        raise SourceError(f"{self.label}: registry {self.ref.host} answered HTTP {r.status_code} for {what}{detail}")
-
-    def manifest(self, reference: str) -> bytes:
-        r = self._get(f"manifests/{reference}", accept=ACCEPT)
-        self._check(r, f"manifest {reference}")
-        with contextlib.closing(r):
-            data = r.content
-        if len(data) > MAX_JSON:
-            raise SourceError(f"{self.label}: manifest {reference} is over {MAX_JSON} bytes")
-        if DIGEST_RE.match(reference):
-            _verify(data, reference, f"{self.label}: manifest")
-        return data
-
-    def open_blob(self, digest: str) -> BinaryIO:
-        r = self._get(f"blobs/{digest}", stream=True)
-        self._check(r, f"blob {digest}")
-        return _HTTPBody(r)
-
-    def blob(self, digest: str) -> bytes:
-        with self.open_blob(digest) as f:
-            data = f.read(MAX_JSON + 1)
-        if len(data) > MAX_JSON:
-            raise SourceError(f"{self.label}: blob {digest} is over {MAX_JSON} bytes")
-        return _verify(data, digest, f"{self.label}: blob {digest}")
-
-    def image(self) -> ImageSource:
-        top = self.manifest(self.ref.reference)
-        top_digest = self.ref.digest or f"sha256:{hashlib.sha256(top).hexdigest()}"
-        fetched = {top_digest: top}
-
-        def fetch(digest: str) -> bytes:
-            return fetched.pop(digest, None) or self.manifest(digest)
-
-        digest, doc = _resolve_manifest({"digest": top_digest}, fetch, self.label)
-        return _image_from_manifest(doc, self.blob, self.open_blob, self.label,
-                                    f"{self.ref.host}/{self.ref.repo}@{digest}")
-
-
 # -- docker daemon -----------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _docker_client(label: str):
@@ -938,7 +611,7 @@ def _docker_client(label: str):
         client.ping()
     except Exception as e:
         raise SourceError(f"{label}: cannot reach the Docker daemon at {host}: start dockerd or set DOCKER_HOST "
-                          f"({_net_reason(e)})") from None
+                          f"({_one_line(e)[:200]})") from None
     try:
         yield client
     finally:
@@ -977,19 +650,107 @@ def _docker_build(client, location: Path, label: str) -> str:
     return image_id
 
 
-def _docker_save(client, name: str, dest: Path, label: str) -> Path:
+def _docker_image_id(client, name: str, label: str) -> str:
+    """The full ID of a daemon image given by name, tag or (short) ID: what skopeo's docker-daemon: takes."""
     import docker
 
     try:
-        image = client.images.get(name)
+        return client.images.get(name).id
     except docker.errors.ImageNotFound:
         raise SourceError(f"{label}: no such image in the Docker daemon; pull or build it first") from None
     except docker.errors.APIError as e:
         raise SourceError(f"{label}: docker could not find the image: {_one_line(e.explanation or e)}") from None
+
+
+# -- skopeo: registries, archives and the daemon, copied into a temporary OCI layout ---------------------------
+COPY_REF = "thaw"  # the name of the one image in the temporary layout
+_FATAL_RE = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')
+_UNREACHABLE = ("connection refused", "no such host", "i/o timeout", "network is unreachable", "connection reset",
+                "no route to host")
+_DENIED = ("unauthorized", "denied", "authentication required", "invalid username/password", "forbidden")
+_TRANSIENT = re.compile(r"\b(429|500|502|503|504)\b|toomanyrequests|service unavailable|bad gateway")
+
+
+@dataclass(frozen=True)
+class _Registry:
+    """What an error message about a registry needs."""
+    host: str
+    user: str | None
+
+
+def _copy(src: str, dest: Path, label: str, *flags: str, registry: _Registry | None = None,
+          not_found: str | None = None) -> ImageSource:
+    """``skopeo copy SRC`` into an OCI layout at ``dest``, then read it like any layout."""
+    exe = shutil.which("skopeo")
+    if exe is None:
+        raise SourceError(f"{label}: skopeo is not installed; thaw reads registries, archives and the Docker "
+                          f"daemon through it (apt-get install skopeo)")
+    argv = [exe, "--insecure-policy", "copy", "--quiet", "--retry-times", "3", *flags, src, f"oci:{dest}:{COPY_REF}"]
+    with _keepalive("skopeo copy"):
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+    if r.returncode:
+        raise _copy_error(r.stderr.decode(errors="replace"), label, registry, not_found)
+    return _oci_layout(_DirFS(dest, label), label, COPY_REF)
+
+
+def _copy_error(stderr: str, label: str, registry: _Registry | None, not_found: str | None) -> Exception:
+    """skopeo's fatal message as one line that says what to do; a registry's 5xx/429 stays retryable."""
+    m = _FATAL_RE.search(stderr)
+    msg = _one_line(_unquote(m[1]) if m else (stderr.strip().splitlines() or ["no output"])[-1])
+    low, reason = msg.lower(), msg.rsplit(": ", 1)[-1]
+    if "digest did not match" in low or "digest mismatch" in low:
+        return SourceError(f"{label}: a blob does not match its digest ({reason}); the image is corrupt or was "
+                           f"tampered with")
+    if registry:
+        host, who = registry.host, f" as {registry.user!r}" if registry.user else ""
+        if any(w in low for w in _UNREACHABLE):
+            return SourceError(f"{label}: registry {host} unreachable: {reason}; check the address and that the "
+                               f"registry runs")
+        if "x509" in low or "tls:" in low or "certificate" in low:
+            return SourceError(f"{label}: TLS with registry {host} failed ({reason}); for a plain-HTTP registry "
+                               f"add it to THAW_INSECURE_REGISTRIES")
+        if any(w in low for w in _DENIED):
+            return SourceError(f"{label}: registry {host} denied access{who} ({reason}); set "
+                               f"THAW_REGISTRY_USERNAME and THAW_REGISTRY_PASSWORD (or docker login)")
+        if "manifest unknown" in low or "name unknown" in low or "not found" in low:
+            return SourceError(f"{label}: image not found in registry {host} ({reason}); check the repository "
+                               f"and tag")
+        if _TRANSIENT.search(low):
+            return RuntimeError(f"{label}: registry {host} failed: {msg}")  # transient: the activity retries
+    elif not_found and "not found" in low:
+        return SourceError(f"{label}: {not_found}")
+    return SourceError(f"{label}: {msg}")
+
+
+def _unquote(text: str) -> str:
+    """logrus quotes the message Go-style; JSON reads the same escapes (\\n, \\", \\uXXXX)."""
     try:
-        with _keepalive("docker save"), open(dest, "wb") as f:
-            for chunk in image.save(chunk_size=1 << 20, named=False):
-                f.write(chunk)
-    except docker.errors.APIError as e:
-        raise SourceError(f"{label}: docker save failed: {_one_line(e.explanation or e)}") from None
-    return dest
+        return json.loads(f'"{text}"')
+    except ValueError:
+        return text
+
+
+def _insecure(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name in ("localhost", "127.0.0.1", "[::1]") or name.startswith("127."):
+        return True
+    listed = {h.strip() for h in os.environ.get("THAW_INSECURE_REGISTRIES", "").split(",") if h.strip()}
+    return host in listed or name in listed
+
+
+def _pull(ref: RegistryRef, tmp: Path, label: str) -> ImageSource:
+    """A registry image: credentials from THAW_REGISTRY_USERNAME/PASSWORD, else skopeo's own lookup
+    (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, containers' auth.json)."""
+    flags = ["--src-tls-verify=false"] if _insecure(ref.host) else []
+    user = os.environ.get("THAW_REGISTRY_USERNAME") or os.environ.get("THAW_REGISTRY_USER")
+    if user:  # an auth file, not --src-creds: no password on a command line
+        auth = tmp / "auth.json"
+        secret = base64.b64encode(f"{user}:{os.environ.get('THAW_REGISTRY_PASSWORD', '')}".encode()).decode()
+        auth.touch(mode=0o600)
+        auth.write_text(json.dumps({"auths": {ref.host: {"auth": secret}}}))
+        flags += ["--src-authfile", str(auth)]
+    elif os.environ.get("DOCKER_CONFIG"):
+        config = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
+        if config.is_file():
+            flags += ["--src-authfile", str(config)]
+    return _copy(f"docker://{ref}", tmp / "layout", label, *flags, registry=_Registry(ref.host, user))
