@@ -665,9 +665,17 @@ def _docker_image_id(client, name: str, label: str) -> str:
 # -- skopeo: registries, archives and the daemon, copied into a temporary OCI layout ---------------------------
 COPY_REF = "thaw"  # the name of the one image in the temporary layout
 _FATAL_RE = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')
-_UNREACHABLE = ("connection refused", "no such host", "i/o timeout", "network is unreachable", "connection reset",
-                "no route to host")
-_DENIED = ("unauthorized", "denied", "authentication required", "invalid username/password", "forbidden")
+_REGISTRY_ERRORS = (  # (words in skopeo's message, what the user reads), first match wins
+    (("connection refused", "no such host", "i/o timeout", "network is unreachable", "connection reset",
+      "no route to host"), "registry {host} unreachable: {reason}; check the address and that the registry runs"),
+    (("x509", "tls:", "certificate"),
+     "TLS with registry {host} failed ({reason}); for a plain-HTTP registry add it to THAW_INSECURE_REGISTRIES"),
+    (("unauthorized", "denied", "authentication required", "invalid username/password", "forbidden"),
+     "registry {host} denied access{who} ({reason}); set THAW_REGISTRY_USERNAME and THAW_REGISTRY_PASSWORD "
+     "(or docker login)"),
+    (("manifest unknown", "name unknown", "not found"),
+     "image not found in registry {host} ({reason}); check the repository and tag"),
+)
 _TRANSIENT = re.compile(r"\b(429|500|502|503|504)\b|toomanyrequests|service unavailable|bad gateway")
 
 
@@ -702,21 +710,12 @@ def _copy_error(stderr: str, label: str, registry: _Registry | None, not_found: 
         return SourceError(f"{label}: a blob does not match its digest ({reason}); the image is corrupt or was "
                            f"tampered with")
     if registry:
-        host, who = registry.host, f" as {registry.user!r}" if registry.user else ""
-        if any(w in low for w in _UNREACHABLE):
-            return SourceError(f"{label}: registry {host} unreachable: {reason}; check the address and that the "
-                               f"registry runs")
-        if "x509" in low or "tls:" in low or "certificate" in low:
-            return SourceError(f"{label}: TLS with registry {host} failed ({reason}); for a plain-HTTP registry "
-                               f"add it to THAW_INSECURE_REGISTRIES")
-        if any(w in low for w in _DENIED):
-            return SourceError(f"{label}: registry {host} denied access{who} ({reason}); set "
-                               f"THAW_REGISTRY_USERNAME and THAW_REGISTRY_PASSWORD (or docker login)")
-        if "manifest unknown" in low or "name unknown" in low or "not found" in low:
-            return SourceError(f"{label}: image not found in registry {host} ({reason}); check the repository "
-                               f"and tag")
+        who = f" as {registry.user!r}" if registry.user else ""
+        for words, message in _REGISTRY_ERRORS:
+            if any(w in low for w in words):
+                return SourceError(f"{label}: " + message.format(host=registry.host, who=who, reason=reason))
         if _TRANSIENT.search(low):
-            return RuntimeError(f"{label}: registry {host} failed: {msg}")  # transient: the activity retries
+            return RuntimeError(f"{label}: registry {registry.host} failed: {msg}")  # transient: the activity retries
     elif not_found and "not found" in low:
         return SourceError(f"{label}: {not_found}")
     return SourceError(f"{label}: {msg}")

@@ -251,6 +251,22 @@ def test_damaged_layer_blob_is_a_source_error(tmp_path, compress, damage, messag
     assert message in str(e.value) and str(layout) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("fatal, kind, message", [
+    ('received unexpected HTTP status: 503 Service Unavailable', RuntimeError, "registry r.example:5000 failed"),
+    ('pinging container registry r.example:5000: Get \\"https://r.example:5000/v2/\\": x509: certificate signed by '
+     'unknown authority', SourceError, "TLS with registry r.example:5000 failed (certificate signed by unknown "
+     "authority); for a plain-HTTP registry add it to THAW_INSECURE_REGISTRIES"),
+    ('writing blob: happened during read: Digest did not match, expected sha256:aa, got sha256:bb', SourceError,
+     "a blob does not match its digest (Digest did not match, expected sha256:aa, got sha256:bb); the image is "
+     "corrupt or was tampered with"),
+])
+def test_skopeo_failures_read_as_one_line(fatal, kind, message):
+    """The messages no local server here produces on demand (a registry's 5xx, a TLS failure, a corrupt blob)."""
+    stderr = f'Getting image source signatures\ntime="2026-11-27T10:00:00Z" level=fatal msg="{fatal}"\n'
+    e = oci._copy_error(stderr, "docker://r.example:5000/app:1", oci._Registry("r.example:5000", None), None)
+    assert type(e) is kind and message in str(e) and "\n" not in str(e)
+
+
 def test_tampered_oci_blob_fails_the_build_and_stores_nothing(cfg, worker, thaw_cli, tmp_path):
     layout = oci_layout(tmp_path / "layout", [layer(member("ok", data=os.urandom(300_000))),
                                               layer(member("model.bin", data=os.urandom(300_000)))], compress="plain")
