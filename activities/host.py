@@ -108,13 +108,14 @@ class HostActivities:
         """One serving replica of a deployment: restored (or cold-booted as a fallback), published, recorded."""
         started = int(time.time() * 1000)
         snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
+        env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, never in the snapshot
         with keepalive("restore"):
-            ((running, info),) = self.host.restore_many(snap, 1, self.host.secrets(inp.secrets))
+            ((running, info),) = self.host.restore_many(snap, 1, env)
         try:
-            endpoint = running.publish(self.cfg.replica_bind)
+            endpoint = running.publish(self.cfg.replica_bind, inp.ports)
             deployments.add_replica(self.cfg.registry_url, Replica(
                 id=running.id, deployment=inp.deployment, host_id=self.cfg.host_id, endpoint=endpoint,
-                outcome=info["outcome"]))
+                ports=running.published or None, outcome=info["outcome"]))
         except BaseException:
             running.stop()
             raise
@@ -124,7 +125,7 @@ class HostActivities:
             raise SnapshotError(f"agent {self.cfg.host_id} is stopping; replica {running.id} stopped")
         self._record(inp.snapshot, running, info, inp.deployment, endpoint)
         return ReplicaInfo(running.id, self.cfg.host_id, self.cfg.host_task_queue, endpoint, info["outcome"],
-                           info["reason"], info["timings_ms"], started, inp.signal_ms)
+                           info["reason"], info["timings_ms"], started, inp.signal_ms, running.published)
 
     def _record(self, snapshot: str, running: Running, info: dict, deployment: str | None = None,
                 endpoint: str = "") -> bool:

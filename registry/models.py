@@ -87,6 +87,8 @@ class Deployment(SQLModel, table=True):
     max_replicas: int = 1
     buffer: int = 0
     secrets: list = Field(default_factory=list, sa_column=Column(JSON))
+    env: dict | None = Field(default=None, sa_column=Column(JSON))  # delivered after each restore
+    ports: list | None = Field(default=None, sa_column=Column(JSON))  # extra replica ports published
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -97,5 +99,6 @@ class Replica(SQLModel, table=True):
     deployment: str = Field(index=True)
     host_id: str = Field(index=True)
     endpoint: str  # http://host:port reaching the replica's server
+    ports: dict | None = Field(default=None, sa_column=Column(JSON))  # extra replica port -> host:port
     outcome: str  # "restored" | "cold-boot"
     created_at: datetime = Field(default_factory=utcnow)

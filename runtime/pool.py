@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -14,6 +15,9 @@ from thaw.registry.queries import NotFound
 from thaw.workflows.pool import WORKFLOW_ID, DeploymentPool, PoolSpec, PoolState, ScaleRequest
 
 
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def workflow_id(name: str) -> str:
     return WORKFLOW_ID.format(name=name)
 
@@ -24,10 +28,23 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
         raise NotFound(f"deployment name {spec.name!r}: use letters, digits, '-' and '_'")
     if not 0 <= spec.min_replicas <= spec.max_replicas or spec.buffer < 0:
         raise NotFound(f"need 0 <= --min ({spec.min_replicas}) <= --max ({spec.max_replicas}) and --buffer >= 0")
-    spec.snapshot = snapshots.get(cfg.registry_url, spec.snapshot).digest
+    bad = sorted(k for k in spec.env if not ENV_NAME.match(k))
+    if bad:
+        raise NotFound(f"--env {', '.join(map(repr, bad))}: not an environment variable name")
+    both = sorted(set(spec.env) & set(spec.secrets))
+    if both:
+        raise NotFound(f"{', '.join(both)}: given as --env and as --secret; a secret's value comes from "
+                       f"`thaw secrets set` only")
+    snap = snapshots.get(cfg.registry_url, spec.snapshot)
+    spec.snapshot = snap.digest
+    bad = [p for p in spec.ports if not 0 < p < 65536]
+    if bad:
+        raise NotFound(f"--port {', '.join(map(str, bad))}: a port is 1..65535")
+    spec.ports = sorted({p for p in spec.ports if p != snap.spec["port"]})  # the server's port is always published
     deployments.upsert(cfg.registry_url, Deployment(
         name=spec.name, snapshot_digest=spec.snapshot, min_replicas=spec.min_replicas,
-        max_replicas=spec.max_replicas, buffer=spec.buffer, secrets=spec.secrets))
+        max_replicas=spec.max_replicas, buffer=spec.buffer, secrets=spec.secrets, env=spec.env or None,
+        ports=spec.ports or None))
     handle = client.get_workflow_handle(workflow_id(spec.name))
     try:
         desc = await handle.describe()

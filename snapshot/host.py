@@ -97,17 +97,24 @@ class Running:
         if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
             write_record(self.record, self.replica.pid)
 
-    forwarder: "Forwarder | None" = None
+    forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
 
-    def publish(self, bind: str = "127.0.0.1") -> str:
-        """Make the replica's server reachable from the host; returns its endpoint URL."""
-        if self.forwarder is None:
-            self.forwarder = Forwarder(self.replica, self.port, bind)
-        return self.forwarder.endpoint
+    def publish(self, bind: str = "127.0.0.1", ports: tuple[int, ...] | list[int] = ()) -> str:
+        """Make the replica's server, and any other ``ports`` of the replica, reachable from the host; returns the
+        server's endpoint URL (the others: :attr:`published`)."""
+        for port in (self.port, *ports):
+            if port not in self.forwarders:
+                self.forwarders[port] = Forwarder(self.replica, port, bind)
+        return self.forwarders[self.port].endpoint
+
+    @property
+    def published(self) -> dict[str, str]:
+        """The replica's other published ports: ``{"9090": "host:port"}``."""
+        return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
 
     def stop(self) -> None:
-        if self.forwarder:
-            self.forwarder.close()
+        for f in self.forwarders.values():
+            f.close()
         try:
             self.replica.stop()
         finally:
@@ -410,9 +417,10 @@ class HostSnapshots:
             shutil.copy2(work / PROFILE, work / "dump" / PROFILE)
 
     # -- restore ------------------------------------------------------------------------------------
-    def restore(self, snap: dict, secrets: dict[str, str], beat: Callable[[str], None] = lambda s: None
+    def restore(self, snap: dict, env: dict[str, str], beat: Callable[[str], None] = lambda s: None
                 ) -> tuple[Running, dict[str, int]]:
-        """Restore one replica of ``snap`` (a registry Snapshot as dict), verified by replaying its golden request."""
+        """Restore one replica of ``snap`` (a registry Snapshot as dict), verified by replaying its golden request.
+        ``env`` (secrets, a deployment's env) reaches the server through its after-restore hook."""
         spec, rid, st = snap["spec"], f"r-{uuid.uuid4().hex[:10]}", Stages()
         reasons = compat.check(snap["host_facts"], self.facts)
         if reasons:
@@ -448,9 +456,9 @@ class HostSnapshots:
         try:
             self._restore_gpu(snap, replica, st)
             try:
-                criu.after_restore(replica, spec["port"], secrets, rid)
+                criu.after_restore(replica, spec["port"], env, rid)
             except criu.ReplicaError:
-                if secrets:  # the hook is optional for a server without the SDK, unless it needs secrets
+                if env:  # the hook is optional for a server without the SDK, unless it has env to deliver
                     raise
             st.mark("hooks")
             replica.wait_healthy(spec["port"], spec["health"], timeout=60)
@@ -470,10 +478,11 @@ class HostSnapshots:
             ms.update(prefetch=int(stats.ms), prefetch_chunks=stats.chunks, prefetch_kb=stats.bytes // 1024)
         return running, ms
 
-    def cold_boot(self, image_digest: str, spec: dict, secrets: dict[str, str], golden: dict | None = None,
+    def cold_boot(self, image_digest: str, spec: dict, env: dict[str, str], golden: dict | None = None,
                   golden_digest: str | None = None, snapshot_digest: str | None = None
                   ) -> tuple[Running, dict[str, int], bool | None]:
-        """Start the model from scratch (secrets as plain env: no snapshot is taken of this process).
+        """Start the model from scratch, ``env`` (secrets, a deployment's env) over the image's in its environment
+        (no snapshot is taken of this process).
         The third value says whether it answered the golden request as the snapshot did (None: not asked).
         With ``snapshot_digest`` (a fallback from that snapshot) and chunks coming from a remote tier, what the
         snapshot's launch read is prefetched in parallel while the model boots."""
@@ -487,7 +496,7 @@ class HostSnapshots:
             root = self._root(lower, work / "rw")
             st.mark("root")
             try:
-                replica = self._launch(root, spec, {**spec["env"], **secrets}, work / "launch.log")
+                replica = self._launch(root, spec, {**spec["env"], **env}, work / "launch.log")
             except BaseException:
                 root.cleanup()
                 raise
@@ -532,17 +541,17 @@ class HostSnapshots:
         running.stop()
         return ms
 
-    def restore_many(self, snap: dict, n: int, secrets: dict[str, str]) -> list[tuple[Running | None, dict]]:
+    def restore_many(self, snap: dict, n: int, env: dict[str, str]) -> list[tuple[Running | None, dict]]:
         """``n`` replicas side by side; each falls back to a cold boot on its own when its restore fails."""
 
         def one(_):
             try:
-                running, ms = self.restore(snap, secrets)
+                running, ms = self.restore(snap, env)
                 return running, {"outcome": "restored", "reason": "", "timings_ms": ms, "golden_ok": True}
             except (compat.Incompatible, criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, StoreError,
                     OSError) as e:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], secrets, snap["golden_request"],
+            running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], env, snap["golden_request"],
                                                snap["golden_digest"], snap["digest"])
             return running, {"outcome": "cold-boot", "reason": reason, "timings_ms": ms, "golden_ok": bool(same)}
 

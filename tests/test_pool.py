@@ -22,6 +22,7 @@ from services import wait_until
 from test_criu import needs_criu
 from test_snapshot import PORT, build_snapshot, image, image_config, rootfs  # noqa: F401  (fixtures)
 from thaw.registry import deployments, snapshots
+from thaw.registry.queries import NotFound
 
 pytestmark = needs_criu
 
@@ -30,8 +31,8 @@ def serving(cfg, name):
     return deployments.replicas(cfg.registry_url, deployment=name)
 
 
-def answer(endpoint: str) -> dict:
-    with urllib.request.urlopen(endpoint + "/answer-stable", timeout=10) as r:
+def answer(endpoint: str, path: str = "/answer-stable") -> dict:
+    with urllib.request.urlopen(endpoint + path, timeout=10) as r:
         return json.loads(r.read())
 
 
@@ -169,6 +170,29 @@ def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cl
     thaw_cli("undeploy", "api-dep")
 
 
+def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg, worker, agent, thaw_cli, snap):
+    """``--env`` is not in the snapshot: it reaches each restored replica through its after-restore hook. ``--port``
+    publishes another port of the replica (the test server's second listener) on the replica's host."""
+    side = str(PORT + 1)
+    thaw_cli("deploy", "side", "--snapshot", snap, "--max", "2", "--buffer", "0", "--env", "MODE=fast",
+             "--port", side, "--port", str(PORT))  # the server's own port is published anyway
+    assert deployments.get(cfg.registry_url, "side").env == {"MODE": "fast"}
+    thaw_cli("scale", "side", "2")
+    reps = wait_until(lambda: len(serving(cfg, "side")) == 2 and serving(cfg, "side"), what="2 replicas")
+    for r in reps:
+        assert r.outcome == "restored" and list(r.ports) == [side]
+        assert answer(r.endpoint, "/env/MODE") == {"value": "fast", "port": PORT}
+        assert answer(f"http://{r.ports[side]}", "/env/MODE") == {"value": "fast", "port": PORT + 1}
+    assert len({r.ports[side] for r in reps}) == 2, "each replica's port on its own host port"
+    out = thaw_cli("status", "side").output
+    assert "env        MODE  ports 8081" in out and all(f"{side}->{r.ports[side]}" in out for r in reps)
+    thaw_cli("undeploy", "side")
+    wait_until(lambda: serving(cfg, "side") == [], what="0 replicas")
+    for r in reps:  # the extra listener went with the replica
+        with pytest.raises(OSError):
+            answer(f"http://{r.ports[side]}", "/health")
+
+
 def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     res = thaw_cli("deploy", "x", "--snapshot", "abcdef12", ok=False)
     assert res.exit_code == 1 and "no snapshot abcdef12" in res.output
@@ -176,6 +200,14 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     assert res.exit_code == 1 and "--min" in res.output
     res = thaw_cli("scale", "never-deployed", "2", ok=False)
     assert res.exit_code == 1 and "never-deployed" in res.output
+    for args, message in ((["--env", "1BAD=x"], "'1BAD': not an environment variable name"),
+                          (["--env", "novalue"], "expected NAME=VALUE"),
+                          (["--env", "API_KEY=x", "--secret", "API_KEY"], "API_KEY: given as --env and as --secret"),
+                          (["--port", "70000"], "--port 70000: a port is 1..65535")):
+        res = thaw_cli("deploy", "x", "--snapshot", snap, *args, ok=False)
+        assert res.exit_code == 1 and message in res.output, res.output
+    with pytest.raises(NotFound):  # nothing stored for a refused deploy
+        deployments.get(cfg.registry_url, "x")
 
 
 def release_dead_host(cfg, host_id):

@@ -33,7 +33,7 @@ PORT = 8080
 DATA_MB = 20
 
 SERVER = r'''
-import hashlib, json, os, random, sys, time
+import hashlib, json, os, random, sys, threading, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 sys.path.insert(0, "/app")
 import thaw_sdk
@@ -71,10 +71,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply({"state": STATE})
         if self.path == "/secret":
             return self.reply({"secret": seen.get("secret") or os.environ.get("API_KEY")})
+        if self.path.startswith("/env/"):
+            return self.reply({"value": os.environ.get(self.path[5:]), "port": self.server.server_port})
         self.send_error(404)
 
     do_POST = do_GET
 
+side = HTTPServer(("127.0.0.1", int(os.environ["PORT"]) + 1), Handler)  # a second port, e.g. for metrics
+threading.Thread(target=side.serve_forever, daemon=True).start()
 server = HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
 thaw_sdk.mark_ready()
 server.serve_forever()

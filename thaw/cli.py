@@ -631,15 +631,20 @@ def _pool_call(cfg, fn):
 @click.option("--max", "max_replicas", type=int, default=4, show_default=True)
 @click.option("--buffer", type=int, default=1, show_default=True, help="Idle healthy hosts kept reserved.")
 @click.option("--secret", "secrets", multiple=True, help="Secret NAME injected after each restore.")
+@click.option("--env", "env", multiple=True, metavar="K=V",
+              help="Environment for the replicas: delivered after each restore (as secrets are), plain env on a "
+                   "cold boot. Not secret: it is stored with the deployment.")
+@click.option("--port", "ports", type=int, multiple=True,
+              help="Another port of the replica to publish on its host, besides the snapshot's server port.")
 @click.option("--cooldown", type=float, default=30.0, show_default=True, help="Seconds before scaling down.")
 @click.pass_obj
-def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, cooldown):
+def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, env, ports, cooldown):
     """Create or update deployment NAME and start its pool (a Temporal entity workflow)."""
     from thaw.runtime import pool
     from thaw.workflows.pool import PoolSpec
 
     spec = PoolSpec(name, snapshot, min_replicas, max_replicas, buffer, list(secrets), cooldown,
-                    heartbeat_timeout_s=cfg.heartbeat_timeout)
+                    heartbeat_timeout_s=cfg.heartbeat_timeout, env=_pairs(env, "--env"), ports=list(ports))
     spec, started = _pool_call(cfg, lambda c: pool.deploy(c, cfg, spec))
     click.echo(f"deployment {name}: snapshot {spec.snapshot[:12]}, replicas {min_replicas}..{max_replicas}, "
                f"buffer {buffer} ({'pool started' if started else 'pool updated'}; "
@@ -770,8 +775,11 @@ def _deployment_status(cfg, name, as_json):
                f"(min {sp.min_replicas}, max {sp.max_replicas})  serving {len(st.replicas)}")
     click.echo(f"buffer     {len(st.reserved)}/{sp.buffer} hosts reserved: {', '.join(st.reserved) or '-'}")
     click.echo("counts     " + (" ".join(f"{k}={v}" for k, v in sorted(st.counts.items())) or "-"))
+    if sp.env or sp.ports:
+        click.echo(f"env        {' '.join(sorted(sp.env)) or '-'}  ports {' '.join(map(str, sp.ports)) or '-'}")
     for r in st.replicas:
-        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint} {r.outcome}")
+        extra = "".join(f" {p}->{a}" for p, a in sorted(r.ports.items()))
+        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint}{extra} {r.outcome}")
     for r in st.recent:
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
 

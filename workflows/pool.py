@@ -35,6 +35,8 @@ class PoolSpec:
     check_every_s: float = 5.0  # host health / buffer check period
     start_timeout_s: float = 600.0
     heartbeat_timeout_s: float = 30.0
+    env: dict[str, str] = field(default_factory=dict)  # delivered after each restore (plain env on a cold boot)
+    ports: list[int] = field(default_factory=list)  # replica ports published besides the snapshot's server port
 
 
 @dataclass
@@ -55,6 +57,7 @@ class ReplicaInfo:
     timings_ms: dict[str, int] = field(default_factory=dict)
     started_at_ms: int = 0  # when the host began the restore (agent's wall clock)
     signal_ms: int = 0  # the scale signal that caused it
+    ports: dict[str, str] = field(default_factory=dict)  # extra replica port -> host:port publishing it
 
 
 @dataclass
@@ -74,6 +77,8 @@ class StartReplicaInput:
     snapshot: str
     secrets: list[str]
     signal_ms: int
+    env: dict[str, str] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -263,7 +268,7 @@ class DeploymentPool:
         sp = self.s.spec
         try:
             info = await workflow.execute_activity(
-                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig), result_type=ReplicaInfo,
+                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports), result_type=ReplicaInfo,
                 task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
                 heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
                 schedule_to_start_timeout=timedelta(seconds=sp.heartbeat_timeout_s),  # placed on a host that died
