@@ -97,9 +97,11 @@ class HostActivities:
         out = []
         for running, info in results:
             golden_ok = self._record(row.digest, running, info)
-            out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"]))
-            if not (plan.keep and self._adopt(running)):
+            endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
+            if not endpoint:
                 running.stop()
+            out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"],
+                                     endpoint))
         return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="start_replica")
@@ -111,17 +113,8 @@ class HostActivities:
         env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, never in the snapshot
         with keepalive("restore"):
             ((running, info),) = self.host.restore_many(snap, 1, env)
-        try:
-            endpoint = running.publish(self.cfg.replica_bind, inp.ports)
-            deployments.add_replica(self.cfg.registry_url, Replica(
-                id=running.id, deployment=inp.deployment, host_id=self.cfg.host_id, endpoint=endpoint,
-                ports=running.published or None, outcome=info["outcome"]))
-        except BaseException:
-            running.stop()
-            raise
-        if not self._adopt(running):  # the agent is stopping: a replica started now would have no owner
-            running.stop()
-            deployments.remove_replica(self.cfg.registry_url, running.id)
+        endpoint = self._serve(running, inp.deployment, inp.snapshot, info["outcome"], inp.ports)
+        if not endpoint:
             raise SnapshotError(f"agent {self.cfg.host_id} is stopping; replica {running.id} stopped")
         self._record(inp.snapshot, running, info, inp.deployment, endpoint)
         return ReplicaInfo(running.id, self.cfg.host_id, self.cfg.host_task_queue, endpoint, info["outcome"],
@@ -140,12 +133,24 @@ class HostActivities:
                  f" ({info['reason']})" if info["reason"] else "")
         return golden_ok
 
-    def _adopt(self, running: Running) -> bool:
-        """Keep ``running`` serving under this agent, unless the agent is stopping (then False)."""
+    def _serve(self, running: Running, deployment: str, snapshot: str, outcome: str, ports=()) -> str:
+        """Publish ``running``, record it in the registry and keep it serving under this agent; returns its
+        endpoint, or "" (replica stopped) when the agent is stopping: it would have no owner."""
+        try:
+            endpoint = running.publish(self.cfg.replica_bind, ports)
+            deployments.add_replica(self.cfg.registry_url, Replica(
+                id=running.id, deployment=deployment, snapshot_digest=snapshot, host_id=self.cfg.host_id,
+                endpoint=endpoint, ports=running.published or None, outcome=outcome))
+        except BaseException:
+            running.stop()
+            raise
         with self.lock:
             if not self.closing:
                 self.serving[running.id] = running
-            return not self.closing
+                return endpoint
+        running.stop()
+        deployments.remove_replica(self.cfg.registry_url, running.id)
+        return ""
 
     @activity.defn(name="warm_snapshot")
     @host_errors_fail_fast

@@ -96,7 +96,8 @@ class Replica(SQLModel, table=True):
     """A replica serving (written by the agent that started it once its health check and replay passed)."""
 
     id: str = Field(primary_key=True)
-    deployment: str = Field(index=True)
+    deployment: str = Field(index=True)  # "" for one kept by `thaw restore --keep`
+    snapshot_digest: str | None = None
     host_id: str = Field(index=True)
     endpoint: str  # http://host:port reaching the replica's server
     ports: dict | None = Field(default=None, sa_column=Column(JSON))  # extra replica port -> host:port

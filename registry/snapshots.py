@@ -26,9 +26,13 @@ def list_all(url: str, image_digest: str | None = None) -> list[Snapshot]:
 def remove(url: str, ref: str, pool_running: Callable[[str], bool]) -> tuple[Snapshot, list[str]]:
     """Forget snapshot ``ref`` and its restore events (its store objects stay until ``thaw gc``). Deployments
     of it whose pool has ended are forgotten too (returned); InUse while one of them runs a pool
-    (``pool_running(name)``) or has replicas serving."""
+    (``pool_running(name)``) or has replicas serving, or while replicas kept by ``thaw restore --keep`` serve."""
     row = get(url, ref)
     with session(url) as s:
+        kept = s.exec(select(Replica.id).where(Replica.snapshot_digest == row.digest, Replica.deployment == "")).all()
+        if kept:
+            raise queries.InUse(f"snapshot {row.digest[:12]} has {len(kept)} replica(s) kept by `thaw restore --keep`: "
+                                f"`thaw replicas stop {' '.join(kept)}` first")
         deps = s.exec(select(Deployment).where(Deployment.snapshot_digest == row.digest)).all()
         for d in deps:
             serving = s.exec(select(Replica.id).where(Replica.deployment == d.name)).all()

@@ -186,6 +186,8 @@ def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg,
     assert len({r.ports[side] for r in reps}) == 2, "each replica's port on its own host port"
     out = thaw_cli("status", "side").output
     assert "env        MODE  ports 8081" in out and all(f"{side}->{r.ports[side]}" in out for r in reps)
+    res = thaw_cli("replicas", "stop", reps[0].id, ok=False)
+    assert res.exit_code == 1 and "belongs to deployment 'side'" in res.output
     thaw_cli("undeploy", "side")
     wait_until(lambda: serving(cfg, "side") == [], what="0 replicas")
     for r in reps:  # the extra listener went with the replica

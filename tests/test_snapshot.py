@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -386,6 +387,31 @@ def test_gpu_host_replicas_get_the_driver_layer_and_device_nodes(cfg, worker, ag
             assert {line.split()[-1] for line in f if "libz.so" in line} == {f"{LIB_DIR}/{libz.resolve().name}"}
         node = os.stat(f"/proc/{pid}/root/dev/thaw-test/node")
         assert stat.S_ISCHR(node.st_mode) and node.st_rdev == os.makedev(1, 7)
+
+
+def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg, worker, agent, thaw_cli, image,
+                                                                            tmp_path):
+    snap = build_snapshot(thaw_cli, image, tmp_path)["digest"]
+    reps = restore(thaw_cli, snap, "--replicas", "2", "--keep")["replicas"]
+    for r in reps:  # published on the host, like a deployment's replicas
+        with urllib.request.urlopen(r["endpoint"] + "/answer-stable", timeout=10) as resp:
+            assert json.loads(resp.read())["data_mb"] == DATA_MB
+    listed = json.loads(thaw_cli("replicas", "ls", "--json").output)
+    assert {(x["id"], x["deployment"], x["snapshot_digest"], x["endpoint"]) for x in listed} == {
+        (r["replica"], "", snap, r["endpoint"]) for r in reps}
+    assert "(kept)" in thaw_cli("replicas", "ls").output
+    res = thaw_cli("snapshots", "rm", snap, ok=False)  # gc would take the files they read lazily
+    assert res.exit_code == 1 and f"thaw replicas stop {reps[0]['replica']} {reps[1]['replica']}" in res.output
+    res = thaw_cli("replicas", "stop", "r-nope", ok=False)
+    assert res.exit_code == 1 and "no replica 'r-nope'" in res.output
+    assert set(agent.serving) == {r["replica"] for r in reps}, "a refused stop stops nothing"
+
+    assert "stopped" in thaw_cli("replicas", "stop", *(r["replica"] for r in reps)).output
+    assert agent.serving == {} and json.loads(thaw_cli("replicas", "ls", "--json").output) == []
+    for r in reps:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(r["endpoint"] + "/health", timeout=5)
+    thaw_cli("snapshots", "rm", snap)
 
 
 @pytest.mark.slow

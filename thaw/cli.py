@@ -437,8 +437,8 @@ def snapshots_show(cfg, digest, as_json):
 @click.argument("digest")
 @click.pass_obj
 def snapshots_rm(cfg, digest):
-    """Forget snapshot DIGEST and its restore history (refused while a deployment of it runs); `thaw gc` then
-    frees what only it used. Stop replicas restored with `thaw restore --keep` from it first."""
+    """Forget snapshot DIGEST and its restore history (refused while a deployment of it runs or replicas kept
+    by `thaw restore --keep` serve); `thaw gc` then frees what only it used."""
     from thaw.registry import deployments, queries
     from thaw.registry import snapshots as q
 
@@ -537,7 +537,8 @@ def gc(cfg, dry_run, min_age_s, as_json):
 @click.option("--replicas", type=int, default=1, show_default=True)
 @click.option("--host", default="", help="Host id (default: any live agent).")
 @click.option("--secret", "secrets", multiple=True, help="Extra secret NAME to inject after restore.")
-@click.option("--keep", is_flag=True, help="Leave the replicas serving under the agent (default: verify, then stop).")
+@click.option("--keep", is_flag=True, help="Leave the replicas serving under the agent, published on its host "
+                                           "(`thaw replicas ls`, `thaw replicas stop`); default: verify, then stop.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
@@ -551,10 +552,54 @@ def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "ui": url}))
         return
     for r in res.replicas:
-        click.echo(f"{r.replica} {r.outcome:<9} " + _ms(r.timings_ms)
+        click.echo(f"{r.replica} {r.outcome:<9} " + (f"{r.endpoint} " if r.endpoint else "") + _ms(r.timings_ms)
                    + (f"  fallback: {r.reason}" if r.reason else ""))
     click.echo(f"{len(res.replicas)} replica(s) of {res.snapshot_digest[:12]} on {res.host_id} in {res.total_ms} ms"
                + ("; serving" if keep else "; stopped after verification"), err=True)
+
+
+@cli.group()
+def replicas():
+    """Serving replicas: deployments' and those kept by `thaw restore --keep`."""
+
+
+@replicas.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def replicas_ls(cfg, as_json):
+    from thaw.registry import deployments
+
+    _table(deployments.replicas(cfg.registry_url), as_json,
+           f"{'REPLICA':<14} {'DEPLOYMENT':<16} {'SNAPSHOT':<12} {'HOST':<16} {'OUTCOME':<9} ENDPOINT",
+           lambda r: f"{r.id:<14} {r.deployment or '(kept)':<16} {(r.snapshot_digest or '-')[:12]:<12} "
+                     f"{r.host_id:<16} {r.outcome:<9} {r.endpoint}"
+                     + "".join(f" {p}->{a}" for p, a in sorted((r.ports or {}).items())))
+
+
+@replicas.command("stop")
+@click.argument("ids", nargs=-1, required=True)
+@click.pass_obj
+def replicas_stop(cfg, ids):
+    """Stop replicas kept by `thaw restore --keep` (a deployment's: `thaw scale NAME N`)."""
+    from thaw.registry import deployments, snapshots
+    from thaw.workflows.build_snapshot import StopReplicas, StopTarget
+
+    rows = {r.id: r for r in deployments.replicas(cfg.registry_url)}
+    live = {h.id: h for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s)}
+    targets = []
+    for rid in dict.fromkeys(ids):
+        r = rows.get(rid)
+        if r is None:
+            _fail(f"no replica {rid!r} serving (see `thaw replicas ls`)")
+        if r.deployment:
+            _fail(f"replica {rid} belongs to deployment {r.deployment!r}: its pool would replace it; "
+                  f"use `thaw scale {r.deployment} N` or `thaw undeploy {r.deployment}`")
+        if r.host_id not in live:
+            _fail(f"replica {rid}: the agent of host {r.host_id} is down; a restarted agent stops what it left running")
+        targets.append(StopTarget(rid, live[r.host_id].task_queue))
+    _run_workflow(cfg, StopReplicas.run, targets, f"stop-replicas-{uuid.uuid4().hex[:12]}",
+                  f"stop of {len(targets)} replica(s)", quiet=True)
+    click.echo(f"stopped {' '.join(t.replica_id for t in targets)}")
 
 
 @cli.group()

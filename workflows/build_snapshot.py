@@ -1,4 +1,5 @@
 """BuildSnapshot and RestoreSnapshot: launch a model once, checkpoint it, verify by replay, register; restore it.
+StopReplicas stops replicas that ``thaw restore --keep`` left serving.
 
 Deterministic and small: every stage is an activity (so Temporal UI shows each with its duration); activities
 that touch a process run on the chosen host's own task queue; only ids, digests and small specs travel.
@@ -6,12 +7,14 @@ that touch a process run on the chosen host's own task queue; only ids, digests 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
 
 from .build_image import QUICK, RETRY, Staged
+from .pool import StopReplicaInput
 
 
 @dataclass
@@ -174,6 +177,7 @@ class ReplicaResult:
     reason: str
     golden_ok: bool
     timings_ms: dict[str, int]
+    endpoint: str = ""  # where a kept replica serves
 
 
 @dataclass
@@ -193,3 +197,21 @@ class RestoreSnapshot:
             "restore_replicas", plan, result_type=RestoreResult, task_queue=plan.task_queue,
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
             retry_policy=RETRY)
+
+
+@dataclass
+class StopTarget:
+    replica_id: str
+    task_queue: str  # of the agent that owns the replica
+
+
+@workflow.defn(name="StopReplicas")
+class StopReplicas:
+    """Stop kept replicas, each by the agent that owns it (``stop_replica`` on that host's queue)."""
+
+    @workflow.run
+    async def run(self, targets: list[StopTarget]) -> None:
+        await asyncio.gather(*(workflow.execute_activity(
+            "stop_replica", StopReplicaInput(t.replica_id), task_queue=t.task_queue,
+            start_to_close_timeout=timedelta(minutes=2), schedule_to_start_timeout=timedelta(seconds=30),
+            retry_policy=RETRY) for t in targets))
