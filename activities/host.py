@@ -95,13 +95,16 @@ class HostActivities:
         with keepalive("restore"):
             results = self.host.restore_many(snap, plan.replicas, secrets)
         out = []
-        for running, info in results:
-            golden_ok = self._record(row.digest, running, info)
-            endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
-            if not endpoint:
-                running.stop()
-            out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok, info["timings_ms"],
-                                     endpoint))
+        try:
+            for running, info in results:
+                golden_ok = self._record(row.digest, running, info)
+                endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
+                out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok,
+                                         info["timings_ms"], endpoint))
+        finally:  # what is not kept serving stops, also when something above failed
+            for running, _ in results:
+                if running.id not in self.serving:
+                    running.stop()
         return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="start_replica")

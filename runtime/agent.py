@@ -47,6 +47,8 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
         metrics.PINNED.set(acts.host.pins.pinned_bytes)
         metrics.GPU_SECONDS_ALLOCATED.inc(n * cfg.agent_heartbeat_s)
         await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
+        if cfg.mount_idle_s > 0:
+            await asyncio.to_thread(acts.host.release_idle, cfg.mount_idle_s)
 
 
 async def run(cfg: Config, ready_file: Path | None = None) -> None:

@@ -74,10 +74,30 @@ def new_netns() -> int:
     return in_thread(make)
 
 
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def mountpoints(pid: int | str = "self") -> list[str]:
-    """Every mount point visible to ``pid`` (mountinfo's octal escapes undone)."""
+    """Every mount point visible to ``pid``."""
     with open(f"/proc/{pid}/mountinfo") as f:
-        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), line.split()[4]) for line in f]
+        return [_unescape(line.split()[4]) for line in f]
+
+
+def overlay_lowers(pid: int | str = "self") -> set[str]:
+    """Every lower layer of the overlay mounts visible to ``pid`` (from their ``lowerdir=`` options)."""
+    out: set[str] = set()
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ", 1)[1].split() if " - " in line else []
+            if len(fields) < 3 or fields[0] != "overlay":
+                continue
+            for opt in fields[2].split(","):
+                name, _, value = opt.partition("=")
+                if name in ("lowerdir", "lowerdir+"):
+                    out.update(_unescape(p) for p in value.split(":") if p)
+    return out
 
 
 def fd_mnt_id(fd: int) -> int:

@@ -112,7 +112,13 @@ class Running:
         """The replica's other published ports: ``{"9090": "host:port"}``."""
         return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
 
+    stopped: bool = False
+
     def stop(self) -> None:
+        """Stop the process tree and release its root (once: later calls do nothing)."""
+        if self.stopped:
+            return
+        self.stopped = True
         for f in self.forwarders.values():
             f.close()
         try:
@@ -192,7 +198,8 @@ class HostSnapshots:
         self.store = store or ChunkStore.open(cfg)
         self.facts = compat.host_facts()
         self.mounts: dict[Path, imagefs_mount.MountHandle] = {}
-        self.mount_lock = threading.Lock()  # guards self.mounts and self._mounting
+        self._used: dict[Path, float] = {}  # mount point -> when a caller last asked for it (monotonic)
+        self.mount_lock = threading.Lock()  # guards self.mounts, self._used and self._mounting
         self._mounting: dict[Path, threading.Lock] = {}  # one per mount point: trees mount side by side
         self.pins = Pins(cfg.pin_mb << 20)  # restored snapshots' memory pages, kept in RAM
         self._pinner = ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")  # off the restore's critical path
@@ -208,6 +215,7 @@ class HostSnapshots:
             return materialize_cached(self.store, digest, self.cfg.work_dir / kind)
         mp = self.cfg.work_dir / "mnt" / kind / digest
         with self.mount_lock:
+            self._used[mp] = time.monotonic()
             h, lock = self.mounts.get(mp), self._mounting.setdefault(mp, threading.Lock())
         if h is not None and h.alive():
             return mp
@@ -221,6 +229,37 @@ class HostSnapshots:
                 with self.mount_lock:
                     self.mounts[mp] = h
         return mp
+
+    def release_idle(self, idle_s: float) -> list[str]:
+        """Unmount the image and snapshot trees that nobody asked for in ``idle_s`` seconds, that no overlay
+        (a replica's or a build's root) has as a layer and whose pages are not pinned: a long-running host does
+        not keep a daemon per tree it ever served. Returns the digests released; the next use mounts again."""
+        pinned, now = set(self.pins.pinned()), time.monotonic()
+        with self.mount_lock:
+            idle = [mp for mp in self.mounts if now - self._used.get(mp, now) > idle_s and mp.name not in pinned]
+        if not idle:
+            return []
+        busy = _linux.overlay_lowers()
+        released = []
+        for mp in idle:
+            lock = self._mounting[mp]
+            if str(mp) in busy or not lock.acquire(blocking=False):  # in use, or being mounted right now
+                continue
+            try:
+                with self.mount_lock:  # asked for since the look above: keep it (_tree sets _used under this lock)
+                    if time.monotonic() - self._used.get(mp, 0) <= idle_s:
+                        continue
+                    h = self.mounts.pop(mp)
+                    self._used.pop(mp, None)
+                with contextlib.suppress(imagefs_mount.MountError, OSError):
+                    h.unmount()
+                released.append(mp.name)
+            finally:
+                lock.release()
+        if released:
+            log.info("host %s: unmounted %d tree(s) idle for %.0f s: %s", self.cfg.host_id, len(released), idle_s,
+                     ", ".join(d[:12] for d in released))
+        return released
 
     def trees(self, snap: dict) -> tuple[Path, Path]:
         """(snapshot files, image root) of ``snap``; on a host that has mounted neither, both daemons start
@@ -541,7 +580,7 @@ class HostSnapshots:
         running.stop()
         return ms
 
-    def restore_many(self, snap: dict, n: int, env: dict[str, str]) -> list[tuple[Running | None, dict]]:
+    def restore_many(self, snap: dict, n: int, env: dict[str, str]) -> list[tuple[Running, dict]]:
         """``n`` replicas side by side; each falls back to a cold boot on its own when its restore fails."""
 
         def one(_):

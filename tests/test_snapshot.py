@@ -414,6 +414,31 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     thaw_cli("snapshots", "rm", snap)
 
 
+def test_idle_trees_are_unmounted_unless_a_replica_uses_them_or_their_pages_are_pinned(cfg, worker, agent, thaw_cli,
+                                                                                       image, tmp_path):
+    from thaw.imagefs.mount import is_mounted
+
+    snap = build_snapshot(thaw_cli, image, tmp_path)["digest"]
+    (kept,) = restore(thaw_cli, snap, "--keep")["replicas"]
+    host = agent.host
+    trees = {image: host.image_root(image), snap: host.snapshot_files(snap)}
+    daemons = {d: host.mounts[mp].pid for d, mp in trees.items()}
+    wait_until(lambda: snap in host.pins.pinned(), 30, "the snapshot's pages pinned")
+    assert host.release_idle(0) == [], "the image is under the kept replica's root, the snapshot is pinned"
+    assert all(is_mounted(mp) for mp in trees.values())
+
+    thaw_cli("replicas", "stop", kept["replica"])
+    assert host.release_idle(0) == [image], "the image's tree is free now; the snapshot is still pinned"
+    host.pins.unpin(snap)
+    assert host.release_idle(3600) == [], "not idle long enough"
+    assert host.release_idle(0) == [snap]
+    assert host.mounts == {} and not any(is_mounted(mp) for mp in trees.values())
+    for pid in daemons.values():
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, f"mount daemon {pid} gone")
+    (r,) = restore(thaw_cli, snap)["replicas"]  # the next restore mounts both again
+    assert r["outcome"] == "restored" and all(is_mounted(mp) for mp in trees.values())
+
+
 @pytest.mark.slow
 def test_example_model_snapshot_restores_with_identical_embeddings(cfg, worker, agent, thaw_cli, tmp_path):
     from thaw.examples.minilm import recipe

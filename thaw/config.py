@@ -41,6 +41,7 @@ class Config(BaseSettings):
     host_id: str = Field(default_factory=lambda: os.uname().nodename)
     agent_heartbeat_s: float = 10.0
     lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
+    mount_idle_s: float = 1800.0  # an agent unmounts trees unused this long (no replica on them, not pinned); 0: never
     prefetch: bool = True  # on restore, fetch the snapshot's chunks and its recorded image reads in parallel
     prefetch_concurrency: int = 8
     # RAM (MiB) for the memory pages of recently restored snapshots, locked so restores never read them from disk
