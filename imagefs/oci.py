@@ -278,6 +278,8 @@ def open_image(spec: SourceSpec) -> Iterator[ImageSource]:
     if spec.kind == "oci" and path.is_dir():
         yield _oci_layout(_DirFS(path, label), label, ref)
         return
+    if spec.kind in ("oci", "docker-archive") and ":" in str(path):
+        raise SourceError(f"{label}: an archive path with ':' in it can't be named to skopeo; rename or link it")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-pull-")))
         if spec.kind == "oci":
@@ -716,7 +718,7 @@ def _copy_error(stderr: str, label: str, registry: _Registry | None, not_found: 
                 return SourceError(f"{label}: " + message.format(host=registry.host, who=who, reason=reason))
         if _TRANSIENT.search(low):
             return RuntimeError(f"{label}: registry {registry.host} failed: {msg}")  # transient: the activity retries
-    elif not_found and "not found" in low:
+    elif not_found and ("not found" in low or "no descriptor found" in low):  # docker-archive, oci-archive
         return SourceError(f"{label}: {not_found}")
     return SourceError(f"{label}: {msg}")
 

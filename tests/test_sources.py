@@ -197,6 +197,16 @@ def test_open_errors_name_the_input(tmp_path, monkeypatch):
     with pytest.raises(SourceError, match=r"no image named 'v2' in the layout \(has: v1\)"):
         with oci.open_image(resolve(f"oci:{layout}:v2")):
             pass
+    with tarfile.open(tmp_path / "oci.tar", "w") as tf:
+        tf.add(layout, arcname=".")
+    with pytest.raises(SourceError, match=r"oci.tar:v2: no image named 'v2' in the archive$"):
+        with oci.open_image(resolve(f"oci:{tmp_path / 'oci.tar'}:v2")):
+            pass
+    (tmp_path / "a:b").mkdir()
+    os.link(archive, tmp_path / "a:b" / "img.tar")
+    with pytest.raises(SourceError, match=r"an archive path with ':' in it can't be named to skopeo"):
+        with oci.open_image(resolve(f"docker-archive:{tmp_path / 'a:b' / 'img.tar'}")):
+            pass
     with pytest.raises(SourceError, match=r"registry 127.0.0.1:\d+ unreachable: .*refused"):
         with oci.open_image(resolve(f"docker://127.0.0.1:{free_port()}/app:v1")):
             pass
