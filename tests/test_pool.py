@@ -194,6 +194,19 @@ def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg,
         with pytest.raises(OSError):
             answer(f"http://{r.ports[side]}", "/health")
 
+    with snapshots.session(cfg.registry_url) as s:  # no host can restore it now: replicas cold-boot
+        row = s.get(snapshots.Snapshot, snap)
+        row.host_facts = {**row.host_facts, "criu": "3.0"}
+        s.add(row)
+        s.commit()
+    thaw_cli("deploy", "side", "--snapshot", snap, "--max", "1", "--buffer", "0", "--env", "MODE=cold")
+    thaw_cli("scale", "side", "1")
+    (r,) = wait_until(lambda: serving(cfg, "side"), what="1 replica")
+    assert r.outcome == "cold-boot" and r.ports is None
+    assert answer(r.endpoint, "/env/MODE") == {"value": "cold", "port": PORT}, "the env, as plain env of the boot"
+    thaw_cli("undeploy", "side")
+    wait_until(lambda: serving(cfg, "side") == [], what="0 replicas")
+
 
 def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     res = thaw_cli("deploy", "x", "--snapshot", "abcdef12", ok=False)
