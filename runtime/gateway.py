@@ -216,6 +216,9 @@ class Gateway:
         self._area = 0.0
         self._area_since = time.monotonic()
         self._last_change = self._area_since
+        # GPU-seconds (a replica holds one accelerator): ready = allocated to this deployment, busy = serving
+        self._busy_since: dict[str, float] = {}       # endpoint -> when its first in-flight request began
+        self._ready_since = self._area_since
 
         self.registry = CollectorRegistry()
         lbl = ["deployment"]
@@ -239,6 +242,10 @@ class Gateway:
                                 registry=self.registry)
         self._m_retries = Counter("thaw_gateway_upstream_retries", "Requests re-sent after an upstream failure",
                                   lbl + ["reason"], registry=self.registry)
+        self._m_ready_s = Counter("thaw_gateway_gpu_seconds_ready", "Replica-seconds of ready replicas (GPU-seconds "
+                                  "allocated to the deployment)", lbl, registry=self.registry).labels(d)
+        self._m_busy_s = Counter("thaw_gateway_gpu_seconds_busy", "Replica-seconds with at least one request in "
+                                 "flight (GPU-seconds busy)", lbl, registry=self.registry).labels(d)
 
     # ---------------------------------------------------------------------------------------- state
 
@@ -363,9 +370,16 @@ class Gateway:
                 del self._quarantine[ep]
         self._set_endpoints([ep for ep in listed if ep not in self._quarantine])
 
+    def _count_ready(self) -> None:
+        """Add the ready replicas' seconds since the last count (before the set changes, and every tick)."""
+        now = time.monotonic()
+        self._m_ready_s.inc(len(self._endpoints) * (now - self._ready_since))
+        self._ready_since = now
+
     def _set_endpoints(self, eps: list[str]) -> None:
         if eps != self._endpoints:
             log.info("gateway %s: endpoints %s", self.deployment, eps)
+            self._count_ready()
         self._endpoints = eps
         for ep in [ep for ep, n in self._inflight.items() if n == 0 and ep not in eps]:
             del self._inflight[ep]
@@ -394,9 +408,12 @@ class Gateway:
 
     def _take(self, ep: str) -> None:
         self._inflight[ep] = self._inflight.get(ep, 0) + 1
+        self._busy_since.setdefault(ep, time.monotonic())
 
     def _release(self, ep: str) -> None:
         self._inflight[ep] -= 1
+        if self._inflight[ep] <= 0:
+            self._m_busy_s.inc(time.monotonic() - self._busy_since.pop(ep))
         if self._inflight[ep] <= 0 and ep not in self._endpoints:
             del self._inflight[ep]
         self._pump()
@@ -499,6 +516,7 @@ class Gateway:
 
     async def tick(self) -> Decision:
         """One autoscaler step (the tick loop calls this every ``tick_s``)."""
+        self._count_ready()
         d = self.autoscaler.decide(time.monotonic(), self._sample(), len(self._endpoints))
         self.last_decision = d
         if d.desired != self._signaled:

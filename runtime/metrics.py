@@ -10,8 +10,8 @@ STAGE = Histogram("thaw_restore_stage_seconds", "Duration of each replica start 
                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 REPLICAS = Gauge("thaw_agent_replicas", "Replicas this agent serves")
 PINNED = Gauge("thaw_pinned_bytes", "Snapshot memory pages this agent keeps locked in RAM for restores")
-GPU_SECONDS_ALLOCATED = Counter("thaw_gpu_seconds_allocated_total", "Accelerator-seconds held by replicas")
-GPU_SECONDS_BUSY = Counter("thaw_gpu_seconds_busy_total", "Accelerator-seconds spent serving requests")
+# one replica holds one accelerator; the busy share is counted where requests are seen: each deployment's gateway
+GPU_SECONDS_ALLOCATED = Counter("thaw_gpu_seconds_allocated_total", "GPU-seconds held by this host's replicas")
 
 
 def observe_restore(outcome: str, timings_ms: dict[str, int]) -> None:

@@ -234,6 +234,26 @@ def test_balances_by_inflight():
     asyncio.run(main())
 
 
+def test_gpu_seconds_busy_and_ready():
+    """Each replica holds one GPU: ready replica-seconds are what the deployment is allocated, and replica-seconds
+    with a request in flight are what it used (two overlapping requests on one replica count once)."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0), ("b", 0.0))) as (gw, url, client):
+            await gw.refresh()
+            t0 = time.monotonic()
+            await asyncio.gather(*(post(client, url, **{"X-Sleep": "0.6"}) for _ in range(2)))  # one on each
+            await asyncio.gather(*(post(client, url, **{"X-Sleep": "0.5"}) for _ in range(3)))  # two share one
+            await asyncio.sleep(0.6)  # idle but ready
+            metrics = await settled_metrics(gw, client, url)
+            elapsed = time.monotonic() - t0
+            busy = metric(metrics, "thaw_gateway_gpu_seconds_busy_total", deployment="demo")
+            ready = metric(metrics, "thaw_gateway_gpu_seconds_ready_total", deployment="demo")
+            assert 2.2 <= busy < 2.6, busy  # 0.6 + 0.6, then 0.5 + 0.5 (not 0.5 + 1.0: the overlap counts once)
+            assert 2 * (elapsed - 0.25) <= ready <= 2 * (elapsed + 1.0), (ready, elapsed)  # counted every tick
+    asyncio.run(main())
+
+
 def test_replica_dies_with_requests_in_flight_and_queued():
     """Two replicas at capacity, more requests queued; one is SIGKILLed: every request still gets a 200."""
     async def main():
