@@ -24,8 +24,8 @@ from thaw.registry.queries import NotFound
 from thaw.snapshot import compat, criu
 from thaw.snapshot.host import HostSnapshots, Running, SnapshotError, breakdown
 from thaw.workflows.build_snapshot import (
-    CheckpointInput, CheckpointResult, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot, VerifyInput,
-    VerifyResult)
+    CheckpointInput, CheckpointResult, ReplicaLogInput, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot,
+    VerifyInput, VerifyResult)
 from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput, WarmInput
 
 from .build_image import fail_fast_on
@@ -171,6 +171,14 @@ class HostActivities:
         if running:
             running.stop()
 
+    @activity.defn(name="replica_log")
+    @host_errors_fail_fast
+    def replica_log(self, inp: ReplicaLogInput) -> str:
+        running = self.serving.get(inp.replica_id)
+        if running is None:
+            raise NotFound(f"replica {inp.replica_id} is not served by host {self.cfg.host_id} (any more)")
+        return running.replica.log_tail(inp.max_bytes)
+
     def stop_all(self) -> None:
         """Stop every replica this agent serves, and any a still-running activity starts from now on."""
         with self.lock:
@@ -182,4 +190,4 @@ class HostActivities:
 
     def all(self) -> list:
         return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas,
-                self.start_replica, self.warm_snapshot, self.stop_replica]
+                self.start_replica, self.warm_snapshot, self.stop_replica, self.replica_log]

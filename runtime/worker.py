@@ -18,7 +18,7 @@ from thaw.activities.pool import PoolActivities
 from thaw.activities.snapshot import SnapshotActivities
 from thaw.config import Config
 from thaw.workflows.build_image import BuildImage
-from thaw.workflows.build_snapshot import BuildSnapshot, RestoreSnapshot, StopReplicas
+from thaw.workflows.build_snapshot import BuildSnapshot, ReplicaLog, RestoreSnapshot, StopReplicas
 from thaw.workflows.pool import DeploymentPool
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def build_worker(client: Client, cfg: Config, executor: ThreadPoolExecutor) -> W
     return Worker(
         client,
         task_queue=cfg.build_task_queue,
-        workflows=[BuildImage, BuildSnapshot, RestoreSnapshot, StopReplicas, DeploymentPool],
+        workflows=[BuildImage, BuildSnapshot, RestoreSnapshot, StopReplicas, ReplicaLog, DeploymentPool],
         activities=[*BuildActivities(cfg).all(), *SnapshotActivities(cfg).all(), *PoolActivities(cfg).all()],
         activity_executor=executor,
         max_concurrent_activities=4,

@@ -48,6 +48,7 @@ seen = {}
 @thaw_sdk.on_after_restore
 def reread(env):
     seen["secret"] = os.environ.get("API_KEY")
+    print(f"after restore {thaw_sdk.restore_id}", flush=True)
 
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
@@ -400,6 +401,8 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     assert {(x["id"], x["deployment"], x["snapshot_digest"], x["endpoint"]) for x in listed} == {
         (r["replica"], "", snap, r["endpoint"]) for r in reps}
     assert "(kept)" in thaw_cli("replicas", "ls").output
+    for r in reps:  # what each wrote to stdout since its restore, read by the agent
+        assert f"after restore {r['replica']}" in thaw_cli("replicas", "logs", r["replica"]).output
     res = thaw_cli("snapshots", "rm", snap, ok=False)  # gc would take the files they read lazily
     assert res.exit_code == 1 and f"thaw replicas stop {reps[0]['replica']} {reps[1]['replica']}" in res.output
     res = thaw_cli("replicas", "stop", "r-nope", ok=False)

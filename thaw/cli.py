@@ -576,30 +576,54 @@ def replicas_ls(cfg, as_json):
                      + "".join(f" {p}->{a}" for p, a in sorted((r.ports or {}).items())))
 
 
+def _replica_hosts(cfg, ids) -> list:
+    """(registry row, its agent's task queue) of each serving replica in ``ids``; one-line failure otherwise."""
+    from thaw.registry import deployments, snapshots
+
+    rows = {r.id: r for r in deployments.replicas(cfg.registry_url)}
+    live = {h.id: h for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s)}
+    out = []
+    for rid in dict.fromkeys(ids):
+        r = rows.get(rid)
+        if r is None:
+            _fail(f"no replica {rid!r} serving (see `thaw replicas ls`)")
+        if r.host_id not in live:
+            _fail(f"replica {rid}: the agent of host {r.host_id} is down; a restarted agent stops what it left running")
+        out.append((r, live[r.host_id].task_queue))
+    return out
+
+
 @replicas.command("stop")
 @click.argument("ids", nargs=-1, required=True)
 @click.pass_obj
 def replicas_stop(cfg, ids):
     """Stop replicas kept by `thaw restore --keep` (a deployment's: `thaw scale NAME N`)."""
-    from thaw.registry import deployments, snapshots
     from thaw.workflows.build_snapshot import StopReplicas, StopTarget
 
-    rows = {r.id: r for r in deployments.replicas(cfg.registry_url)}
-    live = {h.id: h for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s)}
     targets = []
-    for rid in dict.fromkeys(ids):
-        r = rows.get(rid)
-        if r is None:
-            _fail(f"no replica {rid!r} serving (see `thaw replicas ls`)")
+    for r, queue in _replica_hosts(cfg, ids):
         if r.deployment:
-            _fail(f"replica {rid} belongs to deployment {r.deployment!r}: its pool would replace it; "
+            _fail(f"replica {r.id} belongs to deployment {r.deployment!r}: its pool would replace it; "
                   f"use `thaw scale {r.deployment} N` or `thaw undeploy {r.deployment}`")
-        if r.host_id not in live:
-            _fail(f"replica {rid}: the agent of host {r.host_id} is down; a restarted agent stops what it left running")
-        targets.append(StopTarget(rid, live[r.host_id].task_queue))
+        targets.append(StopTarget(r.id, queue))
     _run_workflow(cfg, StopReplicas.run, targets, f"stop-replicas-{uuid.uuid4().hex[:12]}",
                   f"stop of {len(targets)} replica(s)", quiet=True)
     click.echo(f"stopped {' '.join(t.replica_id for t in targets)}")
+
+
+@replicas.command("logs")
+@click.argument("replica_id")
+@click.option("--bytes", "-c", "max_bytes", type=click.IntRange(1, 1 << 20), default=16 << 10, show_default=True,
+              help="How much of the end of the log.")
+@click.pass_obj
+def replicas_logs(cfg, replica_id, max_bytes):
+    """The end of a serving replica's stdout + stderr (read by the agent that runs it)."""
+    from thaw.workflows.build_snapshot import ReplicaLog, ReplicaLogInput
+
+    ((r, queue),) = _replica_hosts(cfg, [replica_id])
+    *_, text = _run_workflow(cfg, ReplicaLog.run, ReplicaLogInput(r.id, queue, max_bytes),
+                             f"replica-log-{uuid.uuid4().hex[:12]}", f"log of replica {r.id}", quiet=True)
+    click.echo(text)
 
 
 @cli.group()

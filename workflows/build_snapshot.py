@@ -1,5 +1,5 @@
 """BuildSnapshot and RestoreSnapshot: launch a model once, checkpoint it, verify by replay, register; restore it.
-StopReplicas stops replicas that ``thaw restore --keep`` left serving.
+StopReplicas stops replicas that ``thaw restore --keep`` left serving; ReplicaLog reads a serving replica's output.
 
 Deterministic and small: every stage is an activity (so Temporal UI shows each with its duration); activities
 that touch a process run on the chosen host's own task queue; only ids, digests and small specs travel.
@@ -215,3 +215,22 @@ class StopReplicas:
             "stop_replica", StopReplicaInput(t.replica_id), task_queue=t.task_queue,
             start_to_close_timeout=timedelta(minutes=2), schedule_to_start_timeout=timedelta(seconds=30),
             retry_policy=RETRY) for t in targets))
+
+
+@dataclass
+class ReplicaLogInput:
+    replica_id: str
+    task_queue: str  # of the agent that owns the replica
+    max_bytes: int = 16 << 10
+
+
+@workflow.defn(name="ReplicaLog")
+class ReplicaLog:
+    """The end of a serving replica's stdout + stderr, read by the agent that owns it."""
+
+    @workflow.run
+    async def run(self, inp: ReplicaLogInput) -> str:
+        return await workflow.execute_activity(
+            "replica_log", inp, result_type=str, task_queue=inp.task_queue,
+            start_to_close_timeout=timedelta(seconds=30), schedule_to_start_timeout=timedelta(seconds=30),
+            retry_policy=RETRY)
