@@ -157,7 +157,7 @@ def worker(cfg):
 # -- build ------------------------------------------------------------------------------------------
 @cli.group()
 def build():
-    """Build images (and, later, snapshots)."""
+    """Build images into the content-addressed store, and snapshots of models launched from them."""
 
 
 def _absolute_source(source: str) -> str:
@@ -272,7 +272,7 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
 # -- images -----------------------------------------------------------------------------------------
 @cli.group()
 def images():
-    """Inspect registered images."""
+    """Registered images: list, show, export, remove."""
 
 
 @images.command("ls")
@@ -394,7 +394,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
 
 @cli.group()
 def snapshots():
-    """Inspect registered snapshots."""
+    """Registered snapshots: list, show (with recent restores), remove."""
 
 
 @snapshots.command("ls")
@@ -567,6 +567,7 @@ def replicas():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def replicas_ls(cfg, as_json):
+    """Every serving replica: deployment (or kept), snapshot, host, restored or cold-booted, where it answers."""
     from thaw.registry import deployments
 
     _table(deployments.replicas(cfg.registry_url), as_json,
