@@ -279,6 +279,7 @@ def images():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def images_ls(cfg, as_json):
+    """Registered images, newest first: digest, size, files, source."""
     from thaw.registry import images as q
 
     _table(q.list_all(cfg.registry_url), as_json, f"{'DIGEST':<16} {'SIZE':>10} {'FILES':>7} {'CREATED':<20} SOURCE",
@@ -299,6 +300,7 @@ def _image_or_fail(cfg, ref):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def images_show(cfg, digest, as_json):
+    """One image (digest or unique prefix): its source, sizes and image config."""
     row = _image_or_fail(cfg, digest)
     data = row.model_dump(mode="json")
     if as_json:
@@ -401,6 +403,7 @@ def snapshots():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def snapshots_ls(cfg, as_json):
+    """Registered snapshots, newest first: digest, image, size, host, command."""
     from thaw.registry import snapshots as q
 
     _table(q.list_all(cfg.registry_url), as_json,
@@ -414,6 +417,7 @@ def snapshots_ls(cfg, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def snapshots_show(cfg, digest, as_json):
+    """One snapshot: its spec, build timings and recent restores (--json adds its compatibility facts)."""
     from thaw.registry import snapshots as q
 
     try:
@@ -637,6 +641,7 @@ def secrets():
 @click.option("--value", help="The value (default: read from stdin, so it stays out of shell history).")
 @click.pass_obj
 def secrets_set(cfg, name, value):
+    """Set secret NAME (value from --value or stdin) for the agents on this state dir."""
     import os
 
     if value is None:
@@ -656,6 +661,7 @@ def secrets_set(cfg, name, value):
 @secrets.command("ls")
 @click.pass_obj
 def secrets_ls(cfg):
+    """Secret names (never their values)."""
     data = json.loads(cfg.secrets_file.read_text()) if cfg.secrets_file.exists() else {}
     for name in sorted(data):
         click.echo(name)
