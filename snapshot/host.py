@@ -199,6 +199,7 @@ class HostSnapshots:
         self.facts = compat.host_facts()
         self.mounts: dict[Path, imagefs_mount.MountHandle] = {}
         self._used: dict[Path, float] = {}  # mount point -> when a caller last asked for it (monotonic)
+        self._image_of: dict[str, str] = {}  # snapshot digest -> its image's, for the snapshots restored here
         self.mount_lock = threading.Lock()  # guards self.mounts, self._used and self._mounting
         self._mounting: dict[Path, threading.Lock] = {}  # one per mount point: trees mount side by side
         self.pins = Pins(cfg.pin_mb << 20)  # restored snapshots' memory pages, kept in RAM
@@ -231,12 +232,15 @@ class HostSnapshots:
         return mp
 
     def release_idle(self, idle_s: float) -> list[str]:
-        """Unmount the image and snapshot trees that nobody asked for in ``idle_s`` seconds, that no overlay
-        (a replica's or a build's root) has as a layer and whose pages are not pinned: a long-running host does
-        not keep a daemon per tree it ever served. Returns the digests released; the next use mounts again."""
-        pinned, now = set(self.pins.pinned()), time.monotonic()
+        """Unmount the image and snapshot trees that nobody asked for in ``idle_s`` seconds and that no overlay
+        (a replica's or a build's root) has as a layer, except a pinned snapshot's trees (it is hot: a buffer
+        host warmed for it, or restored recently): a long-running host does not keep a daemon per tree it ever
+        served. Returns the digests released; the next use mounts again."""
+        now = time.monotonic()
         with self.mount_lock:
-            idle = [mp for mp in self.mounts if now - self._used.get(mp, now) > idle_s and mp.name not in pinned]
+            pinned = set(self.pins.pinned())
+            hot = pinned | {self._image_of[s] for s in pinned if s in self._image_of}
+            idle = [mp for mp in self.mounts if now - self._used.get(mp, now) > idle_s and mp.name not in hot]
         if not idle:
             return []
         busy = _linux.overlay_lowers()
@@ -264,6 +268,8 @@ class HostSnapshots:
     def trees(self, snap: dict) -> tuple[Path, Path]:
         """(snapshot files, image root) of ``snap``; on a host that has mounted neither, both daemons start
         side by side (each takes a few hundred ms: Python, the manifest, the index)."""
+        with self.mount_lock:
+            self._image_of[snap["digest"]] = snap["image_digest"]
         files = self._mounter.submit(self.snapshot_files, snap["digest"])
         lower = self.image_root(snap["image_digest"])
         return files.result(), lower

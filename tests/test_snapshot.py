@@ -395,8 +395,7 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     snap = build_snapshot(thaw_cli, image, tmp_path)["digest"]
     reps = restore(thaw_cli, snap, "--replicas", "2", "--keep")["replicas"]
     for r in reps:  # published on the host, like a deployment's replicas
-        with urllib.request.urlopen(r["endpoint"] + "/answer-stable", timeout=10) as resp:
-            assert json.loads(resp.read())["data_mb"] == DATA_MB
+        assert answer_of(r) == DATA_MB
     listed = json.loads(thaw_cli("replicas", "ls", "--json").output)
     assert {(x["id"], x["deployment"], x["snapshot_digest"], x["endpoint"]) for x in listed} == {
         (r["replica"], "", snap, r["endpoint"]) for r in reps}
@@ -427,19 +426,26 @@ def test_idle_trees_are_unmounted_unless_a_replica_uses_them_or_their_pages_are_
     trees = {image: host.image_root(image), snap: host.snapshot_files(snap)}
     daemons = {d: host.mounts[mp].pid for d, mp in trees.items()}
     wait_until(lambda: snap in host.pins.pinned(), 30, "the snapshot's pages pinned")
-    assert host.release_idle(0) == [], "the image is under the kept replica's root, the snapshot is pinned"
-    assert all(is_mounted(mp) for mp in trees.values())
+    assert host.release_idle(0) == [], "a pinned snapshot is hot: both its trees stay"
 
-    thaw_cli("replicas", "stop", kept["replica"])
-    assert host.release_idle(0) == [image], "the image's tree is free now; the snapshot is still pinned"
     host.pins.unpin(snap)
     assert host.release_idle(3600) == [], "not idle long enough"
-    assert host.release_idle(0) == [snap]
+    assert host.release_idle(0) == [snap], "the image's tree is a layer of the kept replica's root"
+    assert is_mounted(trees[image]) and not is_mounted(trees[snap])
+    assert answer_of(kept) == DATA_MB, "the replica still reads its image"
+
+    thaw_cli("replicas", "stop", kept["replica"])
+    assert host.release_idle(0) == [image]
     assert host.mounts == {} and not any(is_mounted(mp) for mp in trees.values())
     for pid in daemons.values():
         wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, f"mount daemon {pid} gone")
     (r,) = restore(thaw_cli, snap)["replicas"]  # the next restore mounts both again
     assert r["outcome"] == "restored" and all(is_mounted(mp) for mp in trees.values())
+
+
+def answer_of(replica: dict) -> int:
+    with urllib.request.urlopen(replica["endpoint"] + "/answer-stable", timeout=10) as resp:
+        return json.loads(resp.read())["data_mb"]
 
 
 @pytest.mark.slow
