@@ -12,8 +12,8 @@ from .queries import NotFound
 
 def upsert(url: str, dep: Deployment) -> Deployment:
     """Create the deployment, or change an existing one's snapshot, replica bounds, buffer, secrets, env, ports."""
-    return queries.upsert(url, dep, **{k: getattr(dep, k) for k in ("snapshot_digest", "min_replicas",
-                                                                     "max_replicas", "buffer", "secrets", "env", "ports")})
+    fields = ("snapshot_digest", "min_replicas", "max_replicas", "buffer", "secrets", "env", "ports")
+    return queries.upsert(url, dep, **{k: getattr(dep, k) for k in fields})
 
 
 def get(url: str, name: str) -> Deployment:

@@ -458,7 +458,8 @@ def test_registry_anonymous(cfg, worker, thaw_cli, tmp_path, registry, app_archi
         assert all(l.media_type.endswith("gzip") for l in img.layers)
     by_digest = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
                                 f"docker://{registry.host}/thaw/app:1"], capture_output=True, text=True, check=True)
-    assert build(thaw_cli, f"docker://{registry.host}/thaw/app@{by_digest.stdout.strip()}")["digest"] == reference.digest
+    pinned = f"docker://{registry.host}/thaw/app@{by_digest.stdout.strip()}"
+    assert build(thaw_cli, pinned)["digest"] == reference.digest
 
 
 @pytest.mark.docker

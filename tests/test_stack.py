@@ -44,6 +44,7 @@ def test_up_status_build_down(tmp_path):
         built = json.loads(thaw(env, "build", "image", str(tmp_path / "img"), "--json").stdout)
         st = json.loads(thaw(env, "status", "--json").stdout)
         assert st["registry"]["images"] == 1 and st["store"]["objects"] == 2 and st["store"]["bytes"] > 0
+        assert (st["registry"]["snapshots"], st["registry"]["deployments"], st["registry"]["replicas"]) == (0, 0, 0)
         human = thaw(env, "status").stdout
         assert "running" in human and built["digest"][:16] in thaw(env, "images", "ls").stdout
     finally:

@@ -122,7 +122,8 @@ def status(cfg, name, as_json):
     click.echo(f"worker     {run(w['pid'])}  queue {w['task_queue']}")
     click.echo(f"api        {run(st['api']['pid'])}  {st['api']['url']}  token {st['api']['token_file']}")
     click.echo(f"agent      {run(st['agent']['pid'])}  host {st['agent']['host_id']}  queue {st['agent']['task_queue']}")
-    click.echo(f"registry   {r['url']}  {r['status']}  images {r['images']}")
+    click.echo(f"registry   {r['url']}  {r['status']}  images {r['images']}  snapshots {r['snapshots']}  "
+               f"deployments {r['deployments']}  replicas {r['replicas']} ({r['kept']} kept)")
     s3 = st["s3"]
     if s3["endpoint"]:
         click.echo(f"s3         {run(s3['pid']) if s3['embedded'] else 'external'}  {s3['endpoint']}  "

@@ -211,15 +211,20 @@ def down(cfg: Config, echo=print) -> None:
 
 def status(cfg: Config) -> dict:
     from thaw.imagefs.store import ChunkStore
-    from thaw.registry import images
+    from thaw.registry import deployments, images, snapshots
 
     procs = {c.name: c.running_pid(cfg) for c in components(cfg)}
     store_objects, store_bytes = ChunkStore.open(cfg).usage() if cfg.store_dir.exists() else (0, 0)
+    counts = dict.fromkeys(("images", "snapshots", "deployments", "replicas", "kept"))
     try:
-        image_count = len(images.list_all(cfg.registry_url))
+        reps = deployments.replicas(cfg.registry_url)
+        url = cfg.registry_url
+        counts.update(images=len(images.list_all(url)), snapshots=len(snapshots.list_all(url)),
+                      deployments=len(deployments.list_all(url)), replicas=len(reps),
+                      kept=sum(not r.deployment for r in reps))
         registry = "ok"
     except Exception as e:  # a down PostgreSQL must not hide the rest of the status
-        image_count, registry = None, f"unreachable: {str(e).splitlines()[0]}"
+        registry = f"unreachable: {str(e).splitlines()[0]}"
     return {
         "state_dir": str(cfg.state_dir),
         "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
@@ -230,7 +235,7 @@ def status(cfg: Config) -> dict:
         "api": {"pid": procs["api"], "url": f"http://{cfg.api_host}:{cfg.api_port}",
                 "token_file": str(cfg.state_dir / "api-token")},
         "agent": {"pid": procs["agent"], "host_id": cfg.host_id, "task_queue": cfg.host_task_queue},
-        "registry": {"url": _redact(cfg.registry_url), "status": registry, "images": image_count},
+        "registry": {"url": _redact(cfg.registry_url), "status": registry, **counts},
         "store": {"dir": str(cfg.store_dir), "objects": store_objects, "bytes": store_bytes},
     }
 

@@ -268,7 +268,8 @@ class DeploymentPool:
         sp = self.s.spec
         try:
             info = await workflow.execute_activity(
-                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports), result_type=ReplicaInfo,
+                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports),
+                result_type=ReplicaInfo,
                 task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
                 heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
                 schedule_to_start_timeout=timedelta(seconds=sp.heartbeat_timeout_s),  # placed on a host that died
