@@ -465,6 +465,8 @@ def test_example_model_snapshot_restores_with_identical_embeddings(cfg, worker, 
                                                                 content_type="application/json")[1]
                for r in out["replicas"]}
     (answer,) = answers
+    for r in out["replicas"]:  # the example logs its restore: `thaw replicas logs` reads it through the agent
+        assert f"minilm-server: restored as {r['replica']}" in thaw_cli("replicas", "logs", r["replica"]).output
     emb = json.loads(answer)["embeddings"]
     assert len(emb) == len(json.loads(body)["texts"]) and len(emb[0]) == 384
     # the restored model is the real one: related sentences are closer than unrelated ones

@@ -78,6 +78,13 @@ def log(msg: str) -> None:
     print(f"minilm-server: {msg}", file=sys.stderr, flush=True)
 
 
+if thaw_sdk:
+    @thaw_sdk.on_after_restore
+    def _restored(env: dict) -> None:
+        """A restored replica says so in its log (`thaw replicas logs ID`); env holds secrets: names only."""
+        log(f"restored as {thaw_sdk.restore_id}; after-restore env: {', '.join(sorted(env)) or '-'}")
+
+
 def _env_bool(name: str, default: bool) -> bool:
     val = os.environ.get(name)
     if val is None or val == "":
