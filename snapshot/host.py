@@ -92,12 +92,12 @@ class Running:
     root: criu.Root
     port: int
     record: Path | None = None
+    forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
+    stopped: bool = False
 
     def __post_init__(self):
         if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
             write_record(self.record, self.replica.pid)
-
-    forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
 
     def publish(self, bind: str = "127.0.0.1", ports: tuple[int, ...] | list[int] = ()) -> str:
         """Make the replica's server, and any other ``ports`` of the replica, reachable from the host; returns the
@@ -111,8 +111,6 @@ class Running:
     def published(self) -> dict[str, str]:
         """The replica's other published ports: ``{"9090": "host:port"}``."""
         return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
-
-    stopped: bool = False
 
     def stop(self) -> None:
         """Stop the process tree and release its root (once: later calls do nothing)."""
@@ -236,9 +234,8 @@ class HostSnapshots:
         (a replica's or a build's root) has as a layer, except a pinned snapshot's trees (it is hot: a buffer
         host warmed for it, or restored recently): a long-running host does not keep a daemon per tree it ever
         served. Returns the digests released; the next use mounts again."""
-        now = time.monotonic()
+        now, pinned = time.monotonic(), set(self.pins.pinned())
         with self.mount_lock:
-            pinned = set(self.pins.pinned())
             hot = pinned | {self._image_of[s] for s in pinned if s in self._image_of}
             idle = [mp for mp in self.mounts if now - self._used.get(mp, now) > idle_s and mp.name not in hot]
         if not idle:
