@@ -406,6 +406,14 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     assert res.exit_code == 1 and f"thaw replicas stop {reps[0]['replica']} {reps[1]['replica']}" in res.output
     res = thaw_cli("replicas", "stop", "r-nope", ok=False)
     assert res.exit_code == 1 and "no replica 'r-nope'" in res.output
+    from thaw.registry import deployments
+    from thaw.registry.models import Replica
+    deployments.add_replica(cfg.registry_url, Replica(id="r-orphan", deployment="", snapshot_digest=snap,
+                                                      host_id="gone", endpoint="http://127.0.0.1:9", outcome="restored"))
+    for cmd in ("stop", "logs"):  # a host whose agent is not heartbeating
+        res = thaw_cli("replicas", cmd, "r-orphan", ok=False)
+        assert res.exit_code == 1 and "the agent of host gone is down" in res.output, res.output
+    deployments.remove_replica(cfg.registry_url, "r-orphan")
     assert set(agent.serving) == {r["replica"] for r in reps}, "a refused stop stops nothing"
 
     assert "stopped" in thaw_cli("replicas", "stop", *(r["replica"] for r in reps)).output
