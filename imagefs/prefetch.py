@@ -25,6 +25,10 @@ class PrefetchStats:
     errors: int = 0
     first_error: str = ""  # the first failure, one line
 
+    def timings(self) -> dict[str, int]:
+        """What the prefetch cost, as entries of a stage breakdown."""
+        return {"prefetch": int(self.ms), "prefetch_chunks": self.chunks, "prefetch_kb": self.bytes // 1024}
+
 
 def parse_profile(text: str | bytes) -> list[str]:
     """Chunk digests of a recording (its JSON), in first-read order, each once."""

@@ -45,18 +45,21 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
         name=spec.name, snapshot_digest=spec.snapshot, min_replicas=spec.min_replicas,
         max_replicas=spec.max_replicas, buffer=spec.buffer, secrets=spec.secrets, env=spec.env or None,
         ports=spec.ports or None))
-    handle = client.get_workflow_handle(workflow_id(spec.name))
-    try:
-        desc = await handle.describe()
-        running = desc.status == WorkflowExecutionStatus.RUNNING
-    except RPCError:
-        running = False
-    if running:
-        await handle.signal(DeploymentPool.update, spec)
+    if await running(client, spec.name):
+        await client.get_workflow_handle(workflow_id(spec.name)).signal(DeploymentPool.update, spec)
         return spec, False
     await client.start_workflow(DeploymentPool.run, PoolState(spec, desired=spec.min_replicas),
                                 id=workflow_id(spec.name), task_queue=cfg.build_task_queue)
     return spec, True
+
+
+async def running(client: Client, name: str) -> bool:
+    """Whether deployment ``name``'s pool workflow runs (False: never started, ended, or its history is gone)."""
+    try:
+        desc = await client.get_workflow_handle(workflow_id(name)).describe()
+    except RPCError:
+        return False
+    return desc.status == WorkflowExecutionStatus.RUNNING
 
 
 async def scale(client: Client, name: str, replicas: int, source: str) -> None:

@@ -319,12 +319,18 @@ class HostSnapshots:
         st = Stages()
         files, _ = self.trees(snap)
         st.mark("mount")
-        if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote:
+        if self._prefetching:
             self._prefetch(snap).wait()
             st.mark("fetch")
         self._pinner.submit(self.pins.pin, snap["digest"], files).result()
         st.mark("pin")
         return st.done()
+
+    @property
+    def _prefetching(self) -> bool:
+        """Prefetch pays off only on lazy mounts whose chunks come from a remote tier (a local store serves
+        reads at once)."""
+        return bool(self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote)
 
     def _prefetch(self, snap: dict):
         """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
@@ -470,9 +476,7 @@ class HostSnapshots:
                                       f"{self.cfg.host_id}: {'; '.join(reasons)}")
         beat("fetch")
         files, lower = self.trees(snap)
-        # prefetch pays off only when chunks come from a remote tier; a local store serves reads at once
-        fetch = self._prefetch(snap) if self.cfg.lazy_mounts and self.cfg.prefetch and self.store.remote \
-            else None
+        fetch = self._prefetch(snap) if self._prefetching else None
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = self._root(lower, work / "rw")
@@ -516,8 +520,7 @@ class HostSnapshots:
         ms = st.done()
         self._pinner.submit(self.pins.pin, snap["digest"], files)
         if fetch:  # in the background until now; what it cost is reported, not waited for
-            stats = fetch.stats
-            ms.update(prefetch=int(stats.ms), prefetch_chunks=stats.chunks, prefetch_kb=stats.bytes // 1024)
+            ms.update(fetch.stats.timings())
         return running, ms
 
     def cold_boot(self, image_digest: str, spec: dict, env: dict[str, str], golden: dict | None = None,
@@ -529,8 +532,7 @@ class HostSnapshots:
         With ``snapshot_digest`` (a fallback from that snapshot) and chunks coming from a remote tier, what the
         snapshot's launch read is prefetched in parallel while the model boots."""
         rid, st = f"c-{uuid.uuid4().hex[:10]}", Stages()
-        fetch = self._prefetch_boot(snapshot_digest) if snapshot_digest and self.cfg.lazy_mounts and \
-            self.cfg.prefetch and self.store.remote else None
+        fetch = self._prefetch_boot(snapshot_digest) if snapshot_digest and self._prefetching else None
         try:
             lower = self.image_root(image_digest)
             st.mark("fetch")
@@ -560,8 +562,7 @@ class HostSnapshots:
             raise
         ms = st.done()
         if fetch:
-            ms.update(prefetch=int(fetch.stats.ms), prefetch_chunks=fetch.stats.chunks,
-                      prefetch_kb=fetch.stats.bytes // 1024)
+            ms.update(fetch.stats.timings())
         return running, ms, same
 
     def _prefetch_boot(self, snapshot_digest: str):

@@ -461,21 +461,11 @@ def snapshots_rm(cfg, digest):
 
 def _pools_running(cfg, names: list[str]) -> set[str]:
     """The deployments among ``names`` whose pool workflow is running."""
-    from temporalio.client import WorkflowExecutionStatus
-    from temporalio.service import RPCError
-
     from thaw.runtime import pool
 
     async def go():
-        client, out = await _connect(cfg), set()
-        for name in names:
-            try:
-                info = await client.get_workflow_handle(pool.workflow_id(name)).describe()
-            except RPCError:  # never started, or its history is gone
-                continue
-            if info.status == WorkflowExecutionStatus.RUNNING:
-                out.add(name)
-        return out
+        client = await _connect(cfg)
+        return {name for name in names if await pool.running(client, name)}
 
     return asyncio.run(go())
 
@@ -578,8 +568,12 @@ def replicas_ls(cfg, as_json):
     _table(deployments.replicas(cfg.registry_url), as_json,
            f"{'REPLICA':<14} {'DEPLOYMENT':<16} {'SNAPSHOT':<12} {'HOST':<16} {'OUTCOME':<9} ENDPOINT",
            lambda r: f"{r.id:<14} {r.deployment or '(kept)':<16} {(r.snapshot_digest or '-')[:12]:<12} "
-                     f"{r.host_id:<16} {r.outcome:<9} {r.endpoint}"
-                     + "".join(f" {p}->{a}" for p, a in sorted((r.ports or {}).items())))
+                     f"{r.host_id:<16} {r.outcome:<9} {r.endpoint}{_published(r.ports)}")
+
+
+def _published(ports: dict[str, str] | None) -> str:
+    """A replica's other published ports, as `` 9090->host:port`` each."""
+    return "".join(f" {p}->{a}" for p, a in sorted((ports or {}).items()))
 
 
 def _replica_hosts(cfg, ids) -> list:
@@ -855,8 +849,7 @@ def _deployment_status(cfg, name, as_json):
     if sp.env or sp.ports:
         click.echo(f"env        {' '.join(sorted(sp.env)) or '-'}  ports {' '.join(map(str, sp.ports)) or '-'}")
     for r in st.replicas:
-        extra = "".join(f" {p}->{a}" for p, a in sorted(r.ports.items()))
-        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint}{extra} {r.outcome}")
+        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint}{_published(r.ports)} {r.outcome}")
     for r in st.recent:
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
 

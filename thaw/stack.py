@@ -217,8 +217,8 @@ def status(cfg: Config) -> dict:
     store_objects, store_bytes = ChunkStore.open(cfg).usage() if cfg.store_dir.exists() else (0, 0)
     counts = dict.fromkeys(("images", "snapshots", "deployments", "replicas", "kept"))
     try:
-        reps = deployments.replicas(cfg.registry_url)
         url = cfg.registry_url
+        reps = deployments.replicas(url)
         counts.update(images=len(images.list_all(url)), snapshots=len(snapshots.list_all(url)),
                       deployments=len(deployments.list_all(url)), replicas=len(reps),
                       kept=sum(not r.deployment for r in reps))
