@@ -88,7 +88,7 @@ class BuildActivities:
         spec = oci.SourceSpec(inp.source.kind, inp.source.location)
         try:
             manifest = ingest(spec, staging, Limits.from_config(self.cfg),
-                              Heartbeat("ingest", source_size(spec)), inp.config)
+                              Heartbeat("ingest", source_size(spec)), inp.config, self.cfg.image_chunk_size)
         except BaseException:
             staging.abort()  # nothing of a rejected or failed image stays behind
             raise

@@ -325,7 +325,8 @@ def main() -> None:
         bstore = ChunkStore.open(bcfg)
         t0 = time.monotonic()
         manifest, _, _ = ingest_and_commit(SourceSpec("dir", str(rootfs)), bstore, uuid.uuid4().hex,
-                                           Limits.from_config(bcfg), config=config)
+                                           Limits.from_config(bcfg), config=config,
+                                           chunk_size=bcfg.image_chunk_size)
         image = manifest.digest
         st = manifest.stats()
         image_size = st["size"]

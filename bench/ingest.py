@@ -46,7 +46,8 @@ def hash_speed(fn, data: bytes, rounds: int = 3) -> float:
 def timed_ingest(store: ChunkStore, cfg: Config, source: Path) -> dict:
     w0, c0 = time.monotonic(), time.process_time()
     manifest, new_chunks, new_bytes = ingest_and_commit(
-        SourceSpec("dir", str(source)), store, uuid.uuid4().hex, Limits.from_config(cfg))
+        SourceSpec("dir", str(source)), store, uuid.uuid4().hex, Limits.from_config(cfg),
+        chunk_size=cfg.image_chunk_size)
     wall, cpu = time.monotonic() - w0, time.process_time() - c0
     stats = manifest.stats()
     return {"digest": manifest.digest, "size": stats["size"], "files": stats["files"], "chunks": stats["chunks"],

@@ -59,7 +59,8 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
     try:
         manifest, _, _ = ingest_and_commit(SourceSpec("dir", str(rootfs)), store, uuid.uuid4().hex,
-                                           Limits.from_config(cfg), config=config)
+                                           Limits.from_config(cfg), config=config,
+                                           chunk_size=cfg.image_chunk_size)
         image = manifest.digest
         host = HostSnapshots(cfg, store)
         t0 = time.monotonic()

@@ -102,14 +102,15 @@ class ImageFS(pyfuse3.Operations):
 
     def __init__(self, store: ChunkStore, manifest: ImageManifest, digest: str = "", *,
                  recorder: AccessRecorder | None = None, cache_bytes: int = 64 * MiB,
-                 fetch_timeout: float = 30.0, fetch_threads: int = 16, readahead_chunks: int = 1):
+                 fetch_timeout: float = 30.0, fetch_threads: int = 16, readahead_bytes: int = 4 * MiB):
         super().__init__()
         self.store = store
         self.digest = digest
         self.recorder = recorder
         self.cache_bytes = cache_bytes
         self.fetch_timeout = fetch_timeout
-        self.readahead_chunks = readahead_chunks
+        self.readahead_bytes = readahead_bytes
+        self._next_off: dict[int, int] = {}  # inode -> where its last read ended (sequential readers)
         self._limiter = trio.CapacityLimiter(fetch_threads)
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
@@ -321,6 +322,8 @@ class ImageFS(pyfuse3.Operations):
             return b""
         starts = self._chunk_starts(fh, e)
         i = bisect.bisect_right(starts, off) - 1
+        sequential = self._next_off.get(fh) == off
+        self._next_off[fh] = end
         pieces = []
         pos = off
         try:
@@ -340,13 +343,15 @@ class ImageFS(pyfuse3.Operations):
             self.stats["errors"] += 1
             log.error("read of %s [%d, +%d) failed: %s", e.path, off, size, err)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        # sequential reader past the middle of its chunk: fetch the next chunk(s) in the background
-        if (self.readahead_chunks and self._nursery is not None and i < len(starts)
-                and end - starts[i - 1] > e.chunks[i - 1][1] // 2):
-            for j in range(i, min(i + self.readahead_chunks, len(e.chunks))):
-                d = e.chunks[j][0]
+        # a sequential reader (this read starts where the file's last read ended): fetch the chunks of the next
+        # readahead_bytes in the background. Only then: a page fault in a mmapped library or weights file reads a
+        # window around the page, and fetching past that window would multiply what a cold start downloads.
+        if sequential and self.readahead_bytes and self._nursery is not None:
+            while i < len(starts) and starts[i] < end + self.readahead_bytes:
+                d, csize = e.chunks[i]
                 if d not in self._cache and d not in self._inflight:
-                    self._nursery.start_soon(self._readahead, d, e.chunks[j][1])
+                    self._nursery.start_soon(self._readahead, d, csize)
+                i += 1
         self.stats["reads"] += 1
         self.stats["read_bytes"] += end - off
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -75,8 +75,10 @@ def _symlink_escapes(path: str, target: str) -> bool:
 class Tree:
     """The image's file tree while layers are applied."""
 
-    def __init__(self, staging: Staging, limits: Limits, progress: Progress | None = None):
+    def __init__(self, staging: Staging, limits: Limits, progress: Progress | None = None,
+                 chunk_size: int | None = None):
         self.staging = staging
+        self.chunk_size = min(chunk_size or staging.store.chunk_size, staging.store.chunk_size)
         self.limits = limits
         self.progress = progress or (lambda n: None)
         self.entries: dict[str, Entry] = {"": Entry(path="", type=DIR, mode=0o755)}
@@ -181,7 +183,7 @@ class Tree:
                 self.remove(victim)
 
     def _store(self, f: BinaryIO, size: int, src: str) -> list[list]:
-        chunk_size = self.staging.store.chunk_size
+        chunk_size = self.chunk_size
         chunks, left = [], size
         buf = bytearray(min(chunk_size, size))
         view = memoryview(buf)
@@ -331,14 +333,15 @@ def ingest_directory(tree: Tree, root: Path) -> None:
 
 
 def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = None,
-           config: dict | None = None) -> ImageManifest:
+           config: dict | None = None, chunk_size: int | None = None) -> ImageManifest:
     """Ingest any source (see :func:`thaw.imagefs.oci.resolve`) into staging; returns the manifest.
 
     ``config`` (OCI config keys such as Cmd, Env) is a directory's image config, or overrides an image's own.
+    Files are cut into chunks of ``chunk_size`` bytes (default and upper bound: the store's ``chunk_size``).
     """
     from . import oci
 
-    tree = Tree(staging, limits, progress)
+    tree = Tree(staging, limits, progress, chunk_size)
     if spec.kind == "dir":
         ingest_directory(tree, Path(spec.location))
         return tree.manifest(config)
@@ -350,7 +353,7 @@ def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = N
 
 
 def ingest_and_commit(spec, store, txn_id: str, limits: Limits, progress: Progress | None = None,
-                      config: dict | None = None) -> tuple[ImageManifest, int, int]:
+                      config: dict | None = None, chunk_size: int | None = None) -> tuple[ImageManifest, int, int]:
     """Ingest ``spec`` and make it durable in one go: chunks, then the manifest naming them.
 
     Returns (manifest, new_chunks, new_bytes). Nothing stays under a final name if it fails.
@@ -358,7 +361,7 @@ def ingest_and_commit(spec, store, txn_id: str, limits: Limits, progress: Progre
     staging = store.staging(txn_id)
     staging.reset()
     try:
-        manifest = ingest(spec, staging, limits, progress, config)
+        manifest = ingest(spec, staging, limits, progress, config, chunk_size)
         new = (staging.new_chunks, staging.new_bytes)
         staging.commit_chunks()
         store.put_manifest_bytes(manifest.to_bytes())

@@ -33,7 +33,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DAEMON_MODULE = "thaw.imagefs.mount"
-DEFAULT_READ_AHEAD_KB = 4096
+# the bdi's read-ahead: for sequential reads, and the window the kernel reads around a page fault in a mmapped
+# file (a cold replica faulting in its libraries fetches about this much per fault; the daemon reads further
+# ahead itself for sequential readers)
+DEFAULT_READ_AHEAD_KB = 512
 
 
 class MountError(Exception):

@@ -97,7 +97,7 @@ def mounted(image):
 
 
 def test_tree_matches_source(image, mounted):
-    from thaw.imagefs.mount import fuse_mounts
+    from thaw.imagefs.mount import DEFAULT_READ_AHEAD_KB, fuse_mounts
 
     mnt = Path(mounted.mountpoint)
     r = subprocess.run(["diff", "-r", "--no-dereference", "--exclude=fifo", str(image.src), str(mnt)],
@@ -121,7 +121,7 @@ def test_tree_matches_source(image, mounted):
     assert "ro" in m.options.split(",")
     assert {"allow_other", "default_permissions"} <= set(line.split()[-1].split(","))
     ra = Path(f"/sys/class/bdi/{m.dev}/read_ahead_kb")
-    assert int(ra.read_text()) == 4096
+    assert int(ra.read_text()) == DEFAULT_READ_AHEAD_KB
 
 
 def test_reads_across_chunk_boundaries(image, mounted):
@@ -151,7 +151,7 @@ def test_read_assembles_chunks_in_process(image):
 
     from thaw.imagefs.fuse import ImageFS
 
-    fs = ImageFS(image.store, image.manifest, image.digest, cache_bytes=5 * MiB, readahead_chunks=0)
+    fs = ImageFS(image.store, image.manifest, image.digest, cache_bytes=5 * MiB, readahead_bytes=0)
     ino = next(i for i, e in enumerate(fs.entries) if e is not None and e.path == "nine.bin")
     want = (image.src / "nine.bin").read_bytes()
 
@@ -163,6 +163,47 @@ def test_read_assembles_chunks_in_process(image):
 
     trio.run(reads)
     assert fs._cached <= 5 * MiB and fs.stats["errors"] == 0
+
+
+def test_readahead_follows_sequential_readers_only(tmp_path):
+    """An image cut into 1 MiB chunks (as builds cut container images). A read that starts where the file's last
+    read ended fetches the chunks of the next readahead_bytes in the background; any other read (a page fault's
+    window in a mmapped library) fetches only the chunks it covers, even past the middle of its chunk."""
+    import random
+
+    import trio
+
+    from thaw.imagefs.fuse import ImageFS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    want = random.Random(3).randbytes(16 * MiB)
+    (src / "lib.so").write_bytes(want)
+    cfg = Config(state_dir=tmp_path / "state")
+    store = ChunkStore.open(cfg)
+    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "ra-test", Limits.from_config(cfg),
+                                chunk_size=MiB)
+    assert [size for _, size in _entry(m, "lib.so").chunks] == [MiB] * 16
+    fs = ImageFS(store, m, m.digest, readahead_bytes=3 * MiB)
+    ino = next(i for i, e in enumerate(fs.entries) if e is not None and e.path == "lib.so")
+
+    async def reads(spans):
+        async with trio.open_nursery() as nursery:  # exits once the background fetches are done
+            fs._nursery = nursery
+            for off, size in spans:
+                assert bytes(await fs.read(ino, off, size)) == want[off:off + size], (off, size)
+        fs._nursery = None
+        return fs.stats["fetches"]
+
+    KiB = 1 << 10
+    # two scattered windows, the first ending past the middle of chunk 9: chunks 9 and 5 only
+    assert trio.run(reads, [(9 * MiB + 600 * KiB, 256 * KiB), (5 * MiB, 128 * KiB)]) == 2
+    # a sequential reader from 0: its first read is not known to be sequential (chunk 0); its second is, and
+    # fetches ahead the chunks that start within 3 MiB of where it ended (1, 2, 3)
+    assert trio.run(reads, [(0, 512 * KiB), (512 * KiB, 512 * KiB)]) == 2 + 1 + 3
+    # it goes on: chunk 4 comes into the window; 5 was fetched by the scattered read above
+    assert trio.run(reads, [(MiB, MiB), (2 * MiB, MiB)]) == 2 + 1 + 3 + 1
+    assert fs.stats["errors"] == 0
 
 
 def test_python_imports_use_the_images_pyc(image, mounted):

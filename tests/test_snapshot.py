@@ -193,6 +193,8 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     store = ChunkStore.open(cfg)
     manifest = ImageManifest.load(store, snap["digest"])
     pages = max((e for e in manifest.entries if e.chunks), key=lambda e: e.size)
+    assert pages.size > cfg.image_chunk_size  # CRIU images are cut at chunk_size (4 MiB), images' files finer
+    assert pages.chunks[0][1] == min(pages.size, cfg.chunk_size)
     chunk = store.local.path(f"chunks/{pages.chunks[0][0][:2]}/{pages.chunks[0][0]}")
     assert chunk.exists()
     data = bytearray(chunk.read_bytes())

@@ -22,6 +22,7 @@ from services import (  # noqa: F401  (fixtures)
     free_port, hardlink_groups, registry, skopeo_copy, token_registry, tree_snapshot, umoci_unpack,
     write_app_context)
 from tarutil import docker_archive, layer, member
+from thaw.config import Config
 from thaw.imagefs import oci
 from thaw.imagefs.ingest import Limits, ingest
 from thaw.imagefs.manifest import ImageManifest
@@ -68,11 +69,11 @@ def layer_blobs(layout: Path) -> list[Path]:
 
 def library_ingest(source: str, store_dir: Path) -> tuple[ImageManifest, ChunkStore]:
     """Ingest without Temporal (resolve → ingest → commit), the way the activities do it."""
-    store = ChunkStore([LocalDirTier(store_dir)])  # default chunk size, as builds use: same digests
+    store = ChunkStore([LocalDirTier(store_dir)])
     st = store.staging("t")
     st.reset()
-    try:
-        m = ingest(resolve(source), st, LIMITS)
+    try:  # cut as builds cut images: same digests
+        m = ingest(resolve(source), st, LIMITS, chunk_size=Config().image_chunk_size)
         st.commit_chunks()
         m.save(store)
     finally:

@@ -77,7 +77,7 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
            "THAW_S3_EMBEDDED_PORT": str(free_port())}
     src = tmp_path / "src"
     src.mkdir()
-    (src / "data").write_bytes(os.urandom(5 << 20))  # two chunks
+    (src / "data").write_bytes(os.urandom(5 << 20))  # five 1 MiB chunks (image_chunk_size)
     try:
         thaw(env, "up", "--s3")
         st = json.loads(thaw(env, "status", "--json").stdout)
@@ -87,7 +87,7 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
         s3 = boto3.client("s3", endpoint_url=cfg.s3_endpoint, aws_access_key_id=cfg.s3_access_key,
                           aws_secret_access_key=cfg.s3_secret_key, region_name=cfg.s3_region)
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket=cfg.s3_bucket).get("Contents", [])}
-        assert any(built["digest"] in k for k in keys) and sum(k.startswith("chunks/") for k in keys) == 2
+        assert any(built["digest"] in k for k in keys) and sum(k.startswith("chunks/") for k in keys) == 5
         thaw(env, "up")  # remembered: the S3 tier stays on
         assert json.loads(thaw(env, "status", "--json").stdout)["s3"]["pid"]
     finally:

@@ -67,7 +67,10 @@ class Config(BaseSettings):
     s3_embedded_port: int = 8333
 
     # Content-addressed store
-    chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)
+    chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)  # the largest object; snapshots' CRIU images
+    # Container images are cut finer: a replica touches scattered pages of its libraries and weights, and a
+    # page fault fetches its whole chunk (bench/imagefs: 4 → 1 MiB cut a cold restore's bytes by a fifth).
+    image_chunk_size: int = Field(default=1 * MiB, le=4 * MiB, gt=0)
     # Store tiers (memory → local disk → S3). Without s3_endpoint the local store directory is the source
     # of truth (unbounded, no memory tier); with it S3 is, and the local directory becomes a cache.
     memory_cache_bytes: int = Field(default=256 * MiB, ge=0)  # per process; 0 = no memory tier
