@@ -225,22 +225,15 @@ def read_buf(path: Path) -> int:
     return n
 
 
-def uncache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def cache_in_small_pages(path: Path) -> None:
     """Put ``path`` in the page cache as 4 KiB pages: fault it in page by page through a MADV_RANDOM mapping
     (no read-around, so no large folios), as this kernel caches every file of a FUSE mount."""
-    uncache(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        m.madvise(mmap.MADV_RANDOM)
-        for off in range(0, len(m), mmap.PAGESIZE):
-            m[off]
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+            m.madvise(mmap.MADV_RANDOM)
+            for off in range(0, len(m), mmap.PAGESIZE):
+                m[off]
 
 
 def read_all(path: Path) -> int:
@@ -433,7 +426,7 @@ def main() -> None:
               f"{statistics.median(tn3) / statistics.median(tm3):.2f}x (context, not a target)")
         cache_in_small_pages(fn)  # the mount's copy is in 4 KiB pages already (how this kernel caches FUSE files)
         tm4, tn4, _, _ = side_by_side(read_buf, fm, fn, args.seq_runs, warmup=False)
-        uncache(fn)
+        drop_caches()
         read_buf(fn)  # cached by a sequential read again (large folios), as for the runs above and below
         print(f"seq read, 1 MiB buffer, the native file cached in 4 KiB pages too: mount "
               f"{big.size / statistics.median(tm4) / MB:,.0f} MB/s, native {big.size / statistics.median(tn4) / MB:,.0f} "
