@@ -203,10 +203,9 @@ class LocalDirTier:
     def sync(self) -> None:
         _syncfs(self.root)
 
-    def entries(self) -> list[tuple[str, int, float]]:
-        """(key, size, mtime in epoch seconds) of every chunk and manifest."""
-        out = []
-        for kind in (CHUNKS, MANIFESTS):
+    def _stats(self, kinds: tuple[str, ...] = (CHUNKS, MANIFESTS)):
+        """(key, stat) of every object of these kinds."""
+        for kind in kinds:
             base = self.root / kind
             if not base.is_dir():
                 continue
@@ -218,8 +217,11 @@ class LocalDirTier:
                         st = e.stat()
                     except FileNotFoundError:  # deleted or evicted meanwhile
                         continue
-                    out.append((f"{kind}/{sub.name}/{e.name}", st.st_size, st.st_mtime))
-        return out
+                    yield f"{kind}/{sub.name}/{e.name}", st
+
+    def entries(self) -> list[tuple[str, int, float]]:
+        """(key, size, mtime in epoch seconds) of every chunk and manifest."""
+        return [(key, st.st_size, st.st_mtime) for key, st in self._stats()]
 
     def usage(self) -> tuple[int, int]:
         objects = self.entries()
@@ -236,19 +238,7 @@ class LocalDirTier:
             return self._lru_bytes
 
     def _scan(self) -> None:
-        items = []
-        base = self.root / CHUNKS
-        if base.is_dir():
-            for sub in os.scandir(base):
-                if not sub.is_dir():
-                    continue
-                for e in os.scandir(sub.path):
-                    try:
-                        st = e.stat()
-                    except FileNotFoundError:
-                        continue
-                    items.append((st.st_mtime_ns, f"{CHUNKS}/{sub.name}/{e.name}", st.st_size))
-        items.sort()
+        items = sorted((st.st_mtime_ns, key, st.st_size) for key, st in self._stats((CHUNKS,)))
         self._lru = OrderedDict((k, n) for _, k, n in items)
         self._lru_bytes = sum(n for _, _, n in items)
         self._scanned = time.monotonic()
