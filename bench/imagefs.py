@@ -429,9 +429,10 @@ def main() -> None:
         drop_caches()
         read_buf(fn)  # cached by a sequential read again (large folios), as for the runs above and below
         print(f"seq read, 1 MiB buffer, the native file cached in 4 KiB pages too: mount "
-              f"{big.size / statistics.median(tm4) / MB:,.0f} MB/s, native {big.size / statistics.median(tn4) / MB:,.0f} "
-              f"MB/s -> {statistics.median(tn4) / statistics.median(tm4):.2f}x (context: FUSE's own cost on warm "
-              f"reads, without the page-cache folio size)")
+              f"{big.size / statistics.median(tm4) / MB:,.0f} MB/s, native "
+              f"{big.size / statistics.median(tn4) / MB:,.0f} MB/s -> "
+              f"{statistics.median(tn4) / statistics.median(tm4):.2f}x (context: FUSE's own cost on warm reads, "
+              f"without the page-cache folio size)")
         env = spec["env"]
         ti_m, ti_n, _, _ = side_by_side(lambda root: import_torch(root, env), mp, rootfs, args.runs)
         imp = statistics.median(ti_m) / statistics.median(ti_n)
