@@ -412,10 +412,10 @@ class Gateway:
 
     def _release(self, ep: str) -> None:
         self._inflight[ep] -= 1
-        if self._inflight[ep] <= 0:
+        if self._inflight[ep] <= 0:  # idle now: its busy span ends
             self._m_busy_s.inc(time.monotonic() - self._busy_since.pop(ep))
-        if self._inflight[ep] <= 0 and ep not in self._endpoints:
-            del self._inflight[ep]
+            if ep not in self._endpoints:
+                del self._inflight[ep]
         self._pump()
 
     def _pump(self) -> None:
