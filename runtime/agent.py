@@ -45,6 +45,8 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
         n = len(acts.serving)
         metrics.REPLICAS.set(n)
         metrics.PINNED.set(acts.host.pins.pinned_bytes)
+        for gpu, n in enumerate(acts.host.gpu_loads()):
+            metrics.GPU_REPLICAS.labels(str(gpu)).set(n)
         metrics.GPU_SECONDS_ALLOCATED.inc(n * cfg.agent_heartbeat_s)
         await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
         if cfg.mount_idle_s > 0:

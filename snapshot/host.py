@@ -2,8 +2,8 @@
 
 Image and snapshot trees come from the chunk store: lazy FUSE mounts shared by the host's replicas (or, with
 ``lazy_mounts`` off, copies materialized once under ``work_dir/images/<digest>``). Each replica gets its own
-overlay upper layer and its own namespaces; on a GPU host also the GPUs' device nodes and the driver's
-libraries as one more layer (``nvidia.py``).
+overlay upper layer and its own namespaces; on a GPU host also one GPU (the one that runs the fewest of this
+host's replicas), its device nodes and the driver's libraries as one more layer (``nvidia.py``).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ class Running:
     record: Path | None = None
     forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
     stopped: bool = False
+    on_stop: Callable[[], None] | None = None  # gives back what the host lent the replica (its GPU)
 
     def __post_init__(self):
         if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
@@ -125,6 +126,8 @@ class Running:
             self.root.cleanup()
             if self.record:
                 shutil.rmtree(self.record.parent, ignore_errors=True)
+            if self.on_stop:
+                self.on_stop()
 
 
 def clear(d: Path) -> None:
@@ -203,6 +206,8 @@ class HostSnapshots:
         self.pins = Pins(cfg.pin_mb << 20)  # restored snapshots' memory pages, kept in RAM
         self._pinner = ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")  # off the restore's critical path
         self._mounter = ThreadPoolExecutor(4, thread_name_prefix="thaw-mount")
+        self._gpu_lock = threading.Lock()
+        self._gpu_load: dict[int, int] = {}  # GPU number -> replicas (and launches) on it now
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
 
@@ -284,7 +289,8 @@ class HostSnapshots:
         if not self.cfg.gpu_passthrough or not compat.needs_gpu(self.facts):
             return None
         try:
-            return nvidia.for_host(self.cfg.work_dir / "gpu-driver", self.facts.get("nvidia_driver", "unknown"))
+            return nvidia.for_host(self.cfg.work_dir / "gpu-driver", self.facts.get("nvidia_driver", "unknown"),
+                                   self.facts.get("gpu_uuids", []))
         except (nvidia.GpuAccessError, OSError) as e:
             log.warning("host %s: replicas get no GPU: %s", self.cfg.host_id, e)
             return None
@@ -293,10 +299,36 @@ class HostSnapshots:
         """A replica's root: a fresh overlay of the image (under the GPU driver's layer on a GPU host)."""
         return criu.prepare_root([self.gpu.layer, image_root] if self.gpu else image_root, rw)
 
-    def _launch(self, root: criu.Root, spec: dict, env: dict[str, str], log_path: Path) -> criu.Replica:
+    def _launch(self, root: criu.Root, spec: dict, env: dict[str, str], log_path: Path, slot: int | None
+                ) -> criu.Replica:
         gpu = self.gpu
-        return criu.launch(root.path, spec["cmd"], gpu.env(env) if gpu else env, spec.get("cwd") or "/", log_path,
-                           devices=gpu.devices if gpu else ())
+        return criu.launch(root.path, spec["cmd"], gpu.env(env, slot) if gpu else env, spec.get("cwd") or "/",
+                           log_path, devices=gpu.devices_for(slot) if gpu else ())
+
+    def take_gpu(self) -> int | None:
+        """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in CUDA order;
+        the lowest on a tie) until :meth:`give_gpu`; None on a host without GPUs to hand out one by one."""
+        gpus = self.gpu.gpus if self.gpu else ()
+        if not gpus:
+            return None
+        with self._gpu_lock:
+            slot = min(range(len(gpus)), key=lambda i: (self._gpu_load.get(i, 0), i))
+            self._gpu_load[slot] = self._gpu_load.get(slot, 0) + 1
+        return slot
+
+    def give_gpu(self, slot: int | None) -> None:
+        if slot is not None:
+            with self._gpu_lock:
+                self._gpu_load[slot] -= 1
+
+    def gpu_loads(self) -> list[int]:
+        """Replicas on each GPU, in CUDA order ([] without GPUs handed out one by one)."""
+        with self._gpu_lock:
+            return [self._gpu_load.get(i, 0) for i in range(len(self.gpu.gpus if self.gpu else ()))]
+
+    def _running(self, rid: str, replica: criu.Replica, root: criu.Root, port: int, work: Path,
+                 slot: int | None) -> Running:
+        return Running(rid, replica, root, port, work / RECORD, on_stop=functools.partial(self.give_gpu, slot))
 
     def close(self) -> None:
         """Unpin and unmount this host's image and snapshot trees (stop the replicas on them first)."""
@@ -378,9 +410,11 @@ class HostSnapshots:
                 cleanup.callback(rec.unmount)  # last: writes the boot profile
             root = self._root(Path(rec.mountpoint) if rec else self.image_root(image_digest), work / "rw")
             cleanup.callback(root.cleanup)
+            slot = self.take_gpu()
+            cleanup.callback(self.give_gpu, slot)
             st.mark("root")
             beat("launch")
-            replica = self._launch(root, spec, spec["env"], work / "launch.log")
+            replica = self._launch(root, spec, spec["env"], work / "launch.log", slot)
             write_record(work / RECORD, replica.pid)
             try:
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
@@ -403,6 +437,8 @@ class HostSnapshots:
             shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
         facts["gpu_processes"] = len(gpu_pids)
+        if gpu_pids and slot is not None:  # the process saw this one GPU (CUDA_VISIBLE_DEVICES)
+            facts["gpu_uuids"] = [self.gpu.gpus[slot][0]]
         if self.cfg.lazy_mounts:
             beat("profile")
             try:
@@ -427,15 +463,18 @@ class HostSnapshots:
                     return f"chunk {d[:12]} of {e.path}: {err}".splitlines()[0]
         return ""
 
-    def _restore_gpu(self, snap: dict, replica, st: Stages) -> None:
-        """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay."""
+    def _restore_gpu(self, snap: dict, replica, st: Stages, slot: int | None) -> None:
+        """CUDA restore + unlock of every process that was on the GPU, before hooks, health and replay: onto GPU
+        ``slot`` (the snapshot's GPUs map onto it and then onto the host's others, in order)."""
         facts = snap["host_facts"]
         if compat.needs_gpu(facts):
             if self.gpu and replica.root is not None:
-                self.gpu.refresh(replica.pid)  # this host's device numbers (nvidia-uvm's differ between hosts)
-            cuda.GpuCheckpointer().restore_tree(
-                replica.pid, expected=facts.get("gpu_processes"),
-                gpu_pairs=cuda.gpu_remap(facts.get("gpu_uuids", []), self.facts.get("gpu_uuids", [])))
+                self.gpu.refresh(replica.pid, slot)  # this host's device numbers (nvidia-uvm's differ between hosts)
+            host = list(self.facts.get("gpu_uuids", []))
+            if slot is not None:
+                host.insert(0, host.pop(slot))
+            cuda.GpuCheckpointer().restore_tree(replica.pid, expected=facts.get("gpu_processes"),
+                                                gpu_pairs=cuda.gpu_remap(facts.get("gpu_uuids", []), host))
             st.mark("cuda")
 
     def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict, facts: dict) -> None:
@@ -444,13 +483,14 @@ class HostSnapshots:
         rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
         try:
             root = self._root(Path(rec.mountpoint), work / "rw-profile")
+            slot = self.take_gpu() if compat.needs_gpu(facts) else None
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
                                         huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
                                         read_threads=self.cfg.restore_threads)
                 write_record(work / RECORD, replica.pid)
                 try:
-                    self._restore_gpu({"host_facts": facts}, replica, Stages())
+                    self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
                     with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
                         criu.after_restore(replica, spec["port"], {})
                     replica.wait_healthy(spec["port"], spec["health"], timeout=60)
@@ -458,6 +498,7 @@ class HostSnapshots:
                 finally:
                     replica.stop()
             finally:
+                self.give_gpu(slot)
                 root.cleanup()
         finally:
             rec.unmount()  # writes the profile
@@ -480,6 +521,7 @@ class HostSnapshots:
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = self._root(lower, work / "rw")
+        slot = self.take_gpu() if compat.needs_gpu(snap["host_facts"]) else None
         st.mark("root")
         try:
             beat("criu")
@@ -493,14 +535,15 @@ class HostSnapshots:
                     raise SnapshotError(f"{failed} (then: {e})") from None
                 raise
             st.mark("criu")
-            running = Running(rid, replica, root, spec["port"], work / RECORD)
+            running = self._running(rid, replica, root, spec["port"], work, slot)
         except BaseException:
             if fetch:
                 fetch.cancel()
             root.cleanup()
+            self.give_gpu(slot)
             raise
         try:
-            self._restore_gpu(snap, replica, st)
+            self._restore_gpu(snap, replica, st, slot)
             try:
                 criu.after_restore(replica, spec["port"], env, rid)
             except criu.ReplicaError:
@@ -538,13 +581,15 @@ class HostSnapshots:
             st.mark("fetch")
             work = self._replica_dir(rid)
             root = self._root(lower, work / "rw")
+            slot = self.take_gpu()
             st.mark("root")
             try:
-                replica = self._launch(root, spec, {**spec["env"], **env}, work / "launch.log")
+                replica = self._launch(root, spec, {**spec["env"], **env}, work / "launch.log", slot)
             except BaseException:
                 root.cleanup()
+                self.give_gpu(slot)
                 raise
-            running = Running(rid, replica, root, spec["port"], work / RECORD)
+            running = self._running(rid, replica, root, spec["port"], work, slot)
             try:
                 replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
                 st.mark("boot")

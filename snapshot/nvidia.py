@@ -10,6 +10,11 @@ each restored one) gets
   more read-only layer of its root, at ``/usr/local/nvidia/lib64`` and ``/usr/local/nvidia/bin``. NVIDIA's
   CUDA images already have that directory on ``LD_LIBRARY_PATH``; for other images thaw puts it there.
 
+Each replica gets one GPU of the host: the host agent picks the GPU that runs the fewest of its replicas. The
+replica's ``/dev`` then has that GPU's ``/dev/nvidiaN`` and no other, and a launched process gets
+``CUDA_VISIBLE_DEVICES`` set to that GPU's UUID. A restored process keeps the environment of its snapshot, so
+its restore maps the snapshot's GPU onto the chosen one instead (``cuda.gpu_remap``).
+
 The layer is built once per host and driver from the host's own files (hard links where the file system
 allows) under ``<work_dir>/gpu-driver/driver-<version>-<hash>``. The layer and the nodes are plain files to
 CRIU: the libraries a process maps are files of its root, and the nodes are part of its ``/dev`` tmpfs,
@@ -33,7 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cuda import NVIDIA_DEV
+from .cuda import NVIDIA_DEV, NVIDIA_PROC
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,7 @@ DRIVER_LIB = re.compile(r"^(libcuda|libcudadebugger|libnvidia-(ml|cfg|ptxjitcomp
                         r"opencl|pkcs11|pkcs11-openssl3))\.so(\.\d+)*$")
 DRIVER_BINS = ("nvidia-smi", "nvidia-debugdump")
 _LDCONFIG_ARCH = {"x86_64": "x86-64", "aarch64": "AArch64"}  # the tag `ldconfig -p` gives 64-bit libraries
+GPU_NODE = re.compile(r"^nvidia\d+$")  # one GPU's node; the other nvidia* nodes are the driver's, shared by all
 
 
 class GpuAccessError(RuntimeError):
@@ -74,6 +80,34 @@ def host_devices(dev: Path = Path("/dev")) -> list[Device]:
         if stat.S_ISCHR(st.st_mode) and NVIDIA_DEV.match(f"/dev/{name}"):
             found.append(Device(name, os.major(st.st_rdev), os.minor(st.st_rdev), stat.S_IMODE(st.st_mode)))
     return sorted(found, key=lambda d: d.name)
+
+
+def gpu_nodes(proc: Path = NVIDIA_PROC) -> dict[str, str]:
+    """GPU UUID -> the name of its node under /dev (``nvidia<Device Minor>``), read from the driver's
+    ``/proc/driver/nvidia/gpus/*/information``; {} where the driver has no such files."""
+    nodes = {}
+    for info in sorted((proc / "gpus").glob("*/information")):
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        uuid, minor = re.search(r"^GPU UUID:\s*(\S+)", text, re.M), re.search(r"^Device Minor:\s*(\d+)", text, re.M)
+        if uuid and minor:
+            nodes[uuid[1]] = f"nvidia{minor[1]}"
+    return nodes
+
+
+def match_gpus(uuids, nodes: dict[str, str], devices) -> tuple[tuple[str, str], ...]:
+    """(UUID, node name) of each GPU in ``uuids`` (CUDA order), when ``nodes`` (:func:`gpu_nodes`) names a node of
+    ``devices`` for every one of them; () otherwise: then every replica gets every node, as before thaw handed
+    out GPUs one by one."""
+    names = {d.name for d in devices}
+    gpus = tuple((u, nodes[u]) for u in uuids if nodes.get(u) in names)
+    if len(gpus) == len(uuids):
+        return gpus
+    log.warning("GPU access: the driver names no /dev node for %d of %d GPUs: every replica gets all of them",
+                len(uuids) - len(gpus), len(uuids))
+    return ()
 
 
 def driver_libraries(ldconfig_p: str, arch: str | None = None) -> dict[str, Path]:
@@ -168,24 +202,42 @@ def make_node(dev_dir: Path, d: Device) -> None:
 
 @dataclass(frozen=True)
 class GpuAccess:
-    """What an image-rooted replica on this host gets to use the GPUs: a root layer and device nodes."""
+    """What an image-rooted replica on this host gets to use the GPUs: a root layer and device nodes.
+    ``gpus`` is (UUID, node name) of each GPU in CUDA ordinal order; a replica gets GPU number ``gpu`` of it.
+    With ``gpu`` None (or no ``gpus``: the driver did not say which node is which GPU) it gets every node."""
     layer: Path
     devices: tuple[Device, ...]
+    gpus: tuple[tuple[str, str], ...] = ()
 
-    def env(self, env: dict[str, str]) -> dict[str, str]:
-        return with_library_path(env)
+    def devices_for(self, gpu: int | None) -> tuple[Device, ...]:
+        """The driver's shared nodes and GPU ``gpu``'s own node."""
+        if gpu is None or not self.gpus:
+            return self.devices
+        return tuple(d for d in self.devices if not GPU_NODE.match(d.name) or d.name == self.gpus[gpu][1])
 
-    def refresh(self, pid: int) -> None:
-        """Make this host's device nodes in the /dev of the replica whose pid 1 is ``pid`` (host pid)."""
+    def env(self, env: dict[str, str], gpu: int | None = None) -> dict[str, str]:
+        env = with_library_path(env)
+        return {**env, "CUDA_VISIBLE_DEVICES": self.gpus[gpu][0]} if gpu is not None and self.gpus else env
+
+    def refresh(self, pid: int, gpu: int | None = None) -> None:
+        """Make this host's device nodes for GPU ``gpu`` in the /dev of the replica whose pid 1 is ``pid`` (host
+        pid), and remove the node of any other GPU (the one the snapshot was taken on, say)."""
         dev_dir = Path(f"/proc/{pid}/root/dev")
-        for d in self.devices:
+        keep = self.devices_for(gpu)
+        if keep is not self.devices:
+            names = {d.name for d in keep}
+            for path in dev_dir.glob("nvidia*"):
+                if GPU_NODE.match(path.name) and path.name not in names:
+                    path.unlink()
+        for d in keep:
             make_node(dev_dir, d)
 
 
-def for_host(parent: Path, driver: str, dev: Path = Path("/dev")) -> GpuAccess | None:
-    """GpuAccess for this host (``driver``: its driver version, from the GPU facts), building the layer under
-    ``parent`` if needed; None where the host has no NVIDIA device. GpuAccessError where it has devices but
-    the driver's libcuda is not in the library cache."""
+def for_host(parent: Path, driver: str, uuids: list[str] | tuple[str, ...] = (), dev: Path = Path("/dev"),
+             proc: Path = NVIDIA_PROC) -> GpuAccess | None:
+    """GpuAccess for this host (``driver``: its driver version, ``uuids``: its GPUs in CUDA ordinal order, both
+    from the GPU facts), building the layer under ``parent`` if needed; None where the host has no NVIDIA
+    device. GpuAccessError where it has devices but the driver's libcuda is not in the library cache."""
     if (dev / "nvidiactl").exists() and not (dev / "nvidia-uvm").exists() and shutil.which("nvidia-modprobe"):
         # CUDA needs nvidia-uvm, whose node appears when a first process on the host loads the module
         subprocess.run(["nvidia-modprobe", "-u", "-c=0"], capture_output=True, timeout=30)
@@ -198,6 +250,7 @@ def for_host(parent: Path, driver: str, dev: Path = Path("/dev")) -> GpuAccess |
                              "(`ldconfig -p`): replicas with their own root cannot use the GPU")
     bins = [Path(p) for p in map(shutil.which, DRIVER_BINS) if p]
     layer = build_layer(parent, f"driver-{driver}", libs, bins)
-    log.info("GPU access for replicas: %d device nodes, driver layer %s (%d libraries)", len(devices), layer,
-             len(libs))
-    return GpuAccess(layer, tuple(devices))
+    gpus = match_gpus(uuids, gpu_nodes(proc), devices)
+    log.info("GPU access for replicas: %d device nodes, %d GPUs (one per replica), driver layer %s (%d libraries)",
+             len(devices), len(gpus), layer, len(libs))
+    return GpuAccess(layer, tuple(devices), gpus)

@@ -739,11 +739,15 @@ def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
         return json.loads(body)
 
     try:
-        access = nvidia.for_host(layers, "test")
+        uuids = [d["uuid"] for d in real_driver.devices()]
+        access = nvidia.for_host(layers, "test", uuids)
         assert access is not None and {"nvidiactl", "nvidia0"} <= {d.name for d in access.devices}, access
-        print(f"\ndevices {[d.arg() for d in access.devices]}; layer {sorted(p.name for p in access.layer.rglob('*'))}")
-        replica = launch(new_root(), [sys.executable, "-c", GPU_SERVER], access.env({"PATH": os.environ["PATH"]}),
-                         "/", tmp_path / "launch.log", devices=access.devices, timeout=60)
+        assert [u for u, _ in access.gpus] == uuids, access.gpus  # the driver names each GPU's node
+        print(f"\ndevices {[d.arg() for d in access.devices]}; GPUs {access.gpus}; "
+              f"layer {sorted(p.name for p in access.layer.rglob('*'))}")
+        # GPU 0 as the agent lends it: its node only, and CUDA_VISIBLE_DEVICES=its UUID
+        replica = launch(new_root(), [sys.executable, "-c", GPU_SERVER], access.env({"PATH": os.environ["PATH"]}, 0),
+                         "/", tmp_path / "launch.log", devices=access.devices_for(0), timeout=60)
         c = GpuCheckpointer(real_driver, timeout_s=60)
         try:
             replica.wait_ready(8080, "/", timeout=120)
@@ -757,7 +761,7 @@ def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
             replica.stop()
         for i in range(2):
             restored.append(restore(tmp_path / "images", new_root(), tmp_path / f"restore{i}.log"))
-            access.refresh(restored[-1].pid)
+            access.refresh(restored[-1].pid, 0)
             print(f"replica {i}: CUDA restore ms {c.restore_tree(restored[-1].pid, expected=len(pids))}")
         assert [get(r) for r in restored] == [first, first]
     finally:

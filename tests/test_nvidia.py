@@ -18,8 +18,8 @@ import pytest
 
 from test_criu import PORT, PYTHON, get, image, needs_criu, work  # noqa: F401 (fixtures)
 from thaw.snapshot import CriuError, _linux, checkpoint, launch, prepare_root, restore
-from thaw.snapshot.nvidia import (BIN_DIR, LIB_DIR, Device, GpuAccess, build_layer, driver_libraries, host_devices,
-                                  make_node, with_library_path)
+from thaw.snapshot.nvidia import (BIN_DIR, LIB_DIR, Device, GpuAccess, build_layer, driver_libraries, gpu_nodes,
+                                  host_devices, make_node, match_gpus, with_library_path)
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod)")
 
@@ -108,6 +108,53 @@ def test_make_node_replaces_a_node_with_other_numbers(tmp_path):
     assert (tmp_path / "caps/a").lstat().st_rdev == os.makedev(1, 5)
 
 
+U0, U1 = "GPU-0a1b2c3d-0000-1111-2222-333344445555", "GPU-9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff"
+GPU_INFO = """Model: \t\t NVIDIA H100 80GB HBM3
+IRQ:   \t\t 164
+GPU UUID: \t {uuid}
+Video BIOS: \t 96.00.99.00.01
+Bus Type: \t PCIe
+DMA Size: \t 52 bits
+Device Minor: \t {minor}
+GPU Excluded:\t No
+"""
+
+
+def test_gpu_nodes_from_the_drivers_proc_files(tmp_path):
+    """Which /dev/nvidiaN is which GPU: the driver's /proc/driver/nvidia/gpus/<bus id>/information (the minor
+    need not follow the bus order); a file without both fields is skipped."""
+    for bus, uuid, minor in [("0000:18:00.0", U1, 3), ("0000:2a:00.0", U0, 0)]:
+        (tmp_path / "gpus" / bus).mkdir(parents=True)
+        (tmp_path / "gpus" / bus / "information").write_text(GPU_INFO.format(uuid=uuid, minor=minor))
+    (tmp_path / "gpus" / "0000:3b:00.0").mkdir()
+    (tmp_path / "gpus" / "0000:3b:00.0" / "information").write_text("Model: \t\t something else\n")
+    assert gpu_nodes(tmp_path) == {U0: "nvidia0", U1: "nvidia3"}
+    assert gpu_nodes(tmp_path / "none") == {}
+
+
+def test_match_gpus_hands_out_gpus_only_when_every_one_has_its_node():
+    devices = [Device("nvidia-uvm", 507, 0, 0o666), Device("nvidia0", 195, 0, 0o666), Device("nvidia3", 195, 3, 0o666),
+               Device("nvidiactl", 195, 255, 0o666)]
+    nodes = {U0: "nvidia0", U1: "nvidia3"}
+    assert match_gpus([U1, U0], nodes, devices) == ((U1, "nvidia3"), (U0, "nvidia0"))  # CUDA order kept
+    assert match_gpus([U0, U1], {U0: "nvidia0"}, devices) == ()  # one GPU unnamed: every replica gets every node
+    assert match_gpus([U0, U1], nodes, devices[:2]) == ()  # its node is not in /dev
+    assert match_gpus([], nodes, devices) == ()
+
+
+def test_gpu_access_for_one_gpu():
+    """Replica number ``gpu``: the shared nodes and its GPU's own, and that GPU's UUID in CUDA_VISIBLE_DEVICES."""
+    ctl, g0, g3 = (Device("nvidiactl", 195, 255, 0o666), Device("nvidia0", 195, 0, 0o666),
+                   Device("nvidia3", 195, 3, 0o666))
+    access = GpuAccess(Path("/layer"), (ctl, g0, g3), ((U0, "nvidia0"), (U1, "nvidia3")))
+    assert access.devices_for(1) == (ctl, g3) and access.devices_for(0) == (ctl, g0)
+    assert access.devices_for(None) == (ctl, g0, g3)
+    assert access.env({"A": "1"}, 1) == {"A": "1", "LD_LIBRARY_PATH": LIB_DIR, "CUDA_VISIBLE_DEVICES": U1}
+    assert access.env({"A": "1"}) == {"A": "1", "LD_LIBRARY_PATH": LIB_DIR}
+    unassigned = GpuAccess(Path("/layer"), (ctl, g0, g3))  # the driver named no nodes: all of them, no variable
+    assert unassigned.devices_for(1) == (ctl, g0, g3) and "CUDA_VISIBLE_DEVICES" not in unassigned.env({}, 1)
+
+
 # -- real CRIU: a replica that maps a library from the layer and holds a node in its /dev ----------------------
 SERVER = r'''
 import ctypes, json, os
@@ -187,3 +234,33 @@ def test_replica_uses_the_layer_and_devices_across_checkpoint_and_restore(image,
         for r in roots:
             r.cleanup()
         _linux.umount(layers)
+
+
+@needs_criu
+def test_a_replica_sees_only_its_gpu_and_refresh_moves_it(image, work, tmp_path):  # noqa: F811
+    """Launched on GPU 1 of two: its /dev has that GPU's node and the shared one, not GPU 0's, and its
+    environment names GPU 1; a refresh for GPU 0 (a restore placed there) swaps the nodes. The nodes carry
+    /dev/full's, /dev/zero's and /dev/null's numbers."""
+    ctl, g0, g1 = Device("nvidiactl", 1, 3, 0o666), Device("nvidia0", 1, 7, 0o666), Device("nvidia1", 1, 5, 0o666)
+    access = GpuAccess(tmp_path, (ctl, g0, g1), ((U0, "nvidia0"), (U1, "nvidia1")))
+    root = prepare_root(image, work / "gpu-roots")
+
+    def nodes(pid):
+        dev = Path(f"/proc/{pid}/root/dev")
+        return {p.name: os.minor(p.lstat().st_rdev) for p in dev.glob("nvidia*") if stat.S_ISCHR(p.lstat().st_mode)}
+
+    try:
+        replica = launch(root.path, [PYTHON, "-I", "-m", "http.server", str(PORT)],
+                         access.env({"PATH": "/usr/bin:/bin"}, 1), "/", work / "gpu-launch.log",
+                         devices=access.devices_for(1))
+        try:
+            replica.wait_ready(PORT, "/", timeout=60)
+            assert nodes(replica.pid) == {"nvidiactl": 3, "nvidia1": 5}
+            environ = Path(f"/proc/{replica.pid}/environ").read_bytes().split(b"\0")
+            assert f"CUDA_VISIBLE_DEVICES={U1}".encode() in environ
+            access.refresh(replica.pid, 0)
+            assert nodes(replica.pid) == {"nvidiactl": 3, "nvidia0": 7}
+        finally:
+            replica.stop()
+    finally:
+        root.cleanup()

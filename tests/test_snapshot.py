@@ -392,6 +392,65 @@ def test_gpu_host_replicas_get_the_driver_layer_and_device_nodes(cfg, worker, ag
         assert stat.S_ISCHR(node.st_mode) and node.st_rdev == os.makedev(1, 7)
 
 
+def test_a_gpu_host_lends_each_replica_the_least_used_gpu(cfg, worker, agent, thaw_cli, image, tmp_path,
+                                                          monkeypatch):
+    """Two stand-in GPUs (nodes with /dev/full's and /dev/zero's numbers): each launch, cold boot and restore
+    gets the GPU that runs the fewest replicas, sees only that GPU's node and, when launched, its UUID in
+    CUDA_VISIBLE_DEVICES; a stopped replica gives its GPU back. The restores are of the real snapshot with GPU
+    facts added, so the only stand-in is the CUDA restore at the cuda-python boundary, which records the GPU
+    pairs it is asked for: the snapshot's GPU moves onto the one lent."""
+    from thaw.snapshot import cuda
+    from thaw.snapshot.nvidia import Device, GpuAccess, build_layer
+
+    u0, u1 = "GPU-0a1b2c3d-0000-1111-2222-333344445555", "GPU-9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff"
+    host = agent.host
+    host.gpu = GpuAccess(build_layer(cfg.work_dir / "gpu-driver", "driver-test", {}, []),
+                         (Device("nvidia0", 1, 7, 0o666), Device("nvidia1", 1, 5, 0o666)),
+                         ((u0, "nvidia0"), (u1, "nvidia1")))
+    digest = build_snapshot(thaw_cli, image, tmp_path)["digest"]  # its launch held GPU 0 and gave it back
+    snap = snapshots.get(cfg.registry_url, digest).model_dump()
+    assert host.gpu_loads() == [0, 0]
+
+    def gpu_of(running) -> tuple[list[str], str | None]:
+        """(the GPU nodes in the replica's /dev, its CUDA_VISIBLE_DEVICES)."""
+        pid = running.replica.pid
+        env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
+        visible = env.get(b"CUDA_VISIBLE_DEVICES")
+        return sorted(p.name for p in Path(f"/proc/{pid}/root/dev").glob("nvidia*")), visible and visible.decode()
+
+    started = []
+    try:
+        for _ in range(3):
+            started.append(host.cold_boot(snap["image_digest"], snap["spec"], {})[0])
+        assert [gpu_of(r) for r in started] == [(["nvidia0"], u0), (["nvidia1"], u1), (["nvidia0"], u0)]
+        assert host.gpu_loads() == [2, 1]
+        started.pop(1).stop()
+        assert host.gpu_loads() == [2, 0]
+
+        pairs = []
+
+        class RecordingCheckpointer:  # cuda-python's side of a CUDA restore
+            def restore_tree(self, pid, expected=None, gpu_pairs=None):
+                pairs.append(gpu_pairs)
+                return {"restore": 0}
+
+        monkeypatch.setattr(cuda, "GpuCheckpointer", RecordingCheckpointer)
+        gpu_facts = {"gpu_model": "Test GPU", "nvidia_driver": "580.95.05", "cuda": "13.0"}
+        monkeypatch.setattr(host, "facts", {**host.facts, **gpu_facts, "gpu_count": 2, "gpu_uuids": [u0, u1]})
+        gpu_snap = {**snap, "host_facts": {**snap["host_facts"], **gpu_facts, "gpu_uuids": [u0], "gpu_processes": 1}}
+        started.append(host.restore(gpu_snap, {})[0])  # GPU 1 runs fewer: the snapshot's GPU 0 moves onto it
+        assert host.gpu_loads() == [2, 1]
+        started.pop(0).stop()
+        started.append(host.restore(gpu_snap, {})[0])  # a tie: the lowest, the snapshot's own GPU, no pairs
+        assert pairs == [[(u0, u1)], None]
+        assert [gpu_of(r)[0] for r in started[1:]] == [["nvidia1"], ["nvidia0"]]
+        assert host.gpu_loads() == [2, 1]
+    finally:
+        for r in started:
+            r.stop()
+    assert host.gpu_loads() == [0, 0]
+
+
 def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg, worker, agent, thaw_cli, image,
                                                                             tmp_path):
     snap = build_snapshot(thaw_cli, image, tmp_path)["digest"]

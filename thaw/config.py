@@ -53,7 +53,7 @@ class Config(BaseSettings):
     # on a GPU host, image-rooted replicas get the GPUs' device nodes and the driver's libraries (snapshot/nvidia.py)
     gpu_passthrough: bool = True
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
-    host_capacity: int = 4  # replicas one host may run (one per GPU on GPU hosts)
+    host_capacity: int = 4  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
     agent_metrics_port: int | None = 9101  # Prometheus /metrics of the agent; None: off
 
