@@ -81,7 +81,7 @@ class HostActivities:
         beat("verify")
         spec = dataclasses.asdict(inp.plan.spec)
         ms = self.host.verify(inp.snapshot_digest, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden),
-                              inp.golden_digest, inp.plan.spec.secrets)
+                              inp.golden_digest, inp.plan.spec.secrets, inp.host_facts)
         log.info("verified snapshot %s: %s", inp.snapshot_digest[:12], breakdown(ms))
         return VerifyResult(ms)
 

@@ -45,8 +45,8 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
         n = len(acts.serving)
         metrics.REPLICAS.set(n)
         metrics.PINNED.set(acts.host.pins.pinned_bytes)
-        for gpu, n in enumerate(acts.host.gpu_loads()):
-            metrics.GPU_REPLICAS.labels(str(gpu)).set(n)
+        for gpu, replicas in enumerate(acts.host.gpu_loads()):
+            metrics.GPU_REPLICAS.labels(str(gpu)).set(replicas)
         metrics.GPU_SECONDS_ALLOCATED.inc(n * cfg.agent_heartbeat_s)
         await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
         if cfg.mount_idle_s > 0:
@@ -58,6 +58,7 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     if stale:
         log.info("cleared %d replica/build dirs left by an earlier agent", stale)
     host = HostSnapshots(cfg)
+    await asyncio.to_thread(lambda: host.gpu)  # GPU access (driver layer, device nodes) before any work arrives
     register(cfg, host)
     acts = HostActivities(cfg, host)
     port = metrics.serve(cfg.agent_metrics_port)

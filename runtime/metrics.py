@@ -11,8 +11,8 @@ STAGE = Histogram("thaw_restore_stage_seconds", "Duration of each replica start 
 REPLICAS = Gauge("thaw_agent_replicas", "Replicas this agent serves")
 PINNED = Gauge("thaw_pinned_bytes", "Snapshot memory pages this agent keeps locked in RAM for restores")
 # one replica holds one accelerator; the busy share is counted where requests are seen: each deployment's gateway
-GPU_REPLICAS = Gauge("thaw_gpu_replicas", "Replicas (and snapshot launches) on each of this host's GPUs, by CUDA "
-                     "ordinal", ["gpu"])
+GPU_REPLICAS = Gauge("thaw_gpu_replicas", "Replicas (and snapshot launches) on each of this host's GPUs, numbered "
+                     "in the order of the host's gpu_uuids fact", ["gpu"])
 GPU_SECONDS_ALLOCATED = Counter("thaw_gpu_seconds_allocated_total", "GPU-seconds held by this host's replicas")
 
 

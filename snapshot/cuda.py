@@ -508,6 +508,15 @@ def gpu_checkpoint_around_dump(pids: int | Iterable[int], dump_fn: Callable[[], 
                                                            timeout_s=timeout_s)
 
 
+def can_move_gpu(driver_version: str | None) -> bool:
+    """Can this driver restore a process onto another GPU (``gpuPairs``)? 580 and later can; 570 "does not
+    support GPU migration"; an unknown version is taken as unable."""
+    try:
+        return int(str(driver_version).split(".")[0]) >= 580
+    except ValueError:
+        return False
+
+
 def gpu_remap(snapshot_uuids: Sequence[str], host_uuids: Sequence[str]) -> list[tuple[str, str]] | None:
     """(old, new) UUID pairs for a restore on other GPUs, in CUDA ordinal order; None when they are the same."""
     if not snapshot_uuids or list(snapshot_uuids) == list(host_uuids)[:len(snapshot_uuids)]:
@@ -533,7 +542,9 @@ def _proc_driver_version() -> str | None:
     return m[1] if m else None
 
 
-def _nvml_facts() -> dict | None:
+def nvml_gpus() -> dict | None:
+    """The GPUs as NVML (nvidia-ml-py) sees them, in NVML's order: names, uuids, minors (of /dev/nvidiaN), and
+    the driver and CUDA versions; None without NVML or a driver."""
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
@@ -548,6 +559,7 @@ def _nvml_facts() -> dict | None:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         return {"names": [s(pynvml.nvmlDeviceGetName(h)) for h in handles],
                 "uuids": [s(pynvml.nvmlDeviceGetUUID(h)) for h in handles],
+                "minors": [int(pynvml.nvmlDeviceGetMinorNumber(h)) for h in handles],
                 "driver": s(pynvml.nvmlSystemGetDriverVersion()),
                 "cuda": int(pynvml.nvmlSystemGetCudaDriverVersion())}
     except Exception:  # noqa: BLE001
@@ -574,7 +586,7 @@ def gpu_facts(driver: CudaDriver | None = None) -> dict:
     if driver is None:
         if not (NVIDIA_PROC / "version").exists() and not os.path.exists("/dev/nvidiactl"):
             return {}  # no kernel driver: don't load any library
-        nv = _nvml_facts()
+        nv = nvml_gpus()
         if nv:
             return facts_from(nv["names"], nv["uuids"], nv["driver"], nv["cuda"])
         try:

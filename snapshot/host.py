@@ -123,11 +123,11 @@ class Running:
         try:
             self.replica.stop()
         finally:
+            if self.on_stop:
+                self.on_stop()
             self.root.cleanup()
             if self.record:
                 shutil.rmtree(self.record.parent, ignore_errors=True)
-            if self.on_stop:
-                self.on_stop()
 
 
 def clear(d: Path) -> None:
@@ -305,14 +305,20 @@ class HostSnapshots:
         return criu.launch(root.path, spec["cmd"], gpu.env(env, slot) if gpu else env, spec.get("cwd") or "/",
                            log_path, devices=gpu.devices_for(slot) if gpu else ())
 
-    def take_gpu(self) -> int | None:
-        """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in CUDA order;
-        the lowest on a tie) until :meth:`give_gpu`; None on a host without GPUs to hand out one by one."""
+    def take_gpu(self, snapshot_facts: dict | None = None) -> int | None:
+        """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in the order of
+        the host's ``gpu_uuids``) until :meth:`give_gpu`; None on a host without GPUs to hand out one by one.
+        For a restore of ``snapshot_facts``, the snapshot's own GPU wins a tie, and is the only choice where the
+        driver cannot move a process to another GPU (before 580); otherwise the lowest number wins a tie."""
         gpus = self.gpu.gpus if self.gpu else ()
         if not gpus:
             return None
+        own = [i for i, (u, _) in enumerate(gpus) if u in (snapshot_facts or {}).get("gpu_uuids", [])[:1]]
         with self._gpu_lock:
-            slot = min(range(len(gpus)), key=lambda i: (self._gpu_load.get(i, 0), i))
+            if own and not cuda.can_move_gpu(self.facts.get("nvidia_driver")):
+                slot = own[0]
+            else:
+                slot = min(range(len(gpus)), key=lambda i: (self._gpu_load.get(i, 0), i not in own, i))
             self._gpu_load[slot] = self._gpu_load.get(slot, 0) + 1
         return slot
 
@@ -322,7 +328,7 @@ class HostSnapshots:
                 self._gpu_load[slot] -= 1
 
     def gpu_loads(self) -> list[int]:
-        """Replicas on each GPU, in CUDA order ([] without GPUs handed out one by one)."""
+        """Replicas on each GPU, in the order of ``gpu_uuids`` ([] without GPUs handed out one by one)."""
         with self._gpu_lock:
             return [self._gpu_load.get(i, 0) for i in range(len(self.gpu.gpus if self.gpu else ()))]
 
@@ -438,13 +444,13 @@ class HostSnapshots:
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
         facts["gpu_processes"] = len(gpu_pids)
         if gpu_pids and slot is not None:  # the process saw this one GPU (CUDA_VISIBLE_DEVICES)
-            facts["gpu_uuids"] = [self.gpu.gpus[slot][0]]
+            facts.update(gpu_uuids=[self.gpu.gpus[slot][0]], gpu_count=1)
         if self.cfg.lazy_mounts:
             beat("profile")
             try:
                 self._record_profile(work, image_digest, spec, golden, facts)
-            except (criu.CriuError, criu.ReplicaError, SnapshotError, imagefs_mount.MountError, OSError) as e:
-                # only an optimisation: the snapshot is complete without it (verify-by-replay still decides)
+            except (criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, imagefs_mount.MountError,
+                    OSError) as e:  # only an optimisation: the snapshot is complete without it (verify-by-replay still decides)
                 log.warning("build %s: no prefetch profile (%s)", build_id, str(e).splitlines()[0])
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
@@ -483,7 +489,7 @@ class HostSnapshots:
         rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
         try:
             root = self._root(Path(rec.mountpoint), work / "rw-profile")
-            slot = self.take_gpu() if compat.needs_gpu(facts) else None
+            slot = self.take_gpu(facts) if compat.needs_gpu(facts) else None
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
                                         huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
@@ -521,7 +527,7 @@ class HostSnapshots:
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = self._root(lower, work / "rw")
-        slot = self.take_gpu() if compat.needs_gpu(snap["host_facts"]) else None
+        slot = self.take_gpu(snap["host_facts"]) if compat.needs_gpu(snap["host_facts"]) else None
         st.mark("root")
         try:
             beat("criu")
@@ -539,13 +545,14 @@ class HostSnapshots:
         except BaseException:
             if fetch:
                 fetch.cancel()
-            root.cleanup()
             self.give_gpu(slot)
+            root.cleanup()
             raise
         try:
             self._restore_gpu(snap, replica, st, slot)
-            try:
-                criu.after_restore(replica, spec["port"], env, rid)
+            try:  # a process moved to another GPU starts its children on that one
+                criu.after_restore(replica, spec["port"], env if slot is None else
+                                   {**env, "CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]}, rid)
             except criu.ReplicaError:
                 if env:  # the hook is optional for a server without the SDK, unless it has env to deliver
                     raise
@@ -586,8 +593,8 @@ class HostSnapshots:
             try:
                 replica = self._launch(root, spec, {**spec["env"], **env}, work / "launch.log", slot)
             except BaseException:
-                root.cleanup()
                 self.give_gpu(slot)
+                root.cleanup()
                 raise
             running = self._running(rid, replica, root, spec["port"], work, slot)
             try:
@@ -621,10 +628,11 @@ class HostSnapshots:
         return start_prefetch(self.store, profile, self.cfg.prefetch_concurrency) if profile else None
 
     def verify(self, snapshot_digest: str, image_digest: str, spec: dict, golden: dict, golden_digest: str,
-               secret_names: list[str]) -> dict[str, int]:
-        """Verify-by-replay before registration: restore from the store, replay, compare, stop."""
+               secret_names: list[str], snapshot_facts: dict | None = None) -> dict[str, int]:
+        """Verify-by-replay before registration: restore from the store, replay, compare, stop.
+        ``snapshot_facts``: what the build recorded (the GPU its process saw); this host's facts by default."""
         snap = {"digest": snapshot_digest, "image_digest": image_digest, "spec": spec, "golden_request": golden,
-                "golden_digest": golden_digest, "host_facts": self.facts}
+                "golden_digest": golden_digest, "host_facts": snapshot_facts or self.facts}
         running, ms = self.restore(snap, self.secrets(secret_names))
         running.stop()
         return ms

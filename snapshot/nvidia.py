@@ -38,7 +38,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cuda import NVIDIA_DEV, NVIDIA_PROC
+from .cuda import NVIDIA_DEV, NVIDIA_PROC, nvml_gpus
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,13 @@ def host_devices(dev: Path = Path("/dev")) -> list[Device]:
     return sorted(found, key=lambda d: d.name)
 
 
-def gpu_nodes(proc: Path = NVIDIA_PROC) -> dict[str, str]:
-    """GPU UUID -> the name of its node under /dev (``nvidia<Device Minor>``), read from the driver's
-    ``/proc/driver/nvidia/gpus/*/information``; {} where the driver has no such files."""
+def gpu_nodes(proc: Path = NVIDIA_PROC, nvml: dict | None = None) -> dict[str, str]:
+    """GPU UUID -> the name of its node under /dev (``nvidia<minor>``): from NVML (``nvml``, as
+    ``cuda.nvml_gpus()`` gives it) where it is installed, else from the driver's
+    ``/proc/driver/nvidia/gpus/*/information``, which shows the UUID only while the GPU is initialised
+    (``GPU-????…`` otherwise: skipped); {} where neither says."""
+    if nvml:
+        return {u: f"nvidia{m}" for u, m in zip(nvml["uuids"], nvml["minors"])}
     nodes = {}
     for info in sorted((proc / "gpus").glob("*/information")):
         try:
@@ -92,7 +96,7 @@ def gpu_nodes(proc: Path = NVIDIA_PROC) -> dict[str, str]:
         except OSError:
             continue
         uuid, minor = re.search(r"^GPU UUID:\s*(\S+)", text, re.M), re.search(r"^Device Minor:\s*(\d+)", text, re.M)
-        if uuid and minor:
+        if uuid and minor and "?" not in uuid[1]:
             nodes[uuid[1]] = f"nvidia{minor[1]}"
     return nodes
 
@@ -250,7 +254,7 @@ def for_host(parent: Path, driver: str, uuids: list[str] | tuple[str, ...] = (),
                              "(`ldconfig -p`): replicas with their own root cannot use the GPU")
     bins = [Path(p) for p in map(shutil.which, DRIVER_BINS) if p]
     layer = build_layer(parent, f"driver-{driver}", libs, bins)
-    gpus = match_gpus(uuids, gpu_nodes(proc), devices)
+    gpus = match_gpus(uuids, gpu_nodes(proc, nvml_gpus() if uuids else None), devices)
     log.info("GPU access for replicas: %d device nodes, %d GPUs (one per replica), driver layer %s (%d libraries)",
              len(devices), len(gpus), layer, len(libs))
     return GpuAccess(layer, tuple(devices), gpus)

@@ -24,7 +24,8 @@ import pytest
 from thaw.snapshot import compat
 from thaw.snapshot import cuda as gpu
 from thaw.snapshot.cuda import (CHECKPOINTED, LOCKED, RUNNING, CudaError, CudaStateError, CudaUnavailable,
-                                GpuCheckpointer, RealCudaDriver, facts_from, gpu_checkpoint_around_dump, gpu_remap)
+                                GpuCheckpointer, RealCudaDriver, can_move_gpu, facts_from, gpu_checkpoint_around_dump,
+                                gpu_remap)
 
 PID = 4242
 H100 = "NVIDIA H100 80GB HBM3"
@@ -235,6 +236,8 @@ def test_restore_remaps_gpus(cu):
     checkpointer(cu).restore(PID, gpu_pairs=pairs)
     assert cu.restore_pairs == [[(gpu._uuid_bytes(UUID0), gpu._uuid_bytes(UUID1))]]
     assert gpu_remap([UUID0], [UUID0, UUID1]) is None  # same GPUs: no remap
+    assert can_move_gpu("580.95.05") and can_move_gpu("590.1") and not can_move_gpu("570.86.15")
+    assert not can_move_gpu("unknown") and not can_move_gpu(None)
     with pytest.raises(CudaError, match="every checkpointed GPU"):
         gpu_remap([UUID0, UUID1], [UUID1])
 

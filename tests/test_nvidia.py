@@ -130,6 +130,11 @@ def test_gpu_nodes_from_the_drivers_proc_files(tmp_path):
     (tmp_path / "gpus" / "0000:3b:00.0" / "information").write_text("Model: \t\t something else\n")
     assert gpu_nodes(tmp_path) == {U0: "nvidia0", U1: "nvidia3"}
     assert gpu_nodes(tmp_path / "none") == {}
+    # an uninitialised GPU shows no UUID there; NVML, where installed, knows both
+    (tmp_path / "gpus" / "0000:18:00.0" / "information").write_text(
+        GPU_INFO.format(uuid="GPU-????????-????-????-????-????????????", minor=3))
+    assert gpu_nodes(tmp_path) == {U0: "nvidia0"}
+    assert gpu_nodes(tmp_path, {"uuids": [U1, U0], "minors": [3, 0]}) == {U1: "nvidia3", U0: "nvidia0"}
 
 
 def test_match_gpus_hands_out_gpus_only_when_every_one_has_its_node():

@@ -394,11 +394,14 @@ def test_gpu_host_replicas_get_the_driver_layer_and_device_nodes(cfg, worker, ag
 
 def test_a_gpu_host_lends_each_replica_the_least_used_gpu(cfg, worker, agent, thaw_cli, image, tmp_path,
                                                           monkeypatch):
-    """Two stand-in GPUs (nodes with /dev/full's and /dev/zero's numbers): each launch, cold boot and restore
-    gets the GPU that runs the fewest replicas, sees only that GPU's node and, when launched, its UUID in
-    CUDA_VISIBLE_DEVICES; a stopped replica gives its GPU back. The restores are of the real snapshot with GPU
-    facts added, so the only stand-in is the CUDA restore at the cuda-python boundary, which records the GPU
-    pairs it is asked for: the snapshot's GPU moves onto the one lent."""
+    """Two stand-in GPUs (nodes with /dev/full's and /dev/zero's numbers) and a GPU snapshot built, verified
+    and restored by the real agent, CRIU and Temporal; the one stand-in is cuda-python's side (the process
+    "uses the GPU", its CUDA checkpoint is a no-op, its CUDA restore records the node it finds and the GPU
+    pairs it is asked for). Each launch, cold boot and restore gets the GPU running the fewest replicas, sees
+    only that GPU's node and (launched) its UUID in CUDA_VISIBLE_DEVICES; a restore moved to another GPU gets
+    gpuPairs and the new UUID through its after-restore hook; a stopped replica gives its GPU back."""
+    from types import SimpleNamespace
+
     from thaw.snapshot import cuda
     from thaw.snapshot.nvidia import Device, GpuAccess, build_layer
 
@@ -407,44 +410,71 @@ def test_a_gpu_host_lends_each_replica_the_least_used_gpu(cfg, worker, agent, th
     host.gpu = GpuAccess(build_layer(cfg.work_dir / "gpu-driver", "driver-test", {}, []),
                          (Device("nvidia0", 1, 7, 0o666), Device("nvidia1", 1, 5, 0o666)),
                          ((u0, "nvidia0"), (u1, "nvidia1")))
-    digest = build_snapshot(thaw_cli, image, tmp_path)["digest"]  # its launch held GPU 0 and gave it back
-    snap = snapshots.get(cfg.registry_url, digest).model_dump()
-    assert host.gpu_loads() == [0, 0]
+    gpu_facts = {"gpu_model": "Test GPU", "nvidia_driver": "580.95.05", "cuda": "13.0"}
+    monkeypatch.setattr(host, "facts", {**host.facts, **gpu_facts, "gpu_count": 2, "gpu_uuids": [u0, u1]})
 
-    def gpu_of(running) -> tuple[list[str], str | None]:
-        """(the GPU nodes in the replica's /dev, its CUDA_VISIBLE_DEVICES)."""
-        pid = running.replica.pid
-        env = dict(v.split(b"=", 1) for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in v)
-        visible = env.get(b"CUDA_VISIBLE_DEVICES")
-        return sorted(p.name for p in Path(f"/proc/{pid}/root/dev").glob("nvidia*")), visible and visible.decode()
+    def nodes(pid) -> list[str]:
+        return sorted(p.name for p in Path(f"/proc/{pid}/root/dev").glob("nvidia*"))
+
+    def visible(running) -> str | None:
+        env = dict(v.split(b"=", 1) for v in Path(f"/proc/{running.replica.pid}/environ").read_bytes().split(b"\0")
+                   if b"=" in v)
+        return env.get(b"CUDA_VISIBLE_DEVICES", b"").decode() or None
+
+    cuda_restores = []
+
+    class DriverSide:
+        def uses_gpu(self, pid):
+            return True
+
+        def around_dump(self, pids, dump_fn):
+            dump_fn()
+            return SimpleNamespace(timings_ms={})
+
+        def restore_tree(self, pid, expected=None, gpu_pairs=None):
+            cuda_restores.append((nodes(pid), gpu_pairs))
+            return {}
+
+    monkeypatch.setattr(cuda, "GpuCheckpointer", DriverSide)
+    monkeypatch.setattr(cuda, "tree_uses_nvidia", lambda pid: [pid])
+
+    busy = host.take_gpu()  # another replica holds GPU 0: the build launches on GPU 1
+    digest = build_snapshot(thaw_cli, image, tmp_path)["digest"]
+    snap = snapshots.get(cfg.registry_url, digest).model_dump()
+    assert snap["host_facts"]["gpu_uuids"] == [u1] and snap["host_facts"]["gpu_count"] == 1
+    # the profile restore and the verify restore: on the snapshot's own GPU (the least used), nothing to move
+    assert cuda_restores == [(["nvidia1"], None)] * 2
+    host.give_gpu(busy)
+    assert host.gpu_loads() == [0, 0]
 
     started = []
     try:
         for _ in range(3):
             started.append(host.cold_boot(snap["image_digest"], snap["spec"], {})[0])
-        assert [gpu_of(r) for r in started] == [(["nvidia0"], u0), (["nvidia1"], u1), (["nvidia0"], u0)]
-        assert host.gpu_loads() == [2, 1]
-        started.pop(1).stop()
-        assert host.gpu_loads() == [2, 0]
-
-        pairs = []
-
-        class RecordingCheckpointer:  # cuda-python's side of a CUDA restore
-            def restore_tree(self, pid, expected=None, gpu_pairs=None):
-                pairs.append(gpu_pairs)
-                return {"restore": 0}
-
-        monkeypatch.setattr(cuda, "GpuCheckpointer", RecordingCheckpointer)
-        gpu_facts = {"gpu_model": "Test GPU", "nvidia_driver": "580.95.05", "cuda": "13.0"}
-        monkeypatch.setattr(host, "facts", {**host.facts, **gpu_facts, "gpu_count": 2, "gpu_uuids": [u0, u1]})
-        gpu_snap = {**snap, "host_facts": {**snap["host_facts"], **gpu_facts, "gpu_uuids": [u0], "gpu_processes": 1}}
-        started.append(host.restore(gpu_snap, {})[0])  # GPU 1 runs fewer: the snapshot's GPU 0 moves onto it
+        assert [(nodes(r.replica.pid), visible(r)) for r in started] == [
+            (["nvidia0"], u0), (["nvidia1"], u1), (["nvidia0"], u0)]
         assert host.gpu_loads() == [2, 1]
         started.pop(0).stop()
-        started.append(host.restore(gpu_snap, {})[0])  # a tie: the lowest, the snapshot's own GPU, no pairs
-        assert pairs == [[(u0, u1)], None]
-        assert [gpu_of(r)[0] for r in started[1:]] == [["nvidia1"], ["nvidia0"]]
-        assert host.gpu_loads() == [2, 1]
+        assert host.gpu_loads() == [1, 1]
+
+        def restore_one(snap=snap):
+            started.append(host.restore(snap, {})[0])
+            status, body = started[-1].replica.http_request("GET", "/env/CUDA_VISIBLE_DEVICES", port=PORT)
+            assert status == 200, body
+            return cuda_restores[-1], json.loads(body)["value"]
+
+        cuda_restores.clear()
+        assert restore_one() == ((["nvidia1"], None), u1)  # a tie: the snapshot's own GPU, no pairs
+        assert host.gpu_loads() == [1, 2]
+        assert restore_one() == ((["nvidia0"], [(u1, u0)]), u0)  # GPU 0 runs fewer: moved there
+        assert host.gpu_loads() == [2, 2]
+        started.pop(1).stop()  # the second cold boot, on GPU 0
+        assert host.gpu_loads() == [1, 2]
+        # a 570 driver can't move a process to another GPU: its own, although it runs more
+        monkeypatch.setitem(host.facts, "nvidia_driver", "570.86.15")
+        assert restore_one({**snap, "host_facts": {**snap["host_facts"], "nvidia_driver": "570.86.15"}}) == (
+            (["nvidia1"], None), u1)
+        assert host.gpu_loads() == [1, 3]
     finally:
         for r in started:
             r.stop()

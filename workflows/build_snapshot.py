@@ -88,6 +88,7 @@ class VerifyInput:
     snapshot_digest: str
     golden: Golden
     golden_digest: str
+    host_facts: dict = field(default_factory=dict)  # the snapshot's (which GPU its process saw); {}: the host's
 
 
 @dataclass
@@ -139,7 +140,7 @@ class BuildSnapshot(Staged):
         timings["store"] = stored.ms
         self.stage = "verify"
         ver = await workflow.execute_activity(
-            "verify_snapshot", VerifyInput(plan, stored.digest, inp.golden, ckpt.golden_digest),
+            "verify_snapshot", VerifyInput(plan, stored.digest, inp.golden, ckpt.golden_digest, ckpt.host_facts),
             result_type=VerifyResult, **on_host)
         timings.update({f"verify_{k}": v for k, v in ver.timings_ms.items()})
         self.stage = "register"
