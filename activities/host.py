@@ -179,6 +179,19 @@ class HostActivities:
             raise NotFound(f"replica {inp.replica_id} is not served by host {self.cfg.host_id} (any more)")
         return running.replica.log_tail(inp.max_bytes)
 
+    def reap(self) -> list[str]:
+        """Stop and unregister the serving replicas whose process died on its own (its pool then replaces it);
+        their ids."""
+        with self.lock:
+            dead = [r for r in self.serving.values() if not r.replica.alive()]
+            for r in dead:
+                del self.serving[r.id]
+        for r in dead:
+            log.warning("replica %s died; unregistered. The end of its log: %r", r.id, r.replica.log_tail(300))
+            r.stop()
+            deployments.remove_replica(self.cfg.registry_url, r.id)
+        return [r.id for r in dead]
+
     def stop_all(self) -> None:
         """Stop every replica this agent serves, and any a still-running activity starts from now on."""
         with self.lock:

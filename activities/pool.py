@@ -34,12 +34,13 @@ class PoolActivities:
         idle.sort(key=lambda h: (h.reserved_for != inp.deployment, h.id))  # keep current reservations
         reserved = [h.id for h in idle[: inp.buffer]]
         deployments.set_reservations(url, inp.deployment, reserved)
-        own = Counter(r.host_id for r in deployments.replicas(url, deployment=inp.deployment))
+        rows = deployments.replicas(url, deployment=inp.deployment)
+        own = Counter(r.host_id for r in rows)
         slots = [HostSlot(h.id, h.task_queue, h.capacity, load.get(h.id, 0) - own.get(h.id, 0), h.id in ok,
                           inp.deployment if h.id in reserved else (None if h.reserved_for == inp.deployment
                                                                     else h.reserved_for))
                  for h in live]
-        return HostsResult([h.id for h in live], reserved, slots)
+        return HostsResult([h.id for h in live], reserved, slots, [r.id for r in rows])
 
     def all(self) -> list:
         return [self.pool_hosts]

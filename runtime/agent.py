@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,18 +40,34 @@ def register(cfg: Config, host: HostSnapshots) -> None:
                           cfg.host_capacity)
 
 
+def beat(cfg: Config, acts: HostActivities) -> None:
+    """One heartbeat's host and registry work (blocking): replicas that died unregistered, this host marked
+    alive, mounts idle for mount_idle_s released."""
+    acts.reap()
+    snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+    if cfg.mount_idle_s > 0:
+        acts.host.release_idle(cfg.mount_idle_s)
+
+
 async def heartbeat(cfg: Config, acts: HostActivities) -> None:
+    """Every agent_heartbeat_s: metrics, dead replicas reaped, the registry told this host lives, idle mounts
+    released. A failed round (the registry down for a moment) is logged and the next one runs as usual: a host
+    whose heartbeats stop is taken for dead and its replicas are replaced elsewhere."""
+    last = time.monotonic()
     while True:
         await asyncio.sleep(cfg.agent_heartbeat_s)
+        now = time.monotonic()
         n = len(acts.serving)
         metrics.REPLICAS.set(n)
         metrics.PINNED.set(acts.host.pins.pinned_bytes)
         for gpu, replicas in enumerate(acts.host.gpu_loads()):
             metrics.GPU_REPLICAS.labels(str(gpu)).set(replicas)
-        metrics.GPU_SECONDS_ALLOCATED.inc(n * cfg.agent_heartbeat_s)
-        await asyncio.to_thread(snapshots.heartbeat_host, cfg.registry_url, cfg.host_id)
-        if cfg.mount_idle_s > 0:
-            await asyncio.to_thread(acts.host.release_idle, cfg.mount_idle_s)
+        metrics.GPU_SECONDS_ALLOCATED.inc(n * (now - last))
+        last = now
+        try:
+            await asyncio.to_thread(beat, cfg, acts)
+        except Exception as e:  # noqa: BLE001 - the next round tries again
+            log.warning("agent %s: heartbeat round failed: %s", cfg.host_id, str(e).splitlines()[0] if str(e) else e)
 
 
 async def run(cfg: Config, ready_file: Path | None = None) -> None:

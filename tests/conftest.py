@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -119,8 +120,7 @@ def in_process_agent(cfg):
     """A real host agent in this process: registered, heartbeating, polling its own task queue.
     Yields its HostActivities (``.serving`` holds the replicas it keeps)."""
     from thaw.activities.host import HostActivities
-    from thaw.registry import snapshots
-    from thaw.runtime.agent import build_agent_worker, register
+    from thaw.runtime.agent import beat, build_agent_worker, register
     from thaw.snapshot.host import HostSnapshots
 
     host = HostSnapshots(cfg)
@@ -128,11 +128,14 @@ def in_process_agent(cfg):
     acts = HostActivities(cfg, host)
     stop = threading.Event()
 
-    def beat():
+    def beats():
         while not stop.wait(cfg.agent_heartbeat_s):
-            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+            try:
+                beat(cfg, acts)
+            except Exception as e:  # noqa: BLE001 - as the agent does: the next round tries again
+                print(f"agent {cfg.host_id}: heartbeat round failed: {e}", file=sys.stderr)
 
-    t = threading.Thread(target=beat, daemon=True)
+    t = threading.Thread(target=beats, daemon=True)
     t.start()
     try:
         with running_worker(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex)):

@@ -241,6 +241,48 @@ def _agent_proc(cfg, host_id):
                             start_new_session=True)
 
 
+def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, thaw_cli, snap):
+    """Its agent notices at the next heartbeat (the process is gone), stops it and drops its registry row; the
+    pool sees the row gone at its next host check and starts another."""
+    thaw_cli("deploy", "phoenix", "--snapshot", snap, "--min", "1", "--max", "1")
+    try:
+        (first,) = wait_until(lambda: serving(cfg, "phoenix"), what="first replica")
+        wait_until(lambda: json.loads(thaw_cli("status", "phoenix", "--json").output)["replicas"], what="pool's")
+        os.kill(agent.serving[first.id].replica.pid, signal.SIGKILL)
+        new = wait_until(lambda: [r for r in serving(cfg, "phoenix") if r.id != first.id], timeout=60,
+                         what="replacement replica")
+        assert first.id not in agent.serving and answer(new[0].endpoint)["digest"]
+        st = json.loads(thaw_cli("status", "phoenix", "--json").output)
+        assert st["counts"]["gone"] == 1 and [r["id"] for r in st["replicas"]] == [new[0].id], st
+    finally:
+        thaw_cli("undeploy", "phoenix", ok=False)
+
+
+def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cli, snap):
+    """Signal-with-start delivers the signal in the pool's first workflow task, before run() starts: the state
+    must already be there for it (it came with the input)."""
+    from temporalio.client import Client
+
+    from thaw.runtime.pool import deploy
+    from thaw.workflows.pool import DeploymentPool, PoolSpec, PoolState, ScaleRequest
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        spec, _ = await deploy(client, cfg, PoolSpec("early", snap, max_replicas=2))
+        await client.get_workflow_handle("pool-early").signal(DeploymentPool.stop)
+        await client.get_workflow_handle("pool-early").result()
+        await client.start_workflow(DeploymentPool.run, PoolState(spec), id="pool-early",
+                                    task_queue=cfg.build_task_queue, start_signal="scale",
+                                    start_signal_args=[ScaleRequest(2, "temporal")])
+
+    asyncio.run(go())
+    try:
+        reps = wait_until(lambda: len(serving(cfg, "early")) == 2 and serving(cfg, "early"), what="2 replicas")
+        assert all(answer(r.endpoint)["digest"] for r in reps)
+    finally:
+        thaw_cli("undeploy", "early", ok=False)
+
+
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
     # the in-process agent is full, so the first replica lands on the subprocess agent
     snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)

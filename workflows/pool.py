@@ -10,12 +10,14 @@ grows large.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
 from .build_image import QUICK
 
@@ -104,6 +106,7 @@ class HostsResult:
     live: list[str]
     reserved: list[str]
     hosts: list[HostSlot] = field(default_factory=list)  # what placement chooses from
+    rows: list[str] | None = None  # ids of the deployment's replicas the registry lists (None: not checked)
 
 
 def place(hosts: list[HostSlot], count: int, deployment: str, own: dict[str, int]) -> list[HostSlot]:
@@ -136,12 +139,14 @@ class PoolState:
     last_scale_up_s: float = 0.0
     stopping: bool = False
     warmed: list[str] = field(default_factory=list)  # buffer hosts asked to warm the snapshot
+    failed_in_a_row: int = 0  # replica starts that failed since the last one that worked (backoff)
 
 
 @workflow.defn(name="DeploymentPool")
 class DeploymentPool:
-    def __init__(self) -> None:
-        self.s: PoolState | None = None
+    @workflow.init  # the state exists before any signal: a signal can be handled before run() starts
+    def __init__(self, state: PoolState) -> None:
+        self.s = state
         self.wake = False
         self.starting: list[str] = []  # host ids of replica starts in flight (background tasks)
         self.tasks: set[asyncio.Task] = set()
@@ -149,6 +154,8 @@ class DeploymentPool:
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
+        if self.s.stopping:  # undeploying: every replica goes
+            return
         sp = self.s.spec
         self.s.desired = max(sp.min_replicas, min(sp.max_replicas, req.replicas))
         self.s.last_signal = req
@@ -156,6 +163,8 @@ class DeploymentPool:
 
     @workflow.signal
     def update(self, spec: PoolSpec) -> None:
+        if self.s.stopping:
+            return
         if spec.snapshot != self.s.spec.snapshot:
             self.s.warmed = []
         self.s.spec = spec
@@ -173,7 +182,6 @@ class DeploymentPool:
 
     @workflow.run
     async def run(self, state: PoolState) -> PoolState:
-        self.s = state
         self.s.desired = max(self.s.spec.min_replicas, self.s.desired)
         while True:
             try:
@@ -197,9 +205,13 @@ class DeploymentPool:
 
     async def _hosts(self, buffer: int) -> HostsResult:
         busy = sorted({r.host_id for r in self.s.replicas} | set(self.starting))
-        res = await workflow.execute_activity(
-            "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
-            result_type=HostsResult, **QUICK)
+        try:
+            res = await workflow.execute_activity(
+                "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
+                result_type=HostsResult, **QUICK)
+        except ActivityError as e:  # the registry is down for now: keep what the last check saw, look again later
+            workflow.logger.warning("pool %s: host check failed: %s", self.s.spec.name, e.cause or e)
+            return HostsResult(busy, self.s.reserved, self.hosts)
         self.s.reserved, self.hosts = res.reserved, res.hosts
         if workflow.patched("warm-buffer-hosts"):
             self._warm(res)
@@ -238,11 +250,17 @@ class DeploymentPool:
     async def _reconcile(self) -> None:
         if self._missing() > 0 and self.hosts:  # a scale-up starts at once, on the hosts the last check saw
             await self._scale_up(self._missing())
+        known = {r.id for r in self.s.replicas}  # a start that ends during the check is not in its rows
         hosts = await self._hosts(self.s.spec.buffer)
         lost = [r for r in self.s.replicas if r.host_id not in hosts.live]
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
             self._count("lost", len(lost))
+        if hosts.rows is not None:  # their process died, or their agent restarted: the row went with them
+            gone = {r.id for r in self.s.replicas if r.id in known and r.id not in hosts.rows}
+            if gone:
+                self.s.replicas = [r for r in self.s.replicas if r.id not in gone]
+                self._count("gone", len(gone))
         missing = self._missing()
         if missing > 0:
             await self._scale_up(missing)
@@ -277,9 +295,15 @@ class DeploymentPool:
             self.s.replicas.append(info)
             self.s.recent = [info, *self.s.recent][:RECENT]
             self._count(info.outcome)
+            self.s.failed_in_a_row = 0
         except Exception:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
             self.hosts = []
+            self.s.failed_in_a_row += 1
+            if workflow.patched("start-backoff"):  # a start that fails at once (a missing secret) must not spin
+                with contextlib.suppress(asyncio.TimeoutError):  # an undeploy ends the wait
+                    await workflow.wait_condition(lambda: self.s.stopping, timeout=timedelta(
+                        seconds=min(60, 2 ** min(self.s.failed_in_a_row - 1, 6))))
         finally:
             self.starting.remove(h.host_id)
             self.wake = True
@@ -287,7 +311,7 @@ class DeploymentPool:
     async def _scale_down(self, force: bool = False) -> None:
         if not force and workflow.now().timestamp() - self.s.last_scale_up_s < self.s.spec.cooldown_s:
             return
-        extra = len(self.s.replicas) - self.s.desired
+        extra = len(self.s.replicas) - (0 if force else self.s.desired)
         if extra <= 0:
             return
         victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
