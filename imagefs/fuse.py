@@ -328,7 +328,7 @@ class ImageFS(pyfuse3.Operations):
         pos = off
         try:
             while pos < end:
-                if i >= len(starts):
+                if not 0 <= i < len(starts):
                     raise _ReadError("chunk list shorter than the file")
                 digest, csize = e.chunks[i]
                 if self.recorder is not None:

@@ -164,6 +164,9 @@ class Tree:
             raise IngestError(f"hard link {src!r} points at {target!r}, which is not an earlier regular file")
         if path == target:
             return
+        if not path or target.startswith(path + "/"):
+            raise IngestError(f"hard link {src!r} would replace {path or 'the image root'!r}, which holds its "
+                              f"target {target!r}")
         self._check_parent(path, src)
         self.remove(path)
         e = Entry(**{**t.to_dict(), "path": path, "chunks": list(t.chunks)})
@@ -178,6 +181,8 @@ class Tree:
                 if child not in self.layer_added:
                     self.remove(child)
         else:
+            if not name[len(WHITEOUT):]:
+                raise IngestError(f"{src!r} is a whiteout that names nothing (it would hide the directory itself)")
             victim = posixpath.join(parent, name[len(WHITEOUT):])
             if victim not in self.layer_added:
                 self.remove(victim)

@@ -89,6 +89,7 @@ class Tier(Protocol):
     def put_file(self, key: str, path: Path) -> bool: ...
     def delete(self, key: str) -> None: ...
     def usage(self) -> tuple[int, int]: ...
+    def forget(self) -> None: ...  # drop anything remembered about what the tier holds (not the objects)
 
 
 def _syncfs(path: Path) -> None:
@@ -226,6 +227,9 @@ class LocalDirTier:
     def usage(self) -> tuple[int, int]:
         objects = self.entries()
         return len(objects), sum(n for _, n, _ in objects)
+
+    def forget(self) -> None:
+        """Nothing to forget: every ``has`` looks at the directory."""
 
     # -- the bound (chunks only) ---------------------------------------------------------------
     def _bounded(self, key: str) -> bool:
@@ -408,6 +412,10 @@ class ChunkStore:
         return self.local.usage()
 
     def staging(self, txn_id: str) -> "Staging":
+        """A build's staging area. The remote tiers first forget which objects they saw earlier: `thaw gc` may
+        have deleted some since (it runs only while no build does), and a build must upload what S3 lacks."""
+        for t in self.remote:
+            t.forget()
         return Staging(self, txn_id)
 
 

@@ -97,6 +97,9 @@ class MemoryTier:
             self._objects.clear()
             self._bytes = 0
 
+    def forget(self) -> None:
+        """Nothing to forget: it holds the objects themselves."""
+
 
 _DENIED = {"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
            "Forbidden", "403", "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
@@ -273,6 +276,10 @@ class S3Tier:
         if len(self._known) >= self._known_limit:
             self._known.clear()
         self._known.add(key)
+
+    def forget(self) -> None:
+        """Drop what this process remembered the bucket holds: another process (`thaw gc`) may have deleted it."""
+        self._known.clear()
 
     def has(self, key: str) -> bool:
         if key in self._known:

@@ -206,6 +206,39 @@ def test_readahead_follows_sequential_readers_only(tmp_path):
     assert fs.stats["errors"] == 0
 
 
+def test_a_file_its_chunks_do_not_cover_reads_as_eio(tmp_path):
+    """A manifest whose file is longer than its chunks (a corrupt or hand-made one): reads past what the chunks
+    cover fail with EIO, and the filesystem goes on answering (an uncaught error would end the daemon)."""
+    import errno
+
+    import pyfuse3
+    import trio
+
+    from thaw.imagefs.fuse import ImageFS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 100)
+    (src / "g").write_bytes(b"y" * 10)
+    cfg = Config(state_dir=tmp_path / "state")
+    store = ChunkStore.open(cfg)
+    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "short", Limits.from_config(cfg))
+    _entry(m, "f").chunks = []  # a 100-byte file without chunks
+    _entry(m, "g").size = 20  # one 10-byte chunk for a 20-byte file
+    fs = ImageFS(store, m, m.digest)
+    ino = {e.path: i for i, e in enumerate(fs.entries) if e is not None}
+
+    async def read(path, off, size):
+        try:
+            return bytes(await fs.read(ino[path], off, size))
+        except pyfuse3.FUSEError as e:
+            return e.errno
+
+    assert trio.run(read, "f", 0, 10) == errno.EIO
+    assert trio.run(read, "g", 0, 10) == b"y" * 10 and trio.run(read, "g", 5, 10) == errno.EIO
+    assert fs.stats["errors"] == 2
+
+
 def test_python_imports_use_the_images_pyc(image, mounted):
     mnt = Path(mounted.mountpoint)
     env = {**os.environ, "PYTHONPATH": str(mnt / "py"), "PYTHONDONTWRITEBYTECODE": "1"}

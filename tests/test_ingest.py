@@ -92,6 +92,10 @@ HOSTILE = {
     "hardlink to dir": ([member("d", "dir"), member("h", "hard", link="d")], "not an earlier regular file"),
     "device node": ([member("dev/sda", "blk", devmajor=8)], "device node"),
     "absurd size": ([member("huge", data=b"", size=1 << 40)], "over the"),
+    "whiteout of nothing": ([member("a", "dir"), member(".wh.", data=b""), member("b", data=b"x")],
+                            "whiteout that names nothing"),
+    "hardlink over its own dir": ([member("d", "dir"), member("d/f", data=b"x"), member("d", "hard", link="d/f")],
+                                  "which holds its target"),
 }
 
 

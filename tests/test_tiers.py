@@ -308,6 +308,24 @@ def test_gc_sweeps_s3_and_the_disk_cache(s3server, tmp_path):
     assert collect(store, [b.digest], min_age_s=0).deleted_bytes() == 0
 
 
+def test_a_long_lived_builder_uploads_again_what_gc_deleted_meanwhile(s3server, tmp_path):
+    """A build worker remembers which objects S3 holds (fewer HEADs); `thaw gc` in another process then
+    deletes the image's objects. Rebuilding the same content on that worker must upload them again."""
+    from thaw.imagefs.gc import collect
+
+    bucket = new_bucket()
+    src = make_source(tmp_path / "src")
+    builder = ChunkStore.open(s3cfg(tmp_path, s3server, "builder", bucket))
+    a, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), builder, "build-a", LIMITS)
+    admin = ChunkStore.open(s3cfg(tmp_path, s3server, "admin", bucket))
+    assert collect(admin, [], min_age_s=0).deleted[admin.durable.name]  # the image was removed, then gc
+    again, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), builder, "build-a-again", LIMITS)
+    assert again.digest == a.digest
+    fresh = ChunkStore.open(s3cfg(tmp_path, s3server, "host2", bucket))
+    out = materialize(ImageManifest.load(fresh, a.digest), fresh, tmp_path / "out")
+    assert subprocess.run(["diff", "-r", "--no-dereference", src, out]).returncode == 0
+
+
 FETCHER = r"""
 import json, sys, time
 from pathlib import Path
