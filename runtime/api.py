@@ -11,6 +11,7 @@ into ``<state_dir>/api-token`` (mode 0600). A missing or wrong token gets 401 an
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -34,17 +35,30 @@ def token_file(cfg: Config) -> Path:
     return cfg.state_dir / "api-token"
 
 
+MIN_TOKEN = 16  # characters
+
+
+class TokenError(ValueError):
+    """The configured API token can't protect anything (empty or too short); one line."""
+
+
 def api_token(cfg: Config) -> str:
-    """The configured token, else the one in the state dir (created on first use)."""
-    if cfg.api_token:
-        return cfg.api_token
-    path = token_file(cfg)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    return path.read_text().strip()
+    """The configured token, else the one in the state dir (created on first use). TokenError when it is
+    shorter than MIN_TOKEN: an empty token would let every request in."""
+    if cfg.api_token:  # an empty THAW_API_TOKEN means unset
+        token, where = cfg.api_token.strip(), "THAW_API_TOKEN"
+    else:
+        path = token_file(cfg)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+        token, where = path.read_text().strip(), str(path)
+    if len(token) < MIN_TOKEN:
+        raise TokenError(f"the API token in {where} has {len(token)} characters, fewer than {MIN_TOKEN}: "
+                         f"set a longer one (or delete {token_file(cfg)} to have one made)")
+    return token
 
 
 def _error(status: int, msg: str) -> web.Response:
@@ -73,19 +87,20 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
 
     async def scale(request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-            replicas = int(body["replicas"])
+            replicas = (await request.json())["replicas"]
         except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            return _error(400, 'expected a JSON body {"replicas": N}')
+            replicas = None
+        if type(replicas) is not int or replicas < 0:  # not bool, float, str
+            return _error(400, 'expected a JSON body {"replicas": N} with N a whole number >= 0')
         name = request.match_info["name"]
-        deployments.get(cfg.registry_url, name)
+        await asyncio.to_thread(deployments.get, cfg.registry_url, name)
         await pool.scale(client, name, replicas, "api")
         return web.json_response({"deployment": name, "replicas": replicas}, status=202)
 
     async def list_deployments(request: web.Request) -> web.Response:
         return web.json_response([
             {"name": d.name, "snapshot": d.snapshot_digest, "min": d.min_replicas, "max": d.max_replicas,
-             "buffer": d.buffer} for d in deployments.list_all(cfg.registry_url)])
+             "buffer": d.buffer} for d in await asyncio.to_thread(deployments.list_all, cfg.registry_url)])
 
     async def show(request: web.Request) -> web.Response:
         return web.json_response(asdict(await pool.state(client, request.match_info["name"])))

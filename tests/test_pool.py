@@ -164,10 +164,29 @@ def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cl
     time.sleep(1)
     assert serving(cfg, "api-dep") == [], "a refused call changed nothing"
     assert api_call(url, "/v1/deployments/nope/scale", token, {"replicas": 1})[0] == 404
-    assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": "x"})[0] == 400
+    for bad in ("x", "3", -1, 2.5, True, float("inf"), None):
+        assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": bad})[0] == 400, bad
     with urllib.request.urlopen(url + "/metrics") as r:
         assert b'thaw_api_requests_total{code="401"' in r.read()
     thaw_cli("undeploy", "api-dep")
+
+
+def test_an_empty_or_short_api_token_is_refused(tmp_path):
+    """An empty token would let every request in (an empty Authorization header matches it): the API refuses to
+    start instead, with a one-line error."""
+    from thaw.config import Config
+    from thaw.runtime.api import TokenError, api_token, token_file
+
+    cfg = Config(state_dir=tmp_path)
+    made = api_token(cfg)  # made on first use
+    assert len(made) >= 32 and token_file(cfg).read_text() == made
+    token_file(cfg).write_text("\n")  # e.g. a disk that filled up between create and write
+    with pytest.raises(TokenError, match="0 characters") as err:
+        api_token(cfg)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TokenError, match="THAW_API_TOKEN"):
+        api_token(cfg.model_copy(update={"api_token": "short"}))
+    assert api_token(cfg.model_copy(update={"api_token": "x" * 16})) == "x" * 16
 
 
 def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg, worker, agent, thaw_cli, snap):

@@ -754,6 +754,10 @@ def api(cfg):
     from .stack import ready_file
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        api_mod.api_token(cfg)
+    except api_mod.TokenError as e:
+        _fail(str(e))
     click.echo(f"control API on http://{cfg.api_host}:{cfg.api_port} (token: {api_mod.token_file(cfg)})", err=True)
     asyncio.run(api_mod.run(cfg, ready_file(cfg, "api")))
 
