@@ -41,7 +41,8 @@ class PoolBackends:
 
 
 class GatewayDemand:
-    """KEDA's DemandSource over one gateway (thread-safe reads of a few ints)."""
+    """KEDA's DemandSource over one gateway: what its last tick published (one dict, swapped whole on the
+    gateway's loop, so reading it from the scaler's threads is safe)."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
@@ -50,11 +51,13 @@ class GatewayDemand:
         g = self.gateway
         if deployment != g.deployment:
             raise KeyError(deployment)
-        return Demand(desired_replicas=g.autoscaler.desired, queued=g.queued, inflight=g.inflight_total,
-                      ready_replicas=len(g.endpoints))
+        d = g.demand
+        return Demand(desired_replicas=d["desired"], queued=d["queued"], inflight=d["inflight"],
+                      ready_replicas=d["ready"])
 
 
-async def run(cfg: Config, name: str, port: int, keda_port: int | None, **gateway_options) -> None:
+async def run(cfg: Config, name: str, port: int, keda_port: int | None, host: str = "127.0.0.1",
+              **gateway_options) -> None:
     from .keda import serve as keda_serve
 
     dep = deployments.get(cfg.registry_url, name)
@@ -62,13 +65,14 @@ async def run(cfg: Config, name: str, port: int, keda_port: int | None, **gatewa
                  max_replicas=dep.max_replicas, **gateway_options)
     keda = None
     if keda_port is not None:
-        keda, bound = keda_serve(GatewayDemand(gw), f"127.0.0.1:{keda_port}")
-        log.info("KEDA external scaler for %s on 127.0.0.1:%d", name, bound)
+        keda, bound = keda_serve(GatewayDemand(gw), f"[{host}]:{keda_port}" if ":" in host else f"{host}:{keda_port}",
+                                 registry=gw.registry)
+        log.info("KEDA external scaler for %s on %s:%d", name, host, bound)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        async with serving(gw, "127.0.0.1", port) as url:
+        async with serving(gw, host, port) as url:
             log.info("gateway for %s on %s", name, url)
             await stop.wait()
     finally:

@@ -174,7 +174,9 @@ class Gateway:
     Beyond the issue's knobs: ``max_inflight_per_replica`` (None: no cap) queues requests at the gateway
     while every replica has that many in flight; ``quarantine_s`` keeps an endpoint that refused a connection
     out of the list while the pool still reports it; ``connect_timeout_s`` bounds a connect (a replica whose
-    host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request.
+    host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request;
+    ``max_queued`` bounds the requests held at once (more are answered 503 with Retry-After, since each holds its
+    body in memory); ``read_timeout_s`` bounds the wait for each piece of a replica's answer (a wedged replica).
     """
 
     def __init__(self, deployment: str, backends: Backends, *, target_concurrency: float = 1.0,
@@ -183,7 +185,7 @@ class Gateway:
                  min_replicas: int = 0, scale_to_zero_grace_s: float = 30, refresh_s: float = 0.5,
                  max_inflight_per_replica: int | None = None, quarantine_s: float = 5.0,
                  connect_timeout_s: float = 5.0, max_delivery_attempts: int = 3,
-                 max_body_bytes: int = 64 << 20):
+                 max_body_bytes: int = 64 << 20, max_queued: int = 1000, read_timeout_s: float | None = 600.0):
         if target_concurrency <= 0:
             raise ValueError("target_concurrency must be > 0")
         self.deployment = deployment
@@ -196,6 +198,8 @@ class Gateway:
         self.connect_timeout_s = connect_timeout_s
         self.max_delivery_attempts = max_delivery_attempts
         self.max_body_bytes = max_body_bytes
+        self.max_queued = max_queued
+        self.read_timeout_s = read_timeout_s
         self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
                                      min_replicas, max_replicas, scale_to_zero_grace_s)
         self.last_decision: Decision | None = None
@@ -217,8 +221,10 @@ class Gateway:
         self._area_since = time.monotonic()
         self._last_change = self._area_since
         # GPU-seconds (a replica holds one accelerator): ready = allocated to this deployment, busy = serving
-        self._busy_since: dict[str, float] = {}       # endpoint -> when its first in-flight request began
+        self._busy_since: dict[str, float] = {}       # endpoint -> since when its busy time is not counted yet
         self._ready_since = self._area_since
+        # what other threads (the KEDA scaler) read: replaced whole on the loop each tick, never changed in place
+        self.demand = {"desired": 0, "queued": 0, "inflight": 0, "ready": 0}
 
         self.registry = CollectorRegistry()
         lbl = ["deployment"]
@@ -309,7 +315,8 @@ class Gateway:
         self._kick = asyncio.Event()
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s,
+                                          sock_read=self.read_timeout_s),
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         with contextlib.suppress(Exception):
             await self._refresh_once()
@@ -321,6 +328,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self._running = False
+        self._count_ready()  # the seconds since the last tick count too
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -371,10 +379,14 @@ class Gateway:
         self._set_endpoints([ep for ep in listed if ep not in self._quarantine])
 
     def _count_ready(self) -> None:
-        """Add the ready replicas' seconds since the last count (before the set changes, and every tick)."""
+        """Add the ready replicas' seconds, and the busy ones', since the last count (before the set changes,
+        and every tick: a replica that is never idle still shows busy time as it goes)."""
         now = time.monotonic()
         self._m_ready_s.inc(len(self._endpoints) * (now - self._ready_since))
         self._ready_since = now
+        for ep, since in self._busy_since.items():
+            self._m_busy_s.inc(now - since)
+            self._busy_since[ep] = now
 
     def _set_endpoints(self, eps: list[str]) -> None:
         if eps != self._endpoints:
@@ -519,6 +531,8 @@ class Gateway:
         self._count_ready()
         d = self.autoscaler.decide(time.monotonic(), self._sample(), len(self._endpoints))
         self.last_decision = d
+        self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
+                       "ready": len(self._endpoints)}
         if d.desired != self._signaled:
             await self._sync_scale()
         return d
@@ -560,6 +574,11 @@ class Gateway:
         return headers
 
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
+        if len(self._waiters) >= self.max_queued and self.queued >= self.max_queued:
+            resp = self._error(503, f"{self.queued} requests are already held for {self.deployment}; "
+                                    f"retry shortly")
+            resp.headers["Retry-After"] = "1"
+            return resp
         body = await request.read()
         headers = self._upstream_headers(request)
         self._conc_change(+1)      # a request counts as concurrency from arrival to answer, held or in flight
@@ -670,13 +689,16 @@ def _bind(host: str, port: int) -> socket.socket:
 @contextlib.asynccontextmanager
 async def serving(gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve ``gateway`` on the running loop; yields its base URL (``port=0`` picks a free port)."""
+    sock = _bind(host, port)  # first: a port in use then starts nothing that would need stopping
     runner = web.AppRunner(gateway.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    sock = _bind(host, port)
-    site = web.SockSite(runner, sock)
-    await site.start()
-    h, p = sock.getsockname()[:2]
     try:
+        await runner.setup()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        await web.SockSite(runner, sock).start()
+        h, p = sock.getsockname()[:2]
         yield f"http://{'[' + h + ']' if ':' in h else h}:{p}"
     finally:
         await runner.cleanup()

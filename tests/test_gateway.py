@@ -254,6 +254,60 @@ def test_gpu_seconds_busy_and_ready():
     asyncio.run(main())
 
 
+def test_busy_seconds_grow_while_a_replica_is_never_idle():
+    """A replica busy the whole time shows busy seconds as they pass (counted every tick), not only once it
+    idles; the KEDA scaler reads the demand the last tick published."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),)) as (gw, url, client):
+            await gw.refresh()
+            slow = asyncio.ensure_future(post(client, url, **{"X-Sleep": "1.5"}))
+            await asyncio.sleep(1.0)
+            text = await (await client.get(f"{url}/metrics")).text()
+            assert metric(text, "thaw_gateway_gpu_seconds_busy_total", deployment="demo") >= 0.7
+            assert gw.demand == {"desired": 1, "queued": 0, "inflight": 1, "ready": 1}
+            assert (await slow)[0] == 200
+    asyncio.run(main())
+
+
+def test_the_hold_queue_is_bounded():
+    """Held requests each keep their body in memory: past max_queued, a request is answered 503 at once with
+    Retry-After (and nothing is held for it)."""
+    async def main():
+        backends = FakeBackends()  # never starts anything
+        async with stack(backends, hold_timeout_s=3, max_queued=2) as (gw, url, client):
+            held = [asyncio.ensure_future(post(client, f"{url}/embed")) for _ in range(2)]
+            for _ in range(100):
+                if gw.queued == 2:
+                    break
+                await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            async with client.post(f"{url}/embed", json={}) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1", r.status
+                assert "2 requests are already held" in json.loads(await r.text())["error"]
+            assert time.monotonic() - t0 < 0.5 and gw.queued == 2
+            await backends.add("late")  # a replica comes: the held two are answered
+            assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
+    asyncio.run(main())
+
+
+def test_a_wedged_replica_does_not_hold_a_slot_forever():
+    """A replica that accepts a request and never answers: after read_timeout_s the request goes to another
+    replica, and the wedged one's in-flight slot is given back."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("wedged", 30.0),), read_timeout_s=0.5) as (gw, url, client):
+            await gw.refresh()
+            first = asyncio.ensure_future(post(client, url))
+            await asyncio.sleep(0.2)
+            await backends.add("ok")
+            await gw.refresh()
+            status, body = await first
+            assert status == 200 and json.loads(body)["replica"] == "ok"
+            assert gw.inflight_total == 0
+    asyncio.run(main())
+
+
 def test_replica_dies_with_requests_in_flight_and_queued():
     """Two replicas at capacity, more requests queued; one is SIGKILLed: every request still gets a 200."""
     async def main():

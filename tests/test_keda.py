@@ -156,3 +156,20 @@ def test_cancelled_streams_free_their_threads():
             assert stub.IsActive(ref(deployment="minilm"), timeout=5).result is False
     finally:
         server.stop(grace=None).wait(5)
+
+
+def test_rpcs_are_counted_in_the_gateways_registry():
+    """`thaw gateway --keda-port` serves one /metrics, the gateway's registry: the scaler counts there."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    server, port = serve(DictSource(minilm=IDLE), registry=reg)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pb_grpc.ExternalScalerStub(channel)
+        stub.IsActive(ref(deployment="minilm"), timeout=5)
+        stub.IsActive(ref(deployment="minilm"), timeout=5)
+        assert reg.get_sample_value("thaw_keda_requests_total", {"method": "IsActive"}) == 2
+    finally:
+        channel.close()
+        server.stop(0)

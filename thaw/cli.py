@@ -766,12 +766,14 @@ def api(cfg):
 @click.argument("name")
 @click.option("--port", type=int, help="Listen port [default: THAW_GATEWAY_PORT].")
 @click.option("--keda-port", type=int, help="Also serve the KEDA external scaler (gRPC) on this port.")
+@click.option("--host", "bind", default="127.0.0.1", show_default=True,
+              help="Address the gateway and the KEDA scaler listen on (0.0.0.0: every interface).")
 @click.option("--target-concurrency", type=float, default=1.0, show_default=True,
               help="In-flight requests per replica the autoscaler aims for.")
 @click.option("--scale-to-zero-after", type=float, default=30.0, show_default=True,
               help="Seconds without traffic before scaling to zero.")
 @click.pass_obj
-def gateway(cfg, name, port, keda_port, target_concurrency, scale_to_zero_after):
+def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_after):
     """HTTP gateway for deployment NAME: balances by in-flight requests, holds requests at zero replicas while
     the pool restores one, and scales the pool from concurrency (stable and panic windows)."""
     from thaw.registry.queries import NotFound
@@ -779,7 +781,7 @@ def gateway(cfg, name, port, keda_port, target_concurrency, scale_to_zero_after)
 
     logging.getLogger().setLevel(logging.INFO)
     try:
-        asyncio.run(frontdoor.run(cfg, name, port or cfg.gateway_port, keda_port,
+        asyncio.run(frontdoor.run(cfg, name, port or cfg.gateway_port, keda_port, bind,
                                   target_concurrency=target_concurrency,
                                   scale_to_zero_grace_s=scale_to_zero_after))
     except NotFound as e:

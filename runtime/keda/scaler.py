@@ -29,12 +29,19 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import grpc
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from . import externalscaler_pb2 as pb
 from . import externalscaler_pb2_grpc as pb_grpc
 
-REQUESTS = Counter("thaw_keda_requests_total", "KEDA external scaler RPCs received", ["method"])
+REQUESTS = Counter("thaw_keda_requests_total", "KEDA external scaler RPCs received", ["method"])  # default registry
+
+
+def requests_counter(registry: CollectorRegistry | None) -> Counter:
+    """The RPC counter in ``registry`` (the gateway's, so its /metrics shows it), or the default one."""
+    if registry is None:
+        return REQUESTS
+    return Counter("thaw_keda_requests_total", "KEDA external scaler RPCs received", ["method"], registry=registry)
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,10 @@ def metric_name(deployment: str) -> str:
 class ExternalScaler(pb_grpc.ExternalScalerServicer):
     """The ``externalscaler.ExternalScaler`` service over a :class:`DemandSource`."""
 
-    def __init__(self, source: DemandSource, interval: float = 1.0):
+    def __init__(self, source: DemandSource, interval: float = 1.0, requests: Counter = REQUESTS):
         self.source = source
         self.interval = interval
+        self.requests = requests
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -110,13 +118,13 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
     # -- RPCs ------------------------------------------------------------------------------------------
 
     def IsActive(self, request: pb.ScaledObjectRef, context: grpc.ServicerContext) -> pb.IsActiveResponse:
-        REQUESTS.labels("IsActive").inc()
+        self.requests.labels("IsActive").inc()
         demand = self._demand(self._deployment(request, context), context)
         return pb.IsActiveResponse(result=demand.active)
 
     def StreamIsActive(self, request: pb.ScaledObjectRef,
                        context: grpc.ServicerContext) -> Iterator[pb.IsActiveResponse]:
-        REQUESTS.labels("StreamIsActive").inc()
+        self.requests.labels("StreamIsActive").inc()
         deployment = self._deployment(request, context)
         done = threading.Event()
         context.add_callback(done.set)  # runs when the RPC ends, including a client cancel
@@ -130,7 +138,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
 
     def GetMetricSpec(self, request: pb.ScaledObjectRef,
                       context: grpc.ServicerContext) -> pb.GetMetricSpecResponse:
-        REQUESTS.labels("GetMetricSpec").inc()
+        self.requests.labels("GetMetricSpec").inc()
         deployment = self._deployment(request, context)
         target = self._target(request, context)
         self._demand(deployment, context)  # NOT_FOUND for an unknown deployment
@@ -139,7 +147,7 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         return pb.GetMetricSpecResponse(metricSpecs=[spec])
 
     def GetMetrics(self, request: pb.GetMetricsRequest, context: grpc.ServicerContext) -> pb.GetMetricsResponse:
-        REQUESTS.labels("GetMetrics").inc()
+        self.requests.labels("GetMetrics").inc()
         deployment = self._deployment(request.scaledObjectRef, context)
         name = metric_name(deployment)
         if request.metricName and request.metricName != name:
@@ -150,14 +158,15 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
 
 
 def serve(source: DemandSource, address: str = "127.0.0.1:0", *, interval: float = 1.0,
-          max_workers: int = 32) -> tuple[grpc.Server, int]:
+          max_workers: int = 32, registry: CollectorRegistry | None = None) -> tuple[grpc.Server, int]:
     """Start the scaler on ``address`` (port 0: any free port); returns the started server and its port.
 
     Each open StreamIsActive holds one of the ``max_workers`` threads (one per ScaledObject using
     ``external-push``), so size it above the number of ScaledObjects. Stop with ``server.stop(grace)``.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="thaw-keda"))
-    pb_grpc.add_ExternalScalerServicer_to_server(ExternalScaler(source, interval), server)
+    pb_grpc.add_ExternalScalerServicer_to_server(
+        ExternalScaler(source, interval, requests_counter(registry)), server)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as e:  # newer grpcio raises; older ones return 0
