@@ -32,8 +32,7 @@ class PoolActivities:
         idle = [h for h in live if h.id in ok and not load.get(h.id) and h.id not in inp.busy
                 and h.reserved_for in (None, inp.deployment)]
         idle.sort(key=lambda h: (h.reserved_for != inp.deployment, h.id))  # keep current reservations
-        reserved = [h.id for h in idle[: inp.buffer]]
-        deployments.set_reservations(url, inp.deployment, reserved)
+        reserved = deployments.set_reservations(url, inp.deployment, [h.id for h in idle[: inp.buffer]])
         rows = deployments.replicas(url, deployment=inp.deployment)
         own = Counter(r.host_id for r in rows)
         slots = [HostSlot(h.id, h.task_queue, h.capacity, load.get(h.id, 0) - own.get(h.id, 0), h.id in ok,

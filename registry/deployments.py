@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlmodel import col, func, select
+from sqlmodel import col, func, select, update
 
 from .db import session
 from .models import Deployment, Host, Replica
@@ -59,10 +59,15 @@ def load(url: str) -> dict[str, int]:
         return dict(s.exec(select(Replica.host_id, func.count()).group_by(Replica.host_id)).all())
 
 
-def set_reservations(url: str, deployment: str, host_ids: list[str]) -> None:
-    """Exactly ``host_ids`` are reserved for ``deployment`` afterwards."""
+def set_reservations(url: str, deployment: str, host_ids: list[str]) -> list[str]:
+    """Reserve ``host_ids`` for ``deployment`` and release its other hosts; returns the hosts reserved for it
+    afterwards. A host another deployment reserved meanwhile stays that deployment's (conditional updates:
+    two pools choosing the same idle host at once can't both get it)."""
     with session(url) as s:
-        for h in s.exec(select(Host).where((Host.reserved_for == deployment) | (col(Host.id).in_(host_ids)))).all():
-            h.reserved_for = deployment if h.id in host_ids else None
-            s.add(h)
+        s.exec(update(Host).where(col(Host.reserved_for) == deployment, col(Host.id).not_in(host_ids))
+               .values(reserved_for=None))
+        s.exec(update(Host).where(col(Host.id).in_(host_ids),
+                                  col(Host.reserved_for).is_(None) | (col(Host.reserved_for) == deployment))
+               .values(reserved_for=deployment))
         s.commit()
+        return sorted(s.exec(select(Host.id).where(col(Host.reserved_for) == deployment)).all())

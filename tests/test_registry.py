@@ -113,3 +113,20 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     rows = {line.split()[0]: line for line in out[1:]}
     assert rows["cpu-a"].split()[1:] == ["live", "1", "-", "-"]
     assert rows["gpu-a"].split(None, 4)[1:] == ["live", "1", "d", "1x NVIDIA H200, driver 580.159.04, CUDA 13.0"]
+
+
+def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path):
+    """Two pools that chose the same idle host in the same moment: the first reservation stands, the second
+    pool is told which hosts it really holds; a released host can then be reserved by the other."""
+    from thaw.config import Config
+    from thaw.registry import deployments, snapshots
+
+    url = Config(state_dir=tmp_path / "state").registry_url
+    for host in ("h1", "h2", "h3"):
+        snapshots.upsert_host(url, host, f"q-{host}", {}, None, capacity=1)
+    assert deployments.set_reservations(url, "a", ["h1", "h2"]) == ["h1", "h2"]
+    assert deployments.set_reservations(url, "b", ["h2", "h3"]) == ["h3"]
+    assert deployments.set_reservations(url, "a", ["h1"]) == ["h1"]  # h2 released
+    assert deployments.set_reservations(url, "b", ["h2", "h3"]) == ["h2", "h3"]
+    assert deployments.set_reservations(url, "b", []) == []
+    assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
