@@ -335,6 +335,35 @@ def _agent_proc(cfg) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def test_a_build_on_a_host_whose_agent_is_gone_fails_in_bounded_time(cfg, worker, thaw_cli, image):
+    """The host row is fresh (its agent died a moment ago), so the build is planned there; nothing polls its
+    queue, so the launch is not picked up: the build fails after pickup_timeout_s with a one-line reason,
+    instead of waiting forever, and registers nothing."""
+    import asyncio
+
+    from temporalio.client import Client, WorkflowFailureError
+
+    from thaw.cli import _failure_message
+    from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
+
+    snapshots.upsert_host(cfg.registry_url, "ghost", "thaw-host-ghost", {}, None, 4)
+
+    async def build():
+        client = await Client.connect(cfg.temporal_address)
+        return await client.execute_workflow(
+            BuildSnapshot.run, BuildSnapshotInput(image, ModelSpec(port=PORT, health="/health"), Golden("/"),
+                                                  host="ghost", pickup_timeout_s=2),
+            id="build-on-ghost", task_queue=cfg.build_task_queue)
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkflowFailureError) as err:
+        asyncio.run(build())
+    assert time.monotonic() - t0 < 30
+    assert _failure_message(err.value) == ("no host agent took the work in time: is the host's agent running? "
+                                           "(`thaw hosts ls`)")
+    assert snapshots.list_all(cfg.registry_url) == []
+
+
 def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_cli, rootfs, tmp_path):
     # a server that takes longer to get ready than the heartbeat timeout (5 s here): the agent dies mid-launch,
     # and the retried launch only survives if the agent keeps heartbeating while it waits

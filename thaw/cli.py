@@ -180,8 +180,12 @@ async def _connect(cfg):
 
 
 def _failure_message(err: BaseException) -> str:
+    from temporalio.exceptions import TimeoutError as ActivityTimeout, TimeoutType
+
     while getattr(err, "cause", None) is not None:
         err = err.cause
+    if isinstance(err, ActivityTimeout) and err.type == TimeoutType.SCHEDULE_TO_START:
+        return "no host agent took the work in time: is the host's agent running? (`thaw hosts ls`)"
     return getattr(err, "message", None) or str(err)
 
 

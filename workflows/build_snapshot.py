@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.common import RetryPolicy
 
 from .build_image import QUICK, RETRY, Staged
 from .pool import StopReplicaInput
@@ -45,6 +46,7 @@ class BuildSnapshotInput:
     golden: Golden
     host: str = ""  # host id; empty: any live host
     heartbeat_timeout_s: float = 30.0
+    pickup_timeout_s: float = 300.0  # a host's work not picked up this long fails (its agent died meanwhile)
 
 
 @dataclass
@@ -129,7 +131,8 @@ class BuildSnapshot(Staged):
         self.stage = "plan"
         plan = await workflow.execute_activity("plan_snapshot", inp, result_type=Plan, **quick)
         on_host = dict(task_queue=plan.task_queue, start_to_close_timeout=timedelta(seconds=plan.spec.ready_timeout_s + 300),
-                       heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY)
+                       heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY,
+                       schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s))
 
         self.stage = "launch+checkpoint"
         ckpt = await workflow.execute_activity(
@@ -159,6 +162,7 @@ class RestoreInput:
     secrets: list[str] = field(default_factory=list)  # extra secret names (beyond the snapshot's)
     keep: bool = False  # leave the replicas serving (owned by the host agent) instead of stopping them
     heartbeat_timeout_s: float = 30.0
+    pickup_timeout_s: float = 300.0  # as BuildSnapshotInput's
 
 
 @dataclass
@@ -197,7 +201,8 @@ class RestoreSnapshot:
         return await workflow.execute_activity(
             "restore_replicas", plan, result_type=RestoreResult, task_queue=plan.task_queue,
             start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
-            retry_policy=RETRY)
+            schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s),
+            retry_policy=RetryPolicy(maximum_attempts=1) if plan.keep else RETRY)  # a retry would keep more
 
 
 @dataclass
