@@ -273,10 +273,10 @@ class LocalDirTier:
                 self._index_add(key, size)
 
     def _evict(self, keep: str) -> None:
+        if time.monotonic() - self._scanned > self.rescan_s:
+            self._scan()  # what the host's other processes (mount daemons, the agent) stored or evicted
         if self._lru_bytes <= self.max_bytes:
             return
-        if time.monotonic() - self._scanned > self.rescan_s:
-            self._scan()  # pick up what other processes stored or evicted
         lru = self._lru
         while self._lru_bytes > self.max_bytes and len(lru) > 1:
             key, size = lru.popitem(last=False)
@@ -338,14 +338,23 @@ class ChunkStore:
     def _first(self, key: str, digest: str, decode, tiers: list[Tier], missed: list[Tier]) -> bytes | None:
         """The verified object from the first of ``tiers`` that has it, copied into the tiers in ``missed``
         (which gains the tiers that lacked it or held a corrupt copy); None if none has it."""
+        def verified(raw: bytes, tier) -> bytes | None:
+            try:
+                data = decode(raw)
+            except zlib.error:
+                return None
+            if data is None or not (getattr(tier, "trusted", False) or digest_of(data) == digest):
+                return None
+            return data
+
         for tier in tiers:
             raw = tier.get(key)
             if raw is not None:
-                try:
-                    data = decode(raw)
-                except zlib.error:
-                    data = None
-                if data is None or (not getattr(tier, "trusted", False) and digest_of(data) != digest):
+                data = verified(raw, tier)
+                if data is None and tier in self.remote:  # bytes damaged on the way? the copy may be fine
+                    raw = tier.get(key)
+                    data = verified(raw, tier) if raw is not None else None
+                if data is None:
                     log.warning("corrupt %s in %s: dropped", key, tier.name)
                     tier.delete(key)
                     raw = None

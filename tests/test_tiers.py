@@ -98,6 +98,16 @@ def test_disk_cache_is_bounded_and_evicts_least_recently_used(tmp_path):
     assert again.usage() == (2, 4000 + 5000)
 
 
+def test_disk_cache_stays_bounded_across_processes(tmp_path):
+    """Several processes of a host (mount daemons, the agent) share one cache directory, each counting what it
+    stored itself: each looks at the directory again (every rescan_s) before deciding it is under the bound."""
+    a, b = (LocalDirTier(tmp_path / "cache", max_bytes=4000, rescan_s=0) for _ in range(2))
+    assert a.cached_bytes() == b.cached_bytes() == 0  # both started before either stored anything
+    for i in range(8):
+        (a if i % 2 else b).put(ckey(digest_of(blob(1000, i))), blob(1000, i))
+    assert LocalDirTier(tmp_path / "cache").usage() == (4, 4000)
+
+
 def test_disk_cache_stays_bounded_under_threads(tmp_path):
     tier = LocalDirTier(tmp_path / "cache", max_bytes=50_000)
     blobs = [blob(1000 + i, i) for i in range(150)]
@@ -324,6 +334,31 @@ def test_a_long_lived_builder_uploads_again_what_gc_deleted_meanwhile(s3server, 
     fresh = ChunkStore.open(s3cfg(tmp_path, s3server, "host2", bucket))
     out = materialize(ImageManifest.load(fresh, a.digest), fresh, tmp_path / "out")
     assert subprocess.run(["diff", "-r", "--no-dereference", src, out]).returncode == 0
+
+
+def test_bytes_damaged_on_the_way_from_s3_do_not_cost_the_object(s3server, tmp_path, monkeypatch):
+    """A chunk that arrives damaged once (the network, not the object) is fetched again and served; the object
+    in S3, the only durable copy, is not deleted for it."""
+    bucket = new_bucket()
+    src = make_source(tmp_path / "src")
+    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), ChunkStore.open(s3cfg(tmp_path, s3server, "b", bucket)),
+                                "build", LIMITS)
+    digest = next(iter(m.chunk_digests()))
+    fresh = ChunkStore.open(s3cfg(tmp_path, s3server, "fresh", bucket))
+    s3 = fresh.durable
+    real_get, damaged = s3.get, []
+
+    def get_once_damaged(key):
+        raw = real_get(key)
+        if key == ckey(digest) and not damaged:
+            damaged.append(key)
+            return raw[:-1] + bytes([raw[-1] ^ 1])
+        return raw
+
+    monkeypatch.setattr(s3, "get", get_once_damaged)
+    assert digest_of(fresh.get_chunk(digest)) == digest and damaged == [ckey(digest)]
+    s3.forget()
+    assert s3.has(ckey(digest))
 
 
 FETCHER = r"""
