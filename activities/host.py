@@ -44,6 +44,7 @@ class HostActivities:
     def __init__(self, cfg: Config, host: HostSnapshots):
         self.cfg, self.host = cfg, host
         self.serving: dict[str, Running] = {}  # replicas kept serving, owned by this agent
+        self.unwanted: dict[str, float] = {}  # ids stopped before they served (a start the pool gave up on)
         self.lock = threading.Lock()
         self.closing = False
 
@@ -115,11 +116,16 @@ class HostActivities:
         snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
         env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, never in the snapshot
         with keepalive("restore"):
-            ((running, info),) = self.host.restore_many(snap, 1, env)
+            ((running, info),) = self.host.restore_many(snap, 1, env, [inp.replica_id] if inp.replica_id else None)
         endpoint = self._serve(running, inp.deployment, inp.snapshot, info["outcome"], inp.ports)
         if not endpoint:
-            raise SnapshotError(f"agent {self.cfg.host_id} is stopping; replica {running.id} stopped")
-        self._record(inp.snapshot, running, info, inp.deployment, endpoint)
+            raise SnapshotError(f"replica {running.id} stopped: the agent of {self.cfg.host_id} is stopping, or "
+                                f"the pool gave up on this start")
+        try:
+            self._record(inp.snapshot, running, info, inp.deployment, endpoint)
+        except BaseException:
+            self.stop_replica(StopReplicaInput(running.id))
+            raise
         return ReplicaInfo(running.id, self.cfg.host_id, self.cfg.host_task_queue, endpoint, info["outcome"],
                            info["reason"], info["timings_ms"], started, inp.signal_ms, running.published)
 
@@ -148,7 +154,7 @@ class HostActivities:
             running.stop()
             raise
         with self.lock:
-            if not self.closing:
+            if not self.closing and running.id not in self.unwanted:
                 self.serving[running.id] = running
                 return endpoint
         running.stop()
@@ -165,8 +171,13 @@ class HostActivities:
 
     @activity.defn(name="stop_replica")
     def stop_replica(self, inp: StopReplicaInput) -> None:
+        """Stop a serving replica; one still starting is stopped as soon as it would serve."""
         with self.lock:
             running = self.serving.pop(inp.replica_id, None)
+            if running is None:
+                now = time.monotonic()
+                self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
+                self.unwanted[inp.replica_id] = now
         deployments.remove_replica(self.cfg.registry_url, inp.replica_id)
         if running:
             running.stop()

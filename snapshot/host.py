@@ -512,11 +512,11 @@ class HostSnapshots:
             shutil.copy2(work / PROFILE, work / "dump" / PROFILE)
 
     # -- restore ------------------------------------------------------------------------------------
-    def restore(self, snap: dict, env: dict[str, str], beat: Callable[[str], None] = lambda s: None
-                ) -> tuple[Running, dict[str, int]]:
+    def restore(self, snap: dict, env: dict[str, str], beat: Callable[[str], None] = lambda s: None,
+                rid: str | None = None) -> tuple[Running, dict[str, int]]:
         """Restore one replica of ``snap`` (a registry Snapshot as dict), verified by replaying its golden request.
         ``env`` (secrets, a deployment's env) reaches the server through its after-restore hook."""
-        spec, rid, st = snap["spec"], f"r-{uuid.uuid4().hex[:10]}", Stages()
+        spec, rid, st = snap["spec"], rid or f"r-{uuid.uuid4().hex[:10]}", Stages()
         reasons = compat.check(snap["host_facts"], self.facts)
         if reasons:
             raise compat.Incompatible(f"snapshot {snap['digest'][:12]} is incompatible with host "
@@ -574,14 +574,14 @@ class HostSnapshots:
         return running, ms
 
     def cold_boot(self, image_digest: str, spec: dict, env: dict[str, str], golden: dict | None = None,
-                  golden_digest: str | None = None, snapshot_digest: str | None = None
+                  golden_digest: str | None = None, snapshot_digest: str | None = None, rid: str | None = None
                   ) -> tuple[Running, dict[str, int], bool | None]:
         """Start the model from scratch, ``env`` (secrets, a deployment's env) over the image's in its environment
         (no snapshot is taken of this process).
         The third value says whether it answered the golden request as the snapshot did (None: not asked).
         With ``snapshot_digest`` (a fallback from that snapshot) and chunks coming from a remote tier, what the
         snapshot's launch read is prefetched in parallel while the model boots."""
-        rid, st = f"c-{uuid.uuid4().hex[:10]}", Stages()
+        rid, st = rid or f"c-{uuid.uuid4().hex[:10]}", Stages()
         fetch = self._prefetch_boot(snapshot_digest) if snapshot_digest and self._prefetching else None
         try:
             lower = self.image_root(image_digest)
@@ -637,18 +637,21 @@ class HostSnapshots:
         running.stop()
         return ms
 
-    def restore_many(self, snap: dict, n: int, env: dict[str, str]) -> list[tuple[Running, dict]]:
-        """``n`` replicas side by side; each falls back to a cold boot on its own when its restore fails."""
+    def restore_many(self, snap: dict, n: int, env: dict[str, str], ids: list[str] | None = None
+                     ) -> list[tuple[Running, dict]]:
+        """``n`` replicas side by side; each falls back to a cold boot on its own when its restore fails.
+        ``ids``: the replicas' ids (default: new ones)."""
 
-        def one(_):
+        def one(i):
+            rid = ids[i] if ids else None
             try:
-                running, ms = self.restore(snap, env)
+                running, ms = self.restore(snap, env, rid=rid)
                 return running, {"outcome": "restored", "reason": "", "timings_ms": ms, "golden_ok": True}
             except (compat.Incompatible, criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, StoreError,
                     OSError) as e:
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
             running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], env, snap["golden_request"],
-                                               snap["golden_digest"], snap["digest"])
+                                               snap["golden_digest"], snap["digest"], rid=rid)
             return running, {"outcome": "cold-boot", "reason": reason, "timings_ms": ms, "golden_ok": bool(same)}
 
         with ThreadPoolExecutor(min(n, 16)) as pool:

@@ -277,6 +277,22 @@ def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, th
         thaw_cli("undeploy", "phoenix", ok=False)
 
 
+def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
+    """The pool names each replica it starts; when a start fails on its side (a timeout while the agent goes
+    on), it stops that id. A stop that arrives before the replica serves is kept: the replica stops as soon as
+    it would have served, and leaves no registry row."""
+    from thaw.workflows.pool import StartReplicaInput, StopReplicaInput
+
+    agent.stop_replica(StopReplicaInput("r-given-up"))
+    with pytest.raises(Exception, match="gave up on this start"):
+        agent.start_replica(StartReplicaInput("dep", snap, [], 0, replica_id="r-given-up"))
+    assert "r-given-up" not in agent.serving and serving(cfg, "dep") == []
+    info = agent.start_replica(StartReplicaInput("dep", snap, [], 0, replica_id="r-wanted"))  # ids are kept
+    assert info.id == "r-wanted" and [r.id for r in serving(cfg, "dep")] == ["r-wanted"]
+    agent.stop_replica(StopReplicaInput("r-wanted"))
+    assert serving(cfg, "dep") == [] and not agent.serving
+
+
 def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cli, snap):
     """Signal-with-start delivers the signal in the pool's first workflow task, before run() starts: the state
     must already be there for it (it came with the input)."""

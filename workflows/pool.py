@@ -81,6 +81,7 @@ class StartReplicaInput:
     signal_ms: int
     env: dict[str, str] = field(default_factory=dict)
     ports: list[int] = field(default_factory=list)
+    replica_id: str = ""  # chosen by the pool, so it can stop a start it gave up on; "": the agent picks one
 
 
 @dataclass
@@ -284,9 +285,10 @@ class DeploymentPool:
 
     async def _start(self, h: HostSlot, sig: int) -> None:
         sp = self.s.spec
+        rid = f"r-{workflow.uuid4().hex[:10]}" if workflow.patched("pool-replica-ids") else ""
         try:
             info = await workflow.execute_activity(
-                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports),
+                "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports, rid),
                 result_type=ReplicaInfo,
                 task_queue=h.task_queue, start_to_close_timeout=timedelta(seconds=sp.start_timeout_s),
                 heartbeat_timeout=timedelta(seconds=sp.heartbeat_timeout_s),
@@ -299,6 +301,8 @@ class DeploymentPool:
         except Exception:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
             self.hosts = []
+            if rid:  # timed out, say, while the agent goes on: it must not keep a replica nobody counts
+                self._background(self._stop(ReplicaInfo(rid, h.host_id, h.task_queue, "", "")))
             self.s.failed_in_a_row += 1
             if workflow.patched("start-backoff"):  # a start that fails at once (a missing secret) must not spin
                 with contextlib.suppress(asyncio.TimeoutError):  # an undeploy ends the wait
@@ -315,14 +319,16 @@ class DeploymentPool:
         if extra <= 0:
             return
         victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
-
-        async def stop(r: ReplicaInfo):
-            try:
-                await workflow.execute_activity(
-                    "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
-                    start_to_close_timeout=timedelta(seconds=60), retry_policy=RetryPolicy(maximum_attempts=3))
-            except Exception:  # noqa: BLE001 - the host is gone; so is the replica
-                pass
-
-        await asyncio.gather(*(stop(r) for r in victims))
+        await asyncio.gather(*(self._stop(r) for r in victims))
         self._count("stopped", len(victims))
+
+    async def _stop(self, r: ReplicaInfo) -> None:
+        """Stop replica ``r`` on its host; a host that does not take the work (gone) has lost it anyway."""
+        try:
+            await workflow.execute_activity(
+                "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
+                start_to_close_timeout=timedelta(seconds=60),
+                schedule_to_start_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(maximum_attempts=3))
+        except Exception:  # noqa: BLE001 - the host is gone; so is the replica
+            pass
