@@ -178,9 +178,11 @@ class HostActivities:
                 now = time.monotonic()
                 self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
                 self.unwanted[inp.replica_id] = now
-        deployments.remove_replica(self.cfg.registry_url, inp.replica_id)
-        if running:
-            running.stop()
+        try:
+            if running:
+                running.stop()
+        finally:  # the process goes first: a registry that is down must not leave it running unowned
+            deployments.remove_replica(self.cfg.registry_url, inp.replica_id)
 
     @activity.defn(name="replica_log")
     @host_errors_fail_fast
@@ -199,8 +201,16 @@ class HostActivities:
                 del self.serving[r.id]
         for r in dead:
             log.warning("replica %s died; unregistered. The end of its log: %r", r.id, r.replica.log_tail(300))
-            r.stop()
-            deployments.remove_replica(self.cfg.registry_url, r.id)
+            try:
+                r.stop()
+            except OSError as e:  # its scratch stays for cleanup_stale; the row must still go
+                log.warning("replica %s: cleanup failed: %s", r.id, e)
+            try:
+                deployments.remove_replica(self.cfg.registry_url, r.id)
+            except Exception:
+                with self.lock:  # the next round tries again
+                    self.serving.setdefault(r.id, r)
+                raise
         return [r.id for r in dead]
 
     def stop_all(self) -> None:

@@ -176,7 +176,8 @@ class Gateway:
     out of the list while the pool still reports it; ``connect_timeout_s`` bounds a connect (a replica whose
     host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request;
     ``max_queued`` bounds the requests held at once (more are answered 503 with Retry-After, since each holds its
-    body in memory); ``read_timeout_s`` bounds the wait for each piece of a replica's answer (a wedged replica).
+    body in memory); ``read_timeout_s`` bounds the wait for each piece of a replica's answer (a wedged replica:
+    504, not sent again, since the replica may be doing the work).
     """
 
     def __init__(self, deployment: str, backends: Backends, *, target_concurrency: float = 1.0,
@@ -628,6 +629,8 @@ class Gateway:
                 skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise _Retry(False, e) from e
+        except aiohttp.ServerTimeoutError:  # it took the request and went quiet: sending it again could do the
+            return self._error(504, f"replica {ep} sent nothing for {self.read_timeout_s:g}s")  # work twice
         except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
             raise _Retry(True, e) from e
         except aiohttp.ClientError as e:

@@ -311,8 +311,8 @@ class HostSnapshots:
         For a restore of ``snapshot_facts``, the snapshot's own GPU wins a tie, and is the only choice where the
         driver cannot move a process to another GPU (before 580); otherwise the lowest number wins a tie."""
         gpus = self.gpu.gpus if self.gpu else ()
-        if not gpus:
-            return None
+        if not gpus or len((snapshot_facts or {}).get("gpu_uuids", [])) > 1:  # taken before GPUs were lent one
+            return None  # by one: every GPU, mapped in order, as then
         own = [i for i, (u, _) in enumerate(gpus) if u in (snapshot_facts or {}).get("gpu_uuids", [])[:1]]
         with self._gpu_lock:
             if own and not cuda.can_move_gpu(self.facts.get("nvidia_driver")):

@@ -504,6 +504,11 @@ def test_a_gpu_host_lends_each_replica_the_least_used_gpu(cfg, worker, agent, th
         assert restore_one({**snap, "host_facts": {**snap["host_facts"], "nvidia_driver": "570.86.15"}}) == (
             (["nvidia1"], None), u1)
         assert host.gpu_loads() == [1, 3]
+        # a snapshot from before GPUs were lent one by one lists them all: every node, no GPU counted for it
+        monkeypatch.setitem(host.facts, "nvidia_driver", "580.95.05")
+        assert restore_one({**snap, "host_facts": {**snap["host_facts"], "gpu_uuids": [u0, u1], "gpu_count": 2}})[0] \
+            == (["nvidia0", "nvidia1"], None)
+        assert host.gpu_loads() == [1, 3]
     finally:
         for r in started:
             r.stop()

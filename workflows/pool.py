@@ -152,6 +152,7 @@ class DeploymentPool:
         self.starting: list[str] = []  # host ids of replica starts in flight (background tasks)
         self.tasks: set[asyncio.Task] = set()
         self.hosts: list[HostSlot] = []  # from the last host check: a scale-up places without a round trip
+        self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
@@ -166,6 +167,7 @@ class DeploymentPool:
     def update(self, spec: PoolSpec) -> None:
         if self.s.stopping:
             return
+        self.updates += 1
         if spec.snapshot != self.s.spec.snapshot:
             self.s.warmed = []
         self.s.spec = spec
@@ -194,7 +196,12 @@ class DeploymentPool:
                 self.s.desired = 0
                 await workflow.wait_condition(lambda: not self.starting)
                 await self._scale_down(force=True)
-                await self._hosts(buffer=0)
+                while True:  # the buffer's hosts must go back: no other pool may take them until then
+                    try:
+                        await self._hosts(buffer=0, keep_last=False)
+                        break
+                    except ActivityError:
+                        await workflow.sleep(10)
                 return self.s
             await self._reconcile()
             if workflow.info().is_continue_as_new_suggested() or workflow.info().get_current_history_length() > 8000:
@@ -204,13 +211,17 @@ class DeploymentPool:
     def _count(self, key: str, n: int = 1) -> None:
         self.s.counts[key] = self.s.counts.get(key, 0) + n
 
-    async def _hosts(self, buffer: int) -> HostsResult:
+    async def _hosts(self, buffer: int, keep_last: bool = True) -> HostsResult:
+        """Check the hosts and reserve ``buffer`` of them; where the check fails (the registry is down for a
+        moment) and ``keep_last``, go on with what the last check saw."""
         busy = sorted({r.host_id for r in self.s.replicas} | set(self.starting))
         try:
             res = await workflow.execute_activity(
                 "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
                 result_type=HostsResult, **QUICK)
-        except ActivityError as e:  # the registry is down for now: keep what the last check saw, look again later
+        except ActivityError as e:
+            if not keep_last:
+                raise
             workflow.logger.warning("pool %s: host check failed: %s", self.s.spec.name, e.cause or e)
             return HostsResult(busy, self.s.reserved, self.hosts)
         self.s.reserved, self.hosts = res.reserved, res.hosts
@@ -257,7 +268,8 @@ class DeploymentPool:
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
             self._count("lost", len(lost))
-        if hosts.rows is not None:  # their process died, or their agent restarted: the row went with them
+        if hosts.rows is not None and workflow.patched("pool-drop-gone"):  # their process died, or their agent
+            # restarted: the row went with them
             gone = {r.id for r in self.s.replicas if r.id in known and r.id not in hosts.rows}
             if gone:
                 self.s.replicas = [r for r in self.s.replicas if r.id not in gone]
@@ -302,11 +314,12 @@ class DeploymentPool:
             self._count("failed")
             self.hosts = []
             if rid:  # timed out, say, while the agent goes on: it must not keep a replica nobody counts
-                self._background(self._stop(ReplicaInfo(rid, h.host_id, h.task_queue, "", "")))
+                await self._stop(ReplicaInfo(rid, h.host_id, h.task_queue, "", ""))
             self.s.failed_in_a_row += 1
             if workflow.patched("start-backoff"):  # a start that fails at once (a missing secret) must not spin
-                with contextlib.suppress(asyncio.TimeoutError):  # an undeploy ends the wait
-                    await workflow.wait_condition(lambda: self.s.stopping, timeout=timedelta(
+                seen = self.updates
+                with contextlib.suppress(asyncio.TimeoutError):  # an undeploy or a new spec ends the wait
+                    await workflow.wait_condition(lambda: self.s.stopping or self.updates != seen, timeout=timedelta(
                         seconds=min(60, 2 ** min(self.s.failed_in_a_row - 1, 6))))
         finally:
             self.starting.remove(h.host_id)
