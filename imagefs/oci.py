@@ -27,6 +27,7 @@ import functools
 import gzip
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import platform
@@ -733,7 +734,11 @@ def _unquote(text: str) -> str:
 
 def _insecure(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name in ("localhost", "127.0.0.1", "[::1]") or name.startswith("127."):
+    try:
+        loopback = ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:  # a name: only "localhost" counts (127.example.com is a real host)
+        loopback = name == "localhost"
+    if loopback:
         return True
     listed = {h.strip() for h in os.environ.get("THAW_INSECURE_REGISTRIES", "").split(",") if h.strip()}
     return host in listed or name in listed

@@ -130,3 +130,12 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path):
     assert deployments.set_reservations(url, "b", ["h2", "h3"]) == ["h2", "h3"]
     assert deployments.set_reservations(url, "b", []) == []
     assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
+
+
+def test_an_unreachable_registry_database_is_a_one_line_error(tmp_path):
+    """A wrong THAW_DB_URL or a database that is down: one line naming the setting, no traceback."""
+    r = subprocess.run(["thaw", "--state-dir", str(tmp_path), "--db-url", "postgresql+psycopg://thaw@127.0.0.1:1/x",
+                        "images", "ls"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    assert r.stderr.startswith("error: the registry database cannot be used: ") and r.stderr.count("\n") == 1
+    assert "THAW_DB_URL" in r.stderr

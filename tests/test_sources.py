@@ -189,6 +189,18 @@ def test_resolve_errors_are_one_line(tmp_path, source, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_only_loopback_registries_skip_tls(monkeypatch):
+    from thaw.imagefs.oci import _insecure
+
+    monkeypatch.delenv("THAW_INSECURE_REGISTRIES", raising=False)
+    for host in ("localhost:5000", "127.0.0.1:5000", "127.0.0.2", "[::1]:5000"):
+        assert _insecure(host), host
+    for host in ("127.example.com", "127.example.com:443", "registry.example.com", "10.0.0.5:5000"):
+        assert not _insecure(host), host
+    monkeypatch.setenv("THAW_INSECURE_REGISTRIES", "10.0.0.5:5000")
+    assert _insecure("10.0.0.5:5000")
+
+
 def test_open_errors_name_the_input(tmp_path, monkeypatch):
     archive = docker_archive(tmp_path / "img.tar", [layer(member("f", data=b"x"))])
     with pytest.raises(SourceError, match=r"img.tar:other:1: no image tagged 'other:1' in the archive$"):

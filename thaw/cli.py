@@ -16,7 +16,7 @@ import click
 
 from . import config as config_mod
 
-PATH_PREFIXES = ("dir:", "docker-archive:", "oci:", "dockerfile:")
+PATH_PREFIXES = ("dir:", "docker-archive:", "oci-archive:", "oci:", "dockerfile:")
 
 
 def _fail(msg: str) -> None:
@@ -877,9 +877,15 @@ def main():
     """Entry point. Ends with os._exit once output is flushed: with grpcio installed, temporalio's native
     threads can abort the interpreter's finalization ("PyGILState_Release ... finalizing"), turning a
     finished command's exit code into SIGABRT. Nothing is left to do by then: every command has cleaned up."""
+    from sqlalchemy.exc import OperationalError
+
     try:
         cli(prog_name="thaw")
         code = 0
+    except OperationalError as e:  # the registry database: down, or a wrong THAW_DB_URL
+        click.echo(f"error: the registry database cannot be used: {str(e.orig).splitlines()[0]} "
+                   f"(THAW_DB_URL / --db-url)", err=True)
+        code = 1
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, (int, type(None))):
