@@ -64,6 +64,7 @@ class CheckpointResult:
     facts: dict           # compat.host_facts() of the dumping host
 
 
+DUMP_TIMEOUT_S = 1800.0  # a dump that takes longer is stuck (a frozen task, a FUSE read that never ends)
 KDAT_RUN_DIR = "/dev/shm/thaw-criu-run"  # tmpfs that stands in for /run where /run is not one
 
 
@@ -145,7 +146,11 @@ def checkpoint(replica: Replica, images_dir: Path, leave_running: bool = False, 
     if leave_running:
         cmd.append("--leave-running")
     t0 = time.monotonic()
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=DUMP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # run() killed criu; the frozen process is the caller's to stop
+        raise CriuError(f"criu dump of pid {replica.pid} took more than {DUMP_TIMEOUT_S:g} s: killed; see log "
+                        f"{log}") from None
     dump_ms = (time.monotonic() - t0) * 1000
     if r.returncode:
         raise _error("dump", r.returncode, log, r.stderr)

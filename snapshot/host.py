@@ -79,8 +79,11 @@ def _starttime(pid: int) -> str | None:
 
 
 def write_record(path: Path, pid: int) -> None:
-    """Name the replica process a directory belongs to, for :func:`clear` (pid + start time: never a reused pid)."""
-    path.write_text(json.dumps({"pid": pid, "start": _starttime(pid)}))
+    """Name the replica process a directory belongs to, for :func:`clear` (pid + start time: never a reused pid).
+    Written whole or not at all (a temporary file renamed)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"pid": pid, "start": _starttime(pid)}))
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -117,30 +120,31 @@ class Running:
         """Stop the process tree and release its root (once: later calls do nothing)."""
         if self.stopped:
             return
-        self.stopped = True
         for f in self.forwarders.values():
             f.close()
-        try:
-            self.replica.stop()
-        finally:
-            if self.on_stop:
-                self.on_stop()
-            self.root.cleanup()
-            if self.record:
-                shutil.rmtree(self.record.parent, ignore_errors=True)
+        self.replica.stop()  # a process that outlives its timeout keeps its record, GPU and root: try again later
+        self.stopped = True
+        if self.on_stop:
+            self.on_stop()
+        self.root.cleanup()
+        if self.record:
+            shutil.rmtree(self.record.parent, ignore_errors=True)
 
 
 def clear(d: Path) -> None:
     """Stop the replica recorded in ``d`` (by pid, only if that pid still has the recorded start time),
     unmount whatever is mounted under ``d``, remove ``d``: what an agent that died left behind."""
     rec = d / RECORD
-    if rec.exists():
+    try:
         info = json.loads(rec.read_text() or "{}")
+    except (OSError, ValueError):  # none, or cut short by a killed agent: the mount scan below still finds it
+        info = {}
+    if info:
         pid = info.get("pid")
         if pid and info.get("start") and _starttime(pid) == info["start"]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in _pids_using(d):  # replicas (and their criu/reaper) that no record names: killed mid-restore
+    for pid in _pids_using(d):  # replicas that no record names: their agent was killed mid-restore
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for mnt in sorted((m for m in _linux.mountpoints() if m.startswith(f"{d}/")), key=len, reverse=True):
@@ -150,7 +154,9 @@ def clear(d: Path) -> None:
 
 
 def _pids_using(d: Path) -> list[int]:
-    """Processes in other mount namespaces whose mounts name a path under ``d`` (a replica's overlay root)."""
+    """Processes in other mount namespaces whose root ("/") is a mount naming a path under ``d`` (a replica on
+    its overlay root). Not those that merely hold a copy of such a mount: a criu (and the reaper it becomes)
+    restoring another replica copied the agent's mounts of that moment into its namespace."""
     mine, needle, out = os.readlink("/proc/self/ns/mnt"), f"{d}/", []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -159,9 +165,9 @@ def _pids_using(d: Path) -> list[int]:
             if os.readlink(f"/proc/{name}/ns/mnt") == mine:
                 continue
             with open(f"/proc/{name}/mountinfo") as f:
-                if needle in f.read():
+                if any(line.split(" ", 5)[4] == "/" and needle in line for line in f):
                     out.append(int(name))
-        except OSError:
+        except (OSError, IndexError):
             continue
     return out
 
@@ -421,8 +427,8 @@ class HostSnapshots:
             st.mark("root")
             beat("launch")
             replica = self._launch(root, spec, spec["env"], work / "launch.log", slot)
-            write_record(work / RECORD, replica.pid)
             try:
+                write_record(work / RECORD, replica.pid)
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
                                    beat=lambda: beat("launch"))
                 st.mark("cold_boot")
@@ -494,8 +500,8 @@ class HostSnapshots:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
                                         huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
                                         read_threads=self.cfg.restore_threads)
-                write_record(work / RECORD, replica.pid)
                 try:
+                    write_record(work / RECORD, replica.pid)
                     self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
                     with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
                         criu.after_restore(replica, spec["port"], {})
@@ -529,6 +535,7 @@ class HostSnapshots:
         root = self._root(lower, work / "rw")
         slot = self.take_gpu(snap["host_facts"]) if compat.needs_gpu(snap["host_facts"]) else None
         st.mark("root")
+        replica = None
         try:
             beat("criu")
             try:
@@ -545,6 +552,8 @@ class HostSnapshots:
         except BaseException:
             if fetch:
                 fetch.cancel()
+            if replica is not None:  # restored, but its record could not be written: nobody would own it
+                replica.stop()
             self.give_gpu(slot)
             root.cleanup()
             raise
@@ -590,13 +599,16 @@ class HostSnapshots:
             root = self._root(lower, work / "rw")
             slot = self.take_gpu()
             st.mark("root")
+            replica = None
             try:
                 replica = self._launch(root, spec, {**spec["env"], **env}, work / "launch.log", slot)
+                running = self._running(rid, replica, root, spec["port"], work, slot)
             except BaseException:
+                if replica is not None:
+                    replica.stop()
                 self.give_gpu(slot)
                 root.cleanup()
                 raise
-            running = self._running(rid, replica, root, spec["port"], work, slot)
             try:
                 replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
                 st.mark("boot")

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class Replica:
     timings: dict[str, float] = field(default_factory=dict)  # ms
     _pidfd: int | None = None
     _netns: int | None = None
+    _fds: threading.Lock = field(default_factory=threading.Lock)  # a closed fd number is reused by the next open
 
     @classmethod
     def _attach(cls, pid: int, netns: int | None = None, **kw) -> Replica:
@@ -70,10 +72,11 @@ class Replica:
             except ProcessLookupError:
                 pass
         self.proc.wait(timeout)
-        for fd in (self._pidfd, self._netns):
+        with self._fds:
+            fds, self._pidfd, self._netns = (self._pidfd, self._netns), None, None
+        for fd in fds:
             if fd is not None:
                 os.close(fd)
-        self._pidfd = self._netns = None
 
     def netns_inode(self) -> int:
         if self._netns is None:
@@ -93,14 +96,18 @@ class Replica:
 
     def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket inside the replica's network namespace."""
-        netns = self._netns
-        if netns is None:
-            raise ReplicaError(f"replica {self.pid} is stopped")
+        with self._fds:  # our own copy: a stop meanwhile can't hand the number to another replica's namespace
+            if self._netns is None:
+                raise ReplicaError(f"replica {self.pid} is stopped")
+            netns = os.dup(self._netns)
 
         def make():
             _linux.setns(netns, _linux.CLONE_NEWNET)
             return socket.socket(family, type)
-        return _linux.in_thread(make)
+        try:
+            return _linux.in_thread(make)
+        finally:
+            os.close(netns)
 
     def http_request(self, method: str, path: str, body: bytes | None = None, port: int = 8080,
                      timeout: float = 10.0, headers: dict | None = None,

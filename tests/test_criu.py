@@ -486,3 +486,32 @@ def test_compat_facts_key_and_check():
     assert any(r.startswith("arch riscv64") for r in reasons)
     with pytest.raises(Incompatible, match="host lacks avx512_made_up"):
         require(snap, facts)
+
+
+def test_clear_kills_replicas_rooted_in_the_dir_not_holders_of_a_mount_copy(image, work):
+    """clear(d) is what a restarted agent does with a dead one's scratch. It kills the replica whose root is an
+    overlay under d, but not a process that merely holds a copy of that mount: a criu restoring another
+    replica copies the agent's mounts of that moment into its private mount namespace, and lives on as that
+    replica's reaper."""
+    from thaw.snapshot.host import clear, write_record
+
+    d = work / "builds" / "b-clear"
+    root = prepare_root(image, d)
+    replica = launch(root.path, [PYTHON, "-I", "-c", "import time; time.sleep(600)"], {"PATH": "/usr/bin:/bin"}, "/",
+                     d / "launch.log")
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
+    try:
+        deadline = time.monotonic() + 10
+        while str(d) not in Path(f"/proc/{holder.pid}/mountinfo").read_text():
+            assert time.monotonic() < deadline, "the copy never showed"
+            time.sleep(0.05)
+        write_record(d / "replica.json", 999999)  # a stale record: nobody by that pid, so the scan must find it
+        clear(d)
+        assert replica.proc.wait(10) is not None  # killed (its root was under d)
+        assert holder.poll() is None, "a process that only held a copy of the mount was killed"
+        assert not d.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+        replica.stop()
+        root.cleanup()
