@@ -82,8 +82,11 @@ class BuildActivities:
         t0 = time.monotonic()
         staging = self.store.staging(inp.build_id)
         done = staging.dir / RESULT_FILE
-        if done.exists():  # an earlier attempt finished; its staging area is complete
-            return IngestResult(**json.loads(done.read_text()))
+        what = {"source": [inp.source.kind, inp.source.location], "config": inp.config}
+        if done.exists():  # an earlier attempt finished; its staging area is complete if it was of this input
+            saved = json.loads(done.read_text())  # (a build id reused for another source starts over)
+            if saved.pop("input", None) == what:
+                return IngestResult(**saved)
         staging.reset()
         spec = oci.SourceSpec(inp.source.kind, inp.source.location)
         try:
@@ -99,7 +102,7 @@ class BuildActivities:
             build_id=inp.build_id, manifest_digest=manifest.digest, size=stats["size"], files=stats["files"],
             entries=stats["entries"], chunks=stats["chunks"], new_chunks=staging.new_chunks,
             new_bytes=staging.new_bytes, ms=int((time.monotonic() - t0) * 1000))
-        done.write_text(json.dumps(result.__dict__))
+        done.write_text(json.dumps({**result.__dict__, "input": what}))
         return result
 
     @activity.defn(name="store_image")

@@ -12,7 +12,9 @@ import selectors
 import socket
 import threading
 
-from .replica import Replica
+from .replica import Replica, ReplicaError
+
+SEND_TIMEOUT_S = 120.0  # a connection whose far end takes nothing for this long is dropped
 
 
 class Forwarder:
@@ -40,9 +42,11 @@ class Forwarder:
         try:
             upstream = self.replica.socket()
             upstream.connect(("127.0.0.1", self.port))
-        except OSError:
+        except (OSError, ReplicaError):
             client.close()  # the replica is gone: the caller sees a reset and can retry elsewhere
             return
+        for s in (client, upstream):  # a peer that stops reading must not hold this thread forever
+            s.settimeout(SEND_TIMEOUT_S)
         pair = {client: upstream, upstream: client}
         with selectors.DefaultSelector() as sel, client, upstream:
             for s in pair:

@@ -43,6 +43,26 @@ def test_directory_build_round_trips_through_the_cli(cfg, worker, thaw_cli, tmp_
     assert shown["digest"] == res["digest"] and shown["files"] == res["files"] and shown["source"] == str(src)
 
 
+def test_a_build_id_reused_for_another_source_builds_that_source(cfg, worker, thaw_cli, tmp_path):
+    """A build that stopped after its ingest leaves its staging area (with the ingest's result) under its id;
+    a later build given the same --id but another source must ingest that source, not return the old one."""
+    from temporalio.testing import ActivityEnvironment
+
+    from thaw.activities.build_image import BuildActivities
+    from thaw.workflows.build_image import IngestInput, ResolvedSource
+
+    a, b = make_fancy_tree(tmp_path / "a"), tmp_path / "b"
+    b.mkdir()
+    (b / "only-in-b").write_text("b")
+    left = ActivityEnvironment().run(BuildActivities(cfg).ingest_image,
+                                     IngestInput("img-reused", ResolvedSource("dir", str(a))))
+    res = json.loads(thaw_cli("build", "image", str(b), "--id", "img-reused", "--json").output)
+    assert res["digest"] != left.manifest_digest
+    out = tmp_path / "out"
+    thaw_cli("images", "export", res["digest"][:12], str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["only-in-b"]
+
+
 def test_second_build_stores_nothing_new_and_registers_once(cfg, worker, thaw_cli, tmp_path):
     src = make_fancy_tree(tmp_path / "src")
     first = build_json(thaw_cli, src)
