@@ -6,8 +6,10 @@ Each process runs as its own session leader, logs under ``<state>/logs`` and is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -171,32 +173,27 @@ def up(cfg: Config, echo=print) -> None:
 
 
 def _stop_pid(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM ``pid`` (a component ``thaw up`` started, checked by its command line just before), wait, then
+    SIGKILL its whole session (its children: skopeo, docker builds, criu). Held by a pidfd from the start, so
+    a pid reused meanwhile is never signalled."""
     try:
-        os.kill(pid, signal.SIGTERM)
+        fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            # reap if it is our child; otherwise just probe
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            pass
-        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
-            return
-        time.sleep(0.1)
     try:
-        os.kill(pid, signal.SIGKILL)
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+        gone = select.select([fd], [], [], timeout)[0]  # a pidfd turns readable when its process exits
+        if not gone:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)  # started with start_new_session: its group id is its pid
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            select.select([fd], [], [], 5)
     except ProcessLookupError:
         pass
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    finally:
+        os.close(fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # our own child (``thaw up`` in this process): reap it
 
 
 def down(cfg: Config, echo=print) -> None:
