@@ -81,10 +81,9 @@ def up(cfg, with_s3):
     Safe to re-run."""
     from .stack import StackError, enable_s3, up as stack_up
 
-    if with_s3:
-        cfg = enable_s3(cfg)
-
     try:
+        if with_s3:
+            cfg = enable_s3(cfg)
         stack_up(cfg, echo=click.echo)
     except StackError as e:
         _fail(str(e))

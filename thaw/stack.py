@@ -97,7 +97,7 @@ def components(cfg: Config) -> list[Component]:
     workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
                          lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent", "api")]
     s3 = [Component("s3", [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "s3"],
-                    lambda: port_open("127.0.0.1", cfg.s3_embedded_port))] if cfg.s3_embedded else []
+                    lambda: ready_file(cfg, "s3").exists())] if cfg.s3_embedded else []
     return [temporal, *s3, *workers]
 
 
@@ -124,11 +124,17 @@ def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
 
 
 def enable_s3(cfg: Config) -> Config:
-    """Turn on the embedded SeaweedFS for this state dir: credentials generated once, settings saved."""
+    """Turn on the embedded SeaweedFS for this state dir: credentials generated once, settings saved. Refused
+    (StackError, nothing saved) where SeaweedFS is not installed."""
     import secrets
 
     from thaw.config import load, save_settings
+    from thaw.seaweed import weed_binary
 
+    try:
+        weed_binary()
+    except FileNotFoundError as e:
+        raise StackError(f"--s3: {e}") from None
     if not cfg.s3_embedded:
         save_settings(cfg.state_dir, s3_embedded=True, s3_endpoint=f"http://127.0.0.1:{cfg.s3_embedded_port}",
                       s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
@@ -141,9 +147,10 @@ def serve_s3(cfg: Config) -> None:
     from thaw.seaweed import SeaweedS3
 
     server = SeaweedS3(cfg.state_dir / "s3", cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port)
-    server.start()
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # before start: `thaw down` then stops weed too
+    server.start()
+    ready_file(cfg, "s3").write_text(str(os.getpid()))
     try:
         while not stop and server.proc.poll() is None:
             time.sleep(0.2)
@@ -168,6 +175,9 @@ def up(cfg: Config, echo=print) -> None:
         if c.name == "temporal" and port_open(host, port):
             raise StackError(f"{cfg.temporal_address} is already in use by another process; "
                              f"stop it or set THAW_TEMPORAL_ADDRESS")
+        if c.name == "s3" and port_open("127.0.0.1", cfg.s3_embedded_port):
+            raise StackError(f"127.0.0.1:{cfg.s3_embedded_port} (S3) is already in use by another process; "
+                             f"stop it or set THAW_S3_EMBEDDED_PORT")
         pid = _start(c, cfg, env, timeout=60)
         echo(f"{c.name}: started (pid {pid}, log {c.logfile(cfg)})")
 
