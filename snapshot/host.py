@@ -390,7 +390,12 @@ class HostSnapshots:
         return parse_profile(b"".join(self.store.get_chunk(d) for d, _ in entry.chunks)) if entry else []
 
     def secrets(self, names: list[str]) -> dict[str, str]:
-        values = json.loads(self.cfg.secrets_file.read_text()) if self.cfg.secrets_file.exists() else {}
+        if not names:
+            return {}
+        try:
+            values = self.cfg.secrets()
+        except ValueError as e:
+            raise SnapshotError(f"host {self.cfg.host_id}: {e}") from None
         missing = [n for n in names if n not in values]
         if missing:
             raise SnapshotError(f"secret(s) {', '.join(missing)} not set on host {self.cfg.host_id}: "

@@ -139,3 +139,17 @@ def test_an_unreachable_registry_database_is_a_one_line_error(tmp_path):
     assert r.returncode == 1, r
     assert r.stderr.startswith("error: the registry database cannot be used: ") and r.stderr.count("\n") == 1
     assert "THAW_DB_URL" in r.stderr
+
+
+def test_a_damaged_secrets_file_is_a_one_line_error_and_is_kept(tmp_path):
+    """`thaw secrets set` must not replace a secrets file it can't read (that would drop every other secret)."""
+    from click.testing import CliRunner
+
+    from thaw.cli import cli
+
+    (tmp_path / "secrets.json").write_text('{"API_KEY": "x", ')
+    for args in (["secrets", "ls"], ["secrets", "set", "OTHER", "--value", "y"]):
+        r = CliRunner().invoke(cli, ["--state-dir", str(tmp_path), *args])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and "secrets.json is not a JSON object" in r.output
+        assert r.output.count("\n") == 1, r.output
+    assert (tmp_path / "secrets.json").read_text() == '{"API_KEY": "x", '

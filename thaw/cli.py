@@ -646,7 +646,10 @@ def secrets_set(cfg, name, value):
         value = sys.stdin.read().rstrip("\n")
     path = cfg.secrets_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        data = cfg.secrets()
+    except ValueError as e:
+        _fail(str(e))
     data[name] = value
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -660,7 +663,10 @@ def secrets_set(cfg, name, value):
 @click.pass_obj
 def secrets_ls(cfg):
     """Secret names (never their values)."""
-    data = json.loads(cfg.secrets_file.read_text()) if cfg.secrets_file.exists() else {}
+    try:
+        data = cfg.secrets()
+    except ValueError as e:
+        _fail(str(e))
     for name in sorted(data):
         click.echo(name)
 

@@ -7,6 +7,7 @@ Every path thaw uses is derived here, from ``state_dir``.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from functools import cached_property
@@ -124,6 +125,20 @@ class Config(BaseSettings):
     def secrets_file(self) -> Path:
         """NAME -> value, mode 0600, read by host agents when they inject secrets after a restore."""
         return self.state_dir / "secrets.json"
+
+    def secrets(self) -> dict[str, str]:
+        """The secrets file's NAME -> value ({} before the first `thaw secrets set`); ValueError, one line,
+        when it is not such a JSON object."""
+        try:
+            data = json.loads(self.secrets_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise ValueError(f"{self.secrets_file} is not a JSON object of secret names to values: fix or remove "
+                             f"it, then `thaw secrets set` again")
+        return data
 
     @cached_property
     def temporal_db(self) -> Path:
