@@ -234,6 +234,10 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     try:  # unshare's own complaints go to a pipe, read only when the launch fails
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 pass_fds=(status_w, env_r, logfd), start_new_session=True)
+    except BaseException:
+        os.close(status_r)
+        os.close(env_w)
+        raise
     finally:
         for fd in (logfd, status_w, env_r):
             os.close(fd)
