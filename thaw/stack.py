@@ -136,6 +136,9 @@ def enable_s3(cfg: Config) -> Config:
     except FileNotFoundError as e:
         raise StackError(f"--s3: {e}") from None
     if not cfg.s3_embedded:
+        if port_open("127.0.0.1", cfg.s3_embedded_port):
+            raise StackError(f"--s3: 127.0.0.1:{cfg.s3_embedded_port} is already in use by another process; stop "
+                             f"it or set THAW_S3_EMBEDDED_PORT")
         save_settings(cfg.state_dir, s3_embedded=True, s3_endpoint=f"http://127.0.0.1:{cfg.s3_embedded_port}",
                       s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
                       s3_secret_key=secrets.token_urlsafe(24))
