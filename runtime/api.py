@@ -74,8 +74,8 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
     async def auth(request: web.Request, handler):
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
         if request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
-            if not hmac.compare_digest(given, token):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme != "Bearer" or not hmac.compare_digest(given.encode(), token):
                 calls.labels(route, "401").inc()
                 return _error(401, "missing or wrong bearer token (see <state_dir>/api-token or THAW_API_TOKEN)")
         try:

@@ -20,8 +20,11 @@ def observe_restore(outcome: str, timings_ms: dict[str, int]) -> None:
     RESTORES.labels(outcome).inc()
     if outcome != "restored":
         FALLBACKS.inc()
+    from thaw.snapshot.host import COUNTS
+
     for stage, ms in timings_ms.items():
-        STAGE.labels(outcome, stage).observe(ms / 1000)
+        if not stage.endswith(COUNTS):  # prefetch_chunks, prefetch_kb: counts, not durations
+            STAGE.labels(outcome, stage).observe(ms / 1000)
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

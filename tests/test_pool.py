@@ -161,6 +161,10 @@ def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cl
         status, body = api_call(url, "/v1/deployments/api-dep/scale", bad, {"replicas": 2})
         assert status == 401 and "token" in body["error"]
         assert api_call(url, "/v1/deployments", bad)[0] == 401
+    req = urllib.request.Request(url + "/v1/deployments", headers={"Authorization": token})  # no "Bearer "
+    with pytest.raises(urllib.error.HTTPError) as no_scheme:
+        urllib.request.urlopen(req, timeout=10)
+    assert no_scheme.value.code == 401
     time.sleep(1)
     assert serving(cfg, "api-dep") == [], "a refused call changed nothing"
     assert api_call(url, "/v1/deployments/nope/scale", token, {"replicas": 1})[0] == 404

@@ -136,6 +136,9 @@ def enable_s3(cfg: Config) -> Config:
     except FileNotFoundError as e:
         raise StackError(f"--s3: {e}") from None
     if not cfg.s3_embedded:
+        running = [c.name for c in components(cfg) if c.running_pid(cfg)]
+        if running:  # they would go on without the S3 tier
+            raise StackError(f"--s3: {', '.join(running)} already run without S3: `thaw down` first")
         if port_open("127.0.0.1", cfg.s3_embedded_port):
             raise StackError(f"--s3: 127.0.0.1:{cfg.s3_embedded_port} is already in use by another process; stop "
                              f"it or set THAW_S3_EMBEDDED_PORT")
