@@ -153,7 +153,11 @@ class LocalDirTier:
             os.close(fd)  # releases the lock
 
     def has(self, key: str) -> bool:
-        return self.path(key).exists()
+        """An object of the store is never empty: an empty file is one a crash cut short before ``syncfs``."""
+        try:
+            return self.path(key).stat().st_size > 0
+        except FileNotFoundError:
+            return False
 
     def get(self, key: str) -> bytes | None:
         try:

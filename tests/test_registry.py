@@ -153,3 +153,15 @@ def test_a_damaged_secrets_file_is_a_one_line_error_and_is_kept(tmp_path):
         assert r.exit_code == 1 and r.output.startswith("error: ") and "secrets.json is not a JSON object" in r.output
         assert r.output.count("\n") == 1, r.output
     assert (tmp_path / "secrets.json").read_text() == '{"API_KEY": "x", '
+
+
+def test_saved_settings_apply_with_a_user_config_file_too(tmp_path, monkeypatch):
+    """`thaw up --s3` saves into <state_dir>/config.toml; a THAW_CONFIG file of the user's must not hide it."""
+    from thaw.config import load, save_settings
+
+    save_settings(tmp_path, s3_bucket="saved-bucket", temporal_ui_port=8000)
+    user = tmp_path / "mine.toml"
+    user.write_text("temporal_ui_port = 9999\n")
+    monkeypatch.setenv("THAW_CONFIG", str(user))
+    cfg = load(state_dir=tmp_path)
+    assert (cfg.s3_bucket, cfg.temporal_ui_port) == ("saved-bucket", 9999)

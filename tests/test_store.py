@@ -44,6 +44,17 @@ def test_corrupt_copy_in_first_tier_is_healed_from_the_next(tmp_path):
     assert fast.get(f"chunks/{d[:2]}/{d}") == b"data" * 100
 
 
+def test_an_object_a_crash_left_empty_is_not_taken_as_stored(tmp_path):
+    """A power loss between the rename and syncfs can leave an object's file empty. It does not count as
+    stored (a retried build stores it again), and a read heals it from the next tier."""
+    fast, slow = LocalDirTier(tmp_path / "fast"), LocalDirTier(tmp_path / "slow")
+    store = ChunkStore([fast, slow])
+    d, _ = store.put_chunk(b"data" * 100)
+    fast.path(f"chunks/{d[:2]}/{d}").write_bytes(b"")
+    assert not fast.has(f"chunks/{d[:2]}/{d}") and slow.has(f"chunks/{d[:2]}/{d}")
+    assert store.get_chunk(d) == b"data" * 100 and fast.has(f"chunks/{d[:2]}/{d}")
+
+
 def test_manifest_round_trip_and_verification(store):
     d, _ = store.put_manifest_bytes(b'{"x":1}')
     assert store.get_manifest_bytes(d) == b'{"x":1}'

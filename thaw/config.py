@@ -179,10 +179,11 @@ def load(**overrides) -> Config:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     env_state = overrides.get("state_dir") or os.environ.get("THAW_STATE_DIR")
     state_dir = Path(env_state) if env_state else _default_state_dir()
-    path = Path(os.environ.get("THAW_CONFIG", state_dir / "config.toml"))
-    file_values = {}
-    if path.is_file():
-        file_values = tomllib.loads(path.read_text())
+    file_values = {}  # what thaw saved for this state dir (save_settings), then the user's own file over it
+    for path in (state_dir / "config.toml", *([Path(os.environ["THAW_CONFIG"])] if os.environ.get("THAW_CONFIG")
+                                               else [])):
+        if path.is_file():
+            file_values.update(tomllib.loads(path.read_text()))
     env_values = Config().model_dump(exclude_unset=True)  # what THAW_* set
     merged = {**file_values, **env_values, **overrides}
     merged.setdefault("state_dir", state_dir)
