@@ -173,13 +173,20 @@ class Tree:
         self._put(e)
         self.inode[path] = self.inode[target]
 
+    def _hide_lower(self, d: str) -> None:
+        """An opaque directory: everything under ``d`` from lower layers goes, at any depth (a subdirectory this
+        layer declares again stays, without what lower layers put in it)."""
+        for child in list(self.children.get(d, ())):
+            if child not in self.layer_added:
+                self.remove(child)
+            elif child in self.children:
+                self._hide_lower(child)
+
     def whiteout(self, path: str, src: str) -> None:
         """Apply ``.wh.`` markers: they hide lower-layer entries only."""
         parent, name = posixpath.split(path)
         if name == OPAQUE:
-            for child in list(self.children.get(parent, ())):
-                if child not in self.layer_added:
-                    self.remove(child)
+            self._hide_lower(parent)
         else:
             if not name[len(WHITEOUT):]:
                 raise IngestError(f"{src!r} is a whiteout that names nothing (it would hide the directory itself)")

@@ -52,6 +52,14 @@ def test_layers_apply_in_order_with_whiteouts_and_opaque_dirs(store):
     assert store.get_chunk(y.chunks[0][0]) == b"Y2"
 
 
+def test_an_opaque_dir_hides_lower_content_under_subdirs_this_layer_declares_again(store):
+    """The opaque marker may come after the layer's entry for a subdirectory that lower layers also have
+    (tar order is the writer's choice): that subdirectory stays, without its lower-layer content."""
+    lower = layer(member("p", "dir"), member("p/sub", "dir"), member("p/sub/old", data=b"o"), member("p/y", data=b"y"))
+    upper = layer(member("p/sub", "dir"), member("p/.wh..wh..opq"), member("p/sub/new", data=b"n"))
+    assert paths(build(store, lower, upper)) == {"", "p", "p/sub", "p/sub/new"}
+
+
 def test_whiteout_in_same_layer_does_not_hide_that_layers_files(store):
     m = build(store, layer(member("a", "dir"), member("a/keep", data=b"k"), member("a/.wh.keep")))
     assert "a/keep" in paths(m)
