@@ -199,6 +199,7 @@ class HostActivities:
             dead = [r for r in self.serving.values() if not r.replica.alive()]
             for r in dead:
                 del self.serving[r.id]
+        failed = None
         for r in dead:
             log.warning("replica %s died; unregistered. The end of its log: %r", r.id, r.replica.log_tail(300))
             try:
@@ -207,10 +208,12 @@ class HostActivities:
                 log.warning("replica %s: cleanup failed: %s", r.id, e)
             try:
                 deployments.remove_replica(self.cfg.registry_url, r.id)
-            except Exception:
-                with self.lock:  # the next round tries again
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                with self.lock:
                     self.serving.setdefault(r.id, r)
-                raise
+                failed = failed or e
+        if failed:
+            raise failed
         return [r.id for r in dead]
 
     def stop_all(self) -> None:
