@@ -461,7 +461,8 @@ class HostSnapshots:
             try:
                 self._record_profile(work, image_digest, spec, golden, facts)
             except (criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, imagefs_mount.MountError,
-                    OSError) as e:  # only an optimisation: the snapshot is complete without it (verify-by-replay still decides)
+                    OSError) as e:  # only an optimisation: the snapshot is complete without it (verify-by-replay
+                # still decides)
                 log.warning("build %s: no prefetch profile (%s)", build_id, str(e).splitlines()[0])
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
