@@ -3,15 +3,18 @@
 Mark: the manifests of every registered image and snapshot, and every chunk they list. A registered manifest
 that cannot be read stops the collection before anything is deleted: without it the marks would be wrong.
 Sweep: every other object in the store's tiers (the local directory and S3 where configured) that is older
-than ``min_age_s``. The age bound keeps what a build in progress has already stored but not yet registered;
+than ``min_age_s``, and the local directory's scratch of that age (half-written objects in ``tmp/`` and the
+``staging/`` areas of builds that never finished). The age bound keeps what a build in progress has already stored but not yet registered;
 ``thaw gc`` also refuses to run while a build workflow runs (a build may re-use an old unreferenced chunk it
 found in the store without storing it again).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 from .manifest import ImageManifest
@@ -28,6 +31,7 @@ class GcResult:
     chunks_kept: int = 0
     deleted: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # tier name -> [(key, size)]
     young: int = 0  # unreferenced objects kept because they are younger than min_age_s
+    scratch: list[str] = field(default_factory=list)  # leftovers under tmp/ and staging/ (deleted unless dry_run)
 
     def deleted_bytes(self) -> int:
         return sum(n for objs in self.deleted.values() for _, n in objs)
@@ -60,4 +64,22 @@ def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0
             if not dry_run:
                 tier.delete(key)
             gone.append((key, size))
+    for parent in (store.local.root / "tmp", store.local.root / "staging"):
+        for p in sorted(parent.iterdir()) if parent.is_dir() else []:
+            if _mtime(p) > cutoff:
+                continue
+            res.scratch.append(f"{parent.name}/{p.name}")
+            if dry_run:
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
     return res
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except FileNotFoundError:  # gone meanwhile (a fetch renamed its temporary file into place)
+        return float("inf")

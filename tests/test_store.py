@@ -99,3 +99,29 @@ def test_atomic_write_leaves_no_partial_file(store, monkeypatch):
 def test_bad_staging_id_rejected(store):
     with pytest.raises(StoreError):
         store.staging("../escape")
+
+
+def test_gc_removes_old_scratch_only(tmp_path):
+    """Half-written objects in tmp/ and the staging areas of builds that never finished go once older than
+    min_age; fresh ones (a fetch or a build under way) stay; a dry run only lists."""
+    import os
+    import time
+
+    from thaw.imagefs.gc import collect
+
+    store = ChunkStore([LocalDirTier(tmp_path / "store")])
+    root = store.local.root
+    old_tmp, new_tmp = root / "tmp" / "tmpold", root / "tmp" / "tmpnew"
+    old_tmp.write_bytes(b"half")
+    new_tmp.write_bytes(b"half")
+    st = store.staging("build-abandoned")
+    st.reset()
+    st.put_chunk(b"staged" * 10)
+    hours_ago = time.time() - 7200
+    for p in (old_tmp, st.dir):
+        os.utime(p, (hours_ago, hours_ago))
+    assert sorted(collect(store, [], min_age_s=3600, dry_run=True).scratch) == ["staging/build-abandoned",
+                                                                                 "tmp/tmpold"]
+    assert old_tmp.exists() and st.dir.exists()
+    collect(store, [], min_age_s=3600)
+    assert not old_tmp.exists() and not st.dir.exists() and new_tmp.exists()

@@ -518,11 +518,13 @@ def gc(cfg, dry_run, min_age_s, as_json):
         click.echo(json.dumps({"dry_run": dry_run, "manifests_kept": res.manifests_kept,
                                "chunks_kept": res.chunks_kept, "young": res.young, "builds_during_gc": late,
                                "deleted": {t: [k for k, _ in objs] for t, objs in res.deleted.items()},
-                               "deleted_bytes": res.deleted_bytes()}))
+                               "deleted_bytes": res.deleted_bytes(), "scratch": res.scratch}))
     else:
         verb = "would delete" if dry_run else "deleted"
         for tier, objs in res.deleted.items():
             click.echo(f"{tier}: {verb} {len(objs)} object(s), {_human(sum(n for _, n in objs))}")
+        if res.scratch:
+            click.echo(f"scratch: {verb} {len(res.scratch)} leftover(s) of unfinished writes and builds")
         click.echo(f"kept {res.manifests_kept} registered manifest(s) and their {res.chunks_kept} chunk(s)"
                    + (f"; {res.young} unreferenced object(s) younger than {min_age_s:g} s" if res.young else ""))
     if late:
