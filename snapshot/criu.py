@@ -239,6 +239,7 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
         raise
     finally:
         os.close(logfd)
+    said = []  # what the reaper printed besides "ready": its own error, when the restored tree failed
     try:
         for line in _lines(proc.stdout, proc, timeout):
             if line.startswith("ready "):
@@ -247,8 +248,9 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
                 netns = None
                 replica.timings["restore_ms"] = (time.monotonic() - t0) * 1000
                 return replica
+            said.append(line)
         stderr = proc.stderr.read().decode(errors="replace")
-        raise _error("restore", proc.wait(), criu_log, stderr)
+        raise _error("restore", proc.wait(), criu_log, " ".join([*said, stderr]))
     except BaseException as e:
         _kill_with_children(proc)
         if isinstance(e, TimeoutError):
