@@ -78,7 +78,7 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     await asyncio.to_thread(lambda: host.gpu)  # GPU access (driver layer, device nodes) before any work arrives
     register(cfg, host)
     acts = HostActivities(cfg, host)
-    port = metrics.serve(cfg.agent_metrics_port)
+    port = metrics.serve(cfg.agent_metrics_port, cfg.agent_metrics_bind)
     log.info("agent %s: facts %s; metrics on :%s", cfg.host_id,
              {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
     try:

@@ -57,6 +57,7 @@ class Config(BaseSettings):
     host_capacity: int = 4  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
     agent_metrics_port: int | None = 9101  # Prometheus /metrics of the agent; None: off
+    agent_metrics_bind: str = "127.0.0.1"  # where the agent serves it (0.0.0.0: for a Prometheus elsewhere)
 
     # Runtime: control API (token-authenticated) and gateway
     api_host: str = "127.0.0.1"
