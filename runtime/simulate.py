@@ -147,7 +147,7 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
     ts_col, dur_col, dep_col = 0, 1, None
     first = [c.strip().lower() for c in rows[0][1]]
     try:
-        _parse_time(first[0])
+        _parse_time(rows[0][1][0].strip())  # as written: ISO 8601 may end in "Z"
         header = False
     except ValueError:
         header = True
@@ -636,6 +636,8 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
         if scaler.drain_s > 0 and not any(h.state in ("starting", "provisioning") for h in d.reps):
             demand += max(d.queued_work, 0.0) / max(scaler.drain_s, add_s)
         desired = math.ceil(demand / (c * scaler.target_utilization) - 1e-9)
+        if d.qhead < len(d.queue) and not d.reps:  # held at zero replicas: ask for one (the gateway's activator),
+            desired = max(desired, 1)  # also when the request already left a window shorter than the tick
         desired = min(max(desired, scaler.min_replicas), scaler.max_replicas)
         n_act = len(d.reps)
         for _ in range(desired - n_act):

@@ -45,6 +45,15 @@ def test_restore_with_buffer_by_hand():
     assert (r.served, r.restores, r.cold_starts, r.hosts_acquired, r.peak_hosts) == (3, 3, 0, 3, 3)
 
 
+def test_a_request_held_at_zero_gets_a_replica_even_after_its_window_passed():
+    """A demand window shorter than the tick: by the next tick the request has left the window, but it is
+    still queued at zero replicas, so a replica is started (the replay used to run forever)."""
+    scaler = Autoscaler(concurrency=1, target_utilization=1.0, tick_s=20.0, window_s=10.0, panic_window_s=0.0,
+                        drain_s=0.0, cooldown_s=3.0, min_replicas=0, max_replicas=1, warm_start=False)
+    r = sim.simulate(Trace((Request(5, 1),), end_s=5, source="hand"), Policy("restore", buffer=1), HAND_T, scaler)
+    assert r.served == 1 and r.delays == [15.5]  # tick at 20, restore 0.5 s on the buffer host
+
+
 def test_cold_by_hand():
     """cold (no buffer): a replica is a new host (2 s) plus a cold boot (5 s), paid from the request.
     t=0 two hosts requested, serving at 7: a and b wait 7 s, done at 8. c at 10 goes to the oldest idle replica
@@ -263,6 +272,8 @@ def test_csv_trace(tmp_path):
     q = tmp_path / "plain.csv"
     q.write_text("# seconds\n3\n1\n2000-01-01T00:00:05Z\n")  # no header, mixed forms, a comment
     assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0, pytest.approx(946684805 - 1)]
+    q.write_text("2000-01-01T00:00:05Z\n2000-01-01T00:00:07Z\n")  # ISO 8601 first: not taken for a header
+    assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0]
 
 
 @pytest.mark.parametrize("text,match", [
