@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from thaw.config import Config
@@ -54,43 +52,48 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
     for i in range(n):
         k = base + len(hosts)
         host_id, ns, veth = f"nshost{k}", f"{PREFIX}nshost{k}-{os.getpid()}", f"thv{k}-{os.getpid() % 10000}"
+        if k > 255:
+            raise HostsError(f"at most 255 namespaced hosts (10.77.<k>.0/30 each); {len(hosts)} run already")
         here, there = f"10.77.{k}.1", f"10.77.{k}.2"
-        _ip("netns", "add", ns)
-        _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        _ip("addr", "add", f"{here}/30", "dev", veth)
-        _ip("link", "set", veth, "up")
-        for args in (("addr", "add", f"{there}/30", "dev", "eth0"), ("link", "set", "eth0", "up"),
-                     ("link", "set", "lo", "up"), ("route", "add", "default", "via", here)):
-            _ip("-n", ns, *args)
-        env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": f"{here}:{port}",
-               "THAW_REPLICA_BIND": there, "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": host_id,
-               "THAW_HOST_CAPACITY": str(capacity)}
-        log = open(cfg.log_dir / f"agent-{host_id}.log", "ab")
-        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "thaw", "agent"],
-                                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        log.close()
+        try:
+            _ip("netns", "add", ns)
+            _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("addr", "add", f"{here}/30", "dev", veth)
+            _ip("link", "set", veth, "up")
+            for args in (("addr", "add", f"{there}/30", "dev", "eth0"), ("link", "set", "eth0", "up"),
+                         ("link", "set", "lo", "up"), ("route", "add", "default", "via", here)):
+                _ip("-n", ns, *args)
+            env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": f"{here}:{port}",
+                   "THAW_REPLICA_BIND": there, "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": host_id,
+                   "THAW_HOST_CAPACITY": str(capacity)}
+            with open(cfg.log_dir / f"agent-{host_id}.log", "ab") as log:
+                proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "thaw",
+                                         "agent"], env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        except (HostsError, OSError) as e:  # what this host got so far goes; the hosts before it stay
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its end of the veth pair too
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+            raise HostsError(f"host {host_id}: {e}") from None
         hosts.append({"host_id": host_id, "netns": ns, "veth": veth, "address": there, "pid": proc.pid})
         _file(cfg).write_text(json.dumps(hosts))
     return hosts
 
 
+def _in_netns(pid: int, ns: str) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino
+    except OSError:
+        return False
+
+
 def down(cfg: Config) -> list[str]:
     """Stop every namespaced agent (SIGTERM: it stops its replicas and mounts), then delete its namespace."""
+    from thaw.stack import _stop_pid
+
     done = []
     for h in _load(cfg):
-        try:
-            os.kill(h["pid"], signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while Path(f"/proc/{h['pid']}").exists() and time.monotonic() < deadline:
-                try:
-                    if os.waitpid(h["pid"], os.WNOHANG)[0]:
-                        break
-                except ChildProcessError:
-                    pass
-                time.sleep(0.1)
-        except ProcessLookupError:
-            pass
+        if _in_netns(h["pid"], h["netns"]):  # still that agent (a pid reused since is in another namespace)
+            _stop_pid(h["pid"], timeout=30)  # SIGTERM, then SIGKILL of its whole session
         subprocess.run(["ip", "netns", "del", h["netns"]], capture_output=True)  # its veth pair goes with it
         done.append(h["host_id"])
     _file(cfg).unlink(missing_ok=True)

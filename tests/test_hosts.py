@@ -58,3 +58,26 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
     assert "nshost2: stopped" in down.stdout
     assert not [n for n in os.listdir("/run/netns") if n.startswith("thaw-nshost")] if os.path.isdir("/run/netns") \
         else True
+
+
+def test_hosts_down_does_not_signal_a_pid_that_is_not_its_agent(tmp_path):
+    """hosts.json outlives its agents (a reboot, a crash): a pid there that now belongs to another process,
+    outside the host's network namespace, is left alone."""
+    import json
+    import subprocess
+
+    from thaw.config import Config
+    from thaw.runtime import hosts
+
+    cfg = Config(state_dir=tmp_path)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        cfg.run_dir.mkdir(parents=True)
+        (cfg.run_dir / "hosts.json").write_text(json.dumps([{"host_id": "nshost1", "netns": "thaw-gone-0",
+                                                             "veth": "thv1-0", "address": "10.77.1.2",
+                                                             "pid": bystander.pid}]))
+        assert hosts.down(cfg) == ["nshost1"]
+        assert bystander.poll() is None and not (cfg.run_dir / "hosts.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
