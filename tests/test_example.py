@@ -87,7 +87,8 @@ def test_server_answers_like_sentence_transformers_and_is_deterministic(server_u
     assert post(server_url + "/embed", body) == (200, raw), "same request must give byte-identical answers"
 
 
-@pytest.mark.parametrize("body,code", [(b"not json", 400), (b'{"texts": []}', 400), (b'{"texts": [1]}', 400)])
+@pytest.mark.parametrize("body,code", [(b"not json", 400), (b'{"texts": []}', 400), (b'{"texts": [1]}', 400),
+                                       (b'{"texts": ' + b"[" * 200_000, 400)])  # too deep for json
 def test_server_rejects_bad_requests(server_url, body, code):
     status, raw = post(server_url + "/embed", body)
     assert status == code and "error" in json.loads(raw)

@@ -186,6 +186,7 @@ class State:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "thaw-minilm/1"
+    timeout = 30  # seconds a connection may sit idle or mid-body before it is closed
     state: State  # set on the subclass built by make_server
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
@@ -242,8 +243,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             req = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._send_json(400, {"error": f"invalid JSON: {exc}"})
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+            self._send_json(400, {"error": f"invalid JSON: {str(exc)[:200]}"})
             return
         texts = req.get("texts") if isinstance(req, dict) else None
         if (not isinstance(texts, list) or not texts
@@ -264,12 +265,16 @@ class Handler(BaseHTTPRequestHandler):
                                           vectors))
 
     def _drain(self) -> None:
+        """Read the body of a request that is answered without it, so the next request on this connection
+        starts where it should; one that can't be read that way ends the connection."""
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
-            length = 0
-        if 0 < length <= MAX_BODY_BYTES:
+            length = -1
+        if 0 <= length <= MAX_BODY_BYTES:
             self.rfile.read(length)
+        else:
+            self.close_connection = True
 
 
 class Server(ThreadingHTTPServer):
