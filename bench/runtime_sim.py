@@ -160,10 +160,13 @@ def main() -> None:
         main_trace = (sim.fleet_trace(args.seed, args.deployments, args.duration_s or FLEET_DURATION_S,
                                       args.base_rps_lo, args.base_rps_hi, args.burst_x, *shape)
                       if fleet else one)
+        if not buffers or min(buffers) < 0:
+            raise sim.SimError(f"--buffers needs sizes >= 0, e.g. 0,4,16 (got {args.buffers!r})")
         timings, sources = sim.resolve_timings(args.db_url, args.cold_start_s, args.restore_s, args.provision_s)
+        scaler = sim.Autoscaler(target_utilization=args.target_utilization, cooldown_s=args.cooldown_s)
+        scaler.check()
     except (ValueError, sim.SimError) as e:
         sys.exit(f"error: {e}")
-    scaler = sim.Autoscaler(target_utilization=args.target_utilization, cooldown_s=args.cooldown_s)
 
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
           f"Python {platform.python_version()}")
