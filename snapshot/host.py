@@ -314,12 +314,16 @@ class HostSnapshots:
     def take_gpu(self, snapshot_facts: dict | None = None) -> int | None:
         """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in the order of
         the host's ``gpu_uuids``) until :meth:`give_gpu`; None on a host without GPUs to hand out one by one.
-        For a restore of ``snapshot_facts``, the snapshot's own GPU wins a tie, and is the only choice where the
-        driver cannot move a process to another GPU (before 580); otherwise the lowest number wins a tie."""
+        ``snapshot_facts`` None: a launch. For a restore of ``snapshot_facts``: no GPU for a CPU-only snapshot;
+        the snapshot's own GPU wins a tie, and is the only choice where the driver cannot move a process to
+        another GPU (before 580); otherwise the lowest number wins a tie."""
         gpus = self.gpu.gpus if self.gpu else ()
-        if not gpus or len((snapshot_facts or {}).get("gpu_uuids", [])) > 1:  # taken before GPUs were lent one
-            return None  # by one: every GPU, mapped in order, as then
-        own = [i for i, (u, _) in enumerate(gpus) if u in (snapshot_facts or {}).get("gpu_uuids", [])[:1]]
+        snap_gpus = (snapshot_facts or {}).get("gpu_uuids", [])
+        if snapshot_facts is not None and not compat.needs_gpu(snapshot_facts):
+            return None
+        if not gpus or len(snap_gpus) > 1:  # taken before GPUs were lent one by one: every GPU, mapped in
+            return None  # order, as then
+        own = [i for i, (u, _) in enumerate(gpus) if [u] == snap_gpus]
         with self._gpu_lock:
             if own and not cuda.can_move_gpu(self.facts.get("nvidia_driver")):
                 slot = own[0]
@@ -461,8 +465,7 @@ class HostSnapshots:
             try:
                 self._record_profile(work, image_digest, spec, golden, facts)
             except (criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, imagefs_mount.MountError,
-                    OSError) as e:  # only an optimisation: the snapshot is complete without it (verify-by-replay
-                # still decides)
+                    OSError) as e:  # only an optimisation: verify-by-replay still decides
                 log.warning("build %s: no prefetch profile (%s)", build_id, str(e).splitlines()[0])
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
@@ -501,7 +504,7 @@ class HostSnapshots:
         rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
         try:
             root = self._root(Path(rec.mountpoint), work / "rw-profile")
-            slot = self.take_gpu(facts) if compat.needs_gpu(facts) else None
+            slot = self.take_gpu(facts)
             try:
                 replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
                                         huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
@@ -539,7 +542,7 @@ class HostSnapshots:
         st.mark("fetch")
         work = self._replica_dir(rid)
         root = self._root(lower, work / "rw")
-        slot = self.take_gpu(snap["host_facts"]) if compat.needs_gpu(snap["host_facts"]) else None
+        slot = self.take_gpu(snap["host_facts"])
         st.mark("root")
         replica = None
         try:

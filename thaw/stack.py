@@ -123,6 +123,12 @@ def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
     raise StackError(f"{c.name} did not become ready within {timeout:.0f}s; see {c.logfile(cfg)}")
 
 
+def _s3_port_free(cfg: Config) -> None:
+    if port_open("127.0.0.1", cfg.s3_embedded_port):
+        raise StackError(f"127.0.0.1:{cfg.s3_embedded_port} (S3) is already in use by another process; stop it "
+                         f"or set THAW_S3_EMBEDDED_PORT")
+
+
 def enable_s3(cfg: Config) -> Config:
     """Turn on the embedded SeaweedFS for this state dir: credentials generated once, settings saved. Refused
     (StackError, nothing saved) where SeaweedFS is not installed."""
@@ -139,9 +145,7 @@ def enable_s3(cfg: Config) -> Config:
         running = [c.name for c in components(cfg) if c.running_pid(cfg)]
         if running:  # they would go on without the S3 tier
             raise StackError(f"--s3: {', '.join(running)} already run without S3: `thaw down` first")
-        if port_open("127.0.0.1", cfg.s3_embedded_port):
-            raise StackError(f"--s3: 127.0.0.1:{cfg.s3_embedded_port} is already in use by another process; stop "
-                             f"it or set THAW_S3_EMBEDDED_PORT")
+        _s3_port_free(cfg)
         save_settings(cfg.state_dir, s3_embedded=True, s3_endpoint=f"http://127.0.0.1:{cfg.s3_embedded_port}",
                       s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
                       s3_secret_key=secrets.token_urlsafe(24))
@@ -181,9 +185,8 @@ def up(cfg: Config, echo=print) -> None:
         if c.name == "temporal" and port_open(host, port):
             raise StackError(f"{cfg.temporal_address} is already in use by another process; "
                              f"stop it or set THAW_TEMPORAL_ADDRESS")
-        if c.name == "s3" and port_open("127.0.0.1", cfg.s3_embedded_port):
-            raise StackError(f"127.0.0.1:{cfg.s3_embedded_port} (S3) is already in use by another process; "
-                             f"stop it or set THAW_S3_EMBEDDED_PORT")
+        if c.name == "s3":
+            _s3_port_free(cfg)
         pid = _start(c, cfg, env, timeout=60)
         echo(f"{c.name}: started (pid {pid}, log {c.logfile(cfg)})")
 
