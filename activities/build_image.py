@@ -9,10 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import time
+
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from thaw.config import Config
+from thaw.files import write_atomic
+from thaw.heartbeat import keepalive
 from thaw.imagefs import oci
 from thaw.imagefs.ingest import IngestError, Limits, ingest, source_size
 from thaw.imagefs.manifest import ImageManifest
@@ -96,13 +99,13 @@ class BuildActivities:
             staging.abort()  # nothing of a rejected or failed image stays behind
             raise
         data = manifest.to_bytes()
-        (staging.dir / MANIFEST_FILE).write_bytes(data)
+        write_atomic(staging.dir / MANIFEST_FILE, data)
         stats = manifest.stats()
         result = IngestResult(
             build_id=inp.build_id, manifest_digest=manifest.digest, size=stats["size"], files=stats["files"],
             entries=stats["entries"], chunks=stats["chunks"], new_chunks=staging.new_chunks,
             new_bytes=staging.new_bytes, ms=int((time.monotonic() - t0) * 1000))
-        done.write_text(json.dumps({**result.__dict__, "input": what}))
+        write_atomic(done, json.dumps({**result.__dict__, "input": what}))
         return result
 
     @activity.defn(name="store_image")
@@ -110,18 +113,20 @@ class BuildActivities:
     def store_image(self, ing: IngestResult) -> StoreResult:
         t0 = time.monotonic()
         staging = self.store.staging(ing.build_id)
-        if not staging.exists():  # committed by an earlier attempt
+        manifest_file = staging.dir / MANIFEST_FILE
+        if not manifest_file.exists():  # committed by an earlier attempt (its clean-up may have stopped half-way)
             if not self.store.has_manifest(ing.manifest_digest):
                 raise StoreError(f"build {ing.build_id}: staging area is gone and manifest "
                                  f"{ing.manifest_digest} was never stored; rebuild the image")
+            staging.abort()
             return StoreResult(ing.manifest_digest, 0, 0, int((time.monotonic() - t0) * 1000))
-        manifest_bytes = (staging.dir / MANIFEST_FILE).read_bytes()
-        activity.heartbeat({"stage": "store"})
-        # chunks first (moved and synced), then the manifest that names them, then the staging dir goes
-        count, size = staging.commit_chunks()
-        self.store.put_manifest_bytes(manifest_bytes)
-        self.store.sync()
-        staging.abort()
+        manifest_bytes = manifest_file.read_bytes()
+        with keepalive("store"):  # an upload to S3 can take minutes
+            # chunks first (moved and synced), then the manifest that names them, then the staging dir goes
+            count, size = staging.commit_chunks()
+            self.store.put_manifest_bytes(manifest_bytes)
+            self.store.sync()
+            staging.abort()
         return StoreResult(ing.manifest_digest, count, size, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="register_image")
@@ -130,7 +135,7 @@ class BuildActivities:
         t0 = time.monotonic()
         ing = inp.ingest
         manifest = ImageManifest.load(self.store, ing.manifest_digest)  # verified read: it is durable
-        missing = [d for d in manifest.chunk_digests() if not self.store.has_chunk_durably(d)]
+        missing = self.store.missing_chunks(manifest.chunk_digests())
         if missing:
             raise StoreError(f"image {ing.manifest_digest}: {len(missing)} chunks missing from the store")
         row, created = images.register(self.cfg.registry_url, Image(

@@ -13,6 +13,7 @@ from pathlib import Path
 from temporalio import activity
 
 from thaw.config import Config
+from thaw.files import write_atomic
 from thaw.heartbeat import keepalive
 from thaw.imagefs.ingest import IngestError, Limits, ingest_and_commit
 from thaw.imagefs.oci import SourceSpec
@@ -34,10 +35,6 @@ log = logging.getLogger("thaw.agent")
 host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.ReplicaError, compat.Incompatible, StoreError, IngestError,
                                      NotFound)
 STORED_FILE = "stored.json"
-
-
-def beat(stage: str) -> None:
-    activity.heartbeat({"stage": stage})
 
 
 class HostActivities:
@@ -66,23 +63,23 @@ class HostActivities:
             return StoredSnapshot(**json.loads(stored.read_text()))
         if not dump.is_dir():
             raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
-        beat("store")
-        manifest, _, new_bytes = ingest_and_commit(SourceSpec("dir", str(dump)), self.host.store,
-                                                   f"{ck.build_id}-snapshot", Limits.from_config(self.cfg))
+        with keepalive("store"):  # a large dump, or its upload to S3, outlasts the heartbeat timeout
+            manifest, _, new_bytes = ingest_and_commit(SourceSpec("dir", str(dump)), self.host.store,
+                                                       f"{ck.build_id}-snapshot", Limits.from_config(self.cfg))
         stats = manifest.stats()
         res = StoredSnapshot(manifest.digest, stats["size"], stats["files"], new_bytes,
                              int((time.monotonic() - t0) * 1000))
-        stored.write_text(json.dumps(dataclasses.asdict(res)))
+        write_atomic(stored, json.dumps(dataclasses.asdict(res)))
         shutil.rmtree(dump)
         return res
 
     @activity.defn(name="verify_snapshot")
     @host_errors_fail_fast
     def verify_snapshot(self, inp: VerifyInput) -> VerifyResult:
-        beat("verify")
         spec = dataclasses.asdict(inp.plan.spec)
-        ms = self.host.verify(inp.snapshot_digest, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden),
-                              inp.golden_digest, inp.plan.spec.secrets, inp.host_facts)
+        with keepalive("verify"):  # a restore, a health wait and the golden request: each may be long
+            ms = self.host.verify(inp.snapshot_digest, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden),
+                                  inp.golden_digest, inp.plan.spec.secrets, inp.host_facts)
         log.info("verified snapshot %s: %s", inp.snapshot_digest[:12], breakdown(ms))
         return VerifyResult(ms)
 

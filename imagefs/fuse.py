@@ -26,13 +26,14 @@ import logging
 import os
 import signal
 import stat
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import pyfuse3
 import trio
+
+from thaw.files import write_atomic
 
 from .manifest import BLK, CHR, DIR, FIFO, REG, SYMLINK, ImageManifest
 from .store import ChunkStore
@@ -78,10 +79,7 @@ class AccessRecorder:
         if dest is None:
             return None
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f)
-        os.replace(tmp, dest)
+        write_atomic(dest, json.dumps(self.to_dict()))
         log.info("access recording: %d chunk reads written to %s", len(self.reads), dest)
         return dest
 
@@ -111,12 +109,16 @@ class ImageFS(pyfuse3.Operations):
         self.fetch_timeout = fetch_timeout
         self.readahead_bytes = readahead_bytes
         self._next_off: dict[int, int] = {}  # inode -> where its last read ended (sequential readers)
+        # threads for chunks on this host's disk, and for those fetched from S3: a local read never waits
+        # behind remote fetches (a thread abandoned at fetch_timeout keeps its slot until S3 answers)
+        self._local_limiter = trio.CapacityLimiter(fetch_threads)
         self._limiter = trio.CapacityLimiter(fetch_threads)
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
         self._inflight: dict[str, _Fetch] = {}
         self._failed: dict[str, tuple[float, str]] = {}  # digest -> (until, error)
         self._scopes: set[trio.CancelScope] = set()
+        self.closing = False  # set on shutdown: no new fetches
         self._nursery: trio.Nursery | None = None  # for chunk read-ahead; set by serve()
         self._initialized: trio.Event | None = None  # set once the kernel's FUSE_INIT was answered
         self.stats = {"reads": 0, "read_bytes": 0, "fetches": 0, "fetch_bytes": 0, "cache_hits": 0, "errors": 0}
@@ -391,11 +393,17 @@ class ImageFS(pyfuse3.Operations):
 
     async def _fetch(self, digest: str, size: int, f: _Fetch) -> None:
         t0 = time.monotonic()
+        if self.closing:
+            f.error = f"chunk {digest}: the filesystem is being unmounted"
+            return
         with trio.CancelScope(deadline=trio.current_time() + self.fetch_timeout) as scope:
             self._scopes.add(scope)
             try:
-                data = await trio.to_thread.run_sync(self.store.get_chunk, digest, limiter=self._limiter,
-                                                     **_ABANDON)
+                data = await trio.to_thread.run_sync(self.store.get_chunk_local, digest,
+                                                     limiter=self._local_limiter, **_ABANDON)
+                if data is None:
+                    data = await trio.to_thread.run_sync(self.store.get_chunk, digest, limiter=self._limiter,
+                                                         **_ABANDON)
             except Exception as err:  # StoreError, OSError, anything the tiers raise
                 f.error = f"chunk {digest}: {type(err).__name__}: {err}"
                 log.error("%s", f.error)
@@ -421,7 +429,9 @@ class ImageFS(pyfuse3.Operations):
             self._cached -= len(old)
 
     def cancel_fetches(self) -> None:
-        """Make every fetch in progress give up now (its read fails with EIO); used on shutdown."""
+        """Make every fetch in progress, and any started later, give up now (its read fails with EIO); used on
+        shutdown."""
+        self.closing = True
         for scope in list(self._scopes):
             scope.cancel()
 
@@ -438,7 +448,9 @@ async def serve(fs: ImageFS, *, max_tasks: int = 64, handle_signals: bool = True
 
     ``on_ready()`` runs once the kernel's FUSE_INIT was answered: settings the kernel fixes at INIT (the bdi's
     read-ahead) can be changed from then on. SIGUSR1 writes the access recording. Signals blocked by the
-    caller (to close the window between mount and this loop) are unblocked once the receiver is installed."""
+    caller (to close the window between mount and this loop) are unblocked once the receiver is installed, and
+    blocked again when the loop ends: the caller unmounts and writes the recording without being killed by a
+    second signal (the mount daemon then ends with ``os._exit``)."""
     sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED):
@@ -453,10 +465,11 @@ async def serve(fs: ImageFS, *, max_tasks: int = 64, handle_signals: bool = True
                         except OSError as err:
                             log.error("cannot write the access recording: %s", err)
                     continue
+                if fs.closing:  # keep receiving: a closed receiver would let a second signal kill the process
+                    continue
                 log.info("%s: unmounting", signal.Signals(sig).name)
                 fs.cancel_fetches()
                 pyfuse3.terminate()
-                return
 
     async def when_ready():
         await fs._initialized.wait()
@@ -473,6 +486,8 @@ async def serve(fs: ImageFS, *, max_tasks: int = 64, handle_signals: bool = True
         try:
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         finally:
+            if handle_signals:  # blocked again before the receiver closes (restoring the default actions): a
+                signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # signal during the caller's clean-up waits
             fs._nursery = None
             fs.cancel_fetches()
             nursery.cancel_scope.cancel()

@@ -26,6 +26,8 @@ from .store import Staging
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+MAX_DEPTH = 256  # path components; real images nest a few dozen deep, and the tree's walks recurse per level
+MAX_HEADER = 1 << 20  # bytes of one GNU long name or pax header (tarfile reads it whole into memory)
 
 Progress = Callable[[int], None]  # called with bytes consumed since the last call
 
@@ -55,6 +57,8 @@ def normalize(name: str, what: str = "path") -> str:
         raise IngestError(f"{what} {name!r} escapes the image root")
     if any("\0" in p for p in parts):
         raise IngestError(f"{what} {name!r} contains a NUL byte")
+    if len(parts) > MAX_DEPTH:
+        raise IngestError(f"{what} {name[:80]!r}... is {len(parts)} levels deep (at most {MAX_DEPTH})")
     return "/".join(parts)
 
 
@@ -237,11 +241,31 @@ def _readfull(f: BinaryIO, view: memoryview) -> int:
 
 
 # -- tar layers ---------------------------------------------------------------------------------
-def _mtime_ns(m: tarfile.TarInfo) -> int:
+def _mtime_ns(m: tarfile.TarInfo, src: str) -> int:
     raw = m.pax_headers.get("mtime")
-    if raw:
-        return int(Decimal(raw) * 1_000_000_000)
-    return int(m.mtime) * 1_000_000_000
+    try:
+        ns = int(Decimal(raw) * 1_000_000_000) if raw else int(m.mtime) * 1_000_000_000
+    except (ArithmeticError, ValueError, TypeError):  # "abc", "nan", "inf"
+        raise IngestError(f"{src!r} has an unreadable mtime {raw!r}") from None
+    if not -(1 << 63) <= ns < 1 << 63:
+        raise IngestError(f"{src!r} has an mtime out of range ({raw or m.mtime})")
+    return ns
+
+
+class _Member(tarfile.TarInfo):
+    """tarfile's member header, refusing huge GNU long names and pax headers (read whole into memory)."""
+
+    def _proc_gnulong(self, tarfile):
+        self._check_header()
+        return super()._proc_gnulong(tarfile)
+
+    def _proc_pax(self, tarfile):
+        self._check_header()
+        return super()._proc_pax(tarfile)
+
+    def _check_header(self):
+        if self.size > MAX_HEADER:
+            raise IngestError(f"a tar header of {self.size} bytes (a long name or pax header; at most {MAX_HEADER})")
 
 
 def _xattrs(m: tarfile.TarInfo) -> dict[str, str] | None:
@@ -255,10 +279,15 @@ def _xattrs(m: tarfile.TarInfo) -> dict[str, str] | None:
 
 def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
     tree.layer_added = set()
+    members = 0
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tf:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_Member) as tf:
             for m in tf:
                 src = f"{label}:{m.name}"
+                members += 1  # whiteouts and repeated entries add no entry, so count members too
+                if members > tree.limits.max_entries:
+                    raise IngestError(f"{label} has more than {tree.limits.max_entries} members")
+                tree.progress(0)  # a heartbeat now and then, for layers of members without data
                 path = normalize(m.name)
                 base = posixpath.basename(path)
                 if base.startswith(WHITEOUT):
@@ -267,8 +296,10 @@ def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
                 if m.islnk():
                     tree.hardlink(path, normalize(m.linkname, "hard link target"), src)
                     continue
+                if not (0 <= m.uid < 1 << 32 and 0 <= m.gid < 1 << 32):
+                    raise IngestError(f"{src!r} has an owner out of range ({m.uid}:{m.gid})")
                 common = dict(path=path, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
-                              mtime_ns=_mtime_ns(m), xattrs=_xattrs(m))
+                              mtime_ns=_mtime_ns(m, src), xattrs=_xattrs(m))
                 if m.isreg():
                     if m.size < 0:
                         raise IngestError(f"{src!r} has a negative size")
@@ -280,6 +311,8 @@ def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
                 elif m.isfifo():
                     tree.add(Entry(type=FIFO, **common), src)
                 elif m.ischr() or m.isblk():
+                    if not (0 <= m.devmajor < 1 << 12 and 0 <= m.devminor < 1 << 20):
+                        raise IngestError(f"{src!r} has device numbers out of range ({m.devmajor}, {m.devminor})")
                     tree.add(Entry(type=CHR if m.ischr() else BLK, rdev=os.makedev(m.devmajor, m.devminor),
                                    **common), src)
                 else:
@@ -320,6 +353,8 @@ def ingest_directory(tree: Tree, root: Path) -> None:
             tree.add(Entry(type=DIR, **common), src)
             with os.scandir(full) as it:
                 names = sorted(e.name for e in it)
+            if names and rel.count("/") + 2 > MAX_DEPTH:
+                raise IngestError(f"{full} is more than {MAX_DEPTH} levels below {root}")
             for name in names:
                 child = os.path.join(full, name)
                 visit(f"{rel}/{name}" if rel else name, child, os.lstat(child))
@@ -357,10 +392,13 @@ def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = N
     if spec.kind == "dir":
         ingest_directory(tree, Path(spec.location))
         return tree.manifest(config)
-    with oci.open_image(spec) as image:
+    # pulls land in the store's scratch directory: on the state dir's disk, and swept by `thaw gc` after a
+    # worker killed mid-pull
+    with oci.open_image(spec, staging.store.local.tmp) as image:
         for i, layer in enumerate(image.layers):
             with contextlib.closing(layer.open()) as stream:
                 apply_layer(tree, stream, f"layer {i} ({layer.digest[:19]})")
+                stream.finish()
         return tree.manifest({**(image.config or {}), **(config or {})})
 
 

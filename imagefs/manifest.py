@@ -16,6 +16,27 @@ TYPES = (DIR, REG, SYMLINK, FIFO, CHR, BLK)
 
 # OCI config keys kept in the manifest (what a launcher needs)
 CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "ExposedPorts", "Labels", "StopSignal")
+_STRINGS, _STRING, _OBJECT = "a list of strings", "a string", "a JSON object"
+CONFIG_TYPES = {"Env": _STRINGS, "Cmd": _STRINGS, "Entrypoint": _STRINGS, "WorkingDir": _STRING, "User": _STRING,
+                "StopSignal": _STRING, "ExposedPorts": _OBJECT, "Labels": _OBJECT, "Volumes": _OBJECT}
+
+
+def config_errors(config: dict) -> list[str]:
+    """What in an image config (its OCI ``config`` object) has the wrong type, as "Key: want ..." strings: a
+    ``"Cmd": "python app.py"`` would otherwise run as the program "p" with arguments "y", "t", ...; an Env entry
+    must be NAME=VALUE."""
+    bad = []
+    for key, want in CONFIG_TYPES.items():
+        v = config.get(key)
+        if v is None:
+            continue
+        ok = {_STRINGS: isinstance(v, list) and all(isinstance(x, str) for x in v), _STRING: isinstance(v, str),
+              _OBJECT: isinstance(v, dict)}[want]
+        if not ok:
+            bad.append(f"{key}: want {want}, got {json.dumps(v)[:60]}")
+        elif key == "Env" and not all("=" in e for e in v):
+            bad.append(f"Env: want NAME=VALUE strings, got {next(e for e in v if '=' not in e)[:60]!r}")
+    return bad
 
 
 @dataclass(slots=True)

@@ -24,11 +24,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from thaw.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +126,19 @@ def set_read_ahead(mountpoint: str | os.PathLike, kb: int) -> int | None:
 
 
 # -- processes -------------------------------------------------------------------------------------
-def _alive(pid: int | None) -> bool:
-    """A live (not zombie) thaw mount daemon with this pid."""
+def _alive(pid: int | None, mountpoint: str | None = None) -> bool:
+    """A live (not zombie) thaw mount daemon with this pid (serving ``mountpoint``, if given: a pid reused by
+    another tree's daemon is not this one)."""
     if not pid:
         return False
     try:
         st = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     state = st.rpartition(")")[2].split()[0]
-    return state not in ("Z", "X") and DAEMON_MODULE.encode() in cmdline
+    return (state not in ("Z", "X") and DAEMON_MODULE.encode() in argv
+            and (mountpoint is None or os.fsencode(mountpoint) in argv))
 
 
 def _probe_errno(path: str, timeout: float = 2.0) -> int | None:
@@ -377,7 +380,7 @@ def attach(cfg, mountpoint: str | os.PathLike) -> MountHandle | None:
     mp = _norm(mountpoint)
     ready = ready_file_for(cfg, mp)
     info = _read_json(ready)
-    if not info or info.get("mountpoint") != mp or not _alive(info.get("pid")) or not is_mounted(mp):
+    if not info or info.get("mountpoint") != mp or not _alive(info.get("pid"), mp) or not is_mounted(mp):
         return None
     return MountHandle(info["pid"], mp, info.get("digest", ""), record=info.get("record"), ready_file=ready)
 
@@ -393,10 +396,7 @@ def _tail(path: Path, n: int = 600) -> str:
 # -- daemon ----------------------------------------------------------------------------------------
 def _write_ready(path: Path, info: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(info), durable=False)
 
 
 def main(argv: list[str] | None = None) -> int:

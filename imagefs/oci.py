@@ -42,12 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from .manifest import config_errors
+
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MT_DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 MT_TAR = "application/vnd.oci.image.layer.v1.tar"
 INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
+# OCI layers (also "nondistributable") and Docker's (also "foreign"): tar, plain or compressed
+LAYER_TYPE_RE = re.compile(r"^application/vnd\.(oci\.image\.layer(\.nondistributable)?\.v1\.tar"
+                           r"|docker\.image\.rootfs(\.foreign)?\.diff\.tar)(\.gzip|\+gzip|\+zstd)?$")
 REF_NAME = "org.opencontainers.image.ref.name"
 CONFIG_FIELDS = ("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir", "Labels",
                  "StopSignal")
@@ -270,8 +276,9 @@ def _resolve_registry(rest: str) -> SourceSpec:
 
 # -- open ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def open_image(spec: SourceSpec) -> Iterator[ImageSource]:
-    """Open a resolved source; the temporary layout (and the daemon connection) go away on exit."""
+def open_image(spec: SourceSpec, scratch: Path | None = None) -> Iterator[ImageSource]:
+    """Open a resolved source; the temporary layout (under ``scratch``, default the system's temporary
+    directory) and the daemon connection go away on exit."""
     label = str(spec)
     if spec.kind == "dir":
         raise SourceError(f"{label}: a directory has no layers; ingest it with ingest_directory")
@@ -282,7 +289,7 @@ def open_image(spec: SourceSpec) -> Iterator[ImageSource]:
     if spec.kind in ("oci", "docker-archive") and ":" in str(path):
         raise SourceError(f"{label}: an archive path with ':' in it can't be named to skopeo; rename or link it")
     with contextlib.ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-pull-")))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-pull-", dir=scratch)))
         if spec.kind == "oci":
             yield _copy(f"oci-archive:{_with_ref(path, ref)}", tmp / "layout", label,
                         not_found=f"no image named {ref!r} in the archive")
@@ -308,6 +315,17 @@ def _json(data: bytes, what: str):
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise SourceError(f"{what} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise SourceError(f"{what}: JSON nested too deep") from None
+
+
+def _obj(v) -> dict:
+    """A JSON object from a document, or {} where it holds something else (a hostile index, say)."""
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
 
 
 def _check_digest(digest, what: str) -> str:
@@ -325,10 +343,13 @@ def _verify(data: bytes, digest: str, what: str) -> bytes:
     return data
 
 
-def _small_config(doc) -> dict:
+def _small_config(doc, label: str) -> dict:
     cfg = doc.get("config") if isinstance(doc, dict) else None
     if not isinstance(cfg, dict):
         return {}
+    bad = config_errors(cfg)
+    if bad:
+        raise SourceError(f"{label}: bad image config: {'; '.join(bad)}")
     return {k: cfg[k] for k in CONFIG_FIELDS if cfg.get(k) not in (None, [], {}, "")}
 
 
@@ -439,6 +460,13 @@ class _LayerStream(io.RawIOBase):
         b[:len(data)] = data
         return len(data)
 
+    def finish(self) -> None:
+        """Read the rest of the uncompressed stream (the tar reader stops at its end-of-archive block): gzip
+        checks its CRC and length, and zstd its checksum, only at the end. SourceError if they do not match."""
+        buf = bytearray(1 << 16)
+        while self.readinto(buf):
+            pass
+
     def close(self) -> None:
         """Verify the digest (hashing whatever was left unread), then release everything."""
         if self.closed:
@@ -514,10 +542,10 @@ def _oci_layout(fs, label: str, ref: str | None) -> ImageSource:
     if not fs.exists("index.json"):
         raise SourceError(f"{label}: not an OCI image layout (no index.json)")
     index = _json(fs.read("index.json"), f"{label}: index.json")
-    descs = [d for d in (index.get("manifests") or []) if isinstance(d, dict)] if isinstance(index, dict) else []
-    names = [n for d in descs if (n := (d.get("annotations") or {}).get(REF_NAME))]
+    descs = [d for d in _list(_obj(index).get("manifests")) if isinstance(d, dict)]
+    names = [n for d in descs if (n := _obj(d.get("annotations")).get(REF_NAME))]
     if ref:
-        picked = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == ref or d.get("digest") == ref]
+        picked = [d for d in descs if _obj(d.get("annotations")).get(REF_NAME) == ref or d.get("digest") == ref]
         if not picked:
             raise SourceError(f"{label}: no image named {ref!r} in the layout (has: {', '.join(names) or 'none'})")
         desc = picked[0]
@@ -550,14 +578,14 @@ def _pick_platform(descs: list[dict], label: str) -> dict:
     arch, variant = _host_platform()
     seen, matches = [], []
     for d in descs:
-        p = d.get("platform") or {}
-        if p.get("os") == "unknown" or (d.get("annotations") or {}).get("vnd.docker.reference.type"):
+        p = _obj(d.get("platform"))
+        if p.get("os") == "unknown" or _obj(d.get("annotations")).get("vnd.docker.reference.type"):
             continue  # attestations and other non-images
         seen.append("/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x))
         if p.get("os") == "linux" and p.get("architecture") == arch:
             matches.append(d)
     if variant:
-        matches.sort(key=lambda d: (d.get("platform") or {}).get("variant") != variant)
+        matches.sort(key=lambda d: _obj(d.get("platform")).get("variant") != variant)
     if matches:
         return matches[0]
     raise SourceError(f"{label}: no linux/{arch} image in the index (has: {', '.join(seen) or 'none'})")
@@ -575,7 +603,7 @@ def _resolve_manifest(desc: dict, fetch: Callable[[str], bytes], label: str) -> 
             raise SourceError(f"{label}: Docker schema 1 manifests are not supported; re-push the image "
                               f"with a current docker or skopeo")
         if mt in INDEX_TYPES or ("manifests" in doc and "layers" not in doc):
-            desc = _pick_platform([d for d in doc.get("manifests") or [] if isinstance(d, dict)], label)
+            desc = _pick_platform([d for d in _list(doc.get("manifests")) if isinstance(d, dict)], label)
             continue
         return digest, doc
     raise SourceError(f"{label}: image indexes nest too deep")
@@ -586,19 +614,25 @@ def _image_from_manifest(doc: dict, fetch: Callable[[str], bytes], open_blob: Ca
     cdesc = doc.get("config")
     if not isinstance(cdesc, dict):
         raise SourceError(f"{label}: image manifest has no config")
+    cmt = cdesc.get("mediaType") or CONFIG_TYPES[0]
+    if cmt not in CONFIG_TYPES:
+        raise SourceError(f"{label}: its config is {cmt!r}, not a container image's: an artifact (a Helm chart, a "
+                          f"signature...) cannot run")
     config = _json(fetch(_check_digest(cdesc.get("digest"), f"{label}: config")), f"{label}: image config")
     layers = []
-    for ldesc in doc.get("layers") or []:
+    for ldesc in _list(doc.get("layers")):
         if not isinstance(ldesc, dict):
             raise SourceError(f"{label}: bad layer descriptor {ldesc!r}")
         digest = _check_digest(ldesc.get("digest"), f"{label}: layer")
         mt = ldesc.get("mediaType") or MT_TAR
-        if "encrypted" in mt:
+        if "encrypted" in str(mt):
             raise SourceError(f"{label}: layer {digest} is encrypted ({mt}); decrypt the image first")
+        if not LAYER_TYPE_RE.match(str(mt)):
+            raise SourceError(f"{label}: layer {digest} is {mt!r}, not a tar layer of a container image")
         size = ldesc.get("size")
         layers.append(Layer(digest, size if isinstance(size, int) else None, mt,
                             functools.partial(open_blob, digest), label))
-    return ImageSource(ref=ref, config=_small_config(config), layers=layers)
+    return ImageSource(ref=ref, config=_small_config(config, label), layers=layers)
 
 
 # -- docker daemon -----------------------------------------------------------------------------------------
@@ -669,8 +703,8 @@ def _docker_image_id(client, name: str, label: str) -> str:
 COPY_REF = "thaw"  # the name of the one image in the temporary layout
 _FATAL_RE = re.compile(r'level=fatal msg="((?:[^"\\]|\\.)*)"')
 _REGISTRY_ERRORS = (  # (words in skopeo's message, what the user reads), first match wins
-    (("connection refused", "no such host", "i/o timeout", "network is unreachable", "connection reset",
-      "no route to host"), "registry {host} unreachable: {reason}; check the address and that the registry runs"),
+    (("connection refused", "no such host", "network is unreachable", "no route to host"),
+     "registry {host} unreachable: {reason}; check the address and that the registry runs"),
     (("x509", "tls:", "certificate"),
      "TLS with registry {host} failed ({reason}); for a plain-HTTP registry add it to THAW_INSECURE_REGISTRIES"),
     (("unauthorized", "denied", "authentication required", "invalid username/password", "forbidden"),
@@ -679,7 +713,9 @@ _REGISTRY_ERRORS = (  # (words in skopeo's message, what the user reads), first 
     (("manifest unknown", "name unknown", "not found"),
      "image not found in registry {host} ({reason}); check the repository and tag"),
 )
-_TRANSIENT = re.compile(r"\b(429|500|502|503|504)\b|toomanyrequests|service unavailable|bad gateway")
+# retried by the activity: a registry overloaded or restarting, or a network that dropped the pull half-way
+_TRANSIENT = re.compile(r"\b(429|500|502|503|504)\b|toomanyrequests|service unavailable|bad gateway|i/o timeout"
+                        r"|connection reset|unexpected eof")
 
 
 @dataclass(frozen=True)

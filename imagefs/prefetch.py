@@ -31,8 +31,14 @@ class PrefetchStats:
 
 
 def parse_profile(text: str | bytes) -> list[str]:
-    """Chunk digests of a recording (its JSON), in first-read order, each once."""
-    return list(dict.fromkeys(r[2] for r in json.loads(text)["reads"]))
+    """Chunk digests of a recording (its JSON), in first-read order, each once; ValueError if it is not one."""
+    try:
+        digests = [r[2] for r in json.loads(text)["reads"]]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"not an access recording ({type(e).__name__}: {e})") from None
+    if not all(isinstance(d, str) for d in digests):
+        raise ValueError("not an access recording (a chunk digest is not a string)")
+    return list(dict.fromkeys(digests))
 
 
 def load_profile(path) -> list[str]:

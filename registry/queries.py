@@ -25,14 +25,18 @@ def _pk(model: type[SQLModel]):
     return getattr(model, pk.name)
 
 
-def register(url: str, row: T) -> tuple[T, bool]:
-    """Insert ``row`` unless its primary key is already registered. Returns (row, created)."""
+def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None = None) -> tuple[T, bool]:
+    """Insert ``row`` unless its primary key is already registered. Returns (row, created). ``requires``
+    (model, key, message): NotFound(message) instead, when that row is not registered (checked in the same
+    transaction as the insert)."""
     model = type(row)
     key = getattr(row, _pk(model).key)
     with session(url) as s:
         existing = s.get(model, key)
         if existing:
             return existing, False
+        if requires and s.get(requires[0], requires[1]) is None:
+            raise NotFound(requires[2])
         s.add(row)
         try:
             s.commit()

@@ -8,11 +8,13 @@ from sqlmodel import select
 
 from . import queries
 from .db import session
-from .models import Deployment, Host, Replica, RestoreEvent, Snapshot, utcnow
+from .models import Deployment, Host, Image, Replica, RestoreEvent, Snapshot, utcnow
 
 
 def register(url: str, snap: Snapshot) -> tuple[Snapshot, bool]:
-    return queries.register(url, snap)
+    """NotFound when the snapshot's image is no longer registered (``thaw images rm`` during the build)."""
+    return queries.register(url, snap, (Image, snap.image_digest, f"image {snap.image_digest[:12]} was removed "
+                                        f"while its snapshot was built; nothing registered: build the image again"))
 
 
 def get(url: str, ref: str) -> Snapshot:

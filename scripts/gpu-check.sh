@@ -33,7 +33,8 @@ print(cu.cuInit(0)[0].name, cu.cuDeviceGetCount())' 2>&1 | tail -1)"
 done
 
 step real-driver tests
-[ -n "${SKIP_TESTS:-}" ] || timeout 240 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
+# step limits add up to under the device's 600 s per command: 200 + 60 + 280 + the facts
+[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
   -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
 
 step host-to-device copy and memory settings
@@ -43,8 +44,8 @@ grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
 step P6 benchmark: restores with and without huge pages, alternating
 IMAGES_IN=${IMAGES_IN:-/dev/shm/thaw-gpu-images}
 model=/tmp/bert-${HIDDEN:-2048}x${LAYERS:-24}
-timeout 90 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
-timeout 400 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir $model --runs ${RUNS:-3} --huge-pages off,on \
+timeout 60 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
+timeout 280 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir $model --runs ${RUNS:-3} --huge-pages off,on \
   --json "$OUT/p6.json" --images-in "$IMAGES_IN"
 echo "bench exit $?"
 grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat

@@ -104,7 +104,7 @@ def _uuid_str(raw: bytes) -> str:
 def _uuid_bytes(uuid: str) -> bytes:
     raw = bytes.fromhex(uuid.removeprefix("GPU-").replace("-", ""))
     if len(raw) != 16:
-        raise ValueError(f"not a GPU UUID: {uuid!r}")
+        raise CudaError(f"not a GPU UUID: {uuid!r} (MIG instances cannot be checkpointed)", code="BAD_UUID")
     return raw
 
 

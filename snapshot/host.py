@@ -13,9 +13,10 @@ import functools
 import json
 import logging
 import os
-import signal
-import threading
 import shutil
+import signal
+import subprocess
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from thaw.config import Config
+from thaw.files import write_atomic
 from thaw.imagefs import mount as imagefs_mount
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize_cached
@@ -81,9 +83,7 @@ def _starttime(pid: int) -> str | None:
 def write_record(path: Path, pid: int) -> None:
     """Name the replica process a directory belongs to, for :func:`clear` (pid + start time: never a reused pid).
     Written whole or not at all (a temporary file renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"pid": pid, "start": _starttime(pid)}))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"pid": pid, "start": _starttime(pid)}), durable=False)
 
 
 @dataclass
@@ -297,7 +297,7 @@ class HostSnapshots:
         try:
             return nvidia.for_host(self.cfg.work_dir / "gpu-driver", self.facts.get("nvidia_driver", "unknown"),
                                    self.facts.get("gpu_uuids", []))
-        except (nvidia.GpuAccessError, OSError) as e:
+        except (nvidia.GpuAccessError, OSError, subprocess.SubprocessError) as e:  # nvidia-modprobe timed out
             log.warning("host %s: replicas get no GPU: %s", self.cfg.host_id, e)
             return None
 
@@ -471,7 +471,7 @@ class HostSnapshots:
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": facts, "compat_key": compat.compat_key(facts, image_digest),
                   "timings_ms": st.ms}
-        done.write_text(json.dumps(result))
+        write_atomic(done, json.dumps(result))
         return result
 
     def _first_bad_chunk(self, digest: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -64,9 +65,7 @@ def cfg(tmp_path, temporal_address):
     c = _cfg(tmp_path, temporal_address)
     yield c
     leaked = sweep(c.state_dir)
-    if leaked:
-        import logging
-        logging.getLogger("tests").warning("killed %d leftover replica process(es): %s", len(leaked), leaked)
+    assert not leaked, f"the test left {len(leaked)} replica process(es) running (killed now): {leaked}"
 
 
 def _cfg(tmp_path, temporal_address) -> Config:
@@ -112,7 +111,73 @@ def worker(cfg):
     from thaw.runtime.worker import build_worker
 
     with running_worker(cfg, lambda client, ex: build_worker(client, cfg, ex)) as w:
-        yield w
+        try:
+            yield w
+        finally:
+            left = end_workflows(cfg)
+        assert not left, f"the test left workflows running (terminated now): {left}"
+
+
+def end_workflows(cfg, grace_s: float = 15.0) -> list[str]:
+    """Terminate the workflows still running on this test's task queue once ``grace_s`` has passed (say a pool
+    that a test failing half-way never undeployed: on the session's shared Temporal server it would take the
+    next test's deploy of the same name as an update, for a worker that is gone). Returns their ids."""
+    from temporalio.client import Client, WorkflowExecutionStatus
+
+    query = f'TaskQueue = "{cfg.build_task_queue}" AND ExecutionStatus = "Running"'
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+
+        async def running():  # the list may lag behind (a run that just ended): each is asked for itself
+            handles = [client.get_workflow_handle(w.id, run_id=w.run_id) async for w in client.list_workflows(query)]
+            return [h for h in handles if (await h.describe()).status == WorkflowExecutionStatus.RUNNING]
+
+        deadline = time.monotonic() + grace_s
+        while (left := await running()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)  # an undeployed pool ends on its own shortly
+        for h in left:
+            with contextlib.suppress(Exception):  # ended meanwhile
+                await h.terminate("test teardown")
+        return [h.id for h in left]
+
+    return asyncio.run(go())
+
+
+def undeploy(cfg, thaw_cli, name: str, ok: bool = True, timeout: float = 60):
+    """`thaw undeploy NAME`, then wait until its pool has ended (stopped the replicas, released the buffer),
+    while this test's agents still answer it."""
+    from temporalio.client import Client
+
+    from services import wait_until
+    from thaw.runtime import pool
+
+    async def running():
+        return await pool.running(await Client.connect(cfg.temporal_address), name)
+
+    res = thaw_cli("undeploy", name, ok=ok)
+    wait_until(lambda: not asyncio.run(running()), timeout, f"the pool of {name} to end")
+    return res
+
+
+def activity_attempts(cfg, workflow_id: str, activity: str | None = None) -> list[int]:
+    """The attempt number of every started activity task (of type ``activity``, if given) in a workflow's history."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import Client
+
+    async def go():
+        handle = (await Client.connect(cfg.temporal_address)).get_workflow_handle(workflow_id)
+        scheduled, attempts = {}, []
+        async for e in handle.fetch_history_events():
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+                scheduled[e.event_id] = e.activity_task_scheduled_event_attributes.activity_type.name
+            elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+                a = e.activity_task_started_event_attributes
+                if activity is None or scheduled.get(a.scheduled_event_id) == activity:
+                    attempts.append(a.attempt)
+        return attempts
+
+    return asyncio.run(go())
 
 
 @contextlib.contextmanager

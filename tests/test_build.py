@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import cfg_env
+from conftest import activity_attempts, cfg_env
 from tarutil import docker_archive, layer, member
 from test_ingest import make_fancy_tree, snapshot_stats
 from thaw.imagefs.store import ChunkStore
@@ -114,6 +114,11 @@ def test_user_errors_are_one_line(cfg, worker, thaw_cli, tmp_path):
     assert res.exit_code == 1 and "no image deadbeef" in res.output
     res = thaw_cli("images", "show", "xyz", ok=False)
     assert res.exit_code == 1 and "not an image digest" in res.output
+    (tmp_path / "src").mkdir()
+    (tmp_path / "config.json").write_text('{"Cmd": "python3 app.py"}')  # would run "p" with args "y", "t", ...
+    res = thaw_cli("build", "image", str(tmp_path / "src"), "--config", str(tmp_path / "config.json"), ok=False)
+    assert res.exit_code == 1 and "Cmd: want a list of strings" in res.output and res.output.count("\n") == 1
+    assert images.list_all(cfg.registry_url) == []
 
 
 def test_cli_says_when_temporal_is_down(tmp_path):
@@ -133,7 +138,6 @@ def _worker_proc(cfg) -> subprocess.Popen:
 
 def test_build_survives_a_killed_worker_and_registers_once(cfg, tmp_path):
     """SIGKILL the worker mid-ingest; the heartbeat times out, a fresh worker retries, one image results."""
-    from temporalio.api.enums.v1 import EventType
     from temporalio.client import Client
 
     from thaw.workflows.build_image import BuildImage, BuildImageInput
@@ -147,30 +151,30 @@ def test_build_survives_a_killed_worker_and_registers_once(cfg, tmp_path):
     async def go():
         client = await Client.connect(cfg.temporal_address)
         first = _worker_proc(cfg)
-        handle = await client.start_workflow(BuildImage.run, BuildImageInput(str(src), heartbeat_timeout_s=2),
-                                             id=f"kill-{uuid.uuid4().hex[:8]}", task_queue=cfg.build_task_queue)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # wait for ingest progress before killing
-            desc = await handle.describe()
-            if any(pa.heartbeat_details.payloads for pa in desc.raw_description.pending_activities):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            pytest.fail("ingest never reported progress")
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        try:
+            handle = await client.start_workflow(BuildImage.run, BuildImageInput(str(src), heartbeat_timeout_s=2),
+                                                 id=f"kill-{uuid.uuid4().hex[:8]}", task_queue=cfg.build_task_queue)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # wait for ingest progress before killing
+                desc = await handle.describe()
+                if any(pa.heartbeat_details.payloads for pa in desc.raw_description.pending_activities):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("ingest never reported progress")
+        finally:
+            os.kill(first.pid, signal.SIGKILL)  # on purpose, or because the test failed
+            first.wait()
         second = _worker_proc(cfg)
         try:
             result = await asyncio.wait_for(handle.result(), 120)
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(30)
-        attempts = [e.activity_task_started_event_attributes.attempt
-                    async for e in handle.fetch_history_events()
-                    if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
-        return result, attempts
+        return result, handle.id
 
-    result, attempts = asyncio.run(go())
+    result, wid = asyncio.run(go())
+    attempts = activity_attempts(cfg, wid, "ingest_image")
     assert max(attempts) >= 2, f"the ingest was never retried: {attempts}"
     assert len(images.list_all(cfg.registry_url)) == 1
     assert images.get(cfg.registry_url, result.digest).size == (6 << 30) + (1 << 20)

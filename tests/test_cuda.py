@@ -733,7 +733,7 @@ def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
     roots, restored = [], []
 
     def new_root():
-        roots.append(prepare_root([access.layer, Path("/")], tmp_path / "roots"))
+        roots.append(prepare_root([access.layer, Path("/")], layers / "roots"))  # upper dir off "/" (overlayfs?)
         return roots[-1].path
 
     def get(r):
@@ -744,7 +744,8 @@ def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
     try:
         uuids = [d["uuid"] for d in real_driver.devices()]
         access = nvidia.for_host(layers, "test", uuids)
-        assert access is not None and {"nvidiactl", "nvidia0"} <= {d.name for d in access.devices}, access
+        assert access is not None and "nvidiactl" in {d.name for d in access.devices}, access
+        assert any(nvidia.GPU_NODE.match(d.name) for d in access.devices), access  # nvidiaN: N need not be 0
         assert [u for u, _ in access.gpus] == uuids, access.gpus  # the driver names each GPU's node
         print(f"\ndevices {[d.arg() for d in access.devices]}; GPUs {access.gpus}; "
               f"layer {sorted(p.name for p in access.layer.rglob('*'))}")

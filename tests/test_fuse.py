@@ -364,22 +364,25 @@ def test_killed_daemon_leaves_a_dead_mount_that_is_cleared(image, tmp_path):
 
     mp = tmp_path / "mnt"
     h = mount(image.cfg, image.digest, mp)
-    os.kill(h.pid, signal.SIGKILL)
-    h._proc.wait(10)
-    assert is_mounted(mp)
-    with pytest.raises(OSError) as err:
-        os.statvfs(mp)
-    assert err.value.errno == errno.ENOTCONN
-    h2 = mount(image.cfg, image.digest, mp)  # clears the dead mount first
     try:
-        assert (mp / "secret").read_bytes() == b"s"
-        os.kill(h2.pid, signal.SIGKILL)
-        h2._proc.wait(10)
-        assert clear_stale(mp) is True
-        assert not is_mounted(mp)
-        assert clear_stale(mp) is False
+        os.kill(h.pid, signal.SIGKILL)
+        h._proc.wait(10)
+        assert is_mounted(mp)
+        with pytest.raises(OSError) as err:
+            os.statvfs(mp)
+        assert err.value.errno == errno.ENOTCONN
+        h2 = mount(image.cfg, image.digest, mp)  # clears the dead mount first
+        try:
+            assert (mp / "secret").read_bytes() == b"s"
+            os.kill(h2.pid, signal.SIGKILL)
+            h2._proc.wait(10)
+            assert clear_stale(mp) is True
+            assert not is_mounted(mp)
+            assert clear_stale(mp) is False
+        finally:
+            h2.unmount()
     finally:
-        h2.unmount()
+        clear_stale(mp)  # whatever failed above, no dead mount stays behind
     assert not is_mounted(mp)
 
 

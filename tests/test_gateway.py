@@ -429,12 +429,61 @@ def test_streams_chunked_responses_as_they_come():
     asyncio.run(main())
 
 
+def test_keda_scaler_reads_the_gateways_demand():
+    """``thaw gateway --keda-port``'s pairing: KEDA's scaler over a live gateway (GatewayDemand) sees a request
+    held at zero replicas as activity and counts it in its metric, then the replica that serves it."""
+    import grpc
+
+    from thaw.runtime.frontdoor import GatewayDemand
+    from thaw.runtime.keda import externalscaler_pb2 as pb
+    from thaw.runtime.keda import externalscaler_pb2_grpc as pb_grpc
+    from thaw.runtime.keda import serve as keda_serve
+
+    async def main():
+        backends = FakeBackends(start_delay=1.5)
+        async with stack(backends) as (gw, url, client):
+            server, port = keda_serve(GatewayDemand(gw), interval=0.05, registry=gw.registry)
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            stub = pb_grpc.ExternalScalerStub(channel)
+            ref = pb.ScaledObjectRef(name="so", namespace="default", scalerMetadata={"deployment": "demo"})
+            try:
+                assert (await stub.IsActive(ref, timeout=5)).result is False
+                held = asyncio.ensure_future(client.post(url, json={}))
+                active, values = False, []
+                for _ in range(20):  # well before the replica starts (1.5 s)
+                    active = (await stub.IsActive(ref, timeout=5)).result
+                    got = await stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref), timeout=5)
+                    values.append(got.metricValues[0].metricValue)
+                    if active and values[-1] >= 1:
+                        break
+                    await asyncio.sleep(0.05)
+                assert active and values[-1] >= 1 and not held.done(), values
+                resp = await held
+                assert resp.status == 200 and (await resp.json())["replica"] == "restored-0"
+                assert (await stub.IsActive(ref, timeout=5)).result is True  # a replica is wanted now
+                with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                    await stub.IsActive(pb.ScaledObjectRef(name="so", namespace="default",
+                                                           scalerMetadata={"deployment": "other"}), timeout=5)
+                assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+            finally:
+                await channel.close()
+                server.stop(None)
+    asyncio.run(main())
+
+
 def test_client_gone_while_held_leaves_the_queue():
     async def main():
         backends = FakeBackends()
         async with stack(backends) as (gw, url, client):
-            with pytest.raises(asyncio.TimeoutError):
-                await client.post(url, json={}, timeout=aiohttp.ClientTimeout(total=0.3))
+            held = asyncio.ensure_future(client.post(url, json={}))
+            for _ in range(40):
+                if gw.state()["queued"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert gw.state()["queued"] == 1, "the request is held at zero replicas"
+            held.cancel()  # the client goes away
+            with pytest.raises(asyncio.CancelledError):
+                await held
             for _ in range(40):
                 if gw.state()["queued"] == 0:
                     break

@@ -104,6 +104,13 @@ HOSTILE = {
                             "whiteout that names nothing"),
     "hardlink over its own dir": ([member("d", "dir"), member("d/f", data=b"x"), member("d", "hard", link="d/f")],
                                   "which holds its target"),
+    # each of these was a traceback (or a worker's memory blown) before: RecursionError, InvalidOperation, ...
+    "deep path": ([member("a/" * 300 + "f", data=b"x")], "301 levels deep"),
+    "huge pax header": ([member("n" * (2 << 20), data=b"x")], "a tar header of"),
+    "unreadable pax mtime": ([member("f", data=b"x", pax={"mtime": "abc"})], "unreadable mtime"),
+    "infinite pax mtime": ([member("f", data=b"x", pax={"mtime": "1e9999"})], "mtime out of range"),
+    "owner out of range": ([member("f", data=b"x", pax={"uid": str(1 << 40)})], "owner out of range"),
+    "device numbers out of range": ([member("dev/x", "chr", devmajor=5000)], "device numbers out of range"),
 }
 
 
@@ -140,6 +147,18 @@ def test_entry_count_limit(store):
     with pytest.raises(IngestError, match="more than 3 entries"):
         apply_layer(Tree(st, Limits(1 << 30, 1 << 30, 3)),
                      io.BytesIO(layer(*[member(f"f{i}", data=b"") for i in range(5)])), "layer 0")
+
+
+def test_member_count_limit_counts_whiteouts_and_heartbeats_on_them(store):
+    """Whiteouts add no entry and carry no data: a layer of nothing else is bounded by its member count, and
+    reports progress as it goes (a 30 s heartbeat timeout would otherwise kill a long one)."""
+    st = store.staging("whiteouts")
+    st.reset()
+    calls = []
+    tree = Tree(st, Limits(1 << 30, 1 << 30, 50), progress=calls.append)
+    with pytest.raises(IngestError, match="more than 50 members"):
+        apply_layer(tree, io.BytesIO(layer(*[member(f".wh.f{i}") for i in range(60)])), "layer 0")
+    assert len(calls) == 50 and len(tree.entries) == 1
 
 
 def test_devices_allowed_when_configured(store):

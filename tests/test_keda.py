@@ -129,6 +129,8 @@ def test_stream_is_active_transitions(scaler):
     source.demands["minilm"] = Demand(desired_replicas=0, queued=3, inflight=0, ready_replicas=0)
     assert got.get(timeout=5) is True
     source.demands["minilm"] = Demand(desired_replicas=0, queued=0, inflight=1, ready_replicas=1)  # still active
+    with pytest.raises(queue.Empty):  # several polls (every 0.05 s) see no flip: nothing is pushed
+        got.get(timeout=0.3)
     source.demands["minilm"] = IDLE
     assert got.get(timeout=5) is False
     source.demands["minilm"] = Demand(desired_replicas=1, queued=0, inflight=0, ready_replicas=0)

@@ -202,8 +202,6 @@ def test_replica_uses_the_layer_and_devices_across_checkpoint_and_restore(image,
     layers = tmp_path / "layers"  # a tmpfs: overlayfs refuses a lower layer inside another one (here "/")
     layers.mkdir()
     _linux.mount("tmpfs", layers, "tmpfs", 0, "size=16m,mode=755")
-    layer = build_layer(layers, "test", {"libz.so.1": libz}, [])  # copied: a hard link can't leave the tmpfs
-    access = GpuAccess(layer, (Device("thaw-test/node", 1, 7, 0o666),))  # /dev/full's numbers
     roots = []
 
     def new_root(with_layer=True):
@@ -211,6 +209,8 @@ def test_replica_uses_the_layer_and_devices_across_checkpoint_and_restore(image,
         return roots[-1].path
 
     try:
+        layer = build_layer(layers, "test", {"libz.so.1": libz}, [])  # copied: a hard link can't leave the tmpfs
+        access = GpuAccess(layer, (Device("thaw-test/node", 1, 7, 0o666),))  # /dev/full's numbers
         replica = launch(new_root(), [PYTHON, "-I", "-c", SERVER], access.env({"PATH": "/usr/bin:/bin"}), "/",
                          work / "nv-launch.log", devices=access.devices)
         try:

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from aiohttp import web
 
-from conftest import cfg_env, in_process_agent
+from conftest import cfg_env, in_process_agent, undeploy
 from services import wait_until
 from test_criu import needs_criu
 from test_snapshot import PORT, build_snapshot, image, image_config, rootfs  # noqa: F401  (fixtures)
@@ -130,7 +130,7 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
         assert "restored" in st
         status, body = api_call(url, "/v1/deployments/web", token)
         assert status == 200 and body["counts"]["restored"] == 9 and body["counts"]["stopped"] == 9
-        thaw_cli("undeploy", "web")
+        undeploy(cfg, thaw_cli, "web")
         wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
                    what="buffer released")
 
@@ -149,7 +149,7 @@ def test_buffer_hosts_are_warmed_before_any_restore(cfg, worker, agent, thaw_cli
         thaw_cli("scale", "warm", "1")
         (rep,) = wait_until(lambda: serving(cfg, "warm"), what="1 replica")
         assert rep.outcome == "restored"
-        thaw_cli("undeploy", "warm")
+        undeploy(cfg, thaw_cli, "warm")
         wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
                    what="buffer released")
 
@@ -165,14 +165,18 @@ def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cl
     with pytest.raises(urllib.error.HTTPError) as no_scheme:
         urllib.request.urlopen(req, timeout=10)
     assert no_scheme.value.code == 401
-    time.sleep(1)
-    assert serving(cfg, "api-dep") == [], "a refused call changed nothing"
+    st = json.loads(thaw_cli("status", "api-dep", "--json").output)  # a refused call never reached the pool
+    assert st["desired"] == 0 and st["last_signal"] is None and serving(cfg, "api-dep") == [], st
     assert api_call(url, "/v1/deployments/nope/scale", token, {"replicas": 1})[0] == 404
     for bad in ("x", "3", -1, 2.5, True, float("inf"), None):
         assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": bad})[0] == 400, bad
+    assert json.loads(thaw_cli("status", "api-dep", "--json").output)["last_signal"] is None
+    assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": 0})[0] == 202  # accepted: signalled
+    assert wait_until(lambda: json.loads(thaw_cli("status", "api-dep", "--json").output)["last_signal"],
+                      what="the accepted signal")["source"] == "api"
     with urllib.request.urlopen(url + "/metrics") as r:
         assert b'thaw_api_requests_total{code="401"' in r.read()
-    thaw_cli("undeploy", "api-dep")
+    undeploy(cfg, thaw_cli, "api-dep")
 
 
 def test_an_empty_or_short_api_token_is_refused(tmp_path):
@@ -211,7 +215,7 @@ def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg,
     assert "env        MODE  ports 8081" in out and all(f"{side}->{r.ports[side]}" in out for r in reps)
     res = thaw_cli("replicas", "stop", reps[0].id, ok=False)
     assert res.exit_code == 1 and "belongs to deployment 'side'" in res.output
-    thaw_cli("undeploy", "side")
+    undeploy(cfg, thaw_cli, "side")
     wait_until(lambda: serving(cfg, "side") == [], what="0 replicas")
     for r in reps:  # the extra listener went with the replica
         with pytest.raises(OSError):
@@ -227,7 +231,7 @@ def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg,
     (r,) = wait_until(lambda: serving(cfg, "side"), what="1 replica")
     assert r.outcome == "cold-boot" and r.ports is None
     assert answer(r.endpoint, "/env/MODE") == {"value": "cold", "port": PORT}, "the env, as plain env of the boot"
-    thaw_cli("undeploy", "side")
+    undeploy(cfg, thaw_cli, "side")
     wait_until(lambda: serving(cfg, "side") == [], what="0 replicas")
 
 
@@ -278,7 +282,7 @@ def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, th
         st = json.loads(thaw_cli("status", "phoenix", "--json").output)
         assert st["counts"]["gone"] == 1 and [r["id"] for r in st["replicas"]] == [new[0].id], st
     finally:
-        thaw_cli("undeploy", "phoenix", ok=False)
+        undeploy(cfg, thaw_cli, "phoenix", ok=False)
 
 
 def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
@@ -319,7 +323,7 @@ def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cl
         reps = wait_until(lambda: len(serving(cfg, "early")) == 2 and serving(cfg, "early"), what="2 replicas")
         assert all(answer(r.endpoint)["digest"] for r in reps)
     finally:
-        thaw_cli("undeploy", "early", ok=False)
+        undeploy(cfg, thaw_cli, "early", ok=False)
 
 
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
@@ -345,7 +349,7 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        thaw_cli("undeploy", "ha", ok=False)
+        undeploy(cfg, thaw_cli, "ha", ok=False)
         release_dead_host(cfg, "victim")
 
 
@@ -386,11 +390,14 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
         assert rep.host_id == cfg.host_id, "the replacement runs on the surviving host"
         st = gw.gateway.state()
         assert st["ready"] == 1
+        # the victim died before its restore finished: it recorded none, and the pool counted a failed start
+        assert [e.host_id for e in snapshots.restores(cfg.registry_url, snap) if e.deployment == "gw"] == [cfg.host_id]
+        assert json.loads(thaw_cli("status", "gw", "--json").output)["counts"].get("failed", 0) >= 1
     finally:
         if gw:
             gw.stop()
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        thaw_cli("undeploy", "gw", ok=False)
+        undeploy(cfg, thaw_cli, "gw", ok=False)
         release_dead_host(cfg, "victim")

@@ -34,6 +34,25 @@ def test_sqlite_registry(tmp_path):
     _exercise(f"sqlite:///{tmp_path / 'reg.db'}")
 
 
+def test_a_snapshot_of_an_image_removed_during_its_build_is_not_registered(tmp_path):
+    """`thaw images rm` while a snapshot of the image builds: the image's chunks may go with the next `thaw gc`,
+    so a snapshot registered against it could never be restored or cold-booted. Registering it fails instead."""
+    from thaw.registry import snapshots
+    from thaw.registry.models import Snapshot
+
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    img = images.register(url, _image("e" * 64))[0]
+    snap = dict(image_digest=img.digest, compat_key="k", golden_digest="g", size=1, files=1, new_bytes=1)
+    assert snapshots.register(url, Snapshot(digest="1" * 64, **snap))[1]
+    with pytest.raises(images.InUse):
+        images.remove(url, img.digest)  # while a snapshot of it is registered
+    snapshots.remove(url, "1" * 64, lambda name: False)
+    images.remove(url, img.digest)  # the build of a second snapshot is under way now
+    with pytest.raises(images.NotFound, match="was removed while its snapshot was built"):
+        snapshots.register(url, Snapshot(digest="2" * 64, **snap))
+    assert snapshots.list_all(url) == []
+
+
 @pytest.fixture(scope="module")
 def postgres_url():
     if not shutil.which("pg_ctlcluster"):
@@ -47,10 +66,10 @@ def postgres_url():
         subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=True)
     db, pw = f"thaw_test_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     psql = ["runuser", "-u", "postgres", "--", "psql", "-q", "-v", "ON_ERROR_STOP=1", "-c"]
-    subprocess.run([*psql, f"CREATE ROLE {db} LOGIN PASSWORD '{pw}'"], check=True)
-    subprocess.run([*psql, f"CREATE DATABASE {db} OWNER {db}"], check=True)
     port = line[2]
     try:
+        subprocess.run([*psql, f"CREATE ROLE {db} LOGIN PASSWORD '{pw}'"], check=True)
+        subprocess.run([*psql, f"CREATE DATABASE {db} OWNER {db}"], check=True)
         yield f"postgresql+psycopg://{db}:{pw}@127.0.0.1:{port}/{db}"
     finally:
         from thaw.registry.db import engine
@@ -86,6 +105,7 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     old_driver = {**cpu, **facts_from(["NVIDIA H200"], ["GPU-2"], "570.86.15", 12080)}
     for host, facts in (("cpu-a", cpu), ("gpu-old", old_driver), ("gpu-a", h200), ("gpu-b", h200)):
         snapshots.upsert_host(url, host, f"q-{host}", facts, None, capacity=1)
+    images.register(url, _image("i" * 64))
     for digest, facts in (("a" * 64, h200), ("c" * 64, cpu)):
         snapshots.register(url, Snapshot(digest=digest, image_digest="i" * 64, compat_key=compat.compat_key(facts, "i"),
                                          host_facts=facts, golden_digest="x", size=1, files=1, new_bytes=0))

@@ -9,8 +9,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from test_registry import _image
 from thaw.config import Config
-from thaw.registry import snapshots
+from thaw.registry import images, snapshots
 from thaw.registry.models import RestoreEvent, Snapshot
 from thaw.runtime import simulate as sim
 from thaw.runtime.simulate import Autoscaler, Policy, Request, Timings, Trace
@@ -311,9 +312,11 @@ def test_static_sizing_meets_target():
     assert fewer.delay_p99_s > 1.0
 
 
-def _snapshot(timings: dict) -> Snapshot:
-    return Snapshot(digest=uuid.uuid4().hex * 2, image_digest="ab" * 32, compat_key="k", golden_digest="g",
-                    size=1, files=1, new_bytes=1, timings_ms=timings)
+def _register(url: str, timings: dict) -> Snapshot:
+    """A snapshot of one image (registered first: a snapshot needs its image) with these build timings."""
+    images.register(url, _image("ab" * 32))
+    return snapshots.register(url, Snapshot(digest=uuid.uuid4().hex * 2, image_digest="ab" * 32, compat_key="k",
+                                            golden_digest="g", size=1, files=1, new_bytes=1, timings_ms=timings))[0]
 
 
 def _event(digest: str, outcome: str, total_ms: int) -> RestoreEvent:
@@ -325,9 +328,9 @@ def test_measured_timings_from_registry(tmp_path):
     url = f"sqlite:///{tmp_path / 'reg.db'}"
     assert sim.measured_timings(url)["restore_s"] is None  # no registry file: nothing, and none created
     assert not (tmp_path / "reg.db").exists()
-    s1, _ = snapshots.register(url, _snapshot({"root": 100, "cold_boot": 3000, "golden": 40, "dump": 900}))
-    snapshots.register(url, _snapshot({"root": 0, "cold_boot": 5000, "golden": 60}))
-    snapshots.register(url, _snapshot({"root": 0, "cold_boot": 2000, "golden": 0}))
+    s1 = _register(url, {"root": 100, "cold_boot": 3000, "golden": 40, "dump": 900})
+    _register(url, {"root": 0, "cold_boot": 5000, "golden": 60})
+    _register(url, {"root": 0, "cold_boot": 2000, "golden": 0})
     for ms in (200, 400, 250):
         snapshots.record_restore(url, _event(s1.digest, "restored", ms))
     m = sim.measured_timings(url)
@@ -350,7 +353,7 @@ def _cli():
 def test_cli_end_to_end(tmp_path):
     cfg = Config(state_dir=tmp_path / "state")
     url = cfg.registry_url
-    s, _ = snapshots.register(url, _snapshot({"root": 0, "cold_boot": 30000, "golden": 0}))
+    s = _register(url, {"root": 0, "cold_boot": 30000, "golden": 0})
     for ms in (1500, 1000, 2000):
         snapshots.record_restore(url, _event(s.digest, "restored", ms))
     trace = tmp_path / "trace.csv"

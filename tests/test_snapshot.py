@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cfg_env
+from conftest import activity_attempts, cfg_env, undeploy
 from services import wait_until
 from pyroot import python_rootfs
 from s3server import s3server  # noqa: F401  (pytest fixture)
@@ -169,9 +169,11 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
     locked = [line.split()[3] for line in open("/proc/self/maps") if f"{files}/pages-" in line]
     assert locked == [f"{os.major(dev):02x}:{os.minor(dev):02x}"], "the pages locked are the new mount's"
 
-    # a second build of the same image + spec stores no new bytes
+    # a second build of the same image + spec checkpoints a new process (its STATE is drawn anew), so it
+    # registers a second snapshot next to the first instead of overwriting or reusing it
     again = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY")
-    assert again["digest"] != snap["digest"] or not again["created"]
+    assert again["created"] and again["digest"] != snap["digest"], again
+    assert {s.digest for s in snapshots.list_all(cfg.registry_url, image)} >= {snap["digest"], again["digest"]}
 
 
 def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli, image, tmp_path):
@@ -224,9 +226,7 @@ def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, th
     that are old enough, never while a build runs; what stays registered still exports byte for byte."""
     import asyncio
 
-    from temporalio.client import Client, WorkflowExecutionStatus
-
-    from thaw.runtime import pool
+    from temporalio.client import Client
 
     snap = build_snapshot(thaw_cli, image, tmp_path)
     store = ChunkStore.open(cfg)
@@ -242,12 +242,7 @@ def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, th
     fails("images", "rm", image, want=f"has 1 snapshot(s) ({snap['digest'][:12]})")
     thaw_cli("deploy", "web", "--snapshot", snap["digest"], "--min", "0", "--buffer", "0")
     fails("snapshots", "rm", snap["digest"], want="is deployed as 'web': `thaw undeploy web` first")
-    thaw_cli("undeploy", "web")
-
-    async def pool_status():
-        c = await Client.connect(cfg.temporal_address)
-        return (await c.get_workflow_handle(pool.workflow_id("web")).describe()).status
-    wait_until(lambda: asyncio.run(pool_status()) != WorkflowExecutionStatus.RUNNING, 30, "the pool ended")
+    undeploy(cfg, thaw_cli, "web")
     out = thaw_cli("snapshots", "rm", snap["digest"]).output
     assert "removed with its ended deployment(s) web" in out
     assert snapshots.list_all(cfg.registry_url) == [] and snapshots.restores(cfg.registry_url, snap["digest"]) == []
@@ -370,7 +365,7 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
     assert cfg.heartbeat_timeout < 8
     img = json.loads(thaw_cli("build", "image", str(rootfs), "--config",
                               str(image_config(tmp_path, SLOW_START="8")), "--json").output)["digest"]
-    agent = _agent_proc(cfg)
+    agent, build = _agent_proc(cfg), None
     try:
         ready = cfg.run_dir / "agent.ready"
         deadline = time.monotonic() + 60
@@ -394,7 +389,12 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         res = json.loads(out)
         assert res["created"]
         assert [s.digest for s in snapshots.list_all(cfg.registry_url)] == [res["digest"]]
+        attempts = activity_attempts(cfg, res["workflow_id"], "checkpoint_model")
+        assert max(attempts) >= 2, f"the launch was not retried after the agent died: {attempts}"
     finally:
+        if build is not None and build.poll() is None:
+            build.kill()
+            build.communicate()
         os.killpg(agent.pid, signal.SIGTERM)
         agent.wait(60)
 

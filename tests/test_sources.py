@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import activity_attempts
 from services import (  # noqa: F401  (fixtures)
     APP_IMAGE, CONTAINER_PATHS, app_archive, app_context, app_export, app_image, base_image, docker_env, dockerd,
     free_port, hardlink_groups, registry, skopeo_copy, token_registry, tree_snapshot, umoci_unpack,
@@ -37,8 +38,10 @@ APP_CONFIG = {"Cmd": ["/bin/sh", "-c", "cat /app/cfg.txt"], "WorkingDir": "/app"
 
 # -- helpers -----------------------------------------------------------------------------------------------
 def oci_layout(root: Path, layers: list[bytes], config: dict | None = None, ref: str = "v1",
-               compress: str = "gzip") -> Path:
-    """Write an OCI image layout by hand (no tools): gzip or plain layers, one image named ``ref``."""
+               compress: str = "gzip", layer_type: str | None = None, config_type: str | None = None,
+               annotations=None) -> Path:
+    """Write an OCI image layout by hand (no tools): gzip or plain layers, one image named ``ref``
+    (``compress="gzipped"``: ``layers`` are gzip blobs already, stored as they are)."""
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -47,15 +50,17 @@ def oci_layout(root: Path, layers: list[bytes], config: dict | None = None, ref:
         (blobs / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
-    descs = [put(gzip.compress(l, mtime=0), oci.MT_TAR + "+gzip") if compress == "gzip" else put(l, oci.MT_TAR)
+    gz = {"gzip": lambda l: gzip.compress(l, mtime=0), "gzipped": lambda l: l}.get(compress)
+    descs = [put(gz(l), layer_type or oci.MT_TAR + "+gzip") if gz else put(l, layer_type or oci.MT_TAR)
              for l in layers]
     arch = oci._host_platform()[0]
     cfg = {"architecture": arch, "os": "linux", "config": config or {},
            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(l).hexdigest()}" for l in layers]}}
     manifest = {"schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
-                "config": put(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json"), "layers": descs}
+                "config": put(json.dumps(cfg).encode(), config_type or "application/vnd.oci.image.config.v1+json"),
+                "layers": descs}
     mdesc = put(json.dumps(manifest).encode(), oci.MT_OCI_MANIFEST)
-    mdesc["annotations"] = {oci.REF_NAME: ref}
+    mdesc["annotations"] = {oci.REF_NAME: ref} if annotations is None else annotations
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [mdesc]}))
     (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return root
@@ -230,6 +235,32 @@ def test_open_errors_name_the_input(tmp_path, monkeypatch):
 
 
 # -- layer streams (no docker) --------------------------------------------------------------------------------
+@pytest.mark.parametrize("case, layout, message", [
+    ("Cmd a string", dict(config={"Cmd": "python app.py"}), "bad image config: Cmd: want a list of strings"),
+    ("Env not NAME=VALUE", dict(config={"Env": ["A=1", "B"]}), "Env: want NAME=VALUE strings, got 'B'"),
+    ("Env a number", dict(config={"Env": 5}), "Env: want a list of strings, got 5"),
+    ("Labels a list", dict(config={"Labels": ["a"]}), "Labels: want a JSON object"),
+    ("Helm chart", dict(config_type="application/vnd.cncf.helm.config.v1+json"), "an artifact"),
+    ("artifact layer", dict(layer_type="application/vnd.cncf.helm.chart.content.v1.tar+gzip"),
+     "not a tar layer of a container image"),
+    ("annotations a list", dict(annotations=["x"]), "no image named 'v1' in the layout (has: none)"),
+])
+def test_a_layout_that_is_not_a_runnable_image_is_a_source_error(tmp_path, case, layout, message):
+    """Each was registered (and failed at snapshot time, or ran "p" with arguments "y", "t", ...) or was a
+    traceback before."""
+    path = oci_layout(tmp_path / "layout", [layer(member("f", data=b"x"))], **layout)
+    with pytest.raises(SourceError) as e:
+        library_ingest(f"oci:{path}:v1", tmp_path / "store")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_json_nested_too_deep_is_a_source_error(tmp_path):
+    path = oci_layout(tmp_path / "layout", [layer(member("f", data=b"x"))])
+    (path / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SourceError, match="index.json: JSON nested too deep"):
+        library_ingest(str(path), tmp_path / "store")
+
+
 @pytest.mark.parametrize("compress", ["gzip", "plain"])
 def test_oci_layout_layers_are_verified_and_applied(tmp_path, compress):
     payload = os.urandom(1_500_000)
@@ -274,11 +305,33 @@ def test_damaged_layer_blob_is_a_source_error(tmp_path, compress, damage, messag
     assert message in str(e.value) and str(layout) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("damage", ["crc", "length", "body"])
+def test_a_gzip_layer_published_damaged_is_a_source_error(tmp_path, damage):
+    """The blob's digest matches (it was computed over the damaged bytes), so only gzip's own checks can tell:
+    its CRC and length trail the data, after the tar's end, where a tar reader never looks."""
+    payload = os.urandom(300_000)
+    blob = bytearray(gzip.compress(layer(member("f", data=payload)), mtime=0))
+    if damage == "crc":
+        blob[-8:-4] = bytes(4)
+    elif damage == "length":
+        blob[-4:] = bytes(4)
+    else:
+        blob[len(blob) // 2] ^= 0x01  # in the deflate data: the tar may still parse, the file's bytes differ
+    layout = oci_layout(tmp_path / "layout", [bytes(blob)], compress="gzipped")
+    with pytest.raises(SourceError, match="corrupt gzip data") as e:
+        library_ingest(str(layout), tmp_path / "store")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("fatal, kind, message", [
     ('received unexpected HTTP status: 503 Service Unavailable', RuntimeError, "registry r.example:5000 failed"),
     ('pinging container registry r.example:5000: Get \\"https://r.example:5000/v2/\\": x509: certificate signed by '
      'unknown authority', SourceError, "TLS with registry r.example:5000 failed (certificate signed by unknown "
      "authority); for a plain-HTTP registry add it to THAW_INSECURE_REGISTRIES"),
+    ('reading blob sha256:aa: Get \\"http://r.example:5000/v2/app/blobs/sha256:aa\\": read tcp 127.0.0.1:4->'
+     '127.0.0.1:5000: read: connection reset by peer', RuntimeError, "registry r.example:5000 failed"),
+    ('pinging container registry r.example:5000: Get \\"http://r.example:5000/v2/\\": dial tcp: i/o timeout',
+     RuntimeError, "registry r.example:5000 failed"),
     ('writing blob: happened during read: Digest did not match, expected sha256:aa, got sha256:bb', SourceError,
      "a blob does not match its digest (Digest did not match, expected sha256:aa, got sha256:bb); the image is "
      "corrupt or was tampered with"),
@@ -446,18 +499,6 @@ def test_silent_build_step_longer_than_the_heartbeat_timeout(cfg, worker, thaw_c
     res = build(thaw_cli, f"dockerfile:{tmp_path / 'ctx'}")
     assert (materialized(cfg, res["digest"], tmp_path / "out") / "slow").exists()
     assert set(activity_attempts(cfg, res["workflow_id"])) == {1}  # ingest was not timed out and retried
-
-
-def activity_attempts(cfg, workflow_id: str) -> list[int]:
-    from temporalio.api.enums.v1 import EventType
-    from temporalio.client import Client
-
-    async def go():
-        handle = (await Client.connect(cfg.temporal_address)).get_workflow_handle(workflow_id)
-        return [e.activity_task_started_event_attributes.attempt async for e in handle.fetch_history_events()
-                if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
-
-    return asyncio.run(go())
 
 
 # -- registries ------------------------------------------------------------------------------------------------

@@ -62,7 +62,10 @@ def test_up_refuses_a_port_taken_by_someone_else(tmp_path):
         s.listen()
         env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"),
                "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{s.getsockname()[1]}", "THAW_TEMPORAL_UI_PORT": str(free_port())}
-        res = thaw(env, "up", check=False)
+        try:
+            res = thaw(env, "up", check=False)
+        finally:
+            thaw(env, "down", check=False)  # if the refusal ever regresses, nothing it started keeps running
     assert res.returncode == 1 and "already in use" in res.stderr
 
 

@@ -94,6 +94,10 @@ def test_atomic_write_leaves_no_partial_file(store, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     d = digest_of(b"never visible")
     assert not store.has_chunk(d)
+    assert not any(store.local.tmp.iterdir())  # the temporary copy went with the failed write
+    assert not [p for p in store.local.root.rglob("*") if p.is_file()]  # and nothing else was left
+    store.put_chunk(b"never visible")  # a retry stores it
+    assert store.get_chunk(d) == b"never visible"
 
 
 def test_bad_staging_id_rejected(store):

@@ -8,9 +8,9 @@ import logging
 import random
 import subprocess
 import sys
-import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -18,7 +18,7 @@ from s3server import new_bucket, s3server, s3server_own  # noqa: F401  (pytest f
 from test_ingest import make_fancy_tree, snapshot_stats
 from thaw.config import Config
 from thaw.imagefs.ingest import Limits, ingest_and_commit
-from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.manifest import DIR, Entry, ImageManifest
 from thaw.imagefs.materialize import materialize
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import ChunkStore, CorruptObject, LocalDirTier, StoreError, StoreUnavailable, digest_of
@@ -63,9 +63,8 @@ def test_memory_tier_stays_bounded_under_threads():
             else:
                 m.get(k)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))  # re-raises a thread's exception here
     count, size = m.usage()
     assert size <= 64 * 1024 and size == sum(len(v) for v in m._objects.values()) and count == len(m._objects)
 
@@ -114,6 +113,7 @@ def test_disk_cache_stays_bounded_under_threads(tmp_path):
 
     def work(seed):
         rnd = random.Random(seed)
+        hits = 0
         for _ in range(300):
             d = rnd.choice(blobs)
             k = ckey(digest_of(d))
@@ -121,10 +121,12 @@ def test_disk_cache_stays_bounded_under_threads(tmp_path):
             assert got is None or got == d
             if got is None:
                 tier.put(k, d)
+            hits += got is not None
+        return hits
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    with ThreadPoolExecutor(6) as pool:
+        hits = sum(pool.map(work, range(6)))  # re-raises a thread's failed check here
+    assert hits > 0  # the threads did read cached data back
     on_disk = sum(p.stat().st_size for p in (tmp_path / "cache" / "chunks").rglob("*") if p.is_file())
     assert on_disk <= 50_000 + 1200 and tier.cached_bytes() == on_disk
     assert not any((tmp_path / "cache" / "tmp").iterdir())
@@ -368,6 +370,7 @@ from thaw.config import Config
 from thaw.imagefs.store import ChunkStore, digest_of
 cfg, digests, go = Config(**json.loads(sys.argv[1])), json.loads(sys.argv[2]), Path(sys.argv[3])
 store = ChunkStore.open(cfg)
+Path(sys.argv[4]).touch()  # ready
 while not go.exists():
     time.sleep(0.002)
 assert all(digest_of(store.get_chunk(d)) == d for d in digests)
@@ -383,9 +386,13 @@ def test_processes_of_a_host_fetch_each_chunk_from_s3_once(s3server, tmp_path):
     digests = [writer.put_chunk(blob(MiB, 300 + i))[0] for i in range(24)]
     reader = s3cfg(tmp_path, s3server, "reader", bucket)
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", FETCHER, reader.model_dump_json(), json.dumps(digests), str(go)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    time.sleep(1.5)  # both started and waiting
+    ready = [tmp_path / f"ready-{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", FETCHER, reader.model_dump_json(), json.dumps(digests), str(go),
+                               str(r)], stdout=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready):  # both started, opened the store and are waiting
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a fetcher did not start"
+        time.sleep(0.01)
     go.touch()
     gets = [int(p.communicate(timeout=120)[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
@@ -434,3 +441,35 @@ def test_s3_down_is_a_bounded_error_and_reads_recover(s3server_own, tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and s3server_own.endpoint in msg and "no answer" in msg, msg
     assert reader.get_chunk(d) == data  # the server is back: the same store works again
+
+
+def test_chunks_on_disk_are_read_while_s3_fetches_hang(s3server_own, tmp_path):
+    """The mount daemon's reads with S3 frozen: fetches of chunks only S3 has give up at the daemon's timeout,
+    but their threads stay stuck until S3 answers. Reads of chunks on the host's disk must not wait for those
+    threads' slots (they did: every read failed until S3 came back)."""
+    import trio
+
+    from thaw.imagefs.fuse import ImageFS, _ReadError
+
+    bucket = new_bucket()
+    settings = s3server_own.settings(bucket, s3_timeout_s=5, s3_max_attempts=2)
+    writer = ChunkStore.open(Config(state_dir=tmp_path / "w", chunk_size=MiB, **settings))
+    remote = [writer.put_chunk(blob(1000, 900 + i))[0] for i in range(2)]
+    reader = ChunkStore.open(Config(state_dir=tmp_path / "r", chunk_size=MiB, **settings))
+    local_data = blob(1000, 999)
+    local, _ = reader.put_chunk(local_data)  # on the reader's disk (and in S3)
+    reader.durable.ensure_bucket()
+    root = ImageManifest([Entry(path="", type=DIR, mode=0o755)])  # the chunks are asked for by digest
+    fs = ImageFS(reader, root, fetch_timeout=1.0, fetch_threads=2, readahead_bytes=0)
+
+    async def reads():
+        for d in remote:  # both remote slots now held by threads waiting on the frozen S3
+            with pytest.raises(_ReadError, match="no answer from the store within 1 s"):
+                await fs._chunk(d, 1000)
+        t0 = time.monotonic()
+        got = await fs._chunk(local, 1000)
+        return got, time.monotonic() - t0
+
+    with s3server_own.paused():
+        got, took = trio.run(reads)
+    assert got == local_data and took < 0.5, took

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import config as config_mod
+from .files import write_atomic
 
 PATH_PREFIXES = ("dir:", "docker-archive:", "oci-archive:", "oci:", "dockerfile:")
 
@@ -248,6 +249,7 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
     SOURCE: a directory, docker-archive tar, OCI layout (dir or tar), registry reference
     (host:port/repo:tag or docker://...), docker-daemon:NAME, or dockerfile:CONTEXT_DIR.
     """
+    from thaw.imagefs.manifest import config_errors
     from thaw.workflows.build_image import BuildImage, BuildImageInput
 
     config = None
@@ -256,7 +258,10 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
             config = json.loads(Path(config_file).read_text())
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as e:
+            bad = config_errors(config)
+            if bad:
+                raise ValueError("; ".join(bad))
+        except (ValueError, RecursionError) as e:
             _fail(f"--config {config_file}: not a JSON object of image config keys ({e})")
 
     wid, run_id, url, res = _run_workflow(
@@ -642,8 +647,6 @@ def secrets():
 @click.pass_obj
 def secrets_set(cfg, name, value):
     """Set secret NAME (value from --value or stdin) for the agents on this state dir."""
-    import os
-
     if value is None:
         value = sys.stdin.read().rstrip("\n")
     path = cfg.secrets_file
@@ -653,11 +656,7 @@ def secrets_set(cfg, name, value):
     except ValueError as e:
         _fail(str(e))
     data[name] = value
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data), mode=0o600)
     click.echo(f"secret {name} set ({len(value)} characters)")
 
 

@@ -17,6 +17,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .files import write_atomic
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -167,11 +169,8 @@ def save_settings(state_dir: Path, **values) -> Path:
     current = tomllib.loads(path.read_text()) if path.is_file() else {}
     current.update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold credentials
-    with os.fdopen(fd, "w") as f:
-        f.writelines(f"{k} = {json.dumps(v)}\n" for k, v in sorted(current.items()))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(current.items())),
+                 mode=0o600)  # may hold credentials
     return path
 
 

@@ -1,0 +1,28 @@
+"""Small files written whole or not at all: records, results and settings a later process trusts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: Path | str, data: str | bytes, mode: int = 0o644, durable: bool = True) -> Path:
+    """Write ``data`` to a temporary file beside ``path`` (created with ``mode``), then rename it over ``path``:
+    a reader sees the old content or the new, never an empty or torn file. ``durable`` flushes it to disk
+    first, so that holds after a power loss too (records of live processes, gone with the power, skip it).
+    Returns ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
