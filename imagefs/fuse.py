@@ -440,6 +440,10 @@ class _ReadError(Exception):
     pass
 
 
+def _ignore(sig, frame) -> None:
+    pass
+
+
 MOUNT_OPTIONS = ("fsname=thaw", "ro", "allow_other", "default_permissions", "suid", "dev")
 
 
@@ -448,10 +452,13 @@ async def serve(fs: ImageFS, *, max_tasks: int = 64, handle_signals: bool = True
 
     ``on_ready()`` runs once the kernel's FUSE_INIT was answered: settings the kernel fixes at INIT (the bdi's
     read-ahead) can be changed from then on. SIGUSR1 writes the access recording. Signals blocked by the
-    caller (to close the window between mount and this loop) are unblocked once the receiver is installed, and
-    blocked again when the loop ends: the caller unmounts and writes the recording without being killed by a
-    second signal (the mount daemon then ends with ``os._exit``)."""
+    caller (to close the window between mount and this loop) are unblocked once the receiver is installed.
+    Once the loop has ended they are ignored: a second one must not kill the caller while it unmounts and
+    writes the recording (the mount daemon then ends with ``os._exit``)."""
     sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+    if handle_signals:
+        for sig in sigs:  # what the receiver puts back when it closes (a handler, unlike SIG_IGN, keeps a
+            signal.signal(sig, _ignore)  # pending blocked signal for the receiver), in whichever thread it lands
 
     async def on_signals(task_status=trio.TASK_STATUS_IGNORED):
         with trio.open_signal_receiver(*sigs) as received:
@@ -486,8 +493,6 @@ async def serve(fs: ImageFS, *, max_tasks: int = 64, handle_signals: bool = True
         try:
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         finally:
-            if handle_signals:  # blocked again before the receiver closes (restoring the default actions): a
-                signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # signal during the caller's clean-up waits
             fs._nursery = None
             fs.cancel_fetches()
             nursery.cancel_scope.cancel()

@@ -27,16 +27,20 @@ def _pk(model: type[SQLModel]):
 
 def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None = None) -> tuple[T, bool]:
     """Insert ``row`` unless its primary key is already registered. Returns (row, created). ``requires``
-    (model, key, message): NotFound(message) instead, when that row is not registered (checked in the same
-    transaction as the insert)."""
+    (model, key, message): NotFound(message) instead, when that row is not registered; on PostgreSQL the row
+    is locked (FOR SHARE) until the insert commits, so a delete that locks it first (:func:`images.remove`)
+    either finishes before, or sees the new row. SQLite has no row locks: there the two can still cross within
+    the milliseconds between check and insert."""
     model = type(row)
     key = getattr(row, _pk(model).key)
     with session(url) as s:
         existing = s.get(model, key)
         if existing:
             return existing, False
-        if requires and s.get(requires[0], requires[1]) is None:
-            raise NotFound(requires[2])
+        if requires:
+            need = requires[0]
+            if s.exec(select(need).where(_pk(need) == requires[1]).with_for_update(read=True)).first() is None:
+                raise NotFound(requires[2])
         s.add(row)
         try:
             s.commit()

@@ -102,7 +102,10 @@ def _uuid_str(raw: bytes) -> str:
 
 
 def _uuid_bytes(uuid: str) -> bytes:
-    raw = bytes.fromhex(uuid.removeprefix("GPU-").replace("-", ""))
+    try:
+        raw = bytes.fromhex(uuid.removeprefix("GPU-").replace("-", ""))
+    except ValueError:
+        raw = b""
     if len(raw) != 16:
         raise CudaError(f"not a GPU UUID: {uuid!r} (MIG instances cannot be checkpointed)", code="BAD_UUID")
     return raw

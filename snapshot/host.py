@@ -342,9 +342,21 @@ class HostSnapshots:
         with self._gpu_lock:
             return [self._gpu_load.get(i, 0) for i in range(len(self.gpu.gpus if self.gpu else ()))]
 
-    def _running(self, rid: str, replica: criu.Replica, root: criu.Root, port: int, work: Path,
-                 slot: int | None) -> Running:
-        return Running(rid, replica, root, port, work / RECORD, on_stop=functools.partial(self.give_gpu, slot))
+    def _own(self, rid: str, start: Callable[[], criu.Replica], root: criu.Root, port: int, work: Path,
+             slot: int | None) -> tuple[criu.Replica, Running]:
+        """Start a replica process on ``root`` (a restore or a launch) and record it as this host's. If either
+        fails, nothing stays: not the process (nobody would own it), its GPU loan or its root."""
+        replica = None
+        try:
+            replica = start()
+            return replica, Running(rid, replica, root, port, work / RECORD,
+                                    on_stop=functools.partial(self.give_gpu, slot))
+        except BaseException:
+            if replica is not None:
+                replica.stop()
+            self.give_gpu(slot)
+            root.cleanup()
+            raise
 
     def close(self) -> None:
         """Unpin and unmount this host's image and snapshot trees (stop the replicas on them first)."""
@@ -544,8 +556,8 @@ class HostSnapshots:
         root = self._root(lower, work / "rw")
         slot = self.take_gpu(snap["host_facts"])
         st.mark("root")
-        replica = None
-        try:
+
+        def start() -> criu.Replica:
             beat("criu")
             try:
                 huge = use_huge_pages(self.cfg.restore_huge_pages, snap["host_facts"])
@@ -557,14 +569,13 @@ class HostSnapshots:
                     raise SnapshotError(f"{failed} (then: {e})") from None
                 raise
             st.mark("criu")
-            running = self._running(rid, replica, root, spec["port"], work, slot)
+            return replica
+
+        try:
+            replica, running = self._own(rid, start, root, spec["port"], work, slot)
         except BaseException:
             if fetch:
                 fetch.cancel()
-            if replica is not None:  # restored, but its record could not be written: nobody would own it
-                replica.stop()
-            self.give_gpu(slot)
-            root.cleanup()
             raise
         try:
             self._restore_gpu(snap, replica, st, slot)
@@ -608,16 +619,9 @@ class HostSnapshots:
             root = self._root(lower, work / "rw")
             slot = self.take_gpu()
             st.mark("root")
-            replica = None
-            try:
-                replica = self._launch(root, spec, {**spec["env"], **env}, work / "launch.log", slot)
-                running = self._running(rid, replica, root, spec["port"], work, slot)
-            except BaseException:
-                if replica is not None:
-                    replica.stop()
-                self.give_gpu(slot)
-                root.cleanup()
-                raise
+            replica, running = self._own(rid, lambda: self._launch(root, spec, {**spec["env"], **env},
+                                                                    work / "launch.log", slot),
+                                         root, spec["port"], work, slot)
             try:
                 replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
                 st.mark("boot")

@@ -6,6 +6,7 @@ dead unmounts, missing/hung chunks, access recording + prefetch, overlayfs over 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -357,6 +358,33 @@ def test_recording_prefetch_and_clean_unmount(image, tmp_path):
         assert (mp / "secret").read_bytes() == b"s"
     finally:
         h.unmount()
+
+
+def test_a_second_sigterm_during_unmount_is_ignored(tmp_path):
+    """A stop that signals twice (the agent's unmount after a signal to the whole session, say): the second
+    SIGTERM lands while the daemon unmounts and writes its recording, often in one of its worker threads. It
+    used to kill the daemon there, leaving a dead mount and no recording."""
+    from thaw.imagefs.mount import clear_stale, is_mounted, mount
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(300_000))
+    cfg, _, m = _ingest(tmp_path / "state", src)
+    for attempt in range(5):
+        mp, rec = tmp_path / f"mnt{attempt}", tmp_path / f"rec{attempt}.json"
+        h = mount(cfg, m.digest, mp, record=rec)
+        try:
+            for i in range(20):  # reads start the daemon's worker threads
+                (mp / f"f{i}").read_bytes()
+            os.kill(h.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                for _ in range(40):
+                    time.sleep(0.0005)
+                    os.kill(h.pid, signal.SIGTERM)
+            assert h._proc.wait(20) == 0 and not is_mounted(mp) and rec.exists(), attempt
+        finally:
+            clear_stale(mp)
 
 
 def test_killed_daemon_leaves_a_dead_mount_that_is_cleared(image, tmp_path):

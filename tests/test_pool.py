@@ -349,8 +349,10 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        undeploy(cfg, thaw_cli, "ha", ok=False)
-        release_dead_host(cfg, "victim")
+        try:
+            undeploy(cfg, thaw_cli, "ha", ok=False)
+        finally:
+            release_dead_host(cfg, "victim")
 
 
 def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_restore(cfg, worker, agent,
@@ -399,5 +401,7 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        undeploy(cfg, thaw_cli, "gw", ok=False)
-        release_dead_host(cfg, "victim")
+        try:
+            undeploy(cfg, thaw_cli, "gw", ok=False)
+        finally:
+            release_dead_host(cfg, "victim")

@@ -37,20 +37,24 @@ def test_sqlite_registry(tmp_path):
 def test_a_snapshot_of_an_image_removed_during_its_build_is_not_registered(tmp_path):
     """`thaw images rm` while a snapshot of the image builds: the image's chunks may go with the next `thaw gc`,
     so a snapshot registered against it could never be restored or cold-booted. Registering it fails instead."""
+    _removed_image(f"sqlite:///{tmp_path / 'reg.db'}")
+
+
+def _removed_image(url: str) -> None:
     from thaw.registry import snapshots
     from thaw.registry.models import Snapshot
 
-    url = f"sqlite:///{tmp_path / 'reg.db'}"
-    img = images.register(url, _image("e" * 64))[0]
+    img = images.register(url, _image(uuid.uuid4().hex * 2))[0]
     snap = dict(image_digest=img.digest, compat_key="k", golden_digest="g", size=1, files=1, new_bytes=1)
-    assert snapshots.register(url, Snapshot(digest="1" * 64, **snap))[1]
+    first, second = uuid.uuid4().hex * 2, uuid.uuid4().hex * 2
+    assert snapshots.register(url, Snapshot(digest=first, **snap))[1]
     with pytest.raises(images.InUse):
         images.remove(url, img.digest)  # while a snapshot of it is registered
-    snapshots.remove(url, "1" * 64, lambda name: False)
+    snapshots.remove(url, first, lambda name: False)
     images.remove(url, img.digest)  # the build of a second snapshot is under way now
     with pytest.raises(images.NotFound, match="was removed while its snapshot was built"):
-        snapshots.register(url, Snapshot(digest="2" * 64, **snap))
-    assert snapshots.list_all(url) == []
+        snapshots.register(url, Snapshot(digest=second, **snap))
+    assert snapshots.list_all(url, img.digest) == []
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +87,7 @@ def postgres_url():
 
 def test_postgres_registry(postgres_url):
     _exercise(postgres_url)
+    _removed_image(postgres_url)  # the row locks (FOR SHARE / FOR UPDATE) are PostgreSQL's
 
 
 def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):

@@ -7,16 +7,17 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path | str, data: str | bytes, mode: int = 0o644, durable: bool = True) -> Path:
+def write_atomic(path: Path | str, data: str | bytes, mode: int = 0o600, durable: bool = True) -> Path:
     """Write ``data`` to a temporary file beside ``path`` (created with ``mode``), then rename it over ``path``:
     a reader sees the old content or the new, never an empty or torn file. ``durable`` flushes it to disk
     first, so that holds after a power loss too (records of live processes, gone with the power, skip it).
     Returns ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
     try:
-        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
+            if mode != 0o600:
+                os.fchmod(f.fileno(), mode)
             f.write(data.encode() if isinstance(data, str) else data)
             if durable:
                 f.flush()
