@@ -2,9 +2,10 @@
 
 Starts its own embedded stack (`thaw up` on free ports, temporary state dir), builds the example model's image
 and snapshot, deploys it, then:
-  P5a  bursts of 8 scale-up signals (1, 2, ... 8 replicas, 20 ms apart) from 0: for every replica, the time
-       from the signal that asked for it to the moment its host began the restore (Temporal signal →
-       workflow task → placement activity → start_replica on the host), p50/p99 over all bursts;
+  P5a  bursts of 8 scale-up signals (1, 2, ... 8 replicas, 20 ms apart, from one connected client: a CLI
+       process per signal would space them by its start-up) from 0: for every replica, the time from the
+       signal that asked for it to the moment its host began the restore (Temporal signal → workflow task →
+       placement → start_replica on the host), p50/p99 over all bursts;
   P5b  from 0 replicas, a request sent to the gateway: time until it is answered (scale from zero);
   P7   the simulator (bench/runtime_sim.py) fed with this run's measured cold-boot and restore times.
 Last line: ``P5 signal-to-restore p99: <ms> ms P7 utilization: <percent>%``.
@@ -12,6 +13,7 @@ Last line: ``P5 signal-to-restore p99: <ms> ms P7 utilization: <percent>%``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -57,6 +59,40 @@ def wait(pred, timeout=120):
     raise SystemExit("timed out")
 
 
+async def signals(address: str, name: str, counts, gap_s: float) -> None:
+    """Scale signals from one client, ``gap_s`` apart (each stamped when sent, as `thaw scale` stamps it)."""
+    from temporalio.client import Client
+
+    from thaw.runtime import pool
+
+    client = await Client.connect(address)
+    for n in counts:
+        await pool.scale(client, name, n, "bench")
+        await asyncio.sleep(gap_s)
+
+
+async def split(address: str, workflow_id: str) -> tuple[list[float], list[float]]:
+    """From the pool's history, per start_replica: its signal's time -> the activity scheduled (the pool's
+    workflow task), and scheduled -> started (the host agent's worker picking it up)."""
+    from temporalio.api.enums.v1 import EventType
+    from temporalio.client import Client
+
+    handle = (await Client.connect(address)).get_workflow_handle(workflow_id)
+    scheduled, wf, host = {}, [], []
+    async for e in handle.fetch_history_events():
+        ms = e.event_time.ToMilliseconds()
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            a = e.activity_task_scheduled_event_attributes
+            if a.activity_type.name == "start_replica":
+                scheduled[e.event_id] = ms
+                wf.append(ms - json.loads(a.input.payloads[0].data)["signal_ms"])
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            at = scheduled.get(e.activity_task_started_event_attributes.scheduled_event_id)
+            if at is not None:
+                host.append(ms - at)
+    return wf, host
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
@@ -77,15 +113,14 @@ def main() -> None:
                                 str(rootfs.parent / "image-config.json"), "--json"))["digest"]
         snap = json.loads(thaw(env, "build", "snapshot", image, "--port", "8080", "--health", "/healthz",
                                "--golden", str(recipe.GOLDEN_JSON), "--golden-path", "/embed", "--json"))
-        cold_ms = snap["timings_ms"]["cold_boot"] + snap["timings_ms"]["golden"]
+        t = snap["timings_ms"]
+        cold_ms = t["root"] + t["cold_boot"] + t["golden"]  # launch to first answer, as the registry counts it
         thaw(env, "deploy", "bench", "--snapshot", snap["digest"], "--min", "0", "--max", "8", "--buffer", "0",
              "--cooldown", "0")
 
         lat, restore_ms = [], []
         for burst in range(3):
-            for n in range(1, 9):
-                thaw(env, "scale", "bench", str(n))
-                time.sleep(0.02)
+            asyncio.run(signals(env["THAW_TEMPORAL_ADDRESS"], "bench", range(1, 9), 0.02))
             st = wait(lambda: len((s := pool_state(env, "bench"))["replicas"]) == 8 and s)
             for r in st["replicas"]:
                 lat.append(r["started_at_ms"] - r["signal_ms"])
@@ -96,6 +131,10 @@ def main() -> None:
               f"p99 {pct(lat, 99):.0f} ms, max {max(lat):.0f} ms")
         print(f"    restore of each replica (8 at once on {os.cpu_count()} cpus): median "
               f"{statistics.median(restore_ms):.0f} ms")
+        wf, host = asyncio.run(split(env["THAW_TEMPORAL_ADDRESS"], "pool-bench"))
+        print(f"    of which signal -> start_replica scheduled (workflow side): p50 {pct(wf, 50):.0f} ms, p99 "
+              f"{pct(wf, 99):.0f} ms; scheduled -> started on the host (agent pickup): p50 {pct(host, 50):.0f} ms, "
+              f"p99 {pct(host, 99):.0f} ms")
 
         port = int(env["THAW_GATEWAY_PORT"])
         gateway = subprocess.Popen(["thaw", "gateway", "bench", "--port", str(port)], env=env,

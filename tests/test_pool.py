@@ -326,6 +326,40 @@ def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cl
         undeploy(cfg, thaw_cli, "early", ok=False)
 
 
+def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg, worker, agent, thaw_cli, snap):
+    """Scale signals 1, 2, 3 that the pool reads in one workflow task (here: sent before any worker polls its
+    queue) place three replicas at once; replica N's signal time (P5's start) is that of the signal asking
+    for N replicas, not the last signal's."""
+    from temporalio.client import Client
+
+    from conftest import running_worker
+    from thaw.runtime.pool import deploy
+    from thaw.runtime.worker import build_worker
+    from thaw.workflows.pool import DeploymentPool, PoolState, PoolSpec, ScaleRequest
+
+    queue = cfg.model_copy(update={"build_task_queue": f"paused-{cfg.build_task_queue}"})
+    at = [int(time.time() * 1000) + i * 1000 for i in range(3)]
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        spec, _ = await deploy(client, cfg, PoolSpec("burst", snap, max_replicas=3, cooldown_s=0))
+        await client.get_workflow_handle("pool-burst").signal(DeploymentPool.stop)  # its registry row stays
+        await client.get_workflow_handle("pool-burst").result()
+        handle = await client.start_workflow(DeploymentPool.run, PoolState(spec), id="pool-burst",
+                                             task_queue=queue.build_task_queue)  # no worker polls it yet
+        for i, t in enumerate(at):
+            await handle.signal(DeploymentPool.scale, ScaleRequest(i + 1, "test", t))
+
+    asyncio.run(go())
+    with running_worker(queue, lambda client, ex: build_worker(client, queue, ex)):
+        try:
+            reps = wait_until(lambda: len(r := json.loads(thaw_cli("status", "burst", "--json").output)["replicas"])
+                              == 3 and r, what="3 replicas")
+            assert sorted(r["signal_ms"] for r in reps) == at, reps
+        finally:
+            undeploy(cfg, thaw_cli, "burst", ok=False)
+
+
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
     # the in-process agent is full, so the first replica lands on the subprocess agent
     snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)

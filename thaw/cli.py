@@ -258,11 +258,11 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
             config = json.loads(Path(config_file).read_text())
             if not isinstance(config, dict):
                 raise ValueError("not a JSON object")
-            bad = config_errors(config)
-            if bad:
-                raise ValueError("; ".join(bad))
         except (ValueError, RecursionError) as e:
             _fail(f"--config {config_file}: not a JSON object of image config keys ({e})")
+        bad = config_errors(config)
+        if bad:
+            _fail(f"--config {config_file}: bad image config: {'; '.join(bad)}")
 
     wid, run_id, url, res = _run_workflow(
         cfg, BuildImage.run, BuildImageInput(_absolute_source(source), config, cfg.heartbeat_timeout,

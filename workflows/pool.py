@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from temporalio import workflow
@@ -137,6 +137,7 @@ class PoolState:
     recent: list[ReplicaInfo] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # restored, cold-boot, failed, lost, stopped
     last_signal: ScaleRequest | None = None
+    asks: list[ScaleRequest] = field(default_factory=list)  # scale-ups not yet placed in full, oldest first
     last_scale_up_s: float = 0.0
     stopping: bool = False
     warmed: list[str] = field(default_factory=list)  # buffer hosts asked to warm the snapshot
@@ -161,6 +162,9 @@ class DeploymentPool:
         sp = self.s.spec
         self.s.desired = max(sp.min_replicas, min(sp.max_replicas, req.replicas))
         self.s.last_signal = req
+        # a replica is timed from the first signal that asked for it (a burst of 1, 2, ... 8 is 8 signals);
+        # what a later signal no longer wants is not asked for any more
+        self.s.asks = [replace(a, replicas=min(a.replicas, self.s.desired)) for a in self.s.asks[-31:]] + [req]
         self.wake = True
 
     @workflow.signal
@@ -284,12 +288,16 @@ class DeploymentPool:
 
     async def _scale_up(self, n: int) -> None:
         """Place n replicas and start them in the background: the loop keeps answering signals meanwhile."""
-        sig = self.s.last_signal.at_ms if self.s.last_signal else 0
+        last = self.s.last_signal.at_ms if self.s.last_signal else 0
         own = Counter([r.host_id for r in self.s.replicas] + self.starting)
         placed = place(self.hosts, n, self.s.spec.name, own)
         for h in placed:
             self.starting.append(h.host_id)
+            count = len(self.s.replicas) + len(self.starting)  # this replica's number
+            sig = next((a.at_ms for a in self.s.asks if a.replicas >= count), last)
             self._background(self._start(h, sig))
+        count = len(self.s.replicas) + len(self.starting)
+        self.s.asks = [a for a in self.s.asks if a.replicas > count]  # the others are placed in full
         self.s.last_scale_up_s = workflow.now().timestamp()
         if len(placed) < n:  # no capacity yet: look again shortly
             self.wake = True
