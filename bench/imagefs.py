@@ -175,15 +175,17 @@ def cold_run(kind: str, tmp: Path, s3: dict, ctx: dict, wire: WireCounter) -> di
     store = ChunkStore.open(cfg)
     host = HostSnapshots(cfg, store)
     handles = []
-    if kind == "restore":
-        orig = host._prefetch
+    if kind in ("restore", "coldboot-prefetch"):  # the prefetch goes on after the answer: waited for below
+        name = "_prefetch" if kind == "restore" else "_prefetch_boot"
+        orig = getattr(host, name)
 
-        def capture(snap):
-            h = orig(snap)
-            handles.append(h)
+        def capture(arg):
+            h = orig(arg)
+            if h is not None:
+                handles.append(h)
             return h
 
-        host._prefetch = capture
+        setattr(host, name, capture)
     running = None
     res: dict = {"kind": kind, "dropped": dropped}
     try:
@@ -200,7 +202,7 @@ def cold_run(kind: str, tmp: Path, s3: dict, ctx: dict, wire: WireCounter) -> di
         objs = local_objects(cfg.store_dir)
         res.update(ms=ms, same=same, at_answer=split(objs, ctx["snap_chunks"], ctx["image_chunks"]),
                    wire=None if w0 is None else w1 - w0, top=top_files(objs, ctx["chunk_paths"]))
-        if handles:  # the prefetch goes on after the answer: what it costs in the end
+        if handles:  # what the prefetch costs in the end; the next run starts with none of it in flight
             t1 = time.monotonic()
             st = handles[0].wait(600)
             res["prefetch_tail_ms"] = int((time.monotonic() - t1) * 1000)
@@ -208,6 +210,9 @@ def cold_run(kind: str, tmp: Path, s3: dict, ctx: dict, wire: WireCounter) -> di
             res.update(after=split(local_objects(cfg.store_dir), ctx["snap_chunks"], ctx["image_chunks"]),
                        wire_after=None if w0 is None else w2 - w0, prefetch=st)
     finally:
+        for h in handles:  # a run that failed leaves no prefetch running into the next one
+            h.cancel()
+            h.wait(60)
         if running is not None:
             running.stop()
         host.close()

@@ -87,7 +87,7 @@ def postgres_url():
 
 def test_postgres_registry(postgres_url):
     _exercise(postgres_url)
-    _removed_image(postgres_url)  # the row locks (FOR SHARE / FOR UPDATE) are PostgreSQL's
+    _removed_image(postgres_url)  # the code path with PostgreSQL's row locks; the race itself is not staged
 
 
 def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):

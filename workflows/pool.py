@@ -163,8 +163,10 @@ class DeploymentPool:
         self.s.desired = max(sp.min_replicas, min(sp.max_replicas, req.replicas))
         self.s.last_signal = req
         # a replica is timed from the first signal that asked for it (a burst of 1, 2, ... 8 is 8 signals);
-        # what a later signal no longer wants is not asked for any more
-        self.s.asks = [replace(a, replicas=min(a.replicas, self.s.desired)) for a in self.s.asks[-31:]] + [req]
+        # what a later signal no longer wants, or what runs already, is not asked for any more
+        have = len(self.s.replicas) + len(self.starting)
+        asks = [replace(a, replicas=min(a.replicas, self.s.desired)) for a in self.s.asks[-31:]]
+        self.s.asks = [a for a in asks + [replace(req, replicas=self.s.desired)] if a.replicas > have]
         self.wake = True
 
     @workflow.signal
@@ -320,6 +322,8 @@ class DeploymentPool:
             self.s.failed_in_a_row = 0
         except Exception:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
+            # its replacement is timed from the same signal
+            self.s.asks.insert(0, ScaleRequest(len(self.s.replicas) + len(self.starting), "retry", sig))
             self.hosts = []
             if rid:  # timed out, say, while the agent goes on: it must not keep a replica nobody counts
                 await self._stop(ReplicaInfo(rid, h.host_id, h.task_queue, "", ""))
