@@ -29,7 +29,11 @@
   no traffic and there was none for ``scale_to_zero_grace_s``. Desired is clamped to [min, max] and
   ``Backends.scale`` is called only when it changes (a failed call is retried the next tick).
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
-  Every other method and path (``POST /metrics`` too) is proxied.
+  Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
+  Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
+  are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
+  ``max_body_bytes``); past that a request gets 503 with Retry-After. A request target that is not a path
+  (absolute form, ``*``) gets 400.
 """
 
 from __future__ import annotations
@@ -54,10 +58,11 @@ from yarl import URL
 
 log = logging.getLogger("thaw.gateway")
 
-# RFC 7230 section 6.1 hop-by-hop headers (plus Host and Content-Length, which the client library sets).
+# RFC 7230 section 6.1 hop-by-hop headers (plus Host and Content-Length, which the client library sets, and
+# Content-Encoding: the server side decompresses request bodies, so the replica gets them plain).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect"}
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "content-encoding"}
 
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -209,6 +214,7 @@ class Gateway:
         self._quarantine: dict[str, float] = {}       # endpoint -> monotonic time it may come back
         self._inflight: dict[str, int] = {}
         self._waiters: deque[tuple[asyncio.Future, set[str]]] = deque()
+        self._reading = 0                             # requests whose bodies are being read
         self._rr = 0
         self._signaled: int | None = None             # last replica count Backends.scale accepted
         self._scale_lock: asyncio.Lock | None = None
@@ -570,17 +576,23 @@ class Gateway:
         peer = request.remote or ""
         prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        headers.setdefault("X-Forwarded-Host", request.host)
-        headers.setdefault("X-Forwarded-Proto", request.scheme)
+        headers["X-Forwarded-Host"] = request.host  # what this gateway saw, not what a client claims
+        headers["X-Forwarded-Proto"] = request.scheme
         return headers
 
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
-        if len(self._waiters) >= self.max_queued and self.queued >= self.max_queued:
-            resp = self._error(503, f"{self.queued} requests are already held for {self.deployment}; "
-                                    f"retry shortly")
+        if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
+            return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
+        if self.queued + self._reading >= self.max_queued:  # bodies held in memory, or being read into it
+            resp = self._error(503, f"{self.queued + self._reading} requests are already held for "
+                                    f"{self.deployment}; retry shortly")
             resp.headers["Retry-After"] = "1"
             return resp
-        body = await request.read()
+        self._reading += 1
+        try:
+            body = await request.read()
+        finally:
+            self._reading -= 1
         headers = self._upstream_headers(request)
         self._conc_change(+1)      # a request counts as concurrency from arrival to answer, held or in flight
         self.autoscaler.touch(time.monotonic())

@@ -5,8 +5,9 @@ cd "$(dirname "$0")/.."
 shared=${THAW_SHARED_DIR:-$(cd .. && pwd)/shared}
 export DEBIAN_FRONTEND=noninteractive
 
-apt_pkgs=(fuse3 libfuse3-dev pkg-config docker.io docker-registry skopeo umoci debootstrap busybox-static
-          iproute2 attr diffutils postgresql)
+# gcc + python3-dev: pip builds pyfuse3 from source (no wheel on PyPI)
+apt_pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-dev docker.io docker-registry skopeo umoci debootstrap
+          busybox-static iproute2 attr diffutils postgresql)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)

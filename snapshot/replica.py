@@ -9,6 +9,7 @@ uses it. No thread of the caller ever changes namespace, and every replica can l
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -65,13 +66,21 @@ class Replica:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGKILL the replica's pid 1 (the kernel then kills its whole pid namespace) and wait; idempotent."""
+        """SIGKILL the replica's pid 1 (the kernel then kills its whole pid namespace; without a root of its own
+        there is none, so its process group, which it leads, goes first) and wait; idempotent. A replica still
+        there after ``timeout`` is a ReplicaError, and keeps what a later try needs."""
         if self._pidfd is not None:
+            if self.root is None:  # its pid stays reserved as a group id while any member lives: never another's
+                with contextlib.suppress(OSError):
+                    os.killpg(self.pid, signal.SIGKILL)
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc.wait(timeout)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise ReplicaError(f"replica {self.pid} is still there {timeout:g} s after SIGKILL") from None
         with self._fds:
             fds, self._pidfd, self._netns = (self._pidfd, self._netns), None, None
         for fd in fds:
@@ -184,7 +193,18 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
                                         content_type="application/json")
     if status != 200:
         raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: {resp[:300]!r}")
-    return json.loads(resp or b"{}")
+    try:
+        reply = json.loads(resp or b"{}")
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered 200 with {resp[:80]!r}, not "
+                           f"the thaw SDK's JSON (does the server use thaw_sdk?)")
+    missing = sorted(set(secrets or {}) - set(reply.get("env") or []))
+    if missing:
+        raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} did not take {', '.join(missing)} "
+                           f"(does the server use thaw_sdk?)")
+    return reply
 
 
 def golden_answer(replica: Replica, port: int, golden: dict, timeout: float = 120) -> bytes:

@@ -26,6 +26,7 @@ import json
 import os
 import random
 import threading
+import traceback
 from typing import Callable
 
 READY_PATH = "/thaw/ready"
@@ -102,6 +103,7 @@ def handle(handler) -> bool:
         try:
             _reply(handler, 200, after_restore(payload))
         except Exception as e:  # noqa: BLE001 - a failing callback must reach the host as an error
-            _reply(handler, 500, {"error": f"{type(e).__name__}: {e}"})
+            traceback.print_exc()  # to the replica's log; the host gets the type only: the text may hold a secret
+            _reply(handler, 500, {"error": f"{type(e).__name__} in an after-restore callback (see the replica's log)"})
         return True
     return False

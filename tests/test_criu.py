@@ -515,3 +515,57 @@ def test_clear_kills_replicas_rooted_in_the_dir_not_holders_of_a_mount_copy(imag
         holder.wait()
         replica.stop()
         root.cleanup()
+
+
+# A server without the thaw SDK that answers 200 to anything (first with text, then with some JSON), and has a
+# child process of its own (its pid in a file).
+CATCH_ALL = r'''
+import json, os, subprocess, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(sys.argv[1], "w").write(str(child.pid))
+answers = [b"ok", b'{"ok": true}']
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = answers.pop(0) if self.command == "POST" and answers else b"{}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_POST = do_GET
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+'''
+
+
+def test_a_host_root_replica_takes_its_children_and_a_server_without_the_sdk_is_told_apart(work):
+    """Without a root of its own a replica has no pid namespace: stop() must take its children too (they kept
+    the port and GPU before). A server without the SDK that answers 200 to anything did not take the secrets:
+    after_restore says so in one line instead of a JSONDecodeError or a silent success."""
+    child_file = work / "child.pid"
+    replica = launch(None, [PYTHON, "-I", "-c", CATCH_ALL, str(child_file)],
+                     {"PATH": "/usr/bin:/bin", "PORT": str(PORT)}, "/", work / "catch-all.log")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        child = int(child_file.read_text())
+        with pytest.raises(ReplicaError, match="not the thaw SDK's JSON") as e:
+            after_restore(replica, PORT, {})
+        assert "\n" not in str(e.value)
+        with pytest.raises(ReplicaError, match="did not take API_KEY"):
+            after_restore(replica, PORT, {"API_KEY": SECRET})
+        assert Path(f"/proc/{child}").exists()
+    finally:
+        replica.stop()
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + 10
+    while running(child):
+        assert time.monotonic() < deadline, "the replica's child outlived stop()"
+        time.sleep(0.05)

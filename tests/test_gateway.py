@@ -471,6 +471,31 @@ def test_keda_scaler_reads_the_gateways_demand():
     asyncio.run(main())
 
 
+def test_compressed_bodies_forwarded_headers_and_odd_targets():
+    """The gateway's server decompresses a gzip request body: the replica gets it plain, without the
+    Content-Encoding that would make it decompress again. X-Forwarded-Host/Proto are what the gateway saw, not
+    what a client claims. A request target that is not a path (absolute form) is a 400, not a traceback."""
+    import gzip
+
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),)) as (gw, url, client):
+            raw = json.dumps({"texts": ["hello"] * 50}).encode()
+            async with client.post(url + "/embed", data=gzip.compress(raw),
+                                   headers={"Content-Encoding": "gzip", "X-Forwarded-Host": "evil.example",
+                                            "Content-Type": "application/json"}) as r:
+                got = await r.json()
+            assert r.status == 200 and got["body"] == raw.decode()
+            assert "content-encoding" not in got["headers"]
+            assert got["headers"]["x-forwarded-host"] == url.split("//", 1)[1]
+            reader, writer = await asyncio.open_connection(*url.split("//", 1)[1].split(":"))
+            writer.write(b"GET http://elsewhere.example/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            status = (await reader.readline()).split()[1]
+            writer.close()
+            assert status == b"400"
+    asyncio.run(main())
+
+
 def test_client_gone_while_held_leaves_the_queue():
     async def main():
         backends = FakeBackends()

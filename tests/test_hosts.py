@@ -52,8 +52,7 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
                    timeout=90, what="both replicas on the surviving host")
     finally:
         thaw(env, "undeploy", "ns", check=False)
-        down = thaw(env, "hosts", "down", check=False)
-        thaw(env, "down", check=False)
+        down = thaw(env, "down", check=False)  # the namespaced hosts first, then the stack
         release_dead_host(cfg, "nshost1")
     assert "nshost2: stopped" in down.stdout
     assert not [n for n in os.listdir("/run/netns") if n.startswith("thaw-nshost")] if os.path.isdir("/run/netns") \

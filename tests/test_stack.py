@@ -8,6 +8,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -96,3 +98,25 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
     finally:
         down = thaw(env, "down", check=False)
     assert "s3: stopped" in down.stdout
+    env["THAW_S3_EMBEDDED_PORT"] = port = str(free_port())  # moved: the store follows the server
+    try:
+        thaw(env, "up")
+        st = json.loads(thaw(env, "status", "--json").stdout)
+        assert st["s3"]["pid"] and st["s3"]["endpoint"] == f"http://127.0.0.1:{port}"
+        again = json.loads(thaw(env, "build", "image", str(src), "--json").stdout)
+        assert again["digest"] == built["digest"] and again["new_bytes"] == 0  # what S3 holds, found there
+    finally:
+        thaw(env, "down", check=False)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("THAW_TEMPORAL_ADDRESS", "nocolon", "temporal_address: Value error, 'nocolon' is not HOST:PORT"),
+    ("THAW_TEMPORAL_ADDRESS", "127.0.0.1:notaport", "is not HOST:PORT"),
+    ("THAW_AGENT_HEARTBEAT_S", "abc", "agent_heartbeat_s: Input should be a valid number"),
+])
+def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
+    """status and down split the Temporal address: a malformed one was a traceback there."""
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), name: value}
+    for cmd in ("status", "down"):
+        res = thaw(env, cmd, check=False)
+        assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr

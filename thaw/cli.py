@@ -69,7 +69,9 @@ def cli(ctx, state_dir, temporal_address, db_url, verbose):
     try:
         ctx.obj = config_mod.load(state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
     except Exception as e:
-        _fail(f"bad configuration: {e}")
+        errors = getattr(e, "errors", None)  # pydantic: one line per field, made one line in all
+        _fail("bad configuration: " + ("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors())
+                                       if callable(errors) else str(e)))
 
 
 # -- stack ------------------------------------------------------------------------------------------
@@ -83,7 +85,7 @@ def up(cfg, with_s3):
     from .stack import StackError, enable_s3, up as stack_up
 
     try:
-        if with_s3:
+        if with_s3 or cfg.s3_embedded:  # remembered; its endpoint follows THAW_S3_EMBEDDED_PORT
             cfg = enable_s3(cfg)
         stack_up(cfg, echo=click.echo)
     except StackError as e:
@@ -94,7 +96,7 @@ def up(cfg, with_s3):
 @cli.command()
 @click.pass_obj
 def down(cfg):
-    """Stop everything `thaw up` started."""
+    """Stop everything `thaw up` and `thaw hosts up` started."""
     from .stack import down as stack_down
 
     stack_down(cfg, echo=click.echo)

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .files import write_atomic
@@ -36,6 +36,15 @@ class Config(BaseSettings):
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
     temporal_namespace: str = "default"
     temporal_ui_port: int = 8233
     build_task_queue: str = "thaw-build"

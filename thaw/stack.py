@@ -141,14 +141,18 @@ def enable_s3(cfg: Config) -> Config:
         weed_binary()
     except FileNotFoundError as e:
         raise StackError(f"--s3: {e}") from None
-    if not cfg.s3_embedded:
+    endpoint = f"http://127.0.0.1:{cfg.s3_embedded_port}"
+    if not cfg.s3_embedded or cfg.s3_endpoint != endpoint:  # new, or THAW_S3_EMBEDDED_PORT changed since
         running = [c.name for c in components(cfg) if c.running_pid(cfg)]
-        if running:  # they would go on without the S3 tier
-            raise StackError(f"--s3: {', '.join(running)} already run without S3: `thaw down` first")
+        if running:  # they would go on without the S3 tier, or with the old one
+            was = f"with S3 at {cfg.s3_endpoint}" if cfg.s3_embedded else "without S3"
+            raise StackError(f"--s3: {', '.join(running)} already run {was}: `thaw down` first")
         _s3_port_free(cfg)
-        save_settings(cfg.state_dir, s3_embedded=True, s3_endpoint=f"http://127.0.0.1:{cfg.s3_embedded_port}",
-                      s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
-                      s3_secret_key=secrets.token_urlsafe(24))
+        if cfg.s3_embedded:
+            save_settings(cfg.state_dir, s3_endpoint=endpoint)
+        else:
+            save_settings(cfg.state_dir, s3_embedded=True, s3_endpoint=endpoint, s3_bucket=cfg.s3_bucket,
+                          s3_access_key=f"thaw-{secrets.token_hex(6)}", s3_secret_key=secrets.token_urlsafe(24))
     return load(state_dir=cfg.state_dir)
 
 
@@ -216,6 +220,10 @@ def _stop_pid(pid: int, timeout: float = 20.0) -> None:
 
 
 def down(cfg: Config, echo=print) -> None:
+    from thaw.runtime import hosts  # `thaw hosts up` agents first: they need Temporal to stop their replicas
+
+    for host_id in hosts.down(cfg):
+        echo(f"{host_id}: stopped (namespaced host)")
     for c in reversed(components(cfg)):
         pid = c.running_pid(cfg)
         if pid:
