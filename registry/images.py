@@ -26,12 +26,13 @@ def remove(url: str, ref: str) -> Image:
     """Forget image ``ref`` (its store objects stay until ``thaw gc``). InUse while snapshots of it exist."""
     row = get(url, ref)
     with session(url) as s:
-        if s.exec(select(Image).where(Image.digest == row.digest).with_for_update()).first() is None:  # see
-            raise NotFound(f"no image {row.digest[:12]} (removed meanwhile)")  # queries.register
+        locked = s.exec(select(Image).where(Image.digest == row.digest).with_for_update()).first()  # see
+        if locked is None:  # queries.register
+            raise NotFound(f"no image {row.digest[:12]} (removed meanwhile)")
         snaps = s.exec(select(Snapshot.digest).where(Snapshot.image_digest == row.digest)).all()
         if snaps:
             raise InUse(f"image {row.digest[:12]} has {len(snaps)} snapshot(s) ({', '.join(d[:12] for d in snaps)}): "
                         f"`thaw snapshots rm` them first")
-        s.delete(s.get(Image, row.digest))
+        s.delete(locked)
         s.commit()
     return row

@@ -29,19 +29,21 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from . import externalscaler_pb2 as pb
 from . import externalscaler_pb2_grpc as pb_grpc
 
-REQUESTS = Counter("thaw_keda_requests_total", "KEDA external scaler RPCs received", ["method"])  # default registry
+def _requests(registry: CollectorRegistry) -> Counter:
+    return Counter("thaw_keda_requests_total", "KEDA external scaler RPCs received", ["method"], registry=registry)
+
+
+REQUESTS = _requests(REGISTRY)  # the default registry's
 
 
 def requests_counter(registry: CollectorRegistry | None) -> Counter:
     """The RPC counter in ``registry`` (the gateway's, so its /metrics shows it), or the default one."""
-    if registry is None:
-        return REQUESTS
-    return Counter("thaw_keda_requests_total", "KEDA external scaler RPCs received", ["method"], registry=registry)
+    return REQUESTS if registry is None else _requests(registry)
 
 
 @dataclass(frozen=True)
