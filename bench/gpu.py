@@ -71,13 +71,13 @@ def gpu_used_bytes() -> int | None:
         return None
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """Anonymous and AnonHugePages (kB) of a process, from /proc/PID/smaps_rollup."""
+def memory_kb(pid: int, keys: tuple[str, ...] = ("Anonymous", "AnonHugePages")) -> dict[str, int]:
+    """Anonymous and AnonHugePages (kB, or other ``keys``) of a process, from /proc/PID/smaps_rollup."""
     out = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("Anonymous", "AnonHugePages"):
+            if key in keys:
                 out[key] = int(rest.split()[0])
     return out
 
@@ -107,6 +107,44 @@ def copy_ceiling() -> dict | None:
     except Exception as e:  # noqa: BLE001 - a figure for scale only
         log(f"host-to-device copy probe failed: {type(e).__name__}: {e}")
         return None
+
+
+DRIVER_PROBE = """
+import sys, torch
+x = torch.full((4 << 30,), 7, dtype=torch.uint8, device="cuda")
+torch.cuda.synchronize()
+print("ready", flush=True)
+sys.stdin.readline()
+print("same" if bool((x == 7).all()) else "differs", flush=True)
+"""
+
+
+def driver_rate() -> None:
+    """For scale: the driver alone checkpointing and restoring 4 GiB of device memory in place (no CRIU: its host
+    copy never leaves the process), and whether that host copy is locked memory or in huge pages."""
+    before = gpu_used_bytes()
+    child = subprocess.Popen([sys.executable, "-c", DRIVER_PROBE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the probe process did not start")
+        after = gpu_used_bytes()
+        gb = (after - before) / 1e9 if before is not None and after is not None else 4 * 2**30 / 1e9
+        ck = cuda.GpuCheckpointer(cuda.RealCudaDriver(), timeout_s=120)
+        t1 = ck.checkpoint(child.pid)
+        kb = memory_kb(child.pid, ("Anonymous", "AnonHugePages", "Locked"))
+        t2 = ck.restore(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        data = child.stdout.readline().strip()
+        log(f"driver alone, in place (no CRIU), {gb:.2f} GB of GPU memory: checkpoint "
+            f"{gb / max(t1['cuda_checkpoint'], 1) * 1000:.1f} GB/s, restore {gb / max(t2['cuda_restore'], 1) * 1000:.1f}"
+            f" GB/s ({t1} {t2}); its host copy, kB: {kb}; data after restore: {data}")
+    except Exception as e:  # noqa: BLE001 - a figure for scale only
+        log(f"driver probe failed: {type(e).__name__}: {e}")
+    finally:
+        child.kill()
+        child.wait()
 
 
 # -- one model ------------------------------------------------------------------------------------------------------
@@ -308,6 +346,7 @@ def main() -> int:
         if ceiling := copy_ceiling():
             log(f"host-to-device copy (torch, 2 GiB): pageable {ceiling['pageable']} GB/s, "
                 f"pinned {ceiling['pinned']} GB/s")
+        driver_rate()
     a.work.mkdir(parents=True, exist_ok=True)
     log(f"CRIU reads pages with {','.join(map(str, threads)) or criu.DEFAULT_READ_THREADS} thread(s)")
     read_threads = threads[0] if len(threads) == 1 else None

@@ -45,7 +45,7 @@ step P6 benchmark: restores with and without huge pages, alternating
 IMAGES_IN=${IMAGES_IN:-/dev/shm/thaw-gpu-images}
 model=/tmp/bert-${HIDDEN:-2048}x${LAYERS:-24}
 timeout 60 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
-timeout 280 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir $model --runs ${RUNS:-3} --huge-pages off,on \
+timeout 280 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir $model --runs ${RUNS:-3} --huge-pages ${HUGE_PAGES:-off,on} \
   --json "$OUT/p6.json" --images-in "$IMAGES_IN"
 echo "bench exit $?"
 grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
