@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 from aiohttp import web
+from temporalio import activity
 
 from conftest import cfg_env, in_process_agent, undeploy
 from services import wait_until
@@ -23,6 +24,7 @@ from test_criu import needs_criu
 from test_snapshot import PORT, build_snapshot, image, image_config, rootfs  # noqa: F401  (fixtures)
 from thaw.registry import deployments, snapshots
 from thaw.registry.queries import NotFound
+from thaw.workflows.pool import HostsInput, HostsResult
 
 pytestmark = needs_criu
 
@@ -358,6 +360,58 @@ def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg,
             assert sorted(r["signal_ms"] for r in reps) == at, reps
         finally:
             undeploy(cfg, thaw_cli, "burst", ok=False)
+
+
+class SlowHostChecks:
+    """The real ``pool_hosts``, except that while ``hold`` is set a check answers only once ``release`` is."""
+
+    def __init__(self, cfg):
+        import threading
+
+        from thaw.activities.pool import PoolActivities
+        self.real = PoolActivities(cfg)
+        self.hold, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    @activity.defn(name="pool_hosts")
+    def pool_hosts(self, inp: HostsInput) -> HostsResult:
+        res = self.real.pool_hosts(inp)
+        if self.hold.is_set():
+            self.held.set()
+            self.release.wait(60)
+        return res
+
+
+def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, worker, agent, thaw_cli, snap):
+    """A scale signal that arrives while the pool's loop waits on a host check (the registry is slow) starts its
+    replica at once, on the hosts the last check saw: a burst's later signals do not queue behind the check."""
+    from temporalio.client import Client
+    from temporalio.worker import Worker
+
+    from conftest import running_worker
+    from thaw.runtime.pool import deploy
+    from thaw.workflows.pool import DeploymentPool, PoolSpec
+
+    queue = cfg.model_copy(update={"build_task_queue": f"slow-hosts-{cfg.build_task_queue}"})
+    slow = SlowHostChecks(queue)
+    with running_worker(queue, lambda client, ex: Worker(client, task_queue=queue.build_task_queue,
+                                                         workflows=[DeploymentPool], activities=[slow.pool_hosts],
+                                                         activity_executor=ex)):
+        try:
+            async def go():  # its pool runs on the queue of this worker
+                await deploy(await Client.connect(cfg.temporal_address), queue,
+                             PoolSpec("slowreg", snap, max_replicas=3, cooldown_s=0))
+            asyncio.run(go())
+            thaw_cli("scale", "slowreg", "1")
+            wait_until(lambda: len(serving(cfg, "slowreg")) == 1, what="the first replica")
+            slow.hold.set()
+            thaw_cli("scale", "slowreg", "2")  # placed, then the loop's host check hangs
+            assert slow.held.wait(30), "the pool made no host check after its scale-up"
+            thaw_cli("scale", "slowreg", "3")
+            wait_until(lambda: len(serving(cfg, "slowreg")) == 3, timeout=30, what="3 replicas, the check hanging")
+            assert not slow.release.is_set()
+        finally:
+            slow.release.set()
+            undeploy(cfg, thaw_cli, "slowreg", ok=False)
 
 
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):

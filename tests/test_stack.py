@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -40,6 +42,8 @@ def test_up_status_build_down(tmp_path):
         again = thaw(env, "up").stdout  # re-running is safe
         assert again.count("already running") == 4
         assert (tmp_path / "state" / "temporal.db").exists()  # persistent Temporal history
+        with contextlib.closing(sqlite3.connect(tmp_path / "state" / "temporal.db")) as db:  # no fsync per event
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
         (tmp_path / "img").mkdir()
         (tmp_path / "img" / "hello.txt").write_text("hello\n")

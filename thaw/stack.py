@@ -91,7 +91,10 @@ def components(cfg: Config) -> list[Component]:
         "temporal",
         [temporal_binary(), "server", "start-dev", "--db-filename", str(cfg.temporal_db), "--ip", host,
          "--port", str(port), "--ui-port", str(cfg.temporal_ui_port), "--namespace", cfg.temporal_namespace,
-         "--log-level", "warn"],
+         "--log-level", "warn",
+         # as the registry's SQLite: a write-ahead log synced at checkpoints, not at every history event (a burst of
+         # scale signals waited on those fsyncs: P5 in docs/benchmarks.md); an OS crash may lose the last events
+         "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
         lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
     )
     workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],

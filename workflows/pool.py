@@ -168,6 +168,10 @@ class DeploymentPool:
         asks = [replace(a, replicas=min(a.replicas, self.s.desired)) for a in self.s.asks[-31:]]
         self.s.asks = [a for a in asks + [replace(req, replicas=self.s.desired)] if a.replicas > have]
         self.wake = True
+        # place at once on the hosts the last check saw: the loop may be waiting on a host check, and a signal
+        # of a burst must not wait for it (what cannot be placed here, the loop places after its check)
+        if self._missing() > 0 and self.hosts and workflow.patched("place-on-signal"):
+            self._place(self._missing())
 
     @workflow.signal
     def update(self, spec: PoolSpec) -> None:
@@ -289,7 +293,14 @@ class DeploymentPool:
             await self._hosts(self.s.spec.buffer)
 
     async def _scale_up(self, n: int) -> None:
-        """Place n replicas and start them in the background: the loop keeps answering signals meanwhile."""
+        """Place n replicas; where the hosts lack capacity, look again shortly."""
+        if self._place(n) < n:
+            self.wake = True
+            await workflow.sleep(1)
+
+    def _place(self, n: int) -> int:
+        """Place up to n replicas on the hosts the last check saw and start them in the background (the loop and
+        the signal handlers go on meanwhile); returns how many were placed."""
         last = self.s.last_signal.at_ms if self.s.last_signal else 0
         own = Counter([r.host_id for r in self.s.replicas] + self.starting)
         placed = place(self.hosts, n, self.s.spec.name, own)
@@ -301,9 +312,7 @@ class DeploymentPool:
         count = len(self.s.replicas) + len(self.starting)
         self.s.asks = [a for a in self.s.asks if a.replicas > count]  # the others are placed in full
         self.s.last_scale_up_s = workflow.now().timestamp()
-        if len(placed) < n:  # no capacity yet: look again shortly
-            self.wake = True
-            await workflow.sleep(1)
+        return len(placed)
 
     async def _start(self, h: HostSlot, sig: int) -> None:
         sp = self.s.spec
