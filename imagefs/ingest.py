@@ -394,7 +394,7 @@ def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = N
         return tree.manifest(config)
     # pulls land in the store's scratch directory: on the state dir's disk, and swept by `thaw gc` after a
     # worker killed mid-pull
-    with oci.open_image(spec, staging.store.local.tmp) as image:
+    with oci.open_image(spec, staging.store.local.tmp, limits.max_image_size) as image:
         for i, layer in enumerate(image.layers):
             with contextlib.closing(layer.open()) as stream:
                 apply_layer(tree, stream, f"layer {i} ({layer.digest[:19]})")

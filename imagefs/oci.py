@@ -276,9 +276,10 @@ def _resolve_registry(rest: str) -> SourceSpec:
 
 # -- open ------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def open_image(spec: SourceSpec, scratch: Path | None = None) -> Iterator[ImageSource]:
+def open_image(spec: SourceSpec, scratch: Path | None = None, max_bytes: int | None = None) -> Iterator[ImageSource]:
     """Open a resolved source; the temporary layout (under ``scratch``, default the system's temporary
-    directory) and the daemon connection go away on exit."""
+    directory) and the daemon connection go away on exit. ``max_bytes``: a registry image with more than that
+    to download is refused before its layers are pulled."""
     label = str(spec)
     if spec.kind == "dir":
         raise SourceError(f"{label}: a directory has no layers; ingest it with ingest_directory")
@@ -298,7 +299,7 @@ def open_image(spec: SourceSpec, scratch: Path | None = None) -> Iterator[ImageS
             yield _copy(f"docker-archive:{_with_ref(path, tag)}", tmp / "layout", label,
                         not_found=f"no image tagged {tag!r} in the archive")
         elif spec.kind == "registry":
-            yield _pull(parse_registry_ref(spec.location), tmp, label)
+            yield _pull(parse_registry_ref(spec.location), tmp, label, max_bytes)
         elif spec.kind in ("docker-daemon", "dockerfile"):
             client = stack.enter_context(_docker_client(label))
             image_id = (_docker_build(client, Path(spec.location), label) if spec.kind == "dockerfile"
@@ -728,16 +729,20 @@ class _Registry:
 def _copy(src: str, dest: Path, label: str, *flags: str, registry: _Registry | None = None,
           not_found: str | None = None) -> ImageSource:
     """``skopeo copy SRC`` into an OCI layout at ``dest``, then read it like any layout."""
-    exe = shutil.which("skopeo")
-    if exe is None:
-        raise SourceError(f"{label}: skopeo is not installed; thaw reads registries, archives and the Docker "
-                          f"daemon through it (apt-get install skopeo)")
-    argv = [exe, "--insecure-policy", "copy", "--quiet", "--retry-times", "3", *flags, src, f"oci:{dest}:{COPY_REF}"]
+    argv = [_skopeo(label), "--insecure-policy", "copy", "--quiet", "--retry-times", "3", *flags, src, f"oci:{dest}:{COPY_REF}"]
     with _keepalive("skopeo copy"):
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
     if r.returncode:
         raise _copy_error(r.stderr.decode(errors="replace"), label, registry, not_found)
     return _oci_layout(_DirFS(dest, label), label, COPY_REF)
+
+
+def _skopeo(label: str) -> str:
+    exe = shutil.which("skopeo")
+    if exe is None:
+        raise SourceError(f"{label}: skopeo is not installed; thaw reads registries, archives and the Docker "
+                          f"daemon through it (apt-get install skopeo)")
+    return exe
 
 
 def _copy_error(stderr: str, label: str, registry: _Registry | None, not_found: str | None) -> Exception:
@@ -780,19 +785,44 @@ def _insecure(host: str) -> bool:
     return host in listed or name in listed
 
 
-def _pull(ref: RegistryRef, tmp: Path, label: str) -> ImageSource:
+def _pull(ref: RegistryRef, tmp: Path, label: str, max_bytes: int | None = None) -> ImageSource:
     """A registry image: credentials from THAW_REGISTRY_USERNAME/PASSWORD, else skopeo's own lookup
-    (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, containers' auth.json)."""
-    flags = ["--src-tls-verify=false"] if _insecure(ref.host) else []
+    (``$DOCKER_CONFIG/config.json`` or ``~/.docker/config.json``, containers' auth.json). With ``max_bytes``,
+    an image whose layers are more than that to download is refused before any layer is."""
+    insecure, auth = _insecure(ref.host), None
     user = os.environ.get("THAW_REGISTRY_USERNAME") or os.environ.get("THAW_REGISTRY_USER")
     if user:  # an auth file, not --src-creds: no password on a command line
         auth = tmp / "auth.json"
         secret = base64.b64encode(f"{user}:{os.environ.get('THAW_REGISTRY_PASSWORD', '')}".encode()).decode()
         auth.touch(mode=0o600)
         auth.write_text(json.dumps({"auths": {ref.host: {"auth": secret}}}))
-        flags += ["--src-authfile", str(auth)]
     elif os.environ.get("DOCKER_CONFIG"):
         config = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
-        if config.is_file():
-            flags += ["--src-authfile", str(config)]
-    return _copy(f"docker://{ref}", tmp / "layout", label, *flags, registry=_Registry(ref.host, user))
+        auth = config if config.is_file() else None
+    registry = _Registry(ref.host, user)
+    if max_bytes is not None:
+        _check_download(ref, label, max_bytes, registry,
+                        [*(["--tls-verify=false"] if insecure else []), *(["--authfile", str(auth)] if auth else [])])
+    flags = [*(["--src-tls-verify=false"] if insecure else []), *(["--src-authfile", str(auth)] if auth else [])]
+    return _copy(f"docker://{ref}", tmp / "layout", label, *flags, registry=registry)
+
+
+def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Registry, flags: list[str]) -> None:
+    """Refuse an image whose layers (for this host's platform) are over ``max_bytes`` to download, from its
+    manifest alone: a pull lands on the state dir's disk before ingest can count anything."""
+    def raw(target: str) -> bytes:
+        with _keepalive("skopeo inspect"):
+            r = subprocess.run([_skopeo(label), "inspect", "--raw", "--retry-times", "3", *flags, f"docker://{target}"],
+                               stdin=subprocess.DEVNULL, capture_output=True)
+        if r.returncode:
+            raise _copy_error(r.stderr.decode(errors="replace"), label, registry, None)
+        return r.stdout
+
+    doc = _obj(_json(raw(str(ref)), f"{label}: manifest"))
+    if "manifests" in doc and "layers" not in doc:  # an index: the manifest skopeo copy will pick
+        desc = _pick_platform([d for d in _list(doc.get("manifests")) if isinstance(d, dict)], label)
+        _, doc = _resolve_manifest(desc, lambda digest: raw(f"{ref.host}/{ref.repo}@{digest}"), label)
+    size = sum(d["size"] for d in _list(doc.get("layers")) if isinstance(d, dict) and isinstance(d.get("size"), int))
+    if size > max_bytes:
+        raise SourceError(f"{label}: its layers are {size} bytes to download, over the image size limit of "
+                          f"{max_bytes} bytes (THAW_MAX_IMAGE_SIZE); nothing was pulled")

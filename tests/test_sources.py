@@ -353,9 +353,10 @@ def test_tampered_oci_blob_fails_the_build_and_stores_nothing(cfg, worker, thaw_
     assert "does not match its digest" in err and "tampered" in err
 
 
-def test_index_picks_the_host_platform(tmp_path):
-    """index.json → image index → per-platform manifests (and an attestation), as registries serve them."""
-    layout = oci_layout(tmp_path / "layout", [layer(member("arch", data=b"host"))])
+def multi_platform_layout(root: Path) -> tuple[Path, dict, dict]:
+    """An OCI layout whose image "multi" is an index of a host-platform image (one layer: file "arch"), an empty
+    linux/s390x one and an attestation, as registries serve them. Returns (layout, host desc, s390x desc)."""
+    layout = oci_layout(root, [layer(member("arch", data=b"host"))])
     blobs = layout / "blobs" / "sha256"
     host = json.loads((layout / "index.json").read_text())["manifests"][0]
     host = {**host, "annotations": {}, "platform": {"os": "linux", "architecture": oci._host_platform()[0]}}
@@ -372,6 +373,13 @@ def test_index_picks_the_host_platform(tmp_path):
     (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
         {"mediaType": oci.MT_OCI_INDEX, "digest": f"sha256:{hashlib.sha256(index).hexdigest()}",
          "size": len(index), "annotations": {oci.REF_NAME: "multi"}}]}))
+    return layout, host, other
+
+
+def test_index_picks_the_host_platform(tmp_path):
+    """index.json → image index → per-platform manifests (and an attestation), as registries serve them."""
+    layout, _, other = multi_platform_layout(tmp_path / "layout")
+    blobs = layout / "blobs" / "sha256"
     m, store = library_ingest(f"oci:{layout}:multi", tmp_path / "store")
     assert (materialize(m, store, tmp_path / "out") / "arch").read_bytes() == b"host"
 
@@ -509,10 +517,38 @@ def test_registry_anonymous(cfg, worker, thaw_cli, tmp_path, registry, app_archi
     assert res["digest"] == reference.digest
     with oci.open_image(resolve(f"docker://{registry.host}/thaw/app:1")) as img:
         assert all(l.media_type.endswith("gzip") for l in img.layers)
+        size = sum(l.size for l in img.layers)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(SourceError, match=rf"its layers are {size} bytes to download, over the image size limit of "
+                                          rf"{size - 1} bytes \(THAW_MAX_IMAGE_SIZE\); nothing was pulled"):
+        with oci.open_image(resolve(f"docker://{registry.host}/thaw/app:1"), scratch, max_bytes=size - 1):
+            pass
+    with oci.open_image(resolve(f"docker://{registry.host}/thaw/app:1"), scratch, max_bytes=size) as img:
+        assert sum(l.size for l in img.layers) == size
+    store = ChunkStore([LocalDirTier(tmp_path / "store")])  # ingest passes its limit on
+    with pytest.raises(SourceError, match="bytes to download, over the image size limit"):
+        ingest(resolve(f"docker://{registry.host}/thaw/app:1"), store.staging("big"), Limits(1 << 30, size - 1, 1000))
+    assert not list((tmp_path / "store").rglob("*.tar*")) and not os.listdir(store.local.tmp)
     by_digest = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
                                 f"docker://{registry.host}/thaw/app:1"], capture_output=True, text=True, check=True)
     pinned = f"docker://{registry.host}/thaw/app@{by_digest.stdout.strip()}"
     assert build(thaw_cli, pinned)["digest"] == reference.digest
+
+
+@pytest.mark.docker
+def test_registry_image_over_the_size_limit_is_refused_before_the_pull(tmp_path, registry):
+    """The limit is checked on the manifest skopeo will pull (an index: the host platform's), before any layer."""
+    layout, host, _ = multi_platform_layout(tmp_path / "layout")
+    skopeo_copy(f"oci:{layout}:multi", f"docker://{registry.host}/thaw/multi:1", "--all", "--dest-tls-verify=false")
+    manifest = json.loads((layout / "blobs" / "sha256" / host["digest"][7:]).read_bytes())
+    size = sum(l["size"] for l in manifest["layers"])  # the s390x image has none
+    spec = resolve(f"docker://{registry.host}/thaw/multi:1")
+    with pytest.raises(SourceError, match=f"its layers are {size} bytes to download, over the image size limit"):
+        with oci.open_image(spec, max_bytes=size - 1):
+            pass
+    with oci.open_image(spec, max_bytes=size) as img:
+        assert [l.size for l in img.layers] == [size]
 
 
 @pytest.mark.docker
