@@ -153,6 +153,8 @@ class DeploymentPool:
         self.starting: list[str] = []  # host ids of replica starts in flight (background tasks)
         self.tasks: set[asyncio.Task] = set()
         self.hosts: list[HostSlot] = []  # from the last host check: a scale-up places without a round trip
+        self.hosts_at = 0.0  # when that check answered (workflow time, s)
+        self.draining = False  # waiting for starts to end before continue-as-new: no new ones
         self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
 
     @workflow.signal
@@ -169,8 +171,10 @@ class DeploymentPool:
         self.s.asks = [a for a in asks + [replace(req, replicas=self.s.desired)] if a.replicas > have]
         self.wake = True
         # place at once on the hosts the last check saw: the loop may be waiting on a host check, and a signal
-        # of a burst must not wait for it (what cannot be placed here, the loop places after its check)
-        if self._missing() > 0 and self.hosts and workflow.patched("place-on-signal"):
+        # of a burst must not wait for it (what cannot be placed here, the loop places after its check). Not on
+        # hosts seen long ago: the loop may be in a long wait (stopping replicas, a host check being retried)
+        fresh = workflow.now().timestamp() - self.hosts_at <= 2 * self.s.spec.check_every_s
+        if self._missing() > 0 and self.hosts and fresh and not self.draining and workflow.patched("place-on-signal"):
             self._place(self._missing())
 
     @workflow.signal
@@ -215,6 +219,7 @@ class DeploymentPool:
                 return self.s
             await self._reconcile()
             if workflow.info().is_continue_as_new_suggested() or workflow.info().get_current_history_length() > 8000:
+                self.draining = True
                 await workflow.wait_condition(lambda: not self.starting and workflow.all_handlers_finished())
                 workflow.continue_as_new(self.s)
 
@@ -234,7 +239,7 @@ class DeploymentPool:
                 raise
             workflow.logger.warning("pool %s: host check failed: %s", self.s.spec.name, e.cause or e)
             return HostsResult(busy, self.s.reserved, self.hosts)
-        self.s.reserved, self.hosts = res.reserved, res.hosts
+        self.s.reserved, self.hosts, self.hosts_at = res.reserved, res.hosts, workflow.now().timestamp()
         if workflow.patched("warm-buffer-hosts"):
             self._warm(res)
         return res
@@ -273,7 +278,12 @@ class DeploymentPool:
         if self._missing() > 0 and self.hosts:  # a scale-up starts at once, on the hosts the last check saw
             await self._scale_up(self._missing())
         known = {r.id for r in self.s.replicas}  # a start that ends during the check is not in its rows
+        before = set(self.starting)
         hosts = await self._hosts(self.s.spec.buffer)
+        if self.s.stopping:  # undeployed during the check: the loop stops everything next
+            return
+        # a signal placed replicas during the check, on hosts it may have reserved as idle buffer hosts
+        placed_meanwhile = bool(set(self.starting) - before)
         lost = [r for r in self.s.replicas if r.host_id not in hosts.live]
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
@@ -289,7 +299,7 @@ class DeploymentPool:
             await self._scale_up(missing)
         elif missing < 0 and not self.starting:
             await self._scale_down()
-        if missing:  # hosts turned busy or idle: refill the buffer now rather than at the next check
+        if missing or placed_meanwhile:  # hosts turned busy or idle: refill the buffer now, not at the next check
             await self._hosts(self.s.spec.buffer)
 
     async def _scale_up(self, n: int) -> None:
