@@ -82,6 +82,8 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
             resp = await handler(request)
         except NotFound as e:
             resp = _error(404, str(e))
+        except pool.PoolUnreachable as e:  # Temporal down or slow: the deployment may well exist
+            resp = _error(503, str(e))
         calls.labels(route, str(resp.status)).inc()
         return resp
 

@@ -6,7 +6,7 @@ import re
 import time
 
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from thaw.config import Config
 from thaw.registry import deployments, snapshots
@@ -53,12 +53,25 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
     return spec, True
 
 
+class PoolUnreachable(RuntimeError):
+    """Temporal did not answer about a pool (unavailable, timed out): unlike NotFound, the pool may well run."""
+
+
+def _no_pool(name: str, e: RPCError, hint: str = "") -> Exception:
+    if e.status == RPCStatusCode.NOT_FOUND:
+        return NotFound(f"deployment {name!r} has no running pool ({e.message}){hint}")
+    return PoolUnreachable(f"Temporal did not answer about deployment {name!r}'s pool: {e.message}")
+
+
 async def running(client: Client, name: str) -> bool:
-    """Whether deployment ``name``'s pool workflow runs (False: never started, ended, or its history is gone)."""
+    """Whether deployment ``name``'s pool workflow runs (False: never started, ended, or its history is gone;
+    PoolUnreachable: Temporal did not say)."""
     try:
         desc = await client.get_workflow_handle(workflow_id(name)).describe()
-    except RPCError:
-        return False
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise _no_pool(name, e) from None
     return desc.status == WorkflowExecutionStatus.RUNNING
 
 
@@ -69,18 +82,18 @@ async def scale(client: Client, name: str, replicas: int, source: str) -> None:
         await client.get_workflow_handle(workflow_id(name)).signal(
             DeploymentPool.scale, ScaleRequest(replicas, source, int(time.time() * 1000)))
     except RPCError as e:
-        raise NotFound(f"deployment {name!r} has no running pool ({e.message}); `thaw deploy` it first") from None
+        raise _no_pool(name, e, "; `thaw deploy` it first") from None
 
 
 async def state(client: Client, name: str) -> PoolState:
     try:
         return await client.get_workflow_handle(workflow_id(name)).query(DeploymentPool.state)
     except RPCError as e:
-        raise NotFound(f"deployment {name!r} has no running pool ({e.message})") from None
+        raise _no_pool(name, e) from None
 
 
 async def undeploy(client: Client, name: str) -> None:
     try:
         await client.get_workflow_handle(workflow_id(name)).signal(DeploymentPool.stop)
     except RPCError as e:
-        raise NotFound(f"deployment {name!r} has no running pool ({e.message})") from None
+        raise _no_pool(name, e) from None

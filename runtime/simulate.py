@@ -70,7 +70,7 @@ import statistics
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 # Used when neither a flag nor the registry gives a number (GPU-sized assumptions, not measurements).
@@ -123,6 +123,8 @@ def _parse_time(text: str) -> float:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ValueError from None
+    if dt.tzinfo is None:  # not this machine's local time: one trace must read the same everywhere (and no DST)
+        dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
 
 
@@ -137,9 +139,11 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
     except OSError as e:
         raise TraceError(f"cannot read trace {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TraceError(f"trace {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = [(n, r) for n, r in enumerate(csv.reader(text.splitlines()), 1) if r and any(c.strip() for c in r)]
     rows = [(n, r) for n, r in rows if not r[0].lstrip().startswith("#")]
     if not rows:

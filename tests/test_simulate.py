@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import click
@@ -258,7 +259,7 @@ def test_bursty_trace_is_deterministic():
     assert sim.simulate(a, Policy("restore", 2)).summary() == sim.simulate(b, Policy("restore", 2)).summary()
 
 
-def test_csv_trace(tmp_path):
+def test_csv_trace(tmp_path, monkeypatch):
     p = tmp_path / "t.csv"
     p.write_text("timestamp,duration_s\n1700000010,2\n1700000000,\n1700000005.5,0.25\n")
     tr = sim.load_trace(p, service_s=1.0)
@@ -275,6 +276,15 @@ def test_csv_trace(tmp_path):
     assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0, pytest.approx(946684805 - 1)]
     q.write_text("2000-01-01T00:00:05Z\n2000-01-01T00:00:07Z\n")  # ISO 8601 first: not taken for a header
     assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0]
+    # a spreadsheet's byte-order mark; a time without a zone is UTC on every machine (this one's TZ aside)
+    q.write_text("\ufefftimestamp\n2000-01-01T00:00:05\n2000-01-01T00:00:07Z\n", encoding="utf-8")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert [r.t for r in sim.load_trace(q, 0.5).requests] == [0.0, 2.0]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize("text,match", [
@@ -285,10 +295,11 @@ def test_csv_trace(tmp_path):
     ("timestamp,duration_s\n1,fast\n", "line 2: duration 'fast' is not a number"),
     ("timestamp,duration_s\n1,0\n", "must be > 0"),
     ("timestamp,deployment\n1,a\n2,\n", "line 3: no deployment"),
+    ("timestamp\n1\n\xff\n", "is not UTF-8 text"),
 ])
 def test_csv_errors_are_one_line(tmp_path, text, match):
     p = tmp_path / "bad.csv"
-    p.write_text(text)
+    p.write_bytes(text.encode("latin-1"))
     with pytest.raises(sim.TraceError, match=match) as e:
         sim.load_trace(p)
     assert "\n" not in str(e.value) and str(p) in str(e.value)

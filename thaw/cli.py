@@ -456,13 +456,14 @@ def snapshots_rm(cfg, digest):
     by `thaw restore --keep` serve); `thaw gc` then frees what only it used."""
     from thaw.registry import deployments, queries
     from thaw.registry import snapshots as q
+    from thaw.runtime.pool import PoolUnreachable
 
     try:
         row = q.get(cfg.registry_url, digest)
         names = [d.name for d in deployments.list_all(cfg.registry_url) if d.snapshot_digest == row.digest]
         running = _pools_running(cfg, names) if names else set()
         row, forgotten = q.remove(cfg.registry_url, row.digest, lambda name: name in running)
-    except (queries.NotFound, queries.InUse) as e:
+    except (queries.NotFound, queries.InUse, PoolUnreachable) as e:  # Temporal silent: its pools may run
         _fail(str(e))
     click.echo(f"snapshot {row.digest[:16]} removed" + (f" with its ended deployment(s) {', '.join(forgotten)}"
                                                         if forgotten else "")
@@ -697,13 +698,14 @@ def agent(cfg, host_id):
 def _pool_call(cfg, fn):
     """Run ``fn(client)`` against Temporal; registry/pool errors become one-line failures."""
     from thaw.registry.queries import NotFound
+    from thaw.runtime.pool import PoolUnreachable
 
     async def go():
         return await fn(await _connect(cfg))
 
     try:
         return asyncio.run(go())
-    except NotFound as e:
+    except (NotFound, PoolUnreachable) as e:
         _fail(str(e))
 
 
