@@ -218,9 +218,13 @@ class HostActivities:
         with self.lock:
             self.closing = True
             serving, self.serving = list(self.serving.values()), {}
-        for r in serving:
+        for r in serving:  # every replica first: a registry that is down must not keep one running
             r.stop()
-            deployments.remove_replica(self.cfg.registry_url, r.id)
+        for r in serving:  # the rows that could not go now go when this host's agent starts again
+            try:
+                deployments.remove_replica(self.cfg.registry_url, r.id)
+            except Exception as e:  # noqa: BLE001
+                log.warning("replica %s stopped; its registry row stays: %s", r.id, e)
 
     def all(self) -> list:
         return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas,

@@ -8,6 +8,8 @@ import os
 import signal
 import urllib.request
 
+import pytest
+
 from services import wait_until
 from test_criu import needs_criu
 from test_pool import release_dead_host
@@ -80,3 +82,17 @@ def test_hosts_down_does_not_signal_a_pid_that_is_not_its_agent(tmp_path):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
+    """Temporal or a registry DSN on loopback is refused before any namespace is made."""
+    from thaw.config import Config
+    from thaw.runtime import hosts
+
+    with pytest.raises(hosts.HostsError, match="cannot reach Temporal on loopback"):
+        hosts.up(Config(state_dir=tmp_path, temporal_address="127.0.0.1:7233"), 1)
+    cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233",
+                 db_url="postgresql+psycopg://thaw@localhost:5432/thaw")
+    with pytest.raises(hosts.HostsError, match="cannot reach the registry database on loopback"):
+        hosts.up(cfg, 1)
+    assert not (tmp_path / "run" / "hosts.json").exists()

@@ -433,6 +433,7 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         assert answer(new[0].endpoint)["digest"]
         st = json.loads(thaw_cli("status", "ha", "--json").output)
         assert st["counts"]["lost"] == 1 and st["replicas"][0]["host_id"] == cfg.host_id
+        assert [r.host_id for r in serving(cfg, "ha")] == [cfg.host_id]  # the dead host's row went too
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGKILL)
