@@ -30,9 +30,13 @@ class PoolActivities:
             live = [h for h in live if compat.needs_gpu(h.facts)]
         ok = {h.id for h in live if not compat.check(snap.host_facts, h.facts)}
         load = deployments.load(url)
+        names = {d.name for d in deployments.list_all(url)}
+
+        def holder(h) -> str | None:  # a reservation of a deployment that is gone holds nothing
+            return h.reserved_for if h.reserved_for in names else None
         idle = [h for h in live if h.id in ok and not load.get(h.id) and h.id not in inp.busy
-                and h.reserved_for in (None, inp.deployment)]
-        idle.sort(key=lambda h: (h.reserved_for != inp.deployment, h.id))  # keep current reservations
+                and holder(h) in (None, inp.deployment)]
+        idle.sort(key=lambda h: (holder(h) != inp.deployment, h.id))  # keep current reservations
         reserved = deployments.set_reservations(url, inp.deployment, [h.id for h in idle[: inp.buffer]])
         rows = []
         for r in deployments.replicas(url, deployment=inp.deployment):
@@ -42,8 +46,8 @@ class PoolActivities:
                 deployments.remove_replica(url, r.id)  # its own agent, gone, cannot remove it
         own = Counter(r.host_id for r in rows)
         slots = [HostSlot(h.id, h.task_queue, h.capacity, load.get(h.id, 0) - own.get(h.id, 0), h.id in ok,
-                          inp.deployment if h.id in reserved else (None if h.reserved_for == inp.deployment
-                                                                    else h.reserved_for))
+                          inp.deployment if h.id in reserved else (None if holder(h) == inp.deployment
+                                                                    else holder(h)))
                  for h in live]
         return HostsResult([h.id for h in live], reserved, slots, [r.id for r in rows])
 

@@ -67,7 +67,8 @@ def set_reservations(url: str, deployment: str, host_ids: list[str]) -> list[str
         s.exec(update(Host).where(col(Host.reserved_for) == deployment, col(Host.id).not_in(host_ids))
                .values(reserved_for=None))
         s.exec(update(Host).where(col(Host.id).in_(host_ids),
-                                  col(Host.reserved_for).is_(None) | (col(Host.reserved_for) == deployment))
+                                  col(Host.reserved_for).is_(None) | (col(Host.reserved_for) == deployment)
+                                  | col(Host.reserved_for).not_in(select(Deployment.name)))  # its deployment went
                .values(reserved_for=deployment))
         s.commit()
         return sorted(s.exec(select(Host.id).where(col(Host.reserved_for) == deployment)).all())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sqlmodel import select
+from sqlmodel import col, select, update
 
 from . import queries
 from .db import session
@@ -44,6 +44,8 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool]) -> tuple[Sna
                                     f"`thaw undeploy {d.name}` first")
         for d in deps:
             s.delete(d)
+        if deps:  # an ended pool that never released its buffer (terminated, say) must not hold hosts forever
+            s.exec(update(Host).where(col(Host.reserved_for).in_([d.name for d in deps])).values(reserved_for=None))
         for e in s.exec(select(RestoreEvent).where(RestoreEvent.snapshot_digest == row.digest)).all():
             s.delete(e)
         s.delete(s.get(Snapshot, row.digest))

@@ -140,21 +140,41 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     assert rows["gpu-a"].split(None, 4)[1:] == ["live", "1", "d", "1x NVIDIA H200, driver 580.159.04, CUDA 13.0"]
 
 
-def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path):
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
     """Two pools that chose the same idle host in the same moment: the first reservation stands, the second
     pool is told which hosts it really holds; a released host can then be reserved by the other."""
     from thaw.config import Config
     from thaw.registry import deployments, snapshots
 
-    url = Config(state_dir=tmp_path / "state").registry_url
+    from sqlmodel import update
+
+    from thaw.registry.db import session
+    from thaw.registry.models import Deployment, Host, Snapshot
+
+    url = Config(state_dir=tmp_path / "state").registry_url if db == "sqlite" else request.getfixturevalue("postgres_url")
     for host in ("h1", "h2", "h3"):
         snapshots.upsert_host(url, host, f"q-{host}", {}, None, capacity=1)
+    images.register(url, _image("i" * 64))
+    for digest in ("a" * 64, "c" * 64):
+        snapshots.register(url, Snapshot(digest=digest, image_digest="i" * 64, compat_key="k", host_facts={},
+                                         golden_digest="x", size=1, files=1, new_bytes=0))
+    for name, digest in (("a", "a" * 64), ("b", "a" * 64), ("c", "c" * 64)):
+        deployments.upsert(url, Deployment(name=name, snapshot_digest=digest))
     assert deployments.set_reservations(url, "a", ["h1", "h2"]) == ["h1", "h2"]
     assert deployments.set_reservations(url, "b", ["h2", "h3"]) == ["h3"]
     assert deployments.set_reservations(url, "a", ["h1"]) == ["h1"]  # h2 released
     assert deployments.set_reservations(url, "b", ["h2", "h3"]) == ["h2", "h3"]
     assert deployments.set_reservations(url, "b", []) == []
     assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
+    # a deployment forgotten with its snapshot (its pool ended without releasing its buffer) holds no host
+    assert deployments.set_reservations(url, "c", ["h2"]) == ["h2"]
+    snapshots.remove(url, "c" * 64, lambda name: False)
+    assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
+    with session(url) as s:  # a reservation left by a deployment row removed some other way
+        s.exec(update(Host).where(Host.id == "h3").values(reserved_for="gone"))
+        s.commit()
+    assert deployments.set_reservations(url, "b", ["h3"]) == ["h3"]
 
 
 def test_an_unreachable_registry_database_is_a_one_line_error(tmp_path):
