@@ -25,7 +25,6 @@ class PoolActivities:
         url = self.cfg.registry_url
         snap = snapshots.get(url, inp.snapshot)
         live = snapshots.live_hosts(url, self.cfg.host_stale_s)
-        alive = {h.id for h in live}
         if compat.needs_gpu(snap.host_facts):
             live = [h for h in live if compat.needs_gpu(h.facts)]
         ok = {h.id for h in live if not compat.check(snap.host_facts, h.facts)}
@@ -38,12 +37,7 @@ class PoolActivities:
                 and holder(h) in (None, inp.deployment)]
         idle.sort(key=lambda h: (holder(h) != inp.deployment, h.id))  # keep current reservations
         reserved = deployments.set_reservations(url, inp.deployment, [h.id for h in idle[: inp.buffer]])
-        rows = []
-        for r in deployments.replicas(url, deployment=inp.deployment):
-            if r.host_id in alive:
-                rows.append(r)
-            else:  # its host stopped heartbeating (the pool replaces it): no gateway may be sent there, and
-                deployments.remove_replica(url, r.id)  # its own agent, gone, cannot remove it
+        rows = deployments.replicas(url, deployment=inp.deployment)
         own = Counter(r.host_id for r in rows)
         slots = [HostSlot(h.id, h.task_queue, h.capacity, load.get(h.id, 0) - own.get(h.id, 0), h.id in ok,
                           inp.deployment if h.id in reserved else (None if holder(h) == inp.deployment

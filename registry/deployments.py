@@ -8,6 +8,7 @@ from .db import session
 from .models import Deployment, Host, Replica
 from . import queries
 from .queries import NotFound
+from .snapshots import live_hosts
 
 
 def upsert(url: str, dep: Deployment) -> Deployment:
@@ -41,6 +42,13 @@ def remove_replica(url: str, replica_id: str) -> None:
         if row:
             s.delete(row)
             s.commit()
+
+
+def serving(cfg, deployment: str) -> list[Replica]:
+    """``deployment``'s replicas on live hosts: a host that stopped heartbeating keeps its rows (its agent removes
+    them when it starts again, and its replicas count there if it comes back), but nobody is sent there."""
+    alive = {h.id for h in live_hosts(cfg.registry_url, cfg.host_stale_s)}
+    return [r for r in replicas(cfg.registry_url, deployment=deployment) if r.host_id in alive]
 
 
 def replicas(url: str, deployment: str | None = None, host_id: str | None = None) -> list[Replica]:

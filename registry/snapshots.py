@@ -25,11 +25,15 @@ def list_all(url: str, image_digest: str | None = None) -> list[Snapshot]:
     return queries.newest_first(url, Snapshot, **({"image_digest": image_digest} if image_digest else {}))
 
 
-def remove(url: str, ref: str, pool_running: Callable[[str], bool]) -> tuple[Snapshot, list[str]]:
+def remove(url: str, ref: str, pool_running: Callable[[str], bool],
+           stale_s: float | None = None) -> tuple[Snapshot, list[str]]:
     """Forget snapshot ``ref`` and its restore events (its store objects stay until ``thaw gc``). Deployments
     of it whose pool has ended are forgotten too (returned); InUse while one of them runs a pool
-    (``pool_running(name)``) or has replicas serving, or while replicas kept by ``thaw restore --keep`` serve."""
+    (``pool_running(name)``) or has replicas serving, or while replicas kept by ``thaw restore --keep`` serve.
+    With ``stale_s``, a deployment's replicas on hosts silent that long do not count as serving (their rows
+    go with it)."""
     row = get(url, ref)
+    alive = {h.id for h in live_hosts(url, stale_s)} if stale_s is not None else None
     with session(url) as s:
         kept = s.exec(select(Replica.id).where(Replica.snapshot_digest == row.digest, Replica.deployment == "")).all()
         if kept:
@@ -37,12 +41,15 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool]) -> tuple[Sna
                                 f"`thaw replicas stop {' '.join(kept)}` first")
         deps = s.exec(select(Deployment).where(Deployment.snapshot_digest == row.digest)).all()
         for d in deps:
-            serving = s.exec(select(Replica.id).where(Replica.deployment == d.name)).all()
+            serving = [r.id for r in s.exec(select(Replica).where(Replica.deployment == d.name)).all()
+                       if alive is None or r.host_id in alive]
             if serving or pool_running(d.name):
                 raise queries.InUse(f"snapshot {row.digest[:12]} is deployed as {d.name!r}"
                                     f"{f' ({len(serving)} replica(s) serving)' if serving else ''}: "
                                     f"`thaw undeploy {d.name}` first")
         for d in deps:
+            for r in s.exec(select(Replica).where(Replica.deployment == d.name)).all():  # on dead hosts only
+                s.delete(r)
             s.delete(d)
         if deps:  # an ended pool that never released its buffer (terminated, say) must not hold hosts forever
             s.exec(update(Host).where(col(Host.reserved_for).in_([d.name for d in deps])).values(reserved_for=None))

@@ -30,8 +30,7 @@ class PoolBackends:
         self.cfg, self.name, self.client = cfg, name, client
 
     async def endpoints(self) -> list[str]:
-        rows = await asyncio.to_thread(deployments.replicas, self.cfg.registry_url, self.name)
-        return [r.endpoint for r in rows]
+        return [r.endpoint for r in await asyncio.to_thread(deployments.serving, self.cfg, self.name)]
 
     async def scale(self, replicas: int, reason: str) -> None:
         log.info("scale %s to %d (%s)", self.name, replicas, reason)

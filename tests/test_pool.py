@@ -415,6 +415,8 @@ def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, work
 
 
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
+    from thaw.runtime.frontdoor import PoolBackends
+
     # the in-process agent is full, so the first replica lands on the subprocess agent
     snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
     victim = _agent_proc(cfg, "victim")
@@ -433,7 +435,10 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         assert answer(new[0].endpoint)["digest"]
         st = json.loads(thaw_cli("status", "ha", "--json").output)
         assert st["counts"]["lost"] == 1 and st["replicas"][0]["host_id"] == cfg.host_id
-        assert [r.host_id for r in serving(cfg, "ha")] == [cfg.host_id]  # the dead host's row went too
+        # its row stays (its agent removes it if it comes back), but gateways are no longer sent there
+        assert sorted(r.host_id for r in serving(cfg, "ha")) == sorted([cfg.host_id, "victim"])
+        assert [r.host_id for r in deployments.serving(cfg, "ha")] == [cfg.host_id]
+        assert asyncio.run(PoolBackends(cfg, "ha").endpoints()) == [new[0].endpoint]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGKILL)

@@ -150,7 +150,10 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
     from sqlmodel import update
 
     from thaw.registry.db import session
-    from thaw.registry.models import Deployment, Host, Snapshot
+    from thaw.activities.pool import PoolActivities
+    from thaw.registry.models import Deployment, Host, Replica, Snapshot
+    from thaw.registry.queries import InUse
+    from thaw.workflows.pool import HostsInput
 
     url = Config(state_dir=tmp_path / "state").registry_url if db == "sqlite" else request.getfixturevalue("postgres_url")
     for host in ("h1", "h2", "h3"):
@@ -167,13 +170,23 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
     assert deployments.set_reservations(url, "b", ["h2", "h3"]) == ["h2", "h3"]
     assert deployments.set_reservations(url, "b", []) == []
     assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
-    # a deployment forgotten with its snapshot (its pool ended without releasing its buffer) holds no host
+    # a deployment forgotten with its snapshot (its pool ended without releasing its buffer) holds no host;
+    # its replica row on a host that went silent does not keep the snapshot, but one on a live host does
     assert deployments.set_reservations(url, "c", ["h2"]) == ["h2"]
-    snapshots.remove(url, "c" * 64, lambda name: False)
+    deployments.add_replica(url, Replica(id="r-dead", deployment="c", snapshot_digest="c" * 64, host_id="h9",
+                                         endpoint="http://10.0.0.9:1", outcome="restored"))
+    with pytest.raises(InUse, match="1 replica"):
+        snapshots.remove(url, "c" * 64, lambda name: False)
+    cfg = Config(state_dir=tmp_path / "state", **({"db_url": url} if db == "postgres" else {}))
+    assert deployments.serving(cfg, "c") == []
+    snapshots.remove(url, "c" * 64, lambda name: False, stale_s=60)
+    assert deployments.replicas(url) == []
     assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
     with session(url) as s:  # a reservation left by a deployment row removed some other way
         s.exec(update(Host).where(Host.id == "h3").values(reserved_for="gone"))
         s.commit()
+    hosts = PoolActivities(cfg).pool_hosts(HostsInput("b", "a" * 64, buffer=2, busy=[]))
+    assert hosts.reserved == ["h2", "h3"]  # h1 is a's
     assert deployments.set_reservations(url, "b", ["h3"]) == ["h3"]
 
 

@@ -462,7 +462,7 @@ def snapshots_rm(cfg, digest):
         row = q.get(cfg.registry_url, digest)
         names = [d.name for d in deployments.list_all(cfg.registry_url) if d.snapshot_digest == row.digest]
         running = _pools_running(cfg, names) if names else set()
-        row, forgotten = q.remove(cfg.registry_url, row.digest, lambda name: name in running)
+        row, forgotten = q.remove(cfg.registry_url, row.digest, lambda name: name in running, cfg.host_stale_s)
     except (queries.NotFound, queries.InUse, PoolUnreachable) as e:  # Temporal silent: its pools may run
         _fail(str(e))
     click.echo(f"snapshot {row.digest[:16]} removed" + (f" with its ended deployment(s) {', '.join(forgotten)}"

@@ -155,6 +155,8 @@ class DeploymentPool:
         self.hosts: list[HostSlot] = []  # from the last host check: a scale-up places without a round trip
         self.hosts_at = 0.0  # when that check answered (workflow time, s)
         self.draining = False  # waiting for starts to end before continue-as-new: no new ones
+        self.stopping_on: list[str] = []  # host ids of replicas a scale-down is stopping (they hold capacity)
+        self.placed = 0  # replica starts placed so far by this run
         self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
 
     @workflow.signal
@@ -278,12 +280,12 @@ class DeploymentPool:
         if self._missing() > 0 and self.hosts:  # a scale-up starts at once, on the hosts the last check saw
             await self._scale_up(self._missing())
         known = {r.id for r in self.s.replicas}  # a start that ends during the check is not in its rows
-        before = set(self.starting)
+        before = self.placed
         hosts = await self._hosts(self.s.spec.buffer)
-        if self.s.stopping:  # undeployed during the check: the loop stops everything next
-            return
+        if self.s.stopping and workflow.patched("reconcile-stop"):  # undeployed during the check: the loop
+            return  # stops everything next
         # a signal placed replicas during the check, on hosts it may have reserved as idle buffer hosts
-        placed_meanwhile = bool(set(self.starting) - before)
+        placed_meanwhile = self.placed != before
         lost = [r for r in self.s.replicas if r.host_id not in hosts.live]
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
@@ -312,9 +314,10 @@ class DeploymentPool:
         """Place up to n replicas on the hosts the last check saw and start them in the background (the loop and
         the signal handlers go on meanwhile); returns how many were placed."""
         last = self.s.last_signal.at_ms if self.s.last_signal else 0
-        own = Counter([r.host_id for r in self.s.replicas] + self.starting)
+        own = Counter([r.host_id for r in self.s.replicas] + self.starting + self.stopping_on)
         placed = place(self.hosts, n, self.s.spec.name, own)
         for h in placed:
+            self.placed += 1
             self.starting.append(h.host_id)
             count = len(self.s.replicas) + len(self.starting)  # this replica's number
             sig = next((a.at_ms for a in self.s.asks if a.replicas >= count), last)
@@ -363,7 +366,12 @@ class DeploymentPool:
         if extra <= 0:
             return
         victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
-        await asyncio.gather(*(self._stop(r) for r in victims))
+        self.stopping_on += [r.host_id for r in victims]  # a signal placing meanwhile must not take their slots
+        try:
+            await asyncio.gather(*(self._stop(r) for r in victims))
+        finally:
+            for r in victims:
+                self.stopping_on.remove(r.host_id)
         self._count("stopped", len(victims))
 
     async def _stop(self, r: ReplicaInfo) -> None:
