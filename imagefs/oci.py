@@ -800,16 +800,18 @@ def _pull(ref: RegistryRef, tmp: Path, label: str, max_bytes: int | None = None)
         config = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
         auth = config if config.is_file() else None
     registry = _Registry(ref.host, user)
-    if max_bytes is not None:
-        _check_download(ref, label, max_bytes, registry,
-                        [*(["--tls-verify=false"] if insecure else []), *(["--authfile", str(auth)] if auth else [])])
+    if max_bytes is not None:  # and then pull what was checked, even if the tag moves meanwhile
+        ref = _check_download(ref, label, max_bytes, registry, [*(["--tls-verify=false"] if insecure else []),
+                                                                 *(["--authfile", str(auth)] if auth else [])])
     flags = [*(["--src-tls-verify=false"] if insecure else []), *(["--src-authfile", str(auth)] if auth else [])]
     return _copy(f"docker://{ref}", tmp / "layout", label, *flags, registry=registry)
 
 
-def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Registry, flags: list[str]) -> None:
+def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Registry,
+                    flags: list[str]) -> RegistryRef:
     """Refuse an image whose layers (for this host's platform) are over ``max_bytes`` to download, from its
-    manifest alone: a pull lands on the state dir's disk before ingest can count anything."""
+    manifest alone: a pull lands on the state dir's disk before ingest can count anything. Returns ``ref``
+    pinned to the digest of the manifest it checked."""
     def raw(target: str) -> bytes:
         with _keepalive("skopeo inspect"):
             r = subprocess.run([_skopeo(label), "inspect", "--raw", "--retry-times", "3", *flags, f"docker://{target}"],
@@ -818,7 +820,10 @@ def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Reg
             raise _copy_error(r.stderr.decode(errors="replace"), label, registry, None)
         return r.stdout
 
-    doc = _obj(_json(raw(str(ref)), f"{label}: manifest"))
+    top = raw(str(ref))
+    doc = _obj(_json(top, f"{label}: manifest"))
+    pinned = ref if ref.digest or doc.get("schemaVersion") != 2 else RegistryRef(  # (schema 1's digest is not
+        ref.host, ref.repo, None, f"sha256:{hashlib.sha256(top).hexdigest()}")  # that of these bytes)
     if "manifests" in doc and "layers" not in doc:  # an index: the manifest skopeo copy will pick
         desc = _pick_platform([d for d in _list(doc.get("manifests")) if isinstance(d, dict)], label)
         _, doc = _resolve_manifest(desc, lambda digest: raw(f"{ref.host}/{ref.repo}@{digest}"), label)
@@ -826,3 +831,4 @@ def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Reg
     if size > max_bytes:
         raise SourceError(f"{label}: its layers are {size} bytes to download, over the image size limit of "
                           f"{max_bytes} bytes (THAW_MAX_IMAGE_SIZE); nothing was pulled")
+    return pinned
