@@ -42,7 +42,9 @@ def _add_missing_columns(eng: Engine) -> None:
             for col in table.columns:
                 if col.name not in have:
                     ddl = col.type.compile(dialect=eng.dialect)
-                    conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN "{col.name}" {ddl}'))
+                    # two processes upgrading one PostgreSQL registry at once: the second must not fail
+                    guard = " IF NOT EXISTS" if eng.dialect.name == "postgresql" else ""
+                    conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN{guard} "{col.name}" {ddl}'))
 
 
 @contextmanager

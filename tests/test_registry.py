@@ -223,3 +223,27 @@ def test_saved_settings_apply_with_a_user_config_file_too(tmp_path, monkeypatch)
     monkeypatch.setenv("THAW_CONFIG", str(user))
     cfg = load(state_dir=tmp_path)
     assert (cfg.s3_bucket, cfg.temporal_ui_port) == ("saved-bucket", 9999)
+
+
+def test_two_processes_upgrading_one_postgres_registry(postgres_url, monkeypatch):
+    """A column added since an older thaw: every process upgrades the tables at start. The one that looked
+    second (it saw the column missing, another added it meanwhile) must not fail."""
+    from sqlalchemy import inspect as real_inspect, text
+
+    from thaw.registry import db
+
+    eng = db.engine(postgres_url)
+    with eng.begin() as conn:
+        conn.execute(text('ALTER TABLE "host" DROP COLUMN "capacity"'))
+    db._add_missing_columns(eng)  # the first process
+    assert "capacity" in {c["name"] for c in real_inspect(eng).get_columns("host")}
+
+    class Stale:  # what the second process saw before the first added it
+        def __init__(self, e):
+            self.i = real_inspect(e)
+
+        def get_columns(self, table):
+            return [c for c in self.i.get_columns(table) if (table, c["name"]) != ("host", "capacity")]
+
+    monkeypatch.setattr(db, "inspect", Stale)
+    db._add_missing_columns(eng)
