@@ -449,6 +449,40 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
             release_dead_host(cfg, "victim")
 
 
+def test_a_replica_left_on_a_host_that_comes_back_is_stopped(cfg, worker, agent, thaw_cli, snap):
+    """A host silent long enough for the pool to replace its replica, then back (a pause, a network split): the
+    replica it kept running is stopped, not left serving uncounted."""
+    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
+    paused = _agent_proc(cfg, "paused")
+    try:
+        wait_until(lambda: any(h.id == "paused" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="host up")
+        thaw_cli("deploy", "split", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
+        (rep,) = wait_until(lambda: serving(cfg, "split"), what="first replica")
+        assert rep.host_id == "paused"
+        wait_until(lambda: json.loads(thaw_cli("status", "split", "--json").output)["replicas"], what="pool's replica")
+        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
+        os.kill(paused.pid, signal.SIGSTOP)  # silent, its replica still running
+        wait_until(lambda: [r for r in serving(cfg, "split") if r.host_id == cfg.host_id], timeout=60,
+                   what="replacement replica")
+        assert rep.id in {r.id for r in serving(cfg, "split")}  # its row stays while the host is silent
+        os.kill(paused.pid, signal.SIGCONT)
+        wait_until(lambda: rep.id not in {r.id for r in serving(cfg, "split")}, timeout=60, what="the first stopped")
+        with pytest.raises(OSError):
+            answer(rep.endpoint)
+        st = json.loads(thaw_cli("status", "split", "--json").output)
+        assert st["counts"]["lost"] == 1 and [r["host_id"] for r in st["replicas"]] == [cfg.host_id]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(paused.pid, signal.SIGCONT)
+        try:
+            undeploy(cfg, thaw_cli, "split", ok=False)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(paused.pid, signal.SIGTERM)
+            paused.wait(60)
+            release_dead_host(cfg, "paused")
+
+
 def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_restore(cfg, worker, agent,
                                                                                          thaw_cli, snap):
     import threading

@@ -142,6 +142,7 @@ class PoolState:
     stopping: bool = False
     warmed: list[str] = field(default_factory=list)  # buffer hosts asked to warm the snapshot
     failed_in_a_row: int = 0  # replica starts that failed since the last one that worked (backoff)
+    lost: list[ReplicaInfo] = field(default_factory=list)  # given up with their silent host: stopped if it returns
 
 
 @workflow.defn(name="DeploymentPool")
@@ -290,6 +291,12 @@ class DeploymentPool:
         if lost:  # their host stopped heartbeating: replace them
             self.s.replicas = [r for r in self.s.replicas if r.host_id in hosts.live]
             self._count("lost", len(lost))
+        if workflow.patched("stop-lost"):  # a host back from a pause or a network split still runs them
+            back = [r for r in self.s.lost if r.host_id in hosts.live]
+            self.s.lost = [r for r in self.s.lost if r.host_id not in hosts.live] + lost
+            self.s.lost = self.s.lost[-64:]
+            for r in back:
+                self._background(self._stop(r))
         if hosts.rows is not None and workflow.patched("pool-drop-gone"):  # their process died, or their agent
             # restarted: the row went with them
             gone = {r.id for r in self.s.replicas if r.id in known and r.id not in hosts.rows}
