@@ -414,6 +414,35 @@ def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, work
             undeploy(cfg, thaw_cli, "slowreg", ok=False)
 
 
+def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it(cfg, worker, agent, thaw_cli,
+                                                                                 snap):
+    """A start that fails (its secret is not set yet) is placed again after a backoff; its replacement keeps the
+    time of the signal that asked for it, though another signal came during the backoff."""
+    from temporalio.client import Client
+
+    from thaw.runtime import pool
+    from thaw.workflows.pool import DeploymentPool, ScaleRequest
+
+    thaw_cli("deploy", "late", "--snapshot", snap, "--min", "0", "--max", "1", "--secret", "LATE_KEY")
+    first = int(time.time() * 1000) - 5000
+
+    async def signal(at):
+        client = await Client.connect(cfg.temporal_address)
+        await client.get_workflow_handle(pool.workflow_id("late")).signal(DeploymentPool.scale,
+                                                                           ScaleRequest(1, "test", at))
+    try:
+        asyncio.run(signal(first))
+        wait_until(lambda: json.loads(thaw_cli("status", "late", "--json").output)["counts"].get("failed"),
+                   what="a failed start")
+        asyncio.run(signal(first + 1000))  # during the backoff: asks for nothing new
+        thaw_cli("secrets", "set", "LATE_KEY", "--value", "k")
+        (rep,) = wait_until(lambda: json.loads(thaw_cli("status", "late", "--json").output)["replicas"],
+                            timeout=90, what="the replacement")
+        assert rep["signal_ms"] == first
+    finally:
+        undeploy(cfg, thaw_cli, "late", ok=False)
+
+
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
     from thaw.runtime.frontdoor import PoolBackends
 

@@ -158,6 +158,7 @@ class DeploymentPool:
         self.draining = False  # waiting for starts to end before continue-as-new: no new ones
         self.stopping_on: list[str] = []  # host ids of replicas a scale-down is stopping (they hold capacity)
         self.placed = 0  # replica starts placed so far by this run
+        self.backoff = 0  # failed starts waiting out their backoff: their slot is held, their replica is not
         self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
 
     @workflow.signal
@@ -169,7 +170,7 @@ class DeploymentPool:
         self.s.last_signal = req
         # a replica is timed from the first signal that asked for it (a burst of 1, 2, ... 8 is 8 signals);
         # what a later signal no longer wants, or what runs already, is not asked for any more
-        have = len(self.s.replicas) + len(self.starting)
+        have = self._have()
         asks = [replace(a, replicas=min(a.replicas, self.s.desired)) for a in self.s.asks[-31:]]
         self.s.asks = [a for a in asks + [replace(req, replicas=self.s.desired)] if a.replicas > have]
         self.wake = True
@@ -277,6 +278,10 @@ class DeploymentPool:
     def _missing(self) -> int:
         return self.s.desired - len(self.s.replicas) - len(self.starting)
 
+    def _have(self) -> int:
+        """Replicas running or on their way, as scale signals count them (a failed start in backoff is not)."""
+        return len(self.s.replicas) + len(self.starting) - self.backoff
+
     async def _reconcile(self) -> None:
         if self._missing() > 0 and self.hosts:  # a scale-up starts at once, on the hosts the last check saw
             await self._scale_up(self._missing())
@@ -326,10 +331,10 @@ class DeploymentPool:
         for h in placed:
             self.placed += 1
             self.starting.append(h.host_id)
-            count = len(self.s.replicas) + len(self.starting)  # this replica's number
+            count = self._have()  # this replica's number
             sig = next((a.at_ms for a in self.s.asks if a.replicas >= count), last)
             self._background(self._start(h, sig))
-        count = len(self.s.replicas) + len(self.starting)
+        count = self._have()
         self.s.asks = [a for a in self.s.asks if a.replicas > count]  # the others are placed in full
         self.s.last_scale_up_s = workflow.now().timestamp()
         return len(placed)
@@ -337,6 +342,7 @@ class DeploymentPool:
     async def _start(self, h: HostSlot, sig: int) -> None:
         sp = self.s.spec
         rid = f"r-{workflow.uuid4().hex[:10]}" if workflow.patched("pool-replica-ids") else ""
+        backing_off = False
         try:
             info = await workflow.execute_activity(
                 "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports, rid),
@@ -352,7 +358,10 @@ class DeploymentPool:
         except Exception:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
             # its replacement is timed from the same signal
-            self.s.asks.insert(0, ScaleRequest(len(self.s.replicas) + len(self.starting), "retry", sig))
+            self.s.asks.insert(0, ScaleRequest(self._have(), "retry", sig))
+            if workflow.patched("retry-ask"):  # else a signal or placement meanwhile counts this slot as
+                self.backoff += 1  # its replacement, and drops that ask
+                backing_off = True
             self.hosts = []
             if rid:  # timed out, say, while the agent goes on: it must not keep a replica nobody counts
                 await self._stop(ReplicaInfo(rid, h.host_id, h.task_queue, "", ""))
@@ -363,6 +372,8 @@ class DeploymentPool:
                     await workflow.wait_condition(lambda: self.s.stopping or self.updates != seen, timeout=timedelta(
                         seconds=min(60, 2 ** min(self.s.failed_in_a_row - 1, 6))))
         finally:
+            if backing_off:
+                self.backoff -= 1
             self.starting.remove(h.host_id)
             self.wake = True
 
