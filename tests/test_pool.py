@@ -443,20 +443,38 @@ def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it
         undeploy(cfg, thaw_cli, "late", ok=False)
 
 
+@contextlib.contextmanager
+def replica_on_another_host(cfg, agent, thaw_cli, snap, name: str, host_id: str):
+    """Deployment ``name`` with its one replica on a subprocess agent ``host_id`` (the in-process agent is full
+    meanwhile), held by the pool too; yields (that agent's process, the replica). The in-process agent has room
+    again by then. Afterwards: the agent killed, the deployment undeployed, the dead host's leftovers released."""
+    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
+    proc = _agent_proc(cfg, host_id)
+    try:
+        wait_until(lambda: any(h.id == host_id for h in snapshots.live_hosts(cfg.registry_url, 5)),
+                   what=f"{host_id} up")
+        thaw_cli("deploy", name, "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
+        (rep,) = wait_until(lambda: serving(cfg, name), what="first replica")
+        assert rep.host_id == host_id
+        # the pool holds it too (the registry row comes first): lost from now on, not a failed start
+        wait_until(lambda: json.loads(thaw_cli("status", name, "--json").output)["replicas"], what="pool's replica")
+        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
+        yield proc, rep
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+        proc.wait()
+        try:
+            undeploy(cfg, thaw_cli, name, ok=False)
+        finally:
+            release_dead_host(cfg, host_id)
+
+
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
     from thaw.runtime.frontdoor import PoolBackends
 
-    # the in-process agent is full, so the first replica lands on the subprocess agent
-    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
-    victim = _agent_proc(cfg, "victim")
-    try:
-        wait_until(lambda: any(h.id == "victim" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="victim up")
-        thaw_cli("deploy", "ha", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
-        (rep,) = wait_until(lambda: serving(cfg, "ha"), what="first replica")
-        assert rep.host_id == "victim"
-        # the pool holds it too (the registry row comes first): killed now, it is lost, not a failed start
-        wait_until(lambda: json.loads(thaw_cli("status", "ha", "--json").output)["replicas"], what="pool's replica")
-        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
+    with replica_on_another_host(cfg, agent, thaw_cli, snap, "ha", "victim") as (victim, _):
         os.kill(victim.pid, signal.SIGKILL)  # the host dies with its replica
         victim.wait()
         new = wait_until(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
@@ -468,28 +486,12 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         assert sorted(r.host_id for r in serving(cfg, "ha")) == sorted([cfg.host_id, "victim"])
         assert [r.host_id for r in deployments.serving(cfg, "ha")] == [cfg.host_id]
         assert asyncio.run(PoolBackends(cfg, "ha").endpoints()) == [new[0].endpoint]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        try:
-            undeploy(cfg, thaw_cli, "ha", ok=False)
-        finally:
-            release_dead_host(cfg, "victim")
 
 
 def test_a_replica_left_on_a_host_that_comes_back_is_stopped(cfg, worker, agent, thaw_cli, snap):
     """A host silent long enough for the pool to replace its replica, then back (a pause, a network split): the
     replica it kept running is stopped, not left serving uncounted."""
-    snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
-    paused = _agent_proc(cfg, "paused")
-    try:
-        wait_until(lambda: any(h.id == "paused" for h in snapshots.live_hosts(cfg.registry_url, 5)), what="host up")
-        thaw_cli("deploy", "split", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0")
-        (rep,) = wait_until(lambda: serving(cfg, "split"), what="first replica")
-        assert rep.host_id == "paused"
-        wait_until(lambda: json.loads(thaw_cli("status", "split", "--json").output)["replicas"], what="pool's replica")
-        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
+    with replica_on_another_host(cfg, agent, thaw_cli, snap, "split", "paused") as (paused, rep):
         os.kill(paused.pid, signal.SIGSTOP)  # silent, its replica still running
         wait_until(lambda: [r for r in serving(cfg, "split") if r.host_id == cfg.host_id], timeout=60,
                    what="replacement replica")
@@ -500,16 +502,6 @@ def test_a_replica_left_on_a_host_that_comes_back_is_stopped(cfg, worker, agent,
             answer(rep.endpoint)
         st = json.loads(thaw_cli("status", "split", "--json").output)
         assert st["counts"]["lost"] == 1 and [r["host_id"] for r in st["replicas"]] == [cfg.host_id]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(paused.pid, signal.SIGCONT)
-        try:
-            undeploy(cfg, thaw_cli, "split", ok=False)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(paused.pid, signal.SIGTERM)
-            paused.wait(60)
-            release_dead_host(cfg, "paused")
 
 
 def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_restore(cfg, worker, agent,
