@@ -137,9 +137,10 @@ def driver_rate() -> None:
         child.stdin.write("go\n")
         child.stdin.flush()
         data = child.stdout.readline().strip()
-        log(f"driver alone, in place (no CRIU), {gb:.2f} GB of GPU memory: checkpoint "
-            f"{gb / max(t1['cuda_checkpoint'], 1) * 1000:.1f} GB/s, restore {gb / max(t2['cuda_restore'], 1) * 1000:.1f}"
-            f" GB/s ({t1} {t2}); its host copy, kB: {kb}; data after restore: {data}")
+        rate = {k: gb / max(t[k], 1) * 1000 for k, t in (("cuda_checkpoint", t1), ("cuda_restore", t2))}
+        log(f"driver alone, in place (no CRIU), {gb:.2f} GB of GPU memory: checkpoint {rate['cuda_checkpoint']:.1f}"
+            f" GB/s, restore {rate['cuda_restore']:.1f} GB/s ({t1} {t2}); its host copy, kB: {kb}; data after "
+            f"restore: {data}")
     except Exception as e:  # noqa: BLE001 - a figure for scale only
         log(f"driver probe failed: {type(e).__name__}: {e}")
     finally:

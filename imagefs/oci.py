@@ -729,7 +729,8 @@ class _Registry:
 def _copy(src: str, dest: Path, label: str, *flags: str, registry: _Registry | None = None,
           not_found: str | None = None) -> ImageSource:
     """``skopeo copy SRC`` into an OCI layout at ``dest``, then read it like any layout."""
-    argv = [_skopeo(label), "--insecure-policy", "copy", "--quiet", "--retry-times", "3", *flags, src, f"oci:{dest}:{COPY_REF}"]
+    argv = [_skopeo(label), "--insecure-policy", "copy", "--quiet", "--retry-times", "3", *flags, src,
+            f"oci:{dest}:{COPY_REF}"]
     with _keepalive("skopeo copy"):
         r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
     if r.returncode:
@@ -800,11 +801,10 @@ def _pull(ref: RegistryRef, tmp: Path, label: str, max_bytes: int | None = None)
         config = Path(os.environ["DOCKER_CONFIG"]) / "config.json"
         auth = config if config.is_file() else None
     registry = _Registry(ref.host, user)
+    opts = [*(["tls-verify=false"] if insecure else []), *([f"authfile={auth}"] if auth else [])]
     if max_bytes is not None:  # and then pull what was checked, even if the tag moves meanwhile
-        ref = _check_download(ref, label, max_bytes, registry, [*(["--tls-verify=false"] if insecure else []),
-                                                                 *(["--authfile", str(auth)] if auth else [])])
-    flags = [*(["--src-tls-verify=false"] if insecure else []), *(["--src-authfile", str(auth)] if auth else [])]
-    return _copy(f"docker://{ref}", tmp / "layout", label, *flags, registry=registry)
+        ref = _check_download(ref, label, max_bytes, registry, [f"--{o}" for o in opts])
+    return _copy(f"docker://{ref}", tmp / "layout", label, *(f"--src-{o}" for o in opts), registry=registry)
 
 
 def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Registry,

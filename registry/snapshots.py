@@ -40,15 +40,15 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
             raise queries.InUse(f"snapshot {row.digest[:12]} has {len(kept)} replica(s) kept by `thaw restore --keep`: "
                                 f"`thaw replicas stop {' '.join(kept)}` first")
         deps = s.exec(select(Deployment).where(Deployment.snapshot_digest == row.digest)).all()
+        rows = {d.name: s.exec(select(Replica).where(Replica.deployment == d.name)).all() for d in deps}
         for d in deps:
-            serving = [r.id for r in s.exec(select(Replica).where(Replica.deployment == d.name)).all()
-                       if alive is None or r.host_id in alive]
+            serving = [r.id for r in rows[d.name] if alive is None or r.host_id in alive]
             if serving or pool_running(d.name):
                 raise queries.InUse(f"snapshot {row.digest[:12]} is deployed as {d.name!r}"
                                     f"{f' ({len(serving)} replica(s) serving)' if serving else ''}: "
                                     f"`thaw undeploy {d.name}` first")
         for d in deps:
-            for r in s.exec(select(Replica).where(Replica.deployment == d.name)).all():  # on dead hosts only
+            for r in rows[d.name]:  # on silent hosts only
                 s.delete(r)
             s.delete(d)
         if deps:  # an ended pool that never released its buffer (terminated, say) must not hold hosts forever

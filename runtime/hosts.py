@@ -42,12 +42,13 @@ def _load(cfg: Config) -> list[dict]:
 
 def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
     """Start ``n`` namespaced host agents (subnets 10.77.<base>.. onwards); returns their records."""
-    if cfg.temporal_address.split(":")[0] in ("127.0.0.1", "localhost"):
+    loopback = ("127.0.0.1", "localhost", "::1")
+    if cfg.temporal_address.rsplit(":", 1)[0].strip("[]") in loopback:
         raise HostsError("namespaced hosts cannot reach Temporal on loopback: run the stack with "
                          "THAW_TEMPORAL_ADDRESS=0.0.0.0:<port>")
     if cfg.db_url:  # a file or a Unix socket is reachable from the namespaces; a loopback TCP address is not
         from sqlalchemy.engine import make_url
-        if make_url(cfg.db_url).host in ("127.0.0.1", "localhost", "::1"):
+        if make_url(cfg.db_url).host in loopback:
             raise HostsError("namespaced hosts cannot reach the registry database on loopback: give THAW_DB_URL "
                              "an address they can reach (or its Unix socket)")
     port = cfg.temporal_address.rsplit(":", 1)[1]
@@ -68,9 +69,9 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
             for args in (("addr", "add", f"{there}/30", "dev", "eth0"), ("link", "set", "eth0", "up"),
                          ("link", "set", "lo", "up"), ("route", "add", "default", "via", here)):
                 _ip("-n", ns, *args)
-            env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": f"{here}:{port}",
+            env = {**os.environ, **cfg.child_env(), "THAW_TEMPORAL_ADDRESS": f"{here}:{port}",
                    "THAW_REPLICA_BIND": there, "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": host_id,
-                   "THAW_HOST_CAPACITY": str(capacity), **({"THAW_DB_URL": cfg.db_url} if cfg.db_url else {})}
+                   "THAW_HOST_CAPACITY": str(capacity)}
             with open(cfg.log_dir / f"agent-{host_id}.log", "ab") as log:
                 proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "thaw",
                                          "agent"], env=env, stdin=subprocess.DEVNULL, stdout=log,

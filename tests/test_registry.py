@@ -155,7 +155,8 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
     from thaw.registry.queries import InUse
     from thaw.workflows.pool import HostsInput
 
-    url = Config(state_dir=tmp_path / "state").registry_url if db == "sqlite" else request.getfixturevalue("postgres_url")
+    url = (Config(state_dir=tmp_path / "state").registry_url if db == "sqlite"
+           else request.getfixturevalue("postgres_url"))
     for host in ("h1", "h2", "h3"):
         snapshots.upsert_host(url, host, f"q-{host}", {}, None, capacity=1)
     images.register(url, _image("i" * 64))

@@ -160,6 +160,12 @@ class Config(BaseSettings):
     def registry_url(self) -> str:
         return self.db_url or f"sqlite:///{self.state_dir / 'registry.db'}"
 
+    def child_env(self) -> dict[str, str]:
+        """What a thaw process this one starts (a worker, an agent) needs to share its state dir, Temporal and
+        registry, on top of the environment it inherits."""
+        return {"THAW_STATE_DIR": str(self.state_dir), "THAW_TEMPORAL_ADDRESS": self.temporal_address,
+                **({"THAW_DB_URL": self.db_url} if self.db_url else {})}
+
     @cached_property
     def temporal_ui_url(self) -> str:
         host = self.temporal_address.rsplit(":", 1)[0]

@@ -180,8 +180,7 @@ def up(cfg: Config, echo=print) -> None:
     from thaw.registry.db import engine
 
     engine(cfg.registry_url)  # creates the registry tables
-    env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": cfg.temporal_address,
-           **({"THAW_DB_URL": cfg.db_url} if cfg.db_url else {})}  # --db-url reaches every process
+    env = {**os.environ, **cfg.child_env()}  # --db-url reaches every process
     host, port = _host_port(cfg.temporal_address)
     for c in components(cfg):
         pid = c.running_pid(cfg)
