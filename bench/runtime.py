@@ -28,14 +28,9 @@ import urllib.request
 from pathlib import Path
 
 from thaw.examples.minilm import recipe
+from thaw.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def thaw(env, *args) -> str:

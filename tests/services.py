@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tarfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from thaw.ports import free_port
 BASE_IMAGE = "thaw-test/busybox:1"
 
 
@@ -37,12 +37,6 @@ def need(binary: str, package: str) -> str:
     if not path:
         pytest.skip(f"{binary} is not installed (apt-get install {package}; `make setup` does it)")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ from pathlib import Path
 import pytest
 
 from thaw.examples.minilm import recipe
+from thaw.ports import free_port
 
 SERVER = Path(recipe.SERVER_PY)
 GOLDEN = json.loads(Path(recipe.GOLDEN_JSON).read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes) -> tuple[int, bytes]:

