@@ -27,13 +27,15 @@
   panic mode for ``stable_window_s`` (re-armed while the condition holds): desired = max(stable, panic,
   previous), i.e. never scale down while panicking. It scales to zero only when the whole stable window saw
   no traffic and there was none for ``scale_to_zero_grace_s``. Desired is clamped to [min, max] and
-  ``Backends.scale`` is called only when it changes (a failed call is retried the next tick).
+  ``Backends.scale`` is called only when it changes (a failed call is retried the next tick). A gateway adopts
+  the replicas ready at its start and scales nothing down in its first stable window.
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
   Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
   are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
-  ``max_body_bytes``); past that a request gets 503 with Retry-After. A request target that is not a path
-  (absolute form, ``*``) gets 400.
+  ``max_body_bytes``); past that a request gets 503 with Retry-After. A body not received within
+  ``body_timeout_s`` gets 408, a malformed one (bad chunking or gzip) 400, and so does a request target that is
+  not a path (absolute form, ``*``). A request whose client hangs up is cancelled: its replica slot is free.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class Backends(Protocol):
 class Decision:
     desired: int
     reason: str
-    kind: str            # "stable" | "panic" | "zero" | "hold"
+    kind: str            # "stable" | "panic" | "zero" | "hold" | "warm-up" | "activate"
     stable_avg: float
     panic_avg: float
     panicking: bool
@@ -109,6 +111,11 @@ class Autoscaler:
     last_active: float = -math.inf
     stable_avg: float = 0.0
     panic_avg: float = 0.0
+    since: float | None = None                         # the first decision (or the gateway's start)
+
+    def warming(self, now: float) -> bool:
+        """Less than one stable window of samples yet: too little to scale down on (as Knative's KPA)."""
+        return self.since is not None and now - self.since < self.stable_window_s
 
     def clamp(self, n: int) -> int:
         n = max(self.min_replicas, n)
@@ -123,6 +130,8 @@ class Autoscaler:
         self.last_active = now
 
     def decide(self, now: float, concurrency: float, ready: int) -> Decision:
+        if self.since is None:
+            self.since = now
         self.samples.append((now, concurrency))
         while self.samples and self.samples[0][0] <= now - self.stable_window_s:
             self.samples.popleft()
@@ -156,7 +165,11 @@ class Autoscaler:
                     reason = f"idle {idle:.1f}s < scale-to-zero grace {self.scale_to_zero_grace_s:g}s"
                 else:
                     kind, reason = "zero", f"scale to zero: no traffic for {idle:.1f}s"
-        self.desired = self.clamp(desired)
+        desired = self.clamp(desired)
+        if desired < self.desired and self.warming(now):
+            desired, kind = self.desired, "warm-up"
+            reason = f"{reason}; no scale-down before {self.stable_window_s:g}s of samples"
+        self.desired = desired
         return Decision(self.desired, reason, kind, self.stable_avg, self.panic_avg, self.panicking)
 
 
@@ -191,7 +204,8 @@ class Gateway:
                  min_replicas: int = 0, scale_to_zero_grace_s: float = 30, refresh_s: float = 0.5,
                  max_inflight_per_replica: int | None = None, quarantine_s: float = 5.0,
                  connect_timeout_s: float = 5.0, max_delivery_attempts: int = 3,
-                 max_body_bytes: int = 64 << 20, max_queued: int = 1000, read_timeout_s: float | None = 600.0):
+                 max_body_bytes: int = 64 << 20, max_queued: int = 1000, read_timeout_s: float | None = 600.0,
+                 body_timeout_s: float = 60.0):
         if target_concurrency <= 0:
             raise ValueError("target_concurrency must be > 0")
         self.deployment = deployment
@@ -206,6 +220,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.max_queued = max_queued
         self.read_timeout_s = read_timeout_s
+        self.body_timeout_s = body_timeout_s
         self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
                                      min_replicas, max_replicas, scale_to_zero_grace_s)
         self.last_decision: Decision | None = None
@@ -214,6 +229,7 @@ class Gateway:
         self._quarantine: dict[str, float] = {}       # endpoint -> monotonic time it may come back
         self._inflight: dict[str, int] = {}
         self._waiters: deque[tuple[asyncio.Future, set[str]]] = deque()
+        self._held = 0                                # waiters not done yet (done ones leave at the head)
         self._reading = 0                             # requests whose bodies are being read
         self._rr = 0
         self._signaled: int | None = None             # last replica count Backends.scale accepted
@@ -264,7 +280,7 @@ class Gateway:
 
     @property
     def queued(self) -> int:
-        return sum(1 for f, _ in self._waiters if not f.done())
+        return self._held
 
     @property
     def inflight_total(self) -> int:
@@ -327,8 +343,11 @@ class Gateway:
             auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         with contextlib.suppress(Exception):
             await self._refresh_once()
-        self._signaled = self.autoscaler.desired = len(self._endpoints)   # adopt what runs; no signal at start
-        self.autoscaler.last_active = time.monotonic()                   # grace counts from gateway start
+        # adopt what runs, without a signal. With nothing ready (none, or some still restoring, or the registry not
+        # answering) what the pool runs is unknown: only scale-ups are sent until a stable window has passed
+        self.autoscaler.desired = len(self._endpoints)
+        self._signaled = len(self._endpoints) or None
+        self.autoscaler.last_active = self.autoscaler.since = time.monotonic()   # grace and warm-up count from here
         self._area_since = self._last_change = time.monotonic()
         self._spawn(self._refresh_loop())
         self._spawn(self._tick_loop())
@@ -437,6 +456,9 @@ class Gateway:
                 del self._inflight[ep]
         self._pump()
 
+    def _unhold(self, _fut: asyncio.Future) -> None:
+        self._held -= 1
+
     def _pump(self) -> None:
         """Hand endpoints to queued requests, first come first served."""
         while self._waiters:
@@ -465,6 +487,8 @@ class Gateway:
                 self._take(ep)
                 return ep, 0.0
         fut = asyncio.get_running_loop().create_future()
+        self._held += 1
+        fut.add_done_callback(self._unhold)
         if avoid:
             self._waiters.appendleft((fut, avoid))   # a retried request keeps its place: it came first
         else:
@@ -536,11 +560,12 @@ class Gateway:
     async def tick(self) -> Decision:
         """One autoscaler step (the tick loop calls this every ``tick_s``)."""
         self._count_ready()
-        d = self.autoscaler.decide(time.monotonic(), self._sample(), len(self._endpoints))
+        now = time.monotonic()
+        d = self.autoscaler.decide(now, self._sample(), len(self._endpoints))
         self.last_decision = d
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}
-        if d.desired != self._signaled:
+        if d.desired != self._signaled and (d.desired > (self._signaled or 0) or not self.autoscaler.warming(now)):
             await self._sync_scale()
         return d
 
@@ -590,7 +615,12 @@ class Gateway:
             return resp
         self._reading += 1
         try:
-            body = await request.read()
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await request.read()
+        except TimeoutError:
+            return self._error(408, f"the request body did not arrive within {self.body_timeout_s:g}s")
+        except web.RequestPayloadError as e:
+            return self._error(400, f"malformed request body: {e}")
         finally:
             self._reading -= 1
         headers = self._upstream_headers(request)
@@ -639,6 +669,9 @@ class Gateway:
             up = await self._session.request(
                 request.method, url, headers=headers, data=body if body else None, allow_redirects=False,
                 skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"))
+        except asyncio.CancelledError:   # the client hung up before the replica answered
+            self._m_requests.labels(self.deployment, "499").inc()
+            raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise _Retry(False, e) from e
         except aiohttp.ServerTimeoutError:  # it took the request and went quiet: sending it again could do the
@@ -705,7 +738,8 @@ def _bind(host: str, port: int) -> socket.socket:
 async def serving(gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve ``gateway`` on the running loop; yields its base URL (``port=0`` picks a free port)."""
     sock = _bind(host, port)  # first: a port in use then starts nothing that would need stopping
-    runner = web.AppRunner(gateway.app(), access_log=None, shutdown_timeout=1.0)
+    # handler_cancellation: a request whose client hung up stops holding a replica slot and counting as demand
+    runner = web.AppRunner(gateway.app(), access_log=None, shutdown_timeout=1.0, handler_cancellation=True)
     try:
         await runner.setup()
     except BaseException:

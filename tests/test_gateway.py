@@ -517,6 +517,62 @@ def test_client_gone_while_held_leaves_the_queue():
     asyncio.run(main())
 
 
+def test_a_client_that_hangs_up_frees_its_replica_slot():
+    """A client gives up on a slow answer: its request is cancelled at once, so it neither holds the replica's
+    slot (max_inflight_per_replica) nor counts as demand until the replica would have answered."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("slow", 5.0),), max_inflight_per_replica=1) as (gw, url, client):
+            await gw.refresh()
+            with pytest.raises(asyncio.TimeoutError):
+                await client.post(url, json={}, timeout=aiohttp.ClientTimeout(total=0.3))
+            t0 = time.monotonic()
+            while gw.inflight_total:
+                assert time.monotonic() - t0 < 1.5, "the slot stays taken while the replica works"
+                await asyncio.sleep(0.05)
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_requests_total", code="499") == 1
+    asyncio.run(main())
+
+
+def test_a_stalled_or_malformed_body_is_answered_not_held():
+    """A client that sends headers and then not the body it announced gets 408 after body_timeout_s (it would
+    hold one of max_queued's places forever); a body that cannot be decoded (bad gzip) gets 400, not 500."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), body_timeout_s=0.5) as (gw, url, client):
+            host, port = url.split("//", 1)[1].split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            await writer.drain()
+            t0 = time.monotonic()
+            status = (await asyncio.wait_for(reader.readline(), 5)).split()[1]
+            writer.close()
+            assert status == b"408" and time.monotonic() - t0 < 2.0
+            assert gw.state()["queued"] == 0 and gw._reading == 0
+            async with client.post(f"{url}/embed", data=b"not gzip at all",
+                                   headers={"Content-Encoding": "gzip"}) as r:
+                assert r.status == 400 and "malformed request body" in (await r.json())["error"]
+    asyncio.run(main())
+
+
+def test_a_gateway_started_before_its_replicas_are_ready_scales_them_down_when_idle():
+    """At its start the gateway saw no ready replica (they were still restoring, or the registry did not
+    answer): it does not know what the pool runs, so after a stable window without traffic it says 0 once,
+    and never scales down before that window has passed."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, scale_to_zero_grace_s=0.5) as (gw, url, client):
+            t0 = time.monotonic()
+            await backends.add("restored-late")
+            while not backends.scales:
+                assert time.monotonic() - t0 < 5, "the idle replica is never scaled down"
+                await asyncio.sleep(0.05)
+            assert [n for _, n, _ in backends.scales] == [0]
+            assert backends.scales[0][0] - t0 >= gw.autoscaler.stable_window_s - 0.3
+    asyncio.run(main())
+
+
 def test_panic_then_stable_then_zero():
     async def main():
         backends = FakeBackends()
@@ -655,6 +711,18 @@ def test_autoscaler_stable_panic_and_zero():
     t, out = run_ticks(a, t, 30, conc=0, ready=1)
     zero_at = next(tt for tt, d in out if d.desired == 0)
     assert zero_at >= 6 + 20 and all(d.desired == 1 for tt, d in out if 16 < tt < zero_at)   # grace from last traffic
+
+
+def test_autoscaler_scales_nothing_down_in_its_first_stable_window():
+    """A restarted gateway adopts 3 replicas: half a second of idle samples must not take them to 1."""
+    a = Autoscaler(target_concurrency=1, stable_window_s=10, panic_window_s=1, scale_to_zero_grace_s=5,
+                   desired=3, last_active=0, since=0)
+    t, out = run_ticks(a, 0, 9.5, conc=0, ready=3)
+    assert all(d.desired == 3 and d.kind == "warm-up" for _, d in out)
+    _, out = run_ticks(a, t, 10, conc=0, ready=3)
+    assert out[-1][1].desired == 0 and out[-1][1].kind == "zero"
+    up = Autoscaler(target_concurrency=1, stable_window_s=10, panic_window_s=1, desired=1, since=0)
+    assert up.decide(0.5, 4, 1).desired == 4    # scaling up is not held back
 
 
 def test_autoscaler_clamps():
