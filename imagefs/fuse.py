@@ -360,11 +360,11 @@ class ImageFS(pyfuse3.Operations):
 
     async def _readahead(self, digest: str, size: int) -> None:
         try:
-            await self._chunk(digest, size)
+            await self._chunk(digest, size, remember_failure=False)
         except _ReadError:
-            pass  # logged; the real read will retry and fail on its own
+            pass  # logged; a read of that chunk fetches it again (this one may have timed out waiting its turn)
 
-    async def _chunk(self, digest: str, size: int) -> bytes:
+    async def _chunk(self, digest: str, size: int, remember_failure: bool = True) -> bytes:
         data = self._cache.get(digest)
         if data is not None:
             self._cache.move_to_end(digest)
@@ -383,7 +383,7 @@ class ImageFS(pyfuse3.Operations):
             finally:
                 del self._inflight[digest]
                 f.done.set()
-                if f.error is not None:
+                if f.error is not None and remember_failure:
                     self._failed[digest] = (time.monotonic() + FAILURE_TTL, f.error)
         else:
             await f.done.wait()

@@ -143,14 +143,19 @@ class LocalDirTier:
         """Held while ``key`` is fetched from a remote tier into this directory: an exclusive ``flock`` on one
         of 4096 stripe files (by the digest's first three hex digits), which excludes the other processes and
         threads of this host that use the same directory (each call opens its own file description)."""
-        d = self.root / "locks"
-        d.mkdir(exist_ok=True)
-        fd = os.open(d / key.rsplit("/", 1)[-1][:3], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        d, fd = self.root / "locks", None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            d.mkdir(exist_ok=True)
+            fd = os.open(d / key.rsplit("/", 1)[-1][:3], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:  # a read-only or failing disk: fetch anyway (maybe twice), rather than not at all
+            log.warning("%s: fetching %s without the host's lock: %s", self.name, key, e)
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # releases the lock
+            if fd is not None:
+                os.close(fd)  # releases the lock
 
     def has(self, key: str) -> bool:
         """An object of the store is never empty: an empty file is one a crash cut short before ``syncfs``."""
@@ -268,7 +273,7 @@ class LocalDirTier:
         with self._lock:
             try:
                 _touch_file(self.path(key))
-            except FileNotFoundError:  # evicted meanwhile
+            except OSError:  # evicted meanwhile (or a read-only disk: the object is still good to read)
                 return
             lru = self._index()
             if key in lru:
@@ -352,7 +357,13 @@ class ChunkStore:
             return data
 
         for tier in tiers:
-            raw = tier.get(key)
+            try:
+                raw = tier.get(key)
+            except OSError as e:  # a failing or read-only cache disk: the next tier has the object
+                if tier is self.durable:
+                    raise
+                log.warning("%s: cannot read %s (%s): trying the next tier", tier.name, key, e)
+                raw = None
             if raw is not None:
                 data = verified(raw, tier)
                 if data is None and tier in self.remote:  # bytes damaged on the way? the copy may be fine

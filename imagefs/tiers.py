@@ -349,14 +349,16 @@ class S3Tier:
 
     def _decode(self, key: str, data: bytes, encoding: str | None) -> bytes:
         """The object's bytes as put. Bytes that do not decode are returned as they came: the store's blake3
-        check then finds the object corrupt and drops it, as it does with any damaged object."""
+        check then finds the object corrupt and drops it, as it does with any damaged object. An encoding this
+        version does not know (a newer writer's) is an error, not damage: that object stays where it is."""
         if not encoding:
             return data
+        if encoding != "zstd":
+            raise StoreError(f"{self.name}: {key} is stored with encoding {encoding!r}, which this version of "
+                             "thaw cannot read (written by a newer one?)")
         import zstandard
 
         try:
-            if encoding != "zstd":
-                raise ValueError(f"unknown encoding {encoding!r}")
             size = zstandard.frame_content_size(data)
             if not 0 <= size <= MAX_DECODED:
                 raise ValueError(f"frame content size {size}")

@@ -207,6 +207,55 @@ def test_readahead_follows_sequential_readers_only(tmp_path):
     assert fs.stats["errors"] == 0
 
 
+def test_a_failed_readahead_does_not_fail_the_read_of_that_chunk(tmp_path):
+    """A read-ahead fetch can fail where a read would not (it timed out waiting for a fetch slot behind slow S3
+    fetches): the application's own read of that chunk a moment later fetches it again instead of failing."""
+    import random
+
+    import trio
+
+    from thaw.imagefs.fuse import ImageFS
+    from thaw.imagefs.store import StoreError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    want = random.Random(4).randbytes(4 * MiB)
+    (src / "lib.so").write_bytes(want)
+    cfg = Config(state_dir=tmp_path / "state")
+    store = ChunkStore.open(cfg)
+    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "ra-fail", Limits.from_config(cfg),
+                                chunk_size=MiB)
+    second = _entry(m, "lib.so").chunks[1][0]
+
+    class OnceSlow:
+        """The store, whose first fetch of the second chunk fails."""
+        failed = False
+
+        def get_chunk_local(self, digest):
+            if digest == second and not self.failed:
+                self.failed = True
+                raise StoreError("no fetch slot in time")
+            return store.get_chunk_local(digest)
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+    flaky = OnceSlow()
+    fs = ImageFS(flaky, m, m.digest, readahead_bytes=2 * MiB)
+    ino = next(i for i, e in enumerate(fs.entries) if e is not None and e.path == "lib.so")
+
+    async def reads():
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            for off in (0, 256 * 1024):   # the second read is sequential: chunks 1 and 2 are read ahead
+                assert bytes(await fs.read(ino, off, 256 * 1024)) == want[off:off + 256 * 1024]
+        fs._nursery = None
+        assert flaky.failed
+        assert bytes(await fs.read(ino, MiB, 4096)) == want[MiB:MiB + 4096]
+
+    trio.run(reads)
+
+
 def test_a_file_its_chunks_do_not_cover_reads_as_eio(tmp_path):
     """A manifest whose file is longer than its chunks (a corrupt or hand-made one): reads past what the chunks
     cover fail with EIO, and the filesystem goes on answering (an uncaught error would end the daemon)."""

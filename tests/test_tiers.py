@@ -422,6 +422,42 @@ def test_a_corrupt_disk_cache_chunk_is_dropped_and_fetched_from_s3(s3server, tmp
     assert restarted.durable.stats["gets"] == 1
 
 
+def test_a_failing_disk_cache_falls_back_to_s3(s3server, tmp_path, caplog):
+    """The disk cache cannot be read (an unreadable object file here; a disk gone read-only or bad sectors on a
+    host) nor take the host's fetch lock: the chunk still comes from S3, verified."""
+    bucket = new_bucket()
+    data = blob(MiB, 11)
+    cfg = s3cfg(tmp_path, s3server, "host", bucket)
+    d, _ = ChunkStore.open(cfg).put_chunk(data)
+    store = ChunkStore.open(cfg)
+    path = store.local.path(ckey(d))
+    path.unlink()
+    path.mkdir()                       # reading it raises IsADirectoryError, an OSError like EIO or EROFS
+    locks = store.local.root / "locks"
+    if locks.exists():
+        for f in locks.iterdir():
+            f.unlink()
+        locks.rmdir()
+    locks.write_bytes(b"")             # the lock directory cannot be made
+    with caplog.at_level(logging.WARNING, logger="thaw.imagefs.store"):
+        assert store.get_chunk(d) == data
+    assert "trying the next tier" in caplog.text and "without the host's lock" in caplog.text
+    assert store.durable.stats["gets"] == 1
+
+
+def test_an_object_in_an_encoding_this_version_cannot_read_is_an_error_and_stays(s3server, tmp_path):
+    """A newer thaw may store objects in an encoding this one does not know: reading one is an error naming it,
+    not damage, so the object is not deleted from the bucket that every host reads."""
+    bucket = new_bucket()
+    data = blob(4096, 12)
+    store = ChunkStore([LocalDirTier(tmp_path / "local", max_bytes=64 * MiB), s3tier(s3server, bucket)])
+    k = ckey(digest_of(data))
+    s3server.client().put_object(Bucket=bucket, Key=k, Body=data, Metadata={"thaw-encoding": "zstd2"})
+    with pytest.raises(StoreError, match="encoding 'zstd2'"):
+        store.get_chunk(digest_of(data))
+    assert store.durable.has(k)
+
+
 def test_s3_down_is_a_bounded_error_and_reads_recover(s3server_own, tmp_path):
     bucket = new_bucket()
     cfg = Config(state_dir=tmp_path / "w", chunk_size=MiB, **s3server_own.settings(
