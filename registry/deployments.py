@@ -25,6 +25,19 @@ def get(url: str, name: str) -> Deployment:
     return row
 
 
+def put_back(url: str, name: str, before: Deployment | None) -> None:
+    """Undo an ``upsert`` of deployment ``name`` whose pool could not be started or told: ``before`` is the row
+    it replaced (None: there was none, and the row goes)."""
+    if before is not None:
+        upsert(url, before)
+        return
+    with session(url) as s:
+        row = s.get(Deployment, name)
+        if row is not None:
+            s.delete(row)
+            s.commit()
+
+
 def list_all(url: str) -> list[Deployment]:
     with session(url) as s:
         return list(s.exec(select(Deployment).order_by(Deployment.name)).all())

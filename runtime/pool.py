@@ -41,16 +41,28 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
     if bad:
         raise NotFound(f"--port {', '.join(map(str, bad))}: a port is 1..65535")
     spec.ports = sorted({p for p in spec.ports if p != snap.spec["port"]})  # the server's port is always published
+    try:
+        before = deployments.get(cfg.registry_url, spec.name)
+    except NotFound:
+        before = None
+    # the row first: the pool's host checks count reservations of existing deployments only
     deployments.upsert(cfg.registry_url, Deployment(
         name=spec.name, snapshot_digest=spec.snapshot, min_replicas=spec.min_replicas,
         max_replicas=spec.max_replicas, buffer=spec.buffer, secrets=spec.secrets, env=spec.env or None,
         ports=spec.ports or None))
-    if await running(client, spec.name):
-        await client.get_workflow_handle(workflow_id(spec.name)).signal(DeploymentPool.update, spec)
-        return spec, False
-    await client.start_workflow(DeploymentPool.run, PoolState(spec, desired=spec.min_replicas),
-                                id=workflow_id(spec.name), task_queue=cfg.build_task_queue)
-    return spec, True
+    try:
+        if await running(client, spec.name):
+            await client.get_workflow_handle(workflow_id(spec.name)).signal(DeploymentPool.update, spec)
+            return spec, False
+        await client.start_workflow(DeploymentPool.run, PoolState(spec, desired=spec.min_replicas),
+                                    id=workflow_id(spec.name), task_queue=cfg.build_task_queue)
+        return spec, True
+    except BaseException as e:  # the pool was not told: the registry keeps what it had
+        deployments.put_back(cfg.registry_url, spec.name, before)
+        if isinstance(e, RPCError):
+            raise PoolUnreachable(f"Temporal did not start or update deployment {spec.name!r}'s pool: "
+                                  f"{e.message}") from None
+        raise
 
 
 class PoolUnreachable(RuntimeError):

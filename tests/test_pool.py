@@ -253,6 +253,29 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     with pytest.raises(NotFound):  # nothing stored for a refused deploy
         deployments.get(cfg.registry_url, "x")
 
+    # Temporal refuses to start the pool (a namespace it does not have): one line, and the registry keeps what it
+    # had: no row for a new deployment, the old bounds for an existing one
+    from click.testing import CliRunner
+
+    from thaw.cli import cli
+
+    def deploy_elsewhere(name, *args):
+        return CliRunner().invoke(cli, ["deploy", name, "--snapshot", snap, "--buffer", "0", *args],
+                                  env={**cfg_env(cfg), "THAW_TEMPORAL_NAMESPACE": "no-such-namespace"},
+                                  catch_exceptions=False)
+
+    res = deploy_elsewhere("x")
+    assert res.exit_code == 1 and "Temporal did not start or update deployment 'x'" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    with pytest.raises(NotFound):
+        deployments.get(cfg.registry_url, "x")
+    thaw_cli("deploy", "kept", "--snapshot", snap, "--max", "1", "--buffer", "0")
+    try:
+        assert deploy_elsewhere("kept", "--max", "3").exit_code == 1
+        assert deployments.get(cfg.registry_url, "kept").max_replicas == 1
+    finally:
+        undeploy(cfg, thaw_cli, "kept")
+
 
 def release_dead_host(cfg, host_id):
     """What a restarted agent would do with a dead one's leftovers, plus unmounting its image mounts
