@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from temporalio.client import Client
 
+from thaw.client import connect
 from thaw.config import Config
 from thaw.registry import deployments
 from thaw.registry.queries import NotFound
@@ -121,7 +122,7 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     import asyncio
     import signal
 
-    client = await Client.connect(cfg.temporal_address, namespace=cfg.temporal_namespace)
+    client = await connect(cfg)
     runner = web.AppRunner(make_app(cfg, client))
     await runner.setup()
     await web.TCPSite(runner, cfg.api_host, cfg.api_port).start()

@@ -13,6 +13,7 @@ import signal
 
 from temporalio.client import Client
 
+from thaw.client import connect
 from thaw.config import Config
 from thaw.registry import deployments
 
@@ -35,7 +36,7 @@ class PoolBackends:
     async def scale(self, replicas: int, reason: str) -> None:
         log.info("scale %s to %d (%s)", self.name, replicas, reason)
         if self.client is None:  # connected on the gateway's own loop, at first use
-            self.client = await Client.connect(self.cfg.temporal_address, namespace=self.cfg.temporal_namespace)
+            self.client = await connect(self.cfg)
         await pool.scale(self.client, self.name, replicas, "gateway")
 
 

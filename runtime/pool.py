@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -18,6 +19,12 @@ from thaw.workflows.pool import WORKFLOW_ID, DeploymentPool, PoolSpec, PoolState
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def env_name_error(names, what: str = "--env") -> str | None:
+    """One line naming those of ``names`` that are not environment variable names (None: all are)."""
+    bad = sorted(k for k in names if not ENV_NAME.match(k))
+    return f"{what} {', '.join(map(repr, bad))}: not an environment variable name" if bad else None
+
+
 def workflow_id(name: str) -> str:
     return WORKFLOW_ID.format(name=name)
 
@@ -28,9 +35,11 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
         raise NotFound(f"deployment name {spec.name!r}: use letters, digits, '-' and '_'")
     if not 0 <= spec.min_replicas <= spec.max_replicas or spec.buffer < 0:
         raise NotFound(f"need 0 <= --min ({spec.min_replicas}) <= --max ({spec.max_replicas}) and --buffer >= 0")
-    bad = sorted(k for k in spec.env if not ENV_NAME.match(k))
-    if bad:
-        raise NotFound(f"--env {', '.join(map(repr, bad))}: not an environment variable name")
+    if not 0 <= spec.cooldown_s < math.inf:
+        raise NotFound(f"--cooldown {spec.cooldown_s}: need a number of seconds >= 0")
+    error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
+    if error:
+        raise NotFound(error)
     both = sorted(set(spec.env) & set(spec.secrets))
     if both:
         raise NotFound(f"{', '.join(both)}: given as --env and as --secret; a secret's value comes from "

@@ -16,16 +16,13 @@ from temporalio.worker import Worker
 from thaw.activities.build_image import BuildActivities
 from thaw.activities.pool import PoolActivities
 from thaw.activities.snapshot import SnapshotActivities
+from thaw.client import connect
 from thaw.config import Config
 from thaw.workflows.build_image import BuildImage
 from thaw.workflows.build_snapshot import BuildSnapshot, ReplicaLog, RestoreSnapshot, StopReplicas
 from thaw.workflows.pool import DeploymentPool
 
 log = logging.getLogger(__name__)
-
-
-async def connect(cfg: Config) -> Client:
-    return await Client.connect(cfg.temporal_address, namespace=cfg.temporal_namespace)
 
 
 def build_worker(client: Client, cfg: Config, executor: ThreadPoolExecutor) -> Worker:

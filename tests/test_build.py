@@ -128,7 +128,7 @@ def test_cli_says_when_temporal_is_down(tmp_path):
 
     res = CliRunner().invoke(cli, ["build", "image", str(tmp_path)],
                              env={"THAW_STATE_DIR": str(tmp_path / "s"), "THAW_TEMPORAL_ADDRESS": "127.0.0.1:1"})
-    assert res.exit_code == 1 and "run `thaw up` first" in res.output
+    assert res.exit_code == 1 and "cannot reach Temporal at 127.0.0.1:1 (`thaw up` starts one" in res.output
 
 
 def _worker_proc(cfg) -> subprocess.Popen:

@@ -109,13 +109,26 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
 
 
 @pytest.mark.parametrize("name, value, message", [
-    ("THAW_TEMPORAL_ADDRESS", "nocolon", "temporal_address: Value error, 'nocolon' is not HOST:PORT"),
+    ("THAW_TEMPORAL_ADDRESS", "nocolon", "temporal_address: 'nocolon' is not HOST:PORT"),
     ("THAW_TEMPORAL_ADDRESS", "127.0.0.1:notaport", "is not HOST:PORT"),
     ("THAW_AGENT_HEARTBEAT_S", "abc", "agent_heartbeat_s: Input should be a valid number"),
+    ("THAW_HOST_ID", "../../srv", "host_id: '../../srv': use up to 63 letters, digits"),  # its work dir: no traversal
+    ("THAW_API_PORT", "99999", "api_port: Input should be less than or equal to 65535"),
+    ("THAW_DB_URL", "foo", "db_url: not a database URL"),
+    ("THAW_DB_URL", "mysql://u@h/db", "db_url: 'mysql': the registry runs on SQLite or PostgreSQL"),
+    ("THAW_CONFIG", "/nonexistent/thaw.toml", "THAW_CONFIG=/nonexistent/thaw.toml: no such file"),
+    ("config.toml", 's3_endpiont = "http://127.0.0.1:8333"', "s3_endpiont: Extra inputs are not permitted"),
+    ("config.toml", "x = ", "config.toml: not TOML"),
 ])
 def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
-    """status and down split the Temporal address: a malformed one was a traceback there."""
-    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), name: value}
+    """status and down split the Temporal address: a malformed one was a traceback there. A setting that
+    names a path, a port or a database is checked when it is read; a misspelt key of a file is not ignored."""
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state")}
+    if name == "config.toml":
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / name).write_text(value + "\n")
+    else:
+        env[name] = value
     for cmd in ("status", "down"):
         res = thaw(env, cmd, check=False)
         assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
@@ -130,3 +143,29 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     for p in first:
         with socket.socket() as s:
             s.bind(("0.0.0.0", p))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["agent", "--host-id", "/srv"], "host_id: '/srv': use up to 63 letters"),
+    (["secrets", "set", "A B", "--value", "x"], "secret 'A B': not an environment variable name"),
+    (["gateway", "demo", "--target-concurrency", "0"], "Invalid value for '--target-concurrency'"),
+    (["gateway", "demo", "--port", "99999"], "Invalid value for '--port'"),
+    (["hosts", "up", "0"], "Invalid value for 'COUNT'"),
+    (["gc", "--min-age", "-1"], "Invalid value for '--min-age'"),
+    (["build", "snapshot", "img", "--golden", "GOLDEN", "--health", "healthz"], "--health 'healthz': a path"),
+    (["build", "snapshot", "img", "--golden", "GOLDEN", "--env", "1X=y"], "--env '1X': not an environment"),
+    (["build", "snapshot", "img", "--golden", "GOLDEN", "--port", "70000"], "Invalid value for '--port'"),
+])
+def test_bad_command_input_is_refused_before_anything_starts(tmp_path, args, message):
+    """Checked before a workflow, server or agent starts (the agent would have made and cleaned up
+    /srv/replicas): a one-line error and exit 1, or click's usage error and exit 2."""
+    from click.testing import CliRunner
+
+    from thaw.cli import cli
+
+    golden = tmp_path / "golden.json"
+    golden.write_text("{}")
+    env = {"THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    res = CliRunner().invoke(cli, [str(golden) if a == "GOLDEN" else a for a in args], env=env)
+    assert res.exit_code in (1, 2) and message in res.output, res.output
+    assert not (tmp_path / "state" / "secrets.json").exists()

@@ -66,11 +66,17 @@ def cli(ctx, state_dir, temporal_address, db_url, verbose):
     """thaw: scale GPU inference up in seconds."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ctx.obj = _configured(config_mod.load, state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
+
+
+def _configured(make, **values):
+    """``make(**values)`` (a Config); a bad value is a one-line failure naming it."""
     try:
-        ctx.obj = config_mod.load(state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
+        return make(**values)
     except Exception as e:
         errors = getattr(e, "errors", None)  # pydantic: one line per field, made one line in all
-        _fail("bad configuration: " + ("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors())
+        _fail("bad configuration: " + ("; ".join(f"{'.'.join(map(str, x['loc']))}: "
+                                                 f"{x['msg'].removeprefix('Value error, ')}" for x in errors())
                                        if callable(errors) else str(e)))
 
 
@@ -173,12 +179,12 @@ def _absolute_source(source: str) -> str:
 
 
 async def _connect(cfg):
-    from temporalio.client import Client
+    from .client import TemporalUnreachable, connect
 
     try:
-        return await Client.connect(cfg.temporal_address, namespace=cfg.temporal_namespace)
-    except Exception:
-        _fail(f"cannot reach Temporal at {cfg.temporal_address}: run `thaw up` first")
+        return await connect(cfg)
+    except TemporalUnreachable as e:
+        _fail(str(e))
 
 
 def _failure_message(err: BaseException) -> str:
@@ -367,7 +373,7 @@ def _pairs(items, what):
 @build.command("snapshot")
 @click.argument("image")
 @click.option("--cmd", help="Command line (shell words); default the image's Entrypoint + Cmd.")
-@click.option("--port", type=int, default=8080, show_default=True, help="Port the server listens on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port the server listens on.")
 @click.option("--health", default="/healthz", show_default=True, help="Health-check path (200 = ready).")
 @click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="JSON body of the golden request (POSTed), replayed after every restore.")
@@ -385,13 +391,21 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
 
     from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
 
+    from thaw.runtime.pool import env_name_error
+
     body = Path(golden_file).read_bytes()
     try:
         json.loads(body)
     except ValueError as e:
         _fail(f"--golden {golden_file}: not JSON ({e})")
+    for option, path in (("--health", health), ("--golden-path", golden_path)):
+        if not path.startswith("/"):
+            _fail(f"{option} {path!r}: a path on the server, starting with /")
     spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port, health=health, env=_pairs(env, "--env"),
                      secrets=list(secrets))
+    error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
+    if error:
+        _fail(error)
     golden = Golden(path=golden_path, method="POST", body_b64=base64.b64encode(body).decode())
     wid, run_id, url, res = _run_workflow(
         cfg, BuildSnapshot.run, BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout),
@@ -498,7 +512,7 @@ def _builds(cfg, query: str) -> list[str]:
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="List what would be deleted; delete nothing.")
-@click.option("--min-age", "min_age_s", type=float, default=3600.0, show_default=True,
+@click.option("--min-age", "min_age_s", type=click.FloatRange(0), default=3600.0, show_default=True,
               help="Seconds: unreferenced objects younger than this are kept (a build may still need them).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
@@ -650,6 +664,10 @@ def secrets():
 @click.pass_obj
 def secrets_set(cfg, name, value):
     """Set secret NAME (value from --value or stdin) for the agents on this state dir."""
+    from thaw.runtime.pool import env_name_error
+
+    if env_name_error([name], "secret"):  # delivered to replicas as an environment variable
+        _fail(env_name_error([name], "secret"))
     if value is None:
         value = sys.stdin.read().rstrip("\n")
     path = cfg.secrets_file
@@ -685,7 +703,7 @@ def agent(cfg, host_id):
     from .stack import agent_ready_file
 
     if host_id:
-        cfg = cfg.model_copy(update={"host_id": host_id})
+        cfg = _configured(type(cfg).model_validate, obj={**cfg.model_dump(), "host_id": host_id})
     logging.getLogger().setLevel(logging.INFO)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -744,8 +762,14 @@ def scale(cfg, name, replicas):
     """Ask deployment NAME for REPLICAS replicas (the pool restores or stops replicas to match)."""
     from thaw.runtime import pool
 
+    from thaw.registry import deployments
+
     _pool_call(cfg, lambda c: pool.scale(c, name, replicas, "cli"))
-    click.echo(f"deployment {name}: scale to {replicas} requested")
+    dep = deployments.get(cfg.registry_url, name)
+    bounded = min(max(replicas, dep.min_replicas), dep.max_replicas)
+    click.echo(f"deployment {name}: scale to {replicas} requested"
+               + (f" (the pool keeps it to {bounded}: --min {dep.min_replicas} --max {dep.max_replicas})"
+                  if bounded != replicas else ""))
 
 
 @cli.command()
@@ -773,18 +797,21 @@ def api(cfg):
     except api_mod.TokenError as e:
         _fail(str(e))
     click.echo(f"control API on http://{cfg.api_host}:{cfg.api_port} (token: {api_mod.token_file(cfg)})", err=True)
-    asyncio.run(api_mod.run(cfg, ready_file(cfg, "api")))
+    try:
+        asyncio.run(api_mod.run(cfg, ready_file(cfg, "api")))
+    except (RuntimeError, OSError) as e:  # Temporal unreachable, the port taken
+        _fail(f"api: {e}")
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--port", type=int, help="Listen port [default: THAW_GATEWAY_PORT].")
-@click.option("--keda-port", type=int, help="Also serve the KEDA external scaler (gRPC) on this port.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Listen port [default: THAW_GATEWAY_PORT].")
+@click.option("--keda-port", type=click.IntRange(1, 65535), help="Also serve the KEDA external scaler (gRPC) on this port.")
 @click.option("--host", "bind", default="127.0.0.1", show_default=True,
               help="Address the gateway and the KEDA scaler listen on (0.0.0.0: every interface).")
-@click.option("--target-concurrency", type=float, default=1.0, show_default=True,
+@click.option("--target-concurrency", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="In-flight requests per replica the autoscaler aims for.")
-@click.option("--scale-to-zero-after", type=float, default=30.0, show_default=True,
+@click.option("--scale-to-zero-after", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds without traffic before scaling to zero.")
 @click.pass_obj
 def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_after):
@@ -829,8 +856,8 @@ def hosts_ls(cfg, as_json):
 
 
 @hosts.command("up")
-@click.argument("count", type=int)
-@click.option("--capacity", type=int, default=4, show_default=True, help="Replicas per host.")
+@click.argument("count", type=click.IntRange(1))
+@click.option("--capacity", type=click.IntRange(0), default=4, show_default=True, help="Replicas per host.")
 @click.pass_obj
 def hosts_up(cfg, count, capacity):
     """Start COUNT host agents on this machine, each in its own network namespace (test/demo mode; needs
@@ -895,6 +922,12 @@ def main():
     except OperationalError as e:  # the registry database: down, or a wrong THAW_DB_URL
         click.echo(f"error: the registry database cannot be used: {str(e.orig).splitlines()[0]} "
                    f"(THAW_DB_URL / --db-url)", err=True)
+        code = 1
+    except Exception as e:  # Temporal refused a call (RPCError, an id already running): one line, not a traceback
+        if not type(e).__module__.startswith("temporalio."):
+            raise
+        what = f" (workflow {e.workflow_id})" if getattr(e, "workflow_id", None) else ""
+        click.echo(f"error: Temporal: {getattr(e, 'message', None) or e}{what}", err=True)
         code = 1
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

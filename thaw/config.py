@@ -1,7 +1,8 @@
 """The one configuration object.
 
-Resolution order (later wins): defaults → TOML file (``$THAW_CONFIG`` or ``<state_dir>/config.toml``)
-→ environment variables (``THAW_*``) → CLI flags (passed as overrides to :func:`load`).
+Resolution order (later wins): defaults → ``<state_dir>/config.toml`` (what thaw saved) → the TOML file
+``$THAW_CONFIG`` names, if set (it must exist) → environment variables (``THAW_*``) → CLI flags (passed as
+overrides to :func:`load`). A key of a file that is not a setting is an error, not ignored.
 Every path thaw uses is derived here, from ``state_dir``.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from functools import cached_property
 from pathlib import Path
@@ -28,11 +30,30 @@ def _default_state_dir() -> Path:
 
 
 class Config(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="THAW_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="THAW_", extra="forbid", frozen=True)
 
     state_dir: Path = Field(default_factory=_default_state_dir)
     # Registry: SQLite file under state_dir unless a DSN (e.g. postgresql+psycopg://...) is given.
     db_url: str | None = None
+
+    @field_validator("db_url")
+    @classmethod
+    def _dsn(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+            if url.get_backend_name() not in ("sqlite", "postgresql"):
+                raise ValueError(f"{url.get_backend_name()!r}: the registry runs on SQLite or PostgreSQL")
+            url.get_dialect().import_dbapi()  # the driver the DSN names is installed
+        except ArgumentError:
+            raise ValueError("not a database URL (e.g. postgresql+psycopg://user:pass@host/db)") from None
+        except ImportError as e:
+            raise ValueError(f"its driver is not installed ({e})") from None
+        return v
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"
@@ -46,11 +67,19 @@ class Config(BaseSettings):
         return v
 
     temporal_namespace: str = "default"
-    temporal_ui_port: int = 8233
+    temporal_ui_port: int = Field(8233, ge=1, le=65535)
     build_task_queue: str = "thaw-build"
     # Host agents: each polls "<host_task_queue_prefix><host_id>" for the activities that touch processes.
     host_task_queue_prefix: str = "thaw-host-"
     host_id: str = Field(default_factory=lambda: os.uname().nodename)
+
+    @field_validator("host_id")
+    @classmethod
+    def _host_id(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):  # names a directory under work/ and a queue
+            raise ValueError(f"{v!r}: use up to 63 letters, digits, '.', '_' and '-', starting with a letter or digit")
+        return v
+
     agent_heartbeat_s: float = 10.0
     lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
     mount_idle_s: float = 1800.0  # an agent unmounts trees unused this long (no replica on them, not pinned); 0: never
@@ -67,17 +96,17 @@ class Config(BaseSettings):
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
-    agent_metrics_port: int | None = 9101  # Prometheus /metrics of the agent; None: off
+    agent_metrics_port: int | None = Field(9101, ge=0, le=65535)  # the agent's Prometheus /metrics; None: off
     agent_metrics_bind: str = "127.0.0.1"  # where the agent serves it (0.0.0.0: for a Prometheus elsewhere)
 
     # Runtime: control API (token-authenticated) and gateway
     api_host: str = "127.0.0.1"
-    api_port: int = 8470
+    api_port: int = Field(8470, ge=1, le=65535)
     api_token: str | None = None  # default: generated once into <state_dir>/api-token
-    gateway_port: int = 8480
+    gateway_port: int = Field(8480, ge=1, le=65535)
     # `thaw up --s3`: run SeaweedFS as the store's S3 tier (remote-store mode on one machine)
     s3_embedded: bool = False
-    s3_embedded_port: int = 8333
+    s3_embedded_port: int = Field(8333, ge=1, le=65535)
 
     # Content-addressed store
     chunk_size: int = Field(default=4 * MiB, le=4 * MiB, gt=0)  # the largest object; snapshots' CRIU images
@@ -195,10 +224,15 @@ def load(**overrides) -> Config:
     env_state = overrides.get("state_dir") or os.environ.get("THAW_STATE_DIR")
     state_dir = Path(env_state) if env_state else _default_state_dir()
     file_values = {}  # what thaw saved for this state dir (save_settings), then the user's own file over it
-    for path in (state_dir / "config.toml", *([Path(os.environ["THAW_CONFIG"])] if os.environ.get("THAW_CONFIG")
-                                               else [])):
+    user_file = os.environ.get("THAW_CONFIG")
+    if user_file and not Path(user_file).is_file():
+        raise ValueError(f"THAW_CONFIG={user_file}: no such file")
+    for path in (state_dir / "config.toml", *([Path(user_file)] if user_file else [])):
         if path.is_file():
-            file_values.update(tomllib.loads(path.read_text()))
+            try:
+                file_values.update(tomllib.loads(path.read_text()))
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not TOML ({e})") from None
     env_values = Config().model_dump(exclude_unset=True)  # what THAW_* set
     merged = {**file_values, **env_values, **overrides}
     merged.setdefault("state_dir", state_dir)
