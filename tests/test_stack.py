@@ -8,6 +8,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,23 @@ def test_bad_command_input_is_refused_before_anything_starts(tmp_path, args, mes
     res = CliRunner().invoke(cli, [str(golden) if a == "GOLDEN" else a for a in args], env=env)
     assert res.exit_code in (1, 2) and message in res.output, res.output
     assert not (tmp_path / "state" / "secrets.json").exists()
+
+
+@pytest.mark.parametrize("raise_it, message", [
+    ("WorkflowAlreadyStartedError('build-image-x', 'BuildImage')",
+     "error: Temporal: Workflow execution already started (workflow build-image-x)"),
+    ("RPCError('Namespace nope is not found.', RPCStatusCode.NOT_FOUND, b'')",
+     "error: Temporal: Namespace nope is not found."),
+])
+def test_an_error_temporal_gives_a_command_is_one_line(raise_it, message):
+    """`thaw build image --id ID` while ID still runs, or any RPC Temporal refuses: thaw's entry point (the real
+    one, which ends the process itself) prints one line and exits 1."""
+    code = ("import click, thaw.cli as c\n"
+            "from temporalio.exceptions import WorkflowAlreadyStartedError\n"
+            "from temporalio.service import RPCError, RPCStatusCode\n"
+            "@c.cli.command('boom')\n"
+            "def boom():\n"
+            f"    raise {raise_it}\n"
+            "c.main()\n")
+    res = subprocess.run([sys.executable, "-c", code, "boom"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and res.stderr == message + "\n", res.stderr
