@@ -166,24 +166,30 @@ def test_read_assembles_chunks_in_process(image):
     assert fs._cached <= 5 * MiB and fs.stats["errors"] == 0
 
 
+def _library_image(tmp_path, mib: int):
+    """(store, manifest, bytes) of an image holding one random ``mib`` MiB file, lib.so, cut into 1 MiB chunks
+    (as builds cut container images)."""
+    import random
+
+    src = tmp_path / "src"
+    src.mkdir()
+    want = random.Random(mib).randbytes(mib * MiB)
+    (src / "lib.so").write_bytes(want)
+    cfg = Config(state_dir=tmp_path / "state")
+    store = ChunkStore.open(cfg)
+    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "lib", Limits.from_config(cfg), chunk_size=MiB)
+    return store, m, want
+
+
 def test_readahead_follows_sequential_readers_only(tmp_path):
     """An image cut into 1 MiB chunks (as builds cut container images). A read that starts where the file's last
     read ended fetches the chunks of the next readahead_bytes in the background; any other read (a page fault's
     window in a mmapped library) fetches only the chunks it covers, even past the middle of its chunk."""
-    import random
-
     import trio
 
     from thaw.imagefs.fuse import ImageFS
 
-    src = tmp_path / "src"
-    src.mkdir()
-    want = random.Random(3).randbytes(16 * MiB)
-    (src / "lib.so").write_bytes(want)
-    cfg = Config(state_dir=tmp_path / "state")
-    store = ChunkStore.open(cfg)
-    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "ra-test", Limits.from_config(cfg),
-                                chunk_size=MiB)
+    store, m, want = _library_image(tmp_path, 16)
     assert [size for _, size in _entry(m, "lib.so").chunks] == [MiB] * 16
     fs = ImageFS(store, m, m.digest, readahead_bytes=3 * MiB)
     ino = next(i for i, e in enumerate(fs.entries) if e is not None and e.path == "lib.so")
@@ -210,21 +216,12 @@ def test_readahead_follows_sequential_readers_only(tmp_path):
 def test_a_failed_readahead_does_not_fail_the_read_of_that_chunk(tmp_path):
     """A read-ahead fetch can fail where a read would not (it timed out waiting for a fetch slot behind slow S3
     fetches): the application's own read of that chunk a moment later fetches it again instead of failing."""
-    import random
-
     import trio
 
     from thaw.imagefs.fuse import ImageFS
     from thaw.imagefs.store import StoreError
 
-    src = tmp_path / "src"
-    src.mkdir()
-    want = random.Random(4).randbytes(4 * MiB)
-    (src / "lib.so").write_bytes(want)
-    cfg = Config(state_dir=tmp_path / "state")
-    store = ChunkStore.open(cfg)
-    m, _, _ = ingest_and_commit(SourceSpec("dir", str(src)), store, "ra-fail", Limits.from_config(cfg),
-                                chunk_size=MiB)
+    store, m, want = _library_image(tmp_path, 4)
     second = _entry(m, "lib.so").chunks[1][0]
 
     class OnceSlow:
