@@ -90,19 +90,29 @@ class HostActivities:
         row = snapshots.get(self.cfg.registry_url, plan.snapshot_digest)
         snap = row.model_dump()
         secrets = self.host.secrets(plan.secrets)
-        with keepalive("restore"):
-            results = self.host.restore_many(snap, plan.replicas, secrets)
-        out = []
-        try:
-            for running, info in results:
-                golden_ok = self._record(row.digest, running, info)
-                endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
-                out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok,
-                                         info["timings_ms"], endpoint))
-        finally:  # what is not kept serving stops, also when something above failed
-            for running, _ in results:
-                if running.id not in self.serving:
-                    running.stop()
+        # a cancel (timeout, worker shutdown) is an exception raised into this thread wherever it is: held back
+        # until the replicas are kept or stopped, or one landing while they start would leave them with no owner
+        with activity.shield_thread_cancel_exception():
+            with keepalive("restore"):
+                results = self.host.restore_many(snap, plan.replicas, secrets)
+            out = []
+            try:
+                for running, info in results:
+                    golden_ok = self._record(row.digest, running, info)
+                    endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
+                    out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok,
+                                             info["timings_ms"], endpoint))
+                if activity.is_cancelled():
+                    raise SnapshotError("the restore was cancelled")
+            except BaseException:  # nobody will learn the ids of the replicas kept so far
+                for r in out:
+                    if r.endpoint:
+                        self.stop_replica(StopReplicaInput(r.replica))
+                raise
+            finally:  # what is not kept serving stops, also when something above failed
+                for running, _ in results:
+                    if running.id not in self.serving:
+                        running.stop()
         return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="start_replica")
@@ -112,17 +122,21 @@ class HostActivities:
         started = int(time.time() * 1000)
         snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
         env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, never in the snapshot
-        with keepalive("restore"):
-            ((running, info),) = self.host.restore_many(snap, 1, env, [inp.replica_id] if inp.replica_id else None)
-        endpoint = self._serve(running, inp.deployment, inp.snapshot, info["outcome"], inp.ports)
-        if not endpoint:
-            raise SnapshotError(f"replica {running.id} stopped: the agent of {self.cfg.host_id} is stopping, or "
-                                f"the pool gave up on this start")
-        try:
-            self._record(inp.snapshot, running, info, inp.deployment, endpoint)
-        except BaseException:
-            self.stop_replica(StopReplicaInput(running.id))
-            raise
+        with activity.shield_thread_cancel_exception():  # as in restore_replicas: the replica ends owned or stopped
+            with keepalive("restore"):
+                ((running, info),) = self.host.restore_many(snap, 1, env,
+                                                            [inp.replica_id] if inp.replica_id else None)
+            endpoint = self._serve(running, inp.deployment, inp.snapshot, info["outcome"], inp.ports)
+            if not endpoint:
+                raise SnapshotError(f"replica {running.id} stopped: the agent of {self.cfg.host_id} is stopping, or "
+                                    f"the pool gave up on this start")
+            try:
+                if activity.is_cancelled():  # the pool gave up on this start (its timeout) and will not learn of it
+                    raise SnapshotError(f"replica {running.id} stopped: its start was cancelled")
+                self._record(inp.snapshot, running, info, inp.deployment, endpoint)
+            except BaseException:
+                self.stop_replica(StopReplicaInput(running.id))
+                raise
         return ReplicaInfo(running.id, self.cfg.host_id, self.cfg.host_task_queue, endpoint, info["outcome"],
                            info["reason"], info["timings_ms"], started, inp.signal_ms, running.published)
 
@@ -219,7 +233,10 @@ class HostActivities:
             self.closing = True
             serving, self.serving = list(self.serving.values()), {}
         for r in serving:  # every replica first: a registry that is down must not keep one running
-            r.stop()
+            try:
+                r.stop()
+            except Exception as e:  # noqa: BLE001 - one that would not die must not keep the others running
+                log.error("replica %s: %s", r.id, e)
         for r in serving:  # the rows that could not go now go when this host's agent starts again
             try:
                 deployments.remove_replica(self.cfg.registry_url, r.id)

@@ -552,10 +552,6 @@ class HostSnapshots:
         files, lower = self.trees(snap)
         fetch = self._prefetch(snap) if self._prefetching else None
         st.mark("fetch")
-        work = self._replica_dir(rid)
-        root = self._root(lower, work / "rw")
-        slot = self.take_gpu(snap["host_facts"])
-        st.mark("root")
 
         def start() -> criu.Replica:
             beat("criu")
@@ -572,8 +568,12 @@ class HostSnapshots:
             return replica
 
         try:
+            work = self._replica_dir(rid)
+            root = self._root(lower, work / "rw")
+            slot = self.take_gpu(snap["host_facts"])
+            st.mark("root")
             replica, running = self._own(rid, start, root, spec["port"], work, slot)
-        except BaseException:
+        except BaseException:  # no root (its image's mount gone?) or no process: the prefetch is for nothing
             if fetch:
                 fetch.cancel()
             raise

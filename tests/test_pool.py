@@ -326,6 +326,36 @@ def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
     assert serving(cfg, "dep") == [] and not agent.serving
 
 
+def test_a_start_cancelled_while_its_replica_restores_leaves_nothing_running(cfg, agent, snap):
+    """Temporal cancels an activity (its timeout, the worker shutting down) by raising into the activity's thread
+    wherever it is. Landing just after the replica started, it must not leave that replica running unowned: the
+    start ends with the replica stopped and no registry row."""
+    import threading
+
+    from temporalio.testing import ActivityEnvironment
+
+    from thaw.workflows.pool import StartReplicaInput
+
+    env, started = ActivityEnvironment(), []
+    restore_many = agent.host.restore_many
+
+    def then_cancelled(*args, **kwargs):
+        started.extend(restore_many(*args, **kwargs))
+        threading.Timer(0.05, env.cancel).start()
+        time.sleep(1.0)  # where the cancel lands
+        return started
+
+    agent.host.restore_many = then_cancelled
+    try:
+        with pytest.raises(BaseException):
+            env.run(agent.start_replica, StartReplicaInput("cancelled", snap, [], 0, replica_id="r-cancelled"))
+    finally:
+        del agent.host.restore_many
+    ((running, _),) = started
+    assert not running.replica.alive() and "r-cancelled" not in agent.serving
+    assert deployments.replicas(cfg.registry_url, "cancelled") == []
+
+
 def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cli, snap):
     """Signal-with-start delivers the signal in the pool's first workflow task, before run() starts: the state
     must already be there for it (it came with the input)."""
