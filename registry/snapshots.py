@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Callable
 
 from sqlmodel import col, select, update
@@ -66,11 +67,12 @@ def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int |
                           capacity=capacity, started_at=now, heartbeat_at=now)
 
 
-def heartbeat_host(url: str, host_id: str) -> None:
+def heartbeat_host(url: str, host_id: str, gone: bool = False) -> None:
+    """This host's agent lives (now); ``gone``: it stopped, so no work is placed there until it beats again."""
     with session(url) as s:
         row = s.get(Host, host_id)
         if row:
-            row.heartbeat_at = utcnow()
+            row.heartbeat_at = datetime(1970, 1, 1, tzinfo=timezone.utc) if gone else utcnow()
             s.add(row)
             s.commit()
 

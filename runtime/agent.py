@@ -41,10 +41,13 @@ def register(cfg: Config, host: HostSnapshots) -> None:
 
 
 def beat(cfg: Config, acts: HostActivities) -> None:
-    """One heartbeat's host and registry work (blocking): replicas that died unregistered, this host marked
-    alive, mounts idle for mount_idle_s released."""
-    acts.reap()
+    """One heartbeat's host and registry work (blocking): this host marked alive (first: a failure in the work
+    after it must not make a live host look dead), replicas that died unregistered, mounts idle for mount_idle_s
+    released. Nothing once the agent is stopping: it marks the host gone itself."""
+    if acts.closing:
+        return
     snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+    acts.reap()
     if cfg.mount_idle_s > 0:
         acts.host.release_idle(cfg.mount_idle_s)
 
@@ -86,4 +89,8 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
                     background=lambda: heartbeat(cfg, acts))
     finally:
         acts.stop_all()
+        try:  # no work placed here until an agent runs again (not after host_stale_s)
+            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id, gone=True)
+        except Exception as e:  # noqa: BLE001 - the registry down: the host goes stale in host_stale_s
+            log.warning("agent %s: could not mark the host gone: %s", cfg.host_id, e)
         host.close()

@@ -39,13 +39,13 @@ def build_worker(client: Client, cfg: Config, executor: ThreadPoolExecutor) -> W
 async def serve(cfg: Config, make: Callable[[Client, ThreadPoolExecutor], Worker], ready_file: Path | None,
                 background: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT; ``ready_file`` exists exactly while it polls."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before connecting: a SIGTERM then still runs the callers' clean-up
+        loop.add_signal_handler(sig, stop.set)
     client = await connect(cfg)
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="thaw-activity") as executor:
         worker = make(client, executor)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         log.info("worker polling %s on %s", worker.task_queue, cfg.temporal_address)
         async with worker:
             side = asyncio.ensure_future(background()) if background else None

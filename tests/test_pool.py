@@ -496,6 +496,28 @@ def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it
         undeploy(cfg, thaw_cli, "late", ok=False)
 
 
+def test_an_agent_that_stops_or_cannot_reach_temporal_is_not_left_live(cfg, worker):
+    """A host row is written at an agent's start. An agent stopped with SIGTERM, or one that could not reach
+    Temporal, marks its host gone as it exits: no work is placed on a queue nobody polls for host_stale_s."""
+    def live(host_id):
+        return any(h.id == host_id for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s))
+
+    proc = _agent_proc(cfg, "leaving")
+    try:
+        wait_until(lambda: live("leaving"), what="leaving up")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not live("leaving")
+    res = subprocess.run([sys.executable, "-m", "thaw", "--temporal-address", "127.0.0.1:1", "agent", "--host-id",
+                          "lonely"], env={**os.environ, **cfg_env(cfg)}, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "cannot reach Temporal at 127.0.0.1:1" in res.stderr, res.stderr
+    assert any(h.id == "lonely" for h in snapshots.list_hosts(cfg.registry_url)) and not live("lonely")
+
+
 @contextlib.contextmanager
 def replica_on_another_host(cfg, agent, thaw_cli, snap, name: str, host_id: str):
     """Deployment ``name`` with its one replica on a subprocess agent ``host_id`` (the in-process agent is full
