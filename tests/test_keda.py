@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -72,9 +73,10 @@ def test_metric_spec_and_metrics(scaler):
     assert [(s.metricName, s.targetSize, s.targetSizeFloat) for s in spec] == [("thaw-minilm-concurrency", 4, 4.0)]
     spec = stub.GetMetricSpec(ref(deployment="minilm", targetConcurrency="2.5"), timeout=5).metricSpecs
     assert (spec[0].targetSize, spec[0].targetSizeFloat) == (3, 2.5)
-    with pytest.raises(grpc.RpcError) as e:
-        stub.GetMetricSpec(ref(deployment="minilm", targetConcurrency="zero"), timeout=5)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for bad in ("zero", "1e19"):  # 1e19: a targetSize past int64
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetMetricSpec(ref(deployment="minilm", targetConcurrency=bad), timeout=5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     source.demands["minilm"] = Demand(desired_replicas=2, queued=5, inflight=3, ready_replicas=2)
     req = pb.GetMetricsRequest(scaledObjectRef=ref(deployment="minilm", targetConcurrency="4"),
@@ -156,6 +158,15 @@ def test_cancelled_streams_free_their_threads():
                 assert next(stream).result is False
                 stream.cancel()
             assert stub.IsActive(ref(deployment="minilm"), timeout=5).result is False
+            # streams that stay open hold every thread: a call past them is refused at once, not queued for ever
+            held = [stub.StreamIsActive(ref(deployment="minilm"), timeout=10) for _ in range(2)]
+            assert [next(s).result for s in held] == [False, False]
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.IsActive(ref(deployment="minilm"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - t0 < 2
+            for s in held:
+                s.cancel()
     finally:
         server.stop(grace=None).wait(5)
 

@@ -112,9 +112,9 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             target = float(raw)
         except ValueError:
             target = math.nan
-        if not math.isfinite(target) or target <= 0:
+        if not 0 < target < 2 ** 63 - 1:  # also NaN and infinity; targetSize is an int64
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"targetConcurrency must be a number > 0, got {raw!r}")
+                          f"targetConcurrency must be a number > 0 (and < 2^63), got {raw!r}")
         return target
 
     # -- RPCs ------------------------------------------------------------------------------------------
@@ -164,9 +164,13 @@ def serve(source: DemandSource, address: str = "127.0.0.1:0", *, interval: float
     """Start the scaler on ``address`` (port 0: any free port); returns the started server and its port.
 
     Each open StreamIsActive holds one of the ``max_workers`` threads (one per ScaledObject using
-    ``external-push``), so size it above the number of ScaledObjects. Stop with ``server.stop(grace)``.
+    ``external-push``), so size it above the number of ScaledObjects. A call past ``max_workers`` is refused
+    (RESOURCE_EXHAUSTED) rather than queued behind the streams; keepalive pings end the stream of a client that
+    vanished without closing its connection (a KEDA pod on a dead node). Stop with ``server.stop(grace)``.
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="thaw-keda"))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="thaw-keda"),
+                         maximum_concurrent_rpcs=max_workers,
+                         options=[("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)])
     pb_grpc.add_ExternalScalerServicer_to_server(
         ExternalScaler(source, interval, requests_counter(registry)), server)
     try:
