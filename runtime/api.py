@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import secrets
 from dataclasses import asdict
@@ -76,7 +75,7 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
         if request.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme != "Bearer" or not hmac.compare_digest(given.encode(), token):
+            if scheme != "Bearer" or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token):
                 calls.labels(route, "401").inc()
                 return _error(401, "missing or wrong bearer token (see <state_dir>/api-token or THAW_API_TOKEN)")
         try:
@@ -91,14 +90,15 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
     async def scale(request: web.Request) -> web.Response:
         try:
             replicas = (await request.json())["replicas"]
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
             replicas = None
         if type(replicas) is not int or replicas < 0:  # not bool, float, str
             return _error(400, 'expected a JSON body {"replicas": N} with N a whole number >= 0')
         name = request.match_info["name"]
-        await asyncio.to_thread(deployments.get, cfg.registry_url, name)
+        dep = await asyncio.to_thread(deployments.get, cfg.registry_url, name)
         await pool.scale(client, name, replicas, "api")
-        return web.json_response({"deployment": name, "replicas": replicas}, status=202)
+        return web.json_response({"deployment": name, "replicas": replicas, "kept": pool.bounded(dep, replicas)},
+                                 status=202)
 
     async def list_deployments(request: web.Request) -> web.Response:
         return web.json_response([

@@ -96,6 +96,11 @@ async def running(client: Client, name: str) -> bool:
     return desc.status == WorkflowExecutionStatus.RUNNING
 
 
+def bounded(dep: Deployment, replicas: int) -> int:
+    """The replica count the pool keeps for a scale to ``replicas`` (within the deployment's --min/--max)."""
+    return max(dep.min_replicas, min(dep.max_replicas, replicas))
+
+
 async def scale(client: Client, name: str, replicas: int, source: str) -> None:
     if replicas < 0:
         raise NotFound(f"replicas must be >= 0 (got {replicas})")

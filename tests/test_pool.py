@@ -167,13 +167,23 @@ def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cl
     with pytest.raises(urllib.error.HTTPError) as no_scheme:
         urllib.request.urlopen(req, timeout=10)
     assert no_scheme.value.code == 401
+    req = urllib.request.Request(url + "/v1/deployments", headers={"Authorization": "Bearer \xff"})  # not UTF-8
+    with pytest.raises(urllib.error.HTTPError) as not_utf8:
+        urllib.request.urlopen(req, timeout=10)
+    assert not_utf8.value.code == 401
     st = json.loads(thaw_cli("status", "api-dep", "--json").output)  # a refused call never reached the pool
     assert st["desired"] == 0 and st["last_signal"] is None and serving(cfg, "api-dep") == [], st
     assert api_call(url, "/v1/deployments/nope/scale", token, {"replicas": 1})[0] == 404
     for bad in ("x", "3", -1, 2.5, True, float("inf"), None):
         assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": bad})[0] == 400, bad
+    deep = urllib.request.Request(url + "/v1/deployments/api-dep/scale", data=b"[" * 100_000, method="POST",
+                                  headers={"Authorization": f"Bearer {token}"})  # nested past the JSON parser
+    with pytest.raises(urllib.error.HTTPError) as too_deep:
+        urllib.request.urlopen(deep, timeout=10)
+    assert too_deep.value.code == 400
     assert json.loads(thaw_cli("status", "api-dep", "--json").output)["last_signal"] is None
-    assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": 0})[0] == 202  # accepted: signalled
+    assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": 0}) == (   # accepted: signalled
+        202, {"deployment": "api-dep", "replicas": 0, "kept": 0})
     assert wait_until(lambda: json.loads(thaw_cli("status", "api-dep", "--json").output)["last_signal"],
                       what="the accepted signal")["source"] == "api"
     with urllib.request.urlopen(url + "/metrics") as r:
@@ -269,10 +279,12 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     assert len(res.output.strip().splitlines()) == 1
     with pytest.raises(NotFound):
         deployments.get(cfg.registry_url, "x")
-    thaw_cli("deploy", "kept", "--snapshot", snap, "--max", "1", "--buffer", "0")
+    thaw_cli("deploy", "kept", "--snapshot", snap, "--max", "0", "--buffer", "0")
     try:
         assert deploy_elsewhere("kept", "--max", "3").exit_code == 1
-        assert deployments.get(cfg.registry_url, "kept").max_replicas == 1
+        assert deployments.get(cfg.registry_url, "kept").max_replicas == 0
+        # a scale past --max is passed on, and the CLI says what the pool will keep
+        assert "scale to 3 requested (the pool keeps it to 0: --min 0 --max 0)" in thaw_cli("scale", "kept", "3").output
     finally:
         undeploy(cfg, thaw_cli, "kept")
 

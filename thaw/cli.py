@@ -766,10 +766,10 @@ def scale(cfg, name, replicas):
 
     _pool_call(cfg, lambda c: pool.scale(c, name, replicas, "cli"))
     dep = deployments.get(cfg.registry_url, name)
-    bounded = min(max(replicas, dep.min_replicas), dep.max_replicas)
+    kept = pool.bounded(dep, replicas)
     click.echo(f"deployment {name}: scale to {replicas} requested"
-               + (f" (the pool keeps it to {bounded}: --min {dep.min_replicas} --max {dep.max_replicas})"
-                  if bounded != replicas else ""))
+               + (f" (the pool keeps it to {kept}: --min {dep.min_replicas} --max {dep.max_replicas})"
+                  if kept != replicas else ""))
 
 
 @cli.command()
