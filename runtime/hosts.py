@@ -61,6 +61,7 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
         if k > 255:
             raise HostsError(f"at most 255 namespaced hosts (10.77.<k>.0/30 each); {len(hosts)} run already")
         here, there = f"10.77.{k}.1", f"10.77.{k}.2"
+        proc = None
         try:
             _ip("netns", "add", ns)
             _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
@@ -76,12 +77,17 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
                 proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "thaw",
                                          "agent"], env=env, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        except (HostsError, OSError) as e:  # what this host got so far goes; the hosts before it stay
+            hosts.append({"host_id": host_id, "netns": ns, "veth": veth, "address": there, "pid": proc.pid})
+            _file(cfg).write_text(json.dumps(hosts))
+        except BaseException as e:  # Ctrl-C too: what this host got so far goes; the hosts before it stay
+            if proc is not None:  # in a session of its own: nothing else would stop it
+                proc.kill()
+                proc.wait()
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its end of the veth pair too
             subprocess.run(["ip", "link", "del", veth], capture_output=True)
-            raise HostsError(f"host {host_id}: {e}") from None
-        hosts.append({"host_id": host_id, "netns": ns, "veth": veth, "address": there, "pid": proc.pid})
-        _file(cfg).write_text(json.dumps(hosts))
+            if isinstance(e, (HostsError, OSError)):
+                raise HostsError(f"host {host_id}: {e}") from None
+            raise
     return hosts
 
 

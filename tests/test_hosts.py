@@ -96,3 +96,37 @@ def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
     with pytest.raises(hosts.HostsError, match="cannot reach the registry database on loopback"):
         hosts.up(cfg, 1)
     assert not (tmp_path / "run" / "hosts.json").exists()
+
+
+def test_an_interrupted_hosts_up_leaves_no_namespace_or_agent(tmp_path, monkeypatch):
+    """Ctrl-C while a host is being made: its namespace, veth pair and (already started) agent go; nothing is
+    recorded for it. The agent runs in a session of its own, so nothing else would stop it."""
+    import subprocess
+
+    from thaw.config import Config
+    from thaw.runtime import hosts
+
+    cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233")
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(argv, *args, **kwargs):
+        if argv[0] == "nsenter":  # the agent: a stand-in in a session of its own
+            argv, kwargs = ["sleep", "600"], {"start_new_session": True}
+        p = real_popen(argv, *args, **kwargs)
+        if argv[0] == "sleep":
+            started.append(p)
+        return p
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hosts.subprocess, "Popen", popen)
+    monkeypatch.setattr(hosts.json, "dumps", interrupted)  # Ctrl-C as the agent is being recorded
+    with pytest.raises(KeyboardInterrupt):
+        hosts.up(cfg, 1)
+    (proc,) = started
+    assert proc.poll() is not None
+    ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{hosts.PREFIX}nshost1-{os.getpid()}" not in ns
+    assert not (tmp_path / "run" / "hosts.json").exists()
