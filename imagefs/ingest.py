@@ -90,7 +90,8 @@ class Tree:
         self.inode: dict[str, int] = {}  # regular file path -> inode id (hard links share one)
         self._next_inode = 0
         self.total_size = 0
-        self.layer_added: set[str] = set()
+        self.layer_added: set[str] = set()    # entries the layer being applied put or updated
+        self.layer_touched: set[str] = set()  # directories it put something under (maybe lower-layer ones)
 
     # -- structure -------------------------------------------------------------------------
     def _check_parent(self, path: str, src: str) -> None:
@@ -106,6 +107,10 @@ class Tree:
             raise IngestError(f"{src!r}: parent {parent!r} is not a directory")
         for d in reversed(missing):  # implicit parent directories
             self._put(Entry(path=d, type=DIR, mode=0o755))
+        d = posixpath.dirname(path)
+        while d and d not in self.layer_touched:
+            self.layer_touched.add(d)
+            d = posixpath.dirname(d)
 
     def _put(self, entry: Entry) -> None:
         if len(self.entries) >= self.limits.max_entries:
@@ -126,6 +131,7 @@ class Tree:
         del self.entries[path]
         self.inode.pop(path, None)
         self.layer_added.discard(path)
+        self.layer_touched.discard(path)
         for child in self.children.pop(path, ()):
             self._drop(child)
 
@@ -178,10 +184,11 @@ class Tree:
         self.inode[path] = self.inode[target]
 
     def _hide_lower(self, d: str) -> None:
-        """An opaque directory: everything under ``d`` from lower layers goes, at any depth (a subdirectory this
-        layer declares again stays, without what lower layers put in it)."""
+        """An opaque directory: everything under ``d`` from lower layers goes, at any depth. A subdirectory this
+        layer declares again, or puts entries under (tar order is the writer's: they may come before the
+        marker), stays, without what lower layers put in it."""
         for child in list(self.children.get(d, ())):
-            if child not in self.layer_added:
+            if child not in self.layer_added and child not in self.layer_touched:
                 self.remove(child)
             elif child in self.children:
                 self._hide_lower(child)
@@ -195,7 +202,9 @@ class Tree:
             if not name[len(WHITEOUT):]:
                 raise IngestError(f"{src!r} is a whiteout that names nothing (it would hide the directory itself)")
             victim = posixpath.join(parent, name[len(WHITEOUT):])
-            if victim not in self.layer_added:
+            if victim in self.layer_touched and victim not in self.layer_added:
+                self._hide_lower(victim)  # this layer put entries under it before the marker: only the lower go
+            elif victim not in self.layer_added:
                 self.remove(victim)
 
     def _store(self, f: BinaryIO, size: int, src: str) -> list[list]:
@@ -244,7 +253,9 @@ def _readfull(f: BinaryIO, view: memoryview) -> int:
 def _mtime_ns(m: tarfile.TarInfo, src: str) -> int:
     raw = m.pax_headers.get("mtime")
     try:
-        ns = int(Decimal(raw) * 1_000_000_000) if raw else int(m.mtime) * 1_000_000_000
+        d = Decimal(raw) if raw else Decimal(int(m.mtime))
+        big = d.is_finite() and d.adjusted() > 18  # "1e999990": no int64 of nanoseconds, and ages to scale
+        ns = 1 << 63 if big else int(d * 1_000_000_000)
     except (ArithmeticError, ValueError, TypeError):  # "abc", "nan", "inf"
         raise IngestError(f"{src!r} has an unreadable mtime {raw!r}") from None
     if not -(1 << 63) <= ns < 1 << 63:
@@ -253,7 +264,13 @@ def _mtime_ns(m: tarfile.TarInfo, src: str) -> int:
 
 
 class _Member(tarfile.TarInfo):
-    """tarfile's member header, refusing huge GNU long names and pax headers (read whole into memory)."""
+    """tarfile's member header, refusing huge GNU long names and pax headers (read whole into memory), and
+    sparse files (no container layer has them; tarfile would read a map of any length into memory)."""
+
+    def _sparse(self, *args):
+        raise IngestError(f"{self.name!r} is a sparse file: not supported in an image layer")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse
 
     def _proc_gnulong(self, tarfile):
         self._check_header()
@@ -278,7 +295,7 @@ def _xattrs(m: tarfile.TarInfo) -> dict[str, str] | None:
 
 
 def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
-    tree.layer_added = set()
+    tree.layer_added, tree.layer_touched = set(), set()
     members = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_Member) as tf:
@@ -291,6 +308,8 @@ def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
                 path = normalize(m.name)
                 base = posixpath.basename(path)
                 if base.startswith(WHITEOUT):
+                    if m.size:  # its data would be skipped unread and uncounted
+                        raise IngestError(f"{src!r} is a whiteout with {m.size} bytes of data")
                     tree.whiteout(path, src)
                     continue
                 if m.islnk():
@@ -321,6 +340,14 @@ def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
         raise IngestError(f"{label} is not a valid tar layer: {e}") from None
     except EOFError as e:
         raise IngestError(f"{label} is truncated: {e}") from None
+    except RecursionError:  # thousands of chained pax or long-name headers
+        raise IngestError(f"{label} is not a valid tar layer: headers chained too deep") from None
+    except ValueError as e:  # tarfile's own parsing of a malformed header; ours pass as they are
+        from .oci import SourceError
+
+        if isinstance(e, (IngestError, SourceError)):
+            raise
+        raise IngestError(f"{label} is not a valid tar layer: {e}") from None
 
 
 # -- plain directories ---------------------------------------------------------------------------
@@ -376,7 +403,12 @@ def ingest_directory(tree: Tree, root: Path) -> None:
         else:
             raise IngestError(f"{full} is a socket or other special file that cannot be part of an image")
 
-    visit("", str(root), os.lstat(root))
+    try:
+        visit("", str(root), os.lstat(root))
+    except OSError as e:  # a file this process may not read, or one removed while it walked
+        if not str(e.filename or "").startswith(str(root)):
+            raise  # the store's own trouble (a full disk): not the directory's fault
+        raise IngestError(f"{e.filename}: {e.strerror}") from None
 
 
 def ingest(spec, staging: Staging, limits: Limits, progress: Progress | None = None,

@@ -58,6 +58,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 CONFIG_FIELDS = ("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", "WorkingDir", "Labels",
                  "StopSignal")
 
+MAX_TRAILER = 1 << 20  # uncompressed bytes after a layer's tar end blocks (padding there is at most a few KiB)
 DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 DOMAIN_RE = re.compile(r"^(localhost|\[[0-9a-fA-F:]+\]|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+)(:[0-9]+)?$")
 REPO_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$")
@@ -463,10 +464,14 @@ class _LayerStream(io.RawIOBase):
 
     def finish(self) -> None:
         """Read the rest of the uncompressed stream (the tar reader stops at its end-of-archive block): gzip
-        checks its CRC and length, and zstd its checksum, only at the end. SourceError if they do not match."""
-        buf = bytearray(1 << 16)
-        while self.readinto(buf):
-            pass
+        checks its CRC and length, and zstd its checksum, only at the end. SourceError if they do not match,
+        or if more than a tar's end padding follows (a small compressed tail can expand without bound)."""
+        buf, left = bytearray(1 << 16), MAX_TRAILER
+        while n := self.readinto(buf):
+            left -= n
+            if left < 0:
+                raise SourceError(f"{self._hash.what}: more than {MAX_TRAILER >> 20} MiB of data after the end of "
+                                  f"its tar")
 
     def close(self) -> None:
         """Verify the digest (hashing whatever was left unread), then release everything."""

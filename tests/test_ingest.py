@@ -60,6 +60,47 @@ def test_an_opaque_dir_hides_lower_content_under_subdirs_this_layer_declares_aga
     assert paths(build(store, lower, upper)) == {"", "p", "p/sub", "p/sub/new"}
 
 
+@pytest.mark.parametrize("marker", ["a/.wh..wh..opq", ".wh.a"])
+def test_a_whiteout_after_this_layers_entries_under_a_lower_dir_hides_only_the_lower_ones(store, marker):
+    """Whiteouts hide lower layers only, wherever the tar puts them: entries this layer wrote below a lower-layer
+    directory before the marker (a/b/new here) stay; the lower ones go."""
+    lower = layer(member("a", "dir"), member("a/b", "dir"), member("a/b/old", data=b"o"), member("a/x", data=b"x"))
+    upper = layer(member("a/b/new", data=b"n"), member(marker))
+    assert paths(build(store, lower, upper)) == {"", "a", "a/b", "a/b/new"}
+
+
+def test_thousands_of_chained_pax_headers_are_one_line(store):
+    """tarfile reads each extended header by recursion: a layer of 3,000 in a row was a RecursionError."""
+    import tarfile
+
+    rec = b"comment=x\n"
+    rec = str(len(rec) + 3).encode() + b" " + rec  # "13 comment=x\n": the length counts itself
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type, head.size = tarfile.XHDTYPE, len(rec)
+    block = head.tobuf(tarfile.USTAR_FORMAT) + rec + b"\0" * (512 - len(rec))
+    raw = block * 3000 + layer(member("f", data=b"x"))
+    with pytest.raises(IngestError, match="headers chained too deep"):
+        apply_layer(Tree(store.staging("deep"), LIMITS), io.BytesIO(raw), "layer 0")
+
+
+def test_an_unreadable_source_directory_is_one_line(store, tmp_path, monkeypatch):
+    """A file of a `dir:` source that this process may not read (or one removed while it walks): one line
+    naming it, not a traceback retried five times."""
+    from thaw.imagefs import ingest as ingest_mod
+
+    (tmp_path / "src" / "secret").mkdir(parents=True)
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("secret"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ingest_mod.os, "scandir", scandir)
+    with pytest.raises(IngestError, match=r"src/secret: Permission denied"):
+        ingest_directory(Tree(store.staging("dir"), LIMITS), tmp_path / "src")
+
+
 def test_whiteout_in_same_layer_does_not_hide_that_layers_files(store):
     m = build(store, layer(member("a", "dir"), member("a/keep", data=b"k"), member("a/.wh.keep")))
     assert "a/keep" in paths(m)
@@ -111,6 +152,10 @@ HOSTILE = {
     "infinite pax mtime": ([member("f", data=b"x", pax={"mtime": "1e9999"})], "mtime out of range"),
     "owner out of range": ([member("f", data=b"x", pax={"uid": str(1 << 40)})], "owner out of range"),
     "device numbers out of range": ([member("dev/x", "chr", devmajor=5000)], "device numbers out of range"),
+    "huge pax mtime exponent": ([member("f", data=b"x", pax={"mtime": "1e999990"})], "mtime out of range"),  # not 23 s
+    "sparse file": ([member("f", data=b"2000000\n" + b"0\n" * 100,
+                            pax={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})], "sparse file"),  # its map: RAM
+    "whiteout with data": ([member("a", "dir"), member("a/.wh.x", data=b"hidden bytes")], "whiteout with 12 bytes"),
 }
 
 

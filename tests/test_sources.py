@@ -322,6 +322,15 @@ def test_a_gzip_layer_published_damaged_is_a_source_error(tmp_path, damage):
     assert "\n" not in str(e.value)
 
 
+def test_a_layer_with_megabytes_after_its_tar_is_a_source_error(tmp_path):
+    """A tar ends at its end blocks; gzip's checks come after all the data, so the rest is read too. A small
+    compressed tail that expands past a tar's padding is refused, not decompressed however big it gets."""
+    blob = gzip.compress(layer(member("f", data=b"x")) + bytes(2 << 20), mtime=0)
+    layout = oci_layout(tmp_path / "layout", [blob], compress="gzipped")
+    with pytest.raises(SourceError, match="more than 1 MiB of data after the end of its tar"):
+        library_ingest(str(layout), tmp_path / "store")
+
+
 @pytest.mark.parametrize("fatal, kind, message", [
     ('received unexpected HTTP status: 503 Service Unavailable', RuntimeError, "registry r.example:5000 failed"),
     ('pinging container registry r.example:5000: Get \\"https://r.example:5000/v2/\\": x509: certificate signed by '
