@@ -565,8 +565,9 @@ class Gateway:
         self.last_decision = d
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}
-        if d.desired != self._signaled and (d.desired > (self._signaled or 0) or not self.autoscaler.warming(now)):
-            await self._sync_scale()
+        if (d.desired != self._signaled and not self._scale_lock.locked()  # one in flight: the next tick looks again
+                and (d.desired > (self._signaled or 0) or not self.autoscaler.warming(now))):
+            self._spawn(self._sync_scale())  # not awaited: a slow Temporal must not stop the ticks (KEDA's numbers)
         return d
 
     async def _tick_loop(self) -> None:

@@ -573,6 +573,37 @@ def test_a_gateway_started_before_its_replicas_are_ready_scales_them_down_when_i
     asyncio.run(main())
 
 
+def test_ticks_go_on_while_a_scale_signal_hangs():
+    """Temporal slow or down: the scale signal waits, but the autoscaler keeps sampling and publishing its numbers
+    (what KEDA reads) every tick, and a signal goes out once Temporal answers."""
+    async def main():
+        backends = FakeBackends()
+        answer = asyncio.Event()
+        scale = backends.scale
+
+        async def slow_scale(replicas, reason):
+            await answer.wait()
+            await scale(replicas, reason)
+
+        backends.scale = slow_scale
+        async with stack(backends, hold_timeout_s=5) as (gw, url, client):
+            decisions = []
+            decide = gw.autoscaler.decide
+            gw.autoscaler.decide = lambda *a: decisions.append(1) or decide(*a)
+            held = asyncio.ensure_future(post(client, url))   # held at zero: the activation's signal hangs
+            await asyncio.sleep(1.0)
+            assert len(decisions) >= 5, f"{len(decisions)} ticks in 1 s at tick_s 0.1"
+            assert gw.demand["queued"] == 1 and gw.demand["desired"] == 1
+            answer.set()
+            for _ in range(50):
+                if backends.scales:
+                    break
+                await asyncio.sleep(0.05)
+            assert [n for _, n, _ in backends.scales] == [1]
+            held.cancel()
+    asyncio.run(main())
+
+
 def test_panic_then_stable_then_zero():
     async def main():
         backends = FakeBackends()

@@ -326,13 +326,18 @@ def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
     """The pool names each replica it starts; when a start fails on its side (a timeout while the agent goes
     on), it stops that id. A stop that arrives before the replica serves is kept: the replica stops as soon as
     it would have served, and leaves no registry row."""
+    from temporalio.testing import ActivityEnvironment
+
     from thaw.workflows.pool import StartReplicaInput, StopReplicaInput
+
+    def start(rid):  # as the agent's worker runs it: in an activity's context
+        return ActivityEnvironment().run(agent.start_replica, StartReplicaInput("dep", snap, [], 0, replica_id=rid))
 
     agent.stop_replica(StopReplicaInput("r-given-up"))
     with pytest.raises(Exception, match="gave up on this start"):
-        agent.start_replica(StartReplicaInput("dep", snap, [], 0, replica_id="r-given-up"))
+        start("r-given-up")
     assert "r-given-up" not in agent.serving and serving(cfg, "dep") == []
-    info = agent.start_replica(StartReplicaInput("dep", snap, [], 0, replica_id="r-wanted"))  # ids are kept
+    info = start("r-wanted")  # ids are kept
     assert info.id == "r-wanted" and [r.id for r in serving(cfg, "dep")] == ["r-wanted"]
     agent.stop_replica(StopReplicaInput("r-wanted"))
     assert serving(cfg, "dep") == [] and not agent.serving
