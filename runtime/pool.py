@@ -69,7 +69,7 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
     except BaseException as e:  # the pool was not told: the registry keeps what it had
         deployments.put_back(cfg.registry_url, spec.name, before)
         if isinstance(e, RPCError):
-            raise PoolUnreachable(f"Temporal did not start or update deployment {spec.name!r}'s pool: "
+            raise PoolUnreachable(f"Temporal did not start or update the pool of deployment {spec.name!r}: "
                                   f"{e.message}") from None
         raise
 
@@ -81,7 +81,7 @@ class PoolUnreachable(RuntimeError):
 def _no_pool(name: str, e: RPCError, hint: str = "") -> Exception:
     if e.status == RPCStatusCode.NOT_FOUND:
         return NotFound(f"deployment {name!r} has no running pool ({e.message}){hint}")
-    return PoolUnreachable(f"Temporal did not answer about deployment {name!r}'s pool: {e.message}")
+    return PoolUnreachable(f"Temporal did not answer about the pool of deployment {name!r}: {e.message}")
 
 
 async def running(client: Client, name: str) -> bool:

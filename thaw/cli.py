@@ -25,6 +25,7 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+PORT = click.IntRange(1, 65535)
 STAGE_ORDER = ["fetch", "prefetch", "root", "criu", "hooks", "health", "boot", "replay", "total"]
 
 
@@ -373,7 +374,7 @@ def _pairs(items, what):
 @build.command("snapshot")
 @click.argument("image")
 @click.option("--cmd", help="Command line (shell words); default the image's Entrypoint + Cmd.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port the server listens on.")
+@click.option("--port", type=PORT, default=8080, show_default=True, help="Port the server listens on.")
 @click.option("--health", default="/healthz", show_default=True, help="Health-check path (200 = ready).")
 @click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="JSON body of the golden request (POSTed), replayed after every restore.")
@@ -389,9 +390,8 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
     import base64
     import shlex
 
-    from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
-
     from thaw.runtime.pool import env_name_error
+    from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
 
     body = Path(golden_file).read_bytes()
     try:
@@ -666,8 +666,9 @@ def secrets_set(cfg, name, value):
     """Set secret NAME (value from --value or stdin) for the agents on this state dir."""
     from thaw.runtime.pool import env_name_error
 
-    if env_name_error([name], "secret"):  # delivered to replicas as an environment variable
-        _fail(env_name_error([name], "secret"))
+    error = env_name_error([name], "secret")  # delivered to replicas as an environment variable
+    if error:
+        _fail(error)
     if value is None:
         value = sys.stdin.read().rstrip("\n")
     path = cfg.secrets_file
@@ -760,9 +761,8 @@ def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, env
 @click.pass_obj
 def scale(cfg, name, replicas):
     """Ask deployment NAME for REPLICAS replicas (the pool restores or stops replicas to match)."""
-    from thaw.runtime import pool
-
     from thaw.registry import deployments
+    from thaw.runtime import pool
 
     _pool_call(cfg, lambda c: pool.scale(c, name, replicas, "cli"))
     dep = deployments.get(cfg.registry_url, name)
@@ -805,8 +805,8 @@ def api(cfg):
 
 @cli.command()
 @click.argument("name")
-@click.option("--port", type=click.IntRange(1, 65535), help="Listen port [default: THAW_GATEWAY_PORT].")
-@click.option("--keda-port", type=click.IntRange(1, 65535), help="Also serve the KEDA external scaler (gRPC) on this port.")
+@click.option("--port", type=PORT, help="Listen port [default: THAW_GATEWAY_PORT].")
+@click.option("--keda-port", type=PORT, help="Also serve the KEDA external scaler (gRPC) on this port.")
 @click.option("--host", "bind", default="127.0.0.1", show_default=True,
               help="Address the gateway and the KEDA scaler listen on (0.0.0.0: every interface).")
 @click.option("--target-concurrency", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
