@@ -185,6 +185,13 @@ def cleanup_stale(work_dir: Path) -> int:
     return n
 
 
+def release_dead(work_dir: Path) -> None:
+    """What an agent that died left in ``work_dir``, for a host no agent will run on again: what a restarted
+    agent clears (:func:`cleanup_stale`), and the image and snapshot mounts a restarted one would have reused."""
+    cleanup_stale(work_dir)
+    clear(work_dir / "mnt")
+
+
 def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
     try:
         return replica_golden_answer(replica, port, golden, timeout)

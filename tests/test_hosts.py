@@ -12,7 +12,6 @@ import pytest
 
 from services import wait_until
 from test_criu import needs_criu
-from test_pool import release_dead_host
 from test_snapshot import PORT, image_config, rootfs  # noqa: F401  (fixture)
 from test_stack import free_port, thaw
 from thaw.config import load
@@ -47,7 +46,9 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
             with urllib.request.urlopen(r.endpoint + "/answer-stable", timeout=10) as resp:
                 assert json.loads(resp.read())["digest"]
         hosts = json.loads((cfg.run_dir / "hosts.json").read_text())
-        os.kill(hosts[0]["pid"], signal.SIGKILL)  # host 1 dies
+        (record,) = (cfg.state_dir / "work" / "nshost1" / "replicas").glob("*/replica.json")
+        orphan = json.loads(record.read_text())
+        os.kill(hosts[0]["pid"], signal.SIGKILL)  # host 1 dies; its replica goes on, owned by nobody
         wait_until(lambda: {r.host_id for r in deployments.replicas(cfg.registry_url, "ns")
                             if r.host_id == "nshost2"} and sum(r.host_id == "nshost2" for r in
                                                                 deployments.replicas(cfg.registry_url, "ns")) == 2,
@@ -55,8 +56,8 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
     finally:
         thaw(env, "undeploy", "ns", check=False)
         down = thaw(env, "down", check=False)  # the namespaced hosts first, then the stack
-        release_dead_host(cfg, "nshost1")
     assert "nshost2: stopped" in down.stdout
+    assert not os.path.exists(f"/proc/{orphan['pid']}"), "the dead host's replica outlived `thaw down`"
     assert not [n for n in os.listdir("/run/netns") if n.startswith("thaw-nshost")] if os.path.isdir("/run/netns") \
         else True
 

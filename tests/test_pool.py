@@ -291,13 +291,9 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
 
 
 def release_dead_host(cfg, host_id):
-    """What a restarted agent would do with a dead one's leftovers, plus unmounting its image mounts
-    (a restarted agent would reuse them; this host never comes back)."""
-    from thaw.snapshot.host import cleanup_stale, clear
+    from thaw.snapshot.host import release_dead
 
-    work = cfg.model_copy(update={"host_id": host_id}).work_dir
-    cleanup_stale(work)
-    clear(work / "mnt")
+    release_dead(cfg.model_copy(update={"host_id": host_id}).work_dir)
 
 
 def _agent_proc(cfg, host_id):
