@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, inspect, literal, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -34,7 +34,8 @@ def engine(url: str) -> Engine:
 
 
 def _add_missing_columns(eng: Engine) -> None:
-    """Tables made by an older thaw gain the columns added since (all nullable or defaulted)."""
+    """Tables made by an older thaw gain the columns added since (all nullable or defaulted: the rows there
+    already get the default)."""
     insp = inspect(eng)
     with eng.begin() as conn:
         for table in SQLModel.metadata.sorted_tables:
@@ -42,6 +43,9 @@ def _add_missing_columns(eng: Engine) -> None:
             for col in table.columns:
                 if col.name not in have:
                     ddl = col.type.compile(dialect=eng.dialect)
+                    if col.default is not None and col.default.is_scalar and col.default.arg is not None:
+                        ddl += " DEFAULT " + str(literal(col.default.arg, col.type).compile(
+                            dialect=eng.dialect, compile_kwargs={"literal_binds": True}))
                     # two processes upgrading one PostgreSQL registry at once: the second must not fail
                     guard = " IF NOT EXISTS" if eng.dialect.name == "postgresql" else ""
                     conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN{guard} "{col.name}" {ddl}'))

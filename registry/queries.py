@@ -54,14 +54,21 @@ def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None 
 def upsert(url: str, new: T, **fields) -> T:
     """Insert ``new`` unless a row with its primary key exists; then set ``fields`` on the row. Returns the row."""
     model = type(new)
-    with session(url) as s:
-        row = s.get(model, getattr(new, _pk(model).key)) or new
-        for k, v in fields.items():
-            setattr(row, k, v)
-        s.add(row)
-        s.commit()
-        s.refresh(row)
-        return row
+    key = getattr(new, _pk(model).key)
+    for attempt in (1, 2):
+        with session(url) as s:
+            row = s.get(model, key) or new  # on the second attempt: the row that won
+            for k, v in fields.items():
+                setattr(row, k, v)
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:  # another process inserted the same key meanwhile: update that row instead
+                if attempt == 2:
+                    raise
+                continue
+            s.refresh(row)
+            return row
 
 
 def by_prefix(url: str, model: type[T], ref: str, what: str, ls_cmd: str) -> T:

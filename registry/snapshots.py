@@ -56,7 +56,10 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
             s.exec(update(Host).where(col(Host.reserved_for).in_([d.name for d in deps])).values(reserved_for=None))
         for e in s.exec(select(RestoreEvent).where(RestoreEvent.snapshot_digest == row.digest)).all():
             s.delete(e)
-        s.delete(s.get(Snapshot, row.digest))
+        gone = s.get(Snapshot, row.digest)
+        if gone is None:  # a concurrent `thaw snapshots rm` of it finished first
+            raise queries.NotFound(f"no snapshot {row.digest[:12]} (removed meanwhile)")
+        s.delete(gone)
         s.commit()
     return row, [d.name for d in deps]
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from thaw.registry import images
+from thaw.registry import images, snapshots
 from thaw.registry.models import Image
 
 
@@ -234,10 +234,12 @@ def test_two_processes_upgrading_one_postgres_registry(postgres_url, monkeypatch
     from thaw.registry import db
 
     eng = db.engine(postgres_url)
+    snapshots.upsert_host(postgres_url, "old", "thaw-host-old", {}, None, 4)
     with eng.begin() as conn:
         conn.execute(text('ALTER TABLE "host" DROP COLUMN "capacity"'))
     db._add_missing_columns(eng)  # the first process
     assert "capacity" in {c["name"] for c in real_inspect(eng).get_columns("host")}
+    assert snapshots.get_host(postgres_url, "old").capacity == 4  # the row from before gets the default
 
     class Stale:  # what the second process saw before the first added it
         def __init__(self, e):
@@ -248,3 +250,31 @@ def test_two_processes_upgrading_one_postgres_registry(postgres_url, monkeypatch
 
     monkeypatch.setattr(db, "inspect", Stale)
     db._add_missing_columns(eng)
+
+
+
+def test_a_first_upsert_that_races_another_updates_the_winners_row(tmp_path, monkeypatch):
+    """Two processes create the same deployment at once (`thaw deploy` and the API): both see no row, both
+    insert; the second used to fail with IntegrityError. It now updates the row that won."""
+    from sqlmodel import Session
+
+    from thaw.registry import deployments
+    from thaw.registry.models import Deployment
+
+    url = f"sqlite:///{tmp_path / 'reg.db'}"
+    real_get, raced = Session.get, []
+
+    def get(self, model, key, *args, **kwargs):
+        row = real_get(self, model, key, *args, **kwargs)
+        if model is Deployment and row is None and not raced:  # the other process inserts right after our look
+            raced.append(1)
+            monkeypatch.setattr(Session, "get", real_get)
+            deployments.upsert(url, Deployment(name="m", snapshot_digest="a" * 64, max_replicas=1))
+            monkeypatch.setattr(Session, "get", get)
+        return row
+
+    monkeypatch.setattr(Session, "get", get)
+    deployments.upsert(url, Deployment(name="m", snapshot_digest="b" * 64, max_replicas=3))
+    assert raced
+    dep = deployments.get(url, "m")
+    assert (dep.snapshot_digest, dep.max_replicas) == ("b" * 64, 3)

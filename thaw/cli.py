@@ -407,8 +407,9 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
     if error:
         _fail(error)
     golden = Golden(path=golden_path, method="POST", body_b64=base64.b64encode(body).decode())
+    inp = BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout, activity_timeout_s=cfg.activity_timeout)
     wid, run_id, url, res = _run_workflow(
-        cfg, BuildSnapshot.run, BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout),
+        cfg, BuildSnapshot.run, inp,
         f"build-snapshot-{uuid.uuid4().hex[:12]}", f"snapshot of image {image}", as_json, progress=False)
     if as_json:
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "run_id": run_id, "ui": url}))

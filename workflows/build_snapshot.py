@@ -47,6 +47,7 @@ class BuildSnapshotInput:
     host: str = ""  # host id; empty: any live host
     heartbeat_timeout_s: float = 30.0
     pickup_timeout_s: float = 300.0  # a host's work not picked up this long fails (its agent died meanwhile)
+    activity_timeout_s: float = 3600.0  # storing the dump: hashing and uploading tens of GB (a GPU model's memory)
 
 
 @dataclass
@@ -139,7 +140,9 @@ class BuildSnapshot(Staged):
             "checkpoint_model", CheckpointInput(build_id, plan, inp.golden), result_type=CheckpointResult, **on_host)
         timings.update(ckpt.timings_ms)
         self.stage = "store"
-        stored = await workflow.execute_activity("store_snapshot", ckpt, result_type=StoredSnapshot, **on_host)
+        stored = await workflow.execute_activity(  # as long as its size needs: its heartbeats catch a dead host
+            "store_snapshot", ckpt, result_type=StoredSnapshot,
+            **{**on_host, "start_to_close_timeout": timedelta(seconds=inp.activity_timeout_s)})
         timings["store"] = stored.ms
         self.stage = "verify"
         ver = await workflow.execute_activity(
