@@ -646,7 +646,7 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
 
 
 DEAD_TEMPORAL = """
-import asyncio
+import asyncio, os, sys
 from temporalio.testing import WorkflowEnvironment
 from thaw.runtime import pool
 from thaw.stack import temporal_binary
@@ -663,6 +663,8 @@ async def main():
             print(f"unreachable: {e}")
 
 asyncio.run(main())
+sys.stdout.flush()
+os._exit(0)  # as thaw's own entry point: the SDK's native threads can abort interpreter finalization (SIGABRT)
 """
 
 
