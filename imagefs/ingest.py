@@ -202,9 +202,11 @@ class Tree:
             if not name[len(WHITEOUT):]:
                 raise IngestError(f"{src!r} is a whiteout that names nothing (it would hide the directory itself)")
             victim = posixpath.join(parent, name[len(WHITEOUT):])
-            if victim in self.layer_touched and victim not in self.layer_added:
-                self._hide_lower(victim)  # this layer put entries under it before the marker: only the lower go
-            elif victim not in self.layer_added:
+            if victim in self.layer_added:
+                return  # this layer's own entry stays
+            if victim in self.layer_touched:  # this layer put entries under it before the marker: only the lower go
+                self._hide_lower(victim)
+            else:
                 self.remove(victim)
 
     def _store(self, f: BinaryIO, size: int, src: str) -> list[list]:
