@@ -73,6 +73,11 @@ class HostActivities:
         shutil.rmtree(dump)
         return res
 
+    @activity.defn(name="discard_build")
+    @host_errors_fail_fast
+    def discard_build(self, build_id: str) -> None:
+        self.host.discard(build_id)
+
     @activity.defn(name="verify_snapshot")
     @host_errors_fail_fast
     def verify_snapshot(self, inp: VerifyInput) -> VerifyResult:
@@ -244,5 +249,5 @@ class HostActivities:
                 log.warning("replica %s stopped; its registry row stays: %s", r.id, e)
 
     def all(self) -> list:
-        return [self.checkpoint_model, self.store_snapshot, self.verify_snapshot, self.restore_replicas,
-                self.start_replica, self.warm_snapshot, self.stop_replica, self.replica_log]
+        return [self.checkpoint_model, self.store_snapshot, self.discard_build, self.verify_snapshot,
+                self.restore_replicas, self.start_replica, self.warm_snapshot, self.stop_replica, self.replica_log]

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +43,7 @@ RECORD = "replica.json"
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
+_BUILD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class SnapshotError(Exception):
@@ -431,10 +433,19 @@ class HostSnapshots:
         return d
 
     # -- build --------------------------------------------------------------------------------------
+    def _build_dir(self, build_id: str) -> Path:
+        if not _BUILD_ID.fullmatch(build_id):  # the workflow id: one path component, never "..", "/x" or ""
+            raise SnapshotError(f"build id {build_id!r}: letters, digits, '.', '_' and '-' only, not first '.'")
+        return self.cfg.work_dir / "builds" / build_id
+
+    def discard(self, build_id: str) -> None:
+        """Drop build ``build_id``'s dir (its dump, launch log, records) once its workflow has ended."""
+        clear(self._build_dir(build_id))
+
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:
         """Launch once, wait healthy, answer the golden request, checkpoint. Idempotent per build_id."""
-        work = self.cfg.work_dir / "builds" / build_id
+        work = self._build_dir(build_id)
         done = work / RESULT
         if done.exists():
             return json.loads(done.read_text())

@@ -27,7 +27,7 @@ from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import snapshots
 from thaw.snapshot import sdk
-from thaw.snapshot.host import use_huge_pages
+from thaw.snapshot.host import SnapshotError, use_huge_pages
 
 pytestmark = needs_criu
 PORT = 8080
@@ -124,6 +124,7 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
     thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
     snap = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY")
     assert snap["created"] and snap["image_digest"] == image and snap["host_id"] == cfg.host_id
+    assert list((cfg.work_dir / "builds").iterdir()) == []  # the host dropped the build's dir once registered
     assert {"cold_boot", "golden", "dump", "store", "verify_criu", "verify_replay", "register"} <= set(
         snap["timings_ms"])
     row = snapshots.get(cfg.registry_url, snap["digest"][:8])
@@ -322,7 +323,14 @@ def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, 
     assert res.exit_code == 1 and "no image abcdef123456" in res.output
     res = build_snapshot(thaw_cli, image, tmp_path, "--cmd", "python3 /app/nope.py", ok=False)
     assert res.exit_code == 1 and "nope.py" in res.output and res.output.count("\n") <= 2
+    # stored, then refused by verify-by-replay: the secret arrives after a restore only, so the answer differs
+    thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
+    res = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY", "--golden-path", "/secret", ok=False)
+    assert res.exit_code == 1 and "golden" in res.output and res.output.count("\n") <= 2, res.output
     assert snapshots.list_all(cfg.registry_url) == []  # nothing registered half-done
+    assert list((cfg.work_dir / "builds").iterdir()) == []  # nor left on the host: the stored dump went too
+    with pytest.raises(SnapshotError, match=r"build id '\.\./x'"):
+        agent.host.discard("../x")
 
 
 def _agent_proc(cfg) -> subprocess.Popen:
@@ -622,3 +630,38 @@ def test_restore_huge_pages_rejects_other_values(tmp_path, monkeypatch):
     monkeypatch.setenv("THAW_RESTORE_HUGE_PAGES", "sometimes")
     with pytest.raises(ValueError, match="restore_huge_pages"):
         Config(state_dir=tmp_path)
+
+
+def test_a_cancelled_build_stops_its_launch_and_leaves_nothing_on_the_host(cfg, worker, agent, thaw_cli, rootfs,
+                                                                            tmp_path):
+    """Cancelled from Temporal UI or `temporal workflow cancel` mid-launch: the launch activity is cancelled and
+    waited for (its process stopped, its mounts gone), then the host drops the build's dir."""
+    import asyncio
+
+    from temporalio.client import Client, WorkflowFailureError
+
+    from thaw.snapshot.host import RECORD
+    from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
+
+    img = json.loads(thaw_cli("build", "image", str(rootfs), "--config",
+                              str(image_config(tmp_path, SLOW_START="120")), "--json").output)["digest"]
+    builds = cfg.work_dir / "builds"
+
+    async def build_and_cancel():
+        client = await Client.connect(cfg.temporal_address)
+        handle = await client.start_workflow(
+            BuildSnapshot.run, BuildSnapshotInput(img, ModelSpec(port=PORT, health="/health"), Golden("/health"),
+                                                  heartbeat_timeout_s=cfg.heartbeat_timeout),
+            id="build-snapshot-cancelled", task_queue=cfg.build_task_queue)
+        await asyncio.to_thread(wait_until, lambda: any(builds.glob(f"*/{RECORD}")), 60, "the launch")
+        pid = json.loads(next(builds.glob(f"*/{RECORD}")).read_text())["pid"]
+        await handle.cancel()
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        return pid
+
+    pid = asyncio.run(build_and_cancel())
+    assert list(builds.iterdir()) == []
+    assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    assert not [m for m in open("/proc/self/mountinfo") if str(cfg.work_dir / "builds") in m]
+    assert snapshots.list_all(cfg.registry_url) == []

@@ -13,6 +13,9 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, TimeoutType
+from temporalio.exceptions import TimeoutError as ActivityTimeout
+from temporalio.workflow import ActivityCancellationType
 
 from .build_image import QUICK, RETRY, Staged
 from .pool import StopReplicaInput
@@ -133,26 +136,43 @@ class BuildSnapshot(Staged):
         plan = await workflow.execute_activity("plan_snapshot", inp, result_type=Plan, **quick)
         on_host = dict(task_queue=plan.task_queue, start_to_close_timeout=timedelta(seconds=plan.spec.ready_timeout_s + 300),
                        heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY,
-                       schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s))
+                       schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s),
+                       cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)  # then discard_build
 
-        self.stage = "launch+checkpoint"
-        ckpt = await workflow.execute_activity(
-            "checkpoint_model", CheckpointInput(build_id, plan, inp.golden), result_type=CheckpointResult, **on_host)
-        timings.update(ckpt.timings_ms)
-        self.stage = "store"
-        stored = await workflow.execute_activity(  # as long as its size needs: its heartbeats catch a dead host
-            "store_snapshot", ckpt, result_type=StoredSnapshot,
-            **{**on_host, "start_to_close_timeout": timedelta(seconds=inp.activity_timeout_s)})
-        timings["store"] = stored.ms
-        self.stage = "verify"
-        ver = await workflow.execute_activity(
-            "verify_snapshot", VerifyInput(plan, stored.digest, inp.golden, ckpt.golden_digest, ckpt.host_facts),
-            result_type=VerifyResult, **on_host)
-        timings.update({f"verify_{k}": v for k, v in ver.timings_ms.items()})
-        self.stage = "register"
-        snap = await workflow.execute_activity(
-            "register_snapshot", RegisterSnapshotInput(build_id, plan, inp.golden, ckpt, stored, timings),
-            result_type=BuildSnapshotResult, **quick)
+        host_gone = False
+        try:
+            self.stage = "launch+checkpoint"
+            ckpt = await workflow.execute_activity(
+                "checkpoint_model", CheckpointInput(build_id, plan, inp.golden), result_type=CheckpointResult,
+                **on_host)
+            timings.update(ckpt.timings_ms)
+            self.stage = "store"
+            stored = await workflow.execute_activity(  # as long as its size needs: its heartbeats catch a dead host
+                "store_snapshot", ckpt, result_type=StoredSnapshot,
+                **{**on_host, "start_to_close_timeout": timedelta(seconds=inp.activity_timeout_s)})
+            timings["store"] = stored.ms
+            self.stage = "verify"
+            ver = await workflow.execute_activity(
+                "verify_snapshot", VerifyInput(plan, stored.digest, inp.golden, ckpt.golden_digest, ckpt.host_facts),
+                result_type=VerifyResult, **on_host)
+            timings.update({f"verify_{k}": v for k, v in ver.timings_ms.items()})
+            self.stage = "register"
+            snap = await workflow.execute_activity(
+                "register_snapshot", RegisterSnapshotInput(build_id, plan, inp.golden, ckpt, stored, timings),
+                result_type=BuildSnapshotResult, **quick)
+        except ActivityError as e:
+            host_gone = isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.SCHEDULE_TO_START
+            raise
+        finally:  # succeeded, failed or cancelled: the host drops the build's dir (a failed build's dump: GBs)
+            if not host_gone and workflow.patched("discard-build"):  # builds that closed before it replay as they ran
+                try:
+                    await workflow.execute_activity(
+                        "discard_build", build_id, task_queue=plan.task_queue, retry_policy=RETRY,
+                        start_to_close_timeout=timedelta(minutes=2),
+                        schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s))
+                except ActivityError as e:
+                    workflow.logger.warning("build %s: its dir on host %s stays: %s", build_id, plan.host_id,
+                                            e.cause)
         self.stage = "done"
         return snap
 
