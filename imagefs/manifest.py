@@ -81,9 +81,13 @@ class ImageManifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> "ImageManifest":
         body = json.loads(data)
-        if body.get("version") != FORMAT_VERSION:
-            raise ValueError(f"unsupported manifest version {body.get('version')!r}")
-        return cls([Entry.from_dict(e) for e in body["entries"]], body.get("config", {}), body["version"])
+        version = body.get("version") if isinstance(body, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported manifest version {version!r}")
+        try:
+            return cls([Entry.from_dict(e) for e in body["entries"]], body.get("config", {}), body["version"])
+        except (KeyError, TypeError, AttributeError) as e:  # a manifest of this version always parses: not ours
+            raise ValueError(f"malformed manifest ({type(e).__name__}: {e})") from None
 
     @classmethod
     def load(cls, store: ChunkStore, digest: str) -> "ImageManifest":

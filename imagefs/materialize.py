@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .manifest import BLK, CHR, DIR, FIFO, REG, SYMLINK, ImageManifest
-from .store import ChunkStore
+from .store import ChunkStore, syncfs
 
 
 class MaterializeError(Exception):
@@ -83,7 +83,9 @@ def materialize_cached(store: ChunkStore, digest: str, parent: Path | str) -> Pa
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.tmp-", dir=parent))
         try:
             materialize(ImageManifest.load(store, digest), store, tmp / "root")
+            syncfs(tmp)  # the files' data on disk before the name that says the tree is complete
             os.rename(tmp / "root", final)
+            syncfs(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final

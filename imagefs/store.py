@@ -92,7 +92,8 @@ class Tier(Protocol):
     def forget(self) -> None: ...  # drop anything remembered about what the tier holds (not the objects)
 
 
-def _syncfs(path: Path) -> None:
+def syncfs(path: Path) -> None:
+    """Write out the dirty data of the filesystem holding ``path`` (one call for a tree of many files)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
@@ -187,7 +188,7 @@ class LocalDirTier:
     def put_file(self, key: str, path: Path) -> bool:
         """Move ``path`` (on the same filesystem) to ``key`` atomically; False if it already existed."""
         dest = self.path(key)
-        if dest.exists():
+        if self.has(key):  # not an empty file a crash left (has() calls it absent: replace it, or it stays absent)
             path.unlink(missing_ok=True)
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,7 @@ class LocalDirTier:
                     self._lru_bytes -= self._lru.pop(key)
 
     def sync(self) -> None:
-        _syncfs(self.root)
+        syncfs(self.root)
 
     def _stats(self, kinds: tuple[str, ...] = (CHUNKS, MANIFESTS)):
         """(key, stat) of every object of these kinds."""
@@ -333,20 +334,26 @@ class ChunkStore:
     def _get_verified(self, kind: str, digest: str, decode=lambda b: b) -> bytes:
         key = _key(kind, digest)
         missed: list[Tier] = []
+        dropped: list[str] = []
         local = self.tiers.index(self.local)
-        data = self._first(key, digest, decode, self.tiers[:local + 1], missed)
+        data = self._first(key, digest, decode, self.tiers[:local + 1], missed, dropped)
         if data is None and self.remote:
             with self.local.fetch_lock(key):  # one fetch per object on this host; then the disk has it
-                data = self._first(key, digest, decode, [self.local, *self.remote], missed)
+                data = self._first(key, digest, decode, [self.local, *self.remote], missed, dropped)
         if data is not None:
             return data
+        if dropped:
+            raise CorruptObject(f"{kind[:-1]} {digest} was corrupt in {', '.join(dict.fromkeys(dropped))} (dropped) "
+                                f"and no other tier has it")
         if any(t.has(key) for t in self.tiers):  # pragma: no cover - race
             raise CorruptObject(f"{kind[:-1]} {digest} is corrupt")
         raise MissingObject(f"{kind[:-1]} {digest} is not in the store ({', '.join(t.name for t in self.tiers)})")
 
-    def _first(self, key: str, digest: str, decode, tiers: list[Tier], missed: list[Tier]) -> bytes | None:
+    def _first(self, key: str, digest: str, decode, tiers: list[Tier], missed: list[Tier],
+               dropped: list[str] | None = None) -> bytes | None:
         """The verified object from the first of ``tiers`` that has it, copied into the tiers in ``missed``
-        (which gains the tiers that lacked it or held a corrupt copy); None if none has it."""
+        (which gains the tiers that lacked it or held a corrupt copy, named in ``dropped`` too); None if none
+        has it."""
         def verified(raw: bytes, tier) -> bytes | None:
             try:
                 data = decode(raw)
@@ -372,6 +379,8 @@ class ChunkStore:
                 if data is None:
                     log.warning("corrupt %s in %s: dropped", key, tier.name)
                     tier.delete(key)
+                    if dropped is not None:
+                        dropped.append(tier.name)
                     raw = None
             if raw is None:
                 if tier not in missed:

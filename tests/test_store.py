@@ -30,7 +30,9 @@ def test_corrupt_chunk_is_detected_and_dropped(store):
     d, _ = store.put_chunk(b"payload")
     path = store.local.path(f"chunks/{d[:2]}/{d}")
     path.write_bytes(b"pAyload")
-    with pytest.raises(MissingObject):
+    with pytest.raises(StoreError, match=f"chunk {d} was corrupt in local:.* \\(dropped\\) and no other tier"):
+        store.get_chunk(d)
+    with pytest.raises(MissingObject):  # then it is missing
         store.get_chunk(d)
     assert not path.exists()  # the bad copy does not linger
 
@@ -53,6 +55,23 @@ def test_an_object_a_crash_left_empty_is_not_taken_as_stored(tmp_path):
     fast.path(f"chunks/{d[:2]}/{d}").write_bytes(b"")
     assert not fast.has(f"chunks/{d[:2]}/{d}") and slow.has(f"chunks/{d[:2]}/{d}")
     assert store.get_chunk(d) == b"data" * 100 and fast.has(f"chunks/{d[:2]}/{d}")
+    # the only tier (no S3): a rebuild's commit replaces the empty file instead of keeping it as "stored"
+    alone = ChunkStore([LocalDirTier(tmp_path / "alone")])
+    d, _ = alone.put_chunk(b"only copy")
+    alone.local.path(f"chunks/{d[:2]}/{d}").write_bytes(b"")
+    st = alone.staging("rebuild")
+    st.reset()
+    st.put_chunk(b"only copy")
+    assert st.commit_chunks() == (1, 9) and alone.get_chunk(d) == b"only copy"
+
+
+def test_a_malformed_manifest_is_a_one_line_value_error(store):
+    from thaw.imagefs.manifest import FORMAT_VERSION, ImageManifest
+
+    for body in (b"[]", b'{"version": %d}' % FORMAT_VERSION, b'{"version": %d, "entries": [1]}' % FORMAT_VERSION):
+        with pytest.raises(ValueError) as err:
+            ImageManifest.from_bytes(body)
+        assert "\n" not in str(err.value), str(err.value)
 
 
 def test_manifest_round_trip_and_verification(store):

@@ -211,7 +211,7 @@ def test_s3_objects_are_stored_compressed_where_that_pays(s3server, tmp_path, ca
     store = ChunkStore([LocalDirTier(tmp_path / "local", max_bytes=64 * MiB), s3tier(s3server, bucket)])
     client.put_object(Bucket=bucket, Key=kp, Body=b"garbage" * 100, Metadata={"thaw-encoding": "zstd"})
     with caplog.at_level(logging.WARNING):
-        with pytest.raises(StoreError, match="not in the store"):
+        with pytest.raises(StoreError, match=r"was corrupt in s3:.* \(dropped\)"):
             store.get_chunk(digest_of(page))
     assert "does not decode" in caplog.text and "corrupt" in caplog.text
     assert not store.durable.has(kp) and not store.local.has(kp)
