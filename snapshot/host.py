@@ -43,6 +43,7 @@ RECORD = "replica.json"
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
+CAUSE_SEARCH_S = 10.0  # after a failed CRIU restore: how long to look for a bad chunk to name as the cause
 _BUILD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
@@ -504,10 +505,13 @@ class HostSnapshots:
         write_atomic(done, json.dumps(result))
         return result
 
-    def _first_bad_chunk(self, digest: str) -> str:
-        """After a failed restore: the first chunk of the snapshot that cannot be read and verified, if any."""
+    def _first_bad_chunk(self, digest: str, deadline: float) -> str:
+        """After a failed restore: the first chunk of the snapshot that cannot be read and verified, if any is
+        found by ``deadline`` (monotonic; reading a large snapshot whole from S3 must not hold up the fallback)."""
         for e in ImageManifest.load(self.store, digest).files():
             for d, _ in e.chunks:
+                if time.monotonic() > deadline:
+                    return ""
                 try:
                     self.store.get_chunk(d)
                 except StoreError as err:
@@ -578,7 +582,8 @@ class HostSnapshots:
                 replica = criu.restore(files, root.path, work / "restore.log", huge_pages=huge,
                                        read_threads=self.cfg.restore_threads)
             except criu.CriuError as e:
-                failed = fetch.wait().first_error if fetch else self._first_bad_chunk(snap["digest"])
+                failed = (fetch.wait(CAUSE_SEARCH_S).first_error if fetch  # the rest is cancelled below
+                          else self._first_bad_chunk(snap["digest"], time.monotonic() + CAUSE_SEARCH_S))
                 if failed:  # name the real cause: a chunk that could not be fetched or verified
                     raise SnapshotError(f"{failed} (then: {e})") from None
                 raise
@@ -690,8 +695,8 @@ class HostSnapshots:
             try:
                 running, ms = self.restore(snap, env, rid=rid)
                 return running, {"outcome": "restored", "reason": "", "timings_ms": ms, "golden_ok": True}
-            except (compat.Incompatible, criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, StoreError,
-                    OSError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever made the snapshot unusable here (a dead mount, a
+                # replica cut off mid-answer, a bad profile...): a cold boot may still serve
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
             running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], env, snap["golden_request"],
                                                snap["golden_digest"], snap["digest"], rid=rid)
@@ -707,6 +712,9 @@ class HostSnapshots:
                 errors.append(e)
         if errors:
             for running, _ in results:
-                running.stop()
+                try:
+                    running.stop()
+                except (criu.ReplicaError, OSError) as e:  # the others must still be stopped
+                    log.error("replica %s: not stopped: %s", running.id, e)
             raise SnapshotError(f"{len(errors)} of {n} replicas could neither restore nor cold-boot: {errors[0]}")
         return results

@@ -165,7 +165,7 @@ class Replica:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
                 raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} not 200 after {timeout:g}s "
-                                   f"({last}); log {self.log_path}")
+                                   f"({last}); log {self.log_path}: {_tail(self.log_path, 300)!r}")
             time.sleep(0.02)
 
 

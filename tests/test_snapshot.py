@@ -191,7 +191,8 @@ def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli,
     assert "cold-boot" in thaw_cli("snapshots", "show", snap["digest"]).output
 
 
-def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path):
+def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path,
+                                                                     monkeypatch):
     snap = build_snapshot(thaw_cli, image, tmp_path)
     store = ChunkStore.open(cfg)
     manifest = ImageManifest.load(store, snap["digest"])
@@ -220,6 +221,16 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     core.write_bytes(b"\0" * core.stat().st_size)
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and ".log" in r["reason"], r
+
+    # a snapshot tree that cannot be mounted (its daemon failed) is one more reason to cold-boot, not a failure
+    from thaw.imagefs.mount import MountError
+
+    def no_mount(*a, **k):
+        raise MountError("mount daemon exited (1): fuse: device not found")
+
+    monkeypatch.setattr(agent.host, "trees", no_mount)
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "cold-boot" and r["reason"].startswith("MountError: mount daemon exited"), r
 
 
 def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, thaw_cli, image, rootfs, tmp_path):
