@@ -395,6 +395,46 @@ def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cl
         undeploy(cfg, thaw_cli, "early", ok=False)
 
 
+def test_a_cancelled_pool_undeploys_and_a_deploy_while_undeploying_starts_afresh(cfg, worker, agent, thaw_cli,
+                                                                                  snap):
+    """Cancelling a pool (Temporal UI, `temporal workflow cancel`) stops its replicas and gives its buffer
+    host back, as an undeploy does. A deploy that comes while the pool is still stopping is not lost: a fresh
+    run of the pool follows with the new spec."""
+    from temporalio.client import Client, WorkflowFailureError
+
+    from thaw.runtime import pool
+
+    def run(coro_fn):
+        async def go():
+            return await coro_fn(await Client.connect(cfg.temporal_address))
+        return asyncio.run(go())
+
+    with more_agents(cfg, 1):
+        thaw_cli("deploy", "cx", "--snapshot", snap, "--min", "1", "--max", "2", "--buffer", "1")
+        (rep,) = wait_until(lambda: serving(cfg, "cx"), what="1 replica")
+        wait_until(lambda: any(h.reserved_for == "cx" for h in snapshots.list_hosts(cfg.registry_url)),
+                   what="a buffer host")
+
+        async def cancel(client):
+            handle = client.get_workflow_handle(pool.workflow_id("cx"))
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await handle.result()
+        run(cancel)
+        assert serving(cfg, "cx") == [] and not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url))
+        with pytest.raises(OSError):  # stopped for real
+            answer(rep.endpoint)
+
+        thaw_cli("deploy", "cx", "--snapshot", snap, "--min", "1", "--max", "2")
+        wait_until(lambda: serving(cfg, "cx"), what="1 replica again")
+        thaw_cli("undeploy", "cx")
+        thaw_cli("deploy", "cx", "--snapshot", snap, "--min", "2", "--max", "2")  # while it stops
+        reps = wait_until(lambda: len(serving(cfg, "cx")) == 2 and serving(cfg, "cx"), 90, "2 replicas, fresh run")
+        assert run(lambda c: pool.state(c, "cx")).spec.min_replicas == 2
+        assert all(answer(r.endpoint)["digest"] for r in reps)
+        undeploy(cfg, thaw_cli, "cx")
+
+
 def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg, worker, agent, thaw_cli, snap):
     """Scale signals 1, 2, 3 that the pool reads in one workflow task (here: sent before any worker polls its
     queue) place three replicas at once; replica N's signal time (P5's start) is that of the signal asking

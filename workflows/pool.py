@@ -160,6 +160,7 @@ class DeploymentPool:
         self.placed = 0  # replica starts placed so far by this run
         self.backoff = 0  # failed starts waiting out their backoff: their slot is held, their replica is not
         self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
+        self.redeploy: PoolSpec | None = None  # the spec of a deploy that came while undeploying
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
@@ -183,7 +184,9 @@ class DeploymentPool:
 
     @workflow.signal
     def update(self, spec: PoolSpec) -> None:
-        if self.s.stopping:
+        if self.s.stopping:  # deployed again while undeploying: a fresh run follows the stop (else it was lost)
+            if workflow.patched("redeploy-while-stopping"):
+                self.redeploy = spec
             return
         self.updates += 1
         if spec.snapshot != self.s.spec.snapshot:
@@ -195,6 +198,7 @@ class DeploymentPool:
     @workflow.signal
     def stop(self) -> None:
         self.s.stopping = True
+        self.redeploy = None
         self.wake = True
 
     @workflow.query
@@ -204,28 +208,50 @@ class DeploymentPool:
     @workflow.run
     async def run(self, state: PoolState) -> PoolState:
         self.s.desired = max(self.s.spec.min_replicas, self.s.desired)
+        try:
+            while True:
+                try:
+                    await workflow.wait_condition(lambda: self.wake,
+                                                  timeout=timedelta(seconds=self.s.spec.check_every_s))
+                except asyncio.TimeoutError:
+                    pass
+                self.wake = False
+                if self.s.stopping:
+                    break
+                await self._reconcile()
+                if (workflow.info().is_continue_as_new_suggested()
+                        or workflow.info().get_current_history_length() > 8000):
+                    self.draining = True
+                    tasks = workflow.patched("drain-background")  # a lost replica's stop too: the next run can't
+                    await workflow.wait_condition(lambda: not self.starting and not (tasks and self.tasks)
+                                                  and workflow.all_handlers_finished())
+                    workflow.continue_as_new(self.s)
+        except asyncio.CancelledError:  # Temporal UI's or `temporal workflow cancel`: undeploy, then end cancelled
+            if not workflow.patched("undeploy-on-cancel"):
+                raise
+            self.s.stopping, self.redeploy = True, None
+            await self._stop_everything()
+            raise
+        await self._stop_everything()
+        if self.redeploy is not None:
+            workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas))
+        return self.s
+
+    async def _stop_everything(self) -> None:
+        """Stop every replica (and those left on hosts that went silent), then give the buffer's hosts back:
+        no other pool may take them until then."""
+        self.s.desired = 0
+        await workflow.wait_condition(lambda: not self.starting)
+        await self._scale_down(force=True)
+        if workflow.patched("stop-lost-on-undeploy"):
+            lost, self.s.lost = self.s.lost, []
+            await asyncio.gather(*(self._stop(r) for r in lost), *self.tasks)
         while True:
             try:
-                await workflow.wait_condition(lambda: self.wake, timeout=timedelta(seconds=self.s.spec.check_every_s))
-            except asyncio.TimeoutError:
-                pass
-            self.wake = False
-            if self.s.stopping:
-                self.s.desired = 0
-                await workflow.wait_condition(lambda: not self.starting)
-                await self._scale_down(force=True)
-                while True:  # the buffer's hosts must go back: no other pool may take them until then
-                    try:
-                        await self._hosts(buffer=0, keep_last=False)
-                        break
-                    except ActivityError:
-                        await workflow.sleep(10)
-                return self.s
-            await self._reconcile()
-            if workflow.info().is_continue_as_new_suggested() or workflow.info().get_current_history_length() > 8000:
-                self.draining = True
-                await workflow.wait_condition(lambda: not self.starting and workflow.all_handlers_finished())
-                workflow.continue_as_new(self.s)
+                await self._hosts(buffer=0, keep_last=False)
+                break
+            except ActivityError:
+                await workflow.sleep(10)
 
     def _count(self, key: str, n: int = 1) -> None:
         self.s.counts[key] = self.s.counts.get(key, 0) + n
