@@ -42,6 +42,8 @@ from typing import Iterable, Iterator, Protocol
 
 import blake3
 
+from thaw.files import write_atomic
+
 log = logging.getLogger(__name__)
 
 CHUNKS = "chunks"
@@ -90,6 +92,9 @@ class Tier(Protocol):
     def delete(self, key: str) -> None: ...
     def usage(self) -> tuple[int, int]: ...
     def forget(self) -> None: ...  # drop anything remembered about what the tier holds (not the objects)
+
+
+BACKED_BY = "backed-by"  # in a store's local dir: the durable tier that has every object of it
 
 
 def syncfs(path: Path) -> None:
@@ -214,6 +219,21 @@ class LocalDirTier:
     def sync(self) -> None:
         syncfs(self.root)
 
+    def backed_by(self, name: str) -> bool:
+        """Whether every object here is also in tier ``name`` (the S3 tier), so that evicting loses nothing:
+        true once :meth:`ChunkStore.push` marked it so, or when the directory holds no object yet."""
+        marker = self.root / BACKED_BY
+        with contextlib.suppress(OSError):
+            if marker.read_text() == name:
+                return True
+        if next(self._stats(), None) is not None:  # objects of a store that ran without this tier
+            return False
+        self.mark_backed(name)
+        return True
+
+    def mark_backed(self, name: str) -> None:
+        write_atomic(self.root / BACKED_BY, name)
+
     def _stats(self, kinds: tuple[str, ...] = (CHUNKS, MANIFESTS)):
         """(key, stat) of every object of these kinds."""
         for kind in kinds:
@@ -312,6 +332,12 @@ class ChunkStore:
         self.front: list[Tier] = tiers[:i]  # caches in front of the disk, filled by reads
         self.remote: list[Tier] = tiers[i + 1:]  # behind the disk; the last one is the source of truth
         self.durable: Tier = tiers[-1]
+        self._bound = self.local.max_bytes  # held back while the disk has objects the durable tier may lack:
+        self.held_back = bool(self.remote) and self._bound is not None and not self.local.backed_by(self.durable.name)
+        if self.held_back:
+            log.warning("%s holds objects from before %s was configured: not evicting any until they are "
+                        "pushed there (the host agent does that as it starts)", self.local.name, self.durable.name)
+            self.local.max_bytes = None  # evicting the only copy of a chunk would lose it
 
     @classmethod
     def open(cls, cfg) -> "ChunkStore":
@@ -450,6 +476,38 @@ class ChunkStore:
     def put_manifest_bytes(self, data: bytes) -> tuple[str, bool]:
         digest = digest_of(data)
         return digest, self._put(_key(MANIFESTS, digest), zlib.compress(data, 6))
+
+    def push(self) -> tuple[int, int]:
+        """Upload the local disk's objects the durable tier lacks (verified first: a corrupt one is dropped, not
+        spread), then mark the disk as backed by it, so its bound applies again. For a store that ran without
+        S3 (or with another bucket) before. Idempotent; returns (objects, bytes) uploaded."""
+        if not self.remote:
+            return 0, 0
+        keys = [key for key, _ in self.local._stats()]
+        workers = max(1, min(self.upload_workers, len(keys)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="thaw-push") as pool:
+            missing = [k for k, ok in zip(keys, pool.map(self.durable.has, keys)) if not ok]
+            sent = [n for n in pool.map(self._push_one, missing) if n]
+        self.local.mark_backed(self.durable.name)
+        self.local.max_bytes, self.held_back = self._bound, False
+        return len(sent), sum(sent)
+
+    def _push_one(self, key: str) -> int:
+        """Bytes uploaded for local object ``key`` (0: gone meanwhile, or corrupt and dropped)."""
+        raw = self.local.get(key)
+        if raw is None:
+            return 0
+        kind, _, digest = key.rpartition("/")
+        try:
+            good = digest_of(zlib.decompress(raw) if kind.startswith(MANIFESTS) else raw) == digest
+        except zlib.error:
+            good = False
+        if not good:
+            log.warning("corrupt %s in %s: dropped, not pushed", key, self.local.name)
+            self.local.delete(key)
+            return 0
+        self.durable.put(key, raw)
+        return len(raw)
 
     def sync(self) -> None:
         for t in self.tiers:

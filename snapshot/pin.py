@@ -59,13 +59,14 @@ class Pins:
     def __init__(self, budget: int):
         self.budget = budget
         self._pinned: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while a pin reads its pages in: seconds, from a remote tier
         self._refused = False
+        self._bytes = 0  # what _pinned holds, updated under the lock
 
     @property
     def pinned_bytes(self) -> int:
-        with self._lock:
-            return self._total()
+        """Read without the lock: the agent's event loop reads it (a pin under way must not stall it)."""
+        return self._bytes
 
     def _total(self) -> int:
         return sum(size for maps in self._pinned.values() for _, size in maps)
@@ -93,6 +94,7 @@ class Pins:
                     return False
                 while self._pinned and self._total() + need > self.budget:
                     self._unmap(self._pinned.popitem(last=False)[1])
+                    self._bytes = self._total()
                 for f in files:
                     maps.append(_map_locked(f))
             except OSError as e:
@@ -103,16 +105,19 @@ class Pins:
                             "; pinning is off on this host" if self._refused else "")
                 return False
             self._pinned[key] = maps
+            self._bytes = self._total()
             return True
 
     def unpin(self, key: str) -> None:
         with self._lock:
             self._unmap(self._pinned.pop(key, []))
+            self._bytes = self._total()
 
     def close(self) -> None:
         with self._lock:
             while self._pinned:
                 self._unmap(self._pinned.popitem()[1])
+            self._bytes = 0
 
     @staticmethod
     def _unmap(maps: list[tuple[int, int]]) -> None:

@@ -569,3 +569,19 @@ def test_a_host_root_replica_takes_its_children_and_a_server_without_the_sdk_is_
     while running(child):
         assert time.monotonic() < deadline, "the replica's child outlived stop()"
         time.sleep(0.05)
+
+
+def test_the_kdat_cache_dir_is_used_only_if_private(tmp_path, monkeypatch):
+    """/dev/shm is world-writable: a cache dir someone else made (or opened up) could hold a forged kernel
+    probe for root's criu, so criu then runs without it."""
+    from thaw.snapshot import criu as criu_mod
+
+    monkeypatch.setattr(criu_mod, "_fstype", lambda p: "tmpfs" if p == "/dev/shm" else "ext4")
+    d = tmp_path / "kdat"
+    monkeypatch.setattr(criu_mod, "KDAT_RUN_DIR", str(d))
+    assert criu_mod._with_kdat_cache(["criu", "restore"])[0] == "unshare" and (d.stat().st_mode & 0o777) == 0o700
+    d.chmod(0o777)
+    assert criu_mod._with_kdat_cache(["criu", "restore"]) == ["criu", "restore"]
+    d.rmdir()
+    d.symlink_to(tmp_path)
+    assert criu_mod._with_kdat_cache(["criu", "restore"]) == ["criu", "restore"]

@@ -161,6 +161,33 @@ def s3tier(server, bucket=None, **kw) -> S3Tier:
                   server.region, timeout_s=kw.pop("timeout_s", 3.0), max_attempts=kw.pop("max_attempts", 2), **kw)
 
 
+def test_a_store_that_ran_without_s3_evicts_nothing_until_pushed(s3server, tmp_path):
+    """Configuring S3 for a store that has run without it turns its directory into a bounded cache. Its
+    objects may exist nowhere else yet: nothing is evicted until push() has uploaded those S3 lacks (verified:
+    a corrupt one is dropped, not spread). Then a host with an empty disk reads them all from S3."""
+    bucket = new_bucket()
+    before = ChunkStore([LocalDirTier(tmp_path / "store")])
+    chunks = [blob(MiB, i) for i in range(3)]
+    digests = [before.put_chunk(c)[0] for c in chunks]
+    manifest, _ = before.put_manifest_bytes(b'{"version": 0}')
+    bad, _ = before.put_chunk(b"will rot")
+    before.local.path(ckey(bad)).write_bytes(b"rotten!!")
+
+    store = ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB), s3tier(s3server, bucket)])
+    assert store.held_back and store.local.max_bytes is None
+    new, _ = store.put_chunk(blob(MiB, 9))  # over the bound: with it, the old chunks would go
+    assert all(store.local.has(ckey(d)) for d in digests)
+    assert store.push() == (4, 3 * MiB + len(zlib.compress(b'{"version": 0}', 6)))  # + the manifest; not `bad`
+    assert not store.held_back and store.local.max_bytes == MiB and not store.local.has(ckey(bad))
+    assert store.push() == (0, 0)  # idempotent
+    assert not ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB), s3tier(s3server, bucket)]).held_back
+
+    fresh = ChunkStore([LocalDirTier(tmp_path / "fresh", max_bytes=MiB), s3tier(s3server, bucket)])
+    assert not fresh.held_back  # an empty disk loses nothing to eviction
+    assert [fresh.get_chunk(d) for d in digests] == chunks
+    assert fresh.get_manifest_bytes(manifest) == b'{"version": 0}' and fresh.get_chunk(new) == blob(MiB, 9)
+
+
 def test_s3_round_trip_ranged_reads_and_multipart(s3server, tmp_path):
     tier = s3tier(s3server, prefix="some/prefix", multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
     data = blob(3 * MiB, 1)
