@@ -42,6 +42,8 @@ class HostActivities:
         self.cfg, self.host = cfg, host
         self.serving: dict[str, Running] = {}  # replicas kept serving, owned by this agent
         self.unwanted: dict[str, float] = {}  # ids stopped before they served (a start the pool gave up on)
+        self.unlisted: set[str] = set()  # stopped replicas whose registry row could not go yet: reap() retries
+        self.starts = 0  # start_replica calls under way (they hold capacity)
         self.lock = threading.Lock()
         self.closing = False
 
@@ -125,8 +127,21 @@ class HostActivities:
     def start_replica(self, inp: StartReplicaInput) -> ReplicaInfo:
         """One serving replica of a deployment: restored (or cold-booted as a fallback), published, recorded."""
         started = int(time.time() * 1000)
-        snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
-        env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, never in the snapshot
+        with self.lock:  # two pools placing at once both see this host free (their counts come from registry
+            busy = len(self.serving) + self.starts  # rows, written once a replica serves): the host says no
+            if busy >= self.cfg.host_capacity:
+                raise SnapshotError(f"host {self.cfg.host_id} is full: {busy} of its {self.cfg.host_capacity} "
+                                    f"replicas serve or start")
+            self.starts += 1
+        try:
+            snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
+            env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, not in the snapshot
+            return self._start(inp, snap, env, started)
+        finally:
+            with self.lock:
+                self.starts -= 1
+
+    def _start(self, inp: StartReplicaInput, snap: dict, env: dict[str, str], started: int) -> ReplicaInfo:
         with activity.shield_thread_cancel_exception():  # as in restore_replicas: the replica ends owned or stopped
             with keepalive("restore"):
                 ((running, info),) = self.host.restore_many(snap, 1, env,
@@ -198,7 +213,19 @@ class HostActivities:
             if running:
                 running.stop()
         finally:  # the process goes first: a registry that is down must not leave it running unowned
-            deployments.remove_replica(self.cfg.registry_url, inp.replica_id)
+            self._unlist(inp.replica_id)
+
+    def _unlist(self, replica_id: str) -> None:
+        """Remove a stopped replica's row; where the registry fails, the heartbeat's reap() tries again (a row
+        left behind counts against the host's capacity and sends gateways to a dead endpoint)."""
+        try:
+            deployments.remove_replica(self.cfg.registry_url, replica_id)
+        except Exception:
+            with self.lock:
+                self.unlisted.add(replica_id)
+            raise
+        with self.lock:
+            self.unlisted.discard(replica_id)
 
     @activity.defn(name="replica_log")
     @host_errors_fail_fast
@@ -215,6 +242,9 @@ class HostActivities:
             dead = [r for r in self.serving.values() if not r.replica.alive()]
             for r in dead:
                 del self.serving[r.id]
+            unlisted = list(self.unlisted)
+        for rid in unlisted:  # raises while the registry is down: the next round tries again
+            self._unlist(rid)
         failed = None
         for r in dead:
             log.warning("replica %s died; unregistered. The end of its log: %r", r.id, r.replica.log_tail(300))

@@ -415,8 +415,10 @@ def test_a_cancelled_pool_undeploys_and_a_deploy_while_undeploying_starts_afresh
         wait_until(lambda: any(h.reserved_for == "cx" for h in snapshots.list_hosts(cfg.registry_url)),
                    what="a buffer host")
 
-        async def cancel(client):
+        async def cancel(client):  # while it reconciles (its activities turn a cancel into their own failure)
             handle = client.get_workflow_handle(pool.workflow_id("cx"))
+            await pool.scale(client, "cx", 2, "test")
+            await asyncio.sleep(0.05)
             await handle.cancel()
             with pytest.raises(WorkflowFailureError):
                 await handle.result()

@@ -25,7 +25,7 @@ from test_criu import SECRET, needs_criu
 from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
-from thaw.registry import snapshots
+from thaw.registry import deployments, snapshots
 from thaw.snapshot import sdk
 from thaw.snapshot.host import SnapshotError, use_huge_pages
 
@@ -676,3 +676,45 @@ def test_a_cancelled_build_stops_its_launch_and_leaves_nothing_on_the_host(cfg, 
     assert not Path(f"/proc/{pid}").exists() or "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
     assert not [m for m in open("/proc/self/mountinfo") if str(cfg.work_dir / "builds") in m]
     assert snapshots.list_all(cfg.registry_url) == []
+
+
+def test_a_stopped_replicas_row_the_registry_refused_goes_at_a_later_heartbeat(cfg, worker, agent, monkeypatch):
+    """The process is stopped first; when the registry then fails to drop its row (down for longer than the
+    stop's retries), the agent's heartbeat drops it later instead of leaving it for good (a stale row counts
+    against the host's capacity and points gateways at a dead endpoint)."""
+    from sqlalchemy.exc import OperationalError
+
+    from thaw.activities import host as host_acts
+    from thaw.registry.models import Replica
+    from thaw.workflows.pool import StopReplicaInput
+
+    deployments.add_replica(cfg.registry_url, Replica(id="r-stale", deployment="web", host_id=cfg.host_id,
+                                                      endpoint="http://127.0.0.1:9", outcome="restored"))
+    real = host_acts.deployments.remove_replica
+
+    def down(url, rid):
+        raise OperationalError("DELETE", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(host_acts.deployments, "remove_replica", down)
+    with pytest.raises(OperationalError):
+        agent.stop_replica(StopReplicaInput("r-stale"))
+    assert [r.id for r in deployments.replicas(cfg.registry_url)] == ["r-stale"] and agent.unlisted == {"r-stale"}
+    monkeypatch.setattr(host_acts.deployments, "remove_replica", real)
+    wait_until(lambda: deployments.replicas(cfg.registry_url) == [], 30, "the heartbeat to drop the row")
+    assert agent.unlisted == set()
+
+
+def test_a_full_host_refuses_a_start(cfg, worker, agent):
+    """Two pools placing at once both see a host free (registry rows appear once a replica serves): the agent
+    itself refuses a start beyond its capacity, counting the starts under way, before restoring anything."""
+    from thaw.workflows.pool import StartReplicaInput
+
+    agent.cfg = cfg.model_copy(update={"host_capacity": 1})
+    agent.starts = 1  # one start under way
+    with pytest.raises(Exception, match=f"host {cfg.host_id} is full: 1 of its 1 replicas serve or start"):
+        agent.start_replica(StartReplicaInput("web", "0" * 64, [], 0))
+    assert agent.starts == 1
+    agent.starts = 0
+    with pytest.raises(Exception, match="no snapshot"):  # room: on to the restore, which finds no such snapshot
+        agent.start_replica(StartReplicaInput("web", "0" * 64, [], 0))
+    assert agent.starts == 0

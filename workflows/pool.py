@@ -216,9 +216,11 @@ class DeploymentPool:
                 except asyncio.TimeoutError:
                     pass
                 self.wake = False
-                if self.s.stopping:
+                if self.s.stopping or self._cancelled():
                     break
                 await self._reconcile()
+                if self._cancelled():
+                    break
                 if (workflow.info().is_continue_as_new_suggested()
                         or workflow.info().get_current_history_length() > 8000):
                     self.draining = True
@@ -226,16 +228,22 @@ class DeploymentPool:
                     await workflow.wait_condition(lambda: not self.starting and not (tasks and self.tasks)
                                                   and workflow.all_handlers_finished())
                     workflow.continue_as_new(self.s)
-        except asyncio.CancelledError:  # Temporal UI's or `temporal workflow cancel`: undeploy, then end cancelled
-            if not workflow.patched("undeploy-on-cancel"):
+        except asyncio.CancelledError:
+            if not self._cancelled():
                 raise
+        if self._cancelled():  # Temporal UI's or `temporal workflow cancel`: undeploy, then end as cancelled
             self.s.stopping, self.redeploy = True, None
             await self._stop_everything()
-            raise
+            raise asyncio.CancelledError(f"pool cancelled ({workflow.cancellation_reason() or 'no reason given'})")
         await self._stop_everything()
         if self.redeploy is not None:
             workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas))
         return self.s
+
+    def _cancelled(self) -> bool:
+        """Whether the pool was cancelled. Not only a CancelledError says so: one that reaches the pool while it
+        waits on an activity comes out of that activity as its ActivityError, which the loop rides out."""
+        return workflow.cancellation_reason() is not None and workflow.patched("undeploy-on-cancel")
 
     async def _stop_everything(self) -> None:
         """Stop every replica (and those left on hosts that went silent), then give the buffer's hosts back:
@@ -314,8 +322,8 @@ class DeploymentPool:
         known = {r.id for r in self.s.replicas}  # a start that ends during the check is not in its rows
         before = self.placed
         hosts = await self._hosts(self.s.spec.buffer)
-        if self.s.stopping and workflow.patched("reconcile-stop"):  # undeployed during the check: the loop
-            return  # stops everything next
+        if (self.s.stopping and workflow.patched("reconcile-stop")) or self._cancelled():  # undeployed during
+            return  # the check: the loop stops everything next
         # a signal placed replicas during the check, on hosts it may have reserved as idle buffer hosts
         placed_meanwhile = self.placed != before
         lost = [r for r in self.s.replicas if r.host_id not in hosts.live]
@@ -411,15 +419,19 @@ class DeploymentPool:
             return
         victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
         self.stopping_on += [r.host_id for r in victims]  # a signal placing meanwhile must not take their slots
+        stopped: list[bool] = []
         try:
-            await asyncio.gather(*(self._stop(r) for r in victims))
+            stopped = await asyncio.gather(*(self._stop(r) for r in victims))
         finally:
             for r in victims:
                 self.stopping_on.remove(r.host_id)
+            if self._cancelled():  # the cancel may have cut these stops short: the undeploy stops them again
+                self.s.replicas += [r for r, ok in zip(victims, stopped or [False] * len(victims)) if not ok]
         self._count("stopped", len(victims))
 
-    async def _stop(self, r: ReplicaInfo) -> None:
-        """Stop replica ``r`` on its host; a host that does not take the work (gone) has lost it anyway."""
+    async def _stop(self, r: ReplicaInfo) -> bool:
+        """Stop replica ``r`` on its host; a host that does not take the work (gone) has lost it anyway.
+        Whether the host said it is stopped."""
         try:
             await workflow.execute_activity(
                 "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
@@ -427,4 +439,5 @@ class DeploymentPool:
                 schedule_to_start_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(maximum_attempts=3))
         except Exception:  # noqa: BLE001 - the host is gone; so is the replica
-            pass
+            return False
+        return True
