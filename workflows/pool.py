@@ -225,7 +225,7 @@ class DeploymentPool:
                         or workflow.info().get_current_history_length() > 8000):
                     self.draining = True
                     tasks = workflow.patched("drain-background")  # a lost replica's stop too: the next run can't
-                    await workflow.wait_condition(lambda: not self.starting and not (tasks and self.tasks)
+                    await workflow.wait_condition(lambda: not self.starting and not (tasks and self._stops())
                                                   and workflow.all_handlers_finished())
                     workflow.continue_as_new(self.s)
         except asyncio.CancelledError:
@@ -240,6 +240,11 @@ class DeploymentPool:
             workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas))
         return self.s
 
+    def _stops(self) -> list[asyncio.Task]:
+        """Background stops under way (of replicas whose silent host came back): a run must not end before
+        them, or a stop not yet started would be dropped with it."""
+        return [t for t in self.tasks if t.get_name() == "stop"]
+
     def _cancelled(self) -> bool:
         """Whether the pool was cancelled. Not only a CancelledError says so: one that reaches the pool while it
         waits on an activity comes out of that activity as its ActivityError, which the loop rides out."""
@@ -253,7 +258,7 @@ class DeploymentPool:
         await self._scale_down(force=True)
         if workflow.patched("stop-lost-on-undeploy"):
             lost, self.s.lost = self.s.lost, []
-            await asyncio.gather(*(self._stop(r) for r in lost), *self.tasks)
+            await asyncio.gather(*(self._stop(r) for r in lost), *self._stops())
         while True:
             try:
                 await self._hosts(buffer=0, keep_last=False)
@@ -289,11 +294,12 @@ class DeploymentPool:
         for host_id in res.reserved:
             if host_id not in self.s.warmed:
                 self.s.warmed.append(host_id)
-                self._background(self._warm_one(queues[host_id]))
+                self._background(self._warm_one(queues[host_id]), "warm")
 
-    def _background(self, coro) -> None:
-        """Run ``coro`` as a workflow task while the loop goes on answering signals."""
-        task = asyncio.create_task(coro)
+    def _background(self, coro, name: str) -> None:
+        """Run ``coro`` as a workflow task (``name``: "warm", "start" or "stop") while the loop goes on answering
+        signals."""
+        task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -335,7 +341,7 @@ class DeploymentPool:
             self.s.lost = [r for r in self.s.lost if r.host_id not in hosts.live] + lost
             self.s.lost = self.s.lost[-64:]
             for r in back:
-                self._background(self._stop(r))
+                self._background(self._stop(r), "stop")
         if hosts.rows is not None and workflow.patched("pool-drop-gone"):  # their process died, or their agent
             # restarted: the row went with them
             gone = {r.id for r in self.s.replicas if r.id in known and r.id not in hosts.rows}
@@ -367,7 +373,7 @@ class DeploymentPool:
             self.starting.append(h.host_id)
             count = self._have()  # this replica's number
             sig = next((a.at_ms for a in self.s.asks if a.replicas >= count), last)
-            self._background(self._start(h, sig))
+            self._background(self._start(h, sig), "start")
         count = self._have()
         self.s.asks = [a for a in self.s.asks if a.replicas > count]  # the others are placed in full
         self.s.last_scale_up_s = workflow.now().timestamp()
