@@ -243,9 +243,12 @@ class HostActivities:
             for r in dead:
                 del self.serving[r.id]
             unlisted = list(self.unlisted)
-        for rid in unlisted:  # raises while the registry is down: the next round tries again
-            self._unlist(rid)
         failed = None
+        for rid in unlisted:  # stopped earlier; their rows could not go then
+            try:
+                self._unlist(rid)
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                failed = failed or e
         for r in dead:
             log.warning("replica %s died; unregistered. The end of its log: %r", r.id, r.replica.log_tail(300))
             try:

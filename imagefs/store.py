@@ -231,8 +231,13 @@ class LocalDirTier:
         self.mark_backed(name)
         return True
 
-    def mark_backed(self, name: str) -> None:
-        write_atomic(self.root / BACKED_BY, name)
+    def mark_backed(self, name: str | None) -> None:
+        """Record that tier ``name`` has every object here (None: forget it)."""
+        if name is None:
+            with contextlib.suppress(OSError):  # a read-only disk: nothing gets stored here either
+                (self.root / BACKED_BY).unlink(missing_ok=True)
+        else:
+            write_atomic(self.root / BACKED_BY, name)
 
     def _stats(self, kinds: tuple[str, ...] = (CHUNKS, MANIFESTS)):
         """(key, stat) of every object of these kinds."""
@@ -332,6 +337,8 @@ class ChunkStore:
         self.front: list[Tier] = tiers[:i]  # caches in front of the disk, filled by reads
         self.remote: list[Tier] = tiers[i + 1:]  # behind the disk; the last one is the source of truth
         self.durable: Tier = tiers[-1]
+        if not self.remote:  # objects stored from now on exist here only: a later S3 must get them pushed
+            self.local.mark_backed(None)
         self._bound = self.local.max_bytes  # held back while the disk has objects the durable tier may lack:
         self.held_back = bool(self.remote) and self._bound is not None and not self.local.backed_by(self.durable.name)
         if self.held_back:

@@ -78,9 +78,12 @@ def _with_kdat_cache(cmd: list[str]) -> list[str]:
     mount ids, which must stay the host's."""
     if _fstype("/run") == "tmpfs" or _fstype("/dev/shm") != "tmpfs":
         return cmd
-    os.makedirs(KDAT_RUN_DIR, mode=0o700, exist_ok=True)
-    st = os.lstat(KDAT_RUN_DIR)  # /dev/shm is world-writable: anyone could have made it first, with a forged kdat
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    try:  # /dev/shm is world-writable: anyone could have made it first (with a forged kdat), or put a file there
+        os.makedirs(KDAT_RUN_DIR, mode=0o700, exist_ok=True)
+        st = os.lstat(KDAT_RUN_DIR)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         log.warning("%s is not a private directory of ours: criu re-probes the kernel on every run", KDAT_RUN_DIR)
         return cmd
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",

@@ -585,3 +585,6 @@ def test_the_kdat_cache_dir_is_used_only_if_private(tmp_path, monkeypatch):
     d.rmdir()
     d.symlink_to(tmp_path)
     assert criu_mod._with_kdat_cache(["criu", "restore"]) == ["criu", "restore"]
+    d.unlink()
+    d.write_text("a file")
+    assert criu_mod._with_kdat_cache(["criu", "restore"]) == ["criu", "restore"]

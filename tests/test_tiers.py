@@ -182,6 +182,9 @@ def test_a_store_that_ran_without_s3_evicts_nothing_until_pushed(s3server, tmp_p
     assert store.push() == (0, 0)  # idempotent
     assert not ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB), s3tier(s3server, bucket)]).held_back
 
+    ChunkStore([LocalDirTier(tmp_path / "store")])  # a run without S3 again: what it stores exists only here
+    assert ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB), s3tier(s3server, bucket)]).held_back
+
     fresh = ChunkStore([LocalDirTier(tmp_path / "fresh", max_bytes=MiB), s3tier(s3server, bucket)])
     assert not fresh.held_back  # an empty disk loses nothing to eviction
     assert [fresh.get_chunk(d) for d in digests] == chunks

@@ -169,7 +169,7 @@ class BuildSnapshot(Staged):
                     await workflow.execute_activity(
                         "discard_build", build_id, task_queue=plan.task_queue, retry_policy=RETRY,
                         start_to_close_timeout=timedelta(minutes=2),
-                        schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s))
+                        schedule_to_start_timeout=timedelta(seconds=min(60.0, inp.pickup_timeout_s)))
                 except ActivityError as e:
                     workflow.logger.warning("build %s: its dir on host %s stays: %s", build_id, plan.host_id,
                                             e.cause)

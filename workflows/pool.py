@@ -18,6 +18,7 @@ from datetime import timedelta
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
+from temporalio.exceptions import CancelledError as ActivityCancelled
 
 from .build_image import QUICK
 
@@ -231,13 +232,22 @@ class DeploymentPool:
         except asyncio.CancelledError:
             if not self._cancelled():
                 raise
-        if self._cancelled():  # Temporal UI's or `temporal workflow cancel`: undeploy, then end as cancelled
-            self.s.stopping, self.redeploy = True, None
-            await self._stop_everything()
-            raise asyncio.CancelledError(f"pool cancelled ({workflow.cancellation_reason() or 'no reason given'})")
-        await self._stop_everything()
-        if self.redeploy is not None:
+        cancelled = False
+        while True:  # undeploy; a cancel (Temporal UI, `temporal workflow cancel`) undeploys too, even midway
+            if self._cancelled() and not cancelled:  # a deploy that came before it does not stand
+                cancelled, self.s.stopping, self.redeploy = True, True, None
+            try:
+                await self._stop_everything()
+            except asyncio.CancelledError:
+                if not self._cancelled():
+                    raise
+                continue
+            if not (self._cancelled() and self.s.replicas):  # else stops the cancel cut short: again
+                break
+        if self.redeploy is not None:  # deployed again while undeploying: a fresh run with the new spec
             workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas))
+        if cancelled:
+            raise asyncio.CancelledError(f"pool cancelled ({workflow.cancellation_reason() or 'no reason given'})")
         return self.s
 
     def _stops(self) -> list[asyncio.Task]:
@@ -425,25 +435,27 @@ class DeploymentPool:
             return
         victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
         self.stopping_on += [r.host_id for r in victims]  # a signal placing meanwhile must not take their slots
-        stopped: list[bool] = []
+        stopped: list[bool | None] = []
         try:
             stopped = await asyncio.gather(*(self._stop(r) for r in victims))
         finally:
             for r in victims:
                 self.stopping_on.remove(r.host_id)
-            if self._cancelled():  # the cancel may have cut these stops short: the undeploy stops them again
-                self.s.replicas += [r for r, ok in zip(victims, stopped or [False] * len(victims)) if not ok]
+            if self._cancelled():  # stops the cancel cut short: the undeploy stops them again
+                self.s.replicas += [r for r, ok in zip(victims, stopped or [None] * len(victims)) if ok is None]
         self._count("stopped", len(victims))
 
-    async def _stop(self, r: ReplicaInfo) -> bool:
+    async def _stop(self, r: ReplicaInfo) -> bool | None:
         """Stop replica ``r`` on its host; a host that does not take the work (gone) has lost it anyway.
-        Whether the host said it is stopped."""
+        True: the host said it is stopped; False: it failed; None: a cancel of the pool cut it short."""
         try:
             await workflow.execute_activity(
                 "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
                 start_to_close_timeout=timedelta(seconds=60),
                 schedule_to_start_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(maximum_attempts=3))
+        except ActivityError as e:
+            return None if isinstance(e.cause, ActivityCancelled) else False  # else the host is gone, and so is it
         except Exception:  # noqa: BLE001 - the host is gone; so is the replica
             return False
         return True
