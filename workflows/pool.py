@@ -244,6 +244,7 @@ class DeploymentPool:
                 continue
             if not (self._cancelled() and self.s.replicas):  # else stops the cancel cut short: again
                 break
+        cancelled = cancelled or self._cancelled()  # one that came during the last round ends it cancelled too
         if self.redeploy is not None:  # deployed again while undeploying: a fresh run with the new spec
             workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas))
         if cancelled:
