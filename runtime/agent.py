@@ -23,7 +23,7 @@ from thaw.registry import deployments, snapshots
 from thaw.snapshot.host import HostSnapshots, cleanup_stale
 
 from . import metrics
-from .worker import serve
+from .worker import serve, stop_on_signals
 
 log = logging.getLogger("thaw.agent")
 
@@ -83,6 +83,7 @@ def push_store(store) -> None:
 
 
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
+    stop = stop_on_signals()  # first: a SIGTERM once the host row below exists must still mark the host gone
     stale = cleanup_stale(cfg.work_dir)
     if stale:
         log.info("cleared %d replica/build dirs left by an earlier agent", stale)
@@ -97,7 +98,7 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
              {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
     try:
         await serve(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex), ready_file,
-                    background=lambda: heartbeat(cfg, acts))
+                    background=lambda: heartbeat(cfg, acts), stop=stop)
     finally:
         acts.stop_all()
         try:  # no work placed here until an agent runs again (not after host_stale_s)

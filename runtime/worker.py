@@ -36,13 +36,21 @@ def build_worker(client: Client, cfg: Config, executor: ThreadPoolExecutor) -> W
     )
 
 
-async def serve(cfg: Config, make: Callable[[Client, ThreadPoolExecutor], Worker], ready_file: Path | None,
-                background: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT; ``ready_file`` exists exactly while it polls."""
+def stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM/SIGINT set from now on (instead of killing the process): install it before anything
+    that a signal must not cut short, so that the callers' clean-up still runs."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before connecting: a SIGTERM then still runs the callers' clean-up
+    for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(cfg: Config, make: Callable[[Client, ThreadPoolExecutor], Worker], ready_file: Path | None,
+                background: Callable[[], Awaitable[None]] | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT (``stop``, if the caller installed it earlier); ``ready_file`` exists
+    exactly while it polls."""
+    stop = stop or stop_on_signals()  # before connecting: a SIGTERM then still runs the callers' clean-up
     client = await connect(cfg)
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="thaw-activity") as executor:
         worker = make(client, executor)

@@ -53,14 +53,15 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = N
     raise RuntimeError(f"{what} did not become ready (exit code {code}):\n{tail}")
 
 
-def wait_until(pred, timeout: float = 60, what: str = "condition"):
-    """Poll ``pred`` until it returns something truthy, and return that; AssertionError after ``timeout`` s."""
+def wait_until(pred, timeout: float = 60, what: str = "condition", every: float = 0.1):
+    """Poll ``pred`` every ``every`` s until it returns something truthy, and return that; AssertionError after
+    ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = pred()
         if got:
             return got
-        time.sleep(0.1)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -566,8 +566,8 @@ def test_an_agent_that_stops_or_cannot_reach_temporal_is_not_left_live(cfg, work
 
     proc = _agent_proc(cfg, "leaving")
     try:
-        wait_until(lambda: live("leaving"), what="leaving up")
-        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: live("leaving"), what="leaving up", every=0.005)  # SIGTERM the moment its row is
+        proc.send_signal(signal.SIGTERM)  # there: its handler must be in place by then (it was not, at times)
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
