@@ -79,6 +79,17 @@ def _key(kind: str, digest: str) -> str:
     return f"{kind}/{digest[:2]}/{digest}"
 
 
+def _decoded(raw: bytes, digest: str, decode=lambda b: b, check: bool = True) -> bytes | None:
+    """``raw`` decoded, if it decodes and (with ``check``) has blake3 digest ``digest``; None if not."""
+    try:
+        data = decode(raw)
+    except zlib.error:
+        return None
+    if data is None or (check and digest_of(data) != digest):
+        return None
+    return data
+
+
 class Tier(Protocol):
     """Bytes under keys. ``put``/``put_file`` return False when the key was already there. ``put_file``
     moves the file into a :class:`LocalDirTier` and copies it into any other tier."""
@@ -388,13 +399,7 @@ class ChunkStore:
         (which gains the tiers that lacked it or held a corrupt copy, named in ``dropped`` too); None if none
         has it."""
         def verified(raw: bytes, tier) -> bytes | None:
-            try:
-                data = decode(raw)
-            except zlib.error:
-                return None
-            if data is None or not (getattr(tier, "trusted", False) or digest_of(data) == digest):
-                return None
-            return data
+            return _decoded(raw, digest, decode, check=not getattr(tier, "trusted", False))
 
         for tier in tiers:
             try:
@@ -505,11 +510,7 @@ class ChunkStore:
         if raw is None:
             return 0
         kind, _, digest = key.rpartition("/")
-        try:
-            good = digest_of(zlib.decompress(raw) if kind.startswith(MANIFESTS) else raw) == digest
-        except zlib.error:
-            good = False
-        if not good:
+        if _decoded(raw, digest, zlib.decompress if kind.startswith(MANIFESTS) else lambda b: b) is None:
             log.warning("corrupt %s in %s: dropped, not pushed", key, self.local.name)
             self.local.delete(key)
             return 0

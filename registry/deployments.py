@@ -30,12 +30,8 @@ def put_back(url: str, name: str, before: Deployment | None) -> None:
     it replaced (None: there was none, and the row goes)."""
     if before is not None:
         upsert(url, before)
-        return
-    with session(url) as s:
-        row = s.get(Deployment, name)
-        if row is not None:
-            s.delete(row)
-            s.commit()
+    else:
+        queries.delete(url, Deployment, name)
 
 
 def list_all(url: str) -> list[Deployment]:
@@ -50,11 +46,7 @@ def add_replica(url: str, rep: Replica) -> None:
 
 
 def remove_replica(url: str, replica_id: str) -> None:
-    with session(url) as s:
-        row = s.get(Replica, replica_id)
-        if row:
-            s.delete(row)
-            s.commit()
+    queries.delete(url, Replica, replica_id)
 
 
 def serving(cfg, deployment: str) -> list[Replica]:

@@ -71,6 +71,15 @@ def upsert(url: str, new: T, **fields) -> T:
             return row
 
 
+def delete(url: str, model: type[SQLModel], key) -> None:
+    """Delete the row of ``model`` with primary key ``key``, if there is one."""
+    with session(url) as s:
+        row = s.get(model, key)
+        if row is not None:
+            s.delete(row)
+            s.commit()
+
+
 def by_prefix(url: str, model: type[T], ref: str, what: str, ls_cmd: str) -> T:
     """Look up by full digest or unique prefix (at least 6 hex characters)."""
     ref = ref.removeprefix("blake3:").lower()
