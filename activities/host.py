@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -93,53 +94,64 @@ class HostActivities:
     @activity.defn(name="restore_replicas")
     @host_errors_fail_fast
     def restore_replicas(self, plan: RestorePlan) -> RestoreResult:
-        t0 = time.monotonic()
-        row = snapshots.get(self.cfg.registry_url, plan.snapshot_digest)
-        snap = row.model_dump()
-        secrets = self.host.secrets(plan.secrets)
-        # a cancel (timeout, worker shutdown) is an exception raised into this thread wherever it is: held back
-        # until the replicas are kept or stopped, or one landing while they start would leave them with no owner
-        with activity.shield_thread_cancel_exception():
-            with keepalive("restore"):
-                results = self.host.restore_many(snap, plan.replicas, secrets)
-            out = []
-            try:
-                for running, info in results:
-                    golden_ok = self._record(row.digest, running, info)
-                    endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
-                    out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok,
-                                             info["timings_ms"], endpoint))
-                if activity.is_cancelled():
-                    raise SnapshotError("the restore was cancelled")
-            except BaseException:  # nobody will learn the ids of the replicas kept so far
-                for r in out:
-                    if r.endpoint:
-                        self.stop_replica(StopReplicaInput(r.replica))
-                raise
-            finally:  # what is not kept serving stops, also when something above failed
-                for running, _ in results:
-                    if running.id not in self.serving:
-                        running.stop()
-        return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
+        """Restore a snapshot into replicas on this host: verified, then stopped, or kept serving (they take
+        slots of the host's capacity)."""
+        with self._slots(plan.replicas if plan.keep else 0):
+            t0 = time.monotonic()
+            row = snapshots.get(self.cfg.registry_url, plan.snapshot_digest)
+            snap = row.model_dump()
+            secrets = self.host.secrets(plan.secrets)
+            # a cancel (timeout, worker shutdown) is an exception raised into this thread wherever it is: held back
+            # until the replicas are kept or stopped, or one landing while they start would leave them with no owner
+            with activity.shield_thread_cancel_exception():
+                with keepalive("restore"):
+                    results = self.host.restore_many(snap, plan.replicas, secrets)
+                out = []
+                try:
+                    for running, info in results:
+                        golden_ok = self._record(row.digest, running, info)
+                        endpoint = self._serve(running, "", row.digest, info["outcome"]) if plan.keep else ""
+                        out.append(ReplicaResult(running.id, info["outcome"], info["reason"], golden_ok,
+                                                 info["timings_ms"], endpoint))
+                    if activity.is_cancelled():
+                        raise SnapshotError("the restore was cancelled")
+                except BaseException:  # nobody will learn the ids of the replicas kept so far
+                    for r in out:
+                        if r.endpoint:
+                            self.stop_replica(StopReplicaInput(r.replica))
+                    raise
+                finally:  # what is not kept serving stops, also when something above failed
+                    for running, _ in results:
+                        if running.id not in self.serving:
+                            running.stop()
+            return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="start_replica")
     @host_errors_fail_fast
     def start_replica(self, inp: StartReplicaInput) -> ReplicaInfo:
         """One serving replica of a deployment: restored (or cold-booted as a fallback), published, recorded."""
         started = int(time.time() * 1000)
-        with self.lock:  # two pools placing at once both see this host free (their counts come from registry
-            busy = len(self.serving) + self.starts  # rows, written once a replica serves): the host says no
-            if busy >= self.cfg.host_capacity:
-                raise SnapshotError(f"host {self.cfg.host_id} is full: {busy} of its {self.cfg.host_capacity} "
-                                    f"replicas serve or start")
-            self.starts += 1
-        try:
+        with self._slots(1):
             snap = snapshots.get(self.cfg.registry_url, inp.snapshot).model_dump()
             env = {**inp.env, **self.host.secrets(inp.secrets)}  # both arrive after the restore, not in the snapshot
             return self._start(inp, snap, env, started)
+
+    @contextlib.contextmanager
+    def _slots(self, n: int):
+        """Hold ``n`` of this host's replica slots while replicas start to serve. Two pools (or a pool and a
+        `thaw restore --keep`) placing at once both see the host free: their counts come from registry rows,
+        written once a replica serves; the host itself says no."""
+        with self.lock:
+            busy = len(self.serving) + self.starts
+            if n and busy + n > self.cfg.host_capacity:
+                raise SnapshotError(f"host {self.cfg.host_id} is full: {busy} of its {self.cfg.host_capacity} "
+                                    f"replicas serve or start" + (f", {n} more asked for" if n > 1 else ""))
+            self.starts += n
+        try:
+            yield
         finally:
             with self.lock:
-                self.starts -= 1
+                self.starts -= n
 
     def _start(self, inp: StartReplicaInput, snap: dict, env: dict[str, str], started: int) -> ReplicaInfo:
         with activity.shield_thread_cancel_exception():  # as in restore_replicas: the replica ends owned or stopped

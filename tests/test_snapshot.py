@@ -721,3 +721,23 @@ def test_a_full_host_refuses_a_start(cfg, worker, agent):
     with pytest.raises(Exception, match="no snapshot"):  # room: on to the restore, which finds no such snapshot
         agent.start_replica(StartReplicaInput("web", "0" * 64, [], 0))
     assert agent.starts == 0
+
+
+def test_a_full_host_refuses_replicas_kept_by_restore(cfg, worker, agent):
+    """`thaw restore --keep` takes slots of the host's capacity as a pool's start does; a restore that only
+    verifies (replicas stopped after) takes none."""
+    from thaw.workflows.build_snapshot import RestorePlan
+
+    agent.cfg = cfg.model_copy(update={"host_capacity": 2})
+    agent.starts = 1
+    with pytest.raises(Exception, match=f"host {cfg.host_id} is full: 1 of its 2 replicas serve or start, 2 more "
+                                        "asked for"):
+        agent.restore_replicas(RestorePlan("0" * 64, cfg.host_id, cfg.host_task_queue, 2, [], True))
+    assert agent.starts == 1
+    agent.starts = 2
+    with pytest.raises(Exception, match="no snapshot"):  # not kept: on to the restore, which finds no such snapshot
+        agent.restore_replicas(RestorePlan("0" * 64, cfg.host_id, cfg.host_task_queue, 2, [], False))
+    agent.starts = 0
+    with pytest.raises(Exception, match="no snapshot"):
+        agent.restore_replicas(RestorePlan("0" * 64, cfg.host_id, cfg.host_task_queue, 2, [], True))
+    assert agent.starts == 0
