@@ -214,6 +214,8 @@ class HostSnapshots:
         self.cfg = cfg
         self.store = store or ChunkStore.open(cfg)
         self.facts = compat.host_facts()
+        if self.gpu is None:  # GPUs its replicas cannot use (passthrough off, no driver libraries): not advertised,
+            self.facts = compat.snapshot_facts(self.facts, uses_gpu=False)  # so no GPU snapshot is placed here
         self.mounts: dict[Path, imagefs_mount.MountHandle] = {}
         self._used: dict[Path, float] = {}  # mount point -> when a caller last asked for it (monotonic)
         self._image_of: dict[str, str] = {}  # snapshot digest -> its image's, for the snapshots restored here

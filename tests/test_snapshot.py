@@ -707,6 +707,28 @@ def test_a_stopped_replicas_row_the_registry_refused_goes_at_a_later_heartbeat(c
     assert agent.unlisted == set()
 
 
+@pytest.mark.parametrize("why", ["passthrough off", "no driver libraries"])
+def test_a_host_whose_replicas_get_no_gpu_advertises_none(cfg, monkeypatch, why):
+    """A host whose driver reports a GPU but whose replicas cannot use it (THAW_GPU_PASSTHROUGH off, or no
+    libcuda for their root) drops the GPU facts it advertises: no pool places a GPU snapshot there, and a restore
+    of one is refused by the compatibility check instead of failing in CUDA."""
+    from thaw.snapshot import compat, nvidia
+    from thaw.snapshot.host import HostSnapshots
+
+    gpu_facts = {"gpu_model": "Test GPU", "nvidia_driver": "580.95.05", "cuda": "13.0", "gpu_count": 1,
+                 "gpu_uuids": ["GPU-0a1b2c3d-0000-1111-2222-333344445555"]}
+    monkeypatch.setattr(compat, "gpu_host_facts", lambda: gpu_facts)
+
+    def no_libcuda(*a, **kw):
+        raise nvidia.GpuAccessError("this host has NVIDIA devices but no libcuda.so.1 in its library cache")
+
+    monkeypatch.setattr(nvidia, "for_host", no_libcuda)
+    host = HostSnapshots(cfg.model_copy(update={"gpu_passthrough": why != "passthrough off"}))
+    assert compat.host_facts()["gpu_model"] == "Test GPU" and host.gpu is None
+    assert not set(gpu_facts) & set(host.facts), host.facts
+    assert compat.check({**host.facts, **gpu_facts}, host.facts)[0].startswith("no NVIDIA GPU on host")
+
+
 def test_a_full_host_refuses_a_start(cfg, worker, agent):
     """Two pools placing at once both see a host free (registry rows appear once a replica serves): the agent
     itself refuses a start beyond its capacity, counting the starts under way, before restoring anything."""
