@@ -7,6 +7,7 @@ import re
 import time
 
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from thaw.config import Config
@@ -60,12 +61,15 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
         max_replicas=spec.max_replicas, buffer=spec.buffer, secrets=spec.secrets, env=spec.env or None,
         ports=spec.ports or None))
     try:
-        if await running(client, spec.name):
-            await client.get_workflow_handle(workflow_id(spec.name)).signal(DeploymentPool.update, spec)
-            return spec, False
-        await client.start_workflow(DeploymentPool.run, PoolState(spec, desired=spec.min_replicas),
-                                    id=workflow_id(spec.name), task_queue=cfg.build_task_queue)
-        return spec, True
+        if not await running(client, spec.name):
+            try:
+                await client.start_workflow(DeploymentPool.run, PoolState(spec, desired=spec.min_replicas),
+                                            id=workflow_id(spec.name), task_queue=cfg.build_task_queue)
+                return spec, True
+            except WorkflowAlreadyStartedError:  # a deploy of the same name at once (CLI and API) started it
+                pass
+        await client.get_workflow_handle(workflow_id(spec.name)).signal(DeploymentPool.update, spec)
+        return spec, False
     except BaseException as e:  # the pool was not told: the registry keeps what it had
         deployments.put_back(cfg.registry_url, spec.name, before)
         if isinstance(e, RPCError):

@@ -395,6 +395,34 @@ def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cl
         undeploy(cfg, thaw_cli, "early", ok=False)
 
 
+def test_two_deploys_of_one_name_at_once_both_land(cfg, worker, thaw_cli, snap, monkeypatch):
+    """Two deploys of one name at once (the CLI and the API) both find no pool running; the one whose start
+    comes second updates the pool the first started instead of failing (and putting back the registry row of a
+    pool that runs)."""
+    from temporalio.client import Client
+
+    from thaw.runtime import pool
+    from thaw.workflows.pool import PoolSpec
+
+    async def both_find_none(client, name):
+        return False
+
+    monkeypatch.setattr(pool, "running", both_find_none)
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        first = await pool.deploy(client, cfg, PoolSpec("twice", snap, max_replicas=1))
+        second = await pool.deploy(client, cfg, PoolSpec("twice", snap, max_replicas=2))
+        return first[1], second[1], (await pool.state(client, "twice")).spec.max_replicas
+
+    try:
+        assert asyncio.run(go()) == (True, False, 2)
+        assert deployments.get(cfg.registry_url, "twice").max_replicas == 2
+    finally:
+        monkeypatch.undo()
+        undeploy(cfg, thaw_cli, "twice", ok=False)
+
+
 def test_a_cancelled_pool_undeploys_and_a_deploy_while_undeploying_starts_afresh(cfg, worker, agent, thaw_cli,
                                                                                   snap):
     """Cancelling a pool (Temporal UI, `temporal workflow cancel`) stops its replicas and gives its buffer
