@@ -7,6 +7,7 @@ left by an agent that was killed is cleared (processes by recorded pid, mounts b
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import threading
@@ -82,18 +83,39 @@ def push_store(store) -> None:
         log.warning("could not push %s to %s: %s", store.local.name, store.durable.name, str(e).splitlines()[0])
 
 
+def hold_host(cfg: Config) -> int:
+    """An exclusive lock on this host's work dir, held (by an fd kept open) for the agent's life: a second agent
+    of the same host would stop the first one's replicas as stale and unregister them."""
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.work_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise RuntimeError(f"host {cfg.host_id} already has an agent running (pid {pid}); stop it first, or give "
+                           f"this one another --host-id") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
     stop = stop_on_signals()  # first: a SIGTERM once the host row below exists must still mark the host gone
+    hold_host(cfg)
     stale = cleanup_stale(cfg.work_dir)
     if stale:
         log.info("cleared %d replica/build dirs left by an earlier agent", stale)
-    host = HostSnapshots(cfg)
+    try:  # before the host row is written: a port in use must not leave a host that looks live
+        port = metrics.serve(cfg.agent_metrics_port, cfg.agent_metrics_bind)
+    except OSError as e:
+        raise RuntimeError(f"metrics on {cfg.agent_metrics_bind}:{cfg.agent_metrics_port}: {e.strerror or e} "
+                           f"(THAW_AGENT_METRICS_PORT: another port, or 0 for any)") from None
+    host = await asyncio.to_thread(HostSnapshots, cfg)  # GPU access (driver layer, device nodes) included
     if host.store.held_back:  # its disk has objects from before S3 was configured: S3 gets those it lacks
         threading.Thread(target=push_store, args=(host.store,), name="thaw-push", daemon=True).start()
-    await asyncio.to_thread(lambda: host.gpu)  # GPU access (driver layer, device nodes) before any work arrives
     register(cfg, host)
     acts = HostActivities(cfg, host)
-    port = metrics.serve(cfg.agent_metrics_port, cfg.agent_metrics_bind)
     log.info("agent %s: facts %s; metrics on :%s", cfg.host_id,
              {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
     try:

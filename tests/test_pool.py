@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -606,6 +607,36 @@ def test_an_agent_that_stops_or_cannot_reach_temporal_is_not_left_live(cfg, work
                           "lonely"], env={**os.environ, **cfg_env(cfg)}, capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "cannot reach Temporal at 127.0.0.1:1" in res.stderr, res.stderr
     assert any(h.id == "lonely" for h in snapshots.list_hosts(cfg.registry_url)) and not live("lonely")
+
+
+def test_a_second_agent_of_a_host_is_refused_and_leaves_the_first_alone(cfg, worker):
+    """Two agents of one host (one from `thaw up`, one run by hand) would each take the other's replicas for
+    stale ones: the second refuses to start, in one line, before it touches anything; so does an agent whose
+    metrics port is taken, before it writes a host row."""
+    def host_row(host_id):
+        return next((h for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s) if h.id == host_id), None)
+
+    proc = _agent_proc(cfg, "twin")
+    try:
+        wait_until(lambda: host_row("twin"), what="twin up")
+        res = subprocess.run([sys.executable, "-m", "thaw", "agent", "--host-id", "twin"],
+                             env={**os.environ, **cfg_env(cfg)}, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.strip() == (f"error: agent: host twin already has an agent running (pid {proc.pid}); "
+                                      f"stop it first, or give this one another --host-id"), res.stderr
+        assert proc.poll() is None and host_row("twin").pid == proc.pid
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            res = subprocess.run([sys.executable, "-m", "thaw", "agent", "--host-id", "portless"],
+                                 env={**os.environ, **cfg_env(cfg), "THAW_AGENT_METRICS_PORT":
+                                      str(busy.getsockname()[1])}, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and "error: agent: metrics on 127.0.0.1:" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not any(h.id == "portless" for h in snapshots.list_hosts(cfg.registry_url))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager
