@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlmodel import col, func, select, update
 
 from .db import session
-from .models import Deployment, Host, Replica
+from .models import Deployment, Host, Replica, Snapshot
 from . import queries
 from .queries import NotFound
 from .snapshots import live_hosts
@@ -14,7 +14,8 @@ from .snapshots import live_hosts
 def upsert(url: str, dep: Deployment) -> Deployment:
     """Create the deployment, or change an existing one's snapshot, replica bounds, buffer, secrets, env, ports."""
     fields = ("snapshot_digest", "min_replicas", "max_replicas", "buffer", "secrets", "env", "ports")
-    return queries.upsert(url, dep, **{k: getattr(dep, k) for k in fields})
+    return queries.upsert(url, dep, (Snapshot, dep.snapshot_digest, f"snapshot {dep.snapshot_digest[:12]} was "
+                                     f"removed meanwhile (`thaw snapshots ls`)"), **{k: getattr(dep, k) for k in fields})
 
 
 def get(url: str, name: str) -> Deployment:

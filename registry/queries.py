@@ -37,10 +37,7 @@ def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None 
         existing = s.get(model, key)
         if existing:
             return existing, False
-        if requires:
-            need = requires[0]
-            if s.exec(select(need).where(_pk(need) == requires[1]).with_for_update(read=True)).first() is None:
-                raise NotFound(requires[2])
+        _require(s, requires)
         s.add(row)
         try:
             s.commit()
@@ -51,12 +48,23 @@ def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None 
         return row, True
 
 
-def upsert(url: str, new: T, **fields) -> T:
-    """Insert ``new`` unless a row with its primary key exists; then set ``fields`` on the row. Returns the row."""
+def _require(s, requires: tuple[type[SQLModel], str, str] | None) -> None:
+    """NotFound(message) unless the row ``requires`` names (model, key, message) is registered; locked (FOR
+    SHARE, PostgreSQL) until the caller's transaction ends: see :func:`register`."""
+    if requires:
+        need = requires[0]
+        if s.exec(select(need).where(_pk(need) == requires[1]).with_for_update(read=True)).first() is None:
+            raise NotFound(requires[2])
+
+
+def upsert(url: str, new: T, requires: tuple[type[SQLModel], str, str] | None = None, **fields) -> T:
+    """Insert ``new`` unless a row with its primary key exists; then set ``fields`` on the row. Returns the row.
+    ``requires``: as for :func:`register`."""
     model = type(new)
     key = getattr(new, _pk(model).key)
     for attempt in (1, 2):
         with session(url) as s:
+            _require(s, requires)
             row = s.get(model, key) or new  # on the second attempt: the row that won
             for k, v in fields.items():
                 setattr(row, k, v)
@@ -96,9 +104,9 @@ def by_prefix(url: str, model: type[T], ref: str, what: str, ls_cmd: str) -> T:
     return rows[0]
 
 
-def newest_first(url: str, model: type[T], **where) -> list[T]:
+def newest_first(url: str, model: type[T], limit: int | None = None, **where) -> list[T]:
     with session(url) as s:
         q = select(model)
         for k, v in where.items():
             q = q.where(getattr(model, k) == v)
-        return list(s.exec(q.order_by(col(model.created_at).desc())).all())
+        return list(s.exec(q.order_by(col(model.created_at).desc()).limit(limit)).all())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Callable
 
-from sqlmodel import col, select, update
+from sqlmodel import col, delete, select, update
 
 from . import queries
 from .db import session
@@ -36,6 +36,9 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
     row = get(url, ref)
     alive = {h.id for h in live_hosts(url, stale_s)} if stale_s is not None else None
     with session(url) as s:
+        gone = s.exec(select(Snapshot).where(Snapshot.digest == row.digest).with_for_update()).first()  # a deploy
+        if gone is None:  # of it waits (see queries.register); a concurrent `thaw snapshots rm` finished first
+            raise queries.NotFound(f"no snapshot {row.digest[:12]} (removed meanwhile)")
         kept = s.exec(select(Replica.id).where(Replica.snapshot_digest == row.digest, Replica.deployment == "")).all()
         if kept:
             raise queries.InUse(f"snapshot {row.digest[:12]} has {len(kept)} replica(s) kept by `thaw restore --keep`: "
@@ -54,11 +57,7 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
             s.delete(d)
         if deps:  # an ended pool that never released its buffer (terminated, say) must not hold hosts forever
             s.exec(update(Host).where(col(Host.reserved_for).in_([d.name for d in deps])).values(reserved_for=None))
-        for e in s.exec(select(RestoreEvent).where(RestoreEvent.snapshot_digest == row.digest)).all():
-            s.delete(e)
-        gone = s.get(Snapshot, row.digest)
-        if gone is None:  # a concurrent `thaw snapshots rm` of it finished first
-            raise queries.NotFound(f"no snapshot {row.digest[:12]} (removed meanwhile)")
+        s.exec(delete(RestoreEvent).where(col(RestoreEvent.snapshot_digest) == row.digest))
         s.delete(gone)
         s.commit()
     return row, [d.name for d in deps]
@@ -112,5 +111,6 @@ def record_restore(url: str, event: RestoreEvent) -> RestoreEvent:
         return event
 
 
-def restores(url: str, snapshot_digest: str | None = None) -> list[RestoreEvent]:
-    return queries.newest_first(url, RestoreEvent, **({"snapshot_digest": snapshot_digest} if snapshot_digest else {}))
+def restores(url: str, snapshot_digest: str | None = None, limit: int | None = None) -> list[RestoreEvent]:
+    return queries.newest_first(url, RestoreEvent, limit,
+                                **({"snapshot_digest": snapshot_digest} if snapshot_digest else {}))

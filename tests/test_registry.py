@@ -57,6 +57,63 @@ def _removed_image(url: str) -> None:
     assert snapshots.list_all(url, img.digest) == []
 
 
+def _snapshots(url: str, *digests: str) -> None:
+    from thaw.registry import snapshots
+    from thaw.registry.models import Snapshot
+
+    img = images.register(url, _image(uuid.uuid4().hex * 2))[0]
+    for d in digests:
+        snapshots.register(url, Snapshot(digest=d, image_digest=img.digest, compat_key="k", golden_digest="g",
+                                         size=1, files=1, new_bytes=1))
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_deploy_of_a_snapshot_being_removed_is_refused(tmp_path, request, db):
+    """`thaw snapshots rm` and a `thaw deploy` of that snapshot at once: the deployment must not be left
+    pointing at a snapshot that is gone (every start of it would fail). The remove locks the snapshot's row
+    first; a deploy then waits for it and is refused. (PostgreSQL: staged with the remove's lock held; SQLite
+    has no row locks, so there only the sequential case.)"""
+    import threading
+
+    from sqlmodel import select
+
+    from thaw.config import Config
+    from thaw.registry import deployments, snapshots
+    from thaw.registry.db import session
+    from thaw.registry.models import Deployment, Snapshot
+
+    url = (Config(state_dir=tmp_path / "state").registry_url if db == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    digest = uuid.uuid4().hex * 2
+    _snapshots(url, digest)
+    name = f"d{digest[:8]}"
+    if db == "postgres":
+        out = []
+        with session(url) as s:  # what snapshots.remove holds from its first statement to its commit
+            row = s.exec(select(Snapshot).where(Snapshot.digest == digest).with_for_update()).first()
+
+            def deploy():
+                try:
+                    out.append(deployments.upsert(url, Deployment(name=name, snapshot_digest=digest)))
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+
+            t = threading.Thread(target=deploy)
+            t.start()
+            t.join(1.0)
+            assert out == [], "the deploy went ahead while the snapshot's row was locked for its removal"
+            s.delete(row)
+            s.commit()
+        t.join(30)
+        assert isinstance(out[0], images.NotFound) and "was removed meanwhile" in str(out[0]), out
+    else:
+        snapshots.remove(url, digest, lambda n: False)
+        with pytest.raises(images.NotFound, match="was removed meanwhile"):
+            deployments.upsert(url, Deployment(name=name, snapshot_digest=digest))
+    with pytest.raises(images.NotFound):
+        deployments.get(url, name)
+
+
 @pytest.fixture(scope="module")
 def postgres_url():
     if not shutil.which("pg_ctlcluster"):
@@ -262,6 +319,7 @@ def test_a_first_upsert_that_races_another_updates_the_winners_row(tmp_path, mon
     from thaw.registry.models import Deployment
 
     url = f"sqlite:///{tmp_path / 'reg.db'}"
+    _snapshots(url, "a" * 64, "b" * 64)
     real_get, raced = Session.get, []
 
     def get(self, model, key, *args, **kwargs):

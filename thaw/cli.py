@@ -451,7 +451,7 @@ def snapshots_show(cfg, digest, as_json):
     except q.queries.NotFound as e:
         _fail(str(e))
     data = row.model_dump(mode="json")
-    data["restores"] = [e.model_dump(mode="json") for e in q.restores(cfg.registry_url, row.digest)[:10]]
+    data["restores"] = [e.model_dump(mode="json") for e in q.restores(cfg.registry_url, row.digest, limit=10)]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
