@@ -9,6 +9,7 @@ from typing import Iterator
 
 from sqlalchemy import event, inspect, literal, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, create_engine
 
 from . import models  # noqa: F401  (registers the tables)
@@ -46,9 +47,13 @@ def _add_missing_columns(eng: Engine) -> None:
                     if col.default is not None and col.default.is_scalar and col.default.arg is not None:
                         ddl += " DEFAULT " + str(literal(col.default.arg, col.type).compile(
                             dialect=eng.dialect, compile_kwargs={"literal_binds": True}))
-                    # two processes upgrading one PostgreSQL registry at once: the second must not fail
+                    # two processes upgrading one registry at once: the second must not fail
                     guard = " IF NOT EXISTS" if eng.dialect.name == "postgresql" else ""
-                    conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN{guard} "{col.name}" {ddl}'))
+                    try:
+                        conn.execute(text(f'ALTER TABLE "{table.name}" ADD COLUMN{guard} "{col.name}" {ddl}'))
+                    except OperationalError as e:  # SQLite has no IF NOT EXISTS here
+                        if "duplicate column name" not in str(e):
+                            raise
 
 
 @contextmanager

@@ -283,20 +283,22 @@ def test_saved_settings_apply_with_a_user_config_file_too(tmp_path, monkeypatch)
     assert (cfg.s3_bucket, cfg.temporal_ui_port) == ("saved-bucket", 9999)
 
 
-def test_two_processes_upgrading_one_postgres_registry(postgres_url, monkeypatch):
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgres"])
+def test_two_processes_upgrading_one_registry(tmp_path, request, monkeypatch, db_kind):
     """A column added since an older thaw: every process upgrades the tables at start. The one that looked
     second (it saw the column missing, another added it meanwhile) must not fail."""
     from sqlalchemy import inspect as real_inspect, text
 
     from thaw.registry import db
 
-    eng = db.engine(postgres_url)
-    snapshots.upsert_host(postgres_url, "old", "thaw-host-old", {}, None, 4)
+    url = (f"sqlite:///{tmp_path / 'reg.db'}" if db_kind == "sqlite" else request.getfixturevalue("postgres_url"))
+    eng = db.engine(url)
+    snapshots.upsert_host(url, "old", "thaw-host-old", {}, None, 4)
     with eng.begin() as conn:
         conn.execute(text('ALTER TABLE "host" DROP COLUMN "capacity"'))
     db._add_missing_columns(eng)  # the first process
     assert "capacity" in {c["name"] for c in real_inspect(eng).get_columns("host")}
-    assert snapshots.get_host(postgres_url, "old").capacity == 4  # the row from before gets the default
+    assert snapshots.get_host(url, "old").capacity == 4  # the row from before gets the default
 
     class Stale:  # what the second process saw before the first added it
         def __init__(self, e):
