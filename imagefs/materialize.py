@@ -55,16 +55,15 @@ def materialize(manifest: ImageManifest, store: ChunkStore, dest: Path | str) ->
 
 
 def _set_meta(p: str, e, is_root: bool) -> None:
-    link = e.type == SYMLINK
-    for name, value in (e.xattrs or {}).items():
-        try:
+    if is_root:
+        os.chown(p, e.uid, e.gid, follow_symlinks=False)
+    for name, value in (e.xattrs or {}).items():  # after chown, which clears security.capability; before
+        try:  # chmod, which may take away the write permission user.* xattrs need
             os.setxattr(p, name, base64.b64decode(value), follow_symlinks=False)
         except OSError as err:
             if is_root or not name.startswith(("trusted.", "security.")):
                 raise MaterializeError(f"cannot set xattr {name} on {e.path!r}: {err}") from None
-    if is_root:
-        os.chown(p, e.uid, e.gid, follow_symlinks=False)
-    if not link:
+    if e.type != SYMLINK:
         os.chmod(p, e.mode)  # after chown, which clears setuid/setgid
     os.utime(p, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 

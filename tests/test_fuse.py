@@ -337,7 +337,7 @@ def test_overlay_over_the_fuse_mount(image, mounted, tmp_path):
     try:
         assert (merged / "nine.bin").read_bytes() == (image.src / "nine.bin").read_bytes()
         assert os.readlink(merged / "abs-link") == "/usr/bin/tool"
-        assert sorted(os.listdir(merged / "usr/bin")) == ["tool", "tool-hardlink"]
+        assert sorted(os.listdir(merged / "usr/bin")) == ["capped", "tool", "tool-hardlink"]
         assert os.stat(merged / "usr/bin/tool").st_mode == os.stat(image.src / "usr/bin/tool").st_mode
         (merged / "new.txt").write_text("written in the overlay")
         with open(merged / "data/f1.bin", "r+b") as f:  # copy-up of a lower file

@@ -229,6 +229,10 @@ def make_fancy_tree(root: Path) -> Path:
     os.symlink("does-not-exist", root / "dangling")
     os.link(root / "usr/bin/tool", root / "usr/bin/tool-hardlink")
     os.setxattr(root / "big.bin", "user.origin", b"thaw-test")
+    (root / "usr/bin/capped").write_bytes(b"#!/bin/sh\n")  # `setcap cap_net_bind_service+ep` (a file owned by
+    os.chmod(root / "usr/bin/capped", 0o755)  # root: chown, which a copy does as root, clears the capability)
+    os.setxattr(root / "usr/bin/capped", "security.capability",
+                (0x02000001).to_bytes(4, "little") + (1 << 10).to_bytes(4, "little") + bytes(12))
     os.utime(root / "empty", ns=(1_600_000_000_987_654_321, 1_600_000_000_987_654_321))
     os.utime(root / "rel-link", ns=(1_500_000_000_000_000_001,) * 2, follow_symlinks=False)
     os.utime(root / "empty-dir", ns=(1_400_000_000_111_111_111,) * 2)
