@@ -76,7 +76,7 @@ def _unescape(s: str) -> str:
 
 def mountinfo() -> list[MountInfo]:
     out = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:  # paths are bytes (os.fsdecode's way)
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
             a, b = left.split(), right.split()
@@ -234,7 +234,7 @@ class MountHandle:
     def alive(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return _alive(self.pid)
+        return _alive(self.pid, self.mountpoint)  # a handle from attach(): its pid may now be another daemon's
 
     def _wait(self, timeout: float) -> bool:
         if self._proc is not None:
@@ -244,7 +244,7 @@ class MountHandle:
             except subprocess.TimeoutExpired:
                 return False
         deadline = time.monotonic() + timeout
-        while _alive(self.pid):
+        while _alive(self.pid, self.mountpoint):
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)

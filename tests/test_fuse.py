@@ -357,14 +357,16 @@ def test_overlay_over_the_fuse_mount(image, mounted, tmp_path):
 
 
 def test_recording_prefetch_and_clean_unmount(image, tmp_path):
-    from thaw.imagefs.mount import attach, is_mounted, mount
+    from thaw.imagefs.mount import MountHandle, attach, is_mounted, mount
     from thaw.imagefs.prefetch import load_profile, prefetch, start_prefetch
 
     rec = tmp_path / "rec.json"
     mp = tmp_path / "mnt"
     h = mount(image.cfg, image.digest, mp, record=rec)
     try:
-        assert attach(image.cfg, mp).pid == h.pid
+        assert attach(image.cfg, mp).pid == h.pid and attach(image.cfg, mp).alive()
+        # a handle whose daemon died and whose pid went to another tree's daemon: not alive (not stopped)
+        assert not MountHandle(h.pid, str(tmp_path / "elsewhere"), image.digest).alive()
         (mp / "secret").read_bytes()
         with open(mp / "nine.bin", "rb") as f:
             f.seek(5 * MiB)
