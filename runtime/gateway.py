@@ -49,7 +49,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Protocol, runtime_checkable
 
 import aiohttp
@@ -195,7 +195,9 @@ class Gateway:
     host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request;
     ``max_queued`` bounds the requests held at once (more are answered 503 with Retry-After, since each holds its
     body in memory); ``read_timeout_s`` bounds the wait for each piece of a replica's answer (a wedged replica:
-    504, not sent again, since the replica may be doing the work).
+    504, not sent again, since the replica may be doing the work); ``resend_s``: while requests are held with no
+    replica, the scale signal is sent again that often (the pool may have been scaled down or deployed afresh
+    behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy).
     """
 
     def __init__(self, deployment: str, backends: Backends, *, target_concurrency: float = 1.0,
@@ -205,7 +207,7 @@ class Gateway:
                  max_inflight_per_replica: int | None = None, quarantine_s: float = 5.0,
                  connect_timeout_s: float = 5.0, max_delivery_attempts: int = 3,
                  max_body_bytes: int = 64 << 20, max_queued: int = 1000, read_timeout_s: float | None = 600.0,
-                 body_timeout_s: float = 60.0):
+                 body_timeout_s: float = 60.0, resend_s: float = 10.0):
         if target_concurrency <= 0:
             raise ValueError("target_concurrency must be > 0")
         self.deployment = deployment
@@ -221,6 +223,7 @@ class Gateway:
         self.max_queued = max_queued
         self.read_timeout_s = read_timeout_s
         self.body_timeout_s = body_timeout_s
+        self.resend_s = resend_s
         self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
                                      min_replicas, max_replicas, scale_to_zero_grace_s)
         self.last_decision: Decision | None = None
@@ -233,6 +236,7 @@ class Gateway:
         self._reading = 0                             # requests whose bodies are being read
         self._rr = 0
         self._signaled: int | None = None             # last replica count Backends.scale accepted
+        self._signaled_at = time.monotonic()          # ... and when
         self._scale_lock: asyncio.Lock | None = None
         self._kick: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -543,7 +547,7 @@ class Gateway:
                 log.warning("gateway %s: scale(%d) failed: %s", self.deployment, want, e)
                 return
             log.info("gateway %s: scale %s -> %d (%s)", self.deployment, self._signaled, want, reason)
-            self._signaled = want
+            self._signaled, self._signaled_at = want, time.monotonic()
             self._m_scale.labels(self.deployment, kind).inc()
 
     # ------------------------------------------------------------------------------------ autoscale
@@ -562,6 +566,9 @@ class Gateway:
         self._count_ready()
         now = time.monotonic()
         d = self.autoscaler.decide(now, self._sample(), len(self._endpoints))
+        if self._held and not self._endpoints and now - self._signaled_at >= self.resend_s:
+            d = replace(d, reason=f"resend: requests held {now - self._signaled_at:.0f}s with no ready replica")
+            self._signaled = None  # the pool may want fewer than this gateway last said: say it again
         self.last_decision = d
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}

@@ -206,6 +206,26 @@ def test_held_at_zero_until_first_replica():
     asyncio.run(main())
 
 
+def test_a_held_request_asks_again_when_the_pool_was_scaled_down_behind_the_gateway():
+    """The gateway asked for 1 replica; the pool was then scaled to 0 another way (`thaw scale NAME 0`, an
+    undeploy and deploy), so none comes. Requests held with no replica send the scale signal again every
+    resend_s instead of waiting out their hold (503) while the gateway believes 1 was asked for."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, resend_s=0.5) as (gw, url, client):
+            task = asyncio.ensure_future(post(client, url, {"i": 1}))
+            await asyncio.sleep(1.3)
+            asked = [(n, r.split(":")[0]) for _, n, r in backends.scales]
+            assert asked[0] == (1, "activate") and asked[1:3] == [(1, "resend")] * 2, asked
+            await backends.add("late", delay=0.0)
+            status, body = await task
+            assert status == 200 and json.loads(body)["replica"] == "late"
+            n = len(backends.scales)
+            await asyncio.sleep(0.8)  # a replica serves: no more resends
+            assert all(r.split(":")[0] != "resend" for _, _, r in backends.scales[n:]), backends.scales[n:]
+    asyncio.run(main())
+
+
 def test_balances_by_inflight():
     async def main():
         backends = FakeBackends()
