@@ -56,6 +56,24 @@ class GatewayDemand:
                       ready_replicas=d["ready"])
 
 
+async def follow_limits(cfg: Config, gw: Gateway, every_s: float = 5.0) -> None:
+    """Keep the gateway's autoscaler within the deployment's --min/--max as `thaw deploy` changes them while it
+    runs (it would otherwise never ask for more than the old --max, or never let go of the old --min)."""
+    a = gw.autoscaler
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            dep = await asyncio.to_thread(deployments.get, cfg.registry_url, gw.deployment)
+        except Exception as e:  # noqa: BLE001 - the registry down, or undeployed: keep the limits, look again
+            log.warning("gateway %s: could not read the deployment's limits: %s", gw.deployment,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            continue
+        if (a.min_replicas, a.max_replicas) != (dep.min_replicas, dep.max_replicas):
+            log.info("gateway %s: replicas now --min %d --max %d (were %d, %s)", gw.deployment, dep.min_replicas,
+                     dep.max_replicas, a.min_replicas, a.max_replicas)
+            a.min_replicas, a.max_replicas = dep.min_replicas, dep.max_replicas
+
+
 async def run(cfg: Config, name: str, port: int, keda_port: int | None, host: str = "127.0.0.1",
               **gateway_options) -> None:
     from .keda import serve as keda_serve
@@ -71,10 +89,12 @@ async def run(cfg: Config, name: str, port: int, keda_port: int | None, host: st
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    limits = asyncio.ensure_future(follow_limits(cfg, gw))
     try:
         async with serving(gw, host, port) as url:
             log.info("gateway for %s on %s", name, url)
             await stop.wait()
     finally:
+        limits.cancel()
         if keda:
             keda.stop(1)

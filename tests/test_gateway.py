@@ -226,6 +226,36 @@ def test_a_held_request_asks_again_when_the_pool_was_scaled_down_behind_the_gate
     asyncio.run(main())
 
 
+def test_the_gateway_follows_the_deployments_limits(tmp_path):
+    """`thaw deploy NAME --max 4` while its gateway runs: the autoscaler may ask for 4 from then on (it read
+    --min/--max once at start before, and never asked for more than the old --max)."""
+    from test_registry import _snapshots
+    from thaw.config import Config
+    from thaw.registry import deployments
+    from thaw.registry.models import Deployment
+    from thaw.runtime.frontdoor import follow_limits
+
+    cfg = Config(state_dir=tmp_path / "state")
+    _snapshots(cfg.registry_url, "a" * 64)
+    deployments.upsert(cfg.registry_url, Deployment(name="demo", snapshot_digest="a" * 64, max_replicas=1))
+
+    async def main():
+        gw = Gateway("demo", FakeBackends(), min_replicas=0, max_replicas=1)
+        task = asyncio.ensure_future(follow_limits(cfg, gw, every_s=0.05))
+        try:
+            assert gw.autoscaler.clamp(3) == 1
+            deployments.upsert(cfg.registry_url, Deployment(name="demo", snapshot_digest="a" * 64, min_replicas=1,
+                                                            max_replicas=4))
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if gw.autoscaler.max_replicas == 4:
+                    break
+            assert (gw.autoscaler.min_replicas, gw.autoscaler.clamp(3), gw.autoscaler.clamp(0)) == (1, 3, 1)
+        finally:
+            task.cancel()
+    asyncio.run(main())
+
+
 def test_balances_by_inflight():
     async def main():
         backends = FakeBackends()
