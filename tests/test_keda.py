@@ -88,6 +88,13 @@ def test_metric_spec_and_metrics(scaler):
         stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref(deployment="minilm"), metricName="other"),
                         timeout=5)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    # a deployment named with capitals: KEDA asks for its metric as GetMetricSpec named it, or in lower case
+    source.demands["MiniLM"] = source.demands["minilm"]
+    assert stub.GetMetricSpec(ref(deployment="MiniLM"), timeout=5).metricSpecs[0].metricName == \
+        "thaw-MiniLM-concurrency"
+    for asked in ("thaw-MiniLM-concurrency", "thaw-minilm-concurrency"):
+        req = pb.GetMetricsRequest(scaledObjectRef=ref(deployment="MiniLM", targetConcurrency="4"), metricName=asked)
+        assert [(v.metricName, v.metricValue) for v in stub.GetMetrics(req, timeout=5).metricValues] == [(asked, 8)]
 
 
 def test_unknown_deployment_is_not_found(scaler):

@@ -152,11 +152,11 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
         self.requests.labels("GetMetrics").inc()
         deployment = self._deployment(request.scaledObjectRef, context)
         name = metric_name(deployment)
-        if request.metricName and request.metricName != name:
+        if request.metricName and request.metricName.lower() != name.lower():  # KEDA may ask in lower case
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown metric {request.metricName!r}, serving {name!r}")
         value = self._demand(deployment, context).concurrency
-        return pb.GetMetricsResponse(
-            metricValues=[pb.MetricValue(metricName=name, metricValue=value, metricValueFloat=float(value))])
+        return pb.GetMetricsResponse(metricValues=[pb.MetricValue(
+            metricName=request.metricName or name, metricValue=value, metricValueFloat=float(value))])
 
 
 def serve(source: DemandSource, address: str = "127.0.0.1:0", *, interval: float = 1.0,
