@@ -719,11 +719,8 @@ class Gateway:
                 outcome = code
                 await resp.write_eof()
             except (ConnectionError, aiohttp.ClientConnectionError):
-                if outcome == "499":
-                    return resp      # the client hung up; nobody is left to answer
-                if outcome != code:
-                    raise
-            return resp
+                pass  # the client hung up (499), or the replica broke and the client's connection is closed:
+            return resp  # either way nothing more is written to it (aiohttp writes nothing on a closing one)
         finally:
             self._m_requests.labels(self.deployment, outcome).inc()
             if outcome == code and up.content.at_eof():
