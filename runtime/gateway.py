@@ -535,8 +535,8 @@ class Gateway:
     async def _sync_scale(self) -> None:
         async with self._scale_lock:
             want, d = self.autoscaler.desired, self.last_decision
-            if want == self._signaled:
-                return
+            if want == self._signaled or (want == 0 and self._conc):  # a request came since the tick chose zero:
+                return  # the pool would stop its replica under it (the next tick decides again)
             reason = d.reason if d else "autoscaler"
             kind = d.kind if d else "stable"
             try:

@@ -262,6 +262,25 @@ def test_the_gateway_follows_the_deployments_limits(tmp_path):
     asyncio.run(main())
 
 
+def test_no_scale_to_zero_is_sent_while_a_request_is_in_flight():
+    """The tick chose zero (idle past the grace); a request arrives before the signal goes out: the signal is
+    not sent (the pool would stop the replica under the request), and the next tick decides again."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), tick_s=60) as (gw, url, client):
+            await gw.refresh()
+            task = asyncio.ensure_future(post(client, url, **{"X-Sleep": "0.5"}))
+            for _ in range(100):
+                if gw.inflight_total:
+                    break
+                await asyncio.sleep(0.01)
+            gw.autoscaler.desired = 0  # what the tick decided a moment before the request came
+            await gw._sync_scale()
+            assert [n for _, n, _ in backends.scales] == []
+            assert (await task)[0] == 200
+    asyncio.run(main())
+
+
 def test_balances_by_inflight():
     async def main():
         backends = FakeBackends()
