@@ -674,16 +674,18 @@ class Gateway:
     async def _forward(self, request: web.Request, ep: str, body: bytes, headers) -> web.StreamResponse:
         url = URL(ep.rstrip("/") + request.raw_path, encoded=True)
         try:
-            up = await self._session.request(
-                request.method, url, headers=headers, data=body if body else None, allow_redirects=False,
-                skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"))
+            async with asyncio.timeout(self.read_timeout_s):  # aiohttp's read timeout starts once the body is
+                up = await self._session.request(  # sent: a replica that reads none of it would hold this forever
+                    request.method, url, headers=headers, data=body if body else None, allow_redirects=False,
+                    skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"))
         except asyncio.CancelledError:   # the client hung up before the replica answered
             self._m_requests.labels(self.deployment, "499").inc()
             raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise _Retry(False, e) from e
-        except aiohttp.ServerTimeoutError:  # it took the request and went quiet: sending it again could do the
-            return self._error(504, f"replica {ep} sent nothing for {self.read_timeout_s:g}s")  # work twice
+        except TimeoutError:  # aiohttp's ServerTimeoutError too: it took the request and went quiet; sending it
+            return self._error(504, f"replica {ep} sent nothing for {self.read_timeout_s:g}s")  # again could do the
+            # work twice
         except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
             raise _Retry(True, e) from e
         except aiohttp.ClientError as e:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -279,6 +280,25 @@ def test_no_scale_to_zero_is_sent_while_a_request_is_in_flight():
             assert [n for _, n, _ in backends.scales] == []
             assert (await task)[0] == 200
     asyncio.run(main())
+
+
+def test_a_replica_that_reads_no_body_is_a_504_not_a_hang():
+    """A wedged replica accepts connections and reads nothing: a body bigger than the socket buffers cannot be
+    sent. The wait is bounded by read_timeout_s like a replica that says nothing (aiohttp's read timeout only
+    starts once the body is sent)."""
+    async def main():
+        backends = FakeBackends()
+        with socket.socket() as wedged:
+            wedged.bind(("127.0.0.1", 0))
+            wedged.listen(8)  # connections complete in the backlog; nobody accepts or reads them
+            backends.urls.append(f"http://127.0.0.1:{wedged.getsockname()[1]}")
+            async with stack(backends, read_timeout_s=1.0) as (gw, url, client):
+                await gw.refresh()
+                t0 = time.monotonic()
+                async with client.post(url, data=b"x" * (48 << 20)) as r:
+                    assert r.status == 504 and "sent nothing for 1s" in (await r.json())["error"]
+                assert time.monotonic() - t0 < 10
+    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_balances_by_inflight():
