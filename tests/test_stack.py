@@ -135,6 +135,21 @@ def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
         assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
+def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):
+    """`thaw --db-url ... --temporal-address ... up --s3` (and every `thaw up` after it): the config read back
+    with the saved S3 settings keeps the command line's registry and Temporal (it fell back to the defaults)."""
+    from thaw.config import load
+    from thaw.stack import enable_s3
+
+    flags = dict(db_url="postgresql+psycopg://thaw@db.example:5432/thaw", temporal_address="127.0.0.1:7999")
+    cfg = load(state_dir=tmp_path, s3_embedded_port=free_port(), **flags)
+    s3 = enable_s3(cfg)
+    assert s3.s3_embedded and s3.s3_access_key and (s3.db_url, s3.temporal_address) == tuple(flags.values())
+    again = enable_s3(load(state_dir=tmp_path, s3_embedded_port=cfg.s3_embedded_port, **flags))  # the next up
+    assert (again.s3_access_key, again.db_url, again.child_env()["THAW_DB_URL"]) == \
+        (s3.s3_access_key, flags["db_url"], flags["db_url"])
+
+
 def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     """The Temporal dev server takes its internal ports with bind(0); a front-end port from the same range can be handed
     out to it again, and it dies after looking ready (a CI run failed so). Ours come from below that range."""

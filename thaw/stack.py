@@ -155,7 +155,8 @@ def enable_s3(cfg: Config) -> Config:
             s3_embedded=True, s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
             s3_secret_key=secrets.token_urlsafe(24))
         save_settings(cfg.state_dir, s3_endpoint=endpoint, **first)
-    return load(state_dir=cfg.state_dir)
+    # read again with what the command line gave (`thaw --db-url ... up` must not fall back to SQLite)
+    return load(state_dir=cfg.state_dir, temporal_address=cfg.temporal_address, db_url=cfg.db_url)
 
 
 def serve_s3(cfg: Config) -> None:
