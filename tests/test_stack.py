@@ -135,6 +135,18 @@ def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
         assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
+def test_a_relative_state_dir_is_made_absolute(tmp_path, monkeypatch):
+    """`thaw --state-dir .state up --s3`: SeaweedFS runs in <state_dir>/s3 and was given paths relative to where
+    thaw ran; every process thaw starts gets the same absolute state dir."""
+    from thaw.config import load
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load(state_dir=Path(".state")).state_dir == tmp_path / ".state"
+    assert load(state_dir=Path("~/st")).state_dir == tmp_path / "home" / "st"
+    assert load(state_dir=Path(".state")).child_env()["THAW_STATE_DIR"] == str(tmp_path / ".state")
+
+
 def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):
     """`thaw --db-url ... --temporal-address ... up --s3` (and every `thaw up` after it): the config read back
     with the saved S3 settings keeps the command line's registry and Temporal (it fell back to the defaults)."""

@@ -33,6 +33,13 @@ class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="THAW_", extra="forbid", frozen=True)
 
     state_dir: Path = Field(default_factory=_default_state_dir)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        """Absolute (``~`` expanded): processes thaw starts elsewhere (SeaweedFS runs in its own dir) agree."""
+        return Path(v).expanduser().absolute()
+
     # Registry: SQLite file under state_dir unless a DSN (e.g. postgresql+psycopg://...) is given.
     db_url: str | None = None
 
