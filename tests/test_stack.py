@@ -160,6 +160,9 @@ def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):
     again = enable_s3(load(state_dir=tmp_path, s3_embedded_port=cfg.s3_embedded_port, **flags))  # the next up
     assert (again.s3_access_key, again.db_url, again.child_env()["THAW_DB_URL"]) == \
         (s3.s3_access_key, flags["db_url"], flags["db_url"])
+    # THAW_S3_EMBEDDED=true without `--s3` ever given: credentials are made all the same
+    fresh = load(state_dir=tmp_path / "fresh", s3_embedded=True, s3_embedded_port=free_port())
+    assert fresh.s3_access_key is None and enable_s3(fresh).s3_access_key.startswith("thaw-")
 
 
 def test_free_ports_stay_out_of_the_kernels_ephemeral_range():

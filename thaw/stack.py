@@ -151,7 +151,7 @@ def enable_s3(cfg: Config) -> Config:
             was = f"with S3 at {cfg.s3_endpoint}" if cfg.s3_embedded else "without S3"
             raise StackError(f"--s3: {', '.join(running)} already run {was}: `thaw down` first")
         _s3_port_free(cfg)
-        first = {} if cfg.s3_embedded else dict(  # credentials are made once
+        first = {} if cfg.s3_embedded and cfg.s3_access_key else dict(  # credentials are made once
             s3_embedded=True, s3_bucket=cfg.s3_bucket, s3_access_key=f"thaw-{secrets.token_hex(6)}",
             s3_secret_key=secrets.token_urlsafe(24))
         save_settings(cfg.state_dir, s3_endpoint=endpoint, **first)
