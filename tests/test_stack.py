@@ -105,8 +105,9 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
         assert st["s3"]["pid"] and st["s3"]["endpoint"] == f"http://127.0.0.1:{port}"
         again = json.loads(thaw(env, "build", "image", str(src), "--json").stdout)
         assert again["digest"] == built["digest"] and again["new_bytes"] == 0  # what S3 holds, found there
-    finally:
-        thaw(env, "down", check=False)
+    finally:  # S3 turned off in the config while the stack runs: `thaw down` still stops the server it started
+        down = thaw({**env, "THAW_S3_EMBEDDED": "false"}, "down", check=False)
+    assert "s3: stopped" in down.stdout, down.stdout
 
 
 @pytest.mark.parametrize("name, value, message", [

@@ -85,7 +85,8 @@ def agent_ready_file(cfg: Config) -> Path:
     return ready_file(cfg, "agent")
 
 
-def components(cfg: Config) -> list[Component]:
+def components(cfg: Config, s3: bool | None = None) -> list[Component]:
+    """What `thaw up` runs, in start order; the S3 server where ``s3`` (default: the config's s3_embedded)."""
     host, port = _host_port(cfg.temporal_address)
     temporal = Component(
         "temporal",
@@ -100,7 +101,7 @@ def components(cfg: Config) -> list[Component]:
     workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
                          lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent", "api")]
     s3 = [Component("s3", [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "s3"],
-                    lambda: ready_file(cfg, "s3").exists())] if cfg.s3_embedded else []
+                    lambda: ready_file(cfg, "s3").exists())] if (cfg.s3_embedded if s3 is None else s3) else []
     return [temporal, *s3, *workers]
 
 
@@ -226,12 +227,12 @@ def down(cfg: Config, echo=print) -> None:
 
     for host_id in hosts.down(cfg):
         echo(f"{host_id}: stopped (namespaced host)")
-    for c in reversed(components(cfg)):
+    for c in reversed(components(cfg, s3=True)):  # S3 too where the config no longer says so: its pid file does
         pid = c.running_pid(cfg)
         if pid:
             _stop_pid(pid)
             echo(f"{c.name}: stopped (pid {pid})")
-        else:
+        elif c.name != "s3" or cfg.s3_embedded:
             echo(f"{c.name}: not running")
         c.pidfile(cfg).unlink(missing_ok=True)
 
