@@ -21,7 +21,7 @@ from temporalio.worker import Worker
 from thaw.activities.host import HostActivities
 from thaw.config import Config
 from thaw.registry import deployments, snapshots
-from thaw.snapshot.host import HostSnapshots, cleanup_stale
+from thaw.snapshot.host import HostSnapshots, cleanup_stale, release_dead
 
 from . import metrics
 from .worker import serve, stop_on_signals
@@ -98,6 +98,22 @@ def hold_host(cfg: Config) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def release_if_dead(cfg: Config) -> bool:
+    """What an agent of ``cfg.host_id`` that no longer runs left (replicas by recorded pid, their roots, its
+    mounts) goes; False, and nothing done, while one runs (it holds the work dir's lock)."""
+    if not cfg.work_dir.is_dir():
+        return True
+    try:
+        fd = hold_host(cfg)
+    except RuntimeError:
+        return False
+    try:
+        release_dead(cfg.work_dir)
+    finally:
+        os.close(fd)
+    return True
 
 
 async def run(cfg: Config, ready_file: Path | None = None) -> None:

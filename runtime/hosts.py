@@ -101,15 +101,15 @@ def _in_netns(pid: int, ns: str) -> bool:
 def down(cfg: Config) -> list[str]:
     """Stop every namespaced agent (SIGTERM: it stops its replicas and mounts), then delete its namespace. For an
     agent that died, what it left goes: its replicas (by recorded pid and start time), their roots, its mounts."""
-    from thaw.snapshot.host import release_dead
     from thaw.stack import _stop_pid
+
+    from .agent import release_if_dead
 
     done = []
     for h in _load(cfg):
         if _in_netns(h["pid"], h["netns"]):  # still that agent (a pid reused since is in another namespace)
             _stop_pid(h["pid"], timeout=30)  # SIGTERM, then SIGKILL of its whole session
-        else:
-            release_dead(cfg.model_copy(update={"host_id": h["host_id"]}).work_dir)
+        release_if_dead(cfg.model_copy(update={"host_id": h["host_id"]}))  # it died, or was killed in the end
         subprocess.run(["ip", "netns", "del", h["netns"]], capture_output=True)  # its veth pair goes with it
         done.append(h["host_id"])
     _file(cfg).unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from thaw.ports import free_port, free_ports
+from thaw.snapshot.host import RECORD, _starttime
 
 def thaw(env, *args, check=True):
     res = subprocess.run(["thaw", *args], env=env, capture_output=True, text=True, timeout=180)
@@ -49,9 +51,16 @@ def test_up_status_build_down(tmp_path):
         assert (st["registry"]["snapshots"], st["registry"]["deployments"], st["registry"]["replicas"]) == (0, 0, 0)
         human = thaw(env, "status").stdout
         assert "running" in human and built["digest"][:16] in thaw(env, "images", "ls").stdout
+        # the agent dies (SIGKILL) and leaves a replica running: `thaw down` stops it and clears its scratch
+        os.kill(st["agent"]["pid"], signal.SIGKILL)
+        left = tmp_path / "state" / "work" / st["agent"]["host_id"] / "replicas" / "r-left"
+        left.mkdir(parents=True)
+        replica = subprocess.Popen(["sleep", "600"], start_new_session=True)
+        (left / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
     finally:
         down = thaw(env, "down", check=False)
-    assert down.returncode == 0 and "temporal: stopped" in down.stdout
+    assert down.returncode == 0 and "temporal: stopped" in down.stdout and "agent: not running" in down.stdout
+    assert replica.wait(timeout=10) == -signal.SIGKILL and not left.exists()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     st = json.loads(thaw(env, "status", "--json").stdout)

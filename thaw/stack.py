@@ -235,6 +235,9 @@ def down(cfg: Config, echo=print) -> None:
         elif c.name != "s3" or cfg.s3_embedded:
             echo(f"{c.name}: not running")
         c.pidfile(cfg).unlink(missing_ok=True)
+        if c.name == "agent":  # one that died (or was killed in the end) leaves replicas and mounts: they go
+            from thaw.runtime.agent import release_if_dead
+            release_if_dead(cfg)
 
 
 def status(cfg: Config) -> dict:
