@@ -85,12 +85,13 @@ class AccessRecorder:
 
 
 class _Fetch:
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("done", "data", "error", "speculative")
 
-    def __init__(self):
+    def __init__(self, speculative: bool):
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: str | None = None
+        self.speculative = speculative  # a read-ahead's: its failure is not the failure of a read that joined it
 
 
 class ImageFS(pyfuse3.Operations):
@@ -377,7 +378,7 @@ class ImageFS(pyfuse3.Operations):
             del self._failed[digest]
         f = self._inflight.get(digest)
         if f is None:
-            f = self._inflight[digest] = _Fetch()
+            f = self._inflight[digest] = _Fetch(speculative=not remember_failure)
             try:
                 await self._fetch(digest, size, f)
             finally:
@@ -387,6 +388,8 @@ class ImageFS(pyfuse3.Operations):
                     self._failed[digest] = (time.monotonic() + FAILURE_TTL, f.error)
         else:
             await f.done.wait()
+            if f.data is None and f.speculative and remember_failure:  # a read joined a read-ahead that failed
+                return await self._chunk(digest, size)  # (it may have timed out waiting its turn): fetch it now
         if f.data is None:
             raise _ReadError(f.error or f"chunk {digest} fetch was cancelled")
         return f.data

@@ -252,6 +252,39 @@ def test_a_failed_readahead_does_not_fail_the_read_of_that_chunk(tmp_path):
 
     trio.run(reads)
 
+    # the application's read comes while that read-ahead is still under way (it joins it): when the read-ahead
+    # fails, the read fetches the chunk itself instead of failing with it
+    gate = threading.Event()
+
+    class SlowThenFails(OnceSlow):
+        def get_chunk_local(self, digest):
+            if digest == second and not self.failed:
+                gate.wait(10)
+            return super().get_chunk_local(digest)
+
+    flaky = SlowThenFails()
+    fs = ImageFS(flaky, m, m.digest, readahead_bytes=2 * MiB)
+
+    async def joined():
+        got = []
+        async with trio.open_nursery() as nursery:
+            fs._nursery = nursery
+            for off in (0, 256 * 1024):
+                await fs.read(ino, off, 256 * 1024)
+            await trio.sleep(0.05)
+            assert second in fs._inflight  # the read-ahead, stuck in the store
+
+            async def app_read():
+                got.append(bytes(await fs.read(ino, MiB, 4096)))
+
+            nursery.start_soon(app_read)
+            await trio.sleep(0.05)
+            gate.set()
+        fs._nursery = None
+        assert flaky.failed and got == [want[MiB:MiB + 4096]]
+
+    trio.run(joined)
+
 
 def test_a_file_its_chunks_do_not_cover_reads_as_eio(tmp_path):
     """A manifest whose file is longer than its chunks (a corrupt or hand-made one): reads past what the chunks
