@@ -8,12 +8,16 @@ connection, opens a socket inside the replica's namespace (``Replica.socket``) a
 from __future__ import annotations
 
 import contextlib
+import logging
 import selectors
 import socket
+import struct
 import threading
+import time
 
 from .replica import Replica, ReplicaError
 
+log = logging.getLogger("thaw.forward")
 SEND_TIMEOUT_S = 120.0  # a connection whose far end takes nothing for this long is dropped
 
 
@@ -34,9 +38,12 @@ class Forwarder:
         while not self._closing.is_set():
             try:
                 client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+            except (OSError, RuntimeError) as e:  # closed; or out of fds or threads for a moment: the endpoint
+                if self._closing.is_set():  # is still advertised, so go on accepting once there is room again
+                    return
+                log.warning("forwarder :%d: %s; accepting again shortly", self.host_port, e)
+                time.sleep(0.1)
 
     def _pipe(self, client: socket.socket) -> None:
         try:
@@ -57,8 +64,10 @@ class Forwarder:
                     src = key.fileobj
                     try:
                         data = src.recv(65536)
-                    except OSError:
-                        data = b""
+                    except OSError:  # a reset: the other end gets one too, not a clean end of stream (which
+                        with contextlib.suppress(OSError):  # would make an answer cut off look whole)
+                            pair[src].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
                     if data:
                         try:
                             pair[src].sendall(data)
