@@ -223,6 +223,9 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
     except (OSError, ValueError) as e:
         raise CriuError(f"{images_dir} is not a thaw checkpoint ({META}: {e})") from None
     _check_files(images_dir, meta.get("files", {}))
+    cmd = [criu_binary(), "restore", "-D", str(images_dir), "-W", str(criu_log.parent), "-o", str(criu_log),
+           *(["--root", str(root)] if root else []), *COMMON]  # before any fd is opened: a failure here leaks none
+    externals = meta.get("external_files", [])
     t0 = time.monotonic()
     logfd, ext = open_log(log_path)
     try:
@@ -230,9 +233,7 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
     except BaseException:
         os.close(logfd)
         raise
-    cmd = [criu_binary(), "restore", "-D", str(images_dir), "-W", str(criu_log.parent), "-o", str(criu_log),
-           *(["--root", str(root)] if root else []), *COMMON]
-    for old in meta["external_files"]:
+    for old in externals:
         cmd += ["--inherit-fd", f"fd[{logfd}]:{old}"]
     cmd += ["--inherit-fd", f"fd[{netns}]:{NETNS_KEY}"]
     cmd += ["--exec-cmd", "--", sys.executable, "-I", "-S", str(REAP)]
