@@ -266,7 +266,9 @@ def parse_registry_ref(s: str) -> RegistryRef:
         raise SourceError(f"{label}: {tag!r} is not a valid tag")
     if digest and not DIGEST_RE.match(digest):
         raise SourceError(f"{label}: {digest!r} is not a valid digest (sha256:<64 hex>)")
-    if not tag and not digest:
+    if digest:  # as Docker does: the digest names the image, the tag beside it is ignored (skopeo refuses both)
+        tag = None
+    elif not tag:
         tag = "latest"
     return RegistryRef(host, repo, tag, digest or None)
 

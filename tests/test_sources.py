@@ -161,6 +161,8 @@ def test_resolve_prefixes_and_autodetection(tmp_path):
     assert resolve("docker://localhost:5000/team/app") == SourceSpec("registry", "localhost:5000/team/app:latest")
     assert resolve("docker://busybox") == SourceSpec("registry", "docker.io/library/busybox:latest")
     assert resolve("ghcr.io/org/img@sha256:" + "a" * 64) == SourceSpec("registry", "ghcr.io/org/img@sha256:" + "a" * 64)
+    assert resolve("ghcr.io/org/img:1.0@sha256:" + "a" * 64) == \
+        SourceSpec("registry", "ghcr.io/org/img@sha256:" + "a" * 64)  # a tag beside a digest: ignored, as by Docker
     assert resolve("docker-daemon:app:v1") == SourceSpec("docker-daemon", "app:v1")
     assert str(resolve("docker://busybox")) == "docker://docker.io/library/busybox:latest"
 
@@ -543,6 +545,8 @@ def test_registry_anonymous(cfg, worker, thaw_cli, tmp_path, registry, app_archi
                                 f"docker://{registry.host}/thaw/app:1"], capture_output=True, text=True, check=True)
     pinned = f"docker://{registry.host}/thaw/app@{by_digest.stdout.strip()}"
     assert build(thaw_cli, pinned)["digest"] == reference.digest
+    with oci.open_image(resolve(pinned.replace("/app@", "/app:1@")), scratch) as img:  # as k8s manifests write it
+        assert sum(l.size for l in img.layers) == size
 
 
 @pytest.mark.docker
