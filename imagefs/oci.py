@@ -723,7 +723,8 @@ _REGISTRY_ERRORS = (  # (words in skopeo's message, what the user reads), first 
 )
 # retried by the activity: a registry overloaded or restarting, or a network that dropped the pull half-way
 _TRANSIENT = re.compile(r"\b(429|500|502|503|504)\b|toomanyrequests|service unavailable|bad gateway|i/o timeout"
-                        r"|connection reset|unexpected eof")
+                        r"|connection reset|unexpected eof|handshake timeout|timeout exceeded|deadline exceeded"
+                        r"|server misbehaving")  # the last: a DNS server that failed to answer for now
 
 
 @dataclass(frozen=True)

@@ -342,6 +342,15 @@ def test_a_layer_with_megabytes_after_its_tar_is_a_source_error(tmp_path):
      '127.0.0.1:5000: read: connection reset by peer', RuntimeError, "registry r.example:5000 failed"),
     ('pinging container registry r.example:5000: Get \\"http://r.example:5000/v2/\\": dial tcp: i/o timeout',
      RuntimeError, "registry r.example:5000 failed"),
+    ('pinging container registry r.example:5000: Get \\"https://r.example:5000/v2/\\": net/http: TLS handshake '
+     'timeout', RuntimeError, "registry r.example:5000 failed"),
+    ('reading manifest 1 in r.example:5000/app: Get \\"https://r.example:5000/v2/app/manifests/1\\": '
+     'net/http: request canceled (Client.Timeout exceeded while awaiting headers)', RuntimeError,
+     "registry r.example:5000 failed"),
+    ('pinging container registry r.example:5000: Get \\"https://r.example:5000/v2/\\": dial tcp: lookup r.example '
+     'on 10.0.0.2:53: server misbehaving', RuntimeError, "registry r.example:5000 failed"),
+    ('pinging container registry r.example:5000: Get \\"https://r.example:5000/v2/\\": dial tcp: lookup r.example '
+     'on 10.0.0.2:53: no such host', SourceError, "registry r.example:5000 unreachable"),  # a typo: no retries
     ('writing blob: happened during read: Digest did not match, expected sha256:aa, got sha256:bb', SourceError,
      "a blob does not match its digest (Digest did not match, expected sha256:aa, got sha256:bb); the image is "
      "corrupt or was tampered with"),
