@@ -85,9 +85,10 @@ class BuildActivities:
         t0 = time.monotonic()
         staging = self.store.staging(inp.build_id)
         done = staging.dir / RESULT_FILE
-        what = {"source": [inp.source.kind, inp.source.location], "config": inp.config}
+        what = {"source": [inp.source.kind, inp.source.location], "config": inp.config,
+                "run": activity.info().workflow_run_id}  # a new run of a reused build id reads the source again
         if done.exists():  # an earlier attempt finished; its staging area is complete if it was of this input
-            saved = json.loads(done.read_text())  # (a build id reused for another source starts over)
+            saved = json.loads(done.read_text())  # (and run: a registry tag may have moved since, a chunk gone bad)
             if saved.pop("input", None) == what:
                 return IngestResult(**saved)
         staging.reset()

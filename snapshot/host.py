@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from thaw.config import Config
-from thaw.files import write_atomic
+from thaw.files import BUILD_ID, BUILD_ID_RULE, write_atomic
 from thaw.imagefs import mount as imagefs_mount
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize_cached
@@ -44,7 +43,6 @@ PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
 CAUSE_SEARCH_S = 10.0  # after a failed CRIU restore: how long to look for a bad chunk to name as the cause
-_BUILD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class SnapshotError(Exception):
@@ -437,8 +435,8 @@ class HostSnapshots:
 
     # -- build --------------------------------------------------------------------------------------
     def _build_dir(self, build_id: str) -> Path:
-        if not _BUILD_ID.fullmatch(build_id):  # the workflow id: one path component, never "..", "/x" or ""
-            raise SnapshotError(f"build id {build_id!r}: letters, digits, '.', '_' and '-' only, not first '.'")
+        if not BUILD_ID.fullmatch(build_id):
+            raise SnapshotError(f"build id {build_id!r}: {BUILD_ID_RULE}")
         return self.cfg.work_dir / "builds" / build_id
 
     def discard(self, build_id: str) -> None:

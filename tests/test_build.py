@@ -61,6 +61,14 @@ def test_a_build_id_reused_for_another_source_builds_that_source(cfg, worker, th
     out = tmp_path / "out"
     thaw_cli("images", "export", res["digest"][:12], str(out))
     assert sorted(p.name for p in out.iterdir()) == ["only-in-b"]
+    # the same source, changed since (a registry tag that moved): a new run of the id reads it again
+    left = ActivityEnvironment().run(BuildActivities(cfg).ingest_image,
+                                     IngestInput("img-moved", ResolvedSource("dir", str(b))))
+    (b / "only-in-b").write_text("b, moved on")
+    res = json.loads(thaw_cli("build", "image", str(b), "--id", "img-moved", "--json").output)
+    assert res["digest"] != left.manifest_digest
+    thaw_cli("images", "export", res["digest"][:12], str(tmp_path / "out2"))
+    assert (tmp_path / "out2" / "only-in-b").read_text() == "b, moved on"
 
 
 def test_second_build_stores_nothing_new_and_registers_once(cfg, worker, thaw_cli, tmp_path):
@@ -112,6 +120,9 @@ def test_user_errors_are_one_line(cfg, worker, thaw_cli, tmp_path):
     assert res.exit_code == 1 and res.output.count("\n") <= 2 and "nope" in res.output
     res = thaw_cli("images", "show", "deadbeef", ok=False)
     assert res.exit_code == 1 and "no image deadbeef" in res.output
+    for bad in ("../x", ".hidden", "a/b"):  # a build id names a directory on the worker and the host
+        res = thaw_cli("build", "image", str(tmp_path), "--id", bad, ok=False)
+        assert res.exit_code == 1 and f"--id {bad!r}: letters, digits" in res.output, res.output
     res = thaw_cli("images", "show", "xyz", ok=False)
     assert res.exit_code == 1 and "not an image digest" in res.output
     (tmp_path / "src").mkdir()

@@ -258,9 +258,12 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
     SOURCE: a directory, docker-archive tar, OCI layout (dir or tar), registry reference
     (host:port/repo:tag or docker://...), docker-daemon:NAME, or dockerfile:CONTEXT_DIR.
     """
+    from thaw.files import BUILD_ID, BUILD_ID_RULE
     from thaw.imagefs.manifest import config_errors
     from thaw.workflows.build_image import BuildImage, BuildImageInput
 
+    if workflow_id is not None and not BUILD_ID.fullmatch(workflow_id):
+        _fail(f"--id {workflow_id!r}: {BUILD_ID_RULE}")
     config = None
     if config_file:
         try:

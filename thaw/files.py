@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# a build id (a workflow id) names a directory on the worker and on the host: one path component, never "..", "/x"
+BUILD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+BUILD_ID_RULE = "letters, digits, '.', '_' and '-' only, not first '.'"
 
 
 def write_atomic(path: Path | str, data: str | bytes, mode: int = 0o600, durable: bool = True) -> Path:
