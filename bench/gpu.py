@@ -12,8 +12,9 @@ code path, more device memory). Each runs in its own pid and network namespaces 
 - restore: ``criu restore`` -> CUDA restore -> unlock -> after-restore hook -> healthy -> golden request, whose
   answer must be byte-identical to A.
 
-Both are measured on a warm host (libraries and images in the page cache), ``--runs`` times; the medians are
-compared. With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing the memory
+Both are measured on a warm host (libraries and images in the page cache: one unmeasured cold boot and one
+unmeasured restore come first), ``--runs`` times; the medians are compared. A model that fails leaves no
+headline (exit 1). With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing the memory
 back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build);
 ``--read-threads 1,8`` compares the threads CRIU reads the pages with the same way (modes ``on/1``, ``on/8``).
 Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the time of
@@ -235,7 +236,9 @@ class Bench:
             r.stop()
 
     def run(self, runs: int, cold_runs: int, modes: list[str]) -> dict:
-        log(f"== {self.label}: {self.device} {self.dtype}, {cold_runs} cold boot(s), {runs} restore(s) per mode")
+        log(f"== {self.label}: {self.device} {self.dtype}, {cold_runs} cold boot(s), {runs} restore(s) per mode, "
+            f"each side after one unmeasured run")
+        self.cold_boot()  # warm-up: the page cache, the driver's first-use costs; as the restores get below
         cold, cold_bodies = [], []
         for i in range(cold_runs):
             ms, body = self.cold_boot()
@@ -244,6 +247,13 @@ class Bench:
             log(f"  cold boot {i + 1}: {ms:8.0f} ms to the first answer")
         images = self.images
         shutil.rmtree(images, ignore_errors=True)
+        try:  # a failed run must not leave GBs of images in /dev/shm for the next model's
+            return self._measure(images, runs, modes, cold, cold_bodies)
+        finally:
+            shutil.rmtree(images, ignore_errors=True)
+
+    def _measure(self, images: Path, runs: int, modes: list[str], cold: list[float], cold_bodies: list[bytes]
+                 ) -> dict:
         snap = self.snapshot(images)
         gb, mem = snap["gpu_bytes"], snap["memory_kb"]
         log(f"  snapshot: {snap['snapshot_ms']:.0f} ms {snap['steps_ms']}, images {snap['images_bytes'] / 1e9:.2f} GB"
@@ -251,6 +261,8 @@ class Bench:
             + f"; host anonymous memory {mem['running'].get('Anonymous', 0) / 1e6:.2f} GB running"
             + (f", {mem['checkpointed'].get('Anonymous', 0) / 1e6:.2f} GB checkpointed" if mem.get("checkpointed")
                else ""))
+        huge, _, threads = modes[-1].partition("/")
+        self.restore(images, snap, huge == "on", int(threads) if threads else self.read_threads)  # warm-up
         restores: dict[str, list[dict]] = {m: [] for m in modes}
         for i in range(runs):
             for mode in modes:  # alternating, so both see the same host state
@@ -263,10 +275,11 @@ class Bench:
                        if "cuda_restore" in res else "")
                     + f"; {res['memory_kb'].get('AnonHugePages', 0) / 1e6:.2f} of "
                       f"{res['memory_kb'].get('Anonymous', 0) / 1e6:.2f} GB anonymous in huge pages)")
-        shutil.rmtree(images, ignore_errors=True)
         cold_ms = statistics.median(cold)
+        same = all(b == snap["golden"] for b in cold_bodies)
+        log(f"  cold boots answered the golden request as the snapshot did: {'yes' if same else 'NO'}")
         out = {"model": self.label, "device": self.device, "dtype": self.dtype, "runs": runs, "cold_ms": cold,
-               "cold_median_ms": cold_ms, "cold_same_answer": all(b == snap["golden"] for b in cold_bodies),
+               "cold_median_ms": cold_ms, "cold_same_answer": same,
                "modes": {}, **{k: v for k, v in snap.items() if k != "golden"}}
         for mode, rs in restores.items():
             m = {"restores": rs, "restore_median_ms": statistics.median(r["total_ms"] for r in rs)}
@@ -351,13 +364,14 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     log(f"CRIU reads pages with {','.join(map(str, threads)) or criu.DEFAULT_READ_THREADS} thread(s)")
     read_threads = threads[0] if len(threads) == 1 else None
-    results = []
+    results, failed = [], []
     for d in a.model_dir:
         try:
             results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work,
                                  read_threads).run(a.runs, a.cold_runs or a.runs, modes))
         except Exception as e:  # noqa: BLE001 - the next model still runs; the error is printed
             log(f"  {d.name}: FAILED: {type(e).__name__}: {e}")
+            failed.append(d.name)
             continue
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
@@ -369,6 +383,9 @@ def main() -> int:
         for mode, m in r["modes"].items():
             log(f"{r['model']:<20} {mode:>10}  {r['cold_median_ms']:7.0f}  {m['restore_median_ms']:10.0f}  "
                 f"{m['speedup']:6.1f}x {gb:7.2f}  {m.get('restore_gbps', 0):12.1f}")
+    if failed:  # the headline names the first model as the example's speedup: not with one missing
+        log(f"no headline: {', '.join(failed)} failed")
+        return 1
     example, big = results[0], max(results, key=lambda r: r["gpu_bytes"] or 0)
     log(f"headline, huge pages {modes[-1]}: speedup of {example['model']} (the first --model-dir: the example), "
         f"bandwidth of {big['model']} (the most GPU memory)")

@@ -57,6 +57,7 @@ def main() -> None:
     cfg = Config(state_dir=args.state, host_id="bench")
     store = ChunkStore.open(cfg)
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
+    host = None
     try:
         manifest, _, _ = ingest_and_commit(SourceSpec("dir", str(rootfs)), store, uuid.uuid4().hex,
                                            Limits.from_config(cfg), config=config,
@@ -115,8 +116,9 @@ def main() -> None:
         print(f"4 replicas restored at once: {four} ms wall, all answers byte-identical "
               f"(golden digest {taken['golden_digest'][:12]})")
         print(f"P1 restore speedup: {c / r:.1f}x")
-        host.close()
-    finally:
+    finally:  # the mounts first, also after a failure: their daemons run in sessions of their own
+        if host is not None:
+            host.close()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
