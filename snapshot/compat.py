@@ -123,6 +123,13 @@ def check(snapshot_facts: dict, host_facts: dict) -> list[str]:
         for key in GPU_KEYS:
             snap.pop(key, None)
             host.pop(key, None)
+    for key in ("nvidia_driver", "cuda") if needs_gpu(snap) and needs_gpu(host) else ():
+        if "unknown" in (snap.get(key), host.get(key)):  # two unknowns are no match: the driver restores the state
+            side = "snapshot" if snap.get(key) == "unknown" else "host"
+            reasons.append(f"{LABELS[key]} version unknown on the {side} (/proc/driver/nvidia/version could not be "
+                           f"read): cannot tell it matches")
+            snap.pop(key, None)
+            host.pop(key, None)
     missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")))
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")

@@ -471,6 +471,12 @@ def test_compat_refuses_gpu_mismatches():
     assert compat.check(snap, CPU) == [f"no NVIDIA GPU on host (snapshot needs {H100}, driver 570.86.15, CUDA 12.8)"]
     with pytest.raises(compat.Incompatible, match="nvidia driver"):
         compat.require(snap, with_gpu(driver="580.65.06"))
+    # a driver version that could not be read matches nothing, not even another unknown one
+    unknown = with_gpu(driver="unknown")
+    assert compat.check(unknown, unknown) == compat.check(unknown, with_gpu()) == [
+        "nvidia driver version unknown on the snapshot (/proc/driver/nvidia/version could not be read): cannot "
+        "tell it matches"]
+    assert compat.check(snap, unknown)[0].startswith("nvidia driver version unknown on the host")
 
 
 def test_compat_cpu_snapshots():
