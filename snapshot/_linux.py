@@ -81,14 +81,14 @@ def _unescape(field: str) -> str:
 
 def mountpoints(pid: int | str = "self") -> list[str]:
     """Every mount point visible to ``pid``."""
-    with open(f"/proc/{pid}/mountinfo") as f:
+    with open(f"/proc/{pid}/mountinfo", errors="surrogateescape") as f:  # paths are bytes
         return [_unescape(line.split()[4]) for line in f]
 
 
 def overlay_lowers(pid: int | str = "self") -> set[str]:
     """Every lower layer of the overlay mounts visible to ``pid`` (from their ``lowerdir=`` options)."""
     out: set[str] = set()
-    with open(f"/proc/{pid}/mountinfo") as f:
+    with open(f"/proc/{pid}/mountinfo", errors="surrogateescape") as f:  # paths are bytes
         for line in f:
             fields = line.split(" - ", 1)[1].split() if " - " in line else []
             if len(fields) < 3 or fields[0] != "overlay":

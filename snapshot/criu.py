@@ -92,7 +92,7 @@ def _with_kdat_cache(cmd: list[str]) -> list[str]:
 
 def _fstype(path: str) -> str:
     best = ("", "")
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", errors="surrogateescape") as f:
         for line in f:
             _, mnt, fstype, *_ = line.split()
             if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):

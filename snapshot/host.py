@@ -165,7 +165,7 @@ def _pids_using(d: Path) -> list[int]:
         try:
             if os.readlink(f"/proc/{name}/ns/mnt") == mine:
                 continue
-            with open(f"/proc/{name}/mountinfo") as f:
+            with open(f"/proc/{name}/mountinfo", errors="surrogateescape") as f:
                 if any(line.split(" ", 5)[4] == "/" and needle in line for line in f):
                     out.append(int(name))
         except (OSError, IndexError):

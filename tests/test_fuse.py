@@ -586,3 +586,23 @@ def bench(mb: int = 200, rounds: int = 8) -> None:
 
 if __name__ == "__main__":
     bench(int(sys.argv[1]) if len(sys.argv) > 1 else 200)
+
+
+def test_a_mountpoint_whose_name_is_not_utf8_breaks_no_mount_handling(tmp_path):
+    """Mount points are bytes: one that is not UTF-8 anywhere on the host must not break reading the mount
+    table (mounting, unmounting, clearing a dead agent's scratch all read it)."""
+    from thaw.imagefs.mount import fuse_mounts, mountinfo
+    from thaw.snapshot import _linux
+    from thaw.snapshot.host import clear
+
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(odd)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", odd], check=True)
+    try:
+        assert os.fsdecode(odd) in _linux.mountpoints() and os.fsdecode(odd) in [m.mountpoint for m in mountinfo()]
+        assert fuse_mounts(odd) == [] and isinstance(_linux.overlay_lowers(), set)
+        (tmp_path / "scratch").mkdir()
+        clear(tmp_path / "scratch")  # reads every process's mount table
+        assert not (tmp_path / "scratch").exists()
+    finally:
+        subprocess.run(["umount", odd], check=True)

@@ -237,7 +237,10 @@ def down(cfg: Config, echo=print) -> None:
         c.pidfile(cfg).unlink(missing_ok=True)
         if c.name == "agent":  # one that died (or was killed in the end) leaves replicas and mounts: they go
             from thaw.runtime.agent import release_if_dead
-            release_if_dead(cfg)
+            try:
+                release_if_dead(cfg)
+            except Exception as e:  # noqa: BLE001 - the rest of the stack must still come down
+                echo(f"agent: could not clear what it left in {cfg.work_dir}: {e}")
 
 
 def status(cfg: Config) -> dict:

@@ -241,7 +241,7 @@ def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path`` (deepest first)."""
     base = os.path.realpath(path)
     out = []
-    with open("/proc/self/mountinfo") as fh:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as fh:
         for line in fh:
             mp = _unescape_mount(line.split()[4])
             if mp == base or mp.startswith(base.rstrip("/") + "/"):
