@@ -148,13 +148,16 @@ def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
 def test_a_relative_state_dir_is_made_absolute(tmp_path, monkeypatch):
     """`thaw --state-dir .state up --s3`: SeaweedFS runs in <state_dir>/s3 and was given paths relative to where
     thaw ran; every process thaw starts gets the same absolute state dir."""
-    from thaw.config import load
+    from thaw.config import load, save_settings
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert load(state_dir=Path(".state")).state_dir == tmp_path / ".state"
     assert load(state_dir=Path("~/st")).state_dir == tmp_path / "home" / "st"
     assert load(state_dir=Path(".state")).child_env()["THAW_STATE_DIR"] == str(tmp_path / ".state")
+    save_settings(tmp_path / "home" / "st", temporal_ui_port=8999)  # what `thaw up --s3` saves is read back
+    monkeypatch.setenv("THAW_STATE_DIR", "~/st")
+    assert load().temporal_ui_port == 8999
 
 
 def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):

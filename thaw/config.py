@@ -229,7 +229,7 @@ def load(**overrides) -> Config:
     """Build the Config: file < env < overrides (None values in overrides are ignored)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     env_state = overrides.get("state_dir") or os.environ.get("THAW_STATE_DIR")
-    state_dir = Path(env_state) if env_state else _default_state_dir()
+    state_dir = Path(env_state).expanduser().absolute() if env_state else _default_state_dir()  # as Config has it
     file_values = {}  # what thaw saved for this state dir (save_settings), then the user's own file over it
     user_file = os.environ.get("THAW_CONFIG")
     if user_file and not Path(user_file).is_file():
