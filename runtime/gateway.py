@@ -194,8 +194,9 @@ class Gateway:
     out of the list while the pool still reports it; ``connect_timeout_s`` bounds a connect (a replica whose
     host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request;
     ``max_queued`` bounds the requests held at once (more are answered 503 with Retry-After, since each holds its
-    body in memory); ``read_timeout_s`` bounds the wait for each piece of a replica's answer (a wedged replica:
-    504, not sent again, since the replica may be doing the work); ``resend_s``: while requests are held with no
+    body in memory); ``read_timeout_s`` bounds the wait for a replica's answer to begin, from the start of the
+    request (sending it the body included), then for each piece of it (a wedged replica: 504, not sent again,
+    since the replica may be doing the work); ``resend_s``: while requests are held with no
     replica, the scale signal is sent again that often (the pool may have been scaled down or deployed afresh
     behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy).
     """

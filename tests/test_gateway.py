@@ -221,9 +221,14 @@ def test_a_held_request_asks_again_when_the_pool_was_scaled_down_behind_the_gate
         backends = FakeBackends()
         async with stack(backends, resend_s=0.5) as (gw, url, client):
             task = asyncio.ensure_future(post(client, url, {"i": 1}))
-            await asyncio.sleep(1.3)
+            for _ in range(200):  # two resends come about 0.5 s apart
+                await asyncio.sleep(0.05)
+                if len(backends.scales) >= 3:
+                    break
             asked = [(n, r.split(":")[0]) for _, n, r in backends.scales]
             assert asked[0] == (1, "activate") and asked[1:3] == [(1, "resend")] * 2, asked
+            t = [at for at, _, _ in backends.scales]
+            assert t[2] - t[1] >= 0.4, t  # not sooner than resend_s
             await backends.add("late", delay=0.0)
             status, body = await task
             assert status == 200 and json.loads(body)["replica"] == "late"
