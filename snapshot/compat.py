@@ -123,11 +123,14 @@ def check(snapshot_facts: dict, host_facts: dict) -> list[str]:
         for key in GPU_KEYS:
             snap.pop(key, None)
             host.pop(key, None)
-    for key in ("nvidia_driver", "cuda") if needs_gpu(snap) and needs_gpu(host) else ():
-        if "unknown" in (snap.get(key), host.get(key)):  # two unknowns are no match: the driver restores the state
+    # a version that could not be read matches no other (the driver restores the device state), unless the
+    # snapshot's GPU is one of this host's: the same machine (verify-by-replay right after the build)
+    same_gpu = set(snapshot_facts.get("gpu_uuids") or ()) & set(host_facts.get("gpu_uuids") or ())
+    for key in ("nvidia_driver", "cuda") if needs_gpu(snap) and needs_gpu(host) and not same_gpu else ():
+        if "unknown" in (snap.get(key), host.get(key)):
             side = "snapshot" if snap.get(key) == "unknown" else "host"
-            reasons.append(f"{LABELS[key]} version unknown on the {side} (/proc/driver/nvidia/version could not be "
-                           f"read): cannot tell it matches")
+            reasons.append(f"{LABELS[key]} version unknown on the {side} (the driver did not say): cannot tell it "
+                           f"matches")
             snap.pop(key, None)
             host.pop(key, None)
     missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")))
