@@ -36,11 +36,14 @@ class Forwarder:
 
     def _accept(self) -> None:
         while not self._closing.is_set():
+            client = None
             try:
                 client, _ = self.listener.accept()
                 threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
             except (OSError, RuntimeError) as e:  # closed; or out of fds or threads for a moment: the endpoint
-                if self._closing.is_set():  # is still advertised, so go on accepting once there is room again
+                if client is not None:  # is still advertised, so go on accepting once there is room again
+                    _reset(client)
+                if self._closing.is_set():
                     return
                 log.warning("forwarder :%d: %s; accepting again shortly", self.host_port, e)
                 time.sleep(0.1)
@@ -65,14 +68,14 @@ class Forwarder:
                     try:
                         data = src.recv(65536)
                     except OSError:  # a reset: the other end gets one too, not a clean end of stream (which
-                        with contextlib.suppress(OSError):  # would make an answer cut off look whole)
-                            pair[src].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        _reset(pair[src])  # would make an answer cut off look whole)
                         return
                     if data:
                         try:
                             pair[src].sendall(data)
                             continue
-                        except OSError:
+                        except OSError:  # that end is gone or took nothing for SEND_TIMEOUT_S: reset this one
+                            _reset(src)
                             return
                     sel.unregister(src)  # half-close: pass the EOF on
                     with contextlib.suppress(OSError):
@@ -85,3 +88,11 @@ class Forwarder:
             self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
         self._thread.join(5)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Make closing ``sock`` send a reset (SO_LINGER 0), and close it: its peer must not take what it got for
+    a whole answer."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
