@@ -14,8 +14,8 @@ code path, more device memory). Each runs in its own pid and network namespaces 
 
 Both are measured on a warm host (libraries and images in the page cache: one unmeasured cold boot and one
 unmeasured restore come first), ``--runs`` times; the medians are compared. A model that fails leaves no
-headline (exit 1). With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing the memory
-back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build);
+headline (exit 1). With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing
+the memory back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build);
 ``--read-threads 1,8`` compares the threads CRIU reads the pages with the same way (modes ``on/1``, ``on/8``).
 Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the time of
 ``cuCheckpointProcessRestore``; for scale, the host-to-device copy rate of this machine (torch, 2 GiB, from

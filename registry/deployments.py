@@ -14,8 +14,8 @@ from .snapshots import live_hosts
 def upsert(url: str, dep: Deployment) -> Deployment:
     """Create the deployment, or change an existing one's snapshot, replica bounds, buffer, secrets, env, ports."""
     fields = ("snapshot_digest", "min_replicas", "max_replicas", "buffer", "secrets", "env", "ports")
-    return queries.upsert(url, dep, (Snapshot, dep.snapshot_digest, f"snapshot {dep.snapshot_digest[:12]} was "
-                                     f"removed meanwhile (`thaw snapshots ls`)"), **{k: getattr(dep, k) for k in fields})
+    gone = f"snapshot {dep.snapshot_digest[:12]} was removed meanwhile (`thaw snapshots ls`)"
+    return queries.upsert(url, dep, (Snapshot, dep.snapshot_digest, gone), **{k: getattr(dep, k) for k in fields})
 
 
 def get(url: str, name: str) -> Deployment:

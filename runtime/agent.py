@@ -118,7 +118,7 @@ def release_if_dead(cfg: Config) -> bool:
 
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
     stop = stop_on_signals()  # first: a SIGTERM once the host row below exists must still mark the host gone
-    hold_host(cfg)
+    hold_host(cfg)  # its fd stays open, and the lock held, until this process ends
     stale = cleanup_stale(cfg.work_dir)
     if stale:
         log.info("cleared %d replica/build dirs left by an earlier agent", stale)

@@ -684,9 +684,8 @@ class Gateway:
             raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
             raise _Retry(False, e) from e
-        except TimeoutError:  # aiohttp's ServerTimeoutError too: it took the request and went quiet; sending it
-            return self._error(504, f"replica {ep} sent nothing for {self.read_timeout_s:g}s")  # again could do the
-            # work twice
+        except TimeoutError:  # (aiohttp's ServerTimeoutError is one) it took the request and went quiet: not sent
+            return self._error(504, f"replica {ep} sent nothing for {self.read_timeout_s:g}s")  # again, could be twice
         except (aiohttp.ClientConnectionError, aiohttp.ClientOSError) as e:
             raise _Retry(True, e) from e
         except aiohttp.ClientError as e:
