@@ -33,7 +33,8 @@
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
   Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
   are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
-  ``max_body_bytes``); past that a request gets 503 with Retry-After. A body not received within
+  ``max_body_bytes``), and at most ``max_body_memory`` bytes of bodies are held or in flight; past either a
+  request gets 503 with Retry-After. A body not received within
   ``body_timeout_s`` gets 408, a malformed one (bad chunking or gzip) 400, and so does a request target that is
   not a path (absolute form, ``*``). A request whose client hangs up is cancelled: its replica slot is free.
 """
@@ -194,7 +195,8 @@ class Gateway:
     out of the list while the pool still reports it; ``connect_timeout_s`` bounds a connect (a replica whose
     host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request;
     ``max_queued`` bounds the requests held at once (more are answered 503 with Retry-After, since each holds its
-    body in memory); ``read_timeout_s`` bounds the wait for a replica's answer to begin, from the start of the
+    body in memory), and ``max_body_memory`` the bytes of bodies held or in flight (each is kept for a re-send
+    until its answer comes: a request that would go past it gets the same 503); ``read_timeout_s`` bounds the wait for a replica's answer to begin, from the start of the
     request (sending it the body included), then for each piece of it (a wedged replica: 504, not sent again,
     since the replica may be doing the work); ``resend_s``: while requests are held with no
     replica, the scale signal is sent again that often (the pool may have been scaled down or deployed afresh
@@ -208,7 +210,7 @@ class Gateway:
                  max_inflight_per_replica: int | None = None, quarantine_s: float = 5.0,
                  connect_timeout_s: float = 5.0, max_delivery_attempts: int = 3,
                  max_body_bytes: int = 64 << 20, max_queued: int = 1000, read_timeout_s: float | None = 600.0,
-                 body_timeout_s: float = 60.0, resend_s: float = 10.0):
+                 body_timeout_s: float = 60.0, resend_s: float = 10.0, max_body_memory: int = 1 << 30):
         if target_concurrency <= 0:
             raise ValueError("target_concurrency must be > 0")
         self.deployment = deployment
@@ -225,6 +227,7 @@ class Gateway:
         self.read_timeout_s = read_timeout_s
         self.body_timeout_s = body_timeout_s
         self.resend_s = resend_s
+        self.max_body_memory = max_body_memory
         self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
                                      min_replicas, max_replicas, scale_to_zero_grace_s)
         self.last_decision: Decision | None = None
@@ -235,6 +238,7 @@ class Gateway:
         self._waiters: deque[tuple[asyncio.Future, set[str]]] = deque()
         self._held = 0                                # waiters not done yet (done ones leave at the head)
         self._reading = 0                             # requests whose bodies are being read
+        self._body_bytes = 0                          # bodies of requests held or in flight (kept for re-sends)
         self._rr = 0
         self._signaled: int | None = None             # last replica count Backends.scale accepted
         self._signaled_at = time.monotonic()          # ... and when
@@ -617,9 +621,13 @@ class Gateway:
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
             return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
+        busy = None
         if self.queued + self._reading >= self.max_queued:  # bodies held in memory, or being read into it
-            resp = self._error(503, f"{self.queued + self._reading} requests are already held for "
-                                    f"{self.deployment}; retry shortly")
+            busy = f"{self.queued + self._reading} requests are already held"
+        elif self._body_bytes + (request.content_length or 0) > self.max_body_memory:  # in flight ones too
+            busy = f"{self._body_bytes:,} bytes of request bodies are already held or in flight"
+        if busy:
+            resp = self._error(503, f"{busy} for {self.deployment}; retry shortly")
             resp.headers["Retry-After"] = "1"
             return resp
         self._reading += 1
@@ -633,6 +641,7 @@ class Gateway:
         finally:
             self._reading -= 1
         headers = self._upstream_headers(request)
+        self._body_bytes += len(body)  # kept until the answer: a request is sent again if its connection breaks
         self._conc_change(+1)      # a request counts as concurrency from arrival to answer, held or in flight
         self.autoscaler.touch(time.monotonic())
         held_total, deliveries, avoid = 0.0, 0, set()
@@ -669,6 +678,7 @@ class Gateway:
                     self._release(ep)
         finally:
             self._conc_change(-1)
+            self._body_bytes -= len(body)
             if held_total > 0:
                 self._m_hold.observe(held_total)   # once per request that had to wait, however it ended
 

@@ -306,6 +306,25 @@ def test_a_replica_that_reads_no_body_is_a_504_not_a_hang():
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_bodies_in_flight_count_against_the_gateways_memory_bound():
+    """Each request's body is kept until its answer (it is sent again if the connection breaks): the bytes of
+    bodies held or in flight are bounded, not only the number of requests held."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), max_body_memory=1000) as (gw, url, client):
+            await gw.refresh()
+            slow = asyncio.ensure_future(post(client, url, {"pad": "x" * 700}, **{"X-Sleep": "1.0"}))
+            for _ in range(100):
+                if gw.inflight_total:
+                    break
+                await asyncio.sleep(0.01)
+            status, text = await post(client, url, {"pad": "y" * 400})
+            assert status == 503 and "bytes of request bodies are already held or in flight" in text, text
+            assert (await slow)[0] == 200
+            assert (await post(client, url, {"pad": "y" * 400}))[0] == 200 and gw._body_bytes == 0
+    asyncio.run(main())
+
+
 def test_balances_by_inflight():
     async def main():
         backends = FakeBackends()
