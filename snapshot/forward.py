@@ -55,32 +55,8 @@ class Forwarder:
         except (OSError, ReplicaError):
             client.close()  # the replica is gone: the caller sees a reset and can retry elsewhere
             return
-        for s in (client, upstream):  # a peer that stops reading must not hold this thread forever
-            s.settimeout(SEND_TIMEOUT_S)
-        pair = {client: upstream, upstream: client}
-        with selectors.DefaultSelector() as sel, client, upstream:
-            for s in pair:
-                sel.register(s, selectors.EVENT_READ)
-            open_ends = 2
-            while open_ends and not self._closing.is_set():
-                for key, _ in sel.select(timeout=1.0):
-                    src = key.fileobj
-                    try:
-                        data = src.recv(65536)
-                    except OSError:  # a reset: the other end gets one too, not a clean end of stream (which
-                        _reset(pair[src])  # would make an answer cut off look whole)
-                        return
-                    if data:
-                        try:
-                            pair[src].sendall(data)
-                            continue
-                        except OSError:  # that end is gone or took nothing for SEND_TIMEOUT_S: reset this one
-                            _reset(src)
-                            return
-                    sel.unregister(src)  # half-close: pass the EOF on
-                    with contextlib.suppress(OSError):
-                        pair[src].shutdown(socket.SHUT_WR)
-                    open_ends -= 1
+        with client, upstream, selectors.DefaultSelector() as sel:
+            _Link(client, upstream, sel).run(self._closing)
 
     def close(self) -> None:
         self._closing.set()
@@ -96,3 +72,81 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+
+
+class _Link:
+    """One forwarded connection: both directions flow at once (a server may stream its answer before it has
+    read the whole request), each through a bounded buffer. Non-blocking sockets, one selector."""
+
+    BUFFER = 1 << 20  # per direction: reading from a side stops while the other side has this much to take
+
+    def __init__(self, a: socket.socket, b: socket.socket, sel: selectors.BaseSelector):
+        self.sel, self.peer = sel, {a: b, b: a}
+        self.out = {a: bytearray(), b: bytearray()}  # what is still to be written to each side
+        self.ended: set[socket.socket] = set()  # sides that sent their end of stream
+        self.since = {a: 0.0, b: 0.0}  # when a side last took data (while it has some waiting)
+        self.events = {a: 0, b: 0}
+        for s in (a, b):
+            s.setblocking(False)
+
+    def run(self, closing: threading.Event) -> None:
+        while not closing.is_set():
+            now = time.monotonic()
+            for s, peer in self.peer.items():
+                if self.out[s] and now - self.since[s] > SEND_TIMEOUT_S:  # it takes nothing: drop both
+                    return self._reset()
+                want = ((selectors.EVENT_READ if s not in self.ended and len(self.out[peer]) < self.BUFFER else 0)
+                        | (selectors.EVENT_WRITE if self.out[s] else 0))
+                if want != self.events[s]:
+                    if not self.events[s]:
+                        self.sel.register(s, want)
+                    elif want:
+                        self.sel.modify(s, want)
+                    else:
+                        self.sel.unregister(s)
+                    self.events[s] = want
+            if not any(self.events.values()):  # both ends passed on and everything written
+                return
+            for key, ev in self.sel.select(timeout=1.0):
+                s = key.fileobj
+                if ev & selectors.EVENT_READ and not self._read(s):
+                    return
+                if ev & selectors.EVENT_WRITE and not self._write(s):
+                    return
+
+    def _read(self, s: socket.socket) -> bool:
+        peer = self.peer[s]
+        try:
+            data = s.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:  # a reset: the other end gets one too, not a clean end of stream (which would make an
+            _reset(peer)  # answer cut off look whole)
+            return False
+        if data:
+            if not self.out[peer]:
+                self.since[peer] = time.monotonic()
+            self.out[peer] += data
+            return self._write(peer)  # most of the time it goes at once
+        self.ended.add(s)
+        return self._write(peer)  # passes the end of stream on once what came before it is written
+
+    def _write(self, s: socket.socket) -> bool:
+        if self.out[s]:
+            try:
+                n = s.send(self.out[s])
+            except BlockingIOError:
+                return True
+            except OSError:  # that side is gone: reset the other, which must not take its part for the whole
+                _reset(self.peer[s])
+                return False
+            del self.out[s][:n]
+            self.since[s] = time.monotonic()
+        if not self.out[s] and self.peer[s] in self.ended:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+        return True
+
+    def _reset(self) -> None:
+        for s in self.peer:
+            _reset(s)

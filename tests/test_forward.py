@@ -101,3 +101,31 @@ def test_the_forwarder_accepts_again_after_running_out_of_fds():
     tests = str(__import__("pathlib").Path(__file__).parent)
     r = subprocess.run([sys.executable, "-c", script, tests], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ping", r.stdout + r.stderr[-2000:]
+
+
+def test_both_directions_flow_at_once():
+    """A server that streams a large answer before it reads the request, and a client that sends a large body
+    before it reads the answer (a bidirectional stream): neither direction may wait on the other, or both
+    block until the send timeout."""
+    size = 8 << 20
+
+    def stream_first(c):
+        c.sendall(b"a" * size)  # blocks until the client reads: the client reads only after it has sent
+        got = 0
+        while got < size and (chunk := c.recv(1 << 16)):
+            got += len(chunk)
+        c.sendall(str(got).encode())
+        c.close()
+
+    srv = serve(stream_first)
+    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
+    try:
+        with socket.create_connection(("127.0.0.1", fwd.host_port), timeout=30) as s:
+            s.sendall(b"b" * size)
+            got = b""
+            while chunk := s.recv(1 << 16):
+                got += chunk
+        assert got == b"a" * size + str(size).encode()
+    finally:
+        fwd.close()
+        srv.close()
