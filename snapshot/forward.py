@@ -123,13 +123,22 @@ class _Link:
         except OSError:  # a reset: the other end gets one too, not a clean end of stream (which would make an
             _reset(peer)  # answer cut off look whole)
             return False
-        if data:
-            if not self.out[peer]:
-                self.since[peer] = time.monotonic()
+        if not data:
+            self.ended.add(s)
+            return self._write(peer)  # passes the end of stream on once what came before it is written
+        if self.out[peer]:
             self.out[peer] += data
-            return self._write(peer)  # most of the time it goes at once
-        self.ended.add(s)
-        return self._write(peer)  # passes the end of stream on once what came before it is written
+            return self._write(peer)
+        self.since[peer] = time.monotonic()
+        try:  # nothing waits before it: most of the time it goes at once, without a copy into the buffer
+            n = peer.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # that side is gone: reset this one (see _write)
+            _reset(s)
+            return False
+        self.out[peer] += memoryview(data)[n:]
+        return True
 
     def _write(self, s: socket.socket) -> bool:
         if self.out[s]:
