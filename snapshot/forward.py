@@ -19,6 +19,7 @@ from .replica import Replica, ReplicaError
 
 log = logging.getLogger("thaw.forward")
 SEND_TIMEOUT_S = 120.0  # a connection whose far end takes nothing for this long is dropped
+CONNECT_TIMEOUT_S = 10.0
 
 
 class Forwarder:
@@ -49,11 +50,15 @@ class Forwarder:
                 time.sleep(0.1)
 
     def _pipe(self, client: socket.socket) -> None:
+        upstream = None
         try:
             upstream = self.replica.socket()
+            upstream.settimeout(CONNECT_TIMEOUT_S)  # a frozen replica's full backlog drops the SYN: no 2 min wait
             upstream.connect(("127.0.0.1", self.port))
         except (OSError, ReplicaError):
-            client.close()  # the replica is gone: the caller sees a reset and can retry elsewhere
+            _reset(client)  # the replica is gone: the caller sees a reset and can retry elsewhere
+            if upstream is not None:
+                upstream.close()
             return
         with client, upstream, selectors.DefaultSelector() as sel:
             _Link(client, upstream, sel).run(self._closing)
@@ -90,6 +95,11 @@ class _Link:
             s.setblocking(False)
 
     def run(self, closing: threading.Event) -> None:
+        self._flow(closing)
+        if closing.is_set():  # the forwarder closed mid-connection: what was under way must not look whole
+            self._reset()
+
+    def _flow(self, closing: threading.Event) -> None:
         while not closing.is_set():
             now = time.monotonic()
             for s, peer in self.peer.items():

@@ -129,3 +129,29 @@ def test_both_directions_flow_at_once():
     finally:
         fwd.close()
         srv.close()
+
+
+def test_closing_the_forwarder_resets_the_connections_under_way():
+    """The agent closes a replica's forwarder before it stops the replica: an answer still streaming must end
+    in a reset, not a clean end of stream that makes it look whole."""
+    def slow(c):
+        c.recv(100)
+        c.sendall(b"HTTP/1.0 200 OK\r\n\r\npart")
+        time.sleep(5)
+        c.close()
+
+    srv = serve(slow)
+    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
+    try:
+        with socket.create_connection(("127.0.0.1", fwd.host_port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            got = b""
+            while not got.endswith(b"part"):
+                got += s.recv(100)
+            fwd.close()
+            with pytest.raises(ConnectionResetError):
+                while s.recv(100):
+                    pass
+    finally:
+        fwd.close()
+        srv.close()
