@@ -3,6 +3,7 @@ needed to see how it copies, ends and survives connections."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
@@ -39,6 +40,18 @@ def serve(handle) -> socket.socket:
     return srv
 
 
+@contextlib.contextmanager
+def forwarded(handle):
+    """A local server answering with ``handle(conn)``, published by a Forwarder: yields the forwarder."""
+    srv = serve(handle)
+    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
+    try:
+        yield fwd
+    finally:
+        fwd.close()
+        srv.close()
+
+
 def test_a_reset_from_the_replica_reaches_the_client_as_a_reset():
     """A server that dies mid-answer resets its connection: the client must see a reset, not a clean end of
     stream, or an answer without a length that was cut off looks whole."""
@@ -48,19 +61,13 @@ def test_a_reset_from_the_replica_reaches_the_client_as_a_reset():
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
 
-    srv = serve(half_then_reset)
-    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
-    try:
-        with socket.create_connection(("127.0.0.1", fwd.host_port), timeout=10) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            got = b""
-            with pytest.raises(ConnectionResetError):
-                while chunk := s.recv(100):
-                    got += chunk
-        assert got in (b"", b"HTTP/1.0 200 OK\r\n\r\npart")
-    finally:
-        fwd.close()
-        srv.close()
+    with forwarded(half_then_reset) as fwd, socket.create_connection(("127.0.0.1", fwd.host_port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        got = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := s.recv(100):
+                got += chunk
+    assert got in (b"", b"HTTP/1.0 200 OK\r\n\r\npart")
 
 
 def test_the_forwarder_accepts_again_after_running_out_of_fds():
@@ -117,18 +124,12 @@ def test_both_directions_flow_at_once():
         c.sendall(str(got).encode())
         c.close()
 
-    srv = serve(stream_first)
-    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
-    try:
-        with socket.create_connection(("127.0.0.1", fwd.host_port), timeout=30) as s:
-            s.sendall(b"b" * size)
-            got = b""
-            while chunk := s.recv(1 << 16):
-                got += chunk
-        assert got == b"a" * size + str(size).encode()
-    finally:
-        fwd.close()
-        srv.close()
+    with forwarded(stream_first) as fwd, socket.create_connection(("127.0.0.1", fwd.host_port), timeout=30) as s:
+        s.sendall(b"b" * size)
+        got = b""
+        while chunk := s.recv(1 << 16):
+            got += chunk
+    assert got == b"a" * size + str(size).encode()
 
 
 def test_closing_the_forwarder_resets_the_connections_under_way():
@@ -140,18 +141,12 @@ def test_closing_the_forwarder_resets_the_connections_under_way():
         time.sleep(5)
         c.close()
 
-    srv = serve(slow)
-    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
-    try:
-        with socket.create_connection(("127.0.0.1", fwd.host_port), timeout=10) as s:
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-            got = b""
-            while not got.endswith(b"part"):
-                got += s.recv(100)
-            fwd.close()
-            with pytest.raises(ConnectionResetError):
-                while s.recv(100):
-                    pass
-    finally:
+    with forwarded(slow) as fwd, socket.create_connection(("127.0.0.1", fwd.host_port), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        got = b""
+        while not got.endswith(b"part"):
+            got += s.recv(100)
         fwd.close()
-        srv.close()
+        with pytest.raises(ConnectionResetError):
+            while s.recv(100):
+                pass
