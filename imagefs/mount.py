@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,7 +45,7 @@ class MountError(Exception):
     """A mount that could not be made or cleared (one line, names the mountpoint)."""
 
 
-# -- /proc/self/mountinfo -------------------------------------------------------------------------
+# -- /proc/<pid>/mountinfo ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MountInfo:
     mount_id: int
@@ -53,36 +54,29 @@ class MountInfo:
     fstype: str
     source: str
     options: str
+    super_options: str = ""  # as mountinfo writes them (escaped): split first, then unescape the parts
 
     @property
     def is_fuse(self) -> bool:
         return self.fstype in ("fuse", "fuseblk") or self.fstype.startswith(("fuse.", "fuseblk."))
 
 
-def _unescape(s: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    if "\\" not in s:
-        return s
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 4 <= len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
+def unescape(s: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes (\\ooo)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)
 
 
-def mountinfo() -> list[MountInfo]:
+def mountinfo(pid: int | str = "self") -> list[MountInfo]:
+    """The mounts ``pid`` sees (its mount namespace's)."""
     out = []
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:  # paths are bytes (os.fsdecode's way)
+    with open(f"/proc/{pid}/mountinfo", errors="surrogateescape") as f:  # paths are bytes (os.fsdecode's way)
         for line in f:
             left, _, right = line.rstrip("\n").partition(" - ")
             a, b = left.split(), right.split()
             if len(a) < 6 or len(b) < 2:
                 continue
-            out.append(MountInfo(int(a[0]), a[2], _unescape(a[4]), b[0], _unescape(b[1]), a[5]))
+            out.append(MountInfo(int(a[0]), a[2], unescape(a[4]), b[0], unescape(b[1]), a[5],
+                                 b[2] if len(b) > 2 else ""))
     return out
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
+
+from thaw.imagefs.mount import mountinfo, unescape
 
 from ._nsinit import loopback_up
 
@@ -74,29 +75,21 @@ def new_netns() -> int:
     return in_thread(make)
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
 def mountpoints(pid: int | str = "self") -> list[str]:
     """Every mount point visible to ``pid``."""
-    with open(f"/proc/{pid}/mountinfo", errors="surrogateescape") as f:  # paths are bytes
-        return [_unescape(line.split()[4]) for line in f]
+    return [m.mountpoint for m in mountinfo(pid)]
 
 
 def overlay_lowers(pid: int | str = "self") -> set[str]:
     """Every lower layer of the overlay mounts visible to ``pid`` (from their ``lowerdir=`` options)."""
     out: set[str] = set()
-    with open(f"/proc/{pid}/mountinfo", errors="surrogateescape") as f:  # paths are bytes
-        for line in f:
-            fields = line.split(" - ", 1)[1].split() if " - " in line else []
-            if len(fields) < 3 or fields[0] != "overlay":
-                continue
-            for opt in fields[2].split(","):
-                name, _, value = opt.partition("=")
-                if name in ("lowerdir", "lowerdir+"):
-                    out.update(_unescape(p) for p in value.split(":") if p)
+    for m in mountinfo(pid):
+        if m.fstype != "overlay":
+            continue
+        for opt in m.super_options.split(","):
+            name, _, value = opt.partition("=")
+            if name in ("lowerdir", "lowerdir+"):
+                out.update(unescape(p) for p in value.split(":") if p)
     return out
 
 
