@@ -29,6 +29,11 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "thaw"
 
 
+def _state_path(v: str | os.PathLike) -> Path:
+    """Absolute (``~`` expanded): processes thaw starts elsewhere (SeaweedFS runs in its own dir) agree."""
+    return Path(v).expanduser().absolute()
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="THAW_", extra="forbid", frozen=True)
 
@@ -37,8 +42,7 @@ class Config(BaseSettings):
     @field_validator("state_dir")
     @classmethod
     def _absolute(cls, v: Path) -> Path:
-        """Absolute (``~`` expanded): processes thaw starts elsewhere (SeaweedFS runs in its own dir) agree."""
-        return Path(v).expanduser().absolute()
+        return _state_path(v)
 
     # Registry: SQLite file under state_dir unless a DSN (e.g. postgresql+psycopg://...) is given.
     db_url: str | None = None
@@ -229,7 +233,7 @@ def load(**overrides) -> Config:
     """Build the Config: file < env < overrides (None values in overrides are ignored)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     env_state = overrides.get("state_dir") or os.environ.get("THAW_STATE_DIR")
-    state_dir = Path(env_state).expanduser().absolute() if env_state else _default_state_dir()  # as Config has it
+    state_dir = _state_path(env_state) if env_state else _default_state_dir()  # as Config has it
     file_values = {}  # what thaw saved for this state dir (save_settings), then the user's own file over it
     user_file = os.environ.get("THAW_CONFIG")
     if user_file and not Path(user_file).is_file():
