@@ -2,9 +2,11 @@
 # The GPU checks, in one run on a GPU machine (driver >= 570, torch with CUDA, cuda-python, nvidia-ml-py),
 # from the repository root, after scripts/gpu-carry.sh made .gpu/ here:
 #   the real-driver tests (tests/test_cuda.py, gpu-marked: among them two image-rooted GPU replicas restored
-#   side by side, with snapshot/nvidia.py's device nodes and driver layer), a host-root CRIU replica, and
+#   side by side, with snapshot/nvidia.py's device nodes and driver layer, and the agent's HostSnapshots building,
+#   storing, placing and restoring a GPU snapshot), a host-root CRIU replica, and
 #   bench/gpu.py (P6) on the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and
 #   without huge pages (CRIU reading pages with its default threads). Output and logs go to $OUT (default /tmp/gpu-out).
+# TESTS=... runs other tests; SKIP_TESTS=1 or SKIP_BENCH=1 leaves out the tests or the benchmark.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -12,11 +14,12 @@ exec > >(tee "$OUT/gpu-check.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 repo=$PWD
 # thaw importable without installing it (no registry there): a thaw package made of links into the checkout
+# (pyproject's package-dir map), and the carried wheels of what its host code imports beyond what is there
 py=/tmp/thaw-py
 rm -rf $py && mkdir -p $py/thaw
-ln -s "$repo/thaw/__init__.py" $py/thaw/__init__.py
-ln -s "$repo/snapshot" $py/thaw/snapshot
-ln -s "$repo/examples" $py/thaw/examples
+for f in "$repo"/thaw/*.py; do ln -s "$f" $py/thaw/; done
+for d in imagefs registry workflows activities runtime snapshot examples; do ln -s "$repo/$d" $py/thaw/$d; done
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $py .gpu/wheels/*.whl
 export PYTHONPATH=$py THAW_CRIU=$repo/.gpu/criu/criu
 step() { echo; echo "### $* ($(date +%T))"; }
 
@@ -34,8 +37,10 @@ done
 
 step real-driver tests
 # step limits add up to under the device's 600 s per command: 200 + 60 + 280 + the facts
-[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -P -m pytest tests/test_cuda.py "tests/test_criu.py::test_host_root_replica" --noconftest \
+[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -P -m pytest ${TESTS:-tests/test_cuda.py tests/test_criu.py::test_host_root_replica} --noconftest \
   -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
+
+[ -z "${SKIP_BENCH:-}" ] || exit 0
 
 step host-to-device copy and memory settings
 cat /sys/kernel/mm/transparent_hugepage/enabled /sys/kernel/mm/transparent_hugepage/defrag

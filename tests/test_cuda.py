@@ -715,6 +715,27 @@ GPU_SERVER = CUDA_SETUP + textwrap.dedent("""
 """)
 
 
+def _host_root_image_or_skip(layers: Path) -> Path:
+    """For replicas whose image is this host's "/" (its Python and cuda-python): skips where that can't run, else
+    mounts a tmpfs at ``layers`` for the driver's layer and the roots (overlayfs refuses a lower layer inside
+    another one, here "/"); the caller unmounts it."""
+    from thaw.snapshot import _linux
+    from thaw.snapshot.criu import criu_check
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, criu)")
+    if (why := criu_check()) is not None:
+        pytest.skip(f"criu unusable: {why}")
+    import cuda.bindings
+    # an overlay of "/" does not descend into other mounts
+    off_root = [p for p in (os.path.realpath(sys.executable), cuda.bindings.__file__)
+                if os.stat(p).st_dev != os.stat("/").st_dev]
+    if off_root:
+        pytest.skip(f"not on the root file system, so not in an image made of it: {off_root}")
+    layers.mkdir()
+    _linux.mount("tmpfs", layers, "tmpfs", 0, "size=8g,mode=755")
+    return layers
+
+
 @pytest.mark.gpu
 def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
     """A replica with a root of its own (own pid, mount and network namespaces) on the GPU: the driver's nodes and
@@ -723,20 +744,7 @@ def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
     import json
 
     from thaw.snapshot import _linux, checkpoint, launch, nvidia, prepare_root, restore
-    from thaw.snapshot.criu import criu_check
-    if os.geteuid() != 0:
-        pytest.skip("needs root (namespaces, criu)")
-    if (why := criu_check()) is not None:
-        pytest.skip(f"criu unusable: {why}")
-    import cuda.bindings
-    # the replica's image is this host's "/" (an overlay does not descend into other mounts)
-    off_root = [p for p in (os.path.realpath(sys.executable), cuda.bindings.__file__)
-                if os.stat(p).st_dev != os.stat("/").st_dev]
-    if off_root:
-        pytest.skip(f"not on the root file system, so not in an image made of it: {off_root}")
-    layers = tmp_path / "layers"  # a tmpfs: overlayfs refuses a lower layer inside another one (here "/")
-    layers.mkdir()
-    _linux.mount("tmpfs", layers, "tmpfs", 0, "size=4g,mode=755")
+    layers = _host_root_image_or_skip(tmp_path / "layers")
     roots, restored = [], []
 
     def new_root():
@@ -781,3 +789,71 @@ def test_real_image_rooted_replicas_restore_side_by_side(real_driver, tmp_path):
         for r in roots:
             r.cleanup()
         _linux.umount(layers)
+
+
+@pytest.mark.gpu
+def test_real_host_builds_places_and_restores_gpu_replicas(real_driver, tmp_path):
+    """The agent's own path on a real GPU (HostSnapshots, as `thaw build snapshot` and a pool's starts drive it,
+    without Temporal): launch on the GPU the host lends, CUDA checkpoint + CRIU dump, the snapshot stored in the
+    chunk store and read back from it, facts a pool places by (the one GPU the process saw), then two restores
+    and a cold boot side by side, each on the least-loaded GPU, every GPU given back when they stop. The image is
+    this host's "/" (materializing a GPU image's many GB is not what is tested here)."""
+    import json
+
+    from thaw.config import Config
+    from thaw.imagefs.ingest import Limits, ingest_and_commit
+    from thaw.imagefs.oci import SourceSpec
+    from thaw.snapshot import _linux, nvidia
+    from thaw.snapshot.host import HostSnapshots
+    state = _host_root_image_or_skip(tmp_path / "state")
+    host = None
+    cfg = Config(state_dir=state, host_id="gpu-host", lazy_mounts=False)
+    uuids = [d["uuid"] for d in real_driver.devices()]
+    spec = {"cmd": [sys.executable, "-c", GPU_SERVER], "env": {"PATH": os.environ["PATH"]}, "port": 8080,
+            "health": "/", "cwd": "/", "ready_timeout_s": 120}
+    golden = {"path": "/", "method": "GET", "body_b64": "", "content_type": "application/json"}
+    served = []
+    try:
+        host = HostSnapshots(cfg)
+        host.image_root = lambda digest: Path("/")
+        assert host.gpu is not None and host.facts["gpu_uuids"] == uuids, host.facts
+        assert host.gpu_loads() == [0] * len(uuids)
+        took = host.take("gpu-build", "host-root", spec, golden)
+        facts = took["host_facts"]
+        print(f"\ntake ms {took['timings_ms']}; facts {facts}")
+        assert compat.needs_gpu(facts) and facts["gpu_processes"] == 1, facts
+        assert facts["gpu_uuids"] == uuids[:1] and facts["gpu_count"] == 1, facts  # the GPU it was lent
+        assert host.gpu_loads() == [0] * len(uuids)  # the launch gave its GPU back
+        stored = ingest_and_commit(SourceSpec("dir", took["dump_dir"]), host.store, "gpu-build-snapshot",
+                                   Limits.from_config(cfg))[0]
+        snap = {"digest": stored.digest, "image_digest": "host-root", "spec": spec, "golden_request": golden,
+                "golden_digest": took["golden_digest"], "host_facts": facts}
+        # a pool's placement: this host qualifies, the same host advertising no GPU does not
+        assert compat.check(facts, host.facts) == []
+        assert compat.check(facts, compat.snapshot_facts(host.facts, uses_gpu=False))
+        print(f"verify ms {host.verify(stored.digest, 'host-root', spec, golden, took['golden_digest'], [], facts)}")
+        for running, info in host.restore_many(snap, 2, {}):
+            served.append(running)
+            assert info["outcome"] == "restored" and "cuda" in info["timings_ms"], info
+            print(f"restore ms {info['timings_ms']}")
+        running, ms, same = host.cold_boot("host-root", spec, {}, golden, took["golden_digest"])
+        served.append(running)
+        assert same, "a cold boot on the GPU answers as the snapshot did"
+        loads = host.gpu_loads()
+        assert sum(loads) == 3 and max(loads) - min(loads) <= 1, loads  # least-loaded first
+        answers = []
+        for r in served:
+            status, body = r.replica.http_request("GET", "/", port=8080, timeout=60)
+            assert status == 200, body
+            answers.append(json.loads(body))
+        assert all(a["same"] and a["pid"] == 1 for a in answers), answers
+        assert all(p.startswith(nvidia.LIB_DIR) for a in answers for p in a["libcuda"]), answers
+        for r in served:
+            r.stop()
+        assert host.gpu_loads() == [0] * len(uuids)
+    finally:
+        for r in served:
+            r.stop()
+        if host is not None:
+            host.close()
+        _linux.umount(state)
