@@ -89,6 +89,16 @@ class TraceError(SimError):
     pass
 
 
+def _finite(name: str, v: float, positive: bool = False) -> None:
+    """A number given to the simulator: finite (an infinite duration never ends; NaN compares false everywhere, so
+    it would silently switch a rule off) and >= 0, or > 0 where ``positive``."""
+    if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+        raise SimError(f"{name} must be a finite number {'>' if positive else '>='} 0 (got {v})")
+
+
+MAX_TICKS = 10_000_000  # a replay of more ticks than this: hours of work, and a timeline row per tick
+
+
 # -- traces -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True, order=True)
 class Request:
@@ -135,7 +145,8 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
 
     A header row is optional (without one: column 1 is the timestamp, column 2 the duration, one deployment).
     Rows without a duration use ``service_s``. Rows need not be sorted. Times are shifted so the earliest arrival
-    is t=0.
+    is t=0. A row starting with '#' is a comment (unless a header put the timestamp in a later column and the row
+    has one there: a deployment label may start with '#').
     """
     path = Path(path)
     try:
@@ -145,7 +156,20 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
     except UnicodeDecodeError as e:
         raise TraceError(f"trace {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = [(n, r) for n, r in enumerate(csv.reader(text.splitlines()), 1) if r and any(c.strip() for c in r)]
-    rows = [(n, r) for n, r in rows if not r[0].lstrip().startswith("#")]
+
+    def comment(r: list[str], ts_col: int) -> bool:
+        if not r[0].lstrip().startswith("#"):
+            return False
+        if ts_col == 0 or ts_col >= len(r):
+            return True
+        try:
+            _parse_time(r[ts_col].strip())
+        except ValueError:
+            return True
+        return False
+
+    while rows and comment(rows[0][1], 0):  # comments before the header (or the first request)
+        rows = rows[1:]
     if not rows:
         raise TraceError(f"trace {path} has no requests (expected CSV rows: timestamp[,duration_s])")
     ts_col, dur_col, dep_col = 0, 1, None
@@ -167,6 +191,8 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
             raise TraceError(f"trace {path} has a header but no requests")
     parsed = []
     for n, r in rows:
+        if comment(r, ts_col):
+            continue
         cell = r[ts_col].strip() if ts_col < len(r) else ""
         try:
             t = _parse_time(cell)
@@ -190,9 +216,11 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
             if not label:
                 raise TraceError(f"trace {path} line {n}: no deployment (give a label in the deployment column)")
         parsed.append((t, d, label))
+    if not parsed:
+        raise TraceError(f"trace {path} has no requests (every row after the header is a comment)")
     t0 = min(t for t, _, _ in parsed)
     labels = sorted({x for _, _, x in parsed})
-    if all(x.isdigit() for x in labels):
+    if all(x.isascii() and x.isdigit() for x in labels):
         labels.sort(key=int)
     index = {x: i for i, x in enumerate(labels)}
     reqs = tuple(sorted(Request(t - t0, d, index[x]) for t, d, x in parsed))
@@ -210,10 +238,12 @@ def bursty_trace(seed: int = 1, duration_s: float = 3600.0, base_rps: float = 2.
     request is for ``deployment``. Deterministic for a given seed: ``random.Random`` drawing a Poisson process
     at the highest rate, thinned to the rate at each instant."""
     for name, v in (("duration_s", duration_s), ("burst_every_s", burst_every_s), ("service_s", service_s)):
-        if not v > 0:
-            raise SimError(f"{name} must be > 0 (got {v})")
-    if base_rps < 0 or burst_rps < 0 or not 0 <= burst_len_s <= burst_every_s:
-        raise SimError("rates must be >= 0 and 0 <= burst_len_s <= burst_every_s")
+        _finite(name, v, positive=True)
+    for name, v in (("base_rps", base_rps), ("burst_rps", burst_rps), ("burst_len_s", burst_len_s),
+                    ("ramp_s", ramp_s)):
+        _finite(name, v)
+    if not burst_len_s <= burst_every_s:
+        raise SimError("need burst_len_s <= burst_every_s")
     if not 0 <= ramp_s <= burst_len_s / 2:
         raise SimError(f"ramp_s must be between 0 and burst_len_s / 2 (got {ramp_s})")
     calm = burst_every_s - burst_len_s
@@ -268,9 +298,10 @@ def fleet_trace(seed: int = 1, deployments: int = 20, duration_s: float = 3600.0
     """
     if deployments < 1:
         raise SimError(f"deployments must be >= 1 (got {deployments})")
+    _finite("base_rps_hi", base_rps_hi)
     if not 0 < base_rps_lo <= base_rps_hi:
         raise SimError(f"need 0 < base_rps_lo <= base_rps_hi (got {base_rps_lo}, {base_rps_hi})")
-    if not burst_x >= 1:
+    if not 1 <= burst_x < math.inf:
         raise SimError(f"burst_x must be >= 1 (got {burst_x})")
     reqs: list[Request] = []
     for i in range(deployments):
@@ -356,12 +387,10 @@ class Autoscaler:
             raise SimError(f"concurrency must be >= 1 (got {self.concurrency})")
         if not 0 < self.target_utilization <= 1:
             raise SimError(f"target utilization must be in (0, 1] (got {self.target_utilization})")
-        if not self.tick_s > 0:
-            raise SimError(f"tick must be > 0 s (got {self.tick_s})")
-        if not self.window_s > 0:
-            raise SimError(f"window must be > 0 s (got {self.window_s})")
-        if self.drain_s < 0 or self.cooldown_s < 0 or self.panic_window_s < 0:
-            raise SimError("panic window, drain and cooldown must be >= 0 s")
+        _finite("tick_s", self.tick_s, positive=True)
+        _finite("window_s", self.window_s, positive=True)
+        for name in ("panic_window_s", "drain_s", "cooldown_s"):
+            _finite(name, getattr(self, name))
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise SimError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1 "
                            f"(got {self.min_replicas}, {self.max_replicas})")
@@ -470,13 +499,19 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
     if policy.kind == "static" and policy.replicas is None:
         raise SimError("static policy needs replicas=N here (size_static() picks it)")
     for name in ("cold_start_s", "restore_s", "provision_s"):
-        if not getattr(timings, name) >= 0:
-            raise SimError(f"{name} must be >= 0 (got {getattr(timings, name)})")
+        _finite(name, getattr(timings, name))
+    _finite("gpu_hour_usd", gpu_hour_usd)
     if any(r.deployment < 0 for r in trace.requests):
         raise SimError("a request's deployment must be >= 0")
+    if trace.end_s / scaler.tick_s > MAX_TICKS:
+        raise SimError(f"the trace spans {trace.end_s:.0f} s: more than {MAX_TICKS:,} ticks of {scaler.tick_s:g} s "
+                       f"(timestamps in milliseconds, or one far from the others?)")
     deps = [_Deployment(i) for i in range(trace.n_deployments)]
     if isinstance(policy.replicas, tuple) and len(policy.replicas) != len(deps):
         raise SimError(f"static policy gives {len(policy.replicas)} replica counts for {len(deps)} deployments")
+    if policy.kind == "static" and min(policy.replicas if isinstance(policy.replicas, tuple)
+                                       else (policy.replicas,)) < 1:
+        raise SimError(f"a static policy needs at least 1 replica per deployment (got {policy.replicas})")
     c = scaler.concurrency
     start_s = timings.restore_s if policy.kind == "restore" else timings.cold_start_s
     static = policy.kind == "static"
@@ -795,6 +830,7 @@ def size_static(trace: Trace, scaler: Autoscaler, p99_target_s: float, gpu_hour_
 def run_policies(trace: Trace, policies: list[Policy], timings: Timings = Timings(),
                  scaler: Autoscaler = Autoscaler(), gpu_hour_usd: float = 2.5,
                  p99_target_s: float = 2.0) -> list[Result]:
+    _finite("p99_target_s", p99_target_s)
     out = []
     for p in policies:
         if p.kind == "static" and p.replicas is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 
@@ -296,6 +297,7 @@ def test_csv_trace(tmp_path, monkeypatch):
     ("timestamp,duration_s\n1,0\n", "must be > 0"),
     ("timestamp,deployment\n1,a\n2,\n", "line 3: no deployment"),
     ("timestamp\n1\n\xff\n", "is not UTF-8 text"),
+    ("timestamp\n# nothing yet\n", "every row after the header is a comment"),
 ])
 def test_csv_errors_are_one_line(tmp_path, text, match):
     p = tmp_path / "bad.csv"
@@ -303,6 +305,36 @@ def test_csv_errors_are_one_line(tmp_path, text, match):
     with pytest.raises(sim.TraceError, match=match) as e:
         sim.load_trace(p)
     assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_csv_comments_and_labels(tmp_path):
+    """'#' starts a comment, except in a column that is not the timestamp's (a label may start with '#'); labels
+    that look like digits but are not ASCII ones ('²') sort as text, without a traceback."""
+    p = tmp_path / "t.csv"
+    p.write_text("# exported today\ndeployment,timestamp\n# note\n#chat,5\n\u00b2,6\n\u00b3,7\n", encoding="utf-8")
+    tr = sim.load_trace(p)
+    assert [(r.t, r.deployment) for r in tr.requests] == [(0, 0), (1, 1), (2, 2)] and tr.n_deployments == 3
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: sim.bursty_trace(duration_s=math.inf), "duration_s must be a finite number > 0"),
+    (lambda: sim.bursty_trace(burst_rps=math.nan), "burst_rps must be a finite number >= 0"),
+    (lambda: sim.fleet_trace(base_rps_hi=math.inf), "base_rps_hi must be a finite number"),
+    (lambda: sim.fleet_trace(burst_x=math.inf), "burst_x must be >= 1"),
+    (lambda: Autoscaler(cooldown_s=math.nan).check(), "cooldown_s must be a finite number >= 0"),
+    (lambda: Autoscaler(tick_s=math.inf).check(), "tick_s must be a finite number > 0"),
+    (lambda: sim.simulate(THREE, Policy("cold", 0), Timings(cold_start_s=math.inf)), "cold_start_s must be a finite"),
+    (lambda: sim.simulate(THREE, Policy("cold", 0), gpu_hour_usd=-1), "gpu_hour_usd must be a finite number >= 0"),
+    (lambda: sim.simulate(THREE, Policy("static", 0, 0)), "at least 1 replica per deployment"),
+    (lambda: sim.run_policies(THREE, [Policy("static", 0)], p99_target_s=-1), "p99_target_s must be a finite"),
+    # epoch seconds with one stray 0: 1.7e9 one-second ticks
+    (lambda: sim.simulate(Trace((Request(0, 1), Request(1.7e9, 1)), 1.7e9, "t"), Policy("cold", 0)),
+     "more than 10,000,000 ticks"),
+])
+def test_numbers_must_be_finite_and_in_range(call, match):
+    """An infinite duration never ends and NaN silently switches a rule off: both are refused in one line."""
+    with pytest.raises(sim.SimError, match=match):
+        call()
 
 
 def test_policy_specs():
