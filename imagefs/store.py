@@ -473,7 +473,7 @@ class ChunkStore:
     def _put(self, key: str, data: bytes) -> bool:
         """Remote tiers (durable first), then the local disk; True when new to the durable tier."""
         new = False
-        for t in reversed(self.remote + [self.local]):
+        for t in [*reversed(self.remote), self.local]:  # (the disk last: it never holds what S3 lacks)
             stored = t.put(key, data)
             if t is self.durable:
                 new = stored

@@ -360,11 +360,18 @@ class S3Tier:
 
         try:
             size = zstandard.frame_content_size(data)
-            if not 0 <= size <= MAX_DECODED:
+            if size > MAX_DECODED:
                 raise ValueError(f"frame content size {size}")
             if getattr(self._zstd, "d", None) is None:
                 self._zstd.d = zstandard.ZstdDecompressor()
-            return self._zstd.d.decompress(data)
+            if size >= 0:
+                return self._zstd.d.decompress(data)
+            out = bytearray()  # a frame that does not say its size (another writer's): streamed, with the same cap
+            for piece in self._zstd.d.read_to_iter(io.BytesIO(data)):
+                out += piece
+                if len(out) > MAX_DECODED:
+                    raise ValueError(f"decodes to more than {MAX_DECODED} bytes")
+            return bytes(out)
         except (ValueError, zstandard.ZstdError) as e:
             log.warning("%s: %s does not decode (%s)", self.name, key, e)
             return data

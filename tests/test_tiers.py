@@ -488,6 +488,36 @@ def test_an_object_in_an_encoding_this_version_cannot_read_is_an_error_and_stays
     assert store.durable.has(k)
 
 
+def test_an_object_compressed_without_its_size_is_read(s3server, tmp_path):
+    """A zstd frame that does not say its decoded size (another writer's) is decoded, not taken for damage: that
+    would delete it from the bucket, maybe its only copy."""
+    import zstandard
+
+    bucket = new_bucket()
+    data = blob(4096, 13) * 8
+    store = ChunkStore([LocalDirTier(tmp_path / "local", max_bytes=64 * MiB), s3tier(s3server, bucket)])
+    packed = zstandard.ZstdCompressor(write_content_size=False).compress(data)
+    assert zstandard.frame_content_size(packed) == -1
+    k = ckey(digest_of(data))
+    s3server.client().put_object(Bucket=bucket, Key=k, Body=packed, Metadata={"thaw-encoding": "zstd"})
+    assert store.get_chunk(digest_of(data)) == data and store.durable.has(k)
+
+
+def test_what_s3_did_not_take_is_not_left_on_the_disk(s3server_own, tmp_path):
+    """With S3 configured, a write goes to S3 first: a manifest S3 did not take is not on this host's disk either,
+    where the host would take it for stored."""
+    cfg = Config(state_dir=tmp_path / "w", **s3server_own.settings(new_bucket(), s3_timeout_s=1.5,
+                                                                   s3_max_attempts=2))
+    store = ChunkStore.open(cfg)
+    store.durable.ensure_bucket()
+    data = json.dumps({"files": [], "written": "while S3 was down"}).encode()
+    with s3server_own.paused():
+        with pytest.raises(StoreUnavailable):
+            store.put_manifest_bytes(data)
+        assert not store.local.has(f"manifests/{digest_of(data)[:2]}/{digest_of(data)}")
+    assert store.put_manifest_bytes(data)[1]  # S3 back: stored, and new to S3
+
+
 def test_s3_down_is_a_bounded_error_and_reads_recover(s3server_own, tmp_path):
     bucket = new_bucket()
     cfg = Config(state_dir=tmp_path / "w", chunk_size=MiB, **s3server_own.settings(
