@@ -23,7 +23,7 @@ from thaw.registry import deployments, snapshots
 from thaw.registry.models import Replica, RestoreEvent
 from thaw.runtime import metrics
 from thaw.registry.queries import NotFound
-from thaw.snapshot import compat, criu
+from thaw.snapshot import compat, criu, cuda
 from thaw.snapshot.host import HostSnapshots, Running, SnapshotError, breakdown
 from thaw.workflows.build_snapshot import (
     CheckpointInput, CheckpointResult, ReplicaLogInput, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot,
@@ -33,8 +33,9 @@ from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput
 from .build_image import fail_fast_on
 
 log = logging.getLogger("thaw.agent")
-host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.ReplicaError, compat.Incompatible, StoreError, IngestError,
-                                     NotFound)
+# a CUDA error (no driver >= 570, a refused state, a failed or timed-out checkpoint) would only repeat a cold boot
+host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.ReplicaError, compat.Incompatible, StoreError,
+                                     IngestError, NotFound, cuda.CudaError)
 STORED_FILE = "stored.json"
 
 
@@ -85,7 +86,8 @@ class HostActivities:
     @host_errors_fail_fast
     def verify_snapshot(self, inp: VerifyInput) -> VerifyResult:
         spec = dataclasses.asdict(inp.plan.spec)
-        with keepalive("verify"):  # a restore, a health wait and the golden request: each may be long
+        # a cancel raised into this thread between the restore and its stop would leave the replica running
+        with activity.shield_thread_cancel_exception(), keepalive("verify"):  # each step may be long
             ms = self.host.verify(inp.snapshot_digest, inp.plan.image_digest, spec, dataclasses.asdict(inp.golden),
                                   inp.golden_digest, inp.plan.spec.secrets, inp.host_facts)
         log.info("verified snapshot %s: %s", inp.snapshot_digest[:12], breakdown(ms))

@@ -15,7 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from thaw.activities.host import HostActivities
@@ -73,6 +74,34 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
             await asyncio.to_thread(beat, cfg, acts)
         except Exception as e:  # noqa: BLE001 - the next round tries again
             log.warning("agent %s: heartbeat round failed: %s", cfg.host_id, str(e).splitlines()[0] if str(e) else e)
+
+
+async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
+    """The dirs of checkpoints that finished here (kept by :func:`cleanup_stale` for their build's next step) whose
+    build workflow has ended: an agent away longer than the build's pickup timeout failed the build, whose own
+    clean-up could not reach it, and the dump (GBs for a GPU model) would stay. Returns the build ids dropped."""
+    dropped = []
+    for build_id in host.finished_builds():
+        try:
+            try:
+                desc = await client.get_workflow_handle(build_id).describe()
+                ended = desc.status != WorkflowExecutionStatus.RUNNING
+            except RPCError as e:
+                if e.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                ended = True  # gone from Temporal (past its retention)
+            if ended:
+                await asyncio.to_thread(host.discard, build_id)
+                dropped.append(build_id)
+        except Exception as e:  # noqa: BLE001 - Temporal unreachable, say: kept until the next agent start
+            log.warning("build %s: its dir stays for now: %s", build_id, str(e).splitlines()[0] if str(e) else e)
+    if dropped:
+        log.info("dropped the dirs of %d ended build(s): %s", len(dropped), ", ".join(dropped))
+    return dropped
+
+
+async def background(cfg: Config, acts: HostActivities, client: Client) -> None:
+    await asyncio.gather(heartbeat(cfg, acts), drop_ended_builds(client, acts.host))
 
 
 def push_store(store) -> None:
@@ -136,7 +165,7 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
              {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
     try:
         await serve(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex), ready_file,
-                    background=lambda: heartbeat(cfg, acts), stop=stop)
+                    background=lambda client: background(cfg, acts, client), stop=stop)
     finally:
         acts.stop_all()
         try:  # no work placed here until an agent runs again (not after host_stale_s)

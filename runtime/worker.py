@@ -47,16 +47,17 @@ def stop_on_signals() -> asyncio.Event:
 
 
 async def serve(cfg: Config, make: Callable[[Client, ThreadPoolExecutor], Worker], ready_file: Path | None,
-                background: Callable[[], Awaitable[None]] | None = None, stop: asyncio.Event | None = None) -> None:
+                background: Callable[[Client], Awaitable[None]] | None = None, stop: asyncio.Event | None = None
+                ) -> None:
     """Run one worker until SIGTERM/SIGINT (``stop``, if the caller installed it earlier); ``ready_file`` exists
-    exactly while it polls."""
+    exactly while it polls, and ``background(client)`` runs meanwhile."""
     stop = stop or stop_on_signals()  # before connecting: a SIGTERM then still runs the callers' clean-up
     client = await connect(cfg)
     with ThreadPoolExecutor(max_workers=16, thread_name_prefix="thaw-activity") as executor:
         worker = make(client, executor)
         log.info("worker polling %s on %s", worker.task_queue, cfg.temporal_address)
         async with worker:
-            side = asyncio.ensure_future(background()) if background else None
+            side = asyncio.ensure_future(background(client)) if background else None
             if ready_file:
                 ready_file.write_text(str(os.getpid()))
             try:

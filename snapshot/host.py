@@ -223,6 +223,7 @@ class HostSnapshots:
         self._pinner = ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")  # off the restore's critical path
         self._mounter = ThreadPoolExecutor(4, thread_name_prefix="thaw-mount")
         self._gpu_lock = threading.Lock()
+        self._builds: dict[str, threading.Lock] = {}  # build id -> held while a checkpoint attempt or discard runs
         self._gpu_load: dict[int, int] = {}  # GPU number -> replicas (and launches) on it now
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
@@ -439,13 +440,32 @@ class HostSnapshots:
             raise SnapshotError(f"build id {build_id!r}: {BUILD_ID_RULE}")
         return self.cfg.work_dir / "builds" / build_id
 
+    def finished_builds(self) -> list[str]:
+        """Ids of the builds whose checkpoint finished on this host and whose dir is still here."""
+        builds = self.cfg.work_dir / "builds"
+        return sorted(d.name for d in builds.iterdir() if (d / RESULT).exists()) if builds.is_dir() else []
+
+    def _build_lock(self, build_id: str) -> threading.Lock:
+        """Held by a checkpoint attempt and by a discard of ``build_id``: a retry that arrives while an attempt
+        that timed out still runs here (blocked in a dump, say) waits for it instead of clearing its dir."""
+        with self._gpu_lock:
+            return self._builds.setdefault(build_id, threading.Lock())
+
     def discard(self, build_id: str) -> None:
         """Drop build ``build_id``'s dir (its dump, launch log, records) once its workflow has ended."""
-        clear(self._build_dir(build_id))
+        with self._build_lock(build_id):
+            clear(self._build_dir(build_id))
+        with self._gpu_lock:
+            self._builds.pop(build_id, None)
 
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:
         """Launch once, wait healthy, answer the golden request, checkpoint. Idempotent per build_id."""
+        with self._build_lock(build_id):
+            return self._take(build_id, image_digest, spec, golden, beat)
+
+    def _take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
+              beat: Callable[[str], None]) -> dict:
         work = self._build_dir(build_id)
         done = work / RESULT
         if done.exists():

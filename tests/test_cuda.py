@@ -404,6 +404,24 @@ def test_around_dump_without_gpu_pids_just_dumps(cu):
 
 
 # -- driver availability and facts -------------------------------------------------------------------------------
+def test_cuda_errors_fail_the_agent_s_work_at_once():
+    """A CUDA error (no driver >= 570, a refused state, a failed checkpoint) would only repeat: the host's
+    activities fail at once with its one line instead of running a cold boot again on each retry."""
+    pytest.importorskip("temporalio")
+    from temporalio.exceptions import ApplicationError
+
+    from thaw.activities.host import host_errors_fail_fast
+
+    for err in (CudaUnavailable("no NVIDIA driver >= 570 here"), CudaStateError("pid 7 is LOCKED, not RUNNING"),
+                CudaError("cuCheckpointProcessCheckpoint(pid 7): CUDA_ERROR_NOT_SUPPORTED")):
+        def take():
+            raise err
+
+        with pytest.raises(ApplicationError) as e:
+            host_errors_fail_fast(take)()
+        assert e.value.non_retryable and e.value.message == str(err)
+
+
 def test_driver_unavailable_is_explained(cu):
     with pytest.raises(CudaUnavailable, match="driver >= 570"):
         RealCudaDriver(FakeCu(version=12040))

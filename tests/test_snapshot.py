@@ -763,3 +763,72 @@ def test_a_full_host_refuses_replicas_kept_by_restore(cfg, worker, agent):
     with pytest.raises(Exception, match="no snapshot"):
         agent.restore_replicas(RestorePlan("0" * 64, cfg.host_id, cfg.host_task_queue, 2, [], True))
     assert agent.starts == 0
+
+
+def test_an_agent_start_drops_the_dirs_of_ended_builds(cfg):
+    """A finished checkpoint's dir outlives an agent restart, for its build's next step (store, verify). A build
+    that ended meanwhile (failed while the agent was away longer than its pickup timeout, so its own clean-up
+    never reached the host) leaves a dump of GBs: the next agent start drops it, and keeps a running build's."""
+    import asyncio
+    import uuid
+
+    from temporalio.client import Client
+
+    from thaw.runtime.agent import drop_ended_builds
+    from thaw.snapshot.host import RESULT, HostSnapshots, cleanup_stale
+
+    ids = {k: f"build-{k}-{uuid.uuid4().hex[:8]}" for k in ("running", "ended", "unknown")}
+    for b in ids.values():
+        (cfg.work_dir / "builds" / b / "dump").mkdir(parents=True)
+        (cfg.work_dir / "builds" / b / RESULT).write_text("{}")
+    assert cleanup_stale(cfg.work_dir) == 0  # what an agent start clears first: not these
+    host = HostSnapshots(cfg)
+    nobody = f"nobody-{uuid.uuid4().hex[:8]}"  # workflows that never run: only their status matters
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        running = await client.start_workflow("BuildSnapshot", id=ids["running"], task_queue=nobody)
+        ended = await client.start_workflow("BuildSnapshot", id=ids["ended"], task_queue=nobody)
+        await ended.terminate("failed while its host was away")
+        try:
+            return await drop_ended_builds(client, host)
+        finally:
+            await running.terminate("test over")
+
+    try:
+        dropped = asyncio.run(go())
+    finally:
+        host.close()
+    assert sorted(dropped) == sorted([ids["ended"], ids["unknown"]])
+    assert host.finished_builds() == [ids["running"]]
+
+
+def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
+    """A retried checkpoint that reaches the host while the attempt that timed out still runs (blocked in a dump,
+    say) waits for it, then answers with its result, instead of clearing the dir under it; a discard waits too."""
+    import threading
+
+    from thaw.snapshot.host import RESULT, HostSnapshots
+
+    host = HostSnapshots(cfg)
+    work = cfg.work_dir / "builds" / "b1"
+    got = []
+    try:
+        with host._build_lock("b1"):  # the first attempt, still running
+            t = threading.Thread(target=lambda: got.append(host.take("b1", "img", {}, {})))
+            t.start()
+            time.sleep(0.3)
+            assert t.is_alive() and not got
+            work.mkdir(parents=True)
+            (work / RESULT).write_text('{"dump_dir": "d"}')  # what the first attempt ends with
+        t.join(10)
+        assert got == [{"dump_dir": "d"}]
+        with host._build_lock("b1"):
+            t = threading.Thread(target=host.discard, args=("b1",))
+            t.start()
+            time.sleep(0.3)
+            assert t.is_alive() and work.exists()
+        t.join(10)
+        assert not work.exists()
+    finally:
+        host.close()
