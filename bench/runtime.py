@@ -41,10 +41,6 @@ def thaw(env, *args) -> str:
     return r.stdout
 
 
-def pool_state(env, name) -> dict:
-    return json.loads(thaw(env, "status", name, "--json"))
-
-
 def wait(pred, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,38 +51,64 @@ def wait(pred, timeout=120):
     raise SystemExit("timed out")
 
 
-async def signals(address: str, name: str, counts, gap_s: float) -> None:
-    """Scale signals from one client, ``gap_s`` apart (each stamped when sent, as `thaw scale` stamps it)."""
+async def bursts(address: str, name: str, n: int, gap_s: float = 0.02, poll_s: float = 0.5) -> list:
+    """``n`` bursts of 8 scale signals (1, 2, ... 8 replicas) from one connected client, ``gap_s`` apart (each
+    stamped when sent, as `thaw scale` stamps it), each from 0 replicas; returns the replicas of every burst.
+    Waiting for a burst to end is an in-process query every ``poll_s``: a `thaw status` process every 50 ms (as
+    this bench did until 2026-11-28) took CPU from the runtime it measures."""
     from temporalio.client import Client
 
     from thaw.runtime import pool
 
     client = await Client.connect(address)
-    for n in counts:
-        await pool.scale(client, name, n, "bench")
-        await asyncio.sleep(gap_s)
+
+    async def until(pred):
+        deadline = time.monotonic() + 120
+        while not pred(st := await pool.state(client, name)):
+            if time.monotonic() > deadline:
+                raise SystemExit("timed out")
+            await asyncio.sleep(poll_s)
+        return st
+
+    out = []
+    for _ in range(n):
+        for count in range(1, 9):
+            await pool.scale(client, name, count, "bench")
+            await asyncio.sleep(gap_s)
+        out.append((await until(lambda st: len(st.replicas) == 8)).replicas)
+        await pool.scale(client, name, 0, "bench")
+        await until(lambda st: not st.replicas)
+    return out
 
 
-async def split(address: str, workflow_id: str) -> tuple[list[float], list[float]]:
-    """From the pool's history, per start_replica: its signal's time -> the activity scheduled (the pool's
-    workflow task), and scheduled -> started (the host agent's worker picking it up)."""
+async def split(address: str, workflow_id: str) -> dict[str, list[float]]:
+    """From the pool's history: per start_replica, its signal's time -> the activity scheduled (the pool's
+    workflow task) and scheduled -> started (the host agent's worker picking it up); per workflow task of the
+    pool, scheduled -> started (the server handing it to the worker) and started -> completed (the worker)."""
     from temporalio.api.enums.v1 import EventType
     from temporalio.client import Client
 
     handle = (await Client.connect(address)).get_workflow_handle(workflow_id)
-    scheduled, wf, host = {}, [], []
+    scheduled, out = {}, {"workflow side": [], "agent pickup": [], "task dispatch": [], "task in worker": []}
+    task_at = 0
     async for e in handle.fetch_history_events():
         ms = e.event_time.ToMilliseconds()
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             a = e.activity_task_scheduled_event_attributes
             if a.activity_type.name == "start_replica":
                 scheduled[e.event_id] = ms
-                wf.append(ms - json.loads(a.input.payloads[0].data)["signal_ms"])
+                out["workflow side"].append(ms - json.loads(a.input.payloads[0].data)["signal_ms"])
         elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             at = scheduled.get(e.activity_task_started_event_attributes.scheduled_event_id)
             if at is not None:
-                host.append(ms - at)
-    return wf, host
+                out["agent pickup"].append(ms - at)
+        elif e.event_type in (EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+                              EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED):
+            if e.event_type != EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+                out["task dispatch" if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED
+                    else "task in worker"].append(ms - task_at)
+            task_at = ms
+    return out
 
 
 def pct(xs, p):
@@ -120,17 +142,13 @@ def main() -> None:
              "--cooldown", "0")
 
         lat, restore_ms, fallbacks = [], [], []
-        for burst in range(args.bursts):
-            asyncio.run(signals(env["THAW_TEMPORAL_ADDRESS"], "bench", range(1, 9), 0.02))
-            st = wait(lambda: len((s := pool_state(env, "bench"))["replicas"]) == 8 and s)
-            for r in st["replicas"]:
-                lat.append(r["started_at_ms"] - r["signal_ms"])
-                if r["outcome"] == "restored":  # a fallback cold boot is no restore time
-                    restore_ms.append(r["timings_ms"]["total"])
+        for replicas in asyncio.run(bursts(env["THAW_TEMPORAL_ADDRESS"], "bench", args.bursts)):
+            for r in replicas:
+                lat.append(r.started_at_ms - r.signal_ms)
+                if r.outcome == "restored":  # a fallback cold boot is no restore time
+                    restore_ms.append(r.timings_ms["total"])
                 else:
-                    fallbacks.append(f"{r['outcome']}: {r['reason']}")
-            thaw(env, "scale", "bench", "0")
-            wait(lambda: not pool_state(env, "bench")["replicas"])
+                    fallbacks.append(f"{r.outcome}: {r.reason}")
         print(f"P5a signal -> restore start over {len(lat)} replicas in {args.bursts} bursts of 8: p50 "
               f"{pct(lat, 50):.0f} ms, p99 {pct(lat, 99):.0f} ms, max {max(lat):.0f} ms")
         print(f"    slowest of each burst: {[round(max(lat[i:i + 8])) for i in range(0, len(lat), 8)]} ms")
@@ -139,10 +157,10 @@ def main() -> None:
         print(f"    restore of each replica (8 at once on {os.cpu_count()} cpus): median "
               f"{statistics.median(restore_ms):.0f} ms over {len(restore_ms)} restores"
               + (f"; {len(fallbacks)} fell back ({fallbacks[0]})" if fallbacks else ""))
-        wf, host = asyncio.run(split(env["THAW_TEMPORAL_ADDRESS"], "pool-bench"))
-        print(f"    of which signal -> start_replica scheduled (workflow side): p50 {pct(wf, 50):.0f} ms, p99 "
-              f"{pct(wf, 99):.0f} ms; scheduled -> started on the host (agent pickup): p50 {pct(host, 50):.0f} ms, "
-              f"p99 {pct(host, 99):.0f} ms")
+        parts = asyncio.run(split(env["THAW_TEMPORAL_ADDRESS"], "pool-bench"))
+        print("    of which (p50/p99 ms): signal -> start_replica scheduled (workflow side) {}; scheduled -> started "
+              "on the host (agent pickup) {}; each pool workflow task: handed to the worker {}, in the worker {}"
+              .format(*(f"{pct(xs, 50):.0f}/{pct(xs, 99):.0f}" for xs in parts.values())))
 
         port = int(env["THAW_GATEWAY_PORT"])
         gateway = subprocess.Popen(["thaw", "gateway", "bench", "--port", str(port)], env=env,
