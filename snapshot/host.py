@@ -99,6 +99,8 @@ class Running:
     forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
     stopped: bool = False
     on_stop: Callable[[], None] | None = None  # gives back what the host lent the replica (its GPU)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _waiting: bool = False  # a thread waits for a replica that outlived its SIGKILL, to finish the stop
 
     def __post_init__(self):
         if self.record:  # lets a restarted agent stop what a killed one left (see cleanup_stale)
@@ -118,18 +120,35 @@ class Running:
         return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
 
     def stop(self) -> None:
-        """Stop the process tree and release its root (once: later calls do nothing)."""
-        if self.stopped:
-            return
-        for f in self.forwarders.values():
-            f.close()
-        self.replica.stop()  # a process that outlives its timeout keeps its record, GPU and root: try again later
-        self.stopped = True
+        """Stop the process tree and release its root (once: later calls do nothing). A process that outlives
+        its SIGKILL's timeout (a driver tearing down much device memory, say) is a ReplicaError; it keeps its
+        record, GPU and root until it is gone, when a thread waiting for it finishes the stop."""
+        with self._lock:
+            if self.stopped:
+                return
+            for f in self.forwarders.values():
+                f.close()
+            try:
+                self.replica.stop()
+            except criu.ReplicaError as e:
+                if not self._waiting:
+                    self._waiting = True
+                    log.warning("replica %s: %s; its stop ends once it is gone", self.id, e)
+                    threading.Thread(target=self._stop_once_gone, name=f"thaw-stop-{self.id}", daemon=True).start()
+                raise
+            self.stopped = True
         if self.on_stop:
             self.on_stop()
         self.root.cleanup()
         if self.record:
             shutil.rmtree(self.record.parent, ignore_errors=True)
+
+    def _stop_once_gone(self) -> None:
+        self.replica.proc.wait()
+        try:
+            self.stop()
+        except (criu.ReplicaError, OSError) as e:
+            log.error("replica %s: not stopped: %s", self.id, e)
 
 
 def clear(d: Path) -> None:
@@ -637,7 +656,8 @@ class HostSnapshots:
                 raise SnapshotError(f"replica {rid} of snapshot {snap['digest'][:12]} answered the golden request "
                                     f"differently ({len(answer)} bytes, digest {digest_of(answer)[:12]})")
         except BaseException:
-            running.stop()
+            with contextlib.suppress(criu.ReplicaError):  # it outlived its SIGKILL: stopped once gone (logged);
+                running.stop()  # what failed the restore is the error to report
             raise
         ms = st.done()
         self._pinner.submit(self.pins.pin, snap["digest"], files)
@@ -674,7 +694,8 @@ class HostSnapshots:
                     st.mark("replay")
                     same = digest_of(answer) == golden_digest
             except BaseException:
-                running.stop()
+                with contextlib.suppress(criu.ReplicaError):  # as in restore
+                    running.stop()
                 raise
         except BaseException:
             if fetch:

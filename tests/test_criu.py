@@ -588,3 +588,42 @@ def test_the_kdat_cache_dir_is_used_only_if_private(tmp_path, monkeypatch):
     d.unlink()
     d.write_text("a file")
     assert criu_mod._with_kdat_cache(["criu", "restore"]) == ["criu", "restore"]
+
+
+@needs_criu
+def test_a_replica_that_outlives_its_sigkill_is_stopped_once_gone(image, work, monkeypatch):
+    """A replica still there 10 s after SIGKILL (a driver tearing down much device memory, say) keeps its GPU
+    loan and root while it is there, and gives them back once it is gone: before, nobody tried again, and the
+    host counted a GPU replica that no longer existed until the agent restarted."""
+    import signal
+
+    from services import wait_until
+    from thaw.snapshot.host import Running
+
+    replica = launch_host_root(image, work, "stubborn", data_mb=1)
+    layer = work / "stubborn-layer"
+    layer.mkdir()
+    root = prepare_root([layer], work / "stubborn-rw")
+    given, real, gone = [], replica.stop, []
+
+    def stubborn(timeout=10.0):  # what a process in uninterruptible sleep does to the stop
+        if not gone:
+            raise ReplicaError(f"replica {replica.pid} is still there {timeout:g} s after SIGKILL")
+        real(timeout)
+
+    monkeypatch.setattr(replica, "stop", stubborn)
+    running = Running("r-stubborn", replica, root, PORT, on_stop=lambda: given.append("gpu"))
+    try:
+        for _ in range(2):  # a second try, as the agent's stop_all makes: still there, and one waiter only
+            with pytest.raises(ReplicaError):
+                running.stop()
+        assert not running.stopped and not given and str(root.path) in _linux.mountpoints()
+        gone.append(True)
+        os.kill(replica.pid, signal.SIGKILL)  # it goes at last
+        wait_until(lambda: given == ["gpu"] and str(root.path) not in _linux.mountpoints(), 10,
+                   "the stop to finish once the replica is gone")
+        assert running.stopped
+    finally:
+        gone.append(True)
+        real()
+        root.cleanup()
