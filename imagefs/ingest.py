@@ -156,7 +156,8 @@ class Tree:
         if entry.type == SYMLINK and _symlink_escapes(path, entry.target or ""):
             raise IngestError(f"symlink {src!r} -> {entry.target!r} escapes the image root")
         if entry.type in (CHR, BLK) and not self.limits.allow_devices:
-            raise IngestError(f"device node {src!r} is not allowed in an image (THAW_ALLOW_DEVICES=1 on the build worker permits it)")
+            raise IngestError(f"device node {src!r} is not allowed in an image "
+                              f"(THAW_ALLOW_DEVICES=1 on the build worker permits it)")
         if entry.type == REG:
             if entry.size > self.limits.max_file_size:
                 raise IngestError(f"{src!r} is {entry.size} bytes, over the {self.limits.max_file_size}-byte file limit")

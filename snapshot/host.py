@@ -243,6 +243,7 @@ class HostSnapshots:
         self._mounter = ThreadPoolExecutor(4, thread_name_prefix="thaw-mount")
         self._gpu_lock = threading.Lock()
         self._builds: dict[str, threading.Lock] = {}  # build id -> held while a checkpoint attempt or discard runs
+        self._builds_lock = threading.Lock()  # guards self._builds
         self._gpu_load: dict[int, int] = {}  # GPU number -> replicas (and launches) on it now
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
@@ -467,14 +468,14 @@ class HostSnapshots:
     def _build_lock(self, build_id: str) -> threading.Lock:
         """Held by a checkpoint attempt and by a discard of ``build_id``: a retry that arrives while an attempt
         that timed out still runs here (blocked in a dump, say) waits for it instead of clearing its dir."""
-        with self._gpu_lock:
+        with self._builds_lock:
             return self._builds.setdefault(build_id, threading.Lock())
 
     def discard(self, build_id: str) -> None:
         """Drop build ``build_id``'s dir (its dump, launch log, records) once its workflow has ended."""
         with self._build_lock(build_id):
             clear(self._build_dir(build_id))
-        with self._gpu_lock:
+        with self._builds_lock:
             self._builds.pop(build_id, None)
 
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
