@@ -33,9 +33,10 @@ from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput
 from .build_image import fail_fast_on
 
 log = logging.getLogger("thaw.agent")
-# a CUDA error (no driver >= 570, a refused state, a failed or timed-out checkpoint) would only repeat a cold boot
+# no driver >= 570 or cuda-python, or a process in a state the step refuses: a retry would only repeat a cold boot
+# (a failed or timed-out CUDA call, out of memory on a busy GPU say, may succeed when retried)
 host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.ReplicaError, compat.Incompatible, StoreError,
-                                     IngestError, NotFound, cuda.CudaError)
+                                     IngestError, NotFound, cuda.CudaUnavailable, cuda.CudaStateError)
 STORED_FILE = "stored.json"
 
 
@@ -196,13 +197,15 @@ class HostActivities:
                 id=running.id, deployment=deployment, snapshot_digest=snapshot, host_id=self.cfg.host_id,
                 endpoint=endpoint, ports=running.published or None, outcome=outcome))
         except BaseException:
-            running.stop()
+            with contextlib.suppress(criu.ReplicaError):  # outlived its SIGKILL: stopped once gone (logged)
+                running.stop()
             raise
         with self.lock:
             if not self.closing and running.id not in self.unwanted:
                 self.serving[running.id] = running
                 return endpoint
-        running.stop()
+        with contextlib.suppress(criu.ReplicaError):
+            running.stop()
         deployments.remove_replica(self.cfg.registry_url, running.id)
         return ""
 

@@ -81,7 +81,12 @@ async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
     build workflow has ended: an agent away longer than the build's pickup timeout failed the build, whose own
     clean-up could not reach it, and the dump (GBs for a GPU model) would stay. Returns the build ids dropped."""
     dropped = []
-    for build_id in host.finished_builds():
+    try:
+        finished = host.finished_builds()
+    except OSError as e:  # an unreadable work dir: the agent's own work reports it; nothing dropped
+        log.warning("cannot list finished builds: %s", e)
+        return dropped
+    for build_id in finished:
         try:
             try:
                 desc = await client.get_workflow_handle(build_id).describe()

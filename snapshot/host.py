@@ -243,7 +243,8 @@ class HostSnapshots:
         self._mounter = ThreadPoolExecutor(4, thread_name_prefix="thaw-mount")
         self._gpu_lock = threading.Lock()
         self._builds: dict[str, threading.Lock] = {}  # build id -> held while a checkpoint attempt or discard runs
-        self._builds_lock = threading.Lock()  # guards self._builds
+        self._discarded: set[str] = set()  # builds whose workflow ended: a late checkpoint attempt is refused
+        self._builds_lock = threading.Lock()  # guards both
         self._gpu_load: dict[int, int] = {}  # GPU number -> replicas (and launches) on it now
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
@@ -465,23 +466,33 @@ class HostSnapshots:
         builds = self.cfg.work_dir / "builds"
         return sorted(d.name for d in builds.iterdir() if (d / RESULT).exists()) if builds.is_dir() else []
 
-    def _build_lock(self, build_id: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _build(self, build_id: str):
         """Held by a checkpoint attempt and by a discard of ``build_id``: a retry that arrives while an attempt
-        that timed out still runs here (blocked in a dump, say) waits for it instead of clearing its dir."""
+        that timed out still runs here (blocked in a dump, say) waits for it instead of clearing its dir. Waits
+        in 1 s steps: a cancel that Temporal raises into the waiting thread lands between them."""
         with self._builds_lock:
-            return self._builds.setdefault(build_id, threading.Lock())
+            lock = self._builds.setdefault(build_id, threading.Lock())
+        while not lock.acquire(timeout=1):
+            pass
+        try:
+            yield
+        finally:
+            lock.release()
 
     def discard(self, build_id: str) -> None:
         """Drop build ``build_id``'s dir (its dump, launch log, records) once its workflow has ended."""
-        with self._build_lock(build_id):
+        with self._build(build_id):
+            with self._builds_lock:
+                self._discarded.add(build_id)
             clear(self._build_dir(build_id))
-        with self._builds_lock:
-            self._builds.pop(build_id, None)
 
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:
         """Launch once, wait healthy, answer the golden request, checkpoint. Idempotent per build_id."""
-        with self._build_lock(build_id):
+        with self._build(build_id):
+            if build_id in self._discarded:  # an attempt that waited out its workflow's end: nobody wants it
+                raise SnapshotError(f"build {build_id} has ended (its dir was dropped): not launched again")
             return self._take(build_id, image_digest, spec, golden, beat)
 
     def _take(self, build_id: str, image_digest: str, spec: dict, golden: dict,

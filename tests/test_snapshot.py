@@ -805,30 +805,35 @@ def test_an_agent_start_drops_the_dirs_of_ended_builds(cfg):
 
 def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
     """A retried checkpoint that reaches the host while the attempt that timed out still runs (blocked in a dump,
-    say) waits for it, then answers with its result, instead of clearing the dir under it; a discard waits too."""
+    say) waits for it, then answers with its result, instead of clearing the dir under it; a discard waits too,
+    and an attempt that waited out its workflow's end (the discard came first) launches nothing."""
     import threading
 
     from thaw.snapshot.host import RESULT, HostSnapshots
 
     host = HostSnapshots(cfg)
     work = cfg.work_dir / "builds" / "b1"
-    got = []
+    entered, got, real = [], [], host._take
+    host._take = lambda *a: entered.append(a[0]) or real(*a)
     try:
-        with host._build_lock("b1"):  # the first attempt, still running
+        with host._build("b1"):  # the first attempt, still running
             t = threading.Thread(target=lambda: got.append(host.take("b1", "img", {}, {})))
             t.start()
-            time.sleep(0.3)
-            assert t.is_alive() and not got
+            t.join(1.5)
+            assert t.is_alive() and not entered
             work.mkdir(parents=True)
             (work / RESULT).write_text('{"dump_dir": "d"}')  # what the first attempt ends with
         t.join(10)
-        assert got == [{"dump_dir": "d"}]
-        with host._build_lock("b1"):
+        assert got == [{"dump_dir": "d"}] and entered == ["b1"]
+        with host._build("b1"):
             t = threading.Thread(target=host.discard, args=("b1",))
             t.start()
-            time.sleep(0.3)
+            t.join(1.5)
             assert t.is_alive() and work.exists()
         t.join(10)
         assert not work.exists()
+        with pytest.raises(SnapshotError, match="build b1 has ended"):
+            host.take("b1", "img", {}, {})
+        assert entered == ["b1"] and not work.exists()
     finally:
         host.close()
