@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from thaw.imagefs.mount import mountinfo
+
 from . import _linux
 from .compat import host_facts
 from .replica import REAP, Replica, ReplicaError, _lines, after_restore, launch, open_log
@@ -91,13 +93,9 @@ def _with_kdat_cache(cmd: list[str]) -> list[str]:
 
 
 def _fstype(path: str) -> str:
-    best = ("", "")
-    with open("/proc/self/mounts", errors="surrogateescape") as f:
-        for line in f:
-            _, mnt, fstype, *_ = line.split()
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                best = (mnt, fstype)
-    return best[1]
+    """The file system type of the deepest mount holding ``path`` (the last mounted, of equal ones)."""
+    holding = [m for m in mountinfo() if path == m.mountpoint or path.startswith(m.mountpoint.rstrip("/") + "/")]
+    return max(reversed(holding), key=lambda m: len(m.mountpoint)).fstype if holding else ""
 
 
 def criu_binary() -> str:

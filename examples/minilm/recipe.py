@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from thaw.imagefs.mount import mountinfo
+
 HERE = Path(__file__).resolve().parent
 SERVER_PY = HERE / "server.py"
 SDK_PY = HERE.parent.parent / "snapshot" / "sdk.py"  # thaw's server-side snapshot SDK, stdlib only
@@ -233,20 +235,12 @@ def _check_host() -> None:
 # mounts and chroot
 
 
-def _unescape_mount(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
 def mounts_under(path: Path) -> list[str]:
     """Mount points at or below ``path`` (deepest first)."""
     base = os.path.realpath(path)
-    out = []
-    with open("/proc/self/mountinfo", errors="surrogateescape") as fh:
-        for line in fh:
-            mp = _unescape_mount(line.split()[4])
-            if mp == base or mp.startswith(base.rstrip("/") + "/"):
-                out.append(mp)
-    return sorted(set(out), key=lambda p: p.count("/"), reverse=True)
+    out = {m.mountpoint for m in mountinfo()
+           if m.mountpoint == base or m.mountpoint.startswith(base.rstrip("/") + "/")}
+    return sorted(out, key=lambda p: p.count("/"), reverse=True)
 
 
 def umount_all_under(path: Path) -> None:
