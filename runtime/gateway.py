@@ -196,9 +196,10 @@ class Gateway:
     host vanished); ``max_delivery_attempts`` bounds re-sends after a connection broke mid-request;
     ``max_queued`` bounds the requests held at once (more are answered 503 with Retry-After, since each holds its
     body in memory), and ``max_body_memory`` the bytes of bodies held or in flight (each is kept for a re-send
-    until its answer comes: a request that would go past it gets the same 503); ``read_timeout_s`` bounds the wait for a replica's answer to begin, from the start of the
-    request (sending it the body included), then for each piece of it (a wedged replica: 504, not sent again,
-    since the replica may be doing the work); ``resend_s``: while requests are held with no
+    until its answer comes: a request that would go past it gets the same 503); ``read_timeout_s`` bounds the
+    wait for a replica's answer to begin, from the start of the request (sending it the body included), then for
+    each piece of it (a wedged replica: 504, not sent again, since the replica may be doing the work);
+    ``resend_s``: while requests are held with no
     replica, the scale signal is sent again that often (the pool may have been scaled down or deployed afresh
     behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy).
     """
