@@ -133,6 +133,9 @@ def check(snapshot_facts: dict, host_facts: dict) -> list[str]:
                            f"matches")
             snap.pop(key, None)
             host.pop(key, None)
+    wanted, has = (len(f.get("gpu_uuids") or ()) for f in (snapshot_facts, host_facts))
+    if needs_gpu(snap) and needs_gpu(host) and wanted > has:  # a restore maps every checkpointed GPU to one here
+        reasons.append(f"snapshot was taken with {wanted} GPUs visible, host has {has}")
     missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")))
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")

@@ -490,6 +490,9 @@ def test_compat_refuses_gpu_mismatches():
     assert compat.check(snap, with_gpu(driver="580.65.06")) == [
         "nvidia driver 570.86.15 != 580.65.06 (snapshot != host)"]
     assert compat.check(snap, with_gpu(cuda="13.0")) == ["CUDA 12.8 != 13.0 (snapshot != host)"]
+    # a snapshot of a process that saw two GPUs needs two here: refused before CRIU restores anything
+    assert compat.check(with_gpu(uuids=(UUID0, UUID1)), snap) == ["snapshot was taken with 2 GPUs visible, host has 1"]
+    assert compat.check(with_gpu(uuids=(UUID0, UUID1)), with_gpu(uuids=(UUID1, UUID0))) == []
     assert compat.check(snap, CPU) == [f"no NVIDIA GPU on host (snapshot needs {H100}, driver 570.86.15, CUDA 12.8)"]
     with pytest.raises(compat.Incompatible, match="nvidia driver"):
         compat.require(snap, with_gpu(driver="580.65.06"))
