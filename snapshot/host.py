@@ -87,6 +87,24 @@ def write_record(path: Path, pid: int) -> None:
     write_atomic(path, json.dumps({"pid": pid, "start": _starttime(pid)}), durable=False)
 
 
+def stop_or_hand_over(replica: criu.Replica, held: contextlib.ExitStack) -> None:
+    """Stop a replica that nobody records (a build's launch or profile restore). If it outlives its SIGKILL (a
+    driver tearing down much device memory, say), what ``held`` would give back (its GPU loan, root, mount) is
+    handed to a thread that gives it back once the process is gone, not to the next launch while it still holds
+    them; the ReplicaError is raised."""
+    try:
+        replica.stop()
+    except criu.ReplicaError:
+        later = held.pop_all()
+
+        def once_gone() -> None:
+            replica.proc.wait()
+            with later, contextlib.suppress(criu.ReplicaError):
+                replica.stop()  # now at once: closes its fds
+        threading.Thread(target=once_gone, name=f"thaw-stop-{replica.pid}", daemon=True).start()
+        raise
+
+
 @dataclass
 class Running:
     """A serving replica: the process tree and the overlay root it runs on, recorded in ``record``."""
@@ -535,7 +553,7 @@ class HostSnapshots:
                     criu.checkpoint(replica, work / "dump")
                 st.mark("dump")
             finally:
-                replica.stop()
+                stop_or_hand_over(replica, cleanup)
         if (work / BOOT_PROFILE).exists():
             shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
@@ -586,28 +604,25 @@ class HostSnapshots:
     def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict, facts: dict) -> None:
         """Restore the fresh dump once on a recording mount of the image and replay the golden request: the
         image chunks a *restore* reads, in order, are the prefetch profile stored with the snapshot."""
-        rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
-        try:
+        with contextlib.ExitStack() as held:
+            rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
+            held.callback(rec.unmount)  # last: writes the profile
             root = self._root(Path(rec.mountpoint), work / "rw-profile")
+            held.callback(root.cleanup)
             slot = self.take_gpu(facts)
+            held.callback(self.give_gpu, slot)
+            replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
+                                   huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
+                                   read_threads=self.cfg.restore_threads)
             try:
-                replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
-                                        huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
-                                        read_threads=self.cfg.restore_threads)
-                try:
-                    write_record(work / RECORD, replica.pid)
-                    self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
-                    with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
-                        criu.after_restore(replica, spec["port"], {})
-                    replica.wait_healthy(spec["port"], spec["health"], timeout=60)
-                    golden_answer(replica, spec["port"], golden)
-                finally:
-                    replica.stop()
+                write_record(work / RECORD, replica.pid)
+                self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
+                with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
+                    criu.after_restore(replica, spec["port"], {})
+                replica.wait_healthy(spec["port"], spec["health"], timeout=60)
+                golden_answer(replica, spec["port"], golden)
             finally:
-                self.give_gpu(slot)
-                root.cleanup()
-        finally:
-            rec.unmount()  # writes the profile
+                stop_or_hand_over(replica, held)
         if (work / PROFILE).exists():
             shutil.copy2(work / PROFILE, work / "dump" / PROFILE)
 

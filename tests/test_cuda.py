@@ -740,8 +740,9 @@ GPU_SERVER = CUDA_SETUP + textwrap.dedent("""
 """)
 
 
-def _host_root_image_or_skip(layers: Path) -> Path:
-    """For replicas whose image is this host's "/" (its Python and cuda-python): skips where that can't run, else
+def _host_root_image_or_skip(layers: Path, cuda_python: bool = True) -> Path:
+    """For replicas whose image is this host's "/" (its Python and, with ``cuda_python``, cuda-python): skips where
+    that can't run, else
     mounts a tmpfs at ``layers`` for the driver's layer and the roots (overlayfs refuses a lower layer inside
     another one, here "/"); the caller unmounts it."""
     from thaw.snapshot import _linux
@@ -750,10 +751,12 @@ def _host_root_image_or_skip(layers: Path) -> Path:
         pytest.skip("needs root (namespaces, criu)")
     if (why := criu_check()) is not None:
         pytest.skip(f"criu unusable: {why}")
-    import cuda.bindings
+    needed = [os.path.realpath(sys.executable)]
+    if cuda_python:
+        import cuda.bindings
+        needed.append(cuda.bindings.__file__)
     # an overlay of "/" does not descend into other mounts
-    off_root = [p for p in (os.path.realpath(sys.executable), cuda.bindings.__file__)
-                if os.stat(p).st_dev != os.stat("/").st_dev]
+    off_root = [p for p in needed if os.stat(p).st_dev != os.stat("/").st_dev]
     if off_root:
         pytest.skip(f"not on the root file system, so not in an image made of it: {off_root}")
     layers.mkdir()
@@ -879,6 +882,80 @@ def test_real_host_builds_places_and_restores_gpu_replicas(real_driver, tmp_path
     finally:
         for r in served:
             r.stop()
+        if host is not None:
+            host.close()
+        _linux.umount(state)
+
+
+PLAIN_SERVER = textwrap.dedent("""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+    HTTPServer(("0.0.0.0", 8080), H).serve_forever()
+""")
+
+
+def test_a_build_launch_that_outlives_its_sigkill_keeps_its_loans_until_gone(tmp_path, monkeypatch):
+    """A build's launch still there 10 s after SIGKILL (a driver tearing down much device memory, say) keeps its
+    GPU loan and root until it is gone, then gives them back: before, the build gave them back at once, so the
+    next launch could be lent the GPU the dying process still held. No GPU here: the loan is the slot (None)
+    handed to ``give_gpu``, and the root is the overlay the launch ran on."""
+    import functools
+    import signal
+
+    from services import wait_until
+    from thaw.config import Config
+    from thaw.snapshot import _linux
+    from thaw.snapshot import host as host_mod
+    from thaw.snapshot.host import HostSnapshots
+    from thaw.snapshot.replica import ReplicaError
+    state = _host_root_image_or_skip(tmp_path / "state", cuda_python=False)
+    host, launched, roots, given, gone = None, [], [], [], []
+    spec = {"cmd": [sys.executable, "-c", PLAIN_SERVER], "env": {"PATH": os.environ["PATH"]}, "port": 8080,
+            "health": "/", "cwd": "/", "ready_timeout_s": 60}
+    golden = {"path": "/", "method": "GET", "body_b64": "", "content_type": "text/plain"}
+    try:
+        host = HostSnapshots(Config(state_dir=state, host_id="stubborn-host", lazy_mounts=False, gpu_passthrough=False))
+        host.image_root = lambda digest: Path("/")
+        real_launch, real_root, real_give = host._launch, host._root, host.give_gpu
+
+        def launch(*a):
+            replica = real_launch(*a)
+            real_stop = replica.stop
+
+            def stubborn(timeout=10.0):  # what a process in uninterruptible sleep does to the stop
+                if not gone:
+                    raise ReplicaError(f"replica {replica.pid} is still there {timeout:g} s after SIGKILL")
+                real_stop(timeout)
+            replica.stop = stubborn
+            launched.append(replica)
+            return replica
+
+        host._launch = launch
+        host._root = lambda *a: roots.append(real_root(*a)) or roots[-1]
+        monkeypatch.setattr(host_mod.criu, "checkpoint", functools.partial(host_mod.criu.checkpoint,
+                                                                           leave_running=True))  # else the dump ends it
+        host.give_gpu = lambda slot: given.append(slot) or real_give(slot)
+        with pytest.raises(ReplicaError, match="still there"):
+            host.take("b-stubborn", "host-root", spec, golden)
+        [replica], [root] = launched, roots
+        assert replica.alive() and not given and str(root.path) in _linux.mountpoints()
+        gone.append(True)
+        os.kill(replica.pid, signal.SIGKILL)  # it goes at last
+        wait_until(lambda: given == [None] and str(root.path) not in _linux.mountpoints(), 10,
+                   "the loans to be given back once the launch is gone")
+    finally:
+        gone.append(True)
+        for r in launched:
+            r.stop()
+        for r in roots:
+            r.cleanup()
         if host is not None:
             host.close()
         _linux.umount(state)
