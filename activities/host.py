@@ -226,11 +226,12 @@ class HostActivities:
                 now = time.monotonic()
                 self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
                 self.unwanted[inp.replica_id] = now
-        try:
-            if running:
-                running.stop()
-        finally:  # the process goes first: a registry that is down must not leave it running unowned
-            self._unlist(inp.replica_id)
+        with keepalive("stop"):
+            try:
+                if running:
+                    running.stop()
+            finally:  # the process goes first: a registry that is down must not leave it running unowned
+                self._unlist(inp.replica_id)
 
     def _unlist(self, replica_id: str) -> None:
         """Remove a stopped replica's row; where the registry fails, the heartbeat's reap() tries again (a row

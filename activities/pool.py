@@ -20,13 +20,13 @@ class PoolActivities:
 
     @activity.defn(name="pool_hosts")
     def pool_hosts(self, inp: HostsInput) -> HostsResult:
-        """Live hosts that can run the model (a GPU model: GPU hosts only, restored or cold-booted), exactly
-        ``buffer`` idle compatible ones reserved for the deployment (fewer if none), and each one's load."""
+        """Every live host (a replica elsewhere is lost); of those that can run the model (a GPU model: GPU hosts
+        only, restored or cold-booted), exactly ``buffer`` idle compatible ones reserved for the deployment (fewer
+        if none), and each one's load."""
         url = self.cfg.registry_url
         snap = snapshots.get(url, inp.snapshot)
-        live = snapshots.live_hosts(url, self.cfg.host_stale_s)
-        if compat.needs_gpu(snap.host_facts):
-            live = [h for h in live if compat.needs_gpu(h.facts)]
+        alive = snapshots.live_hosts(url, self.cfg.host_stale_s)
+        live = [h for h in alive if compat.needs_gpu(h.facts) or not compat.needs_gpu(snap.host_facts)]
         ok = {h.id for h in live if not compat.check(snap.host_facts, h.facts)}
         load = deployments.load(url)
         names = {d.name for d in deployments.list_all(url)}
@@ -43,7 +43,7 @@ class PoolActivities:
                           inp.deployment if h.id in reserved else (None if holder(h) == inp.deployment
                                                                     else holder(h)))
                  for h in live]
-        return HostsResult([h.id for h in live], reserved, slots, [r.id for r in rows])
+        return HostsResult([h.id for h in alive], reserved, slots, [r.id for r in rows])
 
     def all(self) -> list:
         return [self.pool_hosts]

@@ -700,6 +700,46 @@ def test_a_replica_left_on_a_host_that_comes_back_is_stopped(cfg, worker, agent,
         assert st["counts"]["lost"] == 1 and [r["host_id"] for r in st["replicas"]] == [cfg.host_id]
 
 
+def pool_state(thaw_cli, name: str) -> dict:
+    return json.loads(thaw_cli("status", name, "--json").output)
+
+
+def test_a_replica_whose_host_comes_back_is_kept_when_nothing_replaced_it(cfg, worker, agent, thaw_cli, snap):
+    """Every host silent for a while (a registry outage longer than host_stale_s looks like that): the pool gives
+    their replicas up, but has nowhere to place replacements. When the host is back, its replica, still serving,
+    is the pool's again, not stopped and restored anew."""
+    with replica_on_another_host(cfg, agent, thaw_cli, snap, "outage", "paused") as (paused, rep):
+        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
+        os.kill(paused.pid, signal.SIGSTOP)
+        wait_until(lambda: pool_state(thaw_cli, "outage")["counts"].get("lost") == 1, timeout=60, what="given up")
+        assert pool_state(thaw_cli, "outage")["replicas"] == []
+        os.kill(paused.pid, signal.SIGCONT)
+        wait_until(lambda: [r["id"] for r in pool_state(thaw_cli, "outage")["replicas"]] == [rep.id], timeout=60,
+                   what="the replica taken back")
+        st = pool_state(thaw_cli, "outage")
+        assert st["counts"]["back"] == 1 and not st["counts"].get("stopped") and not st["lost"], st
+        assert [r.id for r in serving(cfg, "outage")] == [rep.id] and answer(rep.endpoint)["digest"]
+
+
+def test_a_stop_its_host_did_not_take_in_time_is_tried_again(cfg, worker, agent, thaw_cli, snap):
+    """A scale-down whose stop the host does not pick up in time (paused here; too busy, or cut off) keeps the
+    replica on the pool's list of lost ones: stopped when its host is seen again, not left serving uncounted."""
+    with replica_on_another_host(cfg, agent, thaw_cli, snap, "stuck", "paused") as (paused, rep):
+        thaw_cli("deploy", "stuck", "--snapshot", snap, "--min", "0", "--max", "1", "--cooldown", "0")
+        os.kill(paused.pid, signal.SIGSTOP)
+        thaw_cli("scale", "stuck", "0")  # the host check right after still sees the host: the stop goes there
+        wait_until(lambda: [r["id"] for r in pool_state(thaw_cli, "stuck")["lost"]] == [rep.id], timeout=60,
+                   what="the stop to time out")
+        assert rep.id in {r.id for r in serving(cfg, "stuck")}
+        os.kill(paused.pid, signal.SIGCONT)  # (the stop it holds may run first; the pool's own comes after)
+        wait_until(lambda: not pool_state(thaw_cli, "stuck")["lost"], timeout=60, what="the stop tried again")
+        assert rep.id not in {r.id for r in serving(cfg, "stuck")}
+        with pytest.raises(OSError):
+            answer(rep.endpoint)
+        st = pool_state(thaw_cli, "stuck")
+        assert not st["counts"].get("lost") and st["counts"]["stopped"] == 1, st
+
+
 def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_restore(cfg, worker, agent,
                                                                                          thaw_cli, snap):
     import threading

@@ -181,8 +181,10 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     assert place_new("a" * 64, 4) == ["gpu-a", "gpu-b", "gpu-old"]  # a cold boot on the other driver, not on cpu-a
     assert place_new("c" * 64, 4) == ["cpu-a", "gpu-a", "gpu-b", "gpu-old"]
     hosts = acts.pool_hosts(HostsInput("d", "a" * 64, buffer=3, busy=[]))
-    assert sorted(hosts.live) == ["gpu-a", "gpu-b", "gpu-old"] and sorted(hosts.reserved) == ["gpu-a", "gpu-b"]
+    assert sorted(hosts.reserved) == ["gpu-a", "gpu-b"]
     slots = {h.host_id: h for h in hosts.hosts}
+    # cpu-a is no place for it, but is live: replicas there (of an earlier CPU snapshot) are not lost
+    assert sorted(hosts.live) == ["cpu-a", "gpu-a", "gpu-b", "gpu-old"] and sorted(slots) == sorted(hosts.live)[1:]
     assert slots["gpu-a"].reserved_for == "d" and slots["gpu-a"].compatible and not slots["gpu-old"].compatible
     # placement counts this deployment's replicas (running or starting) and everyone else's against capacity
     assert [h.host_id for h in place(hosts.hosts, 3, "d", {"gpu-a": 1})] == ["gpu-b", "gpu-old"]

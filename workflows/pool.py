@@ -105,7 +105,7 @@ class HostsInput:
 
 @dataclass
 class HostsResult:
-    live: list[str]
+    live: list[str]  # every live host, whether or not it can run the model (replicas of an earlier spec there)
     reserved: list[str]
     hosts: list[HostSlot] = field(default_factory=list)  # what placement chooses from
     rows: list[str] | None = None  # ids of the deployment's replicas the registry lists (None: not checked)
@@ -136,7 +136,7 @@ class PoolState:
     replicas: list[ReplicaInfo] = field(default_factory=list)
     reserved: list[str] = field(default_factory=list)
     recent: list[ReplicaInfo] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)  # restored, cold-boot, failed, lost, stopped
+    counts: dict[str, int] = field(default_factory=dict)  # restored, cold-boot, failed, lost, back, gone, stopped
     last_signal: ScaleRequest | None = None
     asks: list[ScaleRequest] = field(default_factory=list)  # scale-ups not yet placed in full, oldest first
     last_scale_up_s: float = 0.0
@@ -162,6 +162,7 @@ class DeploymentPool:
         self.backoff = 0  # failed starts waiting out their backoff: their slot is held, their replica is not
         self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
         self.redeploy: PoolSpec | None = None  # the spec of a deploy that came while undeploying
+        self.short = 0  # scale-ups in a row that found too little capacity (their retries back off)
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
@@ -228,6 +229,8 @@ class DeploymentPool:
                     tasks = workflow.patched("drain-background")  # a lost replica's stop too: the next run can't
                     await workflow.wait_condition(lambda: not self.starting and not (tasks and self._stops())
                                                   and workflow.all_handlers_finished())
+                    if (self.s.stopping or self._cancelled()) and workflow.patched("undeploy-while-draining"):
+                        break  # undeployed meanwhile: stopped here, where a deploy that followed is not lost
                     workflow.continue_as_new(self.s)
         except asyncio.CancelledError:
             if not self._cancelled():
@@ -294,9 +297,23 @@ class DeploymentPool:
             workflow.logger.warning("pool %s: host check failed: %s", self.s.spec.name, e.cause or e)
             return HostsResult(busy, self.s.reserved, self.hosts)
         self.s.reserved, self.hosts, self.hosts_at = res.reserved, res.hosts, workflow.now().timestamp()
+        if self.s.lost and not self.s.stopping and workflow.patched("adopt-back"):
+            self._adopt(res)
         if workflow.patched("warm-buffer-hosts"):
             self._warm(res)
         return res
+
+    def _adopt(self, res: HostsResult) -> None:
+        """Take back lost replicas whose host is live again and still lists them (so they serve), as many as the
+        pool misses: every host looks silent after a registry outage longer than host_stale_s, say, and nothing
+        could replace them. Before any placement on these hosts; the others are stopped (``_reconcile``)."""
+        rows = set(res.rows or ())
+        keep = [r for r in self.s.lost if r.host_id in res.live and r.endpoint and r.id in rows]
+        keep = keep[:max(0, self._missing())]
+        if keep:
+            self.s.lost = [r for r in self.s.lost if r not in keep]
+            self.s.replicas += keep
+            self._count("back", len(keep))
 
     def _warm(self, res: HostsResult) -> None:
         """Warm the buffer hosts reserved since the last check, in the background."""
@@ -368,10 +385,15 @@ class DeploymentPool:
             await self._hosts(self.s.spec.buffer)
 
     async def _scale_up(self, n: int) -> None:
-        """Place n replicas; where the hosts lack capacity, look again shortly."""
-        if self._place(n) < n:
-            self.wake = True
-            await workflow.sleep(1)
+        """Place n replicas; where the hosts lack capacity, look again shortly (1, 2, 4 s ... up to a check's
+        period while they still lack it)."""
+        if self._place(n) >= n:
+            self.short = 0
+            return
+        self.wake = True
+        self.short += 1
+        await workflow.sleep(min(self.s.spec.check_every_s, 2 ** min(self.short - 1, 6))
+                             if workflow.patched("short-backoff") else 1)
 
     def _place(self, n: int) -> int:
         """Place up to n replicas on the hosts the last check saw and start them in the background (the loop and
@@ -436,6 +458,12 @@ class DeploymentPool:
             return
         victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
         self.stopping_on += [r.host_id for r in victims]  # a signal placing meanwhile must not take their slots
+        if force or not workflow.patched("scale-down-in-background"):
+            await self._stop_victims(victims)
+        else:  # a host cut off holds a stop for minutes: the loop goes on answering meanwhile
+            self._background(self._stop_victims(victims), "stop")
+
+    async def _stop_victims(self, victims: list[ReplicaInfo]) -> None:
         stopped: list[bool | None] = []
         try:
             stopped = await asyncio.gather(*(self._stop(r) for r in victims))
@@ -447,16 +475,21 @@ class DeploymentPool:
         self._count("stopped", len(victims))
 
     async def _stop(self, r: ReplicaInfo) -> bool | None:
-        """Stop replica ``r`` on its host; a host that does not take the work (gone) has lost it anyway.
-        True: the host said it is stopped; False: it failed; None: a cancel of the pool cut it short."""
+        """Stop replica ``r`` on its host. True: the host said it is stopped; None: a cancel of the pool cut it
+        short; False: it failed (the host is gone, or too busy or cut off to take the work in time), and ``r``
+        joins the lost replicas, stopped again when its host is next seen live (not left serving uncounted)."""
         try:
             await workflow.execute_activity(
                 "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
                 start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),  # a host paused after it took
+                # the task (its poll was waiting) holds it this long, not a minute per attempt
                 schedule_to_start_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(maximum_attempts=3))
-        except ActivityError as e:
-            return None if isinstance(e.cause, ActivityCancelled) else False  # else the host is gone, and so is it
-        except Exception:  # noqa: BLE001 - the host is gone; so is the replica
+        except Exception as e:  # noqa: BLE001 - an ActivityError, or the host is gone
+            if isinstance(e, ActivityError) and isinstance(e.cause, ActivityCancelled):
+                return None
+            if workflow.patched("retry-failed-stop"):
+                self.s.lost = [*self.s.lost, r][-64:]
             return False
         return True
