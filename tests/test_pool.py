@@ -255,6 +255,15 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     assert res.exit_code == 1 and "--min" in res.output
     res = thaw_cli("scale", "never-deployed", "2", ok=False)
     assert res.exit_code == 1 and "never-deployed" in res.output
+    # a pool Temporal runs that this registry does not know (another state dir's): one line, and not signalled
+    thaw_cli("deploy", "elsewhere", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "0")
+    try:
+        deployments.put_back(cfg.registry_url, "elsewhere", None)
+        res = thaw_cli("scale", "elsewhere", "1", ok=False)
+        assert res.exit_code == 1 and res.output == "error: no deployment 'elsewhere' (see `thaw deploy`)\n", res.output
+        assert json.loads(thaw_cli("status", "elsewhere", "--json").output)["desired"] == 0
+    finally:
+        undeploy(cfg, thaw_cli, "elsewhere", ok=False)
     for args, message in ((["--env", "1BAD=x"], "'1BAD': not an environment variable name"),
                           (["--env", "novalue"], "expected NAME=VALUE"),
                           (["--env", "API_KEY=x", "--secret", "API_KEY"], "API_KEY: given as --env and as --secret"),

@@ -759,17 +759,25 @@ def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, env
                f"UI {cfg.workflow_url(pool.workflow_id(name))})")
 
 
+async def _scale(client, cfg, name: str, replicas: int):
+    """The deployment's row first: a pool this registry does not know (another state dir's) is not signalled."""
+    from thaw.registry import deployments
+    from thaw.runtime import pool
+
+    dep = deployments.get(cfg.registry_url, name)
+    await pool.scale(client, name, replicas, "cli")
+    return dep
+
+
 @cli.command()
 @click.argument("name")
 @click.argument("replicas", type=int)
 @click.pass_obj
 def scale(cfg, name, replicas):
     """Ask deployment NAME for REPLICAS replicas (the pool restores or stops replicas to match)."""
-    from thaw.registry import deployments
     from thaw.runtime import pool
 
-    _pool_call(cfg, lambda c: pool.scale(c, name, replicas, "cli"))
-    dep = deployments.get(cfg.registry_url, name)
+    dep = _pool_call(cfg, lambda c: _scale(c, cfg, name, replicas))
     kept = pool.bounded(dep, replicas)
     click.echo(f"deployment {name}: scale to {replicas} requested"
                + (f" (the pool keeps it to {kept}: --min {dep.min_replicas} --max {dep.max_replicas})"
