@@ -130,6 +130,8 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
     ("THAW_CONFIG", "/nonexistent/thaw.toml", "THAW_CONFIG=/nonexistent/thaw.toml: no such file"),
     ("config.toml", 's3_endpiont = "http://127.0.0.1:8333"', "s3_endpiont: Extra inputs are not permitted"),
     ("config.toml", "x = ", "config.toml: not TOML"),
+    ("config.toml", 'state_dir = "/srv/other"', "config.toml: state_dir is set by THAW_STATE_DIR or --state-dir"),
+    ("THAW_CONFIG", "state_dir.toml", "state_dir.toml: state_dir is set by THAW_STATE_DIR or --state-dir"),
 ])
 def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
     """status and down split the Temporal address: a malformed one was a traceback there. A setting that
@@ -138,6 +140,9 @@ def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
     if name == "config.toml":
         (tmp_path / "state").mkdir()
         (tmp_path / "state" / name).write_text(value + "\n")
+    elif value == "state_dir.toml":  # a user's file that names another state dir: it would split the state
+        (tmp_path / value).write_text(f'state_dir = "{tmp_path / "other"}"\n')
+        env[name] = str(tmp_path / value)
     else:
         env[name] = value
     for cmd in ("status", "down"):

@@ -241,9 +241,12 @@ def load(**overrides) -> Config:
     for path in (state_dir / "config.toml", *([Path(user_file)] if user_file else [])):
         if path.is_file():
             try:
-                file_values.update(tomllib.loads(path.read_text()))
+                values = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as e:
                 raise ValueError(f"{path}: not TOML ({e})") from None
+            if "state_dir" in values:  # the files were chosen by it: the processes thaw starts would read others'
+                raise ValueError(f"{path}: state_dir is set by THAW_STATE_DIR or --state-dir, not in a file")
+            file_values.update(values)
     env_values = Config().model_dump(exclude_unset=True)  # what THAW_* set
     merged = {**file_values, **env_values, **overrides}
     merged.setdefault("state_dir", state_dir)
