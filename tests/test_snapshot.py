@@ -379,6 +379,8 @@ def test_a_build_on_a_host_whose_agent_is_gone_fails_in_bounded_time(cfg, worker
 
 
 def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_cli, rootfs, tmp_path):
+    from thaw.stack import agent_ready_file
+
     # a server that takes longer to get ready than the heartbeat timeout (5 s here): the agent dies mid-launch,
     # and the retried launch only survives if the agent keeps heartbeating while it waits
     assert cfg.heartbeat_timeout < 8
@@ -386,7 +388,7 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
                               str(image_config(tmp_path, SLOW_START="8")), "--json").output)["digest"]
     agent, build = _agent_proc(cfg), None
     try:
-        ready = cfg.run_dir / "agent.ready"
+        ready = agent_ready_file(cfg)
         deadline = time.monotonic() + 60
         while not ready.exists():
             assert time.monotonic() < deadline and agent.poll() is None, "agent did not start"

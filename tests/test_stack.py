@@ -238,3 +238,37 @@ def test_an_error_temporal_gives_a_command_is_one_line(raise_it, message):
             "c.main()\n")
     res = subprocess.run([sys.executable, "-c", code, "boom"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and res.stderr == message + "\n", res.stderr
+
+
+def test_one_up_or_down_at_a_time_and_a_clean_up_that_fails_is_an_error(tmp_path, monkeypatch):
+    """Two `thaw up`s at once both started what they found stopped, and a pid file kept one of each pair: the
+    second is refused while the first runs. A `thaw down` that could not clear what a dead agent left says so
+    and exits 1 (it printed a line and exited 0), after stopping the rest."""
+    import fcntl
+
+    from thaw import stack
+    from thaw.config import load
+    from thaw.runtime import agent
+
+    state = tmp_path / "state"
+    (state / "run").mkdir(parents=True)
+    with open(state / "run" / "stack.lock", "a") as held, socket.socket() as busy:  # what a running `up` holds
+        busy.bind(("127.0.0.1", 0))  # and its Temporal's port: an `up` that went past the lock starts nothing
+        busy.listen()
+        env = {**os.environ, "THAW_STATE_DIR": str(state),
+               "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{busy.getsockname()[1]}"}
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for cmd in ("up", "down"):
+            res = thaw(env, cmd, check=False)
+            assert res.returncode == 1 and res.stderr == (
+                f"error: another `thaw up` or `thaw down` is running for {state}: try again once it has finished\n"
+            ), res.stderr
+    assert not (state / "run" / "temporal.json").exists()
+
+    def fails(cfg):
+        raise OSError("umount: target is busy\nmore")
+    monkeypatch.setattr(agent, "release_if_dead", fails)
+    said = []
+    with pytest.raises(stack.StackError, match=r"^agent: could not clear what it left in .*: umount: target is busy$"):
+        stack.down(load(state_dir=state), echo=said.append)
+    assert "temporal: not running" in said

@@ -104,9 +104,12 @@ def up(cfg, with_s3):
 @click.pass_obj
 def down(cfg):
     """Stop everything `thaw up` and `thaw hosts up` started."""
-    from .stack import down as stack_down
+    from .stack import StackError, down as stack_down
 
-    stack_down(cfg, echo=click.echo)
+    try:
+        stack_down(cfg, echo=click.echo)
+    except StackError as e:
+        _fail(str(e))
 
 
 @cli.command()

@@ -7,6 +7,7 @@ Each process runs as its own session leader, logs under ``<state>/logs`` and is 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -82,7 +83,8 @@ def worker_ready_file(cfg: Config) -> Path:
 
 
 def agent_ready_file(cfg: Config) -> Path:
-    return ready_file(cfg, "agent")
+    """Per host: the agents `thaw hosts up` starts share the state dir (one stopping removed the stack's file)."""
+    return ready_file(cfg, f"agent-{cfg.host_id}")
 
 
 def components(cfg: Config, s3: bool | None = None) -> list[Component]:
@@ -98,8 +100,9 @@ def components(cfg: Config, s3: bool | None = None) -> list[Component]:
          "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
         lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
     )
+    ready = {"worker": worker_ready_file(cfg), "agent": agent_ready_file(cfg), "api": ready_file(cfg, "api")}
     workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
-                         lambda name=name: ready_file(cfg, name).exists()) for name in ("worker", "agent", "api")]
+                         lambda f=f: f.exists()) for name, f in ready.items()]
     s3 = [Component("s3", [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "s3"],
                     lambda: ready_file(cfg, "s3").exists())] if (cfg.s3_embedded if s3 is None else s3) else []
     return [temporal, *s3, *workers]
@@ -176,7 +179,26 @@ def serve_s3(cfg: Config) -> None:
         server.stop()
 
 
+@contextlib.contextmanager
+def _one_at_a_time(cfg: Config):
+    """One `thaw up` or `thaw down` per state dir at a time: two `up`s at once both find a component stopped and
+    start it, and its pid file keeps one of the two, so `thaw down` would not know the other."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(cfg.run_dir / "stack.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(f"another `thaw up` or `thaw down` is running for {cfg.state_dir}: "
+                             f"try again once it has finished") from None
+        yield
+
+
 def up(cfg: Config, echo=print) -> None:
+    with _one_at_a_time(cfg):
+        _up(cfg, echo)
+
+
+def _up(cfg: Config, echo) -> None:
     for d in (cfg.state_dir, cfg.run_dir, cfg.log_dir, cfg.store_dir):
         d.mkdir(parents=True, exist_ok=True)
     from thaw.registry.db import engine
@@ -223,10 +245,18 @@ def _stop_pid(pid: int, timeout: float = 20.0) -> None:
 
 
 def down(cfg: Config, echo=print) -> None:
+    """Stop what `thaw up` and `thaw hosts up` started; a StackError at the end if something could not be
+    cleared (the rest is stopped all the same)."""
+    with _one_at_a_time(cfg):
+        _down(cfg, echo)
+
+
+def _down(cfg: Config, echo) -> None:
     from thaw.runtime import hosts  # `thaw hosts up` agents first: they need Temporal to stop their replicas
 
     for host_id in hosts.down(cfg):
         echo(f"{host_id}: stopped (namespaced host)")
+    failed = ""
     for c in reversed(components(cfg, s3=True)):  # S3 too where the config no longer says so: its pid file does
         pid = c.running_pid(cfg)
         if pid:
@@ -240,7 +270,9 @@ def down(cfg: Config, echo=print) -> None:
             try:
                 release_if_dead(cfg)
             except Exception as e:  # noqa: BLE001 - the rest of the stack must still come down
-                echo(f"agent: could not clear what it left in {cfg.work_dir}: {e}")
+                failed = f"agent: could not clear what it left in {cfg.work_dir}: {str(e).splitlines()[0]}"
+    if failed:
+        raise StackError(failed)
 
 
 def status(cfg: Config) -> dict:
