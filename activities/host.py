@@ -229,9 +229,21 @@ class HostActivities:
         with keepalive("stop"):
             try:
                 if running:
+                    self._drain(inp.replica_id)
                     running.stop()
             finally:  # the process goes first: a registry that is down must not leave it running unowned
                 self._unlist(inp.replica_id)
+
+    def _drain(self, replica_id: str) -> None:
+        """Before a stop: the replica's row goes, then gateways (they look every 0.5 s) have replica_drain_s to
+        stop sending it requests, and the requests under way to finish. A registry that is down: no wait (the
+        stop's own unlist tries again)."""
+        if self.cfg.replica_drain_s:
+            try:
+                self._unlist(replica_id)
+            except Exception:  # noqa: BLE001 - the stop must go on
+                return
+            time.sleep(self.cfg.replica_drain_s)
 
     def _unlist(self, replica_id: str) -> None:
         """Remove a stopped replica's row; where the registry fails, the heartbeat's reap() tries again (a row

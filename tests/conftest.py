@@ -72,7 +72,7 @@ def _cfg(tmp_path, temporal_address) -> Config:
     return Config(state_dir=tmp_path / "state", temporal_address=temporal_address,
                   build_task_queue=f"build-{uuid.uuid4().hex[:8]}", heartbeat_timeout=5.0,
                   host_id=f"host-{uuid.uuid4().hex[:8]}", agent_metrics_port=0, agent_heartbeat_s=1.0,
-                  host_stale_s=4.0)
+                  host_stale_s=4.0, replica_drain_s=0.2)
 
 
 def cfg_env(cfg: Config) -> dict[str, str]:
@@ -80,6 +80,7 @@ def cfg_env(cfg: Config) -> dict[str, str]:
             "THAW_BUILD_TASK_QUEUE": cfg.build_task_queue, "THAW_HEARTBEAT_TIMEOUT": str(cfg.heartbeat_timeout),
             "THAW_HOST_ID": cfg.host_id, "THAW_AGENT_METRICS_PORT": str(cfg.agent_metrics_port),
             "THAW_AGENT_HEARTBEAT_S": str(cfg.agent_heartbeat_s), "THAW_HOST_STALE_S": str(cfg.host_stale_s),
+            "THAW_REPLICA_DRAIN_S": str(cfg.replica_drain_s),
             **({"THAW_DB_URL": cfg.db_url} if cfg.db_url else {})}
 
 

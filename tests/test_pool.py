@@ -749,6 +749,37 @@ def test_a_stop_its_host_did_not_take_in_time_is_tried_again(cfg, worker, agent,
         assert not st["counts"].get("lost") and st["counts"]["stopped"] == 1, st
 
 
+def test_a_scale_down_lets_the_requests_under_way_finish(cfg, worker, agent, thaw_cli, snap):
+    """A replica scaled down leaves the registry first (gateways stop sending it requests), then keeps serving
+    for replica_drain_s: a request under way when the scale-down came still gets its whole answer."""
+    import threading
+
+    agent.cfg = agent.cfg.model_copy(update={"replica_drain_s": 3.0})
+    thaw_cli("deploy", "drain", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "0", "--cooldown", "0")
+    try:
+        thaw_cli("scale", "drain", "1")
+        (rep,) = wait_until(lambda: serving(cfg, "drain"), what="the replica")
+        wait_until(lambda: pool_state(thaw_cli, "drain")["replicas"], what="the pool's replica")
+        got = []
+        def call():
+            try:
+                got.append(answer(rep.endpoint, "/slow?1.5"))
+            except Exception as e:  # noqa: BLE001 - shown by the assert below
+                got.append(repr(e))
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.2)
+        thaw_cli("scale", "drain", "0")
+        wait_until(lambda: not serving(cfg, "drain"), timeout=10, what="the row to go first")
+        t.join(30)
+        assert got == [{"slow": True}]
+        wait_until(lambda: pool_state(thaw_cli, "drain")["counts"].get("stopped") == 1, what="the stop")
+        with pytest.raises(OSError):
+            answer(rep.endpoint)
+    finally:
+        undeploy(cfg, thaw_cli, "drain", ok=False)
+
+
 def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_restore(cfg, worker, agent,
                                                                                          thaw_cli, snap):
     import threading

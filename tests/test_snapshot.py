@@ -75,6 +75,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply({"secret": seen.get("secret") or os.environ.get("API_KEY")})
         if self.path.startswith("/env/"):
             return self.reply({"value": os.environ.get(self.path[5:]), "port": self.server.server_port})
+        if self.path.startswith("/slow?"):  # an answer that takes this many seconds
+            time.sleep(float(self.path.partition("?")[2]))
+            return self.reply({"slow": True})
         self.send_error(404)
 
     do_POST = do_GET

@@ -107,6 +107,9 @@ class Config(BaseSettings):
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
     host_capacity: int = 4  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
+    # a replica being stopped keeps serving this long after its registry row goes: gateways (which look every
+    # 0.5 s) stop sending it requests, and those under way finish
+    replica_drain_s: float = Field(2.0, ge=0, le=600)
     agent_metrics_port: int | None = Field(9101, ge=0, le=65535)  # the agent's Prometheus /metrics; None: off
     agent_metrics_bind: str = "127.0.0.1"  # where the agent serves it (0.0.0.0: for a Prometheus elsewhere)
 
