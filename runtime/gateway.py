@@ -7,7 +7,8 @@
   request waits in a FIFO queue, a scale signal to at least one replica is emitted at once, and queued
   requests are released as soon as ``Backends.endpoints()`` lists a replica (polled every ``refresh_s``;
   the pool may call :meth:`Gateway.refresh` to release them without waiting for the next poll). A request
-  held for ``hold_timeout_s`` in total is answered 503 with a one-line JSON error.
+  held for ``hold_timeout_s`` in total is answered 503 with Retry-After and a one-line JSON error (which names
+  the last scale signal's failure, if it failed: the pool undeployed, Temporal down).
 * Loses no request it holds when a replica dies. The request body is read in full before proxying so it
   can be re-sent. A failure before any response byte came back is retried:
     - the connection could not be made (refused, unreachable, connect timeout): the request never reached
@@ -33,8 +34,9 @@
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
   Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
   are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
-  ``max_body_bytes``), and at most ``max_body_memory`` bytes of bodies are held or in flight; past either a
-  request gets 503 with Retry-After. A body not received within
+  ``max_body_bytes``, else 413), and at most ``max_body_memory`` bytes of bodies are being read, held or in
+  flight (a body is reserved before it is read: its Content-Length, or the most it may be when that is unknown
+  or it is compressed); past either a request gets 503 with Retry-After. A body not received within
   ``body_timeout_s`` gets 408, a malformed one (bad chunking or gzip) 400, and so does a request target that is
   not a path (absolute form, ``*``). A request whose client hangs up is cancelled: its replica slot is free.
 """
@@ -229,6 +231,7 @@ class Gateway:
         self.body_timeout_s = body_timeout_s
         self.resend_s = resend_s
         self.max_body_memory = max_body_memory
+        self._body_cap = min(max_body_bytes, max_body_memory)   # a body bigger than all of them could never be held
         self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
                                      min_replicas, max_replicas, scale_to_zero_grace_s)
         self.last_decision: Decision | None = None
@@ -239,10 +242,11 @@ class Gateway:
         self._waiters: deque[tuple[asyncio.Future, set[str]]] = deque()
         self._held = 0                                # waiters not done yet (done ones leave at the head)
         self._reading = 0                             # requests whose bodies are being read
-        self._body_bytes = 0                          # bodies of requests held or in flight (kept for re-sends)
+        self._body_bytes = 0                          # bodies being read, held or in flight (kept for re-sends)
         self._rr = 0
         self._signaled: int | None = None             # last replica count Backends.scale accepted
         self._signaled_at = time.monotonic()          # ... and when
+        self._scale_error: str | None = None          # why the last scale signal failed (None: it did not)
         self._scale_lock: asyncio.Lock | None = None
         self._kick: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -325,7 +329,7 @@ class Gateway:
     # ------------------------------------------------------------------------------------ lifecycle
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes)
+        app = web.Application(client_max_size=self._body_cap)
         app.router.add_get("/-/gateway", self._handle_state)
         app.router.add_get("/metrics", self._handle_metrics)
         app.router.add_route("*", "/{tail:.*}", self._handle_proxy)
@@ -551,7 +555,10 @@ class Gateway:
                 raise
             except Exception as e:  # retried on the next tick
                 log.warning("gateway %s: scale(%d) failed: %s", self.deployment, want, e)
+                first = str(e).splitlines()[0][:200] if str(e).strip() else ""
+                self._scale_error = f"scale to {want} failed: {type(e).__name__}{': ' + first if first else ''}"
                 return
+            self._scale_error = None
             log.info("gateway %s: scale %s -> %d (%s)", self.deployment, self._signaled, want, reason)
             self._signaled, self._signaled_at = want, time.monotonic()
             self._m_scale.labels(self.deployment, kind).inc()
@@ -622,31 +629,42 @@ class Gateway:
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
             return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
+        size = request.content_length
+        if size is not None and size > self._body_cap:
+            return self._error(413, f"request body of {size:,} bytes is over the limit of {self._body_cap:,}")
+        if not request.body_exists:
+            size = 0
+        elif size is None or request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            size = self._body_cap  # chunked, or decompressed to a size unknown until read: the most it may be
         busy = None
         if self.queued + self._reading >= self.max_queued:  # bodies held in memory, or being read into it
             busy = f"{self.queued + self._reading} requests are already held"
-        elif self._body_bytes + (request.content_length or 0) > self.max_body_memory:  # in flight ones too
+        elif self._body_bytes + size > self.max_body_memory:  # bodies being read and in flight too
             busy = f"{self._body_bytes:,} bytes of request bodies are already held or in flight"
         if busy:
             resp = self._error(503, f"{busy} for {self.deployment}; retry shortly")
             resp.headers["Retry-After"] = "1"
             return resp
-        self._reading += 1
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                body = await request.read()
-        except TimeoutError:
-            return self._error(408, f"the request body did not arrive within {self.body_timeout_s:g}s")
-        except web.RequestPayloadError as e:
-            return self._error(400, f"malformed request body: {e}")
-        finally:
-            self._reading -= 1
-        headers = self._upstream_headers(request)
-        self._body_bytes += len(body)  # kept until the answer: a request is sent again if its connection breaks
+        # counted from arrival: concurrent uploads see each other's bytes before any is read, and a request still
+        # uploading is demand (the autoscaler must not scale to zero under it)
+        self._body_bytes += size
         self._conc_change(+1)      # a request counts as concurrency from arrival to answer, held or in flight
         self.autoscaler.touch(time.monotonic())
         held_total, deliveries, avoid = 0.0, 0, set()
         try:
+            self._reading += 1
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await request.read()
+            except TimeoutError:
+                return self._error(408, f"the request body did not arrive within {self.body_timeout_s:g}s")
+            except web.RequestPayloadError as e:
+                return self._error(400, f"malformed request body: {e}")
+            finally:
+                self._reading -= 1
+            self._body_bytes += len(body) - size  # the reservation settles to the body's size, kept until the answer:
+            size = len(body)                      # a request is sent again if its connection breaks
+            headers = self._upstream_headers(request)
             while True:
                 try:
                     ep, held = await self._acquire(request, avoid, self.hold_timeout_s - held_total)
@@ -658,8 +676,11 @@ class Gateway:
                     if request.transport is None or request.transport.is_closing():
                         self._m_requests.labels(self.deployment, "499").inc()
                         return web.Response(status=499)
-                    return self._error(503, f"no replica of {self.deployment} was ready within "
-                                            f"{self.hold_timeout_s:g}s")
+                    why = f"; {self._scale_error}" if self._scale_error else ""
+                    resp = self._error(503, f"no replica of {self.deployment} was ready within "
+                                            f"{self.hold_timeout_s:g}s{why}")
+                    resp.headers["Retry-After"] = "1"
+                    return resp
                 try:
                     return await self._forward(request, ep, body, headers)
                 except _Retry as r:
@@ -679,7 +700,7 @@ class Gateway:
                     self._release(ep)
         finally:
             self._conc_change(-1)
-            self._body_bytes -= len(body)
+            self._body_bytes -= size
             if held_total > 0:
                 self._m_hold.observe(held_total)   # once per request that had to wait, however it ended
 

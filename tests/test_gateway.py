@@ -152,6 +152,23 @@ async def post(client: aiohttp.ClientSession, url: str, body: dict | None = None
         return r.status, await r.text()
 
 
+async def start_upload(url: str, length: int | None, sent: bytes = b""):
+    """A slow client: it sends a POST's headers (``length`` None: chunked) and ``sent`` of its body, then waits."""
+    host, port = url.split("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    writer.write(f"POST /embed HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode() + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def settled_metrics(gw: Gateway, client: aiohttp.ClientSession, url: str) -> str:
     """/metrics once the gateway finished accounting for answered requests (a client may read the whole
     response a moment before the handler that wrote it returns)."""
@@ -287,6 +304,28 @@ def test_no_scale_to_zero_is_sent_while_a_request_is_in_flight():
     asyncio.run(main())
 
 
+def test_no_scale_to_zero_is_sent_while_a_request_is_uploading_its_body():
+    """A request counts from its arrival, not once its body is read: while a slow client is still sending it, it
+    is demand (and traffic for the grace), so a scale to zero chosen a moment before is not sent."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), tick_s=60) as (gw, url, client):
+            await gw.refresh()
+            before = gw.autoscaler.last_active
+            reader, writer = await start_upload(url, 100, b"x" * 10)
+            await until(lambda: gw._reading == 1)
+            assert gw.autoscaler.last_active > before
+            gw.autoscaler.desired = 0  # what the tick decided a moment before the request came
+            await gw._sync_scale()
+            assert [n for _, n, _ in backends.scales] == []
+            writer.write(b"x" * 90)
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readline(), 5)).split()[1] == b"200"
+            writer.close()
+            await until(lambda: gw._conc == 0 and gw._body_bytes == 0)
+    asyncio.run(main())
+
+
 def test_a_replica_that_reads_no_body_is_a_504_not_a_hang():
     """A wedged replica accepts connections and reads nothing: a body bigger than the socket buffers cannot be
     sent. The wait is bounded by read_timeout_s like a replica that says nothing (aiohttp's read timeout only
@@ -322,6 +361,34 @@ def test_bodies_in_flight_count_against_the_gateways_memory_bound():
             assert status == 503 and "bytes of request bodies are already held or in flight" in text, text
             assert (await slow)[0] == 200
             assert (await post(client, url, {"pad": "y" * 400}))[0] == 200 and gw._body_bytes == 0
+    asyncio.run(main())
+
+
+def test_bodies_being_read_count_against_the_memory_bound():
+    """A body is reserved before it is read (its Content-Length, or the most it may be when chunked): slow uploads
+    are not all let in because none has finished yet, and a reservation is given back however its upload ends."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), max_body_memory=1000) as (gw, url, client):
+            await gw.refresh()
+            uploads = [await start_upload(url, 400, b"x" * 10) for _ in range(2)]
+            await until(lambda: gw._reading == 2)
+            assert gw._body_bytes == 800
+            for length in (400, None):   # one more with a length, or a chunked one (up to 1000 bytes): refused at once
+                reader, writer = await start_upload(url, length)
+                t0 = time.monotonic()
+                status = (await asyncio.wait_for(reader.readline(), 2)).split()[1]
+                writer.close()
+                assert status == b"503" and time.monotonic() - t0 < 1.0, status
+            (_, gone), (reader, writer) = uploads
+            gone.close()   # this client hangs up mid-upload
+            await until(lambda: gw._body_bytes == 400 and gw._reading == 1)
+            writer.write(b"x" * 390)
+            await writer.drain()
+            assert (await asyncio.wait_for(reader.readline(), 5)).split()[1] == b"200"
+            writer.close()
+            await until(lambda: gw._body_bytes == 0 and gw._reading == 0 and gw._conc == 0)
+            assert (await post(client, url, {"pad": "y" * 900}))[0] == 200
     asyncio.run(main())
 
 
@@ -782,6 +849,26 @@ def test_hold_timeout_is_503_json():
             metrics = await settled_metrics(gw, client, url)
             assert metric(metrics, "thaw_gateway_requests_total", code="503") == 1
             assert metric(metrics, "thaw_gateway_hold_seconds_count") == 1
+    asyncio.run(main())
+
+
+def test_hold_timeout_names_why_no_replica_came():
+    """scale() keeps failing (the pool undeployed, Temporal down): the 503 after the hold says why, in one line,
+    not only that no replica came."""
+    async def main():
+        backends = FakeBackends()
+
+        async def broken_scale(replicas, reason):
+            raise RuntimeError("deployment demo is not deployed\n  (more detail)")
+
+        backends.scale = broken_scale
+        async with stack(backends, hold_timeout_s=0.5) as (gw, url, client):
+            async with client.post(f"{url}/embed", json={}) as r:
+                text = await r.text()
+                assert r.status == 503 and r.headers["Retry-After"] == "1", r.status
+            err = json.loads(text)["error"]
+            assert "within 0.5s" in err and "scale to 1 failed: RuntimeError: deployment demo is not deployed" in err
+            assert "more detail" not in err and text.count("\n") == 1
     asyncio.run(main())
 
 
