@@ -203,7 +203,8 @@ class Gateway:
     each piece of it (a wedged replica: 504, not sent again, since the replica may be doing the work);
     ``resend_s``: while requests are held with no
     replica, the scale signal is sent again that often (the pool may have been scaled down or deployed afresh
-    behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy).
+    behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy); ``drain_s``: when the gateway stops
+    (SIGTERM), it takes no new connections and gives the requests under way (held ones too) this long to end.
     """
 
     def __init__(self, deployment: str, backends: Backends, *, target_concurrency: float = 1.0,
@@ -213,7 +214,8 @@ class Gateway:
                  max_inflight_per_replica: int | None = None, quarantine_s: float = 5.0,
                  connect_timeout_s: float = 5.0, max_delivery_attempts: int = 3,
                  max_body_bytes: int = 64 << 20, max_queued: int = 1000, read_timeout_s: float | None = 600.0,
-                 body_timeout_s: float = 60.0, resend_s: float = 10.0, max_body_memory: int = 1 << 30):
+                 body_timeout_s: float = 60.0, resend_s: float = 10.0, max_body_memory: int = 1 << 30,
+                 drain_s: float = 30.0):
         if target_concurrency <= 0:
             raise ValueError("target_concurrency must be > 0")
         self.deployment = deployment
@@ -230,6 +232,7 @@ class Gateway:
         self.read_timeout_s = read_timeout_s
         self.body_timeout_s = body_timeout_s
         self.resend_s = resend_s
+        self.drain_s = drain_s
         self.max_body_memory = max_body_memory
         self._body_cap = min(max_body_bytes, max_body_memory)   # a body bigger than all of them could never be held
         self.autoscaler = Autoscaler(target_concurrency, stable_window_s, panic_window_s, panic_threshold,
@@ -778,7 +781,8 @@ async def serving(gateway: Gateway, host: str = "127.0.0.1", port: int = 0) -> A
     """Serve ``gateway`` on the running loop; yields its base URL (``port=0`` picks a free port)."""
     sock = _bind(host, port)  # first: a port in use then starts nothing that would need stopping
     # handler_cancellation: a request whose client hung up stops holding a replica slot and counting as demand
-    runner = web.AppRunner(gateway.app(), access_log=None, shutdown_timeout=1.0, handler_cancellation=True)
+    runner = web.AppRunner(gateway.app(), access_log=None, shutdown_timeout=gateway.drain_s,
+                           handler_cancellation=True)
     try:
         await runner.setup()
     except BaseException:

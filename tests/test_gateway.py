@@ -832,6 +832,39 @@ def test_panic_then_stable_then_zero():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("drain_s", [5.0, 0.5])
+def test_a_stopping_gateway_gives_the_requests_under_way_drain_s(drain_s):
+    """When the gateway stops (SIGTERM: the end of ``serving``), it takes no new connections, and a request under
+    way gets ``drain_s`` to end: with 5 s its 1.5 s answer arrives whole, with 0.5 s it is cut off (as it was
+    after 1 s before ``drain_s`` existed)."""
+    async def go():
+        backends = FakeBackends()
+        await backends.add("r0")
+        try:
+            gw = Gateway("demo", backends, **FAST, drain_s=drain_s)
+            async with aiohttp.ClientSession() as client:
+                served = serving(gw)
+                url = await served.__aenter__()
+                call = asyncio.ensure_future(post(client, url + "/embed", **{"X-Sleep": "1.5"}))
+                await until(lambda: gw.inflight_total == 1)
+                stopping = asyncio.ensure_future(served.__aexit__(None, None, None))
+                await asyncio.sleep(0.2)
+                with pytest.raises(aiohttp.ClientConnectionError):  # a new connection: refused
+                    async with aiohttp.ClientSession() as other:
+                        await post(other, url + "/embed")
+                if drain_s > 1.5:
+                    status, text = await call
+                    assert status == 200 and json.loads(text)["replica"] == "r0"
+                else:
+                    with pytest.raises(aiohttp.ClientError):
+                        await call
+                await stopping
+        finally:
+            await backends.close()
+
+    asyncio.run(go())
+
+
 def test_hold_timeout_is_503_json():
     async def main():
         backends = FakeBackends()   # never starts anything

@@ -133,7 +133,8 @@ def status(cfg, name, as_json):
     click.echo(f"temporal   {run(t['pid'])}  {t['address']}  UI {t['ui']}")
     click.echo(f"worker     {run(w['pid'])}  queue {w['task_queue']}")
     click.echo(f"api        {run(st['api']['pid'])}  {st['api']['url']}  token {st['api']['token_file']}")
-    click.echo(f"agent      {run(st['agent']['pid'])}  host {st['agent']['host_id']}  queue {st['agent']['task_queue']}")
+    a = st["agent"]
+    click.echo(f"agent      {run(a['pid'])}  host {a['host_id']}  queue {a['task_queue']}")
     click.echo(f"registry   {r['url']}  {r['status']}  images {r['images']}  snapshots {r['snapshots']}  "
                f"deployments {r['deployments']}  replicas {r['replicas']} ({r['kept']} kept)")
     s3 = st["s3"]
@@ -828,8 +829,10 @@ def api(cfg):
               help="In-flight requests per replica the autoscaler aims for.")
 @click.option("--scale-to-zero-after", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds without traffic before scaling to zero.")
+@click.option("--drain", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+              help="On SIGTERM: seconds the requests under way (and held) get to end; new connections are refused.")
 @click.pass_obj
-def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_after):
+def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_after, drain):
     """HTTP gateway for deployment NAME: balances by in-flight requests, holds requests at zero replicas while
     the pool restores one, and scales the pool from concurrency (stable and panic windows)."""
     from thaw.registry.queries import NotFound
@@ -839,7 +842,7 @@ def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_
     try:
         asyncio.run(frontdoor.run(cfg, name, port or cfg.gateway_port, keda_port, bind,
                                   target_concurrency=target_concurrency,
-                                  scale_to_zero_grace_s=scale_to_zero_after))
+                                  scale_to_zero_grace_s=scale_to_zero_after, drain_s=drain))
     except NotFound as e:
         _fail(str(e))
     except OSError as e:
