@@ -3,9 +3,9 @@
 Layers are applied in order on an in-memory tree (nothing is extracted to disk), with OCI whiteouts
 (``.wh.NAME`` deletes, ``.wh..wh..opq`` makes a directory opaque). Every member is checked before it is
 accepted: absolute or ``..`` paths, writes through a symlink, relative symlinks that climb out of the root,
-hard links to anything but an earlier regular file, device nodes (unless allowed), absurd sizes and entry
-counts. A rejected image raises :class:`IngestError`; its chunks stay in staging, which the caller discards,
-so nothing is stored under a final name.
+hard links to anything but an earlier regular file, device nodes (unless allowed), names and xattrs over
+Linux's limits, absurd sizes and entry counts. A rejected image raises :class:`IngestError`; its chunks stay
+in staging, which the caller discards, so nothing is stored under a final name.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_DEPTH = 256  # path components; real images nest a few dozen deep, and the tree's walks recurse per level
 MAX_HEADER = 1 << 20  # bytes of one GNU long name or pax header (tarfile reads it whole into memory)
+MAX_CHAIN = 8  # headers before one member (pax, global pax, long name, long link): each held while the next is read
+MAX_GLOBAL = 4096  # bytes of a layer's global pax headers: tarfile copies them into every member after them
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's: bytes of one path component, and of a path with its NUL
+XATTR = "SCHILY.xattr."
+XATTR_SIZE_MAX = 65536  # Linux's limit on one xattr value
 
 Progress = Callable[[int], None]  # called with bytes consumed since the last call
 
@@ -59,7 +64,16 @@ def normalize(name: str, what: str = "path") -> str:
         raise IngestError(f"{what} {name!r} contains a NUL byte")
     if len(parts) > MAX_DEPTH:
         raise IngestError(f"{what} {name[:80]!r}... is {len(parts)} levels deep (at most {MAX_DEPTH})")
+    for p in parts:
+        if len(_bytes(p)) > NAME_MAX:  # no file system takes it: materializing would fail
+            raise IngestError(f"{what} {name[:80]!r}... has a component of {len(_bytes(p))} bytes "
+                              f"(at most {NAME_MAX})")
     return "/".join(parts)
+
+
+def _bytes(name: str) -> bytes:
+    """A name as the OS gets it (tarfile decodes undecodable bytes as surrogates)."""
+    return name.encode("utf-8", "surrogateescape")
 
 
 def _symlink_escapes(path: str, target: str) -> bool:
@@ -153,14 +167,20 @@ class Tree:
                 self.layer_added.add(path)
                 return
             self.remove(path)
-        if entry.type == SYMLINK and _symlink_escapes(path, entry.target or ""):
-            raise IngestError(f"symlink {src!r} -> {entry.target!r} escapes the image root")
+        if entry.type == SYMLINK:
+            target = entry.target or ""
+            if not target or "\0" in target or len(_bytes(target)) >= PATH_MAX:  # symlink(2) refuses each
+                raise IngestError(f"symlink {src!r} has a target that is empty, holds a NUL byte or is over "
+                                  f"{PATH_MAX - 1} bytes ({target[:80]!r}, {len(_bytes(target))} bytes)")
+            if _symlink_escapes(path, target):
+                raise IngestError(f"symlink {src!r} -> {target!r} escapes the image root")
         if entry.type in (CHR, BLK) and not self.limits.allow_devices:
             raise IngestError(f"device node {src!r} is not allowed in an image "
                               f"(THAW_ALLOW_DEVICES=1 on the build worker permits it)")
         if entry.type == REG:
             if entry.size > self.limits.max_file_size:
-                raise IngestError(f"{src!r} is {entry.size} bytes, over the {self.limits.max_file_size}-byte file limit")
+                raise IngestError(f"{src!r} is {entry.size} bytes, over the {self.limits.max_file_size}-byte "
+                                  f"file limit")
             self.total_size += entry.size
             if self.total_size > self.limits.max_image_size:
                 raise IngestError(f"image is over the {self.limits.max_image_size}-byte size limit at {src!r}")
@@ -203,9 +223,9 @@ class Tree:
             if not name[len(WHITEOUT):]:
                 raise IngestError(f"{src!r} is a whiteout that names nothing (it would hide the directory itself)")
             victim = posixpath.join(parent, name[len(WHITEOUT):])
-            if victim in self.layer_added:
-                return  # this layer's own entry stays
-            if victim in self.layer_touched:  # this layer put entries under it before the marker: only the lower go
+            if victim in self.layer_added or victim in self.layer_touched:
+                # this layer put it, or entries under it, before the marker: those stay, what lower layers put
+                # under it goes (as it would with the marker first)
                 self._hide_lower(victim)
             else:
                 self.remove(victim)
@@ -267,33 +287,62 @@ def _mtime_ns(m: tarfile.TarInfo, src: str) -> int:
 
 
 class _Member(tarfile.TarInfo):
-    """tarfile's member header, refusing huge GNU long names and pax headers (read whole into memory), and
-    sparse files (no container layer has them; tarfile would read a map of any length into memory)."""
+    """tarfile's member header, refusing huge GNU long names and pax headers (read whole into memory), long
+    chains of them, global pax headers beyond a few KiB or with xattrs (copied into every member after them),
+    and sparse files (no container layer has them; tarfile would read a map of any length into memory)."""
 
     def _sparse(self, *args):
         raise IngestError(f"{self.name!r} is a sparse file: not supported in an image layer")
 
     _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _sparse
 
-    def _proc_gnulong(self, tarfile):
+    def _proc_gnulong(self, tf):
         self._check_header()
-        return super()._proc_gnulong(tarfile)
+        return self._chained(tf, super()._proc_gnulong)
 
-    def _proc_pax(self, tarfile):
+    def _proc_pax(self, tf):
         self._check_header()
-        return super()._proc_pax(tarfile)
+        if self.type != tarfile.XGLTYPE:
+            return self._chained(tf, super()._proc_pax)
+        tf.thaw_global = getattr(tf, "thaw_global", 0) + self.size  # they add up in tf.pax_headers
+        if tf.thaw_global > MAX_GLOBAL:
+            raise IngestError(f"global pax headers of {tf.thaw_global} bytes in all (at most {MAX_GLOBAL}: each "
+                              f"applies to every member after it)")
+        member = self._chained(tf, super()._proc_pax)
+        if any(k.startswith(XATTR) for k in tf.pax_headers):
+            raise IngestError(f"a global pax header before {member.name!r} sets an xattr (on every member after it)")
+        return member
 
     def _check_header(self):
         if self.size > MAX_HEADER:
             raise IngestError(f"a tar header of {self.size} bytes (a long name or pax header; at most {MAX_HEADER})")
 
+    def _chained(self, tf, proc):
+        """``proc`` reads the header's data, then the next header by recursion, the data still held."""
+        depth = getattr(tf, "thaw_chain", 0)
+        if depth >= MAX_CHAIN:
+            raise IngestError(f"tar headers chained too deep (more than {MAX_CHAIN} pax or long-name headers "
+                              f"before one member)")
+        tf.thaw_chain = depth + 1
+        try:
+            return proc(tf)
+        finally:
+            tf.thaw_chain = depth
 
-def _xattrs(m: tarfile.TarInfo) -> dict[str, str] | None:
+
+def _xattrs(m: tarfile.TarInfo, src: str) -> dict[str, str] | None:
     out = {}
     for k, v in m.pax_headers.items():
-        if k.startswith("SCHILY.xattr."):
-            raw = v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v
-            out[k[len("SCHILY.xattr."):]] = base64.b64encode(raw).decode()
+        if k.startswith(XATTR):
+            name = k[len(XATTR):]
+            if not name or "\0" in name or len(_bytes(name)) > NAME_MAX:  # setxattr(2) refuses each
+                raise IngestError(f"{src!r} has an xattr name that is empty, holds a NUL byte or is over "
+                                  f"{NAME_MAX} bytes ({name[:80]!r}, {len(_bytes(name))} bytes)")
+            raw = _bytes(v) if isinstance(v, str) else v
+            if len(raw) > XATTR_SIZE_MAX:
+                raise IngestError(f"{src!r} has a {len(raw)}-byte value for xattr {name!r} "
+                                  f"(at most {XATTR_SIZE_MAX})")
+            out[name] = base64.b64encode(raw).decode()
     return out or None
 
 
@@ -303,6 +352,7 @@ def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_Member) as tf:
             for m in tf:
+                tf.members.clear()  # tarfile keeps every member it read, each with its pax headers: none is needed
                 src = f"{label}:{m.name}"
                 members += 1  # whiteouts and repeated entries add no entry, so count members too
                 if members > tree.limits.max_entries:
@@ -321,7 +371,7 @@ def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:
                 if not (0 <= m.uid < 1 << 32 and 0 <= m.gid < 1 << 32):
                     raise IngestError(f"{src!r} has an owner out of range ({m.uid}:{m.gid})")
                 common = dict(path=path, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
-                              mtime_ns=_mtime_ns(m, src), xattrs=_xattrs(m))
+                              mtime_ns=_mtime_ns(m, src), xattrs=_xattrs(m, src))
                 if m.isreg():
                     if m.size < 0:
                         raise IngestError(f"{src!r} has a negative size")

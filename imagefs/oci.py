@@ -34,6 +34,7 @@ import platform
 import posixpath
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -528,10 +529,20 @@ class _DirFS:
         return self._path(name).stat().st_size
 
     def open(self, name: str) -> BinaryIO:
-        try:
-            return open(self._path(name), "rb")
+        try:  # O_NONBLOCK: a FIFO would block the open until a writer came (forever); a regular file ignores it
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise SourceError(f"{self.label}: {name} is missing") from None
+        except OSError as e:
+            raise SourceError(f"{self.label}: cannot read {name}: {e.strerror or e}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, FIFO, device (/dev/zero: no end)...
+                raise SourceError(f"{self.label}: {name} is not a regular file")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read(self, name: str) -> bytes:
         with self.open(name) as f:
@@ -627,8 +638,14 @@ def _image_from_manifest(doc: dict, fetch: Callable[[str], bytes], open_blob: Ca
         raise SourceError(f"{label}: its config is {cmt!r}, not a container image's: an artifact (a Helm chart, a "
                           f"signature...) cannot run")
     config = _json(fetch(_check_digest(cdesc.get("digest"), f"{label}: config")), f"{label}: image config")
+    descs, diff_ids = doc.get("layers"), _obj(_obj(config).get("rootfs")).get("diff_ids")
+    if not isinstance(descs, list):  # not an image without layers: a damaged or hostile manifest
+        raise SourceError(f"{label}: image manifest has no layers list")
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(descs):
+        have = f"{len(diff_ids)} rootfs.diff_ids" if isinstance(diff_ids, list) else "no rootfs.diff_ids list"
+        raise SourceError(f"{label}: image manifest lists {len(descs)} layers but its config has {have}")
     layers = []
-    for ldesc in _list(doc.get("layers")):
+    for ldesc in descs:
         if not isinstance(ldesc, dict):
             raise SourceError(f"{label}: bad layer descriptor {ldesc!r}")
         digest = _check_digest(ldesc.get("digest"), f"{label}: layer")

@@ -23,9 +23,10 @@ def member(name, kind="file", data=b"", link="", mode=0o644, mtime=1_700_000_000
     return ti, data
 
 
-def layer(*members) -> bytes:
+def layer(*members, pax=None) -> bytes:
+    """A tar of ``members``; ``pax``: a global pax header before them."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers=pax) as tf:
         for ti, data in members:
             tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
     return buf.getvalue()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tarutil import layer, member
+from thaw.imagefs import oci
 from thaw.imagefs.ingest import IngestError, Limits, Tree, apply_layer, ingest_directory
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize
@@ -69,8 +72,22 @@ def test_a_whiteout_after_this_layers_entries_under_a_lower_dir_hides_only_the_l
     assert paths(build(store, lower, upper)) == {"", "a", "a/b", "a/b/new"}
 
 
-def test_thousands_of_chained_pax_headers_are_one_line(store):
-    """tarfile reads each extended header by recursion: a layer of 3,000 in a row was a RecursionError."""
+@pytest.mark.parametrize("order", ["dir first", "whiteout first"])
+def test_a_whiteout_of_a_dir_this_layer_also_declares_hides_only_the_lower_content(store, order):
+    """The layer's own foo and foo/new stay, lower's foo/old goes, wherever the tar puts the marker (after the
+    layer's foo/ it kept foo/old)."""
+    lower = layer(member("foo", "dir"), member("foo/old", data=b"o"))
+    own = [member("foo", "dir", mode=0o700), member("foo/new", data=b"n")]
+    upper = layer(*own, member(".wh.foo")) if order == "dir first" else layer(member(".wh.foo"), *own)
+    m = build(store, lower, upper)
+    assert paths(m) == {"", "foo", "foo/new"}
+    assert next(e for e in m.entries if e.path == "foo").mode == 0o700
+
+
+@pytest.mark.parametrize("count", [3000, 20])
+def test_chained_pax_headers_are_bounded(store, count):
+    """tarfile reads each extended header by recursion, each held (up to 1 MiB) until the member: a layer of
+    3,000 in a row was a RecursionError, and hundreds could hold gigabytes."""
     import tarfile
 
     rec = b"comment=x\n"
@@ -78,7 +95,7 @@ def test_thousands_of_chained_pax_headers_are_one_line(store):
     head = tarfile.TarInfo("././@PaxHeader")
     head.type, head.size = tarfile.XHDTYPE, len(rec)
     block = head.tobuf(tarfile.USTAR_FORMAT) + rec + b"\0" * (512 - len(rec))
-    raw = block * 3000 + layer(member("f", data=b"x"))
+    raw = block * count + layer(member("f", data=b"x"))
     with pytest.raises(IngestError, match="headers chained too deep"):
         apply_layer(Tree(store.staging("deep"), LIMITS), io.BytesIO(raw), "layer 0")
 
@@ -156,6 +173,16 @@ HOSTILE = {
     "sparse file": ([member("f", data=b"2000000\n" + b"0\n" * 100,
                             pax={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"})], "sparse file"),  # its map: RAM
     "whiteout with data": ([member("a", "dir"), member("a/.wh.x", data=b"hidden bytes")], "whiteout with 12 bytes"),
+    # each of these was ingested, then materializing it was a traceback (or a manifest many times the layer)
+    "symlink target with NUL": ([member("l", "sym", link="x", pax={"linkpath": "a\0b"})], "holds a NUL byte"),
+    "symlink target too long": ([member("l", "sym", link="t" * 4096)], r"over 4095 bytes \('t+', 4096 bytes"),
+    "long path component": ([member("d/" + "n" * 256, data=b"x")], "component of 256 bytes"),
+    "long hard link target component": ([member("h", "hard", link="n" * 256)], "component of 256 bytes"),
+    "xattr name with NUL": ([member("f", data=b"x", pax={"SCHILY.xattr.user.a\0b": "v"})], "xattr name .* NUL"),
+    "long xattr name": ([member("f", data=b"x", pax={"SCHILY.xattr.user." + "n" * 251: "v"})],
+                        r"xattr name .*\b256 bytes"),
+    "huge xattr value": ([member("f", data=b"x", pax={"SCHILY.xattr.user.k": "v" * 65537})],
+                         "65537-byte value for xattr 'user.k'"),
 }
 
 
@@ -171,6 +198,50 @@ def test_hostile_layers_rejected_and_nothing_stored(store, case):
     assert "\n" not in str(err.value)
     st.abort()
     assert store.usage() == (0, 0)
+
+
+def test_names_and_xattrs_at_linux_limits_are_kept(store):
+    target, name = "t/" * 2047 + "t", "n" * 255  # a 4095-byte symlink target, a 255-byte file name
+    xattrs = {"SCHILY.xattr.user." + "k" * 250: "v", "SCHILY.xattr.user.big": "b" * 65536}
+    m = build(store, layer(member("l", "sym", link=target), member(name, data=b"x", pax=xattrs)))
+    e = {e.path: e for e in m.entries}
+    assert e["l"].target == target and base64.b64decode(e[name].xattrs["user.big"]) == b"b" * 65536
+
+
+@pytest.mark.parametrize("pax, message", [
+    # 60,000 keys before 1,000 members: 1.86 GB
+    ({f"k{i}": "" for i in range(5000)}, r"global pax headers of 43890 bytes in all \(at most 4096"),
+    ({"SCHILY.xattr.user.k": "v"}, "global pax header before 'f0' sets an xattr"),
+])
+def test_global_pax_headers_are_bounded(store, pax, message):
+    """tarfile copies a layer's global pax headers into every member after them (and their xattrs were in
+    every entry of the manifest): more than a few KiB of them, or an xattr among them, is refused."""
+    raw = layer(*[member(f"f{i}") for i in range(100)], pax=pax)
+    with pytest.raises(IngestError, match=message) as err:
+        apply_layer(Tree(store.staging("global"), LIMITS), io.BytesIO(raw), "layer 0")
+    assert "\n" not in str(err.value)
+
+
+def test_a_small_global_pax_header_is_kept(store):
+    """`git archive` writes one naming the commit."""
+    m = build(store, layer(member("f", data=b"x"), pax={"comment": "0" * 40}))
+    assert paths(m) == {"", "f"}
+
+
+def test_members_are_not_kept_while_a_layer_streams(store):
+    """tarfile keeps every member it read, with its pax headers: a layer of members with big ones held them all
+    until its end (here 20 MB)."""
+    import tracemalloc
+
+    raw = io.BytesIO(layer(*[member(f"f{i}", pax={"comment": "c" * 200_000}) for i in range(100)]))
+    tree = Tree(store.staging("members"), LIMITS)
+    tracemalloc.start()
+    try:
+        apply_layer(tree, raw, "layer 0")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(tree.entries) == 101 and peak < 5_000_000, peak
 
 
 def _header_only(ti) -> bytes:
@@ -264,3 +335,45 @@ def test_directory_round_trip_is_byte_identical(store, tmp_path):
     diff = subprocess.run(["diff", "-r", "--no-dereference", str(src), str(out)], capture_output=True, text=True)
     assert diff.returncode == 0, diff.stdout + diff.stderr
     assert snapshot_stats(src) == snapshot_stats(out)
+
+
+# -- OCI layouts read in place ---------------------------------------------------------------------------------
+def _image(manifest: dict, diff_ids) -> oci.ImageSource:
+    config = json.dumps({"config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    manifest = {"config": {"mediaType": oci.CONFIG_TYPES[0], "digest": "sha256:" + "0" * 64}, **manifest}
+    return oci._image_from_manifest(manifest, lambda digest: config, None, "oci:x", "oci:x@ref")
+
+
+LAYER_DESC = {"mediaType": oci.MT_TAR, "digest": "sha256:" + "1" * 64, "size": 10}
+
+
+@pytest.mark.parametrize("manifest, diff_ids, message", [
+    ({}, [], "image manifest has no layers list"),
+    ({"layers": {"0": LAYER_DESC}}, ["sha256:" + "2" * 64], "image manifest has no layers list"),
+    ({"layers": [LAYER_DESC]}, [], "lists 1 layers but its config has 0 rootfs.diff_ids"),
+    ({"layers": []}, ["sha256:" + "2" * 64], "lists 0 layers but its config has 1 rootfs.diff_ids"),
+    ({"layers": [LAYER_DESC]}, None, "lists 1 layers but its config has no rootfs.diff_ids list"),
+])
+def test_an_image_manifest_without_its_layers_is_a_source_error(manifest, diff_ids, message):
+    """Each was accepted before (the first two as an image of no layers)."""
+    with pytest.raises(oci.SourceError, match=message) as err:
+        _image(manifest, diff_ids)
+    assert "\n" not in str(err.value)
+
+
+def test_an_image_of_no_layers_is_kept():
+    assert _image({"layers": []}, []).layers == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_layout_blob_that_is_not_a_regular_file_is_a_source_error(tmp_path, kind):
+    """A FIFO hung the open (and the worker) forever; a directory was a traceback."""
+    blob = tmp_path / "blobs" / "sha256" / ("1" * 64)
+    blob.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(blob)
+    else:
+        blob.mkdir()
+    with pytest.raises(oci.SourceError, match=r"^oci:x: blobs/sha256/1{64} is not a regular file$"):
+        oci._DirFS(tmp_path, "oci:x").open(f"blobs/sha256/{'1' * 64}")
