@@ -87,22 +87,16 @@ def write_record(path: Path, pid: int) -> None:
     write_atomic(path, json.dumps({"pid": pid, "start": _starttime(pid)}), durable=False)
 
 
-def stop_or_hand_over(replica: criu.Replica, held: contextlib.ExitStack) -> None:
-    """Stop a replica that nobody records (a build's launch or profile restore). If it outlives its SIGKILL (a
-    driver tearing down much device memory, say), what ``held`` would give back (its GPU loan, root, mount) is
-    handed to a thread that gives it back once the process is gone, not to the next launch while it still holds
-    them; the ReplicaError is raised."""
-    try:
-        replica.stop()
-    except criu.ReplicaError:
-        later = held.pop_all()
-
-        def once_gone() -> None:
-            replica.proc.wait()
-            with later, contextlib.suppress(criu.ReplicaError):
-                replica.stop()  # now at once: closes its fds
-        threading.Thread(target=once_gone, name=f"thaw-stop-{replica.pid}", daemon=True).start()
-        raise
+def stop_until_gone(replica: criu.Replica, beat: Callable[[str], None]) -> None:
+    """Stop a replica of a build (its launch, its profile restore). One that outlives its SIGKILL (a driver
+    tearing down much device memory, say) is waited for, heartbeating, before the build gives back what it holds:
+    its GPU loan, root and mount, and its dir, which the build's next attempt clears and mounts again."""
+    while True:
+        try:
+            return replica.stop()
+        except criu.ReplicaError as e:
+            log.warning("%s; waiting for it to go", e)
+            beat("stop")
 
 
 @dataclass
@@ -553,7 +547,7 @@ class HostSnapshots:
                     criu.checkpoint(replica, work / "dump")
                 st.mark("dump")
             finally:
-                stop_or_hand_over(replica, cleanup)
+                stop_until_gone(replica, beat)
         if (work / BOOT_PROFILE).exists():
             shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
@@ -563,7 +557,7 @@ class HostSnapshots:
         if self.cfg.lazy_mounts:
             beat("profile")
             try:
-                self._record_profile(work, image_digest, spec, golden, facts)
+                self._record_profile(work, image_digest, spec, golden, facts, beat)
             except (criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, imagefs_mount.MountError,
                     OSError) as e:  # only an optimisation: verify-by-replay still decides
                 log.warning("build %s: no prefetch profile (%s)", build_id, str(e).splitlines()[0])
@@ -601,7 +595,8 @@ class HostSnapshots:
                                                 gpu_pairs=cuda.gpu_remap(facts.get("gpu_uuids", []), host))
             st.mark("cuda")
 
-    def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict, facts: dict) -> None:
+    def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict, facts: dict,
+                        beat: Callable[[str], None]) -> None:
         """Restore the fresh dump once on a recording mount of the image and replay the golden request: the
         image chunks a *restore* reads, in order, are the prefetch profile stored with the snapshot."""
         with contextlib.ExitStack() as held:
@@ -622,7 +617,7 @@ class HostSnapshots:
                 replica.wait_healthy(spec["port"], spec["health"], timeout=60)
                 golden_answer(replica, spec["port"], golden)
             finally:
-                stop_or_hand_over(replica, held)
+                stop_until_gone(replica, beat)
         if (work / PROFILE).exists():
             shutil.copy2(work / PROFILE, work / "dump" / PROFILE)
 

@@ -901,11 +901,11 @@ PLAIN_SERVER = textwrap.dedent("""
 """)
 
 
-def test_a_build_launch_that_outlives_its_sigkill_keeps_its_loans_until_gone(tmp_path, monkeypatch):
-    """A build's launch still there 10 s after SIGKILL (a driver tearing down much device memory, say) keeps its
-    GPU loan and root until it is gone, then gives them back: before, the build gave them back at once, so the
-    next launch could be lent the GPU the dying process still held. No GPU here: the loan is the slot (None)
-    handed to ``give_gpu``, and the root is the overlay the launch ran on."""
+def test_a_build_launch_that_outlives_its_sigkill_is_waited_for(tmp_path, monkeypatch):
+    """A build's launch still there 10 s after SIGKILL (a driver tearing down much device memory, say): the build
+    waits for it, heartbeating, and only then gives back its GPU loan and root (and its dir, which a retry of the
+    build clears and mounts again). Before, they were given back at once, so the next launch could be lent the GPU
+    the dying process still held. No GPU here: the loan is the slot (None) handed to ``give_gpu``."""
     import functools
     import signal
 
@@ -916,7 +916,7 @@ def test_a_build_launch_that_outlives_its_sigkill_keeps_its_loans_until_gone(tmp
     from thaw.snapshot.host import HostSnapshots
     from thaw.snapshot.replica import ReplicaError
     state = _host_root_image_or_skip(tmp_path / "state", cuda_python=False)
-    host, launched, roots, given, gone = None, [], [], [], []
+    host, launched, roots, given, gone, beats, took = None, [], [], [], [], [], []
     spec = {"cmd": [sys.executable, "-c", PLAIN_SERVER], "env": {"PATH": os.environ["PATH"]}, "port": 8080,
             "health": "/", "cwd": "/", "ready_timeout_s": 60}
     golden = {"path": "/", "method": "GET", "body_b64": "", "content_type": "text/plain"}
@@ -931,6 +931,7 @@ def test_a_build_launch_that_outlives_its_sigkill_keeps_its_loans_until_gone(tmp
 
             def stubborn(timeout=10.0):  # what a process in uninterruptible sleep does to the stop
                 if not gone:
+                    time.sleep(0.1)
                     raise ReplicaError(f"replica {replica.pid} is still there {timeout:g} s after SIGKILL")
                 real_stop(timeout)
             replica.stop = stubborn
@@ -942,14 +943,17 @@ def test_a_build_launch_that_outlives_its_sigkill_keeps_its_loans_until_gone(tmp
         monkeypatch.setattr(host_mod.criu, "checkpoint", functools.partial(host_mod.criu.checkpoint,
                                                                            leave_running=True))  # else the dump ends it
         host.give_gpu = lambda slot: given.append(slot) or real_give(slot)
-        with pytest.raises(ReplicaError, match="still there"):
-            host.take("b-stubborn", "host-root", spec, golden)
+        t = threading.Thread(target=lambda: took.append(host.take("b-stubborn", "host-root", spec, golden,
+                                                                  beats.append)))
+        t.start()
+        wait_until(lambda: beats.count("stop") >= 3, 60, "the build to wait for its launch")
         [replica], [root] = launched, roots
-        assert replica.alive() and not given and str(root.path) in _linux.mountpoints()
+        assert t.is_alive() and replica.alive() and not given and str(root.path) in _linux.mountpoints()
         gone.append(True)
         os.kill(replica.pid, signal.SIGKILL)  # it goes at last
-        wait_until(lambda: given == [None] and str(root.path) not in _linux.mountpoints(), 10,
-                   "the loans to be given back once the launch is gone")
+        t.join(30)
+        assert took and took[0]["dump_dir"], took
+        assert given == [None] and str(root.path) not in _linux.mountpoints()
     finally:
         gone.append(True)
         for r in launched:
