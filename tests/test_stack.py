@@ -272,3 +272,23 @@ def test_one_up_or_down_at_a_time_and_a_clean_up_that_fails_is_an_error(tmp_path
     with pytest.raises(stack.StackError, match=r"^agent: could not clear what it left in .*: umount: target is busy$"):
         stack.down(load(state_dir=state), echo=said.append)
     assert "temporal: not running" in said
+
+
+def test_a_start_first_removes_the_ready_file_its_process_writes(tmp_path):
+    """A ready file left by a component that was killed would make `thaw up` take the new one for ready at once:
+    each start removes the file that component writes (the agent's is per host)."""
+    from dataclasses import replace
+
+    from thaw import stack
+    from thaw.config import load
+
+    cfg = load(state_dir=tmp_path / "state")
+    cfg.run_dir.mkdir(parents=True)
+    cfg.log_dir.mkdir(parents=True)
+    for c in stack.components(cfg, s3=True)[1:]:
+        assert c.ready_file is not None and c.ready_file.parent == cfg.run_dir, c
+        c.ready_file.write_text("stale")
+        with pytest.raises(stack.StackError, match=f"{c.name} exited with 3"):
+            stack._start(replace(c, argv=[sys.executable, "-c", "raise SystemExit(3)"]), cfg, dict(os.environ), 30)
+        assert not c.ready_file.exists(), c.name
+    assert stack.agent_ready_file(cfg).name == f"agent-{cfg.host_id}.ready"

@@ -55,6 +55,7 @@ class Component:
     name: str
     argv: list[str]
     ready: callable  # () -> bool
+    ready_file: Path | None = None  # what the process writes once ready (a stale one goes before a start)
 
     def pidfile(self, cfg: Config) -> Path:
         return cfg.run_dir / f"{self.name}.json"
@@ -100,16 +101,17 @@ def components(cfg: Config, s3: bool | None = None) -> list[Component]:
          "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"],
         lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
     )
-    ready = {"worker": worker_ready_file(cfg), "agent": agent_ready_file(cfg), "api": ready_file(cfg, "api")}
-    workers = [Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
-                         lambda f=f: f.exists()) for name, f in ready.items()]
-    s3 = [Component("s3", [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), "s3"],
-                    lambda: ready_file(cfg, "s3").exists())] if (cfg.s3_embedded if s3 is None else s3) else []
-    return [temporal, *s3, *workers]
+    files = {"s3": ready_file(cfg, "s3"), "worker": worker_ready_file(cfg), "agent": agent_ready_file(cfg),
+             "api": ready_file(cfg, "api")}
+    if not (cfg.s3_embedded if s3 is None else s3):
+        del files["s3"]
+    return [temporal, *(Component(name, [sys.executable, "-m", "thaw", "--state-dir", str(cfg.state_dir), name],
+                                  f.exists, f) for name, f in files.items())]
 
 
 def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
-    ready_file(cfg, c.name).unlink(missing_ok=True)
+    if c.ready_file:
+        c.ready_file.unlink(missing_ok=True)
     log = open(c.logfile(cfg), "ab")
     proc = subprocess.Popen(c.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, close_fds=True, env=env)
