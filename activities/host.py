@@ -47,6 +47,7 @@ class HostActivities:
         self.unwanted: dict[str, float] = {}  # ids stopped before they served (a start the pool gave up on)
         self.unlisted: set[str] = set()  # stopped replicas whose registry row could not go yet: reap() retries
         self.starts = 0  # start_replica calls under way (they hold capacity)
+        self.stopping = 0  # replicas being drained and stopped (they hold capacity until they are gone)
         self.lock = threading.Lock()
         self.closing = False
 
@@ -145,7 +146,7 @@ class HostActivities:
         `thaw restore --keep`) placing at once both see the host free: their counts come from registry rows,
         written once a replica serves; the host itself says no."""
         with self.lock:
-            busy = len(self.serving) + self.starts
+            busy = len(self.serving) + self.starts + self.stopping
             if n and busy + n > self.cfg.host_capacity:
                 raise SnapshotError(f"host {self.cfg.host_id} is full: {busy} of its {self.cfg.host_capacity} "
                                     f"replicas serve or start" + (f", {n} more asked for" if n > 1 else ""))
@@ -226,11 +227,20 @@ class HostActivities:
                 now = time.monotonic()
                 self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
                 self.unwanted[inp.replica_id] = now
-        with keepalive("stop"):
+            else:
+                self.stopping += 1
+        # a cancel (the pool's, a timeout) is raised into this thread wherever it is: held back until the replica
+        # is stopped, or one landing in the drain would leave it running with no owner and no row
+        with keepalive("stop"), (activity.shield_thread_cancel_exception() if activity.in_activity()
+                                 else contextlib.nullcontext()):
             try:
                 if running:
-                    self._drain(inp.replica_id)
-                    running.stop()
+                    try:
+                        self._drain(inp.replica_id)
+                        running.stop()
+                    finally:
+                        with self.lock:
+                            self.stopping -= 1
             finally:  # the process goes first: a registry that is down must not leave it running unowned
                 self._unlist(inp.replica_id)
 

@@ -43,7 +43,8 @@ class PoolActivities:
                           inp.deployment if h.id in reserved else (None if holder(h) == inp.deployment
                                                                     else holder(h)))
                  for h in live]
-        return HostsResult([h.id for h in alive], reserved, slots, [r.id for r in rows])
+        return HostsResult([h.id for h in alive], reserved, slots, [r.id for r in rows],
+                           [r.id for r in rows if r.snapshot_digest != snap.digest])
 
     def all(self) -> list:
         return [self.pool_hosts]

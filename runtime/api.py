@@ -90,7 +90,7 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
     async def scale(request: web.Request) -> web.Response:
         try:
             replicas = (await request.json())["replicas"]
-        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
+        except (ValueError, KeyError, TypeError, LookupError, RecursionError):  # nested too deep; a bogus charset
             replicas = None
         if type(replicas) is not int or replicas < 0:  # not bool, float, str
             return _error(400, 'expected a JSON body {"replicas": N} with N a whole number >= 0')

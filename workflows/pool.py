@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 from temporalio import workflow
+from temporalio.workflow import ActivityCancellationType
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 from temporalio.exceptions import CancelledError as ActivityCancelled
@@ -109,6 +110,7 @@ class HostsResult:
     reserved: list[str]
     hosts: list[HostSlot] = field(default_factory=list)  # what placement chooses from
     rows: list[str] | None = None  # ids of the deployment's replicas the registry lists (None: not checked)
+    rows_of_other_snapshots: list[str] = field(default_factory=list)  # of those, ones not of the spec's snapshot
 
 
 def place(hosts: list[HostSlot], count: int, deployment: str, own: dict[str, int]) -> list[HostSlot]:
@@ -249,7 +251,8 @@ class DeploymentPool:
                 break
         cancelled = cancelled or self._cancelled()  # one that came during the last round ends it cancelled too
         if self.redeploy is not None:  # deployed again while undeploying: a fresh run with the new spec
-            workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas))
+            workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas,
+                                               lost=self.s.lost))  # stopped when their hosts are seen again
         if cancelled:
             raise asyncio.CancelledError(f"pool cancelled ({workflow.cancellation_reason() or 'no reason given'})")
         return self.s
@@ -269,10 +272,12 @@ class DeploymentPool:
         no other pool may take them until then."""
         self.s.desired = 0
         await workflow.wait_condition(lambda: not self.starting)
+        lost, self.s.lost = self.s.lost, []  # those whose stop fails now join it again: not tried twice here
         await self._scale_down(force=True)
         if workflow.patched("stop-lost-on-undeploy"):
-            lost, self.s.lost = self.s.lost, []
             await asyncio.gather(*(self._stop(r) for r in lost), *self._stops())
+        else:
+            self.s.lost = lost + self.s.lost
         while True:
             try:
                 await self._hosts(buffer=0, keep_last=False)
@@ -307,7 +312,7 @@ class DeploymentPool:
         """Take back lost replicas whose host is live again and still lists them (so they serve), as many as the
         pool misses: every host looks silent after a registry outage longer than host_stale_s, say, and nothing
         could replace them. Before any placement on these hosts; the others are stopped (``_reconcile``)."""
-        rows = set(res.rows or ())
+        rows = set(res.rows or ()) - set(res.rows_of_other_snapshots)  # not one of a snapshot deployed before
         keep = [r for r in self.s.lost if r.host_id in res.live and r.endpoint and r.id in rows]
         keep = keep[:max(0, self._missing())]
         if keep:
@@ -392,8 +397,12 @@ class DeploymentPool:
             return
         self.wake = True
         self.short += 1
-        await workflow.sleep(min(self.s.spec.check_every_s, 2 ** min(self.short - 1, 6))
-                             if workflow.patched("short-backoff") else 1)
+        if not workflow.patched("short-backoff"):
+            await workflow.sleep(1)
+            return
+        with contextlib.suppress(asyncio.TimeoutError):  # an undeploy ends the wait
+            await workflow.wait_condition(lambda: self.s.stopping, timeout=timedelta(
+                seconds=min(self.s.spec.check_every_s, 2 ** min(self.short - 1, 6))))
 
     def _place(self, n: int) -> int:
         """Place up to n replicas on the hosts the last check saw and start them in the background (the loop and
@@ -481,6 +490,8 @@ class DeploymentPool:
         try:
             await workflow.execute_activity(
                 "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,  # a cancelled pool
+                # ends once its replicas are stopped (they drain first), not before
                 start_to_close_timeout=timedelta(seconds=60),
                 heartbeat_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),  # a host paused after it took
                 # the task (its poll was waiting) holds it this long, not a minute per attempt
