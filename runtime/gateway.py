@@ -839,10 +839,11 @@ class GatewayThread:
         """Run ``coro`` on the gateway's loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop serving; waits up to ``timeout`` (default: the gateway's drain_s, and 10 s more)."""
         if self._stop and self.thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(timeout)
+        self.thread.join(self.gateway.drain_s + 10 if timeout is None else timeout)
 
     def __enter__(self) -> "GatewayThread":
         return self

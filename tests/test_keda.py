@@ -73,7 +73,7 @@ def test_metric_spec_and_metrics(scaler):
     assert [(s.metricName, s.targetSize, s.targetSizeFloat) for s in spec] == [("thaw-minilm-concurrency", 4, 4.0)]
     spec = stub.GetMetricSpec(ref(deployment="minilm", targetConcurrency="2.5"), timeout=5).metricSpecs
     assert (spec[0].targetSize, spec[0].targetSizeFloat) == (3, 2.5)
-    for bad in ("zero", "1e19"):  # 1e19: a targetSize past int64
+    for bad in ("zero", "1e19", "0.0004", "1e16"):  # past int64, or 0 or past it in KEDA's int64 thousandths
         with pytest.raises(grpc.RpcError) as e:
             stub.GetMetricSpec(ref(deployment="minilm", targetConcurrency=bad), timeout=5)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

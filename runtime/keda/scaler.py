@@ -112,9 +112,9 @@ class ExternalScaler(pb_grpc.ExternalScalerServicer):
             target = float(raw)
         except ValueError:
             target = math.nan
-        if not 0 < target < 2 ** 63 - 1:  # also NaN and infinity; targetSize is an int64
+        if not 0.001 <= target < 2 ** 63 / 1000:  # also NaN and infinity: KEDA keeps it in int64 thousandths
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"targetConcurrency must be a number > 0 (and < 2^63), got {raw!r}")
+                          f"targetConcurrency must be a number from 0.001 to below 2^63/1000, got {raw!r}")
         return target
 
     # -- RPCs ------------------------------------------------------------------------------------------
