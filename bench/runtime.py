@@ -75,9 +75,11 @@ async def bursts(address: str, name: str, n: int, gap_s: float = 0.02, poll_s: f
         for count in range(1, 9):
             await pool.scale(client, name, count, "bench")
             await asyncio.sleep(gap_s)
-        out.append((await until(lambda st: len(st.replicas) == 8)).replicas)
-        await pool.scale(client, name, 0, "bench")
-        await until(lambda st: not st.replicas)
+        st = await until(lambda st: len(st.replicas) == 8)
+        out.append(st.replicas)
+        stopped = st.counts.get("stopped", 0) + 8
+        await pool.scale(client, name, 0, "bench")  # and wait for the stops to end (each replica drains first,
+        await until(lambda st: not st.replicas and st.counts.get("stopped", 0) >= stopped)  # holding its slot)
     return out
 
 
