@@ -272,6 +272,9 @@ def test_one_up_or_down_at_a_time_and_a_clean_up_that_fails_is_an_error(tmp_path
     with pytest.raises(stack.StackError, match=r"^agent: could not clear what it left in .*: umount: target is busy$"):
         stack.down(load(state_dir=state), echo=said.append)
     assert "temporal: not running" in said
+    monkeypatch.setattr(agent, "release_if_dead", lambda cfg: (_ for _ in ()).throw(OSError()))
+    with pytest.raises(stack.StackError, match=r": OSError$"):  # one that says nothing: named, not an IndexError
+        stack.down(load(state_dir=state), echo=said.append)
 
 
 def test_a_start_first_removes_the_ready_file_its_process_writes(tmp_path):

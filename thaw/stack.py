@@ -272,7 +272,8 @@ def _down(cfg: Config, echo) -> None:
             try:
                 release_if_dead(cfg)
             except Exception as e:  # noqa: BLE001 - the rest of the stack must still come down
-                failed = f"agent: could not clear what it left in {cfg.work_dir}: {str(e).splitlines()[0]}"
+                why = (str(e).splitlines() or [type(e).__name__])[0]  # an exception may say nothing
+                failed = f"agent: could not clear what it left in {cfg.work_dir}: {why}"
     if failed:
         raise StackError(failed)
 
