@@ -235,13 +235,12 @@ class HostActivities:
                                  else contextlib.nullcontext()):
             try:
                 if running:
-                    try:
-                        self._drain(inp.replica_id)
-                        running.stop()
-                    finally:
-                        with self.lock:
-                            self.stopping -= 1
+                    self._drain(inp.replica_id)
+                    running.stop()
             finally:  # the process goes first: a registry that is down must not leave it running unowned
+                if running:
+                    with self.lock:
+                        self.stopping -= 1
                 self._unlist(inp.replica_id)
 
     def _drain(self, replica_id: str) -> None:
