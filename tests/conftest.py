@@ -220,12 +220,15 @@ def agent(cfg):
 
 @pytest.fixture
 def thaw_cli(cfg):
-    """Invoke the real `thaw` CLI in-process against this test's config; returns the click Result."""
+    """Invoke the real `thaw` CLI in-process against this test's config; returns the click Result.
+
+    The config goes in as click's ``obj``, never as env: CliRunner(env=) calls setenv, which reallocates the C
+    environ array under Temporal's Rust threads while they call getenv (a worker's start does), and crashes this
+    process (SIGSEGV in getenv, seen in CI)."""
     runner = CliRunner()
 
     def invoke(*args, ok=True):
-        res = runner.invoke(__import__("thaw.cli", fromlist=["cli"]).cli, list(args), env=cfg_env(cfg),
-                            catch_exceptions=False)
+        res = runner.invoke(__import__("thaw.cli", fromlist=["cli"]).cli, list(args), obj=cfg, catch_exceptions=False)
         if ok:
             assert res.exit_code == 0, f"thaw {' '.join(args)} failed ({res.exit_code}):\n{res.output}"
         return res

@@ -158,7 +158,8 @@ def dockerd():
 
 @pytest.fixture
 def docker_env(dockerd, monkeypatch):
-    """Point thaw's docker.from_env() (the in-process worker) at the test daemon."""
+    """Point thaw's docker.from_env() (the in-process worker) at the test daemon. Ask for it before ``worker``:
+    a new worker's Rust threads call getenv as they start, and a setenv then can crash the process."""
     monkeypatch.setenv("DOCKER_HOST", dockerd.host)
     return dockerd
 

@@ -137,8 +137,8 @@ def test_cli_says_when_temporal_is_down(tmp_path):
 
     from thaw.cli import cli
 
-    res = CliRunner().invoke(cli, ["build", "image", str(tmp_path)],
-                             env={"THAW_STATE_DIR": str(tmp_path / "s"), "THAW_TEMPORAL_ADDRESS": "127.0.0.1:1"})
+    res = CliRunner().invoke(cli, ["--state-dir", str(tmp_path / "s"), "--temporal-address", "127.0.0.1:1",
+                                   "build", "image", str(tmp_path)])
     assert res.exit_code == 1 and "cannot reach Temporal at 127.0.0.1:1 (`thaw up` starts one" in res.output
 
 

@@ -291,7 +291,7 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
 
     def deploy_elsewhere(name, *args):
         return CliRunner().invoke(cli, ["deploy", name, "--snapshot", snap, "--buffer", "0", *args],
-                                  env={**cfg_env(cfg), "THAW_TEMPORAL_NAMESPACE": "no-such-namespace"},
+                                  obj=cfg.model_copy(update={"temporal_namespace": "no-such-namespace"}),
                                   catch_exceptions=False)
 
     res = deploy_elsewhere("x")

@@ -494,13 +494,13 @@ def test_zstd_layers(tmp_path, app_archive, reference):
 
 
 @pytest.mark.docker
-def test_docker_daemon_image(cfg, worker, thaw_cli, docker_env, app_image, reference):
+def test_docker_daemon_image(cfg, docker_env, worker, thaw_cli, app_image, reference):
     assert build(thaw_cli, f"docker-daemon:{APP_IMAGE}")["digest"] == reference.digest
     assert "no such image in the Docker daemon" in one_line_error(thaw_cli, "docker-daemon:thaw-test/nope:1")
 
 
 @pytest.mark.docker
-def test_dockerfile_build_applies_whiteouts(cfg, worker, thaw_cli, tmp_path, docker_env, app_export, reference):
+def test_dockerfile_build_applies_whiteouts(cfg, docker_env, worker, thaw_cli, tmp_path, app_export, reference):
     ctx = write_app_context(tmp_path / "ctx")  # a fresh copy of the context: docker's build cache gives the same image
     res = build(thaw_cli, f"dockerfile:{ctx}")
     out = materialized(cfg, res["digest"], tmp_path / "out")
@@ -510,7 +510,7 @@ def test_dockerfile_build_applies_whiteouts(cfg, worker, thaw_cli, tmp_path, doc
 
 
 @pytest.mark.docker
-def test_failing_dockerfile_is_one_line(cfg, worker, thaw_cli, tmp_path, docker_env, base_image):
+def test_failing_dockerfile_is_one_line(cfg, docker_env, worker, thaw_cli, tmp_path, base_image):
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx" / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo building && false\n")
     err = build_fails(cfg, thaw_cli, f"dockerfile:{tmp_path / 'ctx'}")
@@ -518,7 +518,7 @@ def test_failing_dockerfile_is_one_line(cfg, worker, thaw_cli, tmp_path, docker_
 
 
 @pytest.mark.docker
-def test_silent_build_step_longer_than_the_heartbeat_timeout(cfg, worker, thaw_cli, tmp_path, docker_env, base_image):
+def test_silent_build_step_longer_than_the_heartbeat_timeout(cfg, docker_env, worker, thaw_cli, tmp_path, base_image):
     assert cfg.heartbeat_timeout <= 5
     (tmp_path / "ctx").mkdir()
     (tmp_path / "ctx" / "Dockerfile").write_text(
@@ -573,13 +573,19 @@ def test_registry_image_over_the_size_limit_is_refused_before_the_pull(tmp_path,
         assert [l.size for l in img.layers] == [size]
 
 
-@pytest.mark.docker
-def test_registry_with_token_auth(cfg, worker, thaw_cli, monkeypatch, tmp_path, token_registry, app_archive,
-                                  reference):
-    reg = token_registry
+@pytest.fixture
+def no_registry_creds(monkeypatch, tmp_path):
+    """No registry credentials in the environment or a docker config (ask for it before ``worker``: see
+    services.docker_env)."""
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
     for var in ("THAW_REGISTRY_USERNAME", "THAW_REGISTRY_USER", "THAW_REGISTRY_PASSWORD"):
         monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.docker
+def test_registry_with_token_auth(cfg, no_registry_creds, worker, thaw_cli, monkeypatch, tmp_path, token_registry,
+                                  app_archive, reference):
+    reg = token_registry
     skopeo_copy(f"docker-archive:{app_archive}", f"docker://{reg.host}/thaw/app:1", "--dest-tls-verify=false",
                 "--dest-creds", reg.creds)
     source = f"docker://{reg.host}/thaw/app:1"

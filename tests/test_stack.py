@@ -165,6 +165,19 @@ def test_a_relative_state_dir_is_made_absolute(tmp_path, monkeypatch):
     assert load().temporal_ui_port == 8999
 
 
+def test_the_in_process_cli_takes_its_config_as_is_and_leaves_the_environment_alone(cfg, thaw_cli, monkeypatch):
+    """setenv reallocates C's environ while Temporal's Rust threads read it with getenv (a new worker's do): the
+    test process died of it (SIGSEGV in getenv, under CliRunner(env=)). thaw_cli hands the CLI its Config as
+    click's obj, which the CLI uses as is."""
+    changed = []
+    monkeypatch.setattr(os, "putenv", lambda name, value: changed.append(name))
+    monkeypatch.setattr(os, "unsetenv", changed.append)
+    thaw_cli("secrets", "set", "API_KEY", "--value", "x")
+    assert json.loads(cfg.secrets_file.read_text()) == {"API_KEY": "x"}  # this test's state dir, not the default
+    assert thaw_cli("secrets", "ls").output.split() == ["API_KEY"]
+    assert changed == []
+
+
 def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):
     """`thaw --db-url ... --temporal-address ... up --s3` (and every `thaw up` after it): the config read back
     with the saved S3 settings keeps the command line's registry and Temporal (it fell back to the defaults)."""

@@ -67,7 +67,8 @@ def cli(ctx, state_dir, temporal_address, db_url, verbose):
     """thaw: scale GPU inference up in seconds."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    ctx.obj = _configured(config_mod.load, state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
+    if ctx.obj is None:  # a Config handed in (click's obj=, by a program running this CLI in-process) is used as is
+        ctx.obj = _configured(config_mod.load, state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
 
 
 def _configured(make, **values):
