@@ -139,8 +139,10 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
         st = wait_until(lambda: "buffer     1/1" in (out := thaw_cli("status", "web").output) and out,
                         what="the buffer refilled")
         assert "restored" in st
-        status, body = api_call(url, "/v1/deployments/web", token)
-        assert status == 200 and body["counts"]["restored"] == 9 and body["counts"]["stopped"] == 9
+        # a scale-down's stops are counted once all of them have ended: a moment after their endpoints closed
+        status, body = wait_until(lambda: (res := api_call(url, "/v1/deployments/web", token))[0] == 200
+                                  and res[1]["counts"].get("stopped") == 9 and res, what="9 stops counted")
+        assert body["counts"]["restored"] == 9
         undeploy(cfg, thaw_cli, "web")
         wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
                    what="buffer released")
