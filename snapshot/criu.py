@@ -14,6 +14,8 @@ any number of replicas of one snapshot run side by side with the same in-namespa
   hands criu a fresh one with loopback up (``--inherit-fd``). That skips the ip/iptables save and restore
   runs (about 0.1 s of dump and 0.5 s of restore here). Listening sockets are restored into it;
   established connections are not worth restoring (``--tcp-close``).
+- Cgroups: left alone (``--manage-cgroups=ignore``): a restored tree stays in criu's cgroup, the host's
+  replicas' one (snapshot/cgroup.py), whatever cgroup the dumped replica ran in.
 - After restore criu exec()s the reaper (``_reap.py``) that stays the parent of the replica's pid 1.
 - thaw's CRIU build (``infra/criu/*.patch``) reads two variables at restore; a stock criu ignores them:
   ``CRIU_RESTORE_THREADS=N`` reads the memory pages with N threads instead of one, and ``CRIU_RESTORE_THP``
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from thaw.imagefs.mount import mountinfo
 
-from . import _linux
+from . import _linux, cgroup
 from .compat import host_facts
 from .replica import REAP, Replica, ReplicaError, _lines, after_restore, launch, open_log
 from .rootfs import Root, prepare_root
@@ -49,7 +51,7 @@ __all__ = ["CriuError", "CheckpointResult", "checkpoint", "restore", "criu_binar
 log = logging.getLogger(__name__)
 META = "thaw-snapshot.json"
 NETNS_KEY = "thaw-net"
-COMMON = ["-v4", "--file-locks", "--tcp-close"]
+COMMON = ["-v4", "--file-locks", "--tcp-close", "--manage-cgroups=ignore"]
 HUGE_PAGES_ENV = "CRIU_RESTORE_THP"  # read by thaw's CRIU build, see infra/criu/restore-thp.patch
 THREADS_ENV = "CRIU_RESTORE_THREADS"  # infra/criu/restore-threads.patch
 DEFAULT_READ_THREADS = min(8, len(os.sched_getaffinity(0)))  # the CPUs this process may run on
@@ -205,14 +207,16 @@ def _check_files(images_dir: Path, files: dict[str, int]) -> None:
 
 
 def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Path | None = None,
-            timeout: float = 120.0, huge_pages: bool = False, read_threads: int | None = None) -> Replica:
+            timeout: float = 120.0, huge_pages: bool = False, read_threads: int | None = None,
+            cg: Path | None = None) -> Replica:
     """Restore a checkpoint into new namespaces with ``root`` (a mount point, see prepare_root) as "/"
     (None for a replica launched with ``root=None``: it shares the host's filesystem).
 
     stdout/stderr of the restored processes append to ``log_path``; criu's own log goes to ``criu_log``
     (default: next to log_path, ``<name>.criu-restore.log``). ``huge_pages``: restore large anonymous memory into
     transparent huge pages; ``read_threads``: threads that read the memory pages (default: one per CPU, at most
-    8); see the module docstring. Raises CriuError naming that log.
+    8); see the module docstring; ``cg``: the cgroup to restore into (snapshot/cgroup.py; None: the caller's).
+    Raises CriuError naming that log.
     """
     images_dir, root, log_path = Path(images_dir).resolve(), root and Path(root), Path(log_path)
     criu_log = Path(criu_log or log_path.with_name(log_path.stem + ".criu-restore.log")).resolve()
@@ -240,8 +244,8 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
     if huge_pages:
         env[HUGE_PAGES_ENV] = "1"
     try:
-        proc = subprocess.Popen(_with_kdat_cache(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env,
+        proc = subprocess.Popen(cgroup.join(cg, _with_kdat_cache(cmd)), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 bufsize=0, pass_fds=(logfd, netns), start_new_session=True)
     except BaseException:
         os.close(netns)

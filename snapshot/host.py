@@ -32,7 +32,7 @@ from thaw.imagefs.materialize import materialize_cached
 from thaw.imagefs.prefetch import parse_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
-from . import _linux, compat, criu, cuda, nvidia
+from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder
 from .pin import Pins
 from .replica import golden_answer as replica_golden_answer
@@ -345,6 +345,13 @@ class HostSnapshots:
             log.warning("host %s: replicas get no GPU: %s", self.cfg.host_id, e)
             return None
 
+    @functools.cached_property
+    def cgroup(self) -> Path | None:
+        """The cgroup every replica of this host runs in, below the agent (snapshot/cgroup.py): made at the first
+        launch or restore. None with ``replica_cpu_weight`` 0 or where this host does not allow one."""
+        weight = self.cfg.replica_cpu_weight
+        return cgroup.create(f"thaw-replicas-{self.cfg.host_id}", weight) if weight else None
+
     def _root(self, image_root: Path, rw: Path) -> criu.Root:
         """A replica's root: a fresh overlay of the image (under the GPU driver's layer on a GPU host)."""
         return criu.prepare_root([self.gpu.layer, image_root] if self.gpu else image_root, rw)
@@ -353,7 +360,7 @@ class HostSnapshots:
                 ) -> criu.Replica:
         gpu = self.gpu
         return criu.launch(root.path, spec["cmd"], gpu.env(env, slot) if gpu else env, spec.get("cwd") or "/",
-                           log_path, devices=gpu.devices_for(slot) if gpu else ())
+                           log_path, devices=gpu.devices_for(slot) if gpu else (), cg=self.cgroup)
 
     def take_gpu(self, snapshot_facts: dict | None = None) -> int | None:
         """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in the order of
@@ -403,7 +410,8 @@ class HostSnapshots:
             raise
 
     def close(self) -> None:
-        """Unpin and unmount this host's image and snapshot trees (stop the replicas on them first)."""
+        """Unpin and unmount this host's image and snapshot trees, remove its replicas' cgroup (stop the replicas
+        first)."""
         pinner, self._pinner = self._pinner, ThreadPoolExecutor(1, thread_name_prefix="thaw-pin")
         pinner.shutdown(wait=True, cancel_futures=True)
         self.pins.close()  # a locked mapping would keep its FUSE mount busy
@@ -412,6 +420,7 @@ class HostSnapshots:
         for h in handles:
             with contextlib.suppress(imagefs_mount.MountError, OSError):
                 h.unmount()
+        cgroup.remove(self.__dict__.pop("cgroup", None))  # if made and empty; the next replica makes it again
 
     def warm(self, snap: dict) -> dict[str, int]:
         """Ready this host for ``snap`` before a restore is asked of it (a buffer host just reserved for a
@@ -608,7 +617,7 @@ class HostSnapshots:
             held.callback(self.give_gpu, slot)
             replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
                                    huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
-                                   read_threads=self.cfg.restore_threads)
+                                   read_threads=self.cfg.restore_threads, cg=self.cgroup)
             try:
                 write_record(work / RECORD, replica.pid)
                 self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
@@ -641,7 +650,7 @@ class HostSnapshots:
             try:
                 huge = use_huge_pages(self.cfg.restore_huge_pages, snap["host_facts"])
                 replica = criu.restore(files, root.path, work / "restore.log", huge_pages=huge,
-                                       read_threads=self.cfg.restore_threads)
+                                       read_threads=self.cfg.restore_threads, cg=self.cgroup)
             except criu.CriuError as e:
                 failed = (fetch.wait(CAUSE_SEARCH_S).first_error if fetch  # the rest is cancelled below
                           else self._first_bad_chunk(snap["digest"], time.monotonic() + CAUSE_SEARCH_S))

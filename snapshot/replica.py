@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import _linux
+from . import _linux, cgroup
 from .sdk import AFTER_RESTORE_PATH, READY_PATH
 
 NSINIT = Path(__file__).with_name("_nsinit.py")
@@ -227,7 +227,7 @@ def open_log(log_path: Path) -> tuple[int, str]:
 
 
 def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
-           hostname: str = "thaw", timeout: float = 30.0, devices: Sequence = ()) -> Replica:
+           hostname: str = "thaw", timeout: float = 30.0, devices: Sequence = (), cg: Path | None = None) -> Replica:
     """Start ``argv`` as pid 1 of new namespaces with ``root`` as its "/"; stdout + stderr append to log_path.
 
     ``root=None`` keeps the host's filesystem: no mount or pid namespace, only network, UTS and IPC ones. That
@@ -236,7 +236,8 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     (``cudaGetDeviceCount``: error 304). So such a replica keeps its host pid, and CRIU restores it under that
     pid: one restored replica per snapshot at a time.
     ``env`` is the whole environment; it travels through a pipe, never on a command line. ``devices``
-    (``nvidia.Device``: the host's GPUs) are made in the replica's /dev, which needs a ``root``.
+    (``nvidia.Device``: the host's GPUs) are made in the replica's /dev, which needs a ``root``. ``cg``: the
+    cgroup to run it in (snapshot/cgroup.py; None: the caller's).
     Returns once the workload has been exec()ed (use ``wait_healthy``/``wait_ready`` for its server).
     """
     root, log_path = root and Path(root), Path(log_path)
@@ -252,8 +253,8 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
            "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
            "--hostname", hostname, "--devices", ",".join(d.arg() for d in devices), "--", *argv]
     try:  # unshare's own complaints go to a pipe, read only when the launch fails
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                pass_fds=(status_w, env_r, logfd), start_new_session=True)
+        proc = subprocess.Popen(cgroup.join(cg, cmd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, pass_fds=(status_w, env_r, logfd), start_new_session=True)
     except BaseException:
         os.close(status_r)
         os.close(env_w)

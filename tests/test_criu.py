@@ -16,13 +16,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
 from thaw.snapshot import (CriuError, Incompatible, ReplicaError, after_restore, check, checkpoint, compat_key,
                            criu_check, host_facts, launch, prepare_root, require, restore)
-from thaw.snapshot import _linux, sdk
+from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
 
 _skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_check()
@@ -335,6 +335,54 @@ def test_leave_running_checkpoint(roots, work):
     finally:
         replica.stop()
     assert not replica.alive()
+
+
+def cpu_cgroup_of(pid: int) -> str:
+    """``pid``'s cgroup in the hierarchy with the cpu controller (v1 ``cpu``, else v2's)."""
+    lines = [line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    return next((p for _, c, p in lines if "cpu" in c.split(",")), None) or next(p for _, c, p in lines if not c)
+
+
+@needs_criu
+def test_replicas_run_in_the_cgroup_given_and_a_snapshot_does_not_carry_it(roots, work):
+    """A launch and a restore put the replica's whole tree in the cgroup they are given, at its weight. CRIU
+    leaves cgroups alone: a restore lands where it is told (or where its caller is), not where the dumped
+    replica ran (with CRIU's default cgroup handling it would go back there)."""
+    names = [f"thaw-test-{os.getpid()}-{x}" for x in "ab"]
+    a, b = (cgroup.create(n, w) for n, w in zip(names, (10, 1)))
+    replicas = []
+    try:
+        assert a is not None and b is not None, "no writable cpu cgroup on this host"
+        v2 = (a / "cgroup.controllers").exists()
+        assert [(cg / ("cpu.weight" if v2 else "cpu.shares")).read_text().strip() for cg in (a, b)] == \
+            (["10", "1"] if v2 else ["102", "10"])
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": "1", "MARKER": MARKER}
+        replicas.append(launch(roots().path, [PYTHON, "-I", "/app/server.py"], env, "/app", work / "cg.log", cg=a))
+        replicas[0].wait_ready(PORT, "/health", timeout=60)
+        own = PurePosixPath(cpu_cgroup_of(os.getpid()))
+        assert {cpu_cgroup_of(p) for p in (replicas[0].pid, replicas[0].proc.pid)} == {str(own / names[0])}
+        cp = checkpoint(replicas[0], work / "images-cg")
+        for cg, where in ((b, str(own / names[1])), (None, str(own))):
+            replicas.append(restore(cp.images_dir, roots().path, work / "cg-restore.log", cg=cg))
+            r = replicas[-1]
+            assert get(r, "/answer")["marker"] == MARKER
+            assert {cpu_cgroup_of(p) for p in (r.pid, r.proc.pid)} == {where}
+    finally:
+        for r in replicas:
+            r.stop()
+        for cg in (a, b):
+            cgroup.remove(cg)
+    assert not any(cg and cg.exists() for cg in (a, b))
+
+
+def test_without_a_writable_cpu_cgroup_replicas_stay_in_the_callers(tmp_path, caplog):
+    """Where no cgroup can be made (no cpu controller, a read-only cgroupfs), the replicas run where the agent
+    does, and the reason is logged once; nothing is left behind."""
+    parent = tmp_path / "not-a-cgroup"
+    assert cgroup.create("thaw-replicas-x", 10, parent=parent) is None
+    assert "replicas share the agent's CPU cgroup" in caplog.text and str(parent) in caplog.text
+    assert cgroup.join(None, ["true"]) == ["true"] and not parent.exists()
+    cgroup.remove(None)
 
 
 def launch_host_root(image, work, name: str, data_mb: int):

@@ -21,7 +21,7 @@ from conftest import activity_attempts, cfg_env, undeploy
 from services import wait_until
 from pyroot import python_rootfs
 from s3server import s3server  # noqa: F401  (pytest fixture)
-from test_criu import SECRET, needs_criu
+from test_criu import SECRET, cpu_cgroup_of, needs_criu
 from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
@@ -549,6 +549,10 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     assert {(x["id"], x["deployment"], x["snapshot_digest"], x["endpoint"]) for x in listed} == {
         (r["replica"], "", snap, r["endpoint"]) for r in reps}
     assert "(kept)" in thaw_cli("replicas", "ls").output
+    cg = agent.host.cgroup  # the host's replicas run in its replica cgroup (snapshot/cgroup.py), reapers too
+    assert cg is not None and cg.name == f"thaw-replicas-{cfg.host_id}"
+    assert {cpu_cgroup_of(p).rsplit("/", 1)[-1] for r in agent.serving.values()
+            for p in (r.replica.pid, r.replica.proc.pid)} == {cg.name}
     for r in reps:  # what each wrote to stdout since its restore, read by the agent
         assert f"after restore {r['replica']}" in thaw_cli("replicas", "logs", r["replica"]).output
     res = thaw_cli("snapshots", "rm", snap, ok=False)  # gc would take the files they read lazily

@@ -102,6 +102,9 @@ class Config(BaseSettings):
     # "gpu" for snapshots that hold GPU state (the driver's copy of device memory), "always" or "never"
     restore_huge_pages: Literal["gpu", "always", "never"] = "gpu"
     restore_threads: int = Field(0, ge=0)  # threads CRIU reads memory pages with; 0: one per CPU, at most 8
+    # CPU weight of the cgroup all of a host's replicas share (cgroup v2 units; a process is 100), so a burst of
+    # restores does not starve the agent and control plane that start them (snapshot/cgroup.py); 0: no cgroup
+    replica_cpu_weight: int = Field(10, ge=0, le=10000)
     # on a GPU host, image-rooted replicas get the GPUs' device nodes and the driver's libraries (snapshot/nvidia.py)
     gpu_passthrough: bool = True
     host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
