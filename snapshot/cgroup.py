@@ -1,5 +1,6 @@
 """The replicas' CPU cgroup: every replica of a host (launched or restored) runs in one cgroup below the host
-agent's own, at a low CPU weight, so the replicas as a whole weigh like one of the host's own processes.
+agent's own, at a low CPU weight: by default all the replicas together weigh a tenth of one of the host's
+own processes.
 
 Why: a burst of restores is many busy threads (CRIU's page readers, then the restored servers warming up), and
 the scheduler shares the CPUs per thread. Without a cgroup, eight restores on a small host starve what starts
@@ -7,10 +8,11 @@ the next replica: the agent's Temporal worker, and a Temporal server or pool wor
 weight only matters while the CPUs are contended; an idle control plane leaves the replicas every cycle.
 
 cgroup v1 (a ``cpu`` hierarchy): a child of the agent's cpu cgroup, ``cpu.shares``. cgroup v2: a child of the
-agent's cgroup with the cpu controller on, ``cpu.weight``; v2 allows that only where the agent's cgroup may have
-child controllers (the root of its cgroup namespace, or a delegated cgroup without processes of its own). Where
-neither works (no cpu controller, a read-only cgroupfs), the replicas stay in the agent's cgroup as they would
-without thaw, and the agent says why once.
+agent's cgroup with the cpu controller on, ``cpu.weight``; v2 allows that only for an agent in the host's root
+cgroup (elsewhere, as in a systemd service or a container, a cgroup that holds processes may not pass the cpu
+controller to children; only cgroup v1 hosts ran this code so far). Where it does not work (that, no cpu
+controller, a read-only cgroupfs), the replicas stay in the agent's cgroup as they would without thaw, and the
+agent says why once.
 
 CRIU leaves cgroups alone (``--manage-cgroups=ignore``, snapshot/criu.py): a restored tree stays where criu runs,
 so a snapshot does not depend on the cgroup layout of the host that built it.

@@ -375,7 +375,7 @@ def test_replicas_run_in_the_cgroup_given_and_a_snapshot_does_not_carry_it(roots
     assert not any(cg and cg.exists() for cg in (a, b))
 
 
-def test_without_a_writable_cpu_cgroup_replicas_stay_in_the_callers(tmp_path, caplog):
+def test_where_no_cpu_cgroup_can_be_made_the_reason_is_logged_and_replicas_stay_put(tmp_path, caplog):
     """Where no cgroup can be made (no cpu controller, a read-only cgroupfs), the replicas run where the agent
     does, and the reason is logged once; nothing is left behind."""
     parent = tmp_path / "not-a-cgroup"

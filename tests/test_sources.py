@@ -4,7 +4,6 @@ image is materialized and compared with docker's or umoci's own view of the same
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
 import hashlib
