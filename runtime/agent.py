@@ -144,7 +144,7 @@ def release_if_dead(cfg: Config) -> bool:
     except RuntimeError:
         return False
     try:
-        release_dead(cfg.work_dir)
+        release_dead(cfg)
     finally:
         os.close(fd)
     return True

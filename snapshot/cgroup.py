@@ -21,7 +21,9 @@ so a snapshot does not depend on the cgroup layout of the host that built it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,22 @@ def join(cg: Path | None, cmd: list[str]) -> list[str]:
     return ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', str(cg), *cmd]
 
 
-def remove(cg: Path | None) -> None:
-    """Remove the cgroup if no process is left in it (else it stays, for the next agent to reuse)."""
-    if cg is not None:
-        with contextlib.suppress(OSError):
+def path_of(name: str) -> Path | None:
+    """Where :func:`create` makes the cgroup ``name`` (None where no cpu cgroup is mounted)."""
+    with contextlib.suppress(OSError, ValueError):
+        return _own_cpu_cgroup() / name
+    return None
+
+
+def remove(cg: Path | None, wait_s: float = 0.0) -> None:
+    """Remove the cgroup once no process is left in it, waiting up to ``wait_s`` for those that are exiting
+    (else it stays, for the next agent of the host to reuse)."""
+    deadline = time.monotonic() + wait_s
+    while cg is not None:
+        try:
             cg.rmdir()
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return
+        time.sleep(0.05)

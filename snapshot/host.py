@@ -217,11 +217,18 @@ def cleanup_stale(work_dir: Path) -> int:
     return n
 
 
-def release_dead(work_dir: Path) -> None:
-    """What an agent that died left in ``work_dir``, for a host no agent will run on again: what a restarted
-    agent clears (:func:`cleanup_stale`), and the image and snapshot mounts a restarted one would have reused."""
-    cleanup_stale(work_dir)
-    clear(work_dir / "mnt")
+def release_dead(cfg: Config) -> None:
+    """What an agent of ``cfg.host_id`` that died left, for a host no agent will run on again: what a restarted
+    agent clears (:func:`cleanup_stale`), and what a restarted one would have reused (the image and snapshot
+    mounts, the replicas' cgroup)."""
+    cleanup_stale(cfg.work_dir)
+    clear(cfg.work_dir / "mnt")
+    cgroup.remove(cgroup.path_of(replicas_cgroup(cfg.host_id)), wait_s=5)  # its replicas were just SIGKILLed
+
+
+def replicas_cgroup(host_id: str) -> str:
+    """The name of the cgroup a host's replicas run in (snapshot/cgroup.py)."""
+    return f"thaw-replicas-{host_id}"
 
 
 def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
@@ -350,7 +357,7 @@ class HostSnapshots:
         """The cgroup every replica of this host runs in, below the agent (snapshot/cgroup.py): made at the first
         launch or restore. None with ``replica_cpu_weight`` 0 or where this host does not allow one."""
         weight = self.cfg.replica_cpu_weight
-        return cgroup.create(f"thaw-replicas-{self.cfg.host_id}", weight) if weight else None
+        return cgroup.create(replicas_cgroup(self.cfg.host_id), weight) if weight else None
 
     def _root(self, image_root: Path, rw: Path) -> criu.Root:
         """A replica's root: a fresh overlay of the image (under the GPU driver's layer on a GPU host)."""

@@ -16,6 +16,8 @@ from test_snapshot import PORT, image_config, rootfs  # noqa: F401  (fixture)
 from test_stack import free_port, thaw
 from thaw.config import load
 from thaw.registry import deployments
+from thaw.snapshot import cgroup
+from thaw.snapshot.host import replicas_cgroup
 
 pytestmark = needs_criu
 
@@ -58,6 +60,8 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
         down = thaw(env, "down", check=False)  # the namespaced hosts first, then the stack
     assert "nshost2: stopped" in down.stdout
     assert not os.path.exists(f"/proc/{orphan['pid']}"), "the dead host's replica outlived `thaw down`"
+    assert not [n for n in ("nshost1", "nshost2") if cgroup.path_of(replicas_cgroup(n)).exists()], \
+        "a host's replica cgroup outlived `thaw down` (nshost1's agent was killed, nshost2's stopped)"
     assert not [n for n in os.listdir("/run/netns") if n.startswith("thaw-nshost")] if os.path.isdir("/run/netns") \
         else True
 

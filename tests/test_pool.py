@@ -315,7 +315,7 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
 def release_dead_host(cfg, host_id):
     from thaw.snapshot.host import release_dead
 
-    release_dead(cfg.model_copy(update={"host_id": host_id}).work_dir)
+    release_dead(cfg.model_copy(update={"host_id": host_id}))
 
 
 def _agent_proc(cfg, host_id):
@@ -690,8 +690,13 @@ def replica_on_another_host(cfg, agent, thaw_cli, snap, name: str, host_id: str)
 
 def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agent, thaw_cli, snap):
     from thaw.runtime.frontdoor import PoolBackends
+    from thaw.snapshot import cgroup
+    from thaw.snapshot.host import replicas_cgroup
+
+    victim_cgroup = cgroup.path_of(replicas_cgroup("victim"))
 
     with replica_on_another_host(cfg, agent, thaw_cli, snap, "ha", "victim") as (victim, _):
+        assert victim_cgroup.is_dir()  # its replica runs there
         os.kill(victim.pid, signal.SIGKILL)  # the host dies with its replica
         victim.wait()
         new = wait_until(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
@@ -703,6 +708,7 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         assert sorted(r.host_id for r in serving(cfg, "ha")) == sorted([cfg.host_id, "victim"])
         assert [r.host_id for r in deployments.serving(cfg, "ha")] == [cfg.host_id]
         assert asyncio.run(PoolBackends(cfg, "ha").endpoints()) == [new[0].endpoint]
+    assert not victim_cgroup.exists(), "the dead host's replica cgroup outlived its release"
 
 
 def test_a_replica_left_on_a_host_that_comes_back_is_stopped(cfg, worker, agent, thaw_cli, snap):
