@@ -55,6 +55,7 @@ class MountInfo:
     source: str
     options: str
     super_options: str = ""  # as mountinfo writes them (escaped): split first, then unescape the parts
+    root: str = "/"  # the directory of its filesystem mounted there (a bind mount's, a cgroup hierarchy's)
 
     @property
     def is_fuse(self) -> bool:
@@ -76,7 +77,7 @@ def mountinfo(pid: int | str = "self") -> list[MountInfo]:
             if len(a) < 6 or len(b) < 2:
                 continue
             out.append(MountInfo(int(a[0]), a[2], unescape(a[4]), b[0], unescape(b[1]), a[5],
-                                 b[2] if len(b) > 2 else ""))
+                                 b[2] if len(b) > 2 else "", unescape(a[3])))
     return out
 
 

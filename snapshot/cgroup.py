@@ -26,9 +26,10 @@ import logging
 import time
 from pathlib import Path
 
+from thaw.imagefs.mount import mountinfo
+
 log = logging.getLogger(__name__)
 
-MOUNTINFO = Path("/proc/self/mountinfo")
 OWN = Path("/proc/self/cgroup")
 
 
@@ -38,21 +39,18 @@ def _own_cpu_cgroup() -> Path:
     for line in OWN.read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         own[controllers] = path
-    for line in MOUNTINFO.read_text().splitlines():
-        fields = line.split()
-        sep = fields.index("-")
-        fstype, options = fields[sep + 1], fields[sep + 3].split(",")
-        root, mountpoint = fields[3], fields[4]
-        if fstype == "cgroup" and "cpu" in options:
+    for m in mountinfo():
+        if m.fstype == "cgroup" and "cpu" in m.super_options.split(","):
             path = next((p for c, p in own.items() if "cpu" in c.split(",")), None)
-        elif fstype == "cgroup2":
+        elif m.fstype == "cgroup2":
             path = own.get("")
         else:
             continue
-        if path is None or not (path + "/").startswith(root.rstrip("/") + "/"):
+        root = m.root.rstrip("/")
+        if path is None or not (path + "/").startswith(root + "/"):
             continue  # this mount does not show our cgroup
-        d = Path(mountpoint, path[len(root.rstrip("/")):].lstrip("/"))
-        if fstype == "cgroup" or "cpu" in (d / "cgroup.controllers").read_text().split():
+        d = Path(m.mountpoint, path[len(root):].lstrip("/"))
+        if m.fstype == "cgroup" or "cpu" in (d / "cgroup.controllers").read_text().split():
             return d
     raise OSError("no cpu cgroup controller is mounted here")
 
