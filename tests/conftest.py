@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from thaw.config import Config
-from thaw.stack import temporal_binary
+from thaw.stack import temporal_binary, temporal_dev_args
 
 
 class LoopThread:
@@ -40,7 +40,8 @@ def temporal_address():
     from temporalio.testing import WorkflowEnvironment
 
     lt = LoopThread()
-    env = lt.run(WorkflowEnvironment.start_local(dev_server_existing_path=temporal_binary()))
+    env = lt.run(WorkflowEnvironment.start_local(dev_server_existing_path=temporal_binary(),
+                                                   dev_server_extra_args=temporal_dev_args()))
     try:
         yield env.client.service_client.config.target_host
     finally:
