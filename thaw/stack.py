@@ -29,13 +29,17 @@ class StackError(RuntimeError):
 
 # Dynamic config for the embedded Temporal server. Its history service reads new transfer tasks (a workflow task
 # for a signal, an activity task for `start_replica`) at most `transferProcessorMaxPollRPS` times a second, 20 by
-# default: each hop waited up to 50 ms for the next read, twice per scale signal (P5 in docs/benchmarks.md).
+# default: each hop waited up to 50 ms for the next read, twice per scale signal (bench/temporal_hop.py).
 TEMPORAL_DYNAMIC_CONFIG = {"history.transferProcessorMaxPollRPS": 1000}
 
 
-def temporal_dev_args() -> list[str]:
-    """`temporal server start-dev` flags for TEMPORAL_DYNAMIC_CONFIG."""
-    return [a for k, v in TEMPORAL_DYNAMIC_CONFIG.items() for a in ("--dynamic-config-value", f"{k}={v}")]
+def temporal_dev_args(dynamic_config: bool = True) -> list[str]:
+    """How thaw runs `temporal server start-dev`, beyond its addresses and database file."""
+    # as the registry's SQLite: a write-ahead log synced at checkpoints, not at every history event (a burst of
+    # scale signals waited on those fsyncs: P5 in docs/benchmarks.md); an OS crash may lose the last events
+    pragmas = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
+    return pragmas + [a for k, v in TEMPORAL_DYNAMIC_CONFIG.items() if dynamic_config
+                      for a in ("--dynamic-config-value", f"{k}={v}")]
 
 
 def temporal_binary() -> str:
@@ -106,10 +110,7 @@ def components(cfg: Config, s3: bool | None = None) -> list[Component]:
         "temporal",
         [temporal_binary(), "server", "start-dev", "--db-filename", str(cfg.temporal_db), "--ip", host,
          "--port", str(port), "--ui-port", str(cfg.temporal_ui_port), "--namespace", cfg.temporal_namespace,
-         "--log-level", "warn",
-         # as the registry's SQLite: a write-ahead log synced at checkpoints, not at every history event (a burst of
-         # scale signals waited on those fsyncs: P5 in docs/benchmarks.md); an OS crash may lose the last events
-         "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal", *temporal_dev_args()],
+         "--log-level", "warn", *temporal_dev_args()],
         lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
     )
     files = {"s3": ready_file(cfg, "s3"), "worker": worker_ready_file(cfg), "agent": agent_ready_file(cfg),
