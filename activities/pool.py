@@ -28,7 +28,11 @@ class PoolActivities:
         alive = snapshots.live_hosts(url, self.cfg.host_stale_s)
         live = [h for h in alive if compat.needs_gpu(h.facts) or not compat.needs_gpu(snap.host_facts)]
         ok = {h.id for h in live if not compat.check(snap.host_facts, h.facts)}
-        load = deployments.load(url)
+        every = deployments.replicas(url)  # one read for the load and the deployment's own rows: from two, a
+        # replica whose row went in between (a stop) counted as another deployment's, holding a slot for nothing
+        load = Counter(r.host_id for r in every)
+        rows = [r for r in every if r.deployment == inp.deployment]
+        others = Counter(r.host_id for r in every if r.deployment != inp.deployment)
         names = {d.name for d in deployments.list_all(url)}
 
         def holder(h) -> str | None:  # a reservation of a deployment that is gone holds nothing
@@ -37,9 +41,7 @@ class PoolActivities:
                 and holder(h) in (None, inp.deployment)]
         idle.sort(key=lambda h: (holder(h) != inp.deployment, h.id))  # keep current reservations
         reserved = deployments.set_reservations(url, inp.deployment, [h.id for h in idle[: inp.buffer]])
-        rows = deployments.replicas(url, deployment=inp.deployment)
-        own = Counter(r.host_id for r in rows)
-        slots = [HostSlot(h.id, h.task_queue, h.capacity, load.get(h.id, 0) - own.get(h.id, 0), h.id in ok,
+        slots = [HostSlot(h.id, h.task_queue, h.capacity, others[h.id], h.id in ok,
                           inp.deployment if h.id in reserved else (None if holder(h) == inp.deployment
                                                                     else holder(h)))
                  for h in live]

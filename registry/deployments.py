@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlmodel import col, func, select, update
+from sqlmodel import col, select, update
 
 from .db import session
 from .models import Deployment, Host, Replica, Snapshot
@@ -65,12 +65,6 @@ def replicas(url: str, deployment: str | None = None, host_id: str | None = None
         if host_id:
             q = q.where(Replica.host_id == host_id)
         return list(s.exec(q.order_by(col(Replica.created_at))).all())
-
-
-def load(url: str) -> dict[str, int]:
-    """host id -> replicas running there."""
-    with session(url) as s:
-        return dict(s.exec(select(Replica.host_id, func.count()).group_by(Replica.host_id)).all())
 
 
 def set_reservations(url: str, deployment: str, host_ids: list[str]) -> list[str]:
