@@ -25,6 +25,7 @@ from .build_image import QUICK
 
 WORKFLOW_ID = "pool-{name}"
 RECENT = 20  # restores kept in the state for `thaw status NAME`
+SETTLE_S = 0.5  # a burst's signals and finished starts within this share one host check
 
 
 @dataclass
@@ -219,6 +220,8 @@ class DeploymentPool:
                                                   timeout=timedelta(seconds=self.s.spec.check_every_s))
                 except asyncio.TimeoutError:
                     pass
+                else:
+                    await self._settle()
                 self.wake = False
                 if self.s.stopping or self._cancelled():
                     break
@@ -256,6 +259,17 @@ class DeploymentPool:
         if cancelled:
             raise asyncio.CancelledError(f"pool cancelled ({workflow.cancellation_reason() or 'no reason given'})")
         return self.s
+
+    async def _settle(self) -> None:
+        """Woken with nothing to place or stop (a signal placed its replicas itself, a start ended): wait a
+        moment before the host check, so that a burst of signals and of finished starts shares one check. Every
+        check is a workflow task more, and the signals of the burst queued behind each one (P5)."""
+        if self._missing() != 0 or self.s.stopping or not workflow.patched("settle-before-check"):
+            return
+        with contextlib.suppress(asyncio.TimeoutError):  # what cannot wait ends it: a scale-up the signal could
+            # not place in full, a scale-down, an undeploy
+            await workflow.wait_condition(lambda: self._missing() != 0 or self.s.stopping,
+                                          timeout=timedelta(seconds=SETTLE_S))
 
     def _stops(self) -> list[asyncio.Task]:
         """Background stops under way (of replicas whose silent host came back): a run must not end before
