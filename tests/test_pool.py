@@ -528,7 +528,8 @@ def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg,
 
 
 class SlowHostChecks:
-    """The real ``pool_hosts``, except that while ``hold`` is set a check answers only once ``release`` is."""
+    """The real ``pool_hosts``, except that while ``hold`` is set a check answers only once ``release`` is;
+    ``calls``: when each check began (time.monotonic())."""
 
     def __init__(self, cfg):
         import threading
@@ -536,9 +537,11 @@ class SlowHostChecks:
         from thaw.activities.pool import PoolActivities
         self.real = PoolActivities(cfg)
         self.hold, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.calls: list[float] = []
 
     @activity.defn(name="pool_hosts")
     def pool_hosts(self, inp: HostsInput) -> HostsResult:
+        self.calls.append(time.monotonic())
         res = self.real.pool_hosts(inp)
         if self.hold.is_set():
             self.held.set()
@@ -577,6 +580,42 @@ def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, work
         finally:
             slow.release.set()
             undeploy(cfg, thaw_cli, "slowreg", ok=False)
+
+
+def test_a_burst_of_signals_and_of_finished_starts_shares_its_host_checks(cfg, worker, agent, thaw_cli, snap):
+    """Scale signals 1..4, 20 ms apart, place their replicas themselves; the pool then checks its hosts about
+    once for the signals and once for the finished starts, not once or twice for each of the eight (every check
+    is workflow tasks that a burst's later signals queue behind: P5)."""
+    from temporalio.client import Client
+    from temporalio.worker import Worker
+
+    from conftest import running_worker
+    from thaw.runtime.pool import deploy
+    from thaw.workflows.pool import DeploymentPool, PoolSpec, ScaleRequest
+
+    queue = cfg.model_copy(update={"build_task_queue": f"counted-hosts-{cfg.build_task_queue}"})
+    checks = SlowHostChecks(queue)
+    with running_worker(queue, lambda client, ex: Worker(client, task_queue=queue.build_task_queue,
+                                                         workflows=[DeploymentPool], activities=[checks.pool_hosts],
+                                                         activity_executor=ex)):
+        try:
+            async def burst():  # its pool runs on the queue of this worker
+                client = await Client.connect(cfg.temporal_address)
+                await deploy(client, queue, PoolSpec("calm", snap, max_replicas=4, cooldown_s=0, check_every_s=30))
+                wait_until(lambda: checks.calls, what="the pool's first host check")
+                await asyncio.sleep(0.5)
+                handle, start = client.get_workflow_handle("pool-calm"), time.monotonic()
+                for n in range(1, 5):
+                    await handle.signal(DeploymentPool.scale, ScaleRequest(n, "test", int(time.time() * 1000)))
+                    await asyncio.sleep(0.02)
+                return start
+            start = asyncio.run(burst())
+            wait_until(lambda: len(serving(cfg, "calm")) == 4, what="4 replicas")
+            time.sleep(3)  # the checks that the finished starts ask for
+            during = [t for t in checks.calls if t >= start]
+            assert 1 <= len(during) <= 3, f"{len(during)} host checks for a burst of 4 signals and 4 starts"
+        finally:
+            undeploy(cfg, thaw_cli, "calm", ok=False)
 
 
 def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it(cfg, worker, agent, thaw_cli,
