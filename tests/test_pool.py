@@ -549,21 +549,32 @@ class SlowHostChecks:
         return res
 
 
+@contextlib.contextmanager
+def pool_worker_of_its_own(cfg, tag: str):
+    """A build queue of its own (its config is yielded) whose worker runs DeploymentPool and a SlowHostChecks
+    (yielded too): a pool deployed with that config makes its host checks there."""
+    from temporalio.worker import Worker
+
+    from conftest import running_worker
+    from thaw.workflows.pool import DeploymentPool
+
+    queue = cfg.model_copy(update={"build_task_queue": f"{tag}-{cfg.build_task_queue}"})
+    checks = SlowHostChecks(queue)
+    with running_worker(queue, lambda client, ex: Worker(client, task_queue=queue.build_task_queue,
+                                                         workflows=[DeploymentPool], activities=[checks.pool_hosts],
+                                                         activity_executor=ex)):
+        yield queue, checks
+
+
 def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, worker, agent, thaw_cli, snap):
     """A scale signal that arrives while the pool's loop waits on a host check (the registry is slow) starts its
     replica at once, on the hosts the last check saw: a burst's later signals do not queue behind the check."""
     from temporalio.client import Client
-    from temporalio.worker import Worker
 
-    from conftest import running_worker
     from thaw.runtime.pool import deploy
-    from thaw.workflows.pool import DeploymentPool, PoolSpec
+    from thaw.workflows.pool import PoolSpec
 
-    queue = cfg.model_copy(update={"build_task_queue": f"slow-hosts-{cfg.build_task_queue}"})
-    slow = SlowHostChecks(queue)
-    with running_worker(queue, lambda client, ex: Worker(client, task_queue=queue.build_task_queue,
-                                                         workflows=[DeploymentPool], activities=[slow.pool_hosts],
-                                                         activity_executor=ex)):
+    with pool_worker_of_its_own(cfg, "slow-hosts") as (queue, slow):
         try:
             async def go():  # its pool runs on the queue of this worker
                 await deploy(await Client.connect(cfg.temporal_address), queue,
@@ -587,17 +598,11 @@ def test_a_burst_of_signals_and_of_finished_starts_shares_its_host_checks(cfg, w
     once for the signals and once for the finished starts, not once or twice for each of the eight (every check
     is workflow tasks that a burst's later signals queue behind: P5)."""
     from temporalio.client import Client
-    from temporalio.worker import Worker
 
-    from conftest import running_worker
     from thaw.runtime.pool import deploy
     from thaw.workflows.pool import DeploymentPool, PoolSpec, ScaleRequest
 
-    queue = cfg.model_copy(update={"build_task_queue": f"counted-hosts-{cfg.build_task_queue}"})
-    checks = SlowHostChecks(queue)
-    with running_worker(queue, lambda client, ex: Worker(client, task_queue=queue.build_task_queue,
-                                                         workflows=[DeploymentPool], activities=[checks.pool_hosts],
-                                                         activity_executor=ex)):
+    with pool_worker_of_its_own(cfg, "counted-hosts") as (queue, checks):
         try:
             async def burst():  # its pool runs on the queue of this worker
                 client = await Client.connect(cfg.temporal_address)
