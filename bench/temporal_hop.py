@@ -1,10 +1,11 @@
 """One scale signal's hops through Temporal: the embedded server as `thaw up` starts it vs Temporal's defaults.
 
 P5's path without the pool's work or any load: a client signals a workflow, whose signal handler schedules an
-activity on another task queue; the activity notes when it began. Two dev servers run side by side in one run,
-each with its own SQLite file and thaw's SQLite settings, alternately: one with thaw's dynamic config
-(thaw.stack.TEMPORAL_DYNAMIC_CONFIG), one without. Prints, per server, signal -> activity start p50/p90 and the two hops inside it (the workflow
-task's signal handler, and activity scheduled -> started as the server records it), then the ratio.
+activity on another task queue; the activity notes when it began. Two dev servers run in one run, alternately,
+each with its own SQLite file and thaw's SQLite settings: one with thaw's dynamic config
+(thaw.stack.TEMPORAL_DYNAMIC_CONFIG), one without. Prints, per server, signal -> activity start p50/p90 and two
+hops inside it (signal -> the workflow's signal handler, and activity scheduled -> started as the server
+records it), then the ratio.
 Last line: ``temporal hop p50: <ms> ms vs <ms> ms with Temporal's defaults (<ratio>x)``.
 """
 
