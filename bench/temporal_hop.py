@@ -27,6 +27,8 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from thaw.stack import TEMPORAL_DYNAMIC_CONFIG, temporal_binary, temporal_dev_args
 
+from runtime import pct  # bench/runtime.py: P5's percentiles
+
 SENT: dict[int, float] = {}  # signal number -> wall time it was sent
 HANDLED: dict[int, float] = {}  # -> its handler first ran in the worker
 BEGAN: dict[int, tuple[float, float, float]] = {}  # -> the activity's scheduled and started (server), began (here)
@@ -83,11 +85,6 @@ async def measure(dynamic_config: bool, db: Path, signals: int, gap_s: float) ->
             "activity scheduled -> started (server)": [(BEGAN[i][1] - BEGAN[i][0]) * ms for i in warm]}
 
 
-def q(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--signals", type=int, default=60, help="signals per server per round")
@@ -106,7 +103,7 @@ def main() -> None:
     for name, dynamic_config in setups.items():
         print(f"{name} ({TEMPORAL_DYNAMIC_CONFIG if dynamic_config else 'no dynamic config'}):")
         for k, v in got[name].items():
-            print(f"    {k}: p50 {statistics.median(v):.1f} ms, p90 {q(v, 90):.1f} ms ({len(v)} signals)")
+            print(f"    {k}: p50 {statistics.median(v):.1f} ms, p90 {pct(v, 90):.1f} ms ({len(v)} signals)")
     a, b = (statistics.median(got[n]["signal -> activity start"]) for n in setups)
     print(f"temporal hop p50: {a:.1f} ms vs {b:.1f} ms with Temporal's defaults ({b / a:.1f}x)")
 
