@@ -30,14 +30,14 @@ class PoolActivities:
         ok = {h.id for h in live if not compat.check(snap.host_facts, h.facts)}
         every = deployments.replicas(url)  # one read for the load and the deployment's own rows: from two, a
         # replica whose row went in between (a stop) counted as another deployment's, holding a slot for nothing
-        load = Counter(r.host_id for r in every)
+        occupied = {r.host_id for r in every}
         rows = [r for r in every if r.deployment == inp.deployment]
         others = Counter(r.host_id for r in every if r.deployment != inp.deployment)
         names = {d.name for d in deployments.list_all(url)}
 
         def holder(h) -> str | None:  # a reservation of a deployment that is gone holds nothing
             return h.reserved_for if h.reserved_for in names else None
-        idle = [h for h in live if h.id in ok and not load.get(h.id) and h.id not in inp.busy
+        idle = [h for h in live if h.id in ok and h.id not in occupied and h.id not in inp.busy
                 and holder(h) in (None, inp.deployment)]
         idle.sort(key=lambda h: (holder(h) != inp.deployment, h.id))  # keep current reservations
         reserved = deployments.set_reservations(url, inp.deployment, [h.id for h in idle[: inp.buffer]])
