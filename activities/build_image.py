@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from thaw.config import Config
+from thaw.errors import first_line
 from thaw.files import write_atomic
 from thaw.heartbeat import keepalive
 from thaw.imagefs import oci
@@ -41,7 +42,7 @@ def fail_fast_on(*errors: type[BaseException]):
             except StoreUnavailable:  # a remote tier is down: let Temporal retry with backoff
                 raise
             except errors as e:
-                raise ApplicationError(str(e).splitlines()[0] if str(e) else type(e).__name__,
+                raise ApplicationError(first_line(e),
                                        type="UserError", non_retryable=True) from None
 
         return wrapper

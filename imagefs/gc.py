@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from thaw.errors import first_line
+
 from .manifest import ImageManifest
 from .store import CHUNKS, MANIFESTS, ChunkStore, StoreError
 
@@ -46,7 +48,7 @@ def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0
         try:
             chunks |= ImageManifest.load(store, digest).chunk_digests()
         except (StoreError, ValueError) as e:
-            raise GcError(f"registered manifest {digest[:12]} cannot be read ({str(e).splitlines()[0]}): "
+            raise GcError(f"registered manifest {digest[:12]} cannot be read ({first_line(e)}): "
                           f"nothing collected") from None
     res = GcResult(len(manifests), len(chunks))
     live = {CHUNKS: chunks, MANIFESTS: manifests}

@@ -14,6 +14,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from thaw.errors import first_line
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def prefetch(store, digests, concurrency: int = 8, stop: threading.Event | None 
             log.warning("prefetch of chunk %s failed: %s", digest, err)
             with lock:
                 stats.errors += 1
-                stats.first_error = stats.first_error or f"chunk {digest[:12]}: {err}".splitlines()[0]
+                stats.first_error = stats.first_error or f"chunk {digest[:12]}: {first_line(err)}"
             return
         with lock:
             stats.chunks += 1

@@ -21,6 +21,7 @@ from temporalio.worker import Worker
 
 from thaw.activities.host import HostActivities
 from thaw.config import Config
+from thaw.errors import first_line
 from thaw.registry import deployments, snapshots
 from thaw.snapshot.host import HostSnapshots, cleanup_stale, release_dead
 
@@ -73,7 +74,7 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
         try:
             await asyncio.to_thread(beat, cfg, acts)
         except Exception as e:  # noqa: BLE001 - the next round tries again
-            log.warning("agent %s: heartbeat round failed: %s", cfg.host_id, str(e).splitlines()[0] if str(e) else e)
+            log.warning("agent %s: heartbeat round failed: %s", cfg.host_id, first_line(e))
 
 
 async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
@@ -99,7 +100,7 @@ async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
                 await asyncio.to_thread(host.discard, build_id)
                 dropped.append(build_id)
         except Exception as e:  # noqa: BLE001 - Temporal unreachable, say: kept until the next agent start
-            log.warning("build %s: its dir stays for now: %s", build_id, str(e).splitlines()[0] if str(e) else e)
+            log.warning("build %s: its dir stays for now: %s", build_id, first_line(e))
     if dropped:
         log.info("dropped the dirs of %d ended build(s): %s", len(dropped), ", ".join(dropped))
     return dropped
@@ -114,7 +115,7 @@ def push_store(store) -> None:
         n, size = store.push()
         log.info("pushed %d objects (%d MiB) of %s to %s", n, size >> 20, store.local.name, store.durable.name)
     except Exception as e:  # noqa: BLE001 - S3 down: the disk keeps every object (no eviction) until a restart
-        log.warning("could not push %s to %s: %s", store.local.name, store.durable.name, str(e).splitlines()[0])
+        log.warning("could not push %s to %s: %s", store.local.name, store.durable.name, first_line(e))
 
 
 def hold_host(cfg: Config) -> int:

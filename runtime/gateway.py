@@ -61,6 +61,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from multidict import CIMultiDict
 from yarl import URL
 
+from thaw.errors import first_line
+
 log = logging.getLogger("thaw.gateway")
 
 # RFC 7230 section 6.1 hop-by-hop headers (plus Host and Content-Length, which the client library sets, and
@@ -558,8 +560,7 @@ class Gateway:
                 raise
             except Exception as e:  # retried on the next tick
                 log.warning("gateway %s: scale(%d) failed: %s", self.deployment, want, e)
-                first = str(e).splitlines()[0][:200] if str(e).strip() else ""
-                self._scale_error = f"scale to {want} failed: {type(e).__name__}{': ' + first if first else ''}"
+                self._scale_error = f"scale to {want} failed: {first_line(e, typed=True)[:250]}"
                 return
             self._scale_error = None
             log.info("gateway %s: scale %s -> %d (%s)", self.deployment, self._signaled, want, reason)

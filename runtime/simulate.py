@@ -73,6 +73,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from thaw.errors import first_line
+
 # Used when neither a flag nor the registry gives a number (GPU-sized assumptions, not measurements).
 DEFAULT_COLD_START_S = 60.0  # image pull + CUDA init + weight load + warm-up of a GPU model server
 DEFAULT_RESTORE_S = 2.0  # snapshot restore of the same server onto a buffered host
@@ -864,7 +866,7 @@ def measured_timings(registry_url: str, snapshot_digest: str | None = None) -> d
         events = snapshots.restores(registry_url, snapshot_digest)
         snaps = snapshots.list_all(registry_url)
     except Exception as e:  # noqa: BLE001 - an unreachable registry only means "no measurements"
-        msg = f"registry unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        msg = f"registry unavailable ({first_line(e, typed=True)})"
         out["sources"] = {"restore_s": msg, "cold_start_s": msg}
         return out
     if snapshot_digest:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from thaw.config import Config
+from thaw.errors import first_line
 from thaw.files import BUILD_ID, BUILD_ID_RULE, write_atomic
 from thaw.imagefs import mount as imagefs_mount
 from thaw.imagefs.manifest import ImageManifest
@@ -576,7 +577,7 @@ class HostSnapshots:
                 self._record_profile(work, image_digest, spec, golden, facts, beat)
             except (criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, imagefs_mount.MountError,
                     OSError) as e:  # only an optimisation: verify-by-replay still decides
-                log.warning("build %s: no prefetch profile (%s)", build_id, str(e).splitlines()[0])
+                log.warning("build %s: no prefetch profile (%s)", build_id, first_line(e))
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": facts, "compat_key": compat.compat_key(facts, image_digest),
@@ -594,7 +595,7 @@ class HostSnapshots:
                 try:
                     self.store.get_chunk(d)
                 except StoreError as err:
-                    return f"chunk {d[:12]} of {e.path}: {err}".splitlines()[0]
+                    return f"chunk {d[:12]} of {e.path}: {first_line(err)}"
         return ""
 
     def _restore_gpu(self, snap: dict, replica, st: Stages, slot: int | None) -> None:
@@ -750,7 +751,7 @@ class HostSnapshots:
         try:
             profile = self._stored_profile(ImageManifest.load(self.store, snapshot_digest), BOOT_PROFILE)
         except (StoreError, ValueError, KeyError, IndexError) as e:
-            log.warning("no boot prefetch from snapshot %s: %s", snapshot_digest[:12], str(e).splitlines()[0])
+            log.warning("no boot prefetch from snapshot %s: %s", snapshot_digest[:12], first_line(e))
             return None
         return start_prefetch(self.store, profile, self.cfg.prefetch_concurrency) if profile else None
 
@@ -776,7 +777,7 @@ class HostSnapshots:
                 return running, {"outcome": "restored", "reason": "", "timings_ms": ms, "golden_ok": True}
             except Exception as e:  # noqa: BLE001 - whatever made the snapshot unusable here (a dead mount, a
                 # replica cut off mid-answer, a bad profile...): a cold boot may still serve
-                reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                reason = first_line(e, typed=True)
             running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], env, snap["golden_request"],
                                                snap["golden_digest"], snap["digest"], rid=rid)
             return running, {"outcome": "cold-boot", "reason": reason, "timings_ms": ms, "golden_ok": bool(same)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import config as config_mod
+from .errors import first_line
 from .files import write_atomic
 
 PATH_PREFIXES = ("dir:", "docker-archive:", "oci-archive:", "oci:", "dockerfile:")
@@ -939,7 +940,7 @@ def main():
         cli(prog_name="thaw")
         code = 0
     except OperationalError as e:  # the registry database: down, or a wrong THAW_DB_URL
-        click.echo(f"error: the registry database cannot be used: {str(e.orig).splitlines()[0]} "
+        click.echo(f"error: the registry database cannot be used: {first_line(e.orig)} "
                    f"(THAW_DB_URL / --db-url)", err=True)
         code = 1
     except Exception as e:  # Temporal refused a call (RPCError, an id already running): one line, not a traceback

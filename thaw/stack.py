@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .errors import first_line
 
 
 class StackError(RuntimeError):
@@ -284,7 +285,7 @@ def _down(cfg: Config, echo) -> None:
             try:
                 release_if_dead(cfg)
             except Exception as e:  # noqa: BLE001 - the rest of the stack must still come down
-                why = (str(e).splitlines() or [type(e).__name__])[0]  # an exception may say nothing
+                why = first_line(e)
                 failed = f"agent: could not clear what it left in {cfg.work_dir}: {why}"
     if failed:
         raise StackError(failed)
@@ -305,7 +306,7 @@ def status(cfg: Config) -> dict:
                       kept=sum(not r.deployment for r in reps))
         registry = "ok"
     except Exception as e:  # a down PostgreSQL must not hide the rest of the status
-        registry = f"unreachable: {str(e).splitlines()[0]}"
+        registry = f"unreachable: {first_line(e)}"
     return {
         "state_dir": str(cfg.state_dir),
         "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
