@@ -48,7 +48,6 @@ import contextlib
 import json
 import mmap
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -69,6 +68,7 @@ from thaw.seaweed import SeaweedS3, new_bucket
 from thaw.snapshot.host import PROFILE, HostSnapshots, breakdown
 
 from restore import spec_from_config  # bench/restore.py: the example model's launch spec
+from common import machine_line  # bench/common.py
 
 MB = 1e6
 
@@ -329,7 +329,7 @@ def main() -> None:
     config = json.loads((rootfs.parent / "image-config.json").read_text())
     tmp = args.keep or Path(tempfile.mkdtemp(prefix="thaw-bench-imagefs-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
+    print(machine_line())
     server = wire = p3mount = build_host = None
     t_start = time.monotonic()
     try:

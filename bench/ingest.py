@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -29,6 +28,8 @@ from thaw.config import Config
 from thaw.imagefs.ingest import Limits, ingest_and_commit
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import ChunkStore
+
+from common import machine_line  # bench/common.py
 
 MB = 1e6
 
@@ -78,8 +79,7 @@ def main() -> None:
     cfg = Config(state_dir=args.store)
     store = ChunkStore.open(cfg)
 
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-          f"{platform.platform()}, python {platform.python_version()}")
+    print(machine_line())
     print(f"source: {args.source}")
 
     sample = os.urandom(256 << 20)

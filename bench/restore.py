@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -35,6 +33,8 @@ from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import ChunkStore
 from thaw.snapshot.host import HostSnapshots, breakdown
 from thaw.workflows.build_snapshot import ModelSpec
+
+from common import machine_line  # bench/common.py
 
 
 def spec_from_config(config: dict) -> dict:
@@ -56,7 +56,7 @@ def main() -> None:
         tmp = args.state = Path(tempfile.mkdtemp(prefix="thaw-bench-restore-"))
     cfg = Config(state_dir=args.state, host_id="bench")
     store = ChunkStore.open(cfg)
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
+    print(machine_line())
     host = None
     try:
         manifest, _, _ = ingest_and_commit(SourceSpec("dir", str(rootfs)), store, uuid.uuid4().hex,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -30,6 +29,8 @@ from pathlib import Path
 
 from thaw.examples.minilm import recipe
 from thaw.ports import free_port
+
+from common import machine_line, pct  # bench/common.py
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,11 +114,6 @@ async def split(address: str, workflow_id: str) -> dict[str, list[float]]:
     return out
 
 
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
-
-
 def main() -> None:
     import argparse
 
@@ -129,7 +125,7 @@ def main() -> None:
            "THAW_TEMPORAL_UI_PORT": str(free_port()), "THAW_API_PORT": str(free_port()),
            "THAW_GATEWAY_PORT": str(free_port()), "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_CAPACITY": "8",
            "THAW_AGENT_HEARTBEAT_S": "2"}
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
+    print(machine_line())
     gateway = None
     try:
         thaw(env, "up")

@@ -34,13 +34,13 @@ The last line is the headline: ``P7 utilization: <percent>%``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 from thaw.runtime import simulate as sim
+
+from common import machine_line  # bench/common.py
 
 SWEEP_UTILIZATION = (0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_COOLDOWN_S = (10.0, 30.0, 60.0)
@@ -168,8 +168,7 @@ def main() -> None:
     except (ValueError, sim.SimError) as e:
         sys.exit(f"error: {e}")
 
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}, "
-          f"Python {platform.python_version()}")
+    print(machine_line())
     for name, label in (("cold_start_s", "cold start"), ("restore_s", "restore"), ("provision_s", "provision")):
         print(f"{label}: {getattr(timings, name):g} s  ({sources[name]})")
     print("autoscaler: " + " ".join(f"{k}={v}" for k, v in scaler.__dict__.items()))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,7 +25,8 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from thaw.stack import TEMPORAL_DYNAMIC_CONFIG, temporal_binary, temporal_dev_args
 
-from runtime import pct  # bench/runtime.py: P5's percentiles
+from common import machine_line, pct  # bench/common.py
+
 
 SENT: dict[int, float] = {}  # signal number -> wall time it was sent
 HANDLED: dict[int, float] = {}  # -> its handler first ran in the worker
@@ -91,7 +90,7 @@ def main() -> None:
     ap.add_argument("--gap-s", type=float, default=0.05, help="time between signals")
     ap.add_argument("--rounds", type=int, default=2, help="rounds, each running both servers in turn")
     args = ap.parse_args()
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, {platform.platform()}")
+    print(machine_line())
     setups = {"thaw": True, "defaults": False}
     got: dict[str, dict[str, list[float]]] = {name: {} for name in setups}
     with tempfile.TemporaryDirectory(prefix="thaw-hop-") as tmp:
