@@ -5,7 +5,7 @@ activity on another task queue; the activity notes when it began. Two dev server
 each with its own SQLite file and thaw's SQLite settings: one with thaw's dynamic config
 (thaw.stack.TEMPORAL_DYNAMIC_CONFIG), one without. Prints, per server, signal -> activity start p50/p90 and two
 hops inside it (signal -> the workflow's signal handler, and activity scheduled -> started as the server
-records it), then the ratio.
+records it), and when a workflow's 0.5 s timer (the pool's settle) fires, then the ratios.
 Last line: ``temporal hop p50: <ms> ms vs <ms> ms with Temporal's defaults (<ratio>x)``.
 """
 
@@ -28,6 +28,7 @@ from thaw.stack import TEMPORAL_DYNAMIC_CONFIG, temporal_binary, temporal_dev_ar
 from common import machine_line, pct  # bench/common.py
 
 
+NAP_S = 0.5  # as workflows/pool.py's SETTLE_S
 SENT: dict[int, float] = {}  # signal number -> wall time it was sent
 HANDLED: dict[int, float] = {}  # -> its handler first ran in the worker
 BEGAN: dict[int, tuple[float, float, float]] = {}  # -> the activity's scheduled and started (server), began (here)
@@ -58,6 +59,19 @@ class Hop:
         await workflow.wait_condition(lambda: self.done)
 
 
+@workflow.defn
+class Nap:
+    @workflow.run
+    async def run(self, naps: int) -> list[float]:
+        """Sleep NAP_S ``naps`` times; how long each took by the server's clock (its timer-fired events), in ms."""
+        took = []
+        for _ in range(naps):
+            t = workflow.now()
+            await asyncio.sleep(NAP_S)
+            took.append((workflow.now() - t).total_seconds() * 1000)
+        return took
+
+
 async def measure(dynamic_config: bool, db: Path, signals: int, gap_s: float) -> dict[str, list[float]]:
     for d in (SENT, HANDLED, BEGAN):
         d.clear()
@@ -66,7 +80,7 @@ async def measure(dynamic_config: bool, db: Path, signals: int, gap_s: float) ->
                                                 dev_server_extra_args=temporal_dev_args(dynamic_config))
     try:
         c = env.client
-        async with Worker(c, task_queue="hop", workflows=[Hop], workflow_runner=UnsandboxedWorkflowRunner()), \
+        async with Worker(c, task_queue="hop", workflows=[Hop, Nap], workflow_runner=UnsandboxedWorkflowRunner()), \
                 Worker(c, task_queue="hop-activities", activities=[hop]):
             h = await c.start_workflow(Hop.run, id="hop", task_queue="hop")
             for i in range(signals):
@@ -75,13 +89,15 @@ async def measure(dynamic_config: bool, db: Path, signals: int, gap_s: float) ->
                 await asyncio.sleep(gap_s)
             await h.signal(Hop.stop)
             await h.result()
+            naps = await c.execute_workflow(Nap.run, 8, id="nap", task_queue="hop")
     finally:
         await env.shutdown()
     warm = [i for i in SENT if i >= 5 and i in BEGAN]  # the first few warm up the server's caches
     ms = 1000
     return {"signal -> activity start": [(BEGAN[i][2] - SENT[i]) * ms for i in warm],
             "signal -> handler": [(HANDLED[i] - SENT[i]) * ms for i in warm],
-            "activity scheduled -> started (server)": [(BEGAN[i][1] - BEGAN[i][0]) * ms for i in warm]}
+            "activity scheduled -> started (server)": [(BEGAN[i][1] - BEGAN[i][0]) * ms for i in warm],
+            f"a {NAP_S:g} s timer fired after": naps}
 
 
 def main() -> None:
@@ -102,7 +118,9 @@ def main() -> None:
     for name, dynamic_config in setups.items():
         print(f"{name} ({TEMPORAL_DYNAMIC_CONFIG if dynamic_config else 'no dynamic config'}):")
         for k, v in got[name].items():
-            print(f"    {k}: p50 {statistics.median(v):.1f} ms, p90 {pct(v, 90):.1f} ms ({len(v)} signals)")
+            print(f"    {k}: p50 {statistics.median(v):.1f} ms, p90 {pct(v, 90):.1f} ms (n={len(v)})")
+    a, b = (statistics.median(got[n][f"a {NAP_S:g} s timer fired after"]) for n in setups)
+    print(f"{NAP_S:g} s timer p50: {a:.0f} ms vs {b:.0f} ms with Temporal's defaults")
     a, b = (statistics.median(got[n]["signal -> activity start"]) for n in setups)
     print(f"temporal hop p50: {a:.1f} ms vs {b:.1f} ms with Temporal's defaults ({b / a:.1f}x)")
 

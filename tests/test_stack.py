@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from temporalio import workflow
 
 from thaw.ports import free_port, free_ports
 from thaw.snapshot.host import RECORD, _starttime
@@ -308,3 +312,32 @@ def test_a_start_first_removes_the_ready_file_its_process_writes(tmp_path):
             stack._start(replace(c, argv=[sys.executable, "-c", "raise SystemExit(3)"]), cfg, dict(os.environ), 30)
         assert not c.ready_file.exists(), c.name
     assert stack.agent_ready_file(cfg).name == f"agent-{cfg.host_id}.ready"
+
+
+@workflow.defn
+class Naps:
+    @workflow.run
+    async def run(self, naps: int) -> list[float]:
+        took = []
+        for _ in range(naps):
+            t = workflow.now()  # the server's clock: when the workflow task (here: the timer's) began
+            await asyncio.sleep(0.5)
+            took.append((workflow.now() - t).total_seconds())
+        return took
+
+
+def test_the_embedded_temporal_fires_a_half_second_timer_after_half_a_second(temporal_address):
+    """The dev server runs with thaw's dynamic config (the session's server is started with temporal_dev_args(),
+    as `thaw up` starts its own). Temporal's default holds back every timer for at least 1 s
+    (`history.timerProcessorMaxTimeShift`): the pool's 0.5 s settle before a host check took 1 s."""
+    from temporalio.client import Client
+    from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+
+    async def go():
+        client = await Client.connect(temporal_address)
+        queue = f"naps-{uuid.uuid4().hex[:8]}"
+        async with Worker(client, task_queue=queue, workflows=[Naps], workflow_runner=UnsandboxedWorkflowRunner()):
+            return await client.execute_workflow(Naps.run, 5, id=queue, task_queue=queue)
+
+    took = asyncio.run(go())
+    assert min(took) >= 0.5 and statistics.median(took) < 0.8, took  # 0.51 s each here; 0.9-1.0 s by default

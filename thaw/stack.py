@@ -28,10 +28,13 @@ class StackError(RuntimeError):
     pass
 
 
-# Dynamic config for the embedded Temporal server. Its history service reads new transfer tasks (a workflow task
-# for a signal, an activity task for `start_replica`) at most `transferProcessorMaxPollRPS` times a second, 20 by
-# default: each hop waited up to 50 ms for the next read, twice per scale signal (bench/temporal_hop.py).
-TEMPORAL_DYNAMIC_CONFIG = {"history.transferProcessorMaxPollRPS": 1000}
+# Dynamic config for the embedded Temporal server (bench/temporal_hop.py measures both):
+# - its history service reads new transfer tasks (a workflow task for a signal, an activity task for
+#   `start_replica`) at most `transferProcessorMaxPollRPS` times a second, 20 by default: each hop waited up to
+#   50 ms for the next read, twice per scale signal;
+# - it holds a new timer back until about `timerProcessorMaxTimeShift` after it was set, 1 s by default: the pool's
+#   0.5 s settle before a host check (workflows/pool.py) and every shorter wait took 0.9-1 s.
+TEMPORAL_DYNAMIC_CONFIG = {"history.transferProcessorMaxPollRPS": 1000, "history.timerProcessorMaxTimeShift": "50ms"}
 
 
 def temporal_dev_args(dynamic_config: bool = True) -> list[str]:
@@ -40,7 +43,7 @@ def temporal_dev_args(dynamic_config: bool = True) -> list[str]:
     # scale signals waited on those fsyncs: P5 in docs/benchmarks.md); an OS crash may lose the last events
     pragmas = ["--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal"]
     return pragmas + [a for k, v in TEMPORAL_DYNAMIC_CONFIG.items() if dynamic_config
-                      for a in ("--dynamic-config-value", f"{k}={v}")]
+                      for a in ("--dynamic-config-value", f"{k}={json.dumps(v)}")]
 
 
 def temporal_binary() -> str:
