@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import mmap
 import os
 import shlex
 import shutil
 import statistics
+import struct
 import subprocess
 import tempfile
 import time
@@ -241,6 +243,37 @@ def cache_in_small_pages(path: Path) -> None:
                 m[off]
 
 
+def folios(path: Path) -> tuple[float, float]:
+    """How ``path`` sits in the page cache now (read it first): the mean size of its folios in KiB and the share
+    of its pages in 4 KiB folios, from /proc/kpageflags (compound head / tail bits) for each page of a read-only
+    mapping of it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.munmap.argtypes = ctypes.c_void_p, (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f:
+        n = os.fstat(f.fileno()).st_size // page
+        addr = libc.mmap(None, n * page, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+    try:
+        view = (ctypes.c_char * (n * page)).from_address(addr)
+        for off in range(0, n * page, page):
+            view[off]  # map the cached page (already cached: no read)
+        with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+            pm.seek(addr // page * 8)
+            entries = struct.unpack(f"<{n}Q", pm.read(8 * n))
+            heads = small = 0
+            for e in entries:
+                kf.seek((e & ((1 << 55) - 1)) * 8)
+                flags = struct.unpack("<Q", kf.read(8))[0]
+                heads += flags >> 15 & 1  # KPF_COMPOUND_HEAD
+                small += not flags >> 15 & 3  # neither head nor KPF_COMPOUND_TAIL: a 4 KiB folio
+    finally:
+        libc.munmap(addr, n * page)
+    return n * page / 1024 / max(1, heads + small), small / max(1, n)
+
+
 def read_all(path: Path) -> int:
     return len(path.read_bytes())
 
@@ -421,6 +454,10 @@ def main() -> None:
         print(f"seq read /{big.path} ({big.size / MB:,.0f} MB), 1 MiB buffer: mount "
               f"{big.size / statistics.median(tm) / MB:,.0f} MB/s, native {big.size / statistics.median(tn) / MB:,.0f} "
               f"MB/s -> {seq:.2f}x (median of {args.seq_runs})")
+        (kib_m, small_m), (kib_n, small_n) = folios(fm), folios(fn)
+        print(f"page cache after those reads: mount's copy in {kib_m:,.0f} KiB folios on average ({small_m:.0%} of "
+              f"its pages in 4 KiB ones), native's in {kib_n:,.0f} KiB folios ({small_n:.0%}) (context: the kernel "
+              f"gives a FUSE file no large folios)")
         tm2, tn2, _, _ = side_by_side(read_all, fm, fn, args.seq_runs)
         seq2 = statistics.median(tn2) / statistics.median(tm2)
         print(f"seq read, Path.read_bytes(): mount {big.size / statistics.median(tm2) / MB:,.0f} MB/s, native "
