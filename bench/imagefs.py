@@ -29,7 +29,7 @@ the materialized rootfs on the native disk), one warm-up then median of --runs (
              Path.read_bytes(), median of --seq-runs (11); also with the page cache dropped before each read
              (chunks on the local disk, 3 runs), and with the native file cached in 4 KiB pages as the mount's
              are (this kernel caches FUSE files in 4 KiB pages, ext4 files read in order in large folios), for
-             context
+             context; the folios each copy sits in are counted from /proc/kpageflags
   import     ``python3 -c "import torch"`` in ``unshare -m`` + chroot (with /dev bound and /proc mounted),
              image env
   stat       os.lstat of every entry from a path list made beforehand, and a full walk (scandir + lstat)
