@@ -42,8 +42,7 @@ def fail_fast_on(*errors: type[BaseException]):
             except StoreUnavailable:  # a remote tier is down: let Temporal retry with backoff
                 raise
             except errors as e:
-                raise ApplicationError(first_line(e),
-                                       type="UserError", non_retryable=True) from None
+                raise ApplicationError(first_line(e), type="UserError", non_retryable=True) from None
 
         return wrapper
 

@@ -66,8 +66,7 @@ async def follow_limits(cfg: Config, gw: Gateway, every_s: float = 5.0) -> None:
         try:
             dep = await asyncio.to_thread(deployments.get, cfg.registry_url, gw.deployment)
         except Exception as e:  # noqa: BLE001 - the registry down, or undeployed: keep the limits, look again
-            log.warning("gateway %s: could not read the deployment's limits: %s", gw.deployment,
-                        first_line(e))
+            log.warning("gateway %s: could not read the deployment's limits: %s", gw.deployment, first_line(e))
             continue
         if (a.min_replicas, a.max_replicas) != (dep.min_replicas, dep.max_replicas):
             log.info("gateway %s: replicas now --min %d --max %d (were %d, %s)", gw.deployment, dep.min_replicas,
