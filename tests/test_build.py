@@ -140,6 +140,7 @@ def test_cli_says_when_temporal_is_down(tmp_path):
     res = CliRunner().invoke(cli, ["--state-dir", str(tmp_path / "s"), "--temporal-address", "127.0.0.1:1",
                                    "build", "image", str(tmp_path)])
     assert res.exit_code == 1 and "cannot reach Temporal at 127.0.0.1:1 (`thaw up` starts one" in res.output
+    assert res.output.endswith("--temporal-address): Connection refused\n"), res.output  # not the transport's dump
 
 
 def _worker_proc(cfg) -> subprocess.Popen:
