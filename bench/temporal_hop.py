@@ -5,7 +5,7 @@ activity on another task queue; the activity notes when it began. Two dev server
 each with its own SQLite file and thaw's SQLite settings: one with thaw's dynamic config
 (thaw.stack.TEMPORAL_DYNAMIC_CONFIG), one without. Prints, per server, signal -> activity start p50/p90 and two
 hops inside it (signal -> the workflow's signal handler, and activity scheduled -> started as the server
-records it), and when a workflow's 0.5 s timer (the pool's settle) fires, then the ratios.
+records it), and when a workflow's 0.5 s timer (the pool's settle) fires, then both side by side.
 Last line: ``temporal hop p50: <ms> ms vs <ms> ms with Temporal's defaults (<ratio>x)``.
 """
 
@@ -29,6 +29,7 @@ from common import machine_line, pct  # bench/common.py
 
 
 NAP_S = 0.5  # as workflows/pool.py's SETTLE_S
+NAPS = f"a {NAP_S:g} s timer fired after"  # its line in the output
 SENT: dict[int, float] = {}  # signal number -> wall time it was sent
 HANDLED: dict[int, float] = {}  # -> its handler first ran in the worker
 BEGAN: dict[int, tuple[float, float, float]] = {}  # -> the activity's scheduled and started (server), began (here)
@@ -97,7 +98,7 @@ async def measure(dynamic_config: bool, db: Path, signals: int, gap_s: float) ->
     return {"signal -> activity start": [(BEGAN[i][2] - SENT[i]) * ms for i in warm],
             "signal -> handler": [(HANDLED[i] - SENT[i]) * ms for i in warm],
             "activity scheduled -> started (server)": [(BEGAN[i][1] - BEGAN[i][0]) * ms for i in warm],
-            f"a {NAP_S:g} s timer fired after": naps}
+            NAPS: naps}
 
 
 def main() -> None:
@@ -119,7 +120,7 @@ def main() -> None:
         print(f"{name} ({TEMPORAL_DYNAMIC_CONFIG if dynamic_config else 'no dynamic config'}):")
         for k, v in got[name].items():
             print(f"    {k}: p50 {statistics.median(v):.1f} ms, p90 {pct(v, 90):.1f} ms (n={len(v)})")
-    a, b = (statistics.median(got[n][f"a {NAP_S:g} s timer fired after"]) for n in setups)
+    a, b = (statistics.median(got[n][NAPS]) for n in setups)
     print(f"{NAP_S:g} s timer p50: {a:.0f} ms vs {b:.0f} ms with Temporal's defaults")
     a, b = (statistics.median(got[n]["signal -> activity start"]) for n in setups)
     print(f"temporal hop p50: {a:.1f} ms vs {b:.1f} ms with Temporal's defaults ({b / a:.1f}x)")
