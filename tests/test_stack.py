@@ -341,3 +341,15 @@ def test_the_embedded_temporal_fires_a_half_second_timer_after_half_a_second(tem
 
     took = asyncio.run(go())
     assert min(took) >= 0.5 and statistics.median(took) < 0.8, took  # 0.51 s each here; 0.9-1.0 s by default
+
+
+def test_the_compose_dynamic_config_sets_what_the_embedded_server_sets():
+    """infra/temporal-dynamicconfig.yaml (compose.yaml's server) and TEMPORAL_DYNAMIC_CONFIG (`thaw up`'s flags)
+    are written by hand in two places: a setting added to one must reach the other."""
+    import yaml
+
+    from thaw.stack import TEMPORAL_DYNAMIC_CONFIG
+
+    root = Path(__file__).resolve().parents[1]
+    compose = yaml.safe_load((root / "infra" / "temporal-dynamicconfig.yaml").read_text())
+    assert {k: [{"value": v}] for k, v in TEMPORAL_DYNAMIC_CONFIG.items()} == compose
