@@ -24,7 +24,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, StoreUnavailable
 from thaw.registry import images
 from thaw.registry.models import Image
 from thaw.workflows.build_image import (
-    IngestInput, IngestResult, RegisterInput, RegisterResult, ResolvedSource, StoreResult)
+    IngestedAndStored, IngestInput, IngestResult, RegisterInput, RegisterResult, ResolvedSource, StoreResult)
 
 USER_ERRORS = (IngestError, oci.SourceError, StoreError, images.NotFound)
 MANIFEST_FILE = ".manifest"
@@ -130,6 +130,13 @@ class BuildActivities:
             staging.abort()
         return StoreResult(ing.manifest_digest, count, size, int((time.monotonic() - t0) * 1000))
 
+    @activity.defn(name="ingest_and_store_image")
+    def ingest_and_store_image(self, inp: IngestInput) -> IngestedAndStored:
+        """Both steps in one activity, on one worker: the staging area the ingest fills is on its local disk.
+        (ingest_image and store_image stay registered for builds that a worker before this one started.)"""
+        ing = self.ingest_image(inp)
+        return IngestedAndStored(ing, self.store_image(ing))
+
     @activity.defn(name="register_image")
     @user_errors_fail_fast
     def register_image(self, inp: RegisterInput) -> RegisterResult:
@@ -146,4 +153,5 @@ class BuildActivities:
         return RegisterResult(row.digest, created, int((time.monotonic() - t0) * 1000))
 
     def all(self) -> list:
-        return [self.resolve_source, self.ingest_image, self.store_image, self.register_image]
+        return [self.resolve_source, self.ingest_and_store_image, self.ingest_image, self.store_image,
+                self.register_image]

@@ -13,9 +13,12 @@ import uuid
 
 import pytest
 
-from conftest import activity_attempts, cfg_env
+from conftest import activity_attempts, cfg_env, running_worker
+from s3server import s3server  # noqa: F401  (pytest fixture)
 from tarutil import docker_archive, layer, member
 from test_ingest import make_fancy_tree, snapshot_stats
+from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.materialize import materialize
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import images
 
@@ -186,9 +189,42 @@ def test_build_survives_a_killed_worker_and_registers_once(cfg, tmp_path):
         return result, handle.id
 
     result, wid = asyncio.run(go())
-    attempts = activity_attempts(cfg, wid, "ingest_image")
+    attempts = activity_attempts(cfg, wid, "ingest_and_store_image")
     assert max(attempts) >= 2, f"the ingest was never retried: {attempts}"
     assert len(images.list_all(cfg.registry_url)) == 1
     assert images.get(cfg.registry_url, result.digest).size == (6 << 30) + (1 << 20)
     assert ChunkStore.open(cfg).usage()[0] == 3  # zero chunk + random chunk + manifest, once each
     assert not any((cfg.store_dir / "staging").iterdir())
+
+
+def test_build_workers_on_two_machines_build_every_image(cfg, s3server, tmp_path):
+    """Two build workers share the task queue, the registry and S3, not their disks. The ingest stages chunks
+    on the disk of the worker that runs it, so they must be stored from there: every build succeeds, and every
+    image is whole in S3."""
+    from temporalio.client import Client
+
+    from thaw.runtime.worker import build_worker
+    from thaw.workflows.build_image import BuildImage, BuildImageInput
+
+    shared = {**s3server.settings(), "db_url": cfg.registry_url}
+    machines = [cfg.model_copy(update={"state_dir": tmp_path / m, **shared}) for m in ("a", "b")]
+    sources = []
+    for i in range(6):
+        sources.append(tmp_path / f"src{i}")
+        sources[-1].mkdir()
+        (sources[-1] / "f.bin").write_bytes(os.urandom(300_000 + i))
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        return await asyncio.gather(*(client.execute_workflow(
+            BuildImage.run, BuildImageInput(str(src)), id=f"two-{uuid.uuid4().hex[:8]}",
+            task_queue=cfg.build_task_queue) for src in sources))
+
+    with running_worker(machines[0], lambda c, ex: build_worker(c, machines[0], ex)), \
+            running_worker(machines[1], lambda c, ex: build_worker(c, machines[1], ex)):
+        results = asyncio.run(go())
+    assert len(images.list_all(cfg.registry_url)) == 6
+    third = ChunkStore.open(cfg.model_copy(update={"state_dir": tmp_path / "c", **shared}))  # S3 only
+    for res, src in zip(results, sources):
+        out = materialize(ImageManifest.load(third, res.digest), third, tmp_path / "out" / res.digest[:12])
+        assert (out / "f.bin").read_bytes() == (src / "f.bin").read_bytes()

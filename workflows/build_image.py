@@ -60,6 +60,12 @@ class StoreResult:
 
 
 @dataclass
+class IngestedAndStored:
+    ingest: IngestResult
+    store: StoreResult
+
+
+@dataclass
 class RegisterInput:
     source: str
     source_kind: str
@@ -115,10 +121,16 @@ class BuildImage(Staged):
         self.stage = "resolve"
         src = await workflow.execute_activity("resolve_source", inp.source, result_type=ResolvedSource, **quick)
         self.stage = "ingest"
-        ing = await workflow.execute_activity(
-            "ingest_image", IngestInput(build_id, src, inp.config), result_type=IngestResult, **long)
-        self.stage = "store"
-        stored = await workflow.execute_activity("store_image", ing, result_type=StoreResult, **long)
+        if workflow.patched("ingest-and-store-on-one-worker"):  # the staging area is on the worker's own disk:
+            # with several build workers, a store_image of its own could run where that area is not
+            both = await workflow.execute_activity("ingest_and_store_image", IngestInput(build_id, src, inp.config),
+                                                   result_type=IngestedAndStored, **long)
+            ing, stored = both.ingest, both.store
+        else:
+            ing = await workflow.execute_activity(
+                "ingest_image", IngestInput(build_id, src, inp.config), result_type=IngestResult, **long)
+            self.stage = "store"
+            stored = await workflow.execute_activity("store_image", ing, result_type=StoreResult, **long)
         timings = {"ingest": ing.ms, "store": stored.ms}
         self.stage = "register"
         reg = await workflow.execute_activity(
