@@ -127,7 +127,8 @@ class HostActivities:
                 finally:  # what is not kept serving stops, also when something above failed
                     for running, _ in results:
                         if running.id not in self.serving:
-                            running.stop()
+                            with contextlib.suppress(criu.ReplicaError):  # outlived its SIGKILL: stopped once
+                                running.stop()  # gone (logged); the others must still be stopped
             return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="start_replica")

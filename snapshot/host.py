@@ -411,10 +411,12 @@ class HostSnapshots:
             return replica, Running(rid, replica, root, port, work / RECORD,
                                     on_stop=functools.partial(self.give_gpu, slot))
         except BaseException:
-            if replica is not None:
-                replica.stop()
-            self.give_gpu(slot)
-            root.cleanup()
+            try:
+                if replica is not None:
+                    replica.stop()
+            finally:
+                self.give_gpu(slot)
+                root.cleanup()
             raise
 
     def close(self) -> None:
@@ -695,6 +697,8 @@ class HostSnapshots:
                 raise SnapshotError(f"replica {rid} of snapshot {snap['digest'][:12]} answered the golden request "
                                     f"differently ({len(answer)} bytes, digest {digest_of(answer)[:12]})")
         except BaseException:
+            if fetch:
+                fetch.cancel()
             with contextlib.suppress(criu.ReplicaError):  # it outlived its SIGKILL: stopped once gone (logged);
                 running.stop()  # what failed the restore is the error to report
             raise
@@ -717,7 +721,8 @@ class HostSnapshots:
         try:
             lower = self.image_root(image_digest)
             st.mark("fetch")
-            work = self._replica_dir(rid)
+            work = self._replica_dir(f"{rid}.cold")  # not the dir of a failed restore of the same id: a restored
+            # process that outlived its SIGKILL is stopped once gone, and that stop unmounts its root, removes its dir
             root = self._root(lower, work / "rw")
             slot = self.take_gpu()
             st.mark("root")
@@ -762,7 +767,8 @@ class HostSnapshots:
         snap = {"digest": snapshot_digest, "image_digest": image_digest, "spec": spec, "golden_request": golden,
                 "golden_digest": golden_digest, "host_facts": snapshot_facts or self.facts}
         running, ms = self.restore(snap, self.secrets(secret_names))
-        running.stop()
+        with contextlib.suppress(criu.ReplicaError):  # verified; one that outlived its SIGKILL is stopped once gone
+            running.stop()
         return ms
 
     def restore_many(self, snap: dict, n: int, env: dict[str, str], ids: list[str] | None = None

@@ -61,19 +61,21 @@ class Pins:
         self._pinned: OrderedDict[str, list[tuple[int, int]]] = OrderedDict()
         self._lock = threading.Lock()  # held while a pin reads its pages in: seconds, from a remote tier
         self._refused = False
-        self._bytes = 0  # what _pinned holds, updated under the lock
+        self._bytes = 0  # what _pinned holds, and its keys: updated under the lock, read without it
+        self._keys: tuple[str, ...] = ()
 
     @property
     def pinned_bytes(self) -> int:
         """Read without the lock: the agent's event loop reads it (a pin under way must not stall it)."""
         return self._bytes
 
-    def _total(self) -> int:
-        return sum(size for maps in self._pinned.values() for _, size in maps)
+    def _changed(self) -> None:
+        self._bytes = sum(size for maps in self._pinned.values() for _, size in maps)
+        self._keys = tuple(self._pinned)
 
     def pinned(self) -> list[str]:
-        with self._lock:
-            return list(self._pinned)
+        """Read without the lock: the agent's heartbeat asks (a pin reading GBs in must not make its host stale)."""
+        return list(self._keys)
 
     def pin(self, key: str, images_dir: Path) -> bool:
         """Lock ``images_dir``'s page images under ``key`` (already pinned: only marked most recently used).
@@ -81,6 +83,7 @@ class Pins:
         with self._lock:
             if key in self._pinned:
                 self._pinned.move_to_end(key)
+                self._changed()
                 return True
             if self._refused or self.budget <= 0:  # pinning off
                 return False
@@ -92,9 +95,9 @@ class Pins:
                     log.info("snapshot %s: %d MiB of pages exceed the pin budget (%d MiB); not pinned", key[:12],
                              need >> 20, self.budget >> 20)
                     return False
-                while self._pinned and self._total() + need > self.budget:
+                while self._pinned and self._bytes + need > self.budget:
                     self._unmap(self._pinned.popitem(last=False)[1])
-                    self._bytes = self._total()
+                    self._changed()
                 for f in files:
                     maps.append(_map_locked(f))
             except OSError as e:
@@ -105,19 +108,19 @@ class Pins:
                             "; pinning is off on this host" if self._refused else "")
                 return False
             self._pinned[key] = maps
-            self._bytes = self._total()
+            self._changed()
             return True
 
     def unpin(self, key: str) -> None:
         with self._lock:
             self._unmap(self._pinned.pop(key, []))
-            self._bytes = self._total()
+            self._changed()
 
     def close(self) -> None:
         with self._lock:
             while self._pinned:
                 self._unmap(self._pinned.popitem()[1])
-            self._bytes = 0
+            self._changed()
 
     @staticmethod
     def _unmap(maps: list[tuple[int, int]]) -> None:
