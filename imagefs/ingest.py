@@ -31,6 +31,7 @@ MAX_HEADER = 1 << 20  # bytes of one GNU long name or pax header (tarfile reads 
 MAX_CHAIN = 8  # headers before one member (pax, global pax, long name, long link): each held while the next is read
 MAX_GLOBAL = 4096  # bytes of a layer's global pax headers: tarfile copies them into every member after them
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's: bytes of one path component, and of a path with its NUL
+MAX_PATH = 3072  # bytes of an image path: materialized under a host dir, it must stay under PATH_MAX
 XATTR = "SCHILY.xattr."
 XATTR_SIZE_MAX = 65536  # Linux's limit on one xattr value
 
@@ -68,7 +69,10 @@ def normalize(name: str, what: str = "path") -> str:
         if len(_bytes(p)) > NAME_MAX:  # no file system takes it: materializing would fail
             raise IngestError(f"{what} {name[:80]!r}... has a component of {len(_bytes(p))} bytes "
                               f"(at most {NAME_MAX})")
-    return "/".join(parts)
+    path = "/".join(parts)
+    if len(_bytes(path)) > MAX_PATH:
+        raise IngestError(f"{what} {name[:80]!r}... is {len(_bytes(path))} bytes long (at most {MAX_PATH})")
+    return path
 
 
 def _bytes(name: str) -> bytes:
@@ -291,6 +295,15 @@ class _Member(tarfile.TarInfo):
     chains of them, global pax headers beyond a few KiB or with xattrs (copied into every member after them),
     and sparse files (no container layer has them; tarfile would read a map of any length into memory)."""
 
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as e:  # past the first header,
+            if tf.offset:  # tarfile takes either for the end of the archive: the members after it would be lost
+                raise IngestError(f"a bad tar header at byte {tf.offset}: {e}") from None
+            raise
+
     def _sparse(self, *args):
         raise IngestError(f"{self.name!r} is a sparse file: not supported in an image layer")
 
@@ -419,7 +432,7 @@ def _dir_xattrs(path: str) -> dict[str, str] | None:
 
 
 def ingest_directory(tree: Tree, root: Path) -> None:
-    root = Path(root)
+    root = Path(root).resolve()  # a link to the directory (rootfs-current -> rootfs-v42) is that directory
     if not root.is_dir():
         raise IngestError(f"{root} is not a directory")
     seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first path, for hard links

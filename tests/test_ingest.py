@@ -177,6 +177,7 @@ HOSTILE = {
     "symlink target with NUL": ([member("l", "sym", link="x", pax={"linkpath": "a\0b"})], "holds a NUL byte"),
     "symlink target too long": ([member("l", "sym", link="t" * 4096)], r"over 4095 bytes \('t+', 4096 bytes"),
     "long path component": ([member("d/" + "n" * 256, data=b"x")], "component of 256 bytes"),
+    "long path": ([member(("n" * 200 + "/") * 16 + "f", data=b"x")], "is 3217 bytes long"),
     "long hard link target component": ([member("h", "hard", link="n" * 256)], "component of 256 bytes"),
     "xattr name with NUL": ([member("f", data=b"x", pax={"SCHILY.xattr.user.a\0b": "v"})], "xattr name .* NUL"),
     "long xattr name": ([member("f", data=b"x", pax={"SCHILY.xattr.user." + "n" * 251: "v"})],
@@ -257,6 +258,18 @@ def test_truncated_layer_rejected(store):
         apply_layer(Tree(st, LIMITS), io.BytesIO(raw), "layer 0")
 
 
+def test_a_bad_header_after_the_first_is_an_error_not_the_end_of_the_layer(store):
+    """tarfile takes a header that fails its checksum for the end of the archive: the members after it would
+    be dropped without a word, and the image would miss files."""
+    raw = bytearray(layer(member("a", data=b"a" * 10), member("b", data=b"b" * 10), member("c", data=b"c" * 10)))
+    assert raw[1024:1025] == b"b"  # a's header, a's data block, then b's header
+    raw[1024 + 148] ^= 0x01  # a digit of b's header checksum
+    st = store.staging("bad-header")
+    st.reset()
+    with pytest.raises(IngestError, match="bad tar header at byte 1024"):
+        apply_layer(Tree(st, LIMITS), io.BytesIO(bytes(raw)), "layer 0")
+
+
 def test_entry_count_limit(store):
     st = store.staging("many")
     st.reset()
@@ -324,10 +337,11 @@ def snapshot_stats(root: Path) -> dict:
 
 def test_directory_round_trip_is_byte_identical(store, tmp_path):
     src = make_fancy_tree(tmp_path / "src")
+    (tmp_path / "current").symlink_to(src)  # `dir:` given a link to the tree: the tree, not a link
     st = store.staging("dir")
     st.reset()
     tree = Tree(st, LIMITS)
-    ingest_directory(tree, src)
+    ingest_directory(tree, tmp_path / "current")
     m = tree.manifest()
     st.commit_chunks()
     digest = m.save(store)
