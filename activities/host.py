@@ -183,7 +183,8 @@ class HostActivities:
         request as the snapshot did."""
         golden_ok = info.pop("golden_ok")
         snapshots.record_restore(self.cfg.registry_url, RestoreEvent(
-            snapshot_digest=snapshot, host_id=self.cfg.host_id, replica=running.id, deployment=deployment, **info))
+            snapshot_digest=snapshot, host_id=self.cfg.host_id, replica=running.id, deployment=deployment,
+            golden_ok=golden_ok, **info))
         metrics.observe_restore(info["outcome"], info["timings_ms"])
         log.info("replica %s%s %s%s: %s%s", running.id, f" of {deployment}" if deployment else "", info["outcome"],
                  f" at {endpoint}" if endpoint else "", breakdown(info["timings_ms"]),
@@ -304,6 +305,19 @@ class HostActivities:
         if failed:
             raise failed
         return [r.id for r in dead]
+
+    def stop_orphans(self) -> list[str]:
+        """Stop the replicas served here whose registry row is gone (an undeploy that could not reach this host,
+        silent then, forgot them; or `thaw snapshots rm` did): nothing else would ever stop them. Their ids."""
+        with self.lock:  # before the rows are read: a replica's row is written before it joins self.serving
+            ids = set(self.serving)
+        listed = {r.id for r in deployments.replicas(self.cfg.registry_url, host_id=self.cfg.host_id)}
+        orphans = sorted(ids - listed)
+        for rid in orphans:
+            log.warning("replica %s: its registry row is gone (undeployed while this host was silent?): stopping it",
+                        rid)
+            self.stop_replica(StopReplicaInput(rid))
+        return orphans
 
     def stop_all(self) -> None:
         """Stop every replica this agent serves, and any a still-running activity starts from now on."""

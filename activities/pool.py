@@ -48,5 +48,12 @@ class PoolActivities:
         return HostsResult([h.id for h in alive], reserved, slots, [r.id for r in rows],
                            [r.id for r in rows if r.snapshot_digest != snap.digest])
 
+    @activity.defn(name="forget_replicas")
+    def forget_replicas(self, ids: list[str]) -> None:
+        """Remove the rows of replicas an undeploy could not stop (their host was silent): their agent stops a
+        replica with no row once it is heard from again (HostActivities.stop_orphans)."""
+        for rid in ids:
+            deployments.remove_replica(self.cfg.registry_url, rid)
+
     def all(self) -> list:
-        return [self.pool_hosts]
+        return [self.pool_hosts, self.forget_replicas]

@@ -44,6 +44,12 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
             raise queries.InUse(f"snapshot {row.digest[:12]} has {len(kept)} replica(s) kept by `thaw restore --keep`: "
                                 f"`thaw replicas stop {' '.join(kept)}` first")
         deps = s.exec(select(Deployment).where(Deployment.snapshot_digest == row.digest)).all()
+        older = [r for r in s.exec(select(Replica).where(Replica.snapshot_digest == row.digest)).all()
+                 if r.deployment not in {d.name for d in deps} and (alive is None or r.host_id in alive)]
+        if older:  # replicas of a deployment moved on to another snapshot, not yet replaced: they read its files
+            raise queries.InUse(f"snapshot {row.digest[:12]} still runs {len(older)} replica(s) of "
+                                f"{', '.join(sorted({repr(r.deployment) for r in older}))}, deployed since with "
+                                "another snapshot: they stop once replaced (`thaw status NAME`)")
         rows = {d.name: s.exec(select(Replica).where(Replica.deployment == d.name)).all() for d in deps}
         for d in deps:
             serving = [r.id for r in rows[d.name] if alive is None or r.host_id in alive]

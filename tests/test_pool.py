@@ -260,6 +260,37 @@ def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg,
     wait_until(lambda: serving(cfg, "side") == [], what="0 replicas")
 
 
+def test_a_deploy_with_another_spec_replaces_the_old_replicas_once_the_new_ones_serve(cfg, worker, agent, thaw_cli,
+                                                                                       snap):
+    """Deploying a running deployment again with another env (likewise another snapshot, secrets or ports) rolls
+    it: new replicas start, and the old ones keep serving until their replacements do, then stop."""
+    def deploy(mode):
+        thaw_cli("deploy", "roll", "--snapshot", snap, "--max", "2", "--buffer", "0", "--env", f"MODE={mode}",
+                 "--cooldown", "1")
+
+    deploy("a")
+    thaw_cli("scale", "roll", "2")
+    old = wait_until(lambda: len(serving(cfg, "roll")) == 2 and serving(cfg, "roll"), what="2 replicas")
+    deploy("b")
+    fewest = 2
+
+    def rolled():
+        nonlocal fewest
+        reps = serving(cfg, "roll")
+        fewest = min(fewest, len(reps))
+        return len(reps) == 2 and not {r.id for r in reps} & {r.id for r in old} and reps
+
+    new = wait_until(rolled, timeout=120, what="2 replicas of the new spec, none of the old")
+    assert fewest == 2, "an old replica stopped before its replacement served"
+    for r in new:
+        assert answer(r.endpoint, "/env/MODE") == {"value": "b", "port": PORT}
+    wait_until(lambda: all(closed(r.endpoint) for r in old), what="the old replicas stopped")
+    st = json.loads(thaw_cli("status", "roll", "--json").output)
+    assert st["counts"]["replaced"] == 2 and st["outdated"] == [] and st["desired"] == 2, st
+    undeploy(cfg, thaw_cli, "roll")
+    wait_until(lambda: serving(cfg, "roll") == [], what="0 replicas")
+
+
 def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     res = thaw_cli("deploy", "x", "--snapshot", "abcdef12", ok=False)
     assert res.exit_code == 1 and "no snapshot abcdef12" in res.output
@@ -269,12 +300,16 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     assert res.exit_code == 1 and "never-deployed" in res.output
     # a pool Temporal runs that this registry does not know (another state dir's): one line, and not signalled
     thaw_cli("deploy", "elsewhere", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "0")
+    row = deployments.get(cfg.registry_url, "elsewhere").model_dump()
     try:
         deployments.put_back(cfg.registry_url, "elsewhere", None)
-        res = thaw_cli("scale", "elsewhere", "1", ok=False)
-        assert res.exit_code == 1 and res.output == "error: no deployment 'elsewhere' (see `thaw deploy`)\n", res.output
+        for args in (["scale", "elsewhere", "1"], ["undeploy", "elsewhere"]):
+            res = thaw_cli(*args, ok=False)
+            assert res.exit_code == 1 and res.output == "error: no deployment 'elsewhere' (see `thaw deploy`)\n", \
+                res.output
         assert json.loads(thaw_cli("status", "elsewhere", "--json").output)["desired"] == 0
     finally:
+        deployments.put_back(cfg.registry_url, "elsewhere", deployments.Deployment(**row))
         undeploy(cfg, thaw_cli, "elsewhere", ok=False)
     for args, message in ((["--env", "1BAD=x"], "'1BAD': not an environment variable name"),
                           (["--env", "novalue"], "expected NAME=VALUE"),
@@ -807,6 +842,18 @@ def test_a_stop_its_host_did_not_take_in_time_is_tried_again(cfg, worker, agent,
         assert rep.id not in {r.id for r in serving(cfg, "stuck")}
         st = pool_state(thaw_cli, "stuck")
         assert not st["counts"].get("lost") and st["counts"]["stopped"] == 1, st
+
+
+def test_a_replica_an_undeploy_could_not_reach_is_stopped_when_its_host_is_back(cfg, worker, agent, thaw_cli, snap):
+    """Undeployed while a host is silent: its replica cannot be stopped, and the pool ends. It forgets the
+    replica's row, so the host's agent, heard from again, stops the replica itself: no run would."""
+    with replica_on_another_host(cfg, agent, thaw_cli, snap, "left", "paused") as (paused, rep):
+        os.kill(paused.pid, signal.SIGSTOP)
+        wait_until(lambda: pool_state(thaw_cli, "left")["counts"].get("lost") == 1, timeout=60, what="given up")
+        undeploy(cfg, thaw_cli, "left")  # its stop of the lost replica times out: the pool ends without it
+        assert rep.id not in {r.id for r in serving(cfg, "left")}
+        os.kill(paused.pid, signal.SIGCONT)
+        wait_until(lambda: closed(rep.endpoint), timeout=60, what="stopped by its own agent")
 
 
 def test_a_scale_down_lets_the_requests_under_way_finish(cfg, worker, agent, thaw_cli, snap):

@@ -248,6 +248,26 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
     hosts = PoolActivities(cfg).pool_hosts(HostsInput("b", "a" * 64, buffer=2, busy=[]))
     assert hosts.reserved == ["h2", "h3"]  # h1 is a's
     assert deployments.set_reservations(url, "b", ["h3"]) == ["h3"]
+    # a replica of a deployment deployed since with another snapshot, not yet replaced, keeps the one it runs
+    snapshots.register(url, Snapshot(digest="d" * 64, image_digest="i" * 64, compat_key="k", host_facts={},
+                                     golden_digest="x", size=1, files=1, new_bytes=0))
+    deployments.add_replica(url, Replica(id="r-old", deployment="b", snapshot_digest="d" * 64, host_id="h1",
+                                         endpoint="http://10.0.0.1:1", outcome="restored"))
+    with pytest.raises(InUse, match="1 replica\\(s\\) of 'b', deployed since with another snapshot"):
+        snapshots.remove(url, "d" * 64, lambda name: False, stale_s=60)
+    deployments.remove_replica(url, "r-old")
+    snapshots.remove(url, "d" * 64, lambda name: False)
+
+
+def test_a_registry_file_that_is_not_a_database_or_a_state_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "registry.db").write_text("not a database")
+    r = subprocess.run(["thaw", "--state-dir", str(tmp_path), "images", "ls"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stderr == ("error: the registry database cannot be used: file is not a database "
+                                              "(THAW_DB_URL / --db-url)\n"), r
+    r = subprocess.run(["thaw", "--state-dir", str(tmp_path / "registry.db"), "images", "ls"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr == f"error: File exists: {tmp_path / 'registry.db'}\n", r
 
 
 def test_an_unreachable_registry_database_is_a_one_line_error(tmp_path):

@@ -132,7 +132,8 @@ def status(cfg, name, as_json):
     t, w, r, s = st["temporal"], st["worker"], st["registry"], st["store"]
     run = lambda pid: f"running (pid {pid})" if pid else "stopped"
     click.echo(f"state dir  {st['state_dir']}")
-    click.echo(f"temporal   {run(t['pid'])}  {t['address']}  UI {t['ui']}")
+    temporal = run(t["pid"]) if t["pid"] or not t["reachable"] else "reachable (not started by this state dir)"
+    click.echo(f"temporal   {temporal}  {t['address']}  UI {t['ui']}")
     click.echo(f"worker     {run(w['pid'])}  queue {w['task_queue']}")
     click.echo(f"api        {run(st['api']['pid'])}  {st['api']['url']}  token {st['api']['token_file']}")
     a = st["agent"]
@@ -469,7 +470,12 @@ def snapshots_show(cfg, digest, as_json):
             click.echo(f"{k:<15} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     for e in data["restores"]:
         click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
-                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else ""))
+                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else "") + _differs(e["golden_ok"]))
+
+
+def _differs(golden_ok: bool | None) -> str:
+    """What a restore line adds for a replica (a cold boot) that answered the golden request otherwise."""
+    return "  [its golden answer differs from the snapshot's]" if golden_ok is False else ""
 
 
 @snapshots.command("rm")
@@ -585,7 +591,7 @@ def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
         return
     for r in res.replicas:
         click.echo(f"{r.replica} {r.outcome:<9} " + (f"{r.endpoint} " if r.endpoint else "") + _ms(r.timings_ms)
-                   + (f"  fallback: {r.reason}" if r.reason else ""))
+                   + (f"  fallback: {r.reason}" if r.reason else "") + _differs(r.golden_ok))
     click.echo(f"{len(res.replicas)} replica(s) of {res.snapshot_digest[:12]} on {res.host_id} in {res.total_ms} ms"
                + ("; serving" if keep else "; stopped after verification"), err=True)
 
@@ -765,14 +771,17 @@ def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, env
                f"UI {cfg.workflow_url(pool.workflow_id(name))})")
 
 
-async def _scale(client, cfg, name: str, replicas: int):
-    """The deployment's row first: a pool this registry does not know (another state dir's) is not signalled."""
+def _signal(cfg, name: str, send):
+    """``send(client)`` a signal to deployment ``name``'s pool; returns its registry row. The row first: a pool
+    this registry does not know (another state dir's) is not signalled."""
     from thaw.registry import deployments
-    from thaw.runtime import pool
 
-    dep = deployments.get(cfg.registry_url, name)
-    await pool.scale(client, name, replicas, "cli")
-    return dep
+    async def go(client):
+        dep = deployments.get(cfg.registry_url, name)
+        await send(client)
+        return dep
+
+    return _pool_call(cfg, go)
 
 
 @cli.command()
@@ -783,7 +792,7 @@ def scale(cfg, name, replicas):
     """Ask deployment NAME for REPLICAS replicas (the pool restores or stops replicas to match)."""
     from thaw.runtime import pool
 
-    dep = _pool_call(cfg, lambda c: _scale(c, cfg, name, replicas))
+    dep = _signal(cfg, name, lambda c: pool.scale(c, name, replicas, "cli"))
     kept = pool.bounded(dep, replicas)
     click.echo(f"deployment {name}: scale to {replicas} requested"
                + (f" (the pool keeps it to {kept}: --min {dep.min_replicas} --max {dep.max_replicas})"
@@ -797,7 +806,7 @@ def undeploy(cfg, name):
     """Stop deployment NAME's replicas, release its buffer hosts and end its pool."""
     from thaw.runtime import pool
 
-    _pool_call(cfg, lambda c: pool.undeploy(c, name))
+    _signal(cfg, name, lambda c: pool.undeploy(c, name))
     click.echo(f"deployment {name}: stopping")
 
 
@@ -916,7 +925,8 @@ def _deployment_status(cfg, name, as_json):
     if sp.env or sp.ports:
         click.echo(f"env        {' '.join(sorted(sp.env)) or '-'}  ports {' '.join(map(str, sp.ports)) or '-'}")
     for r in st.replicas:
-        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint}{_published(r.ports)} {r.outcome}")
+        click.echo(f"replica    {r.id} on {r.host_id} {r.endpoint}{_published(r.ports)} {r.outcome}"
+                   + ("  (of an earlier spec: stops once replaced)" if r.id in st.outdated else ""))
     for r in st.recent:
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
 
@@ -934,14 +944,18 @@ def main():
     """Entry point. Ends with os._exit once output is flushed: with grpcio installed, temporalio's native
     threads can abort the interpreter's finalization ("PyGILState_Release ... finalizing"), turning a
     finished command's exit code into SIGABRT. Nothing is left to do by then: every command has cleaned up."""
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DatabaseError
 
     try:
         cli(prog_name="thaw")
         code = 0
-    except OperationalError as e:  # the registry database: down, or a wrong THAW_DB_URL
+    except DatabaseError as e:  # the registry database: down, a wrong THAW_DB_URL, a file that is not one
         click.echo(f"error: the registry database cannot be used: {first_line(e.orig)} "
                    f"(THAW_DB_URL / --db-url)", err=True)
+        code = 1
+    except OSError as e:  # a state dir that is a file, a disk that is full: what the OS said, and where
+        click.echo(f"error: {e.strerror or first_line(e, typed=True)}" + (f": {e.filename}" if e.filename else ""),
+                   err=True)
         code = 1
     except Exception as e:  # Temporal refused a call (RPCError, an id already running): one line, not a traceback
         if not type(e).__module__.startswith("temporalio."):

@@ -147,6 +147,12 @@ class PoolState:
     warmed: list[str] = field(default_factory=list)  # buffer hosts asked to warm the snapshot
     failed_in_a_row: int = 0  # replica starts that failed since the last one that worked (backoff)
     lost: list[ReplicaInfo] = field(default_factory=list)  # given up with their silent host: stopped if it returns
+    outdated: list[str] = field(default_factory=list)  # replicas of an earlier spec: replaced, then stopped
+
+
+def _differs(a: PoolSpec, b: PoolSpec) -> bool:
+    """Whether a replica started under spec ``a`` is not what spec ``b`` asks for."""
+    return (a.snapshot, a.secrets, a.env, a.ports) != (b.snapshot, b.secrets, b.env, b.ports)
 
 
 @workflow.defn(name="DeploymentPool")
@@ -196,6 +202,9 @@ class DeploymentPool:
         self.updates += 1
         if spec.snapshot != self.s.spec.snapshot:
             self.s.warmed = []
+        if _differs(self.s.spec, spec) and workflow.patched("roll-on-update"):  # a new snapshot, env, secrets or
+            # ports: new replicas take the old ones' place, then the old ones stop (they serve until then)
+            self.s.outdated += [r.id for r in self.s.replicas if r.id not in self.s.outdated]
         self.s.spec = spec
         self.s.desired = max(spec.min_replicas, min(spec.max_replicas, self.s.desired))
         self.wake = True
@@ -292,6 +301,13 @@ class DeploymentPool:
             await asyncio.gather(*(self._stop(r) for r in lost), *self._stops())
         else:
             self.s.lost = lost + self.s.lost
+        if self.s.lost and self.redeploy is None and workflow.patched("forget-lost-on-undeploy"):  # no run
+            # follows to stop them when their hosts are seen again: their agents do, once the rows are gone
+            try:
+                await workflow.execute_activity("forget_replicas", [r.id for r in self.s.lost], **QUICK)
+            except ActivityError as e:
+                workflow.logger.warning("pool %s: %d replica(s) on silent hosts keep their rows: %s",
+                                        self.s.spec.name, len(self.s.lost), e.cause or e)
         while True:
             try:
                 await self._hosts(buffer=0, keep_last=False)
@@ -362,12 +378,16 @@ class DeploymentPool:
         except Exception:  # noqa: BLE001 - best effort: a restore there still works, only slower
             pass
 
+    def _current(self) -> int:
+        """Replicas running the spec (not the outdated ones that new ones replace)."""
+        return len([r for r in self.s.replicas if r.id not in self.s.outdated])
+
     def _missing(self) -> int:
-        return self.s.desired - len(self.s.replicas) - len(self.starting)
+        return self.s.desired - self._current() - len(self.starting)
 
     def _have(self) -> int:
         """Replicas running or on their way, as scale signals count them (a failed start in backoff is not)."""
-        return len(self.s.replicas) + len(self.starting) - self.backoff
+        return self._current() + len(self.starting) - self.backoff
 
     async def _reconcile(self) -> None:
         if self._missing() > 0 and self.hosts:  # a scale-up starts at once, on the hosts the last check saw
@@ -395,10 +415,12 @@ class DeploymentPool:
             if gone:
                 self.s.replicas = [r for r in self.s.replicas if r.id not in gone]
                 self._count("gone", len(gone))
+        ids = {r.id for r in self.s.replicas}
+        self.s.outdated = [i for i in self.s.outdated if i in ids]
         missing = self._missing()
         if missing > 0:
             await self._scale_up(missing)
-        elif missing < 0 and not self.starting:
+        elif (missing < 0 or self.s.outdated) and not self.starting:  # outdated ones: once replaced
             await self._scale_down()
         if missing or placed_meanwhile:  # hosts turned busy or idle: refill the buffer now, not at the next check
             await self._hosts(self.s.spec.buffer)
@@ -448,6 +470,8 @@ class DeploymentPool:
                 schedule_to_start_timeout=timedelta(seconds=sp.heartbeat_timeout_s),  # placed on a host that died
                 retry_policy=RetryPolicy(maximum_attempts=1))  # a failed host: place again, elsewhere
             self.s.replicas.append(info)
+            if _differs(sp, self.s.spec) and workflow.patched("roll-on-update"):  # started before an update
+                self.s.outdated.append(info.id)
             self.s.recent = [info, *self.s.recent][:RECENT]
             self._count(info.outcome)
             self.s.failed_in_a_row = 0
@@ -479,7 +503,13 @@ class DeploymentPool:
         extra = len(self.s.replicas) - (0 if force else self.s.desired)
         if extra <= 0:
             return
-        victims, self.s.replicas = self.s.replicas[-extra:], self.s.replicas[:-extra]
+        old = [r for r in self.s.replicas if r.id in self.s.outdated]  # outdated ones go first, then the newest
+        order = [r for r in self.s.replicas if r.id not in self.s.outdated] + old
+        victims, self.s.replicas = order[-extra:], order[:-extra]
+        replaced = 0 if force else len([r for r in victims if r.id in self.s.outdated])
+        if replaced:
+            self._count("replaced", replaced)
+            self.s.outdated = [i for i in self.s.outdated if i not in {r.id for r in victims}]
         self.stopping_on += [r.host_id for r in victims]  # a signal placing meanwhile must not take their slots
         if force or not workflow.patched("scale-down-in-background"):
             await self._stop_victims(victims)
