@@ -76,6 +76,7 @@ class RestoreEvent(SQLModel, table=True):
     reason: str = ""  # why a fallback happened, with the criu log path where there is one
     timings_ms: dict = Field(default_factory=dict, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
+    golden_ok: bool | None = None  # it answered the golden request as the snapshot did (a cold boot may not)
 
 
 class Deployment(SQLModel, table=True):

@@ -202,11 +202,12 @@ class Gateway:
     body in memory), and ``max_body_memory`` the bytes of bodies held or in flight (each is kept for a re-send
     until its answer comes: a request that would go past it gets the same 503); ``read_timeout_s`` bounds the
     wait for a replica's answer to begin, from the start of the request (sending it the body included), then for
-    each piece of it (a wedged replica: 504, not sent again, since the replica may be doing the work);
-    ``resend_s``: while requests are held with no
-    replica, the scale signal is sent again that often (the pool may have been scaled down or deployed afresh
-    behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy); ``drain_s``: when the gateway stops
-    (SIGTERM), it takes no new connections and gives the requests under way (held ones too) this long to end.
+    each piece of it (a wedged replica: 504, not sent again, since the replica may be doing the work), and a
+    client's taking of each piece (one that stays connected and reads nothing is dropped); ``resend_s``: while
+    requests are held with no replica, the scale signal is sent again that often (the pool may have been scaled
+    down or deployed afresh behind the gateway's back: `thaw scale NAME 0`, an undeploy and deploy); ``drain_s``:
+    when the gateway stops (SIGTERM), it takes no new connections and gives the requests under way (held ones
+    too) this long to end.
     """
 
     def __init__(self, deployment: str, backends: Backends, *, target_concurrency: float = 1.0,
@@ -753,7 +754,16 @@ class Gateway:
                     written += len(chunk)
                     if up.content_length is not None and written >= up.content_length:
                         outcome = code   # the last bytes go to the client in this write
-                    await resp.write(chunk)
+                    try:
+                        async with asyncio.timeout(self.read_timeout_s):  # a client that stays connected and
+                            await resp.write(chunk)  # reads nothing would hold its replica slot forever
+                    except TimeoutError:
+                        log.warning("gateway %s: a client took none of %s's answer for %gs: dropped",
+                                    self.deployment, ep, self.read_timeout_s)
+                        outcome = "499"
+                        if request.transport:
+                            request.transport.close()
+                        raise ConnectionResetError("the client stopped reading") from None
                 outcome = code
                 await resp.write_eof()
             except (ConnectionError, aiohttp.ClientConnectionError):

@@ -17,8 +17,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from thaw.config import Config
+from thaw.files import write_atomic
 
 log = logging.getLogger("thaw.hosts")
 
@@ -54,6 +56,9 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
         if make_url(cfg.db_url).host in loopback:
             raise HostsError("namespaced hosts cannot reach the registry database on loopback: give THAW_DB_URL "
                              "an address they can reach (or its Unix socket)")
+    if cfg.s3_endpoint and urlsplit(cfg.s3_endpoint).hostname in loopback:
+        raise HostsError(f"namespaced hosts cannot reach S3 on loopback ({cfg.s3_endpoint}): give THAW_S3_ENDPOINT "
+                         "an address they can reach")
     port = cfg.temporal_address.rsplit(":", 1)[1]
     hosts = _load(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,7 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
                                          "agent"], env=env, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
             hosts.append({"host_id": host_id, "netns": ns, "veth": veth, "address": there, "pid": proc.pid})
-            _file(cfg).write_text(json.dumps(hosts))
+            write_atomic(_file(cfg), json.dumps(hosts))  # never found half-written: `down` reads it
         except BaseException as e:  # Ctrl-C too: what this host got so far goes; the hosts before it stay
             if proc is not None:  # in a session of its own: nothing else would stop it
                 proc.kill()

@@ -726,6 +726,30 @@ def test_a_client_that_hangs_up_frees_its_replica_slot():
     asyncio.run(main())
 
 
+def test_a_client_that_stops_reading_its_answer_frees_its_replica_slot():
+    """A client that stays connected but takes none of a large answer: after read_timeout_s it is dropped,
+    and neither holds the replica's slot nor counts as demand (the deployment could never scale to zero)."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), read_timeout_s=1.0) as (gw, url, client):
+            await gw.refresh()
+            host, port = url.split("//", 1)[1].split(":")
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            body = b"x" * (16 << 20)  # echoed back: far more than the sockets' buffers hold
+            writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+            await until(lambda: gw.inflight_total == 1, timeout=10)  # its answer is on its way
+            await until(lambda: gw.inflight_total == 0, timeout=10)  # and given up on: the slot is free
+            writer.close()
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_requests_total", code="499") == 1
+            assert (await post(client, url, {"after": 1}))[0] == 200  # the replica serves the next one
+    asyncio.run(main())
+
+
 def test_a_stalled_or_malformed_body_is_answered_not_held():
     """A client that sends headers and then not the body it announced gets 408 after body_timeout_s (it would
     hold one of max_queued's places forever); a body that cannot be decoded (bad gzip) gets 400, not 500."""

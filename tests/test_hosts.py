@@ -90,7 +90,7 @@ def test_hosts_down_does_not_signal_a_pid_that_is_not_its_agent(tmp_path):
 
 
 def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
-    """Temporal or a registry DSN on loopback is refused before any namespace is made."""
+    """Temporal, a registry DSN or S3 on loopback is refused before any namespace is made."""
     from thaw.config import Config
     from thaw.runtime import hosts
 
@@ -99,6 +99,9 @@ def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
     cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233",
                  db_url="postgresql+psycopg://thaw@localhost:5432/thaw")
     with pytest.raises(hosts.HostsError, match="cannot reach the registry database on loopback"):
+        hosts.up(cfg, 1)
+    cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233", s3_endpoint="http://127.0.0.1:8333")
+    with pytest.raises(hosts.HostsError, match="cannot reach S3 on loopback"):  # `thaw up --s3`'s SeaweedFS
         hosts.up(cfg, 1)
     assert not (tmp_path / "run" / "hosts.json").exists()
 

@@ -190,8 +190,18 @@ def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli,
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and "criu 3.0 != " in r["reason"] and r["golden_ok"]
     (ev,) = snapshots.restores(cfg.registry_url, snap["digest"])
-    assert ev.outcome == "cold-boot" and "incompatible" in ev.reason
-    assert "cold-boot" in thaw_cli("snapshots", "show", snap["digest"]).output
+    assert ev.outcome == "cold-boot" and "incompatible" in ev.reason and ev.golden_ok is True
+    shown = thaw_cli("snapshots", "show", snap["digest"]).output
+    assert "cold-boot" in shown and "differs" not in shown
+    with snapshots.session(cfg.registry_url) as s:  # a cold boot that answers otherwise is recorded and shown
+        row = s.get(snapshots.Snapshot, snap["digest"])
+        row.golden_digest = "0" * 64
+        s.add(row)
+        s.commit()
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "cold-boot" and r["golden_ok"] is False
+    assert snapshots.restores(cfg.registry_url, snap["digest"])[0].golden_ok is False
+    assert "[its golden answer differs from the snapshot's]" in thaw_cli("snapshots", "show", snap["digest"]).output
 
 
 def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path,

@@ -126,7 +126,11 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
 @pytest.mark.parametrize("name, value, message", [
     ("THAW_TEMPORAL_ADDRESS", "nocolon", "temporal_address: 'nocolon' is not HOST:PORT"),
     ("THAW_TEMPORAL_ADDRESS", "127.0.0.1:notaport", "is not HOST:PORT"),
+    ("THAW_TEMPORAL_ADDRESS", "http://127.0.0.1:7233", "is not HOST:PORT"),  # a gRPC target, not a URL
     ("THAW_AGENT_HEARTBEAT_S", "abc", "agent_heartbeat_s: Input should be a valid number"),
+    ("THAW_HOST_STALE_S", "0", "host_stale_s: Input should be greater than 0"),  # no host would ever be live
+    ("THAW_S3_ENDPOINT", "127.0.0.1:8333", "s3_endpoint: '127.0.0.1:8333' is not an http:// or https:// URL"),
+    ("THAW_STATE_DIR", "", "state_dir: empty: name a directory"),  # was the current directory
     ("THAW_HOST_ID", "../../srv", "host_id: '../../srv': use up to 63 letters, digits"),  # its work dir: no traversal
     ("THAW_API_PORT", "99999", "api_port: Input should be less than or equal to 65535"),
     ("THAW_DB_URL", "foo", "db_url: not a database URL"),
@@ -353,3 +357,11 @@ def test_the_compose_dynamic_config_sets_what_the_embedded_server_sets():
     root = Path(__file__).resolve().parents[1]
     compose = yaml.safe_load((root / "infra" / "temporal-dynamicconfig.yaml").read_text())
     assert {k: [{"value": v}] for k, v in TEMPORAL_DYNAMIC_CONFIG.items()} == compose
+
+
+def test_status_says_a_temporal_it_did_not_start_is_reachable(tmp_path, temporal_address):
+    """A shared Temporal (a cluster's, or another state dir's) answers: not "stopped"."""
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": temporal_address}
+    assert f"temporal   reachable (not started by this state dir)  {temporal_address}" in thaw(env, "status").stdout
+    env["THAW_TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    assert "temporal   stopped" in thaw(env, "status").stdout

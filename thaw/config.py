@@ -39,9 +39,11 @@ class Config(BaseSettings):
 
     state_dir: Path = Field(default_factory=_default_state_dir)
 
-    @field_validator("state_dir")
+    @field_validator("state_dir", mode="before")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
+    def _absolute(cls, v: str | os.PathLike) -> Path:
+        if not str(v).strip():  # THAW_STATE_DIR= would be the current directory
+            raise ValueError("empty: name a directory, or unset THAW_STATE_DIR for the default")
         return _state_path(v)
 
     # Registry: SQLite file under state_dir unless a DSN (e.g. postgresql+psycopg://...) is given.
@@ -73,7 +75,8 @@ class Config(BaseSettings):
     @classmethod
     def _host_port(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        if not (sep and re.fullmatch(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", host) and port.isdigit()
+                and 0 < int(port) < 65536):  # no scheme: it is a gRPC target, and names the UI's host
             raise ValueError(f"{v!r} is not HOST:PORT")
         return v
 
@@ -91,13 +94,13 @@ class Config(BaseSettings):
             raise ValueError(f"{v!r}: use up to 63 letters, digits, '.', '_' and '-', starting with a letter or digit")
         return v
 
-    agent_heartbeat_s: float = 10.0
+    agent_heartbeat_s: float = Field(10.0, gt=0)
     lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
-    mount_idle_s: float = 1800.0  # an agent unmounts trees unused this long (no replica on them, not pinned); 0: never
+    mount_idle_s: float = Field(1800.0, ge=0)  # an agent unmounts trees unused this long (no replica on them, not pinned); 0: never
     prefetch: bool = True  # on restore, fetch the snapshot's chunks and its recorded image reads in parallel
-    prefetch_concurrency: int = 8
+    prefetch_concurrency: int = Field(8, ge=1)
     # RAM (MiB) for the memory pages of recently restored snapshots, locked so restores never read them from disk
-    pin_mb: int = 2048
+    pin_mb: int = Field(2048, ge=0)
     # CRIU restores large anonymous memory into transparent huge pages (thaw's CRIU build, snapshot/criu.py):
     # "gpu" for snapshots that hold GPU state (the driver's copy of device memory), "always" or "never"
     restore_huge_pages: Literal["gpu", "always", "never"] = "gpu"
@@ -107,8 +110,8 @@ class Config(BaseSettings):
     replica_cpu_weight: int = Field(10, ge=0, le=10000)
     # on a GPU host, image-rooted replicas get the GPUs' device nodes and the driver's libraries (snapshot/nvidia.py)
     gpu_passthrough: bool = True
-    host_stale_s: float = 45.0  # a host whose agent has not heartbeated for this long gets no work
-    host_capacity: int = 4  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
+    host_stale_s: float = Field(45.0, gt=0)  # a host whose agent has not heartbeated for this long gets no work
+    host_capacity: int = Field(4, ge=0)  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
     # a replica being stopped keeps serving this long after its registry row goes: gateways (which look every
     # 0.5 s) stop sending it requests, and those under way finish
@@ -135,6 +138,14 @@ class Config(BaseSettings):
     memory_cache_bytes: int = Field(default=256 * MiB, ge=0)  # per process; 0 = no memory tier
     disk_cache_bytes: int = Field(default=20 * GiB, gt=0)  # bound of the local chunk cache (with S3 only)
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333; None = no S3 tier
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"https?://[^\s/:]+(:\d{1,5})?(/\S*)?", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:8333)")
+        return v
+
     s3_bucket: str = "thaw"
     s3_access_key: str | None = None  # None (both) → boto3's default credential chain
     s3_secret_key: str | None = Field(default=None, repr=False)
@@ -148,14 +159,14 @@ class Config(BaseSettings):
     s3_compress_level: int = Field(default=3, ge=0, le=22)
 
     # Ingest limits: anything past these is rejected as hostile or absurd.
-    max_file_size: int = 64 * GiB
-    max_image_size: int = 512 * GiB
-    max_entries: int = 5_000_000
+    max_file_size: int = Field(64 * GiB, gt=0)
+    max_image_size: int = Field(512 * GiB, gt=0)
+    max_entries: int = Field(5_000_000, gt=0)
     allow_devices: bool = False
 
     # Activity timeouts (seconds)
-    heartbeat_timeout: float = 30.0
-    activity_timeout: float = 3600.0
+    heartbeat_timeout: float = Field(30.0, gt=0)
+    activity_timeout: float = Field(3600.0, gt=0)
 
     @cached_property
     def store_dir(self) -> Path:
