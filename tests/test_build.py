@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from conftest import activity_attempts, cfg_env, running_worker
+from conftest import activity_attempts, cfg_env, end_workflows, running_worker
 from s3server import s3server  # noqa: F401  (pytest fixture)
 from tarutil import docker_archive, layer, member
 from test_ingest import make_fancy_tree, snapshot_stats
@@ -228,3 +228,19 @@ def test_build_workers_on_two_machines_build_every_image(cfg, s3server, tmp_path
     for res, src in zip(results, sources):
         out = materialize(ImageManifest.load(third, res.digest), third, tmp_path / "out" / res.digest[:12])
         assert (out / "f.bin").read_bytes() == (src / "f.bin").read_bytes()
+
+
+def test_a_build_that_no_worker_polls_for_says_so(cfg, tmp_path):
+    """No worker runs (the stack is down, or another task queue is set): the command says so instead of waiting
+    without a word."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_text("x")
+    proc = subprocess.Popen(["thaw", "build", "image", str(tmp_path / "src")], env={**os.environ, **cfg_env(cfg)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(8)
+    finally:
+        proc.kill()
+        err = proc.communicate(timeout=30)[1]
+        end_workflows(cfg, grace_s=0)
+    assert f"warning: no worker polls task queue '{cfg.build_task_queue}'" in err, err

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -205,15 +206,35 @@ def _failure_message(err: BaseException) -> str:
     return getattr(err, "message", None) or str(err)
 
 
-async def _follow(handle, client, show_progress: bool):
-    """Wait for the result, drawing a progress bar from the running activity's heartbeats."""
+async def _pollers(client, task_queue: str) -> int:
+    """How many workers polled ``task_queue`` for workflow tasks lately (Temporal lists those of the last minutes)."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    resp = await client.workflow_service.describe_task_queue(DescribeTaskQueueRequest(
+        namespace=client.namespace, task_queue=TaskQueue(name=task_queue),
+        task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW))
+    return len(resp.pollers)
+
+
+async def _follow(handle, client, show_progress: bool, task_queue: str | None = None):
+    """Wait for the result, drawing a progress bar from the running activity's heartbeats. With ``task_queue``:
+    when no worker polls it a few seconds in, say so once (the workflow waits for one; nothing else would tell)."""
     from tqdm import tqdm
 
     result = asyncio.ensure_future(handle.result())
     bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress, file=sys.stderr,
                dynamic_ncols=True)
+    look_at = time.monotonic() + 3
     try:
         while not result.done():
+            if task_queue and time.monotonic() > look_at:
+                task_queue, queue = None, task_queue
+                with contextlib.suppress(Exception):
+                    if not await _pollers(client, queue):
+                        click.echo(f"warning: no worker polls task queue {queue!r}: this waits until one does "
+                                   f"(`thaw status`; `thaw up` starts one)", err=True)
             try:
                 desc = await handle.describe()
                 for pa in desc.raw_description.pending_activities:
@@ -243,7 +264,8 @@ def _run_workflow(cfg, run_fn, arg, wid: str, what: str, quiet: bool, progress: 
         if not quiet:
             click.echo(f"{what}  (Temporal UI: {url})", err=True)
         try:
-            res = await _follow(handle, client, show_progress=progress and not quiet and sys.stderr.isatty())
+            res = await _follow(handle, client, show_progress=progress and not quiet and sys.stderr.isatty(),
+                                task_queue=cfg.build_task_queue)
         except WorkflowFailureError as e:
             _fail(f"{what} failed: {_failure_message(e)}  ({url})")
         return wid, handle.result_run_id, url, res
