@@ -665,6 +665,11 @@ class Gateway:
                 return self._error(408, f"the request body did not arrive within {self.body_timeout_s:g}s")
             except web.RequestPayloadError as e:
                 return self._error(400, f"malformed request body: {e}")
+            except web.HTTPRequestEntityTooLarge:  # chunked or compressed: its size showed only as it was read
+                return self._error(413, f"request body over the limit of {self._body_cap:,} bytes")
+            except asyncio.CancelledError:  # the client hung up while sending it
+                self._m_requests.labels(self.deployment, "499").inc()
+                raise
             finally:
                 self._reading -= 1
             self._body_bytes += len(body) - size  # the reservation settles to the body's size, kept until the answer:

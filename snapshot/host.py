@@ -164,6 +164,16 @@ class Running:
             log.error("replica %s: not stopped: %s", self.id, e)
 
 
+def _stop_after_failure(running: Running) -> None:
+    """Stop a replica whose start failed; what failed the start stays the error to report."""
+    try:
+        running.stop()
+    except criu.ReplicaError:  # it outlived its SIGKILL: stopped once gone (logged)
+        pass
+    except OSError as e:  # its root would not unmount: the next agent start clears it (cleanup_stale)
+        log.warning("replica %s: clean-up after a failed start: %s", running.id, e)
+
+
 def clear(d: Path) -> None:
     """Stop the replica recorded in ``d`` (by pid, only if that pid still has the recorded start time),
     unmount whatever is mounted under ``d``, remove ``d``: what an agent that died left behind."""
@@ -699,8 +709,7 @@ class HostSnapshots:
         except BaseException:
             if fetch:
                 fetch.cancel()
-            with contextlib.suppress(criu.ReplicaError):  # it outlived its SIGKILL: stopped once gone (logged);
-                running.stop()  # what failed the restore is the error to report
+            _stop_after_failure(running)
             raise
         ms = st.done()
         self._pinner.submit(self.pins.pin, snap["digest"], files)
@@ -738,8 +747,7 @@ class HostSnapshots:
                     st.mark("replay")
                     same = digest_of(answer) == golden_digest
             except BaseException:
-                with contextlib.suppress(criu.ReplicaError):  # as in restore
-                    running.stop()
+                _stop_after_failure(running)
                 raise
         except BaseException:
             if fetch:

@@ -392,6 +392,27 @@ def test_bodies_being_read_count_against_the_memory_bound():
     asyncio.run(main())
 
 
+def test_a_chunked_body_over_the_limit_is_a_counted_413_and_a_hang_up_mid_body_a_499():
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0),), max_body_bytes=1000) as (gw, url, client):
+            await gw.refresh()
+            async def body():  # chunked: no length up front
+                yield b"x" * 600
+                yield b"y" * 600
+
+            async with client.post(url, data=body()) as r:
+                assert r.status == 413 and "over the limit of 1,000 bytes" in (await r.json())["error"]
+            reader, writer = await start_upload(url, 400, b"x" * 10)
+            await until(lambda: gw._reading == 1)
+            writer.close()  # hangs up mid-body
+            await until(lambda: gw._reading == 0)
+            metrics = await settled_metrics(gw, client, url)
+            assert metric(metrics, "thaw_gateway_requests_total", code="413") == 1
+            assert metric(metrics, "thaw_gateway_requests_total", code="499") == 1
+    asyncio.run(main())
+
+
 def test_balances_by_inflight():
     async def main():
         backends = FakeBackends()

@@ -365,3 +365,12 @@ def test_status_says_a_temporal_it_did_not_start_is_reachable(tmp_path, temporal
     assert f"temporal   reachable (not started by this state dir)  {temporal_address}" in thaw(env, "status").stdout
     env["THAW_TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}"
     assert "temporal   stopped" in thaw(env, "status").stdout
+
+
+def test_the_agents_metrics_can_be_turned_off(monkeypatch):
+    from thaw.config import load
+
+    monkeypatch.setenv("THAW_AGENT_METRICS_PORT", "off")
+    assert load().agent_metrics_port is None
+    monkeypatch.setenv("THAW_AGENT_METRICS_PORT", "0")
+    assert load().agent_metrics_port == 0  # any free port

@@ -116,7 +116,14 @@ class Config(BaseSettings):
     # a replica being stopped keeps serving this long after its registry row goes: gateways (which look every
     # 0.5 s) stop sending it requests, and those under way finish
     replica_drain_s: float = Field(2.0, ge=0, le=600)
-    agent_metrics_port: int | None = Field(9101, ge=0, le=65535)  # the agent's Prometheus /metrics; None: off
+    agent_metrics_port: int | None = Field(9101, ge=0, le=65535)  # the agent's Prometheus /metrics; 0: any free
+    # port; "off" (None): none
+
+    @field_validator("agent_metrics_port", mode="before")
+    @classmethod
+    def _off(cls, v):
+        return None if isinstance(v, str) and v.strip().lower() in ("off", "none") else v
+
     agent_metrics_bind: str = "127.0.0.1"  # where the agent serves it (0.0.0.0: for a Prometheus elsewhere)
 
     # Runtime: control API (token-authenticated) and gateway
