@@ -56,8 +56,9 @@ def api_token(cfg: Config) -> str:
                 f.write(secrets.token_urlsafe(32))
         token, where = path.read_text().strip(), str(path)
     if len(token) < MIN_TOKEN:
+        made = "unset it" if cfg.api_token else f"delete {token_file(cfg)}"
         raise TokenError(f"the API token in {where} has {len(token)} characters, fewer than {MIN_TOKEN}: "
-                         f"set a longer one (or delete {token_file(cfg)} to have one made)")
+                         f"set a longer one (or {made} to have one made)")
     return token
 
 

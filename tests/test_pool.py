@@ -214,10 +214,10 @@ def test_an_empty_or_short_api_token_is_refused(tmp_path):
     made = api_token(cfg)  # made on first use
     assert len(made) >= 32 and token_file(cfg).read_text() == made
     token_file(cfg).write_text("\n")  # e.g. a disk that filled up between create and write
-    with pytest.raises(TokenError, match="0 characters") as err:
+    with pytest.raises(TokenError, match="0 characters.*or delete .*api-token to have one made") as err:
         api_token(cfg)
     assert "\n" not in str(err.value)
-    with pytest.raises(TokenError, match="THAW_API_TOKEN"):
+    with pytest.raises(TokenError, match="THAW_API_TOKEN.*or unset it to have one made"):
         api_token(cfg.model_copy(update={"api_token": "short"}))
     assert api_token(cfg.model_copy(update={"api_token": "x" * 16})) == "x" * 16
 
