@@ -47,7 +47,8 @@ def register(cfg: Config, host: HostSnapshots) -> None:
 def beat(cfg: Config, acts: HostActivities) -> None:
     """One heartbeat's host and registry work (blocking): this host marked alive (first: a failure in the work
     after it must not make a live host look dead), replicas that died unregistered, replicas whose row is gone
-    stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone itself."""
+    stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone
+    itself."""
     if acts.closing:
         return
     snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)

@@ -492,10 +492,10 @@ def snapshots_show(cfg, digest, as_json):
             click.echo(f"{k:<15} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     for e in data["restores"]:
         click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
-                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else "") + _differs(e["golden_ok"]))
+                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else "") + _golden_differs(e["golden_ok"]))
 
 
-def _differs(golden_ok: bool | None) -> str:
+def _golden_differs(golden_ok: bool | None) -> str:
     """What a restore line adds for a replica (a cold boot) that answered the golden request otherwise."""
     return "  [its golden answer differs from the snapshot's]" if golden_ok is False else ""
 
@@ -613,7 +613,7 @@ def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
         return
     for r in res.replicas:
         click.echo(f"{r.replica} {r.outcome:<9} " + (f"{r.endpoint} " if r.endpoint else "") + _ms(r.timings_ms)
-                   + (f"  fallback: {r.reason}" if r.reason else "") + _differs(r.golden_ok))
+                   + (f"  fallback: {r.reason}" if r.reason else "") + _golden_differs(r.golden_ok))
     click.echo(f"{len(res.replicas)} replica(s) of {res.snapshot_digest[:12]} on {res.host_id} in {res.total_ms} ms"
                + ("; serving" if keep else "; stopped after verification"), err=True)
 

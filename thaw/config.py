@@ -96,7 +96,8 @@ class Config(BaseSettings):
 
     agent_heartbeat_s: float = Field(10.0, gt=0)
     lazy_mounts: bool = True  # serve image and snapshot trees through the FUSE filesystem (else materialize)
-    mount_idle_s: float = Field(1800.0, ge=0)  # an agent unmounts trees unused this long (no replica on them, not pinned); 0: never
+    # an agent unmounts trees unused this long (no replica on them, not pinned); 0: never
+    mount_idle_s: float = Field(1800.0, ge=0)
     prefetch: bool = True  # on restore, fetch the snapshot's chunks and its recorded image reads in parallel
     prefetch_concurrency: int = Field(8, ge=1)
     # RAM (MiB) for the memory pages of recently restored snapshots, locked so restores never read them from disk
@@ -111,7 +112,8 @@ class Config(BaseSettings):
     # on a GPU host, image-rooted replicas get the GPUs' device nodes and the driver's libraries (snapshot/nvidia.py)
     gpu_passthrough: bool = True
     host_stale_s: float = Field(45.0, gt=0)  # a host whose agent has not heartbeated for this long gets no work
-    host_capacity: int = Field(4, ge=0)  # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
+    # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
+    host_capacity: int = Field(4, ge=0)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
     # a replica being stopped keeps serving this long after its registry row goes: gateways (which look every
     # 0.5 s) stop sending it requests, and those under way finish
