@@ -492,7 +492,8 @@ def snapshots_show(cfg, digest, as_json):
             click.echo(f"{k:<15} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     for e in data["restores"]:
         click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
-                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else "") + _golden_differs(e["golden_ok"]))
+                   + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else "")
+                   + _golden_differs(e["golden_ok"]))
 
 
 def _golden_differs(golden_ok: bool | None) -> str:
