@@ -7,25 +7,31 @@ code path, more device memory). Each runs in its own pid and network namespaces 
 (``launch(root=None)``), because the CUDA torch is the host's.
 
 - cold boot: launch -> torch import, weights to the GPU, warm-up -> healthy -> golden request answered.
-- snapshot: launch, golden answer A -> ``GpuCheckpointer.around_dump``: lock -> checkpoint (device memory to
-  host) -> ``criu dump``.
+- snapshot: launch, golden answer A -> before-snapshot hook -> ``GpuCheckpointer.around_dump``: lock ->
+  checkpoint (device memory to host) -> ``criu dump``.
 - restore: ``criu restore`` -> CUDA restore -> unlock -> after-restore hook -> healthy -> golden request, whose
   answer must be byte-identical to A.
+
+``--park off,on`` compares, on one cold boot figure, snapshots of the server without and with its weights parked
+in host memory by the hooks (``thaw_sdk.park_weights``: the driver then checkpoints and restores little device
+memory, and the after-restore hook copies the weights back from page-locked host memory).
 
 Both are measured on a warm host (libraries and images in the page cache: one unmeasured cold boot and one
 unmeasured restore come first), ``--runs`` times; the medians are compared. A model that fails leaves no
 headline (exit 1). With ``--huge-pages off,on`` each snapshot is restored both ways, alternating: CRIU writing
 the memory back into 4 KiB pages or into transparent huge pages (``criu.restore(huge_pages=...)``, thaw's CRIU build);
 ``--read-threads 1,8`` compares the threads CRIU reads the pages with the same way (modes ``on/1``, ``on/8``).
-Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the time of
-``cuCheckpointProcessRestore``; for scale, the host-to-device copy rate of this machine (torch, 2 GiB, from
+Bandwidth = the GPU memory the server held (NVML, device-wide delta over its launch) divided by the time from
+the start of ``cuCheckpointProcessRestore`` to the end of the after-restore hook (CUDA restore, unlock, and the
+weights' copy back when parked); for scale, the host-to-device copy rate of this machine (torch, 2 GiB, from
 pageable and from pinned memory) is printed first. The last line is the headline, for restores the way the last
-``--huge-pages`` entry says: the speedup of the first ``--model-dir`` (the example server's model; the demo's) and
-the bandwidth of the model that held the most GPU memory (the driver's fixed cost of ~0.25 s weighs least there):
+``--huge-pages`` and ``--park`` entries say: the speedup of the first ``--model-dir`` (the example server's model;
+the demo's) and the bandwidth of the model that held the most GPU memory (the driver's fixed cost of ~0.25 s
+weighs least there):
 ``P6 gpu restore speedup: <ratio>x bandwidth: <GB/s> GB/s``.
 
     python bench/gpu.py --model-dir DIR [--model-dir DIR2 ...] [--runs 3] [--huge-pages off,on]
-                        [--read-threads 1,8] [--json out.json]
+                        [--read-threads 1,8] [--park off,on] [--json out.json]
     python bench/gpu.py --make-model OUT --from MINILM_DIR --hidden 2048 --layers 24
 
 ``--device cpu`` runs the same protocol without the CUDA steps (a check of the harness on a CPU host).
@@ -45,7 +51,7 @@ from pathlib import Path
 
 from thaw.examples.minilm import recipe
 from thaw.snapshot import criu, cuda
-from thaw.snapshot.replica import Replica, after_restore, golden_answer
+from thaw.snapshot.replica import Replica, after_restore, before_snapshot, golden_answer
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "examples" / "minilm" / "server.py"
@@ -172,9 +178,10 @@ class Bench:
     def answer(self, r: Replica) -> bytes:
         return golden_answer(r, PORT, self.golden)
 
-    def launch(self, name: str) -> tuple[Replica, float]:
+    def launch(self, name: str, park: bool = True) -> tuple[Replica, float]:
         t0 = time.monotonic()
-        r = criu.launch(None, self.argv, self.env, str(REPO), self._log(name))
+        argv = [*self.argv, "--park-weights" if park else "--no-park-weights"]
+        r = criu.launch(None, argv, self.env, str(REPO), self._log(name))
         try:
             r.wait_ready(PORT, "/healthz", timeout=600)
         except BaseException:
@@ -190,15 +197,17 @@ class Bench:
         finally:
             r.stop()
 
-    def snapshot(self, images: Path) -> dict:
+    def snapshot(self, images: Path, park: bool) -> dict:
         before = gpu_used_bytes()
-        r, _ = self.launch("snapshot")
+        r, _ = self.launch("snapshot", park)
         try:
             golden = self.answer(r)
             mem = {"running": memory_kb(r.pid)}
             after = gpu_used_bytes()
             gpu_bytes = after - before if before is not None and after is not None else None
             t0 = time.monotonic()
+            before_snapshot(r, PORT)
+            hook_ms = round(ms_since(t0))
             if self.ck:
                 pids = self.ck.gpu_pids(r.pid)
                 if not pids:
@@ -212,6 +221,7 @@ class Bench:
                 steps, cp = res.timings_ms, res.value
             else:
                 pids, steps, cp = [], {}, criu.checkpoint(r, images)
+            steps = {"before_snapshot": hook_ms, **steps}
             return {"golden": golden, "gpu_pids": len(pids), "gpu_bytes": gpu_bytes, "steps_ms": steps,
                     "snapshot_ms": ms_since(t0), "images_bytes": cp.size_bytes, "memory_kb": mem}
         finally:
@@ -224,7 +234,9 @@ class Bench:
             out = {"criu_ms": ms_since(t0), "memory_kb": memory_kb(r.pid)}
             if self.ck:
                 out.update(self.ck.restore_tree(r.pid, expected=snap["gpu_pids"]))
+            t1 = time.monotonic()
             after_restore(r, PORT, {})
+            out["hooks"] = round(ms_since(t1))
             r.wait_healthy(PORT, "/healthz", timeout=120)
             body = self.answer(r)
             out["total_ms"] = ms_since(t0)
@@ -235,7 +247,8 @@ class Bench:
         finally:
             r.stop()
 
-    def run(self, runs: int, cold_runs: int, modes: list[str]) -> dict:
+    def run(self, runs: int, cold_runs: int, modes: list[str], parks: list[bool]) -> list[dict]:
+        """Cold boots, then per ``parks`` entry a snapshot and its restores: one result each."""
         log(f"== {self.label}: {self.device} {self.dtype}, {cold_runs} cold boot(s), {runs} restore(s) per mode, "
             f"each side after one unmeasured run")
         self.cold_boot()  # warm-up: the page cache, the driver's first-use costs; as the restores get below
@@ -246,18 +259,25 @@ class Bench:
             cold_bodies.append(body)
             log(f"  cold boot {i + 1}: {ms:8.0f} ms to the first answer")
         images = self.images
-        shutil.rmtree(images, ignore_errors=True)
-        try:  # a failed run must not leave GBs of images in /dev/shm for the next model's
-            return self._measure(images, runs, modes, cold, cold_bodies)
-        finally:
+        out = []
+        for park in parks:
             shutil.rmtree(images, ignore_errors=True)
+            try:  # a failed run must not leave GBs of images in /dev/shm for the next model's
+                out.append(self._measure(images, runs, modes, cold, cold_bodies, park))
+            except Exception as e:  # noqa: BLE001 - the other park mode still runs; the error is printed
+                log(f"  {self.label}, park {'on' if park else 'off'}: FAILED: {type(e).__name__}: {e}")
+                out.append({"model": self.label, "park": park, "failed": f"{type(e).__name__}: {e}"})
+            finally:
+                shutil.rmtree(images, ignore_errors=True)
+        return out
 
-    def _measure(self, images: Path, runs: int, modes: list[str], cold: list[float], cold_bodies: list[bytes]
-                 ) -> dict:
-        snap = self.snapshot(images)
+    def _measure(self, images: Path, runs: int, modes: list[str], cold: list[float], cold_bodies: list[bytes],
+                 park: bool) -> dict:
+        name = f"{self.label}, park {'on' if park else 'off'}"
+        snap = self.snapshot(images, park)
         gb, mem = snap["gpu_bytes"], snap["memory_kb"]
-        log(f"  snapshot: {snap['snapshot_ms']:.0f} ms {snap['steps_ms']}, images {snap['images_bytes'] / 1e9:.2f} GB"
-            + (f", GPU memory {gb / 1e9:.2f} GB" if gb else "")
+        log(f"  {name}: snapshot {snap['snapshot_ms']:.0f} ms {snap['steps_ms']}, images "
+            f"{snap['images_bytes'] / 1e9:.2f} GB" + (f", GPU memory {gb / 1e9:.2f} GB" if gb else "")
             + f"; host anonymous memory {mem['running'].get('Anonymous', 0) / 1e6:.2f} GB running"
             + (f", {mem['checkpointed'].get('Anonymous', 0) / 1e6:.2f} GB checkpointed" if mem.get("checkpointed")
                else ""))
@@ -273,26 +293,29 @@ class Bench:
                     f"(criu {res['criu_ms']:.0f} ms"
                     + (f", cuda restore {res['cuda_restore']} ms, unlock {res['cuda_unlock']} ms"
                        if "cuda_restore" in res else "")
+                    + f", after-restore hook {res['hooks']} ms"
                     + f"; {res['memory_kb'].get('AnonHugePages', 0) / 1e6:.2f} of "
                       f"{res['memory_kb'].get('Anonymous', 0) / 1e6:.2f} GB anonymous in huge pages)")
         cold_ms = statistics.median(cold)
         same = all(b == snap["golden"] for b in cold_bodies)
         log(f"  cold boots answered the golden request as the snapshot did: {'yes' if same else 'NO'}")
-        out = {"model": self.label, "device": self.device, "dtype": self.dtype, "runs": runs, "cold_ms": cold,
-               "cold_median_ms": cold_ms, "cold_same_answer": same,
+        out = {"model": self.label, "park": park, "device": self.device, "dtype": self.dtype, "runs": runs,
+               "cold_ms": cold, "cold_median_ms": cold_ms, "cold_same_answer": same,
                "modes": {}, **{k: v for k, v in snap.items() if k != "golden"}}
         for mode, rs in restores.items():
             m = {"restores": rs, "restore_median_ms": statistics.median(r["total_ms"] for r in rs)}
             m["speedup"] = cold_ms / m["restore_median_ms"]
-            if gb and "cuda_restore" in rs[0]:
-                m["restore_gbps"] = gb / 1e9 / max(statistics.median(r["cuda_restore"] for r in rs) / 1000, 1e-3)
+            if gb and "cuda_restore" in rs[0]:  # CUDA restore start -> the after-restore hook's end
+                gpu_ms = statistics.median(r["cuda_restore"] + r["cuda_unlock"] + r["hooks"] for r in rs)
+                m["restore_gbps"] = gb / 1e9 / max(gpu_ms / 1000, 1e-3)
             out["modes"][mode] = m
-            log(f"  {self.label}, huge pages {mode}: cold {cold_ms:.0f} ms, restore {m['restore_median_ms']:.0f} ms: "
+            log(f"  {name}, huge pages {mode}: cold {cold_ms:.0f} ms, restore {m['restore_median_ms']:.0f} ms: "
                 f"{m['speedup']:.1f}x" + (f"; GPU memory restore {m['restore_gbps']:.1f} GB/s" if "restore_gbps" in m
                                           else ""))
         if gb and "cuda_checkpoint" in snap["steps_ms"]:
-            out["checkpoint_gbps"] = gb / 1e9 / max(snap["steps_ms"]["cuda_checkpoint"] / 1000, 1e-3)
-            log(f"  GPU memory checkpoint {out['checkpoint_gbps']:.1f} GB/s")
+            st = snap["steps_ms"]
+            out["checkpoint_gbps"] = gb / 1e9 / max((st["cuda_checkpoint"] + st["before_snapshot"]) / 1000, 1e-3)
+            log(f"  GPU memory checkpoint {out['checkpoint_gbps']:.1f} GB/s (before-snapshot hook + CUDA checkpoint)")
         # the headline mode's figures at the top level
         out.update({k: v for k, v in out["modes"][modes[-1]].items() if k != "restores"})
         return out
@@ -326,6 +349,8 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3, help="restores per huge-pages mode (and cold boots)")
     p.add_argument("--cold-runs", type=int, help="cold boots (default: --runs)")
     p.add_argument("--huge-pages", default="on", help="restore modes to compare, alternating: off, on or off,on")
+    p.add_argument("--park", default="on", help="snapshots with the weights parked in host memory by the server's "
+                                                "hooks: off, on or off,on (one snapshot each)")
     p.add_argument("--read-threads", help=f"threads CRIU reads pages with (default {criu.DEFAULT_READ_THREADS}); "
                                           "several, comma-separated, are compared like --huge-pages modes")
     p.add_argument("--work", type=Path, default=Path("/tmp/thaw-gpu-bench"))
@@ -344,6 +369,10 @@ def main() -> int:
     modes = a.huge_pages.split(",")
     if not modes or set(modes) - {"on", "off"}:
         p.error("--huge-pages: off, on or off,on")
+    parks = a.park.split(",")
+    if not parks or set(parks) - {"on", "off"}:
+        p.error("--park: off, on or off,on")
+    parks = [x == "on" for x in parks]
     try:
         threads = [int(t) for t in (a.read_threads or "").split(",") if t.strip()]
     except ValueError:
@@ -367,28 +396,31 @@ def main() -> int:
     results, failed = [], []
     for d in a.model_dir:
         try:
-            results.append(Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work,
-                                 read_threads).run(a.runs, a.cold_runs or a.runs, modes))
+            done = Bench(d.resolve(), d.name, a.work, a.device, a.dtype, a.images_in or a.work,
+                         read_threads).run(a.runs, a.cold_runs or a.runs, modes, parks)
         except Exception as e:  # noqa: BLE001 - the next model still runs; the error is printed
             log(f"  {d.name}: FAILED: {type(e).__name__}: {e}")
             failed.append(d.name)
             continue
+        results += [r for r in done if "failed" not in r]
+        failed += [f"{r['model']} (park {'on' if r['park'] else 'off'})" for r in done if "failed" in r]
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
     if not results:
         return 1
-    log("\nmodel                huge pages  cold ms  restore ms  speedup  GPU GB  restore GB/s")
+    log("\nmodel                park  huge pages  cold ms  restore ms  speedup  GPU GB  restore GB/s")
     for r in results:
         gb = r["gpu_bytes"] / 1e9 if r["gpu_bytes"] else 0
         for mode, m in r["modes"].items():
-            log(f"{r['model']:<20} {mode:>10}  {r['cold_median_ms']:7.0f}  {m['restore_median_ms']:10.0f}  "
-                f"{m['speedup']:6.1f}x {gb:7.2f}  {m.get('restore_gbps', 0):12.1f}")
+            log(f"{r['model']:<20} {'on' if r['park'] else 'off':>4}  {mode:>10}  {r['cold_median_ms']:7.0f}  "
+                f"{m['restore_median_ms']:10.0f}  {m['speedup']:6.1f}x {gb:7.2f}  {m.get('restore_gbps', 0):12.1f}")
     if failed:  # the headline names the first model as the example's speedup: not with one missing
         log(f"no headline: {', '.join(failed)} failed")
         return 1
-    example, big = results[0], max(results, key=lambda r: r["gpu_bytes"] or 0)
-    log(f"headline, huge pages {modes[-1]}: speedup of {example['model']} (the first --model-dir: the example), "
-        f"bandwidth of {big['model']} (the most GPU memory)")
+    head = [r for r in results if r["park"] == parks[-1]]
+    example, big = head[0], max(head, key=lambda r: r["gpu_bytes"] or 0)
+    log(f"headline, huge pages {modes[-1]}, park {'on' if parks[-1] else 'off'}: speedup of {example['model']} "
+        f"(the first --model-dir: the example), bandwidth of {big['model']} (the most GPU memory)")
     log(f"P6 gpu restore speedup: {example['speedup']:.1f}x bandwidth: {big.get('restore_gbps', 0):.1f} GB/s")
     return 0
 

@@ -4,9 +4,11 @@
 #   the real-driver tests (tests/test_cuda.py, gpu-marked: among them two image-rooted GPU replicas restored
 #   side by side, with snapshot/nvidia.py's device nodes and driver layer, and the agent's HostSnapshots building,
 #   storing, placing and restoring a GPU snapshot), a host-root CRIU replica, and
-#   bench/gpu.py (P6) on the float16 MiniLM and on a 1.3 B-parameter BERT made there, each restored with and
-#   without huge pages (CRIU reading pages with its default threads). Output and logs go to $OUT (default /tmp/gpu-out).
-# TESTS=... runs other tests; SKIP_TESTS=1 or SKIP_BENCH=1 leaves out the tests or the benchmark.
+#   bench/gpu.py (P6) on the float16 MiniLM and on BERTs made there (SIZES, HIDDENxLAYERS each: default 2048x24,
+#   1.3 B parameters), snapshotted without and with the weights parked in host memory (PARK) and restored with
+#   and without huge pages (HUGE_PAGES; CRIU reading pages with its default threads). Output and logs go to $OUT
+#   (default /tmp/gpu-out). TESTS=... runs other tests; SKIP_TESTS=1 or SKIP_BENCH=1 leaves out the tests or the
+#   benchmark; TESTS_TIMEOUT and BENCH_TIMEOUT (seconds) bound them.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -36,8 +38,8 @@ print(cu.cuInit(0)[0].name, cu.cuDeviceGetCount())' 2>&1 | tail -1)"
 done
 
 step real-driver tests
-# step limits add up to under the device's 600 s per command: 200 + 60 + 280 + the facts
-[ -n "${SKIP_TESTS:-}" ] || timeout 200 python3 -P -m pytest ${TESTS:-tests/test_cuda.py tests/test_criu.py::test_host_root_replica} --noconftest \
+# step limits add up to under the device's 600 s per command: 150 + 90 + 330 + the facts, by default
+[ -n "${SKIP_TESTS:-}" ] || timeout ${TESTS_TIMEOUT:-150} python3 -P -m pytest ${TESTS:-tests/test_cuda.py tests/test_criu.py::test_host_root_replica} --noconftest \
   -p no:cacheprovider -m "gpu or not gpu" -v -rs -s
 
 [ -z "${SKIP_BENCH:-}" ] || exit 0
@@ -48,10 +50,14 @@ grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
 
 step P6 benchmark: restores with and without huge pages, alternating
 IMAGES_IN=${IMAGES_IN:-/dev/shm/thaw-gpu-images}
-model=/tmp/bert-${HIDDEN:-2048}x${LAYERS:-24}
-timeout 60 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${HIDDEN:-2048} --layers ${LAYERS:-24}
-timeout 280 python3 bench/gpu.py --model-dir .gpu/minilm --model-dir $model --runs ${RUNS:-3} --huge-pages ${HUGE_PAGES:-off,on} \
-  --json "$OUT/p6.json" --images-in "$IMAGES_IN"
+models=()
+for size in ${SIZES:-2048x24}; do
+  model=/tmp/bert-$size
+  timeout 90 python3 bench/gpu.py --make-model $model --from .gpu/minilm --hidden ${size%x*} --layers ${size#*x} &&
+    models+=(--model-dir $model)
+done
+timeout ${BENCH_TIMEOUT:-330} python3 bench/gpu.py --model-dir .gpu/minilm "${models[@]}" --runs ${RUNS:-3} \
+  --huge-pages ${HUGE_PAGES:-off,on} --park ${PARK:-off,on} --json "$OUT/p6.json" --images-in "$IMAGES_IN"
 echo "bench exit $?"
 grep -E '^(thp_fault_alloc|thp_fault_fallback|compact_stall) ' /proc/vmstat
 rm -rf "$IMAGES_IN"

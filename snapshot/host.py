@@ -567,6 +567,8 @@ class HostSnapshots:
                 answer = golden_answer(replica, spec["port"], golden)
                 st.mark("golden")
                 beat("checkpoint")
+                criu.before_snapshot(replica, spec["port"])  # e.g. the SDK's park_weights: weights to host memory
+                st.mark("before_snapshot")
                 gpu_pids = cuda.tree_uses_nvidia(replica.pid)  # /proc scan, no driver needed on CPU hosts
                 if gpu_pids:  # lock -> device memory to host -> CRIU dump; a half-done checkpoint raises
                     ck = cuda.GpuCheckpointer()

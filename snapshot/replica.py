@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import _linux, cgroup
-from .sdk import AFTER_RESTORE_PATH, READY_PATH
+from .sdk import AFTER_RESTORE_PATH, BEFORE_SNAPSHOT_PATH, READY_PATH
 
 NSINIT = Path(__file__).with_name("_nsinit.py")
 REAP = Path(__file__).with_name("_reap.py")
@@ -183,6 +183,23 @@ class _NetnsHTTPConnection(http.client.HTTPConnection):
             self.sock.close()
             raise
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) -> bool:
+    """POST the server's /thaw/before-snapshot: its SDK's before-snapshot callbacks (e.g. ``park_weights``) run.
+    True once they ran; False for a server without the hook (any other answer that is not the SDK's); a
+    ReplicaError when the SDK says a callback failed: nothing may be snapshotted then."""
+    status, resp = replica.http_request("POST", BEFORE_SNAPSHOT_PATH, b"{}", port, timeout,
+                                        content_type="application/json")
+    if status == 200:
+        return True
+    try:
+        error = json.loads(resp).get("error") or ""
+    except (ValueError, AttributeError):
+        error = ""
+    if "before-snapshot callback" in error:
+        raise ReplicaError(f"replica {replica.pid}: POST {BEFORE_SNAPSHOT_PATH} answered {status}: {error}")
+    return False
 
 
 def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = None, restore_id: str | None = None,

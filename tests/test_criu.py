@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from thaw.snapshot import (CriuError, Incompatible, ReplicaError, after_restore, check, checkpoint, compat_key,
-                           criu_check, host_facts, launch, prepare_root, require, restore)
+from thaw.snapshot import (CriuError, Incompatible, ReplicaError, after_restore, before_snapshot, check, checkpoint,
+                           compat_key, criu_check, host_facts, launch, prepare_root, require, restore)
 from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
 
@@ -50,6 +50,12 @@ seen = {}
 def reread(env):
     seen["secret"] = os.environ.get("API_KEY")
 
+@thaw_sdk.on_before_snapshot
+def before():
+    if os.environ.get("FAIL_BEFORE_SNAPSHOT"):
+        raise RuntimeError("cannot get ready for the snapshot")
+    seen["before_snapshot"] = seen.get("before_snapshot", 0) + 1
+
 class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -73,6 +79,8 @@ class Handler(BaseHTTPRequestHandler):
                                "marker": os.environ.get("MARKER")})
         if self.path == "/rehash":  # the memory as it is now, not the digest taken at start
             return self.reply({"digest": hashlib.sha256(DATA).hexdigest()[:16]})
+        if self.path == "/seen":
+            return self.reply(seen)
         if self.path == "/secret":
             return self.reply({"secret": seen.get("secret"), "restore_id": thaw_sdk.restore_id,
                                "rand": random.getrandbits(64)})
@@ -320,6 +328,38 @@ def test_secret_arrives_after_restore_only(snapshot, roots, work):
     # the controls: grep finds the plain launch env in the images, and the secret once the server held it
     assert "pages-" in grep(MARKER, cp.images_dir).stdout
     assert "pages-" in grep(SECRET, again.images_dir).stdout
+
+
+@needs_criu
+def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_one_is_an_error(roots, work):
+    """The host's POST /thaw/before-snapshot runs the SDK's callbacks in the process that is then dumped (its
+    restores carry what they did); a failing callback is a one-line ReplicaError (the host then stores nothing);
+    a server without the SDK is told apart (False) and snapshotted as before."""
+    replica = start(roots(), work, "before", data_mb=1)
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        assert get(replica, "/seen") == {}
+        assert before_snapshot(replica, PORT) is True
+        cp = checkpoint(replica, work / "images-before")
+    finally:
+        replica.stop()
+    restored = restore(cp.images_dir, roots().path, work / "before-restored.log")
+    try:
+        assert get(restored, "/seen") == {"before_snapshot": 1}
+    finally:
+        restored.stop()
+    for name, env, want in (("failing", {"FAIL_BEFORE_SNAPSHOT": "1"}, ReplicaError), ("no-sdk", {"SDK": "0"}, False)):
+        replica = start(roots(), work, name, data_mb=1, **env)
+        try:
+            replica.wait_ready(PORT, "/health", timeout=60)
+            if want is ReplicaError:
+                with pytest.raises(ReplicaError, match="RuntimeError in a before-snapshot callback") as e:
+                    before_snapshot(replica, PORT)
+                assert "\n" not in str(e.value) and "cannot get ready" not in str(e.value)  # the type, not the text
+            else:
+                assert before_snapshot(replica, PORT) is False
+        finally:
+            replica.stop()
 
 
 @needs_criu

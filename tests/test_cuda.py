@@ -963,3 +963,89 @@ def test_a_build_launch_that_outlives_its_sigkill_is_waited_for(tmp_path, monkey
         if host is not None:
             host.close()
         _linux.umount(state)
+
+
+PARK_SERVER = textwrap.dedent("""
+    import hashlib, json, torch
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from thaw.snapshot import sdk
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(2048, 2048)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)], shared, torch.nn.GELU(), shared)
+    model.register_buffer("scale", torch.full((2048,), 0.5))
+    model = model.half().cuda().eval()
+    x = torch.randn(64, 2048, device="cuda", dtype=torch.half)
+    weights = id(model[0].weight)
+    sdk.park_weights(model)
+    sdk.mark_ready()
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            if sdk.handle(self):
+                return
+            if self.path == "/run":
+                with torch.inference_mode():
+                    out = bytes((model(x) * model.scale).float().cpu().view(torch.uint8).tolist())
+                body = {"digest": hashlib.sha256(out).hexdigest(), "same_tensor": id(model[0].weight) == weights}
+            else:
+                body = {"allocated": torch.cuda.memory_allocated(), "on": str(model[0].weight.device)}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_POST = do_GET
+    HTTPServer(("127.0.0.1", 8080), H).serve_forever()
+""")
+
+
+@pytest.mark.gpu
+def test_real_parked_weights_leave_the_gpu_for_the_snapshot_and_come_back_after_restore(real_driver, tmp_path):
+    """``sdk.park_weights`` on a real GPU: 25 fp16 layers (one tied) and a buffer move to host memory before the
+    snapshot (the CUDA checkpoint then holds little device memory), come back after CRIU + CUDA restore through the
+    after-restore hook, answer byte-identically, and the host copy is freed."""
+    import json
+
+    from thaw.snapshot import criu
+    if os.geteuid() != 0 or criu.criu_check() is not None:
+        pytest.skip("needs root and a usable criu")
+    if not _torch_cuda():
+        pytest.skip("torch with CUDA is not installed")
+    get = lambda r, path: json.loads(r.http_request("GET", path, timeout=60)[1])  # noqa: E731
+    anonymous = lambda pid: int(next(line.split()[1] for line in open(f"/proc/{pid}/smaps_rollup")  # noqa: E731
+                                     if line.startswith("Anonymous:"))) << 10
+    r = criu.launch(None, [sys.executable, "-c", PARK_SERVER], dict(os.environ), str(tmp_path), tmp_path / "s.log")
+    restored = None
+    try:
+        r.wait_ready(8080, "/mem", timeout=120)
+        golden, loaded = get(r, "/run"), get(r, "/mem")
+        weights = 25 * 2048 * 2049 * 2 + 2048 * 2  # 25 distinct layers and the buffer, fp16: 0.21 GB
+        assert loaded["allocated"] >= weights, loaded
+        t0 = time.monotonic()
+        assert criu.before_snapshot(r, 8080)
+        parked = get(r, "/mem")
+        print(f"\nparked in {(time.monotonic() - t0) * 1000:.0f} ms: {loaded} -> {parked}")
+        assert parked["on"] == "cpu" and parked["allocated"] <= 1 << 20, parked  # the input x is left
+        c = GpuCheckpointer(real_driver, timeout_s=120)
+        res = c.around_dump(c.gpu_pids(r.pid), lambda: criu.checkpoint(r, tmp_path / "images"))
+        restored = criu.restore(tmp_path / "images", None, tmp_path / "r.log", huge_pages=True)
+        cuda_ms = c.restore_tree(restored.pid, expected=1)
+        host_before = anonymous(restored.pid)
+        t0 = time.monotonic()
+        criu.after_restore(restored, 8080, {})
+        back_ms = (time.monotonic() - t0) * 1000
+        host_after = anonymous(restored.pid)
+        print(f"checkpoint + dump {res.timings_ms}; restore {cuda_ms}, weights back in {back_ms:.0f} ms; host "
+              f"anonymous memory {host_before / 1e9:.2f} -> {host_after / 1e9:.2f} GB")
+        back = get(restored, "/mem")
+        assert back["on"] == "cuda:0" and back["allocated"] >= weights, back
+        assert get(restored, "/run") == {**golden, "same_tensor": True}
+        assert host_before - host_after > 0.9 * weights, "the host copy of the weights was freed"
+    finally:
+        for rep in (r, restored):
+            if rep is not None:
+                rep.stop()

@@ -45,6 +45,12 @@ DATA = random.Random(7).randbytes(int(os.environ["DATA_MB"]) << 20)
 DIGEST = hashlib.sha256(DATA).hexdigest()           # the golden answer: the same in every correct process
 seen = {}
 
+@thaw_sdk.on_before_snapshot
+def before():
+    if os.environ.get("FAIL_BEFORE_SNAPSHOT"):
+        raise RuntimeError("cannot get ready")
+    seen["before_snapshot"] = seen.get("before_snapshot", 0) + 1
+
 @thaw_sdk.on_after_restore
 def reread(env):
     seen["secret"] = os.environ.get("API_KEY")
@@ -70,7 +76,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/answer-stable":
             return self.reply({"digest": DIGEST, "data_mb": len(DATA) >> 20, "pid": os.getpid()})
         if self.path == "/state":
-            return self.reply({"state": STATE})
+            return self.reply({"state": STATE, "before_snapshot": seen.get("before_snapshot", 0)})
         if self.path == "/secret":
             return self.reply({"secret": seen.get("secret") or os.environ.get("API_KEY")})
         if self.path.startswith("/env/"):
@@ -156,6 +162,7 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
         assert status == 200 and json.loads(body)["secret"] == SECRET  # injected after restore
     assert len(set(answers)) == 1 and json.loads(answers[0])["data_mb"] == DATA_MB
     assert len(states) == 1, "restored replicas carry the memory of the process that was checkpointed"
+    assert json.loads(states.pop())["before_snapshot"] == 1, "the host ran the before-snapshot hook once, then dumped"
     assert len(snapshots.restores(cfg.registry_url, snap["digest"])) == 4
     # the snapshot's memory pages are now locked in RAM on this host (in the background, after the restores)
     wait_until(lambda: snap["digest"] in agent.host.pins.pinned(), 30, "the snapshot's pages pinned")
@@ -351,6 +358,9 @@ def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, 
     thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
     res = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY", "--golden-path", "/secret", ok=False)
     assert res.exit_code == 1 and "golden" in res.output and res.output.count("\n") <= 2, res.output
+    res = build_snapshot(thaw_cli, image, tmp_path, "--env", "FAIL_BEFORE_SNAPSHOT=1", ok=False)
+    assert res.exit_code == 1 and "RuntimeError in a before-snapshot callback" in res.output, res.output
+    assert res.output.count("\n") <= 2, res.output
     assert snapshots.list_all(cfg.registry_url) == []  # nothing registered half-done
     assert list((cfg.work_dir / "builds").iterdir()) == []  # nor left on the host: the stored dump went too
     with pytest.raises(SnapshotError, match=r"build id '\.\./x'"):

