@@ -120,14 +120,15 @@ def park_weights(*modules) -> None:
     def park() -> None:
         import torch
         tensors = list({id(t): t for m in modules for t in (*m.parameters(), *m.buffers()) if t.is_cuda}.values())
-        if not tensors:
-            return
-        if len({t.device for t in tensors}) > 1:
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
             raise RuntimeError("park_weights: the weights are on more than one GPU")
         offsets, total = [], 0
         for t in tensors:
             offsets.append(total)
             total += -(-t.numel() * t.element_size() // PARK_ALIGN) * PARK_ALIGN
+        if not total:  # nothing on a GPU (or parked already)
+            return
         host = _host_buffer(total)
 
         def to_host(start: int, end: int) -> None:  # all at once: the host buffer is locked whole
@@ -137,7 +138,7 @@ def park_weights(*modules) -> None:
         for t, o in zip(tensors, offsets):
             t.data = _as(host, o, t)
         torch.cuda.empty_cache()
-        parked.update(host=host, tensors=tensors, offsets=offsets, device=tensors[0].device)
+        parked.update(host=host, tensors=tensors, offsets=offsets, device=devices.pop())
 
     def unpark(env: dict) -> None:
         if not parked:
