@@ -12,11 +12,11 @@
 
 from .compat import Incompatible, check, compat_key, host_facts, require
 from .criu import CheckpointResult, CriuError, checkpoint, criu_check, restore
-from .replica import Replica, ReplicaError, after_restore, before_snapshot, launch
+from .replica import HookFailed, Replica, ReplicaError, after_restore, before_snapshot, launch
 from .rootfs import Root, prepare_root
 
 __all__ = [
-    "Root", "prepare_root", "Replica", "ReplicaError", "launch", "before_snapshot", "after_restore",
+    "Root", "prepare_root", "Replica", "ReplicaError", "HookFailed", "launch", "before_snapshot", "after_restore",
     "CheckpointResult", "CriuError", "checkpoint", "restore", "criu_check",
     "host_facts", "compat_key", "check", "require", "Incompatible",
 ]

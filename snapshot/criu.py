@@ -41,11 +41,12 @@ from thaw.imagefs.mount import mountinfo
 
 from . import _linux, cgroup
 from .compat import host_facts
-from .replica import REAP, Replica, ReplicaError, _lines, after_restore, before_snapshot, launch, open_log
+from .replica import (REAP, HookFailed, Replica, ReplicaError, _lines, after_restore, before_snapshot, launch,
+                      open_log)
 from .rootfs import Root, prepare_root
 
 # The whole life cycle is reachable from this module (thaw.snapshot re-exports the same names).
-__all__ = ["CriuError", "CheckpointResult", "checkpoint", "restore", "criu_binary", "criu_check",
+__all__ = ["CriuError", "CheckpointResult", "checkpoint", "restore", "criu_binary", "criu_check", "HookFailed",
            "Root", "prepare_root", "Replica", "ReplicaError", "launch", "before_snapshot", "after_restore"]
 
 log = logging.getLogger(__name__)

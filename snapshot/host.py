@@ -643,8 +643,11 @@ class HostSnapshots:
             try:
                 write_record(work / RECORD, replica.pid)
                 self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
-                with contextlib.suppress(criu.ReplicaError):  # no secrets here; the hook is optional
+                try:
                     criu.after_restore(replica, spec["port"], {})
+                except criu.ReplicaError as e:  # no secrets here: optional, unless the SDK's callback failed
+                    if isinstance(e, criu.HookFailed):
+                        raise
                 replica.wait_healthy(spec["port"], spec["health"], timeout=60)
                 golden_answer(replica, spec["port"], golden)
             finally:
@@ -697,8 +700,8 @@ class HostSnapshots:
             try:  # a process moved to another GPU starts its children on that one
                 criu.after_restore(replica, spec["port"], env if slot is None else
                                    {**env, "CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]}, rid)
-            except criu.ReplicaError:
-                if env:  # the hook is optional for a server without the SDK, unless it has env to deliver
+            except criu.ReplicaError as e:  # optional for a server without the SDK, unless it has env to deliver
+                if env or isinstance(e, criu.HookFailed):
                     raise
             st.mark("hooks")
             replica.wait_healthy(spec["port"], spec["health"], timeout=60)

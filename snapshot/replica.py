@@ -38,6 +38,10 @@ class ReplicaError(RuntimeError):
     """A replica failed to start, died, or did not answer in time."""
 
 
+class HookFailed(ReplicaError):
+    """The server's SDK ran a hook's callbacks (/thaw/before-snapshot, /thaw/after-restore) and one failed."""
+
+
 @dataclass(eq=False)
 class Replica:
     pid: int                  # host pid of the replica's pid 1 (of the workload, without a root of its own)
@@ -185,31 +189,41 @@ class _NetnsHTTPConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _hook_failed(replica: Replica, path: str, status: int, resp: bytes) -> HookFailed | None:
+    """The SDK's answer for a failing callback (500, ``{"error": "... in a callback of PATH ..."}``) as an error;
+    None for any other answer."""
+    try:
+        error = json.loads(resp).get("error") or ""
+    except (ValueError, AttributeError):
+        return None
+    if status != 500 or f"in a callback of {path}" not in error:
+        return None
+    return HookFailed(f"replica {replica.pid}: POST {path} answered {status}: {error}")
+
+
 def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) -> bool:
     """POST the server's /thaw/before-snapshot: its SDK's before-snapshot callbacks (e.g. ``park_weights``) run.
-    True once they ran; False for a server without the hook (any other answer that is not the SDK's); a
-    ReplicaError when the SDK says a callback failed: nothing may be snapshotted then."""
+    True once they ran; False for a server without the hook (any other answer that is not the SDK's); HookFailed
+    when the SDK says a callback failed: nothing may be snapshotted then."""
     status, resp = replica.http_request("POST", BEFORE_SNAPSHOT_PATH, b"{}", port, timeout,
                                         content_type="application/json")
     if status == 200:
         return True
-    try:
-        error = json.loads(resp).get("error") or ""
-    except (ValueError, AttributeError):
-        error = ""
-    if "before-snapshot callback" in error:
-        raise ReplicaError(f"replica {replica.pid}: POST {BEFORE_SNAPSHOT_PATH} answered {status}: {error}")
+    if failed := _hook_failed(replica, BEFORE_SNAPSHOT_PATH, status, resp):
+        raise failed
     return False
 
 
 def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = None, restore_id: str | None = None,
                   timeout: float = 30.0) -> dict:
-    """POST the secrets (and a fresh restore id) to the server's /thaw/after-restore; its JSON answer."""
+    """POST the secrets (and a fresh restore id) to the server's /thaw/after-restore; its JSON answer. A server
+    without the hook is a ReplicaError, a failing callback HookFailed (the caller may ignore only the former)."""
     body = json.dumps({"env": secrets or {}, "restore_id": restore_id or uuid.uuid4().hex}).encode()
     status, resp = replica.http_request("POST", AFTER_RESTORE_PATH, body, port, timeout,
                                         content_type="application/json")
     if status != 200:
-        raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: {resp[:300]!r}")
+        raise (_hook_failed(replica, AFTER_RESTORE_PATH, status, resp)
+               or ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: {resp[:300]!r}"))
     try:
         reply = json.loads(resp or b"{}")
     except ValueError:

@@ -7,7 +7,8 @@ Convention (the host side is ``thaw.snapshot.replica``):
   A server without it is snapshotted once its health path answers 200.
 - ``POST /thaw/before-snapshot``: sent by the host after the golden request, right before the checkpoint. The
   SDK runs the callbacks registered with ``@on_before_snapshot`` (a failing one fails the snapshot: nothing
-  is stored), then hands free heap back to the kernel.
+  is stored), then hands free heap back to the kernel. A failing callback of either hook answers 500 with
+  ``{"error": "<type> in a callback of <path> ..."}``.
 - ``POST /thaw/after-restore`` with ``{"env": {...}, "restore_id": "..."}``: sent by the host right after a
   restore. Secrets are never in the environment at launch (so never in the snapshot); they arrive here. The
   SDK puts ``env`` into ``os.environ``, re-seeds ``random`` (every replica of a snapshot would otherwise
@@ -217,6 +218,5 @@ def handle(handler) -> bool:
         _reply(handler, 200, before_snapshot() if path == BEFORE_SNAPSHOT_PATH else after_restore(payload))
     except Exception as e:  # noqa: BLE001 - a failing callback must reach the host as an error
         traceback.print_exc()  # to the replica's log; the host gets the type only: the text may hold a secret
-        _reply(handler, 500, {"error": f"{type(e).__name__} in a {path.rsplit('/', 1)[1]} callback "
-                                       f"(see the replica's log)"})
+        _reply(handler, 500, {"error": f"{type(e).__name__} in a callback of {path} (see the replica's log)"})
     return True

@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from thaw.snapshot import (CriuError, Incompatible, ReplicaError, after_restore, before_snapshot, check, checkpoint,
-                           compat_key, criu_check, host_facts, launch, prepare_root, require, restore)
+from thaw.snapshot import (CriuError, HookFailed, Incompatible, ReplicaError, after_restore, before_snapshot, check,
+                           checkpoint, compat_key, criu_check, host_facts, launch, prepare_root, require, restore)
 from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
 
@@ -48,6 +48,8 @@ seen = {}
 
 @thaw_sdk.on_after_restore
 def reread(env):
+    if os.environ.get("FAIL_AFTER_RESTORE"):
+        raise RuntimeError("cannot re-read the secret")
     seen["secret"] = os.environ.get("API_KEY")
 
 @thaw_sdk.on_before_snapshot
@@ -331,10 +333,10 @@ def test_secret_arrives_after_restore_only(snapshot, roots, work):
 
 
 @needs_criu
-def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_one_is_an_error(roots, work):
+def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_is_an_error(roots, work):
     """The host's POST /thaw/before-snapshot runs the SDK's callbacks in the process that is then dumped (its
-    restores carry what they did); a failing callback is a one-line ReplicaError (the host then stores nothing);
-    a server without the SDK is told apart (False) and snapshotted as before."""
+    restores carry what they did); a failing callback of either hook is a one-line HookFailed (the host then
+    stores nothing, or falls back); a server without the SDK is told apart (False) and snapshotted as before."""
     replica = start(roots(), work, "before", data_mb=1)
     try:
         replica.wait_ready(PORT, "/health", timeout=60)
@@ -348,16 +350,22 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_one_is
         assert get(restored, "/seen") == {"before_snapshot": 1}
     finally:
         restored.stop()
-    for name, env, want in (("failing", {"FAIL_BEFORE_SNAPSHOT": "1"}, ReplicaError), ("no-sdk", {"SDK": "0"}, False)):
+    for name, env, failing in (("failing", {"FAIL_BEFORE_SNAPSHOT": "1", "FAIL_AFTER_RESTORE": "1"}, True),
+                               ("no-sdk", {"SDK": "0"}, False)):
         replica = start(roots(), work, name, data_mb=1, **env)
         try:
             replica.wait_ready(PORT, "/health", timeout=60)
-            if want is ReplicaError:
-                with pytest.raises(ReplicaError, match="RuntimeError in a before-snapshot callback") as e:
+            if failing:
+                with pytest.raises(HookFailed, match="RuntimeError in a callback of /thaw/before-snapshot") as e:
                     before_snapshot(replica, PORT)
                 assert "\n" not in str(e.value) and "cannot get ready" not in str(e.value)  # the type, not the text
+                with pytest.raises(HookFailed, match="RuntimeError in a callback of /thaw/after-restore"):
+                    after_restore(replica, PORT, {})
             else:
                 assert before_snapshot(replica, PORT) is False
+                with pytest.raises(ReplicaError) as e:  # the host ignores this one when it has no env to deliver
+                    after_restore(replica, PORT, {})
+                assert not isinstance(e.value, HookFailed)
         finally:
             replica.stop()
 

@@ -53,6 +53,8 @@ def before():
 
 @thaw_sdk.on_after_restore
 def reread(env):
+    if os.environ.get("FAIL_AFTER_RESTORE"):
+        raise RuntimeError("cannot re-read")
     seen["secret"] = os.environ.get("API_KEY")
     print(f"after restore {thaw_sdk.restore_id}", flush=True)
 
@@ -358,9 +360,12 @@ def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, 
     thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
     res = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY", "--golden-path", "/secret", ok=False)
     assert res.exit_code == 1 and "golden" in res.output and res.output.count("\n") <= 2, res.output
-    res = build_snapshot(thaw_cli, image, tmp_path, "--env", "FAIL_BEFORE_SNAPSHOT=1", ok=False)
-    assert res.exit_code == 1 and "RuntimeError in a before-snapshot callback" in res.output, res.output
-    assert res.output.count("\n") <= 2, res.output
+    # a failing callback of the SDK's hooks: before the dump, or in the verifying restore (no env to deliver
+    # there, so a server without the hook would pass; a callback that failed must not)
+    for hook, env in (("before-snapshot", "FAIL_BEFORE_SNAPSHOT=1"), ("after-restore", "FAIL_AFTER_RESTORE=1")):
+        res = build_snapshot(thaw_cli, image, tmp_path, "--env", env, ok=False)
+        assert res.exit_code == 1 and f"RuntimeError in a callback of /thaw/{hook}" in res.output, res.output
+        assert res.output.count("\n") <= 2, res.output
     assert snapshots.list_all(cfg.registry_url) == []  # nothing registered half-done
     assert list((cfg.work_dir / "builds").iterdir()) == []  # nor left on the host: the stored dump went too
     with pytest.raises(SnapshotError, match=r"build id '\.\./x'"):
