@@ -113,7 +113,7 @@ def park_weights(*modules) -> None:
     checkpoint holds little device memory. After a restore they go back into one device buffer, the host buffer
     page-locked (``cudaHostRegister``) a chunk at a time while the chunk before copies, so they move at the speed
     of copies from pinned memory, where the driver's own restore copies from pageable memory (on an H200 about 55
-    against 5-7 GB/s; docs/gpu.md); the host buffer is then unlocked and freed. Tensors keep their identity (their
+    against 4-8 GB/s; docs/gpu.md); the host buffer is then unlocked and freed. Tensors keep their identity (their
     ``.data`` is swapped), so references to them stay valid. Call it once the model is on its GPU; the server
     must serve no request while the snapshot is taken (thaw sends none). One GPU per process."""
     parked: dict = {}
