@@ -249,6 +249,16 @@ def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float
         raise SnapshotError(str(e)) from None
 
 
+def after_restore(replica: criu.Replica, port: int, env: dict[str, str], rid: str | None = None) -> None:
+    """The after-restore hook: optional for a server without the SDK unless there is env to deliver; a failing
+    callback of the SDK (HookFailed) is always an error."""
+    try:
+        criu.after_restore(replica, port, env, rid)
+    except criu.ReplicaError as e:
+        if env or isinstance(e, criu.HookFailed):
+            raise
+
+
 def use_huge_pages(mode: str, snapshot_facts: dict) -> bool:
     """Config.restore_huge_pages for one snapshot: "gpu" means only snapshots that hold GPU state (on the H100
     their restore was 20-34 % faster; on a small VM whose freed memory goes back to the hypervisor, CPU restores
@@ -643,11 +653,7 @@ class HostSnapshots:
             try:
                 write_record(work / RECORD, replica.pid)
                 self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
-                try:
-                    criu.after_restore(replica, spec["port"], {})
-                except criu.ReplicaError as e:  # no secrets here: optional, unless the SDK's callback failed
-                    if isinstance(e, criu.HookFailed):
-                        raise
+                after_restore(replica, spec["port"], {})  # no secrets here
                 replica.wait_healthy(spec["port"], spec["health"], timeout=60)
                 golden_answer(replica, spec["port"], golden)
             finally:
@@ -697,12 +703,9 @@ class HostSnapshots:
             raise
         try:
             self._restore_gpu(snap, replica, st, slot)
-            try:  # a process moved to another GPU starts its children on that one
-                criu.after_restore(replica, spec["port"], env if slot is None else
-                                   {**env, "CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]}, rid)
-            except criu.ReplicaError as e:  # optional for a server without the SDK, unless it has env to deliver
-                if env or isinstance(e, criu.HookFailed):
-                    raise
+            # a process moved to another GPU starts its children on that one
+            after_restore(replica, spec["port"], env if slot is None else
+                          {**env, "CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]}, rid)
             st.mark("hooks")
             replica.wait_healthy(spec["port"], spec["health"], timeout=60)
             st.mark("health")

@@ -192,11 +192,13 @@ class _NetnsHTTPConnection(http.client.HTTPConnection):
 def _hook_failed(replica: Replica, path: str, status: int, resp: bytes) -> HookFailed | None:
     """The SDK's answer for a failing callback (500, ``{"error": "... in a callback of PATH ..."}``) as an error;
     None for any other answer."""
+    if status != 500:
+        return None
     try:
         error = json.loads(resp).get("error") or ""
     except (ValueError, AttributeError):
         return None
-    if status != 500 or f"in a callback of {path}" not in error:
+    if f"in a callback of {path}" not in error:
         return None
     return HookFailed(f"replica {replica.pid}: POST {path} answered {status}: {error}")
 
