@@ -34,11 +34,11 @@ class PoolBackends:
     async def endpoints(self) -> list[str]:
         return [r.endpoint for r in await asyncio.to_thread(deployments.serving, self.cfg, self.name)]
 
-    async def scale(self, replicas: int, reason: str) -> None:
-        log.info("scale %s to %d (%s)", self.name, replicas, reason)
+    async def scale(self, replicas: int, reason: str, at_least: bool = False) -> None:
+        log.info("scale %s to %s%d (%s)", self.name, "at least " if at_least else "", replicas, reason)
         if self.client is None:  # connected on the gateway's own loop, at first use
             self.client = await connect(self.cfg)
-        await pool.scale(self.client, self.name, replicas, "gateway")
+        await pool.scale(self.client, self.name, replicas, "gateway", at_least)
 
 
 class GatewayDemand:

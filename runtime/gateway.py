@@ -29,7 +29,9 @@
   previous), i.e. never scale down while panicking. It scales to zero only when the whole stable window saw
   no traffic and there was none for ``scale_to_zero_grace_s``. Desired is clamped to [min, max] and
   ``Backends.scale`` is called only when it changes (a failed call is retried the next tick). A gateway adopts
-  the replicas ready at its start and scales nothing down in its first stable window.
+  the replicas ready at its start and scales nothing down in its first stable window. With no replica ready,
+  or in that first window, it asks for "at least" N: it cannot see replicas still restoring (`thaw scale NAME 3`
+  just before), and a plain N would stop them. Its next other count is said plainly.
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
   Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
@@ -82,8 +84,9 @@ class Backends(Protocol):
         """Base URLs (``http://127.0.0.1:PORT``) of the replicas that are healthy now."""
         ...
 
-    async def scale(self, replicas: int, reason: str) -> None:
-        """The gateway's scale signal: the deployment should run ``replicas`` replicas."""
+    async def scale(self, replicas: int, reason: str, at_least: bool = False) -> None:
+        """The gateway's scale signal: the deployment should run ``replicas`` replicas (``at_least``: or more,
+        if its pool wants more)."""
         ...
 
 
@@ -555,8 +558,9 @@ class Gateway:
                 return  # the pool would stop its replica under it (the next tick decides again)
             reason = d.reason if d else "autoscaler"
             kind = d.kind if d else "stable"
+            at_least = self._at_least(want)
             try:
-                await self.backends.scale(want, reason)
+                await self.backends.scale(want, reason, at_least)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # retried on the next tick
@@ -564,9 +568,16 @@ class Gateway:
                 self._scale_error = f"scale to {want} failed: {first_line(e, typed=True)[:250]}"
                 return
             self._scale_error = None
-            log.info("gateway %s: scale %s -> %d (%s)", self.deployment, self._signaled, want, reason)
+            log.info("gateway %s: scale %s -> %s%d (%s)", self.deployment, self._signaled,
+                     "at least " if at_least else "", want, reason)
             self._signaled, self._signaled_at = want, time.monotonic()
             self._m_scale.labels(self.deployment, kind).inc()
+
+    def _at_least(self, want: int) -> bool:
+        """Whether a scale signal for ``want`` replicas should be "at least": with no replica ready, or in the
+        gateway's first stable window, it has not seen all the pool runs (a replica is listed once it serves),
+        and a scale-up then must not stop replicas on their way (`thaw scale NAME 3` just before)."""
+        return want > 0 and (not self._endpoints or self.autoscaler.warming(time.monotonic()))
 
     # ------------------------------------------------------------------------------------ autoscale
 

@@ -105,12 +105,13 @@ def bounded(dep: Deployment, replicas: int) -> int:
     return max(dep.min_replicas, min(dep.max_replicas, replicas))
 
 
-async def scale(client: Client, name: str, replicas: int, source: str) -> None:
+async def scale(client: Client, name: str, replicas: int, source: str, at_least: bool = False) -> None:
+    """Signal deployment ``name``'s pool to run ``replicas`` replicas (``at_least``: or more, if it wants more)."""
     if replicas < 0:
         raise NotFound(f"replicas must be >= 0 (got {replicas})")
     try:
         await client.get_workflow_handle(workflow_id(name)).signal(
-            DeploymentPool.scale, ScaleRequest(replicas, source, int(time.time() * 1000)))
+            DeploymentPool.scale, ScaleRequest(replicas, source, int(time.time() * 1000), at_least))
     except RPCError as e:
         raise _no_pool(name, e, "; `thaw deploy` it first") from None
 

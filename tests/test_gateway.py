@@ -96,6 +96,7 @@ class FakeBackends:
         self.urls: list[str] = []
         self.replicas: list[Replica] = []
         self.scales: list[tuple[float, int, str]] = []
+        self.at_least: list[bool] = []  # of each scale signal
         self.start_delay = start_delay
         self._starting = False
         self._tasks: set[asyncio.Task] = set()
@@ -104,8 +105,9 @@ class FakeBackends:
     async def endpoints(self) -> list[str]:
         return list(self.urls)
 
-    async def scale(self, replicas: int, reason: str) -> None:
+    async def scale(self, replicas: int, reason: str, at_least: bool = False) -> None:
         self.scales.append((time.monotonic(), replicas, reason))
+        self.at_least.append(at_least)
         if self.start_delay is not None and replicas >= 1 and not self.urls and not self._starting:
             self._starting = True
             t = asyncio.ensure_future(self._start_later())
@@ -207,6 +209,7 @@ def test_held_at_zero_until_first_replica():
             await asyncio.sleep(0.3)
             assert [(n, r) for _, n, r in backends.scales] == [(1, "activate: request held with no ready replica")]
             assert backends.scales[0][0] - t0 < 0.2
+            assert backends.at_least == [True]  # the pool may be restoring more: it must not stop them
             state = await (await client.get(f"{url}/-/gateway")).json()
             assert state["queued"] == 1 and state["ready"] == 0 and state["desired"] == 1
             async with await task as r:
@@ -817,9 +820,9 @@ def test_ticks_go_on_while_a_scale_signal_hangs():
         answer = asyncio.Event()
         scale = backends.scale
 
-        async def slow_scale(replicas, reason):
+        async def slow_scale(replicas, reason, at_least=False):
             await answer.wait()
-            await scale(replicas, reason)
+            await scale(replicas, reason, at_least)
 
         backends.scale = slow_scale
         async with stack(backends, hold_timeout_s=5) as (gw, url, client):
@@ -870,6 +873,9 @@ def test_panic_then_stable_then_zero():
             assert downs[0][0] - t_end >= gw.autoscaler.stable_window_s - 0.3  # none while panicking
             assert not any(r.startswith("panic") for _, n, r in backends.scales[ns.index(top) + 1:])
             assert [n for _, n in downs] == [1, 0]                  # 1 until the grace passed, then 0
+            # the burst came in the gateway's first stable window: its scale-ups were "at least" (replicas it
+            # could not see yet must not stop); the downs, after it, are plain
+            assert backends.at_least == [True] * (len(backends.scales) - 2) + [False, False], backends.at_least
             assert downs[1][0] - t_end >= grace - 0.2
             metrics = await settled_metrics(gw, client, url)
             assert metric(metrics, "thaw_gateway_scale_signals_total", kind="zero") == 1
@@ -936,7 +942,7 @@ def test_hold_timeout_names_why_no_replica_came():
     async def main():
         backends = FakeBackends()
 
-        async def broken_scale(replicas, reason):
+        async def broken_scale(replicas, reason, at_least=False):
             raise RuntimeError("deployment demo is not deployed\n  (more detail)")
 
         backends.scale = broken_scale

@@ -562,6 +562,39 @@ def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg,
             undeploy(cfg, thaw_cli, "burst", ok=False)
 
 
+def test_an_at_least_signal_raises_the_pool_but_never_lowers_it(cfg, worker, agent, thaw_cli, snap):
+    """The gateway asks for "at least" one replica when it sees none ready: `thaw scale NAME 3` just before,
+    whose replicas still restore, must not come down to 1 (a plain scale(1) stopped two of them). Signals, in
+    the order the pool reads them: at least 2 (from 0: raises), 3, at least 1 (keeps 3)."""
+    from temporalio.client import Client
+
+    from conftest import running_worker
+    from thaw.runtime.pool import deploy
+    from thaw.runtime.worker import build_worker
+    from thaw.workflows.pool import DeploymentPool, PoolState, PoolSpec, ScaleRequest
+
+    queue = cfg.model_copy(update={"build_task_queue": f"paused-{cfg.build_task_queue}"})
+
+    async def go():
+        client = await Client.connect(cfg.temporal_address)
+        spec, _ = await deploy(client, cfg, PoolSpec("atleast", snap, max_replicas=3, cooldown_s=0))
+        await client.get_workflow_handle("pool-atleast").signal(DeploymentPool.stop)  # its registry row stays
+        await client.get_workflow_handle("pool-atleast").result()
+        handle = await client.start_workflow(DeploymentPool.run, PoolState(spec), id="pool-atleast",
+                                             task_queue=queue.build_task_queue)  # no worker polls it yet
+        for n, at_least in ((2, True), (3, False), (1, True)):
+            await handle.signal(DeploymentPool.scale, ScaleRequest(n, "test", int(time.time() * 1000), at_least))
+
+    asyncio.run(go())
+    with running_worker(queue, lambda client, ex: build_worker(client, queue, ex)):
+        try:
+            wait_until(lambda: len(serving(cfg, "atleast")) == 3, what="3 replicas")
+            st = json.loads(thaw_cli("status", "atleast", "--json").output)
+            assert st["desired"] == 3, st
+        finally:
+            undeploy(cfg, thaw_cli, "atleast", ok=False)
+
+
 class SlowHostChecks:
     """The real ``pool_hosts``, except that while ``hold`` is set a check answers only once ``release`` is;
     ``calls``: when each check began (time.monotonic())."""

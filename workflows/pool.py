@@ -49,6 +49,7 @@ class ScaleRequest:
     replicas: int
     source: str = "signal"  # cli | api | temporal | gateway | keda
     at_ms: int = 0  # sender's wall clock (ms since epoch): signal → restore-start latency
+    at_least: bool = False  # raise to ``replicas`` but never lower (the gateway's ask for a replica to serve)
 
 
 @dataclass
@@ -178,7 +179,8 @@ class DeploymentPool:
         if self.s.stopping:  # undeploying: every replica goes
             return
         sp = self.s.spec
-        self.s.desired = max(sp.min_replicas, min(sp.max_replicas, req.replicas))
+        n = max(req.replicas, self.s.desired) if req.at_least else req.replicas
+        self.s.desired = max(sp.min_replicas, min(sp.max_replicas, n))
         self.s.last_signal = req
         # a replica is timed from the first signal that asked for it (a burst of 1, 2, ... 8 is 8 signals);
         # what a later signal no longer wants, or what runs already, is not asked for any more
