@@ -291,7 +291,9 @@ class HostActivities:
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 failed = failed or e
         for r in dead:
-            log.warning("replica %s died; unregistered. The end of its log: %r", r.id, r.replica.log_tail(300))
+            log.warning("replica %s died; unregistered. Its logs stay in %s; their end: %r", r.id, r.logs,
+                        r.replica.log_tail(300))
+            r.keep_logs = True
             try:
                 r.stop()
             except OSError as e:  # its scratch stays for cleanup_stale; the row must still go

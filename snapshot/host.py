@@ -40,6 +40,8 @@ from .replica import golden_answer as replica_golden_answer
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
+LOGS = "replica-logs"  # <work>/replica-logs/<replica>/: its output and CRIU's log, outside its dir
+LOGS_KEPT = 20  # the logs of this many replicas that failed to start or died stay on the host
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
@@ -109,6 +111,8 @@ class Running:
     root: criu.Root
     port: int
     record: Path | None = None
+    logs: Path | None = None  # its log dir: removed by a plain stop, kept (see prune_logs) with ``keep_logs``
+    keep_logs: bool = False  # set for a replica that failed to start or died: what it wrote stays
     forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
     stopped: bool = False
     on_stop: Callable[[], None] | None = None  # gives back what the host lent the replica (its GPU)
@@ -155,6 +159,8 @@ class Running:
         self.root.cleanup()
         if self.record:
             shutil.rmtree(self.record.parent, ignore_errors=True)
+        if self.logs and not self.keep_logs:
+            shutil.rmtree(self.logs, ignore_errors=True)
 
     def _stop_once_gone(self) -> None:
         self.replica.proc.wait()
@@ -165,7 +171,9 @@ class Running:
 
 
 def _stop_after_failure(running: Running) -> None:
-    """Stop a replica whose start failed; what failed the start stays the error to report."""
+    """Stop a replica whose start failed, keeping its logs (the error names them); what failed the start stays
+    the error to report."""
+    running.keep_logs = True
     try:
         running.stop()
     except criu.ReplicaError:  # it outlived its SIGKILL: stopped once gone (logged)
@@ -225,7 +233,20 @@ def cleanup_stale(work_dir: Path) -> int:
                 continue
             clear(d)
             n += 1
+    prune_logs(work_dir)
     return n
+
+
+def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
+    """Remove the log dirs of ended replicas (no dir under ``<work>/replicas`` any more: they failed to start,
+    died, or their agent did) but the newest ``keep``. A replica stopped plainly took its logs with it."""
+    ended = []
+    for d in (work_dir / LOGS).iterdir() if (work_dir / LOGS).is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # pruned by another start meanwhile
+            if not (work_dir / "replicas" / d.name).exists():
+                ended.append((d.stat().st_mtime, d))
+    for _, d in sorted(ended, reverse=True)[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def release_dead(cfg: Config) -> None:
@@ -422,13 +443,13 @@ class HostSnapshots:
             return [self._gpu_load.get(i, 0) for i in range(len(self.gpu.gpus if self.gpu else ()))]
 
     def _own(self, rid: str, start: Callable[[], criu.Replica], root: criu.Root, port: int, work: Path,
-             slot: int | None) -> tuple[criu.Replica, Running]:
+             logs: Path, slot: int | None) -> tuple[criu.Replica, Running]:
         """Start a replica process on ``root`` (a restore or a launch) and record it as this host's. If either
         fails, nothing stays: not the process (nobody would own it), its GPU loan or its root."""
         replica = None
         try:
             replica = start()
-            return replica, Running(rid, replica, root, port, work / RECORD,
+            return replica, Running(rid, replica, root, port, work / RECORD, logs,
                                     on_stop=functools.partial(self.give_gpu, slot))
         except BaseException:
             try:
@@ -437,6 +458,7 @@ class HostSnapshots:
             finally:
                 self.give_gpu(slot)
                 root.cleanup()
+                shutil.rmtree(work, ignore_errors=True)  # its logs stay (the error names them)
             raise
 
     def close(self) -> None:
@@ -501,10 +523,13 @@ class HostSnapshots:
                                 f"`thaw secrets set NAME` first")
         return {n: values[n] for n in names}
 
-    def _replica_dir(self, rid: str) -> Path:
-        d = self.cfg.work_dir / "replicas" / rid
+    def _replica_dir(self, rid: str) -> tuple[Path, Path]:
+        """A replica's dir and its log dir (which outlives it if it fails to start or dies: see prune_logs)."""
+        prune_logs(self.cfg.work_dir)
+        d, logs = self.cfg.work_dir / "replicas" / rid, self.cfg.work_dir / LOGS / rid
         d.mkdir(parents=True, exist_ok=True)
-        return d
+        logs.mkdir(parents=True, exist_ok=True)
+        return d, logs
 
     # -- build --------------------------------------------------------------------------------------
     def _build_dir(self, build_id: str) -> Path:
@@ -680,7 +705,7 @@ class HostSnapshots:
             beat("criu")
             try:
                 huge = use_huge_pages(self.cfg.restore_huge_pages, snap["host_facts"])
-                replica = criu.restore(files, root.path, work / "restore.log", huge_pages=huge,
+                replica = criu.restore(files, root.path, logs / "restore.log", huge_pages=huge,
                                        read_threads=self.cfg.restore_threads, cg=self.cgroup)
             except criu.CriuError as e:
                 failed = (fetch.wait(CAUSE_SEARCH_S).first_error if fetch  # the rest is cancelled below
@@ -692,11 +717,11 @@ class HostSnapshots:
             return replica
 
         try:
-            work = self._replica_dir(rid)
+            work, logs = self._replica_dir(rid)
             root = self._root(lower, work / "rw")
             slot = self.take_gpu(snap["host_facts"])
             st.mark("root")
-            replica, running = self._own(rid, start, root, spec["port"], work, slot)
+            replica, running = self._own(rid, start, root, spec["port"], work, logs, slot)
         except BaseException:  # no root (its image's mount gone?) or no process: the prefetch is for nothing
             if fetch:
                 fetch.cancel()
@@ -738,14 +763,15 @@ class HostSnapshots:
         try:
             lower = self.image_root(image_digest)
             st.mark("fetch")
-            work = self._replica_dir(f"{rid}.cold")  # not the dir of a failed restore of the same id: a restored
-            # process that outlived its SIGKILL is stopped once gone, and that stop unmounts its root, removes its dir
+            # not the dirs of a failed restore of the same id: a restored process that outlived its SIGKILL is
+            # stopped once gone, and that stop unmounts its root, removes its dir
+            work, logs = self._replica_dir(f"{rid}.cold")
             root = self._root(lower, work / "rw")
             slot = self.take_gpu()
             st.mark("root")
             replica, running = self._own(rid, lambda: self._launch(root, spec, {**spec["env"], **env},
-                                                                    work / "launch.log", slot),
-                                         root, spec["port"], work, slot)
+                                                                    logs / "launch.log", slot),
+                                         root, spec["port"], work, logs, slot)
             try:
                 replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
                 st.mark("boot")

@@ -370,6 +370,7 @@ def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, th
         new = wait_until(lambda: [r for r in serving(cfg, "phoenix") if r.id != first.id], timeout=60,
                          what="replacement replica")
         assert first.id not in agent.serving and answer(new[0].endpoint)["digest"]
+        assert (cfg.work_dir / "replica-logs" / first.id / "restore.log").exists(), "a dead replica's logs stay"
         st = json.loads(thaw_cli("status", "phoenix", "--json").output)
         assert st["counts"]["gone"] == 1 and [r["id"] for r in st["replicas"]] == [new[0].id], st
     finally:

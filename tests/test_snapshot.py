@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -243,6 +244,10 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     core.write_bytes(b"\0" * core.stat().st_size)
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and ".log" in r["reason"], r
+    (named,) = set(re.findall(r"(/\S+\.log)", r["reason"]))  # the log the reason names is still there
+    failed = Path(named).parent  # the failed restore's (its fallback is another replica)
+    assert failed.parent == cfg.work_dir / "replica-logs" and "Error" in Path(named).read_text()
+    assert not (cfg.work_dir / "replicas" / failed.name).exists(), "the failed restore's own dir is gone"
 
     # a snapshot tree that cannot be mounted (its daemon failed) is one more reason to cold-boot, not a failure
     from thaw.imagefs.mount import MountError
@@ -596,6 +601,7 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
 
     assert "stopped" in thaw_cli("replicas", "stop", *(r["replica"] for r in reps)).output
     assert agent.serving == {} and json.loads(thaw_cli("replicas", "ls", "--json").output) == []
+    assert not [r for r in reps if (cfg.work_dir / "replica-logs" / r["replica"]).exists()], "a plain stop keeps none"
     for r in reps:
         with pytest.raises(OSError):
             urllib.request.urlopen(r["endpoint"] + "/health", timeout=5)
@@ -835,6 +841,21 @@ def test_an_agent_start_drops_the_dirs_of_ended_builds(cfg):
         host.close()
     assert sorted(dropped) == sorted([ids["ended"], ids["unknown"]])
     assert host.finished_builds() == [ids["running"]]
+
+
+def test_the_logs_of_the_last_ended_replicas_are_kept(tmp_path):
+    """Replicas that failed to start or died keep their logs (their errors name them); of those whose dir is gone
+    the newest LOGS_KEPT stay, a running replica's (its dir is there) whatever its age."""
+    from thaw.snapshot.host import LOGS, LOGS_KEPT, prune_logs
+
+    names = [f"r-{i:02d}" for i in range(LOGS_KEPT + 5)]
+    for i, name in enumerate(names):
+        (tmp_path / LOGS / name).mkdir(parents=True)
+        (tmp_path / LOGS / name / "restore.log").write_text(name)
+        os.utime(tmp_path / LOGS / name, (1000 + i, 1000 + i))
+    (tmp_path / "replicas" / names[0]).mkdir(parents=True)  # the oldest still runs
+    prune_logs(tmp_path)
+    assert sorted(d.name for d in (tmp_path / LOGS).iterdir()) == [names[0]] + names[-LOGS_KEPT:]
 
 
 def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
