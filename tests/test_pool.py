@@ -529,71 +529,60 @@ def test_a_cancelled_pool_undeploys_and_a_deploy_while_undeploying_starts_afresh
         assert serving(cfg, "cx") == [] and not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url))
 
 
-def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg, worker, agent, thaw_cli, snap):
-    """Scale signals 1, 2, 3 that the pool reads in one workflow task (here: sent before any worker polls its
-    queue) place three replicas at once; replica N's signal time (P5's start) is that of the signal asking
-    for N replicas, not the last signal's."""
+@contextlib.contextmanager
+def pool_reading_at_once(cfg, thaw_cli, snap, name, signals):
+    """Deploy ``name`` (at most 3 replicas), then send ``signals`` (ScaleRequests) to its pool before any worker
+    polls its queue, so that it reads them in one workflow task; yields with that worker running, undeploys."""
     from temporalio.client import Client
 
     from conftest import running_worker
     from thaw.runtime.pool import deploy
     from thaw.runtime.worker import build_worker
-    from thaw.workflows.pool import DeploymentPool, PoolState, PoolSpec, ScaleRequest
+    from thaw.workflows.pool import DeploymentPool, PoolState, PoolSpec
 
     queue = cfg.model_copy(update={"build_task_queue": f"paused-{cfg.build_task_queue}"})
-    at = [int(time.time() * 1000) + i * 1000 for i in range(3)]
 
     async def go():
         client = await Client.connect(cfg.temporal_address)
-        spec, _ = await deploy(client, cfg, PoolSpec("burst", snap, max_replicas=3, cooldown_s=0))
-        await client.get_workflow_handle("pool-burst").signal(DeploymentPool.stop)  # its registry row stays
-        await client.get_workflow_handle("pool-burst").result()
-        handle = await client.start_workflow(DeploymentPool.run, PoolState(spec), id="pool-burst",
+        spec, _ = await deploy(client, cfg, PoolSpec(name, snap, max_replicas=3, cooldown_s=0))
+        await client.get_workflow_handle(f"pool-{name}").signal(DeploymentPool.stop)  # its registry row stays
+        await client.get_workflow_handle(f"pool-{name}").result()
+        handle = await client.start_workflow(DeploymentPool.run, PoolState(spec), id=f"pool-{name}",
                                              task_queue=queue.build_task_queue)  # no worker polls it yet
-        for i, t in enumerate(at):
-            await handle.signal(DeploymentPool.scale, ScaleRequest(i + 1, "test", t))
+        for req in signals:
+            await handle.signal(DeploymentPool.scale, req)
 
     asyncio.run(go())
     with running_worker(queue, lambda client, ex: build_worker(client, queue, ex)):
         try:
-            reps = wait_until(lambda: len(r := json.loads(thaw_cli("status", "burst", "--json").output)["replicas"])
-                              == 3 and r, what="3 replicas")
-            assert sorted(r["signal_ms"] for r in reps) == at, reps
+            yield
         finally:
-            undeploy(cfg, thaw_cli, "burst", ok=False)
+            undeploy(cfg, thaw_cli, name, ok=False)
+
+
+def test_each_replica_of_a_burst_is_timed_from_the_signal_that_asked_for_it(cfg, worker, agent, thaw_cli, snap):
+    """Scale signals 1, 2, 3 that the pool reads in one workflow task place three replicas at once; replica N's
+    signal time (P5's start) is that of the signal asking for N replicas, not the last signal's."""
+    from thaw.workflows.pool import ScaleRequest
+
+    at = [int(time.time() * 1000) + i * 1000 for i in range(3)]
+    with pool_reading_at_once(cfg, thaw_cli, snap, "burst", [ScaleRequest(i + 1, "test", t) for i, t in enumerate(at)]):
+        reps = wait_until(lambda: len(r := json.loads(thaw_cli("status", "burst", "--json").output)["replicas"])
+                          == 3 and r, what="3 replicas")
+        assert sorted(r["signal_ms"] for r in reps) == at, reps
 
 
 def test_an_at_least_signal_raises_the_pool_but_never_lowers_it(cfg, worker, agent, thaw_cli, snap):
     """The gateway asks for "at least" one replica when it sees none ready: `thaw scale NAME 3` just before,
     whose replicas still restore, must not come down to 1 (a plain scale(1) stopped two of them). Signals, in
     the order the pool reads them: at least 2 (from 0: raises), 3, at least 1 (keeps 3)."""
-    from temporalio.client import Client
+    from thaw.workflows.pool import ScaleRequest
 
-    from conftest import running_worker
-    from thaw.runtime.pool import deploy
-    from thaw.runtime.worker import build_worker
-    from thaw.workflows.pool import DeploymentPool, PoolState, PoolSpec, ScaleRequest
-
-    queue = cfg.model_copy(update={"build_task_queue": f"paused-{cfg.build_task_queue}"})
-
-    async def go():
-        client = await Client.connect(cfg.temporal_address)
-        spec, _ = await deploy(client, cfg, PoolSpec("atleast", snap, max_replicas=3, cooldown_s=0))
-        await client.get_workflow_handle("pool-atleast").signal(DeploymentPool.stop)  # its registry row stays
-        await client.get_workflow_handle("pool-atleast").result()
-        handle = await client.start_workflow(DeploymentPool.run, PoolState(spec), id="pool-atleast",
-                                             task_queue=queue.build_task_queue)  # no worker polls it yet
-        for n, at_least in ((2, True), (3, False), (1, True)):
-            await handle.signal(DeploymentPool.scale, ScaleRequest(n, "test", int(time.time() * 1000), at_least))
-
-    asyncio.run(go())
-    with running_worker(queue, lambda client, ex: build_worker(client, queue, ex)):
-        try:
-            wait_until(lambda: len(serving(cfg, "atleast")) == 3, what="3 replicas")
-            st = json.loads(thaw_cli("status", "atleast", "--json").output)
-            assert st["desired"] == 3, st
-        finally:
-            undeploy(cfg, thaw_cli, "atleast", ok=False)
+    now = int(time.time() * 1000)
+    with pool_reading_at_once(cfg, thaw_cli, snap, "atleast", [ScaleRequest(n, "test", now, at_least) for n, at_least
+                                                               in ((2, True), (3, False), (1, True))]):
+        wait_until(lambda: len(serving(cfg, "atleast")) == 3, what="3 replicas")
+        assert json.loads(thaw_cli("status", "atleast", "--json").output)["desired"] == 3
 
 
 class SlowHostChecks:
