@@ -159,8 +159,8 @@ class Running:
         self.root.cleanup()
         if self.record:
             shutil.rmtree(self.record.parent, ignore_errors=True)
-        if self.logs and not self.keep_logs:
-            shutil.rmtree(self.logs, ignore_errors=True)
+        if self.logs:
+            _end_logs(self.logs, self.keep_logs)
 
     def _stop_once_gone(self) -> None:
         self.replica.proc.wait()
@@ -237,9 +237,18 @@ def cleanup_stale(work_dir: Path) -> int:
     return n
 
 
+def _end_logs(logs: Path, keep: bool) -> None:
+    """A replica's log dir when it ends: removed, or kept and dated now (prune_logs keeps the newest)."""
+    if not keep:
+        shutil.rmtree(logs, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        os.utime(logs)
+
+
 def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
     """Remove the log dirs of ended replicas (no dir under ``<work>/replicas`` any more: they failed to start,
-    died, or their agent did) but the newest ``keep``. A replica stopped plainly took its logs with it."""
+    died, or their agent did) but the ``keep`` that ended last. A replica stopped plainly took its logs with it."""
     ended = []
     for d in (work_dir / LOGS).iterdir() if (work_dir / LOGS).is_dir() else []:
         with contextlib.suppress(FileNotFoundError):  # pruned by another start meanwhile
@@ -270,11 +279,13 @@ def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float
         raise SnapshotError(str(e)) from None
 
 
-def after_restore(replica: criu.Replica, port: int, env: dict[str, str], rid: str | None = None) -> None:
-    """The after-restore hook: optional for a server without the SDK unless there is env to deliver; a failing
-    callback of the SDK (HookFailed) is always an error."""
+def after_restore(replica: criu.Replica, port: int, env: dict[str, str], rid: str | None = None,
+                  optional_env: dict[str, str] | None = None) -> None:
+    """The after-restore hook, delivering ``env`` and ``optional_env``: optional for a server without the SDK
+    unless ``env`` (secrets, a deployment's env) has something to deliver; a failing callback of the SDK
+    (HookFailed) is always an error."""
     try:
-        criu.after_restore(replica, port, env, rid)
+        criu.after_restore(replica, port, {**env, **(optional_env or {})}, rid)
     except criu.ReplicaError as e:
         if env or isinstance(e, criu.HookFailed):
             raise
@@ -458,7 +469,8 @@ class HostSnapshots:
             finally:
                 self.give_gpu(slot)
                 root.cleanup()
-                shutil.rmtree(work, ignore_errors=True)  # its logs stay (the error names them)
+                shutil.rmtree(work, ignore_errors=True)
+                _end_logs(logs, keep=True)  # the error names them
             raise
 
     def close(self) -> None:
@@ -523,13 +535,19 @@ class HostSnapshots:
                                 f"`thaw secrets set NAME` first")
         return {n: values[n] for n in names}
 
-    def _replica_dir(self, rid: str) -> tuple[Path, Path]:
-        """A replica's dir and its log dir (which outlives it if it fails to start or dies: see prune_logs)."""
+    def _replica_root(self, rid: str, image_root: Path) -> tuple[Path, Path, criu.Root]:
+        """A new replica's dir, its log dir (which outlives it if it fails to start or dies: see prune_logs) and
+        its root; nothing of them stays if the root cannot be made."""
         prune_logs(self.cfg.work_dir)
         d, logs = self.cfg.work_dir / "replicas" / rid, self.cfg.work_dir / LOGS / rid
         d.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
-        return d, logs
+        try:
+            return d, logs, self._root(image_root, d / "rw")
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(logs, ignore_errors=True)
+            raise
 
     # -- build --------------------------------------------------------------------------------------
     def _build_dir(self, build_id: str) -> Path:
@@ -717,8 +735,7 @@ class HostSnapshots:
             return replica
 
         try:
-            work, logs = self._replica_dir(rid)
-            root = self._root(lower, work / "rw")
+            work, logs, root = self._replica_root(rid, lower)
             slot = self.take_gpu(snap["host_facts"])
             st.mark("root")
             replica, running = self._own(rid, start, root, spec["port"], work, logs, slot)
@@ -728,9 +745,9 @@ class HostSnapshots:
             raise
         try:
             self._restore_gpu(snap, replica, st, slot)
-            # a process moved to another GPU starts its children on that one
-            after_restore(replica, spec["port"], env if slot is None else
-                          {**env, "CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]}, rid)
+            # a process moved to another GPU starts its children on that one (if it takes the hook)
+            after_restore(replica, spec["port"], env, rid,
+                          None if slot is None else {"CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]})
             st.mark("hooks")
             replica.wait_healthy(spec["port"], spec["health"], timeout=60)
             st.mark("health")
@@ -765,8 +782,7 @@ class HostSnapshots:
             st.mark("fetch")
             # not the dirs of a failed restore of the same id: a restored process that outlived its SIGKILL is
             # stopped once gone, and that stop unmounts its root, removes its dir
-            work, logs = self._replica_dir(f"{rid}.cold")
-            root = self._root(lower, work / "rw")
+            work, logs, root = self._replica_root(f"{rid}.cold", lower)
             slot = self.take_gpu()
             st.mark("root")
             replica, running = self._own(rid, lambda: self._launch(root, spec, {**spec["env"], **env},

@@ -200,7 +200,7 @@ def _hook_failed(replica: Replica, path: str, status: int, resp: bytes) -> HookF
         return None
     if f"in a callback of {path}" not in error:
         return None
-    return HookFailed(f"replica {replica.pid}: POST {path} answered {status}: {error}")
+    return HookFailed(f"replica {replica.pid}: POST {path} answered {status}: {error}; log {replica.log_path}")
 
 
 def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) -> bool:

@@ -24,6 +24,7 @@ from thaw.snapshot import (CriuError, HookFailed, Incompatible, ReplicaError, af
                            checkpoint, compat_key, criu_check, host_facts, launch, prepare_root, require, restore)
 from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
+from thaw.snapshot.host import after_restore as host_after_restore
 
 _skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_check()
 needs_criu = pytest.mark.skipif(_skip is not None, reason=f"CRIU unusable here: {_skip}")
@@ -359,13 +360,21 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_i
                 with pytest.raises(HookFailed, match="RuntimeError in a callback of /thaw/before-snapshot") as e:
                     before_snapshot(replica, PORT)
                 assert "\n" not in str(e.value) and "cannot get ready" not in str(e.value)  # the type, not the text
+                assert f"; log {replica.log_path}" in str(e.value)  # where the callback's traceback is
                 with pytest.raises(HookFailed, match="RuntimeError in a callback of /thaw/after-restore"):
                     after_restore(replica, PORT, {})
+                with pytest.raises(HookFailed):  # the host's rule: with nothing to deliver, still an error
+                    host_after_restore(replica, PORT, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
             else:
                 assert before_snapshot(replica, PORT) is False
-                with pytest.raises(ReplicaError) as e:  # the host ignores this one when it has no env to deliver
+                with pytest.raises(ReplicaError) as e:
                     after_restore(replica, PORT, {})
                 assert not isinstance(e.value, HookFailed)
+                # the host's rule: ignored unless there is env to deliver (the GPU a replica moved to is not:
+                # every GPU restore of a server without the SDK failed when it was)
+                host_after_restore(replica, PORT, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
+                with pytest.raises(ReplicaError):
+                    host_after_restore(replica, PORT, {"API_KEY": SECRET})
         finally:
             replica.stop()
 

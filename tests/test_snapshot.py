@@ -846,7 +846,7 @@ def test_an_agent_start_drops_the_dirs_of_ended_builds(cfg):
 def test_the_logs_of_the_last_ended_replicas_are_kept(tmp_path):
     """Replicas that failed to start or died keep their logs (their errors name them); of those whose dir is gone
     the newest LOGS_KEPT stay, a running replica's (its dir is there) whatever its age."""
-    from thaw.snapshot.host import LOGS, LOGS_KEPT, prune_logs
+    from thaw.snapshot.host import LOGS, LOGS_KEPT, _end_logs, prune_logs
 
     names = [f"r-{i:02d}" for i in range(LOGS_KEPT + 5)]
     for i, name in enumerate(names):
@@ -856,6 +856,25 @@ def test_the_logs_of_the_last_ended_replicas_are_kept(tmp_path):
     (tmp_path / "replicas" / names[0]).mkdir(parents=True)  # the oldest still runs
     prune_logs(tmp_path)
     assert sorted(d.name for d in (tmp_path / LOGS).iterdir()) == [names[0]] + names[-LOGS_KEPT:]
+    # a replica that ran long ends now: its logs are the newest, whenever it started
+    (tmp_path / "replicas" / names[0]).rmdir()
+    _end_logs(tmp_path / LOGS / names[0], keep=True)
+    prune_logs(tmp_path)
+    assert sorted(d.name for d in (tmp_path / LOGS).iterdir()) == [names[0]] + names[-LOGS_KEPT + 1:]
+
+
+def test_a_replica_whose_root_cannot_be_made_leaves_no_dirs(cfg):
+    """An image whose tree is gone (its mount daemon died, say): the replica's dir and log dir go with the error,
+    or they would stay until the agent restarts (a dir under replicas/ marks its logs as a live replica's)."""
+    from thaw.snapshot.host import LOGS, HostSnapshots
+
+    host = HostSnapshots(cfg)
+    try:
+        with pytest.raises(FileNotFoundError, match="is not a directory"):
+            host._replica_root("r-noroot", cfg.work_dir / "no-such-image")
+    finally:
+        host.close()
+    assert not (cfg.work_dir / "replicas" / "r-noroot").exists() and not (cfg.work_dir / LOGS / "r-noroot").exists()
 
 
 def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
