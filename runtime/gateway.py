@@ -29,9 +29,10 @@
   previous), i.e. never scale down while panicking. It scales to zero only when the whole stable window saw
   no traffic and there was none for ``scale_to_zero_grace_s``. Desired is clamped to [min, max] and
   ``Backends.scale`` is called only when it changes (a failed call is retried the next tick). A gateway adopts
-  the replicas ready at its start and scales nothing down in its first stable window. With no replica ready,
-  or in that first window, it asks for "at least" N: it cannot see replicas still restoring (`thaw scale NAME 3`
-  just before), and a plain N would stop them. Its next other count is said plainly.
+  the replicas ready at its start and scales nothing down in its first stable window. A scale-up asks for "at
+  least" N: the gateway cannot see replicas still restoring (`thaw scale NAME 4` just before), and a plain N
+  would stop them; a scale-down says N. After an "at least", once more replicas are ready than it wants (past
+  its first window, not panicking), it says its count again, plainly.
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
   Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
@@ -254,6 +255,7 @@ class Gateway:
         self._body_bytes = 0                          # bodies being read, held or in flight (kept for re-sends)
         self._rr = 0
         self._signaled: int | None = None             # last replica count Backends.scale accepted
+        self._signaled_loose = False                  # ... as "at least" (the pool may run more)
         self._signaled_at = time.monotonic()          # ... and when
         self._scale_error: str | None = None          # why the last scale signal failed (None: it did not)
         self._scale_lock: asyncio.Lock | None = None
@@ -326,6 +328,7 @@ class Gateway:
             "ready": len(self._endpoints),
             "desired": a.desired,
             "signaled": self._signaled,
+            "signaled_at_least": self._signaled_loose,
             "panic": a.panicking,
             "stable_avg": round(a.stable_avg, 4),
             "panic_avg": round(a.panic_avg, 4),
@@ -554,7 +557,7 @@ class Gateway:
     async def _sync_scale(self) -> None:
         async with self._scale_lock:
             want, d = self.autoscaler.desired, self.last_decision
-            if want == self._signaled or (want == 0 and self._conc):  # a request came since the tick chose zero:
+            if not self._unsaid(want) or (want == 0 and self._conc):  # a request came since the tick chose zero:
                 return  # the pool would stop its replica under it (the next tick decides again)
             reason = d.reason if d else "autoscaler"
             kind = d.kind if d else "stable"
@@ -570,14 +573,20 @@ class Gateway:
             self._scale_error = None
             log.info("gateway %s: scale %s -> %s%d (%s)", self.deployment, self._signaled,
                      "at least " if at_least else "", want, reason)
-            self._signaled, self._signaled_at = want, time.monotonic()
+            self._signaled, self._signaled_loose, self._signaled_at = want, at_least, time.monotonic()
             self._m_scale.labels(self.deployment, kind).inc()
 
     def _at_least(self, want: int) -> bool:
-        """Whether a scale signal for ``want`` replicas should be "at least": with no replica ready, or in the
-        gateway's first stable window, it has not seen all the pool runs (a replica is listed once it serves),
-        and a scale-up then must not stop replicas on their way (`thaw scale NAME 3` just before)."""
-        return want > 0 and (not self._endpoints or self.autoscaler.warming(time.monotonic()))
+        """Whether a scale signal for ``want`` replicas is "at least": a scale-up is. The gateway does not see
+        replicas still restoring (a replica is listed once it serves), and its scale-up must not stop them."""
+        return want > (self._signaled or 0)
+
+    def _unsaid(self, want: int) -> bool:
+        """Whether the pool is to hear ``want``: another count than the last one said, or the same one said as
+        "at least" while more replicas are ready than that (past the first window, not panicking)."""
+        a = self.autoscaler
+        return want != self._signaled or (self._signaled_loose and len(self._endpoints) > want
+                                          and not a.warming(time.monotonic()) and not a.panicking)
 
     # ------------------------------------------------------------------------------------ autoscale
 
@@ -601,7 +610,7 @@ class Gateway:
         self.last_decision = d
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}
-        if (d.desired != self._signaled and not self._scale_lock.locked()  # one in flight: the next tick looks again
+        if (self._unsaid(d.desired) and not self._scale_lock.locked()  # one in flight: the next tick looks again
                 and (d.desired > (self._signaled or 0) or not self.autoscaler.warming(now))):
             self._spawn(self._sync_scale())  # not awaited: a slow Temporal must not stop the ticks (KEDA's numbers)
         return d

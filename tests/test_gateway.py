@@ -233,6 +233,44 @@ def test_held_at_zero_until_first_replica():
     asyncio.run(main())
 
 
+def test_a_scale_up_is_at_least_and_the_count_is_said_plainly_once_more_replicas_are_ready():
+    """The gateway's scale-ups ask for "at least" N: the pool may be restoring more than it sees (`thaw scale
+    NAME 3` just before a request arrives at zero). Once those are ready and its first window is over, its own
+    count (1 here) is said plainly, once: the pool would otherwise keep 3 for as long as the count stays 1."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, scale_to_zero_grace_s=30) as (gw, url, client):
+            task = asyncio.ensure_future(post(client, url))
+            await asyncio.sleep(0.3)
+            for name in ("r0", "r1", "r2"):  # what `thaw scale NAME 3` was restoring
+                await backends.add(name)
+            assert (await task)[0] == 200
+            assert [(n, a) for (_, n, _), a in zip(backends.scales, backends.at_least)] == [(1, True)]
+            while time.monotonic() - gw.autoscaler.since < gw.autoscaler.stable_window_s + 1.0:
+                await asyncio.sleep(0.1)
+            assert [(n, a) for (_, n, _), a in zip(backends.scales, backends.at_least)] == [(1, True), (1, False)]
+            assert backends.scales[1][0] - gw.autoscaler.since >= gw.autoscaler.stable_window_s - 0.2
+            assert gw.state()["signaled_at_least"] is False
+    asyncio.run(main())
+
+
+def test_a_scale_up_with_replicas_ready_is_at_least_too():
+    """Past its first window, with a replica ready: the burst's scale-ups still ask for "at least" (the pool may be
+    restoring more, for a burst an operator saw coming); a plain count would stop those."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.5),), scale_to_zero_grace_s=30) as (gw, url, client):
+            while gw.autoscaler.warming(time.monotonic()):
+                await asyncio.sleep(0.1)
+            assert backends.scales == []
+            burst = [asyncio.ensure_future(post(client, url)) for _ in range(8)]
+            while not backends.scales:
+                await asyncio.sleep(0.05)
+            assert backends.scales[0][1] > 1 and backends.at_least[0] is True, (backends.scales, backends.at_least)
+            assert all(status == 200 for status, _ in await asyncio.gather(*burst))
+    asyncio.run(main())
+
+
 def test_a_held_request_asks_again_when_the_pool_was_scaled_down_behind_the_gateway():
     """The gateway asked for 1 replica; the pool was then scaled to 0 another way (`thaw scale NAME 0`, an
     undeploy and deploy), so none comes. Requests held with no replica send the scale signal again every

@@ -179,7 +179,7 @@ class DeploymentPool:
         if self.s.stopping:  # undeploying: every replica goes
             return
         sp = self.s.spec
-        n = max(req.replicas, self.s.desired) if req.at_least else req.replicas
+        n = max(req.replicas, self.s.desired) if req.at_least and workflow.patched("scale-at-least") else req.replicas
         self.s.desired = max(sp.min_replicas, min(sp.max_replicas, n))
         self.s.last_signal = req
         # a replica is timed from the first signal that asked for it (a burst of 1, 2, ... 8 is 8 signals);
