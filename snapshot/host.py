@@ -456,7 +456,8 @@ class HostSnapshots:
     def _own(self, rid: str, start: Callable[[], criu.Replica], root: criu.Root, port: int, work: Path,
              logs: Path, slot: int | None) -> tuple[criu.Replica, Running]:
         """Start a replica process on ``root`` (a restore or a launch) and record it as this host's. If either
-        fails, nothing stays: not the process (nobody would own it), its GPU loan or its root."""
+        fails, nothing stays: not the process (nobody would own it), its GPU loan, its root or its dir; only its
+        logs (the error names them)."""
         replica = None
         try:
             replica = start()

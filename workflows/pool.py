@@ -49,7 +49,7 @@ class ScaleRequest:
     replicas: int
     source: str = "signal"  # cli | api | temporal | gateway | keda
     at_ms: int = 0  # sender's wall clock (ms since epoch): signal → restore-start latency
-    at_least: bool = False  # raise to ``replicas`` but never lower (the gateway's ask for a replica to serve)
+    at_least: bool = False  # raise to ``replicas`` but never lower (the gateway's scale-ups)
 
 
 @dataclass
