@@ -611,7 +611,7 @@ class Gateway:
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}
         if (self._unsaid(d.desired) and not self._scale_lock.locked()  # one in flight: the next tick looks again
-                and (d.desired > (self._signaled or 0) or not self.autoscaler.warming(now))):
+                and (self._at_least(d.desired) or not self.autoscaler.warming(now))):  # first window: ups only
             self._spawn(self._sync_scale())  # not awaited: a slow Temporal must not stop the ticks (KEDA's numbers)
         return d
 

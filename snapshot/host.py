@@ -238,20 +238,23 @@ def cleanup_stale(work_dir: Path) -> int:
 
 
 def _end_logs(logs: Path, keep: bool) -> None:
-    """A replica's log dir when it ends: removed, or kept and dated now (prune_logs keeps the newest)."""
+    """A replica's log dir (``<work>/LOGS/<id>``) when it ends: removed, or kept, dated now, and the oldest kept
+    beyond LOGS_KEPT pruned."""
     if not keep:
         shutil.rmtree(logs, ignore_errors=True)
         return
     with contextlib.suppress(OSError):
         os.utime(logs)
+    prune_logs(logs.parent.parent)
 
 
 def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
     """Remove the log dirs of ended replicas (no dir under ``<work>/replicas`` any more: they failed to start,
-    died, or their agent did) but the ``keep`` that ended last. A replica stopped plainly took its logs with it."""
+    died, or their agent did) but the ``keep`` that ended last (at each kept end and agent start). A replica
+    stopped plainly took its logs with it."""
     ended = []
     for d in (work_dir / LOGS).iterdir() if (work_dir / LOGS).is_dir() else []:
-        with contextlib.suppress(FileNotFoundError):  # pruned by another start meanwhile
+        with contextlib.suppress(FileNotFoundError):  # pruned by another replica's end meanwhile
             if not (work_dir / "replicas" / d.name).exists():
                 ended.append((d.stat().st_mtime, d))
     for _, d in sorted(ended, reverse=True)[keep:]:
@@ -539,7 +542,6 @@ class HostSnapshots:
     def _replica_root(self, rid: str, image_root: Path) -> tuple[Path, Path, criu.Root]:
         """A new replica's dir, its log dir (which outlives it if it fails to start or dies: see prune_logs) and
         its root; nothing of them stays if the root cannot be made."""
-        prune_logs(self.cfg.work_dir)
         d, logs = self.cfg.work_dir / "replicas" / rid, self.cfg.work_dir / LOGS / rid
         d.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
