@@ -24,7 +24,7 @@ from thaw.registry.models import Replica, RestoreEvent
 from thaw.runtime import metrics
 from thaw.registry.queries import NotFound
 from thaw.snapshot import compat, criu, cuda
-from thaw.snapshot.host import HostSnapshots, Running, SnapshotError, breakdown
+from thaw.snapshot.host import LOGS_KEPT, HostSnapshots, Running, SnapshotError, breakdown, ended_logs
 from thaw.workflows.build_snapshot import (
     CheckpointInput, CheckpointResult, ReplicaLogInput, ReplicaResult, RestorePlan, RestoreResult, StoredSnapshot,
     VerifyInput, VerifyResult)
@@ -272,9 +272,14 @@ class HostActivities:
     @host_errors_fail_fast
     def replica_log(self, inp: ReplicaLogInput) -> str:
         running = self.serving.get(inp.replica_id)
-        if running is None:
-            raise NotFound(f"replica {inp.replica_id} is not served by host {self.cfg.host_id} (any more)")
-        return running.replica.log_tail(inp.max_bytes)
+        if running is not None:
+            return running.replica.log_tail(inp.max_bytes)
+        text = ended_logs(self.cfg.work_dir, inp.replica_id, inp.max_bytes)
+        if text is None:
+            raise NotFound(f"replica {inp.replica_id} is not served by host {self.cfg.host_id}, and left no logs "
+                           f"there (a replica stopped plainly takes its logs; of those that failed to start or died, "
+                           f"the {LOGS_KEPT} that ended last keep theirs)")
+        return text
 
     def reap(self) -> list[str]:
         """Stop and unregister the serving replicas whose process died on its own (its pool then replaces it);

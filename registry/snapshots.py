@@ -117,6 +117,7 @@ def record_restore(url: str, event: RestoreEvent) -> RestoreEvent:
         return event
 
 
-def restores(url: str, snapshot_digest: str | None = None, limit: int | None = None) -> list[RestoreEvent]:
-    return queries.newest_first(url, RestoreEvent, limit,
-                                **({"snapshot_digest": snapshot_digest} if snapshot_digest else {}))
+def restores(url: str, snapshot_digest: str | None = None, limit: int | None = None, replica: str | None = None
+             ) -> list[RestoreEvent]:
+    where = {"snapshot_digest": snapshot_digest, "replica": replica}
+    return queries.newest_first(url, RestoreEvent, limit, **{k: v for k, v in where.items() if v})

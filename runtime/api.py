@@ -1,6 +1,7 @@
 """HTTP control API (aiohttp): scale and inspect deployments with a bearer token; Prometheus /metrics.
 
-    POST /v1/deployments/{name}/scale   {"replicas": N}     -> 202 {"deployment", "replicas"}
+    POST /v1/deployments/{name}/scale   {"replicas": N}     -> 202 {"deployment", "replicas", "kept"}
+                                                               (409: undeploying, the scale was dropped)
     GET  /v1/deployments                                     -> [{name, snapshot, min, max, buffer}]
     GET  /v1/deployments/{name}                              -> the pool's state
     GET  /metrics                                            -> Prometheus text (no token)
@@ -85,6 +86,8 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
             resp = _error(404, str(e))
         except pool.PoolUnreachable as e:  # Temporal down or slow: the deployment may well exist
             resp = _error(503, str(e))
+        except pool.Undeploying as e:
+            resp = _error(409, str(e))
         calls.labels(route, str(resp.status)).inc()
         return resp
 
@@ -97,7 +100,7 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
             return _error(400, 'expected a JSON body {"replicas": N} with N a whole number >= 0')
         name = request.match_info["name"]
         dep = await asyncio.to_thread(deployments.get, cfg.registry_url, name)
-        await pool.scale(client, name, replicas, "api")
+        await pool.scale(client, name, replicas, "api", report_dropped=True)
         return web.json_response({"deployment": name, "replicas": replicas, "kept": pool.bounded(dep, replicas)},
                                  status=202)
 

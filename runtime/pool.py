@@ -82,6 +82,10 @@ class PoolUnreachable(RuntimeError):
     """Temporal did not answer about a pool (unavailable, timed out): unlike NotFound, the pool may well run."""
 
 
+class Undeploying(RuntimeError):
+    """The pool is undeploying: it drops scale signals."""
+
+
 def _no_pool(name: str, e: RPCError, hint: str = "") -> Exception:
     if e.status == RPCStatusCode.NOT_FOUND:
         return NotFound(f"deployment {name!r} has no running pool ({e.message}){hint}")
@@ -105,13 +109,19 @@ def bounded(dep: Deployment, replicas: int) -> int:
     return max(dep.min_replicas, min(dep.max_replicas, replicas))
 
 
-async def scale(client: Client, name: str, replicas: int, source: str, at_least: bool = False) -> None:
-    """Signal deployment ``name``'s pool to run ``replicas`` replicas (``at_least``: or more, if it wants more)."""
+async def scale(client: Client, name: str, replicas: int, source: str, at_least: bool = False,
+                report_dropped: bool = False) -> None:
+    """Signal deployment ``name``'s pool to run ``replicas`` replicas (``at_least``: or more, if it wants more).
+    ``report_dropped`` (a person's one-off call, not the gateway's or KEDA's stream): then ask the pool whether it
+    is undeploying, which drops the signal, and raise Undeploying if so (the signal's time is taken before)."""
     if replicas < 0:
         raise NotFound(f"replicas must be >= 0 (got {replicas})")
+    handle = client.get_workflow_handle(workflow_id(name))
     try:
-        await client.get_workflow_handle(workflow_id(name)).signal(
-            DeploymentPool.scale, ScaleRequest(replicas, source, int(time.time() * 1000), at_least))
+        await handle.signal(DeploymentPool.scale, ScaleRequest(replicas, source, int(time.time() * 1000), at_least))
+        if report_dropped and (await handle.query(DeploymentPool.state)).stopping:
+            raise Undeploying(f"deployment {name!r} is undeploying: this scale was dropped (a `thaw deploy` starts "
+                              f"its pool afresh once the undeploy ends)")
     except RPCError as e:
         raise _no_pool(name, e, "; `thaw deploy` it first") from None
 

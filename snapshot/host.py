@@ -36,7 +36,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder
 from .pin import Pins
-from .replica import golden_answer as replica_golden_answer
+from .replica import golden_answer as replica_golden_answer, tail
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -259,6 +259,16 @@ def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
                 ended.append((d.stat().st_mtime, d))
     for _, d in sorted(ended, reverse=True)[keep:]:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def ended_logs(work_dir: Path, rid: str, n: int) -> str | None:
+    """The end (``n`` bytes of each) of the logs replica ``rid`` left on this host: those of a failed start (its
+    restore's, its fallback cold boot's) or of a replica that died, each headed ``==> path <==`` as tail heads
+    them; None when it left none."""
+    if not BUILD_ID.fullmatch(rid):
+        raise SnapshotError(f"replica id {rid!r}: {BUILD_ID_RULE}")
+    files = [p for d in (rid, f"{rid}.cold") for p in sorted((work_dir / LOGS / d).glob("*")) if p.is_file()]
+    return "\n\n".join(f"==> {p} <==\n{tail(p, n)}" for p in files) or None
 
 
 def release_dead(cfg: Config) -> None:

@@ -103,7 +103,7 @@ class Replica:
         self.stop()
 
     def log_tail(self, n: int = 2000) -> str:
-        return _tail(self.log_path, n)
+        return tail(self.log_path, n)
 
     # --- the replica's network namespace -------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ class Replica:
                 beat()
             if not self.alive():
                 raise ReplicaError(f"replica {self.pid} exited with code {self.proc.returncode} before "
-                                   f"{paths[0]} answered; log {self.log_path}: {_tail(self.log_path)!r}")
+                                   f"{paths[0]} answered; log {self.log_path}: {tail(self.log_path)!r}")
             try:
                 wait = max(0.1, min(2.0, deadline - time.monotonic()))
                 status, body = self.http_request("GET", paths[0], port=port, timeout=wait)
@@ -169,7 +169,7 @@ class Replica:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
                 raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} not 200 after {timeout:g}s "
-                                   f"({last}); log {self.log_path}: {_tail(self.log_path, 300)!r}")
+                                   f"({last}); log {self.log_path}: {tail(self.log_path, 300)!r}")
             time.sleep(0.02)
 
 
@@ -314,7 +314,7 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
                     return replica
                 elif kind == "error":
                     raise ReplicaError(f"launch of {argv[0]!r} in {where} failed: {arg}")
-        why = " ".join(proc.stderr.read().decode(errors="replace").split()) or _tail(log_path)
+        why = " ".join(proc.stderr.read().decode(errors="replace").split()) or tail(log_path)
         raise ReplicaError(f"launch of {argv[0]!r} in {where} failed (exit {proc.wait()}): {why}; log {log_path}")
     except BaseException as e:
         if replica:
@@ -344,7 +344,8 @@ def _lines(f, proc: subprocess.Popen, timeout: float):
             yield line.decode(errors="replace")
 
 
-def _tail(path: Path, n: int = 500) -> str:
+def tail(path: Path, n: int = 500) -> str:
+    """The last ``n`` bytes of a log file, stripped ("" when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - n))

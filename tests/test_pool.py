@@ -371,6 +371,14 @@ def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, th
                          what="replacement replica")
         assert first.id not in agent.serving and answer(new[0].endpoint)["digest"]
         assert (cfg.work_dir / "replica-logs" / first.id / "restore.log").exists(), "a dead replica's logs stay"
+        out = thaw_cli("replicas", "logs", first.id).output  # its host found from its recorded restore
+        assert f"/replica-logs/{first.id}/restore.log <==" in out and f"after restore {first.id}" in out, out
+        res = thaw_cli("replicas", "logs", "r-never", ok=False)
+        assert res.exit_code == 1 and "no replica 'r-never' serving or recorded" in res.output, res.output
+        res = thaw_cli("replicas", "logs", "r-never", "--host", cfg.host_id, ok=False)
+        assert res.exit_code == 1 and "left no logs there" in res.output, res.output
+        res = thaw_cli("replicas", "logs", "../replicas", "--host", cfg.host_id, ok=False)
+        assert res.exit_code == 1 and "replica id '../replicas'" in res.output, res.output
         st = json.loads(thaw_cli("status", "phoenix", "--json").output)
         assert st["counts"]["gone"] == 1 and [r["id"] for r in st["replicas"]] == [new[0].id], st
     finally:
@@ -527,6 +535,24 @@ def test_a_cancelled_pool_undeploys_and_a_deploy_while_undeploying_starts_afresh
         thaw_cli("undeploy", "cx")  # and a cancel on top, while it undeploys: still everything goes
         run(lambda c: cancel(c, scale_first=False))
         assert serving(cfg, "cx") == [] and not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url))
+
+
+def test_a_scale_during_an_undeploy_says_it_was_dropped(cfg, worker, agent, thaw_cli, snap, api, monkeypatch):
+    """An undeploying pool drops scale signals: `thaw scale` and the control API say so (exit 1, 409) instead of
+    "requested"; once the pool has ended, a scale finds no pool."""
+    thaw_cli("deploy", "bye", "--snapshot", snap, "--min", "1", "--max", "2", "--buffer", "0")
+    wait_until(lambda: serving(cfg, "bye"), what="1 replica")
+    monkeypatch.setattr(agent, "_drain", lambda rid: time.sleep(4))  # the undeploy's stop takes a while
+    thaw_cli("undeploy", "bye")
+    wait_until(lambda: json.loads(thaw_cli("status", "bye", "--json").output)["stopping"], what="undeploying")
+    res = thaw_cli("scale", "bye", "2", ok=False)
+    assert res.exit_code == 1 and "deployment 'bye' is undeploying: this scale was dropped" in res.output, res.output
+    url, token = api
+    status, body = api_call(url, "/v1/deployments/bye/scale", token, {"replicas": 2})
+    assert status == 409 and "undeploying" in body["error"], (status, body)
+    assert json.loads(thaw_cli("status", "bye", "--json").output)["last_signal"] is None, "the pool took neither"
+    wait_until(lambda: "no running pool" in thaw_cli("scale", "bye", "1", ok=False).output, 30, "the pool's end")
+    assert serving(cfg, "bye") == []
 
 
 @contextlib.contextmanager
@@ -699,8 +725,12 @@ def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it
                                                                            ScaleRequest(1, "test", at))
     try:
         asyncio.run(signal(first))
-        wait_until(lambda: json.loads(thaw_cli("status", "late", "--json").output)["counts"].get("failed"),
-                   what="a failed start")
+        st = wait_until(lambda: (st := json.loads(thaw_cli("status", "late", "--json").output))["failures"] and st,
+                        what="a failed start")
+        (failure,) = st["failures"][:1]  # why, where, which replica: `thaw status` shows it
+        assert st["counts"]["failed"] >= 1 and failure["host_id"] == cfg.host_id, st
+        assert failure["replica"].startswith("r-") and "LATE_KEY not set" in failure["error"], failure
+        assert f"failed     {failure['replica']} on {cfg.host_id} at " in thaw_cli("status", "late").output
         asyncio.run(signal(first + 1000))  # during the backoff: asks for nothing new
         thaw_cli("secrets", "set", "LATE_KEY", "--value", "k")
         (rep,) = wait_until(lambda: json.loads(thaw_cli("status", "late", "--json").output)["replicas"],

@@ -248,6 +248,8 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     failed = Path(named).parent  # the failed restore's (its fallback is another replica)
     assert failed.parent == cfg.work_dir / "replica-logs" and "Error" in Path(named).read_text()
     assert not (cfg.work_dir / "replicas" / failed.name).exists(), "the failed restore's own dir is gone"
+    out = thaw_cli("replicas", "logs", failed.name, "--host", cfg.host_id).output  # read through its host's agent
+    assert f"==> {named} <==" in out and "Error" in out
 
     # a snapshot tree that cannot be mounted (its daemon failed) is one more reason to cold-boot, not a failure
     from thaw.imagefs.mount import MountError
@@ -861,6 +863,28 @@ def test_the_logs_of_the_last_ended_replicas_are_kept(tmp_path):
     _end_logs(tmp_path / LOGS / names[0], keep=True)
     prune_logs(tmp_path)
     assert sorted(d.name for d in (tmp_path / LOGS).iterdir()) == [names[0]] + names[-LOGS_KEPT + 1:]
+
+
+def test_the_logs_an_ended_replica_left_are_read_with_their_paths(tmp_path):
+    """What `thaw replicas logs` shows of a replica that is not serving: the end of each log its failed restore
+    and its fallback cold boot (``<id>.cold``) left, headed by its path; nothing for an id that left none, and
+    no id that is a path."""
+    from thaw.snapshot.host import LOGS, SnapshotError, ended_logs
+
+    (tmp_path / LOGS / "r-1").mkdir(parents=True)
+    (tmp_path / LOGS / "r-1.cold").mkdir()
+    (tmp_path / LOGS / "r-1" / "restore.criu-restore.log").write_text("x" * 5000 + "Error (criu/cr-restore.c)\n")
+    (tmp_path / LOGS / "r-1.cold" / "launch.log").write_text("Traceback: ModuleNotFoundError: torch\n")
+    (tmp_path / LOGS / "r-10").mkdir()
+    (tmp_path / LOGS / "r-10" / "restore.log").write_text("another replica's")
+    text = ended_logs(tmp_path, "r-1", 100)
+    assert text == (f"==> {tmp_path / LOGS / 'r-1' / 'restore.criu-restore.log'} <==\n"
+                    f"{'x' * 74}Error (criu/cr-restore.c)\n\n"
+                    f"==> {tmp_path / LOGS / 'r-1.cold' / 'launch.log'} <==\nTraceback: ModuleNotFoundError: torch")
+    assert ended_logs(tmp_path, "r-2", 100) is None
+    for bad in ("../r-1", "r-1/..", ".", "..", "/etc"):
+        with pytest.raises(SnapshotError, match="replica id"):
+            ended_logs(tmp_path, bad, 100)
 
 
 def test_a_replica_whose_root_cannot_be_made_leaves_no_dirs(cfg):

@@ -120,7 +120,7 @@ def down(cfg):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def status(cfg, name, as_json):
-    """What runs and where; with NAME, that deployment's replicas, hosts, buffer and recent restores."""
+    """What runs and where; with NAME, that deployment's replicas, hosts, buffer, recent restores and failed starts."""
     from .stack import status as stack_status
 
     if name:
@@ -653,10 +653,15 @@ def _replica_hosts(cfg, ids) -> list:
         r = rows.get(rid)
         if r is None:
             _fail(f"no replica {rid!r} serving (see `thaw replicas ls`)")
-        if r.host_id not in live:
-            _fail(f"replica {rid}: the agent of host {r.host_id} is down; a restarted agent stops what it left running")
-        out.append((r, live[r.host_id].task_queue))
+        out.append((r, _agent_queue(live, rid, r.host_id, "a restarted agent stops what it left running")))
     return out
+
+
+def _agent_queue(live: dict, rid: str, host_id: str, then: str) -> str:
+    """The task queue of ``host_id``'s agent, where it is live (``live``: id -> host); a one-line failure else."""
+    if host_id not in live:
+        _fail(f"replica {rid}: the agent of host {host_id} is down; {then}")
+    return live[host_id].task_queue
 
 
 @replicas.command("stop")
@@ -680,15 +685,27 @@ def replicas_stop(cfg, ids):
 @replicas.command("logs")
 @click.argument("replica_id")
 @click.option("--bytes", "-c", "max_bytes", type=click.IntRange(1, 1 << 20), default=16 << 10, show_default=True,
-              help="How much of the end of the log.")
+              help="How much of the end of each log.")
+@click.option("--host", "host_id", help="The host it ran on (`thaw status NAME` names the host of a failed start); "
+                                        "default: where it serves, or where its last start was recorded.")
 @click.pass_obj
-def replicas_logs(cfg, replica_id, max_bytes):
-    """The end of a serving replica's stdout + stderr (read by the agent that runs it)."""
+def replicas_logs(cfg, replica_id, max_bytes, host_id):
+    """The end of a replica's stdout + stderr, read by the agent of its host; of one that failed to start or
+    died there, the logs it left (its restore's and CRIU's, a fallback cold boot's)."""
+    from thaw.registry import deployments, snapshots
     from thaw.workflows.build_snapshot import ReplicaLog, ReplicaLogInput
 
-    ((r, queue),) = _replica_hosts(cfg, [replica_id])
-    *_, text = _run_workflow(cfg, ReplicaLog.run, ReplicaLogInput(r.id, queue, max_bytes),
-                             f"replica-log-{uuid.uuid4().hex[:12]}", f"log of replica {r.id}", quiet=True)
+    if not host_id:
+        rows = [r for r in deployments.replicas(cfg.registry_url) if r.id == replica_id]
+        rows = rows or snapshots.restores(cfg.registry_url, replica=replica_id, limit=1)
+        if not rows:
+            _fail(f"no replica {replica_id!r} serving or recorded; for one that failed to start, pass --host "
+                  f"(`thaw status NAME` names it)")
+        host_id = rows[0].host_id
+    live = {h.id: h for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s)}
+    queue = _agent_queue(live, replica_id, host_id, "its logs stay on that host, under its work dir's replica-logs/")
+    *_, text = _run_workflow(cfg, ReplicaLog.run, ReplicaLogInput(replica_id, queue, max_bytes),
+                             f"replica-log-{uuid.uuid4().hex[:12]}", f"log of replica {replica_id}", quiet=True)
     click.echo(text)
 
 
@@ -756,14 +773,14 @@ def agent(cfg, host_id):
 def _pool_call(cfg, fn):
     """Run ``fn(client)`` against Temporal; registry/pool errors become one-line failures."""
     from thaw.registry.queries import NotFound
-    from thaw.runtime.pool import PoolUnreachable
+    from thaw.runtime.pool import PoolUnreachable, Undeploying
 
     async def go():
         return await fn(await _connect(cfg))
 
     try:
         return asyncio.run(go())
-    except (NotFound, PoolUnreachable) as e:
+    except (NotFound, PoolUnreachable, Undeploying) as e:
         _fail(str(e))
 
 
@@ -815,7 +832,7 @@ def scale(cfg, name, replicas):
     """Ask deployment NAME for REPLICAS replicas (the pool restores or stops replicas to match)."""
     from thaw.runtime import pool
 
-    dep = _signal(cfg, name, lambda c: pool.scale(c, name, replicas, "cli"))
+    dep = _signal(cfg, name, lambda c: pool.scale(c, name, replicas, "cli", report_dropped=True))
     kept = pool.bounded(dep, replicas)
     click.echo(f"deployment {name}: scale to {replicas} requested"
                + (f" (the pool keeps it to {kept}: --min {dep.min_replicas} --max {dep.max_replicas})"
@@ -953,6 +970,9 @@ def _deployment_status(cfg, name, as_json):
                    + ("  (of an earlier spec: stops once replaced)" if r.id in st.outdated else ""))
     for r in st.recent:
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
+    for f in st.failures:  # the logs it left, if any: `thaw replicas logs ID --host HOST`
+        at = time.strftime("%H:%M:%S", time.localtime(f.at_ms / 1000))
+        click.echo(f"failed     {f.replica or '-'} on {f.host_id} at {at}: {f.error}")
 
 
 def _add_simulate():

@@ -255,7 +255,7 @@ class ReplicaLogInput:
 
 @workflow.defn(name="ReplicaLog")
 class ReplicaLog:
-    """The end of a serving replica's stdout + stderr, read by the agent that owns it."""
+    """The end of a replica's stdout + stderr (or of the logs one that ended left), read by its host's agent."""
 
     @workflow.run
     async def run(self, inp: ReplicaLogInput) -> str:

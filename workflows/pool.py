@@ -25,6 +25,7 @@ from .build_image import QUICK
 
 WORKFLOW_ID = "pool-{name}"
 RECENT = 20  # restores kept in the state for `thaw status NAME`
+FAILURES = 5  # failed replica starts kept there, with their errors
 SETTLE_S = 0.5  # a burst's signals and finished starts within this share one host check
 
 
@@ -134,6 +135,15 @@ def place(hosts: list[HostSlot], count: int, deployment: str, own: dict[str, int
 
 
 @dataclass
+class StartFailure:
+    """A replica start that failed: where, when (ms since epoch) and the error its host or Temporal gave."""
+    replica: str
+    host_id: str
+    at_ms: int
+    error: str
+
+
+@dataclass
 class PoolState:
     spec: PoolSpec
     desired: int = 0
@@ -149,6 +159,7 @@ class PoolState:
     failed_in_a_row: int = 0  # replica starts that failed since the last one that worked (backoff)
     lost: list[ReplicaInfo] = field(default_factory=list)  # given up with their silent host: stopped if it returns
     outdated: list[str] = field(default_factory=list)  # replicas of an earlier spec: replaced, then stopped
+    failures: list[StartFailure] = field(default_factory=list)  # the last FAILURES failed starts, newest first
 
 
 def _differs(a: PoolSpec, b: PoolSpec) -> bool:
@@ -477,8 +488,11 @@ class DeploymentPool:
             self.s.recent = [info, *self.s.recent][:RECENT]
             self._count(info.outcome)
             self.s.failed_in_a_row = 0
-        except Exception:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
+        except Exception as e:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
+            why = str(e.cause or e) if isinstance(e, ActivityError) else str(e)
+            self.s.failures = [StartFailure(rid, h.host_id, int(workflow.now().timestamp() * 1000), why[:1000]),
+                               *self.s.failures][:FAILURES]
             # its replacement is timed from the same signal
             self.s.asks.insert(0, ScaleRequest(self._have(), "retry", sig))
             if workflow.patched("retry-ask"):  # else a signal or placement meanwhile counts this slot as
