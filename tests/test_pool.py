@@ -17,12 +17,15 @@ import urllib.request
 
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from temporalio import activity
 
 from conftest import cfg_env, in_process_agent, undeploy
 from services import wait_until
 from test_criu import needs_criu
 from test_snapshot import PORT, build_snapshot, image, image_config, rootfs  # noqa: F401  (fixtures)
+from thaw.cli import cli
+from thaw.ports import free_port
 from thaw.registry import deployments, snapshots
 from thaw.registry.queries import NotFound
 from thaw.workflows.pool import HostsInput, HostsResult
@@ -128,6 +131,10 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
             assert len({a["digest"] for a in answers}) == 1, "every replica serves the snapshot's answer"
             assert all(r.outcome == "restored" for r in reps)
             assert len({r.host_id for r in reps}) >= 2, "replicas are spread over the hosts"
+            if path == "cli":
+                (listed,) = json.loads(thaw_cli("deployments", "ls", "--json").output)
+                assert listed == {"name": "web", "snapshot": snap, "min": 0, "max": 3, "buffer": 1, "serving": 3,
+                                  "pool": "running"}, listed
             down = {"cli": lambda: thaw_cli("scale", "web", "0"),
                     "api": lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 0}),
                     "temporal": lambda: signal_raw(cfg, "web", 0)}[path]
@@ -146,6 +153,13 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
         undeploy(cfg, thaw_cli, "web")
         wait_until(lambda: not any(h.reserved_for for h in snapshots.list_hosts(cfg.registry_url)),
                    what="buffer released")
+        assert thaw_cli("deployments", "ls").output.splitlines() == [  # kept, ended, until its snapshot goes
+            "NAME             SNAPSHOT     REPLICAS  BUFFER SERVING POOL",
+            f"web              {snap[:12]} 0..3           1       0 ended"]
+        dead = cfg.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})  # the registry still lists
+        res = CliRunner().invoke(cli, ["deployments", "ls"], obj=dead)
+        assert res.exit_code == 0 and f"{snap[:12]} 0..3           1       0 ?" in res.output, res.output
+        assert "(POOL ?: Temporal did not answer)" in res.output
 
 
 def test_buffer_hosts_are_warmed_before_any_restore(cfg, worker, agent, thaw_cli, snap):
@@ -736,6 +750,8 @@ def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it
         (rep,) = wait_until(lambda: json.loads(thaw_cli("status", "late", "--json").output)["replicas"],
                             timeout=90, what="the replacement")
         assert rep["signal_ms"] == first
+        st = json.loads(thaw_cli("status", "late", "--json").output)  # a start worked: the streak is over
+        assert st["failures"] and "\nfailed " not in thaw_cli("status", "late").output
     finally:
         undeploy(cfg, thaw_cli, "late", ok=False)
 

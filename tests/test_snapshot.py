@@ -875,6 +875,7 @@ def test_the_logs_an_ended_replica_left_are_read_with_their_paths(tmp_path):
     (tmp_path / LOGS / "r-1.cold").mkdir()
     (tmp_path / LOGS / "r-1" / "restore.criu-restore.log").write_text("x" * 5000 + "Error (criu/cr-restore.c)\n")
     (tmp_path / LOGS / "r-1.cold" / "launch.log").write_text("Traceback: ModuleNotFoundError: torch\n")
+    (tmp_path / LOGS / "r-1" / "stats-restore").write_bytes(b"\x00\xff binary")  # CRIU's, not a log
     (tmp_path / LOGS / "r-10").mkdir()
     (tmp_path / LOGS / "r-10" / "restore.log").write_text("another replica's")
     text = ended_logs(tmp_path, "r-1", 100)

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -523,15 +524,22 @@ def snapshots_rm(cfg, digest):
                + "; `thaw gc` frees the store objects only it used")
 
 
-def _pools_running(cfg, names: list[str]) -> set[str]:
-    """The deployments among ``names`` whose pool workflow is running."""
+def _pools_running(cfg, names: list[str], unknown_ok: bool = False) -> set[str] | None:
+    """The deployments among ``names`` whose pool workflow is running. ``unknown_ok``: None where Temporal does
+    not answer (else a one-line failure, or PoolUnreachable)."""
     from thaw.runtime import pool
+    from .client import TemporalUnreachable, connect
 
     async def go():
-        client = await _connect(cfg)
+        client = await (connect(cfg) if unknown_ok else _connect(cfg))
         return {name for name in names if await pool.running(client, name)}
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except (TemporalUnreachable, pool.PoolUnreachable):
+        if unknown_ok:
+            return None
+        raise
 
 
 BUILD_WORKFLOWS = ("BuildImage", "BuildSnapshot")
@@ -900,6 +908,36 @@ def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_
         _fail(f"gateway for {name}: {e}")
 
 
+@cli.group("deployments")
+def deployments_group():
+    """Deployments: `thaw deploy` makes one, `thaw status NAME` shows one, `thaw undeploy NAME` ends its pool."""
+
+
+@deployments_group.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def deployments_ls(cfg, as_json):
+    """Every deployment: snapshot, replica bounds, buffer, replicas serving on live hosts, and whether its pool
+    runs (an undeployed one stays listed, ended, until its snapshot is removed)."""
+    from thaw.registry import deployments
+
+    rows = deployments.list_all(cfg.registry_url)
+    running = _pools_running(cfg, [d.name for d in rows], unknown_ok=True) if rows else set()
+    serving = Counter(r.deployment for r in deployments.serving(cfg))
+    out = [{"name": d.name, "snapshot": d.snapshot_digest, "min": d.min_replicas, "max": d.max_replicas,
+            "buffer": d.buffer, "serving": serving[d.name],
+            "pool": "?" if running is None else "running" if d.name in running else "ended"} for d in rows]
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"{'NAME':<16} {'SNAPSHOT':<12} {'REPLICAS':<9} {'BUFFER':>6} {'SERVING':>7} POOL")
+    for d in out:
+        click.echo(f"{d['name']:<16} {d['snapshot'][:12]:<12} {d['min']}..{d['max']:<6} {d['buffer']:>6} "
+                   f"{d['serving']:>7} {d['pool']}")
+    if running is None:
+        click.echo("(POOL ?: Temporal did not answer)", err=True)
+
+
 @cli.group()
 def hosts():
     """Host agents: list them with their GPUs; start several on this machine (test/demo mode)."""
@@ -970,7 +1008,8 @@ def _deployment_status(cfg, name, as_json):
                    + ("  (of an earlier spec: stops once replaced)" if r.id in st.outdated else ""))
     for r in st.recent:
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
-    for f in st.failures:  # the logs it left, if any: `thaw replicas logs ID --host HOST`
+    for f in st.failures[:st.failed_in_a_row]:  # since the last start that worked (--json: the last FAILURES);
+        # the logs each left, if any: `thaw replicas logs ID --host HOST`
         at = time.strftime("%H:%M:%S", time.localtime(f.at_ms / 1000))
         click.echo(f"failed     {f.replica or '-'} on {f.host_id} at {at}: {f.error}")
 
