@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import re
 import time
+from datetime import timedelta
 
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -18,6 +19,7 @@ from thaw.workflows.pool import WORKFLOW_ID, DeploymentPool, PoolSpec, PoolState
 
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+QUERY_S = 5.0  # how long `thaw scale` waits for the pool to say whether it dropped the signal
 
 
 def env_name_error(names, what: str = "--env") -> str | None:
@@ -113,17 +115,23 @@ async def scale(client: Client, name: str, replicas: int, source: str, at_least:
                 report_dropped: bool = False) -> None:
     """Signal deployment ``name``'s pool to run ``replicas`` replicas (``at_least``: or more, if it wants more).
     ``report_dropped`` (a person's one-off call, not the gateway's or KEDA's stream): then ask the pool whether it
-    is undeploying, which drops the signal, and raise Undeploying if so (the signal's time is taken before)."""
+    is undeploying, which drops the signal, and raise Undeploying if so (the signal's time is taken before). A
+    pool that does not answer that in QUERY_S (its worker down, say) is taken to have the signal: it was sent."""
     if replicas < 0:
         raise NotFound(f"replicas must be >= 0 (got {replicas})")
     handle = client.get_workflow_handle(workflow_id(name))
     try:
         await handle.signal(DeploymentPool.scale, ScaleRequest(replicas, source, int(time.time() * 1000), at_least))
-        if report_dropped and (await handle.query(DeploymentPool.state)).stopping:
-            raise Undeploying(f"deployment {name!r} is undeploying: this scale was dropped (a `thaw deploy` starts "
-                              f"its pool afresh once the undeploy ends)")
     except RPCError as e:
         raise _no_pool(name, e, "; `thaw deploy` it first") from None
+    if report_dropped:
+        try:
+            st = await handle.query(DeploymentPool.state, rpc_timeout=timedelta(seconds=QUERY_S))
+        except (RPCError, WorkflowQueryFailedError):
+            return
+        if st.stopping:
+            raise Undeploying(f"deployment {name!r} is undeploying: this scale was dropped (a `thaw deploy` starts "
+                              f"its pool afresh once the undeploy ends)")
 
 
 async def state(client: Client, name: str) -> PoolState:

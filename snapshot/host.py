@@ -262,13 +262,13 @@ def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
 
 
 def ended_logs(work_dir: Path, rid: str, n: int) -> str | None:
-    """The end (``n`` bytes of each) of the logs replica ``rid`` left on this host: those of a failed start (its
-    restore's and CRIU's, its fallback cold boot's) or of a replica that died, each headed ``==> path <==`` as
-    tail heads them (not CRIU's binary stats file); None when it left none."""
+    """The end of the logs replica ``rid`` left on this host (``n`` bytes shared among them): those of a failed
+    start (its restore's and CRIU's, its fallback cold boot's) or of a replica that died, each headed
+    ``==> path <==`` as tail heads them (not CRIU's binary stats file); None when it left none."""
     if not BUILD_ID.fullmatch(rid):
         raise SnapshotError(f"replica id {rid!r}: {BUILD_ID_RULE}")
     files = [p for d in (rid, f"{rid}.cold") for p in sorted((work_dir / LOGS / d).glob("*.log")) if p.is_file()]
-    return "\n\n".join(f"==> {p} <==\n{tail(p, n)}" for p in files) or None
+    return "\n\n".join(f"==> {p} <==\n{tail(p, max(1, n // len(files)))}" for p in files) or None
 
 
 def release_dead(cfg: Config) -> None:

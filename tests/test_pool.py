@@ -385,6 +385,7 @@ def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, th
                          what="replacement replica")
         assert first.id not in agent.serving and answer(new[0].endpoint)["digest"]
         assert (cfg.work_dir / "replica-logs" / first.id / "restore.log").exists(), "a dead replica's logs stay"
+        assert first.id not in [r.id for r in deployments.replicas(cfg.registry_url)], "unregistered"
         out = thaw_cli("replicas", "logs", first.id).output  # its host found from its recorded restore
         assert f"/replica-logs/{first.id}/restore.log <==" in out and f"after restore {first.id}" in out, out
         res = thaw_cli("replicas", "logs", "r-never", ok=False)
@@ -556,7 +557,7 @@ def test_a_scale_during_an_undeploy_says_it_was_dropped(cfg, worker, agent, thaw
     "requested"; once the pool has ended, a scale finds no pool."""
     thaw_cli("deploy", "bye", "--snapshot", snap, "--min", "1", "--max", "2", "--buffer", "0")
     wait_until(lambda: serving(cfg, "bye"), what="1 replica")
-    monkeypatch.setattr(agent, "_drain", lambda rid: time.sleep(4))  # the undeploy's stop takes a while
+    monkeypatch.setattr(agent, "_drain", lambda rid: time.sleep(10))  # the undeploy's stop takes a while
     thaw_cli("undeploy", "bye")
     wait_until(lambda: json.loads(thaw_cli("status", "bye", "--json").output)["stopping"], what="undeploying")
     res = thaw_cli("scale", "bye", "2", ok=False)
@@ -570,9 +571,10 @@ def test_a_scale_during_an_undeploy_says_it_was_dropped(cfg, worker, agent, thaw
 
 
 @contextlib.contextmanager
-def pool_reading_at_once(cfg, thaw_cli, snap, name, signals):
+def pool_reading_at_once(cfg, thaw_cli, snap, name, signals, before=None):
     """Deploy ``name`` (at most 3 replicas), then send ``signals`` (ScaleRequests) to its pool before any worker
-    polls its queue, so that it reads them in one workflow task; yields with that worker running, undeploys."""
+    polls its queue, so that it reads them in one workflow task (and await ``before(client)`` if given, with no
+    worker yet); yields with that worker running, undeploys."""
     from temporalio.client import Client
 
     from conftest import running_worker
@@ -591,6 +593,8 @@ def pool_reading_at_once(cfg, thaw_cli, snap, name, signals):
                                              task_queue=queue.build_task_queue)  # no worker polls it yet
         for req in signals:
             await handle.signal(DeploymentPool.scale, req)
+        if before:
+            await before(client)
 
     asyncio.run(go())
     with running_worker(queue, lambda client, ex: build_worker(client, queue, ex)):
@@ -662,6 +666,25 @@ def pool_worker_of_its_own(cfg, tag: str):
                                                          workflows=[DeploymentPool], activities=[checks.pool_hosts],
                                                          activity_executor=ex)):
         yield queue, checks
+
+
+def test_a_scale_counts_as_sent_when_the_pool_cannot_say_whether_it_took_it(cfg, worker, agent, thaw_cli, snap,
+                                                                            monkeypatch):
+    """`thaw scale` asks the pool whether it dropped the signal (undeploying); a pool whose worker does not run
+    cannot answer: after QUERY_S the scale counts as sent, and it is (the pool reads it once a worker is back)."""
+    from thaw.runtime import pool
+
+    monkeypatch.setattr(pool, "QUERY_S", 1.0)
+    took = []
+
+    async def scale(client):
+        t0 = time.monotonic()
+        await pool.scale(client, "mute", 1, "test", report_dropped=True)
+        took.append(time.monotonic() - t0)
+
+    with pool_reading_at_once(cfg, thaw_cli, snap, "mute", [], before=scale):
+        assert 1.0 <= took[0] < 10, took
+        wait_until(lambda: len(serving(cfg, "mute")) == 1, what="the replica the scale asked for")
 
 
 def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, worker, agent, thaw_cli, snap):

@@ -693,7 +693,7 @@ def replicas_stop(cfg, ids):
 @replicas.command("logs")
 @click.argument("replica_id")
 @click.option("--bytes", "-c", "max_bytes", type=click.IntRange(1, 1 << 20), default=16 << 10, show_default=True,
-              help="How much of the end of each log.")
+              help="How much of the end of its log (shared among the logs a failed replica left).")
 @click.option("--host", "host_id", help="The host it ran on (`thaw status NAME` names the host of a failed start); "
                                         "default: where it serves, or where its last start was recorded.")
 @click.pass_obj
