@@ -753,7 +753,8 @@ def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it
     from thaw.runtime import pool
     from thaw.workflows.pool import DeploymentPool, ScaleRequest
 
-    thaw_cli("deploy", "late", "--snapshot", snap, "--min", "0", "--max", "1", "--secret", "LATE_KEY")
+    out = thaw_cli("deploy", "late", "--snapshot", snap, "--min", "0", "--max", "1", "--secret", "LATE_KEY").output
+    assert f"warning: secret(s) LATE_KEY not set in {cfg.secrets_file}" in out, out
     first = int(time.time() * 1000) - 5000
 
     async def signal(at):

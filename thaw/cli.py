@@ -817,6 +817,12 @@ def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, env
     click.echo(f"deployment {name}: snapshot {spec.snapshot[:12]}, replicas {min_replicas}..{max_replicas}, "
                f"buffer {buffer} ({'pool started' if started else 'pool updated'}; "
                f"UI {cfg.workflow_url(pool.workflow_id(name))})")
+    with contextlib.suppress(ValueError):  # an unreadable secrets file: each start says so
+        have = cfg.secrets() if secrets else {}
+        unset = [n for n in dict.fromkeys(secrets) if n not in have]
+        if unset:  # the agents of this state dir read its secrets; others may have theirs
+            click.echo(f"warning: secret(s) {', '.join(unset)} not set in {cfg.secrets_file}: replicas on hosts "
+                       f"reading it fail to start until `thaw secrets set NAME`", err=True)
 
 
 def _signal(cfg, name: str, send):
