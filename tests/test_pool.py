@@ -570,16 +570,12 @@ def test_a_scale_during_an_undeploy_says_it_was_dropped(cfg, worker, agent, thaw
     assert serving(cfg, "bye") == []
 
 
-@contextlib.contextmanager
-def pool_reading_at_once(cfg, thaw_cli, snap, name, signals, before=None):
-    """Deploy ``name`` (at most 3 replicas), then send ``signals`` (ScaleRequests) to its pool before any worker
-    polls its queue, so that it reads them in one workflow task (and await ``before(client)`` if given, with no
-    worker yet); yields with that worker running, undeploys."""
+def paused_pool(cfg, snap, name, signals=()):
+    """Deploy ``name`` (at most 3 replicas), then run its pool afresh on a queue no worker polls yet and send it
+    ``signals`` (ScaleRequests); returns the config whose build queue is that one (see :func:`pool_worker`)."""
     from temporalio.client import Client
 
-    from conftest import running_worker
     from thaw.runtime.pool import deploy
-    from thaw.runtime.worker import build_worker
     from thaw.workflows.pool import DeploymentPool, PoolState, PoolSpec
 
     queue = cfg.model_copy(update={"build_task_queue": f"paused-{cfg.build_task_queue}"})
@@ -593,11 +589,24 @@ def pool_reading_at_once(cfg, thaw_cli, snap, name, signals, before=None):
                                              task_queue=queue.build_task_queue)  # no worker polls it yet
         for req in signals:
             await handle.signal(DeploymentPool.scale, req)
-        if before:
-            await before(client)
 
     asyncio.run(go())
-    with running_worker(queue, lambda client, ex: build_worker(client, queue, ex)):
+    return queue
+
+
+def pool_worker(queue):
+    """A worker polling the queue of a :func:`paused_pool` (a context manager)."""
+    from conftest import running_worker
+    from thaw.runtime.worker import build_worker
+
+    return running_worker(queue, lambda client, ex: build_worker(client, queue, ex))
+
+
+@contextlib.contextmanager
+def pool_reading_at_once(cfg, thaw_cli, snap, name, signals):
+    """A :func:`paused_pool` that reads ``signals`` in its first workflow task; yields with its worker running,
+    undeploys."""
+    with pool_worker(paused_pool(cfg, snap, name, signals)):
         try:
             yield
         finally:
@@ -670,21 +679,32 @@ def pool_worker_of_its_own(cfg, tag: str):
 
 def test_a_scale_counts_as_sent_when_the_pool_cannot_say_whether_it_took_it(cfg, worker, agent, thaw_cli, snap,
                                                                             monkeypatch):
-    """`thaw scale` asks the pool whether it dropped the signal (undeploying); a pool whose worker does not run
+    """`thaw scale` asks the pool whether it dropped the signal (undeploying); a pool whose worker has stopped
     cannot answer: after QUERY_S the scale counts as sent, and it is (the pool reads it once a worker is back)."""
+    from temporalio.client import Client
+
     from thaw.runtime import pool
 
-    monkeypatch.setattr(pool, "QUERY_S", 1.0)
-    took = []
+    monkeypatch.setattr(pool, "QUERY_S", 3.0)
 
-    async def scale(client):
+    async def scale():
         t0 = time.monotonic()
-        await pool.scale(client, "mute", 1, "test", report_dropped=True)
-        took.append(time.monotonic() - t0)
+        await pool.scale(await Client.connect(cfg.temporal_address), "mute", 1, "test", report_dropped=True)
+        return time.monotonic() - t0
 
-    with pool_reading_at_once(cfg, thaw_cli, snap, "mute", [], before=scale):
-        assert 1.0 <= took[0] < 10, took
-        wait_until(lambda: len(serving(cfg, "mute")) == 1, what="the replica the scale asked for")
+    queue, took = paused_pool(cfg, snap, "mute"), None
+    try:
+        with pool_worker(queue):  # the pool runs its first workflow task, then its worker stops
+            wait_until(lambda: thaw_cli("status", "mute", ok=False).exit_code == 0, what="the pool answering")
+        took = asyncio.run(scale())
+    finally:
+        with pool_worker(queue):
+            try:
+                if took is not None:
+                    wait_until(lambda: len(serving(cfg, "mute")) == 1, what="the replica the scale asked for")
+            finally:
+                undeploy(cfg, thaw_cli, "mute", ok=False)
+    assert 3.0 <= took < 15, took
 
 
 def test_a_scale_signal_is_placed_while_the_pool_waits_on_a_host_check(cfg, worker, agent, thaw_cli, snap):

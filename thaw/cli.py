@@ -817,7 +817,7 @@ def deploy(cfg, name, snapshot, min_replicas, max_replicas, buffer, secrets, env
     click.echo(f"deployment {name}: snapshot {spec.snapshot[:12]}, replicas {min_replicas}..{max_replicas}, "
                f"buffer {buffer} ({'pool started' if started else 'pool updated'}; "
                f"UI {cfg.workflow_url(pool.workflow_id(name))})")
-    with contextlib.suppress(ValueError):  # an unreadable secrets file: each start says so
+    with contextlib.suppress(ValueError, OSError):  # an unreadable secrets file: each start says so
         have = cfg.secrets() if secrets else {}
         unset = [n for n in dict.fromkeys(secrets) if n not in have]
         if unset:  # the agents of this state dir read its secrets; others may have theirs
@@ -938,8 +938,9 @@ def deployments_ls(cfg, as_json):
         return
     click.echo(f"{'NAME':<16} {'SNAPSHOT':<12} {'REPLICAS':<9} {'BUFFER':>6} {'SERVING':>7} POOL")
     for d in out:
-        click.echo(f"{d['name']:<16} {d['snapshot'][:12]:<12} {d['min']}..{d['max']:<6} {d['buffer']:>6} "
-                   f"{d['serving']:>7} {d['pool']}")
+        bounds = f"{d['min']}..{d['max']}"
+        click.echo(f"{d['name']:<16} {d['snapshot'][:12]:<12} {bounds:<9} {d['buffer']:>6} {d['serving']:>7} "
+                   f"{d['pool']}")
     if running is None:
         click.echo("(POOL ?: Temporal did not answer)", err=True)
 
@@ -1014,8 +1015,9 @@ def _deployment_status(cfg, name, as_json):
                    + ("  (of an earlier spec: stops once replaced)" if r.id in st.outdated else ""))
     for r in st.recent:
         click.echo(f"restore    {r.id} {r.outcome:<9} {_ms(r.timings_ms)}" + (f"  ({r.reason})" if r.reason else ""))
-    for f in st.failures[:st.failed_in_a_row]:  # since the last start that worked (--json: the last FAILURES);
-        # the logs each left, if any: `thaw replicas logs ID --host HOST`
+    # the failed starts since the last one that worked (--json: the last FAILURES); the logs each left, if any:
+    # `thaw replicas logs ID --host HOST`
+    for f in [f for f in st.failures if f.at_ms > st.last_ok_ms]:
         at = time.strftime("%H:%M:%S", time.localtime(f.at_ms / 1000))
         click.echo(f"failed     {f.replica or '-'} on {f.host_id} at {at}: {f.error}")
 

@@ -160,6 +160,7 @@ class PoolState:
     lost: list[ReplicaInfo] = field(default_factory=list)  # given up with their silent host: stopped if it returns
     outdated: list[str] = field(default_factory=list)  # replicas of an earlier spec: replaced, then stopped
     failures: list[StartFailure] = field(default_factory=list)  # the last FAILURES failed starts, newest first
+    last_ok_ms: int = 0  # when the last start that worked ended (ms since epoch): later failures are "current"
 
 
 def _differs(a: PoolSpec, b: PoolSpec) -> bool:
@@ -488,6 +489,7 @@ class DeploymentPool:
             self.s.recent = [info, *self.s.recent][:RECENT]
             self._count(info.outcome)
             self.s.failed_in_a_row = 0
+            self.s.last_ok_ms = int(workflow.now().timestamp() * 1000)
         except Exception as e:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
             why = str(e.cause or e) if isinstance(e, ActivityError) else str(e)
