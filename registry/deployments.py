@@ -51,8 +51,9 @@ def remove_replica(url: str, replica_id: str) -> None:
 
 
 def serving(cfg, deployment: str | None = None) -> list[Replica]:
-    """``deployment``'s replicas (default: every replica) on live hosts: a host that stopped heartbeating keeps its rows (its agent removes
-    them when it starts again, and its replicas count there if it comes back), but nobody is sent there."""
+    """``deployment``'s replicas (default: every replica) on live hosts: a host that stopped heartbeating keeps
+    its rows (its agent removes them when it starts again, and its replicas count there if it comes back), but
+    nobody is sent there."""
     alive = {h.id for h in live_hosts(cfg.registry_url, cfg.host_stale_s)}
     return [r for r in replicas(cfg.registry_url, deployment=deployment) if r.host_id in alive]
 
