@@ -40,6 +40,12 @@ def list_all(url: str) -> list[Deployment]:
         return list(s.exec(select(Deployment).order_by(Deployment.name)).all())
 
 
+def summary(d: Deployment) -> dict:
+    """A deployment as the control API lists it: name, snapshot, replica bounds, buffer."""
+    return {"name": d.name, "snapshot": d.snapshot_digest, "min": d.min_replicas, "max": d.max_replicas,
+            "buffer": d.buffer}
+
+
 def add_replica(url: str, rep: Replica) -> None:
     with session(url) as s:
         s.merge(rep)

@@ -105,9 +105,8 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
                                  status=202)
 
     async def list_deployments(request: web.Request) -> web.Response:
-        return web.json_response([
-            {"name": d.name, "snapshot": d.snapshot_digest, "min": d.min_replicas, "max": d.max_replicas,
-             "buffer": d.buffer} for d in await asyncio.to_thread(deployments.list_all, cfg.registry_url)])
+        return web.json_response([deployments.summary(d)
+                                  for d in await asyncio.to_thread(deployments.list_all, cfg.registry_url)])
 
     async def show(request: web.Request) -> web.Response:
         return web.json_response(asdict(await pool.state(client, request.match_info["name"])))

@@ -261,13 +261,18 @@ def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def cold_id(rid: str) -> str:
+    """The name of replica ``rid``'s dirs when it cold-boots (a fallback keeps the id of its failed restore)."""
+    return f"{rid}.cold"
+
+
 def ended_logs(work_dir: Path, rid: str, n: int) -> str | None:
     """The end of the logs replica ``rid`` left on this host (``n`` bytes shared among them): those of a failed
     start (its restore's and CRIU's, its fallback cold boot's) or of a replica that died, each headed
     ``==> path <==`` as tail heads them (not CRIU's binary stats file); None when it left none."""
     if not BUILD_ID.fullmatch(rid):
         raise SnapshotError(f"replica id {rid!r}: {BUILD_ID_RULE}")
-    files = [p for d in (rid, f"{rid}.cold") for p in sorted((work_dir / LOGS / d).glob("*.log")) if p.is_file()]
+    files = [p for d in (rid, cold_id(rid)) for p in sorted((work_dir / LOGS / d).glob("*.log")) if p.is_file()]
     return "\n\n".join(f"==> {p} <==\n{tail(p, max(1, n // len(files)))}" for p in files) or None
 
 
@@ -795,7 +800,7 @@ class HostSnapshots:
             st.mark("fetch")
             # not the dirs of a failed restore of the same id: a restored process that outlived its SIGKILL is
             # stopped once gone, and that stop unmounts its root, removes its dir
-            work, logs, root = self._replica_root(f"{rid}.cold", lower)
+            work, logs, root = self._replica_root(cold_id(rid), lower)
             slot = self.take_gpu()
             st.mark("root")
             replica, running = self._own(rid, lambda: self._launch(root, spec, {**spec["env"], **env},

@@ -135,6 +135,8 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
                 (listed,) = json.loads(thaw_cli("deployments", "ls", "--json").output)
                 assert listed == {"name": "web", "snapshot": snap, "min": 0, "max": 3, "buffer": 1, "serving": 3,
                                   "pool": "running"}, listed
+                assert api_call(url, "/v1/deployments", token) == (200, [  # the control API's list, the same
+                    {k: v for k, v in listed.items() if k not in ("serving", "pool")}])
             down = {"cli": lambda: thaw_cli("scale", "web", "0"),
                     "api": lambda: api_call(url, "/v1/deployments/web/scale", token, {"replicas": 0}),
                     "temporal": lambda: signal_raw(cfg, "web", 0)}[path]

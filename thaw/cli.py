@@ -930,8 +930,7 @@ def deployments_ls(cfg, as_json):
     rows = deployments.list_all(cfg.registry_url)
     running = _pools_running(cfg, [d.name for d in rows], unknown_ok=True) if rows else set()
     serving = Counter(r.deployment for r in deployments.serving(cfg))
-    out = [{"name": d.name, "snapshot": d.snapshot_digest, "min": d.min_replicas, "max": d.max_replicas,
-            "buffer": d.buffer, "serving": serving[d.name],
+    out = [{**deployments.summary(d), "serving": serving[d.name],
             "pool": "?" if running is None else "running" if d.name in running else "ended"} for d in rows]
     if as_json:
         click.echo(json.dumps(out, indent=2))
