@@ -162,6 +162,14 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
         res = CliRunner().invoke(cli, ["deployments", "ls"], obj=dead)
         assert res.exit_code == 0 and f"{snap[:12]} 0..3           1       0 ?" in res.output, res.output
         assert "(POOL ?: Temporal did not answer)" in res.output
+        # a namespace the server lacks: its "not found" is not "no such pool" (the pool would read as ended)
+        lost = cfg.model_copy(update={"temporal_namespace": "no-such-namespace"})
+        res = CliRunner().invoke(cli, ["deployments", "ls"], obj=lost)
+        assert res.exit_code == 0 and f"{snap[:12]} 0..3           1       0 ?" in res.output, res.output
+        res = CliRunner().invoke(cli, ["scale", "web", "1"], obj=lost)
+        assert res.exit_code == 1 and res.output.strip().splitlines()[-1] == (
+            f"error: Temporal at {cfg.temporal_address} has no namespace 'no-such-namespace' "
+            "(THAW_TEMPORAL_NAMESPACE; `temporal operator namespace create` makes one)"), res.output
 
 
 def test_buffer_hosts_are_warmed_before_any_restore(cfg, worker, agent, thaw_cli, snap):
