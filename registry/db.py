@@ -9,7 +9,8 @@ from typing import Iterator
 
 from sqlalchemy import event, inspect, literal, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
 
 from . import models  # noqa: F401  (registers the tables)
@@ -31,6 +32,7 @@ def engine(url: str) -> Engine:
         eng = create_engine(url, pool_pre_ping=True)
     SQLModel.metadata.create_all(eng)
     _add_missing_columns(eng)
+    _add_missing_indexes(eng)
     return eng
 
 
@@ -54,6 +56,19 @@ def _add_missing_columns(eng: Engine) -> None:
                     except OperationalError as e:  # SQLite has no IF NOT EXISTS here
                         if "duplicate column name" not in str(e):
                             raise
+
+
+
+def _add_missing_indexes(eng: Engine) -> None:
+    """Tables made by an older thaw gain the indexes added since (create_all makes them only with a new table)."""
+    for table in SQLModel.metadata.sorted_tables:
+        for index in table.indexes:
+            try:
+                with eng.begin() as conn:
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+            except DBAPIError:  # PostgreSQL: another process made it between the check and the create
+                if index.name not in {i["name"] for i in inspect(eng).get_indexes(table.name)}:
+                    raise
 
 
 @contextmanager

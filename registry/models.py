@@ -70,7 +70,7 @@ class RestoreEvent(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     snapshot_digest: str = Field(index=True, max_length=64)
     host_id: str
-    replica: str
+    replica: str = Field(index=True)  # `thaw replicas logs` of one that ended
     outcome: str  # "restored" | "cold-boot"
     deployment: str | None = Field(default=None, index=True)
     reason: str = ""  # why a fallback happened, with the criu log path where there is one

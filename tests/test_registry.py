@@ -333,6 +333,29 @@ def test_two_processes_upgrading_one_registry(tmp_path, request, monkeypatch, db
     db._add_missing_columns(eng)
 
 
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgres"])
+def test_an_older_registry_gains_the_indexes_added_since(tmp_path, request, db_kind):
+    """An index added since an older thaw (RestoreEvent.replica, for `thaw replicas logs` of an ended replica) is
+    made at the next start; create_all makes indexes only with a new table. Every later start leaves it be."""
+    from sqlalchemy import inspect as real_inspect, text
+
+    from thaw.registry import db
+
+    url = (f"sqlite:///{tmp_path / 'reg.db'}" if db_kind == "sqlite" else request.getfixturevalue("postgres_url"))
+    eng = db.engine(url)
+
+    def indexes():
+        return {i["name"]: i["column_names"] for i in real_inspect(eng).get_indexes("restoreevent")}
+
+    assert indexes()["ix_restoreevent_replica"] == ["replica"]
+    with eng.begin() as conn:
+        conn.execute(text('DROP INDEX "ix_restoreevent_replica"'))
+    assert "ix_restoreevent_replica" not in indexes()
+    db._add_missing_indexes(eng)
+    db._add_missing_indexes(eng)
+    assert indexes()["ix_restoreevent_replica"] == ["replica"]
+
+
 
 def test_a_first_upsert_that_races_another_updates_the_winners_row(tmp_path, monkeypatch):
     """Two processes create the same deployment at once (`thaw deploy` and the API): both see no row, both
