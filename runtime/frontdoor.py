@@ -17,9 +17,10 @@ from thaw.client import connect
 from thaw.config import Config
 from thaw.errors import first_line
 from thaw.registry import deployments
+from thaw.registry.queries import NotFound
 
 from . import pool
-from .gateway import Gateway, serving
+from .gateway import Gateway, NotServing, serving
 from .keda.scaler import Demand
 
 log = logging.getLogger("thaw.gateway")
@@ -35,10 +36,12 @@ class PoolBackends:
         return [r.endpoint for r in await asyncio.to_thread(deployments.serving, self.cfg, self.name)]
 
     async def scale(self, replicas: int, reason: str, at_least: bool = False) -> None:
-        log.info("scale %s to %s%d (%s)", self.name, "at least " if at_least else "", replicas, reason)
         if self.client is None:  # connected on the gateway's own loop, at first use
             self.client = await connect(self.cfg)
-        await pool.scale(self.client, self.name, replicas, "gateway", at_least)
+        try:  # report_dropped: an undeploying pool drops the signal, and its replicas are going
+            await pool.scale(self.client, self.name, replicas, "gateway", at_least, report_dropped=True)
+        except (NotFound, pool.Undeploying) as e:  # undeployed: its requests are answered 503 at once
+            raise NotServing(str(e)) from None
 
 
 class GatewayDemand:

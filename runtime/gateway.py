@@ -8,7 +8,10 @@
   requests are released as soon as ``Backends.endpoints()`` lists a replica (polled every ``refresh_s``;
   the pool may call :meth:`Gateway.refresh` to release them without waiting for the next poll). A request
   held for ``hold_timeout_s`` in total is answered 503 with Retry-After and a one-line JSON error (which names
-  the last scale signal's failure, if it failed: the pool undeployed, Temporal down).
+  the last scale signal's failure, if it failed: Temporal down, say). A deployment that cannot have replicas at
+  all (undeployed: ``Backends.scale`` raises :class:`NotServing`) has its held requests answered 503 at once. A
+  later request is held only while one more scale signal asks again (a deploy may have come since; at most one
+  such signal per ``NOT_SERVING_RECHECK_S``, and requests in between are answered 503 at once).
 * Loses no request it holds when a replica dies. The request body is read in full before proxying so it
   can be re-sent. A failure before any response byte came back is retried:
     - the connection could not be made (refused, unreachable, connect timeout): the request never reached
@@ -77,6 +80,14 @@ _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "content-enco
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
+NOT_SERVING_RECHECK_S = 1.0  # a deployment found not serving: how often a request may ask its pool again
+
+
+class NotServing(RuntimeError):
+    """Raised by ``Backends.scale``: the deployment cannot have replicas at all (it was undeployed), so holding a
+    request would only delay its 503."""
+
+
 @runtime_checkable
 class Backends(Protocol):
     """What the gateway needs from a deployment's pool."""
@@ -87,7 +98,7 @@ class Backends(Protocol):
 
     async def scale(self, replicas: int, reason: str, at_least: bool = False) -> None:
         """The gateway's scale signal: the deployment should run ``replicas`` replicas (``at_least``: or more,
-        if its pool wants more)."""
+        if its pool wants more). NotServing where the deployment cannot have any."""
         ...
 
 
@@ -258,6 +269,8 @@ class Gateway:
         self._signaled_loose = False                  # ... as "at least" (the pool may run more)
         self._signaled_at = time.monotonic()          # ... and when
         self._scale_error: str | None = None          # why the last scale signal failed (None: it did not)
+        self._not_serving: str | None = None          # why the deployment cannot have replicas (NotServing) ...
+        self._not_serving_at = 0.0                    # ... as the last scale signal found, and when
         self._scale_lock: asyncio.Lock | None = None
         self._kick: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -336,6 +349,7 @@ class Gateway:
             "stable_window_s": a.stable_window_s,
             "panic_window_s": a.panic_window_s,
             "last_reason": self.last_decision.reason if self.last_decision else None,
+            "not_serving": self._not_serving,
         }
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -444,6 +458,10 @@ class Gateway:
         if eps != self._endpoints:
             log.info("gateway %s: endpoints %s", self.deployment, eps)
             self._count_ready()
+        if eps:
+            self._not_serving = None  # a replica serves: it was deployed again
+        elif self._endpoints and self.autoscaler.desired >= 1:  # every replica went (died, or undeployed): the next
+            self._signaled = None  # tick says the count again, so an undeploy is known before a request waits on it
         self._endpoints = eps
         for ep in [ep for ep, n in self._inflight.items() if n == 0 and ep not in eps]:
             del self._inflight[ep]
@@ -506,12 +524,16 @@ class Gateway:
         self._conc += delta
 
     async def _acquire(self, request: web.Request, avoid: set[str], budget: float) -> tuple[str | None, float]:
-        """An endpoint with a slot taken on it (``None`` when held past ``budget``), and seconds held."""
+        """An endpoint with a slot taken on it (``None`` when held past ``budget``, or the deployment is not
+        serving), and seconds held."""
         if not self._waiters:
             ep = self._pick(avoid)
             if ep is not None:
                 self._take(ep)
                 return ep, 0.0
+        recheck = self._not_serving is not None and not self._endpoints and not self._scale_lock.locked()
+        if recheck and time.monotonic() - self._not_serving_at < NOT_SERVING_RECHECK_S:
+            return None, 0.0  # the pool has just said it has none to give
         fut = asyncio.get_running_loop().create_future()
         self._held += 1
         fut.add_done_callback(self._unhold)
@@ -521,7 +543,10 @@ class Gateway:
             self._waiters.append((fut, avoid))
         self._pump()
         if not self._endpoints:
-            self._activate()
+            if recheck:  # held until the pool answers a scale signal: a deploy may have come since
+                self._signaled = None
+            if not self._activate() and recheck:
+                self._spawn(self._sync_scale())
         t0 = time.monotonic()
         try:
             while not fut.done():
@@ -532,7 +557,7 @@ class Gateway:
                 if not fut.done() and (request.transport is None or request.transport.is_closing()):
                     break  # the client went away while held
         except BaseException:  # cancelled (client gone): give back a slot handed over meanwhile
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.result() is not None:
                 self._release(fut.result())
             fut.cancel()
             raise
@@ -542,8 +567,8 @@ class Gateway:
             return None, held
         return fut.result(), held
 
-    def _activate(self) -> None:
-        """A request is held with no replica: ask for one now, not at the next tick."""
+    def _activate(self) -> bool:
+        """A request is held with no replica: ask for one now, not at the next tick (True: asked)."""
         a = self.autoscaler
         if a.desired < 1:
             n = a.clamp(1)
@@ -553,6 +578,8 @@ class Gateway:
                 self.last_decision = Decision(n, "activate: request held with no ready replica", "activate",
                                               a.stable_avg, a.panic_avg, a.panicking)
                 self._spawn(self._sync_scale())
+                return True
+        return False
 
     async def _sync_scale(self) -> None:
         async with self._scale_lock:
@@ -566,15 +593,29 @@ class Gateway:
                 await self.backends.scale(want, reason, at_least)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # retried on the next tick
-                log.warning("gateway %s: scale(%d) failed: %s", self.deployment, want, e)
-                self._scale_error = f"scale to {want} failed: {first_line(e, typed=True)[:250]}"
+            except Exception as e:  # retried on the next tick; NotServing: by the next request, or after resend_s
+                error = f"scale to {want} failed: {first_line(e, typed=True)[:250]}"
+                if error != self._scale_error:  # once, not every tick while Temporal is down
+                    log.warning("gateway %s: %s", self.deployment, error)
+                self._scale_error = error
+                if isinstance(e, NotServing):
+                    self._not_serving, self._not_serving_at = first_line(e)[:250], time.monotonic()
+                    self._turn_away()
                 return
-            self._scale_error = None
+            if self._scale_error:
+                log.info("gateway %s: scale signals go through again", self.deployment)
+            self._scale_error = self._not_serving = None
             log.info("gateway %s: scale %s -> %s%d (%s)", self.deployment, self._signaled,
                      "at least " if at_least else "", want, reason)
             self._signaled, self._signaled_loose, self._signaled_at = want, at_least, time.monotonic()
             self._m_scale.labels(self.deployment, kind).inc()
+
+    def _turn_away(self) -> None:
+        """Answer every held request now (503): the deployment is not serving."""
+        while self._waiters:
+            fut, _ = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
 
     def _at_least(self, want: int) -> bool:
         """Whether a scale signal for ``want`` replicas is "at least": a scale-up is. The gateway does not see
@@ -610,7 +651,8 @@ class Gateway:
         self.last_decision = d
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}
-        if (self._unsaid(d.desired) and not self._scale_lock.locked()  # one in flight: the next tick looks again
+        quiet = self._not_serving is not None and now - self._not_serving_at < self.resend_s  # requests ask
+        if (self._unsaid(d.desired) and not self._scale_lock.locked() and not quiet  # one in flight: next tick
                 and (self._at_least(d.desired) or not self.autoscaler.warming(now))):  # first window: ups only
             self._spawn(self._sync_scale())  # not awaited: a slow Temporal must not stop the ticks (KEDA's numbers)
         return d
@@ -706,9 +748,12 @@ class Gateway:
                     if request.transport is None or request.transport.is_closing():
                         self._m_requests.labels(self.deployment, "499").inc()
                         return web.Response(status=499)
-                    why = f"; {self._scale_error}" if self._scale_error else ""
-                    resp = self._error(503, f"no replica of {self.deployment} was ready within "
-                                            f"{self.hold_timeout_s:g}s{why}")
+                    if self._not_serving is not None and not self._endpoints:
+                        resp = self._error(503, f"{self.deployment} is not serving: {self._not_serving}")
+                    else:
+                        why = f"; {self._scale_error}" if self._scale_error else ""
+                        resp = self._error(503, f"no replica of {self.deployment} was ready within "
+                                                f"{self.hold_timeout_s:g}s{why}")
                     resp.headers["Retry-After"] = "1"
                     return resp
                 try:

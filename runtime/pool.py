@@ -114,9 +114,9 @@ def bounded(dep: Deployment, replicas: int) -> int:
 async def scale(client: Client, name: str, replicas: int, source: str, at_least: bool = False,
                 report_dropped: bool = False) -> None:
     """Signal deployment ``name``'s pool to run ``replicas`` replicas (``at_least``: or more, if it wants more).
-    ``report_dropped`` (a person's one-off call, not the gateway's or KEDA's stream): then ask the pool whether it
-    is undeploying, which drops the signal, and raise Undeploying if so (the signal's time is taken before). A
-    pool that does not answer that in QUERY_S (its worker down, say) is taken to have the signal: it was sent."""
+    ``report_dropped`` (the CLI's, the API's and the gateway's calls): then ask the pool whether it is undeploying,
+    which drops the signal, and raise Undeploying if so (the signal's time is taken before). A pool that does not
+    answer that in QUERY_S (its worker down, say) is taken to have the signal: it was sent."""
     if replicas < 0:
         raise NotFound(f"replicas must be >= 0 (got {replicas})")
     handle = client.get_workflow_handle(workflow_id(name))

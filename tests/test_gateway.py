@@ -22,7 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from thaw.runtime.gateway import Autoscaler, Backends, Gateway, serving, start_in_thread
+from thaw.runtime.gateway import (NOT_SERVING_RECHECK_S, Autoscaler, Backends, Gateway, NotServing, serving,
+                                  start_in_thread)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -876,7 +877,7 @@ def test_ticks_go_on_while_a_scale_signal_hangs():
                 if backends.scales:
                     break
                 await asyncio.sleep(0.05)
-            assert [n for _, n, _ in backends.scales] == [1]
+            assert len(backends.scales) == 1, backends.scales  # the request's own signal (none from the ticks)
             held.cancel()
     asyncio.run(main())
 
@@ -975,8 +976,8 @@ def test_hold_timeout_is_503_json():
 
 
 def test_hold_timeout_names_why_no_replica_came():
-    """scale() keeps failing (the pool undeployed, Temporal down): the 503 after the hold says why, in one line,
-    not only that no replica came."""
+    """scale() keeps failing (Temporal down, say): the 503 after the hold says why, in one line, not only that
+    no replica came."""
     async def main():
         backends = FakeBackends()
 
@@ -991,6 +992,48 @@ def test_hold_timeout_names_why_no_replica_came():
             err = json.loads(text)["error"]
             assert "within 0.5s" in err and "scale to 1 failed: RuntimeError: deployment demo is not deployed" in err
             assert "more detail" not in err and text.count("\n") == 1
+    asyncio.run(main())
+
+
+def test_an_undeployed_deployments_requests_are_answered_at_once_until_it_is_deployed_again(caplog):
+    """scale() says the deployment cannot have replicas (NotServing: undeployed): the requests held are answered
+    503 at once, not after hold_timeout_s, and so are the next ones, with one more scale signal at most every
+    NOT_SERVING_RECHECK_S (not one per request or per tick). Once a scale goes through again (deployed anew),
+    a request is held and served as at any scale from zero."""
+    async def main():
+        backends = FakeBackends(start_delay=0.2)
+        accept = backends.scale
+        said_no = []
+
+        async def undeployed(replicas, reason, at_least=False):
+            said_no.append(time.monotonic())
+            await asyncio.sleep(0.3)  # the held request waits for this answer, no longer
+            raise NotServing("deployment 'demo' has no running pool (workflow execution already completed)")
+
+        backends.scale = undeployed
+        async with stack(backends, hold_timeout_s=30, resend_s=30) as (gw, url, client):
+            t0 = time.monotonic()
+            first = [asyncio.ensure_future(post(client, url, {"i": i})) for i in range(3)]
+            answers = await asyncio.gather(*first)
+            assert time.monotonic() - t0 < 2, "answered when the pool said so, not after the 30 s hold"
+            for status, text in answers:
+                assert status == 503 and json.loads(text)["error"] == (
+                    "demo is not serving: deployment 'demo' has no running pool (workflow execution already "
+                    "completed)"), text
+            assert len(said_no) == 1 and gw.state()["queued"] == 0
+            assert gw.state()["not_serving"].startswith("deployment 'demo' has no running pool")
+            for _ in range(20):  # within NOT_SERVING_RECHECK_S of that answer: answered at once, nobody asked again
+                t = time.monotonic()
+                assert (await post(client, url, {}))[0] == 503 and time.monotonic() - t < 0.2
+            assert len(said_no) == 1 and len(backends.scales) == 0
+            await asyncio.sleep(NOT_SERVING_RECHECK_S)
+            backends.scale = accept  # deployed again: the next request's signal goes through
+            status, text = await post(client, url, {"i": "again"})
+            assert status == 200 and json.loads(text)["replica"].startswith("restored-"), text
+            assert len(backends.scales) == 1, backends.scales  # the request's own signal (none from the ticks)
+            assert gw.state()["not_serving"] is None
+        warned = [m for r in caplog.records if "failed: NotServing" in (m := r.getMessage())]
+        assert len(warned) == 1, warned  # logged once, not at every signal that said the same
     asyncio.run(main())
 
 
