@@ -25,6 +25,8 @@ from .keda.scaler import Demand
 
 log = logging.getLogger("thaw.gateway")
 
+GATEWAY_QUERY_S = 1.0  # how long a gateway's scale signal waits for the pool to say whether it dropped it
+
 
 class PoolBackends:
     """The gateway's view of a deployment: registry replicas in, pool signals out."""
@@ -38,8 +40,10 @@ class PoolBackends:
     async def scale(self, replicas: int, reason: str, at_least: bool = False) -> None:
         if self.client is None:  # connected on the gateway's own loop, at first use
             self.client = await connect(self.cfg)
-        try:  # report_dropped: an undeploying pool drops the signal, and its replicas are going
-            await pool.scale(self.client, self.name, replicas, "gateway", at_least, report_dropped=True)
+        try:  # report_dropped: an undeploying pool drops the signal (its replicas are going); the gateway's next
+            # signals wait on the answer, so no longer than GATEWAY_QUERY_S (then the signal counts as heard)
+            await pool.scale(self.client, self.name, replicas, "gateway", at_least, report_dropped=True,
+                             query_s=GATEWAY_QUERY_S)
         except (NotFound, pool.Undeploying) as e:  # undeployed: its requests are answered 503 at once
             raise NotServing(str(e)) from None
 

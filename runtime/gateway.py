@@ -11,7 +11,10 @@
   the last scale signal's failure, if it failed: Temporal down, say). A deployment that cannot have replicas at
   all (undeployed: ``Backends.scale`` raises :class:`NotServing`) has its held requests answered 503 at once. A
   later request is held only while one more scale signal asks again (a deploy may have come since; at most one
-  such signal per ``NOT_SERVING_RECHECK_S``, and requests in between are answered 503 at once).
+  such signal per ``NOT_SERVING_RECHECK_S``, and requests in between are answered 503 at once). The first
+  request held after every replica went (died, or undeployed) says the count again at once, rather than after
+  ``resend_s``, so an undeploy is found then; one undeployed while its first replica restores is found by the
+  resend.
 * Loses no request it holds when a replica dies. The request body is read in full before proxying so it
   can be re-sent. A failure before any response byte came back is retried:
     - the connection could not be made (refused, unreachable, connect timeout): the request never reached
@@ -271,6 +274,8 @@ class Gateway:
         self._scale_error: str | None = None          # why the last scale signal failed (None: it did not)
         self._not_serving: str | None = None          # why the deployment cannot have replicas (NotServing) ...
         self._not_serving_at = 0.0                    # ... as the last scale signal found, and when
+        self._lost_all = False                        # every replica went since a request was last held
+        self._pending = 0                             # scale signals spawned and not done (queued on the lock too)
         self._scale_lock: asyncio.Lock | None = None
         self._kick: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -458,10 +463,10 @@ class Gateway:
         if eps != self._endpoints:
             log.info("gateway %s: endpoints %s", self.deployment, eps)
             self._count_ready()
-        if eps:
+        if eps and not self._endpoints:
             self._not_serving = None  # a replica serves: it was deployed again
-        elif self._endpoints and self.autoscaler.desired >= 1:  # every replica went (died, or undeployed): the next
-            self._signaled = None  # tick says the count again, so an undeploy is known before a request waits on it
+        elif self._endpoints and not eps:
+            self._lost_all = True  # died, or undeployed: the next request held says the count again (_acquire)
         self._endpoints = eps
         for ep in [ep for ep, n in self._inflight.items() if n == 0 and ep not in eps]:
             del self._inflight[ep]
@@ -531,9 +536,11 @@ class Gateway:
             if ep is not None:
                 self._take(ep)
                 return ep, 0.0
-        recheck = self._not_serving is not None and not self._endpoints and not self._scale_lock.locked()
+        recheck = self._not_serving is not None and not self._endpoints and not self._pending
         if recheck and time.monotonic() - self._not_serving_at < NOT_SERVING_RECHECK_S:
             return None, 0.0  # the pool has just said it has none to give
+        recheck |= self._lost_all and not self._endpoints
+        self._lost_all = False
         fut = asyncio.get_running_loop().create_future()
         self._held += 1
         fut.add_done_callback(self._unhold)
@@ -543,10 +550,10 @@ class Gateway:
             self._waiters.append((fut, avoid))
         self._pump()
         if not self._endpoints:
-            if recheck:  # held until the pool answers a scale signal: a deploy may have come since
+            if recheck:  # held while the pool hears the count again: it may be gone, or deployed anew since
                 self._signaled = None
             if not self._activate() and recheck:
-                self._spawn(self._sync_scale())
+                self._ask()
         t0 = time.monotonic()
         try:
             while not fut.done():
@@ -577,9 +584,20 @@ class Gateway:
                 a.touch(time.monotonic())
                 self.last_decision = Decision(n, "activate: request held with no ready replica", "activate",
                                               a.stable_avg, a.panic_avg, a.panicking)
-                self._spawn(self._sync_scale())
+                self._ask()
                 return True
         return False
+
+    def _ask(self) -> None:
+        """Send the autoscaler's count to the pool, after any signal under way (each reads the count anew)."""
+        self._pending += 1
+        self._spawn(self._asked())
+
+    async def _asked(self) -> None:
+        try:
+            await self._sync_scale()
+        finally:
+            self._pending -= 1
 
     async def _sync_scale(self) -> None:
         async with self._scale_lock:
@@ -652,9 +670,9 @@ class Gateway:
         self.demand = {"desired": d.desired, "queued": self.queued, "inflight": self.inflight_total,
                        "ready": len(self._endpoints)}
         quiet = self._not_serving is not None and now - self._not_serving_at < self.resend_s  # requests ask
-        if (self._unsaid(d.desired) and not self._scale_lock.locked() and not quiet  # one in flight: next tick
+        if (self._unsaid(d.desired) and not self._pending and not quiet  # one under way: the next tick looks again
                 and (self._at_least(d.desired) or not self.autoscaler.warming(now))):  # first window: ups only
-            self._spawn(self._sync_scale())  # not awaited: a slow Temporal must not stop the ticks (KEDA's numbers)
+            self._ask()  # not awaited: a slow Temporal must not stop the ticks (KEDA's numbers)
         return d
 
     async def _tick_loop(self) -> None:
@@ -748,7 +766,7 @@ class Gateway:
                     if request.transport is None or request.transport.is_closing():
                         self._m_requests.labels(self.deployment, "499").inc()
                         return web.Response(status=499)
-                    if self._not_serving is not None and not self._endpoints:
+                    if self._not_serving is not None:
                         resp = self._error(503, f"{self.deployment} is not serving: {self._not_serving}")
                     else:
                         why = f"; {self._scale_error}" if self._scale_error else ""

@@ -112,11 +112,11 @@ def bounded(dep: Deployment, replicas: int) -> int:
 
 
 async def scale(client: Client, name: str, replicas: int, source: str, at_least: bool = False,
-                report_dropped: bool = False) -> None:
+                report_dropped: bool = False, query_s: float = QUERY_S) -> None:
     """Signal deployment ``name``'s pool to run ``replicas`` replicas (``at_least``: or more, if it wants more).
     ``report_dropped`` (the CLI's, the API's and the gateway's calls): then ask the pool whether it is undeploying,
     which drops the signal, and raise Undeploying if so (the signal's time is taken before). A pool that does not
-    answer that in QUERY_S (its worker down, say) is taken to have the signal: it was sent."""
+    answer that in ``query_s`` (its worker down, say) is taken to have the signal: it was sent."""
     if replicas < 0:
         raise NotFound(f"replicas must be >= 0 (got {replicas})")
     handle = client.get_workflow_handle(workflow_id(name))
@@ -126,7 +126,7 @@ async def scale(client: Client, name: str, replicas: int, source: str, at_least:
         raise _no_pool(name, e, "; `thaw deploy` it first") from None
     if report_dropped:
         try:
-            st = await handle.query(DeploymentPool.state, rpc_timeout=timedelta(seconds=QUERY_S))
+            st = await handle.query(DeploymentPool.state, rpc_timeout=timedelta(seconds=query_s))
         except (RPCError, WorkflowQueryFailedError):
             return
         if st.stopping:

@@ -1056,9 +1056,10 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
         # the victim died before its restore finished: it recorded none, and the pool counted a failed start
         assert [e.host_id for e in snapshots.restores(cfg.registry_url, snap) if e.deployment == "gw"] == [cfg.host_id]
         assert json.loads(thaw_cli("status", "gw", "--json").output)["counts"].get("failed", 0) >= 1
-        # undeployed behind the gateway's back: once its replica goes, requests are answered 503 at once, not held
+        # undeployed behind the gateway's back: once its replica went, a request is answered 503 as soon as the pool
+        # has heard the count again, not after the hold
         undeploy(cfg, thaw_cli, "gw")
-        wait_until(lambda: gw.gateway.state()["not_serving"], timeout=15, what="the gateway knows gw is not serving")
+        wait_until(lambda: gw.gateway.state()["ready"] == 0, timeout=15, what="the gateway saw the replica go")
         t0 = time.monotonic()
         with pytest.raises(urllib.error.HTTPError) as err:
             call()
