@@ -344,26 +344,40 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     with pytest.raises(NotFound):  # nothing stored for a refused deploy
         deployments.get(cfg.registry_url, "x")
 
-    # Temporal refuses to start the pool (a namespace it does not have): one line, and the registry keeps what it
-    # had: no row for a new deployment, the old bounds for an existing one
+    # a namespace Temporal does not have: one line at connect, before the registry is touched
     from click.testing import CliRunner
+    from temporalio.client import Client
 
     from thaw.cli import cli
+    from thaw.runtime import pool
+    from thaw.workflows.pool import PoolSpec
 
-    def deploy_elsewhere(name, *args):
-        return CliRunner().invoke(cli, ["deploy", name, "--snapshot", snap, "--buffer", "0", *args],
-                                  obj=cfg.model_copy(update={"temporal_namespace": "no-such-namespace"}),
-                                  catch_exceptions=False)
+    res = CliRunner().invoke(cli, ["deploy", "x", "--snapshot", snap, "--buffer", "0"], catch_exceptions=False,
+                             obj=cfg.model_copy(update={"temporal_namespace": "no-such-namespace"}))
+    assert res.exit_code == 1 and res.output == (
+        f"error: Temporal at {cfg.temporal_address} has no namespace 'no-such-namespace' (THAW_TEMPORAL_NAMESPACE; "
+        "`temporal operator namespace create` makes one)\n"), res.output
+    with pytest.raises(NotFound):
+        deployments.get(cfg.registry_url, "x")
 
-    res = deploy_elsewhere("x")
-    assert res.exit_code == 1, res.output
-    assert "Temporal did not start or update the pool of deployment 'x'" in res.output
-    assert len(res.output.strip().splitlines()) == 1
+    # Temporal refuses to start or update the pool after the row was written (here: a client of that namespace,
+    # past the connect check): one line, and the registry keeps what it had (no row for a new deployment, the old
+    # bounds for an existing one)
+    def deploy_refused(name, max_replicas):
+        async def go():
+            client = await Client.connect(cfg.temporal_address, namespace="no-such-namespace")
+            await pool.deploy(client, cfg, PoolSpec(name, snap, max_replicas=max_replicas))
+        with pytest.raises(pool.PoolUnreachable) as err:
+            asyncio.run(go())
+        assert str(err.value).startswith(f"Temporal did not start or update the pool of deployment {name!r}: ")
+        assert "\n" not in str(err.value)
+
+    deploy_refused("x", 1)
     with pytest.raises(NotFound):
         deployments.get(cfg.registry_url, "x")
     thaw_cli("deploy", "kept", "--snapshot", snap, "--max", "0", "--buffer", "0")
     try:
-        assert deploy_elsewhere("kept", "--max", "3").exit_code == 1
+        deploy_refused("kept", 3)
         assert deployments.get(cfg.registry_url, "kept").max_replicas == 0
         # a scale past --max is passed on, and the CLI says what the pool will keep
         assert "scale to 3 requested (the pool keeps it to 0: --min 0 --max 0)" in thaw_cli("scale", "kept", "3").output
