@@ -38,6 +38,10 @@ def test_up_status_build_down(tmp_path):
         st = json.loads(thaw(env, "status", "--json").stdout)
         assert st["temporal"]["reachable"] and st["temporal"]["pid"] and st["worker"]["pid"] and st["agent"]["pid"]
         assert st["temporal"]["ui"] == f"http://127.0.0.1:{env['THAW_TEMPORAL_UI_PORT']}"
+        assert st["temporal"]["namespace"] == "default" and st["temporal"]["problem"] is None
+        lost = json.loads(thaw({**env, "THAW_TEMPORAL_NAMESPACE": "nope"}, "status", "--json").stdout)["temporal"]
+        assert lost["reachable"] and lost["problem"].endswith("has no namespace 'nope' (THAW_TEMPORAL_NAMESPACE; "
+                                                               "`temporal operator namespace create` makes one)")
         assert st["registry"]["status"] == "ok" and st["state_dir"] == env["THAW_STATE_DIR"]
         pids = (st["temporal"]["pid"], st["worker"]["pid"])
 

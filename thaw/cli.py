@@ -135,7 +135,7 @@ def status(cfg, name, as_json):
     run = lambda pid: f"running (pid {pid})" if pid else "stopped"
     click.echo(f"state dir  {st['state_dir']}")
     temporal = run(t["pid"]) if t["pid"] or not t["reachable"] else "reachable (not started by this state dir)"
-    click.echo(f"temporal   {temporal}  {t['address']}  UI {t['ui']}")
+    click.echo(f"temporal   {temporal}  {t['address']}  UI {t['ui']}" + (f"  ({t['problem']})" if t["problem"] else ""))
     click.echo(f"worker     {run(w['pid'])}  queue {w['task_queue']}")
     click.echo(f"api        {run(st['api']['pid'])}  {st['api']['url']}  token {st['api']['token_file']}")
     a = st["agent"]

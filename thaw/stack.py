@@ -310,10 +310,12 @@ def status(cfg: Config) -> dict:
         registry = "ok"
     except Exception as e:  # a down PostgreSQL must not hide the rest of the status
         registry = f"unreachable: {first_line(e)}"
+    reachable = port_open(*_host_port(cfg.temporal_address))
     return {
         "state_dir": str(cfg.state_dir),
-        "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"],
-                     "reachable": port_open(*_host_port(cfg.temporal_address)), "ui": cfg.temporal_ui_url},
+        "temporal": {"address": cfg.temporal_address, "pid": procs["temporal"], "reachable": reachable,
+                     "namespace": cfg.temporal_namespace, "problem": _temporal_problem(cfg) if reachable else None,
+                     "ui": cfg.temporal_ui_url},
         "worker": {"pid": procs["worker"], "task_queue": cfg.build_task_queue},
         "s3": {"pid": procs.get("s3"), "endpoint": cfg.s3_endpoint, "bucket": cfg.s3_bucket,
                "embedded": cfg.s3_embedded},
@@ -323,6 +325,25 @@ def status(cfg: Config) -> dict:
         "registry": {"url": _redact(cfg.registry_url), "status": registry, **counts},
         "store": {"dir": str(cfg.store_dir), "objects": store_objects, "bytes": store_bytes},
     }
+
+
+def _temporal_problem(cfg: Config, timeout_s: float = 3.0) -> str | None:
+    """Why thaw's commands cannot use the Temporal that answers on its port (a namespace it lacks, say)."""
+    import asyncio
+
+    from .client import TemporalUnreachable, connect
+
+    async def check():
+        async with asyncio.timeout(timeout_s):  # a port that takes connections and says nothing: the SDK waits 30 s
+            await connect(cfg)
+
+    try:
+        asyncio.run(check())
+    except TemporalUnreachable as e:
+        return str(e)
+    except TimeoutError:
+        return f"Temporal at {cfg.temporal_address} did not answer within {timeout_s:g} s"
+    return None
 
 
 def _redact(url: str) -> str:
