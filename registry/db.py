@@ -58,7 +58,6 @@ def _add_missing_columns(eng: Engine) -> None:
                             raise
 
 
-
 def _add_missing_indexes(eng: Engine) -> None:
     """Tables made by an older thaw gain the indexes added since (create_all makes them only with a new table)."""
     for table in SQLModel.metadata.sorted_tables:
