@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -13,7 +14,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
 
+from thaw.errors import first_line
+
 from . import models  # noqa: F401  (registers the tables)
+
+log = logging.getLogger("thaw.registry")
 
 
 @lru_cache(maxsize=8)
@@ -59,15 +64,22 @@ def _add_missing_columns(eng: Engine) -> None:
 
 
 def _add_missing_indexes(eng: Engine) -> None:
-    """Tables made by an older thaw gain the indexes added since (create_all makes them only with a new table)."""
+    """Tables made by an older thaw gain the indexes added since (create_all makes them only with a new table).
+    Only missing ones are created (PostgreSQL locks the table for a CREATE INDEX even where it exists). One that
+    cannot be made (a role that does not own the table) is only slower lookups: a warning, not a failure."""
+    insp = inspect(eng)
     for table in SQLModel.metadata.sorted_tables:
+        have = {i["name"] for i in insp.get_indexes(table.name)}
         for index in table.indexes:
+            if index.name in have:
+                continue
             try:
                 with eng.begin() as conn:
                     conn.execute(CreateIndex(index, if_not_exists=True))
-            except DBAPIError:  # PostgreSQL: another process made it between the check and the create
+            except DBAPIError as e:  # another process made it meanwhile, or this role may not
                 if index.name not in {i["name"] for i in inspect(eng).get_indexes(table.name)}:
-                    raise
+                    log.warning("registry: index %s on %s not created (lookups by %s scan the table): %s",
+                                index.name, table.name, ", ".join(c.name for c in index.columns), first_line(e))
 
 
 @contextmanager

@@ -161,11 +161,12 @@ def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent,
         dead = cfg.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})  # the registry still lists
         res = CliRunner().invoke(cli, ["deployments", "ls"], obj=dead)
         assert res.exit_code == 0 and f"{snap[:12]} 0..3           1       0 ?" in res.output, res.output
-        assert "(POOL ?: Temporal did not answer)" in res.output
+        assert f"(POOL ?: cannot reach Temporal at {dead.temporal_address} " in res.output, res.output
         # a namespace the server lacks: its "not found" is not "no such pool" (the pool would read as ended)
         lost = cfg.model_copy(update={"temporal_namespace": "no-such-namespace"})
         res = CliRunner().invoke(cli, ["deployments", "ls"], obj=lost)
         assert res.exit_code == 0 and f"{snap[:12]} 0..3           1       0 ?" in res.output, res.output
+        assert "(POOL ?: Temporal at " in res.output and "has no namespace 'no-such-namespace'" in res.output
         res = CliRunner().invoke(cli, ["scale", "web", "1"], obj=lost)
         assert res.exit_code == 1 and res.output.strip().splitlines()[-1] == (
             f"error: Temporal at {cfg.temporal_address} has no namespace 'no-such-namespace' "

@@ -511,35 +511,31 @@ def snapshots_rm(cfg, digest):
     from thaw.registry import deployments, queries
     from thaw.registry import snapshots as q
     from thaw.runtime.pool import PoolUnreachable
+    from .client import TemporalUnreachable
 
     try:
         row = q.get(cfg.registry_url, digest)
         names = [d.name for d in deployments.list_all(cfg.registry_url) if d.snapshot_digest == row.digest]
         running = _pools_running(cfg, names) if names else set()
         row, forgotten = q.remove(cfg.registry_url, row.digest, lambda name: name in running, cfg.host_stale_s)
-    except (queries.NotFound, queries.InUse, PoolUnreachable) as e:  # Temporal silent: its pools may run
-        _fail(str(e))
+    except (queries.NotFound, queries.InUse, PoolUnreachable, TemporalUnreachable) as e:  # Temporal silent:
+        _fail(str(e))  # its pools may run
     click.echo(f"snapshot {row.digest[:16]} removed" + (f" with its ended deployment(s) {', '.join(forgotten)}"
                                                         if forgotten else "")
                + "; `thaw gc` frees the store objects only it used")
 
 
-def _pools_running(cfg, names: list[str], unknown_ok: bool = False) -> set[str] | None:
-    """The deployments among ``names`` whose pool workflow is running. ``unknown_ok``: None where Temporal does
-    not answer (else a one-line failure, or PoolUnreachable)."""
+def _pools_running(cfg, names: list[str]) -> set[str]:
+    """The deployments among ``names`` whose pool workflow is running (TemporalUnreachable, PoolUnreachable: where
+    Temporal does not say)."""
     from thaw.runtime import pool
-    from .client import TemporalUnreachable, connect
+    from .client import connect
 
     async def go():
-        client = await (connect(cfg) if unknown_ok else _connect(cfg))
+        client = await connect(cfg)
         return {name for name in names if await pool.running(client, name)}
 
-    try:
-        return asyncio.run(go())
-    except (TemporalUnreachable, pool.PoolUnreachable):
-        if unknown_ok:
-            return None
-        raise
+    return asyncio.run(go())
 
 
 BUILD_WORKFLOWS = ("BuildImage", "BuildSnapshot")
@@ -926,9 +922,14 @@ def deployments_ls(cfg, as_json):
     """Every deployment: snapshot, replica bounds, buffer, replicas serving on live hosts, and whether its pool
     runs (an undeployed one stays listed, ended, until its snapshot is removed)."""
     from thaw.registry import deployments
+    from thaw.runtime.pool import PoolUnreachable
+    from .client import TemporalUnreachable
 
     rows = deployments.list_all(cfg.registry_url)
-    running = _pools_running(cfg, [d.name for d in rows], unknown_ok=True) if rows else set()
+    try:
+        running, unknown = _pools_running(cfg, [d.name for d in rows]) if rows else set(), None
+    except (TemporalUnreachable, PoolUnreachable) as e:
+        running, unknown = None, first_line(e)
     serving = Counter(r.deployment for r in deployments.serving(cfg))
     out = [{**deployments.summary(d), "serving": serving[d.name],
             "pool": "?" if running is None else "running" if d.name in running else "ended"} for d in rows]
@@ -940,8 +941,8 @@ def deployments_ls(cfg, as_json):
         bounds = f"{d['min']}..{d['max']}"
         click.echo(f"{d['name']:<16} {d['snapshot'][:12]:<12} {bounds:<9} {d['buffer']:>6} {d['serving']:>7} "
                    f"{d['pool']}")
-    if running is None:
-        click.echo("(POOL ?: Temporal did not answer)", err=True)
+    if unknown:
+        click.echo(f"(POOL ?: {unknown})", err=True)
 
 
 @cli.group()

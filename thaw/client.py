@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
@@ -25,7 +26,8 @@ async def connect(cfg: Config) -> Client:
         raise TemporalUnreachable(f"cannot reach Temporal at {cfg.temporal_address} (`thaw up` starts one; "
                                   f"THAW_TEMPORAL_ADDRESS / --temporal-address): {_why(e)}") from None
     try:
-        await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=cfg.temporal_namespace))
+        await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=cfg.temporal_namespace),
+                                                         retry=True, timeout=timedelta(seconds=10))
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             raise TemporalUnreachable(f"Temporal at {cfg.temporal_address} has no namespace "

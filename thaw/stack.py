@@ -343,6 +343,8 @@ def _temporal_problem(cfg: Config, timeout_s: float = 3.0) -> str | None:
         return str(e)
     except TimeoutError:
         return f"Temporal at {cfg.temporal_address} did not answer within {timeout_s:g} s"
+    except Exception as e:  # noqa: BLE001 - whatever it is, the rest of the status still shows
+        return first_line(e, typed=True)
     return None
 
 
