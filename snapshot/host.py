@@ -261,6 +261,13 @@ def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def dir_id(kind: str, name: str) -> str:
+    """``name``, a build's or a replica's id, where it is safe as a directory name; SnapshotError else."""
+    if not BUILD_ID.fullmatch(name):
+        raise SnapshotError(f"{kind} id {name!r}: {BUILD_ID_RULE}")
+    return name
+
+
 def cold_id(rid: str) -> str:
     """The name of replica ``rid``'s dirs when it cold-boots (a fallback keeps the id of its failed restore)."""
     return f"{rid}.cold"
@@ -270,8 +277,7 @@ def ended_logs(work_dir: Path, rid: str, n: int) -> str | None:
     """The end of the logs replica ``rid`` left on this host (``n`` bytes shared among them): those of a failed
     start (its restore's and CRIU's, its fallback cold boot's) or of a replica that died, each headed
     ``==> path <==`` as tail heads them (not CRIU's binary stats file); None when it left none."""
-    if not BUILD_ID.fullmatch(rid):
-        raise SnapshotError(f"replica id {rid!r}: {BUILD_ID_RULE}")
+    dir_id("replica", rid)
     files = [p for d in (rid, cold_id(rid)) for p in sorted((work_dir / LOGS / d).glob("*.log")) if p.is_file()]
     return "\n\n".join(f"==> {p} <==\n{tail(p, max(1, n // len(files)))}" for p in files) or None
 
@@ -569,9 +575,7 @@ class HostSnapshots:
 
     # -- build --------------------------------------------------------------------------------------
     def _build_dir(self, build_id: str) -> Path:
-        if not BUILD_ID.fullmatch(build_id):
-            raise SnapshotError(f"build id {build_id!r}: {BUILD_ID_RULE}")
-        return self.cfg.work_dir / "builds" / build_id
+        return self.cfg.work_dir / "builds" / dir_id("build", build_id)
 
     def finished_builds(self) -> list[str]:
         """Ids of the builds whose checkpoint finished on this host and whose dir is still here."""
