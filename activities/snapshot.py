@@ -13,7 +13,7 @@ from thaw.registry import images, snapshots
 from thaw.registry.models import Snapshot
 from thaw.registry.queries import NotFound
 from thaw.workflows.build_snapshot import (
-    BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
+    DEFAULT_PORT, BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
 
 from .build_image import user_errors_fail_fast
 
@@ -34,8 +34,24 @@ def live_host(cfg: Config, host_id: str = ""):
     return live[0]
 
 
+def image_port(config: dict) -> int:
+    """The port a server of this image listens on: its one exposed TCP port (``ExposedPorts``), else 8080."""
+    ports = set()
+    for key in config.get("ExposedPorts") or {}:
+        number, _, proto = str(key).partition("/")
+        if (proto or "tcp").lower() != "tcp":
+            continue
+        if not number.isdigit() or not 1 <= int(number) <= 65535:
+            raise NotFound(f"the image's ExposedPorts has {str(key)[:40]!r}, not PORT[/tcp]: give the port with --port")
+        ports.add(int(number))
+    if len(ports) > 1:
+        raise NotFound(f"the image exposes TCP ports {', '.join(map(str, sorted(ports)))}: say which one the server "
+                       f"answers on with --port")
+    return ports.pop() if ports else DEFAULT_PORT
+
+
 def image_defaults(spec, config: dict):
-    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir)."""
+    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir, ExposedPorts)."""
     cmd = spec.cmd or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
     if not cmd:
         raise NotFound("the image has no Cmd/Entrypoint: give the command with --cmd")
@@ -44,7 +60,8 @@ def image_defaults(spec, config: dict):
     leaked = sorted(set(spec.secrets) & set(env))
     if leaked:
         raise NotFound(f"secret(s) {', '.join(leaked)} also set as plain env; a secret must not be in the snapshot")
-    return replace(spec, cmd=list(cmd), env=env, cwd=spec.cwd or config.get("WorkingDir") or "/")
+    return replace(spec, cmd=list(cmd), env=env, cwd=spec.cwd or config.get("WorkingDir") or "/",
+                   port=spec.port or image_port(config))
 
 
 class SnapshotActivities:

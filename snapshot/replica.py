@@ -32,6 +32,7 @@ NSINIT = Path(__file__).with_name("_nsinit.py")
 REAP = Path(__file__).with_name("_reap.py")
 UNSHARE = ["unshare", "--net", "--uts", "--ipc"]
 UNSHARE_ROOT = ["--pid", "--fork", "--mount", "--propagation", "private"]  # with a root of its own
+TCP_LISTEN = "0A"  # the state column of a listening socket in /proc/PID/net/tcp
 
 
 class ReplicaError(RuntimeError):
@@ -169,8 +170,30 @@ class Replica:
                 last = f"{type(e).__name__}: {e}"
             if time.monotonic() > deadline:
                 raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} not 200 after {timeout:g}s "
-                                   f"({last}); log {self.log_path}: {tail(self.log_path, 300)!r}")
+                                   f"({last}{self._listening_note(port)}); log {self.log_path}: "
+                                   f"{tail(self.log_path, 300)!r}")
             time.sleep(0.02)
+
+
+    def listening_ports(self) -> set[int]:
+        """The TCP ports something listens on in the replica's network namespace (its own: only its processes')."""
+        ports = set()
+        for name in ("tcp", "tcp6"):
+            with contextlib.suppress(OSError):  # gone, or no IPv6
+                for line in Path(f"/proc/{self.pid}/net/{name}").read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == TCP_LISTEN:
+                        ports.add(int(fields[1].rpartition(":")[2], 16))
+        return ports
+
+    def _listening_note(self, port: int) -> str:
+        """For a readiness timeout: where the server listens, when that is not ``port``."""
+        ports = self.listening_ports()
+        if port in ports:
+            return ""
+        if not ports:
+            return "; nothing listens on a TCP port in the replica"
+        return f"; the server listens on TCP port {', '.join(map(str, sorted(ports)))}, not {port} (--port)"
 
 
 class _NetnsHTTPConnection(http.client.HTTPConnection):

@@ -528,6 +528,26 @@ def test_launch_failures_are_reported(roots, work):
 
 
 @needs_criu
+def test_a_server_on_another_port_is_named_when_readiness_times_out(roots, work):
+    """The server listens on 8081, the host waits on 8080: the timeout says where it listens (its own network
+    namespace: nothing else of the host shows); while nothing listens yet, it says that."""
+    replica = start(roots(), work, "other-port", data_mb=1, PORT=str(PORT + 1))
+    try:
+        replica.wait_ready(PORT + 1, "/health", timeout=60)
+        assert replica.listening_ports() == {PORT + 1}
+        with pytest.raises(ReplicaError, match=f"listens on TCP port {PORT + 1}, not {PORT} \\(--port\\)"):
+            replica.wait_ready(PORT, "/health", timeout=1)
+    finally:
+        replica.stop()
+    idle = launch(roots().path, [PYTHON, "-c", "import time; time.sleep(60)"], {}, "/", work / "idle.log")
+    try:
+        with pytest.raises(ReplicaError, match="nothing listens on a TCP port in the replica"):
+            idle.wait_healthy(PORT, "/health", timeout=1)
+    finally:
+        idle.stop()
+
+
+@needs_criu
 def test_broken_images_fail_with_the_log_named(snapshot, roots, work):
     cp, _ = snapshot
     truncated, garbled = work / "images-truncated", work / "images-garbled"

@@ -71,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if thaw_sdk.handle(self):
+        if os.environ.get("SDK") != "0" and thaw_sdk.handle(self):  # SDK=0: a server without thaw's hooks
             return
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path == "/health":
@@ -105,19 +105,20 @@ def rootfs(tmp_path_factory):
                          {"server.py": SERVER, "thaw_sdk.py": Path(sdk.__file__).read_text()})
 
 
-def image_config(tmp_path, data_mb=DATA_MB, **env) -> Path:
+def image_config(tmp_path, data_mb=DATA_MB, port=PORT, exposed=(), **env) -> Path:
     f = tmp_path / "image-config.json"
     f.write_text(json.dumps({"Cmd": ["python3", "-I", "/app/server.py"], "WorkingDir": "/app",
-                             "Env": ["PATH=/usr/bin", f"PORT={PORT}", f"DATA_MB={data_mb}", "MARKER=m",
-                                     *(f"{k}={v}" for k, v in env.items())]}))
+                             "Env": ["PATH=/usr/bin", f"PORT={port}", f"DATA_MB={data_mb}", "MARKER=m",
+                                     *(f"{k}={v}" for k, v in env.items())],
+                             **({"ExposedPorts": {p: {} for p in exposed}} if exposed else {})}))
     return f
 
 
-def build_snapshot(thaw_cli, image, tmp_path, *extra, ok=True):
+def build_snapshot(thaw_cli, image, tmp_path, *extra, ok=True, port=PORT):
     golden = tmp_path / "golden.json"
     golden.write_text("{}")
-    res = thaw_cli("build", "snapshot", image, "--port", str(PORT), "--health", "/health", "--golden", str(golden),
-                   "--golden-path", "/answer-stable", *extra, "--json", ok=ok)
+    res = thaw_cli("build", "snapshot", image, *(("--port", str(port)) if port else ()), "--health", "/health",
+                   "--golden", str(golden), "--golden-path", "/answer-stable", *extra, "--json", ok=ok)
     return json.loads(res.output) if ok else res
 
 
@@ -377,6 +378,45 @@ def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, 
     assert list((cfg.work_dir / "builds").iterdir()) == []  # nor left on the host: the stored dump went too
     with pytest.raises(SnapshotError, match=r"build id '\.\./x'"):
         agent.host.discard("../x")
+
+
+def test_the_servers_port_is_the_images_exposed_one_unless_given(cfg, worker, agent, thaw_cli, rootfs, tmp_path):
+    """Without --port the server's port is the image's one exposed TCP port (UDP ones aside); an image that
+    exposes several, or one that is not a port, is a one-line error before anything launches."""
+    def img(exposed, port=PORT):
+        return json.loads(thaw_cli("build", "image", str(rootfs), "--config",
+                                   str(image_config(tmp_path, port=port, exposed=exposed)), "--json").output)["digest"]
+    other = PORT + 11  # not the default 8080: only the image's config can name it
+    snap = build_snapshot(thaw_cli, img([f"{other}/tcp", "53/udp"], port=other), tmp_path, port=None)
+    assert snapshots.get(cfg.registry_url, snap["digest"]).spec["port"] == other
+    assert restore(thaw_cli, snap["digest"])["replicas"][0]["outcome"] == "restored"
+    for exposed, error in (([f"{PORT}/tcp", "9000"], f"the image exposes TCP ports {PORT}, 9000: say which one"),
+                           (["http"], "the image's ExposedPorts has 'http', not PORT[/tcp]: give the port with --port")):
+        image = img(exposed)
+        res = build_snapshot(thaw_cli, image, tmp_path, port=None, ok=False)
+        assert res.exit_code == 1 and error in res.output and res.output.count("\n") <= 2, res.output
+        assert build_snapshot(thaw_cli, image, tmp_path)["digest"]  # --port settles it
+    assert len(snapshots.list_all(cfg.registry_url)) == 3
+
+
+def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, agent, thaw_cli, image, tmp_path):
+    """Secrets and a deployment's env reach a restored replica only through the SDK's after-restore hook: a
+    snapshot of a server without it refuses --secret at build and --env/--secret at deploy (every replica would
+    cold-boot), nothing registered; without them it builds, restores and deploys."""
+    thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
+    res = build_snapshot(thaw_cli, image, tmp_path, "--env", "SDK=0", "--secret", "API_KEY", ok=False)
+    assert res.exit_code == 1 and "the server does not use thaw_sdk" in res.output and "API_KEY" in res.output
+    assert res.output.count("\n") <= 2 and snapshots.list_all(cfg.registry_url) == [], res.output
+    plain = build_snapshot(thaw_cli, image, tmp_path, "--env", "SDK=0")["digest"]
+    assert snapshots.get(cfg.registry_url, plain).host_facts["sdk"] is False
+    assert restore(thaw_cli, plain)["replicas"][0]["outcome"] == "restored"
+    for extra, given in ((("--env", "A=1"), "--env"), (("--secret", "API_KEY"), "--secret")):
+        res = thaw_cli("deploy", "nosdk", "--snapshot", plain, *extra, ok=False)
+        assert res.exit_code == 1 and f"server does not use thaw_sdk: {given} reach" in res.output, res.output
+    assert deployments.list_all(cfg.registry_url) == []
+    with_sdk = build_snapshot(thaw_cli, image, tmp_path)["digest"]
+    assert snapshots.get(cfg.registry_url, with_sdk).host_facts["sdk"] is True
+    assert snapshots.get(cfg.registry_url, with_sdk).compat_key == snapshots.get(cfg.registry_url, plain).compat_key
 
 
 def _agent_proc(cfg) -> subprocess.Popen:

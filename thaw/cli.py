@@ -407,18 +407,22 @@ def _pairs(items, what):
 @build.command("snapshot")
 @click.argument("image")
 @click.option("--cmd", help="Command line (shell words); default the image's Entrypoint + Cmd.")
-@click.option("--port", type=PORT, default=8080, show_default=True, help="Port the server listens on.")
+@click.option("--port", type=PORT, help="Port the server listens on [default: the image's one exposed TCP port, "
+                                         "else 8080].")
 @click.option("--health", default="/healthz", show_default=True, help="Health-check path (200 = ready).")
 @click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="JSON body of the golden request (POSTed), replayed after every restore.")
 @click.option("--golden-path", default="/", show_default=True, help="Path the golden request goes to.")
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds the server may take from launch to ready (loading its model).")
 @click.option("--env", "env", multiple=True, help="NAME=VALUE, part of the snapshot.")
 @click.option("--secret", "secrets", multiple=True,
               help="NAME of a secret (set with `thaw secrets set`): injected after restore, never in the snapshot.")
 @click.option("--host", default="", help="Host id to build on (default: any live agent).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env, secrets, host, as_json):
+def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, ready_timeout, env, secrets, host,
+                   as_json):
     """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it."""
     import base64
     import shlex
@@ -434,8 +438,8 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, env,
     for option, path in (("--health", health), ("--golden-path", golden_path)):
         if not path.startswith("/"):
             _fail(f"{option} {path!r}: a path on the server, starting with /")
-    spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port, health=health, env=_pairs(env, "--env"),
-                     secrets=list(secrets))
+    spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port or 0, health=health, env=_pairs(env, "--env"),
+                     secrets=list(secrets), ready_timeout_s=ready_timeout)
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         _fail(error)

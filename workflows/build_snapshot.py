@@ -31,10 +31,13 @@ class Golden:
     content_type: str = "application/json"
 
 
+DEFAULT_PORT = 8080  # a server's port when neither --port nor the image's ExposedPorts names one
+
+
 @dataclass
 class ModelSpec:
     cmd: list[str] = field(default_factory=list)  # empty: the image's Entrypoint + Cmd
-    port: int = 8080
+    port: int = 0  # 0: the image's one exposed TCP port, else DEFAULT_PORT
     health: str = "/healthz"
     env: dict[str, str] = field(default_factory=dict)  # plain env, part of the snapshot
     secrets: list[str] = field(default_factory=list)  # names only; values injected by the host after restore
