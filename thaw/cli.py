@@ -29,6 +29,7 @@ def _fail(msg: str) -> None:
 
 
 PORT = click.IntRange(1, 65535)
+STAGE_FORMAT = "{desc}[{elapsed}]"  # a workflow's progress line while no activity counts bytes
 STAGE_ORDER = ["fetch", "prefetch", "root", "criu", "hooks", "health", "boot", "replay", "total"]
 
 
@@ -226,7 +227,7 @@ async def _follow(handle, client, show_progress: bool, task_queue: str | None = 
 
     result = asyncio.ensure_future(handle.result())
     bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress, file=sys.stderr,
-               dynamic_ncols=True)
+               dynamic_ncols=True, bar_format=STAGE_FORMAT)  # bytes shown once an activity counts them
     look_at = time.monotonic() + 3
     try:
         while not result.done():
@@ -239,13 +240,18 @@ async def _follow(handle, client, show_progress: bool, task_queue: str | None = 
             try:
                 desc = await handle.describe()
                 for pa in desc.raw_description.pending_activities:
-                    bar.set_description(pa.activity_type.name.replace("_image", "").replace("_source", ""))
+                    what = pa.activity_type.name.replace("_image", "").replace("_source", "")
+                    d = None
                     if pa.heartbeat_details.payloads:
                         (d,) = await client.data_converter.decode(pa.heartbeat_details.payloads)
-                        if isinstance(d, dict) and "done" in d:
-                            bar.total = d.get("total") or None
-                            bar.n = d["done"]
-                            bar.refresh()
+                    if isinstance(d, dict) and d.get("stage"):  # e.g. a launch waiting for its server
+                        what = f"{what}: {d['stage']}"
+                    bar.set_description(what, refresh=False)
+                    if isinstance(d, dict) and "done" in d:
+                        bar.bar_format = None
+                        bar.total = d.get("total") or None
+                        bar.n = d["done"]
+                    bar.refresh()
             except Exception:
                 pass
             await asyncio.wait([result], timeout=0.3)
@@ -447,7 +453,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, read
     inp = BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout, activity_timeout_s=cfg.activity_timeout)
     wid, run_id, url, res = _run_workflow(
         cfg, BuildSnapshot.run, inp,
-        f"build-snapshot-{uuid.uuid4().hex[:12]}", f"snapshot of image {image}", as_json, progress=False)
+        f"build-snapshot-{uuid.uuid4().hex[:12]}", f"snapshot of image {image}", as_json)
     if as_json:
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "run_id": run_id, "ui": url}))
         return
