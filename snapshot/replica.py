@@ -228,12 +228,17 @@ def _hook_failed(replica: Replica, path: str, status: int, resp: bytes) -> HookF
 
 def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) -> bool:
     """POST the server's /thaw/before-snapshot: its SDK's before-snapshot callbacks (e.g. ``park_weights``) run.
-    True once they ran; False for a server without the hook (any other answer that is not the SDK's); HookFailed
-    when the SDK says a callback failed: nothing may be snapshotted then."""
+    True once they ran (the SDK's answer: 200 with ``{"callbacks": N}``); False for a server without the hook (any
+    other answer, such as a server's 200 to every POST); HookFailed when the SDK says a callback failed: nothing
+    may be snapshotted then."""
     status, resp = replica.http_request("POST", BEFORE_SNAPSHOT_PATH, b"{}", port, timeout,
                                         content_type="application/json")
     if status == 200:
-        return True
+        try:
+            reply = json.loads(resp)
+        except ValueError:
+            reply = None
+        return isinstance(reply, dict) and "callbacks" in reply
     if failed := _hook_failed(replica, BEFORE_SNAPSHOT_PATH, status, resp):
         raise failed
     return False
@@ -253,7 +258,7 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
         reply = json.loads(resp or b"{}")
     except ValueError:
         reply = None
-    if not isinstance(reply, dict):
+    if not isinstance(reply, dict) or "env" not in reply:  # the SDK says which env it took
         raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered 200 with {resp[:80]!r}, not "
                            f"the thaw SDK's JSON (does the server use thaw_sdk?)")
     missing = sorted(set(secrets or {}) - set(reply.get("env") or []))

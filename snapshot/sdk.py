@@ -7,7 +7,8 @@ Convention (the host side is ``thaw.snapshot.replica``):
   A server without it is snapshotted once its health path answers 200.
 - ``POST /thaw/before-snapshot``: sent by the host after the golden request, right before the checkpoint. The
   SDK runs the callbacks registered with ``@on_before_snapshot`` (a failing one fails the snapshot: nothing
-  is stored), then hands free heap back to the kernel. A failing callback of either hook answers 500 with
+  is stored), then hands free heap back to the kernel, and answers 200 with ``{"callbacks": N}`` (how the host
+  tells the SDK from a server that answers every POST). A failing callback of either hook answers 500 with
   ``{"error": "<type> in a callback of <path> ..."}``.
 - ``POST /thaw/after-restore`` with ``{"env": {...}, "restore_id": "..."}``: sent by the host right after a
   restore. Secrets are never in the environment at launch (so never in the snapshot); they arrive here. The

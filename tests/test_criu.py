@@ -669,19 +669,20 @@ HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 
 def test_a_host_root_replica_takes_its_children_and_a_server_without_the_sdk_is_told_apart(work):
     """Without a root of its own a replica has no pid namespace: stop() must take its children too (they kept
-    the port and GPU before). A server without the SDK that answers 200 to anything did not take the secrets:
-    after_restore says so in one line instead of a JSONDecodeError or a silent success."""
+    the port and GPU before). A server without the SDK that answers 200 to anything is told apart: its
+    before-snapshot "hook" is not the SDK's, and after_restore says so in one line instead of a JSONDecodeError or
+    a silent success."""
     child_file = work / "child.pid"
     replica = launch(None, [PYTHON, "-I", "-c", CATCH_ALL, str(child_file)],
                      {"PATH": "/usr/bin:/bin", "PORT": str(PORT)}, "/", work / "catch-all.log")
     try:
         replica.wait_ready(PORT, "/health", timeout=60)
         child = int(child_file.read_text())
-        with pytest.raises(ReplicaError, match="not the thaw SDK's JSON") as e:
-            after_restore(replica, PORT, {})
-        assert "\n" not in str(e.value)
-        with pytest.raises(ReplicaError, match="did not take API_KEY"):
-            after_restore(replica, PORT, {"API_KEY": SECRET})
+        assert before_snapshot(replica, PORT) is False
+        for secrets in ({}, {"API_KEY": SECRET}):
+            with pytest.raises(ReplicaError, match="not the thaw SDK's JSON") as e:
+                after_restore(replica, PORT, secrets)
+            assert "\n" not in str(e.value)
         assert Path(f"/proc/{child}").exists()
     finally:
         replica.stop()

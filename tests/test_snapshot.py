@@ -412,7 +412,7 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
     assert restore(thaw_cli, plain)["replicas"][0]["outcome"] == "restored"
     for extra, given in ((("--env", "A=1"), "--env"), (("--secret", "API_KEY"), "--secret")):
         res = thaw_cli("deploy", "nosdk", "--snapshot", plain, *extra, ok=False)
-        assert res.exit_code == 1 and f"server does not use thaw_sdk: {given} reach" in res.output, res.output
+        assert res.exit_code == 1 and f"server does not use thaw_sdk: {given} reaches a restored" in res.output, res.output
     assert deployments.list_all(cfg.registry_url) == []
     with_sdk = build_snapshot(thaw_cli, image, tmp_path)["digest"]
     assert snapshots.get(cfg.registry_url, with_sdk).host_facts["sdk"] is True
