@@ -51,7 +51,7 @@ def image_port(config: dict) -> int:
 
 
 def image_defaults(spec, config: dict):
-    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir, ExposedPorts)."""
+    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir, ExposedPorts, User)."""
     cmd = spec.cmd or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
     if not cmd:
         raise NotFound("the image has no Cmd/Entrypoint: give the command with --cmd")
@@ -61,7 +61,7 @@ def image_defaults(spec, config: dict):
     if leaked:
         raise NotFound(f"secret(s) {', '.join(leaked)} also set as plain env; a secret must not be in the snapshot")
     return replace(spec, cmd=list(cmd), env=env, cwd=spec.cwd or config.get("WorkingDir") or "/",
-                   port=spec.port or image_port(config))
+                   port=spec.port or image_port(config), user=spec.user or config.get("User") or "")
 
 
 class SnapshotActivities:

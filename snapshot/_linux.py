@@ -75,6 +75,17 @@ def new_netns() -> int:
     return in_thread(make)
 
 
+CAP_SYS_RESOURCE = 24
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process has capability number ``cap`` in its effective set (/proc/self/status CapEff)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
 def mountpoints(pid: int | str = "self") -> list[str]:
     """Every mount point visible to ``pid``."""
     return [m.mountpoint for m in mountinfo(pid)]

@@ -2,7 +2,7 @@
 
 ``init``: pid 1 of a fresh replica, started as ``unshare --pid --fork --mount --net --uts --ipc -- python3 -I -S
 _nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME]
-[--devices NAME:MAJOR:MINOR:MODE,...] -- argv...``
+[--devices NAME:MAJOR:MINOR:MODE,...] [--user USER[:GROUP]] -- argv...``
 (``--root ""``, started without ``--pid --fork --mount``: the host's filesystem and pids, so step 3 and 4 bring
 only loopback up and set the hostname).
 Before it exec()s the workload it
@@ -15,8 +15,10 @@ Before it exec()s the workload it
 4. pivot_root(ROOT) and detaches the old root, so the mount namespace holds only ROOT and these mounts
    (CRIU dumps exactly these and restores them under a new ``--root``);
 5. setsid() (session leader, so CRIU needs no --shell-job), stdin = /dev/null inside the root, stdout and
-   stderr = the log fd, closes every other fd, chdir(cwd), reports ``exec`` and execs argv with exactly the
-   given environment.
+   stderr = the log fd, closes every other fd;
+6. with ``--user USER[:GROUP]`` (the image's ``User``: names or ids, as Docker reads them from the root's
+   /etc/passwd and /etc/group) takes that user's groups, gid and uid, and HOME unless the env has one;
+7. chdir(cwd), reports ``exec`` and execs argv with exactly the given environment.
 
 Status fd protocol: ``pid <hostpid>``, then ``exec`` or ``error <message>``, one per line.
 
@@ -125,6 +127,49 @@ def setup_root(root, hostname, devices=()):
     os.chdir("/")
 
 
+def _table(path):
+    """The colon-separated entries of /etc/passwd or /etc/group (none where the file is missing)."""
+    try:
+        with open(path) as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except FileNotFoundError:
+        return []
+
+
+def resolve_user(spec):
+    """Docker's ``USER`` value -> (uid, gid, supplementary gids, home). ``user`` and ``group`` are names or
+    numbers; a name must be in the root's /etc/passwd (/etc/group); a number need not be (then gid 0, home /).
+    Without a group: the user's primary group, plus every group that lists the user as a member."""
+    user, _, group = spec.partition(":")
+    passwd = [e for e in _table("/etc/passwd") if len(e) >= 7]
+    entry = next((e for e in passwd if e[0] == user), None)
+    if entry is None and user.isdigit():
+        entry = next((e for e in passwd if e[2] == user), None)
+    if entry is None and not user.isdigit():
+        raise RuntimeError(f"user {user!r} (the image's User) is not in the image's /etc/passwd")
+    uid = int(entry[2]) if entry else int(user)
+    gid, home, name = (int(entry[3]), entry[5] or "/", entry[0]) if entry else (0, "/", None)
+    groups = [e for e in _table("/etc/group") if len(e) >= 4]
+    if group:
+        match = next((e for e in groups if e[0] == group), None)
+        if match is None and not group.isdigit():
+            raise RuntimeError(f"group {group!r} (the image's User) is not in the image's /etc/group")
+        gid = int(match[2]) if match else int(group)
+        extra = [gid]
+    else:
+        extra = [gid] + [int(e[2]) for e in groups if name and name in e[3].split(",") and e[2].isdigit()]
+    return uid, gid, sorted(set(extra)), home
+
+
+def become(spec, env):
+    """Drop to the image's user (``--user``): groups first, then gid, then uid."""
+    uid, gid, extra, home = resolve_user(spec)
+    os.setgroups(extra)
+    os.setgid(gid)
+    os.setuid(uid)
+    env.setdefault("HOME", home)
+
+
 def read_env(fd):
     with os.fdopen(fd, "rb") as f:
         data = f.read()
@@ -138,7 +183,7 @@ def read_env(fd):
 
 def init(args):
     opts = {"--root": None, "--status-fd": "-1", "--env-fd": None, "--log-fd": None, "--cwd": "/",
-            "--hostname": "thaw", "--devices": ""}
+            "--hostname": "thaw", "--devices": "", "--user": ""}
     sep = args.index("--")
     for key, val in zip(args[:sep:2], args[1:sep:2]):
         if key not in opts:
@@ -175,6 +220,8 @@ def init(args):
         if status_fd >= 0:
             os.closerange(3, status_fd)
         os.closerange(max(3, status_fd + 1), os.sysconf("SC_OPEN_MAX"))
+        if opts["--user"]:
+            become(opts["--user"], env)
         os.chdir(opts["--cwd"])
         report("exec")
         if status_fd >= 0:

@@ -292,6 +292,11 @@ def release_dead(cfg: Config) -> None:
     cgroup.remove(cgroup.path_of(replicas_cgroup(cfg.host_id)), wait_s=5)  # its replicas were just SIGKILLed
 
 
+def is_root(user: str) -> bool:
+    """Whether a Docker ``User`` value (``user[:group]``, names or ids; empty: the default) is root's."""
+    return all(part in ("", "root", "0") for part in user.split(":", 1))
+
+
 def replicas_cgroup(host_id: str) -> str:
     """The name of the cgroup a host's replicas run in (snapshot/cgroup.py)."""
     return f"thaw-replicas-{host_id}"
@@ -445,7 +450,8 @@ class HostSnapshots:
                 ) -> criu.Replica:
         gpu = self.gpu
         return criu.launch(root.path, spec["cmd"], gpu.env(env, slot) if gpu else env, spec.get("cwd") or "/",
-                           log_path, devices=gpu.devices_for(slot) if gpu else (), cg=self.cgroup)
+                           log_path, devices=gpu.devices_for(slot) if gpu else (), cg=self.cgroup,
+                           user=spec.get("user") or "")
 
     def take_gpu(self, snapshot_facts: dict | None = None) -> int | None:
         """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in the order of
@@ -618,6 +624,11 @@ class HostSnapshots:
         done = work / RESULT
         if done.exists():
             return json.loads(done.read_text())
+        user = spec.get("user") or ""
+        if not is_root(user) and not _linux.has_capability(_linux.CAP_SYS_RESOURCE):
+            raise SnapshotError(f"the server runs as user {user!r} (the image's User), and CRIU needs "
+                                f"CAP_SYS_RESOURCE to checkpoint another user's process; host {self.cfg.host_id}'s "
+                                f"agent lacks it (run it with that capability, or build with --user root)")
         clear(work)  # an earlier attempt's leftovers
         work.mkdir(parents=True)
         st = Stages()

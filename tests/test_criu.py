@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -196,10 +197,10 @@ def roots(image, work):
         r.cleanup()
 
 
-def start(root, work, name, data_mb=DATA_MB, **extra):
+def start(root, work, name, data_mb=DATA_MB, user="", **extra):
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "PORT": str(PORT), "DATA_MB": str(data_mb), "MARKER": MARKER,
            **extra}
-    return launch(root.path, [PYTHON, "-I", "/app/server.py"], env, "/app", work / f"{name}.log")
+    return launch(root.path, [PYTHON, "-I", "/app/server.py"], env, "/app", work / f"{name}.log", user=user)
 
 
 @pytest.fixture(scope="module")
@@ -525,6 +526,49 @@ def test_launch_failures_are_reported(roots, work):
     replica.stop()
     with pytest.raises(ReplicaError, match="no-such-dir"):
         launch(roots().path, [PYTHON, "-c", "pass"], {}, "/no-such-dir", work / "nope.log")
+
+
+def creds(pid: int) -> tuple[str, str, str]:
+    """A process's real uid, real gid and supplementary groups, from /proc/PID/status."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return status["Uid"].split()[0], status["Gid"].split()[0], status["Groups"].strip()
+
+
+@needs_criu
+def test_the_images_user_runs_the_server_and_its_restores(roots, work):
+    """The image's User (Docker's USER: a name or id, with or without a group) runs the server, looked up in the
+    root's /etc/passwd and /etc/group (here the host's, the image's lower layer), HOME from there unless set; a
+    restore brings back the same credentials; a name the image does not know is a one-line launch error."""
+    replica = start(roots(), work, "numeric", data_mb=1, user="4321:55", HOME="/app")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        assert creds(replica.pid) == ("4321", "55", "55")
+        assert b"HOME=/app\0" in Path(f"/proc/{replica.pid}/environ").read_bytes()
+    finally:
+        replica.stop()
+    for user, error in (("no-such-user", "user 'no-such-user' (the image's User) is not in the image's /etc/passwd"),
+                        ("nobody:no-such-group", "group 'no-such-group' (the image's User) is not in the image's")):
+        with pytest.raises(ReplicaError, match=re.escape(error)):
+            start(roots(), work, "unknown", data_mb=1, user=user)
+    nobody = pwd.getpwnam("nobody")
+    replica = start(roots(), work, "nobody", data_mb=1, user="nobody")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        want = (str(nobody.pw_uid), str(nobody.pw_gid), str(nobody.pw_gid))
+        assert creds(replica.pid) == want
+        assert f"HOME={nobody.pw_dir}".encode() in Path(f"/proc/{replica.pid}/environ").read_bytes()
+        if not _linux.has_capability(_linux.CAP_SYS_RESOURCE):  # this VM's root lacks it: what the host checks
+            with pytest.raises(CriuError, match="rlimit"):  # (SnapshotError before the launch, test_snapshot)
+                checkpoint(replica, work / "images-nobody")
+            return
+        cp = checkpoint(replica, work / "images-nobody")
+    finally:
+        replica.stop()
+    restored = restore(cp.images_dir, roots().path, work / "nobody-restored.log")
+    try:
+        assert get(restored, "/answer")["marker"] == MARKER and creds(restored.pid) == want
+    finally:
+        restored.stop()
 
 
 @needs_criu

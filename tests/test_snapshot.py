@@ -27,7 +27,7 @@ from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import deployments, snapshots
-from thaw.snapshot import sdk
+from thaw.snapshot import _linux, sdk
 from thaw.snapshot.host import SnapshotError, use_huge_pages
 
 pytestmark = needs_criu
@@ -391,7 +391,7 @@ def test_the_servers_port_is_the_images_exposed_one_unless_given(cfg, worker, ag
     assert snapshots.get(cfg.registry_url, snap["digest"]).spec["port"] == other
     assert restore(thaw_cli, snap["digest"])["replicas"][0]["outcome"] == "restored"
     for exposed, error in (([f"{PORT}/tcp", "9000"], f"the image exposes TCP ports {PORT}, 9000: say which one"),
-                           (["http"], "the image's ExposedPorts has 'http', not PORT[/tcp]: give the port with --port")):
+                           (["http"], "the image's ExposedPorts has 'http', not PORT[/tcp]: give the port")):
         image = img(exposed)
         res = build_snapshot(thaw_cli, image, tmp_path, port=None, ok=False)
         assert res.exit_code == 1 and error in res.output and res.output.count("\n") <= 2, res.output
@@ -412,11 +412,32 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
     assert restore(thaw_cli, plain)["replicas"][0]["outcome"] == "restored"
     for extra, given in ((("--env", "A=1"), "--env"), (("--secret", "API_KEY"), "--secret")):
         res = thaw_cli("deploy", "nosdk", "--snapshot", plain, *extra, ok=False)
-        assert res.exit_code == 1 and f"server does not use thaw_sdk: {given} reaches a restored" in res.output, res.output
+        assert res.exit_code == 1, res.output
+        assert f"server does not use thaw_sdk: {given} reaches a restored" in res.output, res.output
     assert deployments.list_all(cfg.registry_url) == []
     with_sdk = build_snapshot(thaw_cli, image, tmp_path)["digest"]
     assert snapshots.get(cfg.registry_url, with_sdk).host_facts["sdk"] is True
     assert snapshots.get(cfg.registry_url, with_sdk).compat_key == snapshots.get(cfg.registry_url, plain).compat_key
+
+
+def test_the_images_user_is_checked_before_the_launch(cfg, worker, agent, thaw_cli, rootfs, tmp_path):
+    """The image's User goes into the snapshot's spec and runs the server (test_criu checks its credentials).
+    Where CRIU cannot checkpoint another user's process (an agent without CAP_SYS_RESOURCE, as on this VM) the
+    build fails before the launch, in one line, and --user root builds it; elsewhere it restores as that user."""
+    f = image_config(tmp_path)
+    f.write_text(json.dumps({**json.loads(f.read_text()), "User": "65534:65534"}))  # no name: the rootfs has none
+    image = json.loads(thaw_cli("build", "image", str(rootfs), "--config", str(f), "--json").output)["digest"]
+    if _linux.has_capability(_linux.CAP_SYS_RESOURCE):
+        snap = build_snapshot(thaw_cli, image, tmp_path)
+        assert snapshots.get(cfg.registry_url, snap["digest"]).spec["user"] == "65534:65534"
+        assert restore(thaw_cli, snap["digest"])["replicas"][0]["outcome"] == "restored"
+        return
+    res = build_snapshot(thaw_cli, image, tmp_path, ok=False)
+    assert res.exit_code == 1 and "runs as user '65534:65534' (the image's User)" in res.output, res.output
+    assert "CAP_SYS_RESOURCE" in res.output and res.output.count("\n") <= 2
+    assert snapshots.list_all(cfg.registry_url) == []
+    snap = build_snapshot(thaw_cli, image, tmp_path, "--user", "root")
+    assert snapshots.get(cfg.registry_url, snap["digest"]).spec["user"] == "root"
 
 
 def _agent_proc(cfg) -> subprocess.Popen:

@@ -421,14 +421,15 @@ def _pairs(items, what):
 @click.option("--golden-path", default="/", show_default=True, help="Path the golden request goes to.")
 @click.option("--ready-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Seconds the server may take from launch to ready (loading its model).")
+@click.option("--user", default="", help="USER[:GROUP] the server runs as [default: the image's User, else root].")
 @click.option("--env", "env", multiple=True, help="NAME=VALUE, part of the snapshot.")
 @click.option("--secret", "secrets", multiple=True,
               help="NAME of a secret (set with `thaw secrets set`): injected after restore, never in the snapshot.")
 @click.option("--host", default="", help="Host id to build on (default: any live agent).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, ready_timeout, env, secrets, host,
-                   as_json):
+def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, ready_timeout, user, env, secrets,
+                   host, as_json):
     """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it."""
     import base64
     import shlex
@@ -445,7 +446,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, read
         if not path.startswith("/"):
             _fail(f"{option} {path!r}: a path on the server, starting with /")
     spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port or 0, health=health, env=_pairs(env, "--env"),
-                     secrets=list(secrets), ready_timeout_s=ready_timeout)
+                     secrets=list(secrets), ready_timeout_s=ready_timeout, user=user)
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         _fail(error)

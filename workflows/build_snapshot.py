@@ -42,6 +42,7 @@ class ModelSpec:
     env: dict[str, str] = field(default_factory=dict)  # plain env, part of the snapshot
     secrets: list[str] = field(default_factory=list)  # names only; values injected by the host after restore
     cwd: str = ""  # empty: the image's WorkingDir or /
+    user: str = ""  # empty: the image's User (user[:group], names or ids), or root
     ready_timeout_s: float = 600.0
 
 
