@@ -41,7 +41,7 @@ def image_port(config: dict) -> int:
         number, _, proto = str(key).partition("/")
         if (proto or "tcp").lower() != "tcp":
             continue
-        if not number.isdigit() or not 1 <= int(number) <= 65535:
+        if not (number.isascii() and number.isdigit()) or not 1 <= int(number) <= 65535:
             raise NotFound(f"the image's ExposedPorts has {str(key)[:40]!r}, not PORT[/tcp]: give the port with --port")
         ports.add(int(number))
     if len(ports) > 1:
@@ -81,6 +81,8 @@ class SnapshotActivities:
         t0 = time.monotonic()
         ck, st, plan = inp.checkpoint, inp.stored, inp.plan
         spec, golden = dataclasses.asdict(plan.spec), dataclasses.asdict(inp.golden)
+        if ck.sdk is not None:  # a fact of the server, kept with how to run it (runtime.pool.deploy reads it)
+            spec["sdk"] = ck.sdk
         timings = dict(inp.timings_ms)
         row, created = snapshots.register(self.cfg.registry_url, Snapshot(
             digest=st.digest, image_digest=plan.image_digest, compat_key=ck.compat_key, host_facts=ck.host_facts,

@@ -50,11 +50,11 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
     snap = snapshots.get(cfg.registry_url, spec.snapshot)
     spec.snapshot = snap.digest
     given = [o for o, v in (("--env", spec.env), ("--secret", spec.secrets)) if v]
-    if given and snap.host_facts.get("sdk") is False:  # None: built before thaw recorded it
+    if given and snap.spec.get("sdk") is False:  # absent: built before thaw recorded it
         reach = f"{' and '.join(given)} {'reach' if len(given) > 1 else 'reaches'}"
         raise NotFound(f"snapshot {snap.digest[:12]}'s server does not use thaw_sdk: {reach} a restored replica only "
                        f"through the SDK's /thaw/after-restore, so every replica would cold-boot; put plain env in "
-                       f"the snapshot (`thaw build snapshot --env`), or use thaw_sdk")
+                       f"the snapshot (`thaw build snapshot --env`), or use thaw_sdk (a copy from 2026-11-28 on)")
     bad = [p for p in spec.ports if not 0 < p < 65536]
     if bad:
         raise NotFound(f"--port {', '.join(map(str, bad))}: a port is 1..65535")

@@ -130,10 +130,14 @@ def setup_root(root, hostname, devices=()):
 def _table(path):
     """The colon-separated entries of /etc/passwd or /etc/group (none where the file is missing)."""
     try:
-        with open(path) as f:
+        with open(path, errors="surrogateescape") as f:  # a GECOS field in latin-1, say
             return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
     except FileNotFoundError:
         return []
+
+
+def _number(s):
+    return s.isascii() and s.isdigit()
 
 
 def resolve_user(spec):
@@ -143,21 +147,21 @@ def resolve_user(spec):
     user, _, group = spec.partition(":")
     passwd = [e for e in _table("/etc/passwd") if len(e) >= 7]
     entry = next((e for e in passwd if e[0] == user), None)
-    if entry is None and user.isdigit():
+    if entry is None and _number(user):
         entry = next((e for e in passwd if e[2] == user), None)
-    if entry is None and not user.isdigit():
+    if entry is None and not _number(user):
         raise RuntimeError(f"user {user!r} (the image's User) is not in the image's /etc/passwd")
     uid = int(entry[2]) if entry else int(user)
     gid, home, name = (int(entry[3]), entry[5] or "/", entry[0]) if entry else (0, "/", None)
     groups = [e for e in _table("/etc/group") if len(e) >= 4]
     if group:
         match = next((e for e in groups if e[0] == group), None)
-        if match is None and not group.isdigit():
+        if match is None and not _number(group):
             raise RuntimeError(f"group {group!r} (the image's User) is not in the image's /etc/group")
         gid = int(match[2]) if match else int(group)
         extra = [gid]
     else:
-        extra = [gid] + [int(e[2]) for e in groups if name and name in e[3].split(",") and e[2].isdigit()]
+        extra = [gid] + [int(e[2]) for e in groups if name and name in e[3].split(",") and _number(e[2])]
     return uid, gid, sorted(set(extra)), home
 
 

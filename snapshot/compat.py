@@ -16,8 +16,7 @@ import platform
 import re
 import subprocess
 
-# reported, never compared ("gpu_processes" and "sdk" are facts of the snapshot's process, not of its host)
-INFO_ONLY = {"cpu_model", "cpu_flags_hash", "gpu_count", "gpu_uuids", "gpu_processes", "sdk"}
+INFO_ONLY = {"cpu_model", "cpu_flags_hash", "gpu_count", "gpu_uuids", "gpu_processes"}  # reported, never compared
 GPU_KEYS = ("gpu_model", "nvidia_driver", "cuda")  # compared when the snapshot has them (see check)
 LABELS = {"kernel": "kernel series", "gpu_model": "gpu model", "nvidia_driver": "nvidia driver", "cuda": "CUDA"}
 

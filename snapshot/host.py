@@ -37,7 +37,6 @@ from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder
 from .pin import Pins
 from .replica import golden_answer as replica_golden_answer, tail
-from .sdk import AFTER_RESTORE_PATH, BEFORE_SNAPSHOT_PATH
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -624,6 +623,9 @@ class HostSnapshots:
         done = work / RESULT
         if done.exists():
             return json.loads(done.read_text())
+        if not spec.get("port"):  # 0 means "the image's": plan_snapshot fills it in, an older build worker did not
+            raise SnapshotError("the snapshot's spec has no port: the build worker is older than this agent; "
+                                "upgrade it, or give --port")
         user = spec.get("user") or ""
         if not is_root(user) and not _linux.has_capability(_linux.CAP_SYS_RESOURCE):
             raise SnapshotError(f"the server runs as user {user!r} (the image's User), and CRIU needs "
@@ -655,11 +657,6 @@ class HostSnapshots:
                 st.mark("golden")
                 beat("checkpoint")
                 sdk = criu.before_snapshot(replica, spec["port"])  # e.g. park_weights: weights to host memory
-                if not sdk and spec.get("secrets"):  # never in the launch's env: they reach only the SDK's hook
-                    raise SnapshotError(
-                        f"the server does not use thaw_sdk (POST {BEFORE_SNAPSHOT_PATH} is not its hook), "
-                        f"so secrets ({', '.join(spec['secrets'])}) could never reach it: they arrive after a restore "
-                        f"through the SDK's {AFTER_RESTORE_PATH}; use thaw_sdk in the server, or drop --secret")
                 st.mark("before_snapshot")
                 gpu_pids = cuda.tree_uses_nvidia(replica.pid)  # /proc scan, no driver needed on CPU hosts
                 if gpu_pids:  # lock -> device memory to host -> CRIU dump; a half-done checkpoint raises
@@ -675,7 +672,6 @@ class HostSnapshots:
             shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
         facts["gpu_processes"] = len(gpu_pids)
-        facts["sdk"] = sdk  # whether env and secrets can reach its restores (runtime.pool.deploy asks)
         if gpu_pids and slot is not None:  # the process saw this one GPU (CUDA_VISIBLE_DEVICES)
             facts.update(gpu_uuids=[self.gpu.gpus[slot][0]], gpu_count=1)
         if self.cfg.lazy_mounts:
@@ -688,7 +684,7 @@ class HostSnapshots:
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": facts, "compat_key": compat.compat_key(facts, image_digest),
-                  "timings_ms": st.ms}
+                  "timings_ms": st.ms, "sdk": sdk}
         write_atomic(done, json.dumps(result))
         return result
 

@@ -252,8 +252,10 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
     status, resp = replica.http_request("POST", AFTER_RESTORE_PATH, body, port, timeout,
                                         content_type="application/json")
     if status != 200:
+        hint = " (does the server use thaw_sdk?)" if status in (404, 405, 501) else ""
         raise (_hook_failed(replica, AFTER_RESTORE_PATH, status, resp)
-               or ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: {resp[:300]!r}"))
+               or ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: "
+                               f"{resp[:300]!r}{hint}"))
     try:
         reply = json.loads(resp or b"{}")
     except ValueError:

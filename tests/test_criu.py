@@ -31,6 +31,7 @@ _skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_c
 needs_criu = pytest.mark.skipif(_skip is not None, reason=f"CRIU unusable here: {_skip}")
 
 PORT = 8080
+USER = "thaw-test"  # in the test image's /etc/passwd (uid 4242) and /etc/group (4242, and thaw-extra 4343)
 DATA_MB = 50
 MARKER = "thaw-test-marker-4f1c2e"     # plain env at launch: must be in the images (positive control)
 SECRET = "thaw-test-secret-9b7d13a5e0"  # only ever sent after restore: must not be in the images
@@ -170,6 +171,11 @@ def image(tmp_path_factory):
         (layer / "app").mkdir()
         (layer / "app" / "server.py").write_text(SERVER)
         (layer / "app" / "tree.py").write_text(TREE)
+        (layer / "etc").mkdir()  # the host's users and groups, and a user of the test's with a second group
+        (layer / "etc" / "passwd").write_text(Path("/etc/passwd").read_text()
+                                              + f"{USER}:x:4242:4242::/home/t:/bin/sh\n")
+        (layer / "etc" / "group").write_text(Path("/etc/group").read_text()
+                                             + f"{USER}:x:4242:\nthaw-extra:x:4343:root,{USER}\n")
         shutil.copy(sdk.__file__, layer / "app" / "thaw_sdk.py")
         yield [layer, Path("/")]
     finally:
@@ -528,6 +534,34 @@ def test_launch_failures_are_reported(roots, work):
         launch(roots().path, [PYTHON, "-c", "pass"], {}, "/no-such-dir", work / "nope.log")
 
 
+def test_users_and_ports_are_read_from_the_image_as_docker_reads_them(monkeypatch):
+    """USER: a name or uid (the entry found either way), an optional group by name or gid, supplementary groups
+    that list the user, HOME from the entry; a number need not be listed, a name must. The port: the image's one
+    exposed TCP port. Root is any spelling of uid 0 and gid 0."""
+    from thaw.activities.snapshot import image_port
+    from thaw.registry.queries import NotFound
+    from thaw.snapshot import _nsinit
+    from thaw.snapshot.host import is_root
+
+    tables = {"/etc/passwd": [["root", "x", "0", "0", "root", "/root", "/bin/sh"],
+                              ["app", "x", "1000", "1000", "", "/home/app", "/bin/sh"]],
+              "/etc/group": [["app", "x", "1000", ""], ["video", "x", "44", "root,app"], ["staff", "x", "50", ""]]}
+    monkeypatch.setattr(_nsinit, "_table", tables.__getitem__)
+    assert _nsinit.resolve_user("app") == _nsinit.resolve_user("1000") == (1000, 1000, [44, 1000], "/home/app")
+    assert _nsinit.resolve_user("app:staff") == (1000, 50, [50], "/home/app")
+    assert _nsinit.resolve_user("777:44") == (777, 44, [44], "/")
+    assert _nsinit.resolve_user("777") == (777, 0, [0], "/")
+    for bad in ("nobody", "app:nogroup", "\u00b2", "app:\u00b2"):
+        with pytest.raises(RuntimeError, match="is not in the image's /etc/"):
+            _nsinit.resolve_user(bad)
+    assert all(map(is_root, ("", "root", "0", "root:0", "0:root"))) and not any(map(is_root, ("app", "0:staff")))
+    assert image_port({}) == 8080 and image_port({"ExposedPorts": {"9000/tcp": {}, "53/udp": {}}}) == 9000
+    assert image_port({"ExposedPorts": {"9000": {}}}) == 9000
+    for ports in ({"80/tcp": {}, "443/tcp": {}}, {"http": {}}, {"\uff19\uff10/tcp": {}}, {"0/tcp": {}}):
+        with pytest.raises(NotFound, match="--port"):
+            image_port({"ExposedPorts": ports})
+
+
 def creds(pid: int) -> tuple[str, str, str]:
     """A process's real uid, real gid and supplementary groups, from /proc/PID/status."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -550,21 +584,27 @@ def test_the_images_user_runs_the_server_and_its_restores(roots, work):
                         ("nobody:no-such-group", "group 'no-such-group' (the image's User) is not in the image's")):
         with pytest.raises(ReplicaError, match=re.escape(error)):
             start(roots(), work, "unknown", data_mb=1, user=user)
-    nobody = pwd.getpwnam("nobody")
-    replica = start(roots(), work, "nobody", data_mb=1, user="nobody")
+    nobody = pwd.getpwnam("nobody")  # a name of the host's /etc/passwd, the image's lower layer
+    replica = start(roots(), work, "nobody", data_mb=1, user="nobody:thaw-extra")
     try:
         replica.wait_ready(PORT, "/health", timeout=60)
-        want = (str(nobody.pw_uid), str(nobody.pw_gid), str(nobody.pw_gid))
-        assert creds(replica.pid) == want
-        assert f"HOME={nobody.pw_dir}".encode() in Path(f"/proc/{replica.pid}/environ").read_bytes()
-        if not _linux.has_capability(_linux.CAP_SYS_RESOURCE):  # this VM's root lacks it: what the host checks
-            with pytest.raises(CriuError, match="rlimit"):  # (SnapshotError before the launch, test_snapshot)
-                checkpoint(replica, work / "images-nobody")
-            return
-        cp = checkpoint(replica, work / "images-nobody")
+        assert creds(replica.pid) == (str(nobody.pw_uid), "4343", "4343")
     finally:
         replica.stop()
-    restored = restore(cp.images_dir, roots().path, work / "nobody-restored.log")
+    replica = start(roots(), work, USER, data_mb=1, user=USER)
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        want = ("4242", "4242", "4242 4343")  # its primary group and the one that lists it
+        assert creds(replica.pid) == want
+        assert b"HOME=/home/t\0" in Path(f"/proc/{replica.pid}/environ").read_bytes()
+        if not _linux.has_capability(_linux.CAP_SYS_RESOURCE):  # this VM's root lacks it: what the host checks
+            with pytest.raises(CriuError, match="rlimit"):  # (SnapshotError before the launch, test_snapshot)
+                checkpoint(replica, work / "images-user")
+            return
+        cp = checkpoint(replica, work / "images-user")
+    finally:
+        replica.stop()
+    restored = restore(cp.images_dir, roots().path, work / "user-restored.log")
     try:
         assert get(restored, "/answer")["marker"] == MARKER and creds(restored.pid) == want
     finally:
@@ -693,7 +733,7 @@ import json, os, subprocess, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 open(sys.argv[1], "w").write(str(child.pid))
-answers = [b"ok", b'{"ok": true}']
+answers = [b'{"ok": true}', b"ok", b'{"ok": true}']  # the POSTs' answers in turn, then {}
 
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a):

@@ -400,24 +400,27 @@ def test_the_servers_port_is_the_images_exposed_one_unless_given(cfg, worker, ag
 
 
 def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, agent, thaw_cli, image, tmp_path):
-    """Secrets and a deployment's env reach a restored replica only through the SDK's after-restore hook: a
-    snapshot of a server without it refuses --secret at build and --env/--secret at deploy (every replica would
-    cold-boot), nothing registered; without them it builds, restores and deploys."""
+    """Secrets and a deployment's env reach a restored replica only through the SDK's after-restore hook: for a
+    server without it a build with --secret fails its verifying restore, and a deploy of its snapshot with
+    --env/--secret is refused (every replica would cold-boot), nothing registered; without them it builds,
+    restores and deploys. Whether the server has the SDK is kept in the snapshot's spec, not in its host facts
+    (an agent of an older thaw compares every host fact it does not know)."""
     thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
     res = build_snapshot(thaw_cli, image, tmp_path, "--env", "SDK=0", "--secret", "API_KEY", ok=False)
-    assert res.exit_code == 1 and "the server does not use thaw_sdk" in res.output and "API_KEY" in res.output
-    assert res.output.count("\n") <= 2 and snapshots.list_all(cfg.registry_url) == [], res.output
+    assert res.exit_code == 1 and "/thaw/after-restore answered 404" in res.output, res.output
+    assert "(does the server use thaw_sdk?)" in res.output and res.output.count("\n") <= 2, res.output
+    assert snapshots.list_all(cfg.registry_url) == []
     plain = build_snapshot(thaw_cli, image, tmp_path, "--env", "SDK=0")["digest"]
-    assert snapshots.get(cfg.registry_url, plain).host_facts["sdk"] is False
+    assert snapshots.get(cfg.registry_url, plain).spec["sdk"] is False
     assert restore(thaw_cli, plain)["replicas"][0]["outcome"] == "restored"
     for extra, given in ((("--env", "A=1"), "--env"), (("--secret", "API_KEY"), "--secret")):
         res = thaw_cli("deploy", "nosdk", "--snapshot", plain, *extra, ok=False)
         assert res.exit_code == 1, res.output
         assert f"server does not use thaw_sdk: {given} reaches a restored" in res.output, res.output
     assert deployments.list_all(cfg.registry_url) == []
-    with_sdk = build_snapshot(thaw_cli, image, tmp_path)["digest"]
-    assert snapshots.get(cfg.registry_url, with_sdk).host_facts["sdk"] is True
-    assert snapshots.get(cfg.registry_url, with_sdk).compat_key == snapshots.get(cfg.registry_url, plain).compat_key
+    with_sdk = snapshots.get(cfg.registry_url, build_snapshot(thaw_cli, image, tmp_path)["digest"])
+    assert with_sdk.spec["sdk"] is True and "sdk" not in with_sdk.host_facts
+    assert with_sdk.compat_key == snapshots.get(cfg.registry_url, plain).compat_key
 
 
 def test_the_images_user_is_checked_before_the_launch(cfg, worker, agent, thaw_cli, rootfs, tmp_path):

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -244,13 +245,12 @@ async def _follow(handle, client, show_progress: bool, task_queue: str | None = 
                     d = None
                     if pa.heartbeat_details.payloads:
                         (d,) = await client.data_converter.decode(pa.heartbeat_details.payloads)
-                    if isinstance(d, dict) and d.get("stage"):  # e.g. a launch waiting for its server
+                    if isinstance(d, dict) and d.get("stage") and d["stage"] != what:  # e.g. a launch, waiting
                         what = f"{what}: {d['stage']}"
                     bar.set_description(what, refresh=False)
-                    if isinstance(d, dict) and "done" in d:
-                        bar.bar_format = None
-                        bar.total = d.get("total") or None
-                        bar.n = d["done"]
+                    counted = isinstance(d, dict) and "done" in d
+                    bar.bar_format = None if counted else STAGE_FORMAT  # bytes only while an activity counts them
+                    bar.total, bar.n = (d.get("total") or None, d["done"]) if counted else (None, 0)
                     bar.refresh()
             except Exception:
                 pass
@@ -419,7 +419,7 @@ def _pairs(items, what):
 @click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), required=True,
               help="JSON body of the golden request (POSTed), replayed after every restore.")
 @click.option("--golden-path", default="/", show_default=True, help="Path the golden request goes to.")
-@click.option("--ready-timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+@click.option("--ready-timeout", type=click.FloatRange(1, 7 * 86400), default=600, show_default=True,
               help="Seconds the server may take from launch to ready (loading its model).")
 @click.option("--user", default="", help="USER[:GROUP] the server runs as [default: the image's User, else root].")
 @click.option("--env", "env", multiple=True, help="NAME=VALUE, part of the snapshot.")
@@ -442,6 +442,8 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, read
         json.loads(body)
     except ValueError as e:
         _fail(f"--golden {golden_file}: not JSON ({e})")
+    if not math.isfinite(ready_timeout):  # FloatRange lets nan through
+        _fail(f"--ready-timeout {ready_timeout}: a number of seconds")
     for option, path in (("--health", health), ("--golden-path", golden_path)):
         if not path.startswith("/"):
             _fail(f"{option} {path!r}: a path on the server, starting with /")

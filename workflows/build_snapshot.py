@@ -81,6 +81,7 @@ class CheckpointResult:
     host_facts: dict
     compat_key: str
     timings_ms: dict[str, int]
+    sdk: bool | None = None  # whether the server answered the SDK's before-snapshot hook (None: an older agent)
 
 
 @dataclass
