@@ -47,6 +47,7 @@ from thaw.files import write_atomic
 log = logging.getLogger(__name__)
 
 CHUNKS = "chunks"
+HEADS_PER_LIST = 100  # missing_chunks lists S3 with at most one LIST call (1,000 keys) per this many HEADs
 MANIFESTS = "manifests"
 
 
@@ -460,9 +461,18 @@ class ChunkStore:
         return self.durable.has(_key(CHUNKS, digest))
 
     def missing_chunks(self, digests: Iterable[str]) -> list[str]:
-        """The digests the durable tier lacks, asked ``upload_workers`` at a time when that tier is remote (one
-        HEAD each: an image of 20k chunks on a remote S3 would take minutes one by one)."""
+        """The digests the durable tier lacks. A remote tier that can list (S3) is listed first, with at most one
+        LIST per ``HEADS_PER_LIST`` digests (a bucket far larger than the image is not listed whole); the digests
+        not found are then asked one HEAD each, ``upload_workers`` at a time. On local SeaweedFS a LIST page
+        took as long as ~55 HEADs (boto3's CPU): an image of 6,667 chunks was checked in 0.5 s instead of 9 s."""
         digests = list(dict.fromkeys(digests))
+        listing = getattr(self.durable, "list_keys", None)
+        if listing and len(digests) >= HEADS_PER_LIST:
+            keys, complete = listing(CHUNKS + "/", max_pages=len(digests) // HEADS_PER_LIST)
+            present = {k.rpartition("/")[2] for k in keys}
+            digests = [d for d in digests if d not in present]
+            if complete:
+                return digests
         workers = min(self.upload_workers, len(digests)) if self.remote else 1
         if workers <= 1:
             return [d for d in digests if not self.has_chunk_durably(d)]

@@ -163,7 +163,7 @@ class S3Tier:
         self._known: set[str] = set()
         self._known_limit = known_limit
         # put_bytes/get_bytes: as given and returned; wire_put_bytes/wire_get_bytes: what S3 stored and sent
-        self.stats = {"heads": 0, "gets": 0, "puts": 0, "put_bytes": 0, "multipart_puts": 0, "get_bytes": 0,
+        self.stats = {"heads": 0, "lists": 0, "gets": 0, "puts": 0, "put_bytes": 0, "multipart_puts": 0, "get_bytes": 0,
                       "wire_put_bytes": 0, "wire_get_bytes": 0}
         self._stats_lock = threading.Lock()
 
@@ -301,6 +301,32 @@ class S3Tier:
         if found:
             self._remember(key)
         return found
+
+    def list_keys(self, prefix: str, max_pages: int, page_size: int = 1000) -> tuple[set[str], bool]:
+        """The keys under ``prefix`` (this tier's own prefix not included), from at most ``max_pages`` LIST
+        calls of ``page_size`` keys each, and whether that was all of them. They are remembered as present (objects
+        are immutable; ``forget`` drops them like those HEAD found)."""
+        if max_pages < 1:
+            return set(), False
+        self.ensure_bucket()
+        found: set[str] = set()
+
+        def pages():
+            paginator = self.client.get_paginator("list_objects_v2")
+            for n, page in enumerate(paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix,
+                                                        PaginationConfig={"PageSize": page_size}), 1):
+                self._count(lists=1)
+                found.update(obj["Key"][len(self.prefix):] for obj in page.get("Contents", ()))
+                if not page.get("IsTruncated"):
+                    return True
+                if n >= max_pages:  # the next page is not asked for
+                    return False
+            return True
+
+        complete = self._call("LIST", prefix, pages)
+        for key in found:
+            self._remember(key)
+        return found, complete
 
     def get_range(self, key: str, start: int, end: int) -> bytes | None:
         """Bytes ``[start, end)`` of the object as it was put (a ranged GET; a compressed object is fetched

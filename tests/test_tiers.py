@@ -3,6 +3,7 @@ upload only what S3 lacks, a fresh host reading an image back, healing from S3, 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -22,6 +23,7 @@ from thaw.imagefs.manifest import DIR, Entry, ImageManifest
 from thaw.imagefs.materialize import materialize
 from thaw.imagefs.oci import SourceSpec
 from thaw.imagefs.store import ChunkStore, CorruptObject, LocalDirTier, StoreError, StoreUnavailable, digest_of
+from thaw.imagefs import store as store_module
 from thaw.imagefs.tiers import MemoryTier, S3Tier
 
 LIMITS = Limits(max_file_size=1 << 30, max_image_size=1 << 32, max_entries=10_000)
@@ -189,6 +191,29 @@ def test_a_store_that_ran_without_s3_evicts_nothing_until_pushed(s3server, tmp_p
     assert not fresh.held_back  # an empty disk loses nothing to eviction
     assert [fresh.get_chunk(d) for d in digests] == chunks
     assert fresh.get_manifest_bytes(manifest) == b'{"version": 0}' and fresh.get_chunk(new) == blob(MiB, 9)
+
+
+def test_what_s3_lacks_is_found_by_listing_and_past_the_listing_budget_by_head(s3server, tmp_path, monkeypatch):
+    """missing_chunks (what a build's register step checks) lists the bucket rather than sending one HEAD per
+    chunk, and stays exact when the bucket is larger than its listing budget: the digests not listed by then are
+    asked by HEAD. Listed keys are remembered as present, like those HEAD found."""
+    tier = s3tier(s3server, prefix="p")
+    store = ChunkStore([LocalDirTier(tmp_path / "store"), tier])
+    stored = [store.put_chunk(blob(64, i))[0] for i in range(250)]
+    absent = [digest_of(blob(64, 1000 + i)) for i in range(50)]
+    tier.forget()
+    tier.stats.update(heads=0, lists=0)
+    assert store.missing_chunks(stored + absent) == absent  # 300 digests: up to 3 pages; 250 keys fit in one
+    assert (tier.stats["lists"], tier.stats["heads"]) == (1, 0) and all(tier.has(ckey(d)) for d in stored)
+    assert tier.stats["heads"] == 0
+    keys, complete = tier.list_keys("chunks/", max_pages=1, page_size=100)
+    assert len(keys) == 100 and not complete and keys <= {ckey(d) for d in stored}
+    tier.forget()
+    tier.stats.update(heads=0, lists=0)
+    monkeypatch.setattr(tier, "list_keys", functools.partial(S3Tier.list_keys, tier, page_size=100))
+    monkeypatch.setattr(store_module, "HEADS_PER_LIST", 150)  # 2 pages of 100 for 250 keys: not all of them
+    assert store.missing_chunks(stored + absent) == absent
+    assert (tier.stats["lists"], tier.stats["heads"]) == (2, 100)  # the 50 stored past the budget + the absent
 
 
 def test_s3_round_trip_ranged_reads_and_multipart(s3server, tmp_path):
