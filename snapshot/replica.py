@@ -174,7 +174,6 @@ class Replica:
                                    f"{tail(self.log_path, 300)!r}")
             time.sleep(0.02)
 
-
     def listening_ports(self) -> set[int]:
         """The TCP ports something listens on in the replica's network namespace (its own: only its processes')."""
         ports = set()
