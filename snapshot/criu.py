@@ -6,7 +6,8 @@ any number of replicas of one snapshot run side by side with the same in-namespa
 
 - Root: the dumped mount namespace's "/" is the replica's overlay; restore puts a new overlay (``--root``,
   from ``prepare_root``) in its place; /proc, /sys, /dev and /tmp are recreated by CRIU (tmpfs contents
-  are in the images).
+  are in the images). What the process wrote to its root before the dump is kept next to the images
+  (``WRITES``, see ``Root.keep_writes``), the new overlay's topmost lower layer.
 - stdout/stderr: the log file lives outside the replica's mount namespace; it is dumped as an external file
   (``--external file[mnt_id:inode]``) and each restore hands in its own log fd (``--inherit-fd``). The ids
   are kept in ``thaw-snapshot.json`` next to the images.
@@ -51,6 +52,7 @@ __all__ = ["CriuError", "CheckpointResult", "checkpoint", "restore", "criu_binar
 
 log = logging.getLogger(__name__)
 META = "thaw-snapshot.json"
+WRITES = "root-writes"  # in the images dir: the dumped process's writes to its root (Root.keep_writes)
 NETNS_KEY = "thaw-net"
 COMMON = ["-v4", "--file-locks", "--tcp-close", "--manage-cgroups=ignore"]
 HUGE_PAGES_ENV = "CRIU_RESTORE_THP"  # read by thaw's CRIU build, see infra/criu/restore-thp.patch

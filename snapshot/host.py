@@ -384,11 +384,12 @@ class HostSnapshots:
             idle = [mp for mp in self.mounts if now - self._used.get(mp, now) > idle_s and mp.name not in hot]
         if not idle:
             return []
-        busy = _linux.overlay_lowers()
+        busy = _linux.overlay_lowers()  # a snapshot's tree is a layer through its dir of writes (criu.WRITES)
         released = []
         for mp in idle:
             lock = self._mounting[mp]
-            if str(mp) in busy or not lock.acquire(blocking=False):  # in use, or being mounted right now
+            in_use = any(b == str(mp) or b.startswith(f"{mp}/") for b in busy)
+            if in_use or not lock.acquire(blocking=False):  # in use, or being mounted right now
                 continue
             try:
                 with self.mount_lock:  # asked for since the look above: keep it (_tree sets _used under this lock)
@@ -441,9 +442,11 @@ class HostSnapshots:
         weight = self.cfg.replica_cpu_weight
         return cgroup.create(replicas_cgroup(self.cfg.host_id), weight) if weight else None
 
-    def _root(self, image_root: Path, rw: Path) -> criu.Root:
-        """A replica's root: a fresh overlay of the image (under the GPU driver's layer on a GPU host)."""
-        return criu.prepare_root([self.gpu.layer, image_root] if self.gpu else image_root, rw)
+    def _root(self, image_root: Path, rw: Path, writes: Path | None = None) -> criu.Root:
+        """A replica's root: a fresh overlay of the image (under the GPU driver's layer on a GPU host), and of
+        ``writes`` on top where that is a directory: what the snapshot's launched process wrote to its root."""
+        layers = [self.gpu.layer, image_root] if self.gpu else [image_root]
+        return criu.prepare_root([writes, *layers] if writes and writes.is_dir() else layers, rw)
 
     def _launch(self, root: criu.Root, spec: dict, env: dict[str, str], log_path: Path, slot: int | None
                 ) -> criu.Replica:
@@ -542,9 +545,11 @@ class HostSnapshots:
 
     def _prefetch(self, snap: dict):
         """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
-        the image chunks recorded by the build's profiling restore (in first-read order). Returns the handle."""
+        the image chunks recorded by the build's profiling restore (in first-read order); not the files the
+        server wrote before its snapshot (weights it downloaded, say: read by need). Returns the handle."""
         manifest = ImageManifest.load(self.store, snap["digest"])
-        digests = [c[0] for e in manifest.files() for c in e.chunks] + self._stored_profile(manifest, PROFILE)
+        digests = [c[0] for e in manifest.files() if not e.path.startswith(f"{criu.WRITES}/") for c in e.chunks]
+        digests += self._stored_profile(manifest, PROFILE)
         return start_prefetch(self.store, list(dict.fromkeys(digests)), self.cfg.prefetch_concurrency)
 
     def _stored_profile(self, manifest: ImageManifest, name: str) -> list[str]:
@@ -566,14 +571,15 @@ class HostSnapshots:
                                 f"`thaw secrets set NAME` first")
         return {n: values[n] for n in names}
 
-    def _replica_root(self, rid: str, image_root: Path) -> tuple[Path, Path, criu.Root]:
+    def _replica_root(self, rid: str, image_root: Path, writes: Path | None = None) -> tuple[Path, Path, criu.Root]:
         """A new replica's dir, its log dir (which outlives it if it fails to start or dies: see prune_logs) and
-        its root; nothing of them stays if the root cannot be made."""
+        its root (with a snapshot's ``writes``, see :meth:`_root`); nothing of them stays if the root cannot be
+        made."""
         d, logs = self.cfg.work_dir / "replicas" / rid, self.cfg.work_dir / LOGS / rid
         d.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
         try:
-            return d, logs, self._root(image_root, d / "rw")
+            return d, logs, self._root(image_root, d / "rw", writes)
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
             shutil.rmtree(logs, ignore_errors=True)
@@ -668,6 +674,10 @@ class HostSnapshots:
                 st.mark("dump")
             finally:
                 stop_until_gone(replica, beat)
+            kept = root.keep_writes(work / "dump" / criu.WRITES)  # what it wrote is its state too
+            if kept:
+                log.info("build %s: %d file(s) and dir(s) the server wrote to its root kept with the snapshot",
+                         build_id, kept)
         if (work / BOOT_PROFILE).exists():
             shutil.copy2(work / BOOT_PROFILE, work / "dump" / BOOT_PROFILE)
         facts = compat.snapshot_facts(self.facts, uses_gpu=bool(gpu_pids))
@@ -722,7 +732,7 @@ class HostSnapshots:
         with contextlib.ExitStack() as held:
             rec = imagefs_mount.mount(self.cfg, image_digest, work / "image", record=work / PROFILE)
             held.callback(rec.unmount)  # last: writes the profile
-            root = self._root(Path(rec.mountpoint), work / "rw-profile")
+            root = self._root(Path(rec.mountpoint), work / "rw-profile", work / "dump" / criu.WRITES)
             held.callback(root.cleanup)
             slot = self.take_gpu(facts)
             held.callback(self.give_gpu, slot)
@@ -771,7 +781,7 @@ class HostSnapshots:
             return replica
 
         try:
-            work, logs, root = self._replica_root(rid, lower)
+            work, logs, root = self._replica_root(rid, lower, files / criu.WRITES)
             slot = self.take_gpu(snap["host_facts"])
             st.mark("root")
             replica, running = self._own(rid, start, root, spec["port"], work, logs, slot)

@@ -21,7 +21,7 @@ def _libs(binary: Path) -> list[Path]:
 
 
 def python_rootfs(dest: Path, app: dict[str, str]) -> Path:
-    """Write the root filesystem to ``dest`` (must not exist); ``app`` maps /app file names to contents."""
+    """Write the root filesystem to ``dest`` (must not exist); ``app`` maps /app file paths to contents."""
     dest.mkdir(parents=True)
     for sub in ("usr/bin", "tmp", "proc", "sys", "dev", "etc", "app"):
         (dest / sub).mkdir(parents=True, exist_ok=True)
@@ -41,5 +41,6 @@ def python_rootfs(dest: Path, app: dict[str, str]) -> Path:
                     ignore=lambda d, names: [n for n in names if n in SKIP])
     (dest / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     for name, text in app.items():
+        (dest / "app" / name).parent.mkdir(parents=True, exist_ok=True)
         (dest / "app" / name).write_text(text)
     return dest

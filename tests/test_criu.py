@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -676,6 +677,50 @@ def test_broken_images_fail_with_the_log_named(snapshot, roots, work):
         assert replica.alive()  # criu lets the tree run on after a failed dump
     finally:
         replica.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (overlay mounts, mknod, trusted.* xattrs)")
+def test_a_roots_writes_are_kept_as_a_layer_without_sockets_devices_or_the_mounts_records(image, roots, work):
+    """Root.keep_writes: the upper layer, moved, is a lower layer that shows a new root what the old one showed
+    (whiteouts, opaque dirs, xattrs); sockets and device nodes other than whiteouts are left out, and overlayfs'
+    records of the mount that wrote it (origin, impure, uuid) are dropped. A root nobody wrote to keeps nothing."""
+    import socket
+
+    empty = roots()
+    assert empty.keep_writes(work / "nothing") == 0 and not (work / "nothing").exists()
+    assert not empty.dir.exists() and str(empty.path) not in _linux.mountpoints()
+
+    fs = work / "writes-fs"  # a tmpfs: overlayfs takes no layer inside another one (the test image has "/")
+    fs.mkdir()
+    _linux.mount("tmpfs", fs, "tmpfs", 0, "size=4m,mode=755")
+    root = prepare_root(image, fs / "roots")
+    try:
+        (root.path / "app" / "server.py").unlink()  # a file of the image deleted: a whiteout
+        (root.path / "app" / "new").mkdir()
+        (root.path / "app" / "new" / "f").write_text("data")
+        os.setxattr(root.path / "app" / "new" / "f", "user.kind", b"cache")
+        (root.path / "etc" / "passwd").write_text("copied up\n")  # a copy-up: overlayfs records its origin
+        os.mknod(root.path / "app" / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 0))
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(root.path / "app" / "control.sock"))
+        sock.close()
+        writes = fs / "writes"
+        kept = root.keep_writes(writes)
+        assert not root.dir.exists() and str(root.path) not in _linux.mountpoints()
+        names = {str(p.relative_to(writes)) for p in writes.rglob("*")}
+        assert names == {"app", "app/server.py", "app/new", "app/new/f", "etc", "etc/passwd"} and kept == 6
+        assert not [n for p in [writes, *writes.rglob("*")]
+                    for n in os.listxattr(p, follow_symlinks=False) if n.startswith("trusted.overlay.")]
+        with prepare_root([writes, *image], work / "roots") as again:
+            assert not (again.path / "app" / "server.py").exists() and (again.path / "app" / "tree.py").exists()
+            assert (again.path / "app" / "new" / "f").read_text() == "data"
+            assert os.getxattr(again.path / "app" / "new" / "f", "user.kind") == b"cache"
+            assert (again.path / "etc" / "passwd").read_text() == "copied up\n"
+            (again.path / "app" / "new" / "f").write_text("mine")  # on its own upper layer
+        assert (writes / "app" / "new" / "f").read_text() == "data"
+    finally:
+        root.cleanup()
+        _linux.umount(fs)
 
 
 def test_compat_facts_key_and_check():

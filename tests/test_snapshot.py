@@ -27,7 +27,7 @@ from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import deployments, snapshots
-from thaw.snapshot import _linux, sdk
+from thaw.snapshot import _linux, criu, sdk
 from thaw.snapshot.host import SnapshotError, use_huge_pages
 
 pytestmark = needs_criu
@@ -35,7 +35,7 @@ PORT = 8080
 DATA_MB = 20
 
 SERVER = r'''
-import hashlib, json, os, random, sys, threading, time
+import hashlib, json, os, random, shutil, socket, sys, threading, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 sys.path.insert(0, "/app")
 import thaw_sdk
@@ -45,6 +45,21 @@ STATE = random.getrandbits(64)                      # drawn at start: restored r
 DATA = random.Random(7).randbytes(int(os.environ["DATA_MB"]) << 20)
 DIGEST = hashlib.sha256(DATA).hexdigest()           # the golden answer: the same in every correct process
 seen = {}
+if os.environ.get("WRITES"):  # state on disk, made at start: a log kept open, a cache, a file of the image gone,
+    os.makedirs("/var/log/app", exist_ok=True)  # a directory of the image replaced, a unix socket
+    LOG = open("/var/log/app/server.log", "a")
+    LOG.write("started\n")
+    LOG.flush()
+    os.makedirs("/root/.cache", exist_ok=True)
+    with open("/root/.cache/blob", "wb") as f:
+        f.write(DATA[:1 << 20])
+    os.remove("/app/gone.txt")
+    shutil.rmtree("/app/dir")
+    os.mkdir("/app/dir")
+    open("/app/dir/new", "w").close()
+    CONTROL = socket.socket(socket.AF_UNIX)
+    CONTROL.bind("/app/control.sock")
+    CONTROL.listen()
 
 @thaw_sdk.on_before_snapshot
 def before():
@@ -84,6 +99,13 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply({"secret": seen.get("secret") or os.environ.get("API_KEY")})
         if self.path.startswith("/env/"):
             return self.reply({"value": os.environ.get(self.path[5:]), "port": self.server.server_port})
+        if self.path == "/files":
+            LOG.write("files\n")
+            LOG.flush()
+            with open("/root/.cache/blob", "rb") as f:
+                blob = f.read() == DATA[:1 << 20]
+            return self.reply({"log": LOG.tell(), "blob": blob, "gone": os.path.exists("/app/gone.txt"),
+                               "dir": sorted(os.listdir("/app/dir")), "sock": os.path.exists("/app/control.sock")})
         if self.path.startswith("/slow?"):  # an answer that takes this many seconds
             time.sleep(float(self.path.partition("?")[2]))
             return self.reply({"slow": True})
@@ -102,7 +124,8 @@ server.serve_forever()
 @pytest.fixture(scope="module")
 def rootfs(tmp_path_factory):
     return python_rootfs(tmp_path_factory.mktemp("img") / "rootfs",
-                         {"server.py": SERVER, "thaw_sdk.py": Path(sdk.__file__).read_text()})
+                         {"server.py": SERVER, "thaw_sdk.py": Path(sdk.__file__).read_text(), "gone.txt": "",
+                          "dir/old": ""})
 
 
 def image_config(tmp_path, data_mb=DATA_MB, port=PORT, exposed=(), **env) -> Path:
@@ -426,6 +449,43 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
     assert with_sdk.compat_key == snapshots.get(cfg.registry_url, plain).compat_key
 
 
+def test_what_the_server_wrote_before_its_snapshot_is_under_each_restore(cfg, worker, agent, thaw_cli, image,
+                                                                           tmp_path):
+    """A log the server keeps open, a cache it wrote, a file of the image it deleted, a directory it replaced:
+    what it wrote to its root is its state too. Kept with the snapshot (sockets left out), it is the topmost
+    lower layer of each restore's root, lazily mounted or materialized, and each replica writes on its own layer.
+    Without it CRIU cannot reopen the log, and the build's verifying restore fails."""
+    snap = build_snapshot(thaw_cli, image, tmp_path, "--env", "WRITES=1")["digest"]
+    store = ChunkStore.open(cfg)
+    writes = {e.path: e for e in ImageManifest.load(store, snap).entries if e.path.startswith("root-writes/")}
+    assert {"root-writes/var/log/app/server.log", "root-writes/root/.cache/blob", "root-writes/app/dir/new",
+            "root-writes/app/gone.txt"} <= set(writes), sorted(writes)
+    assert writes["root-writes/app/gone.txt"].type == "chr" and not writes["root-writes/app/gone.txt"].rdev
+    assert "trusted.overlay.opaque" in (writes["root-writes/app/dir"].xattrs or {})
+    assert "root-writes/app/control.sock" not in writes
+    assert not [e for e in writes.values() if "trusted.overlay.origin" in (e.xattrs or {})], "the launch's records"
+    logged = writes["root-writes/var/log/app/server.log"].size  # "started", the golden request's log lines
+
+    def files(r):
+        with urllib.request.urlopen(r["endpoint"] + "/files", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    reps = restore(thaw_cli, snap, "--replicas", "2", "--keep")["replicas"]
+    assert [r["outcome"] for r in reps] == ["restored"] * 2, reps
+    first = {"blob": True, "gone": False, "dir": ["new"], "sock": True, "log": logged + len("files\n")}
+    assert files(reps[0]) == first
+    assert files(reps[0])["log"] == first["log"] + len("files\n")
+    assert files(reps[1]) == first, "each replica writes on a layer of its own"
+    assert snap not in agent.host.release_idle(0), "a kept replica's root has the snapshot's tree as a layer"
+    thaw_cli("replicas", "stop", *(r["replica"] for r in reps))
+
+    agent.host.close()  # the host's trees materialized instead: the whiteout and the opaque dir written out
+    agent.host.cfg = cfg.model_copy(update={"lazy_mounts": False})
+    (r,) = restore(thaw_cli, snap, "--keep")["replicas"]
+    assert r["outcome"] == "restored" and files(r) == first, r
+    thaw_cli("replicas", "stop", r["replica"])
+
+
 def test_the_images_user_is_checked_before_the_launch(cfg, worker, agent, thaw_cli, rootfs, tmp_path):
     """The image's User goes into the snapshot's spec and runs the server (test_criu checks its credentials).
     Where CRIU cannot checkpoint another user's process (an agent without CAP_SYS_RESOURCE, as on this VM) the
@@ -691,12 +751,14 @@ def test_idle_trees_are_unmounted_unless_a_replica_uses_them_or_their_pages_are_
 
     host.pins.unpin(snap)
     assert host.release_idle(3600) == [], "not idle long enough"
-    assert host.release_idle(0) == [snap], "the image's tree is a layer of the kept replica's root"
-    assert is_mounted(trees[image]) and not is_mounted(trees[snap])
+    # both trees are layers of the kept replica's root: the snapshot's through what the server wrote before it
+    assert (trees[snap] / criu.WRITES / "app/__pycache__").is_dir()  # (thaw_sdk's .pyc)
+    assert host.release_idle(0) == [], "the kept replica's root has both trees as layers"
+    assert all(is_mounted(mp) for mp in trees.values())
     assert answer_of(kept) == DATA_MB, "the replica still reads its image"
 
     thaw_cli("replicas", "stop", kept["replica"])
-    assert host.release_idle(0) == [image]
+    assert sorted(host.release_idle(0)) == sorted(trees)
     assert host.mounts == {} and not any(is_mounted(mp) for mp in trees.values())
     for pid in daemons.values():
         wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, f"mount daemon {pid} gone")
