@@ -70,8 +70,8 @@ class HostActivities:
         if not dump.is_dir():
             raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
         with keepalive("store"):  # a large dump, or its upload to S3, outlasts the heartbeat timeout
-            # device nodes: the whiteouts among the server's writes (Root.keep_writes left out any other)
-            limits = dataclasses.replace(Limits.from_config(self.cfg), allow_devices=True)
+            # the whiteouts among what the server wrote to its root (Root.keep_writes left out other devices)
+            limits = dataclasses.replace(Limits.from_config(self.cfg), allow_whiteouts=True)
             manifest, _, new_bytes = ingest_and_commit(SourceSpec("dir", str(dump)), self.host.store,
                                                        f"{ck.build_id}-snapshot", limits)
         stats = manifest.stats()

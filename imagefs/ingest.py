@@ -48,6 +48,7 @@ class Limits:
     max_image_size: int
     max_entries: int
     allow_devices: bool = False
+    allow_whiteouts: bool = False  # 0:0 character devices: overlayfs whiteouts (a snapshot's root-writes/)
 
     @classmethod
     def from_config(cls, cfg) -> "Limits":
@@ -178,7 +179,8 @@ class Tree:
                                   f"{PATH_MAX - 1} bytes ({target[:80]!r}, {len(_bytes(target))} bytes)")
             if _symlink_escapes(path, target):
                 raise IngestError(f"symlink {src!r} -> {target!r} escapes the image root")
-        if entry.type in (CHR, BLK) and not self.limits.allow_devices:
+        whiteout = entry.type == CHR and not entry.rdev and self.limits.allow_whiteouts
+        if entry.type in (CHR, BLK) and not (self.limits.allow_devices or whiteout):
             raise IngestError(f"device node {src!r} is not allowed in an image "
                               f"(THAW_ALLOW_DEVICES=1 on the build worker permits it)")
         if entry.type == REG:

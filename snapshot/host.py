@@ -545,8 +545,9 @@ class HostSnapshots:
 
     def _prefetch(self, snap: dict):
         """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
-        the image chunks recorded by the build's profiling restore (in first-read order); not the files the
-        server wrote before its snapshot (weights it downloaded, say: read by need). Returns the handle."""
+        the image chunks recorded by the build's profiling restore (in first-read order). Not the files the
+        server wrote before its snapshot (weights it downloaded, say): they are read by need, and a file it
+        kept open for writing is read whole when the restore copies it up. Returns the handle."""
         manifest = ImageManifest.load(self.store, snap["digest"])
         digests = [c[0] for e in manifest.files() if not e.path.startswith(f"{criu.WRITES}/") for c in e.chunks]
         digests += self._stored_profile(manifest, PROFILE)

@@ -26,7 +26,7 @@ from . import _linux
 
 log = logging.getLogger(__name__)
 # overlayfs' own records of an upper layer, about the mount that wrote it (the lower inodes copied up, its
-# uuid): stale under another mount. Opaque directories and redirects are what the layer means: kept.
+# uuid): stale under another mount. Whiteouts and opaque directories are what the layer means: kept.
 BOOKKEEPING_XATTRS = ("trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.nlink",
                       "trusted.overlay.uuid")
 
@@ -48,7 +48,8 @@ class Root:
         rest, as :meth:`cleanup`. Returns how many entries were kept; with none, ``dest`` is not made.
         Stop the replica first: its writes must be those of the dumped process (CRIU reopens the files it had
         open by path, and checks their size). Sockets are left out (CRIU binds a restored one again; none can be
-        stored), as are device nodes other than whiteouts."""
+        stored), as are device nodes other than whiteouts: each becomes a whiteout, so that no file of a lower
+        layer shows through in its place."""
         self._unmount()
         upper, kept = self.dir / "upper", 0
         if any(upper.iterdir()):
@@ -59,7 +60,7 @@ class Root:
                     if _unstorable(os.lstat(p)):
                         log.info("left out of the snapshot's writes: %s (a socket or device)", p)
                         os.unlink(p)
-                        continue
+                        os.mknod(p, stat.S_IFCHR, 0)
                     _drop_bookkeeping(p)
                     kept += 1
             _drop_bookkeeping(str(dest))
@@ -91,7 +92,13 @@ def _unstorable(st: os.stat_result) -> bool:
 
 
 def _drop_bookkeeping(path: str) -> None:
-    for name in os.listxattr(path, follow_symlinks=False):
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:  # an upper file system without xattrs: nothing to drop
+        if e.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+        return
+    for name in names:
         if name in BOOKKEEPING_XATTRS:
             os.removexattr(path, name, follow_symlinks=False)
 
@@ -112,8 +119,9 @@ def prepare_root(lower: Path | Sequence[Path], work: Path) -> Root:
     upper, wd, merged = d / "upper", d / "work", d / "root"
     for p in (upper, wd, merged):
         p.mkdir()
-    try:
-        opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={wd}"
+    try:  # no redirects and no metacopy files (whatever the host's defaults): an upper layer kept with a
+        # snapshot (Root.keep_writes) then holds all it means, for hosts that would neither follow nor make them
+        opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={wd},redirect_dir=off,metacopy=off"
         _linux.mount("overlay", merged, "overlay", 0, opts)
     except OSError:
         shutil.rmtree(d)

@@ -708,7 +708,11 @@ def test_a_roots_writes_are_kept_as_a_layer_without_sockets_devices_or_the_mount
         kept = root.keep_writes(writes)
         assert not root.dir.exists() and str(root.path) not in _linux.mountpoints()
         names = {str(p.relative_to(writes)) for p in writes.rglob("*")}
-        assert names == {"app", "app/server.py", "app/new", "app/new/f", "etc", "etc/passwd"} and kept == 6
+        assert names == {"app", "app/server.py", "app/new", "app/new/f", "etc", "etc/passwd", "app/blk",
+                         "app/control.sock"} and kept == 8
+        for gone in ("server.py", "blk", "control.sock"):  # whiteouts: the socket and the device left out
+            st = os.lstat(writes / "app" / gone)
+            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, gone
         assert not [n for p in [writes, *writes.rglob("*")]
                     for n in os.listxattr(p, follow_symlinks=False) if n.startswith("trusted.overlay.")]
         with prepare_root([writes, *image], work / "roots") as again:
@@ -716,6 +720,7 @@ def test_a_roots_writes_are_kept_as_a_layer_without_sockets_devices_or_the_mount
             assert (again.path / "app" / "new" / "f").read_text() == "data"
             assert os.getxattr(again.path / "app" / "new" / "f", "user.kind") == b"cache"
             assert (again.path / "etc" / "passwd").read_text() == "copied up\n"
+            assert not (again.path / "app" / "blk").exists() and not (again.path / "app" / "control.sock").exists()
             (again.path / "app" / "new" / "f").write_text("mine")  # on its own upper layer
         assert (writes / "app" / "new" / "f").read_text() == "data"
     finally:

@@ -297,6 +297,19 @@ def test_devices_allowed_when_configured(store):
     assert (os.major(e.rdev), os.minor(e.rdev)) == (1, 3)
 
 
+def test_whiteouts_alone_are_allowed_for_a_snapshots_writes(store):
+    """allow_whiteouts (a snapshot's root-writes/, an overlayfs upper layer) takes 0:0 character devices, not
+    other devices."""
+    whiteout = layer(member("app", "dir"), member("app/gone", "chr", devmajor=0, devminor=0, mode=0))
+    with pytest.raises(IngestError, match="device node 'layer 0:app/gone' is not allowed"):
+        build(store, whiteout)
+    m = build(store, whiteout, limits=Limits(1 << 30, 1 << 30, 100, allow_whiteouts=True))
+    assert [(e.type, e.rdev or 0) for e in m.entries if e.path == "app/gone"] == [("chr", 0)]
+    with pytest.raises(IngestError, match="device node 'layer 0:dev/null' is not allowed"):
+        build(store, layer(member("dev", "dir"), member("dev/null", "chr", devmajor=1, devminor=3)),
+              limits=Limits(1 << 30, 1 << 30, 100, allow_whiteouts=True))
+
+
 def make_fancy_tree(root: Path) -> Path:
     """A directory exercising everything an image tree carries."""
     (root / "usr/bin").mkdir(parents=True)

@@ -452,7 +452,7 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
 def test_what_the_server_wrote_before_its_snapshot_is_under_each_restore(cfg, worker, agent, thaw_cli, image,
                                                                            tmp_path):
     """A log the server keeps open, a cache it wrote, a file of the image it deleted, a directory it replaced:
-    what it wrote to its root is its state too. Kept with the snapshot (sockets left out), it is the topmost
+    what it wrote to its root is its state too. Kept with the snapshot (a socket left out), it is the topmost
     lower layer of each restore's root, lazily mounted or materialized, and each replica writes on its own layer.
     Without it CRIU cannot reopen the log, and the build's verifying restore fails."""
     snap = build_snapshot(thaw_cli, image, tmp_path, "--env", "WRITES=1")["digest"]
@@ -462,7 +462,7 @@ def test_what_the_server_wrote_before_its_snapshot_is_under_each_restore(cfg, wo
             "root-writes/app/gone.txt"} <= set(writes), sorted(writes)
     assert writes["root-writes/app/gone.txt"].type == "chr" and not writes["root-writes/app/gone.txt"].rdev
     assert "trusted.overlay.opaque" in (writes["root-writes/app/dir"].xattrs or {})
-    assert "root-writes/app/control.sock" not in writes
+    assert writes["root-writes/app/control.sock"].type == "chr", "a socket left out: a whiteout in its place"
     assert not [e for e in writes.values() if "trusted.overlay.origin" in (e.xattrs or {})], "the launch's records"
     logged = writes["root-writes/var/log/app/server.log"].size  # "started", the golden request's log lines
 
