@@ -5,8 +5,10 @@
 `nsenter --net` (same filesystem, so the same state dir and store; each host id gets its own work dir).
 Its replicas are published on 10.77.<k>.2, so the gateway and the pool reach them over a real network hop,
 and killing one agent (or `ip link set ... down`) is a real host failure. Temporal must listen where the
-namespaces can reach it: run the stack with THAW_TEMPORAL_ADDRESS=0.0.0.0:<port>. `thaw hosts down` stops
-the agents by PID and deletes the namespaces.
+namespaces can reach it: run the stack with THAW_TEMPORAL_ADDRESS=0.0.0.0:<port> (`thaw up --s3`'s S3 server
+then listens there too). With an S3 tier each host gets a chunk cache of its own (``<work dir>/store``), cold
+at its first start as on another machine, so its restores read from S3. `thaw hosts down` stops the agents by
+PID and deletes the namespaces.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from thaw.config import Config
+from thaw.config import LOOPBACK, Config
 from thaw.files import write_atomic
+from thaw.stack import StackError, _stop_pid, agent_ready_file, wait_started
 
 log = logging.getLogger("thaw.hosts")
 
@@ -45,18 +48,20 @@ def _load(cfg: Config) -> list[dict]:
     return json.loads(_file(cfg).read_text()) if _file(cfg).exists() else []
 
 
-def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
-    """Start ``n`` namespaced host agents (subnets 10.77.<base>.. onwards); returns their records."""
-    loopback = ("127.0.0.1", "localhost", "::1")
-    if cfg.temporal_address.rsplit(":", 1)[0].strip("[]") in loopback:
+def up(cfg: Config, n: int, base: int = 1, capacity: int = 4, ready_timeout_s: float = 120) -> list[dict]:
+    """Start ``n`` namespaced host agents (subnets 10.77.<base>.. onwards), each registered and polling before
+    the next; returns their records."""
+    if cfg.on_loopback():
         raise HostsError("namespaced hosts cannot reach Temporal on loopback: run the stack with "
                          "THAW_TEMPORAL_ADDRESS=0.0.0.0:<port>")
     if cfg.db_url:  # a file or a Unix socket is reachable from the namespaces; a loopback TCP address is not
         from sqlalchemy.engine import make_url
-        if make_url(cfg.db_url).host in loopback:
+        if make_url(cfg.db_url).host in LOOPBACK:
             raise HostsError("namespaced hosts cannot reach the registry database on loopback: give THAW_DB_URL "
                              "an address they can reach (or its Unix socket)")
-    if cfg.s3_endpoint and urlsplit(cfg.s3_endpoint).hostname in loopback:
+    s3 = urlsplit(cfg.s3_endpoint) if cfg.s3_endpoint else None
+    embedded_s3 = bool(s3 and cfg.s3_embedded and s3.hostname in LOOPBACK and s3.port == cfg.s3_embedded_port)
+    if s3 and s3.hostname in LOOPBACK and not embedded_s3:
         raise HostsError(f"namespaced hosts cannot reach S3 on loopback ({cfg.s3_endpoint}): give THAW_S3_ENDPOINT "
                          "an address they can reach")
     port = cfg.temporal_address.rsplit(":", 1)[1]
@@ -78,13 +83,28 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
             for args in (("addr", "add", f"{there}/30", "dev", "eth0"), ("link", "set", "eth0", "up"),
                          ("link", "set", "lo", "up"), ("route", "add", "default", "via", here)):
                 _ip("-n", ns, *args)
+            reach = [(here, int(port), "Temporal")]
             env = {**os.environ, **cfg.child_env(), "THAW_TEMPORAL_ADDRESS": f"{here}:{port}",
                    "THAW_REPLICA_BIND": there, "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": host_id,
                    "THAW_HOST_CAPACITY": str(capacity)}
+            if s3:  # a cache of its own: its restores read from S3, as on another machine
+                env["THAW_STORE_PATH"] = str(cfg.model_copy(update={"host_id": host_id}).work_dir / "store")
+            if embedded_s3:  # `thaw up --s3`'s, which listens where Temporal does
+                env["THAW_S3_ENDPOINT"] = f"http://{here}:{s3.port}"
+                reach.append((here, s3.port, "S3"))
+            for addr, p, what in reach:
+                if not _reachable(ns, addr, p):
+                    raise HostsError(f"{what} is not reachable from the namespace at {addr}:{p}: was the stack "
+                                     f"started with THAW_TEMPORAL_ADDRESS=0.0.0.0:{port}? (`thaw down`, then "
+                                     f"`thaw up` with it)")
+            ready = agent_ready_file(cfg.model_copy(update={"host_id": host_id}))
+            ready.unlink(missing_ok=True)
             with open(cfg.log_dir / f"agent-{host_id}.log", "ab") as log:
                 proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "thaw",
                                          "agent"], env=env, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
+            # registered and polling before `thaw restore --host` or a deploy may look for it
+            wait_started(proc, ready.exists, Path(log.name), ready_timeout_s, "its agent")
             hosts.append({"host_id": host_id, "netns": ns, "veth": veth, "address": there, "pid": proc.pid})
             write_atomic(_file(cfg), json.dumps(hosts))  # never found half-written: `down` reads it
         except BaseException as e:  # Ctrl-C too: what this host got so far goes; the hosts before it stay
@@ -93,10 +113,18 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4) -> list[dict]:
                 proc.wait()
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its end of the veth pair too
             subprocess.run(["ip", "link", "del", veth], capture_output=True)
-            if isinstance(e, (HostsError, OSError)):
+            if isinstance(e, (HostsError, StackError, OSError)):
                 raise HostsError(f"host {host_id}: {e}") from None
             raise
     return hosts
+
+
+def _reachable(ns: str, host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:port works from inside network namespace ``ns``."""
+    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout={timeout}).close()"
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", probe], capture_output=True,
+                       timeout=timeout + 30)
+    return r.returncode == 0
 
 
 def _in_netns(pid: int, ns: str) -> bool:
@@ -109,8 +137,6 @@ def _in_netns(pid: int, ns: str) -> bool:
 def down(cfg: Config) -> list[str]:
     """Stop every namespaced agent (SIGTERM: it stops its replicas and mounts), then delete its namespace. For an
     agent that died, what it left goes: its replicas (by recorded pid and start time), their roots, its mounts."""
-    from thaw.stack import _stop_pid
-
     from .agent import release_if_dead
 
     done = []

@@ -66,6 +66,51 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
         else True
 
 
+def test_namespaced_hosts_of_an_s3_stack_restore_from_s3_into_caches_of_their_own(tmp_path, rootfs):  # noqa: F811
+    """`thaw up --s3` with Temporal beyond loopback: its S3 server listens there too, each namespaced host reaches
+    it over its veth and keeps a chunk cache of its own, cold at first (its restore reads from S3); what the
+    server wrote before its snapshot comes with it. A stack started on loopback is named, before any agent
+    starts, as what the namespaces cannot reach."""
+    port = free_port()
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": f"0.0.0.0:{port}",
+           "THAW_TEMPORAL_UI_PORT": str(free_port()), "THAW_API_PORT": str(free_port()),
+           "THAW_AGENT_METRICS_PORT": "0", "THAW_HOST_ID": "builder", "THAW_S3_EMBEDDED_PORT": str(free_port())}
+    cfg = load(state_dir=tmp_path / "state")
+    golden = tmp_path / "golden.json"
+    golden.write_text("{}")
+    try:
+        thaw(env, "up", "--s3")
+        img = json.loads(thaw(env, "build", "image", str(rootfs), "--config", str(image_config(tmp_path)),
+                              "--json").stdout)["digest"]
+        snap = json.loads(thaw(env, "build", "snapshot", img, "--port", str(PORT), "--health", "/health",
+                               "--golden", str(golden), "--golden-path", "/answer-stable", "--env", "WRITES=1",
+                               "--json").stdout)["digest"]
+        assert "in netns" in thaw(env, "hosts", "up", "1").stdout
+        cache = cfg.state_dir / "work" / "nshost1" / "store"
+        (r,) = json.loads(thaw(env, "restore", snap, "--host", "nshost1", "--keep", "--json").stdout)["replicas"]
+        assert r["outcome"] == "restored" and r["endpoint"].startswith("http://10.77.1.2:"), r
+        assert r["timings_ms"]["prefetch_kb"] > 1024, r  # the snapshot's memory pages, from S3
+        assert sum(1 for _ in cache.rglob("*") if _.is_file()) > 10, "the host's own cache holds what it read"
+        with urllib.request.urlopen(r["endpoint"] + "/files", timeout=10) as resp:
+            assert json.loads(resp.read())["blob"] is True  # a file the server wrote, read lazily from S3
+        thaw(env, "replicas", "stop", r["replica"])
+    finally:
+        down = thaw(env, "down", check=False)
+    assert "nshost1: stopped" in down.stdout and "s3: stopped" in down.stdout, down.stdout
+
+    env["THAW_TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"  # a stack started on loopback (its S3 server too)
+    try:
+        thaw(env, "up")
+        res = thaw({**env, "THAW_TEMPORAL_ADDRESS": f"0.0.0.0:{port}"}, "hosts", "up", "1", check=False)
+        assert res.returncode == 1 and "is not reachable from the namespace at 10.77." in res.stderr, res
+        assert "was the stack started with THAW_TEMPORAL_ADDRESS=0.0.0.0" in res.stderr
+        assert not (cfg.run_dir / "hosts.json").exists() or json.loads((cfg.run_dir / "hosts.json").read_text()) == []
+    finally:
+        thaw(env, "down", check=False)
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("thaw-nshost")] if os.path.isdir("/run/netns") \
+        else True
+
+
 def test_hosts_down_does_not_signal_a_pid_that_is_not_its_agent(tmp_path):
     """hosts.json outlives its agents (a reboot, a crash): a pid there that now belongs to another process,
     outside the host's network namespace, is left alone."""
@@ -113,14 +158,16 @@ def test_an_interrupted_hosts_up_leaves_no_namespace_or_agent(tmp_path, monkeypa
 
     from thaw.config import Config
     from thaw.runtime import hosts
+    from thaw.stack import agent_ready_file
 
     cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233")
     started = []
     real_popen = subprocess.Popen
 
     def popen(argv, *args, **kwargs):
-        if argv[0] == "nsenter":  # the agent: a stand-in in a session of its own
+        if argv[0] == "nsenter":  # the agent: a stand-in in a session of its own, ready at once
             argv, kwargs = ["sleep", "600"], {"start_new_session": True}
+            agent_ready_file(cfg.model_copy(update={"host_id": "nshost1"})).write_text("1")
         p = real_popen(argv, *args, **kwargs)
         if argv[0] == "sleep":
             started.append(p)
@@ -129,6 +176,7 @@ def test_an_interrupted_hosts_up_leaves_no_namespace_or_agent(tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(hosts, "_reachable", lambda *a: True)  # no Temporal here
     monkeypatch.setattr(hosts.subprocess, "Popen", popen)
     monkeypatch.setattr(hosts.json, "dumps", interrupted)  # Ctrl-C as the agent is being recorded
     with pytest.raises(KeyboardInterrupt):

@@ -135,6 +135,7 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
     ("THAW_HOST_STALE_S", "0", "host_stale_s: Input should be greater than 0"),  # no host would ever be live
     ("THAW_S3_ENDPOINT", "127.0.0.1:8333", "s3_endpoint: '127.0.0.1:8333' is not an http:// or https:// URL"),
     ("THAW_STATE_DIR", "", "state_dir: empty: name a directory"),  # was the current directory
+    ("THAW_STORE_PATH", " ", "store_path: empty: name a directory"),
     ("THAW_HOST_ID", "../../srv", "host_id: '../../srv': use up to 63 letters, digits"),  # its work dir: no traversal
     ("THAW_API_PORT", "99999", "api_port: Input should be less than or equal to 65535"),
     ("THAW_DB_URL", "foo", "db_url: not a database URL"),

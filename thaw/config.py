@@ -34,6 +34,9 @@ def _state_path(v: str | os.PathLike) -> Path:
     return Path(v).expanduser().absolute()
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="THAW_", extra="forbid", frozen=True)
 
@@ -146,6 +149,15 @@ class Config(BaseSettings):
     # of truth (unbounded, no memory tier); with it S3 is, and the local directory becomes a cache.
     memory_cache_bytes: int = Field(default=256 * MiB, ge=0)  # per process; 0 = no memory tier
     disk_cache_bytes: int = Field(default=20 * GiB, gt=0)  # bound of the local chunk cache (with S3 only)
+    store_path: Path | None = None  # the local store directory; None: <state_dir>/store (`thaw hosts up` gives
+    # each of its hosts its own with S3: a cache of that host's, cold when it starts, as on another machine)
+
+    @field_validator("store_path", mode="before")
+    @classmethod
+    def _store_path(cls, v: str | os.PathLike | None) -> Path | None:
+        if v is not None and not str(v).strip():  # THAW_STORE_PATH= would be the current directory
+            raise ValueError("empty: name a directory, or unset THAW_STORE_PATH for <state_dir>/store")
+        return None if v is None else _state_path(v)
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333; None = no S3 tier
 
     @field_validator("s3_endpoint")
@@ -179,7 +191,12 @@ class Config(BaseSettings):
 
     @cached_property
     def store_dir(self) -> Path:
-        return self.state_dir / "store"
+        return self.store_path or self.state_dir / "store"
+
+    def on_loopback(self) -> bool:
+        """Whether the stack listens on loopback only (Temporal's address says; the embedded S3 server listens
+        where it does). `thaw hosts up` needs it beyond: its agents run in network namespaces of their own."""
+        return self.temporal_address.rsplit(":", 1)[0].strip("[]") in LOOPBACK
 
     @cached_property
     def run_dir(self) -> Path:

@@ -36,9 +36,9 @@ def weed_binary() -> str:
 
 class SeaweedS3:
     def __init__(self, root: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY,
-                 s3_port: int | None = None):
+                 s3_port: int | None = None, s3_bind: str = "127.0.0.1"):
         self.root = Path(root)
-        self.s3_port = s3_port
+        self.s3_port, self.s3_bind = s3_port, s3_bind  # where the S3 gateway listens; the rest, on loopback
         self.access_key, self.secret_key = access_key, secret_key
         self.region = "us-east-1"
         self.proc: subprocess.Popen | None = None
@@ -72,7 +72,7 @@ class SeaweedS3:
                f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
                f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
                f"-filer.localSocket={self.root / 'filer.sock'}",
-               "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={auth}",
+               "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={auth}", f"-s3.ip.bind={self.s3_bind}",
                f"-s3.localSocket={self.root / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self.command = cmd
         t0 = time.monotonic()

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .config import Config
 from .errors import first_line
@@ -133,19 +134,28 @@ def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
                             start_new_session=True, close_fds=True, env=env)
     log.close()
     c.pidfile(cfg).write_text(json.dumps({"pid": proc.pid, "argv": c.argv}))
+    try:
+        wait_started(proc, c.ready, c.logfile(cfg), timeout, c.name)
+    except StackError:
+        if proc.poll() is None:
+            _stop_pid(proc.pid)
+        c.pidfile(cfg).unlink(missing_ok=True)
+        raise
+    return proc.pid
+
+
+def wait_started(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float, name: str) -> None:
+    """Wait until ``ready()``; a StackError, with the end of its log, if ``proc`` exits first or ``timeout``
+    passes (the caller stops it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = c.logfile(cfg).read_text(errors="replace").strip().splitlines()[-5:]
-            c.pidfile(cfg).unlink(missing_ok=True)
-            raise StackError(f"{c.name} exited with {proc.returncode}; last log lines ({c.logfile(cfg)}):\n  "
-                             + "\n  ".join(tail))
-        if c.ready():
-            return proc.pid
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise StackError(f"{name} exited with {proc.returncode}; last log lines ({log}):\n  " + "\n  ".join(tail))
+        if ready():
+            return
         time.sleep(0.1)
-    _stop_pid(proc.pid)
-    c.pidfile(cfg).unlink(missing_ok=True)
-    raise StackError(f"{c.name} did not become ready within {timeout:.0f}s; see {c.logfile(cfg)}")
+    raise StackError(f"{name} did not become ready within {timeout:.0f}s; see {log}")
 
 
 def _s3_port_free(cfg: Config) -> None:
@@ -185,7 +195,8 @@ def serve_s3(cfg: Config) -> None:
     """Run SeaweedFS in the foreground (the `s3` component) until SIGTERM."""
     from thaw.seaweed import SeaweedS3
 
-    server = SeaweedS3(cfg.state_dir / "s3", cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port)
+    server = SeaweedS3(cfg.state_dir / "s3", cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port,
+                       s3_bind="127.0.0.1" if cfg.on_loopback() else "0.0.0.0")  # where Temporal listens
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # before start: `thaw down` then stops weed too
     server.start()
