@@ -33,6 +33,7 @@ REAP = Path(__file__).with_name("_reap.py")
 UNSHARE = ["unshare", "--net", "--uts", "--ipc"]
 UNSHARE_ROOT = ["--pid", "--fork", "--mount", "--propagation", "private"]  # with a root of its own
 TCP_LISTEN = "0A"  # the state column of a listening socket in /proc/PID/net/tcp
+NOT_FOUND_S = 30.0  # a health path answered 404 this long (the server runs, without that route): not waited out
 
 
 class ReplicaError(RuntimeError):
@@ -150,7 +151,7 @@ class Replica:
     def _poll(self, port: int, paths: list[str], timeout: float, beat: Callable[[], None] | None) -> float:
         t0 = time.monotonic()
         deadline = t0 + timeout
-        last = "no answer"
+        last, not_found_since = "no answer", None
         while True:
             if beat:
                 beat()
@@ -166,8 +167,13 @@ class Replica:
                     paths = paths[1:]
                     continue
                 last = f"HTTP {status} {body[:200]!r}"
+                not_found_since = (not_found_since or time.monotonic()) if status == 404 else None
+                if not_found_since and time.monotonic() - not_found_since >= NOT_FOUND_S:
+                    raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} answered 404 for "
+                                       f"{NOT_FOUND_S:g}s: the server has no such path; give its health path with "
+                                       f"--health (e.g. /health)")
             except (OSError, http.client.HTTPException) as e:
-                last = f"{type(e).__name__}: {e}"
+                last, not_found_since = f"{type(e).__name__}: {e}", None
             if time.monotonic() > deadline:
                 raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} not 200 after {timeout:g}s "
                                    f"({last}{self._listening_note(port)}); log {self.log_path}: "

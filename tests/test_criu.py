@@ -613,15 +613,24 @@ def test_the_images_user_runs_the_server_and_its_restores(roots, work):
 
 
 @needs_criu
-def test_a_server_on_another_port_is_named_when_readiness_times_out(roots, work):
+def test_a_server_on_another_port_is_named_when_readiness_times_out(roots, work, monkeypatch):
     """The server listens on 8081, the host waits on 8080: the timeout says where it listens (its own network
-    namespace: nothing else of the host shows); while nothing listens yet, it says that."""
+    namespace: nothing else of the host shows); while nothing listens yet, it says that. A health path the
+    server answers 404 on is not waited out for the whole timeout."""
+    from thaw.snapshot import replica as replica_mod
+
     replica = start(roots(), work, "other-port", data_mb=1, PORT=str(PORT + 1))
     try:
         replica.wait_ready(PORT + 1, "/health", timeout=60)
         assert replica.listening_ports() == {PORT + 1}
         with pytest.raises(ReplicaError, match=f"listens on TCP port {PORT + 1}, not {PORT} \\(--port\\)"):
             replica.wait_ready(PORT, "/health", timeout=1)
+        monkeypatch.setattr(replica_mod, "NOT_FOUND_S", 0.5)
+        t0 = time.monotonic()
+        with pytest.raises(ReplicaError, match="/healthz answered 404 for 0.5s: the server has no such path; "
+                                               "give its health path with --health"):
+            replica.wait_healthy(PORT + 1, "/healthz", timeout=60)
+        assert time.monotonic() - t0 < 10
     finally:
         replica.stop()
     idle = launch(roots().path, [PYTHON, "-c", "import time; time.sleep(60)"], {}, "/", work / "idle.log")
