@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
@@ -23,6 +24,7 @@ from thaw.activities.host import HostActivities
 from thaw.config import Config
 from thaw.errors import first_line
 from thaw.registry import deployments, snapshots
+from thaw.snapshot.forward import Forwarder, unix_socket
 from thaw.snapshot.host import HostSnapshots, cleanup_stale, release_dead
 
 from . import metrics
@@ -153,6 +155,21 @@ def release_if_dead(cfg: Config) -> bool:
     return True
 
 
+def s3_relay(cfg: Config) -> Forwarder | None:
+    """On a host of `thaw hosts up` (``s3_socket`` set): the loopback port of its S3 endpoint, in its network
+    namespace, relayed to the Unix socket of `thaw up --s3`'s SeaweedFS, which listens on nothing else this
+    namespace could reach (no S3 port of its is open beyond the machine's loopback)."""
+    if not cfg.s3_socket:
+        return None
+    url = urlsplit(cfg.s3_endpoint or "")
+    if url.hostname != "127.0.0.1" or not url.port:
+        raise RuntimeError(f"THAW_S3_SOCKET needs THAW_S3_ENDPOINT=http://127.0.0.1:PORT, not {cfg.s3_endpoint}")
+    try:
+        return Forwarder(unix_socket(str(cfg.s3_socket)), "127.0.0.1", url.port)
+    except OSError as e:
+        raise RuntimeError(f"S3 relay on 127.0.0.1:{url.port}: {e.strerror or e}") from None
+
+
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
     stop = stop_on_signals()  # first: a SIGTERM once the host row below exists must still mark the host gone
     hold_host(cfg)  # its fd stays open, and the lock held, until this process ends
@@ -164,6 +181,7 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     except OSError as e:
         raise RuntimeError(f"metrics on {cfg.agent_metrics_bind}:{cfg.agent_metrics_port}: {e.strerror or e} "
                            f"(THAW_AGENT_METRICS_PORT: another port, or 0 for any)") from None
+    relay = s3_relay(cfg)  # before the store is opened: it reaches S3 through it (its mount daemons too)
     host = await asyncio.to_thread(HostSnapshots, cfg)  # GPU access (driver layer, device nodes) included
     if host.store.held_back:  # its disk has objects from before S3 was configured: S3 gets those it lacks
         threading.Thread(target=push_store, args=(host.store,), name="thaw-push", daemon=True).start()
@@ -181,3 +199,5 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
         except Exception as e:  # noqa: BLE001 - the registry down: the host goes stale in host_stale_s
             log.warning("agent %s: could not mark the host gone: %s", cfg.host_id, e)
         host.close()
+        if relay:
+            relay.close()

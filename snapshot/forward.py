@@ -2,7 +2,9 @@
 
 Each replica lives in its own network namespace with only loopback, so replicas of one snapshot all listen
 on the same port without clashing. The forwarder listens on ``bind:0`` on the host and, for every
-connection, opens a socket inside the replica's namespace (``Replica.socket``) and copies bytes both ways.
+connection, opens a socket inside the replica's namespace (:func:`replica_port`) and copies bytes both ways.
+The same forwarder takes a namespaced host of `thaw hosts up` to the embedded S3 server's Unix socket
+(:func:`unix_socket`), which no network namespace keeps out.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import struct
 import threading
 import time
 
+from typing import Callable
+
 from .replica import Replica, ReplicaError
 
 log = logging.getLogger("thaw.forward")
@@ -22,10 +26,38 @@ SEND_TIMEOUT_S = 120.0  # a connection whose far end takes nothing for this long
 CONNECT_TIMEOUT_S = 10.0
 
 
+def replica_port(replica: Replica, port: int) -> Callable[[], socket.socket]:
+    """Connections to ``port`` on the loopback of ``replica``'s network namespace."""
+    def connect() -> socket.socket:
+        upstream = replica.socket()
+        upstream.settimeout(CONNECT_TIMEOUT_S)  # a frozen replica's full backlog drops the SYN: no 2 min wait
+        return _connected(upstream, ("127.0.0.1", port))
+    return connect
+
+
+def unix_socket(path: str) -> Callable[[], socket.socket]:
+    """Connections to the Unix socket at ``path``."""
+    def connect() -> socket.socket:
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.settimeout(CONNECT_TIMEOUT_S)
+        return _connected(upstream, path)
+    return connect
+
+
+def _connected(sock: socket.socket, address) -> socket.socket:
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class Forwarder:
-    def __init__(self, replica: Replica, port: int, bind: str = "127.0.0.1"):
-        self.replica, self.port = replica, port
-        self.listener = socket.create_server((bind, 0))
+    def __init__(self, connect: Callable[[], socket.socket], bind: str = "127.0.0.1", port: int = 0):
+        """Listen on ``bind:port`` (0: any free port); each connection gets an upstream from ``connect()``."""
+        self.connect = connect
+        self.listener = socket.create_server((bind, port))
         self.host, self.host_port = self.listener.getsockname()[:2]
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name=f"thaw-fwd-{self.host_port}", daemon=True)
@@ -50,15 +82,10 @@ class Forwarder:
                 time.sleep(0.1)
 
     def _pipe(self, client: socket.socket) -> None:
-        upstream = None
         try:
-            upstream = self.replica.socket()
-            upstream.settimeout(CONNECT_TIMEOUT_S)  # a frozen replica's full backlog drops the SYN: no 2 min wait
-            upstream.connect(("127.0.0.1", self.port))
+            upstream = self.connect()
         except (OSError, ReplicaError):
-            _reset(client)  # the replica is gone: the caller sees a reset and can retry elsewhere
-            if upstream is not None:
-                upstream.close()
+            _reset(client)  # the replica (or server) is gone: the caller sees a reset and can retry elsewhere
             return
         with client, upstream, selectors.DefaultSelector() as sel:
             _Link(client, upstream, sel).run(self._closing)

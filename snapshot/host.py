@@ -34,7 +34,7 @@ from thaw.imagefs.prefetch import parse_profile, start_prefetch
 from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 
 from . import _linux, cgroup, compat, criu, cuda, nvidia
-from .forward import Forwarder
+from .forward import Forwarder, replica_port
 from .pin import Pins
 from .replica import golden_answer as replica_golden_answer, tail
 
@@ -128,7 +128,7 @@ class Running:
         server's endpoint URL (the others: :attr:`published`)."""
         for port in (self.port, *ports):
             if port not in self.forwarders:
-                self.forwarders[port] = Forwarder(self.replica, port, bind)
+                self.forwarders[port] = Forwarder(replica_port(self.replica, port), bind)
         return self.forwarders[self.port].endpoint
 
     @property

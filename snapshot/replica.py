@@ -33,7 +33,8 @@ REAP = Path(__file__).with_name("_reap.py")
 UNSHARE = ["unshare", "--net", "--uts", "--ipc"]
 UNSHARE_ROOT = ["--pid", "--fork", "--mount", "--propagation", "private"]  # with a root of its own
 TCP_LISTEN = "0A"  # the state column of a listening socket in /proc/PID/net/tcp
-NOT_FOUND_S = 30.0  # a health path answered 404 this long (the server runs, without that route): not waited out
+DEFAULT_HEALTH = "/healthz"  # `thaw build snapshot --health`'s default (workflows.build_snapshot.ModelSpec)
+NOT_FOUND_S = 30.0  # the default health path answered 404 this long at a launch: the server has another one
 
 
 class ReplicaError(RuntimeError):
@@ -145,10 +146,13 @@ class Replica:
 
     def wait_ready(self, port: int = 8080, health_path: str = "/health", timeout: float = 60.0,
                    beat: Callable[[], None] | None = None) -> float:
-        """Poll the SDK's GET /thaw/ready (the server says it is warm) or, where it is 404, the health path."""
-        return self._poll(port, [READY_PATH, health_path], timeout, beat)
+        """Poll the SDK's GET /thaw/ready (the server says it is warm) or, where it is 404, the health path.
+        thaw's default health path answering 404 for NOT_FOUND_S is an error, not waited out: the server runs
+        and has another (a path the user chose may answer 404 while the server loads: that is waited for)."""
+        return self._poll(port, [READY_PATH, health_path], timeout, beat, health_path == DEFAULT_HEALTH)
 
-    def _poll(self, port: int, paths: list[str], timeout: float, beat: Callable[[], None] | None) -> float:
+    def _poll(self, port: int, paths: list[str], timeout: float, beat: Callable[[], None] | None,
+              not_found_fails: bool = False) -> float:
         t0 = time.monotonic()
         deadline = t0 + timeout
         last, not_found_since = "no answer", None
@@ -168,10 +172,10 @@ class Replica:
                     continue
                 last = f"HTTP {status} {body[:200]!r}"
                 not_found_since = (not_found_since or time.monotonic()) if status == 404 else None
-                if not_found_since and time.monotonic() - not_found_since >= NOT_FOUND_S:
+                if not_found_fails and not_found_since and time.monotonic() - not_found_since >= NOT_FOUND_S:
                     raise ReplicaError(f"replica {self.pid}: GET 127.0.0.1:{port}{paths[0]} answered 404 for "
-                                       f"{NOT_FOUND_S:g}s: the server has no such path; give its health path with "
-                                       f"--health (e.g. /health)")
+                                       f"{NOT_FOUND_S:g}s: the server has no such path (thaw's default); give its "
+                                       f"health path with --health (e.g. /health)")
             except (OSError, http.client.HTTPException) as e:
                 last, not_found_since = f"{type(e).__name__}: {e}", None
             if time.monotonic() > deadline:

@@ -615,8 +615,8 @@ def test_the_images_user_runs_the_server_and_its_restores(roots, work):
 @needs_criu
 def test_a_server_on_another_port_is_named_when_readiness_times_out(roots, work, monkeypatch):
     """The server listens on 8081, the host waits on 8080: the timeout says where it listens (its own network
-    namespace: nothing else of the host shows); while nothing listens yet, it says that. A health path the
-    server answers 404 on is not waited out for the whole timeout."""
+    namespace: nothing else of the host shows); while nothing listens yet, it says that. thaw's default health
+    path answering 404 is not waited out for the whole timeout; a path of the user's is (404 while loading)."""
     from thaw.snapshot import replica as replica_mod
 
     replica = start(roots(), work, "other-port", data_mb=1, PORT=str(PORT + 1))
@@ -625,12 +625,19 @@ def test_a_server_on_another_port_is_named_when_readiness_times_out(roots, work,
         assert replica.listening_ports() == {PORT + 1}
         with pytest.raises(ReplicaError, match=f"listens on TCP port {PORT + 1}, not {PORT} \\(--port\\)"):
             replica.wait_ready(PORT, "/health", timeout=1)
-        monkeypatch.setattr(replica_mod, "NOT_FOUND_S", 0.5)
+    finally:
+        replica.stop()
+    monkeypatch.setattr(replica_mod, "NOT_FOUND_S", 0.5)
+    replica = start(roots(), work, "no-sdk", data_mb=1, SDK="0")  # no /thaw/ready: the health path decides
+    try:
+        replica.wait_healthy(PORT, "/health", timeout=60)
         t0 = time.monotonic()
-        with pytest.raises(ReplicaError, match="/healthz answered 404 for 0.5s: the server has no such path; "
-                                               "give its health path with --health"):
-            replica.wait_healthy(PORT + 1, "/healthz", timeout=60)
+        with pytest.raises(ReplicaError, match=r"/healthz answered 404 for 0.5s: the server has no such path "
+                                               r"\(thaw's default\); give its health path with --health"):
+            replica.wait_ready(PORT, "/healthz", timeout=60)
         assert time.monotonic() - t0 < 10
+        with pytest.raises(ReplicaError, match="not 200 after 2s \\(HTTP 404"):  # a path of the user's: waited
+            replica.wait_ready(PORT, "/loading", timeout=2)
     finally:
         replica.stop()
     idle = launch(roots().path, [PYTHON, "-c", "import time; time.sleep(60)"], {}, "/", work / "idle.log")

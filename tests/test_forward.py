@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from thaw.snapshot.forward import Forwarder
+from thaw.snapshot.forward import Forwarder, replica_port
 
 
 class HostSocket:
@@ -44,7 +44,7 @@ def serve(handle) -> socket.socket:
 def forwarded(handle):
     """A local server answering with ``handle(conn)``, published by a Forwarder: yields the forwarder."""
     srv = serve(handle)
-    fwd = Forwarder(HostSocket(), srv.getsockname()[1])
+    fwd = Forwarder(replica_port(HostSocket(), srv.getsockname()[1]))
     try:
         yield fwd
     finally:
@@ -77,7 +77,7 @@ def test_the_forwarder_accepts_again_after_running_out_of_fds():
         import os, resource, socket, sys, threading, time
         sys.path[:0] = [sys.argv[1]]
         from test_forward import HostSocket, serve
-        from thaw.snapshot.forward import Forwarder
+        from thaw.snapshot.forward import Forwarder, replica_port
 
         def echo(c):
             c.sendall(c.recv(100))
@@ -91,7 +91,7 @@ def test_the_forwarder_accepts_again_after_running_out_of_fds():
                 return super().socket()
 
         srv = serve(echo)
-        fwd = Forwarder(Gated(), srv.getsockname()[1])
+        fwd = Forwarder(replica_port(Gated(), srv.getsockname()[1]))
         early = socket.socket()
         spare = os.dup(0)  # the lowest free fd number: from it on, no new fd can be had
         os.close(spare)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import urllib.request
 
 import pytest
@@ -67,10 +68,10 @@ def test_namespaced_hosts_serve_and_replace_each_other(tmp_path, rootfs):  # noq
 
 
 def test_namespaced_hosts_of_an_s3_stack_restore_from_s3_into_caches_of_their_own(tmp_path, rootfs):  # noqa: F811
-    """`thaw up --s3` with Temporal beyond loopback: its S3 server listens there too, each namespaced host reaches
-    it over its veth and keeps a chunk cache of its own, cold at first (its restore reads from S3); what the
-    server wrote before its snapshot comes with it. A stack started on loopback is named, before any agent
-    starts, as what the namespaces cannot reach."""
+    """`thaw up --s3` with Temporal beyond loopback: its S3 server stays on loopback (and its Unix socket); each
+    namespaced host's agent relays to that socket, and keeps a chunk cache of its own, cold at first (its
+    restore reads from S3) and gone with `thaw down`; what the server wrote before its snapshot comes with it.
+    A stack started on loopback is named, before any agent starts, as what the namespaces cannot reach."""
     port = free_port()
     env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": f"0.0.0.0:{port}",
            "THAW_TEMPORAL_UI_PORT": str(free_port()), "THAW_API_PORT": str(free_port()),
@@ -94,15 +95,18 @@ def test_namespaced_hosts_of_an_s3_stack_restore_from_s3_into_caches_of_their_ow
         with urllib.request.urlopen(r["endpoint"] + "/files", timeout=10) as resp:
             assert json.loads(resp.read())["blob"] is True  # a file the server wrote, read lazily from S3
         thaw(env, "replicas", "stop", r["replica"])
+        with pytest.raises(ConnectionRefusedError):  # no S3 port open beyond loopback (its gRPC takes no keys)
+            socket.create_connection(("10.77.1.1", int(env["THAW_S3_EMBEDDED_PORT"])), timeout=5).close()
     finally:
         down = thaw(env, "down", check=False)
     assert "nshost1: stopped" in down.stdout and "s3: stopped" in down.stdout, down.stdout
+    assert not cache.exists(), "a namespaced host's cache goes with it"
 
     env["THAW_TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"  # a stack started on loopback (its S3 server too)
     try:
         thaw(env, "up")
         res = thaw({**env, "THAW_TEMPORAL_ADDRESS": f"0.0.0.0:{port}"}, "hosts", "up", "1", check=False)
-        assert res.returncode == 1 and "is not reachable from the namespace at 10.77." in res.stderr, res
+        assert res.returncode == 1 and "Temporal does not answer at 10.77." in res.stderr, res
         assert "was the stack started with THAW_TEMPORAL_ADDRESS=0.0.0.0" in res.stderr
         assert not (cfg.run_dir / "hosts.json").exists() or json.loads((cfg.run_dir / "hosts.json").read_text()) == []
     finally:
@@ -146,7 +150,11 @@ def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
     with pytest.raises(hosts.HostsError, match="cannot reach the registry database on loopback"):
         hosts.up(cfg, 1)
     cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233", s3_endpoint="http://127.0.0.1:8333")
-    with pytest.raises(hosts.HostsError, match="cannot reach S3 on loopback"):  # `thaw up --s3`'s SeaweedFS
+    with pytest.raises(hosts.HostsError, match="cannot reach S3 on loopback"):  # not thaw's own SeaweedFS
+        hosts.up(cfg, 1)
+    cfg = Config(state_dir=tmp_path, temporal_address="0.0.0.0:7233", s3_endpoint="http://127.0.0.1:8333",
+                 s3_embedded=True)  # `thaw up --s3`'s, reached through its socket: not running here
+    with pytest.raises(hosts.HostsError, match=f"the embedded S3 server does not answer on {tmp_path}/s3/s3.sock"):
         hosts.up(cfg, 1)
     assert not (tmp_path / "run" / "hosts.json").exists()
 

@@ -158,6 +158,7 @@ class Config(BaseSettings):
         if v is not None and not str(v).strip():  # THAW_STORE_PATH= would be the current directory
             raise ValueError("empty: name a directory, or unset THAW_STORE_PATH for <state_dir>/store")
         return None if v is None else _state_path(v)
+
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:8333; None = no S3 tier
 
     @field_validator("s3_endpoint")
@@ -167,6 +168,9 @@ class Config(BaseSettings):
             raise ValueError(f"{v!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:8333)")
         return v
 
+    # an agent with s3_socket relays its s3_endpoint's loopback port to that Unix socket: how the hosts of
+    # `thaw hosts up` reach `thaw up --s3`'s SeaweedFS, which listens on loopback and on its socket only
+    s3_socket: Path | None = None
     s3_bucket: str = "thaw"
     s3_access_key: str | None = None  # None (both) → boto3's default credential chain
     s3_secret_key: str | None = Field(default=None, repr=False)
@@ -194,8 +198,8 @@ class Config(BaseSettings):
         return self.store_path or self.state_dir / "store"
 
     def on_loopback(self) -> bool:
-        """Whether the stack listens on loopback only (Temporal's address says; the embedded S3 server listens
-        where it does). `thaw hosts up` needs it beyond: its agents run in network namespaces of their own."""
+        """Whether Temporal listens on loopback only. `thaw hosts up` needs it beyond: its agents run in network
+        namespaces of their own."""
         return self.temporal_address.rsplit(":", 1)[0].strip("[]") in LOOPBACK
 
     @cached_property
@@ -247,7 +251,8 @@ class Config(BaseSettings):
         """What a thaw process this one starts (a worker, an agent) needs to share its state dir, Temporal and
         registry, on top of the environment it inherits."""
         return {"THAW_STATE_DIR": str(self.state_dir), "THAW_TEMPORAL_ADDRESS": self.temporal_address,
-                **({"THAW_DB_URL": self.db_url} if self.db_url else {})}
+                **({"THAW_DB_URL": self.db_url} if self.db_url else {}),
+                **({"THAW_STORE_PATH": str(self.store_path)} if self.store_path else {})}
 
     @cached_property
     def temporal_ui_url(self) -> str:

@@ -23,6 +23,7 @@ from .ports import free_ports
 
 ACCESS_KEY = "thaw-test-access"
 SECRET_KEY = "thaw-test-secret-0123456789"
+SOCKET = "s3.sock"  # in the server's root: its S3 API on a Unix socket too
 
 
 def weed_binary() -> str:
@@ -36,9 +37,9 @@ def weed_binary() -> str:
 
 class SeaweedS3:
     def __init__(self, root: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY,
-                 s3_port: int | None = None, s3_bind: str = "127.0.0.1"):
+                 s3_port: int | None = None):
         self.root = Path(root)
-        self.s3_port, self.s3_bind = s3_port, s3_bind  # where the S3 gateway listens; the rest, on loopback
+        self.s3_port = s3_port
         self.access_key, self.secret_key = access_key, secret_key
         self.region = "us-east-1"
         self.proc: subprocess.Popen | None = None
@@ -46,6 +47,11 @@ class SeaweedS3:
         self.endpoint = ""
         self.startup_s = 0.0
         self.log = self.root / "weed.log"
+
+    @property
+    def socket(self) -> Path:
+        """The S3 API on a Unix socket too (what namespaced hosts reach it through, see runtime/hosts.py)."""
+        return self.root / SOCKET
 
     @property
     def pid(self) -> int:
@@ -72,8 +78,8 @@ class SeaweedS3:
                f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
                f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
                f"-filer.localSocket={self.root / 'filer.sock'}",
-               "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={auth}", f"-s3.ip.bind={self.s3_bind}",
-               f"-s3.localSocket={self.root / 's3.sock'}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+               "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={auth}",
+               f"-s3.localSocket={self.socket}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self.command = cmd
         t0 = time.monotonic()
         with open(self.log, "ab") as log:

@@ -191,12 +191,16 @@ def enable_s3(cfg: Config) -> Config:
     return load(state_dir=cfg.state_dir, temporal_address=cfg.temporal_address, db_url=cfg.db_url)
 
 
+def embedded_s3_dir(cfg: Config) -> Path:
+    """Where `thaw up --s3`'s SeaweedFS keeps its data, logs and sockets."""
+    return cfg.state_dir / "s3"
+
+
 def serve_s3(cfg: Config) -> None:
     """Run SeaweedFS in the foreground (the `s3` component) until SIGTERM."""
     from thaw.seaweed import SeaweedS3
 
-    server = SeaweedS3(cfg.state_dir / "s3", cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port,
-                       s3_bind="127.0.0.1" if cfg.on_loopback() else "0.0.0.0")  # where Temporal listens
+    server = SeaweedS3(embedded_s3_dir(cfg), cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # before start: `thaw down` then stops weed too
     server.start()

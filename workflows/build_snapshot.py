@@ -38,7 +38,7 @@ DEFAULT_PORT = 8080  # a server's port when neither --port nor the image's Expos
 class ModelSpec:
     cmd: list[str] = field(default_factory=list)  # empty: the image's Entrypoint + Cmd
     port: int = 0  # 0: the image's one exposed TCP port, else DEFAULT_PORT
-    health: str = "/healthz"
+    health: str = "/healthz"  # snapshot.replica.DEFAULT_HEALTH (a launch fails fast on its 404s)
     env: dict[str, str] = field(default_factory=dict)  # plain env, part of the snapshot
     secrets: list[str] = field(default_factory=list)  # names only; values injected by the host after restore
     cwd: str = ""  # empty: the image's WorkingDir or /
