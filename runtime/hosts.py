@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -133,17 +132,11 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4, ready_timeout_s: f
 
 
 def _stop_agent(proc: subprocess.Popen, host_cfg: Config) -> None:
-    """Stop an agent that did not start in full: SIGTERM (it marks its host gone), SIGKILL after 30 s; then
-    clear what it left."""
+    """Stop an agent that did not start in full: SIGTERM (it marks its host gone), its session SIGKILLed after
+    30 s; then clear what it left."""
     from .agent import release_if_dead
 
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _stop_pid(proc.pid, timeout=30)
     with contextlib.suppress(Exception):  # the registry down, say: the host goes stale on its own
         release_if_dead(host_cfg)
 

@@ -16,7 +16,6 @@ import socket
 import struct
 import threading
 import time
-
 from typing import Callable
 
 from .replica import Replica, ReplicaError
