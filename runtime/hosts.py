@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from thaw.config import LOOPBACK, Config
 from thaw.files import write_atomic
 from thaw.seaweed import SOCKET
+from thaw.snapshot._linux import socket_in
 from thaw.snapshot.forward import unix_socket
 from thaw.stack import StackError, _stop_pid, agent_ready_file, embedded_s3_dir, wait_started
 
@@ -143,13 +144,18 @@ def _stop_agent(proc: subprocess.Popen, host_cfg: Config) -> None:
 
 def _reachable(ns: str, host: str, port: int, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to host:port works from inside network namespace ``ns``."""
-    probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout={timeout}).close()"
+    fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", probe],
-                           capture_output=True, timeout=timeout + 30)
-    except subprocess.SubprocessError:
-        return False
-    return r.returncode == 0
+        sock = socket_in(fd)
+    finally:
+        os.close(fd)
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _answers(path: Path) -> bool:

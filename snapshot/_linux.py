@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -72,6 +73,14 @@ def new_netns() -> int:
             _raise("unshare(CLONE_NEWNET)")
         loopback_up()
         return os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return in_thread(make)
+
+
+def socket_in(netns: int, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+    """A new socket in the network namespace that fd ``netns`` names (it stays there, whichever thread uses it)."""
+    def make() -> socket.socket:
+        setns(netns, CLONE_NEWNET)
+        return socket.socket(family, type)
     return in_thread(make)
 
 

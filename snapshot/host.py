@@ -388,7 +388,7 @@ class HostSnapshots:
         released = []
         for mp in idle:
             lock = self._mounting[mp]
-            in_use = any(b == str(mp) or b.startswith(f"{mp}/") for b in busy)
+            in_use = any(Path(b).is_relative_to(mp) for b in busy)
             if in_use or not lock.acquire(blocking=False):  # in use, or being mounted right now
                 continue
             try:

@@ -116,12 +116,8 @@ class Replica:
             if self._netns is None:
                 raise ReplicaError(f"replica {self.pid} is stopped")
             netns = os.dup(self._netns)
-
-        def make():
-            _linux.setns(netns, _linux.CLONE_NEWNET)
-            return socket.socket(family, type)
         try:
-            return _linux.in_thread(make)
+            return _linux.socket_in(netns, family, type)
         finally:
             os.close(netns)
 
@@ -221,15 +217,21 @@ class _NetnsHTTPConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _json_object(resp: bytes) -> dict | None:
+    """A hook's answer as the SDK sends it, a JSON object; None for anything else."""
+    try:
+        reply = json.loads(resp)
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
 def _hook_failed(replica: Replica, path: str, status: int, resp: bytes) -> HookFailed | None:
     """The SDK's answer for a failing callback (500, ``{"error": "... in a callback of PATH ..."}``) as an error;
     None for any other answer."""
     if status != 500:
         return None
-    try:
-        error = json.loads(resp).get("error") or ""
-    except (ValueError, AttributeError):
-        return None
+    error = (_json_object(resp) or {}).get("error") or ""
     if f"in a callback of {path}" not in error:
         return None
     return HookFailed(f"replica {replica.pid}: POST {path} answered {status}: {error}; log {replica.log_path}")
@@ -243,11 +245,7 @@ def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) 
     status, resp = replica.http_request("POST", BEFORE_SNAPSHOT_PATH, b"{}", port, timeout,
                                         content_type="application/json")
     if status == 200:
-        try:
-            reply = json.loads(resp)
-        except ValueError:
-            reply = None
-        return isinstance(reply, dict) and "callbacks" in reply
+        return "callbacks" in (_json_object(resp) or {})
     if failed := _hook_failed(replica, BEFORE_SNAPSHOT_PATH, status, resp):
         raise failed
     return False
@@ -265,11 +263,8 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
         raise (_hook_failed(replica, AFTER_RESTORE_PATH, status, resp)
                or ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered {status}: "
                                f"{resp[:300]!r}{hint}"))
-    try:
-        reply = json.loads(resp or b"{}")
-    except ValueError:
-        reply = None
-    if not isinstance(reply, dict) or "env" not in reply:  # the SDK says which env it took
+    reply = _json_object(resp)
+    if reply is None or "env" not in reply:  # the SDK says which env it took
         raise ReplicaError(f"replica {replica.pid}: POST {AFTER_RESTORE_PATH} answered 200 with {resp[:80]!r}, not "
                            f"the thaw SDK's JSON (does the server use thaw_sdk?)")
     missing = sorted(set(secrets or {}) - set(reply.get("env") or []))
