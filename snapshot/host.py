@@ -36,7 +36,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
-from .replica import golden_answer as replica_golden_answer, tail
+from .replica import answers_differ, golden_answer as replica_golden_answer, tail
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -46,6 +46,7 @@ PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
 CAUSE_SEARCH_S = 10.0  # after a failed CRIU restore: how long to look for a bad chunk to name as the cause
+GOLDEN_AGAIN_S = 1.1  # a launch asks the golden request again this long after the first: a time in seconds changes
 
 
 class SnapshotError(Exception):
@@ -660,7 +661,17 @@ class HostSnapshots:
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
                                    beat=lambda: beat("launch"))
                 st.mark("cold_boot")
+                asked = time.monotonic()
                 answer = golden_answer(replica, spec["port"], golden)
+                # a restore's replay is a later request: one whose answer changes (an id, a time in seconds) fails
+                time.sleep(max(0.0, asked + GOLDEN_AGAIN_S - time.monotonic()))  # here, not after dump and store
+                again = golden_answer(replica, spec["port"], golden)
+                if again != answer:
+                    raise SnapshotError(
+                        f"the server answered the golden request {golden.get('method')} {golden.get('path')} "
+                        f"differently twice in a row ({answers_differ(answer, again)}), so no restore could match "
+                        f"it: give --golden-ignore FIELD for what changes with each request (ids, timestamps), or "
+                        f"a request whose answer does not change")
                 st.mark("golden")
                 beat("checkpoint")
                 sdk = criu.before_snapshot(replica, spec["port"])  # e.g. park_weights: weights to host memory
@@ -802,7 +813,8 @@ class HostSnapshots:
             st.mark("replay")
             if digest_of(answer) != snap["golden_digest"]:
                 raise SnapshotError(f"replica {rid} of snapshot {snap['digest'][:12]} answered the golden request "
-                                    f"differently ({len(answer)} bytes, digest {digest_of(answer)[:12]})")
+                                    f"differently ({len(answer)} bytes, digest {digest_of(answer)[:12]}; a field "
+                                    f"that changes with time? see `thaw build snapshot --golden-ignore`)")
         except BaseException:
             if fetch:
                 fetch.cancel()

@@ -275,15 +275,72 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
 
 
 def golden_answer(replica: Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
-    """Send a recorded golden request (``method``, ``path``, ``body_b64``, ``content_type``); the answer's body.
-    Anything but HTTP 200 is a ReplicaError."""
+    """Send a recorded golden request (``method``, ``path``, ``body_b64``, ``content_type``); the answer's body,
+    as compared: without the JSON fields its ``ignore`` names (``comparable``). Anything but HTTP 200 is a
+    ReplicaError."""
     body = base64.b64decode(golden.get("body_b64") or "")
     status, answer = replica.http_request(golden.get("method", "GET"), golden.get("path", "/"), body, port,
                                           timeout=timeout, content_type=golden.get("content_type"))
     if status != 200:
         raise ReplicaError(f"golden request {golden.get('method')} {golden.get('path')} answered HTTP {status}: "
                            f"{answer[:200]!r}")
-    return answer
+    return comparable(answer, golden.get("ignore") or [])
+
+
+def comparable(answer: bytes, ignore: Sequence[str]) -> bytes:
+    """``answer`` without the fields ``ignore`` names (dotted paths into a JSON answer: ``id``, ``usage.time``;
+    a list on the way applies the rest of the path to each of its items), as sorted compact JSON; unchanged
+    when ``ignore`` is empty. A field that is not there is no error: servers leave out optional ones."""
+    if not ignore:
+        return answer
+    try:
+        doc = json.loads(answer)
+    except ValueError:
+        raise ReplicaError(f"the golden answer is not JSON ({len(answer)} bytes: {answer[:80]!r}), so fields to "
+                           f"ignore ({', '.join(ignore)}) cannot be taken out of it") from None
+
+    def drop(node, keys: list[str]) -> None:
+        if isinstance(node, list):
+            for item in node:
+                drop(item, keys)
+        elif isinstance(node, dict) and keys[0] in node:
+            if len(keys) == 1:
+                del node[keys[0]]
+            else:
+                drop(node[keys[0]], keys[1:])
+
+    for path in ignore:
+        drop(doc, path.split("."))
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def answers_differ(a: bytes, b: bytes) -> str:
+    """Where two answers to the golden request differ, in a few words: the JSON fields (dotted paths, at most
+    three named), else the bytes."""
+    try:
+        x, y = json.loads(a), json.loads(b)
+    except ValueError:
+        at = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+        return f"{len(a)} and {len(b)} bytes, first different at byte {at}"
+    paths: list[str] = []
+
+    def walk(p, q, path: str) -> None:
+        if isinstance(p, dict) and isinstance(q, dict):
+            for k in sorted(p.keys() | q.keys()):
+                walk(p.get(k), q.get(k), f"{path}.{k}" if path else k)
+        elif isinstance(p, list) and isinstance(q, list) and len(p) == len(q):
+            for i, j in zip(p, q):
+                walk(i, j, path)
+        elif p != q and path not in paths:
+            paths.append(path)
+
+    walk(x, y, "")
+    if not paths:
+        return "the same JSON, written differently (key order or spacing)"
+    if paths == [""]:
+        return "the whole JSON answer"
+    more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    return f"JSON field{'s' * (len(paths) > 1)} {', '.join(paths[:3])}{more}"
 
 
 def open_log(log_path: Path) -> tuple[int, str]:

@@ -27,6 +27,7 @@ from thaw.snapshot import (CriuError, HookFailed, Incompatible, ReplicaError, af
 from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
 from thaw.snapshot.host import after_restore as host_after_restore
+from thaw.snapshot.replica import answers_differ, comparable
 
 _skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_check()
 needs_criu = pytest.mark.skipif(_skip is not None, reason=f"CRIU unusable here: {_skip}")
@@ -742,6 +743,23 @@ def test_a_roots_writes_are_kept_as_a_layer_without_sockets_devices_or_the_mount
     finally:
         root.cleanup()
         _linux.umount(fs)
+
+
+def test_golden_answers_are_compared_without_the_fields_to_ignore_and_a_difference_is_named():
+    a = json.dumps({"id": "cmpl-1", "created": 1, "text": "hi", "choices": [{"t": 1, "x": 2}, {"t": 3, "x": 4}]})
+    b = json.dumps({"choices": [{"x": 2, "t": 9}, {"x": 4, "t": 8}], "text": "hi", "created": 2, "id": "cmpl-2"})
+    assert comparable(a.encode(), []) == a.encode()  # nothing to ignore: the bytes as they are
+    ignore = ["id", "created", "choices.t", "usage.absent"]  # through a list; a field not there is no error
+    assert comparable(a.encode(), ignore) == comparable(b.encode(), ignore) == \
+        b'{"choices":[{"x":2},{"x":4}],"text":"hi"}'
+    assert comparable(a.encode(), ["id"]) != comparable(b.encode(), ["id"])
+    assert answers_differ(a.encode(), b.encode()) == "JSON fields choices.t, created, id"
+    assert answers_differ(b'{"a": 1, "b": 2}', b'{"b": 2, "a": 1}') == \
+        "the same JSON, written differently (key order or spacing)"
+    assert answers_differ(b"abcd", b"abXd") == "4 and 4 bytes, first different at byte 2"
+    assert answers_differ(json.dumps(list(range(5))).encode(), b"[]") == "the whole JSON answer"
+    with pytest.raises(ReplicaError, match=r"the golden answer is not JSON \(2 bytes: b'hi'\), so fields to ignore"):
+        comparable(b"hi", ["id"])
 
 
 def test_compat_facts_key_and_check():

@@ -35,7 +35,7 @@ PORT = 8080
 DATA_MB = 20
 
 SERVER = r'''
-import hashlib, json, os, random, shutil, socket, sys, threading, time
+import hashlib, json, os, random, shutil, socket, sys, threading, time, uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 sys.path.insert(0, "/app")
 import thaw_sdk
@@ -93,6 +93,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply({"ok": True})
         if self.path == "/answer-stable":
             return self.reply({"digest": DIGEST, "data_mb": len(DATA) >> 20, "pid": os.getpid()})
+        if self.path == "/answer-changing":  # as OpenAI-style servers answer: an id and times of each request
+            return self.reply({"digest": DIGEST, "id": uuid.uuid4().hex, "created": time.time(),
+                               "usage": [{"t": time.monotonic()}, {"t": time.monotonic()}]})
+        if self.path == "/answer-second":  # a time in whole seconds: the same in two requests close together
+            return self.reply({"digest": DIGEST, "created": int(time.time())})
         if self.path == "/state":
             return self.reply({"state": STATE, "before_snapshot": seen.get("before_snapshot", 0)})
         if self.path == "/secret":
@@ -236,6 +241,32 @@ def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli,
     assert r["outcome"] == "cold-boot" and r["golden_ok"] is False
     assert snapshots.restores(cfg.registry_url, snap["digest"])[0].golden_ok is False
     assert "[its golden answer differs from the snapshot's]" in thaw_cli("snapshots", "show", snap["digest"]).output
+
+
+def test_a_golden_answer_that_changes_with_each_request_fails_before_the_dump_unless_its_fields_are_ignored(
+        cfg, worker, agent, thaw_cli, image):
+    """A server's answer carries an id and times of its own (as OpenAI-style ones do): no restore could answer as
+    the launch did, so the build fails at the launch and names the fields; left out with --golden-ignore, the
+    snapshot restores (a GET here: no --golden body)."""
+    args = ("build", "snapshot", image, "--port", str(PORT), "--health", "/health", "--golden-path", "/answer-changing")
+    res = thaw_cli(*args, ok=False)
+    assert res.exit_code == 1 and res.output.count("\n") <= 2, res.output
+    assert "GET /answer-changing differently twice in a row (JSON fields created, id, usage.t)" in res.output
+    res = thaw_cli(*args[:-1], "/answer-second", ok=False)  # the launch asks again a second later
+    assert res.exit_code == 1 and "differently twice in a row (JSON field created)" in res.output, res.output
+    assert snapshots.list_all(cfg.registry_url) == [] and list((cfg.work_dir / "builds").iterdir()) == []
+    ignore = ("--golden-ignore", "id", "--golden-ignore", "created", "--golden-ignore", "usage.t")
+    snap = json.loads(thaw_cli(*args, *ignore, "--json").output)
+    row = snapshots.get(cfg.registry_url, snap["digest"])
+    assert (row.golden_request["method"], row.golden_request["ignore"]) == ("GET", ["id", "created", "usage.t"])
+    assert [r["outcome"] for r in restore(thaw_cli, snap["digest"], "--replicas", "2")["replicas"]] == ["restored"] * 2
+    with snapshots.session(cfg.registry_url) as s:  # a cold boot's answer is compared without them too
+        row = s.get(snapshots.Snapshot, snap["digest"])
+        row.host_facts = {**row.host_facts, "criu": "3.0"}
+        s.add(row)
+        s.commit()
+    (r,) = restore(thaw_cli, snap["digest"])["replicas"]
+    assert r["outcome"] == "cold-boot" and r["golden_ok"] is True, r
 
 
 def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path,

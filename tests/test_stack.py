@@ -230,6 +230,9 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--health", "healthz"], "--health 'healthz': a path"),
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--env", "1X=y"], "--env '1X': not an environment"),
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--port", "70000"], "Invalid value for '--port'"),
+    (["build", "snapshot", "img", "--golden", "GOLDEN", "--golden-method", "get"], "a GET has no body"),
+    (["build", "snapshot", "img", "--golden", "TEXT"], "not JSON (Expecting value"),
+    (["build", "snapshot", "img", "--golden-ignore", "usage..time"], "--golden-ignore 'usage..time': a field"),
 ])
 def test_bad_command_input_is_refused_before_anything_starts(tmp_path, args, message):
     """Checked before a workflow, server or agent starts (the agent would have made and cleaned up
@@ -238,10 +241,11 @@ def test_bad_command_input_is_refused_before_anything_starts(tmp_path, args, mes
 
     from thaw.cli import cli
 
-    golden = tmp_path / "golden.json"
-    golden.write_text("{}")
+    files = {"GOLDEN": "{}", "TEXT": "hello"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
     env = {"THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": "127.0.0.1:1"}
-    res = CliRunner().invoke(cli, [str(golden) if a == "GOLDEN" else a for a in args], env=env)
+    res = CliRunner().invoke(cli, [str(tmp_path / a) if a in files else a for a in args], env=env)
     assert res.exit_code in (1, 2) and message in res.output, res.output
     assert not (tmp_path / "state" / "secrets.json").exists()
 

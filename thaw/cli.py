@@ -416,9 +416,17 @@ def _pairs(items, what):
 @click.option("--port", type=PORT, help="Port the server listens on [default: the image's one exposed TCP port, "
                                          "else 8080].")
 @click.option("--health", default="/healthz", show_default=True, help="Health-check path (200 = ready).")
-@click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="JSON body of the golden request (POSTed), replayed after every restore.")
+@click.option("--golden", "golden_file", type=click.Path(exists=True, dir_okay=False),
+              help="Body of the golden request, replayed after every restore (JSON unless --golden-content-type "
+                   "says otherwise); its answer must not change.")
 @click.option("--golden-path", default="/", show_default=True, help="Path the golden request goes to.")
+@click.option("--golden-method", type=click.Choice(["GET", "POST", "PUT"], case_sensitive=False),
+              help="[default: POST with a --golden body, else GET]")
+@click.option("--golden-content-type", default="application/json", show_default=True,
+              help="Content-Type of the --golden body.")
+@click.option("--golden-ignore", "golden_ignore", multiple=True, metavar="FIELD",
+              help="A field of the JSON answer that changes with each request (e.g. id, created, usage.time; "
+                   "through lists too), left out when answers are compared.")
 @click.option("--ready-timeout", type=click.FloatRange(1, 7 * 86400), default=600, show_default=True,
               help="Seconds the server may take from launch to ready (loading its model).")
 @click.option("--user", default="", help="USER[:GROUP] the server runs as [default: the image's User, else root].")
@@ -428,8 +436,8 @@ def _pairs(items, what):
 @click.option("--host", default="", help="Host id to build on (default: any live agent).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, ready_timeout, user, env, secrets,
-                   host, as_json):
+def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, golden_method, golden_content_type,
+                   golden_ignore, ready_timeout, user, env, secrets, host, as_json):
     """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it."""
     import base64
     import shlex
@@ -437,11 +445,18 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, read
     from thaw.runtime.pool import env_name_error
     from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
 
-    body = Path(golden_file).read_bytes()
-    try:
-        json.loads(body)
-    except ValueError as e:
-        _fail(f"--golden {golden_file}: not JSON ({e})")
+    body = Path(golden_file).read_bytes() if golden_file else b""
+    method = (golden_method or ("POST" if golden_file else "GET")).upper()
+    if method == "GET" and golden_file:
+        _fail(f"--golden {golden_file}: a GET has no body (give --golden-method POST, or no --golden)")
+    if golden_file and _is_json(golden_content_type):
+        try:
+            json.loads(body)
+        except ValueError as e:
+            _fail(f"--golden {golden_file}: not JSON ({e}); for another kind of body give --golden-content-type")
+    bad = [f for f in golden_ignore if not f or "" in f.split(".")]
+    if bad:
+        _fail(f"--golden-ignore {bad[0]!r}: a field of the JSON answer, e.g. id or usage.time")
     if not math.isfinite(ready_timeout):  # FloatRange lets nan through
         _fail(f"--ready-timeout {ready_timeout}: a number of seconds")
     for option, path in (("--health", health), ("--golden-path", golden_path)):
@@ -452,7 +467,8 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, read
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         _fail(error)
-    golden = Golden(path=golden_path, method="POST", body_b64=base64.b64encode(body).decode())
+    golden = Golden(path=golden_path, method=method, body_b64=base64.b64encode(body).decode(),
+                    content_type=golden_content_type, ignore=list(golden_ignore))
     inp = BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout, activity_timeout_s=cfg.activity_timeout)
     wid, run_id, url, res = _run_workflow(
         cfg, BuildSnapshot.run, inp,
@@ -508,6 +524,12 @@ def snapshots_show(cfg, digest, as_json):
         click.echo(f"restore        {e['created_at']} {e['outcome']:<9} {e['replica']} "
                    + _ms(e["timings_ms"]) + (f"  ({e['reason']})" if e["reason"] else "")
                    + _golden_differs(e["golden_ok"]))
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether a Content-Type names JSON (application/json, application/problem+json; parameters aside)."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
 
 
 def _golden_differs(golden_ok: bool | None) -> str:

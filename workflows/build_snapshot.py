@@ -23,12 +23,14 @@ from .pool import StopReplicaInput
 
 @dataclass
 class Golden:
-    """The request replayed after every restore; the answer must be byte-identical to the one at build."""
+    """The request replayed after every restore; the answer must be byte-identical to the one at build (once the
+    JSON fields in ``ignore`` are left out)."""
 
     path: str = "/"
     method: str = "GET"
     body_b64: str = ""  # base64 of the request body
     content_type: str = "application/json"
+    ignore: list[str] = field(default_factory=list)  # fields of a JSON answer left out when it is compared
 
 
 DEFAULT_PORT = 8080  # a server's port when neither --port nor the image's ExposedPorts names one
