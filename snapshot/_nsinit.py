@@ -2,7 +2,7 @@
 
 ``init``: pid 1 of a fresh replica, started as ``unshare --pid --fork --mount --net --uts --ipc -- python3 -I -S
 _nsinit.py init --root ROOT --status-fd N --env-fd M --log-fd L [--cwd DIR] [--hostname NAME]
-[--devices NAME:MAJOR:MINOR:MODE,...] [--user USER[:GROUP]] -- argv...``
+[--devices NAME:MAJOR:MINOR:MODE,...] [--user USER[:GROUP]] [--shm-bytes N] -- argv...``
 (``--root ""``, started without ``--pid --fork --mount``: the host's filesystem and pids, so step 3 and 4 bring
 only loopback up and set the hostname).
 Before it exec()s the workload it
@@ -10,7 +10,8 @@ Before it exec()s the workload it
 1. reports its host pid on the status fd (``/proc`` is still the host's procfs here);
 2. reads the environment (NUL-separated ``KEY=VALUE``) from the env fd, so no value is on a command line;
 3. mounts ROOT/proc (procfs of the new pid namespace), ROOT/sys (ro), ROOT/dev (tmpfs with the usual
-   nodes, the ``--devices`` given (the host's GPUs) and /dev/shm), ROOT/tmp (tmpfs); brings loopback up;
+   nodes, the ``--devices`` given (the host's GPUs) and /dev/shm, a tmpfs of ``--shm-bytes``, 64 MiB by
+   default as in Docker), ROOT/tmp (tmpfs); brings loopback up;
    sets the hostname;
 4. pivot_root(ROOT) and detaches the old root, so the mount namespace holds only ROOT and these mounts
    (CRIU dumps exactly these and restores them under a new ``--root``);
@@ -35,6 +36,7 @@ import struct
 import sys
 import warnings  # noqa: F401  (os.execvpe imports it lazily, after pivot_root the host stdlib is gone)
 
+SHM_BYTES = 64 << 20  # /dev/shm's size unless given: Docker's default
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -89,7 +91,7 @@ def parse_devices(arg):
     return out
 
 
-def setup_root(root, hostname, devices=()):
+def setup_root(root, hostname, devices=(), shm_bytes=SHM_BYTES):
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     if not os.path.ismount(root):
         mount(root, root, None, MS_BIND | MS_REC)
@@ -111,7 +113,7 @@ def setup_root(root, hostname, devices=()):
     for name, target in DEV_LINKS:
         os.symlink(target, os.path.join(dev, name))
     os.mkdir(os.path.join(dev, "shm"))
-    mount("shm", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    mount("shm", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={shm_bytes}")
     mount("tmpfs", sub("tmp", 0o1777), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
 
     loopback_up()
@@ -187,7 +189,7 @@ def read_env(fd):
 
 def init(args):
     opts = {"--root": None, "--status-fd": "-1", "--env-fd": None, "--log-fd": None, "--cwd": "/",
-            "--hostname": "thaw", "--devices": "", "--user": ""}
+            "--hostname": "thaw", "--devices": "", "--user": "", "--shm-bytes": str(SHM_BYTES)}
     sep = args.index("--")
     for key, val in zip(args[:sep:2], args[1:sep:2]):
         if key not in opts:
@@ -211,7 +213,7 @@ def init(args):
         if devices and not opts["--root"]:
             raise RuntimeError("--devices needs a root of its own (the host's /dev has them already)")
         if opts["--root"]:
-            setup_root(opts["--root"], opts["--hostname"], devices)
+            setup_root(opts["--root"], opts["--hostname"], devices, int(opts["--shm-bytes"]))
         else:  # the host's filesystem: only the network and the hostname are the replica's own
             loopback_up()
             socket.sethostname(opts["--hostname"])

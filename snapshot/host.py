@@ -454,7 +454,7 @@ class HostSnapshots:
         gpu = self.gpu
         return criu.launch(root.path, spec["cmd"], gpu.env(env, slot) if gpu else env, spec.get("cwd") or "/",
                            log_path, devices=gpu.devices_for(slot) if gpu else (), cg=self.cgroup,
-                           user=spec.get("user") or "")
+                           user=spec.get("user") or "", shm_bytes=spec.get("shm_bytes") or 0)
 
     def take_gpu(self, snapshot_facts: dict | None = None) -> int | None:
         """Lend a new replica the GPU that runs the fewest of this host's replicas (its number in the order of

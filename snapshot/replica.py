@@ -352,7 +352,7 @@ def open_log(log_path: Path) -> tuple[int, str]:
 
 def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
            hostname: str = "thaw", timeout: float = 30.0, devices: Sequence = (), cg: Path | None = None,
-           user: str = "") -> Replica:
+           user: str = "", shm_bytes: int = 0) -> Replica:
     """Start ``argv`` as pid 1 of new namespaces with ``root`` as its "/"; stdout + stderr append to log_path.
 
     ``root=None`` keeps the host's filesystem: no mount or pid namespace, only network, UTS and IPC ones. That
@@ -363,7 +363,8 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     ``env`` is the whole environment; it travels through a pipe, never on a command line. ``devices``
     (``nvidia.Device``: the host's GPUs) are made in the replica's /dev, which needs a ``root``. ``cg``: the
     cgroup to run it in (snapshot/cgroup.py; None: the caller's). ``user``: the image's ``User`` (``user[:group]``,
-    names or ids; empty: root), looked up in the root's /etc/passwd and /etc/group as Docker does.
+    names or ids; empty: root), looked up in the root's /etc/passwd and /etc/group as Docker does. ``shm_bytes``:
+    the size of its /dev/shm (0: 64 MiB, Docker's default); a restore keeps it (CRIU remakes the tmpfs as dumped).
     Returns once the workload has been exec()ed (use ``wait_healthy``/``wait_ready`` for its server).
     """
     root, log_path = root and Path(root), Path(log_path)
@@ -377,7 +378,8 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
     cmd = [*UNSHARE, *(UNSHARE_ROOT if root else []), "--", sys.executable, "-I", "-S", str(NSINIT), "init",
            "--root", str(root or ""),
            "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
-           "--hostname", hostname, "--devices", ",".join(d.arg() for d in devices), "--user", user, "--", *argv]
+           "--hostname", hostname, "--devices", ",".join(d.arg() for d in devices), "--user", user,
+           *(("--shm-bytes", str(shm_bytes)) if shm_bytes else ()), "--", *argv]
     try:  # unshare's own complaints go to a pipe, read only when the launch fails
         proc = subprocess.Popen(cgroup.join(cg, cmd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, pass_fds=(status_w, env_r, logfd), start_new_session=True)

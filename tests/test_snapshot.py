@@ -45,6 +45,10 @@ STATE = random.getrandbits(64)                      # drawn at start: restored r
 DATA = random.Random(7).randbytes(int(os.environ["DATA_MB"]) << 20)
 DIGEST = hashlib.sha256(DATA).hexdigest()           # the golden answer: the same in every correct process
 seen = {}
+SHM = hashlib.sha256(b"shm").digest() * (int(os.environ.get("SHM_MB", "0")) << 15)  # SHM_MB MiB
+if SHM:  # shared memory of its own making, as torch.multiprocessing's or NCCL's
+    with open("/dev/shm/blob", "wb") as f:
+        f.write(SHM)
 if os.environ.get("WRITES"):  # state on disk, made at start: a log kept open, a cache, a file of the image gone,
     os.makedirs("/var/log/app", exist_ok=True)  # a directory of the image replaced, a unix socket
     LOG = open("/var/log/app/server.log", "a")
@@ -111,6 +115,11 @@ class Handler(BaseHTTPRequestHandler):
                 blob = f.read() == DATA[:1 << 20]
             return self.reply({"log": LOG.tell(), "blob": blob, "gone": os.path.exists("/app/gone.txt"),
                                "dir": sorted(os.listdir("/app/dir")), "sock": os.path.exists("/app/control.sock")})
+        if self.path == "/shm":
+            st = os.statvfs("/dev/shm")
+            with open("/dev/shm/blob", "rb") as f:
+                blob = f.read() == SHM
+            return self.reply({"size": st.f_blocks * st.f_frsize, "blob": blob})
         if self.path.startswith("/slow?"):  # an answer that takes this many seconds
             time.sleep(float(self.path.partition("?")[2]))
             return self.reply({"slow": True})
@@ -514,6 +523,33 @@ def test_what_the_server_wrote_before_its_snapshot_is_under_each_restore(cfg, wo
     agent.host.cfg = cfg.model_copy(update={"lazy_mounts": False})
     (r,) = restore(thaw_cli, snap, "--keep")["replicas"]
     assert r["outcome"] == "restored" and files(r) == first, r
+    thaw_cli("replicas", "stop", r["replica"])
+
+
+def test_dev_shm_has_the_size_given_and_restores_and_cold_boots_keep_it(cfg, worker, agent, thaw_cli, image,
+                                                                        tmp_path):
+    """A server that puts 40 MiB in /dev/shm (Docker's 64 MiB by default) cannot put 80 there, unless the build
+    gives /dev/shm room: then its restores have the same /dev/shm, with what it held, and so do cold boots."""
+    res = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=80", ok=False)
+    assert res.exit_code == 1 and "No space left on device" in res.output, res.output
+    snap = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=80", "--shm-size", "96m")
+    assert snapshots.get(cfg.registry_url, snap["digest"]).spec["shm_bytes"] == 96 << 20
+    (r,) = restore(thaw_cli, snap["digest"], "--keep")["replicas"]
+    with snapshots.session(cfg.registry_url) as s:  # a cold boot gets the spec's /dev/shm too
+        row = s.get(snapshots.Snapshot, snap["digest"])
+        row.host_facts = {**row.host_facts, "criu": "3.0"}
+        s.add(row)
+        s.commit()
+    (c,) = restore(thaw_cli, snap["digest"], "--keep")["replicas"]
+    assert (r["outcome"], c["outcome"]) == ("restored", "cold-boot")
+    for rid in (r["replica"], c["replica"]):
+        status, body = agent.serving[rid].replica.http_request("GET", "/shm", port=PORT)
+        assert status == 200 and json.loads(body) == {"size": 96 << 20, "blob": True}, body
+    thaw_cli("replicas", "stop", r["replica"], c["replica"])
+    small = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=40")["digest"]
+    (r,) = restore(thaw_cli, small, "--keep")["replicas"]
+    assert json.loads(agent.serving[r["replica"]].replica.http_request("GET", "/shm", port=PORT)[1]) == \
+        {"size": 64 << 20, "blob": True}
     thaw_cli("replicas", "stop", r["replica"])
 
 

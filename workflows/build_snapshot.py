@@ -45,6 +45,7 @@ class ModelSpec:
     secrets: list[str] = field(default_factory=list)  # names only; values injected by the host after restore
     cwd: str = ""  # empty: the image's WorkingDir or /
     user: str = ""  # empty: the image's User (user[:group], names or ids), or root
+    shm_bytes: int = 0  # the size of the server's /dev/shm; 0: 64 MiB (Docker's default)
     ready_timeout_s: float = 600.0
 
 
