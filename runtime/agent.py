@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -155,6 +156,16 @@ def release_if_dead(cfg: Config) -> bool:
     return True
 
 
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard one, as Go programs and containerd do. The
+    replicas it launches inherit it (a snapshot keeps its launch's), and each connection through a replica's
+    forwarder holds two here: the soft 1024 of a login shell or a systemd service runs out under load."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised from %d to %d (its hard limit)", soft, hard)
+
+
 def s3_relay(cfg: Config) -> Forwarder | None:
     """On a host of `thaw hosts up` (``s3_socket`` set): the loopback port of its S3 endpoint, in its network
     namespace, relayed to the Unix socket of `thaw up --s3`'s SeaweedFS, which listens on nothing else this
@@ -173,6 +184,7 @@ def s3_relay(cfg: Config) -> Forwarder | None:
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
     stop = stop_on_signals()  # first: a SIGTERM once the host row below exists must still mark the host gone
     hold_host(cfg)  # its fd stays open, and the lock held, until this process ends
+    raise_open_files_limit()  # before any replica is launched
     stale = cleanup_stale(cfg.work_dir)
     if stale:
         log.info("cleared %d replica/build dirs left by an earlier agent", stale)

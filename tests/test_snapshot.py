@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import stat
 import subprocess
@@ -35,7 +36,7 @@ PORT = 8080
 DATA_MB = 20
 
 SERVER = r'''
-import hashlib, json, os, random, shutil, socket, sys, threading, time, uuid
+import hashlib, json, os, random, resource, shutil, socket, sys, threading, time, uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 sys.path.insert(0, "/app")
 import thaw_sdk
@@ -120,6 +121,8 @@ class Handler(BaseHTTPRequestHandler):
             with open("/dev/shm/blob", "rb") as f:
                 blob = f.read() == SHM
             return self.reply({"size": st.f_blocks * st.f_frsize, "blob": blob})
+        if self.path == "/nofile":
+            return self.reply(resource.getrlimit(resource.RLIMIT_NOFILE))
         if self.path.startswith("/slow?"):  # an answer that takes this many seconds
             time.sleep(float(self.path.partition("?")[2]))
             return self.reply({"slow": True})
@@ -574,8 +577,11 @@ def test_the_images_user_is_checked_before_the_launch(cfg, worker, agent, thaw_c
 
 
 def _agent_proc(cfg) -> subprocess.Popen:
+    """`thaw agent`, started as from a systemd service: at a soft limit of 1024 open files."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return subprocess.Popen([sys.executable, "-m", "thaw", "agent"], env={**os.environ, **cfg_env(cfg)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard)))
 
 
 def test_a_build_on_a_host_whose_agent_is_gone_fails_in_bounded_time(cfg, worker, thaw_cli, image):
@@ -641,6 +647,15 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         assert [s.digest for s in snapshots.list_all(cfg.registry_url)] == [res["digest"]]
         attempts = activity_attempts(cfg, res["workflow_id"], "checkpoint_model")
         assert max(attempts) >= 2, f"the launch was not retried after the agent died: {attempts}"
+        # the agent, started at a soft limit of 1024 open files, raised it to its hard one, and so the server it
+        # launched (as a restore of it shows) has that too
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        limits = Path(f"/proc/{agent.pid}/limits").read_text()
+        assert re.search(rf"Max open files +{hard} +{hard} ", limits), limits
+        (r,) = restore(thaw_cli, res["digest"], "--keep")["replicas"]
+        with urllib.request.urlopen(r["endpoint"] + "/nofile", timeout=10) as resp:
+            assert json.loads(resp.read()) == [hard, hard]
+        thaw_cli("replicas", "stop", r["replica"])
     finally:
         if build is not None and build.poll() is None:
             build.kill()
