@@ -14,7 +14,8 @@ Before it exec()s the workload it
    default as in Docker), ROOT/tmp (tmpfs); brings loopback up;
    sets the hostname;
 4. pivot_root(ROOT) and detaches the old root, so the mount namespace holds only ROOT and these mounts
-   (CRIU dumps exactly these and restores them under a new ``--root``);
+   (CRIU dumps exactly these and restores them under a new ``--root``); writes /etc/hosts and /etc/hostname,
+   as Docker does;
 5. setsid() (session leader, so CRIU needs no --shell-job), stdin = /dev/null inside the root, stdout and
    stderr = the log fd, closes every other fd;
 6. with ``--user USER[:GROUP]`` (the image's ``User``: names or ids, as Docker reads them from the root's
@@ -127,6 +128,28 @@ def setup_root(root, hostname, devices=(), shm_bytes=SHM_BYTES):
     _check(_libc.syscall(ctypes.c_long(nr), b".", b"."), "pivot_root")
     _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
+    write_names(hostname)
+
+
+HOSTS = "127.0.0.1\tlocalhost {0}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def write_names(hostname):
+    """/etc/hosts (localhost, and the hostname on loopback) and /etc/hostname, as Docker gives every container
+    (over the image's): images built by Docker carry neither (Docker mounts its own at run time), and without
+    them ``localhost`` does not resolve. Written after pivot_root, so that a symlink of the image cannot lead
+    out of its root. On the replica's upper layer: a snapshot keeps them with what its server wrote."""
+    os.makedirs("/etc", 0o755, exist_ok=True)
+    for name, text in (("hosts", HOSTS.format(hostname)), ("hostname", hostname + "\n")):
+        path = "/etc/" + name
+        if os.path.islink(path):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
 
 
 def _table(path):

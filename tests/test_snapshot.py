@@ -121,6 +121,14 @@ class Handler(BaseHTTPRequestHandler):
             with open("/dev/shm/blob", "rb") as f:
                 blob = f.read() == SHM
             return self.reply({"size": st.f_blocks * st.f_frsize, "blob": blob})
+        if self.path == "/names":  # what Docker's /etc/hosts and /etc/hostname give a server
+            names = {}
+            for name in ("localhost", socket.gethostname()):
+                try:
+                    names[name] = socket.getaddrinfo(name, 80, socket.AF_INET)[0][4][0]
+                except OSError as e:
+                    names[name] = str(e)
+            return self.reply({**names, "hostname": open("/etc/hostname").read()})
         if self.path == "/nofile":
             return self.reply(resource.getrlimit(resource.RLIMIT_NOFILE))
         if self.path.startswith("/slow?"):  # an answer that takes this many seconds
@@ -502,7 +510,8 @@ def test_what_the_server_wrote_before_its_snapshot_is_under_each_restore(cfg, wo
     store = ChunkStore.open(cfg)
     writes = {e.path: e for e in ImageManifest.load(store, snap).entries if e.path.startswith("root-writes/")}
     assert {"root-writes/var/log/app/server.log", "root-writes/root/.cache/blob", "root-writes/app/dir/new",
-            "root-writes/app/gone.txt"} <= set(writes), sorted(writes)
+            "root-writes/app/gone.txt", "root-writes/etc/hosts", "root-writes/etc/hostname"} <= set(writes), \
+        sorted(writes)  # (the last two: the launch's, as Docker's)
     assert writes["root-writes/app/gone.txt"].type == "chr" and not writes["root-writes/app/gone.txt"].rdev
     assert "trusted.overlay.opaque" in (writes["root-writes/app/dir"].xattrs or {})
     assert writes["root-writes/app/control.sock"].type == "chr", "a socket left out: a whiteout in its place"
@@ -529,10 +538,10 @@ def test_what_the_server_wrote_before_its_snapshot_is_under_each_restore(cfg, wo
     thaw_cli("replicas", "stop", r["replica"])
 
 
-def test_dev_shm_has_the_size_given_and_restores_and_cold_boots_keep_it(cfg, worker, agent, thaw_cli, image,
-                                                                        tmp_path):
+def test_dev_shm_has_the_size_given_and_names_resolve_as_in_docker(cfg, worker, agent, thaw_cli, image, tmp_path):
     """A server that puts 40 MiB in /dev/shm (Docker's 64 MiB by default) cannot put 80 there, unless the build
-    gives /dev/shm room: then its restores have the same /dev/shm, with what it held, and so do cold boots."""
+    gives /dev/shm room: then its restores have the same /dev/shm, with what it held, and so do cold boots.
+    Both resolve localhost and their hostname, as in a Docker container, though the image has no /etc/hosts."""
     res = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=80", ok=False)
     assert res.exit_code == 1 and "No space left on device" in res.output, res.output
     snap = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=80", "--shm-size", "96m")
@@ -548,6 +557,8 @@ def test_dev_shm_has_the_size_given_and_restores_and_cold_boots_keep_it(cfg, wor
     for rid in (r["replica"], c["replica"]):
         status, body = agent.serving[rid].replica.http_request("GET", "/shm", port=PORT)
         assert status == 200 and json.loads(body) == {"size": 96 << 20, "blob": True}, body
+        status, body = agent.serving[rid].replica.http_request("GET", "/names", port=PORT)
+        assert json.loads(body) == {"localhost": "127.0.0.1", "thaw": "127.0.0.1", "hostname": "thaw\n"}, body
     thaw_cli("replicas", "stop", r["replica"], c["replica"])
     small = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=40")["digest"]
     (r,) = restore(thaw_cli, small, "--keep")["replicas"]
