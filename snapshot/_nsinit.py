@@ -19,7 +19,8 @@ Before it exec()s the workload it
 5. setsid() (session leader, so CRIU needs no --shell-job), stdin = /dev/null inside the root, stdout and
    stderr = the log fd, closes every other fd;
 6. with ``--user USER[:GROUP]`` (the image's ``User``: names or ids, as Docker reads them from the root's
-   /etc/passwd and /etc/group) takes that user's groups, gid and uid, and HOME unless the env has one;
+   /etc/passwd and /etc/group) takes that user's groups, gid and uid; sets what Docker sets where the env
+   has none: HOME (the user's, or root's), PATH and HOSTNAME;
 7. chdir(cwd), reports ``exec`` and execs argv with exactly the given environment.
 
 Status fd protocol: ``pid <hostpid>``, then ``exec`` or ``error <message>``, one per line.
@@ -38,6 +39,7 @@ import sys
 import warnings  # noqa: F401  (os.execvpe imports it lazily, after pivot_root the host stdlib is gone)
 
 SHM_BYTES = 64 << 20  # /dev/shm's size unless given: Docker's default
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # Docker's, for an image without
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -251,6 +253,10 @@ def init(args):
         os.closerange(max(3, status_fd + 1), os.sysconf("SC_OPEN_MAX"))
         if opts["--user"]:
             become(opts["--user"], env)
+        else:
+            env.setdefault("HOME", resolve_user("0")[3])
+        env.setdefault("PATH", DEFAULT_PATH)  # Docker's, where the image's Env has none
+        env.setdefault("HOSTNAME", opts["--hostname"])
         os.chdir(opts["--cwd"])
         report("exec")
         if status_fd >= 0:

@@ -536,6 +536,21 @@ def test_launch_failures_are_reported(roots, work):
         launch(roots().path, [PYTHON, "-c", "pass"], {}, "/no-such-dir", work / "nope.log")
 
 
+def test_a_launch_gets_dockers_home_path_and_hostname_unless_the_env_has_them(roots, work):
+    code = ("import os, time; print(repr([os.environ.get(k) for k in ('HOME', 'PATH', 'HOSTNAME')]), flush=True); "
+            "time.sleep(60)")
+    for env, want in (({}, ["/root", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "thaw"]),
+                      ({"HOME": "/srv", "PATH": "/usr/bin", "HOSTNAME": "h"}, ["/srv", "/usr/bin", "h"])):
+        from services import wait_until
+        log = work / f"env-{len(env)}.log"
+        replica = launch(roots().path, [PYTHON, "-c", code], env, "/", log)
+        try:
+            wait_until(lambda: log.exists() and log.read_text().strip(), 30, "the server's env line")
+            assert log.read_text().strip() == repr(want)
+        finally:
+            replica.stop()
+
+
 def test_users_and_ports_are_read_from_the_image_as_docker_reads_them(monkeypatch):
     """USER: a name or uid (the entry found either way), an optional group by name or gid, supplementary groups
     that list the user, HOME from the entry; a number need not be listed, a name must. The port: the image's one
