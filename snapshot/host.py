@@ -661,8 +661,8 @@ class HostSnapshots:
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
                                    beat=lambda: beat("launch"))
                 st.mark("cold_boot")
-                asked = time.monotonic()
-                answer = golden_answer(replica, spec["port"], golden)
+                asked = time.monotonic()  # the first request may load what a lazy server loads on demand
+                answer = golden_answer(replica, spec["port"], golden, max(120.0, spec.get("ready_timeout_s", 600)))
                 # a restore's replay is a later request: one whose answer changes (an id, a time in seconds) fails
                 time.sleep(max(0.0, asked + GOLDEN_AGAIN_S - time.monotonic()))  # here, not after dump and store
                 again = golden_answer(replica, spec["port"], golden)
