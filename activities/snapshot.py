@@ -80,6 +80,10 @@ class SnapshotActivities:
     def register_snapshot(self, inp: RegisterSnapshotInput) -> BuildSnapshotResult:
         t0 = time.monotonic()
         ck, st, plan = inp.checkpoint, inp.stored, inp.plan
+        if (inp.golden.ignore or plan.spec.shm_bytes) and ck.applied is None:
+            raise NotFound(f"host {plan.host_id}'s agent is older than this build worker: it applies neither "
+                           f"--golden-ignore nor --shm-size, so its snapshot would not restore as asked; upgrade "
+                           f"the agent and build again")
         spec, golden = dataclasses.asdict(plan.spec), dataclasses.asdict(inp.golden)
         if ck.sdk is not None:  # a fact of the server, kept with how to run it (runtime.pool.deploy reads it)
             spec["sdk"] = ck.sdk

@@ -28,6 +28,7 @@ Status fd protocol: ``pid <hostpid>``, then ``exec`` or ``error <message>``, one
 The restore side's shim is ``_reap.py``.
 """
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -141,17 +142,22 @@ def write_names(hostname):
     (over the image's): images built by Docker carry neither (Docker mounts its own at run time), and without
     them ``localhost`` does not resolve. Written after pivot_root, so that a symlink of the image cannot lead
     out of its root. On the replica's upper layer: a snapshot keeps them with what its server wrote."""
-    os.makedirs("/etc", 0o755, exist_ok=True)
     for name, text in (("hosts", HOSTS.format(hostname)), ("hostname", hostname + "\n")):
-        path = "/etc/" + name
-        if os.path.islink(path):
-            os.unlink(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        tmp = f"/etc/.thaw-{name}"
         try:
-            os.write(fd, text.encode())
-            os.fchmod(fd, 0o644)
-        finally:
-            os.close(fd)
+            os.makedirs("/etc", 0o755, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, text.encode())
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            os.rename(tmp, "/etc/" + name)  # over a file, a symlink, a FIFO or a device node alike
+        except OSError:  # an /etc that is a file, an /etc/hosts that is a directory: the image's stays
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _table(path):
@@ -190,6 +196,14 @@ def resolve_user(spec):
     else:
         extra = [gid] + [int(e[2]) for e in groups if name and name in e[3].split(",") and _number(e[2])]
     return uid, gid, sorted(set(extra)), home
+
+
+def root_home():
+    """Root's home in the image's /etc/passwd; / where that cannot be read (as Docker)."""
+    try:
+        return resolve_user("0")[3]
+    except (OSError, ValueError, RuntimeError):
+        return "/"
 
 
 def become(spec, env):
@@ -253,8 +267,8 @@ def init(args):
         os.closerange(max(3, status_fd + 1), os.sysconf("SC_OPEN_MAX"))
         if opts["--user"]:
             become(opts["--user"], env)
-        else:
-            env.setdefault("HOME", resolve_user("0")[3])
+        elif "HOME" not in env:
+            env["HOME"] = root_home()
         env.setdefault("PATH", DEFAULT_PATH)  # Docker's, where the image's Env has none
         env.setdefault("HOSTNAME", opts["--hostname"])
         os.chdir(opts["--cwd"])

@@ -656,13 +656,15 @@ class HostSnapshots:
             st.mark("root")
             beat("launch")
             replica = self._launch(root, spec, spec["env"], work / "launch.log", slot)
+            ready_by = time.monotonic() + spec.get("ready_timeout_s", 600)
             try:
                 write_record(work / RECORD, replica.pid)
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
                                    beat=lambda: beat("launch"))
                 st.mark("cold_boot")
-                asked = time.monotonic()  # the first request may load what a lazy server loads on demand
-                answer = golden_answer(replica, spec["port"], golden, max(120.0, spec.get("ready_timeout_s", 600)))
+                asked = time.monotonic()  # the first request may load what a lazy server loads on demand: it
+                answer = golden_answer(replica, spec["port"], golden, max(120.0, ready_by - asked))  # has what
+                # is left of --ready-timeout
                 # a restore's replay is a later request: one whose answer changes (an id, a time in seconds) fails
                 time.sleep(max(0.0, asked + GOLDEN_AGAIN_S - time.monotonic()))  # here, not after dump and store
                 again = golden_answer(replica, spec["port"], golden)
@@ -706,7 +708,9 @@ class HostSnapshots:
             st.mark("profile")
         result = {"dump_dir": str(work / "dump"), "golden_digest": digest_of(answer), "golden_size": len(answer),
                   "host_facts": facts, "compat_key": compat.compat_key(facts, image_digest),
-                  "timings_ms": st.ms, "sdk": sdk}
+                  "timings_ms": st.ms, "sdk": sdk,  # and what the worker checks an older agent did not apply:
+                  "applied": {"golden_ignore": list(golden.get("ignore") or []),
+                              "shm_bytes": spec.get("shm_bytes") or 0}}
         write_atomic(done, json.dumps(result))
         return result
 
@@ -852,7 +856,8 @@ class HostSnapshots:
                 st.mark("boot")
                 same = None
                 if golden:  # recorded, not enforced: a fresh process may legitimately differ (randomness, time)
-                    answer = golden_answer(replica, spec["port"], golden)
+                    answer = golden_answer(replica, spec["port"], golden,  # its first: see _take
+                                           max(120.0, spec.get("ready_timeout_s", 600)))
                     st.mark("replay")
                     same = digest_of(answer) == golden_digest
             except BaseException:

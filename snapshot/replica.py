@@ -295,7 +295,7 @@ def comparable(answer: bytes, ignore: Sequence[str]) -> bytes:
         return answer
     try:
         doc = json.loads(answer)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ReplicaError(f"the golden answer is not JSON ({len(answer)} bytes: {answer[:80]!r}), so fields to "
                            f"ignore ({', '.join(ignore)}) cannot be taken out of it") from None
 
@@ -317,24 +317,24 @@ def comparable(answer: bytes, ignore: Sequence[str]) -> bytes:
 def answers_differ(a: bytes, b: bytes) -> str:
     """Where two answers to the golden request differ, in a few words: the JSON fields (dotted paths, at most
     three named), else the bytes."""
-    try:
-        x, y = json.loads(a), json.loads(b)
-    except ValueError:
-        at = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
-        return f"{len(a)} and {len(b)} bytes, first different at byte {at}"
     paths: list[str] = []
+    missing = object()
 
     def walk(p, q, path: str) -> None:
         if isinstance(p, dict) and isinstance(q, dict):
             for k in sorted(p.keys() | q.keys()):
-                walk(p.get(k), q.get(k), f"{path}.{k}" if path else k)
+                walk(p.get(k, missing), q.get(k, missing), f"{path}.{k}" if path else k)
         elif isinstance(p, list) and isinstance(q, list) and len(p) == len(q):
             for i, j in zip(p, q):
                 walk(i, j, path)
-        elif p != q and path not in paths:
-            paths.append(path)
+        elif (p is missing or q is missing or json.dumps(p) != json.dumps(q)) and path not in paths:
+            paths.append(path)  # (json.dumps: NaN is NaN)
 
-    walk(x, y, "")
+    try:
+        walk(json.loads(a), json.loads(b), "")
+    except (ValueError, RecursionError):
+        at = next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+        return f"{len(a)} and {len(b)} bytes, first different at byte {at}"
     if not paths:
         return "the same JSON, written differently (key order or spacing)"
     if paths == [""]:

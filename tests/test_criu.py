@@ -536,17 +536,28 @@ def test_launch_failures_are_reported(roots, work):
         launch(roots().path, [PYTHON, "-c", "pass"], {}, "/no-such-dir", work / "nope.log")
 
 
-def test_a_launch_gets_dockers_home_path_and_hostname_unless_the_env_has_them(roots, work):
-    code = ("import os, time; print(repr([os.environ.get(k) for k in ('HOME', 'PATH', 'HOSTNAME')]), flush=True); "
+def test_a_launch_gets_dockers_etc_hosts_home_path_and_hostname(roots, work):
+    """HOME, PATH and HOSTNAME unless the env has them; /etc/hosts and /etc/hostname over whatever the image has
+    there (a symlink, a FIFO), inside its root."""
+    from services import wait_until
+
+    code = ("import os, time; print(repr([os.environ.get(k) for k in ('HOME', 'PATH', 'HOSTNAME')] + "
+            "[open(p).read() for p in ('/etc/hosts', '/etc/hostname', '/app/target')]), flush=True); "
             "time.sleep(60)")
+    names = ["127.0.0.1\tlocalhost thaw\n::1\tlocalhost ip6-localhost ip6-loopback\n", "thaw\n", "mine\n"]
     for env, want in (({}, ["/root", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "thaw"]),
                       ({"HOME": "/srv", "PATH": "/usr/bin", "HOSTNAME": "h"}, ["/srv", "/usr/bin", "h"])):
-        from services import wait_until
-        log = work / f"env-{len(env)}.log"
-        replica = launch(roots().path, [PYTHON, "-c", code], env, "/", log)
+        root, log = roots().path, work / f"env-{len(env)}.log"
+        (root / "etc").mkdir(exist_ok=True)
+        (root / "app" / "target").write_text("mine\n")
+        (root / "etc" / "hosts").unlink(missing_ok=True)
+        (root / "etc" / "hosts").symlink_to("/app/target")
+        (root / "etc" / "hostname").unlink(missing_ok=True)
+        os.mkfifo(root / "etc" / "hostname")
+        replica = launch(root, [PYTHON, "-c", code], env, "/", log)
         try:
-            wait_until(lambda: log.exists() and log.read_text().strip(), 30, "the server's env line")
-            assert log.read_text().strip() == repr(want)
+            wait_until(lambda: log.exists() and log.read_text().strip(), 30, "the server's line")
+            assert log.read_text().strip() == repr(want + names)
         finally:
             replica.stop()
 
@@ -772,6 +783,12 @@ def test_golden_answers_are_compared_without_the_fields_to_ignore_and_a_differen
     assert answers_differ(b'{"a": 1, "b": 2}', b'{"b": 2, "a": 1}') == \
         "the same JSON, written differently (key order or spacing)"
     assert answers_differ(b"abcd", b"abXd") == "4 and 4 bytes, first different at byte 2"
+    assert answers_differ(b'{"a": null, "n": NaN}', b'{"n": NaN}') == "JSON field a"  # null is not missing
+    deep = b"[" * 100_000 + b"]" * 100_000  # more than the parser's recursion allows: told as bytes
+    assert answers_differ(deep, deep[:-1]) == f"{len(deep)} and {len(deep) - 1} bytes, first different at byte " \
+        f"{len(deep) - 1}"
+    with pytest.raises(ReplicaError, match="the golden answer is not JSON"):
+        comparable(deep, ["id"])
     assert answers_differ(json.dumps(list(range(5))).encode(), b"[]") == "the whole JSON answer"
     with pytest.raises(ReplicaError, match=r"the golden answer is not JSON \(2 bytes: b'hi'\), so fields to ignore"):
         comparable(b"hi", ["id"])

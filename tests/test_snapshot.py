@@ -289,6 +289,27 @@ def test_a_golden_answer_that_changes_with_each_request_fails_before_the_dump_un
     assert r["outcome"] == "cold-boot" and r["golden_ok"] is True, r
 
 
+def test_a_build_asking_what_an_older_agent_does_not_apply_is_not_registered(cfg):
+    """An agent of before --golden-ignore and --shm-size returns no `applied`: its snapshot would have a raw
+    golden digest (every restore on a newer host would cold-boot) or a 64 MiB /dev/shm, so it is refused."""
+    from dataclasses import replace
+
+    from temporalio.exceptions import ApplicationError
+
+    from thaw.activities.snapshot import SnapshotActivities
+    from thaw.workflows.build_snapshot import (CheckpointResult, Golden, ModelSpec, Plan, RegisterSnapshotInput,
+                                               StoredSnapshot)
+
+    plan = Plan("0" * 64, ModelSpec(cmd=["server"], port=PORT), "old", "thaw-host-old")
+    ck = CheckpointResult("b", "/nowhere", "d" * 64, 2, {}, "key", {})  # as an older agent's: no `applied`
+    stored = StoredSnapshot("5" * 64, 1, 1, 1, 1)
+    for golden, spec in ((Golden(ignore=["id"]), plan.spec), (Golden(), replace(plan.spec, shm_bytes=1 << 30))):
+        inp = RegisterSnapshotInput("b", replace(plan, spec=spec), golden, ck, stored, {})
+        with pytest.raises(ApplicationError, match="host old's agent is older than this build worker"):
+            SnapshotActivities(cfg).register_snapshot(inp)
+    assert snapshots.list_all(cfg.registry_url) == []
+
+
 def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path,
                                                                      monkeypatch):
     snap = build_snapshot(thaw_cli, image, tmp_path)
@@ -661,6 +682,7 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         # the agent, started at a soft limit of 1024 open files, raised it to its hard one, and so the server it
         # launched (as a restore of it shows) has that too
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        assert hard > 1024, "this check needs a hard limit above the soft 1024 the agent started at"
         limits = Path(f"/proc/{agent.pid}/limits").read_text()
         assert re.search(rf"Max open files +{hard} +{hard} ", limits), limits
         (r,) = restore(thaw_cli, res["digest"], "--keep")["replicas"]

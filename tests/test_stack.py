@@ -233,7 +233,8 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--golden-method", "get"], "a GET has no body"),
     (["build", "snapshot", "img", "--golden", "TEXT"], "not JSON (Expecting value"),
     (["build", "snapshot", "img", "--golden-ignore", "usage..time"], "--golden-ignore 'usage..time': a field"),
-    (["build", "snapshot", "img", "--shm-size", "64k"], "'64k': a size of 1 MiB or more"),
+    (["build", "snapshot", "img", "--shm-size", "64k"], "'64k': a size from 1 MiB to 1 PiB"),
+    (["build", "snapshot", "img", "--shm-size", "2000t"], "'2000t': a size from 1 MiB to 1 PiB"),
 ])
 def test_bad_command_input_is_refused_before_anything_starts(tmp_path, args, message):
     """Checked before a workflow, server or agent starts (the agent would have made and cleaned up

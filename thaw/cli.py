@@ -44,8 +44,8 @@ class Size(click.ParamType):
             return value
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.IGNORECASE)
         size = int(float(m[1]) * (1 << self.UNITS[m[2].lower()])) if m else 0
-        if size < 1 << 20:
-            self.fail(f"{value!r}: a size of 1 MiB or more, e.g. 512m or 2g", param, ctx)
+        if not 1 << 20 <= size <= 1 << 50:
+            self.fail(f"{value!r}: a size from 1 MiB to 1 PiB, e.g. 512m or 2g", param, ctx)
         return size
 STAGE_FORMAT = "{desc}[{elapsed}]"  # a workflow's progress line while no activity counts bytes
 STAGE_ORDER = ["fetch", "prefetch", "root", "criu", "hooks", "health", "boot", "replay", "total"]
@@ -447,8 +447,9 @@ def _pairs(items, what):
 @click.option("--ready-timeout", type=click.FloatRange(1, 7 * 86400), default=600, show_default=True,
               help="Seconds the server may take from launch to ready (loading its model).")
 @click.option("--user", default="", help="USER[:GROUP] the server runs as [default: the image's User, else root].")
-@click.option("--shm-size", "shm_bytes", type=Size(), default="64m", show_default=True,
-              help="Size of the server's /dev/shm (e.g. 2g for NCCL or torch.multiprocessing); its restores keep it.")
+@click.option("--shm-size", "shm_bytes", type=Size(),
+              help="Size of the server's /dev/shm (e.g. 2g for NCCL or torch.multiprocessing); its restores keep "
+                   "it.  [default: 64m, as Docker's]")
 @click.option("--env", "env", multiple=True, help="NAME=VALUE, part of the snapshot.")
 @click.option("--secret", "secrets", multiple=True,
               help="NAME of a secret (set with `thaw secrets set`): injected after restore, never in the snapshot.")
@@ -482,7 +483,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
         if not path.startswith("/"):
             _fail(f"{option} {path!r}: a path on the server, starting with /")
     spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port or 0, health=health, env=_pairs(env, "--env"),
-                     secrets=list(secrets), ready_timeout_s=ready_timeout, user=user, shm_bytes=shm_bytes)
+                     secrets=list(secrets), ready_timeout_s=ready_timeout, user=user, shm_bytes=shm_bytes or 0)
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         _fail(error)

@@ -85,6 +85,7 @@ class CheckpointResult:
     compat_key: str
     timings_ms: dict[str, int]
     sdk: bool | None = None  # whether the server answered the SDK's before-snapshot hook (None: an older agent)
+    applied: dict | None = None  # golden_ignore and shm_bytes as the launch used them (None: an older agent)
 
 
 @dataclass
