@@ -27,7 +27,7 @@ from test_criu import SECRET, cpu_cgroup_of, needs_criu
 from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
-from thaw.registry import deployments, snapshots
+from thaw.registry import deployments, images, snapshots
 from thaw.snapshot import _linux, criu, sdk
 from thaw.snapshot.host import SnapshotError, use_huge_pages
 
@@ -287,6 +287,20 @@ def test_a_golden_answer_that_changes_with_each_request_fails_before_the_dump_un
         s.commit()
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and r["golden_ok"] is True, r
+
+
+def test_a_snapshot_built_from_a_source_builds_its_image_first(cfg, worker, agent, thaw_cli, rootfs, tmp_path):
+    """`thaw build snapshot SOURCE`: anything but a digest is built with `thaw build image` first (here a
+    directory, its command and env given), then snapshotted; a second build finds the image registered."""
+    env = ("--env", "PATH=/usr/bin", "--env", f"PORT={PORT}", "--env", f"DATA_MB={DATA_MB}")
+    snap = build_snapshot(thaw_cli, str(rootfs), tmp_path, "--cmd", "python3 -I /app/server.py", *env)
+    assert snap["created"] and images.get(cfg.registry_url, snap["image_digest"]).source == str(rootfs)
+    out = thaw_cli("build", "snapshot", str(rootfs), "--port", str(PORT), "--health", "/health", "--golden-path",
+                   "/answer-stable", "--cmd", "python3 -I /app/server.py", *env).output
+    assert f"image {snap['image_digest']}" in out and "already registered" in out, out
+    assert len(images.list_all(cfg.registry_url)) == 1
+    res = thaw_cli("build", "snapshot", str(tmp_path / "nope"), ok=False)  # neither a digest nor a source
+    assert res.exit_code == 1 and res.output.count("\n") <= 2 and "nope: no such file" in res.output, res.output
 
 
 def test_a_build_asking_what_an_older_agent_does_not_apply_is_not_registered(cfg):

@@ -313,7 +313,6 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
     """
     from thaw.files import BUILD_ID, BUILD_ID_RULE
     from thaw.imagefs.manifest import config_errors
-    from thaw.workflows.build_image import BuildImage, BuildImageInput
 
     if workflow_id is not None and not BUILD_ID.fullmatch(workflow_id):
         _fail(f"--id {workflow_id!r}: {BUILD_ID_RULE}")
@@ -329,18 +328,28 @@ def build_image(cfg, source, as_json, workflow_id, config_file):
         if bad:
             _fail(f"--config {config_file}: bad image config: {'; '.join(bad)}")
 
-    wid, run_id, url, res = _run_workflow(
-        cfg, BuildImage.run, BuildImageInput(_absolute_source(source), config, cfg.heartbeat_timeout,
-                                             cfg.activity_timeout),
-        workflow_id or f"build-image-{uuid.uuid4().hex[:12]}", f"build of {source}", as_json)
+    wid, run_id, url, res = _build_image(cfg, source, config, workflow_id, as_json)
     if as_json:
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "run_id": run_id, "ui": url}))
         return
-    note = "new image" if res.created else "already registered"
     click.echo(f"{res.digest}")
-    click.echo(f"  {note}: {res.files} files, {_human(res.size)}, {res.chunks} chunks; "
-               f"stored {res.new_chunks} new chunks ({_human(res.new_bytes)}); "
-               + _ms(res.timings_ms), err=True)
+    click.echo(_image_built(res), err=True)
+
+
+def _build_image(cfg, source: str, config: dict | None, workflow_id: str | None, quiet: bool):
+    """Run BuildImage for ``source`` (see `thaw build image`); (workflow id, run id, UI url, BuildImageResult)."""
+    from thaw.workflows.build_image import BuildImage, BuildImageInput
+
+    return _run_workflow(
+        cfg, BuildImage.run, BuildImageInput(_absolute_source(source), config, cfg.heartbeat_timeout,
+                                             cfg.activity_timeout),
+        workflow_id or f"build-image-{uuid.uuid4().hex[:12]}", f"build of {source}", quiet)
+
+
+def _image_built(res) -> str:
+    return (f"  {'new image' if res.created else 'already registered'}: {res.files} files, {_human(res.size)}, "
+            f"{res.chunks} chunks; stored {res.new_chunks} new chunks ({_human(res.new_bytes)}); "
+            + _ms(res.timings_ms))
 
 
 # -- images -----------------------------------------------------------------------------------------
@@ -428,7 +437,7 @@ def _pairs(items, what):
 
 
 @build.command("snapshot")
-@click.argument("image")
+@click.argument("image", metavar="IMAGE|SOURCE")
 @click.option("--cmd", help="Command line (shell words); default the image's Entrypoint + Cmd.")
 @click.option("--port", type=PORT, help="Port the server listens on [default: the image's one exposed TCP port, "
                                          "else 8080].")
@@ -458,7 +467,10 @@ def _pairs(items, what):
 @click.pass_obj
 def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, golden_method, golden_content_type,
                    golden_ignore, ready_timeout, user, shm_bytes, env, secrets, host, as_json):
-    """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it."""
+    """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it.
+
+    IMAGE: a registered image's digest (or a unique prefix); anything else is a SOURCE as `thaw build image`
+    takes it (dockerfile:./ctx, a registry reference, ./rootfs ...), built into an image first."""
     import base64
     import shlex
 
@@ -489,6 +501,12 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
         _fail(error)
     golden = Golden(path=golden_path, method=method, body_b64=base64.b64encode(body).decode(),
                     content_type=golden_content_type, ignore=list(golden_ignore))
+    if not re.fullmatch(r"[0-9a-fA-F]+", image):  # a source: its image first (a digest is never anything else)
+        res = _build_image(cfg, image, None, None, as_json)[3]
+        if not as_json:
+            click.echo(f"image {res.digest}", err=True)
+            click.echo(_image_built(res), err=True)
+        image = res.digest
     inp = BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout, activity_timeout_s=cfg.activity_timeout)
     wid, run_id, url, res = _run_workflow(
         cfg, BuildSnapshot.run, inp,
