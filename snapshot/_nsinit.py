@@ -40,7 +40,7 @@ import sys
 import warnings  # noqa: F401  (os.execvpe imports it lazily, after pivot_root the host stdlib is gone)
 
 SHM_BYTES = 64 << 20  # /dev/shm's size unless given: Docker's default
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # Docker's, for an image without
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # Docker's, where Env has none
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4

@@ -662,11 +662,12 @@ class HostSnapshots:
                 replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
                                    beat=lambda: beat("launch"))
                 st.mark("cold_boot")
-                asked = time.monotonic()  # the first request may load what a lazy server loads on demand: it
-                answer = golden_answer(replica, spec["port"], golden, max(120.0, ready_by - asked))  # has what
-                # is left of --ready-timeout
-                # a restore's replay is a later request: one whose answer changes (an id, a time in seconds) fails
-                time.sleep(max(0.0, asked + GOLDEN_AGAIN_S - time.monotonic()))  # here, not after dump and store
+                # The first request may load what a server loads on demand: it has what is left of
+                # --ready-timeout. A restore's replay is a later request, so an answer that changes (an id, a time
+                # in seconds) fails the build here, not after the dump and the store.
+                asked = time.monotonic()
+                answer = golden_answer(replica, spec["port"], golden, max(120.0, ready_by - asked))
+                time.sleep(max(0.0, asked + GOLDEN_AGAIN_S - time.monotonic()))
                 again = golden_answer(replica, spec["port"], golden)
                 if again != answer:
                     raise SnapshotError(
