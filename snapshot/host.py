@@ -36,7 +36,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
-from .replica import answers_differ, golden_answer as replica_golden_answer, tail
+from .replica import GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer, tail
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -302,7 +302,7 @@ def replicas_cgroup(host_id: str) -> str:
     return f"thaw-replicas-{host_id}"
 
 
-def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
+def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float = GOLDEN_TIMEOUT_S) -> bytes:
     try:
         return replica_golden_answer(replica, port, golden, timeout)
     except criu.ReplicaError as e:
@@ -656,17 +656,17 @@ class HostSnapshots:
             st.mark("root")
             beat("launch")
             replica = self._launch(root, spec, spec["env"], work / "launch.log", slot)
-            ready_by = time.monotonic() + spec.get("ready_timeout_s", 600)
+            ready_s = spec.get("ready_timeout_s", 600)
+            ready_by = time.monotonic() + ready_s
             try:
                 write_record(work / RECORD, replica.pid)
-                replica.wait_ready(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600),
-                                   beat=lambda: beat("launch"))
+                replica.wait_ready(spec["port"], spec["health"], timeout=ready_s, beat=lambda: beat("launch"))
                 st.mark("cold_boot")
                 # The first request may load what a server loads on demand: it has what is left of
                 # --ready-timeout. A restore's replay is a later request, so an answer that changes (an id, a time
                 # in seconds) fails the build here, not after the dump and the store.
                 asked = time.monotonic()
-                answer = golden_answer(replica, spec["port"], golden, max(120.0, ready_by - asked))
+                answer = golden_answer(replica, spec["port"], golden, max(GOLDEN_TIMEOUT_S, ready_by - asked))
                 time.sleep(max(0.0, asked + GOLDEN_AGAIN_S - time.monotonic()))
                 again = golden_answer(replica, spec["port"], golden)
                 if again != answer:
@@ -852,13 +852,14 @@ class HostSnapshots:
             replica, running = self._own(rid, lambda: self._launch(root, spec, {**spec["env"], **env},
                                                                     logs / "launch.log", slot),
                                          root, spec["port"], work, logs, slot)
+            ready_s = spec.get("ready_timeout_s", 600)
             try:
-                replica.wait_healthy(spec["port"], spec["health"], timeout=spec.get("ready_timeout_s", 600))
+                replica.wait_healthy(spec["port"], spec["health"], timeout=ready_s)
                 st.mark("boot")
                 same = None
                 if golden:  # recorded, not enforced: a fresh process may legitimately differ (randomness, time)
-                    answer = golden_answer(replica, spec["port"], golden,  # its first: see _take
-                                           max(120.0, spec.get("ready_timeout_s", 600)))
+                    # its first request, which may load what the server loads on demand (see _take)
+                    answer = golden_answer(replica, spec["port"], golden, max(GOLDEN_TIMEOUT_S, ready_s))
                     st.mark("replay")
                     same = digest_of(answer) == golden_digest
             except BaseException:

@@ -35,6 +35,7 @@ UNSHARE_ROOT = ["--pid", "--fork", "--mount", "--propagation", "private"]  # wit
 TCP_LISTEN = "0A"  # the state column of a listening socket in /proc/PID/net/tcp
 DEFAULT_HEALTH = "/healthz"  # `thaw build snapshot --health`'s default (workflows.build_snapshot.ModelSpec)
 NOT_FOUND_S = 30.0  # the default health path answered 404 this long at a launch: the server has another one
+GOLDEN_TIMEOUT_S = 120.0  # a golden request's answer (a launch's first one may take longer: snapshot.host)
 
 
 class ReplicaError(RuntimeError):
@@ -274,7 +275,7 @@ def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = Non
     return reply
 
 
-def golden_answer(replica: Replica, port: int, golden: dict, timeout: float = 120) -> bytes:
+def golden_answer(replica: Replica, port: int, golden: dict, timeout: float = GOLDEN_TIMEOUT_S) -> bytes:
     """Send a recorded golden request (``method``, ``path``, ``body_b64``, ``content_type``); the answer's body,
     as compared: without the JSON fields its ``ignore`` names (``comparable``). Anything but HTTP 200 is a
     ReplicaError."""
