@@ -170,6 +170,16 @@ def build_snapshot(thaw_cli, image, tmp_path, *extra, ok=True, port=PORT):
     return json.loads(res.output) if ok else res
 
 
+def recorded_on_another_criu(cfg, digest):
+    """Make snapshot ``digest`` look built with another CRIU: this host is then incompatible, so its restores
+    here are fallback cold boots."""
+    with snapshots.session(cfg.registry_url) as s:
+        row = s.get(snapshots.Snapshot, digest)
+        row.host_facts = {**row.host_facts, "criu": "3.0"}
+        s.add(row)
+        s.commit()
+
+
 def restore(thaw_cli, digest, *extra):
     return json.loads(thaw_cli("restore", digest, *extra, "--json").output)
 
@@ -241,11 +251,7 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
 
 def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli, image, tmp_path):
     snap = build_snapshot(thaw_cli, image, tmp_path)
-    with snapshots.session(cfg.registry_url) as s:
-        row = s.get(snapshots.Snapshot, snap["digest"])
-        row.host_facts = {**row.host_facts, "criu": "3.0"}
-        s.add(row)
-        s.commit()
+    recorded_on_another_criu(cfg, snap["digest"])
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and "criu 3.0 != " in r["reason"] and r["golden_ok"]
     (ev,) = snapshots.restores(cfg.registry_url, snap["digest"])
@@ -280,11 +286,7 @@ def test_a_golden_answer_that_changes_with_each_request_fails_before_the_dump_un
     row = snapshots.get(cfg.registry_url, snap["digest"])
     assert (row.golden_request["method"], row.golden_request["ignore"]) == ("GET", ["id", "created", "usage.t"])
     assert [r["outcome"] for r in restore(thaw_cli, snap["digest"], "--replicas", "2")["replicas"]] == ["restored"] * 2
-    with snapshots.session(cfg.registry_url) as s:  # a cold boot's answer is compared without them too
-        row = s.get(snapshots.Snapshot, snap["digest"])
-        row.host_facts = {**row.host_facts, "criu": "3.0"}
-        s.add(row)
-        s.commit()
+    recorded_on_another_criu(cfg, snap["digest"])  # a cold boot's answer is compared without them too
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and r["golden_ok"] is True, r
 
@@ -582,11 +584,7 @@ def test_dev_shm_has_the_size_given_and_names_resolve_as_in_docker(cfg, worker, 
     snap = build_snapshot(thaw_cli, image, tmp_path, "--env", "SHM_MB=80", "--shm-size", "96m")
     assert snapshots.get(cfg.registry_url, snap["digest"]).spec["shm_bytes"] == 96 << 20
     (r,) = restore(thaw_cli, snap["digest"], "--keep")["replicas"]
-    with snapshots.session(cfg.registry_url) as s:  # a cold boot gets the spec's /dev/shm too
-        row = s.get(snapshots.Snapshot, snap["digest"])
-        row.host_facts = {**row.host_facts, "criu": "3.0"}
-        s.add(row)
-        s.commit()
+    recorded_on_another_criu(cfg, snap["digest"])  # a cold boot gets the spec's /dev/shm too
     (c,) = restore(thaw_cli, snap["digest"], "--keep")["replicas"]
     assert (r["outcome"], c["outcome"]) == ("restored", "cold-boot")
     for rid in (r["replica"], c["replica"]):
