@@ -369,12 +369,14 @@ def images_ls(cfg, as_json):
            lambda r: f"{r.digest[:16]} {_human(r.size):>10} {r.files:>7} {r.created_at:%Y-%m-%d %H:%M:%S}  {r.source}")
 
 
-def _image_or_fail(cfg, ref):
-    from thaw.registry import images as q
+def _registered(cfg, ref: str, what: str = "image"):
+    """The registry's image (or snapshot) row for a digest or unique prefix; else a one-line failure, before
+    anything starts (no workflow that fails at once in the UI)."""
+    from thaw.registry import images, queries, snapshots
 
     try:
-        return q.get(cfg.registry_url, ref)
-    except q.NotFound as e:
+        return (snapshots if what == "snapshot" else images).get(cfg.registry_url, ref)
+    except queries.NotFound as e:
         _fail(str(e))
 
 
@@ -384,7 +386,7 @@ def _image_or_fail(cfg, ref):
 @click.pass_obj
 def images_show(cfg, digest, as_json):
     """One image (digest or unique prefix): its source, sizes and image config."""
-    row = _image_or_fail(cfg, digest)
+    row = _registered(cfg, digest)
     data = row.model_dump(mode="json")
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -403,7 +405,7 @@ def images_export(cfg, digest, dest):
     from thaw.imagefs.materialize import MaterializeError, materialize
     from thaw.imagefs.store import ChunkStore, StoreError
 
-    row = _image_or_fail(cfg, digest)
+    row = _registered(cfg, digest)
     try:
         materialize(ImageManifest.load(ChunkStore.open(cfg), row.digest), ChunkStore.open(cfg), dest)
     except (MaterializeError, StoreError) as e:
@@ -501,7 +503,9 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
         _fail(error)
     golden = Golden(path=golden_path, method=method, body_b64=base64.b64encode(body).decode(),
                     content_type=golden_content_type, ignore=list(golden_ignore))
-    if not re.fullmatch(r"[0-9a-fA-F]+", image):  # a source: its image first (a digest is never anything else)
+    if re.fullmatch(r"[0-9a-fA-F]+", image) and not Path(image).exists():  # a digest is never anything else
+        image = _registered(cfg, image).digest
+    else:  # a source: its image first
         res = _build_image(cfg, image, None, None, as_json)[3]
         if not as_json:
             click.echo(f"image {res.digest}", err=True)
@@ -510,7 +514,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
     inp = BuildSnapshotInput(image, spec, golden, host, cfg.heartbeat_timeout, activity_timeout_s=cfg.activity_timeout)
     wid, run_id, url, res = _run_workflow(
         cfg, BuildSnapshot.run, inp,
-        f"build-snapshot-{uuid.uuid4().hex[:12]}", f"snapshot of image {image}", as_json)
+        f"build-snapshot-{uuid.uuid4().hex[:12]}", f"snapshot of image {image[:12]}", as_json)
     if as_json:
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "run_id": run_id, "ui": url}))
         return
@@ -546,10 +550,7 @@ def snapshots_show(cfg, digest, as_json):
     """One snapshot: its spec, build timings and recent restores (--json adds its compatibility facts)."""
     from thaw.registry import snapshots as q
 
-    try:
-        row = q.get(cfg.registry_url, digest)
-    except q.queries.NotFound as e:
-        _fail(str(e))
+    row = _registered(cfg, digest, "snapshot")
     data = row.model_dump(mode="json")
     data["restores"] = [e.model_dump(mode="json") for e in q.restores(cfg.registry_url, row.digest, limit=10)]
     if as_json:
@@ -683,9 +684,10 @@ def restore(cfg, snapshot, replicas, host, secrets, keep, as_json):
     """Restore SNAPSHOT as N replicas side by side; each is health-checked and replays the golden request."""
     from thaw.workflows.build_snapshot import RestoreInput, RestoreSnapshot
 
+    digest = _registered(cfg, snapshot, "snapshot").digest
     wid, run_id, url, res = _run_workflow(
-        cfg, RestoreSnapshot.run, RestoreInput(snapshot, replicas, host, list(secrets), keep, cfg.heartbeat_timeout),
-        f"restore-{uuid.uuid4().hex[:12]}", f"restore of snapshot {snapshot}", as_json, progress=False)
+        cfg, RestoreSnapshot.run, RestoreInput(digest, replicas, host, list(secrets), keep, cfg.heartbeat_timeout),
+        f"restore-{uuid.uuid4().hex[:12]}", f"restore of snapshot {digest[:12]}", as_json, progress=False)
     if as_json:
         click.echo(json.dumps({**asdict(res), "workflow_id": wid, "ui": url}))
         return
