@@ -9,6 +9,7 @@ import logging
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from temporalio import activity
@@ -297,23 +298,59 @@ class HostActivities:
                 self._unlist(rid)
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 failed = failed or e
-        for r in dead:
-            log.warning("replica %s died; unregistered. Its logs stay in %s; their end: %r", r.id, r.logs,
-                        r.replica.log_tail(300))
+        failed = self._end([(r, "died") for r in dead], "died") or failed
+        if failed:
+            raise failed
+        return [r.id for r in dead]
+
+    def check_health(self) -> list[str]:
+        """GET every serving replica's health path, all at once. One that fails replica_health_failures checks in
+        a row (a hung server; one that answers 500, its GPU lost, say) is stopped and unregistered as a dead one
+        is, and its pool replaces it: a replica is taken for serving only while its health check passes. Their
+        ids."""
+        n = self.cfg.replica_health_failures
+        with self.lock:
+            serving = list(self.serving.values())
+        if not n or not serving:
+            return []
+        with ThreadPoolExecutor(min(len(serving), 32), thread_name_prefix="thaw-health") as ex:
+            errors = list(ex.map(lambda r: r.health_error(self.cfg.replica_health_timeout_s), serving))
+        sick = []
+        for r, error in zip(serving, errors):
+            r.health_failures = r.health_failures + 1 if error else 0
+            if r.health_failures >= n:
+                sick.append((r, f"failed {r.health_failures} health checks in a row (the last: {error})"))
+        with self.lock:
+            sick = [(r, why) for r, why in sick if self.serving.get(r.id) is r]  # not stopped meanwhile
+            for r, _ in sick:
+                del self.serving[r.id]
+        failed = self._end(sick, "unhealthy")
+        if failed:
+            raise failed
+        return [r.id for r, _ in sick]
+
+    def _end(self, ended: list[tuple[Running, str]], reason: str) -> Exception | None:
+        """Stop and unregister replicas (taken out of self.serving) that ended on their own, keeping their logs;
+        ``ended``: each with what happened. A row that cannot go yet puts its replica back in self.serving for
+        the next round (reap: its process is gone). Returns the first error the registry gave."""
+        failed = None
+        for r, why in ended:
+            if not r.keep_logs:  # not again in a next round's retry
+                metrics.REPLICAS_ENDED.labels(reason).inc()
+                log.warning("replica %s %s; stopped and unregistered (a deployment's pool replaces it). Its logs "
+                            "stay in %s; their end: %r", r.id, why, r.logs, r.replica.log_tail(300))
             r.keep_logs = True
             try:
                 r.stop()
-            except OSError as e:  # its scratch stays for cleanup_stale; the row must still go
-                log.warning("replica %s: cleanup failed: %s", r.id, e)
+            except (OSError, criu.ReplicaError) as e:  # its scratch stays for cleanup_stale, or its stop ends once
+                log.warning("replica %s: cleanup failed: %s", r.id, e)  # it is gone; the row must still go
             try:
                 deployments.remove_replica(self.cfg.registry_url, r.id)
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 with self.lock:
                     self.serving.setdefault(r.id, r)
                 failed = failed or e
-        if failed:
-            raise failed
-        return [r.id for r in dead]
+        return failed
 
     def stop_orphans(self) -> list[str]:
         """Stop the replicas served here whose registry row is gone (an undeploy that could not reach this host,

@@ -49,14 +49,15 @@ def register(cfg: Config, host: HostSnapshots) -> None:
 
 def beat(cfg: Config, acts: HostActivities) -> None:
     """One heartbeat's host and registry work (blocking): this host marked alive (first: a failure in the work
-    after it must not make a live host look dead), replicas that died unregistered, replicas whose row is gone
-    stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone
+    after it must not make a live host look dead), replicas that died or failed their health checks stopped and
+    unregistered, replicas whose row is gone stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone
     itself."""
     if acts.closing:
         return
     snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
     acts.reap()
     acts.stop_orphans()
+    acts.check_health()
     if cfg.mount_idle_s > 0:
         acts.host.release_idle(cfg.mount_idle_s)
 

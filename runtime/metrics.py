@@ -8,6 +8,8 @@ RESTORES = Counter("thaw_restores_total", "Replica starts by outcome (restored, 
 FALLBACKS = Counter("thaw_fallbacks_total", "Replica starts that fell back to a cold boot")
 STAGE = Histogram("thaw_restore_stage_seconds", "Duration of each replica start stage", ["outcome", "stage"],
                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+REPLICAS_ENDED = Counter("thaw_replicas_ended_total", "Serving replicas that ended on their own: their process "
+                         "died, or their health checks failed (unhealthy)", ["reason"])
 REPLICAS = Gauge("thaw_agent_replicas", "Replicas this agent serves")
 PINNED = Gauge("thaw_pinned_bytes", "Snapshot memory pages this agent keeps locked in RAM for restores")
 # one replica holds one accelerator; the busy share is counted where requests are seen: each deployment's gateway

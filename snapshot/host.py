@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import json
 import logging
 import os
@@ -115,6 +116,8 @@ class Running:
     logs: Path | None = None  # its log dir: removed by a plain stop, kept (see prune_logs) with ``keep_logs``
     keep_logs: bool = False  # set for a replica that failed to start or died: what it wrote stays
     forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
+    health: str = "/health"  # its server's health path (the snapshot's spec)
+    health_failures: int = 0  # health checks failed in a row while it serves (see check_health)
     stopped: bool = False
     on_stop: Callable[[], None] | None = None  # gives back what the host lent the replica (its GPU)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -131,6 +134,14 @@ class Running:
             if port not in self.forwarders:
                 self.forwarders[port] = Forwarder(replica_port(self.replica, port), bind)
         return self.forwarders[self.port].endpoint
+
+    def health_error(self, timeout: float) -> str | None:
+        """GET the server's health path once, as its start did: None if it answers 200, else what went wrong."""
+        try:
+            status, body = self.replica.http_request("GET", self.health, port=self.port, timeout=timeout)
+        except (OSError, http.client.HTTPException) as e:
+            return f"GET {self.health}: {type(e).__name__}: {e}"
+        return None if status == 200 else f"GET {self.health}: HTTP {status} {body[:200]!r}"
 
     @property
     def published(self) -> dict[str, str]:
@@ -487,7 +498,7 @@ class HostSnapshots:
         with self._gpu_lock:
             return [self._gpu_load.get(i, 0) for i in range(len(self.gpu.gpus if self.gpu else ()))]
 
-    def _own(self, rid: str, start: Callable[[], criu.Replica], root: criu.Root, port: int, work: Path,
+    def _own(self, rid: str, start: Callable[[], criu.Replica], root: criu.Root, spec: dict, work: Path,
              logs: Path, slot: int | None) -> tuple[criu.Replica, Running]:
         """Start a replica process on ``root`` (a restore or a launch) and record it as this host's. If either
         fails, nothing stays: not the process (nobody would own it), its GPU loan, its root or its dir; only its
@@ -495,7 +506,7 @@ class HostSnapshots:
         replica = None
         try:
             replica = start()
-            return replica, Running(rid, replica, root, port, work / RECORD, logs,
+            return replica, Running(rid, replica, root, spec["port"], work / RECORD, logs, health=spec["health"],
                                     on_stop=functools.partial(self.give_gpu, slot))
         except BaseException:
             try:
@@ -801,7 +812,7 @@ class HostSnapshots:
             work, logs, root = self._replica_root(rid, lower, files / criu.WRITES)
             slot = self.take_gpu(snap["host_facts"])
             st.mark("root")
-            replica, running = self._own(rid, start, root, spec["port"], work, logs, slot)
+            replica, running = self._own(rid, start, root, spec, work, logs, slot)
         except BaseException:  # no root (its image's mount gone?) or no process: the prefetch is for nothing
             if fetch:
                 fetch.cancel()
@@ -851,7 +862,7 @@ class HostSnapshots:
             st.mark("root")
             replica, running = self._own(rid, lambda: self._launch(root, spec, {**spec["env"], **env},
                                                                     logs / "launch.log", slot),
-                                         root, spec["port"], work, logs, slot)
+                                         root, spec, work, logs, slot)
             ready_s = spec.get("ready_timeout_s", 600)
             try:
                 replica.wait_healthy(spec["port"], spec["health"], timeout=ready_s)

@@ -425,6 +425,39 @@ def test_a_replica_that_dies_is_unregistered_and_replaced(cfg, worker, agent, th
         undeploy(cfg, thaw_cli, "phoenix", ok=False)
 
 
+def test_a_replica_that_fails_its_health_checks_is_stopped_and_replaced(cfg, worker, agent, thaw_cli, snap,
+                                                                        monkeypatch):
+    """A server alive but hung (SIGSTOP: its socket still accepts, nothing answers), then one whose health path
+    answers 500: after replica_health_failures checks in a row (one per heartbeat) its agent stops it and drops its
+    registry row, and the pool starts another. A healthy replica keeps serving through the checks."""
+    from prometheus_client import REGISTRY
+
+    monkeypatch.setattr(agent, "cfg", agent.cfg.model_copy(update={"replica_health_timeout_s": 1.0}))
+    ended = lambda: REGISTRY.get_sample_value("thaw_replicas_ended_total", {"reason": "unhealthy"}) or 0  # noqa: E731
+    before = ended()
+    thaw_cli("deploy", "zombie", "--snapshot", snap, "--min", "1", "--max", "1")
+    try:
+        (first,) = wait_until(lambda: serving(cfg, "zombie"), what="first replica")
+        time.sleep(4 * cfg.agent_heartbeat_s)  # more rounds of checks than it takes to fail
+        assert [r.id for r in serving(cfg, "zombie")] == [first.id] and agent.serving[first.id].health_failures == 0
+        pid = agent.serving[first.id].replica.pid
+        os.kill(pid, signal.SIGSTOP)
+        (second,) = wait_until(lambda: [r for r in serving(cfg, "zombie") if r.id != first.id], timeout=60,
+                               what="the hung replica's replacement")
+        assert first.id not in agent.serving and wait_until(lambda: not os.path.exists(f"/proc/{pid}"),
+                                                            what="the hung replica's process gone")
+        assert answer(second.endpoint)["digest"] and ended() == before + 1
+        answer(second.endpoint, "/sick")
+        (third,) = wait_until(lambda: [r for r in serving(cfg, "zombie") if r.id not in (first.id, second.id)],
+                              timeout=60, what="the sick replica's replacement")
+        assert second.id not in agent.serving and closed(second.endpoint) and answer(third.endpoint)["digest"]
+        assert ended() == before + 2
+        out = thaw_cli("replicas", "logs", second.id).output  # its logs stay, as a dead one's
+        assert f"/replica-logs/{second.id}/" in out, out
+    finally:
+        undeploy(cfg, thaw_cli, "zombie", ok=False)
+
+
 def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
     """The pool names each replica it starts; when a start fails on its side (a timeout while the agent goes
     on), it stops that id. A stop that arrives before the replica serves is kept: the replica stops as soon as

@@ -95,7 +95,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path == "/health":
-            return self.reply({"ok": True})
+            return self.send_error(500) if seen.get("sick") else self.reply({"ok": True})
+        if self.path == "/sick":  # from now on the health check answers 500
+            seen["sick"] = True
+            return self.reply({"sick": True})
         if self.path == "/answer-stable":
             return self.reply({"digest": DIGEST, "data_mb": len(DATA) >> 20, "pid": os.getpid()})
         if self.path == "/answer-changing":  # as OpenAI-style servers answer: an id and times of each request
