@@ -6,6 +6,7 @@ already present, register inserts a digest once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import time
@@ -32,7 +33,8 @@ RESULT_FILE = ".result.json"
 
 
 def fail_fast_on(*errors: type[BaseException]):
-    """A bad input fails the workflow at once with its one-line message instead of being retried."""
+    """A bad input fails the workflow at once with its one-line message instead of being retried; so does a
+    full disk (retries that fill it again only delay the error)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -43,6 +45,11 @@ def fail_fast_on(*errors: type[BaseException]):
                 raise
             except errors as e:
                 raise ApplicationError(first_line(e), type="UserError", non_retryable=True) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise ApplicationError(out_of_space(e, getattr(args[0] if args else None, "cfg", None)),
+                                       type="UserError", non_retryable=True) from None
 
         return wrapper
 
@@ -50,6 +57,15 @@ def fail_fast_on(*errors: type[BaseException]):
 
 
 user_errors_fail_fast = fail_fast_on(*USER_ERRORS)
+
+
+def out_of_space(e: OSError, cfg: Config | None) -> str:
+    """What a full disk (or quota) says: where, and what frees space. Nothing half-written is registered: the
+    failed step's staging is reset by the next try, and `thaw gc` drops store objects nothing uses."""
+    where = f" ({e.filename})" if e.filename else ""
+    if cfg is not None:
+        where += f" on host {cfg.host_id}: its store is {cfg.store_dir}, its work dir {cfg.work_dir}"
+    return f"{e.strerror or e}{where}; free space there (`thaw gc` drops store objects no image or snapshot uses)"
 
 
 class Heartbeat:

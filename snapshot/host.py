@@ -42,7 +42,8 @@ from .replica import GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
 LOGS = "replica-logs"  # <work>/replica-logs/<replica>/: its output and CRIU's log, outside its dir
-LOGS_KEPT = 20  # the logs of this many replicas that failed to start or died stay on the host
+BUILD_LOGS = "build-logs"  # <work>/build-logs/<build>/: its launch's output, CRIU's logs, outside its dir
+LOGS_KEPT = 20  # the logs of this many replicas that failed to start or died (and builds that ended) stay
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
@@ -250,8 +251,8 @@ def cleanup_stale(work_dir: Path) -> int:
 
 
 def _end_logs(logs: Path, keep: bool) -> None:
-    """A replica's log dir (``<work>/LOGS/<id>``) when it ends: removed, or kept, dated now, and the oldest kept
-    beyond LOGS_KEPT pruned."""
+    """A replica's (or build's) log dir (``<work>/LOGS/<id>``) when it ends: removed, or kept, dated now, and the
+    oldest kept beyond LOGS_KEPT pruned."""
     if not keep:
         shutil.rmtree(logs, ignore_errors=True)
         return
@@ -262,15 +263,17 @@ def _end_logs(logs: Path, keep: bool) -> None:
 
 def prune_logs(work_dir: Path, keep: int = LOGS_KEPT) -> None:
     """Remove the log dirs of ended replicas (no dir under ``<work>/replicas`` any more: they failed to start,
-    died, or their agent did) but the ``keep`` that ended last (at each kept end and agent start). A replica
-    stopped plainly took its logs with it."""
-    ended = []
-    for d in (work_dir / LOGS).iterdir() if (work_dir / LOGS).is_dir() else []:
-        with contextlib.suppress(FileNotFoundError):  # pruned by another replica's end meanwhile
-            if not (work_dir / "replicas" / d.name).exists():
-                ended.append((d.stat().st_mtime, d))
-    for _, d in sorted(ended, reverse=True)[keep:]:
-        shutil.rmtree(d, ignore_errors=True)
+    died, or their agent did) but the ``keep`` that ended last (at each kept end and agent start); the same for
+    builds (``<work>/builds``: each build's dir goes when its workflow ends; its logs, which its errors name,
+    stay). A replica stopped plainly took its logs with it."""
+    for logs, live in ((LOGS, "replicas"), (BUILD_LOGS, "builds")):
+        ended = []
+        for d in (work_dir / logs).iterdir() if (work_dir / logs).is_dir() else []:
+            with contextlib.suppress(FileNotFoundError):  # pruned by another one's end meanwhile
+                if not (work_dir / live / d.name).exists():
+                    ended.append((d.stat().st_mtime, d))
+        for _, d in sorted(ended, reverse=True)[keep:]:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def dir_id(kind: str, name: str) -> str:
@@ -602,6 +605,9 @@ class HostSnapshots:
     def _build_dir(self, build_id: str) -> Path:
         return self.cfg.work_dir / "builds" / dir_id("build", build_id)
 
+    def _build_logs(self, build_id: str) -> Path:
+        return self.cfg.work_dir / BUILD_LOGS / dir_id("build", build_id)
+
     def finished_builds(self) -> list[str]:
         """Ids of the builds whose checkpoint finished on this host and whose dir is still here."""
         builds = self.cfg.work_dir / "builds"
@@ -622,11 +628,14 @@ class HostSnapshots:
             lock.release()
 
     def discard(self, build_id: str) -> None:
-        """Drop build ``build_id``'s dir (its dump, launch log, records) once its workflow has ended."""
+        """Drop build ``build_id``'s dir (its dump, records) once its workflow has ended; its logs stay (see
+        prune_logs)."""
         with self._build(build_id):
             with self._builds_lock:
                 self._discarded.add(build_id)
             clear(self._build_dir(build_id))
+            if self._build_logs(build_id).is_dir():
+                _end_logs(self._build_logs(build_id), keep=True)
 
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:
@@ -652,6 +661,9 @@ class HostSnapshots:
                                 f"agent lacks it (run it with that capability, or build with --user root)")
         clear(work)  # an earlier attempt's leftovers
         work.mkdir(parents=True)
+        logs = self._build_logs(build_id)  # outside work: the errors below name them, and they outlive it
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir(parents=True)
         st = Stages()
         beat("root")
         with contextlib.ExitStack() as cleanup:
@@ -666,7 +678,7 @@ class HostSnapshots:
             cleanup.callback(self.give_gpu, slot)
             st.mark("root")
             beat("launch")
-            replica = self._launch(root, spec, spec["env"], work / "launch.log", slot)
+            replica = self._launch(root, spec, spec["env"], logs / "launch.log", slot)
             ready_s = spec.get("ready_timeout_s", 600)
             ready_by = time.monotonic() + ready_s
             try:
@@ -691,12 +703,13 @@ class HostSnapshots:
                 sdk = criu.before_snapshot(replica, spec["port"])  # e.g. park_weights: weights to host memory
                 st.mark("before_snapshot")
                 gpu_pids = cuda.tree_uses_nvidia(replica.pid)  # /proc scan, no driver needed on CPU hosts
+                dump = functools.partial(criu.checkpoint, replica, work / "dump", log_path=logs / "dump.log")
                 if gpu_pids:  # lock -> device memory to host -> CRIU dump; a half-done checkpoint raises
                     ck = cuda.GpuCheckpointer()
                     gpu_pids = [p for p in gpu_pids if ck.uses_gpu(p)]
-                    st.ms.update(ck.around_dump(gpu_pids, lambda: criu.checkpoint(replica, work / "dump")).timings_ms)
+                    st.ms.update(ck.around_dump(gpu_pids, dump).timings_ms)
                 else:
-                    criu.checkpoint(replica, work / "dump")
+                    dump()
                 st.mark("dump")
             finally:
                 stop_until_gone(replica, beat)
@@ -713,7 +726,7 @@ class HostSnapshots:
         if self.cfg.lazy_mounts:
             beat("profile")
             try:
-                self._record_profile(work, image_digest, spec, golden, facts, beat)
+                self._record_profile(work, logs, image_digest, spec, golden, facts, beat)
             except (criu.CriuError, criu.ReplicaError, cuda.CudaError, SnapshotError, imagefs_mount.MountError,
                     OSError) as e:  # only an optimisation: verify-by-replay still decides
                 log.warning("build %s: no prefetch profile (%s)", build_id, first_line(e))
@@ -753,7 +766,7 @@ class HostSnapshots:
                                                 gpu_pairs=cuda.gpu_remap(facts.get("gpu_uuids", []), host))
             st.mark("cuda")
 
-    def _record_profile(self, work: Path, image_digest: str, spec: dict, golden: dict, facts: dict,
+    def _record_profile(self, work: Path, logs: Path, image_digest: str, spec: dict, golden: dict, facts: dict,
                         beat: Callable[[str], None]) -> None:
         """Restore the fresh dump once on a recording mount of the image and replay the golden request: the
         image chunks a *restore* reads, in order, are the prefetch profile stored with the snapshot."""
@@ -764,7 +777,7 @@ class HostSnapshots:
             held.callback(root.cleanup)
             slot = self.take_gpu(facts)
             held.callback(self.give_gpu, slot)
-            replica = criu.restore(work / "dump", root.path, work / "profile-restore.log",
+            replica = criu.restore(work / "dump", root.path, logs / "profile-restore.log",
                                    huge_pages=use_huge_pages(self.cfg.restore_huge_pages, facts),
                                    read_threads=self.cfg.restore_threads, cg=self.cgroup)
             try:

@@ -244,3 +244,33 @@ def test_a_build_that_no_worker_polls_for_says_so(cfg, tmp_path):
         err = proc.communicate(timeout=30)[1]
         end_workflows(cfg, grace_s=0)
     assert f"warning: no worker polls task queue '{cfg.build_task_queue}'" in err, err
+
+
+def test_a_full_disk_fails_a_build_at_once_and_registers_nothing(cfg, thaw_cli, tmp_path):
+    """The store on a 4 MiB file system, an 8 MiB image: the ingest fails at its first try, saying where the disk
+    is full and what frees space, instead of retries that only fill it again; nothing is registered, and the same
+    build succeeds once there is room."""
+    import re
+
+    from thaw.runtime.worker import build_worker
+
+    small, src = tmp_path / "small", tmp_path / "src"
+    small.mkdir()
+    src.mkdir()
+    (src / "data.bin").write_bytes(os.urandom(8 << 20))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        on_small = cfg.model_copy(update={"store_path": small / "store"})
+        with running_worker(on_small, lambda client, ex: build_worker(client, on_small, ex)):
+            res = thaw_cli("build", "image", str(src), ok=False)
+            assert res.exit_code == 1 and res.output.count("\n") <= 2, res.output
+            assert (f"No space left on device on host {cfg.host_id}: its store is {small / 'store'}" in res.output
+                    and "`thaw gc` drops store objects" in res.output), res.output
+            wid = re.search(r"/workflows/(build-image-[0-9a-f]+)/", res.output)[1]
+            assert activity_attempts(cfg, wid, "ingest_and_store_image") == [1]
+            assert images.list_all(cfg.registry_url) == []
+            subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+            digest = build_json(thaw_cli, str(src))["digest"]
+            assert [i.digest for i in images.list_all(cfg.registry_url)] == [digest]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

@@ -29,7 +29,7 @@ from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore
 from thaw.registry import deployments, images, snapshots
 from thaw.snapshot import _linux, criu, sdk
-from thaw.snapshot.host import SnapshotError, use_huge_pages
+from thaw.snapshot.host import BUILD_LOGS, SnapshotError, use_huge_pages
 
 pytestmark = needs_criu
 PORT = 8080
@@ -478,6 +478,8 @@ def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, 
     assert res.exit_code == 1 and "no image abcdef123456" in res.output
     res = build_snapshot(thaw_cli, image, tmp_path, "--cmd", "python3 /app/nope.py", ok=False)
     assert res.exit_code == 1 and "nope.py" in res.output and res.output.count("\n") <= 2
+    launch_log = Path(re.search(r"log (/\S+/launch\.log)", res.output)[1])  # the log the error names stays
+    assert launch_log.parent.parent == cfg.work_dir / BUILD_LOGS and "nope.py" in launch_log.read_text(), res.output
     for value, code in (("nan", 1), ("inf", 2), ("0", 2), (str(8 * 86400), 2)):  # timedelta() in the workflow
         res = build_snapshot(thaw_cli, image, tmp_path, "--ready-timeout", value, ok=False)
         assert res.exit_code == code and "--ready-timeout" in res.output, (value, res.output)
@@ -681,8 +683,7 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
                                   "--golden", str(golden), "--golden-path", "/answer-stable", "--json"],
                                  env={**os.environ, **cfg_env(cfg)}, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-        builds = cfg.work_dir / "builds"
-        wait_until(lambda: any(builds.glob("*/launch.log")), 60, "the launch")
+        wait_until(lambda: any((cfg.work_dir / BUILD_LOGS).glob("*/launch.log")), 60, "the launch")
         time.sleep(1)
         os.kill(agent.pid, signal.SIGKILL)  # the agent only: the replica it launched is left behind
         agent.wait()
@@ -1121,6 +1122,14 @@ def test_the_logs_of_the_last_ended_replicas_are_kept(tmp_path):
     (tmp_path / "replicas" / names[0]).rmdir()
     _end_logs(tmp_path / LOGS / names[0], keep=True)
     prune_logs(tmp_path)
+    assert sorted(d.name for d in (tmp_path / LOGS).iterdir()) == [names[0]] + names[-LOGS_KEPT + 1:]
+    # builds' logs the same way, beside them: those of a build whose dir is there stay, whatever their age
+    for i, name in enumerate(names):
+        (tmp_path / BUILD_LOGS / name).mkdir(parents=True)
+        os.utime(tmp_path / BUILD_LOGS / name, (1000 + i, 1000 + i))
+    (tmp_path / "builds" / names[1]).mkdir(parents=True)
+    prune_logs(tmp_path)
+    assert sorted(d.name for d in (tmp_path / BUILD_LOGS).iterdir()) == [names[1]] + names[-LOGS_KEPT:]
     assert sorted(d.name for d in (tmp_path / LOGS).iterdir()) == [names[0]] + names[-LOGS_KEPT + 1:]
 
 
