@@ -65,7 +65,8 @@ def out_of_space(e: OSError, cfg: Config | None) -> str:
     where = f" ({e.filename})" if e.filename else ""
     if cfg is not None:
         where += f" on host {cfg.host_id}: its store is {cfg.store_dir}, its work dir {cfg.work_dir}"
-    return f"{e.strerror or e}{where}; free space there (`thaw gc` drops store objects no image or snapshot uses)"
+    return (f"{e.strerror or e}{where}; if a disk there is full, free space (`thaw gc` drops store objects no image "
+            f"or snapshot uses)")
 
 
 class Heartbeat:

@@ -280,8 +280,8 @@ class HostActivities:
         text = ended_logs(self.cfg.work_dir, inp.replica_id, inp.max_bytes)
         if text is None:
             raise NotFound(f"replica {inp.replica_id} is not served by host {self.cfg.host_id}, and left no logs "
-                           f"there (a replica stopped plainly takes its logs; of those that failed to start or died, "
-                           f"the {LOGS_KEPT} that ended last keep theirs)")
+                           f"there (a replica stopped plainly takes its logs; of those that failed to start, died or "
+                           f"failed their health checks, the {LOGS_KEPT} that ended last keep theirs)")
         return text
 
     def reap(self) -> list[str]:
@@ -306,8 +306,7 @@ class HostActivities:
     def check_health(self) -> list[str]:
         """GET every serving replica's health path, all at once. One that fails replica_health_failures checks in
         a row (a hung server; one that answers 500, its GPU lost, say) is stopped and unregistered as a dead one
-        is, and its pool replaces it: a replica is taken for serving only while its health check passes. Their
-        ids."""
+        is, and its deployment's pool starts another. Their ids."""
         n = self.cfg.replica_health_failures
         with self.lock:
             serving = list(self.serving.values())
@@ -324,7 +323,12 @@ class HostActivities:
             sick = [(r, why) for r, why in sick if self.serving.get(r.id) is r]  # not stopped meanwhile
             for r, _ in sick:
                 del self.serving[r.id]
-        failed = self._end(sick, "unhealthy")
+            self.stopping += len(sick)  # alive: they hold capacity until they are gone, as stop_replica's do
+        try:
+            failed = self._end(sick, "unhealthy")
+        finally:
+            with self.lock:
+                self.stopping -= len(sick)
         if failed:
             raise failed
         return [r.id for r, _ in sick]
@@ -337,8 +341,8 @@ class HostActivities:
         for r, why in ended:
             if not r.keep_logs:  # not again in a next round's retry
                 metrics.REPLICAS_ENDED.labels(reason).inc()
-                log.warning("replica %s %s; stopped and unregistered (a deployment's pool replaces it). Its logs "
-                            "stay in %s; their end: %r", r.id, why, r.logs, r.replica.log_tail(300))
+                log.warning("replica %s %s; stopped and unregistered (its deployment's pool, if any, starts "
+                            "another). Its logs stay in %s; their end: %r", r.id, why, r.logs, r.replica.log_tail(300))
             r.keep_logs = True
             try:
                 r.stop()

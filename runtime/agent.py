@@ -49,15 +49,14 @@ def register(cfg: Config, host: HostSnapshots) -> None:
 
 def beat(cfg: Config, acts: HostActivities) -> None:
     """One heartbeat's host and registry work (blocking): this host marked alive (first: a failure in the work
-    after it must not make a live host look dead), replicas that died or failed their health checks stopped and
-    unregistered, replicas whose row is gone stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone
+    after it must not make a live host look dead), replicas that died unregistered, replicas whose row is gone
+    stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone
     itself."""
     if acts.closing:
         return
     snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
     acts.reap()
     acts.stop_orphans()
-    acts.check_health()
     if cfg.mount_idle_s > 0:
         acts.host.release_idle(cfg.mount_idle_s)
 
@@ -81,6 +80,18 @@ async def heartbeat(cfg: Config, acts: HostActivities) -> None:
             await asyncio.to_thread(beat, cfg, acts)
         except Exception as e:  # noqa: BLE001 - the next round tries again
             log.warning("agent %s: heartbeat round failed: %s", cfg.host_id, first_line(e))
+
+
+async def watch_health(cfg: Config, acts: HostActivities) -> None:
+    """Every agent_heartbeat_s, the serving replicas' health checks (HostActivities.check_health), apart from the
+    heartbeat: checks that wait out their timeout, or the stops of replicas that failed them, must not delay it
+    (a host whose heartbeats stop is taken for dead, and every replica on it replaced)."""
+    while not acts.closing:
+        await asyncio.sleep(cfg.agent_heartbeat_s)
+        try:
+            await asyncio.to_thread(acts.check_health)
+        except Exception as e:  # noqa: BLE001 - the registry down for a moment: the next round tries again
+            log.warning("agent %s: health check round failed: %s", cfg.host_id, first_line(e))
 
 
 async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
@@ -113,7 +124,7 @@ async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
 
 
 async def background(cfg: Config, acts: HostActivities, client: Client) -> None:
-    await asyncio.gather(heartbeat(cfg, acts), drop_ended_builds(client, acts.host))
+    await asyncio.gather(heartbeat(cfg, acts), watch_health(cfg, acts), drop_ended_builds(client, acts.host))
 
 
 def push_store(store) -> None:

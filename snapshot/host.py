@@ -37,13 +37,14 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
-from .replica import GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer, tail
+from .replica import DEFAULT_HEALTH, GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer, tail
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
 LOGS = "replica-logs"  # <work>/replica-logs/<replica>/: its output and CRIU's log, outside its dir
 BUILD_LOGS = "build-logs"  # <work>/build-logs/<build>/: its launch's output, CRIU's logs, outside its dir
-LOGS_KEPT = 20  # the logs of this many replicas that failed to start or died (and builds that ended) stay
+LOGS_KEPT = 20  # the logs of this many replicas that failed to start, died or failed their health checks (and
+# of builds that ended) stay on the host
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
@@ -115,9 +116,10 @@ class Running:
     port: int
     record: Path | None = None
     logs: Path | None = None  # its log dir: removed by a plain stop, kept (see prune_logs) with ``keep_logs``
-    keep_logs: bool = False  # set for a replica that failed to start or died: what it wrote stays
+    keep_logs: bool = False  # set for a replica that failed to start, died or failed its health checks: its
+    # output stays
     forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
-    health: str = "/health"  # its server's health path (the snapshot's spec)
+    health: str = DEFAULT_HEALTH  # its server's health path (the snapshot's spec)
     health_failures: int = 0  # health checks failed in a row while it serves (see check_health)
     stopped: bool = False
     on_stop: Callable[[], None] | None = None  # gives back what the host lent the replica (its GPU)
@@ -137,11 +139,14 @@ class Running:
         return self.forwarders[self.port].endpoint
 
     def health_error(self, timeout: float) -> str | None:
-        """GET the server's health path once, as its start did: None if it answers 200, else what went wrong."""
+        """GET the server's health path once, as its start did: None if it answers 200 (or was stopped meanwhile:
+        not a failure of its server), else what went wrong."""
         try:
             status, body = self.replica.http_request("GET", self.health, port=self.port, timeout=timeout)
         except (OSError, http.client.HTTPException) as e:
-            return f"GET {self.health}: {type(e).__name__}: {e}"
+            return None if self.stopped else f"GET {self.health}: {type(e).__name__}: {e}"
+        except criu.ReplicaError:  # "replica N is stopped": its network namespace is gone
+            return None
         return None if status == 200 else f"GET {self.health}: HTTP {status} {body[:200]!r}"
 
     @property

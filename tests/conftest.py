@@ -195,15 +195,15 @@ def in_process_agent(cfg):
     acts = HostActivities(cfg, host)
     stop = threading.Event()
 
-    def beats():
+    def every_heartbeat(what, work):  # as the agent's heartbeat and watch_health loops do, each on its own
         while not stop.wait(cfg.agent_heartbeat_s):
             try:
-                beat(cfg, acts)
+                work()
             except Exception as e:  # noqa: BLE001 - as the agent does: the next round tries again
-                print(f"agent {cfg.host_id}: heartbeat round failed: {e}", file=sys.stderr)
+                print(f"agent {cfg.host_id}: {what} round failed: {e}", file=sys.stderr)
 
-    t = threading.Thread(target=beats, daemon=True)
-    t.start()
+    for what, work in (("heartbeat", lambda: beat(cfg, acts)), ("health check", acts.check_health)):
+        threading.Thread(target=every_heartbeat, args=(what, work), daemon=True).start()
     try:
         with running_worker(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex)):
             yield acts

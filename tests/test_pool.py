@@ -458,6 +458,26 @@ def test_a_replica_that_fails_its_health_checks_is_stopped_and_replaced(cfg, wor
         undeploy(cfg, thaw_cli, "zombie", ok=False)
 
 
+def test_the_agents_health_checks_go_on_after_a_failed_round_and_end_with_the_agent(cfg):
+    """The real agent's loop (watch_health, apart from its heartbeat): a round that fails (the registry down) is
+    logged and the next one runs; the loop ends once the agent is closing."""
+    import types
+
+    from thaw.runtime.agent import watch_health
+
+    calls, acts = [], types.SimpleNamespace(closing=False)
+
+    def check_health():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("registry down")
+        acts.closing = len(calls) == 3
+
+    acts.check_health = check_health
+    asyncio.run(asyncio.wait_for(watch_health(cfg.model_copy(update={"agent_heartbeat_s": 0.01}), acts), 10))
+    assert len(calls) == 3
+
+
 def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
     """The pool names each replica it starts; when a start fails on its side (a timeout while the agent goes
     on), it stops that id. A stop that arrives before the replica serves is kept: the replica stops as soon as

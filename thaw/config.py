@@ -121,7 +121,7 @@ class Config(BaseSettings):
     # a replica being stopped keeps serving this long after its registry row goes: gateways (which look every
     # 0.5 s) stop sending it requests, and those under way finish
     replica_drain_s: float = Field(2.0, ge=0, le=600)
-    # a serving replica whose health path fails this many checks in a row (one per agent heartbeat: no answer
+    # a serving replica whose health path fails this many checks in a row (one every agent_heartbeat_s: no answer
     # within replica_health_timeout_s, or not 200) is stopped and unregistered, and its pool replaces it; 0: never
     replica_health_failures: int = Field(3, ge=0)
     replica_health_timeout_s: float = Field(5.0, gt=0)
