@@ -532,6 +532,13 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
     plain = build_snapshot(thaw_cli, image, tmp_path, "--env", "SDK=0")["digest"]
     assert snapshots.get(cfg.registry_url, plain).spec["sdk"] is False
     assert restore(thaw_cli, plain)["replicas"][0]["outcome"] == "restored"
+    (kept,) = restore(thaw_cli, plain, "--keep")["replicas"]  # it prints nothing after its restore:
+    build = snapshots.get(cfg.registry_url, plain).build_id  # its logs say where its output of before is
+    out = thaw_cli("replicas", "logs", kept["replica"]).output
+    assert f"replica {kept['replica']} wrote nothing since it started" in out, out
+    assert f"build-logs/{build}/launch.log in the work dir of host {cfg.host_id}" in out, out
+    assert (cfg.work_dir / BUILD_LOGS / build / "launch.log").is_file()
+    thaw_cli("replicas", "stop", kept["replica"])
     for extra, given in ((("--env", "A=1"), "--env"), (("--secret", "API_KEY"), "--secret")):
         res = thaw_cli("deploy", "nosdk", "--snapshot", plain, *extra, ok=False)
         assert res.exit_code == 1, res.output

@@ -771,12 +771,12 @@ def replicas_stop(cfg, ids):
 def replicas_logs(cfg, replica_id, max_bytes, host_id):
     """The end of a replica's stdout + stderr, read by the agent of its host; of one that failed to start or
     died there, the logs it left (its restore's and CRIU's, a fallback cold boot's)."""
-    from thaw.registry import deployments, snapshots
+    from thaw.registry import deployments, queries, snapshots
     from thaw.workflows.build_snapshot import ReplicaLog, ReplicaLogInput
 
+    rows = [r for r in deployments.replicas(cfg.registry_url) if r.id == replica_id]
+    rows = rows or snapshots.restores(cfg.registry_url, replica=replica_id, limit=1)
     if not host_id:
-        rows = [r for r in deployments.replicas(cfg.registry_url) if r.id == replica_id]
-        rows = rows or snapshots.restores(cfg.registry_url, replica=replica_id, limit=1)
         if not rows:
             _fail(f"no replica {replica_id!r} serving or recorded; for one that failed to start, pass --host "
                   f"(`thaw status NAME` names it)")
@@ -785,7 +785,17 @@ def replicas_logs(cfg, replica_id, max_bytes, host_id):
     queue = _agent_queue(live, replica_id, host_id, "its logs stay on that host, under its work dir's replica-logs/")
     *_, text = _run_workflow(cfg, ReplicaLog.run, ReplicaLogInput(replica_id, queue, max_bytes),
                              f"replica-log-{uuid.uuid4().hex[:12]}", f"log of replica {replica_id}", quiet=True)
-    click.echo(text)
+    if text:
+        click.echo(text)
+        return
+    # a restored server's log begins at its restore: what it printed while it loaded is in its build's logs
+    snap = None
+    with contextlib.suppress(queries.NotFound):
+        snap = rows and rows[0].snapshot_digest and snapshots.get(cfg.registry_url, rows[0].snapshot_digest)
+    build_log = (f"build-logs/{snap.build_id}/launch.log in the work dir of host {snap.host_id} (kept for its "
+                 f"last builds)" if snap and snap.build_id else "its build's launch.log")
+    click.echo(f"(replica {replica_id} wrote nothing since it started. A restored replica's log begins at its "
+               f"restore; what the server printed before its snapshot is in {build_log})", err=True)
 
 
 @cli.group()
