@@ -49,6 +49,7 @@ PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
 RESULT = "result.json"
 CAUSE_SEARCH_S = 10.0  # after a failed CRIU restore: how long to look for a bad chunk to name as the cause
+DISCARDED_KEPT_S = 86400.0  # how long an agent refuses checkpoint attempts of a build whose workflow ended
 GOLDEN_AGAIN_S = 1.1  # a launch asks the golden request again this long after the first: a time in seconds changes
 
 
@@ -364,7 +365,8 @@ class HostSnapshots:
         self._mounter = ThreadPoolExecutor(4, thread_name_prefix="thaw-mount")
         self._gpu_lock = threading.Lock()
         self._builds: dict[str, threading.Lock] = {}  # build id -> held while a checkpoint attempt or discard runs
-        self._discarded: set[str] = set()  # builds whose workflow ended: a late checkpoint attempt is refused
+        # builds whose workflow ended (-> when): a checkpoint attempt that waited for the discard is refused
+        self._discarded: dict[str, float] = {}
         self._builds_lock = threading.Lock()  # guards both
         self._gpu_load: dict[int, int] = {}  # GPU number -> replicas (and launches) on it now
         for d in ("images", "snapshots", "builds", "replicas"):
@@ -634,13 +636,19 @@ class HostSnapshots:
 
     def discard(self, build_id: str) -> None:
         """Drop build ``build_id``'s dir (its dump, records) once its workflow has ended; its logs stay (see
-        prune_logs)."""
+        prune_logs). What the agent remembers of ended builds is bounded: their locks go now (an attempt already
+        waiting on one is refused when it gets it; a later one takes a new lock and is refused too), their ids
+        after DISCARDED_KEPT_S, long past any attempt of a closed workflow."""
         with self._build(build_id):
+            now = time.monotonic()
             with self._builds_lock:
-                self._discarded.add(build_id)
+                self._discarded = {b: t for b, t in self._discarded.items() if now - t < DISCARDED_KEPT_S}
+                self._discarded[build_id] = now
             clear(self._build_dir(build_id))
             if self._build_logs(build_id).is_dir():
                 _end_logs(self._build_logs(build_id), keep=True)
+        with self._builds_lock:
+            self._builds.pop(build_id, None)
 
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:

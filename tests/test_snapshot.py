@@ -1183,7 +1183,7 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
     and an attempt that waited out its workflow's end (the discard came first) launches nothing."""
     import threading
 
-    from thaw.snapshot.host import RESULT, HostSnapshots
+    from thaw.snapshot.host import DISCARDED_KEPT_S, RESULT, HostSnapshots
 
     host = HostSnapshots(cfg)
     work = cfg.work_dir / "builds" / "b1"
@@ -1199,6 +1199,7 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
             (work / RESULT).write_text('{"dump_dir": "d"}')  # what the first attempt ends with
         t.join(10)
         assert got == [{"dump_dir": "d"}] and entered == ["b1"]
+        host._discarded["b0"] = time.monotonic() - DISCARDED_KEPT_S - 1  # a build that ended a day ago
         with host._build("b1"):
             t = threading.Thread(target=host.discard, args=("b1",))
             t.start()
@@ -1206,7 +1207,8 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
             assert t.is_alive() and work.exists()
         t.join(10)
         assert not work.exists()
-        with pytest.raises(SnapshotError, match="build b1 has ended"):
+        assert list(host._discarded) == ["b1"] and "b1" not in host._builds  # what it remembers stays bounded
+        with pytest.raises(SnapshotError, match="build b1 has ended"):  # an attempt arriving late
             host.take("b1", "img", {}, {})
         assert entered == ["b1"] and not work.exists()
     finally:
