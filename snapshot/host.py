@@ -630,7 +630,7 @@ class HostSnapshots:
         while not lock.acquire(timeout=1):
             pass
         try:
-            yield
+            yield lock
         finally:
             lock.release()
 
@@ -639,7 +639,7 @@ class HostSnapshots:
         prune_logs). What the agent remembers of ended builds is bounded: their locks go now (an attempt already
         waiting on one is refused when it gets it; a later one takes a new lock and is refused too), their ids
         after DISCARDED_KEPT_S, long past any attempt of a closed workflow."""
-        with self._build(build_id):
+        with self._build(build_id) as lock:
             now = time.monotonic()
             with self._builds_lock:
                 self._discarded = {b: t for b, t in self._discarded.items() if now - t < DISCARDED_KEPT_S}
@@ -647,8 +647,9 @@ class HostSnapshots:
             clear(self._build_dir(build_id))
             if self._build_logs(build_id).is_dir():
                 _end_logs(self._build_logs(build_id), keep=True)
-        with self._builds_lock:
-            self._builds.pop(build_id, None)
+        with self._builds_lock:  # the lock this discard held: not a newer one (another discard's, say)
+            if self._builds.get(build_id) is lock:
+                del self._builds[build_id]
 
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:

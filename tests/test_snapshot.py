@@ -536,9 +536,18 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
     build = snapshots.get(cfg.registry_url, plain).build_id  # its logs say where its output of before is
     out = thaw_cli("replicas", "logs", kept["replica"]).output
     assert f"replica {kept['replica']} wrote nothing since it started" in out, out
-    assert f"build-logs/{build}/launch.log in the work dir of host {cfg.host_id}" in out, out
+    assert f"build-logs/{build}/launch.log in the work dir of host {cfg.host_id}, if still there" in out, out
     assert (cfg.work_dir / BUILD_LOGS / build / "launch.log").is_file()
     thaw_cli("replicas", "stop", kept["replica"])
+    (cold,) = restore(thaw_cli, plain, "--keep")["replicas"]  # a cold boot's log begins at its launch: no hint
+    with snapshots.session(cfg.registry_url) as s:  # (recorded as a fallback would be; its log is as quiet)
+        row = s.get(deployments.Replica, cold["replica"])
+        row.outcome = "cold-boot"
+        s.add(row)
+        s.commit()
+    out = thaw_cli("replicas", "logs", cold["replica"]).output
+    assert f"replica {cold['replica']} wrote nothing since it started)" in out and "build-logs" not in out, out
+    thaw_cli("replicas", "stop", cold["replica"])
     for extra, given in ((("--env", "A=1"), "--env"), (("--secret", "API_KEY"), "--secret")):
         res = thaw_cli("deploy", "nosdk", "--snapshot", plain, *extra, ok=False)
         assert res.exit_code == 1, res.output

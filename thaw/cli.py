@@ -771,12 +771,11 @@ def replicas_stop(cfg, ids):
 def replicas_logs(cfg, replica_id, max_bytes, host_id):
     """The end of a replica's stdout + stderr, read by the agent of its host; of one that failed to start or
     died there, the logs it left (its restore's and CRIU's, a fallback cold boot's)."""
-    from thaw.registry import deployments, queries, snapshots
+    from thaw.registry import snapshots
     from thaw.workflows.build_snapshot import ReplicaLog, ReplicaLogInput
 
-    rows = [r for r in deployments.replicas(cfg.registry_url) if r.id == replica_id]
-    rows = rows or snapshots.restores(cfg.registry_url, replica=replica_id, limit=1)
     if not host_id:
+        rows = _replica_rows(cfg, replica_id)
         if not rows:
             _fail(f"no replica {replica_id!r} serving or recorded; for one that failed to start, pass --host "
                   f"(`thaw status NAME` names it)")
@@ -787,15 +786,35 @@ def replicas_logs(cfg, replica_id, max_bytes, host_id):
                              f"replica-log-{uuid.uuid4().hex[:12]}", f"log of replica {replica_id}", quiet=True)
     if text:
         click.echo(text)
-        return
-    # a restored server's log begins at its restore: what it printed while it loaded is in its build's logs
-    snap = None
-    with contextlib.suppress(queries.NotFound):
-        snap = rows and rows[0].snapshot_digest and snapshots.get(cfg.registry_url, rows[0].snapshot_digest)
-    build_log = (f"build-logs/{snap.build_id}/launch.log in the work dir of host {snap.host_id} (kept for its "
-                 f"last builds)" if snap and snap.build_id else "its build's launch.log")
-    click.echo(f"(replica {replica_id} wrote nothing since it started. A restored replica's log begins at its "
-               f"restore; what the server printed before its snapshot is in {build_log})", err=True)
+    else:
+        click.echo(f"(replica {replica_id} wrote nothing since it started{_restored_log_hint(cfg, replica_id)})",
+                   err=True)
+
+
+def _replica_rows(cfg, replica_id: str) -> list:
+    """Replica ``replica_id``'s registry row while it serves, else its last recorded start ([] for neither)."""
+    from thaw.registry import deployments, snapshots
+
+    rows = [r for r in deployments.replicas(cfg.registry_url) if r.id == replica_id]
+    return rows or snapshots.restores(cfg.registry_url, replica=replica_id, limit=1)
+
+
+def _restored_log_hint(cfg, replica_id: str) -> str:
+    """For a restored replica: its log begins at its restore, and where what its server printed before the
+    snapshot is (its build's launch.log). Only a hint: "" where that is not known."""
+    from thaw.registry import snapshots
+
+    try:
+        rows = _replica_rows(cfg, replica_id)
+        if not rows or rows[0].outcome != "restored" or not rows[0].snapshot_digest:
+            return ""  # a cold boot's log begins at its launch
+        snap = snapshots.get(cfg.registry_url, rows[0].snapshot_digest)
+    except Exception:  # noqa: BLE001 - the registry unreadable, the snapshot removed: no hint
+        return ""
+    where = (f"build-logs/{snap.build_id}/launch.log in the work dir of host {snap.host_id}, if still there (an "
+             f"agent keeps its last builds' logs)" if snap.build_id and snap.host_id else "its build's launch.log")
+    return (". A restored replica's log begins at its restore; what the server printed before its snapshot is in "
+            + where)
 
 
 @cli.group()
