@@ -645,8 +645,7 @@ class HostSnapshots:
                 self._discarded = {b: t for b, t in self._discarded.items() if now - t < DISCARDED_KEPT_S}
                 self._discarded[build_id] = now
             clear(self._build_dir(build_id))
-            if self._build_logs(build_id).is_dir():
-                _end_logs(self._build_logs(build_id), keep=True)
+            _end_logs(self._build_logs(build_id), keep=True)  # (one that failed before its launch has none)
         with self._builds_lock:  # the lock this discard held: not a newer one (another discard's, say)
             if self._builds.get(build_id) is lock:
                 del self._builds[build_id]

@@ -774,6 +774,7 @@ def replicas_logs(cfg, replica_id, max_bytes, host_id):
     from thaw.registry import snapshots
     from thaw.workflows.build_snapshot import ReplicaLog, ReplicaLogInput
 
+    rows = None  # read only where needed, and once
     if not host_id:
         rows = _replica_rows(cfg, replica_id)
         if not rows:
@@ -787,8 +788,8 @@ def replicas_logs(cfg, replica_id, max_bytes, host_id):
     if text:
         click.echo(text)
     else:
-        click.echo(f"(replica {replica_id} wrote nothing since it started{_restored_log_hint(cfg, replica_id)})",
-                   err=True)
+        click.echo(f"(replica {replica_id} wrote nothing since it started"
+                   f"{_restored_log_hint(cfg, replica_id, rows)})", err=True)
 
 
 def _replica_rows(cfg, replica_id: str) -> list:
@@ -799,13 +800,14 @@ def _replica_rows(cfg, replica_id: str) -> list:
     return rows or snapshots.restores(cfg.registry_url, replica=replica_id, limit=1)
 
 
-def _restored_log_hint(cfg, replica_id: str) -> str:
+def _restored_log_hint(cfg, replica_id: str, rows: list | None = None) -> str:
     """For a restored replica: its log begins at its restore, and where what its server printed before the
-    snapshot is (its build's launch.log). Only a hint: "" where that is not known."""
+    snapshot is (its build's launch.log). Only a hint: "" where that is not known. ``rows``: _replica_rows's,
+    if the caller read them."""
     from thaw.registry import snapshots
 
     try:
-        rows = _replica_rows(cfg, replica_id)
+        rows = _replica_rows(cfg, replica_id) if rows is None else rows
         if not rows or rows[0].outcome != "restored" or not rows[0].snapshot_digest:
             return ""  # a cold boot's log begins at its launch
         snap = snapshots.get(cfg.registry_url, rows[0].snapshot_digest)
