@@ -225,13 +225,17 @@ class HostActivities:
 
     @activity.defn(name="stop_replica")
     def stop_replica(self, inp: StopReplicaInput) -> None:
-        """Stop a serving replica; one still starting is stopped as soon as it would serve."""
+        """Stop a serving replica, drained and given its grace (see _drain); one still starting is stopped as soon
+        as it would serve."""
+        self._stop(inp.replica_id, drain=True)
+
+    def _stop(self, replica_id: str, drain: bool) -> None:
         with self.lock:
-            running = self.serving.pop(inp.replica_id, None)
+            running = self.serving.pop(replica_id, None)
             if running is None:
                 now = time.monotonic()
                 self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
-                self.unwanted[inp.replica_id] = now
+                self.unwanted[replica_id] = now
             else:
                 self.stopping += 1
         # a cancel (the pool's, a timeout) is raised into this thread wherever it is: held back until the replica
@@ -239,19 +243,21 @@ class HostActivities:
         with keepalive("stop"), (activity.shield_thread_cancel_exception() if activity.in_activity()
                                  else contextlib.nullcontext()):
             try:
-                if running:
-                    self._drain(inp.replica_id)
+                if running and drain:
+                    self._drain(replica_id)
+                    running.stop(grace=self.cfg.replica_stop_grace_s)
+                elif running:
                     running.stop()
             finally:  # the process goes first: a registry that is down must not leave it running unowned
                 if running:
                     with self.lock:
                         self.stopping -= 1
-                self._unlist(inp.replica_id)
+                self._unlist(replica_id)
 
     def _drain(self, replica_id: str) -> None:
         """Before a stop: the replica's row goes, then gateways (they look every 0.5 s) have replica_drain_s to
-        stop sending it requests, and the requests under way to finish. A registry that is down: no wait (the
-        stop's own unlist tries again)."""
+        stop sending it requests; then the stop gives its server replica_stop_grace_s to finish the requests under
+        way and exit. A registry that is down: no wait (the stop's own unlist tries again)."""
         if self.cfg.replica_drain_s:
             try:
                 self._unlist(replica_id)
@@ -363,10 +369,10 @@ class HostActivities:
             ids = set(self.serving)
         listed = {r.id for r in deployments.replicas(self.cfg.registry_url, host_id=self.cfg.host_id)}
         orphans = sorted(ids - listed)
-        for rid in orphans:
+        for rid in orphans:  # no gateway has listed it since its row went: nothing to drain (nor to hold a heartbeat)
             log.warning("replica %s: its registry row is gone (undeployed while this host was silent?): stopping it",
                         rid)
-            self.stop_replica(StopReplicaInput(rid))
+            self._stop(rid, drain=False)
         return orphans
 
     def stop_all(self) -> None:

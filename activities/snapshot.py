@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import time
 from dataclasses import replace
 
@@ -12,6 +13,7 @@ from thaw.config import Config
 from thaw.registry import images, snapshots
 from thaw.registry.models import Snapshot
 from thaw.registry.queries import NotFound
+from thaw.snapshot.replica import parse_signal
 from thaw.workflows.build_snapshot import (
     DEFAULT_PORT, BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
 
@@ -51,7 +53,8 @@ def image_port(config: dict) -> int:
 
 
 def image_defaults(spec, config: dict):
-    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir, ExposedPorts, User)."""
+    """Fill a ModelSpec's blanks from the image config (Entrypoint + Cmd, Env, WorkingDir, ExposedPorts, User,
+    StopSignal)."""
     cmd = spec.cmd or [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
     if not cmd:
         raise NotFound("the image has no Cmd/Entrypoint: give the command with --cmd")
@@ -60,8 +63,13 @@ def image_defaults(spec, config: dict):
     leaked = sorted(set(spec.secrets) & set(env))
     if leaked:
         raise NotFound(f"secret(s) {', '.join(leaked)} also set as plain env; a secret must not be in the snapshot")
+    try:
+        stop = signal.Signals(parse_signal(spec.stop_signal or config.get("StopSignal") or "SIGTERM")).name
+    except ValueError as e:
+        raise NotFound(f"{e}{'' if spec.stop_signal else ' (the image says so: override it with --stop-signal)'}") \
+            from None
     return replace(spec, cmd=list(cmd), env=env, cwd=spec.cwd or config.get("WorkingDir") or "/",
-                   port=spec.port or image_port(config), user=spec.user or config.get("User") or "")
+                   port=spec.port or image_port(config), user=spec.user or config.get("User") or "", stop_signal=stop)
 
 
 class SnapshotActivities:

@@ -37,7 +37,8 @@ from thaw.imagefs.store import ChunkStore, StoreError, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
-from .replica import DEFAULT_HEALTH, GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer, tail
+from .replica import (DEFAULT_HEALTH, GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer,
+                      parse_signal, tail)
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -122,6 +123,7 @@ class Running:
     forwarders: dict[int, "Forwarder"] = field(default_factory=dict)  # replica port -> its host listener
     health: str = DEFAULT_HEALTH  # its server's health path (the snapshot's spec)
     health_failures: int = 0  # health checks failed in a row while it serves (see check_health)
+    stop_signal: int = signal.SIGTERM  # what asks its server to exit (the image's StopSignal; see stop)
     stopped: bool = False
     on_stop: Callable[[], None] | None = None  # gives back what the host lent the replica (its GPU)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -155,10 +157,18 @@ class Running:
         """The replica's other published ports: ``{"9090": "host:port"}``."""
         return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
 
-    def stop(self) -> None:
-        """Stop the process tree and release its root (once: later calls do nothing). A process that outlives
-        its SIGKILL's timeout (a driver tearing down much device memory, say) is a ReplicaError; it keeps its
-        record, GPU and root until it is gone, when a thread waiting for it finishes the stop."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop the process tree and release its root (once: later calls do nothing). With ``grace``, its server
+        first gets ``stop_signal`` and that long to exit on its own, its published ports still open (the requests
+        under way finish); a plain stop meanwhile kills it at once. A process that outlives its SIGKILL's timeout
+        (a driver tearing down much device memory, say) is a ReplicaError; it keeps its record, GPU and root until
+        it is gone, when a thread waiting for it finishes the stop."""
+        if grace and not self.stopped:
+            t0 = time.monotonic()
+            gone = self.replica.terminate(self.stop_signal, grace)
+            log.info("replica %s: %s", self.id, f"exited {time.monotonic() - t0:.1f}s after its stop signal" if gone
+                     else f"still there {time.monotonic() - t0:.1f}s after its stop signal (or it does not take "
+                          f"{signal.Signals(self.stop_signal).name}): killed")
         with self._lock:
             if self.stopped:
                 return
@@ -517,6 +527,7 @@ class HostSnapshots:
         try:
             replica = start()
             return replica, Running(rid, replica, root, spec["port"], work / RECORD, logs, health=spec["health"],
+                                    stop_signal=parse_signal(spec.get("stop_signal") or "SIGTERM"),
                                     on_stop=functools.partial(self.give_gpu, slot))
         except BaseException:
             try:

@@ -73,6 +73,24 @@ class Replica:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def terminate(self, sig: int, grace: float) -> bool:
+        """Ask the replica to exit, as `docker stop` does: send ``sig`` (its image's StopSignal) to its pid 1, then
+        wait up to ``grace`` seconds for it to go (a server finishing the requests under way). True if it is gone.
+        A pid 1 of its own pid namespace that does not catch ``sig`` never gets it (the kernel drops it), so then
+        there is no wait; :meth:`stop` kills what is left."""
+        with self._fds:  # the pidfd is this replica's until a stop closes it
+            if self._pidfd is None or not self.alive() or not _heeds(self.pid, sig, own_pid_ns=self.root is not None):
+                return not self.alive()
+            try:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            except ProcessLookupError:
+                return True
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def stop(self, timeout: float = 10.0) -> None:
         """SIGKILL the replica's pid 1 (the kernel then kills its whole pid namespace; without a root of its own
         there is none, so its process group, which it leads, goes first) and wait; idempotent. A replica still
@@ -341,6 +359,33 @@ def answers_differ(a: bytes, b: bytes) -> str:
         return "the whole JSON answer"
     more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
     return f"JSON field{'s' * (len(paths) > 1)} {', '.join(paths[:3])}{more}"
+
+
+def parse_signal(name: str) -> int:
+    """A stop signal as an image's StopSignal or `docker stop --signal` gives it: SIGTERM, TERM or 15 (any case).
+    ValueError with a one-line reason otherwise."""
+    text = str(name).strip().upper()
+    try:
+        sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text if text.startswith("SIG") else
+                                                                                 "SIG" + text]
+    except (KeyError, ValueError):
+        raise ValueError(f"stop signal {str(name)[:40]!r} is not a signal: give a name or number, e.g. SIGTERM, "
+                         f"SIGQUIT or 15") from None
+    if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+        raise ValueError(f"stop signal {sig.name} would pause the server, not stop it: give e.g. SIGTERM")
+    return int(sig)
+
+
+def _heeds(pid: int, sig: int, own_pid_ns: bool) -> bool:
+    """Whether ``sig`` would reach process ``pid``: not ignored, and caught where it is pid 1 of its own pid
+    namespace (whose init gets only the signals it has a handler for; elsewhere the default action applies)."""
+    try:
+        masks = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith(("SigIgn:", "SigCgt:")))
+        ignored, caught = (int(masks[k], 16) >> (sig - 1) & 1 for k in ("SigIgn", "SigCgt"))
+    except (OSError, KeyError, ValueError):
+        return False  # gone, or not readable: the stop's SIGKILL follows
+    return not ignored and (caught or not own_pid_ns)
 
 
 def open_log(log_path: Path) -> tuple[int, str]:

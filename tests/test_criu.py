@@ -590,6 +590,25 @@ def test_users_and_ports_are_read_from_the_image_as_docker_reads_them(monkeypatc
             image_port({"ExposedPorts": ports})
 
 
+def test_the_stop_signal_is_the_images_stopsignal_unless_given():
+    """As Docker: the image's StopSignal (a name with or without SIG, or a number), else SIGTERM; --stop-signal
+    overrides it. One that is no signal, or would only pause the server, fails the build's plan."""
+    from thaw.activities.snapshot import image_defaults
+    from thaw.registry.queries import NotFound
+    from thaw.workflows.build_snapshot import ModelSpec
+
+    cmd = {"Cmd": ["serve"]}
+    assert image_defaults(ModelSpec(), cmd).stop_signal == "SIGTERM"
+    assert image_defaults(ModelSpec(), {**cmd, "StopSignal": "quit"}).stop_signal == "SIGQUIT"
+    assert image_defaults(ModelSpec(), {**cmd, "StopSignal": "2"}).stop_signal == "SIGINT"
+    assert image_defaults(ModelSpec(stop_signal="SIGUSR1"), {**cmd, "StopSignal": "SIGQUIT"}).stop_signal == "SIGUSR1"
+    with pytest.raises(NotFound, match=r"'SIGBOGUS' is not a signal.*\(the image says so: override it with "
+                                       r"--stop-signal\)"):
+        image_defaults(ModelSpec(), {**cmd, "StopSignal": "SIGBOGUS"})
+    with pytest.raises(NotFound, match="SIGSTOP would pause the server"):
+        image_defaults(ModelSpec(stop_signal="STOP"), cmd)
+
+
 def creds(pid: int) -> tuple[str, str, str]:
     """A process's real uid, real gid and supplementary groups, from /proc/PID/status."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -953,3 +972,45 @@ def test_a_replica_that_outlives_its_sigkill_is_stopped_once_gone(image, work, m
         gone.append(True)
         real()
         root.cleanup()
+
+
+@needs_criu
+def test_terminate_waits_for_a_server_that_takes_its_stop_signal_and_not_for_one_that_cannot(roots, work):
+    """As `docker stop`: the stop signal, then the grace to exit. A pid 1 without a handler never gets the signal
+    (its pid namespace's init), so there is no wait; one that takes it but stays is waited for the grace only.
+    On the host's pids (no root of its own) the signal's default action applies."""
+    import signal
+
+    handler = ("import signal, sys, time\n"
+               "def bye(*_):\n"
+               "    print('got', signal.Signals(_[0]).name, flush=True); time.sleep(float(sys.argv[1])); sys.exit(0)\n"
+               "signal.signal(signal.SIGQUIT, bye); signal.signal(signal.SIGTERM, bye)\n"
+               "print('up', flush=True); time.sleep(600)\n")
+    up = "import time; print('up', flush=True); time.sleep(600)"
+
+    def started(argv, name, root=True):
+        r = launch(roots().path if root else None, [PYTHON, "-I", "-c", *argv], {}, "/", work / f"{name}.log")
+        deadline = time.monotonic() + 30
+        while "up" not in r.log_tail() and time.monotonic() < deadline:  # its handlers are set
+            time.sleep(0.05)
+        return r
+
+    cases = [  # code, root of its own, signal, grace -> gone on its own, seconds at least, at most, log
+        (handler, ["0.5"], True, signal.SIGQUIT, 10, True, 0.5, 5, "got SIGQUIT"),
+        (up, [], True, signal.SIGTERM, 10, False, 0, 1, ""),        # pid 1 without a handler: no wait
+        (handler, ["600"], True, signal.SIGTERM, 1, False, 1, 5, "got SIGTERM"),  # takes it, stays: the grace
+        (up, [], False, signal.SIGTERM, 10, True, 0, 5, ""),        # the host's pids: SIGTERM's default kills
+    ]
+    for i, (code, args, root, sig, grace, gone, at_least, at_most, said) in enumerate(cases):
+        replica = started([code, *args], f"term{i}", root)
+        try:
+            t0 = time.monotonic()
+            assert replica.terminate(sig, grace) is gone, (i, replica.log_tail())
+            took = time.monotonic() - t0
+            assert at_least <= took < at_most, (i, took)
+            assert said in replica.log_tail(), (i, replica.log_tail())
+            assert replica.alive() is not gone
+        finally:
+            replica.stop()
+        assert not replica.alive()
+        assert replica.terminate(sig, grace) is True  # stopped: nothing to ask

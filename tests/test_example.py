@@ -88,6 +88,54 @@ def test_server_rejects_bad_requests(server_url, body, code):
     assert status == code and "error" in json.loads(raw)
 
 
+def test_sigterm_lets_the_request_under_way_finish_and_refuses_new_ones():
+    """A stop (SIGTERM, as thaw's stop and `docker stop` send) closes the listener, answers the request already
+    under way in full, then exits 0; an idle keep-alive connection does not hold the exit."""
+    import signal
+    import socket
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(SERVER), "--host", "127.0.0.1", "--port", str(port)],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        idle = socket.create_connection(("127.0.0.1", port))  # a keep-alive connection with nothing on it
+        body = json.dumps({"texts": GOLDEN["texts"]}).encode()
+        busy = socket.create_connection(("127.0.0.1", port), timeout=60)
+        busy.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])  # its handler now waits for the rest
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the listener closes first
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the server still takes connections 10 s after SIGTERM")
+        assert proc.poll() is None, "it exited with a request under way"
+        busy.sendall(body[10:])
+        answer = b""
+        while chunk := busy.recv(1 << 16):
+            answer += chunk
+            if b"\r\n\r\n" in answer:
+                head, _, rest = answer.partition(b"\r\n\r\n")
+                length = int(next(h.split(b":")[1] for h in head.split(b"\r\n")
+                                  if h.lower().startswith(b"content-length")))
+                if len(rest) >= length:
+                    break
+        assert answer.startswith(b"HTTP/1.1 200") and json.loads(rest)["dim"] == 384, answer[:200]
+        assert proc.wait(30) == 0
+        assert "finished 1 request(s) under way" in proc.stderr.read()
+        busy.close()
+        idle.close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_recipe_builds_a_cached_debian_image_that_thaw_ingests(cfg, worker, thaw_cli):
     rootfs = recipe.build_rootfs()

@@ -1048,14 +1048,16 @@ def test_a_replica_an_undeploy_could_not_reach_is_stopped_when_its_host_is_back(
 
 
 def test_a_scale_down_lets_the_requests_under_way_finish(cfg, worker, agent, thaw_cli, snap):
-    """A replica scaled down leaves the registry first (gateways stop sending it requests), then keeps serving
-    for replica_drain_s: a request under way when the scale-down came still gets its whole answer. Its host
-    slot stays taken until it is gone."""
+    """A replica scaled down leaves the registry first (gateways stop sending it requests), keeps serving for
+    replica_drain_s, then gets SIGTERM and replica_stop_grace_s to exit: a request under way when the scale-down
+    came, longer than the drain, still gets its whole answer, and the replica goes as soon as its server exits,
+    not at the end of the grace. Its host slot stays taken until it is gone."""
     import threading
 
     from thaw.snapshot.host import SnapshotError
 
-    agent.cfg = agent.cfg.model_copy(update={"replica_drain_s": 3.0, "host_capacity": 1})
+    agent.cfg = agent.cfg.model_copy(update={"replica_drain_s": 0.5, "replica_stop_grace_s": 30,
+                                             "host_capacity": 1})
     thaw_cli("deploy", "drain", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "0", "--cooldown", "0")
     try:
         thaw_cli("scale", "drain", "1")
@@ -1064,12 +1066,13 @@ def test_a_scale_down_lets_the_requests_under_way_finish(cfg, worker, agent, tha
         got = []
         def call():
             try:
-                got.append(answer(rep.endpoint, "/slow?1.5"))
+                got.append(answer(rep.endpoint, "/slow?4"))
             except Exception as e:  # noqa: BLE001 - shown by the assert below
                 got.append(repr(e))
         t = threading.Thread(target=call)
         t.start()
         time.sleep(0.2)
+        t0 = time.monotonic()
         thaw_cli("scale", "drain", "0")
         wait_until(lambda: not serving(cfg, "drain"), timeout=10, what="the row to go first")
         with pytest.raises(SnapshotError, match="is full"):  # while it drains, it still holds its slot
@@ -1078,6 +1081,8 @@ def test_a_scale_down_lets_the_requests_under_way_finish(cfg, worker, agent, tha
         t.join(30)
         assert got == [{"slow": True}]
         wait_until(lambda: pool_state(thaw_cli, "drain")["counts"].get("stopped") == 1, what="the stop")
+        assert time.monotonic() - t0 < 15, "the stop waited out the grace: the server's exit went unseen"
+        assert snapshots.get(cfg.registry_url, snap).spec["stop_signal"] == "SIGTERM"  # the image has no StopSignal
         with pytest.raises(OSError):
             answer(rep.endpoint)
     finally:

@@ -36,7 +36,7 @@ PORT = 8080
 DATA_MB = 20
 
 SERVER = r'''
-import hashlib, json, os, random, resource, shutil, socket, sys, threading, time, uuid
+import hashlib, json, os, random, resource, shutil, signal, socket, sys, threading, time, uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
 sys.path.insert(0, "/app")
 import thaw_sdk
@@ -144,8 +144,10 @@ class Handler(BaseHTTPRequestHandler):
 side = HTTPServer(("127.0.0.1", int(os.environ["PORT"]) + 1), Handler)  # a second port, e.g. for metrics
 threading.Thread(target=side.serve_forever, daemon=True).start()
 server = HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+# a stop (SIGTERM, as `docker stop` sends) lets the request under way finish; the server then exits
+signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
 thaw_sdk.mark_ready()
-server.serve_forever()
+server.serve_forever(poll_interval=0.1)
 '''
 
 

@@ -461,6 +461,9 @@ def _pairs(items, what):
 @click.option("--shm-size", "shm_bytes", type=Size(),
               help="Size of the server's /dev/shm (e.g. 2g for NCCL or torch.multiprocessing); its restores keep "
                    "it.  [default: 64m, as Docker's]")
+@click.option("--stop-signal", default="", help="Signal that asks the server to exit when a replica is stopped "
+                                                 "(it then has THAW_REPLICA_STOP_GRACE_S to finish its requests) "
+                                                 "[default: the image's StopSignal, else SIGTERM].")
 @click.option("--env", "env", multiple=True, help="NAME=VALUE, part of the snapshot.")
 @click.option("--secret", "secrets", multiple=True,
               help="NAME of a secret (set with `thaw secrets set`): injected after restore, never in the snapshot.")
@@ -468,7 +471,7 @@ def _pairs(items, what):
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, golden_method, golden_content_type,
-                   golden_ignore, ready_timeout, user, shm_bytes, env, secrets, host, as_json):
+                   golden_ignore, ready_timeout, user, shm_bytes, stop_signal, env, secrets, host, as_json):
     """Launch IMAGE once on a host, checkpoint it, verify a restore replays the golden request, register it.
 
     IMAGE: a registered image's digest (or a unique prefix); anything else is a SOURCE as `thaw build image`
@@ -477,6 +480,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
     import shlex
 
     from thaw.runtime.pool import env_name_error
+    from thaw.snapshot.replica import parse_signal
     from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
 
     body = Path(golden_file).read_bytes() if golden_file else b""
@@ -496,8 +500,14 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
     for option, path in (("--health", health), ("--golden-path", golden_path)):
         if not path.startswith("/"):
             _fail(f"{option} {path!r}: a path on the server, starting with /")
+    if stop_signal:
+        try:
+            parse_signal(stop_signal)
+        except ValueError as e:
+            _fail(f"--stop-signal: {e}")
     spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port or 0, health=health, env=_pairs(env, "--env"),
-                     secrets=list(secrets), ready_timeout_s=ready_timeout, user=user, shm_bytes=shm_bytes or 0)
+                     secrets=list(secrets), ready_timeout_s=ready_timeout, user=user, shm_bytes=shm_bytes or 0,
+                     stop_signal=stop_signal)
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         _fail(error)

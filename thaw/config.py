@@ -118,9 +118,12 @@ class Config(BaseSettings):
     # replicas placed on this host (its GPU count gives each a GPU of its own); 0: builds only
     host_capacity: int = Field(4, ge=0)
     replica_bind: str = "127.0.0.1"  # where the agent publishes replicas' servers
-    # a replica being stopped keeps serving this long after its registry row goes: gateways (which look every
-    # 0.5 s) stop sending it requests, and those under way finish
+    # a replica being stopped keeps serving this long after its registry row goes, so gateways (which look every
+    # 0.5 s) stop sending it requests; then its server gets its stop signal (the image's StopSignal, else SIGTERM)
+    # and replica_stop_grace_s to finish the requests under way and exit before SIGKILL, as `docker stop` does.
+    # A server that does not catch the signal is killed at once (as pid 1 of its namespace it never gets it).
     replica_drain_s: float = Field(2.0, ge=0, le=600)
+    replica_stop_grace_s: float = Field(10.0, ge=0, le=45)  # (the pool gives a stop 60 s in all)
     # a serving replica whose health path fails this many checks in a row (one every agent_heartbeat_s: no answer
     # within replica_health_timeout_s, or not 200) is stopped and unregistered, and its pool replaces it; 0: never
     replica_health_failures: int = Field(3, ge=0)

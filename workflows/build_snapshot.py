@@ -46,6 +46,8 @@ class ModelSpec:
     cwd: str = ""  # empty: the image's WorkingDir or /
     user: str = ""  # empty: the image's User (user[:group], names or ids), or root
     shm_bytes: int = 0  # the size of the server's /dev/shm; 0: 64 MiB (Docker's default)
+    stop_signal: str = ""  # what asks the server to exit before a replica is stopped; empty: the image's StopSignal,
+    # else SIGTERM
     ready_timeout_s: float = 600.0
 
 

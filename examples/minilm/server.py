@@ -18,6 +18,9 @@ Endpoints
                   Floats are rounded to ``ROUND_DECIMALS`` (6) places so the
                   same request gives a byte-identical body in any process.
 
+SIGTERM (a replica's stop, `docker stop`) closes the listener, lets the
+requests under way finish, then exits 0.
+
 Environment (command-line flags override)
 -----------------------------------------
 ``HOST`` (0.0.0.0), ``PORT`` (8080), ``MODEL_DIR`` (``/opt/model`` when it
@@ -50,12 +53,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -205,6 +208,14 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj, separators=(",", ":")).encode())
 
     def do_GET(self) -> None:  # noqa: N802
+        with self.server.request():
+            self._get()
+
+    def do_POST(self) -> None:  # noqa: N802
+        with self.server.request():
+            self._post()
+
+    def _get(self) -> None:
         if thaw_sdk and thaw_sdk.handle(self):  # GET /thaw/ready
             return
         path = self.path.split("?", 1)[0]
@@ -219,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send_json(404, {"error": f"no such path: {path}"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def _post(self) -> None:
         if thaw_sdk and thaw_sdk.handle(self):  # POST /thaw/after-restore: new env, fresh randomness
             return
         path = self.path.split("?", 1)[0]
@@ -279,9 +290,36 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
+    """Counts the requests under way, so a stop (SIGTERM) lets them finish; idle keep-alive connections (daemon
+    threads) do not hold the exit."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.in_flight = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def request(self):
+        with self._changed:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_flight -= 1
+                self._changed.notify_all()
+
+    def finish(self) -> int:
+        """Wait for the requests under way (call once nothing accepts: after serve_forever and server_close);
+        how many there were."""
+        with self._changed:
+            under_way = self.in_flight
+            self._changed.wait_for(lambda: self.in_flight == 0)
+        return under_way
 
 
 def make_server(host: str, port: int, state: State) -> Server:
@@ -363,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     loader.start()
     try:
         server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        log("stopping")
+    except KeyboardInterrupt:  # SIGTERM (a stop: thaw's, `docker stop`): new connections are refused from here
+        server.server_close()
+        log(f"stopping: finished {server.finish()} request(s) under way")
     finally:
         server.server_close()
     return 0
