@@ -51,6 +51,9 @@ class HostActivities:
         self.stopping = 0  # replicas being drained and stopped (they hold capacity until they are gone)
         self.lock = threading.Lock()
         self.closing = False
+        # set when the agent is told to stop: stops under way skip the rest of their drain and grace (the worker
+        # waits for them before stop_all runs, and `thaw down` waits only so long)
+        self.leaving = threading.Event()
 
     @activity.defn(name="checkpoint_model")
     @host_errors_fail_fast
@@ -245,7 +248,7 @@ class HostActivities:
             try:
                 if running and drain:
                     self._drain(replica_id)
-                    running.stop(grace=self.cfg.replica_stop_grace_s)
+                    running.stop(grace=self.cfg.replica_stop_grace_s, abort=self.leaving)
                 elif running:
                     running.stop()
             finally:  # the process goes first: a registry that is down must not leave it running unowned
@@ -263,7 +266,7 @@ class HostActivities:
                 self._unlist(replica_id)
             except Exception:  # noqa: BLE001 - the stop must go on
                 return
-            time.sleep(self.cfg.replica_drain_s)
+            self.leaving.wait(self.cfg.replica_drain_s)
 
     def _unlist(self, replica_id: str) -> None:
         """Remove a stopped replica's row; where the registry fails, the heartbeat's reap() tries again (a row
@@ -377,6 +380,7 @@ class HostActivities:
 
     def stop_all(self) -> None:
         """Stop every replica this agent serves, and any a still-running activity starts from now on."""
+        self.leaving.set()
         with self.lock:
             self.closing = True
             serving, self.serving = list(self.serving.values()), {}

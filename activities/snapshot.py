@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from dataclasses import replace
 
@@ -13,7 +12,7 @@ from thaw.config import Config
 from thaw.registry import images, snapshots
 from thaw.registry.models import Snapshot
 from thaw.registry.queries import NotFound
-from thaw.snapshot.replica import parse_signal
+from thaw.snapshot.replica import parse_signal, signal_name
 from thaw.workflows.build_snapshot import (
     DEFAULT_PORT, BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
 
@@ -64,7 +63,7 @@ def image_defaults(spec, config: dict):
     if leaked:
         raise NotFound(f"secret(s) {', '.join(leaked)} also set as plain env; a secret must not be in the snapshot")
     try:
-        stop = signal.Signals(parse_signal(spec.stop_signal or config.get("StopSignal") or "SIGTERM")).name
+        stop = signal_name(parse_signal(spec.stop_signal or config.get("StopSignal") or "SIGTERM"))
     except ValueError as e:
         raise NotFound(f"{e}{'' if spec.stop_signal else ' (the image says so: override it with --stop-signal)'}") \
             from None

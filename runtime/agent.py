@@ -193,6 +193,13 @@ def s3_relay(cfg: Config) -> Forwarder | None:
         raise RuntimeError(f"S3 relay on 127.0.0.1:{url.port}: {e.strerror or e}") from None
 
 
+async def _leave_when(stop: asyncio.Event, acts: HostActivities) -> None:
+    """Once the agent is told to stop (SIGTERM), replica stops under way end their drain and grace: its worker
+    waits for those before the agent's own stop can run."""
+    await stop.wait()
+    acts.leaving.set()
+
+
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
     stop = stop_on_signals()  # first: a SIGTERM once the host row below exists must still mark the host gone
     hold_host(cfg)  # its fd stays open, and the lock held, until this process ends
@@ -213,10 +220,12 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     acts = HostActivities(cfg, host)
     log.info("agent %s: facts %s; metrics on :%s", cfg.host_id,
              {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
+    leave = asyncio.ensure_future(_leave_when(stop, acts))
     try:
         await serve(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex), ready_file,
                     background=lambda client: background(cfg, acts, client), stop=stop)
     finally:
+        leave.cancel()
         acts.stop_all()
         try:  # no work placed here until an agent runs again (not after host_stale_s)
             snapshots.heartbeat_host(cfg.registry_url, cfg.host_id, gone=True)

@@ -38,7 +38,7 @@ from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
 from .replica import (DEFAULT_HEALTH, GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer,
-                      parse_signal, tail)
+                      parse_signal, signal_name, tail)
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
@@ -157,18 +157,22 @@ class Running:
         """The replica's other published ports: ``{"9090": "host:port"}``."""
         return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
 
-    def stop(self, grace: float = 0.0) -> None:
+    def stop(self, grace: float = 0.0, abort: threading.Event | None = None) -> None:
         """Stop the process tree and release its root (once: later calls do nothing). With ``grace``, its server
-        first gets ``stop_signal`` and that long to exit on its own, its published ports still open (the requests
-        under way finish); a plain stop meanwhile kills it at once. A process that outlives its SIGKILL's timeout
-        (a driver tearing down much device memory, say) is a ReplicaError; it keeps its record, GPU and root until
-        it is gone, when a thread waiting for it finishes the stop."""
+        first gets ``stop_signal`` and that long (less once ``abort`` is set) to exit on its own, its published
+        ports still open: the requests under way finish. A plain stop meanwhile kills it at once. A process that
+        outlives its SIGKILL's timeout (a driver tearing down much device memory, say) is a ReplicaError; it keeps
+        its record, GPU and root until it is gone, when a thread waiting for it finishes the stop."""
         if grace and not self.stopped:
             t0 = time.monotonic()
-            gone = self.replica.terminate(self.stop_signal, grace)
-            log.info("replica %s: %s", self.id, f"exited {time.monotonic() - t0:.1f}s after its stop signal" if gone
-                     else f"still there {time.monotonic() - t0:.1f}s after its stop signal (or it does not take "
-                          f"{signal.Signals(self.stop_signal).name}): killed")
+            try:
+                gone = self.replica.terminate(self.stop_signal, grace, abort)
+            except Exception as e:  # noqa: BLE001 - the kill below must still come
+                gone = f"its stop signal failed: {e}"
+            took = f"{time.monotonic() - t0:.1f}s"
+            log.info("replica %s: %s", self.id, f"exited {took} after its stop signal" if gone is True else
+                     f"{gone}: killed" if gone else f"still there {took} after its stop signal (or it does not take "
+                                                    f"{signal_name(self.stop_signal)}): killed")
         with self._lock:
             if self.stopped:
                 return

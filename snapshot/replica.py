@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -73,23 +74,32 @@ class Replica:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def terminate(self, sig: int, grace: float) -> bool:
+    def terminate(self, sig: int, grace: float, abort: threading.Event | None = None) -> bool:
         """Ask the replica to exit, as `docker stop` does: send ``sig`` (its image's StopSignal) to its pid 1, then
-        wait up to ``grace`` seconds for it to go (a server finishing the requests under way). True if it is gone.
-        A pid 1 of its own pid namespace that does not catch ``sig`` never gets it (the kernel drops it), so then
-        there is no wait; :meth:`stop` kills what is left."""
-        with self._fds:  # the pidfd is this replica's until a stop closes it
-            if self._pidfd is None or not self.alive() or not _heeds(self.pid, sig, own_pid_ns=self.root is not None):
-                return not self.alive()
+        wait up to ``grace`` seconds (less once ``abort`` is set) for it to go: a server finishing the requests
+        under way. True if it is gone. A pid 1 of its own pid namespace that does not catch ``sig`` never gets it
+        (the kernel drops it), so then there is no wait. Nothing is reaped: :meth:`stop` kills what is left."""
+        with self._fds:  # our own copy of the pidfd: a stop meanwhile can't hand the number to another process
+            if self._pidfd is None:
+                return True
+            pidfd = os.dup(self._pidfd)
+        try:
+            if _gone(pidfd):
+                return True
+            if not _heeds(self.pid, sig, own_pid_ns=self.root is not None):
+                return False
             try:
-                signal.pidfd_send_signal(self._pidfd, sig)
+                signal.pidfd_send_signal(pidfd, sig)
             except ProcessLookupError:
                 return True
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+            deadline = time.monotonic() + grace
+            while not (abort and abort.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0 or _gone(pidfd, min(left, 0.1)):
+                    break
+            return _gone(pidfd)
+        finally:
+            os.close(pidfd)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGKILL the replica's pid 1 (the kernel then kills its whole pid namespace; without a root of its own
@@ -362,18 +372,37 @@ def answers_differ(a: bytes, b: bytes) -> str:
 
 
 def parse_signal(name: str) -> int:
-    """A stop signal as an image's StopSignal or `docker stop --signal` gives it: SIGTERM, TERM or 15 (any case).
-    ValueError with a one-line reason otherwise."""
+    """A stop signal as an image's StopSignal or `docker stop --signal` gives it: SIGTERM, TERM, 15 (any case),
+    or a real-time one (SIGRTMIN+3, systemd's; RTMAX-1). ValueError with a one-line reason otherwise."""
     text = str(name).strip().upper()
+    text = text if text.startswith("SIG") or text.isdigit() else "SIG" + text
+    rt = re.fullmatch(r"SIGRT(MIN|MAX)([+-]\d{1,2})?", text)
     try:
-        sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[text if text.startswith("SIG") else
-                                                                                 "SIG" + text]
-    except (KeyError, ValueError):
+        if text.isdigit():
+            sig = int(text)
+        elif rt:
+            sig = (signal.SIGRTMIN if rt[1] == "MIN" else signal.SIGRTMAX) + int(rt[2] or 0)
+        else:
+            sig = signal.Signals[text]
+    except KeyError:
+        sig = 0
+    if not 1 <= sig <= signal.SIGRTMAX or (signal.SIGSYS < sig < signal.SIGRTMIN):
         raise ValueError(f"stop signal {str(name)[:40]!r} is not a signal: give a name or number, e.g. SIGTERM, "
-                         f"SIGQUIT or 15") from None
+                         f"SIGQUIT or 15")
     if sig in (signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
-        raise ValueError(f"stop signal {sig.name} would pause the server, not stop it: give e.g. SIGTERM")
+        raise ValueError(f"stop signal {signal_name(sig)} would pause the server, not stop it: give e.g. SIGTERM")
     return int(sig)
+
+
+def signal_name(sig: int) -> str:
+    """SIGTERM, or SIGRTMIN+N for a real-time signal: what :func:`parse_signal` reads back."""
+    return f"SIGRTMIN+{sig - signal.SIGRTMIN}" if sig > signal.SIGRTMIN else signal.Signals(sig).name
+
+
+def _gone(pidfd: int, timeout: float = 0.0) -> bool:
+    """Whether the process of ``pidfd`` has exited (a pidfd polls readable then; not reaped), waiting up to
+    ``timeout`` seconds."""
+    return bool(select.select([pidfd], [], [], timeout)[0])
 
 
 def _heeds(pid: int, sig: int, own_pid_ns: bool) -> bool:

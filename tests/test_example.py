@@ -102,9 +102,11 @@ def test_sigterm_lets_the_request_under_way_finish_and_refuses_new_ones():
         idle = socket.create_connection(("127.0.0.1", port))  # a keep-alive connection with nothing on it
         body = json.dumps({"texts": GOLDEN["texts"]}).encode()
         busy = socket.create_connection(("127.0.0.1", port), timeout=60)
-        busy.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])  # its handler now waits for the rest
-        time.sleep(0.5)
+        busy.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert busy.recv(100).startswith(b"HTTP/1.1 100"), "its headers were not read"
+        busy.sendall(body[:10])
+        time.sleep(0.5)  # its handler, entered right after the 100, now waits for the rest of the body
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the listener closes first
@@ -117,7 +119,7 @@ def test_sigterm_lets_the_request_under_way_finish_and_refuses_new_ones():
             raise AssertionError("the server still takes connections 10 s after SIGTERM")
         assert proc.poll() is None, "it exited with a request under way"
         busy.sendall(body[10:])
-        answer = b""
+        answer = rest = b""
         while chunk := busy.recv(1 << 16):
             answer += chunk
             if b"\r\n\r\n" in answer:
@@ -127,6 +129,7 @@ def test_sigterm_lets_the_request_under_way_finish_and_refuses_new_ones():
                 if len(rest) >= length:
                     break
         assert answer.startswith(b"HTTP/1.1 200") and json.loads(rest)["dim"] == 384, answer[:200]
+        assert b"\r\nconnection: close\r\n" in head.lower() + b"\r\n", head  # no next request on it
         assert proc.wait(30) == 0
         assert "finished 1 request(s) under way" in proc.stderr.read()
         busy.close()

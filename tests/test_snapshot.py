@@ -5,6 +5,7 @@ The image is a small real root filesystem (Debian's python3.11 + stdlib) with te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -643,10 +645,19 @@ def test_the_images_user_is_checked_before_the_launch(cfg, worker, agent, thaw_c
     assert snapshots.get(cfg.registry_url, snap["digest"]).spec["user"] == "root"
 
 
-def _agent_proc(cfg) -> subprocess.Popen:
+def _get(url: str):
+    """A GET's JSON answer, or the error it ended in."""
+    try:
+        with urllib.request.urlopen(url, timeout=90) as resp:
+            return json.loads(resp.read())
+    except Exception as e:  # noqa: BLE001 - the caller looks at what it was
+        return e
+
+
+def _agent_proc(cfg, **env) -> subprocess.Popen:
     """`thaw agent`, started as from a systemd service: at a soft limit of 1024 open files."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return subprocess.Popen([sys.executable, "-m", "thaw", "agent"], env={**os.environ, **cfg_env(cfg)},
+    return subprocess.Popen([sys.executable, "-m", "thaw", "agent"], env={**os.environ, **cfg_env(cfg), **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard)))
 
@@ -688,7 +699,7 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
     assert cfg.heartbeat_timeout < 8
     img = json.loads(thaw_cli("build", "image", str(rootfs), "--config",
                               str(image_config(tmp_path, SLOW_START="8")), "--json").output)["digest"]
-    agent, build = _agent_proc(cfg), None
+    agent, build, stopper = _agent_proc(cfg), None, None
     try:
         ready = agent_ready_file(cfg)
         deadline = time.monotonic() + 60
@@ -705,7 +716,8 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         time.sleep(1)
         os.kill(agent.pid, signal.SIGKILL)  # the agent only: the replica it launched is left behind
         agent.wait()
-        agent = _agent_proc(cfg)  # a restarted agent clears the leftovers; Temporal retries the activity
+        # a restarted agent clears the leftovers; Temporal retries the activity
+        agent = _agent_proc(cfg, THAW_REPLICA_STOP_GRACE_S="40")
         out, err = build.communicate(timeout=240)
         assert build.returncode == 0, (out, err[-3000:])
         res = json.loads(out)
@@ -722,12 +734,33 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         (r,) = restore(thaw_cli, res["digest"], "--keep")["replicas"]
         with urllib.request.urlopen(r["endpoint"] + "/nofile", timeout=10) as resp:
             assert json.loads(resp.read()) == [hard, hard]
-        thaw_cli("replicas", "stop", r["replica"])
-    finally:
-        if build is not None and build.poll() is None:
-            build.kill()
-            build.communicate()
+        # a stop in its grace (the server finishes a 60 s request first; the grace is 40 s): the agent told to
+        # stop cuts it short, or its worker would wait for it, and `thaw down` kills an agent after 30 s
+        slow = []
+        threading.Thread(target=lambda: slow.append(_get(r["endpoint"] + "/slow?60")), daemon=True).start()
+        time.sleep(0.5)
+        stopper = subprocess.Popen(["thaw", "replicas", "stop", r["replica"]], env={**os.environ, **cfg_env(cfg)},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)  # the stop's workflow started, its drain passed: the server has its SIGTERM
+        assert stopper.poll() is None and not slow, "the stop did not wait for the request under way"
+        t0 = time.monotonic()
         os.killpg(agent.pid, signal.SIGTERM)
+        agent.wait(60)
+        assert time.monotonic() - t0 < 15, "the agent waited out its replica's grace"
+        wait_until(lambda: slow, 10, "the request cut")
+        assert "slow" not in str(slow[0]), slow  # cut, not answered
+        # the stop's activity, cut short by its worker's shutdown, failed retryably: an agent started again
+        # takes the retry, finds nothing left to stop, and the stop ends well
+        agent = _agent_proc(cfg)
+        out, err = stopper.communicate(timeout=90)
+        assert stopper.returncode == 0, err
+    finally:
+        for proc in (build, stopper):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(agent.pid, signal.SIGTERM)
         agent.wait(60)
 
 

@@ -138,6 +138,7 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
     ("THAW_STORE_PATH", " ", "store_path: empty: name a directory"),
     ("THAW_HOST_ID", "../../srv", "host_id: '../../srv': use up to 63 letters, digits"),  # its work dir: no traversal
     ("THAW_API_PORT", "99999", "api_port: Input should be less than or equal to 65535"),
+    ("THAW_REPLICA_DRAIN_S", "45", "replica_drain_s (45) + replica_stop_grace_s (10) is over the 50 s a pool"),
     ("THAW_DB_URL", "foo", "db_url: not a database URL"),
     ("THAW_DB_URL", "mysql://u@h/db", "db_url: 'mysql': the registry runs on SQLite or PostgreSQL"),
     ("THAW_CONFIG", "/nonexistent/thaw.toml", "THAW_CONFIG=/nonexistent/thaw.toml: no such file"),

@@ -99,8 +99,8 @@ def _configured(make, **values):
         return make(**values)
     except Exception as e:
         errors = getattr(e, "errors", None)  # pydantic: one line per field, made one line in all
-        _fail("bad configuration: " + ("; ".join(f"{'.'.join(map(str, x['loc']))}: "
-                                                 f"{x['msg'].removeprefix('Value error, ')}" for x in errors())
+        _fail("bad configuration: " + ("; ".join((f"{'.'.join(map(str, x['loc']))}: " if x["loc"] else "")  # a field's
+                                                 + x["msg"].removeprefix("Value error, ") for x in errors())
                                        if callable(errors) else str(e)))
 
 

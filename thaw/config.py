@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .files import write_atomic
@@ -35,6 +35,9 @@ def _state_path(v: str | os.PathLike) -> Path:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# what a replica's drain and grace may take together: a pool gives its stop workflows.pool.STOP_TIMEOUT_S (60 s),
+# and the SIGKILL after the grace may wait 10 s for the process to go
+STOP_BUDGET_S = 50
 
 
 class Config(BaseSettings):
@@ -123,13 +126,21 @@ class Config(BaseSettings):
     # and replica_stop_grace_s to finish the requests under way and exit before SIGKILL, as `docker stop` does.
     # A server that does not catch the signal is killed at once (as pid 1 of its namespace it never gets it).
     replica_drain_s: float = Field(2.0, ge=0, le=600)
-    replica_stop_grace_s: float = Field(10.0, ge=0, le=45)  # (the pool gives a stop 60 s in all)
+    replica_stop_grace_s: float = Field(10.0, ge=0, le=45)
     # a serving replica whose health path fails this many checks in a row (one every agent_heartbeat_s: no answer
     # within replica_health_timeout_s, or not 200) is stopped and unregistered, and its pool replaces it; 0: never
     replica_health_failures: int = Field(3, ge=0)
     replica_health_timeout_s: float = Field(5.0, gt=0)
     agent_metrics_port: int | None = Field(9101, ge=0, le=65535)  # the agent's Prometheus /metrics; 0: any free
     # port; "off" (None): none
+
+    @model_validator(mode="after")
+    def _a_stop_fits(self) -> Config:
+        if self.replica_drain_s + self.replica_stop_grace_s > STOP_BUDGET_S:
+            raise ValueError(f"replica_drain_s ({self.replica_drain_s:g}) + replica_stop_grace_s "
+                             f"({self.replica_stop_grace_s:g}) is over the {STOP_BUDGET_S} s a pool gives a replica's "
+                             f"stop before its SIGKILL: lower one of them")
+        return self
 
     @field_validator("agent_metrics_port", mode="before")
     @classmethod

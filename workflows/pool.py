@@ -27,6 +27,7 @@ WORKFLOW_ID = "pool-{name}"
 RECENT = 20  # restores kept in the state for `thaw status NAME`
 FAILURES = 5  # failed replica starts kept there, with their errors
 SETTLE_S = 0.5  # a burst's signals and finished starts within this share one host check
+STOP_TIMEOUT_S = 60  # a replica's stop on its host: drain, stop signal and grace, SIGKILL (thaw.config checks)
 
 
 @dataclass
@@ -554,7 +555,7 @@ class DeploymentPool:
                 "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
                 cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,  # a cancelled pool
                 # ends once its replicas are stopped (they drain first), not before
-                start_to_close_timeout=timedelta(seconds=60),
+                start_to_close_timeout=timedelta(seconds=STOP_TIMEOUT_S),
                 heartbeat_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),  # a host paused after it took
                 # the task (its poll was waiting) holds it this long, not a minute per attempt
                 schedule_to_start_timeout=timedelta(seconds=self.s.spec.heartbeat_timeout_s),

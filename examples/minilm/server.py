@@ -199,6 +199,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes) -> None:
         self.send_response(status)
+        if self.server.stopping:  # no next request on this connection: the process exits once this one is done
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -300,6 +302,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
         self.in_flight = 0
+        self.stopping = False
         self._changed = threading.Condition()
 
     @contextlib.contextmanager
@@ -315,8 +318,9 @@ class Server(ThreadingHTTPServer):
 
     def finish(self) -> int:
         """Wait for the requests under way (call once nothing accepts: after serve_forever and server_close);
-        how many there were."""
+        how many there were. Their answers close their connections."""
         with self._changed:
+            self.stopping = True
             under_way = self.in_flight
             self._changed.wait_for(lambda: self.in_flight == 0)
         return under_way
