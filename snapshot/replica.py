@@ -402,7 +402,14 @@ def signal_name(sig: int) -> str:
 def _gone(pidfd: int, timeout: float = 0.0) -> bool:
     """Whether the process of ``pidfd`` has exited (a pidfd polls readable then; not reaped), waiting up to
     ``timeout`` seconds."""
-    return bool(select.select([pidfd], [], [], timeout)[0])
+    return _readable(pidfd, timeout)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): an agent under load has fds past select's 1024."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000))))
 
 
 def _heeds(pid: int, sig: int, own_pid_ns: bool) -> bool:
@@ -502,7 +509,7 @@ def _lines(f, proc: subprocess.Popen, timeout: float):
     deadline = time.monotonic() + timeout
     buf = b""
     while True:
-        if not select.select([f], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not _readable(f.fileno(), deadline - time.monotonic()):
             raise TimeoutError(f"no word from pid {proc.pid} ({proc.args[0]}) after {timeout:g}s")
         chunk = f.read(4096)
         if not chunk:

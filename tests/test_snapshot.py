@@ -741,7 +741,9 @@ def test_killed_agent_during_build_retries_and_registers_once(cfg, worker, thaw_
         time.sleep(0.5)
         stopper = subprocess.Popen(["thaw", "replicas", "stop", r["replica"]], env={**os.environ, **cfg_env(cfg)},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)  # the stop's workflow started, its drain passed: the server has its SIGTERM
+        wait_until(lambda: r["replica"] not in {x.id for x in deployments.replicas(cfg.registry_url)}, 60,
+                   "the stop's drain")  # its row goes first
+        time.sleep(1)  # the drain (0.2 s) passed: the server has its SIGTERM
         assert stopper.poll() is None and not slow, "the stop did not wait for the request under way"
         t0 = time.monotonic()
         os.killpg(agent.pid, signal.SIGTERM)

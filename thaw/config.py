@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from .files import write_atomic
 
@@ -313,7 +313,8 @@ def load(**overrides) -> Config:
             if "state_dir" in values:  # the files were chosen by it: the processes thaw starts would read others'
                 raise ValueError(f"{path}: state_dir is set by THAW_STATE_DIR or --state-dir, not in a file")
             file_values.update(values)
-    env_values = Config().model_dump(exclude_unset=True)  # what THAW_* set
+    env_values = EnvSettingsSource(Config)()  # what THAW_* set, checked below with the rest (drain + grace: the two
+    # may come from different places)
     merged = {**file_values, **env_values, **overrides}
     merged.setdefault("state_dir", state_dir)
     cfg = Config(**{k: v for k, v in merged.items()})
