@@ -246,11 +246,10 @@ class HostActivities:
         with keepalive("stop"), (activity.shield_thread_cancel_exception() if activity.in_activity()
                                  else contextlib.nullcontext()):
             try:
-                if running and drain:
-                    self._drain(replica_id)
-                    running.stop(grace=self.cfg.replica_stop_grace_s, abort=self.leaving)
-                elif running:
-                    running.stop()
+                if running:
+                    if drain:
+                        self._drain(replica_id)
+                    running.stop(grace=self.cfg.replica_stop_grace_s if drain else 0, abort=self.leaving)
             finally:  # the process goes first: a registry that is down must not leave it running unowned
                 if running:
                     with self.lock:

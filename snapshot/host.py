@@ -168,11 +168,12 @@ class Running:
             try:
                 gone = self.replica.terminate(self.stop_signal, grace, abort)
             except Exception as e:  # noqa: BLE001 - the kill below must still come
-                gone = f"its stop signal failed: {e}"
-            took = f"{time.monotonic() - t0:.1f}s"
-            log.info("replica %s: %s", self.id, f"exited {took} after its stop signal" if gone is True else
-                     f"{gone}: killed" if gone else f"still there {took} after its stop signal (or it does not take "
-                                                    f"{signal_name(self.stop_signal)}): killed")
+                log.warning("replica %s: its stop signal failed: %s: killed", self.id, e)
+            else:
+                took = f"{time.monotonic() - t0:.1f}s"
+                log.info("replica %s: %s", self.id, f"exited {took} after its stop signal" if gone else
+                         f"still there {took} after its stop signal (or it does not take "
+                         f"{signal_name(self.stop_signal)}): killed")
         with self._lock:
             if self.stopped:
                 return
