@@ -88,6 +88,37 @@ def test_server_rejects_bad_requests(server_url, body, code):
     assert status == code and "error" in json.loads(raw)
 
 
+def _answer(sock) -> bytes:
+    """Everything the server sends on ``sock`` until it closes (an error if it resets the connection instead)."""
+    out = b""
+    while chunk := sock.recv(1 << 16):
+        out += chunk
+    return out
+
+
+def test_a_body_over_the_limit_gets_its_413_not_a_reset(server_url):
+    """A body the server will not read is answered 413, and the answer reaches the client: the server reads and
+    drops the rest before closing (lingering close). Without that the close resets the connection, the reset
+    discards the answer, and a proxy in front sees "connection reset" and re-sends the request."""
+    import socket
+    from thaw.examples.minilm.server import MAX_BODY_BYTES
+
+    port = int(server_url.rsplit(":", 1)[1])
+    size = MAX_BODY_BYTES + (1 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        s.sendall(b"a" * size)  # all of it, as a client that does not ask first does
+        answer = _answer(s)
+    assert answer.startswith(b"HTTP/1.1 413") and b"connection: close" in answer.lower(), answer[:200]
+    assert answer.endswith(b'{"error":"body over %d bytes"}' % MAX_BODY_BYTES)
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # one that asks first sends nothing
+        s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n"
+                  % size)
+        answer = _answer(s)
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer, answer[:200]
+
+
 def test_sigterm_lets_the_request_under_way_finish_and_refuses_new_ones():
     """A stop (SIGTERM, as thaw's stop and `docker stop` send) closes the listener, answers the request already
     under way in full, then exits 0; an idle keep-alive connection does not hold the exit."""

@@ -56,6 +56,7 @@ import argparse
 import contextlib
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -75,6 +76,7 @@ IMAGE_MODEL_DIR = "/opt/model"
 MAX_SEQ_LENGTH = 256  # sentence_bert_config.json of all-MiniLM-L6-v2
 ROUND_DECIMALS = 6
 MAX_BODY_BYTES = 4 * 1024 * 1024
+LINGER_S = 5.0  # a closing connection reads and drops what its client still sends for this long (nginx: lingering)
 WARMUP_TEXTS = ["thaw warms this model up before it reports healthy."]
 
 
@@ -199,7 +201,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes) -> None:
         self.send_response(status)
-        if self.server.stopping:  # no next request on this connection: the process exits once this one is done
+        if self.server.stopping or self.close_connection:  # stopping: the process exits once this one is done
             self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -208,6 +210,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, obj: dict) -> None:
         self._send(status, json.dumps(obj, separators=(",", ":")).encode())
+
+    def handle_expect_100(self) -> bool:
+        """A client that asks first (``Expect: 100-continue``) hears of a body over the limit before sending it."""
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._send_json(413, {"error": f"body over {MAX_BODY_BYTES} bytes"})
+            return False
+        return super().handle_expect_100()
 
     def do_GET(self) -> None:  # noqa: N802
         with self.server.request():
@@ -315,6 +326,19 @@ class Server(ThreadingHTTPServer):
             with self._changed:
                 self.in_flight -= 1
                 self._changed.notify_all()
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Close as nginx's lingering close does: stop sending, then read and drop what the client still sends
+        for up to ``LINGER_S``. Closing with a body left unread (one answered 411 or 413) makes the kernel reset
+        the connection, and the reset discards the answer before the client reads it."""
+        with contextlib.suppress(OSError):  # a timeout included
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_S
+            while (left := deadline - time.monotonic()) > 0:
+                request.settimeout(left)
+                if not request.recv(1 << 16):  # the client closed its side
+                    break
+        self.close_request(request)
 
     def finish(self) -> int:
         """Wait for the requests under way (call once nothing accepts: after serve_forever and server_close);
