@@ -29,7 +29,7 @@ OPAQUE = ".wh..wh..opq"
 MAX_DEPTH = 256  # path components; real images nest a few dozen deep, and the tree's walks recurse per level
 MAX_HEADER = 1 << 20  # bytes of one GNU long name or pax header (tarfile reads it whole into memory)
 MAX_CHAIN = 8  # headers before one member (pax, global pax, long name, long link): each held while the next is read
-MAX_GLOBAL = 4096  # bytes of a layer's global pax headers: tarfile copies them into every member after them
+MAX_METADATA = 256 << 20  # bytes of paths, symlink targets and xattrs in all: a few KiB of zstd can name TiBs
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's: bytes of one path component, and of a path with its NUL
 MAX_PATH = 3072  # bytes of an image path: materialized under a host dir, it must stay under PATH_MAX
 XATTR = "SCHILY.xattr."
@@ -109,6 +109,7 @@ class Tree:
         self.inode: dict[str, int] = {}  # regular file path -> inode id (hard links share one)
         self._next_inode = 0
         self.total_size = 0
+        self.metadata = 0  # bytes of paths, targets and xattrs taken in (MAX_METADATA)
         self.layer_added: set[str] = set()    # entries the layer being applied put or updated
         self.layer_touched: set[str] = set()  # directories it put something under (maybe lower-layer ones)
 
@@ -131,9 +132,16 @@ class Tree:
             self.layer_touched.add(d)
             d = posixpath.dirname(d)
 
-    def _put(self, entry: Entry) -> None:
+    def _put(self, entry: Entry, shared: bool = False) -> None:
+        """``shared``: a hard link, whose xattrs are its target's (one dict for both)."""
         if len(self.entries) >= self.limits.max_entries:
             raise IngestError(f"image has more than {self.limits.max_entries} entries")
+        self.metadata += len(entry.path) + len(entry.target or "")
+        if entry.xattrs and not shared:
+            self.metadata += sum(len(k) + len(v) for k, v in entry.xattrs.items())
+        if self.metadata > MAX_METADATA:
+            raise IngestError(f"image has over {MAX_METADATA} bytes of paths, symlink targets and xattrs "
+                              f"(at {entry.path!r})")
         self.entries[entry.path] = entry
         if entry.path:
             self.children[posixpath.dirname(entry.path)].add(entry.path)
@@ -206,8 +214,8 @@ class Tree:
                               f"target {target!r}")
         self._check_parent(path, src)
         self.remove(path)
-        e = Entry(**{**t.to_dict(), "path": path, "chunks": list(t.chunks)})
-        self._put(e)
+        e = Entry(**{**t.to_dict(), "path": path})  # its chunk list and xattrs are the target's own objects
+        self._put(e, shared=True)
         self.inode[path] = self.inode[target]
 
     def _hide_lower(self, d: str) -> None:
@@ -223,6 +231,11 @@ class Tree:
     def whiteout(self, path: str, src: str) -> None:
         """Apply ``.wh.`` markers: they hide lower-layer entries only."""
         parent, name = posixpath.split(path)
+        d = parent
+        while d not in self.entries:
+            d = posixpath.dirname(d)
+        if self.entries[d].type == SYMLINK:  # containerd resolves it in the root; thaw refuses, as it does writes
+            raise IngestError(f"{src!r} is a whiteout through the symlink {d!r}")
         if name == OPAQUE:
             self._hide_lower(parent)
         else:
@@ -256,8 +269,9 @@ class Tree:
         first: dict[int, str] = {}
         for path in sorted(self.inode):
             ino = self.inode[path]
-            if ino in first:
-                self.entries[path].hardlink = first[ino]
+            if ino in first:  # its data and xattrs are the first path's: written once
+                e = self.entries[path]
+                e.hardlink, e.chunks, e.xattrs = first[ino], [], None
             else:
                 first[ino] = path
         cfg = {k: v for k, v in (config or {}).items() if k in CONFIG_KEYS and v not in (None, [], {})}
@@ -294,8 +308,10 @@ def _mtime_ns(m: tarfile.TarInfo, src: str) -> int:
 
 class _Member(tarfile.TarInfo):
     """tarfile's member header, refusing huge GNU long names and pax headers (read whole into memory), long
-    chains of them, global pax headers beyond a few KiB or with xattrs (copied into every member after them),
-    and sparse files (no container layer has them; tarfile would read a map of any length into memory)."""
+    chains of them, and sparse files (no container layer has them; tarfile would read a map of any length into
+    memory). Global pax headers are skipped, as Docker and containerd skip them: tarfile would apply their
+    ``path``, ``size``, ``uid``, ``mtime``... to every member after them, and so read the layer otherwise than
+    the runtimes that run it (a global ``size=0`` turns a file's data into members of their own)."""
 
     @classmethod
     def fromtarfile(cls, tf):
@@ -319,14 +335,15 @@ class _Member(tarfile.TarInfo):
         self._check_header()
         if self.type != tarfile.XGLTYPE:
             return self._chained(tf, super()._proc_pax)
-        tf.thaw_global = getattr(tf, "thaw_global", 0) + self.size  # they add up in tf.pax_headers
-        if tf.thaw_global > MAX_GLOBAL:
-            raise IngestError(f"global pax headers of {tf.thaw_global} bytes in all (at most {MAX_GLOBAL}: each "
-                              f"applies to every member after it)")
-        member = self._chained(tf, super()._proc_pax)
-        if any(k.startswith(XATTR) for k in tf.pax_headers):
-            raise IngestError(f"a global pax header before {member.name!r} sets an xattr (on every member after it)")
-        return member
+        tf.fileobj.read(self._block(self.size))  # its data, unread
+        return self._chained(tf, self._next_member)
+
+    @classmethod
+    def _next_member(cls, tf):
+        try:
+            return cls.fromtarfile(tf)
+        except tarfile.HeaderError as e:  # as tarfile's own _proc_pax: no member after the header
+            raise tarfile.SubsequentHeaderError(str(e)) from None
 
     def _check_header(self):
         if self.size > MAX_HEADER:
