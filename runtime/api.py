@@ -77,7 +77,7 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "?"
         if request.path.startswith("/v1/"):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme != "Bearer" or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token):
                 calls.labels(route, "401").inc()
                 return _error(401, "missing or wrong bearer token (see <state_dir>/api-token or THAW_API_TOKEN)")
         try:

@@ -7,8 +7,9 @@
   request waits in a FIFO queue, a scale signal to at least one replica is emitted at once, and queued
   requests are released as soon as ``Backends.endpoints()`` lists a replica (polled every ``refresh_s``;
   the pool may call :meth:`Gateway.refresh` to release them without waiting for the next poll). A request
-  held for ``hold_timeout_s`` in total is answered 503 with Retry-After and a one-line JSON error (which names
-  the last scale signal's failure, if it failed: Temporal down, say). A deployment that cannot have replicas at
+  held for ``hold_timeout_s`` in total (connects that timed out count) is answered 503 with Retry-After and a
+  one-line JSON error (which names the last scale signal's failure, if it failed: Temporal down, say). A
+  deployment whose maximum is 0 answers 503 at once. A deployment that cannot have replicas at
   all (undeployed: ``Backends.scale`` raises :class:`NotServing`) has its held requests answered 503 at once. A
   later request is held only while one more scale signal asks again (a deploy may have come since; at most one
   such signal per ``NOT_SERVING_RECHECK_S``, and requests in between are answered 503 at once). The first
@@ -41,7 +42,7 @@
   its first window, not panicking), it says its count again, plainly.
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
-  Content-Encoding is not passed on); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
+  Content-Encoding is not passed on; a coding aiohttp does not decode, or more than one, gets 415); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
   are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
   ``max_body_bytes``, else 413), and at most ``max_body_memory`` bytes of bodies are being read, held or in
   flight (a body is reserved before it is read: its Content-Length, or the most it may be when that is unknown
@@ -79,6 +80,9 @@ log = logging.getLogger("thaw.gateway")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "proxy-connection"})
 _NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "content-encoding"}
+# the request Content-Encodings aiohttp's server decodes (one header, this exact name); others are refused (415):
+# their bodies would go on still encoded, and the header that says so is not forwarded
+DECODED = frozenset({"gzip", "deflate", "br", "zstd", "identity"})
 
 HOLD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -714,6 +718,10 @@ class Gateway:
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
             return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
+        codings = request.headers.getall("Content-Encoding", [])
+        if codings and (len(codings) > 1 or codings[0].lower() not in DECODED):
+            return self._error(415, f"request Content-Encoding {', '.join(codings)[:80]!r} is not one the gateway "
+                                    f"decodes (one of {', '.join(sorted(DECODED))})")
         size = request.content_length
         if size is not None and size > self._body_cap:
             return self._error(413, f"request body of {size:,} bytes is over the limit of {self._body_cap:,}")
@@ -756,6 +764,8 @@ class Gateway:
             size = len(body)                      # a request is sent again if its connection breaks
             headers = self._upstream_headers(request)
             while True:
+                if not self._endpoints and self.autoscaler.clamp(1) < 1:  # held, it would wait out hold_timeout_s
+                    return self._error(503, f"{self.deployment} runs no replicas: its maximum is 0")
                 try:
                     ep, held = await self._acquire(request, avoid, self.hold_timeout_s - held_total)
                 except asyncio.CancelledError:   # the client hung up while held
@@ -774,6 +784,7 @@ class Gateway:
                                                 f"{self.hold_timeout_s:g}s{why}")
                     resp.headers["Retry-After"] = "1"
                     return resp
+                tried = time.monotonic()
                 try:
                     return await self._forward(request, ep, body, headers)
                 except _Retry as r:
@@ -788,6 +799,12 @@ class Gateway:
                     else:
                         self._m_retries.labels(self.deployment, "connect").inc()
                         self._drop(ep)
+                        held_total += time.monotonic() - tried  # a connect that timed out is time held too
+                        if held_total >= self.hold_timeout_s:
+                            resp = self._error(503, f"no replica of {self.deployment} could be reached within "
+                                                    f"{self.hold_timeout_s:g}s: {first_line(r.cause)[:200]}")
+                            resp.headers["Retry-After"] = "1"
+                            return resp
                     avoid.add(ep)
                 finally:
                     self._release(ep)

@@ -766,6 +766,57 @@ def test_compressed_bodies_forwarded_headers_and_odd_targets():
             status = (await reader.readline()).split()[1]
             writer.close()
             assert status == b"400"
+            # codings aiohttp leaves encoded: the replica would get the encoded bytes without the header saying so
+            for codings in (["x-gzip"], ["compress"], ["gzip, gzip"], ["gzip", "identity"]):
+                headers = [("Content-Encoding", c) for c in codings]
+                async with client.post(url + "/embed", data=gzip.compress(raw), headers=headers) as r:
+                    assert r.status == 415 and "Content-Encoding" in (await r.json())["error"], codings
+            async with client.post(url + "/embed", data=raw, headers={"Content-Encoding": "Identity"}) as r:
+                assert r.status == 200 and (await r.json())["body"] == raw.decode()
+            assert len(backends.replicas) == 1 and gw.state()["inflight_total"] == 0
+    asyncio.run(main())
+
+
+def test_connects_that_time_out_count_against_the_hold_timeout():
+    """A listed replica whose host stopped answering makes each connect wait out connect_timeout_s. Only the
+    time held between tries was counted, so the request went round for minutes instead of hold_timeout_s."""
+    import socket
+
+    async def main():
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(0)  # never accepted: once its queue is full, connects hang (the SYN is dropped)
+        port = lsock.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", port))
+            fillers.append(f)
+        await asyncio.sleep(0.2)
+        backends = FakeBackends()
+        backends.urls.append(f"http://127.0.0.1:{port}")
+        try:
+            async with stack(backends, connect_timeout_s=0.3, hold_timeout_s=1.5, quarantine_s=0.05) as (
+                    gw, url, client):
+                t0 = time.monotonic()
+                status, text = await post(client, url, {"i": 1})
+                took = time.monotonic() - t0
+            assert status == 503 and "could be reached within 1.5s" in json.loads(text)["error"], text
+            assert 1.4 < took < 3.0, took
+        finally:
+            for f in (*fillers, lsock):
+                f.close()
+    asyncio.run(main())
+
+
+def test_a_deployment_whose_maximum_is_0_answers_at_once():
+    async def main():
+        async with stack(FakeBackends(), max_replicas=0, min_replicas=0, hold_timeout_s=30) as (gw, url, client):
+            t0 = time.monotonic()
+            status, text = await post(client, url, {"i": 1})
+            assert status == 503 and "its maximum is 0" in json.loads(text)["error"], text
+            assert time.monotonic() - t0 < 2
     asyncio.run(main())
 
 

@@ -210,6 +210,9 @@ def test_control_api_refuses_calls_without_the_token(cfg, worker, agent, thaw_cl
     st = json.loads(thaw_cli("status", "api-dep", "--json").output)  # a refused call never reached the pool
     assert st["desired"] == 0 and st["last_signal"] is None and serving(cfg, "api-dep") == [], st
     assert api_call(url, "/v1/deployments/nope/scale", token, {"replicas": 1})[0] == 404
+    lower = urllib.request.Request(url + "/v1/deployments", headers={"Authorization": f"bearer {token}"})
+    with urllib.request.urlopen(lower, timeout=10) as r:  # RFC 9110: the scheme's case does not matter
+        assert r.status == 200
     for bad in ("x", "3", -1, 2.5, True, float("inf"), None):
         assert api_call(url, "/v1/deployments/api-dep/scale", token, {"replicas": bad})[0] == 400, bad
     for body, ctype in ((b"[" * 100_000, "application/json"),  # nested past the JSON parser
