@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from thaw.errors import first_line
 
+from .store import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -50,18 +52,24 @@ def load_profile(path) -> list[str]:
 
 def prefetch(store, digests, concurrency: int = 8, stop: threading.Event | None = None,
              stats: PrefetchStats | None = None) -> PrefetchStats:
-    """Fetch ``digests`` with ``concurrency`` threads (roughly in order); failures are counted, not raised."""
+    """Fetch ``digests`` with ``concurrency`` threads (roughly in order); failures are counted, not raised. The
+    first that finds the store unavailable (S3 down) ends the prefetch: each chunk after it would wait out the
+    retries in turn, for minutes, while readers fetch by need anyway."""
     stats = stats if stats is not None else PrefetchStats()
+    stop = stop if stop is not None else threading.Event()
     lock = threading.Lock()
     t0 = time.monotonic()
 
     def one(digest: str) -> None:
-        if stop is not None and stop.is_set():
+        if stop.is_set():
             return
         try:
             n = len(store.get_chunk(digest))
         except Exception as err:  # a missing chunk is the reader's problem, not the prefetcher's
             log.warning("prefetch of chunk %s failed: %s", digest, err)
+            if isinstance(err, StoreUnavailable) and not stop.is_set():
+                log.warning("prefetch stopped: the store is unavailable; readers fetch what they need")
+                stop.set()
             with lock:
                 stats.errors += 1
                 stats.first_error = stats.first_error or f"chunk {digest[:12]}: {first_line(err)}"
@@ -91,7 +99,13 @@ class PrefetchHandle:
         return not self._thread.is_alive()
 
     def wait(self, timeout: float | None = None) -> PrefetchStats:
-        self._thread.join(timeout)
+        """Joined a second at a time: an exception raised into the waiting thread (an activity's cancel) lands."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self._thread.join(left)
         return self.stats
 
     def cancel(self) -> None:

@@ -417,7 +417,12 @@ class ChunkStore:
                     data = verified(raw, tier) if raw is not None else None
                 if data is None:
                     log.warning("corrupt %s in %s: dropped", key, tier.name)
-                    tier.delete(key)
+                    try:
+                        tier.delete(key)
+                    except (OSError, StoreError) as e:  # a cache disk gone read-only: the next tier has it
+                        if tier is self.durable:
+                            raise
+                        log.warning("%s: cannot drop %s (%s)", tier.name, key, e)
                     if dropped is not None:
                         dropped.append(tier.name)
                     raw = None

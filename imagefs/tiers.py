@@ -21,10 +21,12 @@ after it reads it from one, so a tier only has to keep bytes and say when it has
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -158,6 +160,7 @@ class S3Tier:
                                        multipart_chunksize=multipart_chunksize, max_concurrency=max_concurrency)
         self._ready = False
         self._ready_lock = threading.Lock()
+        self._check_failed: tuple[float, str] | None = None  # when the last bucket check found S3 down, and why
         # keys this process has seen in the bucket (objects are immutable and content-addressed): spares
         # repeated HEADs when builds re-check chunks they uploaded or found earlier
         self._known: set[str] = set()
@@ -227,11 +230,18 @@ class S3Tier:
         """Check the bucket (and the credentials) once; create it when missing (``create_bucket``)."""
         if self._ready:
             return
+        asked = time.monotonic()
         with self._ready_lock:
             if self._ready:
                 return
+            failed = self._check_failed
+            if failed and failed[0] >= asked:  # it failed while this call waited: N threads would wait N times
+                raise StoreUnavailable(failed[1])
             try:
                 self._call("head bucket", None, self._head_bucket)
+            except StoreUnavailable as e:
+                self._check_failed = (time.monotonic(), str(e))
+                raise
             except _NoBucket:
                 if not self.create_bucket:
                     raise StoreError(f"S3 {self.endpoint_url or 'aws'}: bucket {self.bucket!r} does not exist "
@@ -391,9 +401,11 @@ class S3Tier:
             if getattr(self._zstd, "d", None) is None:
                 self._zstd.d = zstandard.ZstdDecompressor()
             if size >= 0:
-                return self._zstd.d.decompress(data)
-            out = bytearray()  # a frame that does not say its size (another writer's): streamed, with the same cap
-            for piece in self._zstd.d.read_to_iter(io.BytesIO(data)):
+                with contextlib.suppress(zstandard.ZstdError):  # more than one frame: streamed below
+                    return self._zstd.d.decompress(data, allow_extra_data=False)
+            out = bytearray()  # frames that do not say their size, or several (another writer's): streamed, capped
+            reader = self._zstd.d.stream_reader(io.BytesIO(data), read_across_frames=True)
+            while piece := reader.read(1 << 20):
                 out += piece
                 if len(out) > MAX_DECODED:
                     raise ValueError(f"decodes to more than {MAX_DECODED} bytes")

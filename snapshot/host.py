@@ -569,7 +569,11 @@ class HostSnapshots:
         files, _ = self.trees(snap)
         st.mark("mount")
         if self._prefetching:
-            self._prefetch(snap).wait()
+            fetch = self._prefetch(snap)
+            try:
+                fetch.wait()
+            finally:  # cancelled, say
+                fetch.cancel()
             st.mark("fetch")
         self._pinner.submit(self.pins.pin, snap["digest"], files).result()
         st.mark("pin")

@@ -477,6 +477,53 @@ def test_a_corrupt_disk_cache_chunk_is_dropped_and_fetched_from_s3(s3server, tmp
     assert restarted.durable.stats["gets"] == 1
 
 
+def test_a_corrupt_chunk_on_a_cache_disk_gone_read_only_is_read_from_s3(s3server, tmp_path, caplog):
+    """The bad copy cannot be dropped (the disk went read-only: ext4's errors=remount-ro): the read still gets
+    the verified chunk from S3. The delete's EROFS failed the read."""
+    bucket = new_bucket()
+    data = blob(MiB, 17)
+    cfg = s3cfg(tmp_path, s3server, "host", bucket)
+    d, _ = ChunkStore.open(cfg).put_chunk(data)
+    store = ChunkStore.open(cfg)
+    path = store.local.path(ckey(d))
+    path.write_bytes(b"\0" * 100 + data[100:])
+    cache = str(store.local.root)
+    subprocess.run(["mount", "--bind", cache, cache], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", cache], check=True)
+        with caplog.at_level(logging.WARNING, logger="thaw.imagefs.store"):
+            assert store.get_chunk(d) == data
+        assert "cannot drop" in caplog.text and "Read-only file system" in caplog.text
+    finally:
+        subprocess.run(["umount", cache], check=True)
+    assert store.durable.stats["gets"] == 1
+
+
+def test_prefetch_stops_at_the_first_chunk_s3_does_not_answer_for(s3server_own, tmp_path):
+    """S3 down during a prefetch (a buffer host warming): each chunk waited out the retries in turn, and the
+    threads waiting for the bucket check each checked again, one after another, for minutes."""
+    from thaw.imagefs.prefetch import prefetch
+
+    bucket = new_bucket()
+    settings = s3server_own.settings(bucket, s3_timeout_s=1.0, s3_max_attempts=2)
+    writer = ChunkStore.open(Config(state_dir=tmp_path / "w", chunk_size=MiB, **settings))
+    digests = [writer.put_chunk(blob(1000, 700 + i))[0] for i in range(40)]
+    reader = ChunkStore.open(Config(state_dir=tmp_path / "r", chunk_size=MiB, **settings))  # bucket not checked yet
+    one = ChunkStore.open(Config(state_dir=tmp_path / "one", chunk_size=MiB, **settings))
+    with s3server_own.paused():
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            one.get_chunk(digests[0])
+        single = time.monotonic() - t0
+        t0 = time.monotonic()
+        stats = prefetch(reader, digests, concurrency=4)
+        took = time.monotonic() - t0
+    print(f"one fetch gave up after {single:.1f} s; the prefetch of 40 after {took:.1f} s: {stats}")
+    assert stats.chunks == 0 and 1 <= stats.errors <= 4 and "no answer" in stats.first_error, stats
+    assert took < 2 * single + 1, (took, single)  # was about 40 / 4 x single
+    assert prefetch(reader, digests[:3], concurrency=2).chunks == 3  # S3 back: the same store fetches again
+
+
 def test_a_failing_disk_cache_falls_back_to_s3(s3server, tmp_path, caplog):
     """The disk cache cannot be read (an unreadable object file here; a disk gone read-only or bad sectors on a
     host) nor take the host's fetch lock: the chunk still comes from S3, verified."""
@@ -526,6 +573,11 @@ def test_an_object_compressed_without_its_size_is_read(s3server, tmp_path):
     k = ckey(digest_of(data))
     s3server.client().put_object(Bucket=bucket, Key=k, Body=packed, Metadata={"thaw-encoding": "zstd"})
     assert store.get_chunk(digest_of(data)) == data and store.durable.has(k)
+    frames = zstandard.ZstdCompressor().compress(data[:10_000]) + zstandard.ZstdCompressor().compress(data[10_000:])
+    k = ckey(digest_of(data + b"2"))  # several frames (a streaming writer's): all of them, not the first alone
+    s3server.client().put_object(Bucket=bucket, Key=k, Body=frames + zstandard.ZstdCompressor().compress(b"2"),
+                                 Metadata={"thaw-encoding": "zstd"})
+    assert store.get_chunk(digest_of(data + b"2")) == data + b"2" and store.durable.has(k)
 
 
 def test_what_s3_did_not_take_is_not_left_on_the_disk(s3server_own, tmp_path):
