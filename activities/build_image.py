@@ -22,7 +22,7 @@ from thaw.imagefs import oci
 from thaw.imagefs.ingest import IngestError, Limits, ingest, source_size
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.store import ChunkStore, StoreError, StoreUnavailable
-from thaw.registry import images
+from thaw.registry import images, leases
 from thaw.registry.models import Image
 from thaw.workflows.build_image import (
     IngestedAndStored, IngestInput, IngestResult, RegisterInput, RegisterResult, ResolvedSource, StoreResult)
@@ -85,6 +85,15 @@ class Heartbeat:
             activity.heartbeat({"stage": self.stage, "done": self.done, "total": self.total})
 
 
+def after_gc(cfg: Config) -> None:
+    """Wait while `thaw gc` sweeps the store (it holds the store's lease), heartbeating: a build must not take an
+    unreferenced chunk the sweep is about to delete, nor register after the sweep took stock of what is."""
+    if leases.current(cfg.registry_url, leases.STORE) is None:
+        return
+    with keepalive("waiting for gc") as stage:
+        leases.wait_free(cfg.registry_url, leases.STORE, lambda row: stage(f"waiting for {row.holder}"))
+
+
 class BuildActivities:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -100,6 +109,7 @@ class BuildActivities:
     @user_errors_fail_fast
     def ingest_image(self, inp: IngestInput) -> IngestResult:
         t0 = time.monotonic()
+        after_gc(self.cfg)
         staging = self.store.staging(inp.build_id)
         done = staging.dir / RESULT_FILE
         what = {"source": [inp.source.kind, inp.source.location], "config": inp.config,
@@ -159,6 +169,7 @@ class BuildActivities:
     def register_image(self, inp: RegisterInput) -> RegisterResult:
         t0 = time.monotonic()
         ing = inp.ingest
+        after_gc(self.cfg)
         manifest = ImageManifest.load(self.store, ing.manifest_digest)  # verified read: it is durable
         missing = self.store.missing_chunks(manifest.chunk_digests())
         if missing:

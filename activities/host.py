@@ -31,7 +31,7 @@ from thaw.workflows.build_snapshot import (
     VerifyInput, VerifyResult)
 from thaw.workflows.pool import ReplicaInfo, StartReplicaInput, StopReplicaInput, WarmInput
 
-from .build_image import fail_fast_on
+from .build_image import after_gc, fail_fast_on
 
 log = logging.getLogger("thaw.agent")
 # no driver >= 570 or cuda-python, or a process in a state the step refuses: a retry would only repeat a cold boot
@@ -73,6 +73,7 @@ class HostActivities:
             return StoredSnapshot(**json.loads(stored.read_text()))
         if not dump.is_dir():
             raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
+        after_gc(self.cfg)
         with keepalive("store"):  # a large dump, or its upload to S3, outlasts the heartbeat timeout
             # the whiteouts among what the server wrote to its root (Root.keep_writes left out other devices)
             limits = dataclasses.replace(Limits.from_config(self.cfg), allow_whiteouts=True)

@@ -16,7 +16,7 @@ from thaw.snapshot.replica import parse_signal, signal_name
 from thaw.workflows.build_snapshot import (
     DEFAULT_PORT, BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
 
-from .build_image import user_errors_fail_fast
+from .build_image import after_gc, user_errors_fail_fast
 
 def host_queue(cfg: Config, host_id: str) -> str:
     return f"{cfg.host_task_queue_prefix}{host_id}"
@@ -91,6 +91,7 @@ class SnapshotActivities:
             raise NotFound(f"host {plan.host_id}'s agent is older than this build worker: it applies neither "
                            f"--golden-ignore nor --shm-size, so its snapshot would not restore as asked; upgrade "
                            f"the agent and build again")
+        after_gc(self.cfg)  # a gc sweeping now took stock of what was registered without this snapshot
         spec, golden = dataclasses.asdict(plan.spec), dataclasses.asdict(inp.golden)
         if ck.sdk is not None:  # a fact of the server, kept with how to run it (runtime.pool.deploy reads it)
             spec["sdk"] = ck.sdk

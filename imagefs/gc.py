@@ -5,8 +5,9 @@ that cannot be read stops the collection before anything is deleted: without it 
 Sweep: every other object in the store's tiers (the local directory and S3 where configured) that is older
 than ``min_age_s``, and the local directory's scratch of that age (half-written objects in ``tmp/`` and the
 ``staging/`` areas of builds that never finished). The age bound keeps what a build in progress has already
-stored but not yet registered; ``thaw gc`` also refuses to run while a build workflow runs (a build may re-use
-an old unreferenced chunk it found in the store without storing it again).
+stored but not yet registered; ``thaw gc`` also refuses to run while a build workflow runs, and holds the
+store's lease (``registry.leases``) that builds wait for (a build may re-use an old unreferenced chunk it found
+in the store without storing it again).
 """
 
 from __future__ import annotations

@@ -104,3 +104,13 @@ class Replica(SQLModel, table=True):
     ports: dict | None = Field(default=None, sa_column=Column(JSON))  # extra replica port -> host:port
     outcome: str  # "restored" | "cold-boot"
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class Lease(SQLModel, table=True):
+    """A claim on something all hosts share, held until ``expires`` (epoch seconds) unless renewed: `thaw gc`
+    holds "store" while it sweeps, and builds wait for it before they take chunks from the store or register."""
+
+    name: str = Field(primary_key=True)
+    holder: str  # who: "gc on HOST pid N"
+    since: float
+    expires: float

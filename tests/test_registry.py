@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 import uuid
 from dataclasses import replace
 
@@ -392,3 +393,52 @@ def test_a_first_upsert_that_races_another_updates_the_winners_row(tmp_path, mon
     assert raced
     dep = deployments.get(url, "m")
     assert (dep.snapshot_digest, dep.max_replicas) == ("b" * 64, 3)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_lease_has_one_holder_until_it_is_given_back_or_runs_out(tmp_path, request, db):
+    """What keeps `thaw gc` and builds apart: one holder at a time (two takers racing, one wins), renewed while
+    held, free once given back or once its holder stops renewing (died)."""
+    import threading
+
+    from thaw.config import Config
+    from thaw.registry import leases
+
+    url = (Config(state_dir=tmp_path / "state").registry_url if db == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    name = f"store-{uuid.uuid4().hex[:8]}"
+    assert leases.current(url, name) is None
+    won, lost = [], []
+    go = threading.Barrier(4)
+
+    def race(i):
+        go.wait()
+        try:
+            leases.take(url, name, f"gc {i}", ttl_s=1.0)
+            won.append(i)
+        except leases.LeaseHeld as e:
+            lost.append(str(e))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(won) == 1 and len(lost) == 3, (won, lost)
+    assert all(f"gc {won[0]} holds the {name} lease" in m or "changed hands" in m for m in lost), lost
+    assert leases.current(url, name).holder == f"gc {won[0]}"
+    assert leases.renew(url, name, f"gc {won[0]}", ttl_s=1.0) and not leases.renew(url, name, "someone else")
+    time.sleep(1.2)  # not renewed: it ran out, as a dead holder's does
+    assert leases.current(url, name) is None
+    leases.take(url, name, "next", ttl_s=30)
+    with pytest.raises(leases.LeaseHeld, match=f"next holds the {name} lease"):
+        leases.take(url, name, "other")
+    seen = []
+    threading.Timer(1.5, leases.give_back, (url, name, "next")).start()
+    t0 = time.monotonic()
+    leases.wait_free(url, name, seen.append, poll_s=0.2)
+    assert 1.3 < time.monotonic() - t0 < 10 and seen and seen[0].holder == "next"
+    with leases.held(url, name, "block", ttl_s=0.6):
+        time.sleep(1.0)  # renewed meanwhile, every 0.2 s
+        assert leases.current(url, name).holder == "block"
+    assert leases.current(url, name) is None

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,26 @@ def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, th
     thaw_cli("images", "rm", image)
     assert gc("--min-age", "0")["deleted"][local] and store.local.usage() == (0, 0)
     fails("images", "rm", image, want="no image")
+
+    # a gc elsewhere holds the store's lease: this one is refused, and a build waits (it would re-use chunks)
+    from thaw.registry import leases
+    from thaw.workflows.build_image import BuildImageInput
+
+    with leases.held(cfg.registry_url, leases.STORE, "thaw gc on elsewhere (pid 1)"):
+        fails("gc", want="another gc is running: thaw gc on elsewhere (pid 1) holds the store lease")
+
+    async def build_while_held():
+        c = await Client.connect(cfg.temporal_address)
+        with leases.held(cfg.registry_url, leases.STORE, "thaw gc on elsewhere (pid 2)"):
+            h = await c.start_workflow("BuildImage", BuildImageInput(str(rootfs)), id=f"build-image-{uuid.uuid4().hex}",
+                                       task_queue=cfg.build_task_queue)
+            await asyncio.sleep(3)
+            held = await h.query("current_stage"), (await h.describe()).status.name, images.list_all(cfg.registry_url)
+        return held, await asyncio.wait_for(h.result(), 120)
+
+    (stage, status, registered), built = asyncio.run(build_while_held())
+    assert (stage, status, registered) == ("ingest", "RUNNING", []), (stage, status, registered)
+    assert [r.digest for r in images.list_all(cfg.registry_url)] == [built["digest"]] and store.local.usage()[0]
 
 
 def test_a_host_with_a_cold_cache_restores_and_cold_boots_from_s3(cfg, worker, agent, thaw_cli, image, s3server,

@@ -645,27 +645,30 @@ def _builds(cfg, query: str) -> list[str]:
 @click.pass_obj
 def gc(cfg, dry_run, min_age_s, as_json):
     """Delete the store's chunks and manifests that no registered image or snapshot uses (the local store and
-    S3). Refused while a build runs. `thaw images rm` / `thaw snapshots rm` first to free their objects."""
-    from datetime import datetime, timezone
+    S3). Refused while a build runs; builds that start meanwhile wait for it (it holds the store's lease in the
+    registry). `thaw images rm` / `thaw snapshots rm` first to free their objects."""
+    import socket
 
     from thaw.imagefs.gc import collect
     from thaw.imagefs.store import ChunkStore, StoreError
-    from thaw.registry import images, snapshots
+    from thaw.registry import images, leases, snapshots
 
-    started = datetime.now(timezone.utc)
-    running = _builds(cfg, 'ExecutionStatus="Running"')
-    if running:
-        _fail(f"{len(running)} build(s) running ({', '.join(running[:3])}): run gc once they have finished")
-    keep = [r.digest for r in images.list_all(cfg.registry_url)] + \
-        [r.digest for r in snapshots.list_all(cfg.registry_url)]
-    try:
-        res = collect(ChunkStore.open(cfg), keep, min_age_s=min_age_s, dry_run=dry_run)
+    holder = f"thaw gc on {socket.gethostname()} (pid {os.getpid()})"
+    try:  # builds wait while gc holds the store's lease: one that reused a chunk the sweep deletes would break
+        with leases.held(cfg.registry_url, leases.STORE, holder):
+            running = _builds(cfg, 'ExecutionStatus="Running"')  # ones that got past their wait before it
+            if running:
+                _fail(f"{len(running)} build(s) running ({', '.join(running[:3])}): run gc once they have finished")
+            keep = [r.digest for r in images.list_all(cfg.registry_url)] + \
+                [r.digest for r in snapshots.list_all(cfg.registry_url)]
+            res = collect(ChunkStore.open(cfg), keep, min_age_s=min_age_s, dry_run=dry_run)
+    except leases.LeaseHeld as e:
+        _fail(f"another gc is running: {e}")
     except StoreError as e:
         _fail(str(e))
-    late = _builds(cfg, f'StartTime > "{started.isoformat()}"')
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "manifests_kept": res.manifests_kept,
-                               "chunks_kept": res.chunks_kept, "young": res.young, "builds_during_gc": late,
+                               "chunks_kept": res.chunks_kept, "young": res.young,
                                "deleted": {t: [k for k, _ in objs] for t, objs in res.deleted.items()},
                                "deleted_bytes": res.deleted_bytes(), "scratch": res.scratch}))
     else:
@@ -676,9 +679,6 @@ def gc(cfg, dry_run, min_age_s, as_json):
             click.echo(f"scratch: {verb} {len(res.scratch)} leftover(s) of unfinished writes and builds")
         click.echo(f"kept {res.manifests_kept} registered manifest(s) and their {res.chunks_kept} chunk(s)"
                    + (f"; {res.young} unreferenced object(s) younger than {min_age_s:g} s" if res.young else ""))
-    if late:
-        click.echo(f"warning: build(s) {', '.join(late)} started during gc; if one fails or its image or snapshot "
-                   f"does not restore, build it again", err=True)
 
 
 @cli.command()
