@@ -21,7 +21,9 @@ after it reads it from one, so a tier only has to keep bytes and say when it has
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -454,8 +456,10 @@ class S3Tier:
                 self._count(multipart_puts=1)
                 self.client.upload_fileobj(f, self.bucket, self.prefix + key, Config=self.transfer,
                                            ExtraArgs={"Metadata": meta})
-            else:
-                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=f.read(), Metadata=meta)
+            else:  # Content-MD5: the server refuses bytes damaged on the way (no CRC trailers, see __init__)
+                body = f.read()
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=body, Metadata=meta,
+                                       ContentMD5=base64.b64encode(hashlib.md5(body).digest()).decode())
             self._count(puts=1, put_bytes=given, wire_put_bytes=size)
 
         self._call("PUT", key, up)

@@ -375,6 +375,28 @@ def test_gc_sweeps_s3_and_the_disk_cache(s3server, tmp_path):
     assert collect(store, [b.digest], min_age_s=0).deleted_bytes() == 0
 
 
+def test_bytes_damaged_on_the_way_to_s3_are_refused_not_stored(s3server, tmp_path):
+    """Uploads carry Content-MD5 (the CRC trailers are off for S3-compatible servers): a body damaged after it
+    was hashed is refused by the server, and nothing is stored under the chunk's name."""
+    tier = s3tier(s3server)
+    data = blob(100_000, 21)
+    key = ckey(digest_of(data))
+
+    def damage(request, **_):
+        b = request.body
+        body = bytearray(b.read() if hasattr(b, "read") else b)
+        body[len(body) // 2] ^= 0xFF
+        request.body = bytes(body)
+
+    tier.client.meta.events.register("before-send.s3.PutObject", damage)
+    with pytest.raises(StoreError, match="BadDigest|InvalidDigest|Content-MD5"):
+        tier.put(key, data)
+    tier.client.meta.events.unregister("before-send.s3.PutObject", damage)
+    tier.forget()
+    assert not tier.has(key)
+    assert tier.put(key, data) and tier.get(key) == data
+
+
 def test_a_long_lived_builder_uploads_again_what_gc_deleted_meanwhile(s3server, tmp_path):
     """A build worker remembers which objects S3 holds (fewer HEADs); `thaw gc` in another process then
     deletes the image's objects. Rebuilding the same content on that worker must upload them again."""
