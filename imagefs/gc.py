@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from thaw.errors import first_line
 
@@ -41,8 +41,9 @@ class GcResult:
 
 
 def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0, dry_run: bool = False,
-            now: float | None = None) -> GcResult:
-    """Delete (or with ``dry_run`` only list) what the manifests ``keep`` (digests) do not reach."""
+            now: float | None = None, check: Callable[[], None] = lambda: None) -> GcResult:
+    """Delete (or with ``dry_run`` only list) what the manifests ``keep`` (digests) do not reach. ``check`` is
+    called before each deletion; what it raises stops the collection (the store's lease was lost)."""
     manifests = set(keep)
     chunks: set[str] = set()
     for digest in sorted(manifests):
@@ -65,6 +66,7 @@ def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0
                 res.young += 1
                 continue
             if not dry_run:
+                _check(check, res)
                 tier.delete(key)
             gone.append((key, size))
     for parent in (store.local.root / "tmp", store.local.root / "staging"):
@@ -74,11 +76,20 @@ def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0
             res.scratch.append(f"{parent.name}/{p.name}")
             if dry_run:
                 continue
+            _check(check, res)
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
     return res
+
+
+def _check(check: Callable[[], None], res: GcResult) -> None:
+    try:
+        check()
+    except Exception as e:
+        raise GcError(f"gc stopped after deleting {sum(map(len, res.deleted.values()))} object(s): "
+                      f"{first_line(e)}") from None
 
 
 def _mtime(p: Path) -> float:

@@ -7,13 +7,15 @@ sweep marked what was registered when it began). A holder that died stops renewi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import delete, update
+
+from thaw.errors import first_line
 
 from .db import session
 from .models import Lease
@@ -67,24 +69,49 @@ def give_back(url: str, name: str, holder: str) -> None:
         s.commit()
 
 
-@contextmanager
-def held(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> Iterator[None]:
-    """Hold the lease for the block (LeaseHeld if another does), renewed every third of ``ttl_s``."""
+class Hold:
+    """A lease being held: ``check()`` raises LeaseHeld once it was lost (its renewals failed until it ran out,
+    or someone took it over), so the holder stops before it acts without it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lost: str | None = None
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseHeld(f"the {self.name} lease was lost: {self.lost}")
+
+
+@contextlib.contextmanager
+def held(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> Iterator[Hold]:
+    """Hold the lease for the block (LeaseHeld if another does), renewed every third of ``ttl_s``; a renewal
+    that fails (the database restarting, SQLite busy) is tried again at the next turn, and the hold counts as
+    lost once the lease may have run out."""
     take(url, name, holder, ttl_s)
-    stop = threading.Event()
+    hold, stop = Hold(name), threading.Event()
 
     def keep() -> None:
+        good = time.monotonic()
         while not stop.wait(ttl_s / 3):
-            renew(url, name, holder, ttl_s)
+            try:
+                if not renew(url, name, holder, ttl_s):
+                    hold.lost = "someone else holds it now"
+                    return
+                good = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - tried again at the next turn
+                if time.monotonic() - good >= ttl_s * 2 / 3:  # the next failure would come after it ran out
+                    hold.lost = f"not renewed for {time.monotonic() - good:.0f} s ({first_line(e)})"
+                    return
 
     t = threading.Thread(target=keep, name=f"lease-{name}", daemon=True)
     t.start()
     try:
-        yield
+        yield hold
     finally:
         stop.set()
         t.join()
-        give_back(url, name, holder)
+        with contextlib.suppress(Exception):  # it runs out anyway
+            give_back(url, name, holder)
 
 
 def wait_free(url: str, name: str, waiting: Callable[[Lease], None] | None = None, poll_s: float = 1.0) -> None:

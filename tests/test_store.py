@@ -148,3 +148,28 @@ def test_gc_removes_old_scratch_only(tmp_path):
     assert old_tmp.exists() and st.dir.exists()
     collect(store, [], min_age_s=3600)
     assert not old_tmp.exists() and not st.dir.exists() and new_tmp.exists()
+
+
+def test_gc_stops_before_a_deletion_when_its_check_fails(tmp_path):
+    """thaw gc passes its lease's check: a lease lost mid-sweep (renewals failed until it ran out) stops the
+    sweep before the next deletion, since builds no longer wait for it."""
+    import os
+    import time
+
+    from thaw.imagefs.gc import GcError, collect
+
+    store = ChunkStore([LocalDirTier(tmp_path / "store")])
+    digests = [store.put_chunk(bytes([i]) * 100)[0] for i in range(5)]
+    old = time.time() - 7200
+    for d in digests:
+        os.utime(store.local.path(f"chunks/{d[:2]}/{d}"), (old, old))
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("the store lease was lost: not renewed for 40 s")
+
+    with pytest.raises(GcError, match=r"^gc stopped after deleting 2 object\(s\): the store lease was lost"):
+        collect(store, [], min_age_s=3600, check=check)
+    assert sum(store.has_chunk(d) for d in digests) == 3

@@ -655,13 +655,13 @@ def gc(cfg, dry_run, min_age_s, as_json):
 
     holder = f"thaw gc on {socket.gethostname()} (pid {os.getpid()})"
     try:  # builds wait while gc holds the store's lease: one that reused a chunk the sweep deletes would break
-        with leases.held(cfg.registry_url, leases.STORE, holder):
+        with leases.held(cfg.registry_url, leases.STORE, holder) as hold:
             running = _builds(cfg, 'ExecutionStatus="Running"')  # ones that got past their wait before it
             if running:
                 _fail(f"{len(running)} build(s) running ({', '.join(running[:3])}): run gc once they have finished")
             keep = [r.digest for r in images.list_all(cfg.registry_url)] + \
                 [r.digest for r in snapshots.list_all(cfg.registry_url)]
-            res = collect(ChunkStore.open(cfg), keep, min_age_s=min_age_s, dry_run=dry_run)
+            res = collect(ChunkStore.open(cfg), keep, min_age_s=min_age_s, dry_run=dry_run, check=hold.check)
     except leases.LeaseHeld as e:
         _fail(f"another gc is running: {e}")
     except StoreError as e:
