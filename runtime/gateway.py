@@ -42,8 +42,8 @@
   its first window, not panicking), it says its count again, plainly.
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
   Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
-  Content-Encoding is not passed on; a coding aiohttp does not decode, or more than one, gets 415); X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto
-  are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
+  Content-Encoding is not passed on; a coding aiohttp does not decode, or more than one, gets 415);
+  X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
   ``max_body_bytes``, else 413), and at most ``max_body_memory`` bytes of bodies are being read, held or in
   flight (a body is reserved before it is read: its Content-Length, or the most it may be when that is unknown
   or it is compressed); past either a request gets 503 with Retry-After. A body not received within

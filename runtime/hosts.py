@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from thaw.config import LOOPBACK, Config
+from thaw.errors import first_line
 from thaw.files import write_atomic
 from thaw.seaweed import SOCKET
 from thaw.snapshot._linux import socket_in
@@ -79,8 +80,10 @@ def up(cfg: Config, n: int, base: int = 1, capacity: int = 4, ready_timeout_s: f
     hosts = _load(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    used = {int(h["host_id"].removeprefix("nshost")) for h in hosts}  # one a `down` kept, say
     for i in range(n):
-        k = base + len(hosts)
+        k = min(set(range(base, base + len(used) + 1)) - used)
+        used.add(k)
         host_id, ns, veth = f"nshost{k}", f"{PREFIX}nshost{k}-{os.getpid()}", f"thv{k}-{os.getpid() % 10000}"
         if k > 255:
             raise HostsError(f"at most 255 namespaced hosts (10.77.<k>.0/30 each); {len(hosts)} run already")
@@ -176,20 +179,30 @@ def _in_netns(pid: int, ns: str) -> bool:
 
 def down(cfg: Config) -> list[str]:
     """Stop every namespaced agent (SIGTERM: it stops its replicas and mounts), then delete its namespace. For an
-    agent that died, what it left goes: its replicas (by recorded pid and start time), their roots, its mounts."""
+    agent that died, what it left goes: its replicas (by recorded pid and start time), their roots, its mounts.
+    A host whose agent would not go, or whose leftovers could not be cleared, keeps its record and its namespace
+    (a later `down` tries again; a new `up` takes other subnets) and makes a HostsError once the rest is down."""
     from .agent import release_if_dead
 
-    done = []
+    done, kept, failed = [], [], []
     for h in _load(cfg):
         if _in_netns(h["pid"], h["netns"]):  # still that agent (a pid reused since is in another namespace)
             _stop_pid(h["pid"], timeout=30)  # SIGTERM, then SIGKILL of its whole session
         try:  # it died, or was killed in the end: what it left goes
-            release_if_dead(cfg.model_copy(update={"host_id": h["host_id"]}))
-        except Exception as e:  # noqa: BLE001 - the other hosts and the namespace must still go
-            log.warning("host %s: could not clear what its agent left: %s", h["host_id"], e)
+            cleared = release_if_dead(cfg.model_copy(update={"host_id": h["host_id"]}))
+            why = "" if cleared else "its agent still runs (stuck in the kernel?)"
+        except Exception as e:  # noqa: BLE001 - the other hosts must still go
+            why = f"could not clear what its agent left: {first_line(e)}"
+        if why:
+            kept.append(h)
+            failed.append(f"{h['host_id']}: {why}")
+            continue
         subprocess.run(["ip", "netns", "del", h["netns"]], capture_output=True)  # its veth pair goes with it
         if h.get("store"):  # its own chunk cache (with S3): the next `hosts up` starts cold again
             shutil.rmtree(h["store"], ignore_errors=True)
         done.append(h["host_id"])
+    if kept:
+        write_atomic(_file(cfg), json.dumps(kept))
+        raise HostsError(f"stopped {len(done)} host(s); kept {'; '.join(failed)} (`thaw hosts down` tries again)")
     _file(cfg).unlink(missing_ok=True)
     return done

@@ -138,6 +138,33 @@ def test_hosts_down_does_not_signal_a_pid_that_is_not_its_agent(tmp_path):
         bystander.wait()
 
 
+def test_hosts_down_keeps_a_host_whose_agent_would_not_go(tmp_path):
+    """An agent still there after SIGTERM and SIGKILL (stuck in the kernel on a FUSE request, say) holds its
+    replicas and namespace: `down` said "stopped" and forgot it, so nothing stopped it later and the next `up`
+    took its subnet again. Its record stays, the others go, and the error names it; a later `down` finishes."""
+    import json
+
+    from thaw.config import Config
+    from thaw.runtime import hosts
+    from thaw.runtime.agent import hold_host
+
+    cfg = Config(state_dir=tmp_path)
+    cfg.run_dir.mkdir(parents=True)
+    records = [{"host_id": f"nshost{k}", "netns": f"thaw-gone-{k}", "veth": f"thv{k}-0", "address": f"10.77.{k}.2",
+                "pid": os.getpid()} for k in (1, 2)]  # not in those namespaces: not signalled
+    (cfg.run_dir / "hosts.json").write_text(json.dumps(records))
+    stuck = cfg.model_copy(update={"host_id": "nshost1"})
+    stuck.work_dir.mkdir(parents=True)
+    fd = hold_host(stuck)  # as its agent still does
+    try:
+        with pytest.raises(hosts.HostsError, match=r"stopped 1 host\(s\); kept nshost1: its agent still runs"):
+            hosts.down(cfg)
+        assert json.loads((cfg.run_dir / "hosts.json").read_text()) == records[:1]
+    finally:
+        os.close(fd)
+    assert hosts.down(cfg) == ["nshost1"] and not (cfg.run_dir / "hosts.json").exists()
+
+
 def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
     """Temporal, a registry DSN or S3 on loopback is refused before any namespace is made."""
     from thaw.config import Config

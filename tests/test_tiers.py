@@ -378,6 +378,7 @@ def test_gc_sweeps_s3_and_the_disk_cache(s3server, tmp_path):
 def test_bytes_damaged_on_the_way_to_s3_are_refused_not_stored(s3server, tmp_path):
     """Uploads carry Content-MD5 (the CRC trailers are off for S3-compatible servers): a body damaged after it
     was hashed is refused by the server, and nothing is stored under the chunk's name."""
+    assert (s3server.root / "s3.json").stat().st_mode & 0o077 == 0  # the server's own copy of the secret key
     tier = s3tier(s3server)
     data = blob(100_000, 21)
     key = ckey(digest_of(data))

@@ -1093,11 +1093,13 @@ def hosts_up(cfg, count, capacity):
     """Start COUNT host agents on this machine, each in its own network namespace (test/demo mode; needs
     THAW_TEMPORAL_ADDRESS=0.0.0.0:<port> for the stack)."""
     from thaw.runtime import hosts as hosts_mod
+    from thaw.stack import StackError, one_at_a_time
 
     try:
-        for h in hosts_mod.up(cfg, count, capacity=capacity):
-            click.echo(f"{h['host_id']}: agent pid {h['pid']} in netns {h['netns']}, replicas on {h['address']}")
-    except hosts_mod.HostsError as e:
+        with one_at_a_time(cfg):  # a `thaw down` meanwhile would miss the agents started after it read hosts.json
+            for h in hosts_mod.up(cfg, count, capacity=capacity):
+                click.echo(f"{h['host_id']}: agent pid {h['pid']} in netns {h['netns']}, replicas on {h['address']}")
+    except (hosts_mod.HostsError, StackError) as e:
         _fail(str(e))
 
 
@@ -1106,9 +1108,14 @@ def hosts_up(cfg, count, capacity):
 def hosts_down(cfg):
     """Stop the namespaced agents and delete their namespaces."""
     from thaw.runtime import hosts as hosts_mod
+    from thaw.stack import StackError, one_at_a_time
 
-    for host_id in hosts_mod.down(cfg):
-        click.echo(f"{host_id}: stopped")
+    try:
+        with one_at_a_time(cfg):
+            for host_id in hosts_mod.down(cfg):
+                click.echo(f"{host_id}: stopped")
+    except (hosts_mod.HostsError, StackError) as e:
+        _fail(str(e))
 
 
 def _deployment_status(cfg, name, as_json):

@@ -19,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+from .files import write_atomic
 from .ports import free_ports
 
 ACCESS_KEY = "thaw-test-access"
@@ -62,7 +63,7 @@ class SeaweedS3:
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         auth = self.root / "s3.json"
-        auth.write_text(json.dumps({"identities": [{
+        write_atomic(auth, json.dumps({"identities": [{  # 0600: it holds the secret key
             "name": "thaw-test", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
         master, master_g, volume, volume_g, filer, filer_g, s3, s3_g = free_ports(8)

@@ -213,7 +213,7 @@ def serve_s3(cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def _one_at_a_time(cfg: Config):
+def one_at_a_time(cfg: Config):
     """One `thaw up` or `thaw down` per state dir at a time: two `up`s at once both find a component stopped and
     start it, and its pid file keeps one of the two, so `thaw down` would not know the other."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def _one_at_a_time(cfg: Config):
 
 
 def up(cfg: Config, echo=print) -> None:
-    with _one_at_a_time(cfg):
+    with one_at_a_time(cfg):
         _up(cfg, echo)
 
 
@@ -280,16 +280,19 @@ def _stop_pid(pid: int, timeout: float = 20.0) -> None:
 def down(cfg: Config, echo=print) -> None:
     """Stop what `thaw up` and `thaw hosts up` started; a StackError at the end if something could not be
     cleared (the rest is stopped all the same)."""
-    with _one_at_a_time(cfg):
+    with one_at_a_time(cfg):
         _down(cfg, echo)
 
 
 def _down(cfg: Config, echo) -> None:
     from thaw.runtime import hosts  # `thaw hosts up` agents first: they need Temporal to stop their replicas
 
-    for host_id in hosts.down(cfg):
-        echo(f"{host_id}: stopped (namespaced host)")
     failed = ""
+    try:
+        for host_id in hosts.down(cfg):
+            echo(f"{host_id}: stopped (namespaced host)")
+    except hosts.HostsError as e:  # the rest of the stack must still come down
+        failed = f"namespaced hosts: {e}"
     for c in reversed(components(cfg, s3=True)):  # S3 too where the config no longer says so: its pid file does
         pid = c.running_pid(cfg)
         if pid:
@@ -304,7 +307,8 @@ def _down(cfg: Config, echo) -> None:
                 release_if_dead(cfg)
             except Exception as e:  # noqa: BLE001 - the rest of the stack must still come down
                 why = first_line(e)
-                failed = f"agent: could not clear what it left in {cfg.work_dir}: {why}"
+                failed = "; ".join(filter(None, (failed, f"agent: could not clear what it left in "
+                                                         f"{cfg.work_dir}: {why}")))
     if failed:
         raise StackError(failed)
 
