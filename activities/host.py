@@ -15,6 +15,7 @@ from pathlib import Path
 from temporalio import activity
 
 from thaw.config import Config
+from thaw.errors import first_line
 from thaw.files import write_atomic
 from thaw.heartbeat import keepalive
 from thaw.imagefs.ingest import IngestError, Limits, ingest_and_commit
@@ -126,16 +127,21 @@ class HostActivities:
                                                  info["timings_ms"], endpoint))
                     if activity.is_cancelled():
                         raise SnapshotError("the restore was cancelled")
-                except BaseException:  # nobody will learn the ids of the replicas kept so far
+                except BaseException:  # nobody will learn the ids of the replicas kept so far: each one stops
                     for r in out:
                         if r.endpoint:
-                            self.stop_replica(StopReplicaInput(r.replica))
+                            try:
+                                self._stop(r.replica, drain=False)
+                            except Exception as e:  # noqa: BLE001 - the registry down, say: this error stands
+                                log.warning("replica %s: its stop failed: %s", r.replica, first_line(e))
                     raise
                 finally:  # what is not kept serving stops, also when something above failed
                     for running, _ in results:
                         if running.id not in self.serving:
-                            with contextlib.suppress(criu.ReplicaError):  # outlived its SIGKILL: stopped once
-                                running.stop()  # gone (logged); the others must still be stopped
+                            try:  # one that outlived its SIGKILL is stopped once gone (logged)
+                                running.stop()
+                            except Exception as e:  # noqa: BLE001 - the others must still be stopped
+                                log.warning("replica %s: its stop failed: %s", running.id, first_line(e))
             return RestoreResult(row.digest, self.cfg.host_id, out, int((time.monotonic() - t0) * 1000))
 
     @activity.defn(name="start_replica")

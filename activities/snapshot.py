@@ -112,7 +112,8 @@ class SnapshotActivities:
         snap = snapshots.get(self.cfg.registry_url, inp.snapshot)
         host = live_host(self.cfg, inp.host)
         secrets = sorted(set(snap.spec.get("secrets", [])) | set(inp.secrets))
-        return RestorePlan(snap.digest, host.id, host.task_queue, inp.replicas, secrets, inp.keep)
+        return RestorePlan(snap.digest, host.id, host.task_queue, inp.replicas, secrets, inp.keep,
+                           float(snap.spec.get("ready_timeout_s", 600)))
 
     def all(self) -> list:
         return [self.plan_snapshot, self.register_snapshot, self.plan_restore]

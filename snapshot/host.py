@@ -829,7 +829,7 @@ class HostSnapshots:
                 rid: str | None = None) -> tuple[Running, dict[str, int]]:
         """Restore one replica of ``snap`` (a registry Snapshot as dict), verified by replaying its golden request.
         ``env`` (secrets, a deployment's env) reaches the server through its after-restore hook."""
-        spec, rid, st = snap["spec"], rid or f"r-{uuid.uuid4().hex[:10]}", Stages()
+        spec, rid, st = snap["spec"], dir_id("replica", rid or f"r-{uuid.uuid4().hex[:10]}"), Stages()
         reasons = compat.check(snap["host_facts"], self.facts)
         if reasons:
             raise compat.Incompatible(f"snapshot {snap['digest'][:12]} is incompatible with host "
@@ -896,7 +896,7 @@ class HostSnapshots:
         The third value says whether it answered the golden request as the snapshot did (None: not asked).
         With ``snapshot_digest`` (a fallback from that snapshot) and chunks coming from a remote tier, what the
         snapshot's launch read is prefetched in parallel while the model boots."""
-        rid, st = rid or f"c-{uuid.uuid4().hex[:10]}", Stages()
+        rid, st = dir_id("replica", rid or f"c-{uuid.uuid4().hex[:10]}"), Stages()  # a caller may name "../x"
         fetch = self._prefetch_boot(snapshot_digest) if snapshot_digest and self._prefetching else None
         try:
             lower = self.image_root(image_digest)

@@ -1280,3 +1280,47 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
         assert entered == ["b1"] and not work.exists()
     finally:
         host.close()
+
+
+def test_a_replica_id_that_is_not_a_plain_name_is_refused_before_anything_is_made(cfg):
+    """The pool names replicas safely, but a direct caller on a host's task queue could pass "../builds/x": its
+    dirs would be made, and later removed, outside replicas/."""
+    from thaw.snapshot.host import HostSnapshots
+
+    host = HostSnapshots(cfg)
+    for rid in ("../builds/x", "a/b", ".hidden"):
+        with pytest.raises(SnapshotError, match=r"replica id .*: letters, digits"):
+            host.restore({"spec": {}, "host_facts": host.facts}, {}, rid=rid)
+        with pytest.raises(SnapshotError, match=r"replica id .*: letters, digits"):
+            host.cold_boot("0" * 64, {}, {}, rid=rid)
+    assert not (cfg.work_dir / "builds" / "x").exists() and not list(cfg.work_dir.glob("replicas/*"))
+
+
+def test_a_kept_restore_that_fails_half_way_stops_every_replica_it_started(cfg, worker, agent, thaw_cli, image,
+                                                                          tmp_path, monkeypatch):
+    """`thaw restore --keep` of 3: the third's record fails (a registry blip), and so do the stops' row removals.
+    The first kept replica's stop raised, which ended the loop and left the second serving, known to nobody
+    (the workflow fails, so the CLI never prints its id)."""
+    from thaw.activities import host as host_acts
+
+    snap = build_snapshot(thaw_cli, image, tmp_path)
+    real_record, calls = agent._record, []
+
+    def record(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("registry blip")
+        return real_record(*args, **kw)
+
+    def remove_replica(url, rid):
+        raise RuntimeError("registry still down")
+
+    monkeypatch.setattr(agent, "_record", record)
+    monkeypatch.setattr(host_acts.deployments, "remove_replica", remove_replica)
+    res = thaw_cli("restore", snap["digest"], "--replicas", "3", "--keep", ok=False)
+    assert res.exit_code == 1 and "registry blip" in res.output, res.output
+    assert agent.serving == {} and len(calls) == 3
+    assert not [d for d in (cfg.work_dir / "replicas").iterdir()], "a replica's dir (and process) stayed"
+    monkeypatch.undo()
+    agent.reap()  # the registry is back: the rows of the two that were recorded go
+    assert deployments.replicas(cfg.registry_url) == []

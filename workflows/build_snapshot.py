@@ -145,7 +145,10 @@ class BuildSnapshot(Staged):
 
         self.stage = "plan"
         plan = await workflow.execute_activity("plan_snapshot", inp, result_type=Plan, **quick)
-        on_host = dict(task_queue=plan.task_queue, start_to_close_timeout=timedelta(seconds=plan.spec.ready_timeout_s + 300),
+        # ready, the golden requests, the dump (up to 30 min of a big GPU model) and the profiling restore: the
+        # build's activity timeout on top of the wait for ready (heartbeats catch a host that died)
+        on_host = dict(task_queue=plan.task_queue,
+                       start_to_close_timeout=timedelta(seconds=plan.spec.ready_timeout_s + inp.activity_timeout_s),
                        heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY,
                        schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s),
                        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED)  # then discard_build
@@ -207,6 +210,7 @@ class RestorePlan:
     replicas: int
     secrets: list[str]
     keep: bool
+    ready_timeout_s: float = 600.0  # the snapshot's: a restore that falls back to a cold boot waits for it
 
 
 @dataclass
@@ -234,7 +238,8 @@ class RestoreSnapshot:
         plan = await workflow.execute_activity("plan_restore", inp, result_type=RestorePlan, **QUICK)
         return await workflow.execute_activity(
             "restore_replicas", plan, result_type=RestoreResult, task_queue=plan.task_queue,
-            start_to_close_timeout=timedelta(minutes=30), heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
+            start_to_close_timeout=timedelta(seconds=1800 + plan.ready_timeout_s),  # a cold-boot fallback's wait too
+            heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
             schedule_to_start_timeout=timedelta(seconds=inp.pickup_timeout_s),
             retry_policy=RetryPolicy(maximum_attempts=1) if plan.keep else RETRY)  # a retry would keep more
 
