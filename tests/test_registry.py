@@ -144,7 +144,13 @@ def postgres_url():
 
 
 def test_postgres_registry(postgres_url):
+    from sqlalchemy import inspect
+
+    from thaw.registry.db import engine
+
     _exercise(postgres_url)
+    columns = {c["name"]: c["type"] for c in inspect(engine(postgres_url)).get_columns("host")}
+    assert columns["heartbeat_at"].timezone  # timestamptz: a server whose TimeZone is not UTC reads ages right
     _removed_image(postgres_url)  # the code path with PostgreSQL's row locks; the race itself is not staged
 
 
