@@ -222,7 +222,7 @@ class HostActivities:
                 return endpoint
         with contextlib.suppress(criu.ReplicaError):
             running.stop()
-        deployments.remove_replica(self.cfg.registry_url, running.id)
+        self._unlist(running.id)  # where the registry fails, reap() tries again
         return ""
 
     @activity.defn(name="warm_snapshot")
