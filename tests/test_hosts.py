@@ -165,6 +165,42 @@ def test_hosts_down_keeps_a_host_whose_agent_would_not_go(tmp_path):
     assert hosts.down(cfg) == ["nshost1"] and not (cfg.run_dir / "hosts.json").exists()
 
 
+def test_sigterm_during_hosts_up_leaves_no_namespace(tmp_path):
+    """`timeout thaw hosts up`, a cancelled CI job: SIGTERM while a host's namespace is being made (here while
+    its check for Temporal hangs) clears it as Ctrl-C does; its default action left the namespace and veth."""
+    import subprocess
+    import time
+
+    from thaw.runtime import hosts
+
+    lsock = socket.socket()
+    lsock.bind(("0.0.0.0", 0))
+    lsock.listen(0)  # never accepted: once its queue is full, connects hang
+    port = lsock.getsockname()[1]
+    fillers = [socket.socket() for _ in range(4)]
+    for f in fillers:
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), "THAW_TEMPORAL_ADDRESS": f"0.0.0.0:{port}"}
+    try:
+        proc = subprocess.Popen(["thaw", "hosts", "up", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        ns = f"{hosts.PREFIX}nshost1-{proc.pid}"
+        deadline = time.monotonic() + 30
+        while ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+        time.sleep(0.5)  # into the reachability check, which hangs for 3 s
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+        assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout, out
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        assert f"thv1-{proc.pid % 10000}" not in links, out
+    finally:
+        for f in (*fillers, lsock):
+            f.close()
+
+
 def test_hosts_up_refuses_what_its_namespaces_cannot_reach(tmp_path):
     """Temporal, a registry DSN or S3 on loopback is refused before any namespace is made."""
     from thaw.config import Config

@@ -1092,15 +1092,23 @@ def hosts_ls(cfg, as_json):
 def hosts_up(cfg, count, capacity):
     """Start COUNT host agents on this machine, each in its own network namespace (test/demo mode; needs
     THAW_TEMPORAL_ADDRESS=0.0.0.0:<port> for the stack)."""
+    import signal
+
     from thaw.runtime import hosts as hosts_mod
     from thaw.stack import StackError, one_at_a_time
 
+    def interrupted(*_):  # SIGTERM (`timeout`, a cancelled CI job) as Ctrl-C: the host being made is cleared
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupted)
     try:
         with one_at_a_time(cfg):  # a `thaw down` meanwhile would miss the agents started after it read hosts.json
             for h in hosts_mod.up(cfg, count, capacity=capacity):
                 click.echo(f"{h['host_id']}: agent pid {h['pid']} in netns {h['netns']}, replicas on {h['address']}")
     except (hosts_mod.HostsError, StackError) as e:
         _fail(str(e))
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @hosts.command("down")
