@@ -25,7 +25,8 @@ from .store import CHUNKS, MANIFESTS, ChunkStore, StoreError
 
 
 class GcError(StoreError):
-    """The collection stopped before deleting anything; the message says why."""
+    """The collection stopped: before deleting anything (a registered manifest unreadable), or part way (its
+    check failed: the store's lease was lost); the message says which and why."""
 
 
 @dataclass

@@ -109,7 +109,8 @@ class Tree:
         self.inode: dict[str, int] = {}  # regular file path -> inode id (hard links share one)
         self._next_inode = 0
         self.total_size = 0
-        self.metadata = 0  # bytes of paths, targets and xattrs taken in (MAX_METADATA)
+        self.metadata = 0  # bytes of the paths, targets and xattrs in the tree (MAX_METADATA)
+        self.paths_of: dict[int, int] = {}  # inode id -> its paths in the tree (its xattrs go with the last)
         self.layer_added: set[str] = set()    # entries the layer being applied put or updated
         self.layer_touched: set[str] = set()  # directories it put something under (maybe lower-layer ones)
 
@@ -132,13 +133,16 @@ class Tree:
             self.layer_touched.add(d)
             d = posixpath.dirname(d)
 
+    @staticmethod
+    def _meta(entry: Entry, xattrs: bool = True) -> int:
+        n = len(entry.path) + len(entry.target or "")
+        return n + (sum(len(k) + len(v) for k, v in entry.xattrs.items()) if xattrs and entry.xattrs else 0)
+
     def _put(self, entry: Entry, shared: bool = False) -> None:
-        """``shared``: a hard link, whose xattrs are its target's (one dict for both)."""
+        """``shared``: a hard link, whose xattrs are its target's (one dict for both, counted once)."""
         if len(self.entries) >= self.limits.max_entries:
             raise IngestError(f"image has more than {self.limits.max_entries} entries")
-        self.metadata += len(entry.path) + len(entry.target or "")
-        if entry.xattrs and not shared:
-            self.metadata += sum(len(k) + len(v) for k, v in entry.xattrs.items())
+        self.metadata += self._meta(entry, xattrs=not shared)
         if self.metadata > MAX_METADATA:
             raise IngestError(f"image has over {MAX_METADATA} bytes of paths, symlink targets and xattrs "
                               f"(at {entry.path!r})")
@@ -155,8 +159,11 @@ class Tree:
             self._drop(path)
 
     def _drop(self, path: str) -> None:
-        del self.entries[path]
-        self.inode.pop(path, None)
+        e = self.entries.pop(path)
+        ino = self.inode.pop(path, None)
+        if ino is not None:
+            self.paths_of[ino] -= 1
+        self.metadata -= self._meta(e, xattrs=ino is None or not self.paths_of[ino])  # a link may keep them
         self.layer_added.discard(path)
         self.layer_touched.discard(path)
         for child in self.children.pop(path, ()):
@@ -175,6 +182,7 @@ class Tree:
         old = self.entries.get(path)
         if old is not None:
             if old.type == DIR and entry.type == DIR:  # a directory entry updates metadata, keeps children
+                self.metadata += self._meta(entry) - self._meta(old)  # its xattrs change (_drop takes them off)
                 old.mode, old.uid, old.gid, old.mtime_ns, old.xattrs = (
                     entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs)
                 self.layer_added.add(path)
@@ -200,6 +208,7 @@ class Tree:
                 raise IngestError(f"image is over the {self.limits.max_image_size}-byte size limit at {src!r}")
             entry.chunks = self._store(data, entry.size, src) if entry.size else []
             self.inode[path] = self._next_inode
+            self.paths_of[self._next_inode] = 1
             self._next_inode += 1
         self._put(entry)
 
@@ -217,6 +226,7 @@ class Tree:
         e = Entry(**{**t.to_dict(), "path": path})  # its chunk list and xattrs are the target's own objects
         self._put(e, shared=True)
         self.inode[path] = self.inode[target]
+        self.paths_of[self.inode[path]] += 1
 
     def _hide_lower(self, d: str) -> None:
         """An opaque directory: everything under ``d`` from lower layers goes, at any depth. A subdirectory this

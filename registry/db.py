@@ -33,6 +33,8 @@ def engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+    elif url.startswith("postgresql"):  # UTC sessions: a column made naive (by sqlmodel < 0.0.45) reads right
+        eng = create_engine(url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"})
     else:
         eng = create_engine(url, pool_pre_ping=True)
     SQLModel.metadata.create_all(eng)

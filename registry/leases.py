@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterator
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import delete, update
+from sqlmodel import delete, text, update
 
 from thaw.errors import first_line
 
@@ -28,16 +28,25 @@ class LeaseHeld(RuntimeError):
     """Someone else holds the lease; the message says who and until when."""
 
 
+def _now(s) -> float:
+    """Epoch seconds by the database's clock where it is a server every host shares (PostgreSQL): the hosts'
+    own clocks may disagree by more than a lease lasts. SQLite lives on this machine: its clock is this one."""
+    if s.get_bind().dialect.name == "postgresql":
+        return float(s.exec(text("SELECT extract(epoch FROM clock_timestamp())")).one()[0])
+    return time.time()
+
+
 def current(url: str, name: str) -> Lease | None:
     """The lease ``name`` while someone holds it."""
     with session(url) as s:
         row = s.get(Lease, name)
-    return row if row is not None and row.expires > time.time() else None
+        live = row is not None and row.expires > _now(s)
+    return row if live else None
 
 
 def take(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> None:
-    now = time.time()
     with session(url) as s:
+        now = _now(s)
         try:
             s.add(Lease(name=name, holder=holder, since=now, expires=now + ttl_s))
             s.commit()
@@ -55,10 +64,12 @@ def take(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> None:
 
 
 def renew(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> bool:
-    """Whether ``holder`` still held it (and now holds it for ``ttl_s`` more)."""
+    """Whether ``holder`` still held it, not run out (and now holds it for ``ttl_s`` more): a renewal that came
+    too late does not bring back a lease that others already took as free."""
     with session(url) as s:
-        res = s.exec(update(Lease).where(Lease.name == name, Lease.holder == holder)
-                     .values(expires=time.time() + ttl_s))
+        now = _now(s)
+        res = s.exec(update(Lease).where(Lease.name == name, Lease.holder == holder, Lease.expires > now)
+                     .values(expires=now + ttl_s))
         s.commit()
     return res.rowcount == 1
 
@@ -95,7 +106,7 @@ def held(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> Iterator[Hol
         while not stop.wait(ttl_s / 3):
             try:
                 if not renew(url, name, holder, ttl_s):
-                    hold.lost = "someone else holds it now"
+                    hold.lost = "it ran out before it was renewed, or someone else holds it now"
                     return
                 good = time.monotonic()
             except Exception as e:  # noqa: BLE001 - tried again at the next turn
@@ -109,7 +120,7 @@ def held(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> Iterator[Hol
         yield hold
     finally:
         stop.set()
-        t.join()
+        t.join(ttl_s)  # a renewal stuck on the database must not hold the holder's exit
         with contextlib.suppress(Exception):  # it runs out anyway
             give_back(url, name, holder)
 

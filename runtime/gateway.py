@@ -9,7 +9,7 @@
   the pool may call :meth:`Gateway.refresh` to release them without waiting for the next poll). A request
   held for ``hold_timeout_s`` in total (connects that timed out count) is answered 503 with Retry-After and a
   one-line JSON error (which names the last scale signal's failure, if it failed: Temporal down, say). A
-  deployment whose maximum is 0 answers 503 at once. A deployment that cannot have replicas at
+  deployment whose maximum is 0 answers 503 without holding. A deployment that cannot have replicas at
   all (undeployed: ``Backends.scale`` raises :class:`NotServing`) has its held requests answered 503 at once. A
   later request is held only while one more scale signal asks again (a deploy may have come since; at most one
   such signal per ``NOT_SERVING_RECHECK_S``, and requests in between are answered 503 at once). The first
@@ -40,15 +40,16 @@
   least" N: the gateway cannot see replicas still restoring (`thaw scale NAME 4` just before), and a plain N
   would stop them; a scale-down says N. After an "at least", once more replicas are ready than it wants (past
   its first window, not panicking), it says its count again, plainly.
-* ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway.
-  Every other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
+* ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway. Every
+  other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
   Content-Encoding is not passed on; a coding aiohttp does not decode, or more than one, gets 415);
-  X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto are the gateway's own view. At most ``max_queued`` requests hold or are reading a body (each up to
-  ``max_body_bytes``, else 413), and at most ``max_body_memory`` bytes of bodies are being read, held or in
-  flight (a body is reserved before it is read: its Content-Length, or the most it may be when that is unknown
-  or it is compressed); past either a request gets 503 with Retry-After. A body not received within
-  ``body_timeout_s`` gets 408, a malformed one (bad chunking or gzip) 400, and so does a request target that is
-  not a path (absolute form, ``*``). A request whose client hangs up is cancelled: its replica slot is free.
+  X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto are the gateway's own view. At most
+  ``max_queued`` requests hold or are reading a body (each up to ``max_body_bytes``, else 413), and at most
+  ``max_body_memory`` bytes of bodies are being read, held or in flight (a body is reserved before it is read:
+  its Content-Length, or the most it may be when that is unknown or it is compressed); past either a request gets
+  503 with Retry-After. A body not received within ``body_timeout_s`` gets 408, a malformed one (bad chunking or
+  gzip) 400, and so does a request target that is not a path (absolute form, ``*``). A request whose client hangs
+  up is cancelled: its replica slot is free.
 """
 
 from __future__ import annotations
@@ -718,7 +719,7 @@ class Gateway:
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
             return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
-        codings = request.headers.getall("Content-Encoding", [])
+        codings = [c for c in request.headers.getall("Content-Encoding", []) if c.strip()]  # "": no coding
         if codings and (len(codings) > 1 or codings[0].lower() not in DECODED):
             return self._error(415, f"request Content-Encoding {', '.join(codings)[:80]!r} is not one the gateway "
                                     f"decodes (one of {', '.join(sorted(DECODED))})")
@@ -765,7 +766,9 @@ class Gateway:
             headers = self._upstream_headers(request)
             while True:
                 if not self._endpoints and self.autoscaler.clamp(1) < 1:  # held, it would wait out hold_timeout_s
-                    return self._error(503, f"{self.deployment} runs no replicas: its maximum is 0")
+                    resp = self._error(503, f"{self.deployment} runs no replicas: its maximum is 0")
+                    resp.headers["Retry-After"] = "5"  # the limits are followed every few seconds
+                    return resp
                 try:
                     ep, held = await self._acquire(request, avoid, self.hold_timeout_s - held_total)
                 except asyncio.CancelledError:   # the client hung up while held

@@ -168,6 +168,15 @@ def test_paths_targets_and_xattrs_are_bounded_in_all(store, monkeypatch):
     with pytest.raises(IngestError, match=r"over 500000 bytes of paths, symlink targets and xattrs \(at 'f3") as err:
         build(store, raw)
     assert "\n" not in str(err.value)
+    # what a later layer replaces or deletes no longer counts (a `chown -R` layer adds every file again), but
+    # xattrs a hard link still holds do, though the path that brought them went
+    again = [member(f"f{i}", pax={"SCHILY.xattr.user.k": "v" * 10_000}) for i in range(30)]
+    m = build(store, *[layer(*again)] * 5)
+    assert len(m.entries) == 31
+    links = layer(*[member(f"l{i}", "hard", link=f"f{i}") for i in range(30)],
+                  *[member(f".wh.f{i}") for i in range(30)])
+    with pytest.raises(IngestError, match="over 500000 bytes"):
+        build(store, layer(*again), links, layer(*again))  # 30 dicts held by the links + 30 new
 
 
 def test_pax_metadata_kept(store):

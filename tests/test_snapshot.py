@@ -449,6 +449,7 @@ def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, th
 
     with leases.held(cfg.registry_url, leases.STORE, "thaw gc on elsewhere (pid 1)"):
         fails("gc", want="another gc is running: thaw gc on elsewhere (pid 1) holds the store lease")
+        assert gc("--dry-run")["dry_run"]  # it deletes nothing: it does not take the lease (builds would wait)
 
     async def build_while_held():
         c = await Client.connect(cfg.temporal_address)

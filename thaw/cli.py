@@ -654,8 +654,10 @@ def gc(cfg, dry_run, min_age_s, as_json):
     from thaw.registry import images, leases, snapshots
 
     holder = f"thaw gc on {socket.gethostname()} (pid {os.getpid()})"
+    lease = (contextlib.nullcontext(leases.Hold(leases.STORE)) if dry_run  # it lists only: no build need wait
+             else leases.held(cfg.registry_url, leases.STORE, holder))
     try:  # builds wait while gc holds the store's lease: one that reused a chunk the sweep deletes would break
-        with leases.held(cfg.registry_url, leases.STORE, holder) as hold:
+        with lease as hold:
             running = _builds(cfg, 'ExecutionStatus="Running"')  # ones that got past their wait before it
             if running:
                 _fail(f"{len(running)} build(s) running ({', '.join(running[:3])}): run gc once they have finished")

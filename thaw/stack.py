@@ -214,8 +214,9 @@ def serve_s3(cfg: Config) -> None:
 
 @contextlib.contextmanager
 def one_at_a_time(cfg: Config):
-    """One `thaw up` or `thaw down` per state dir at a time: two `up`s at once both find a component stopped and
-    start it, and its pid file keeps one of the two, so `thaw down` would not know the other."""
+    """One `thaw up`, `thaw down`, `thaw hosts up` or `thaw hosts down` per state dir at a time: two `up`s at once
+    both find a component stopped and start it, and its pid file keeps one of the two, so `thaw down` would not
+    know the other."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with open(cfg.run_dir / "stack.lock", "a") as f:
         try:

@@ -214,7 +214,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """A client that asks first (``Expect: 100-continue``) hears of a body over the limit before sending it."""
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        if length.isascii() and length.isdigit() and int(length) > MAX_BODY_BYTES:
             self.close_connection = True
             self._send_json(413, {"error": f"body over {MAX_BODY_BYTES} bytes"})
             return False
