@@ -500,15 +500,19 @@ def test_a_corrupt_disk_cache_chunk_is_dropped_and_fetched_from_s3(s3server, tmp
     assert restarted.durable.stats["gets"] == 1
 
 
+def host_with_one_chunk(s3server, tmp_path, seed: int):
+    """A host's store holding one chunk (on its disk and in S3), opened anew: (data, digest, store, disk path)."""
+    data = blob(MiB, seed)
+    cfg = s3cfg(tmp_path, s3server, "host", new_bucket())
+    d, _ = ChunkStore.open(cfg).put_chunk(data)
+    store = ChunkStore.open(cfg)
+    return data, d, store, store.local.path(ckey(d))
+
+
 def test_a_corrupt_chunk_on_a_cache_disk_gone_read_only_is_read_from_s3(s3server, tmp_path, caplog):
     """The bad copy cannot be dropped (the disk went read-only: ext4's errors=remount-ro): the read still gets
     the verified chunk from S3. The delete's EROFS failed the read."""
-    bucket = new_bucket()
-    data = blob(MiB, 17)
-    cfg = s3cfg(tmp_path, s3server, "host", bucket)
-    d, _ = ChunkStore.open(cfg).put_chunk(data)
-    store = ChunkStore.open(cfg)
-    path = store.local.path(ckey(d))
+    data, d, store, path = host_with_one_chunk(s3server, tmp_path, 17)
     path.write_bytes(b"\0" * 100 + data[100:])
     cache = str(store.local.root)
     subprocess.run(["mount", "--bind", cache, cache], check=True)
@@ -550,12 +554,7 @@ def test_prefetch_stops_at_the_first_chunk_s3_does_not_answer_for(s3server_own, 
 def test_a_failing_disk_cache_falls_back_to_s3(s3server, tmp_path, caplog):
     """The disk cache cannot be read (an unreadable object file here; a disk gone read-only or bad sectors on a
     host) nor take the host's fetch lock: the chunk still comes from S3, verified."""
-    bucket = new_bucket()
-    data = blob(MiB, 11)
-    cfg = s3cfg(tmp_path, s3server, "host", bucket)
-    d, _ = ChunkStore.open(cfg).put_chunk(data)
-    store = ChunkStore.open(cfg)
-    path = store.local.path(ckey(d))
+    data, d, store, path = host_with_one_chunk(s3server, tmp_path, 11)
     path.unlink()
     path.mkdir()                       # reading it raises IsADirectoryError, an OSError like EIO or EROFS
     locks = store.local.root / "locks"
