@@ -26,7 +26,8 @@
       or a stale keep-alive connection): the replica may have seen the request, so this is re-sent only
       because this system's requests are idempotent JSON POSTs (inference: same input, same output). At most
       ``max_delivery_attempts`` such deliveries are made, so a request that itself kills replicas cannot
-      take the whole deployment down; after that it is answered 502.
+      take the whole deployment down; after that it is answered 502. With 1 (`thaw gateway --deliveries 1`,
+      for an API whose requests have side effects) such a request is never sent again.
   Once response headers came back the response is streamed through and never retried; if the replica dies
   mid-body the client connection is closed so the client sees a truncated response, not a short success.
 * Autoscales like Knative's KPA (:class:`Autoscaler`): every ``tick_s`` it samples the time-weighted

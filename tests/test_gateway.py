@@ -628,6 +628,20 @@ def test_only_replica_dies_requests_held_until_replacement():
     asyncio.run(main())
 
 
+def test_with_one_delivery_a_request_a_replica_may_have_seen_is_not_sent_again():
+    """`thaw gateway --deliveries 1`, for APIs whose requests have side effects: the replica broke after the
+    request reached it, so the client gets 502 and no other replica gets it."""
+    async def main():
+        backends = FakeBackends()
+        async with stack(backends, (("a", 0.0), ("b", 0.0)), max_delivery_attempts=1) as (gw, url, client):
+            status, text = await post(client, url, **{"X-Die": "before-response"})
+            assert status == 502 and "broke 1 times" in json.loads(text)["error"], text
+            await until(lambda: sum(r.proc.returncode is not None for r in backends.replicas) == 1)
+            await asyncio.sleep(0.3)
+            assert sum(r.proc.returncode is None for r in backends.replicas) == 1  # the other never got it
+    asyncio.run(main())
+
+
 def test_request_that_kills_replicas_is_not_retried_forever():
     """A connection broken before a response is re-sent (the replica may have died of something else), but a
     request that kills every replica it reaches gets 502 after max_delivery_attempts deliveries."""
@@ -1211,3 +1225,23 @@ def test_autoscaler_clamps():
     assert out[-1][1].desired == 3
     _, out = run_ticks(a, 2, 40, conc=0, ready=3)
     assert out[-1][1].desired == 1
+
+
+def test_thaw_gateway_passes_deliveries_to_the_gateway(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from thaw.cli import cli
+    from thaw.config import Config
+    from thaw.runtime import frontdoor
+
+    got = {}
+
+    async def run(cfg, name, port, keda_port, bind, **options):
+        got.update(options, name=name)
+
+    monkeypatch.setattr(frontdoor, "run", run)
+    cfg = Config(state_dir=tmp_path)
+    res = CliRunner().invoke(cli, ["gateway", "web", "--deliveries", "1"], obj=cfg)
+    assert res.exit_code == 0 and got["name"] == "web" and got["max_delivery_attempts"] == 1, (res.output, got)
+    res = CliRunner().invoke(cli, ["gateway", "web", "--deliveries", "0"], obj=cfg)
+    assert res.exit_code == 2 and "--deliveries" in res.output

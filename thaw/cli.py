@@ -1010,8 +1010,12 @@ def api(cfg):
               help="Seconds without traffic before scaling to zero.")
 @click.option("--drain", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
               help="On SIGTERM: seconds the requests under way (and held) get to end; new connections are refused.")
+@click.option("--deliveries", type=click.IntRange(1), default=3, show_default=True,
+              help="Sends of a request whose replica broke before answering (it may have seen it); 1: never "
+                   "send one again, for APIs whose requests have side effects (one sent on a keep-alive "
+                   "connection the replica had just closed then gets 502 too).")
 @click.pass_obj
-def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_after, drain):
+def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_after, drain, deliveries):
     """HTTP gateway for deployment NAME: balances by in-flight requests, holds requests at zero replicas while
     the pool restores one, and scales the pool from concurrency (stable and panic windows)."""
     from thaw.registry.queries import NotFound
@@ -1021,7 +1025,8 @@ def gateway(cfg, name, port, keda_port, bind, target_concurrency, scale_to_zero_
     try:
         asyncio.run(frontdoor.run(cfg, name, port or cfg.gateway_port, keda_port, bind,
                                   target_concurrency=target_concurrency,
-                                  scale_to_zero_grace_s=scale_to_zero_after, drain_s=drain))
+                                  scale_to_zero_grace_s=scale_to_zero_after, drain_s=drain,
+                                  max_delivery_attempts=deliveries))
     except NotFound as e:
         _fail(str(e))
     except OSError as e:
