@@ -699,10 +699,11 @@ class Gateway:
     async def _handle_metrics(self, _request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _error(self, status: int, message: str) -> web.Response:
+    def _error(self, status: int, message: str, retry_after: int | None = None) -> web.Response:
         self._m_requests.labels(self.deployment, str(status)).inc()
         body = json.dumps({"error": message, "deployment": self.deployment}) + "\n"
-        return web.Response(status=status, text=body, content_type="application/json")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
     def _upstream_headers(self, request: web.Request) -> dict:
         drop = set(_NOT_FORWARDED)
@@ -737,9 +738,7 @@ class Gateway:
         elif self._body_bytes + size > self.max_body_memory:  # bodies being read and in flight too
             busy = f"{self._body_bytes:,} bytes of request bodies are already held or in flight"
         if busy:
-            resp = self._error(503, f"{busy} for {self.deployment}; retry shortly")
-            resp.headers["Retry-After"] = "1"
-            return resp
+            return self._error(503, f"{busy} for {self.deployment}; retry shortly", retry_after=1)
         # counted from arrival: concurrent uploads see each other's bytes before any is read, and a request still
         # uploading is demand (the autoscaler must not scale to zero under it)
         self._body_bytes += size
@@ -767,9 +766,8 @@ class Gateway:
             headers = self._upstream_headers(request)
             while True:
                 if not self._endpoints and self.autoscaler.clamp(1) < 1:  # held, it would wait out hold_timeout_s
-                    resp = self._error(503, f"{self.deployment} runs no replicas: its maximum is 0")
-                    resp.headers["Retry-After"] = "5"  # the limits are followed every few seconds
-                    return resp
+                    return self._error(503, f"{self.deployment} runs no replicas: its maximum is 0",
+                                       retry_after=5)  # the limits are followed every few seconds
                 try:
                     ep, held = await self._acquire(request, avoid, self.hold_timeout_s - held_total)
                 except asyncio.CancelledError:   # the client hung up while held
@@ -781,13 +779,11 @@ class Gateway:
                         self._m_requests.labels(self.deployment, "499").inc()
                         return web.Response(status=499)
                     if self._not_serving is not None:
-                        resp = self._error(503, f"{self.deployment} is not serving: {self._not_serving}")
-                    else:
-                        why = f"; {self._scale_error}" if self._scale_error else ""
-                        resp = self._error(503, f"no replica of {self.deployment} was ready within "
-                                                f"{self.hold_timeout_s:g}s{why}")
-                    resp.headers["Retry-After"] = "1"
-                    return resp
+                        return self._error(503, f"{self.deployment} is not serving: {self._not_serving}",
+                                           retry_after=1)
+                    why = f"; {self._scale_error}" if self._scale_error else ""
+                    return self._error(503, f"no replica of {self.deployment} was ready within "
+                                            f"{self.hold_timeout_s:g}s{why}", retry_after=1)
                 tried = time.monotonic()
                 try:
                     return await self._forward(request, ep, body, headers)
@@ -805,10 +801,9 @@ class Gateway:
                         self._drop(ep)
                         held_total += time.monotonic() - tried  # a connect that timed out is time held too
                         if held_total >= self.hold_timeout_s:
-                            resp = self._error(503, f"no replica of {self.deployment} could be reached within "
-                                                    f"{self.hold_timeout_s:g}s: {first_line(r.cause)[:200]}")
-                            resp.headers["Retry-After"] = "1"
-                            return resp
+                            return self._error(503, f"no replica of {self.deployment} could be reached within "
+                                                    f"{self.hold_timeout_s:g}s: {first_line(r.cause)[:200]}",
+                                               retry_after=1)
                     avoid.add(ep)
                 finally:
                     self._release(ep)

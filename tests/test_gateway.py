@@ -816,9 +816,11 @@ def test_connects_that_time_out_count_against_the_hold_timeout():
             async with stack(backends, connect_timeout_s=0.3, hold_timeout_s=1.5, quarantine_s=0.05) as (
                     gw, url, client):
                 t0 = time.monotonic()
-                status, text = await post(client, url, {"i": 1})
+                async with client.post(url, json={"i": 1}) as r:
+                    status, text, retry = r.status, await r.text(), r.headers.get("Retry-After")
                 took = time.monotonic() - t0
             assert status == 503 and "could be reached within 1.5s" in json.loads(text)["error"], text
+            assert retry == "1"
             assert 1.4 < took < 3.0, took
         finally:
             for f in (*fillers, lsock):
@@ -830,8 +832,9 @@ def test_a_deployment_whose_maximum_is_0_answers_at_once():
     async def main():
         async with stack(FakeBackends(), max_replicas=0, min_replicas=0, hold_timeout_s=30) as (gw, url, client):
             t0 = time.monotonic()
-            status, text = await post(client, url, {"i": 1})
-            assert status == 503 and "its maximum is 0" in json.loads(text)["error"], text
+            async with client.post(url, json={"i": 1}) as r:
+                status, text, retry = r.status, await r.text(), r.headers.get("Retry-After")
+            assert status == 503 and "its maximum is 0" in json.loads(text)["error"] and retry == "5", text
             assert time.monotonic() - t0 < 2
     asyncio.run(main())
 
