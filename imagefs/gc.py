@@ -3,11 +3,11 @@
 Mark: the manifests of every registered image and snapshot, and every chunk they list. A registered manifest
 that cannot be read stops the collection before anything is deleted: without it the marks would be wrong.
 Sweep: every other object in the store's tiers (the local directory and S3 where configured) that is older
-than ``min_age_s``, and the local directory's scratch of that age (half-written objects in ``tmp/`` and the
-``staging/`` areas of builds that never finished). The age bound keeps what a build in progress has already
-stored but not yet registered; ``thaw gc`` also refuses to run while a build workflow runs, and holds the
-store's lease (``registry.leases``) that builds wait for (a build may re-use an old unreferenced chunk it found
-in the store without storing it again).
+than ``min_age_s``, and the scratch of that age: the local directory's half-written objects in ``tmp/`` and
+``staging/`` areas of builds that never finished, and S3's multipart uploads never completed. The age bound
+keeps what a build in progress has already stored but not yet registered; ``thaw gc`` also refuses to run while
+a build workflow runs, and holds the store's lease (``registry.leases``) that builds wait for (a build may re-use
+an old unreferenced chunk it found in the store without storing it again).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class GcResult:
     chunks_kept: int = 0
     deleted: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # tier name -> [(key, size)]
     young: int = 0  # unreferenced objects kept because they are younger than min_age_s
-    scratch: list[str] = field(default_factory=list)  # leftovers under tmp/ and staging/ (deleted unless dry_run)
+    scratch: list[str] = field(default_factory=list)  # tmp/, staging/, S3 uploads left over (gone unless dry_run)
 
     def deleted_bytes(self) -> int:
         return sum(n for objs in self.deleted.values() for _, n in objs)
@@ -70,6 +70,14 @@ def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0
                 _check(check, res)
                 tier.delete(key)
             gone.append((key, size))
+    for tier in store.remote:  # multipart uploads (large manifests) whose writer died part way
+        for key, upload_id, initiated in tier.uploads():
+            if initiated > cutoff:
+                continue
+            res.scratch.append(f"{tier.name}: upload of {key}")
+            if not dry_run:
+                _check(check, res)
+                tier.abort_upload(key, upload_id)
     for parent in (store.local.root / "tmp", store.local.root / "staging"):
         for p in sorted(parent.iterdir()) if parent.is_dir() else []:
             if _mtime(p) > cutoff:

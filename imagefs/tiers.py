@@ -490,6 +490,32 @@ class S3Tier:
         """Keys (without the tier's prefix) that start with ``under``."""
         return [k for k, _, _ in self.entries(under)]
 
+    def uploads(self, under: str = "") -> list[tuple[str, str, float]]:
+        """(key without the tier's prefix, upload id, initiated epoch seconds) of every multipart upload under
+        ``under`` begun and never completed nor aborted: a writer killed part way leaves its parts stored."""
+        self.ensure_bucket()
+
+        def listing():
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                 Prefix=self.prefix + under)
+            return [(u["Key"][len(self.prefix):], u["UploadId"], u["Initiated"].timestamp())
+                    for page in pages for u in page.get("Uploads", ())]
+
+        return self._call("LIST uploads", under or None, listing)
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished multipart upload and its parts (one already gone is no error)."""
+        from botocore.exceptions import ClientError
+
+        def abort():
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.prefix + key, UploadId=upload_id)
+            except ClientError as e:
+                if self._code(e) != "NoSuchUpload":
+                    raise
+
+        self._call("ABORT upload", key, abort)
+
     def usage(self) -> tuple[int, int]:
         objects = self.entries()
         return len(objects), sum(n for _, n, _ in objects)
