@@ -649,6 +649,8 @@ def test_a_scale_during_an_undeploy_says_it_was_dropped(cfg, worker, agent, thaw
     assert json.loads(thaw_cli("status", "bye", "--json").output)["last_signal"] is None, "the pool took neither"
     wait_until(lambda: "no running pool" in thaw_cli("scale", "bye", "1", ok=False).output, 30, "the pool's end")
     assert serving(cfg, "bye") == []
+    res = thaw_cli("status", "never-deployed", ok=False)  # not "no running pool (workflow not found ...)"
+    assert res.exit_code == 1 and "no deployment 'never-deployed' (see `thaw deploy`)" in res.output, res.output
 
 
 def paused_pool(cfg, snap, name, signals=()):

@@ -1134,9 +1134,14 @@ def hosts_down(cfg):
 
 
 def _deployment_status(cfg, name, as_json):
+    from thaw.registry import deployments
     from thaw.runtime import pool
 
-    st = _pool_call(cfg, lambda c: pool.state(c, name))
+    async def go(client):
+        deployments.get(cfg.registry_url, name)  # the row first, as for signals: a name never deployed says so
+        return await pool.state(client, name)
+
+    st = _pool_call(cfg, go)
     if as_json:
         click.echo(json.dumps(asdict(st), indent=2))
         return
