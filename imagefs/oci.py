@@ -60,10 +60,11 @@ CONFIG_FIELDS = ("User", "ExposedPorts", "Env", "Entrypoint", "Cmd", "Volumes", 
                  "StopSignal")
 
 MAX_TRAILER = 1 << 20  # uncompressed bytes after a layer's tar end blocks (padding there is at most a few KiB)
-DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
-DOMAIN_RE = re.compile(r"^(localhost|\[[0-9a-fA-F:]+\]|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+)(:[0-9]+)?$")
-REPO_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$")
-TAG_RE = re.compile(r"^[\w][\w.-]{0,127}$")
+# \Z, not $ (which also matches before a final newline); ASCII: no other letters in a tag
+DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})\Z")
+DOMAIN_RE = re.compile(r"^(localhost|\[[0-9a-fA-F:]+\]|[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+)(:[0-9]+)?\Z")
+REPO_RE = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*\Z")
+TAG_RE = re.compile(r"^[\w][\w.-]{0,127}\Z", re.ASCII)
 MAX_JSON = 16 << 20  # index, manifest and config documents are small; refuse absurd ones
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 KINDS_HINT = ("give a directory, docker-archive:TAR, oci:LAYOUT[:REF], docker://HOST/REPO[:TAG], "
@@ -147,7 +148,7 @@ def _tar_names(path: Path, label: str) -> set[str]:
     try:
         with tarfile.open(path, "r:") as tf:
             return {posixpath.normpath(n.lstrip("/")) for n in tf.getnames()}
-    except tarfile.ReadError as e:
+    except (tarfile.TarError, ValueError, EOFError) as e:  # ValueError: a bad number in a pax header
         with open(path, "rb") as f:
             hint = "; decompress it first" if f.read(4).startswith((GZIP_MAGIC, ZSTD_MAGIC)) else ""
         raise SourceError(f"{label}: not a readable tar file ({e}){hint}") from None
@@ -216,7 +217,11 @@ def _autodetect(p: Path) -> SourceSpec:
         return SourceSpec("dir", _abs(p))
     if not p.is_file():
         raise SourceError(f"{p}: not a directory, docker-archive or OCI archive")
-    if not tarfile.is_tarfile(p):
+    try:
+        is_tar = tarfile.is_tarfile(p)
+    except (ValueError, EOFError):  # a tar with a damaged header: _tar_names below says what is wrong
+        is_tar = True
+    if not is_tar:
         raise SourceError(f"{p}: not a directory or a tar file; {KINDS_HINT}")
     names = _tar_names(p, str(p))
     if "manifest.json" in names:
@@ -562,7 +567,7 @@ def _oci_layout(fs, label: str, ref: str | None) -> ImageSource:
         raise SourceError(f"{label}: not an OCI image layout (no index.json)")
     index = _json(fs.read("index.json"), f"{label}: index.json")
     descs = [d for d in _list(_obj(index).get("manifests")) if isinstance(d, dict)]
-    names = [n for d in descs if (n := _obj(d.get("annotations")).get(REF_NAME))]
+    names = [n for d in descs if isinstance(n := _obj(d.get("annotations")).get(REF_NAME), str) and n]
     if ref:
         picked = [d for d in descs if _obj(d.get("annotations")).get(REF_NAME) == ref or d.get("digest") == ref]
         if not picked:
@@ -600,7 +605,8 @@ def _pick_platform(descs: list[dict], label: str) -> dict:
         p = _obj(d.get("platform"))
         if p.get("os") == "unknown" or _obj(d.get("annotations")).get("vnd.docker.reference.type"):
             continue  # attestations and other non-images
-        seen.append("/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x))
+        seen.append("/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if isinstance(x, str)
+                             and x))
         if p.get("os") == "linux" and p.get("architecture") == arch:
             matches.append(d)
     if variant:
@@ -846,14 +852,20 @@ def _check_download(ref: RegistryRef, label: str, max_bytes: int, registry: _Reg
         return r.stdout
 
     top = raw(str(ref))
-    doc = _obj(_json(top, f"{label}: manifest"))
-    pinned = ref if ref.digest or doc.get("schemaVersion") != 2 else RegistryRef(  # (schema 1's digest is not
-        ref.host, ref.repo, None, f"sha256:{hashlib.sha256(top).hexdigest()}")  # that of these bytes)
-    if "manifests" in doc and "layers" not in doc:  # an index: the manifest skopeo copy will pick
-        desc = _pick_platform([d for d in _list(doc.get("manifests")) if isinstance(d, dict)], label)
-        _, doc = _resolve_manifest(desc, lambda digest: raw(f"{ref.host}/{ref.repo}@{digest}"), label)
-    size = sum(d["size"] for d in _list(doc.get("layers")) if isinstance(d, dict) and isinstance(d.get("size"), int))
+    first = ref.digest or f"sha256:{hashlib.sha256(top).hexdigest()}"
+
+    def fetch(digest: str) -> bytes:  # the manifest named by the tag, or one an index names (verified)
+        return top if digest == first else _verify(raw(f"{ref.host}/{ref.repo}@{digest}"), digest,
+                                                   f"{label}: manifest {digest}")
+
+    digest, doc = _resolve_manifest({"digest": first}, fetch, label)  # as the ingest picks: schema 1 refused
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(d, dict) and type(d.get("size")) is int and d["size"] >= 0
+                                               for d in layers):
+        raise SourceError(f"{label}: manifest {digest} does not give every layer's size (a damaged or hostile "
+                          f"manifest); nothing was pulled")
+    size = sum(d["size"] for d in layers)
     if size > max_bytes:
         raise SourceError(f"{label}: its layers are {size} bytes to download, over the image size limit of "
                           f"{max_bytes} bytes (THAW_MAX_IMAGE_SIZE); nothing was pulled")
-    return pinned
+    return RegistryRef(ref.host, ref.repo, None, digest)  # the image manifest measured, not an index

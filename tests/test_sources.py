@@ -254,6 +254,33 @@ def test_a_layout_that_is_not_a_runnable_image_is_a_source_error(tmp_path, case,
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_hostile_values_in_an_index_or_a_tar_are_source_errors(tmp_path):
+    """Values of the wrong JSON type where names are listed, a pax header with a bad number, and a digest with
+    a trailing newline: one-line SourceErrors (a TypeError or ValueError was retried as a transient failure)."""
+    path = oci_layout(tmp_path / "layout", [layer(member("f", data=b"x"))], ref="v1")
+    index = json.loads((path / "index.json").read_text())
+    desc = index["manifests"][0]
+    index["manifests"].append({**desc, "annotations": {oci.REF_NAME: 5}})
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SourceError, match=r"holds 2 images; pick one with oci:PATH:REF \(refs: v1\)$"):
+        library_ingest(f"oci:{path}", tmp_path / "store")
+    index["manifests"] = [{**desc, "platform": {"os": 1, "architecture": "amd64"}},
+                          {**desc, "platform": {"os": "linux", "architecture": ["s390x"]}}]
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SourceError, match=r"no linux/\w+ image in the index \(has: amd64, linux\)$"):
+        library_ingest(f"oci:{path}", tmp_path / "store")
+
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("manifest.json")
+        info.pax_headers = {"GNU.sparse.map": "a,b", "GNU.sparse.size": "x"}
+        tf.addfile(info, io.BytesIO(b""))
+    with pytest.raises(SourceError, match=r"bad.tar: not a readable tar file"):
+        resolve(str(bad))
+    with pytest.raises(SourceError, match="bad digest"):
+        oci._check_digest(f"sha256:{'0' * 64}\n", "layer")
+
+
 def test_json_nested_too_deep_is_a_source_error(tmp_path):
     path = oci_layout(tmp_path / "layout", [layer(member("f", data=b"x"))])
     (path / "index.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -570,6 +597,46 @@ def test_registry_image_over_the_size_limit_is_refused_before_the_pull(tmp_path,
             pass
     with oci.open_image(spec, max_bytes=size) as img:
         assert [l.size for l in img.layers] == [size]
+
+
+def push_to_registry(host: str, repo: str, tag: str, layers: list[dict]) -> None:
+    """Push an image manifest with these layer descriptors (one 100-byte blob stands for every layer) over the
+    registry API itself: a registry stores manifests whose layer sizes lie, skopeo does not write them."""
+    import urllib.request
+
+    base = f"http://{host}/v2/{repo}"
+
+    def blob(data: bytes) -> dict:
+        start = urllib.request.Request(f"{base}/blobs/uploads/", b"", method="POST")
+        loc = urllib.request.urlopen(start).headers["Location"]
+        loc = loc if loc.startswith("http") else f"http://{host}{loc}"
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        urllib.request.urlopen(urllib.request.Request(f"{loc}{'&' if '?' in loc else '?'}digest={digest}", data,
+                                                      {"Content-Type": "application/octet-stream"}, method="PUT"))
+        return {"digest": digest, "size": len(data)}
+
+    config = blob(json.dumps({"architecture": oci._host_platform()[0], "os": "linux",
+                              "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+    one = blob(b"x" * 100)["digest"]
+    manifest = {"schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
+                "config": {**config, "mediaType": oci.CONFIG_TYPES[0]},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": one, **d}
+                           for d in layers]}
+    urllib.request.urlopen(urllib.request.Request(f"{base}/manifests/{tag}", json.dumps(manifest).encode(),
+                                                  method="PUT", headers={"Content-Type": oci.MT_OCI_MANIFEST}))
+
+
+@pytest.mark.docker
+def test_registry_manifest_whose_layer_sizes_lie_is_refused_before_the_pull(tmp_path, registry):
+    """The size limit is checked from the manifest alone: a layer whose size is missing or negative (50 GiB, then
+    -50 GiB) must not count as 0 or less and pass the limit; the manifest is refused, nothing pulled."""
+    for tag, layers in {"neg": [{"size": -5}], "nosize": [{}],
+                        "cancel": [{"size": 50 << 30}, {"size": -(50 << 30)}]}.items():
+        push_to_registry(registry.host, "thaw/lies", tag, layers)
+        with pytest.raises(SourceError, match=f"manifest sha256:[0-9a-f]{{64}} does not give every layer's size"):
+            with oci.open_image(resolve(f"docker://{registry.host}/thaw/lies:{tag}"), tmp_path, max_bytes=1 << 30):
+                pass
+    assert not list(tmp_path.iterdir())  # nothing pulled
 
 
 @pytest.fixture
