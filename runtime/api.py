@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import secrets
 from dataclasses import asdict
@@ -22,14 +23,18 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import DBAPIError
 from temporalio.client import Client
 
 from thaw.client import connect
 from thaw.config import Config
+from thaw.errors import first_line
 from thaw.registry import deployments
 from thaw.registry.queries import NotFound
 
 from . import pool
+
+log = logging.getLogger("thaw.api")
 
 
 def token_file(cfg: Config) -> Path:
@@ -88,6 +93,13 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
             resp = _error(503, str(e))
         except pool.Undeploying as e:
             resp = _error(409, str(e))
+        except web.HTTPException:  # aiohttp's own answers
+            raise
+        except Exception as e:  # the registry's database down, say: one JSON line (and counted), not a traceback
+            log.warning("%s %s failed", request.method, request.path, exc_info=True)
+            down = isinstance(e, DBAPIError)
+            resp = _error(503 if down else 500, ("the registry did not answer: " if down else "internal error: ")
+                          + first_line(e, typed=not down))
         calls.labels(route, str(resp.status)).inc()
         return resp
 

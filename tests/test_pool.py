@@ -77,6 +77,12 @@ def signal_raw(cfg, name, replicas):
 @pytest.fixture
 def api(cfg):
     """The real control API (aiohttp) on a free port, in a thread."""
+    with serve_api(cfg) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serve_api(cfg):
     from temporalio.client import Client
 
     from conftest import LoopThread
@@ -108,6 +114,19 @@ def api_call(url, path, token=None, body=None):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def test_the_api_answers_one_json_line_when_the_registry_is_down(cfg, temporal_address, tmp_path):
+    """A registry database server that is down: 503 with a one-line JSON error, counted in the metrics (it was
+    aiohttp's plain-text 500 and a traceback)."""
+    down = cfg.model_copy(update={"registry_url": f"postgresql+psycopg://thaw@127.0.0.1:{free_port()}/thaw"})
+    with serve_api(down) as (url, token):
+        for path, body in (("/v1/deployments", None), ("/v1/deployments/web/scale", {"replicas": 1})):
+            status, answer = api_call(url, path, token, body)
+            assert status == 503 and answer["error"].startswith("the registry did not answer: "), (status, answer)
+            assert "\n" not in answer["error"] and "refused" in answer["error"], answer
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            assert 'code="503",route="/v1/deployments"} 1.0' in r.read().decode()
 
 
 def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent, thaw_cli, snap, api):
