@@ -1135,11 +1135,15 @@ def hosts_down(cfg):
 
 def _deployment_status(cfg, name, as_json):
     from thaw.registry import deployments
+    from thaw.registry.queries import NotFound
     from thaw.runtime import pool
 
     async def go(client):
-        deployments.get(cfg.registry_url, name)  # the row first, as for signals: a name never deployed says so
-        return await pool.state(client, name)
+        try:
+            return await pool.state(client, name)
+        except NotFound:
+            deployments.get(cfg.registry_url, name)  # a name never deployed says so (not "workflow not found")
+            raise
 
     st = _pool_call(cfg, go)
     if as_json:
