@@ -996,7 +996,8 @@ def test_replica_on_a_killed_agent_is_replaced_on_another_host(cfg, worker, agen
         new = wait_until(lambda: [r for r in serving(cfg, "ha") if r.host_id == cfg.host_id], timeout=60,
                          what="replacement replica")
         assert answer(new[0].endpoint)["digest"]
-        st = json.loads(thaw_cli("status", "ha", "--json").output)
+        # the agent lists a replica before its start activity returns to the pool: wait for the pool to have it
+        st = wait_until(lambda: (s := pool_state(thaw_cli, "ha"))["replicas"] and s, what="the pool's replica")
         assert st["counts"]["lost"] == 1 and st["replicas"][0]["host_id"] == cfg.host_id
         # its row stays (its agent removes it if it comes back), but gateways are no longer sent there
         assert sorted(r.host_id for r in serving(cfg, "ha")) == sorted([cfg.host_id, "victim"])
@@ -1039,6 +1040,21 @@ def test_a_replica_whose_host_comes_back_is_kept_when_nothing_replaced_it(cfg, w
         st = pool_state(thaw_cli, "outage")
         assert st["counts"]["back"] == 1 and not st["counts"].get("stopped") and not st["lost"], st
         assert [r.id for r in serving(cfg, "outage")] == [rep.id] and answer(rep.endpoint)["digest"]
+
+
+def test_a_replica_whose_host_comes_back_after_a_redeploy_is_replaced_not_kept(cfg, worker, agent, thaw_cli, snap):
+    """As above, but the deployment got new env while its host was silent: the replica that comes back runs the
+    old spec, so it is stopped and a new one started, not taken back (it served the old env for good)."""
+    with replica_on_another_host(cfg, agent, thaw_cli, snap, "moved", "paused") as (paused, rep):
+        snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 0)
+        os.kill(paused.pid, signal.SIGSTOP)
+        wait_until(lambda: pool_state(thaw_cli, "moved")["counts"].get("lost") == 1, timeout=60, what="given up")
+        thaw_cli("deploy", "moved", "--snapshot", snap, "--min", "1", "--max", "1", "--buffer", "0", "--env", "V=2")
+        os.kill(paused.pid, signal.SIGCONT)
+        (new,) = wait_until(lambda: pool_state(thaw_cli, "moved")["replicas"], timeout=90, what="a new replica")
+        assert new["id"] != rep.id, "the replica of the old spec was taken back"
+        wait_until(lambda: closed(rep.endpoint), timeout=60, what="the old replica stopped")
+        assert not pool_state(thaw_cli, "moved")["counts"].get("back")
 
 
 def test_a_stop_its_host_did_not_take_in_time_is_tried_again(cfg, worker, agent, thaw_cli, snap):
@@ -1143,9 +1159,13 @@ def test_gateway_holds_a_request_at_zero_and_loses_none_when_an_agent_dies_mid_r
         wait_until(lambda: victim_dir.is_dir() and any(victim_dir.iterdir()), timeout=60, what="restore on victim")
         os.kill(victim.pid, signal.SIGKILL)  # mid-restore
         victim.wait()
+        killed = time.monotonic()
         snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, agent.host.facts, os.getpid(), 4)
         t.join(120)
         assert got.get("status") == 200 and got["body"]["digest"], got
+        # the failed start (after the heartbeat timeout) is placed again at once: the stop of its replica on the
+        # dead host (another timeout) runs aside, not before the replacement
+        assert time.monotonic() - killed < 2 * cfg.heartbeat_timeout
         (rep,) = serving(cfg, "gw")
         assert rep.host_id == cfg.host_id, "the replacement runs on the surviving host"
         st = gw.gateway.state()

@@ -176,7 +176,7 @@ class DeploymentPool:
         self.s = state
         self.wake = False
         self.starting: list[str] = []  # host ids of replica starts in flight (background tasks)
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[asyncio.Task, None] = {}  # insertion-ordered: the same order on a replay
         self.hosts: list[HostSlot] = []  # from the last host check: a scale-up places without a round trip
         self.hosts_at = 0.0  # when that check answered (workflow time, s)
         self.draining = False  # waiting for starts to end before continue-as-new: no new ones
@@ -217,9 +217,12 @@ class DeploymentPool:
         self.updates += 1
         if spec.snapshot != self.s.spec.snapshot:
             self.s.warmed = []
+            if workflow.patched("hosts-per-snapshot"):  # the last check's compatibility was the old snapshot's
+                self.hosts, self.hosts_at = [], 0.0
         if _differs(self.s.spec, spec) and workflow.patched("roll-on-update"):  # a new snapshot, env, secrets or
             # ports: new replicas take the old ones' place, then the old ones stop (they serve until then)
-            self.s.outdated += [r.id for r in self.s.replicas if r.id not in self.s.outdated]
+            ours = self.s.replicas + (self.s.lost if workflow.patched("roll-lost") else [])  # and none of those
+            self.s.outdated += [r.id for r in ours if r.id not in self.s.outdated]  # is taken back when seen again
         self.s.spec = spec
         self.s.desired = max(spec.min_replicas, min(spec.max_replicas, self.s.desired))
         self.wake = True
@@ -337,15 +340,19 @@ class DeploymentPool:
         """Check the hosts and reserve ``buffer`` of them; where the check fails (the registry is down for a
         moment) and ``keep_last``, go on with what the last check saw."""
         busy = sorted({r.host_id for r in self.s.replicas} | set(self.starting))
+        snapshot = self.s.spec.snapshot
         try:
             res = await workflow.execute_activity(
-                "pool_hosts", HostsInput(self.s.spec.name, self.s.spec.snapshot, buffer, busy),
+                "pool_hosts", HostsInput(self.s.spec.name, snapshot, buffer, busy),
                 result_type=HostsResult, **QUICK)
         except ActivityError as e:
             if not keep_last:
                 raise
             workflow.logger.warning("pool %s: host check failed: %s", self.s.spec.name, e.cause or e)
             return HostsResult(busy, self.s.reserved, self.hosts)
+        if snapshot != self.s.spec.snapshot and workflow.patched("hosts-per-snapshot"):  # a new snapshot came
+            self.s.reserved = res.reserved  # during the check: what it found placeable was for the old one
+            return res
         self.s.reserved, self.hosts, self.hosts_at = res.reserved, res.hosts, workflow.now().timestamp()
         if self.s.lost and not self.s.stopping and workflow.patched("adopt-back"):
             self._adopt(res)
@@ -358,7 +365,8 @@ class DeploymentPool:
         pool misses: every host looks silent after a registry outage longer than host_stale_s, say, and nothing
         could replace them. Before any placement on these hosts; the others are stopped (``_reconcile``)."""
         rows = set(res.rows or ()) - set(res.rows_of_other_snapshots)  # not one of a snapshot deployed before
-        keep = [r for r in self.s.lost if r.host_id in res.live and r.endpoint and r.id in rows]
+        keep = [r for r in self.s.lost if r.host_id in res.live and r.endpoint and r.id in rows
+                and r.id not in self.s.outdated]  # not of a spec deployed since (stopped instead)
         keep = keep[:max(0, self._missing())]
         if keep:
             self.s.lost = [r for r in self.s.lost if r not in keep]
@@ -378,8 +386,8 @@ class DeploymentPool:
         """Run ``coro`` as a workflow task (``name``: "warm", "start" or "stop") while the loop goes on answering
         signals."""
         task = asyncio.create_task(coro, name=name)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[task] = None
+        task.add_done_callback(lambda t: self.tasks.pop(t, None))
 
     async def _warm_one(self, task_queue: str) -> None:
         sp = self.s.spec
@@ -430,7 +438,7 @@ class DeploymentPool:
             if gone:
                 self.s.replicas = [r for r in self.s.replicas if r.id not in gone]
                 self._count("gone", len(gone))
-        ids = {r.id for r in self.s.replicas}
+        ids = {r.id for r in self.s.replicas + (self.s.lost if workflow.patched("roll-lost") else [])}
         self.s.outdated = [i for i in self.s.outdated if i in ids]
         missing = self._missing()
         if missing > 0:
@@ -503,7 +511,12 @@ class DeploymentPool:
                 backing_off = True
             self.hosts = []
             if rid:  # timed out, say, while the agent goes on: it must not keep a replica nobody counts
-                await self._stop(ReplicaInfo(rid, h.host_id, h.task_queue, "", ""))
+                gone = ReplicaInfo(rid, h.host_id, h.task_queue, "", "")
+                if workflow.patched("stop-failed-start-aside"):  # its host may be dead: a stop waits 30 s for it
+                    self.stopping_on.append(h.host_id)  # while the slot counts as taken, not the replacement
+                    self._background(self._stop_aside(gone), "stop")
+                else:
+                    await self._stop(gone)
             self.s.failed_in_a_row += 1
             if workflow.patched("start-backoff"):  # a start that fails at once (a missing secret) must not spin
                 seen = self.updates
@@ -545,6 +558,13 @@ class DeploymentPool:
             if self._cancelled():  # stops the cancel cut short: the undeploy stops them again
                 self.s.replicas += [r for r, ok in zip(victims, stopped or [None] * len(victims)) if ok is None]
         self._count("stopped", len(victims))
+
+    async def _stop_aside(self, r: ReplicaInfo) -> None:
+        """Stop a failed start's replica in the background; its host's slot is held (``stopping_on``) until then."""
+        try:
+            await self._stop(r)
+        finally:
+            self.stopping_on.remove(r.host_id)
 
     async def _stop(self, r: ReplicaInfo) -> bool | None:
         """Stop replica ``r`` on its host. True: the host said it is stopped; None: a cancel of the pool cut it
