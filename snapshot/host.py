@@ -965,8 +965,11 @@ class HostSnapshots:
             except Exception as e:  # noqa: BLE001 - whatever made the snapshot unusable here (a dead mount, a
                 # replica cut off mid-answer, a bad profile...): a cold boot may still serve
                 reason = first_line(e, typed=True)
-            running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], env, snap["golden_request"],
-                                               snap["golden_digest"], snap["digest"], rid=rid)
+            try:
+                running, ms, same = self.cold_boot(snap["image_digest"], snap["spec"], env, snap["golden_request"],
+                                                   snap["golden_digest"], snap["digest"], rid=rid)
+            except Exception as e:  # noqa: BLE001 - the error names both: the restore's is often the cause
+                raise SnapshotError(f"restore: {reason}; cold boot: {first_line(e, typed=True)}") from e
             return running, {"outcome": "cold-boot", "reason": reason, "timings_ms": ms, "golden_ok": bool(same)}
 
         with ThreadPoolExecutor(min(n, 16)) as pool:

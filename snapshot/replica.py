@@ -153,13 +153,27 @@ class Replica:
     def http_request(self, method: str, path: str, body: bytes | None = None, port: int = 8080,
                      timeout: float = 10.0, headers: dict | None = None,
                      content_type: str | None = None) -> tuple[int, bytes]:
-        """One HTTP request to 127.0.0.1:port inside the replica: (status, body)."""
+        """One HTTP request to 127.0.0.1:port inside the replica: (status, body). ``timeout`` bounds the whole
+        exchange (TimeoutError), not each read: a server that streams or trickles its answer must not hold a
+        health check or a golden request for ever."""
         headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
+        deadline = time.monotonic() + timeout
         conn = _NetnsHTTPConnection(self, port, timeout)
         try:
             conn.request(method, path, body=body, headers=headers)
+            sock = conn.sock  # the response reads from it still where it closes the connection (will_close)
             resp = conn.getresponse()
-            return resp.status, resp.read()
+            chunks = []
+            while not resp.isclosed():  # (it may close as it reads the end of the body)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{method} {path}: the answer took longer than {timeout:g}s")
+                sock.settimeout(left)
+                chunk = resp.read1(1 << 20)  # what has come: a trickle cannot hold one read for long
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return resp.status, b"".join(chunks)
         finally:
             conn.close()
 

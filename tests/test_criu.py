@@ -40,7 +40,7 @@ SECRET = "thaw-test-secret-9b7d13a5e0"  # only ever sent after restore: must not
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else os.path.realpath(sys.executable)
 
 SERVER = r'''
-import hashlib, json, os, random, sys
+import hashlib, json, os, random, sys, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import thaw_sdk
@@ -88,6 +88,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply({"digest": hashlib.sha256(DATA).hexdigest()[:16]})
         if self.path == "/seen":
             return self.reply(seen)
+        if self.path == "/trickle":  # an answer that comes a byte at a time (a stream, a wedged server)
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
         if self.path == "/secret":
             return self.reply({"secret": seen.get("secret"), "restore_id": thaw_sdk.restore_id,
                                "rand": random.getrandbits(64)})
@@ -245,6 +254,11 @@ def test_restore_gives_the_golden_answer(snapshot, roots, work):
         print(f"\nrestore {replica.timings['restore_ms']:.0f} ms")
         assert get(replica, READY_PATH) == {"ready": True}
         assert get(replica, "/answer") == {**golden, "count": golden["count"] + 1}
+        t0 = time.monotonic()  # the timeout bounds the whole answer, not each read of it
+        with pytest.raises(TimeoutError):
+            replica.http_request("GET", "/trickle", port=PORT, timeout=1.0)
+        assert time.monotonic() - t0 < 3
+        assert get(replica, "/answer")["count"] == golden["count"] + 2  # it serves on
         replica.stop()
         replica.stop()  # idempotent
         assert not replica.alive() and not Path(f"/proc/{replica.pid}").exists()

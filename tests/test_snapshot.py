@@ -381,6 +381,12 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and r["reason"].startswith("MountError: mount daemon exited"), r
 
+    # and where the cold boot fails too, the error names both failures (the restore's is often the cause)
+    monkeypatch.setattr(agent.host, "image_root", lambda digest: no_mount())
+    res = thaw_cli("restore", snap["digest"][:12], ok=False)
+    assert res.exit_code == 1 and "restore: MountError: mount daemon exited (1)" in res.output, res.output
+    assert "; cold boot: MountError: mount daemon exited (1)" in res.output, res.output
+
 
 def test_rm_and_gc_free_only_what_nothing_registered_uses(cfg, worker, agent, thaw_cli, image, rootfs, tmp_path):
     """rm is refused while something uses the row; gc deletes only objects no registered manifest reaches and
