@@ -155,9 +155,10 @@ def main() -> None:
         buffers = [int(b) for b in (args.buffers or (FLEET_BUFFERS if fleet else ONE_BUFFERS)).split(",")
                    if b.strip()]
         shape = (args.burst_every_s, args.burst_len_s, args.service_s, args.ramp_s)
-        one = sim.bursty_trace(args.seed, args.duration_s if not fleet and args.duration_s else ONE_DURATION_S,
+        given = args.duration_s is not None  # (0 is refused by the trace, not taken for the default)
+        one = sim.bursty_trace(args.seed, args.duration_s if not fleet and given else ONE_DURATION_S,
                                args.base_rps, args.burst_rps, *shape)
-        main_trace = (sim.fleet_trace(args.seed, args.deployments, args.duration_s or FLEET_DURATION_S,
+        main_trace = (sim.fleet_trace(args.seed, args.deployments, args.duration_s if given else FLEET_DURATION_S,
                                       args.base_rps_lo, args.base_rps_hi, args.burst_x, *shape)
                       if fleet else one)
         if not buffers or min(buffers) < 0:

@@ -98,6 +98,7 @@ def _finite(name: str, v: float, positive: bool = False) -> None:
         raise SimError(f"{name} must be a finite number {'>' if positive else '>='} 0 (got {v})")
 
 
+COLUMNS = ("timestamp", "duration_s", "deployment")  # a trace CSV's header names
 MAX_TICKS = 10_000_000  # a replay of more ticks than this: hours of work, and a timeline row per tick
 
 
@@ -157,7 +158,10 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
         raise TraceError(f"cannot read trace {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise TraceError(f"trace {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    rows = [(n, r) for n, r in enumerate(csv.reader(text.splitlines()), 1) if r and any(c.strip() for c in r)]
+    try:
+        rows = [(n, r) for n, r in enumerate(csv.reader(text.splitlines()), 1) if r and any(c.strip() for c in r)]
+    except csv.Error as e:  # a field over the csv module's limit, say
+        raise TraceError(f"trace {path} is not CSV as expected: {e}") from None
 
     def comment(r: list[str], ts_col: int) -> bool:
         if not r[0].lstrip().startswith("#"):
@@ -185,6 +189,10 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
         if "timestamp" not in first:
             raise TraceError(f"trace {path} line {rows[0][0]}: header {','.join(first)!r} has no 'timestamp' column "
                              f"(expected timestamp[,duration_s])")
+        unknown = [c for c in first if c not in COLUMNS]
+        if unknown:  # a "duration" or "duration_ms" column would be left out, every request taken as --service-s
+            raise TraceError(f"trace {path} line {rows[0][0]}: header has unknown column(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(COLUMNS)})")
         ts_col = first.index("timestamp")
         dur_col = first.index("duration_s") if "duration_s" in first else None
         dep_col = first.index("deployment") if "deployment" in first else None
@@ -195,6 +203,9 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
     for n, r in rows:
         if comment(r, ts_col):
             continue
+        if not header and len(r) > 2:
+            raise TraceError(f"trace {path} line {n}: {len(r)} columns without a header row (give one, e.g. "
+                             f"{','.join(COLUMNS)})")
         cell = r[ts_col].strip() if ts_col < len(r) else ""
         try:
             t = _parse_time(cell)
@@ -505,9 +516,12 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
     _finite("gpu_hour_usd", gpu_hour_usd)
     if any(r.deployment < 0 for r in trace.requests):
         raise SimError("a request's deployment must be >= 0")
-    if trace.end_s / scaler.tick_s > MAX_TICKS:
-        raise SimError(f"the trace spans {trace.end_s:.0f} s: more than {MAX_TICKS:,} ticks of {scaler.tick_s:g} s "
-                       f"(timestamps in milliseconds, or one far from the others?)")
+    if not all(0 < r.service_s < math.inf for r in trace.requests):
+        raise SimError("a request's duration must be > 0 s and finite")
+    span = trace.end_s + max((r.service_s for r in trace.requests), default=0.0)  # when the last one may end
+    if span / scaler.tick_s > MAX_TICKS:
+        raise SimError(f"the trace spans {span:.0f} s: more than {MAX_TICKS:,} ticks of {scaler.tick_s:g} s "
+                       f"(timestamps or durations in milliseconds, or one far from the others?)")
     deps = [_Deployment(i) for i in range(trace.n_deployments)]
     if isinstance(policy.replicas, tuple) and len(policy.replicas) != len(deps):
         raise SimError(f"static policy gives {len(policy.replicas)} replica counts for {len(deps)} deployments")
@@ -660,7 +674,8 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
     timeline: list[tuple] = []
     window = scaler.window_s
 
-    def autoscale(d: _Deployment, now: float) -> None:
+    def autoscale(d: _Deployment, now: float) -> int:
+        """Scale ``d`` down where it has too many replicas; returns how many it should start."""
         recent = d.recent
         while recent and recent[0].t <= now - window + 1e-9:
             d.window_work -= recent.popleft().service_s
@@ -681,17 +696,18 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
             desired = max(desired, 1)  # also when the request already left a window shorter than the tick
         desired = min(max(desired, scaler.min_replicas), scaler.max_replicas)
         n_act = len(d.reps)
-        for _ in range(desired - n_act):
-            start_replica(d, now)
-        n_act = max(n_act, desired)
-        floor_n = max(scaler.min_replicas, desired)
+        if desired > n_act:
+            return desired - n_act
+        if any(h.state != "serving" for h in d.reps):  # as the pool: no scale-down while a start is under way
+            return 0  # (else the one ready replica could stop while its successor still boots)
         idle = [h for h in d.reps if h.state == "serving" and h.inflight == 0
                 and now - h.idle_since >= scaler.cooldown_s - 1e-9]
         for h in reversed(idle):  # newest first
-            if n_act - 1 < floor_n:
+            if n_act - 1 < desired:
                 break
             n_act -= 1
             scale_down(h, now)
+        return 0
 
     while events:
         now, kind, _, obj = heapq.heappop(events)
@@ -728,9 +744,12 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
             d.queued_work += obj.service_s
             dispatch(d, now)
         else:  # tick
-            if not static:
-                for d in deps:
-                    autoscale(d, now)
+            done = arrived == n_total and in_system == 0 and now >= trace.end_s
+            if not static and not done:  # scale-downs first, then starts: a host freed at this tick is
+                starts = [(d, autoscale(d, now)) for d in deps]  # in the buffer for any deployment's start
+                for d, n in starts:
+                    for _ in range(n):
+                        start_replica(d, now)
             sv = st = bi = pv = fl = 0
             for h in live:
                 s = h.state
@@ -744,7 +763,7 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
                 else:
                     pv += 1
             timeline.append((now, sv, st, bi, pv, in_system, fl))
-            if arrived == n_total and in_system == 0 and now >= trace.end_s:
+            if done:
                 # nothing left to serve; the events left (hosts or replicas becoming ready) change nothing that
                 # is counted, as paid time is clipped to the horizon
                 break
@@ -1098,8 +1117,8 @@ def cli_command():
                 fail("--deployments is for --generate; a CSV trace names deployments in a 'deployment' column")
             if deployments is not None and deployments < 1:
                 fail(f"--deployments must be >= 1 (got {deployments})")
-            if not service_s > 0:
-                fail(f"--service-s must be > 0 (got {service_s})")
+            if not 0 < service_s < math.inf:
+                fail(f"--service-s must be > 0 and finite (got {service_s})")
             if not generate:
                 tr = load_trace(trace, service_s)
             elif (deployments or 1) == 1:

@@ -170,6 +170,40 @@ def test_scaled_down_host_refills_the_shared_buffer_by_hand():
     assert (r.restores, r.hosts_acquired, r.peak_hosts) == (2, 2, 2)
 
 
+def test_a_host_freed_at_a_tick_serves_a_start_at_that_tick_whatever_the_labels():
+    """Buffer 1, acquiring a host takes 20 s: a (deployment 1) at t=0, b (deployment 0) at 5; 1 s each.
+    t=0  deployment 1 takes the buffered H0 (restored 0.5, serves a until 1.5); H1 is acquired for the buffer.
+    5    tick: deployment 1's H0 has idled 3.5 s, deployment 0 wants 1. Scale-downs go first: H0 returns to the
+         buffer (H1's acquisition cancelled, paid 0-5), then deployment 0 takes it (restored 5.5, done 6.5); H2
+         is acquired for the buffer (5 -> 6.5). paid 6.5 + 5 + 1.5 = 13.
+    Starts first (lower index first), b claimed H1 on its way and waited for it until 20.5."""
+    t = Timings(cold_start_s=5, restore_s=0.5, provision_s=20)
+    for labels in ((1, 0), (0, 1)):
+        tr = Trace((Request(0, 1, labels[0]), Request(5, 1, labels[1])), end_s=5, source="hand", deployments=2)
+        r = sim.simulate(tr, Policy("restore", buffer=1), t, HAND)
+        assert (r.delays, r.paid_gpu_s, r.horizon_s, r.restores, r.hosts_acquired) == ([0.5, 0.5], 13, 6.5, 2, 2)
+
+
+def test_no_scale_down_while_a_start_is_under_way():
+    """As the pool: cold, min 1, target 80 %. a (0.9 s) at 0.05: tick 1 sees 0.9 s of work in 1 s -> 2 replicas,
+    H1 acquired (ready 3, booted 8). Ticks 4 and 5: H0 has idled 3 s but H1 still boots, so H0 stays and serves
+    b at 5 (delay 0). The replay ends at 6: paid H0 0-6 + H1 1-6 = 11. (Stopping H0 left b waiting for H1.)"""
+    scaler = Autoscaler(**{**HAND.__dict__, "target_utilization": 0.8, "min_replicas": 1})
+    tr = Trace((Request(0.05, 0.9), Request(5, 1)), end_s=5, source="hand")
+    r = sim.simulate(tr, Policy("cold"), Timings(cold_start_s=5, restore_s=0.5, provision_s=2), scaler)
+    assert (r.delays, r.paid_gpu_s, r.horizon_s, r.cold_starts, r.hosts_acquired) == ([0, 0], 11, 6, 1, 1)
+
+
+def test_nothing_starts_once_the_replay_is_over():
+    """min 1 serves a (0.9 s at 0.05) at once; the tick at 1 finds the replay over (a done at 0.95): it starts
+    no replica, so none is counted. paid: the replica and the buffer host, 0-0.95 each."""
+    scaler = Autoscaler(**{**HAND.__dict__, "target_utilization": 0.8, "min_replicas": 1})
+    r = sim.simulate(Trace((Request(0.05, 0.9),), end_s=0.05, source="hand"), Policy("restore", buffer=1),
+                     HAND_T, scaler)
+    assert (r.delays, r.restores, r.hosts_acquired) == ([0.0], 0, 0)
+    assert r.paid_gpu_s == pytest.approx(1.9)
+
+
 def test_one_deployment_replays_as_before_the_fleet():
     """Numbers from the simulator before it modelled fleets (commit 240d610), same trace and parameters."""
     tr = sim.bursty_trace(seed=3, duration_s=1200, base_rps=2, burst_rps=20, burst_every_s=600, burst_len_s=60)
@@ -298,10 +332,13 @@ def test_csv_trace(tmp_path, monkeypatch):
     ("timestamp,deployment\n1,a\n2,\n", "line 3: no deployment"),
     ("timestamp\n1\n\xff\n", "is not UTF-8 text"),
     ("timestamp\n# nothing yet\n", "every row after the header is a comment"),
+    ("timestamp,duration_ms\n1,500\n", "header has unknown column\\(s\\) duration_ms"),  # not 0.5 s each
+    ("1,0.5,chat\n", "line 1: 3 columns without a header row"),  # the deployment column was dropped
+    ("timestamp\n1\n\"BIG\"\n", "is not CSV as expected: field larger than field limit"),  # BIG: 200 kB
 ])
 def test_csv_errors_are_one_line(tmp_path, text, match):
     p = tmp_path / "bad.csv"
-    p.write_bytes(text.encode("latin-1"))
+    p.write_bytes(text.replace("BIG", "x" * 200_000).encode("latin-1"))
     with pytest.raises(sim.TraceError, match=match) as e:
         sim.load_trace(p)
     assert "\n" not in str(e.value) and str(p) in str(e.value)
@@ -330,6 +367,8 @@ def test_csv_comments_and_labels(tmp_path):
     # epoch seconds with one stray 0: 1.7e9 one-second ticks
     (lambda: sim.simulate(Trace((Request(0, 1), Request(1.7e9, 1)), 1.7e9, "t"), Policy("cold", 0)),
      "more than 10,000,000 ticks"),
+    (lambda: sim.simulate(Trace((Request(0, 5e8),), 0, "t"), Policy("cold", 0)), "more than 10,000,000 ticks"),
+    (lambda: sim.simulate(Trace((Request(0, math.inf),), 0, "t"), Policy("cold", 0)), "duration must be > 0 s"),
 ])
 def test_numbers_must_be_finite_and_in_range(call, match):
     """An infinite duration never ends and NaN silently switches a rule off: both are refused in one line."""
@@ -447,6 +486,7 @@ def test_cli_end_to_end(tmp_path):
     (["--generate", "--target-utilization", "1.5"], "target utilization"),
     (["--generate", "--deployments", "0"], "--deployments must be >= 1"),
     (["t.csv", "--deployments", "2"], "--deployments is for --generate"),
+    (["--generate", "--service-s", "inf"], "--service-s must be > 0 and finite"),
 ])
 def test_cli_errors(tmp_path, args, match, monkeypatch):
     monkeypatch.chdir(tmp_path)
