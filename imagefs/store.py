@@ -74,10 +74,15 @@ def digest_of(data: bytes | memoryview) -> str:
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-def _key(kind: str, digest: str) -> str:
-    if not _DIGEST.fullmatch(digest):
+def check_digest(digest: str) -> str:
+    """``digest`` if it is a blake3 digest (64 lowercase hex), else StoreError: it names files and objects."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise StoreError(f"not a blake3 digest: {digest!r}")
-    return f"{kind}/{digest[:2]}/{digest}"
+    return digest
+
+
+def _key(kind: str, digest: str) -> str:
+    return f"{kind}/{digest[:2]}/{check_digest(digest)}"
 
 
 def _decoded(raw: bytes, digest: str, decode=lambda b: b, check: bool = True) -> bytes | None:

@@ -32,7 +32,7 @@ from thaw.imagefs import mount as imagefs_mount
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize_cached
 from thaw.imagefs.prefetch import parse_profile, start_prefetch
-from thaw.imagefs.store import ChunkStore, StoreError, digest_of
+from thaw.imagefs.store import ChunkStore, StoreError, check_digest, digest_of
 
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
@@ -391,6 +391,7 @@ class HostSnapshots:
     def _tree(self, kind: str, digest: str) -> Path:
         """An image or snapshot tree on this host: a lazy FUSE mount shared by every replica (chunks are
         fetched on first read), or with ``lazy_mounts`` off a copy materialized once."""
+        check_digest(digest)  # it names a directory here
         if not self.cfg.lazy_mounts:
             return materialize_cached(self.store, digest, self.cfg.work_dir / kind)
         mp = self.cfg.work_dir / "mnt" / kind / digest

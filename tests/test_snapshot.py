@@ -29,7 +29,7 @@ from s3server import s3server  # noqa: F401  (pytest fixture)
 from test_criu import SECRET, cpu_cgroup_of, needs_criu
 from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
-from thaw.imagefs.store import ChunkStore
+from thaw.imagefs.store import ChunkStore, StoreError
 from thaw.registry import deployments, images, snapshots
 from thaw.snapshot import _linux, criu, sdk
 from thaw.snapshot.host import BUILD_LOGS, SnapshotError, use_huge_pages
@@ -381,6 +381,9 @@ def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker
     (r,) = restore(thaw_cli, snap["digest"])["replicas"]
     assert r["outcome"] == "cold-boot" and r["reason"].startswith("MountError: mount daemon exited"), r
 
+    for bad in ("../../etc", snap["digest"][:12]):  # digests name directories on the host: only whole ones
+        with pytest.raises(StoreError, match="not a blake3 digest"):
+            agent.host.image_root(bad)
     # and where the cold boot fails too, the error names both failures (the restore's is often the cause)
     monkeypatch.setattr(agent.host, "image_root", lambda digest: no_mount())
     res = thaw_cli("restore", snap["digest"][:12], ok=False)
