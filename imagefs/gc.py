@@ -72,7 +72,7 @@ def collect(store: ChunkStore, keep: Iterable[str], *, min_age_s: float = 3600.0
             gone.append((key, size))
     for tier in store.remote:  # multipart uploads (large manifests) whose writer died part way
         for key, upload_id, initiated in tier.uploads():
-            if initiated > cutoff:
+            if key.split("/")[0] not in live or initiated > cutoff:  # not thaw's (a shared bucket), or young
                 continue
             res.scratch.append(f"{tier.name}: upload of {key}")
             if not dry_run:

@@ -153,9 +153,9 @@ class Replica:
     def http_request(self, method: str, path: str, body: bytes | None = None, port: int = 8080,
                      timeout: float = 10.0, headers: dict | None = None,
                      content_type: str | None = None) -> tuple[int, bytes]:
-        """One HTTP request to 127.0.0.1:port inside the replica: (status, body). ``timeout`` bounds the whole
-        exchange (TimeoutError), not each read: a server that streams or trickles its answer must not hold a
-        health check or a golden request for ever."""
+        """One HTTP request to 127.0.0.1:port inside the replica: (status, body). ``timeout`` bounds each read of
+        the status line and headers, and the reading of the whole body (TimeoutError): a server that streams or
+        trickles its answer must not hold a health check or a golden request for ever."""
         headers = {**({"Content-Type": content_type} if content_type else {}), **(headers or {})}
         deadline = time.monotonic() + timeout
         conn = _NetnsHTTPConnection(self, port, timeout)
@@ -173,6 +173,8 @@ class Replica:
                 if not chunk:
                     break
                 chunks.append(chunk)
+            if resp.length:  # the server closed before the Content-Length it gave (read1 returns b"" then)
+                raise http.client.IncompleteRead(b"".join(chunks), resp.length)
             return resp.status, b"".join(chunks)
         finally:
             conn.close()

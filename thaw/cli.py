@@ -1152,7 +1152,7 @@ def _deployment_status(cfg, name, as_json):
     sp = st.spec
     click.echo(f"deployment {sp.name}  snapshot {sp.snapshot[:12]}  desired {st.desired} "
                f"(min {sp.min_replicas}, max {sp.max_replicas})  serving {len(st.replicas)}"
-               + (f" ({len(st.outdated)} of an earlier spec)" if st.outdated else ""))
+               + (f" ({old} of an earlier spec)" if (old := sum(r.id in st.outdated for r in st.replicas)) else ""))
     click.echo(f"buffer     {len(st.reserved)}/{sp.buffer} hosts reserved: {', '.join(st.reserved) or '-'}")
     click.echo("counts     " + (" ".join(f"{k}={v}" for k, v in sorted(st.counts.items())) or "-"))
     if sp.env or sp.ports:

@@ -186,6 +186,7 @@ class DeploymentPool:
         self.updates = 0  # update signals received (a new spec ends a failed start's backoff)
         self.redeploy: PoolSpec | None = None  # the spec of a deploy that came while undeploying
         self.short = 0  # scale-ups in a row that found too little capacity (their retries back off)
+        self.stopping_ids: list[str] = []  # replicas whose stop is under way
 
     @workflow.signal
     def scale(self, req: ScaleRequest) -> None:
@@ -281,8 +282,9 @@ class DeploymentPool:
                 break
         cancelled = cancelled or self._cancelled()  # one that came during the last round ends it cancelled too
         if self.redeploy is not None:  # deployed again while undeploying: a fresh run with the new spec
-            workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas,
-                                               lost=self.s.lost))  # stopped when their hosts are seen again
+            stale = [r.id for r in self.s.lost] if workflow.patched("roll-lost") else []  # the undeploy's: not
+            workflow.continue_as_new(PoolState(self.redeploy, desired=self.redeploy.min_replicas,  # taken back,
+                                               lost=self.s.lost, outdated=stale))  # stopped when seen again
         if cancelled:
             raise asyncio.CancelledError(f"pool cancelled ({workflow.cancellation_reason() or 'no reason given'})")
         return self.s
@@ -382,12 +384,13 @@ class DeploymentPool:
                 self.s.warmed.append(host_id)
                 self._background(self._warm_one(queues[host_id]), "warm")
 
-    def _background(self, coro, name: str) -> None:
+    def _background(self, coro, name: str) -> asyncio.Task:
         """Run ``coro`` as a workflow task (``name``: "warm", "start" or "stop") while the loop goes on answering
         signals."""
         task = asyncio.create_task(coro, name=name)
         self.tasks[task] = None
         task.add_done_callback(lambda t: self.tasks.pop(t, None))
+        return task
 
     async def _warm_one(self, task_queue: str) -> None:
         sp = self.s.spec
@@ -439,6 +442,7 @@ class DeploymentPool:
                 self.s.replicas = [r for r in self.s.replicas if r.id not in gone]
                 self._count("gone", len(gone))
         ids = {r.id for r in self.s.replicas + (self.s.lost if workflow.patched("roll-lost") else [])}
+        ids |= set(self.stopping_ids)  # a stop that fails puts its replica back among the lost, still outdated
         self.s.outdated = [i for i in self.s.outdated if i in ids]
         missing = self._missing()
         if missing > 0:
@@ -483,7 +487,7 @@ class DeploymentPool:
     async def _start(self, h: HostSlot, sig: int) -> None:
         sp = self.s.spec
         rid = f"r-{workflow.uuid4().hex[:10]}" if workflow.patched("pool-replica-ids") else ""
-        backing_off = False
+        backing_off, aside = False, None
         try:
             info = await workflow.execute_activity(
                 "start_replica", StartReplicaInput(sp.name, sp.snapshot, sp.secrets, sig, sp.env, sp.ports, rid),
@@ -512,9 +516,8 @@ class DeploymentPool:
             self.hosts = []
             if rid:  # timed out, say, while the agent goes on: it must not keep a replica nobody counts
                 gone = ReplicaInfo(rid, h.host_id, h.task_queue, "", "")
-                if workflow.patched("stop-failed-start-aside"):  # its host may be dead: a stop waits 30 s for it
-                    self.stopping_on.append(h.host_id)  # while the slot counts as taken, not the replacement
-                    self._background(self._stop_aside(gone), "stop")
+                if workflow.patched("stop-failed-start-aside"):  # its host may be dead: a stop waits 30 s for it,
+                    aside = self._background(self._stop(gone), "stop")  # not the replacement
                 else:
                     await self._stop(gone)
             self.s.failed_in_a_row += 1
@@ -527,6 +530,9 @@ class DeploymentPool:
             if backing_off:
                 self.backoff -= 1
             self.starting.remove(h.host_id)
+            if aside is not None and not aside.done():  # the slot stays taken until its replica is stopped
+                self.stopping_on.append(h.host_id)
+                aside.add_done_callback(lambda _: self.stopping_on.remove(h.host_id))
             self.wake = True
 
     async def _scale_down(self, force: bool = False) -> None:
@@ -559,17 +565,11 @@ class DeploymentPool:
                 self.s.replicas += [r for r, ok in zip(victims, stopped or [None] * len(victims)) if ok is None]
         self._count("stopped", len(victims))
 
-    async def _stop_aside(self, r: ReplicaInfo) -> None:
-        """Stop a failed start's replica in the background; its host's slot is held (``stopping_on``) until then."""
-        try:
-            await self._stop(r)
-        finally:
-            self.stopping_on.remove(r.host_id)
-
     async def _stop(self, r: ReplicaInfo) -> bool | None:
         """Stop replica ``r`` on its host. True: the host said it is stopped; None: a cancel of the pool cut it
         short; False: it failed (the host is gone, or too busy or cut off to take the work in time), and ``r``
         joins the lost replicas, stopped again when its host is next seen live (not left serving uncounted)."""
+        self.stopping_ids.append(r.id)
         try:
             await workflow.execute_activity(
                 "stop_replica", StopReplicaInput(r.id), task_queue=r.task_queue,
@@ -586,4 +586,6 @@ class DeploymentPool:
             if workflow.patched("retry-failed-stop"):
                 self.s.lost = [*self.s.lost, r][-64:]
             return False
+        finally:
+            self.stopping_ids.remove(r.id)
         return True
