@@ -700,12 +700,8 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
             return desired - n_act
         if any(h.state != "serving" for h in d.reps):  # as the pool: no scale-down while a start is under way
             return 0  # (else the one ready replica could stop while its successor still boots)
-        idle = [h for h in d.reps if h.state == "serving" and h.inflight == 0
-                and now - h.idle_since >= scaler.cooldown_s - 1e-9]
-        for h in reversed(idle):  # newest first
-            if n_act - 1 < desired:
-                break
-            n_act -= 1
+        idle = [h for h in d.reps if h.inflight == 0 and now - h.idle_since >= scaler.cooldown_s - 1e-9]
+        for h in idle[::-1][:n_act - desired]:  # newest first, down to the desired count
             scale_down(h, now)
         return 0
 
