@@ -441,8 +441,9 @@ class DeploymentPool:
             if gone:
                 self.s.replicas = [r for r in self.s.replicas if r.id not in gone]
                 self._count("gone", len(gone))
-        ids = {r.id for r in self.s.replicas + (self.s.lost if workflow.patched("roll-lost") else [])}
-        ids |= set(self.stopping_ids)  # a stop that fails puts its replica back among the lost, still outdated
+        ids = {r.id for r in self.s.replicas}
+        if workflow.patched("roll-lost"):  # lost ones stay outdated too, and those whose stop is under way (a stop
+            ids |= {r.id for r in self.s.lost} | set(self.stopping_ids)  # that fails puts its replica among them)
         self.s.outdated = [i for i in self.s.outdated if i in ids]
         missing = self._missing()
         if missing > 0:
