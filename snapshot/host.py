@@ -249,12 +249,17 @@ def _pids_using(d: Path) -> list[int]:
         try:
             if os.readlink(f"/proc/{name}/ns/mnt") == mine:
                 continue
-            with open(f"/proc/{name}/mountinfo", errors="surrogateescape") as f:
-                if any(line.split(" ", 5)[4] == "/" and needle in line for line in f):
-                    out.append(int(name))
-        except (OSError, IndexError):
+            if any(m.mountpoint == "/" and any(needle in p for p in _named_paths(m))
+                   for m in imagefs_mount.mountinfo(name)):
+                out.append(int(name))
+        except OSError:
             continue
     return out
+
+
+def _named_paths(m: imagefs_mount.MountInfo) -> list[str]:
+    """The paths a mount names, unescaped: its root, its source and its options' values (an overlay's layers)."""
+    return [m.root, m.source, *(imagefs_mount.unescape(o) for o in m.super_options.split(","))]
 
 
 def cleanup_stale(work_dir: Path) -> int:

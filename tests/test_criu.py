@@ -855,21 +855,23 @@ def test_compat_facts_key_and_check():
         require(snap, facts)
 
 
-def test_clear_kills_replicas_rooted_in_the_dir_not_holders_of_a_mount_copy(image, work):
+@pytest.mark.parametrize("name", ["b-clear", "b clear"])  # mountinfo writes a space as \\040
+def test_clear_kills_replicas_rooted_in_the_dir_not_holders_of_a_mount_copy(image, work, name):
     """clear(d) is what a restarted agent does with a dead one's scratch. It kills the replica whose root is an
     overlay under d, but not a process that merely holds a copy of that mount: a criu restoring another
     replica copies the agent's mounts of that moment into its private mount namespace, and lives on as that
     replica's reaper."""
+    from thaw.imagefs.mount import mountinfo
     from thaw.snapshot.host import clear, write_record
 
-    d = work / "builds" / "b-clear"
+    d = work / "builds" / name
     root = prepare_root(image, d)
     replica = launch(root.path, [PYTHON, "-I", "-c", "import time; time.sleep(600)"], {"PATH": "/usr/bin:/bin"}, "/",
                      d / "launch.log")
     holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
     try:
         deadline = time.monotonic() + 10
-        while str(d) not in Path(f"/proc/{holder.pid}/mountinfo").read_text():
+        while not any(m.mountpoint.startswith(f"{d}/") for m in mountinfo(holder.pid)):
             assert time.monotonic() < deadline, "the copy never showed"
             time.sleep(0.05)
         write_record(d / "replica.json", 999999)  # a stale record: nobody by that pid, so the scan must find it

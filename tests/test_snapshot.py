@@ -29,6 +29,7 @@ from s3server import s3server  # noqa: F401  (pytest fixture)
 from test_criu import SECRET, cpu_cgroup_of, needs_criu
 from thaw.config import Config
 from thaw.imagefs.manifest import ImageManifest
+from thaw.imagefs.mount import mountinfo
 from thaw.imagefs.store import ChunkStore, StoreError
 from thaw.registry import deployments, images, snapshots
 from thaw.snapshot import _linux, criu, sdk
@@ -943,7 +944,17 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     deployments.remove_replica(cfg.registry_url, "r-orphan")
     assert set(agent.serving) == {r["replica"] for r in reps}, "a refused stop stops nothing"
 
-    assert "stopped" in thaw_cli("replicas", "stop", *(r["replica"] for r in reps)).output
+    # a criu restoring one replica copies the agent's mounts, the other's overlay root among them, into the
+    # namespace its reaper keeps: removing a stopped replica's dir detaches those copies (else its overlay and
+    # upper layer would live on until the other replica stops)
+    def held(by, rid):
+        return [m for m in mountinfo(by.replica.proc.pid) if rid in m.mountpoint + m.super_options]
+
+    a, b = (agent.serving[r["replica"]] for r in reps)
+    first, other = (a, b) if held(b, a.id) else (b, a)  # the one whose mounts the other's reaper holds, if any
+    assert "stopped" in thaw_cli("replicas", "stop", first.id).output
+    assert not held(other, first.id)
+    assert "stopped" in thaw_cli("replicas", "stop", other.id).output
     assert agent.serving == {} and json.loads(thaw_cli("replicas", "ls", "--json").output) == []
     assert not [r for r in reps if (cfg.work_dir / "replica-logs" / r["replica"]).exists()], "a plain stop keeps none"
     for r in reps:
