@@ -166,6 +166,8 @@ def main() -> None:
         timings, sources = sim.resolve_timings(args.db_url, args.cold_start_s, args.restore_s, args.provision_s)
         scaler = sim.Autoscaler(target_utilization=args.target_utilization, cooldown_s=args.cooldown_s)
         scaler.check()
+        sim.check_finite("--p99-target-s", args.p99_target_s)
+        sim.check_finite("--gpu-hour-usd", args.gpu_hour_usd)
     except (ValueError, sim.SimError) as e:
         sys.exit(f"error: {e}")
 

@@ -91,7 +91,7 @@ class TraceError(SimError):
     pass
 
 
-def _finite(name: str, v: float, positive: bool = False) -> None:
+def check_finite(name: str, v: float, positive: bool = False) -> None:
     """A number given to the simulator: finite (an infinite duration never ends; NaN compares false everywhere, so
     it would silently switch a rule off) and >= 0, or > 0 where ``positive``."""
     if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
@@ -251,10 +251,10 @@ def bursty_trace(seed: int = 1, duration_s: float = 3600.0, base_rps: float = 2.
     request is for ``deployment``. Deterministic for a given seed: ``random.Random`` drawing a Poisson process
     at the highest rate, thinned to the rate at each instant."""
     for name, v in (("duration_s", duration_s), ("burst_every_s", burst_every_s), ("service_s", service_s)):
-        _finite(name, v, positive=True)
+        check_finite(name, v, positive=True)
     for name, v in (("base_rps", base_rps), ("burst_rps", burst_rps), ("burst_len_s", burst_len_s),
                     ("ramp_s", ramp_s)):
-        _finite(name, v)
+        check_finite(name, v)
     if not burst_len_s <= burst_every_s:
         raise SimError("need burst_len_s <= burst_every_s")
     if not 0 <= ramp_s <= burst_len_s / 2:
@@ -311,7 +311,7 @@ def fleet_trace(seed: int = 1, deployments: int = 20, duration_s: float = 3600.0
     """
     if deployments < 1:
         raise SimError(f"deployments must be >= 1 (got {deployments})")
-    _finite("base_rps_hi", base_rps_hi)
+    check_finite("base_rps_hi", base_rps_hi)
     if not 0 < base_rps_lo <= base_rps_hi:
         raise SimError(f"need 0 < base_rps_lo <= base_rps_hi (got {base_rps_lo}, {base_rps_hi})")
     if not 1 <= burst_x < math.inf:
@@ -400,10 +400,10 @@ class Autoscaler:
             raise SimError(f"concurrency must be >= 1 (got {self.concurrency})")
         if not 0 < self.target_utilization <= 1:
             raise SimError(f"target utilization must be in (0, 1] (got {self.target_utilization})")
-        _finite("tick_s", self.tick_s, positive=True)
-        _finite("window_s", self.window_s, positive=True)
+        check_finite("tick_s", self.tick_s, positive=True)
+        check_finite("window_s", self.window_s, positive=True)
         for name in ("panic_window_s", "drain_s", "cooldown_s"):
-            _finite(name, getattr(self, name))
+            check_finite(name, getattr(self, name))
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise SimError(f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1 "
                            f"(got {self.min_replicas}, {self.max_replicas})")
@@ -512,8 +512,8 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
     if policy.kind == "static" and policy.replicas is None:
         raise SimError("static policy needs replicas=N here (size_static() picks it)")
     for name in ("cold_start_s", "restore_s", "provision_s"):
-        _finite(name, getattr(timings, name))
-    _finite("gpu_hour_usd", gpu_hour_usd)
+        check_finite(name, getattr(timings, name))
+    check_finite("gpu_hour_usd", gpu_hour_usd)
     if any(r.deployment < 0 for r in trace.requests):
         raise SimError("a request's deployment must be >= 0")
     if not all(0 < r.service_s < math.inf for r in trace.requests):
@@ -847,7 +847,7 @@ def size_static(trace: Trace, scaler: Autoscaler, p99_target_s: float, gpu_hour_
 def run_policies(trace: Trace, policies: list[Policy], timings: Timings = Timings(),
                  scaler: Autoscaler = Autoscaler(), gpu_hour_usd: float = 2.5,
                  p99_target_s: float = 2.0) -> list[Result]:
-    _finite("p99_target_s", p99_target_s)
+    check_finite("p99_target_s", p99_target_s)
     out = []
     for p in policies:
         if p.kind == "static" and p.replicas is None:

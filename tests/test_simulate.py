@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import click
 import pytest
@@ -487,9 +490,24 @@ def test_cli_end_to_end(tmp_path):
     (["--generate", "--deployments", "0"], "--deployments must be >= 1"),
     (["t.csv", "--deployments", "2"], "--deployments is for --generate"),
     (["--generate", "--service-s", "inf"], "--service-s must be > 0 and finite"),
+    (["--generate", "--p99-target-s", "nan"], "p99_target_s must be a finite number"),
 ])
 def test_cli_errors(tmp_path, args, match, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(_cli(), ["simulate", *args, "--no-plots"], obj=Config(state_dir=tmp_path / "s"))
     assert res.exit_code == 1
     assert match in res.output and res.output.count("\n") == 1 and res.output.startswith("error: ")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--p99-target-s", "nan"], "--p99-target-s must be a finite number >= 0 (got nan)"),
+    (["--gpu-hour-usd", "-1"], "--gpu-hour-usd must be a finite number >= 0 (got -1.0)"),
+    (["--buffers", "2,-1"], "--buffers needs sizes >= 0"),
+])
+def test_bench_errors(args, match):
+    """bench/runtime_sim.py refuses bad numbers before it prints anything, in one line."""
+    bench = Path(__file__).parent.parent / "bench" / "runtime_sim.py"
+    r = subprocess.run([sys.executable, str(bench), "--deployments", "1", "--duration-s", "60", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr.startswith(f"error: {match}") and r.stderr.count("\n") == 1
