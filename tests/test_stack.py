@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from temporalio import workflow
 
+from services import wait_until
 from thaw.ports import free_port, free_ports
 from thaw.snapshot.host import RECORD, _starttime
 
@@ -88,6 +89,14 @@ def test_up_refuses_a_port_taken_by_someone_else(tmp_path):
     assert res.returncode == 1 and "already in use" in res.stderr
 
 
+def _ended(pid: int) -> bool:
+    """Exited (reaped, or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
     import boto3
 
@@ -122,6 +131,14 @@ def test_up_with_s3_stores_builds_in_the_embedded_seaweedfs(tmp_path):
         assert st["s3"]["pid"] and st["s3"]["endpoint"] == f"http://127.0.0.1:{port}"
         again = json.loads(thaw(env, "build", "image", str(src), "--json").stdout)
         assert again["digest"] == built["digest"] and again["new_bytes"] == 0  # what S3 holds, found there
+        # `thaw s3` SIGKILLed (the OOM killer, say): its weed goes too, so the next `thaw up` can have the port
+        owner = st["s3"]["pid"]
+        weed = int(Path(f"/proc/{owner}/task/{owner}/children").read_text().split()[0])
+        os.kill(owner, signal.SIGKILL)
+        wait_until(lambda: _ended(weed), 60, "weed to end with its owner")
+        thaw(env, "up")
+        st = json.loads(thaw(env, "status", "--json").stdout)
+        assert st["s3"]["pid"] not in (None, owner) and st["s3"]["endpoint"] == f"http://127.0.0.1:{port}"
     finally:  # S3 turned off in the config while the stack runs: `thaw down` still stops the server it started
         down = thaw({**env, "THAW_S3_EMBEDDED": "false"}, "down", check=False)
     assert "s3: stopped" in down.stdout, down.stdout

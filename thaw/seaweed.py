@@ -59,7 +59,10 @@ class SeaweedS3:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 60) -> "SeaweedS3":
+    def start(self, timeout: float = 60, die_with_parent: bool = False) -> "SeaweedS3":
+        """``die_with_parent``: weed gets SIGTERM when the thread that started it ends (its owner SIGKILLed, say),
+        else it would hold its ports and data dir with nobody to stop it. Only for a start from the thread that
+        lives as long as the server should."""
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         auth = self.root / "s3.json"
@@ -85,7 +88,8 @@ class SeaweedS3:
         t0 = time.monotonic()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=self.root, start_new_session=True)
+                                         cwd=self.root, start_new_session=True,
+                                         preexec_fn=_term_when_parent_dies(os.getpid()) if die_with_parent else None)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -159,6 +163,23 @@ class SeaweedS3:
         return {"s3_endpoint": self.endpoint, "s3_bucket": bucket or new_bucket(),
                 "s3_access_key": self.access_key, "s3_secret_key": self.secret_key,
                 "s3_region": self.region, **overrides}
+
+
+def _term_when_parent_dies(parent: int):
+    """For Popen's preexec_fn: the child gets SIGTERM once the thread that forked it ends (prctl
+    PR_SET_PDEATHSIG); if that happened before the prctl, it exits at once."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def set_it() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) or os.getppid() != parent:
+            os._exit(1)
+
+    return set_it
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def new_bucket() -> str:

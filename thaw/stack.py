@@ -203,7 +203,7 @@ def serve_s3(cfg: Config) -> None:
     server = SeaweedS3(embedded_s3_dir(cfg), cfg.s3_access_key, cfg.s3_secret_key, s3_port=cfg.s3_embedded_port)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # before start: `thaw down` then stops weed too
-    server.start()
+    server.start(die_with_parent=True)  # a SIGKILLed `thaw s3` must not leave weed holding its port
     ready_file(cfg, "s3").write_text(str(os.getpid()))
     try:
         while not stop and server.proc.poll() is None:
