@@ -13,7 +13,7 @@ import time
 from typing import Callable, Iterator
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import delete, text, update
+from sqlmodel import delete, literal_column, text, update
 
 from thaw.errors import first_line
 
@@ -34,6 +34,14 @@ def _now(s) -> float:
     if s.get_bind().dialect.name == "postgresql":
         return float(s.exec(text("SELECT extract(epoch FROM clock_timestamp())")).one()[0])
     return time.time()
+
+
+def _now_sql(s):
+    """The database's clock as epoch seconds, read when the statement runs: a renewal that waited on a lock
+    must not judge the lease by the time it was sent."""
+    if s.get_bind().dialect.name == "postgresql":
+        return literal_column("extract(epoch FROM clock_timestamp())")
+    return literal_column("((julianday('now') - 2440587.5) * 86400.0)")  # SQLite: this machine's clock, as _now
 
 
 def current(url: str, name: str) -> Lease | None:
@@ -67,7 +75,7 @@ def renew(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> bool:
     """Whether ``holder`` still held it, not run out (and now holds it for ``ttl_s`` more): a renewal that came
     too late does not bring back a lease that others already took as free."""
     with session(url) as s:
-        now = _now(s)
+        now = _now_sql(s)
         res = s.exec(update(Lease).where(Lease.name == name, Lease.holder == holder, Lease.expires > now)
                      .values(expires=now + ttl_s))
         s.commit()
@@ -82,15 +90,21 @@ def give_back(url: str, name: str, holder: str) -> None:
 
 class Hold:
     """A lease being held: ``check()`` raises LeaseHeld once it was lost (its renewals failed until it ran out,
-    or someone took it over), so the holder stops before it acts without it."""
+    or someone took it over), or once it may have run out: with ``ttl_s``, when no renewal sent in the last two
+    thirds of it has come back (one stuck on a dead connection or a lock), so the holder stops before it acts
+    without it."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, ttl_s: float | None = None) -> None:
+        self.name, self.ttl_s = name, ttl_s
         self.lost: str | None = None
+        self.renewed = time.monotonic()  # when the last take or renewal that came back was sent
 
     def check(self) -> None:
         if self.lost:
             raise LeaseHeld(f"the {self.name} lease was lost: {self.lost}")
+        age = time.monotonic() - self.renewed
+        if self.ttl_s is not None and age >= self.ttl_s * 2 / 3:
+            raise LeaseHeld(f"the {self.name} lease was not renewed for {age:.0f} s: it may have run out")
 
 
 @contextlib.contextmanager
@@ -98,20 +112,20 @@ def held(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> Iterator[Hol
     """Hold the lease for the block (LeaseHeld if another does), renewed every third of ``ttl_s``; a renewal
     that fails (the database restarting, SQLite busy) is tried again at the next turn, and the hold counts as
     lost once the lease may have run out."""
+    hold, stop = Hold(name, ttl_s), threading.Event()
     take(url, name, holder, ttl_s)
-    hold, stop = Hold(name), threading.Event()
 
     def keep() -> None:
-        good = time.monotonic()
         while not stop.wait(ttl_s / 3):
+            sent = time.monotonic()
             try:
                 if not renew(url, name, holder, ttl_s):
                     hold.lost = "it ran out before it was renewed, or someone else holds it now"
                     return
-                good = time.monotonic()
+                hold.renewed = sent
             except Exception as e:  # noqa: BLE001 - tried again at the next turn
-                if time.monotonic() - good >= ttl_s * 2 / 3:  # the next failure would come after it ran out
-                    hold.lost = f"not renewed for {time.monotonic() - good:.0f} s ({first_line(e)})"
+                if time.monotonic() - hold.renewed >= ttl_s * 2 / 3:  # the next failure would come after it ran out
+                    hold.lost = f"not renewed for {time.monotonic() - hold.renewed:.0f} s ({first_line(e)})"
                     return
 
     t = threading.Thread(target=keep, name=f"lease-{name}", daemon=True)

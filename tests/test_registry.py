@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sqlite3
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 
+from services import wait_until
 from thaw.registry import images, snapshots
 from thaw.registry.models import Image
 
@@ -459,3 +463,41 @@ def test_a_lease_has_one_holder_until_it_is_given_back_or_runs_out(tmp_path, req
         with pytest.raises(leases.LeaseHeld, match=f"the {name} lease was lost: it ran out before it was renewed, or"):
             hold.check()
     assert leases.current(url, name).holder == "other"  # not given back by the one that lost it
+    leases.give_back(url, name, "other")
+    # a renewal stuck on the database (on a lock here; on a dead connection, say, elsewhere): the holder stops
+    # before the lease may have run out, and the renewal, once through, finds that it did (not "renewed")
+    with leases.held(url, name, "stuck", ttl_s=0.6) as hold:
+        with _write_locked(url, name):
+            time.sleep(0.8)
+            with pytest.raises(leases.LeaseHeld, match=rf"{name} lease was not renewed for \d+ s: it may have run"):
+                hold.check()
+        wait_until(lambda: hold.lost, 10, "the stuck renewal to come back")
+        assert hold.lost.startswith("it ran out before it was renewed") and leases.current(url, name) is None
+    leases.take(url, name, "late", ttl_s=0.5)  # a renewal is judged by the time it ran, not the time it was sent
+    with ThreadPoolExecutor(1) as pool, _write_locked(url, name):
+        renewed = pool.submit(leases.renew, url, name, "late", 0.5)
+        time.sleep(0.8)
+    assert renewed.result(10) is False and leases.current(url, name) is None
+
+
+@contextlib.contextmanager
+def _write_locked(url: str, name: str):
+    """Writes to lease ``name`` wait while in the block: SQLite's write lock, a row lock on PostgreSQL."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    from sqlalchemy import text
+
+    from thaw.registry.db import engine
+    with engine(url).connect() as conn:
+        conn.execute(text("SELECT name FROM lease WHERE name = :n FOR UPDATE"), {"n": name})
+        try:
+            yield
+        finally:
+            conn.rollback()
