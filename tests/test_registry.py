@@ -467,22 +467,23 @@ def test_a_lease_has_one_holder_until_it_is_given_back_or_runs_out(tmp_path, req
     # a renewal stuck on the database (on a lock here; on a dead connection, say, elsewhere): the holder stops
     # before the lease may have run out, and the renewal, once through, finds that it did (not "renewed")
     with leases.held(url, name, "stuck", ttl_s=0.6) as hold:
-        with _write_locked(url, name):
+        with _write_locked(url):
             time.sleep(0.8)
             with pytest.raises(leases.LeaseHeld, match=rf"{name} lease was not renewed for \d+ s: it may have run"):
                 hold.check()
         wait_until(lambda: hold.lost, 10, "the stuck renewal to come back")
         assert hold.lost.startswith("it ran out before it was renewed") and leases.current(url, name) is None
     leases.take(url, name, "late", ttl_s=0.5)  # a renewal is judged by the time it ran, not the time it was sent
-    with ThreadPoolExecutor(1) as pool, _write_locked(url, name):
+    with ThreadPoolExecutor(1) as pool, _write_locked(url):
         renewed = pool.submit(leases.renew, url, name, "late", 0.5)
         time.sleep(0.8)
     assert renewed.result(10) is False and leases.current(url, name) is None
 
 
 @contextlib.contextmanager
-def _write_locked(url: str, name: str):
-    """Writes to lease ``name`` wait while in the block: SQLite's write lock, a row lock on PostgreSQL."""
+def _write_locked(url: str):
+    """Writes to the leases wait while in the block, before they read anything: SQLite's write lock, a table lock
+    on PostgreSQL (a row lock would make an UPDATE wait after it read the row)."""
     if url.startswith("sqlite:///"):
         conn = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
         conn.execute("BEGIN IMMEDIATE")
@@ -496,7 +497,7 @@ def _write_locked(url: str, name: str):
 
     from thaw.registry.db import engine
     with engine(url).connect() as conn:
-        conn.execute(text("SELECT name FROM lease WHERE name = :n FOR UPDATE"), {"n": name})
+        conn.execute(text("LOCK TABLE lease IN EXCLUSIVE MODE"))
         try:
             yield
         finally:
