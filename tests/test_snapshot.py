@@ -516,9 +516,9 @@ def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, 
     assert res.exit_code == 1 and "nope.py" in res.output and res.output.count("\n") <= 2
     launch_log = Path(re.search(r"log (/\S+/launch\.log)", res.output)[1])  # the log the error names stays
     assert launch_log.parent.parent == cfg.work_dir / BUILD_LOGS and "nope.py" in launch_log.read_text(), res.output
-    for value, code in (("nan", 1), ("inf", 2), ("0", 2), (str(8 * 86400), 2)):  # timedelta() in the workflow
+    for value in ("nan", "inf", "0", str(8 * 86400)):  # timedelta() in the workflow
         res = build_snapshot(thaw_cli, image, tmp_path, "--ready-timeout", value, ok=False)
-        assert res.exit_code == code and "--ready-timeout" in res.output, (value, res.output)
+        assert res.exit_code == 2 and "--ready-timeout" in res.output, (value, res.output)
     # stored, then refused by verify-by-replay: the secret arrives after a restore only, so the answer differs
     thaw_cli("secrets", "set", "API_KEY", "--value", SECRET)
     res = build_snapshot(thaw_cli, image, tmp_path, "--secret", "API_KEY", "--golden-path", "/secret", ok=False)
