@@ -27,6 +27,7 @@ import hashlib
 import io
 import logging
 import os
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -356,23 +357,32 @@ class S3Tier:
     def _get(self, key: str, rng: str | None) -> tuple[bytes | None, bool]:
         """(the object's bytes as put, or the range asked for; whether they are the whole object)"""
         self.ensure_bucket()
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
 
         def fetch(rng):
-            self._count(gets=1)
-            try:
-                kw = {"Range": rng} if rng else {}
-                resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key, **kw)
-            except ClientError as e:
-                if self._code(e) in _MISSING:
-                    return None, None
-                if rng and self._code(e) == "InvalidRange":  # past the end of a compressed object, perhaps
-                    return None, "?"
-                raise
-            with resp["Body"] as body:
-                data = body.read()
-            self._count(wire_get_bytes=len(data))
-            return data, resp.get("Metadata", {}).get(ENCODING)
+            for attempt in range(1, self.max_attempts + 1):
+                self._count(gets=1)
+                try:
+                    kw = {"Range": rng} if rng else {}
+                    resp = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key, **kw)
+                except ClientError as e:
+                    if self._code(e) in _MISSING:
+                        return None, None
+                    if rng and self._code(e) == "InvalidRange":  # past the end of a compressed object, perhaps
+                        return None, "?"
+                    raise
+                body = resp["Body"]  # its read(), not the urllib3 stream's that `with` gives: botocore's errors
+                try:  # botocore retries a request until its headers come; a body cut short or stalled, here
+                    data = body.read()
+                except (HTTPClientError, IncompleteReadError):
+                    if attempt == self.max_attempts:
+                        raise
+                    time.sleep(random.uniform(0, min(1.0, 0.05 * 2 ** attempt)))  # full jitter, as botocore's
+                    continue
+                finally:
+                    body.close()
+                self._count(wire_get_bytes=len(data))
+                return data, resp.get("Metadata", {}).get(ENCODING)
 
         data, encoding = self._call("GET", key, fetch, rng)
         if encoding and rng:  # a range of the compressed bytes means nothing: fetch the object whole

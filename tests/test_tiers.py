@@ -12,10 +12,11 @@ import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 
-from s3server import new_bucket, s3server, s3server_own  # noqa: F401  (pytest fixtures)
+from s3server import CuttingProxy, new_bucket, s3server, s3server_own  # noqa: F401  (pytest fixtures)
 from test_ingest import make_fancy_tree, snapshot_stats
 from thaw.config import Config
 from thaw.imagefs.ingest import Limits, ingest_and_commit
@@ -234,6 +235,25 @@ def test_s3_round_trip_ranged_reads_and_multipart(s3server, tmp_path):
     assert sorted(tier.keys()) == sorted([k, "blobs/big"]) and tier.usage() == (2, len(data) + len(big))
     tier.delete(k)
     assert not tier.has(k)
+
+
+def test_an_answer_cut_short_mid_body_is_fetched_again(s3server):
+    """botocore retries a request until its answer's headers come, not while its body is read: a connection
+    dropped then (a reset on the way) is the tier's to retry. It was StoreUnavailable at once: an EIO in the
+    mount, a prefetch given up."""
+    data = blob(MiB, 12)  # random: stored as is, a 1 MiB body
+    k = ckey(digest_of(data))
+    stored = s3tier(s3server)
+    stored.put(k, data)
+    with CuttingProxy(s3server.endpoint, cuts=1) as proxy:
+        tier = s3tier(SimpleNamespace(**{**vars(s3server), "endpoint": proxy.endpoint}), stored.bucket)
+        assert tier.get(k) == data
+        assert proxy.cut == 1 and tier.stats["gets"] == 2
+    with CuttingProxy(s3server.endpoint, cuts=2) as proxy:  # cut on every attempt: the one-line error
+        tier = s3tier(SimpleNamespace(**{**vars(s3server), "endpoint": proxy.endpoint}), stored.bucket)
+        with pytest.raises(StoreUnavailable, match=f"S3 {proxy.endpoint} .*: GET {k}: no answer after 2 attempts"):
+            tier.get(k)
+        assert proxy.cut == 2
 
 
 def test_s3_objects_are_stored_compressed_where_that_pays(s3server, tmp_path, caplog):
