@@ -47,7 +47,12 @@ def summary(d: Deployment) -> dict:
 
 
 def add_replica(url: str, rep: Replica) -> None:
+    """NotFound when its snapshot was removed while it started (`thaw snapshots rm` counted no row of it yet):
+    gc would take the files it reads."""
     with session(url) as s:
+        if rep.snapshot_digest:
+            queries.require(s, (Snapshot, rep.snapshot_digest, f"snapshot {rep.snapshot_digest[:12]} was removed "
+                                f"while replica {rep.id} started: it is stopped"))
         s.merge(rep)
         s.commit()
 

@@ -37,7 +37,7 @@ def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None 
         existing = s.get(model, key)
         if existing:
             return existing, False
-        _require(s, requires)
+        require(s, requires)
         s.add(row)
         try:
             s.commit()
@@ -48,7 +48,7 @@ def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None 
         return row, True
 
 
-def _require(s, requires: tuple[type[SQLModel], str, str] | None) -> None:
+def require(s, requires: tuple[type[SQLModel], str, str] | None) -> None:
     """NotFound(message) unless the row ``requires`` names (model, key, message) is registered; locked (FOR
     SHARE, PostgreSQL) until the caller's transaction ends: see :func:`register`."""
     if requires:
@@ -64,7 +64,7 @@ def upsert(url: str, new: T, requires: tuple[type[SQLModel], str, str] | None = 
     key = getattr(new, _pk(model).key)
     for attempt in (1, 2):
         with session(url) as s:
-            _require(s, requires)
+            require(s, requires)
             row = s.get(model, key) or new  # on the second attempt: the row that won
             for k, v in fields.items():
                 setattr(row, k, v)

@@ -270,6 +270,12 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
         snapshots.remove(url, "d" * 64, lambda name: False, stale_s=60)
     deployments.remove_replica(url, "r-old")
     snapshots.remove(url, "d" * 64, lambda name: False)
+    # a replica that was starting while its snapshot was removed (no row of it yet to refuse the removal) is not
+    # recorded: gc would take the files it reads
+    with pytest.raises(images.NotFound, match="snapshot dddddddddddd was removed while replica r-late started"):
+        deployments.add_replica(url, Replica(id="r-late", deployment="", snapshot_digest="d" * 64, host_id="h1",
+                                             endpoint="http://10.0.0.1:2", outcome="restored"))
+    assert deployments.replicas(url) == []
 
 
 def test_a_registry_file_that_is_not_a_database_or_a_state_dir_that_is_a_file_is_one_line(tmp_path):
