@@ -94,6 +94,18 @@ def after_gc(cfg: Config) -> None:
         leases.wait_free(cfg.registry_url, leases.STORE, lambda row: stage(f"waiting for {row.holder}"))
 
 
+def stored_whole(store: ChunkStore, digest: str, what: str) -> ImageManifest:
+    """Manifest ``digest``, once it and every chunk it names are in the store's durable tier, asked afresh (a
+    chunk seen there earlier may have been swept by `thaw gc` since); StoreError otherwise: nothing is registered
+    half-stored."""
+    manifest = ImageManifest.load(store, digest)  # verified read: it is durable
+    missing = store.missing_chunks(manifest.chunk_digests())
+    if missing:
+        raise StoreError(f"{what} {digest[:12]}: {len(missing)} of its chunks are missing from the store "
+                         f"(`thaw gc` swept them meanwhile?): build it again")
+    return manifest
+
+
 class BuildActivities:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -170,10 +182,7 @@ class BuildActivities:
         t0 = time.monotonic()
         ing = inp.ingest
         after_gc(self.cfg)
-        manifest = ImageManifest.load(self.store, ing.manifest_digest)  # verified read: it is durable
-        missing = self.store.missing_chunks(manifest.chunk_digests())
-        if missing:
-            raise StoreError(f"image {ing.manifest_digest}: {len(missing)} chunks missing from the store")
+        manifest = stored_whole(self.store, ing.manifest_digest, "image")
         row, created = images.register(self.cfg.registry_url, Image(
             digest=ing.manifest_digest, source=inp.source, source_kind=inp.source_kind, size=ing.size,
             files=ing.files, entries=ing.entries, chunks=ing.chunks, new_chunks=ing.new_chunks,

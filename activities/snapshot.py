@@ -9,6 +9,7 @@ from dataclasses import replace
 from temporalio import activity
 
 from thaw.config import Config
+from thaw.imagefs.store import ChunkStore
 from thaw.registry import images, snapshots
 from thaw.registry.models import Snapshot
 from thaw.registry.queries import NotFound
@@ -16,7 +17,7 @@ from thaw.snapshot.replica import parse_signal, signal_name
 from thaw.workflows.build_snapshot import (
     DEFAULT_PORT, BuildSnapshotInput, BuildSnapshotResult, Plan, RegisterSnapshotInput, RestoreInput, RestorePlan)
 
-from .build_image import after_gc, user_errors_fail_fast
+from .build_image import after_gc, stored_whole, user_errors_fail_fast
 
 def host_queue(cfg: Config, host_id: str) -> str:
     return f"{cfg.host_task_queue_prefix}{host_id}"
@@ -72,8 +73,9 @@ def image_defaults(spec, config: dict):
 
 
 class SnapshotActivities:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, store: ChunkStore | None = None):
         self.cfg = cfg
+        self.store = store or ChunkStore.open(cfg)  # the build queue's (the image builds' store)
 
     @activity.defn(name="plan_snapshot")
     @user_errors_fail_fast
@@ -92,6 +94,7 @@ class SnapshotActivities:
                            f"--golden-ignore nor --shm-size, so its snapshot would not restore as asked; upgrade "
                            f"the agent and build again")
         after_gc(self.cfg)  # a gc sweeping now took stock of what was registered without this snapshot
+        stored_whole(self.store, st.digest, "snapshot")
         spec, golden = dataclasses.asdict(plan.spec), dataclasses.asdict(inp.golden)
         if ck.sdk is not None:  # a fact of the server, kept with how to run it (runtime.pool.deploy reads it)
             spec["sdk"] = ck.sdk

@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 
 
 def build_worker(client: Client, cfg: Config, executor: ThreadPoolExecutor) -> Worker:
+    builds = BuildActivities(cfg)
     return Worker(
         client,
         task_queue=cfg.build_task_queue,
         workflows=[BuildImage, BuildSnapshot, RestoreSnapshot, StopReplicas, ReplicaLog, DeploymentPool],
-        activities=[*BuildActivities(cfg).all(), *SnapshotActivities(cfg).all(), *PoolActivities(cfg).all()],
+        activities=[*builds.all(), *SnapshotActivities(cfg, builds.store).all(), *PoolActivities(cfg).all()],
         activity_executor=executor,
         max_concurrent_activities=4,
     )

@@ -335,6 +335,36 @@ def test_a_build_asking_what_an_older_agent_does_not_apply_is_not_registered(cfg
     assert snapshots.list_all(cfg.registry_url) == []
 
 
+def test_a_snapshot_whose_chunks_left_the_store_before_its_register_step_is_not_registered(cfg, tmp_path):
+    """Stored by the host, then a chunk swept (a `thaw gc` that ran between the store and register steps): the
+    register step finds it missing, as an image's does, and registers nothing."""
+    from temporalio.exceptions import ApplicationError
+
+    from test_registry import _image
+    from thaw.activities.snapshot import SnapshotActivities
+    from thaw.imagefs.ingest import Limits, ingest_and_commit
+    from thaw.imagefs.oci import SourceSpec
+    from thaw.workflows.build_snapshot import (CheckpointResult, Golden, ModelSpec, Plan, RegisterSnapshotInput,
+                                               StoredSnapshot)
+
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "pages-1.img").write_bytes(os.urandom(3 << 20))
+    store = ChunkStore.open(cfg)
+    manifest, _, _ = ingest_and_commit(SourceSpec("dir", str(dump)), store, "b-snap", Limits.from_config(cfg))
+    stats = manifest.stats()
+    stored = StoredSnapshot(manifest.digest, stats["size"], stats["files"], 0, 1)
+    gone = sorted(manifest.chunk_digests())[0]
+    store.local.delete(f"chunks/{gone[:2]}/{gone}")
+    image = images.register(cfg.registry_url, _image("0" * 64))[0]  # registered: only the chunk is missing
+    plan = Plan(image.digest, ModelSpec(cmd=["server"], port=PORT), "h", "thaw-host-h")
+    ck = CheckpointResult("b-snap", "/nowhere", "d" * 64, 2, {}, "key", {}, applied={})
+    inp = RegisterSnapshotInput("b-snap", plan, Golden(), ck, stored, {})
+    with pytest.raises(ApplicationError, match=f"snapshot {manifest.digest[:12]}: 1 of its chunks are missing"):
+        SnapshotActivities(cfg).register_snapshot(inp)
+    assert snapshots.list_all(cfg.registry_url) == []
+
+
 def test_corrupt_chunk_and_failing_criu_fall_back_with_clear_reasons(cfg, worker, agent, thaw_cli, image, tmp_path,
                                                                      monkeypatch):
     snap = build_snapshot(thaw_cli, image, tmp_path)

@@ -455,6 +455,12 @@ def test_a_long_lived_builder_uploads_again_what_gc_deleted_meanwhile(s3server, 
     fresh = ChunkStore.open(s3cfg(tmp_path, s3server, "host2", bucket))
     out = materialize(ImageManifest.load(fresh, a.digest), fresh, tmp_path / "out")
     assert subprocess.run(["diff", "-r", "--no-dereference", src, out]).returncode == 0
+    # what a register step asks (missing_chunks) is asked afresh: gc in another process swept the chunks again
+    # after this worker saw them, and the image must not be registered without them
+    chunks = sorted(again.chunk_digests())
+    assert builder.missing_chunks(chunks) == []
+    assert collect(admin, [], min_age_s=0).deleted[admin.durable.name]
+    assert builder.missing_chunks(chunks) == chunks
 
 
 def test_bytes_damaged_on_the_way_from_s3_do_not_cost_the_object(s3server, tmp_path, monkeypatch):
