@@ -244,10 +244,11 @@ def test_the_in_process_cli_takes_its_config_as_is_and_leaves_the_environment_al
     assert changed == []
 
 
-def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):
+def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path, monkeypatch):
     """`thaw --db-url ... --temporal-address ... up --s3` (and every `thaw up` after it): the config read back
     with the saved S3 settings keeps the command line's registry and Temporal (it fell back to the defaults)."""
     from thaw.config import load
+    from thaw import stack
     from thaw.stack import enable_s3
 
     flags = dict(db_url="postgresql+psycopg://thaw@db.example:5432/thaw", temporal_address="127.0.0.1:7999")
@@ -257,6 +258,13 @@ def test_s3_once_enabled_keeps_the_command_lines_settings(tmp_path):
     again = enable_s3(load(state_dir=tmp_path, s3_embedded_port=cfg.s3_embedded_port, **flags))  # the next up
     assert (again.s3_access_key, again.db_url, again.child_env()["THAW_DB_URL"]) == \
         (s3.s3_access_key, flags["db_url"], flags["db_url"])
+    # THAW_S3_ENDPOINT names another server: --s3 would run SeaweedFS and store to that one with its keys
+    other = tmp_path / "other"
+    monkeypatch.setenv("THAW_S3_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(stack.StackError, match="--s3: s3_endpoint is http://127.0.0.1:9 \\(THAW_S3_ENDPOINT or"):
+        enable_s3(load(state_dir=other, s3_embedded_port=free_port()))
+    assert not (other / "config.toml").exists()  # nothing saved
+    monkeypatch.delenv("THAW_S3_ENDPOINT")
     # THAW_S3_EMBEDDED=true without `--s3` ever given: credentials are made all the same
     fresh = load(state_dir=tmp_path / "fresh", s3_embedded=True, s3_embedded_port=free_port())
     assert fresh.s3_access_key is None and enable_s3(fresh).s3_access_key.startswith("thaw-")

@@ -23,6 +23,7 @@ from typing import Callable
 
 from .config import Config
 from .errors import first_line
+from .files import write_atomic
 
 
 class StackError(RuntimeError):
@@ -183,6 +184,8 @@ def enable_s3(cfg: Config) -> Config:
     except FileNotFoundError as e:
         raise StackError(f"--s3: {e}") from None
     endpoint = f"http://127.0.0.1:{cfg.s3_embedded_port}"
+    saved = cfg.state_dir / "config.toml"
+    before = saved.read_bytes() if saved.is_file() else None
     if not cfg.s3_embedded or cfg.s3_endpoint != endpoint:  # new, or THAW_S3_EMBEDDED_PORT changed since
         running = [c.name for c in components(cfg) if c.running_pid(cfg)]
         if running:  # they would go on without the S3 tier, or with the old one
@@ -194,7 +197,15 @@ def enable_s3(cfg: Config) -> Config:
             s3_secret_key=secrets.token_urlsafe(24))
         save_settings(cfg.state_dir, s3_endpoint=endpoint, **first)
     # read again with what the command line gave (`thaw --db-url ... up` must not fall back to SQLite)
-    return load(state_dir=cfg.state_dir, temporal_address=cfg.temporal_address, db_url=cfg.db_url)
+    out = load(state_dir=cfg.state_dir, temporal_address=cfg.temporal_address, db_url=cfg.db_url)
+    if out.s3_endpoint != endpoint:  # THAW_S3_ENDPOINT or THAW_CONFIG win over what was saved: the stack would
+        if before is None:  # run SeaweedFS but store to the other server, with SeaweedFS's keys
+            saved.unlink(missing_ok=True)
+        else:
+            write_atomic(saved, before, mode=0o600)
+        raise StackError(f"--s3: s3_endpoint is {out.s3_endpoint} (THAW_S3_ENDPOINT or the THAW_CONFIG file), not "
+                         f"the embedded server's {endpoint}: unset it for --s3, or drop --s3 to use that server")
+    return out
 
 
 def embedded_s3_dir(cfg: Config) -> Path:
