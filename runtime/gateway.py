@@ -43,7 +43,7 @@
   its first window, not panicking), it says its count again, plainly.
 * ``GET /-/gateway``: JSON state. ``GET /metrics``: Prometheus text from a registry of its own per Gateway. Every
   other method and path (``POST /metrics`` too) is proxied. Request bodies arrive decompressed (so
-  Content-Encoding is not passed on; a coding aiohttp does not decode, or more than one, gets 415);
+  Content-Encoding is not passed on; a coding aiohttp does not decode, or more than one header, gets 415);
   X-Forwarded-For gains the client's address and X-Forwarded-Host/Proto are the gateway's own view. At most
   ``max_queued`` requests hold or are reading a body (each up to ``max_body_bytes``, else 413), and at most
   ``max_body_memory`` bytes of bodies are being read, held or in flight (a body is reserved before it is read:
@@ -712,7 +712,7 @@ class Gateway:
         headers = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() not in drop)
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))  # a proxy chain may send several lines
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers["X-Forwarded-Host"] = request.host  # what this gateway saw, not what a client claims
         headers["X-Forwarded-Proto"] = request.scheme
@@ -721,8 +721,9 @@ class Gateway:
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
             return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
-        codings = [c for c in request.headers.getall("Content-Encoding", []) if c.strip()]  # "": no coding
-        if codings and (len(codings) > 1 or codings[0].lower() not in DECODED):
+        said = request.headers.getall("Content-Encoding", [])  # aiohttp decodes by the last line alone
+        codings = [c for c in said if c.strip()]  # "": no coding
+        if len(said) > 1 or codings and codings[0].lower() not in DECODED:
             return self._error(415, f"request Content-Encoding {', '.join(codings)[:80]!r} is not one the gateway "
                                     f"decodes (one of {', '.join(sorted(DECODED))})")
         size = request.content_length

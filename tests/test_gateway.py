@@ -764,6 +764,9 @@ def test_compressed_bodies_forwarded_headers_and_odd_targets():
     what a client claims. A request target that is not a path (absolute form) is a 400, not a traceback."""
     import gzip
 
+    import brotli
+    import zstandard
+
     async def main():
         backends = FakeBackends()
         async with stack(backends, (("a", 0.0),)) as (gw, url, client):
@@ -781,14 +784,19 @@ def test_compressed_bodies_forwarded_headers_and_odd_targets():
             writer.close()
             assert status == b"400"
             # codings aiohttp leaves encoded: the replica would get the encoded bytes without the header saying so
-            for codings in (["x-gzip"], ["compress"], ["gzip, gzip"], ["gzip", "identity"]):
+            for codings in (["x-gzip"], ["compress"], ["gzip, gzip"], ["gzip", "identity"], ["gzip", ""]):
                 headers = [("Content-Encoding", c) for c in codings]
                 async with client.post(url + "/embed", data=gzip.compress(raw), headers=headers) as r:
                     assert r.status == 415 and "Content-Encoding" in (await r.json())["error"], codings
-            for coding in ("Identity", "", "GZIP"):  # an empty header is no coding; aiohttp lowercases names
-                body = gzip.compress(raw) if coding == "GZIP" else raw
+            encoded = {"GZIP": gzip.compress(raw), "br": brotli.compress(raw), "zstd": zstandard.compress(raw)}
+            for coding in ("Identity", "", "GZIP", "br", "zstd"):  # "": no coding; aiohttp lowercases names
+                body = encoded.get(coding, raw)
                 async with client.post(url + "/embed", data=body, headers={"Content-Encoding": coding}) as r:
                     assert r.status == 200 and (await r.json())["body"] == raw.decode(), coding
+            # a proxy chain's X-Forwarded-For lines are kept, in order, before the gateway's peer
+            async with client.post(url + "/embed", data=raw, headers=[("X-Forwarded-For", "1.1.1.1"),
+                                                                      ("X-Forwarded-For", "2.2.2.2")]) as r:
+                assert (await r.json())["headers"]["x-forwarded-for"] == "1.1.1.1, 2.2.2.2, 127.0.0.1"
             assert len(backends.replicas) == 1 and gw.state()["inflight_total"] == 0
     asyncio.run(main())
 
