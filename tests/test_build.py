@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +117,21 @@ def test_hostile_archive_fails_with_one_line_and_stores_nothing(cfg, worker, tha
     assert ChunkStore.open(cfg).usage() == (0, 0)  # the good layer's chunk never got a final name
     assert not any((cfg.store_dir / "staging").iterdir())
     assert images.list_all(cfg.registry_url) == []
+
+
+def test_a_source_path_is_sent_absolute_even_when_missing_here(tmp_path, monkeypatch):
+    """The worker resolves what the CLI sends in its own directory: `./rootfs` typed where there is none must
+    reach it as this directory's (and fail there), not as the worker's ./rootfs."""
+    from thaw.cli import _absolute_source
+
+    monkeypatch.chdir(tmp_path)
+    for given, sent in (("./rootfs", tmp_path / "rootfs"), ("../x", tmp_path / ".." / "x"), (".", tmp_path),
+                        ("~/img", Path.home() / "img"), ("dir:sub", f"dir:{tmp_path / 'sub'}")):
+        assert _absolute_source(given) == str(sent), given
+    for ref in ("127.0.0.1:5000/thaw/minilm:1", "docker://debian:12", "rootfs"):  # registry refs (or not paths)
+        assert _absolute_source(ref) == ref
+    (tmp_path / "rootfs").mkdir()
+    assert _absolute_source("rootfs") == str(tmp_path / "rootfs")  # a bare name that exists here is a path
 
 
 def test_user_errors_are_one_line(cfg, worker, thaw_cli, tmp_path):

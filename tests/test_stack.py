@@ -288,6 +288,7 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     (["gateway", "demo", "--port", "99999"], "Invalid value for '--port'"),
     (["hosts", "up", "0"], "Invalid value for 'COUNT'"),
     (["gc", "--min-age", "-1"], "Invalid value for '--min-age'"),
+    (["--state-dir", "", "up"], "error: --state-dir is empty: name a directory"),  # not the current one
     (["gc", "--min-age", "nan"], "Invalid value for '--min-age': 'nan' is not a finite number"),
     (["gateway", "demo", "--target-concurrency", "nan"], "'nan' is not a finite number"),
     (["gateway", "demo", "--drain", "inf"], "Invalid value for '--drain': 'inf' is not a finite number"),

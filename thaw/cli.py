@@ -91,7 +91,7 @@ def _human(n: int | None) -> str:
 
 
 @click.group()
-@click.option("--state-dir", type=click.Path(path_type=Path), help="State directory [env THAW_STATE_DIR].")
+@click.option("--state-dir", help="State directory [env THAW_STATE_DIR].")
 @click.option("--temporal-address", help="Temporal frontend host:port [env THAW_TEMPORAL_ADDRESS].")
 @click.option("--db-url", help="Registry DSN, e.g. postgresql+psycopg://u:p@host/db [env THAW_DB_URL].")
 @click.option("-v", "--verbose", is_flag=True)
@@ -100,6 +100,8 @@ def cli(ctx, state_dir, temporal_address, db_url, verbose):
     """thaw: scale GPU inference up in seconds."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if state_dir is not None and not state_dir.strip():  # click's Path would make "" the current directory
+        _fail("--state-dir is empty: name a directory, or leave it out for THAW_STATE_DIR or the default")
     if ctx.obj is None:  # a Config handed in (click's obj=, by a program running this CLI in-process) is used as is
         ctx.obj = _configured(config_mod.load, state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
 
@@ -213,8 +215,9 @@ def _absolute_source(source: str) -> str:
     for prefix in PATH_PREFIXES:
         if source.startswith(prefix):
             return prefix + str(Path(source[len(prefix):]).expanduser().absolute())
-    if Path(source).expanduser().exists():
-        return str(Path(source).expanduser().absolute())
+    local = Path(source).expanduser()
+    if local.exists() or source in (".", "..") or source.startswith(("/", "./", "../", "~")):  # a path, also one
+        return str(local.absolute())  # missing here: resolved in the worker's directory, it could name another
     return source
 
 
