@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -310,6 +311,21 @@ def test_a_damaged_secrets_file_is_a_one_line_error_and_is_kept(tmp_path):
         assert r.exit_code == 1 and r.output.startswith("error: ") and "secrets.json is not a JSON object" in r.output
         assert r.output.count("\n") == 1, r.output
     assert (tmp_path / "secrets.json").read_text() == '{"API_KEY": "x", '
+
+
+def test_secrets_and_settings_set_at_once_are_all_kept(tmp_path):
+    """Each writer reads the file, adds its key and writes it whole: two at once lost one of the keys."""
+    from thaw.config import save_settings
+
+    n = 12
+    procs = [subprocess.Popen(["thaw", "--state-dir", str(tmp_path), "secrets", "set", f"K{i}", "--value", str(i)],
+                              stdout=subprocess.DEVNULL) for i in range(n)]
+    with ThreadPoolExecutor(n) as pool:  # and settings (made-up keys: another dir), from threads of this process
+        list(pool.map(lambda i: save_settings(tmp_path / "settings", **{f"k{i}": i}), range(n)))
+    assert all(p.wait(60) == 0 for p in procs)
+    assert json.loads((tmp_path / "secrets.json").read_text()) == {f"K{i}": str(i) for i in range(n)}
+    saved = (tmp_path / "settings" / "config.toml").read_text()
+    assert all(f"k{i} = {i}\n" in saved for i in range(n)), saved
 
 
 def test_saved_settings_apply_with_a_user_config_file_too(tmp_path, monkeypatch):

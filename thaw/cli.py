@@ -20,7 +20,7 @@ import click
 
 from . import config as config_mod
 from .errors import first_line
-from .files import write_atomic
+from .files import changing, write_atomic
 
 PATH_PREFIXES = ("dir:", "docker-archive:", "oci-archive:", "oci:", "dockerfile:")
 
@@ -862,13 +862,13 @@ def secrets_set(cfg, name, value):
     if value is None:
         value = sys.stdin.read().rstrip("\n")
     path = cfg.secrets_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        data = cfg.secrets()
-    except ValueError as e:
-        _fail(str(e))
-    data[name] = value
-    write_atomic(path, json.dumps(data), mode=0o600)
+    with changing(path):  # two `thaw secrets set` at once: each must keep the other's
+        try:
+            data = cfg.secrets()
+        except ValueError as e:
+            _fail(str(e))
+        data[name] = value
+        write_atomic(path, json.dumps(data), mode=0o600)
     click.echo(f"secret {name} set ({len(value)} characters)")
 
 

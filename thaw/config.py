@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
-from .files import write_atomic
+from .files import changing, write_atomic
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -287,11 +287,11 @@ def save_settings(state_dir: Path, **values) -> Path:
     import json
 
     path = Path(state_dir) / "config.toml"
-    current = tomllib.loads(path.read_text()) if path.is_file() else {}
-    current.update(values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(current.items())),
-                 mode=0o600)  # may hold credentials
+    with changing(path):
+        current = tomllib.loads(path.read_text()) if path.is_file() else {}
+        current.update(values)
+        write_atomic(path, "".join(f"{k} = {json.dumps(v)}\n" for k, v in sorted(current.items())),
+                     mode=0o600)  # may hold credentials
     return path
 
 

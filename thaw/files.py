@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 # a build id (a workflow id) names a directory on the worker and on the host: one path component, never "..", "/x"
 BUILD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -32,3 +35,15 @@ def write_atomic(path: Path | str, data: str | bytes, mode: int = 0o600, durable
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def changing(path: Path | str) -> Iterator[None]:
+    """Held while one process reads ``path``, changes it and writes it back (:func:`write_atomic`): an exclusive
+    ``flock`` on ``<path>.lock``, so that two at once do not each write back what they read, losing the other's
+    change."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
