@@ -433,7 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     fs = ImageFS(store, manifest, args.digest, recorder=recorder, cache_bytes=args.cache_mb << 20,
                  fetch_timeout=args.fetch_timeout)
     del manifest
-    clear_stale(mp)
+    try:
+        clear_stale(mp)
+    except MountError as err:
+        log.error("%s", err)
+        return 2
     if not os.path.isdir(mp):
         log.error("%s is not a directory", mp)
         return 2
