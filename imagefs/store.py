@@ -466,6 +466,9 @@ class ChunkStore:
         key = _key(MANIFESTS, digest)
         return any(t.has(key) for t in self.tiers)
 
+    def has_manifest_durably(self, digest: str) -> bool:
+        return self.durable.has(_key(MANIFESTS, digest))
+
     def has_chunk_durably(self, digest: str) -> bool:
         """In the source-of-truth tier (S3 when configured): what a build may skip uploading."""
         return self.durable.has(_key(CHUNKS, digest))

@@ -116,7 +116,9 @@ def held(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> Iterator[Hol
     take(url, name, holder, ttl_s)
 
     def keep() -> None:
-        while not stop.wait(ttl_s / 3):
+        sent = hold.renewed
+        # a renewal a third of ttl_s after the last was sent (so one that took that long is followed at once)
+        while not stop.wait(max(0.0, sent + ttl_s / 3 - time.monotonic())):
             sent = time.monotonic()
             try:
                 if not renew(url, name, holder, ttl_s):

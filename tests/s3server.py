@@ -59,6 +59,7 @@ class CuttingProxy:
         self.upstream, self.cuts, self.after, self.cut = (u.hostname, u.port), cuts, after, 0
         self.lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.open: list[socket.socket] = []  # the connections it carries
         self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
 
     def __enter__(self) -> "CuttingProxy":
@@ -66,6 +67,9 @@ class CuttingProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        for sock in (self.listener, *self.open):  # shutdown wakes the threads waiting in accept and recv
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
     def _accept(self) -> None:
@@ -75,6 +79,7 @@ class CuttingProxy:
             except OSError:  # closed
                 return
             server = socket.create_connection(self.upstream)
+            self.open += [client, server]
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 

@@ -473,8 +473,8 @@ def test_a_lease_has_one_holder_until_it_is_given_back_or_runs_out(tmp_path, req
     t0 = time.monotonic()
     leases.wait_free(url, name, seen.append, poll_s=0.2)
     assert 1.3 < time.monotonic() - t0 < 10 and seen and seen[0].holder == "next"
-    with leases.held(url, name, "block", ttl_s=0.6) as hold:
-        time.sleep(1.0)  # renewed meanwhile, every 0.2 s
+    with leases.held(url, name, "block", ttl_s=1.5) as hold:
+        time.sleep(2.0)  # renewed meanwhile, every 0.5 s
         assert leases.current(url, name).holder == "block"
         hold.check()
     assert leases.current(url, name) is None

@@ -360,7 +360,10 @@ def test_a_snapshot_whose_chunks_left_the_store_before_its_register_step_is_not_
     plan = Plan(image.digest, ModelSpec(cmd=["server"], port=PORT), "h", "thaw-host-h")
     ck = CheckpointResult("b-snap", "/nowhere", "d" * 64, 2, {}, "key", {}, applied={})
     inp = RegisterSnapshotInput("b-snap", plan, Golden(), ck, stored, {})
-    with pytest.raises(ApplicationError, match=f"snapshot {manifest.digest[:12]}: 1 of its chunks are missing"):
+    with pytest.raises(ApplicationError, match=f"snapshot {manifest.digest[:12]}: 1 of its chunks missing"):
+        SnapshotActivities(cfg).register_snapshot(inp)
+    store.local.delete(f"manifests/{manifest.digest[:2]}/{manifest.digest}")
+    with pytest.raises(ApplicationError, match=f"manifest {manifest.digest} is not in the store"):
         SnapshotActivities(cfg).register_snapshot(inp)
     assert snapshots.list_all(cfg.registry_url) == []
 

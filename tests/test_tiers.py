@@ -442,6 +442,7 @@ def test_bytes_damaged_on_the_way_to_s3_are_refused_not_stored(s3server, tmp_pat
 def test_a_long_lived_builder_uploads_again_what_gc_deleted_meanwhile(s3server, tmp_path):
     """A build worker remembers which objects S3 holds (fewer HEADs); `thaw gc` in another process then
     deletes the image's objects. Rebuilding the same content on that worker must upload them again."""
+    from thaw.activities.build_image import stored_whole
     from thaw.imagefs.gc import collect
 
     bucket = new_bucket()
@@ -458,9 +459,12 @@ def test_a_long_lived_builder_uploads_again_what_gc_deleted_meanwhile(s3server, 
     # what a register step asks (missing_chunks) is asked afresh: gc in another process swept the chunks again
     # after this worker saw them, and the image must not be registered without them
     chunks = sorted(again.chunk_digests())
-    assert builder.missing_chunks(chunks) == []
+    assert builder.missing_chunks(chunks) == [] and stored_whole(builder, a.digest, "image").digest == a.digest
     assert collect(admin, [], min_age_s=0).deleted[admin.durable.name]
     assert builder.missing_chunks(chunks) == chunks
+    with pytest.raises(StoreError, match=f"image {a.digest[:12]}: {len(chunks)} of its chunks and its manifest "
+                                         "missing from the store"):  # (the manifest read from this disk)
+        stored_whole(builder, a.digest, "image")
 
 
 def test_bytes_damaged_on_the_way_from_s3_do_not_cost_the_object(s3server, tmp_path, monkeypatch):
