@@ -393,7 +393,7 @@ class ChunkStore:
         if data is not None:
             return data
         if dropped:
-            raise CorruptObject(f"{kind[:-1]} {digest} was corrupt in {', '.join(dict.fromkeys(dropped))} (dropped) "
+            raise CorruptObject(f"{kind[:-1]} {digest} was corrupt in {', '.join(dict.fromkeys(dropped))} "
                                 f"and no other tier has it")
         if any(t.has(key) for t in self.tiers):  # pragma: no cover - race
             raise CorruptObject(f"{kind[:-1]} {digest} is corrupt")
@@ -421,15 +421,22 @@ class ChunkStore:
                     raw = tier.get(key)
                     data = verified(raw, tier) if raw is not None else None
                 if data is None:
-                    log.warning("corrupt %s in %s: dropped", key, tier.name)
+                    # the only durable copy, bad twice: set aside where an operator may look (the fault may be
+                    # this reader's: a proxy that strips metadata, bad memory), not deleted; a build puts it back
+                    aside = getattr(tier, "quarantine", None) if tier is self.durable else None
+                    what = "dropped"
                     try:
-                        tier.delete(key)
+                        if aside:
+                            what = f"set aside as {aside(key)}"
+                        else:
+                            tier.delete(key)
                     except (OSError, StoreError) as e:  # a cache disk gone read-only: the next tier has it
                         if tier is self.durable:
                             raise
                         log.warning("%s: cannot drop %s (%s)", tier.name, key, e)
+                    log.warning("corrupt %s in %s: %s", key, tier.name, what)
                     if dropped is not None:
-                        dropped.append(tier.name)
+                        dropped.append(f"{tier.name} ({what})")
                     raw = None
             if raw is None:
                 if tier not in missed:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 from .store import StoreError, StoreUnavailable
 
+QUARANTINE = "quarantine"  # objects found corrupt twice in the durable tier (S3), set aside
+
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
@@ -479,6 +481,17 @@ class S3Tier:
         self.ensure_bucket()
         self._known.discard(key)
         self._call("DELETE", key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+
+    def quarantine(self, key: str) -> str:
+        """Move the object to ``quarantine/<key>`` (a server-side copy, then a delete), and return that key: out
+        of readers' way (a build uploads the object again) and out of gc's, which sweeps only chunks/ and
+        manifests/, for an operator to look at or move back."""
+        self.ensure_bucket()
+        aside = f"{QUARANTINE}/{key}"
+        self._call("COPY", key, self.client.copy_object, Bucket=self.bucket, Key=self.prefix + aside,
+                   CopySource={"Bucket": self.bucket, "Key": self.prefix + key}, MetadataDirective="COPY")
+        self.delete(key)
+        return aside
 
     def entries(self, under: str = "") -> list[tuple[str, int, float]]:
         """(key without the tier's prefix, stored size, last-modified epoch seconds) of every object whose

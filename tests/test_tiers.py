@@ -259,7 +259,9 @@ def test_an_answer_cut_short_mid_body_is_fetched_again(s3server):
 def test_s3_objects_are_stored_compressed_where_that_pays(s3server, tmp_path, caplog):
     """Compressible objects rest in S3 as zstd (marked by metadata) and read back as put, whole or by range;
     random bytes stay raw; objects uploaded raw (compression off) read as they are; a compressed object that
-    no longer decodes is found corrupt by the store and dropped, like any damaged object."""
+    no longer decodes is found corrupt by the store, like any damaged object, and set aside."""
+    from thaw.imagefs.gc import collect
+
     bucket = new_bucket()
     tier, raw_tier = s3tier(s3server, bucket), s3tier(s3server, bucket, compress_level=0)
     page = (b"\0" * 3000 + bytes(range(256)) * 4 + b"pointer\x7f\x00\x00") * 300  # like a process's heap
@@ -286,10 +288,13 @@ def test_s3_objects_are_stored_compressed_where_that_pays(s3server, tmp_path, ca
     store = ChunkStore([LocalDirTier(tmp_path / "local", max_bytes=64 * MiB), s3tier(s3server, bucket)])
     client.put_object(Bucket=bucket, Key=kp, Body=b"garbage" * 100, Metadata={"thaw-encoding": "zstd"})
     with caplog.at_level(logging.WARNING):
-        with pytest.raises(StoreError, match=r"was corrupt in s3:.* \(dropped\)"):
+        with pytest.raises(StoreError, match=rf"was corrupt in s3:.* \(set aside as quarantine/{kp}\) and no other"):
             store.get_chunk(digest_of(page))
     assert "does not decode" in caplog.text and "corrupt" in caplog.text
     assert not store.durable.has(kp) and not store.local.has(kp)
+    # S3's is the only durable copy: set aside, not deleted (the fault may be the reader's), out of gc's way
+    assert client.get_object(Bucket=bucket, Key=f"quarantine/{kp}")["Body"].read() == b"garbage" * 100
+    assert collect(store, [], min_age_s=0).deleted and store.durable.has(f"quarantine/{kp}")
 
 
 @pytest.mark.parametrize("which", ["secret", "access"])
