@@ -362,6 +362,16 @@ class ChunkStore:
             log.warning("%s holds objects from before %s was configured: not evicting any until they are "
                         "pushed there (the host agent does that as it starts)", self.local.name, self.durable.name)
             self.local.max_bytes = None  # evicting the only copy of a chunk would lose it
+        self._held_checked = time.monotonic()
+
+    def _bound_again_once_pushed(self) -> None:
+        """A store held back takes its bound back once the disk is marked backed, at most every ``rescan_s``:
+        the agent's push marks it, while the mount daemons it started meanwhile fill the disk with fetches."""
+        if not self.held_back or time.monotonic() - self._held_checked < self.local.rescan_s:
+            return
+        self._held_checked = time.monotonic()
+        if self.local.backed_by(self.durable.name):
+            self.local.max_bytes, self.held_back = self._bound, False
 
     @classmethod
     def open(cls, cfg) -> "ChunkStore":
@@ -442,6 +452,7 @@ class ChunkStore:
                 if tier not in missed:
                     missed.append(tier)
                 continue
+            self._bound_again_once_pushed()
             for t in missed:  # heal / fill faster tiers, with verified bytes only
                 if t is tier:
                     continue
@@ -503,6 +514,7 @@ class ChunkStore:
     # -- writes ------------------------------------------------------------------------------
     def _put(self, key: str, data: bytes) -> bool:
         """Remote tiers (durable first), then the local disk; True when new to the durable tier."""
+        self._bound_again_once_pushed()
         new = False
         for t in [*reversed(self.remote), self.local]:  # (the disk last: it never holds what S3 lacks)
             stored = t.put(key, data)

@@ -178,10 +178,16 @@ def test_a_store_that_ran_without_s3_evicts_nothing_until_pushed(s3server, tmp_p
 
     store = ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB), s3tier(s3server, bucket)])
     assert store.held_back and store.local.max_bytes is None
+    # a mount daemon's store, opened while the agent's push is under way: held back too
+    daemon = ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB, rescan_s=0.2), s3tier(s3server, bucket)])
+    assert daemon.held_back
     new, _ = store.put_chunk(blob(MiB, 9))  # over the bound: with it, the old chunks would go
     assert all(store.local.has(ckey(d)) for d in digests)
     assert store.push() == (4, 3 * MiB + len(zlib.compress(b'{"version": 0}', 6)))  # + the manifest; not `bad`
     assert not store.held_back and store.local.max_bytes == MiB and not store.local.has(ckey(bad))
+    time.sleep(0.3)  # the daemon sees the push's mark at its next store or fetch, and bounds the disk again
+    daemon.put_chunk(blob(MiB, 10))
+    assert not daemon.held_back and daemon.local.max_bytes == MiB and daemon.local.cached_bytes() <= MiB
     assert store.push() == (0, 0)  # idempotent
     assert not ChunkStore([LocalDirTier(tmp_path / "store", max_bytes=MiB), s3tier(s3server, bucket)]).held_back
 
