@@ -628,7 +628,7 @@ class Staging:
     def commit_chunks(self) -> tuple[int, int]:
         """Make staged chunks durable: each staged file is re-hashed, uploaded to the remote tiers that
         lack it (S3: HEAD, then a PUT; ``upload_workers`` in parallel), then moved to its final name in the
-        local tier; then the filesystem is synced once.
+        local tier; then the filesystem is synced once (without S3, once before the moves too).
 
         Returns (chunks, bytes) newly stored in the local tier; ``uploaded_chunks``/``uploaded_bytes`` count
         what went to the durable remote tier. Safe to repeat; :meth:`abort` removes what is left. A staged
@@ -659,6 +659,8 @@ class Staging:
 
         if self.exists():
             staged = list(self.staged())
+            if not self.store.remote:  # the disk is the only copy: the staged bytes reach it before their names
+                self.store.sync()  # do (a power cut then leaves no cut-short chunk that has() counts as stored)
             if self.store.remote and len(staged) > 1 and self.store.upload_workers > 1:
                 with ThreadPoolExecutor(min(self.store.upload_workers, len(staged)),
                                         thread_name_prefix="upload") as pool:
