@@ -370,8 +370,9 @@ class ChunkStore:
         if not self.held_back or time.monotonic() - self._held_checked < self.local.rescan_s:
             return
         self._held_checked = time.monotonic()
-        if self.local.backed_by(self.durable.name):
-            self.local.max_bytes, self.held_back = self._bound, False
+        with contextlib.suppress(OSError):  # a failing disk: asked again later (a read from S3 must not fail)
+            if self.local.backed_by(self.durable.name):
+                self.local.max_bytes, self.held_back = self._bound, False
 
     @classmethod
     def open(cls, cfg) -> "ChunkStore":

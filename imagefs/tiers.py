@@ -487,10 +487,22 @@ class S3Tier:
         of readers' way (a build uploads the object again) and out of gc's, which sweeps only chunks/ and
         manifests/, for an operator to look at or move back."""
         self.ensure_bucket()
+        from botocore.exceptions import ClientError
+
         aside = f"{QUARANTINE}/{key}"
-        self._call("COPY", key, self.client.copy_object, Bucket=self.bucket, Key=self.prefix + aside,
-                   CopySource={"Bucket": self.bucket, "Key": self.prefix + key}, MetadataDirective="COPY")
-        self.delete(key)
+
+        def copy() -> bool:
+            try:
+                self.client.copy_object(Bucket=self.bucket, Key=self.prefix + aside, MetadataDirective="COPY",
+                                        CopySource={"Bucket": self.bucket, "Key": self.prefix + key})
+            except ClientError as e:
+                if self._code(e) in _MISSING:  # another host set it aside first
+                    return False
+                raise
+            return True
+
+        if self._call("COPY", key, copy):
+            self.delete(key)
         return aside
 
     def entries(self, under: str = "") -> list[tuple[str, int, float]]:

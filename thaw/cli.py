@@ -615,8 +615,8 @@ def snapshots_rm(cfg, digest):
         running = _pools_running(cfg, names) if names else set()
 
         def pool_running(name: str) -> bool:  # asked inside remove's transaction, which holds the snapshot's row:
-            # Temporal again only about a deployment made since the list (the lock waits for that round trip)
-            return name in running if name in names else bool(_pools_running(cfg, [name]))
+            # Temporal again about one not running before (deployed since, or again: the lock waits for that)
+            return name in running or bool(_pools_running(cfg, [name]))
 
         row, forgotten = q.remove(cfg.registry_url, row.digest, pool_running, cfg.host_stale_s)
     except (queries.NotFound, queries.InUse, PoolUnreachable, TemporalUnreachable) as e:  # Temporal silent:
