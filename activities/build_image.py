@@ -98,11 +98,12 @@ def stored_whole(store: ChunkStore, digest: str, what: str) -> ImageManifest:
     """Manifest ``digest``, once it and every chunk it names are in the store's durable tier, asked afresh (a
     chunk seen there earlier may have been swept by `thaw gc` since); StoreError otherwise: nothing is registered
     half-stored."""
-    manifest = ImageManifest.load(store, digest)  # verified, but perhaps from this host's disk
-    missing = store.missing_chunks(manifest.chunk_digests())  # (asked afresh from here on)
-    lost = [f"{len(missing)} of its chunks"] if missing else []
-    if not store.has_manifest_durably(digest):
-        lost.append("its manifest")
+    with keepalive("checking the store"):  # many chunks: many S3 requests
+        manifest = ImageManifest.load(store, digest)  # verified, but perhaps from this host's disk
+        missing = store.missing_chunks(manifest.chunk_digests())  # (asked afresh from here on)
+        lost = [f"{len(missing)} of its chunks"] if missing else []
+        if not store.has_manifest_durably(digest):
+            lost.append("its manifest")
     if lost:
         raise StoreError(f"{what} {digest[:12]}: {' and '.join(lost)} missing from the store (`thaw gc` swept "
                          f"them meanwhile?): build it again")

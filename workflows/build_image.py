@@ -133,8 +133,9 @@ class BuildImage(Staged):
             stored = await workflow.execute_activity("store_image", ing, result_type=StoreResult, **long)
         timings = {"ingest": ing.ms, "store": stored.ms}
         self.stage = "register"
-        reg = await workflow.execute_activity(
-            "register_image", RegisterInput(inp.source, src.kind, ing, timings), result_type=RegisterResult, **quick)
+        reg = await workflow.execute_activity(  # as long as a build step: it asks S3 for every chunk (only the
+            # id and type of an activity are checked on replay, so its timeouts may change)
+            "register_image", RegisterInput(inp.source, src.kind, ing, timings), result_type=RegisterResult, **long)
         timings["register"] = reg.ms
         self.stage = "done"
         return BuildImageResult(

@@ -171,9 +171,10 @@ class BuildSnapshot(Staged):
                 result_type=VerifyResult, **on_host)
             timings.update({f"verify_{k}": v for k, v in ver.timings_ms.items()})
             self.stage = "register"
-            snap = await workflow.execute_activity(
+            snap = await workflow.execute_activity(  # it asks S3 for every chunk of the dump: as long as the store
                 "register_snapshot", RegisterSnapshotInput(build_id, plan, inp.golden, ckpt, stored, timings),
-                result_type=BuildSnapshotResult, **quick)
+                result_type=BuildSnapshotResult, start_to_close_timeout=timedelta(seconds=inp.activity_timeout_s),
+                heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY)
         except ActivityError as e:
             host_gone = isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.SCHEDULE_TO_START
             raise
