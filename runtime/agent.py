@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -41,20 +42,24 @@ def build_agent_worker(client: Client, cfg: Config, acts: HostActivities, execut
 
 def register(cfg: Config, host: HostSnapshots) -> None:
     """Announce this host (facts, capacity); replicas the registry still lists for it died with its last agent."""
-    for rep in deployments.replicas(cfg.registry_url, host_id=cfg.host_id):
-        deployments.remove_replica(cfg.registry_url, rep.id)
+    forget_replicas(cfg)
     snapshots.upsert_host(cfg.registry_url, cfg.host_id, cfg.host_task_queue, host.facts, os.getpid(),
                           cfg.host_capacity)
 
 
 def beat(cfg: Config, acts: HostActivities) -> None:
-    """One heartbeat's host and registry work (blocking): this host marked alive (first: a failure in the work
-    after it must not make a live host look dead), replicas that died unregistered, replicas whose row is gone
-    stopped, mounts idle for mount_idle_s released. Nothing once the agent is stopping: it marks the host gone
-    itself."""
+    """One heartbeat: this host marked alive in the registry. Nothing once the agent is stopping: it marks the
+    host gone itself."""
+    if not acts.closing:
+        snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+
+
+def tidy(cfg: Config, acts: HostActivities) -> None:
+    """One round of the host's clean-up (blocking): replicas that died unregistered, replicas whose row is gone
+    stopped, mounts idle for mount_idle_s released. Apart from the heartbeat: each stop waits for its process
+    to go and each unmount for its daemon, seconds that would make a live host look dead."""
     if acts.closing:
         return
-    snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
     acts.reap()
     acts.stop_orphans()
     if cfg.mount_idle_s > 0:
@@ -62,9 +67,9 @@ def beat(cfg: Config, acts: HostActivities) -> None:
 
 
 async def heartbeat(cfg: Config, acts: HostActivities) -> None:
-    """Every agent_heartbeat_s: metrics, dead replicas reaped, the registry told this host lives, idle mounts
-    released. A failed round (the registry down for a moment) is logged and the next one runs as usual: a host
-    whose heartbeats stop is taken for dead and its replicas are replaced elsewhere."""
+    """Every agent_heartbeat_s: metrics, and the registry told this host lives. A failed round (the registry
+    down for a moment) is logged and the next one runs as usual: a host whose heartbeats stop is taken for dead
+    and its replicas are replaced elsewhere."""
     last = time.monotonic()
     while True:
         await asyncio.sleep(cfg.agent_heartbeat_s)
@@ -86,12 +91,18 @@ async def watch_health(cfg: Config, acts: HostActivities) -> None:
     """Every agent_heartbeat_s, the serving replicas' health checks (HostActivities.check_health), apart from the
     heartbeat: checks that wait out their timeout, or the stops of replicas that failed them, must not delay it
     (a host whose heartbeats stop is taken for dead, and every replica on it replaced)."""
+    await rounds(cfg, acts, "health check", acts.check_health)
+
+
+async def rounds(cfg: Config, acts: HostActivities, what: str, work: Callable[[], object]) -> None:
+    """``work`` in a thread every agent_heartbeat_s, until the agent is closing. A failed round (the registry
+    down for a moment) is logged, and the next one runs."""
     while not acts.closing:
         await asyncio.sleep(cfg.agent_heartbeat_s)
         try:
-            await asyncio.to_thread(acts.check_health)
-        except Exception as e:  # noqa: BLE001 - the registry down for a moment: the next round tries again
-            log.warning("agent %s: health check round failed: %s", cfg.host_id, first_line(e))
+            await asyncio.to_thread(work)
+        except Exception as e:  # noqa: BLE001 - the next round tries again
+            log.warning("agent %s: %s round failed: %s", cfg.host_id, what, first_line(e))
 
 
 async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
@@ -124,7 +135,8 @@ async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
 
 
 async def background(cfg: Config, acts: HostActivities, client: Client) -> None:
-    await asyncio.gather(heartbeat(cfg, acts), watch_health(cfg, acts), drop_ended_builds(client, acts.host))
+    await asyncio.gather(heartbeat(cfg, acts), watch_health(cfg, acts), rounds(cfg, acts, "clean-up",
+                         lambda: tidy(cfg, acts)), drop_ended_builds(client, acts.host))
 
 
 def push_store(store) -> None:
@@ -152,9 +164,17 @@ def hold_host(cfg: Config) -> int:
     return fd
 
 
+def forget_replicas(cfg: Config) -> None:
+    """The registry rows of this host's replicas go (they died with its agent)."""
+    for rep in deployments.replicas(cfg.registry_url, host_id=cfg.host_id):
+        deployments.remove_replica(cfg.registry_url, rep.id)
+
+
 def release_if_dead(cfg: Config) -> bool:
     """What an agent of ``cfg.host_id`` that no longer runs left (replicas by recorded pid, their roots, its
-    mounts) goes; False, and nothing done, while one runs (it holds the work dir's lock)."""
+    mounts) goes, and its rows: its replicas', and the host's marked gone (an agent killed, or that died, did
+    neither; a replica kept by `thaw restore --keep` would hold its snapshot for good). False, and nothing done,
+    while one runs (it holds the work dir's lock)."""
     if not cfg.work_dir.is_dir():
         return True
     try:
@@ -163,6 +183,11 @@ def release_if_dead(cfg: Config) -> bool:
         return False
     try:
         release_dead(cfg)
+        try:
+            forget_replicas(cfg)
+            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id, gone=True)
+        except Exception as e:  # noqa: BLE001 - the registry down: the next agent of this host clears the rows
+            log.warning("host %s: its agent's registry rows stay for now: %s", cfg.host_id, first_line(e))
     finally:
         os.close(fd)
     return True

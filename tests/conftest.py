@@ -187,7 +187,7 @@ def in_process_agent(cfg):
     """A real host agent in this process: registered, heartbeating, polling its own task queue.
     Yields its HostActivities (``.serving`` holds the replicas it keeps)."""
     from thaw.activities.host import HostActivities
-    from thaw.runtime.agent import beat, build_agent_worker, register
+    from thaw.runtime.agent import beat, build_agent_worker, register, tidy
     from thaw.snapshot.host import HostSnapshots
 
     host = HostSnapshots(cfg)
@@ -195,14 +195,15 @@ def in_process_agent(cfg):
     acts = HostActivities(cfg, host)
     stop = threading.Event()
 
-    def every_heartbeat(what, work):  # as the agent's heartbeat and watch_health loops do, each on its own
+    def every_heartbeat(what, work):  # as the agent's heartbeat, health and clean-up loops do, each on its own
         while not stop.wait(cfg.agent_heartbeat_s):
             try:
                 work()
             except Exception as e:  # noqa: BLE001 - as the agent does: the next round tries again
                 print(f"agent {cfg.host_id}: {what} round failed: {e}", file=sys.stderr)
 
-    for what, work in (("heartbeat", lambda: beat(cfg, acts)), ("health check", acts.check_health)):
+    for what, work in (("heartbeat", lambda: beat(cfg, acts)), ("health check", acts.check_health),
+                       ("clean-up", lambda: tidy(cfg, acts))):
         threading.Thread(target=every_heartbeat, args=(what, work), daemon=True).start()
     try:
         with running_worker(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex)):

@@ -500,6 +500,32 @@ def test_the_agents_health_checks_go_on_after_a_failed_round_and_end_with_the_ag
     assert len(calls) == 3
 
 
+def test_the_agents_heartbeat_is_not_held_by_its_clean_up(cfg, monkeypatch):
+    """The real agent's loops: stopping an orphan replica waits for its process to go, an unmount for its daemon.
+    Those ran in the heartbeat's round, and a few of them made a live host look dead (every replica replaced)."""
+    import types
+
+    from thaw.runtime import agent
+
+    beats = []
+    monkeypatch.setattr(agent.snapshots, "heartbeat_host", lambda url, host_id: beats.append(time.monotonic()))
+    slow = lambda *a: time.sleep(1.0)  # noqa: E731
+    acts = types.SimpleNamespace(closing=False, serving={}, reap=slow, stop_orphans=slow, host=types.SimpleNamespace(
+        pins=types.SimpleNamespace(pinned_bytes=0), gpu_loads=lambda: [], release_idle=slow))
+    fast = cfg.model_copy(update={"agent_heartbeat_s": 0.05, "mount_idle_s": 1})
+
+    async def main():
+        loops = [asyncio.create_task(agent.heartbeat(fast, acts)),
+                 asyncio.create_task(agent.rounds(fast, acts, "clean-up", lambda: agent.tidy(fast, acts)))]
+        await asyncio.sleep(2.0)
+        acts.closing = True
+        for t in loops:
+            t.cancel()
+
+    asyncio.run(main())
+    assert len(beats) >= 10 and max(b - a for a, b in zip(beats, beats[1:])) < 0.5, beats
+
+
 def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
     """The pool names each replica it starts; when a start fails on its side (a timeout while the agent goes
     on), it stops that id. A stop that arrives before the replica serves is kept: the replica stops as soon as

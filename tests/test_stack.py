@@ -30,6 +30,11 @@ def thaw(env, *args, check=True):
 
 
 def test_up_status_build_down(tmp_path):
+    from thaw.config import load
+    from thaw.registry import deployments, snapshots
+    from thaw.registry.db import session
+    from thaw.registry.models import Replica
+
     env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"),
            "THAW_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}", "THAW_TEMPORAL_UI_PORT": str(free_port()),
            "THAW_API_PORT": str(free_port()), "THAW_AGENT_METRICS_PORT": "0"}
@@ -66,10 +71,17 @@ def test_up_status_build_down(tmp_path):
         left.mkdir(parents=True)
         replica = subprocess.Popen(["sleep", "600"], start_new_session=True)
         (left / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
+        url = load(state_dir=tmp_path / "state").registry_url  # and its row (kept by `thaw restore --keep`, say)
+        with session(url) as s:
+            s.add(Replica(id="r-left", deployment="", snapshot_digest="0" * 64, host_id=st["agent"]["host_id"],
+                          endpoint="http://127.0.0.1:9", outcome="restored"))
+            s.commit()
     finally:
         down = thaw(env, "down", check=False)
     assert down.returncode == 0 and "temporal: stopped" in down.stdout and "agent: not running" in down.stdout
     assert replica.wait(timeout=10) == -signal.SIGKILL and not left.exists()
+    # its row went too (it held its snapshot against `thaw snapshots rm`), and the host takes no more work
+    assert deployments.replicas(url) == [] and snapshots.live_hosts(url, 3600) == []
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     st = json.loads(thaw(env, "status", "--json").stdout)
