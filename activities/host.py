@@ -42,6 +42,12 @@ host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.Replica
 STORED_FILE = "stored.json"
 
 
+def _shielded():
+    """Temporal's hold on the cancel it raises into an activity's thread, for the block (outside an activity:
+    nothing to hold)."""
+    return activity.shield_thread_cancel_exception() if activity.in_activity() else contextlib.nullcontext()
+
+
 class HostActivities:
     def __init__(self, cfg: Config, host: HostSnapshots):
         self.cfg, self.host = cfg, host
@@ -159,17 +165,19 @@ class HostActivities:
         """Hold ``n`` of this host's replica slots while replicas start to serve. Two pools (or a pool and a
         `thaw restore --keep`) placing at once both see the host free: their counts come from registry rows,
         written once a replica serves; the host itself says no."""
-        with self.lock:
-            busy = len(self.serving) + self.starts + self.stopping
-            if n and busy + n > self.cfg.host_capacity:
-                raise SnapshotError(f"host {self.cfg.host_id} is full: {busy} of its {self.cfg.host_capacity} "
-                                    f"replicas serve or start" + (f", {n} more asked for" if n > 1 else ""))
-            self.starts += n
+        held = 0
         try:
+            with _shielded(), self.lock:  # a cancel raised into this thread lands once the count says what it holds
+                busy = len(self.serving) + self.starts + self.stopping
+                if n and busy + n > self.cfg.host_capacity:
+                    raise SnapshotError(f"host {self.cfg.host_id} is full: {busy} of its {self.cfg.host_capacity} "
+                                        f"replicas serve or start" + (f", {n} more asked for" if n > 1 else ""))
+                self.starts += n
+                held = n
             yield
         finally:
             with self.lock:
-                self.starts -= n
+                self.starts -= held
 
     def _start(self, inp: StartReplicaInput, snap: dict, env: dict[str, str], started: int) -> ReplicaInfo:
         with activity.shield_thread_cancel_exception():  # as in restore_replicas: the replica ends owned or stopped
@@ -240,18 +248,18 @@ class HostActivities:
         self._stop(inp.replica_id, drain=True)
 
     def _stop(self, replica_id: str, drain: bool) -> None:
-        with self.lock:
-            running = self.serving.pop(replica_id, None)
-            if running is None:
-                now = time.monotonic()
-                self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
-                self.unwanted[replica_id] = now
-            else:
-                self.stopping += 1
-        # a cancel (the pool's, a timeout) is raised into this thread wherever it is: held back until the replica
-        # is stopped, or one landing in the drain would leave it running with no owner and no row
-        with keepalive("stop"), (activity.shield_thread_cancel_exception() if activity.in_activity()
-                                 else contextlib.nullcontext()):
+        # a cancel (the pool's, a timeout, the worker's shutdown) is raised into this thread wherever it is: held
+        # back until the replica is stopped, or one landing once it left self.serving (stop_all no longer sees it)
+        # or in the drain would leave it running with no owner and no row
+        with _shielded(), keepalive("stop"):
+            with self.lock:
+                running = self.serving.pop(replica_id, None)
+                if running is None:
+                    now = time.monotonic()
+                    self.unwanted = {k: t for k, t in self.unwanted.items() if now - t < 3600}  # bounded
+                    self.unwanted[replica_id] = now
+                else:
+                    self.stopping += 1
             try:
                 if running:
                     if drain:
