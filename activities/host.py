@@ -38,7 +38,8 @@ log = logging.getLogger("thaw.agent")
 # no driver >= 570 or cuda-python, or a process in a state the step refuses: a retry would only repeat a cold boot
 # (a failed or timed-out CUDA call, out of memory on a busy GPU say, may succeed when retried)
 host_errors_fail_fast = fail_fast_on(SnapshotError, criu.CriuError, criu.ReplicaError, compat.Incompatible, StoreError,
-                                     IngestError, NotFound, cuda.CudaUnavailable, cuda.CudaStateError)
+                                     IngestError, NotFound, cuda.CudaUnavailable, cuda.CudaStateError,
+                                     cuda.CudaUnsupported)
 STORED_FILE = "stored.json"
 
 

@@ -57,6 +57,14 @@ class CudaUnavailable(CudaError):
     """No usable CUDA checkpoint support here: cuda-python, the NVIDIA driver, a GPU or driver >= 570 is missing."""
 
 
+class CudaUnsupported(CudaError):
+    """What the process does cannot be checkpointed (the driver says CUDA_ERROR_NOT_SUPPORTED: MPS, CUDA IPC,
+    managed memory; or more GPUs than one): every retry would fail the same way, after another cold boot."""
+
+
+UNSUPPORTED_ERRORS = {"CUDA_ERROR_NOT_SUPPORTED"}
+
+
 # -- the cuda-python boundary ------------------------------------------------------------------------------------
 class CudaDriver(Protocol):
     """What thaw needs from the CUDA driver. States are the CUprocessState names without the prefix
@@ -167,7 +175,8 @@ class RealCudaDriver:
         err = res[0]
         if int(err) != 0:
             code = self.error_name(err)
-            raise CudaError(f"{what}: {code}", call=name, pid=pid, code=code)
+            raise (CudaUnsupported if code in UNSUPPORTED_ERRORS else CudaError)(f"{what}: {code}", call=name,
+                                                                                 pid=pid, code=code)
         return res[1] if len(res) == 2 else res[1:] or None
 
     # -- CudaDriver ----------------------------------------------------------------------------------------------
@@ -185,8 +194,9 @@ class RealCudaDriver:
         args, keep = None, []
         if gpu_pairs:  # migration onto other GPUs of the same chip (driver >= 580): every checkpointed GPU
             cu = self.cu
-            if not hasattr(cu, "CUcheckpointGpuPair"):
-                raise CudaUnavailable("this cuda-python can't remap GPUs on restore (no CUcheckpointGpuPair)")
+            lacks = [n for n in ("CUcheckpointGpuPair", "CUcheckpointRestoreArgs") if not hasattr(cu, n)]
+            if lacks:  # (cuda-bindings 13.3.0 left out CUcheckpointRestoreArgs; 13.3.1 has it again)
+                raise CudaUnavailable(f"this cuda-python can't remap GPUs on restore (no {', '.join(lacks)})")
             pairs = []
             for old, new in gpu_pairs:
                 pair = cu.CUcheckpointGpuPair()
@@ -206,8 +216,13 @@ class RealCudaDriver:
                    lambda: self.cu.cuCheckpointProcessUnlock(pid, None))
 
     def get_state(self, pid: int, timeout_s: float) -> str:
-        state = self._call("cuCheckpointProcessGetState", pid, timeout_s,
-                           lambda: self.cu.cuCheckpointProcessGetState(pid))
+        try:
+            state = self._call("cuCheckpointProcessGetState", pid, timeout_s,
+                               lambda: self.cu.cuCheckpointProcessGetState(pid))
+        except ValueError as e:  # cuda-python 12.8.0 (NVIDIA/cuda-python#561): for a pid without CUDA the driver's
+            # error came back as a state that is no CUprocessState
+            raise CudaError(f"cuCheckpointProcessGetState(pid {pid}): no CUDA state ({e})",
+                            call="cuCheckpointProcessGetState", pid=pid, code="CUDA_ERROR_NOT_FOUND") from None
         name = getattr(state, "name", None) or str(state)
         return name.removeprefix("CU_PROCESS_STATE_")
 
@@ -353,7 +368,7 @@ class GpuCheckpointer:
         self._require(pid, RUNNING, "cuCheckpointProcessLock")
         gpus = gpus_in_use(nvidia_files(pid))
         if len(gpus) > self.max_gpus:
-            raise CudaError(f"pid {pid} uses {len(gpus)} GPUs ({', '.join(gpus)}): snapshots of more than "
+            raise CudaUnsupported(f"pid {pid} uses {len(gpus)} GPUs ({', '.join(gpus)}): snapshots of more than "
                             f"{self.max_gpus} GPU per process are not supported in this version", pid=pid,
                             code="MULTI_GPU")
         try:

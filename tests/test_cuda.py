@@ -283,9 +283,48 @@ def test_uses_gpu(cu):
 
 def test_multi_gpu_is_refused_before_locking(cu, monkeypatch):
     monkeypatch.setattr(gpu, "nvidia_files", lambda pid: ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl"])
-    with pytest.raises(CudaError, match="uses 2 GPUs .*not supported in this version"):
+    with pytest.raises(gpu.CudaUnsupported, match="uses 2 GPUs .*not supported in this version"):
         checkpointer(cu).checkpoint(PID)
     assert "Lock" not in cu.steps() and cu.state() == RUNNING
+
+
+def test_what_the_driver_cannot_checkpoint_is_told_apart(cu):
+    """CUDA_ERROR_NOT_SUPPORTED (MPS, CUDA IPC, managed memory) would fail every retry the same way, after a cold
+    boot each: CudaUnsupported, which the host's activities fail at once. Other errors stay plain CudaErrors."""
+    cu.fail["Lock"] = CUresult.CUDA_ERROR_NOT_SUPPORTED
+    with pytest.raises(gpu.CudaUnsupported, match="cuCheckpointProcessLock.*CUDA_ERROR_NOT_SUPPORTED"):
+        checkpointer(cu).checkpoint(PID)
+    assert cu.state() == RUNNING
+    cu.fail["Lock"] = CUresult.CUDA_ERROR_UNKNOWN
+    with pytest.raises(CudaError) as e:
+        checkpointer(cu).checkpoint(PID)
+    assert not isinstance(e.value, gpu.CudaUnsupported)
+
+
+def test_a_state_cuda_python_cannot_name_is_no_cuda(cu, monkeypatch):
+    """cuda-python 12.8.0 (NVIDIA/cuda-python#561) gives a pid without CUDA a ValueError, not the driver's error:
+    it is a process without CUDA (a `sh -c` above the server), not a traceback that fails every restore."""
+    def garbled(pid):
+        raise ValueError("32718 is not a valid CUprocessState")
+
+    monkeypatch.setattr(cu, "cuCheckpointProcessGetState", garbled)
+    c = checkpointer(cu)
+    assert not c.uses_gpu(os.getpid()) and c.checkpointed_pids(os.getpid()) == []
+
+
+def test_a_remap_needs_both_restore_structs(cu):
+    """cuda-bindings 13.3.0 left out CUcheckpointRestoreArgs: a restore onto other GPUs says so in one line."""
+    class Without:  # the fake, less that struct
+        def __getattr__(self, name):
+            if name == "CUcheckpointRestoreArgs":
+                raise AttributeError(name)
+            return getattr(cu, name)
+
+    cu.states[PID] = S.CU_PROCESS_STATE_CHECKPOINTED
+    c = GpuCheckpointer(RealCudaDriver(Without(), lock_grace_s=0.2), timeout_s=2.0, state_timeout_s=1.0)
+    with pytest.raises(CudaUnavailable, match="can't remap GPUs on restore \\(no CUcheckpointRestoreArgs\\)"):
+        c.restore(PID, gpu_pairs=gpu_remap([UUID0], [UUID1]))
+    assert cu.state() == CHECKPOINTED and "Restore" not in cu.steps()
 
 
 # -- failures roll back ------------------------------------------------------------------------------------------
@@ -418,7 +457,8 @@ def test_cuda_errors_that_would_repeat_fail_the_agent_s_work_at_once():
             raise err
         return host_errors_fail_fast(take)
 
-    for err in (CudaUnavailable("no NVIDIA driver >= 570 here"), CudaStateError("pid 7 is LOCKED, not RUNNING")):
+    for err in (CudaUnavailable("no NVIDIA driver >= 570 here"), CudaStateError("pid 7 is LOCKED, not RUNNING"),
+                gpu.CudaUnsupported("cuCheckpointProcessLock(pid 7): CUDA_ERROR_NOT_SUPPORTED")):
         with pytest.raises(ApplicationError) as e:
             raising(err)()
         assert e.value.non_retryable and e.value.message == str(err)
