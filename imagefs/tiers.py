@@ -503,6 +503,8 @@ class S3Tier:
 
         if self._call("COPY", key, copy):
             self.delete(key)
+        else:
+            self._known.discard(key)  # read here before it went: has() must not answer from memory
         return aside
 
     def entries(self, under: str = "") -> list[tuple[str, int, float]]:

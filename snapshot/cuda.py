@@ -31,6 +31,7 @@ RUNNING, LOCKED, CHECKPOINTED, FAILED = "RUNNING", "LOCKED", "CHECKPOINTED", "FA
 MIN_CUDA = 12080  # cuDriverGetVersion of the first driver (570) with the checkpoint API
 # get_state answers for a process that never initialised CUDA (no context to checkpoint).
 NO_CUDA_ERRORS = {"CUDA_ERROR_NOT_INITIALIZED", "CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_FOUND"}
+UNNAMED_ERROR = "UNNAMED_ERROR"  # get_state's error that cuda-python 12.8.0 turned into a ValueError
 NVIDIA_PROC = Path("/proc/driver/nvidia")
 
 
@@ -219,10 +220,10 @@ class RealCudaDriver:
         try:
             state = self._call("cuCheckpointProcessGetState", pid, timeout_s,
                                lambda: self.cu.cuCheckpointProcessGetState(pid))
-        except ValueError as e:  # cuda-python 12.8.0 (NVIDIA/cuda-python#561): for a pid without CUDA the driver's
-            # error came back as a state that is no CUprocessState
-            raise CudaError(f"cuCheckpointProcessGetState(pid {pid}): no CUDA state ({e})",
-                            call="cuCheckpointProcessGetState", pid=pid, code="CUDA_ERROR_NOT_FOUND") from None
+        except ValueError as e:  # cuda-python 12.8.0 (NVIDIA/cuda-python#561): the driver's error (which one is
+            # lost: a pid without CUDA, or one that cannot be checkpointed) came back as a state no CUprocessState has
+            raise CudaError(f"cuCheckpointProcessGetState(pid {pid}): an error cuda-python could not name ({e})",
+                            call="cuCheckpointProcessGetState", pid=pid, code=UNNAMED_ERROR) from None
         name = getattr(state, "name", None) or str(state)
         return name.removeprefix("CU_PROCESS_STATE_")
 
@@ -436,8 +437,8 @@ class GpuCheckpointer:
             try:
                 if self.state(p) == CHECKPOINTED:
                     out.append(p)
-            except CudaError as e:
-                if e.code not in NO_CUDA_ERRORS and os.path.exists(f"/proc/{p}"):
+            except CudaError as e:  # (a process with no CUDA is most of a tree: an error unnamed is taken for that)
+                if e.code not in NO_CUDA_ERRORS | {UNNAMED_ERROR} and os.path.exists(f"/proc/{p}"):
                     raise
         return out
 

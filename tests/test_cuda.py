@@ -301,15 +301,18 @@ def test_what_the_driver_cannot_checkpoint_is_told_apart(cu):
     assert not isinstance(e.value, gpu.CudaUnsupported)
 
 
-def test_a_state_cuda_python_cannot_name_is_no_cuda(cu, monkeypatch):
-    """cuda-python 12.8.0 (NVIDIA/cuda-python#561) gives a pid without CUDA a ValueError, not the driver's error:
-    it is a process without CUDA (a `sh -c` above the server), not a traceback that fails every restore."""
+def test_a_state_cuda_python_cannot_name(cu, monkeypatch):
+    """cuda-python 12.8.0 (NVIDIA/cuda-python#561) turns the driver's GetState error into a ValueError. In a
+    restored tree that is a process without CUDA (a `sh -c` above the server), not a traceback that fails every
+    restore; for a process that holds GPU device files (uses_gpu) it stays an error."""
     def garbled(pid):
         raise ValueError("32718 is not a valid CUprocessState")
 
     monkeypatch.setattr(cu, "cuCheckpointProcessGetState", garbled)
     c = checkpointer(cu)
-    assert not c.uses_gpu(os.getpid()) and c.checkpointed_pids(os.getpid()) == []
+    assert c.checkpointed_pids(os.getpid()) == []
+    with pytest.raises(CudaError, match="an error cuda-python could not name"):
+        c.uses_gpu(os.getpid())
 
 
 def test_a_remap_needs_both_restore_structs(cu):

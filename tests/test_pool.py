@@ -523,7 +523,7 @@ def test_the_agents_heartbeat_is_not_held_by_its_clean_up(cfg, monkeypatch):
             t.cancel()
 
     asyncio.run(main())
-    assert len(beats) >= 10 and max(b - a for a, b in zip(beats, beats[1:])) < 0.5, beats
+    assert len(beats) >= 10 and max(b - a for a, b in zip(beats, beats[1:])) < 0.9, beats  # a round takes 3 s
 
 
 def test_a_start_the_pool_gave_up_on_never_serves(cfg, worker, agent, snap):
