@@ -604,21 +604,16 @@ def _golden_differs(golden_ok: bool | None) -> str:
 def snapshots_rm(cfg, digest):
     """Forget snapshot DIGEST and its restore history (refused while a deployment of it runs or replicas kept
     by `thaw restore --keep` serve); `thaw gc` then frees what only it used."""
-    from thaw.registry import deployments, queries
+    from thaw.registry import queries
     from thaw.registry import snapshots as q
     from thaw.runtime.pool import PoolUnreachable
     from .client import TemporalUnreachable
 
-    try:
-        row = q.get(cfg.registry_url, digest)
-        names = [d.name for d in deployments.list_all(cfg.registry_url) if d.snapshot_digest == row.digest]
-        running = _pools_running(cfg, names) if names else set()
-
-        def pool_running(name: str) -> bool:  # asked inside remove's transaction, which holds the snapshot's row:
-            # Temporal again about one not running before (deployed since, or again: the lock waits for that)
-            return name in running or bool(_pools_running(cfg, [name]))
-
-        row, forgotten = q.remove(cfg.registry_url, row.digest, pool_running, cfg.host_stale_s)
+    try:  # Temporal is asked inside remove's transaction, which holds the snapshot's row, about each deployment
+        # of it found there without replicas serving: an answer from before would miss a deploy (or a redeploy
+        # under an old name) meanwhile, and asking before too was the same question twice
+        row, forgotten = q.remove(cfg.registry_url, digest, lambda name: bool(_pools_running(cfg, [name])),
+                                  cfg.host_stale_s)
     except (queries.NotFound, queries.InUse, PoolUnreachable, TemporalUnreachable) as e:  # Temporal silent:
         _fail(str(e))  # its pools may run
     click.echo(f"snapshot {row.digest[:16]} removed" + (f" with its ended deployment(s) {', '.join(forgotten)}"
