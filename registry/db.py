@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +15,7 @@ from sqlalchemy.schema import CreateIndex
 from sqlmodel import Session, SQLModel, create_engine
 
 from thaw.errors import first_line
+from thaw.files import changing
 
 from . import models  # noqa: F401  (registers the tables)
 
@@ -23,31 +24,40 @@ log = logging.getLogger("thaw.registry")
 
 @lru_cache(maxsize=8)
 def engine(url: str) -> Engine:
+    setup = nullcontext()
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # processes opening a new file at once take turns: its switch to WAL fails at once when another holds it
+        setup = changing(Path(url[len("sqlite:///"):]))
         eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(eng, "connect")
         def _pragmas(conn, _record):
+            conn.isolation_level = None  # transactions begin below, not only at pysqlite's first write
             cur = conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+
+        @event.listens_for(eng, "begin")
+        def _begin(conn):  # a writer takes the write lock before it reads what it checks (see session)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("thaw_write") else "BEGIN")
     elif url.startswith("postgresql"):  # UTC sessions: a column made naive (by sqlmodel < 0.0.45) reads right
         eng = create_engine(url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"})
     else:
         eng = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(eng)
-    _add_missing_columns(eng)
-    _add_missing_indexes(eng)
+    ddl = eng.execution_options(thaw_write=True)  # each looks, then creates: under SQLite's write lock (a look
+    with setup:  # before another process's write, then a write, fails at once)
+        SQLModel.metadata.create_all(ddl)
+        _add_missing_columns(ddl)
+        _add_missing_indexes(ddl)
     return eng
 
 
 def _add_missing_columns(eng: Engine) -> None:
     """Tables made by an older thaw gain the columns added since (all nullable or defaulted: the rows there
     already get the default)."""
-    insp = inspect(eng)
     with eng.begin() as conn:
+        insp = inspect(conn)  # on this connection: another one would wait for this one's SQLite write lock
         for table in SQLModel.metadata.sorted_tables:
             have = {c["name"] for c in insp.get_columns(table.name)}
             for col in table.columns:
@@ -85,6 +95,11 @@ def _add_missing_indexes(eng: Engine) -> None:
 
 
 @contextmanager
-def session(url: str) -> Iterator[Session]:
-    with Session(engine(url), expire_on_commit=False) as s:
+def session(url: str, write: bool = False) -> Iterator[Session]:
+    """A session; one transaction from its first statement to its commit. ``write``: it checks rows and then
+    writes on what it saw. PostgreSQL locks the rows it checks (``with_for_update``); SQLite has no row locks,
+    so such a session takes the database's write lock when it begins and other writers wait for its commit
+    (readers do not)."""
+    eng = engine(url)
+    with Session(eng.execution_options(thaw_write=True) if write else eng, expire_on_commit=False) as s:
         yield s

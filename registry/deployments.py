@@ -49,7 +49,7 @@ def summary(d: Deployment) -> dict:
 def add_replica(url: str, rep: Replica) -> None:
     """NotFound when its snapshot was removed while it started (`thaw snapshots rm` counted no row of it yet):
     gc would take the files it reads."""
-    with session(url) as s:
+    with session(url, write=True) as s:
         if rep.snapshot_digest:
             queries.require(s, (Snapshot, rep.snapshot_digest, f"snapshot {rep.snapshot_digest[:12]} was removed "
                                 f"while replica {rep.id} started: it is stopped"))
@@ -83,12 +83,13 @@ def set_reservations(url: str, deployment: str, host_ids: list[str]) -> list[str
     """Reserve ``host_ids`` for ``deployment`` and release its other hosts; returns the hosts reserved for it
     afterwards. A host another deployment reserved meanwhile stays that deployment's (conditional updates:
     two pools choosing the same idle host at once can't both get it)."""
-    with session(url) as s:
+    with session(url, write=True) as s:
         s.exec(update(Host).where(col(Host.reserved_for) == deployment, col(Host.id).not_in(host_ids))
                .values(reserved_for=None))
         s.exec(update(Host).where(col(Host.id).in_(host_ids),
                                   col(Host.reserved_for).is_(None) | (col(Host.reserved_for) == deployment)
                                   | col(Host.reserved_for).not_in(select(Deployment.name)))  # its deployment went
                .values(reserved_for=deployment))
+        held = sorted(s.exec(select(Host.id).where(col(Host.reserved_for) == deployment)).all())
         s.commit()
-        return sorted(s.exec(select(Host.id).where(col(Host.reserved_for) == deployment)).all())
+        return held

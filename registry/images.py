@@ -25,7 +25,7 @@ def list_all(url: str) -> list[Image]:
 def remove(url: str, ref: str) -> Image:
     """Forget image ``ref`` (its store objects stay until ``thaw gc``). InUse while snapshots of it exist."""
     row = get(url, ref)
-    with session(url) as s:
+    with session(url, write=True) as s:
         locked = s.exec(select(Image).where(Image.digest == row.digest).with_for_update()).first()  # see
         if locked is None:  # queries.register
             raise NotFound(f"no image {row.digest[:12]} (removed meanwhile)")

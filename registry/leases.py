@@ -53,7 +53,7 @@ def current(url: str, name: str) -> Lease | None:
 
 
 def take(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> None:
-    with session(url) as s:
+    with session(url, write=True) as s:
         now = _now(s)
         try:
             s.add(Lease(name=name, holder=holder, since=now, expires=now + ttl_s))
@@ -74,7 +74,7 @@ def take(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> None:
 def renew(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> bool:
     """Whether ``holder`` still held it, not run out (and now holds it for ``ttl_s`` more): a renewal that came
     too late does not bring back a lease that others already took as free."""
-    with session(url) as s:
+    with session(url, write=True) as s:
         now = _now_sql(s)
         res = s.exec(update(Lease).where(Lease.name == name, Lease.holder == holder, Lease.expires > now)
                      .values(expires=now + ttl_s))
@@ -83,7 +83,7 @@ def renew(url: str, name: str, holder: str, ttl_s: float = TTL_S) -> bool:
 
 
 def give_back(url: str, name: str, holder: str) -> None:
-    with session(url) as s:
+    with session(url, write=True) as s:
         s.exec(delete(Lease).where(Lease.name == name, Lease.holder == holder))
         s.commit()
 

@@ -27,13 +27,12 @@ def _pk(model: type[SQLModel]):
 
 def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None = None) -> tuple[T, bool]:
     """Insert ``row`` unless its primary key is already registered. Returns (row, created). ``requires``
-    (model, key, message): NotFound(message) instead, when that row is not registered; on PostgreSQL the row
-    is locked (FOR SHARE) until the insert commits, so a delete that locks it first (:func:`images.remove`)
-    either finishes before, or sees the new row. SQLite has no row locks: there the two can still cross within
-    the milliseconds between check and insert."""
+    (model, key, message): NotFound(message) instead, when that row is not registered; the row is locked until
+    the insert commits (FOR SHARE on PostgreSQL, SQLite's write lock: see :func:`~.db.session`), so a delete that
+    locks it first (:func:`images.remove`) either finishes before, or sees the new row."""
     model = type(row)
     key = getattr(row, _pk(model).key)
-    with session(url) as s:
+    with session(url, write=True) as s:
         existing = s.get(model, key)
         if existing:
             return existing, False
@@ -49,8 +48,8 @@ def register(url: str, row: T, requires: tuple[type[SQLModel], str, str] | None 
 
 
 def require(s, requires: tuple[type[SQLModel], str, str] | None) -> None:
-    """NotFound(message) unless the row ``requires`` names (model, key, message) is registered; locked (FOR
-    SHARE, PostgreSQL) until the caller's transaction ends: see :func:`register`."""
+    """NotFound(message) unless the row ``requires`` names (model, key, message) is registered; locked until the
+    caller's transaction ends (a ``write`` session): see :func:`register`."""
     if requires:
         need = requires[0]
         if s.exec(select(need).where(_pk(need) == requires[1]).with_for_update(read=True)).first() is None:
@@ -63,7 +62,7 @@ def upsert(url: str, new: T, requires: tuple[type[SQLModel], str, str] | None = 
     model = type(new)
     key = getattr(new, _pk(model).key)
     for attempt in (1, 2):
-        with session(url) as s:
+        with session(url, write=True) as s:
             require(s, requires)
             row = s.get(model, key) or new  # on the second attempt: the row that won
             for k, v in fields.items():
@@ -81,7 +80,7 @@ def upsert(url: str, new: T, requires: tuple[type[SQLModel], str, str] | None = 
 
 def delete(url: str, model: type[SQLModel], key) -> None:
     """Delete the row of ``model`` with primary key ``key``, if there is one."""
-    with session(url) as s:
+    with session(url, write=True) as s:
         row = s.get(model, key)
         if row is not None:
             s.delete(row)

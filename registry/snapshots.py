@@ -35,7 +35,7 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
     go with it)."""
     row = get(url, ref)
     alive = {h.id for h in live_hosts(url, stale_s)} if stale_s is not None else None
-    with session(url) as s:
+    with session(url, write=True) as s:
         gone = s.exec(select(Snapshot).where(Snapshot.digest == row.digest).with_for_update()).first()  # a deploy
         if gone is None:  # of it waits (see queries.register); a concurrent `thaw snapshots rm` finished first
             raise queries.NotFound(f"no snapshot {row.digest[:12]} (removed meanwhile)")
@@ -77,7 +77,7 @@ def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int |
 
 def heartbeat_host(url: str, host_id: str, gone: bool = False) -> None:
     """This host's agent lives (now); ``gone``: it stopped, so no work is placed there until it beats again."""
-    with session(url) as s:
+    with session(url, write=True) as s:
         row = s.get(Host, host_id)
         if row:
             row.heartbeat_at = datetime(1970, 1, 1, tzinfo=timezone.utc) if gone else utcnow()
@@ -110,7 +110,7 @@ def list_hosts(url: str) -> list[Host]:
 
 
 def record_restore(url: str, event: RestoreEvent) -> RestoreEvent:
-    with session(url) as s:
+    with session(url, write=True) as s:
         s.add(event)
         s.commit()
         s.refresh(event)

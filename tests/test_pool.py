@@ -293,7 +293,7 @@ def test_deploy_env_reaches_restored_replicas_and_extra_ports_are_published(cfg,
         with pytest.raises(OSError):
             answer(f"http://{r.ports[side]}", "/health")
 
-    with snapshots.session(cfg.registry_url) as s:  # no host can restore it now: replicas cold-boot
+    with snapshots.session(cfg.registry_url, write=True) as s:  # no host can restore it now: replicas cold-boot
         row = s.get(snapshots.Snapshot, snap)
         row.host_facts = {**row.host_facts, "criu": "3.0"}
         s.add(row)

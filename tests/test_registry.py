@@ -7,6 +7,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -77,14 +78,12 @@ def _snapshots(url: str, *digests: str) -> None:
 def test_a_deploy_of_a_snapshot_being_removed_is_refused(tmp_path, request, db):
     """`thaw snapshots rm` and a `thaw deploy` of that snapshot at once: the deployment must not be left
     pointing at a snapshot that is gone (every start of it would fail). The remove locks the snapshot's row
-    first; a deploy then waits for it and is refused. (PostgreSQL: staged with the remove's lock held; SQLite
-    has no row locks, so there only the sequential case.)"""
-    import threading
-
+    first (SQLite: the database's write lock); a deploy then waits for it and is refused. Staged with the
+    remove's lock held."""
     from sqlmodel import select
 
     from thaw.config import Config
-    from thaw.registry import deployments, snapshots
+    from thaw.registry import deployments
     from thaw.registry.db import session
     from thaw.registry.models import Deployment, Snapshot
 
@@ -93,31 +92,101 @@ def test_a_deploy_of_a_snapshot_being_removed_is_refused(tmp_path, request, db):
     digest = uuid.uuid4().hex * 2
     _snapshots(url, digest)
     name = f"d{digest[:8]}"
-    if db == "postgres":
-        out = []
-        with session(url) as s:  # what snapshots.remove holds from its first statement to its commit
-            row = s.exec(select(Snapshot).where(Snapshot.digest == digest).with_for_update()).first()
+    out = []
+    with session(url, write=True) as s:  # what snapshots.remove holds from its first statement to its commit
+        row = s.exec(select(Snapshot).where(Snapshot.digest == digest).with_for_update()).first()
 
-            def deploy():
-                try:
-                    out.append(deployments.upsert(url, Deployment(name=name, snapshot_digest=digest)))
-                except Exception as e:  # noqa: BLE001
-                    out.append(e)
+        def deploy():
+            try:
+                out.append(deployments.upsert(url, Deployment(name=name, snapshot_digest=digest)))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
 
-            t = threading.Thread(target=deploy)
-            t.start()
-            t.join(1.0)
-            assert out == [], "the deploy went ahead while the snapshot's row was locked for its removal"
-            s.delete(row)
-            s.commit()
-        t.join(30)
-        assert isinstance(out[0], images.NotFound) and "was removed meanwhile" in str(out[0]), out
-    else:
-        snapshots.remove(url, digest, lambda n: False)
-        with pytest.raises(images.NotFound, match="was removed meanwhile"):
-            deployments.upsert(url, Deployment(name=name, snapshot_digest=digest))
+        t = threading.Thread(target=deploy)
+        t.start()
+        t.join(1.0)
+        assert out == [], "the deploy went ahead while the snapshot's row was locked for its removal"
+        s.delete(row)
+        s.commit()
+    t.join(30)
+    assert isinstance(out[0], images.NotFound) and "was removed meanwhile" in str(out[0]), out
     with pytest.raises(images.NotFound):
         deployments.get(url, name)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_replica_recorded_while_its_snapshot_is_removed_either_holds_it_or_is_refused(
+        tmp_path, request, monkeypatch, db):
+    """A replica's row is recorded (`add_replica`) just as `thaw snapshots rm` runs: the check that the snapshot
+    is registered and the insert are one locked step, so the remove either sees the replica (InUse) or the
+    replica is refused. Staged: the recording pauses between its check and its insert while the remove runs."""
+    from thaw.config import Config
+    from thaw.registry import deployments, queries
+    from thaw.registry.models import Replica
+
+    url = (Config(state_dir=tmp_path / "state").registry_url if db == "sqlite"
+           else request.getfixturevalue("postgres_url"))
+    digest = uuid.uuid4().hex * 2
+    _snapshots(url, digest)
+    checked, go_on = threading.Event(), threading.Event()
+    require = queries.require
+
+    def paused(s, requires):
+        require(s, requires)
+        checked.set()
+        go_on.wait(30)
+
+    monkeypatch.setattr(queries, "require", paused)
+    rep = Replica(id=f"r{digest[:8]}", host_id=f"h{digest[:8]}", snapshot_digest=digest, deployment="",
+                  endpoint="http://127.0.0.1:1", outcome="restored")
+    with ThreadPoolExecutor(2) as pool:
+        recorded = pool.submit(deployments.add_replica, url, rep)
+        assert checked.wait(30)
+        removed = pool.submit(snapshots.remove, url, digest, lambda n: False)
+        time.sleep(1.0)
+        assert not removed.done(), "the remove went ahead between the replica's check and its insert"
+        go_on.set()
+        recorded.result(30)
+        with pytest.raises(images.InUse, match="kept by `thaw restore --keep`"):
+            removed.result(30)
+    assert [r.id for r in deployments.replicas(url, host_id=rep.host_id)] == [rep.id]
+    assert snapshots.get(url, digest).digest == digest
+    deployments.remove_replica(url, rep.id)  # the PostgreSQL database is the module's
+
+
+def test_snapshots_rm_waits_on_a_silent_temporal_for_a_bounded_time(tmp_path):
+    """`thaw snapshots rm` asks Temporal about a deployment's pool inside its transaction; on SQLite every other
+    writer (agents' heartbeats, replicas' rows) waits for it, up to SQLite's 30 s busy timeout. A Temporal that
+    accepts connections and never answers fails the rm in one line after 10 s, the snapshot stays, and a
+    heartbeat written meanwhile goes through."""
+    import os
+    import socket
+    import sys
+
+    from thaw.config import Config
+    from thaw.registry import deployments
+    from thaw.registry.models import Deployment
+
+    cfg = Config(state_dir=tmp_path / "state")
+    url, digest = cfg.registry_url, uuid.uuid4().hex * 2
+    _snapshots(url, digest)
+    deployments.upsert(url, Deployment(name="web", snapshot_digest=digest))
+    snapshots.upsert_host(url, "h1", "q", {}, None, 4)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        env = {**os.environ, "THAW_STATE_DIR": str(cfg.state_dir), "THAW_TEMPORAL_ADDRESS": address}
+        t0 = time.monotonic()
+        rm = subprocess.Popen([sys.executable, "-m", "thaw", "snapshots", "rm", digest], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(5)  # it holds the write lock by now
+        snapshots.heartbeat_host(url, "h1")  # waits for it: "database is locked" after 30 s
+        out, err = rm.communicate(timeout=60)
+        took = time.monotonic() - t0
+    assert rm.returncode == 1 and err.splitlines() == [f"error: Temporal at {address} did not answer within 10 s"], err
+    assert took < 25, took
+    assert snapshots.get(url, digest).digest == digest
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +325,7 @@ def test_a_host_is_reserved_for_one_deployment_at_a_time(tmp_path, request, db):
     snapshots.remove(url, "c" * 64, lambda name: False, stale_s=60)
     assert deployments.replicas(url) == []
     assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": "a", "h2": None, "h3": None}
-    with session(url) as s:  # a reservation left by a deployment row removed some other way
+    with session(url, write=True) as s:  # a reservation left by a deployment row removed some other way
         s.exec(update(Host).where(Host.id == "h3").values(reserved_for="gone"))
         s.commit()
     hosts = PoolActivities(cfg).pool_hosts(HostsInput("b", "a" * 64, buffer=2, busy=[]))
@@ -340,6 +409,25 @@ def test_saved_settings_apply_with_a_user_config_file_too(tmp_path, monkeypatch)
     assert (cfg.s3_bucket, cfg.temporal_ui_port) == ("saved-bucket", 9999)
 
 
+def test_processes_opening_a_new_registry_at_once_all_start(tmp_path):
+    """`thaw` commands, agents and workers started together on a new state dir each create the tables they
+    miss: one that looked before another created a table must not fail ("table ... already exists", or
+    SQLite's "database is locked" for a transaction that read before another wrote)."""
+    import sys
+
+    code = ("import sys, time; from thaw.registry import snapshots\n"
+            "time.sleep(max(0, float(sys.argv[3]) - time.time()))  # all at once, once imported\n"
+            "for _ in range(10): snapshots.upsert_host(sys.argv[1], sys.argv[2], 'q', {}, None, 4)")
+    for round_ in range(3):
+        url, at = f"sqlite:///{tmp_path / f'reg{round_}.db'}", str(time.time() + 5)
+        procs = [subprocess.Popen([sys.executable, "-c", code, url, f"h{i}", at], stderr=subprocess.PIPE, text=True)
+                 for i in range(6)]
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+        fails = [(p.returncode, err.strip().splitlines()[-3:]) for p, err in zip(procs, errs) if p.returncode]
+        assert fails == [], fails
+        assert len(snapshots.list_hosts(url)) == 6
+
+
 @pytest.mark.parametrize("db_kind", ["sqlite", "postgres"])
 def test_two_processes_upgrading_one_registry(tmp_path, request, monkeypatch, db_kind):
     """A column added since an older thaw: every process upgrades the tables at start. The one that looked
@@ -401,40 +489,50 @@ def test_an_older_registry_gains_the_indexes_added_since(tmp_path, request, monk
     restart()  # made already: left be
 
 
-def test_a_first_upsert_that_races_another_updates_the_winners_row(tmp_path, monkeypatch):
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_a_first_upsert_that_races_another_updates_the_winners_row(tmp_path, request, monkeypatch, db):
     """Two processes create the same deployment at once (`thaw deploy` and the API): both see no row, both
-    insert; the second used to fail with IntegrityError. It now updates the row that won."""
+    insert; the second used to fail with IntegrityError. It now updates the row that won. On SQLite the other
+    waits for the first one's commit (its write lock) and then updates that row."""
     from sqlmodel import Session
 
     from thaw.registry import deployments
     from thaw.registry.models import Deployment
 
-    url = f"sqlite:///{tmp_path / 'reg.db'}"
-    _snapshots(url, "a" * 64, "b" * 64)
-    real_get, raced = Session.get, []
+    url = f"sqlite:///{tmp_path / 'reg.db'}" if db == "sqlite" else request.getfixturevalue("postgres_url")
+    a, b, name = uuid.uuid4().hex * 2, uuid.uuid4().hex * 2, f"m{uuid.uuid4().hex[:8]}"
+    _snapshots(url, a, b)
+    real_get, other, raced = Session.get, ThreadPoolExecutor(1), threading.Event()
+    waited = []
 
     def get(self, model, key, *args, **kwargs):
         row = real_get(self, model, key, *args, **kwargs)
-        if model is Deployment and row is None and not raced:  # the other process inserts right after our look
-            raced.append(1)
-            monkeypatch.setattr(Session, "get", real_get)
-            deployments.upsert(url, Deployment(name="m", snapshot_digest="a" * 64, max_replicas=1))
-            monkeypatch.setattr(Session, "get", get)
+        if model is Deployment and row is None and not raced.is_set():  # the other inserts right after our look
+            raced.set()
+            waited.append(other.submit(deployments.upsert, url, Deployment(name=name, snapshot_digest=a,
+                                                                           max_replicas=1)))
+            if db == "sqlite":  # it waits for this one's write lock
+                time.sleep(1.0)
+                assert not waited[0].done(), "the other upsert went ahead while this one held the write lock"
+            else:  # it inserts and commits first
+                waited[0].result(30)
         return row
 
     monkeypatch.setattr(Session, "get", get)
-    deployments.upsert(url, Deployment(name="m", snapshot_digest="b" * 64, max_replicas=3))
-    assert raced
-    dep = deployments.get(url, "m")
-    assert (dep.snapshot_digest, dep.max_replicas) == ("b" * 64, 3)
+    with other:
+        deployments.upsert(url, Deployment(name=name, snapshot_digest=b, max_replicas=3))
+        waited[0].result(30)
+    dep = deployments.get(url, name)
+    if db == "sqlite":  # the other one waited, then updated this one's row
+        assert (dep.snapshot_digest, dep.max_replicas) == (a, 1)
+    else:  # the other one inserted first; this one's insert failed and it updated the row instead
+        assert (dep.snapshot_digest, dep.max_replicas) == (b, 3)
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
 def test_a_lease_has_one_holder_until_it_is_given_back_or_runs_out(tmp_path, request, db):
     """What keeps `thaw gc` and builds apart: one holder at a time (two takers racing, one wins), renewed while
     held, free once given back or once its holder stops renewing (died)."""
-    import threading
-
     from thaw.config import Config
     from thaw.registry import leases
 

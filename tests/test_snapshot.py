@@ -182,7 +182,7 @@ def build_snapshot(thaw_cli, image, tmp_path, *extra, ok=True, port=PORT):
 def recorded_on_another_criu(cfg, digest):
     """Make snapshot ``digest`` look built with another CRIU: this host is then incompatible, so its restores
     here are fallback cold boots."""
-    with snapshots.session(cfg.registry_url) as s:
+    with snapshots.session(cfg.registry_url, write=True) as s:
         row = s.get(snapshots.Snapshot, digest)
         row.host_facts = {**row.host_facts, "criu": "3.0"}
         s.add(row)
@@ -267,7 +267,8 @@ def test_incompatible_host_falls_back_to_cold_boot(cfg, worker, agent, thaw_cli,
     assert ev.outcome == "cold-boot" and "incompatible" in ev.reason and ev.golden_ok is True
     shown = thaw_cli("snapshots", "show", snap["digest"]).output
     assert "cold-boot" in shown and "differs" not in shown
-    with snapshots.session(cfg.registry_url) as s:  # a cold boot that answers otherwise is recorded and shown
+    # a cold boot that answers otherwise is recorded and shown
+    with snapshots.session(cfg.registry_url, write=True) as s:
         row = s.get(snapshots.Snapshot, snap["digest"])
         row.golden_digest = "0" * 64
         s.add(row)
@@ -609,7 +610,7 @@ def test_env_and_secrets_are_refused_for_a_server_without_the_sdk(cfg, worker, a
     assert (cfg.work_dir / BUILD_LOGS / build / "launch.log").is_file()
     thaw_cli("replicas", "stop", kept["replica"])
     (cold,) = restore(thaw_cli, plain, "--keep")["replicas"]  # a cold boot's log begins at its launch: no hint
-    with snapshots.session(cfg.registry_url) as s:  # (recorded as a fallback would be; its log is as quiet)
+    with snapshots.session(cfg.registry_url, write=True) as s:  # (recorded as a fallback would be; its log is as quiet)
         row = s.get(deployments.Replica, cold["replica"])
         row.outcome = "cold-boot"
         s.add(row)

@@ -72,7 +72,7 @@ def test_up_status_build_down(tmp_path):
         replica = subprocess.Popen(["sleep", "600"], start_new_session=True)
         (left / RECORD).write_text(json.dumps({"pid": replica.pid, "start": _starttime(replica.pid)}))
         url = load(state_dir=tmp_path / "state").registry_url  # and its row (kept by `thaw restore --keep`, say)
-        with session(url) as s:
+        with session(url, write=True) as s:
             s.add(Replica(id="r-left", deployment="", snapshot_digest="0" * 64, host_id=st["agent"]["host_id"],
                           endpoint="http://127.0.0.1:9", outcome="restored"))
             s.commit()

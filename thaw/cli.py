@@ -612,8 +612,9 @@ def snapshots_rm(cfg, digest):
     try:  # Temporal is asked inside remove's transaction, which holds the snapshot's row, about each deployment
         # of it found there without replicas serving: an answer from before would miss a deploy (or a redeploy
         # under an old name) meanwhile, and asking before too was the same question twice
-        row, forgotten = q.remove(cfg.registry_url, digest, lambda name: bool(_pools_running(cfg, [name])),
-                                  cfg.host_stale_s)
+        # bounded: on SQLite the whole registry waits for this transaction (agents' heartbeats, replicas' rows)
+        row, forgotten = q.remove(cfg.registry_url, digest,
+                                  lambda name: bool(_pools_running(cfg, [name], timeout_s=10.0)), cfg.host_stale_s)
     except (queries.NotFound, queries.InUse, PoolUnreachable, TemporalUnreachable) as e:  # Temporal silent:
         _fail(str(e))  # its pools may run
     click.echo(f"snapshot {row.digest[:16]} removed" + (f" with its ended deployment(s) {', '.join(forgotten)}"
@@ -621,17 +622,21 @@ def snapshots_rm(cfg, digest):
                + "; `thaw gc` frees the store objects only it used")
 
 
-def _pools_running(cfg, names: list[str]) -> set[str]:
+def _pools_running(cfg, names: list[str], timeout_s: float | None = None) -> set[str]:
     """The deployments among ``names`` whose pool workflow is running (TemporalUnreachable, PoolUnreachable: where
-    Temporal does not say)."""
+    Temporal does not say, or not within ``timeout_s``)."""
     from thaw.runtime import pool
-    from .client import connect
+    from .client import TemporalUnreachable, connect
 
     async def go():
         client = await connect(cfg)
         return {name for name in names if await pool.running(client, name)}
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(asyncio.wait_for(go(), timeout_s))
+    except TimeoutError:
+        raise TemporalUnreachable(f"Temporal at {cfg.temporal_address} did not answer within {timeout_s:.0f} s"
+                                  ) from None
 
 
 BUILD_WORKFLOWS = ("BuildImage", "BuildSnapshot")
