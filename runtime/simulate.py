@@ -18,14 +18,18 @@ Model
 * A **replica** is a host running the model, serving ``concurrency`` requests at a time.
 * **Policies**
 
-  - ``cold``: a new replica needs a new host (``provision_s``) and then a cold boot of the model
-    (``cold_start_s``: image pull, CUDA init, weight load, warm-up).
+  - ``cold``: a new replica needs a new host (``provision_s``; or one that another deployment freed at that
+    tick, see below) and then a cold boot of the model (``cold_start_s``: image pull, CUDA init, weight load,
+    warm-up).
   - ``restore``: thaw. ``buffer`` idle hosts are kept ready for the whole fleet; a new replica of any
     deployment takes one and restores the snapshot onto it (``restore_s``). Each host taken is replaced by
     acquiring another (``provision_s``, paid while it is acquired). When the buffer is empty a new replica takes
     a host already being acquired for the buffer (the one ready soonest) or acquires one itself, then restores.
-    A replica scaled down goes back to the buffer when the buffer is short, otherwise its host is released. At
-    the same tick, deployments scale in index order (a lower index takes a buffered host first).
+    At each tick every deployment scales down before any starts, so a host freed at that tick serves any
+    deployment's start; then an idle host left over restores for a deployment still waiting for a host being
+    acquired (that acquisition goes back to the buffer), and the buffer is trimmed to ``buffer`` hosts, idle or
+    being acquired (acquisitions ready last are cancelled first, then idle hosts released). At the same tick,
+    deployments start in index order (a lower index takes a buffered host first).
   - ``cold:buffer=N`` is also allowed (idle hosts, but cold boots on them).
   - ``static``: ``replicas`` always-on warm replicas per deployment, no autoscaling, no buffer: the "provision
     for the peak" reference. Without ``replicas=N`` each deployment gets the fewest replicas whose p99 delay
@@ -621,17 +625,32 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
         refill(now)
 
     def scale_down(h: _Host, now: float) -> None:
-        """A replica stops serving: its host refills the buffer when the buffer is short of idle hosts (an
-        acquisition still under way is then cancelled), else it is released."""
+        """A replica stops serving: its host joins the idle ones, for any deployment's start at this tick
+        (:func:`settle` then trims them to the buffer)."""
         unassign(h, now)
-        if len(idle_buffer) < policy.buffer:
-            h.state = "buffer"
-            bisect.insort(idle_buffer, h, key=lambda x: x.id)
-            extra = len(idle_buffer) + len(acquiring) - policy.buffer
-            for x in sorted(acquiring, key=lambda x: (-x.ready_at, -x.id))[:max(0, extra)]:
-                release(x, now)
-        else:
-            release(h, now)
+        h.state = "buffer"
+        bisect.insort(idle_buffer, h, key=lambda x: x.id)
+
+    def settle(now: float) -> None:
+        """After a tick's scale-downs and starts: an idle host restores (or boots) for a deployment still waiting
+        for a host being acquired, which goes to the buffer instead (the one ready last first); then the buffer
+        keeps ``policy.buffer`` hosts, idle or being acquired: the acquisitions ready last are cancelled first,
+        then idle hosts released."""
+        waiting = sorted((h for h in live if h.state == "provisioning" and h.dep is not None),
+                         key=lambda x: (x.ready_at, x.id))
+        while idle_buffer and waiting:
+            claimed = waiting.pop()
+            d = claimed.dep
+            unassign(claimed, now)
+            acquiring.append(claimed)
+            h = idle_buffer.pop(0)
+            assign(h, d, now)
+            begin_start(h, now)
+        extra = len(idle_buffer) + len(acquiring) - policy.buffer
+        for x in sorted(acquiring, key=lambda x: (-x.ready_at, -x.id))[:max(0, extra)]:
+            release(x, now)
+        while len(idle_buffer) > policy.buffer:
+            release(idle_buffer.pop(), now)
 
     in_system = 0
     last_done = 0.0
@@ -746,6 +765,7 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
                 for d, n in starts:
                     for _ in range(n):
                         start_replica(d, now)
+                settle(now)
             sv = st = bi = pv = fl = 0
             for h in live:
                 s = h.state

@@ -176,15 +176,49 @@ def test_scaled_down_host_refills_the_shared_buffer_by_hand():
 def test_a_host_freed_at_a_tick_serves_a_start_at_that_tick_whatever_the_labels():
     """Buffer 1, acquiring a host takes 20 s: a (deployment 1) at t=0, b (deployment 0) at 5; 1 s each.
     t=0  deployment 1 takes the buffered H0 (restored 0.5, serves a until 1.5); H1 is acquired for the buffer.
-    5    tick: deployment 1's H0 has idled 3.5 s, deployment 0 wants 1. Scale-downs go first: H0 returns to the
-         buffer (H1's acquisition cancelled, paid 0-5), then deployment 0 takes it (restored 5.5, done 6.5); H2
-         is acquired for the buffer (5 -> 6.5). paid 6.5 + 5 + 1.5 = 13.
+    5    tick: deployment 1's H0 has idled 3.5 s, deployment 0 wants 1. Scale-downs go first: H0 joins the idle
+         hosts, then deployment 0 takes it (restored 5.5, done 6.5); H1's acquisition goes on for the buffer.
+         paid H0 0-6.5 + H1 0-6.5 = 13.
     Starts first (lower index first), b claimed H1 on its way and waited for it until 20.5."""
     t = Timings(cold_start_s=5, restore_s=0.5, provision_s=20)
     for labels in ((1, 0), (0, 1)):
         tr = Trace((Request(0, 1, labels[0]), Request(5, 1, labels[1])), end_s=5, source="hand", deployments=2)
         r = sim.simulate(tr, Policy("restore", buffer=1), t, HAND)
-        assert (r.delays, r.paid_gpu_s, r.horizon_s, r.restores, r.hosts_acquired) == ([0.5, 0.5], 13, 6.5, 2, 2)
+        assert (r.delays, r.paid_gpu_s, r.horizon_s, r.restores, r.hosts_acquired) == ([0.5, 0.5], 13, 6.5, 2, 1)
+
+
+def test_a_host_freed_while_the_buffer_is_full_serves_another_deployment_at_that_tick():
+    """Buffer 1, acquiring a host takes 20 s. Deployment 0 gets a 1 s request every second from 0 to 21, then
+    deployment 1 one at 26 and deployment 2 one at 27.
+    t=0   deployment 0 takes the buffered H0 (restored 0.5; each request waits 0.5 behind the one before);
+          H1 is acquired for the buffer (idle from 20).
+    26    tick: H0 has idled 3.5 s (last done 22.5). It joins the idle hosts with H1, one more than the buffer:
+          deployment 1's start at this tick takes H0 (restored 26.5, done 27.5); H1 stays the buffer.
+    27    deployment 2 takes H1 (restored 27.5, done 28.5 = horizon); H2 is acquired (27 -> 28.5).
+    paid H0 0-28.5 + H1 0-28.5 + H2 27-28.5 = 58.5; every request waits 0.5. (H0 released at 26 instead left
+    deployment 2 to wait for H2 until 47.)"""
+    reqs = tuple([Request(i, 1, 0) for i in range(22)] + [Request(26, 1, 1), Request(27, 1, 2)])
+    r = sim.simulate(Trace(reqs, end_s=27, source="hand", deployments=3), Policy("restore", buffer=1),
+                     Timings(cold_start_s=5, restore_s=0.5, provision_s=20), HAND)
+    assert r.delays == [0.5] * 24
+    assert (r.paid_gpu_s, r.horizon_s, r.restores, r.hosts_acquired) == (58.5, 28.5, 3, 2)
+    assert [d["replica_gpu_s"] for d in r.per_deployment] == [26.0, 2.5, 1.5]
+
+
+def test_an_idle_host_serves_a_deployment_waiting_for_a_host_being_acquired():
+    """Buffer 1, acquiring a host takes 20 s: a (deployment 0) and b (deployment 1) at 0, 1 s each.
+    t=0  deployment 0 takes the buffered H0 (restored 0.5, done 1.5); H1 is acquired for the buffer, and
+         deployment 1, with no idle host, claims it (ready 20); H2 is acquired for the buffer.
+    5    tick: H0 has idled 3.5 s and joins the idle hosts. Deployment 1 still waits for H1: H0 restores for it
+         (5.5, done 6.5 = horizon) and H1 goes back to the buffer's acquisitions; H2, now one too many and
+         ready no sooner, is cancelled (paid 0-5).
+    paid H0 0-6.5 + H1 0-6.5 + H2 0-5 = 18; deployment 1's replica: H1 claimed 0-5, H0 5-6.5. (Left idle, H0
+    made b wait until 20.5.)"""
+    tr = Trace((Request(0, 1, 0), Request(0, 1, 1)), end_s=0, source="hand", deployments=2)
+    r = sim.simulate(tr, Policy("restore", buffer=1), Timings(cold_start_s=5, restore_s=0.5, provision_s=20), HAND)
+    assert r.delays == [0.5, 5.5]
+    assert (r.paid_gpu_s, r.horizon_s, r.restores, r.hosts_acquired) == (18.0, 6.5, 2, 2)
+    assert [d["replica_gpu_s"] for d in r.per_deployment] == [5.0, 6.5]
 
 
 def test_no_scale_down_while_a_start_is_under_way():
