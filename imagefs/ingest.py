@@ -467,6 +467,7 @@ def ingest_directory(tree: Tree, root: Path) -> None:
     seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first path, for hard links
 
     def visit(rel: str, full: str, st: os.stat_result) -> None:
+        normalize(rel)  # the rules a layer's paths meet (its length, say: materializing it would fail)
         common = dict(path=rel, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
                       mtime_ns=st.st_mtime_ns, xattrs=_dir_xattrs(full))
         src = rel or "."

@@ -34,6 +34,8 @@ def config_errors(config: dict) -> list[str]:
               _OBJECT: isinstance(v, dict)}[want]
         if not ok:
             bad.append(f"{key}: want {want}, got {json.dumps(v)[:60]}")
+        elif want != _OBJECT and "\0" in (v if want == _STRING else "".join(v)):  # no exec() can pass one; an
+            bad.append(f"{key}: a NUL character in {json.dumps(v)[:60]}")  # Env one would smuggle a variable
     return bad
 
 

@@ -508,12 +508,17 @@ def _is_decode_error(e: Exception) -> bool:
 
 
 def _zstd_reader(f: BinaryIO, what: str):
+    """The stream across its frames. One cut short raises EOFError at its end, as gzip does (python-zstandard's
+    reader ends quietly there, so a layer cut at a block boundary lost its last files without an error)."""
     try:
-        import zstandard
+        from compression import zstd  # Python 3.14
     except ImportError:
-        raise SourceError(f"{what} is zstd-compressed: install the zstandard module where the worker runs "
-                          f"(pip install zstandard)") from None
-    return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, closefd=False)
+        try:
+            from backports import zstd
+        except ImportError:
+            raise SourceError(f"{what} is zstd-compressed: install the backports.zstd module where the worker "
+                              f"runs (pip install backports.zstd)") from None
+    return zstd.ZstdFile(f, "rb")
 
 
 # -- OCI image layout --------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         raise NotFound(error)
+    nul = sorted(k for k, v in spec.env.items() if "\0" in str(v))  # a replica's env goes NUL-separated
+    if nul:
+        raise NotFound(f"--env {', '.join(nul)}: a NUL character in the value (no process can be given one)")
     both = sorted(set(spec.env) & set(spec.secrets))
     if both:
         raise NotFound(f"{', '.join(both)}: given as --env and as --secret; a secret's value comes from "

@@ -391,6 +391,8 @@ class HostSnapshots:
         self._gpu_load: dict[int, int] = {}  # GPU number -> replicas (and launches) on it now
         for d in ("images", "snapshots", "builds", "replicas"):
             (cfg.work_dir / d).mkdir(parents=True, exist_ok=True)
+        # images are mounted below (setuid files, maybe device nodes: a user here must not run or open them)
+        os.chmod(cfg.work_dir, 0o700)
 
     # -- inputs -------------------------------------------------------------------------------------
     def _tree(self, kind: str, digest: str) -> Path:

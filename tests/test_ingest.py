@@ -119,6 +119,16 @@ def test_an_unreadable_source_directory_is_one_line(store, tmp_path, monkeypatch
         ingest_directory(Tree(store.staging("dir"), LIMITS), tmp_path / "src")
 
 
+def test_a_source_directory_path_longer_than_a_layers_may_be_is_refused(store, tmp_path):
+    """A `dir:` source meets a layer's path rules: a path of more than 3,072 bytes was ingested and registered,
+    and every materialize of the image then failed (ENAMETOOLONG under the image's own directory)."""
+    deep = tmp_path / "src" / "/".join(["d" * 240] * 13)  # 3,132 bytes below src, each name allowed
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"x")
+    with pytest.raises(IngestError, match=r"is 3132 bytes long \(at most 3072\)"):
+        ingest_directory(Tree(store.staging("dir"), LIMITS), tmp_path / "src")
+
+
 def test_whiteout_in_same_layer_does_not_hide_that_layers_files(store):
     m = build(store, layer(member("a", "dir"), member("a/keep", data=b"k"), member("a/.wh.keep")))
     assert "a/keep" in paths(m)

@@ -360,6 +360,7 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
         undeploy(cfg, thaw_cli, "elsewhere", ok=False)
     for args, message in ((["--env", "1BAD=x"], "'1BAD': not an environment variable name"),
                           (["--env", "novalue"], "expected NAME=VALUE"),
+                          (["--env", "A=x\0B=y"], "--env A: a NUL character in the value"),
                           (["--env", "API_KEY=x", "--secret", "API_KEY"], "API_KEY: given as --env and as --secret"),
                           (["--port", "70000"], "--port 70000: a port is 1..65535")):
         res = thaw_cli("deploy", "x", "--snapshot", snap, *args, ok=False)

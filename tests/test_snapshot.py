@@ -1299,6 +1299,34 @@ def test_a_replica_whose_root_cannot_be_made_leaves_no_dirs(cfg):
     assert not (cfg.work_dir / "replicas" / "r-noroot").exists() and not (cfg.work_dir / LOGS / "r-noroot").exists()
 
 
+def test_only_root_reaches_a_hosts_image_trees(cfg):
+    """Image trees are mounted below the host's work dir with their setuid files (and device nodes where
+    allowed): under a state dir such as /var/lib/thaw, another local user could have run a setuid-root program
+    of any image. The work dir is root's alone (0700), whatever the umask made it."""
+    import stat as stat_mod
+
+    from thaw.snapshot.host import HostSnapshots
+
+    cfg.work_dir.mkdir(parents=True)
+    os.chmod(cfg.work_dir, 0o755)  # as an older thaw, or the umask, made it
+    (cfg.work_dir / "images" / "x").mkdir(parents=True)
+    host = HostSnapshots(cfg)
+    host.close()
+    assert stat_mod.S_IMODE(os.stat(cfg.work_dir).st_mode) == 0o700
+    (cfg.state_dir / "open").mkdir(mode=0o755)  # the control: a dir nobody may list
+    fd = os.open(cfg.state_dir, os.O_RDONLY)  # from here: the dirs above (pytest's, 0700) are not in the way
+    try:
+        def as_nobody(rel: str) -> subprocess.CompletedProcess:  # through the fd it inherits
+            return subprocess.run(["ls", f"/proc/self/fd/{fd}/{rel}"], user="nobody", pass_fds=[fd],
+                                  capture_output=True, text=True)
+
+        assert as_nobody("open").returncode == 0
+        denied = as_nobody(str((cfg.work_dir / "images" / "x").relative_to(cfg.state_dir)))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    finally:
+        os.close(fd)
+
+
 def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
     """A retried checkpoint that reaches the host while the attempt that timed out still runs (blocked in a dump,
     say) waits for it, then answers with its result, instead of clearing the dir under it; a discard waits too,
