@@ -34,6 +34,9 @@ NAME_MAX, PATH_MAX = 255, 4096  # Linux's: bytes of one path component, and of a
 MAX_PATH = 3072  # bytes of an image path: materialized under a host dir, it must stay under PATH_MAX
 XATTR = "SCHILY.xattr."
 XATTR_SIZE_MAX = 65536  # Linux's limit on one xattr value
+# the xattr namespaces a Linux file system stores; another (a Mac's com.apple.*) is dropped, as containerd's
+# unpacking drops what its file system does not support: kept, it failed every materialize of the image
+XATTR_KEPT = ("user.", "trusted.", "security.", "system.posix_acl_access", "system.posix_acl_default")
 
 Progress = Callable[[int], None]  # called with bytes consumed since the last call
 
@@ -380,6 +383,8 @@ def _xattrs(m: tarfile.TarInfo, src: str) -> dict[str, str] | None:
             if not name or "\0" in name or len(_bytes(name)) > NAME_MAX:  # setxattr(2) refuses each
                 raise IngestError(f"{src!r} has an xattr name that is empty, holds a NUL byte or is over "
                                   f"{NAME_MAX} bytes ({name[:80]!r}, {len(_bytes(name))} bytes)")
+            if not name.startswith(XATTR_KEPT):
+                continue
             raw = _bytes(v) if isinstance(v, str) else v
             if len(raw) > XATTR_SIZE_MAX:
                 raise IngestError(f"{src!r} has a {len(raw)}-byte value for xattr {name!r} "

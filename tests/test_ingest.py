@@ -172,6 +172,17 @@ def test_hard_links_share_their_targets_data_and_xattrs(store):
     assert len(m.to_bytes()) < 2 << 20
 
 
+def test_xattrs_no_linux_file_system_stores_are_dropped(store, tmp_path):
+    """A layer made on a Mac carries com.apple.* xattrs (and a tar may carry any name): kept, the image was
+    registered and served by the lazy mount, but every materialize of it failed (EOPNOTSUPP)."""
+    pax = {"SCHILY.xattr.com.apple.provenance": "x", "SCHILY.xattr.system.foo": "y", "SCHILY.xattr.user.kept": "z"}
+    m = build(store, layer(member("f", data=b"data", pax=pax)))
+    (f,) = [e for e in m.entries if e.path == "f"]
+    assert f.xattrs == {"user.kept": base64.b64encode(b"z").decode()}
+    out = materialize(m, store, tmp_path / "out")
+    assert os.getxattr(out / "f", "user.kept") == b"z"
+
+
 def test_paths_targets_and_xattrs_are_bounded_in_all(store, monkeypatch):
     monkeypatch.setattr("thaw.imagefs.ingest.MAX_METADATA", 500_000)
     raw = layer(*[member(f"f{i}", pax={"SCHILY.xattr.user.k": "v" * 10_000}) for i in range(100)])
