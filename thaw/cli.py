@@ -635,6 +635,8 @@ def _pools_running(cfg, names: list[str], timeout_s: float | None = None) -> set
     try:
         return asyncio.run(asyncio.wait_for(go(), timeout_s))
     except TimeoutError:
+        if timeout_s is None:  # not ours
+            raise
         raise TemporalUnreachable(f"Temporal at {cfg.temporal_address} did not answer within {timeout_s:.0f} s"
                                   ) from None
 
