@@ -45,8 +45,8 @@ def engine(url: str) -> Engine:
         eng = create_engine(url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"})
     else:
         eng = create_engine(url, pool_pre_ping=True)
-    ddl = eng.execution_options(thaw_write=True)  # each looks, then creates: under SQLite's write lock (a look
-    with setup:  # before another process's write, then a write, fails at once)
+    ddl = _writer(eng)  # each looks, then creates: under SQLite's write lock (a look before another process's
+    with setup:  # write, then a write, fails at once)
         SQLModel.metadata.create_all(ddl)
         _add_missing_columns(ddl)
         _add_missing_indexes(ddl)
@@ -101,5 +101,10 @@ def session(url: str, write: bool = False) -> Iterator[Session]:
     so such a session takes the database's write lock when it begins and other writers wait for its commit
     (readers do not)."""
     eng = engine(url)
-    with Session(eng.execution_options(thaw_write=True) if write else eng, expire_on_commit=False) as s:
+    with Session(_writer(eng) if write else eng, expire_on_commit=False) as s:
         yield s
+
+
+def _writer(eng: Engine) -> Engine:
+    """``eng`` for transactions that check and then write: on SQLite they begin with ``BEGIN IMMEDIATE``."""
+    return eng.execution_options(thaw_write=True)

@@ -637,7 +637,7 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
         keeps ``policy.buffer`` hosts, idle or being acquired: the acquisitions ready last are cancelled first,
         then idle hosts released."""
         waiting = sorted((h for h in live if h.state == "provisioning" and h.dep is not None),
-                         key=lambda x: (x.ready_at, x.id))
+                         key=lambda x: (x.ready_at, x.id)) if idle_buffer else []
         while idle_buffer and waiting:
             claimed = waiting.pop()
             d = claimed.dep

@@ -31,6 +31,7 @@ RUNNING, LOCKED, CHECKPOINTED, FAILED = "RUNNING", "LOCKED", "CHECKPOINTED", "FA
 MIN_CUDA = 12080  # cuDriverGetVersion of the first driver (570) with the checkpoint API
 # get_state answers for a process that never initialised CUDA (no context to checkpoint).
 NO_CUDA_ERRORS = {"CUDA_ERROR_NOT_INITIALIZED", "CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_FOUND"}
+UNSUPPORTED_ERRORS = {"CUDA_ERROR_NOT_SUPPORTED"}  # what the process does cannot be checkpointed (CudaUnsupported)
 UNNAMED_ERROR = "UNNAMED_ERROR"  # get_state's error that cuda-python 12.8.0 turned into a ValueError
 NVIDIA_PROC = Path("/proc/driver/nvidia")
 
@@ -61,9 +62,6 @@ class CudaUnavailable(CudaError):
 class CudaUnsupported(CudaError):
     """What the process does cannot be checkpointed (the driver says CUDA_ERROR_NOT_SUPPORTED: MPS, CUDA IPC,
     managed memory; or more GPUs than one): every retry would fail the same way, after another cold boot."""
-
-
-UNSUPPORTED_ERRORS = {"CUDA_ERROR_NOT_SUPPORTED"}
 
 
 # -- the cuda-python boundary ------------------------------------------------------------------------------------

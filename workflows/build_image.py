@@ -95,6 +95,12 @@ class BuildImageResult:
 QUICK = dict(start_to_close_timeout=timedelta(minutes=2), retry_policy=RETRY)  # registry-only activities
 
 
+def long_step(inp) -> dict:
+    """A build step's activity options: its build's activity and heartbeat timeouts (``inp``: the build's input)."""
+    return dict(start_to_close_timeout=timedelta(seconds=inp.activity_timeout_s),
+                heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY)
+
+
 class Staged:
     """A build workflow whose current stage can be queried (Temporal UI's "Queries" tab, `current_stage`)."""
 
@@ -112,11 +118,7 @@ class BuildImage(Staged):
     async def run(self, inp: BuildImageInput) -> BuildImageResult:
         build_id = workflow.info().workflow_id
         quick = QUICK
-        long = dict(
-            start_to_close_timeout=timedelta(seconds=inp.activity_timeout_s),
-            heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s),
-            retry_policy=RETRY,
-        )
+        long = long_step(inp)
 
         self.stage = "resolve"
         src = await workflow.execute_activity("resolve_source", inp.source, result_type=ResolvedSource, **quick)

@@ -17,7 +17,7 @@ from temporalio.exceptions import ActivityError, TimeoutType
 from temporalio.exceptions import TimeoutError as ActivityTimeout
 from temporalio.workflow import ActivityCancellationType
 
-from .build_image import QUICK, RETRY, Staged
+from .build_image import QUICK, RETRY, Staged, long_step
 from .pool import StopReplicaInput
 
 
@@ -173,8 +173,7 @@ class BuildSnapshot(Staged):
             self.stage = "register"
             snap = await workflow.execute_activity(  # it asks S3 for every chunk of the dump: as long as the store
                 "register_snapshot", RegisterSnapshotInput(build_id, plan, inp.golden, ckpt, stored, timings),
-                result_type=BuildSnapshotResult, start_to_close_timeout=timedelta(seconds=inp.activity_timeout_s),
-                heartbeat_timeout=timedelta(seconds=inp.heartbeat_timeout_s), retry_policy=RETRY)
+                result_type=BuildSnapshotResult, **long_step(inp))
         except ActivityError as e:
             host_gone = isinstance(e.cause, ActivityTimeout) and e.cause.type == TimeoutType.SCHEDULE_TO_START
             raise
