@@ -15,7 +15,8 @@ manifest lists, docker-archive and OCI-archive formats, the daemon's export, dig
 temporary OCI layout, which is then read the same way.
 
 Every layer is read as a stream: its bytes are hashed as they go by and checked against the layer digest
-when the stream ends or is closed, so a tampered blob fails the ingest (which only commits at the end).
+when the stream ends or is closed, and its uncompressed tar against the config's diff_id when the ingest
+has read it all, so a tampered blob fails the ingest (which only commits at the end).
 Errors a user can cause are :class:`SourceError` with a one-line message naming the input.
 """
 
@@ -91,6 +92,7 @@ class Layer:
     media_type: str
     opener: Callable[[], BinaryIO]  # the raw blob
     source: str = ""  # for messages
+    diff_id: str | None = None  # of the uncompressed tar (the config's rootfs.diff_ids); verified by finish()
 
     def open(self) -> BinaryIO:
         """The layer as an uncompressed tar stream; a digest mismatch raises SourceError at EOF or close."""
@@ -450,6 +452,7 @@ class _LayerStream(io.RawIOBase):
                 self.kind, self._out = "zstd", _zstd_reader(self._buf, self._hash.what)
             else:
                 self.kind, self._out = "tar", self._buf
+            self._diff = hashlib.new(layer.diff_id.partition(":")[0]) if layer.diff_id else None
         except BaseException:
             raw.close()
             raise
@@ -467,6 +470,8 @@ class _LayerStream(io.RawIOBase):
                 raise
             self._hash.drain()  # a digest mismatch is the better explanation
             raise SourceError(f"{self._hash.what}: corrupt {self.kind} data ({e})") from None
+        if self._diff:
+            self._diff.update(data)
         b[:len(data)] = data
         return len(data)
 
@@ -480,6 +485,12 @@ class _LayerStream(io.RawIOBase):
             if left < 0:
                 raise SourceError(f"{self._hash.what}: more than {MAX_TRAILER >> 20} MiB of data after the end of "
                                   f"its tar")
+        diff_id = self._hash.layer.diff_id
+        if self._diff and self._diff.hexdigest() != diff_id.partition(":")[2]:
+            self._hash.drain()  # the blob's own digest failing is the better explanation
+            raise SourceError(f"{self._hash.what}: its uncompressed tar does not match the config's diff_id "
+                              f"{diff_id} (got {self._diff.name}:{self._diff.hexdigest()}); the image is corrupt "
+                              f"or was tampered with")
 
     def close(self) -> None:
         """Verify the digest (hashing whatever was left unread), then release everything."""
@@ -656,7 +667,7 @@ def _image_from_manifest(doc: dict, fetch: Callable[[str], bytes], open_blob: Ca
         have = f"{len(diff_ids)} rootfs.diff_ids" if isinstance(diff_ids, list) else "no rootfs.diff_ids list"
         raise SourceError(f"{label}: image manifest lists {len(descs)} layers but its config has {have}")
     layers = []
-    for ldesc in descs:
+    for ldesc, diff_id in zip(descs, diff_ids):
         if not isinstance(ldesc, dict):
             raise SourceError(f"{label}: bad layer descriptor {ldesc!r}")
         digest = _check_digest(ldesc.get("digest"), f"{label}: layer")
@@ -667,7 +678,8 @@ def _image_from_manifest(doc: dict, fetch: Callable[[str], bytes], open_blob: Ca
             raise SourceError(f"{label}: layer {digest} is {mt!r}, not a tar layer of a container image")
         size = ldesc.get("size")
         layers.append(Layer(digest, size if isinstance(size, int) else None, mt,
-                            functools.partial(open_blob, digest), label))
+                            functools.partial(open_blob, digest), label,
+                            _check_digest(diff_id, f"{label}: config rootfs.diff_ids")))
     return ImageSource(ref=ref, config=_small_config(config, label), layers=layers)
 
 

@@ -437,7 +437,7 @@ def test_directory_round_trip_is_byte_identical(store, tmp_path):
 def _image(manifest: dict, diff_ids) -> oci.ImageSource:
     config = json.dumps({"config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
     manifest = {"config": {"mediaType": oci.CONFIG_TYPES[0], "digest": "sha256:" + "0" * 64}, **manifest}
-    return oci._image_from_manifest(manifest, lambda digest: config, None, "oci:x", "oci:x@ref")
+    return oci._image_from_manifest(manifest, lambda digest: config, lambda digest: None, "oci:x", "oci:x@ref")
 
 
 LAYER_DESC = {"mediaType": oci.MT_TAR, "digest": "sha256:" + "1" * 64, "size": 10}
@@ -449,6 +449,7 @@ LAYER_DESC = {"mediaType": oci.MT_TAR, "digest": "sha256:" + "1" * 64, "size": 1
     ({"layers": [LAYER_DESC]}, [], "lists 1 layers but its config has 0 rootfs.diff_ids"),
     ({"layers": []}, ["sha256:" + "2" * 64], "lists 0 layers but its config has 1 rootfs.diff_ids"),
     ({"layers": [LAYER_DESC]}, None, "lists 1 layers but its config has no rootfs.diff_ids list"),
+    ({"layers": [LAYER_DESC]}, ["md5:00"], "config rootfs.diff_ids: bad digest 'md5:00'"),
 ])
 def test_an_image_manifest_without_its_layers_is_a_source_error(manifest, diff_ids, message):
     """Each was accepted before (the first two as an image of no layers)."""

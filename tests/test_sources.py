@@ -38,7 +38,7 @@ APP_CONFIG = {"Cmd": ["/bin/sh", "-c", "cat /app/cfg.txt"], "WorkingDir": "/app"
 # -- helpers -----------------------------------------------------------------------------------------------
 def oci_layout(root: Path, layers: list[bytes], config: dict | None = None, ref: str = "v1",
                compress: str = "gzip", layer_type: str | None = None, config_type: str | None = None,
-               annotations=None) -> Path:
+               annotations=None, diff_ids: list[str] | None = None) -> Path:
     """Write an OCI image layout by hand (no tools): gzip or plain layers, one image named ``ref``
     (``compress="gzipped"``: ``layers`` are gzip blobs already, stored as they are)."""
     blobs = root / "blobs" / "sha256"
@@ -53,8 +53,8 @@ def oci_layout(root: Path, layers: list[bytes], config: dict | None = None, ref:
     descs = [put(gz(l), layer_type or oci.MT_TAR + "+gzip") if gz else put(l, layer_type or oci.MT_TAR)
              for l in layers]
     arch = oci._host_platform()[0]
-    cfg = {"architecture": arch, "os": "linux", "config": config or {},
-           "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(l).hexdigest()}" for l in layers]}}
+    cfg = {"architecture": arch, "os": "linux", "config": config or {}, "rootfs": {"type": "layers", "diff_ids": (
+        diff_ids or [f"sha256:{hashlib.sha256(l).hexdigest()}" for l in layers])}}
     manifest = {"schemaVersion": 2, "mediaType": oci.MT_OCI_MANIFEST,
                 "config": put(json.dumps(cfg).encode(), config_type or "application/vnd.oci.image.config.v1+json"),
                 "layers": descs}
@@ -422,6 +422,20 @@ def test_tampered_oci_blob_fails_the_build_and_stores_nothing(cfg, worker, thaw_
     blob.write_bytes(bytes(data))
     err = build_fails(cfg, thaw_cli, f"oci:{layout}:v1")
     assert "does not match its digest" in err and "tampered" in err
+
+
+@pytest.mark.parametrize("compress", ["gzip", "plain"])
+def test_a_layer_whose_tar_is_not_its_configs_diff_id_is_refused(tmp_path, compress):
+    """The blob matches its digest, but the config's diff_id names other uncompressed bytes (a tool that rewrote
+    the layer and not the config, or a tampered one): the layer was ingested as it came."""
+    ours, other = layer(member("a", data=b"A" * 5000)), layer(member("a", data=b"B" * 5000))
+    want = f"sha256:{hashlib.sha256(other).hexdigest()}"
+    layout = oci_layout(tmp_path / "layout", [ours], compress=compress, diff_ids=[want])
+    with pytest.raises(SourceError, match=f"uncompressed tar does not match the config's diff_id {want} "
+                                          f"\\(got sha256:{hashlib.sha256(ours).hexdigest()}\\)") as err:
+        library_ingest(f"oci:{layout}:v1", tmp_path / "store")
+    assert "\n" not in str(err.value) and "tampered" in str(err.value)
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
 
 
 def multi_platform_layout(root: Path) -> tuple[Path, dict, dict]:
