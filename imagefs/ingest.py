@@ -14,7 +14,9 @@ import base64
 import contextlib
 import os
 import posixpath
+import re
 import stat
+import struct
 import tarfile
 from dataclasses import dataclass
 from decimal import Decimal
@@ -37,6 +39,8 @@ XATTR_SIZE_MAX = 65536  # Linux's limit on one xattr value
 # the xattr namespaces a Linux file system stores; another (a Mac's com.apple.*) is dropped, as containerd's
 # unpacking drops what its file system does not support: kept, it failed every materialize of the image
 XATTR_KEPT = ("user.", "trusted.", "security.", "system.posix_acl_access", "system.posix_acl_default")
+CAP_SIZES = {2: 20, 3: 24}  # the vfs_cap_data revisions setxattr(2) takes for security.capability, by size
+ACL_TAGS = {1: "u", 2: "U", 4: "g", 8: "G", 0x10: "m", 0x20: "o"}  # ACL_USER_OBJ, ACL_USER, ... ACL_OTHER
 
 Progress = Callable[[int], None]  # called with bytes consumed since the last call
 
@@ -389,8 +393,36 @@ def _xattrs(m: tarfile.TarInfo, src: str) -> dict[str, str] | None:
             if len(raw) > XATTR_SIZE_MAX:
                 raise IngestError(f"{src!r} has a {len(raw)}-byte value for xattr {name!r} "
                                   f"(at most {XATTR_SIZE_MAX})")
+            if why := _xattr_value_error(name, raw, m.isdir()):
+                raise IngestError(f"{src!r} has a value for xattr {name!r} that Linux refuses ({why})")
             out[name] = base64.b64encode(raw).decode()
     return out or None
+
+
+def _xattr_value_error(name: str, raw: bytes, is_dir: bool) -> str | None:
+    """Why setxattr(2) refuses this value of one of the xattrs the kernel reads itself (a file capability, a
+    POSIX ACL), or None. Kept, it was served by the lazy mount (an exec of the file failed) and every materialize
+    of the image failed."""
+    if name == "security.capability":
+        revision = int.from_bytes(raw[:4], "little") >> 24 if len(raw) >= 4 else None
+        if CAP_SIZES.get(revision) != len(raw):
+            return f"{len(raw)} bytes: not a revision 2 or 3 file capability set"
+        return "its root id is -1" if raw[20:] == b"\xff" * 4 else None
+    if not name.startswith("system.posix_acl_"):
+        return None
+    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != 2:
+        return f"{len(raw)} bytes: not a version 2 POSIX ACL"
+    if name.endswith("_default") and not is_dir and len(raw) > 4:
+        return "a default ACL on a file that is not a directory"
+    entries = [struct.unpack_from("<HHI", raw, at) for at in range(4, len(raw), 8)]
+    tags = "".join(ACL_TAGS.get(tag, "?") for tag, _, _ in entries)
+    # posix_acl_valid(): owner, users, owning group, groups, a mask (needed with any user or group), other
+    order = re.fullmatch(r"u(U*)g(G*)(m?)o", tags) if entries else True
+    if not order or (order is not True and not order[3] and (order[1] or order[2])):
+        return f"entries out of order or missing ({tags})"
+    if any(perm & ~7 or (tag in (2, 8) and ident == 0xFFFFFFFF) for tag, perm, ident in entries):
+        return "a permission other than rwx, or the invalid id -1"
+    return None
 
 
 def apply_layer(tree: Tree, stream: BinaryIO, label: str) -> None:

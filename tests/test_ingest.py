@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import os
+import struct
 import subprocess
 import tarfile
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 
 from tarutil import layer, member
 from thaw.imagefs import oci
-from thaw.imagefs.ingest import IngestError, Limits, Tree, apply_layer, ingest_directory
+from thaw.imagefs.ingest import IngestError, Limits, Tree, _xattr_value_error, apply_layer, ingest_directory
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize
 from thaw.imagefs.store import ChunkStore, LocalDirTier
@@ -181,6 +183,83 @@ def test_xattrs_no_linux_file_system_stores_are_dropped(store, tmp_path):
     assert f.xattrs == {"user.kept": base64.b64encode(b"z").decode()}
     out = materialize(m, store, tmp_path / "out")
     assert os.getxattr(out / "f", "user.kept") == b"z"
+
+
+def _acl(*entries) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def _cap(revision: int, size: int, root_id: int = 0) -> bytes:
+    head = struct.pack("<I", revision << 24) + bytes(16)
+    return (head + struct.pack("<I", root_id))[:size] + bytes(max(0, size - 24))
+
+
+def _xattr_cases() -> list[tuple[str, bytes]]:
+    """Capabilities of each revision and size; every ACL of up to 4 entries over the six tags and one unknown
+    (rwx, id 5), and the valid shapes with a bad permission or id -1; a short value and a version 1 ACL."""
+    caps = [_cap(rev, size, root) for rev in (1, 2, 3, 4) for size in (12, 20, 24) for root in (0, 1000, 2**32 - 1)]
+    tags = (1, 2, 4, 8, 0x10, 0x20, 0x40)
+    acls = [_acl(*[(t, 7, 5) for t in seq]) for n in range(5) for seq in itertools.product(tags, repeat=n)]
+    for seq in ((1, 2, 4, 0x10, 0x20), (1, 4, 8, 0x10, 0x20)):
+        acls += [_acl(*[(t, perm, ident) for t in seq]) for perm, ident in ((8, 5), (7, 2**32 - 1), (6, 0))]
+    acls += [b"\2\0\0\0\1", struct.pack("<I", 1) + _acl((1, 7, 0), (4, 7, 0), (0x20, 7, 0))[4:]]
+    return ([("security.capability", v) for v in caps] + [("system.posix_acl_access", v) for v in acls]
+            + [("system.posix_acl_default", v) for v in acls[:60]])
+
+
+def _skip_without_acls(path: Path) -> None:
+    path.write_bytes(b"")
+    try:
+        os.setxattr(path, "system.posix_acl_access", _acl((1, 7, 0), (4, 7, 0), (0x20, 7, 0)))
+    except OSError as e:
+        pytest.skip(f"this file system takes no POSIX ACLs ({e.strerror})")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting security.capability needs root")
+def test_capability_and_acl_xattrs_are_refused_exactly_when_the_kernel_refuses_them(tmp_path):
+    """A malformed file capability or ACL was ingested and served (an exec of the file failed), and every
+    materialize of the image failed. The ingest's check is compared with setxattr(2) on this kernel."""
+    _skip_without_acls(tmp_path / "probe")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_bytes(b"")
+    cases = _xattr_cases()
+    assert len(cases) > 2800
+    wrong = []
+    for target in (tmp_path / "f", tmp_path / "d"):
+        for name, value in cases:
+            try:
+                os.setxattr(target, name, value)
+                kernel = None
+                os.removexattr(target, name)
+            except OSError as e:
+                kernel = e.strerror
+            ours = _xattr_value_error(name, value, target.name == "d")
+            if (kernel is None) != (ours is None):
+                wrong.append((target.name, name, value.hex(), kernel, ours))
+    assert not wrong, wrong[:5]
+
+
+def test_a_malformed_capability_or_acl_xattr_is_refused_and_valid_ones_materialize(store, tmp_path):
+    for name, value, message in [
+            ("security.capability", _cap(1, 12), "12 bytes: not a revision 2 or 3 file capability set"),
+            ("system.posix_acl_access", _acl((1, 7, 0), (2, 7, 5), (4, 7, 0), (0x20, 7, 0)),
+             r"entries out of order or missing \(uUgo\)"),
+            ("system.posix_acl_default", _acl((1, 7, 0), (4, 7, 0), (0x20, 7, 0)),
+             "a default ACL on a file that is not a directory")]:
+        pax = {f"SCHILY.xattr.{name}": value.decode("utf-8", "surrogateescape")}
+        with pytest.raises(IngestError, match=f":d/f' has a value for xattr '{name}' that Linux refuses "
+                                              f"\\({message}") as err:
+            build(store, layer(member("d", "dir"), member("d/f", data=b"x", pax=pax)))
+        assert "\n" not in str(err.value)
+    no_id = 2**32 - 1  # the id Linux stores in the entries that name none
+    cap, acl = _cap(2, 20), _acl((1, 7, no_id), (2, 5, 1000), (4, 5, no_id), (0x10, 5, no_id), (0x20, 0, no_id))
+    m = build(store, layer(member("f", data=b"x", mode=0o750, pax={"SCHILY.xattr.security.capability": cap.decode(
+        "utf-8", "surrogateescape"), "SCHILY.xattr.system.posix_acl_access": acl.decode("utf-8", "surrogateescape")})))
+    _skip_without_acls(tmp_path / "probe")
+    out = materialize(m, store, tmp_path / "out")
+    assert os.getxattr(out / "f", "system.posix_acl_access") == acl
+    if os.geteuid() == 0:
+        assert os.getxattr(out / "f", "security.capability") == cap
 
 
 def test_paths_targets_and_xattrs_are_bounded_in_all(store, monkeypatch):
