@@ -150,6 +150,7 @@ class LocalDirTier:
         bound = f" (cache, {max_bytes >> 20} MiB)" if max_bytes is not None else ""
         self.name = f"local:{self.root}{bound}"
         self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)  # image files (secrets, setuid programs) and snapshots' process memory
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(exist_ok=True)
         self._lock = threading.Lock()

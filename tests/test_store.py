@@ -21,6 +21,15 @@ def test_chunks_are_addressed_by_blake3_and_stored_once(store):
     assert store.usage() == (1, 5)
 
 
+def test_the_store_is_for_its_owner_only(tmp_path):
+    """It holds image files (keys, setuid programs) and snapshots' process memory: other users could read them."""
+    (tmp_path / "old").mkdir(mode=0o755)  # a store made before
+    for root in (tmp_path / "new", tmp_path / "old"):
+        store = ChunkStore([LocalDirTier(root)])
+        d, _ = store.put_chunk(b"secret")
+        assert os.stat(root).st_mode & 0o777 == 0o700 and store.get_chunk(d) == b"secret"
+
+
 def test_oversized_chunk_rejected(store):
     with pytest.raises(StoreError, match="exceeds"):
         store.put_chunk(b"x" * ((1 << 20) + 1))
