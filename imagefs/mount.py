@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("mountpoint")
     p.add_argument("--record", help="write the access recording (JSON) here on unmount and on SIGUSR1")
     p.add_argument("--ready-file", help="written (JSON: pid, mountpoint, digest) once the mount is up")
-    p.add_argument("--fetch-timeout", type=float, default=30.0, help="seconds before a chunk read fails with EIO")
+    p.add_argument("--fetch-timeout", type=float, help="seconds before a chunk read fails with EIO (default: "
+                   "30, or longer when the S3 timeouts and attempts configured add up to more)")
     p.add_argument("--cache-mb", type=int, default=64, help="in-process cache of decoded chunks")
     p.add_argument("--read-ahead-kb", type=int, default=DEFAULT_READ_AHEAD_KB)
     p.add_argument("--prefetch", help="access recording whose chunks are fetched in the background after mounting")
@@ -423,15 +424,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load(state_dir=args.state_dir)
     mp = _norm(args.mountpoint)
-    try:
-        store = ChunkStore.open(cfg)
+    try:  # no memory tier: the decoded-chunk cache and the page cache hold what is read again (and each
+        # mounted tree has its own daemon: 256 MiB each added up)
+        store = ChunkStore.open(cfg.model_copy(update={"memory_cache_bytes": 0}))
         manifest = ImageManifest.load(store, args.digest)
     except (StoreError, ValueError) as err:
         log.error("image %s: %s", args.digest, err)
         return 2
     recorder = AccessRecorder(args.record, args.digest) if args.record else None
     fs = ImageFS(store, manifest, args.digest, recorder=recorder, cache_bytes=args.cache_mb << 20,
-                 fetch_timeout=args.fetch_timeout)
+                 fetch_timeout=args.fetch_timeout or cfg.fetch_timeout_s)
     del manifest
     try:
         clear_stale(mp)

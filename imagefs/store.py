@@ -111,6 +111,7 @@ class Tier(Protocol):
     def forget(self) -> None: ...  # drop anything remembered about what the tier holds (not the objects)
 
 
+QUARANTINE = "quarantine"  # objects found corrupt twice in the durable tier, set aside (not deleted)
 BACKED_BY = "backed-by"  # in a store's local dir: the durable tier that has every object of it
 
 
@@ -233,6 +234,15 @@ class LocalDirTier:
             with self._lock:
                 if self._lru is not None and key in self._lru:
                     self._lru_bytes -= self._lru.pop(key)
+
+    def quarantine(self, key: str) -> str:
+        """Move the object to ``quarantine/<key>`` and return that key, as the S3 tier does: out of readers'
+        way (a build stores it again) and out of gc's, for an operator to look at or move back."""
+        aside = f"{QUARANTINE}/{key}"
+        self.path(aside).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another reader on this host set it aside first
+            os.replace(self.path(key), self.path(aside))
+        return aside
 
     def sync(self) -> None:
         syncfs(self.root)
@@ -429,7 +439,8 @@ class ChunkStore:
                 raw = None
             if raw is not None:
                 data = verified(raw, tier)
-                if data is None and tier in self.remote:  # bytes damaged on the way? the copy may be fine
+                if data is None and (tier in self.remote or tier is self.durable):  # bytes damaged on the way
+                    # (or in this reader's memory)? the only copy may be fine
                     raw = tier.get(key)
                     data = verified(raw, tier) if raw is not None else None
                 if data is None:

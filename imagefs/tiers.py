@@ -33,9 +33,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from .store import StoreError, StoreUnavailable
-
-QUARANTINE = "quarantine"  # objects found corrupt twice in the durable tier (S3), set aside
+from .store import QUARANTINE, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

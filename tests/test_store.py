@@ -35,15 +35,21 @@ def test_oversized_chunk_rejected(store):
         store.put_chunk(b"x" * ((1 << 20) + 1))
 
 
-def test_corrupt_chunk_is_detected_and_dropped(store):
+def test_a_corrupt_chunk_in_the_only_store_is_set_aside_not_deleted(store):
+    """Read twice (the fault may be this reader's memory), then moved to quarantine/: it was deleted, and a
+    single-host store has no other copy. Readers then see it missing; a build stores it again."""
     d, _ = store.put_chunk(b"payload")
     path = store.local.path(f"chunks/{d[:2]}/{d}")
     path.write_bytes(b"pAyload")
-    with pytest.raises(StoreError, match=f"chunk {d} was corrupt in local:.* \\(dropped\\) and no other tier"):
+    with pytest.raises(StoreError, match=f"chunk {d} was corrupt in local:.* \\(set aside as quarantine/chunks/"
+                                         f"{d[:2]}/{d}\\) and no other tier"):
         store.get_chunk(d)
     with pytest.raises(MissingObject):  # then it is missing
         store.get_chunk(d)
-    assert not path.exists()  # the bad copy does not linger
+    assert not path.exists()  # out of readers' way
+    assert store.local.path(f"quarantine/chunks/{d[:2]}/{d}").read_bytes() == b"pAyload"
+    assert store.put_chunk(b"payload") == (d, True) and store.get_chunk(d) == b"payload"
+    assert store.usage() == (1, 7)  # quarantine/ is not the store's
 
 
 def test_corrupt_copy_in_first_tier_is_healed_from_the_next(tmp_path):

@@ -211,6 +211,12 @@ class Config(BaseSettings):
     heartbeat_timeout: float = Field(30.0, gt=0)
     activity_timeout: float = Field(3600.0, gt=0)
 
+    @property
+    def fetch_timeout_s(self) -> float:
+        """How long a lazy mount's read waits for a chunk before EIO: 30 s, or longer when S3's timeouts and
+        attempts (with botocore's backoff, at most 1 s here) add up to more, so S3 gets its whole say."""
+        return max(30.0, self.s3_max_attempts * (self.s3_timeout_s + 1.0) + 5.0)
+
     @cached_property
     def store_dir(self) -> Path:
         return self.store_path or self.state_dir / "store"
