@@ -1,7 +1,8 @@
 """Can a snapshot taken on one host be restored on another? Host facts, a compatibility key, and a check.
 
 What matters for a CRIU restore: the architecture; the CPU features (the restored code may already have
-chosen AVX-512 paths, and CRIU refuses a host whose FPU/xsave features are missing); the CRIU version (image
+chosen AVX-512 paths, and CRIU refuses a host whose FPU/xsave features are missing; flags that name no
+instruction, such as mitigations or the hypervisor bit, are not compared); the CRIU version (image
 format and restore logic); and, conservatively, the kernel series (major.minor). The CPU model name is
 kept for people, not compared. Facts added by other modules (GPU model, driver, CUDA version) are compared
 for equality and are part of the key.
@@ -18,6 +19,24 @@ import subprocess
 
 INFO_ONLY = {"cpu_model", "cpu_flags_hash", "gpu_count", "gpu_uuids", "gpu_processes"}  # reported, never compared
 GPU_KEYS = ("gpu_model", "nvidia_driver", "cuda")  # compared when the snapshot has them (see check)
+# x86 /proc/cpuinfo flags that name no instruction a restored process may have chosen to use: speculation
+# mitigations (microcode, mitigations=off), the hypervisor bit and VM-host support (a VM or bare metal), timer,
+# power and monitoring features, and what only the kernel uses. A build host's flag of these that a host lacks
+# does not make it incompatible; any other flag, unknown ones too, still does.
+NOT_ISA = frozenset("""
+    pti kaiser md_clear flush_l1d arch_capabilities ibrs ibpb stibp ssbd ibrs_enhanced spec_ctrl_ssbd virt_ssbd
+    amd_ssbd amd_stibp amd_ibpb amd_ibrs retpoline retpoline_amd rsb_ctxsw use_ibpb use_ibrs_fw srbds_ctrl sbpb
+    bhi_ctrl rrsba_ctrl psfd ipred_ctrl tsx_ctrl
+    hypervisor vmx svm ept vpid ept_ad flexpriority tpr_shadow vnmi npt lbrv svm_lock nrip_save tsc_scale
+    vmcb_clean flushbyasid decodeassists pausefilter pfthreshold avic v_vmsave_vmload vgif v_spec_ctrl x2avic
+    vmmcall
+    tsc_known_freq tsc_reliable nonstop_tsc constant_tsc tsc_deadline_timer tsc_adjust arat aperfmperf epb est
+    tm tm2 acpi pbe ida dtherm pln pts hwp hwp_notify hwp_act_window hwp_epp hwp_pkg_req cpb hw_pstate rapl cppc
+    pebs bts ds_cpl dtes64 pdcm intel_pt arch_perfmon perfctr_core perfctr_nb perfctr_llc irperf ibs arch_lbr
+    cqm cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local cat_l3 cdp_l3 mba rdt_a
+    split_lock_detect bus_lock_detect cpuid_fault cpuid rep_good nopl xtopology pcid invpcid invpcid_single smep
+    smap x2apic extd_apicid xtpr dca ht
+""".split())
 LABELS = {"kernel": "kernel series", "gpu_model": "gpu model", "nvidia_driver": "nvidia driver", "cuda": "CUDA"}
 
 
@@ -136,7 +155,7 @@ def check(snapshot_facts: dict, host_facts: dict) -> list[str]:
     wanted, has = (len(f.get("gpu_uuids") or ()) for f in (snapshot_facts, host_facts))
     if needs_gpu(snap) and needs_gpu(host) and wanted > has:  # a restore maps every checkpointed GPU to one here
         reasons.append(f"snapshot was taken with {wanted} GPUs visible, host has {has}")
-    missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")))
+    missing = sorted(set(snap.pop("cpu_flags")) - set(host.pop("cpu_flags")) - NOT_ISA)
     if missing:
         shown = ", ".join(missing[:8]) + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
         reasons.append(f"cpu flags differ: host lacks {shown}")

@@ -853,6 +853,12 @@ def test_compat_facts_key_and_check():
     assert any(r.startswith("arch riscv64") for r in reasons)
     with pytest.raises(Incompatible, match="host lacks avx512_made_up"):
         require(snap, facts)
+    # a build host's mitigations, hypervisor bit or timer flags that this host lacks are no instructions
+    vm = {**facts, "cpu_flags": sorted({*facts["cpu_flags"], "pti", "md_clear", "hypervisor", "tsc_known_freq"})}
+    bare = {**facts, "cpu_flags": sorted(set(facts["cpu_flags"]) - {"pti", "md_clear", "hypervisor", "tsc_known_freq"})}
+    assert check(vm, bare) == [] and check(bare, vm) == []
+    assert check({**vm, "cpu_flags": [*vm["cpu_flags"], "avx512_made_up"]}, bare) == [
+        "cpu flags differ: host lacks avx512_made_up"]
 
 
 @pytest.mark.parametrize("name", ["b-clear", "b clear"])  # mountinfo writes a space as \\040
