@@ -48,6 +48,7 @@ LOGS_KEPT = 20  # the logs of this many replicas that failed to start, died or f
 # of builds that ended) stay on the host
 PROFILE = "thaw-access.json"  # the image chunks a restore of the snapshot reads, stored with it
 BOOT_PROFILE = "thaw-boot-access.json"  # the image chunks the launch (a cold boot) read, stored with it
+PROFILE_ERRORS = (StoreError, ValueError, KeyError, IndexError)  # a manifest or profile that can't be read now
 RESULT = "result.json"
 CAUSE_SEARCH_S = 10.0  # after a failed CRIU restore: how long to look for a bad chunk to name as the cause
 DISCARDED_KEPT_S = 86400.0  # how long an agent refuses checkpoint attempts of a build whose workflow ended
@@ -359,6 +360,10 @@ def after_restore(replica: criu.Replica, port: int, env: dict[str, str], rid: st
     except criu.ReplicaError as e:
         if env or isinstance(e, criu.HookFailed):
             raise
+    except (OSError, http.client.HTTPException) as e:  # a server without the hook that hangs up or stalls on
+        if env:  # the POST: optional, and its health check is what says whether it serves
+            raise SnapshotError(f"replica {replica.pid}: its after-restore hook failed: "
+                                f"{first_line(e, typed=True)}") from None
 
 
 def use_huge_pages(mode: str, snapshot_facts: dict) -> bool:
@@ -597,10 +602,15 @@ class HostSnapshots:
         """Fetch, in parallel and in the background, what a restore reads: every chunk of the CRIU images and
         the image chunks recorded by the build's profiling restore (in first-read order). Not the files the
         server wrote before its snapshot (weights it downloaded, say): they are read by need, and a file it
-        kept open for writing is read whole when the restore copies it up. Returns the handle."""
-        manifest = ImageManifest.load(self.store, snap["digest"])
-        digests = [c[0] for e in manifest.files() if not e.path.startswith(f"{criu.WRITES}/") for c in e.chunks]
-        digests += self._stored_profile(manifest, PROFILE)
+        kept open for writing is read whole when the restore copies it up. Returns the handle; None where the
+        snapshot's manifest or profile can't be read now (the restore reads by need: its mounts are up)."""
+        try:
+            manifest = ImageManifest.load(self.store, snap["digest"])
+            digests = [c[0] for e in manifest.files() if not e.path.startswith(f"{criu.WRITES}/") for c in e.chunks]
+            digests += self._stored_profile(manifest, PROFILE)
+        except PROFILE_ERRORS as e:
+            log.warning("no prefetch for snapshot %s: %s", snap["digest"][:12], first_line(e))
+            return None
         return start_prefetch(self.store, list(dict.fromkeys(digests)), self.cfg.prefetch_concurrency)
 
     def _stored_profile(self, manifest: ImageManifest, name: str) -> list[str]:
@@ -944,7 +954,7 @@ class HostSnapshots:
         snapshot's files without mounting them; None where the snapshot has no such profile or can't be read."""
         try:
             profile = self._stored_profile(ImageManifest.load(self.store, snapshot_digest), BOOT_PROFILE)
-        except (StoreError, ValueError, KeyError, IndexError) as e:
+        except PROFILE_ERRORS as e:
             log.warning("no boot prefetch from snapshot %s: %s", snapshot_digest[:12], first_line(e))
             return None
         return start_prefetch(self.store, profile, self.cfg.prefetch_concurrency) if profile else None

@@ -26,7 +26,7 @@ from thaw.snapshot import (CriuError, HookFailed, Incompatible, ReplicaError, af
                            checkpoint, compat_key, criu_check, host_facts, launch, prepare_root, require, restore)
 from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
-from thaw.snapshot.host import after_restore as host_after_restore
+from thaw.snapshot.host import SnapshotError, after_restore as host_after_restore
 from thaw.snapshot.replica import answers_differ, comparable
 
 _skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_check()
@@ -76,6 +76,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         global count
+        if self.command == "POST" and os.environ.get("HANG_UP_POSTS"):  # no answer: the connection just closes
+            self.close_connection = True
+            return
         if os.environ.get("SDK") != "0" and thaw_sdk.handle(self):
             return
         if self.path == "/health":
@@ -400,6 +403,18 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_i
                     host_after_restore(replica, PORT, {"API_KEY": SECRET})
         finally:
             replica.stop()
+    # one that hangs up on any POST: the same rule (it was an error however little there was to deliver, and
+    # its restore fell back to a cold boot though it served)
+    replica = start(roots(), work, "hangs-up", data_mb=1, SDK="0", HANG_UP_POSTS="1")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        host_after_restore(replica, PORT, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
+        with pytest.raises(SnapshotError, match=f"replica {replica.pid}: its after-restore hook failed: "
+                                                f"RemoteDisconnected: ") as e:
+            host_after_restore(replica, PORT, {"API_KEY": SECRET})
+        assert "\n" not in str(e.value)
+    finally:
+        replica.stop()
 
 
 @needs_criu

@@ -514,7 +514,7 @@ def test_a_host_with_a_cold_cache_restores_and_cold_boots_from_s3(cfg, worker, a
     """A new host whose only source is S3 (every object of the build uploaded there, compressed where it pays):
     it restores the snapshot (mounts, prefetch, criu, replay) and, as a fallback, cold-boots the image while
     prefetching what the snapshot's own launch read (the boot profile stored with it)."""
-    from thaw.snapshot.host import BOOT_PROFILE, HostSnapshots
+    from thaw.snapshot.host import BOOT_PROFILE, PROFILE, HostSnapshots
 
     snap = build_snapshot(thaw_cli, image, tmp_path)
     row = snapshots.get(cfg.registry_url, snap["digest"]).model_dump()
@@ -539,6 +539,18 @@ def test_a_host_with_a_cold_cache_restores_and_cold_boots_from_s3(cfg, worker, a
         host.close()
     assert host.store.durable.stats["gets"] > 0 and host.store.durable.stats["wire_get_bytes"] < \
         host.store.durable.stats["get_bytes"]  # compressed on the wire
+    # the restore profile lost from S3: another new host restores without a prefetch (that was an error, and
+    # the replica cold-booted)
+    (profile,) = [e for e in ImageManifest.load(build, snap["digest"]).files() if e.path == PROFILE]
+    for digest, _ in profile.chunks:
+        s3.delete(f"chunks/{digest[:2]}/{digest}")
+    host = HostSnapshots(Config(state_dir=tmp_path / "cold2", host_id="cold-host-2", **bucket_cfg))
+    try:
+        running, ms = host.restore(row, {})
+        running.stop()
+        assert "prefetch_chunks" not in ms and ms["replay"] >= 0, ms
+    finally:
+        host.close()
 
 
 def test_unknown_snapshot_and_bad_input_are_one_line_errors(cfg, worker, agent, thaw_cli, image, tmp_path):
