@@ -187,10 +187,14 @@ class Replica:
 
     def wait_ready(self, port: int = 8080, health_path: str = "/health", timeout: float = 60.0,
                    beat: Callable[[], None] | None = None) -> float:
-        """Poll the SDK's GET /thaw/ready (the server says it is warm) or, where it is 404, the health path.
-        thaw's default health path answering 404 for NOT_FOUND_S is an error, not waited out: the server runs
-        and has another (a path the user chose may answer 404 while the server loads: that is waited for)."""
-        return self._poll(port, [READY_PATH, health_path], timeout, beat, health_path == DEFAULT_HEALTH)
+        """Poll the SDK's GET /thaw/ready (the server says it is warm) or, where it is 404, the health path;
+        then the health path, which restores are checked on, answers too (a snapshot was stored before a wrong
+        one showed). thaw's default health path answering 404 for NOT_FOUND_S is an error, not waited out: the
+        server runs and has another (a path the user chose may answer 404 while the server loads: waited for)."""
+        t0 = time.monotonic()
+        self._poll(port, [READY_PATH, health_path], timeout, beat, health_path == DEFAULT_HEALTH)
+        self._poll(port, [health_path], timeout - (time.monotonic() - t0), beat, health_path == DEFAULT_HEALTH)
+        return (time.monotonic() - t0) * 1000
 
     def _poll(self, port: int, paths: list[str], timeout: float, beat: Callable[[], None] | None,
               not_found_fails: bool = False) -> float:

@@ -724,6 +724,13 @@ def test_a_server_on_another_port_is_named_when_readiness_times_out(roots, work,
             replica.wait_ready(PORT, "/loading", timeout=2)
     finally:
         replica.stop()
+    replica = start(roots(), work, "sdk", data_mb=1)  # its /thaw/ready answers, but not the health path
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        with pytest.raises(ReplicaError, match=r"/healthz answered 404 for 0.5s: the server has no such path"):
+            replica.wait_ready(PORT, "/healthz", timeout=60)
+    finally:
+        replica.stop()
     idle = launch(roots().path, [PYTHON, "-c", "import time; time.sleep(60)"], {}, "/", work / "idle.log")
     try:
         with pytest.raises(ReplicaError, match="nothing listens on a TCP port in the replica"):
