@@ -93,8 +93,11 @@ def make_app(cfg: Config, client: Client, registry: CollectorRegistry | None = N
             resp = _error(503, str(e))
         except pool.Undeploying as e:
             resp = _error(409, str(e))
-        except web.HTTPException:  # aiohttp's own answers
-            raise
+        except web.HTTPException as e:  # aiohttp's own answers (no such route, a body over its 1 MiB)
+            if e.status < 400:
+                raise
+            why = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason  # not "404: Not Found"
+            resp = _error(e.status, f"{request.method} {request.path}: {first_line(Exception(why))}")
         except Exception as e:  # the registry's database down, say: one JSON line (and counted), not a traceback
             log.warning("%s %s failed", request.method, request.path, exc_info=True)
             down = isinstance(e, DBAPIError)

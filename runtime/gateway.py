@@ -278,6 +278,7 @@ class Gateway:
         self._signaled_loose = False                  # ... as "at least" (the pool may run more)
         self._signaled_at = time.monotonic()          # ... and when
         self._scale_error: str | None = None          # why the last scale signal failed (None: it did not)
+        self._refresh_error: str | None = None        # why the last endpoint refresh failed (None: it did not)
         self._not_serving: str | None = None          # why the deployment cannot have replicas (NotServing) ...
         self._not_serving_at = 0.0                    # ... as the last scale signal found, and when
         self._lost_all = False                        # every replica went since a request was last held
@@ -444,7 +445,15 @@ class Gateway:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # keep serving the last known list
-                log.warning("gateway %s: endpoints() failed: %s", self.deployment, e)
+                error = first_line(e, typed=True)[:250]
+                if error != self._refresh_error:  # once, not twice a second while the registry is down
+                    log.warning("gateway %s: listing replicas failed (serving the last list): %s",
+                                self.deployment, error)
+                self._refresh_error = error
+                continue
+            if self._refresh_error:
+                log.info("gateway %s: listing replicas works again", self.deployment)
+                self._refresh_error = None
 
     async def _refresh_once(self) -> None:
         async with asyncio.timeout(max(10.0, 4 * self.refresh_s)):
@@ -753,8 +762,9 @@ class Gateway:
                     body = await request.read()
             except TimeoutError:
                 return self._error(408, f"the request body did not arrive within {self.body_timeout_s:g}s")
-            except web.RequestPayloadError as e:
-                return self._error(400, f"malformed request body: {e}")
+            except web.RequestPayloadError as e:  # its text is aiohttp's "400, message:\n  <why>"
+                why = getattr(e.__cause__, "message", None) or first_line(e)
+                return self._error(400, f"malformed request body: {first_line(Exception(why))}")
             except web.HTTPRequestEntityTooLarge:  # chunked or compressed: its size showed only as it was read
                 return self._error(413, f"request body over the limit of {self._body_cap:,} bytes")
             except asyncio.CancelledError:  # the client hung up while sending it
@@ -769,9 +779,11 @@ class Gateway:
                 if not self._endpoints and self.autoscaler.clamp(1) < 1:  # held, it would wait out hold_timeout_s
                     return self._error(503, f"{self.deployment} runs no replicas: its maximum is 0",
                                        retry_after=5)  # the limits are followed every few seconds
+                waiting = time.monotonic()
                 try:
                     ep, held = await self._acquire(request, avoid, self.hold_timeout_s - held_total)
-                except asyncio.CancelledError:   # the client hung up while held
+                except asyncio.CancelledError:   # the client hung up while held: its wait counts in the histogram
+                    held_total += time.monotonic() - waiting
                     self._m_requests.labels(self.deployment, "499").inc()
                     raise
                 held_total += held

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import socket
 import sys
@@ -847,6 +848,35 @@ def test_a_deployment_whose_maximum_is_0_answers_at_once():
     asyncio.run(main())
 
 
+def test_a_registry_that_fails_the_endpoint_listing_is_logged_once_in_one_line(caplog):
+    """The gateway lists replicas every refresh_s (here 0.1 s): a registry down was a warning each time, its
+    SQLAlchemy text over two lines. Once per distinct error, once when it works again; the last list serves."""
+    class Failing(FakeBackends):
+        error: Exception | None = None
+
+        async def endpoints(self):
+            if self.error:
+                raise self.error
+            return await super().endpoints()
+
+    async def main():
+        backends = Failing()
+        async with stack(backends, (("a", 0.0),)) as (gw, url, client):
+            await until(lambda: gw.state()["ready"] == 1, timeout=5)
+            backends.error = RuntimeError("(sqlite3.OperationalError) unable to open database file\n"
+                                          "(Background on this error at: https://sqlalche.me/e/20/e3q8)")
+            await asyncio.sleep(1.0)
+            assert (await post(client, url, {"i": 1}))[0] == 200  # from the last list
+            backends.error = None
+            await asyncio.sleep(0.5)
+    with caplog.at_level(logging.INFO, logger="thaw.gateway"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "listing replicas" in r.getMessage()]
+    assert lines == ["gateway demo: listing replicas failed (serving the last list): RuntimeError: "
+                     "(sqlite3.OperationalError) unable to open database file",
+                     "gateway demo: listing replicas works again"], lines
+
+
 def test_client_gone_while_held_leaves_the_queue():
     async def main():
         backends = FakeBackends()
@@ -857,6 +887,7 @@ def test_client_gone_while_held_leaves_the_queue():
                     break
                 await asyncio.sleep(0.05)
             assert gw.state()["queued"] == 1, "the request is held at zero replicas"
+            await asyncio.sleep(0.3)
             held.cancel()  # the client goes away
             with pytest.raises(asyncio.CancelledError):
                 await held
@@ -865,6 +896,10 @@ def test_client_gone_while_held_leaves_the_queue():
                     break
                 await asyncio.sleep(0.05)
             assert gw.state()["queued"] == 0
+            metrics = await settled_metrics(gw, client, url)  # its wait is in the histogram (it was left out)
+            assert metric(metrics, "thaw_gateway_requests_total", code="499") == 1
+            assert metric(metrics, "thaw_gateway_hold_seconds_count") == 1
+            assert metric(metrics, "thaw_gateway_hold_seconds_sum") >= 0.3
     asyncio.run(main())
 
 
@@ -927,7 +962,8 @@ def test_a_stalled_or_malformed_body_is_answered_not_held():
             assert gw.state()["queued"] == 0 and gw._reading == 0
             async with client.post(f"{url}/embed", data=b"not gzip at all",
                                    headers={"Content-Encoding": "gzip"}) as r:
-                assert r.status == 400 and "malformed request body" in (await r.json())["error"]
+                assert r.status == 400 and (await r.json())["error"] == (
+                    "malformed request body: Can not decode content-encoding: gzip")
     asyncio.run(main())
 
 

@@ -129,6 +129,22 @@ def test_the_api_answers_one_json_line_when_the_registry_is_down(cfg, temporal_a
             assert 'code="503",route="/v1/deployments"} 1.0' in r.read().decode()
 
 
+def test_the_apis_own_refusals_are_json_lines_and_counted(cfg, temporal_address):
+    """A body over aiohttp's limit, or a path or method the API lacks: aiohttp's plain-text answers, and left
+    out of thaw_api_requests_total, which counts every call."""
+    with serve_api(cfg) as (url, token):
+        status, answer = api_call(url, "/v1/deployments/web/scale", token, {"replicas": 1, "pad": "x" * (2 << 20)})
+        assert status == 413 and answer["error"].startswith(
+            "POST /v1/deployments/web/scale: Maximum request body size 1048576 exceeded"), answer
+        assert api_call(url, "/v1/nope", token) == (404, {"error": "GET /v1/nope: Not Found"})
+        assert api_call(url, "/v1/deployments", token, {"replicas": 1}) == (
+            405, {"error": "POST /v1/deployments: Method Not Allowed"})
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            counted = r.read().decode()
+        for code in (413, 404, 405):
+            assert f'code="{code}"' in counted, counted
+
+
 def test_scale_0_3_0_through_every_signal_path_with_a_buffer(cfg, worker, agent, thaw_cli, snap, api):
     url, token = api
     with more_agents(cfg, 2):  # three hosts

@@ -1026,7 +1026,8 @@ def api(cfg):
 @click.option("--target-concurrency", type=FiniteRange(0, min_open=True), default=1.0, show_default=True,
               help="In-flight requests per replica the autoscaler aims for.")
 @click.option("--scale-to-zero-after", type=FiniteRange(0), default=30.0, show_default=True,
-              help="Seconds without traffic before scaling to zero.")
+              help="Seconds without traffic before scaling to zero; never less than the autoscaler's 60 s "
+                   "stable window, which must have seen none.")
 @click.option("--drain", type=FiniteRange(0, min_open=True), default=30.0, show_default=True,
               help="On SIGTERM: seconds the requests under way (and held) get to end; new connections are refused.")
 @click.option("--deliveries", type=click.IntRange(1), default=3, show_default=True,
