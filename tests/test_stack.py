@@ -389,6 +389,46 @@ def test_one_up_or_down_at_a_time_and_a_clean_up_that_fails_is_an_error(tmp_path
     monkeypatch.setattr(agent, "release_if_dead", lambda cfg: (_ for _ in ()).throw(OSError()))
     with pytest.raises(stack.StackError, match=r": OSError$"):  # one that says nothing: named, not an IndexError
         stack.down(load(state_dir=state), echo=said.append)
+    monkeypatch.setattr(agent, "release_if_dead", lambda cfg: False)  # an agent still holds the host: exit 0 before
+    with pytest.raises(stack.StackError, match=r"^agent: another agent of host \S+ holds .*/work/"):
+        stack.down(load(state_dir=state), echo=said.append)
+
+
+def test_stopping_a_pid_signals_only_the_process_it_checked_and_says_whether_it_went(tmp_path):
+    """`thaw down` checked a component's command line, then opened a pidfd: a pid reused in between got the
+    SIGTERM. The check now runs with the pidfd held. And a process that outlives SIGKILL is reported, not
+    "stopped"."""
+    from thaw.stack import _stop_pid
+
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert _stop_pid(proc.pid, ours=lambda: False) is True  # not ours (any more): left alone
+        assert proc.poll() is None
+        assert _stop_pid(proc.pid, timeout=5, ours=lambda: True) is True  # (and reaped: it is this one's child)
+        assert not Path(f"/proc/{proc.pid}").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _stop_pid(proc.pid) is True  # gone already
+
+
+def test_an_ipv6_temporal_address_is_refused_by_up_and_read_by_status(tmp_path, monkeypatch):
+    """[::1]:PORT passed the check, then every socket call failed on "[::1]" and `thaw up` waited 60 s for a
+    server that could not start. XDG_STATE_HOME set empty means unset (it made ./thaw the state dir)."""
+    from thaw import stack
+    from thaw.config import Config, _default_state_dir
+
+    assert stack._host_port("[::1]:7233") == ("::1", 7233)
+    cfg = Config(state_dir=tmp_path / "s", temporal_address="[::1]:7233")
+    (temporal,) = [c for c in stack.components(cfg) if c.name == "temporal"]
+    assert temporal.missing.startswith("THAW_TEMPORAL_ADDRESS [::1]:7233: the embedded Temporal server listens "
+                                       "on IPv4 only; give 127.0.0.1:7233")
+    with pytest.raises(stack.StackError, match="listens on IPv4 only"):
+        stack.up(cfg, echo=lambda line: None)
+    assert stack.status(cfg)["temporal"]["reachable"] is False
+    monkeypatch.setenv("XDG_STATE_HOME", "")
+    monkeypatch.chdir(tmp_path)
+    assert _default_state_dir() == Path.home() / ".local" / "state" / "thaw"
 
 
 def test_a_start_first_removes_the_ready_file_its_process_writes(tmp_path):

@@ -26,7 +26,7 @@ GiB = 1 << 30
 
 
 def _default_state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "thaw"
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "thaw"  # empty: unset
 
 
 def _state_path(v: str | os.PathLike) -> Path:

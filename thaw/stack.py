@@ -60,7 +60,7 @@ def temporal_binary() -> str:
 
 def _host_port(address: str) -> tuple[str, int]:
     host, port = address.rsplit(":", 1)
-    return host, int(port)
+    return host.strip("[]"), int(port)  # [::1]: a socket takes it bare
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -116,6 +116,9 @@ def components(cfg: Config, s3: bool | None = None) -> list[Component]:
         binary, missing = temporal_binary(), ""
     except StackError as e:  # `thaw down` and `thaw status` go by pid files: they work all the same
         binary, missing = "temporal", str(e)
+    if ":" in host:
+        missing = (f"THAW_TEMPORAL_ADDRESS {cfg.temporal_address}: the embedded Temporal server listens on IPv4 "
+                   f"only; give 127.0.0.1:{port} (or 0.0.0.0:{port}), or run Temporal yourself")
     temporal = Component(
         "temporal",
         [binary, "server", "start-dev", "--db-filename", str(cfg.temporal_db), "--ip", host,
@@ -271,28 +274,32 @@ def _up(cfg: Config, echo) -> None:
         echo(f"{c.name}: started (pid {pid}, log {c.logfile(cfg)})")
 
 
-def _stop_pid(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM ``pid`` (a component ``thaw up`` started, checked by its command line just before), wait, then
-    SIGKILL its whole session (its children: skopeo, docker builds, criu). Held by a pidfd from the start, so
-    a pid reused meanwhile is never signalled."""
+def _stop_pid(pid: int, timeout: float = 20.0, ours: Callable[[], bool] = lambda: True) -> bool:
+    """SIGTERM ``pid`` (a component ``thaw up`` started), wait, then SIGKILL its whole session (its children:
+    skopeo, docker builds, criu); whether it is gone. Held by a pidfd from the start, and ``ours()`` (its command
+    line, say) checked once it is held, so a pid reused meanwhile is never signalled."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return
+        return True
+    gone = False
     try:
+        if not ours():  # ours exited and the pid is another process's now
+            return True
         signal.pidfd_send_signal(fd, signal.SIGTERM)
-        gone = select.select([fd], [], [], timeout)[0]  # a pidfd turns readable when its process exits
+        gone = bool(select.select([fd], [], [], timeout)[0])  # a pidfd turns readable when its process exits
         if not gone:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)  # started with start_new_session: its group id is its pid
             signal.pidfd_send_signal(fd, signal.SIGKILL)
-            select.select([fd], [], [], 5)
+            gone = bool(select.select([fd], [], [], 5)[0])
     except ProcessLookupError:
-        pass
+        gone = True
     finally:
         os.close(fd)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # our own child (``thaw up`` in this process): reap it
+    return gone
 
 
 def down(cfg: Config, echo=print) -> None:
@@ -313,8 +320,11 @@ def _down(cfg: Config, echo) -> None:
         failed = f"namespaced hosts: {e}"
     for c in reversed(components(cfg, s3=True)):  # S3 too where the config no longer says so: its pid file does
         pid = c.running_pid(cfg)
+        if pid and not _stop_pid(pid, ours=lambda: c.running_pid(cfg) == pid):
+            echo(f"{c.name}: pid {pid} did not exit after SIGKILL")
+            failed = "; ".join(filter(None, (failed, f"{c.name}: pid {pid} outlived SIGKILL (stuck in the kernel?)")))
+            continue  # its pid file stays: the next `thaw down` tries again, `thaw up` does not start a second
         if pid:
-            _stop_pid(pid)
             echo(f"{c.name}: stopped (pid {pid})")
         elif c.name != "s3" or cfg.s3_embedded:
             echo(f"{c.name}: not running")
@@ -322,11 +332,11 @@ def _down(cfg: Config, echo) -> None:
         if c.name == "agent":  # one that died (or was killed in the end) leaves replicas and mounts: they go
             from thaw.runtime.agent import release_if_dead
             try:
-                release_if_dead(cfg)
+                why = "" if release_if_dead(cfg) else f"another agent of host {cfg.host_id} holds {cfg.work_dir}"
             except Exception as e:  # noqa: BLE001 - the rest of the stack must still come down
-                why = first_line(e)
-                failed = "; ".join(filter(None, (failed, f"agent: could not clear what it left in "
-                                                         f"{cfg.work_dir}: {why}")))
+                why = f"could not clear what it left in {cfg.work_dir}: {first_line(e)}"
+            if why:
+                failed = "; ".join(filter(None, (failed, f"agent: {why}")))
     if failed:
         raise StackError(failed)
 
