@@ -9,6 +9,7 @@ from temporalio import activity
 
 from thaw.config import Config
 from thaw.registry import deployments, snapshots
+from thaw.registry.queries import NotFound
 from thaw.snapshot import compat
 from thaw.workflows.pool import HostSlot, HostsInput, HostsResult
 
@@ -24,10 +25,13 @@ class PoolActivities:
         only, restored or cold-booted), exactly ``buffer`` idle compatible ones reserved for the deployment (fewer
         if none), and each one's load."""
         url = self.cfg.registry_url
-        snap = snapshots.get(url, inp.snapshot)
+        try:
+            facts = snapshots.get(url, inp.snapshot).host_facts
+        except NotFound:  # removed while its pool was undeploying (a deploy of another one followed): no host
+            facts = None  # can run it, and the undeploy gives its buffer back (it retried this for ever)
         alive = snapshots.live_hosts(url, self.cfg.host_stale_s)
-        live = [h for h in alive if compat.needs_gpu(h.facts) or not compat.needs_gpu(snap.host_facts)]
-        ok = {h.id for h in live if not compat.check(snap.host_facts, h.facts)}
+        live = [h for h in alive if facts is not None and (compat.needs_gpu(h.facts) or not compat.needs_gpu(facts))]
+        ok = {h.id for h in live if not compat.check(facts, h.facts)}
         every = deployments.replicas(url)  # one read for the load and the deployment's own rows: from two, a
         # replica whose row went in between (a stop) counted as another deployment's, holding a slot for nothing
         occupied = {r.host_id for r in every}
@@ -46,7 +50,7 @@ class PoolActivities:
                                                                     else holder(h)))
                  for h in live]
         return HostsResult([h.id for h in alive], reserved, slots, [r.id for r in rows],
-                           [r.id for r in rows if r.snapshot_digest != snap.digest])
+                           [r.id for r in rows if r.snapshot_digest != inp.snapshot])
 
     @activity.defn(name="forget_replicas")
     def forget_replicas(self, ids: list[str]) -> None:

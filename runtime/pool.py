@@ -62,6 +62,7 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
     if bad:
         raise NotFound(f"--port {', '.join(map(str, bad))}: a port is 1..65535")
     spec.ports = sorted({p for p in spec.ports if p != snap.spec["port"]})  # the server's port is always published
+    spec.secrets = sorted(set(spec.secrets))  # the same set in another order is no new spec (no replica rolls)
     try:
         before = deployments.get(cfg.registry_url, spec.name)
     except NotFound:

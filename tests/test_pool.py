@@ -362,7 +362,10 @@ def test_deploy_errors_are_one_line(cfg, worker, thaw_cli, snap):
     res = thaw_cli("scale", "never-deployed", "2", ok=False)
     assert res.exit_code == 1 and "never-deployed" in res.output
     # a pool Temporal runs that this registry does not know (another state dir's): one line, and not signalled
-    thaw_cli("deploy", "elsewhere", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "0")
+    thaw_cli("deploy", "elsewhere", "--snapshot", snap, "--min", "0", "--max", "1", "--buffer", "0",
+             "--secret", "B", "--secret", "A", "--secret", "B")
+    # the secrets as a set: the same ones in another order are no new spec (it rolled every replica)
+    assert json.loads(thaw_cli("status", "elsewhere", "--json").output)["spec"]["secrets"] == ["A", "B"]
     row = deployments.get(cfg.registry_url, "elsewhere").model_dump()
     try:
         deployments.put_back(cfg.registry_url, "elsewhere", None)
@@ -617,6 +620,44 @@ def test_a_scale_signal_before_the_pool_runs_is_kept(cfg, worker, agent, thaw_cl
         assert all(answer(r.endpoint)["digest"] for r in reps)
     finally:
         undeploy(cfg, thaw_cli, "early", ok=False)
+
+
+def test_a_pool_continues_as_new_with_its_replicas_and_takes_signals_across_runs(cfg, worker, agent, thaw_cli,
+                                                                                   snap):
+    """The pool's history is kept short: past its limit (here 100 events: a run of a few seconds) it continues
+    as new with its replicas, counts and signals; scale signals work across runs. (No test ran a second run.)"""
+    from temporalio.client import Client
+
+    from thaw.runtime.pool import deploy
+    from thaw.workflows.pool import PoolSpec
+
+    async def run_id() -> str:
+        client = await Client.connect(cfg.temporal_address)
+        return (await client.get_workflow_handle("pool-short").describe()).run_id
+
+    asyncio.run(_deploy(cfg, deploy, PoolSpec("short", snap, max_replicas=2, check_every_s=0.5, history_limit=100)))
+    try:
+        thaw_cli("scale", "short", "2")
+        ids = wait_until(lambda: len(serving(cfg, "short")) == 2 and sorted(r.id for r in serving(cfg, "short")),
+                         what="2 replicas")
+        for _ in range(2):
+            before = asyncio.run(run_id())
+            wait_until(lambda: asyncio.run(run_id()) != before, timeout=60, what="a continue-as-new")
+        st = json.loads(thaw_cli("status", "short", "--json").output)
+        assert sorted(r["id"] for r in st["replicas"]) == ids and st["desired"] == 2, st
+        assert st["counts"]["restored"] == 2 and st["last_signal"]["replicas"] == 2, st
+        thaw_cli("scale", "short", "1")
+        wait_until(lambda: len(serving(cfg, "short")) == 1, timeout=60, what="1 replica")
+        thaw_cli("scale", "short", "2")
+        wait_until(lambda: len(serving(cfg, "short")) == 2, timeout=60, what="2 replicas again")
+    finally:
+        undeploy(cfg, thaw_cli, "short", ok=False)
+
+
+async def _deploy(cfg, deploy, spec):
+    from temporalio.client import Client
+
+    await deploy(await Client.connect(cfg.temporal_address), cfg, spec)
 
 
 def test_two_deploys_of_one_name_at_once_both_land(cfg, worker, thaw_cli, snap, monkeypatch):
@@ -943,6 +984,31 @@ def test_a_failed_start_s_replacement_is_timed_from_the_signal_that_asked_for_it
         assert st["failures"] and "\nfailed " not in thaw_cli("status", "late").output
     finally:
         undeploy(cfg, thaw_cli, "late", ok=False)
+
+
+def test_a_host_where_starts_fail_is_avoided_while_another_has_room(cfg, worker, agent, thaw_cli, snap, tmp_path):
+    """The replicas need secret KEY, set on this host only. Another host (its own state dir: no secrets) sorts
+    first, so the buffer reserves it, and placement chose it again after each failed start (as loaded as this
+    one, and reserved for the deployment): its second replica never served while this host had room."""
+    from thaw.config import Config
+
+    thaw_cli("secrets", "set", "KEY", "--value", "v")
+    other = Config(**{**cfg.model_dump(), "state_dir": tmp_path / "other", "host_id": "aaa-no-secrets",
+                      "db_url": cfg.registry_url, "store_path": cfg.store_dir})
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(in_process_agent(other))
+        wait_until(lambda: len(snapshots.live_hosts(cfg.registry_url, 5)) == 2, what="2 live hosts")
+        thaw_cli("deploy", "picky", "--snapshot", snap[:10], "--max", "2", "--buffer", "1", "--secret", "KEY")
+        stack.callback(undeploy, cfg, thaw_cli, "picky", ok=False)
+        wait_until(lambda: [h.id for h in snapshots.list_hosts(cfg.registry_url) if h.reserved_for == "picky"] ==
+                   ["aaa-no-secrets"], what="the host without the secret reserved")
+        thaw_cli("scale", "picky", "2")  # one replica each: the one there fails; its replacement, placed while
+        # the other runs here, found both hosts at load 1 and the reserved one first, each time
+        reps = wait_until(lambda: len(serving(cfg, "picky")) == 2 and serving(cfg, "picky"), timeout=60,
+                          what="both replicas on the host with the secret")
+        st = json.loads(thaw_cli("status", "picky", "--json").output)
+        assert {r.host_id for r in reps} == {cfg.host_id} and st["counts"]["failed"] == 1, st
+        assert st["failures"][0]["host_id"] == "aaa-no-secrets" and "KEY not set" in st["failures"][0]["error"]
 
 
 def test_an_agent_that_stops_or_cannot_reach_temporal_is_not_left_live(cfg, worker):

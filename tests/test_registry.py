@@ -272,6 +272,9 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     # placement counts this deployment's replicas (running or starting) and everyone else's against capacity
     assert [h.host_id for h in place(hosts.hosts, 3, "d", {"gpu-a": 1})] == ["gpu-b", "gpu-old"]
     assert place([replace(slots["gpu-a"], others=1)], 1, "d", {}) == []
+    # a host where a start just failed comes last: others with room first (a cold boot too), then it again
+    assert [h.host_id for h in place(hosts.hosts, 1, "d", {}, {"gpu-a"})] == ["gpu-b"]
+    assert [h.host_id for h in place(hosts.hosts, 3, "d", {}, {"gpu-a"})] == ["gpu-b", "gpu-old", "gpu-a"]
 
     from click.testing import CliRunner
     from thaw.cli import cli
@@ -280,6 +283,29 @@ def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
     rows = {line.split()[0]: line for line in out[1:]}
     assert rows["cpu-a"].split()[1:] == ["live", "1", "-", "-"]
     assert rows["gpu-a"].split(None, 4)[1:] == ["live", "1", "d", "1x NVIDIA H200, driver 580.159.04, CUDA 13.0"]
+
+
+def test_a_pool_whose_snapshot_was_removed_gives_its_buffer_back(tmp_path):
+    """An undeploy whose snapshot was removed meanwhile (`thaw snapshots rm` while a deploy of another one waited
+    for the undeploy): its host check failed on the missing snapshot and the undeploy retried it for ever, its
+    buffer host reserved and the deploy never started. Now no host can run it and the buffer goes back."""
+    from thaw.activities.pool import PoolActivities
+    from thaw.config import Config
+    from thaw.registry import deployments, snapshots
+    from thaw.registry.models import Deployment, Snapshot
+    from thaw.workflows.pool import HostsInput
+
+    cfg = Config(state_dir=tmp_path / "state")
+    url = cfg.registry_url
+    snapshots.upsert_host(url, "h1", "q-h1", {}, None, capacity=1)
+    images.register(url, _image("i" * 64))
+    snapshots.register(url, Snapshot(digest="b" * 64, image_digest="i" * 64, compat_key="k", host_facts={},
+                                     golden_digest="x", size=1, files=1, new_bytes=0))
+    deployments.upsert(url, Deployment(name="m", snapshot_digest="b" * 64))  # deployed again, with b
+    assert deployments.set_reservations(url, "m", ["h1"]) == ["h1"]
+    res = PoolActivities(cfg).pool_hosts(HostsInput("m", "a" * 64, buffer=0, busy=[]))  # the pool still runs a
+    assert (res.live, res.reserved, res.hosts) == (["h1"], [], [])
+    assert {h.id: h.reserved_for for h in snapshots.list_hosts(url)} == {"h1": None}
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])

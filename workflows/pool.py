@@ -28,6 +28,7 @@ RECENT = 20  # restores kept in the state for `thaw status NAME`
 FAILURES = 5  # failed replica starts kept there, with their errors
 SETTLE_S = 0.5  # a burst's signals and finished starts within this share one host check
 STOP_TIMEOUT_S = 60  # a replica's stop on its host: drain, stop signal and grace, SIGKILL (thaw.config checks)
+AVOID_S = 300  # a host where a replica start failed is placed on again this soon only if no other has room
 
 
 @dataclass
@@ -44,6 +45,7 @@ class PoolSpec:
     heartbeat_timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict)  # delivered after each restore (plain env on a cold boot)
     ports: list[int] = field(default_factory=list)  # replica ports published besides the snapshot's server port
+    history_limit: int = 8000  # events: continue as new past this (or when Temporal suggests it)
 
 
 @dataclass
@@ -117,13 +119,17 @@ class HostsResult:
     rows_of_other_snapshots: list[str] = field(default_factory=list)  # of those, ones not of the spec's snapshot
 
 
-def place(hosts: list[HostSlot], count: int, deployment: str, own: dict[str, int]) -> list[HostSlot]:
+def place(hosts: list[HostSlot], count: int, deployment: str, own: dict[str, int],
+          avoid: frozenset[str] | set[str] = frozenset()) -> list[HostSlot]:
     """Hosts for ``count`` new replicas: compatible ones with free capacity, least loaded first, this deployment's
     buffer hosts first among equals; with no compatible host left, any other (the replica cold-boots there).
-    ``own``: this deployment's replicas per host, running or starting."""
+    ``own``: this deployment's replicas per host, running or starting. Hosts in ``avoid`` (where a start just
+    failed: a secret missing there, a bad GPU) come last: else the one whose start failed, the least loaded
+    after it, was chosen again each time while others had room."""
     load = {h.host_id: h.others + own.get(h.host_id, 0) for h in hosts}
     out: list[HostSlot] = []
-    for pool in ([h for h in hosts if h.compatible], hosts):
+    fine = [h for h in hosts if h.host_id not in avoid]
+    for pool in ([h for h in fine if h.compatible], fine, [h for h in hosts if h.compatible], hosts):
         cands = [h for h in pool if h.reserved_for in (None, deployment)]
         while len(out) < count:
             free = [h for h in cands if load[h.host_id] < h.capacity]
@@ -162,6 +168,7 @@ class PoolState:
     outdated: list[str] = field(default_factory=list)  # replicas of an earlier spec: replaced, then stopped
     failures: list[StartFailure] = field(default_factory=list)  # the last FAILURES failed starts, newest first
     last_ok_ms: int = 0  # when the last start that worked ended (ms since epoch): later failures are "current"
+    avoid: dict[str, float] = field(default_factory=dict)  # host id -> until when (s) placement avoids it
 
 
 def _differs(a: PoolSpec, b: PoolSpec) -> bool:
@@ -241,6 +248,8 @@ class DeploymentPool:
     @workflow.run
     async def run(self, state: PoolState) -> PoolState:
         self.s.desired = max(self.s.spec.min_replicas, self.s.desired)
+        if self._missing() > 0 and workflow.patched("place-at-run-start"):  # continued as new short of replicas:
+            self.wake = True  # place now, not after a check's period
         try:
             while True:
                 try:
@@ -256,8 +265,12 @@ class DeploymentPool:
                 await self._reconcile()
                 if self._cancelled():
                     break
-                if (workflow.info().is_continue_as_new_suggested()
-                        or workflow.info().get_current_history_length() > 8000):
+                length = workflow.info().get_current_history_length()
+                if workflow.info().is_continue_as_new_suggested() or length > self.s.spec.history_limit:
+                    busy = self.starting or self._stops() or not workflow.all_handlers_finished()
+                    if busy and length < 2.5 * self.s.spec.history_limit and workflow.patched("drain-when-idle"):
+                        continue  # on a turn with nothing under way: waiting for a start to end (minutes, for
+                        # a cold boot) checked no host and placed nothing meanwhile
                     self.draining = True
                     tasks = workflow.patched("drain-background")  # a lost replica's stop too: the next run can't
                     await workflow.wait_condition(lambda: not self.starting and not (tasks and self._stops())
@@ -473,7 +486,9 @@ class DeploymentPool:
         the signal handlers go on meanwhile); returns how many were placed."""
         last = self.s.last_signal.at_ms if self.s.last_signal else 0
         own = Counter([r.host_id for r in self.s.replicas] + self.starting + self.stopping_on)
-        placed = place(self.hosts, n, self.s.spec.name, own)
+        now = workflow.now().timestamp()
+        self.s.avoid = {h: until for h, until in self.s.avoid.items() if until > now}
+        placed = place(self.hosts, n, self.s.spec.name, own, set(self.s.avoid))
         for h in placed:
             self.placed += 1
             self.starting.append(h.host_id)
@@ -504,8 +519,11 @@ class DeploymentPool:
             self._count(info.outcome)
             self.s.failed_in_a_row = 0
             self.s.last_ok_ms = int(workflow.now().timestamp() * 1000)
+            self.s.avoid.pop(h.host_id, None)
         except Exception as e:  # noqa: BLE001 - counted; the next reconcile places it again, after a fresh host check
             self._count("failed")
+            if workflow.patched("avoid-failed-hosts"):  # elsewhere, where another host has room
+                self.s.avoid[h.host_id] = workflow.now().timestamp() + AVOID_S
             why = str(e.cause or e) if isinstance(e, ActivityError) else str(e)
             self.s.failures = [StartFailure(rid, h.host_id, int(workflow.now().timestamp() * 1000), why[:1000]),
                                *self.s.failures][:FAILURES]
