@@ -424,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load(state_dir=args.state_dir)
     mp = _norm(args.mountpoint)
-    try:  # no memory tier: the decoded-chunk cache and the page cache hold what is read again (and each
-        # mounted tree has its own daemon: 256 MiB each added up)
-        store = ChunkStore.open(cfg.model_copy(update={"memory_cache_bytes": 0}))
+    try:  # with its memory tier (THAW_MEMORY_CACHE_BYTES, per mounted tree): what the daemon prefetches is read
+        # from there, unverified; without it a cold restore from S3 took 2.9 s instead of 2.5 s (bench/imagefs.py)
+        store = ChunkStore.open(cfg)
         manifest = ImageManifest.load(store, args.digest)
     except (StoreError, ValueError) as err:
         log.error("image %s: %s", args.digest, err)
