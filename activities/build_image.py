@@ -12,7 +12,7 @@ import json
 import time
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 
 from thaw.config import Config
 from thaw.errors import first_line
@@ -85,6 +85,17 @@ class Heartbeat:
             activity.heartbeat({"stage": self.stage, "done": self.done, "total": self.total})
 
 
+def retried(e: BaseException) -> bool:
+    """Whether Temporal runs this activity again after it raises ``e``: not after a non-retryable error, a
+    cancel, or its last attempt."""
+    info = activity.info()
+    if (isinstance(e, ApplicationError) and e.non_retryable) or not isinstance(e, Exception) \
+            or isinstance(e, CancelledError) or activity.is_cancelled():
+        return False
+    most = info.retry_policy.maximum_attempts if info.retry_policy else 0
+    return not most or info.attempt < most
+
+
 def after_gc(cfg: Config) -> None:
     """Wait while `thaw gc` sweeps the store (it holds the store's lease), heartbeating: a build must not take an
     unreferenced chunk the sweep is about to delete, nor register after the sweep took stock of what is."""
@@ -137,8 +148,10 @@ class BuildActivities:
         staging.reset()
         spec = oci.SourceSpec(inp.source.kind, inp.source.location)
         try:
-            manifest = ingest(spec, staging, Limits.from_config(self.cfg),
-                              Heartbeat("ingest", source_size(spec)), inp.config, self.cfg.image_chunk_size)
+            with keepalive("sizing"):  # a directory of millions of files (or on NFS) takes a while to walk
+                total = source_size(spec)
+            manifest = ingest(spec, staging, Limits.from_config(self.cfg), Heartbeat("ingest", total), inp.config,
+                              self.cfg.image_chunk_size)
         except BaseException:
             staging.abort()  # nothing of a rejected or failed image stays behind
             raise
@@ -176,9 +189,16 @@ class BuildActivities:
     @activity.defn(name="ingest_and_store_image")
     def ingest_and_store_image(self, inp: IngestInput) -> IngestedAndStored:
         """Both steps in one activity, on one worker: the staging area the ingest fills is on its local disk.
-        (ingest_image and store_image stay registered for builds that a worker before this one started.)"""
-        ing = self.ingest_image(inp)
-        return IngestedAndStored(ing, self.store_image(ing))
+        (ingest_image and store_image stay registered for builds that a worker before this one started.) A
+        failure that ends the build drops its staging area (the image's new chunks: GBs, on a full disk too);
+        one Temporal retries keeps it for the next attempt."""
+        try:
+            ing = self.ingest_image(inp)
+            return IngestedAndStored(ing, self.store_image(ing))
+        except BaseException as e:
+            if not retried(e):
+                self.store.staging(inp.build_id).abort()
+            raise
 
     @activity.defn(name="register_image")
     @user_errors_fail_fast

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -83,8 +84,11 @@ class HostActivities:
             raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
         after_gc(self.cfg)
         with keepalive("store"):  # a large dump, or its upload to S3, outlasts the heartbeat timeout
-            # the whiteouts among what the server wrote to its root (Root.keep_writes left out other devices)
-            limits = dataclasses.replace(Limits.from_config(self.cfg), allow_whiteouts=True)
+            # the whiteouts among what the server wrote to its root (Root.keep_writes left out other devices); no
+            # size limits of images: a process's memory (with the GPU memory a checkpoint parks in it) is one
+            # pages-N.img, over 64 GiB for a large model, and this host's disk holds it already
+            limits = dataclasses.replace(Limits.from_config(self.cfg), allow_whiteouts=True,
+                                         max_file_size=sys.maxsize, max_image_size=sys.maxsize)
             manifest, _, new_bytes = ingest_and_commit(SourceSpec("dir", str(dump)), self.host.store,
                                                        f"{ck.build_id}-snapshot", limits)
         stats = manifest.stats()

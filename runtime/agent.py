@@ -33,6 +33,7 @@ from . import metrics
 from .worker import serve, stop_on_signals
 
 log = logging.getLogger("thaw.agent")
+ENDED_BUILDS_EVERY_S = 600.0  # how often the agent drops the dirs of checkpoints whose build ended
 
 
 def build_agent_worker(client: Client, cfg: Config, acts: HostActivities, executor: ThreadPoolExecutor) -> Worker:
@@ -134,9 +135,17 @@ async def drop_ended_builds(client: Client, host: HostSnapshots) -> list[str]:
     return dropped
 
 
+async def drop_ended_builds_every(client: Client, host: HostSnapshots, every_s: float = ENDED_BUILDS_EVERY_S) -> None:
+    """:func:`drop_ended_builds` at the agent's start and then every ``every_s``: a build can end while the agent
+    runs without its clean-up reaching the agent (its store step timed out waiting for a busy agent's slots)."""
+    while True:
+        await drop_ended_builds(client, host)
+        await asyncio.sleep(every_s)
+
+
 async def background(cfg: Config, acts: HostActivities, client: Client) -> None:
     await asyncio.gather(heartbeat(cfg, acts), watch_health(cfg, acts), rounds(cfg, acts, "clean-up",
-                         lambda: tidy(cfg, acts)), drop_ended_builds(client, acts.host))
+                         lambda: tidy(cfg, acts)), drop_ended_builds_every(client, acts.host))
 
 
 def push_store(store) -> None:

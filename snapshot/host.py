@@ -710,6 +710,7 @@ class HostSnapshots:
             raise SnapshotError(f"the server runs as user {user!r} (the image's User), and CRIU needs "
                                 f"CAP_SYS_RESOURCE to checkpoint another user's process; host {self.cfg.host_id}'s "
                                 f"agent lacks it (run it with that capability, or build with --user root)")
+        self.secrets(spec.get("secrets") or [])  # the verify delivers them: one missing here fails before the launch
         clear(work)  # an earlier attempt's leftovers
         work.mkdir(parents=True)
         logs = self._build_logs(build_id)  # outside work: the errors below name them, and they outlive it
@@ -752,6 +753,10 @@ class HostSnapshots:
                 st.mark("golden")
                 beat("checkpoint")
                 sdk = criu.before_snapshot(replica, spec["port"])  # e.g. park_weights: weights to host memory
+                if spec.get("secrets") and not sdk:  # before a dump and store of GBs that no restore could use
+                    raise SnapshotError(f"--secret {', '.join(spec['secrets'])}: the server does not use thaw_sdk, "
+                                        f"and secrets reach a restored server only through its after-restore hook; "
+                                        f"use thaw_sdk (snapshot/sdk.py), or build without --secret")
                 st.mark("before_snapshot")
                 gpu_pids = cuda.tree_uses_nvidia(replica.pid)  # /proc scan, no driver needed on CPU hosts
                 dump = functools.partial(criu.checkpoint, replica, work / "dump", log_path=logs / "dump.log")

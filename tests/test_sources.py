@@ -28,7 +28,7 @@ from thaw.imagefs.ingest import Limits, ingest
 from thaw.imagefs.manifest import ImageManifest
 from thaw.imagefs.materialize import materialize
 from thaw.imagefs.oci import SourceError, SourceSpec, resolve
-from thaw.imagefs.store import ChunkStore, LocalDirTier
+from thaw.imagefs.store import ChunkStore, LocalDirTier, StoreError
 from thaw.registry import images
 
 LIMITS = Limits(max_file_size=1 << 30, max_image_size=1 << 34, max_entries=100_000)
@@ -436,6 +436,18 @@ def test_a_layer_whose_tar_is_not_its_configs_diff_id_is_refused(tmp_path, compr
         library_ingest(f"oci:{layout}:v1", tmp_path / "store")
     assert "\n" not in str(err.value) and "tampered" in str(err.value)
     assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
+
+
+def test_a_build_that_fails_storing_its_chunks_leaves_no_staging(cfg, worker, thaw_cli, tmp_path, monkeypatch):
+    """S3 refusing the upload (a key that may read but not write; a full disk likewise) fails the build at once,
+    and its staging area (a copy of the image's new chunks) stayed for a retry that never came."""
+    from thaw.imagefs.store import Staging
+
+    def denied(self):
+        raise StoreError("s3:http://127.0.0.1:1/thaw/: access denied on PutObject (AccessDenied)")
+    monkeypatch.setattr(Staging, "commit_chunks", denied)  # the worker runs in this process
+    layout = oci_layout(tmp_path / "layout", [layer(member("model.bin", data=os.urandom(300_000)))])
+    assert "access denied on PutObject" in build_fails(cfg, thaw_cli, f"oci:{layout}:v1")
 
 
 def multi_platform_layout(root: Path) -> tuple[Path, dict, dict]:

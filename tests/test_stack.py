@@ -314,6 +314,8 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     (["build", "snapshot", "img", "--shm-size", "2000t"], "'2000t': a size from 1 MiB to 1 PiB"),
     (["build", "snapshot", "img", "--stop-signal", "SIGNOPE"], "--stop-signal: stop signal 'SIGNOPE' is not a"),
     (["build", "snapshot", "img", "--stop-signal", "tstp"], "stop signal SIGTSTP would pause the server"),
+    (["build", "snapshot", "img", "--golden", "GOLDEN", "--cmd", "python3 -c 'x"], "--cmd \"python3 -c 'x\": "
+                                                                                 "No closing quotation"),
     (["build", "snapshot", "00000a"], "error: no image 00000a in the registry (see `thaw images ls`)"),
     (["restore", "00000a"], "error: no snapshot 00000a in the registry (see `thaw snapshots ls`)"),
     (["restore", "a66c"], "error: 'a66c' is not a snapshot digest (give at least 6 hex characters)"),

@@ -517,7 +517,11 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
             parse_signal(stop_signal)
         except ValueError as e:
             _fail(f"--stop-signal: {e}")
-    spec = ModelSpec(cmd=shlex.split(cmd) if cmd else [], port=port or 0, health=health, env=_pairs(env, "--env"),
+    try:
+        argv = shlex.split(cmd) if cmd else []
+    except ValueError as e:  # an unbalanced quote
+        _fail(f"--cmd {cmd!r}: {e}")
+    spec = ModelSpec(cmd=argv, port=port or 0, health=health, env=_pairs(env, "--env"),
                      secrets=list(secrets), ready_timeout_s=ready_timeout, user=user, shm_bytes=shm_bytes or 0,
                      stop_signal=stop_signal)
     error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
