@@ -1118,7 +1118,9 @@ def hosts_ls(cfg, as_json):
 
 @hosts.command("up")
 @click.argument("count", type=click.IntRange(1))
-@click.option("--capacity", type=click.IntRange(0), help="Replicas per host [default: THAW_HOST_CAPACITY].")
+@click.option("--capacity", type=click.IntRange(0), default=4, show_default=True,
+              help="Replicas per namespaced host (THAW_HOST_CAPACITY is this machine's own agent's, which may be 0 "
+                   "to keep it for builds).")
 @click.pass_obj
 def hosts_up(cfg, count, capacity):
     """Start COUNT host agents on this machine, each in its own network namespace (test/demo mode; needs
@@ -1134,7 +1136,7 @@ def hosts_up(cfg, count, capacity):
     before = signal.signal(signal.SIGTERM, interrupted)
     try:
         with one_at_a_time(cfg):  # a `thaw down` meanwhile would miss the agents started after it read hosts.json
-            for h in hosts_mod.up(cfg, count, capacity=cfg.host_capacity if capacity is None else capacity):
+            for h in hosts_mod.up(cfg, count, capacity=capacity):
                 click.echo(f"{h['host_id']}: agent pid {h['pid']} in netns {h['netns']}, replicas on {h['address']}")
     except (hosts_mod.HostsError, StackError) as e:
         _fail(str(e))
