@@ -60,6 +60,7 @@ import contextlib
 import json
 import logging
 import math
+import posixpath
 import socket
 import threading
 import time
@@ -214,6 +215,15 @@ class _Retry(Exception):
         self.delivered = delivered
         self.cause = cause
 
+
+
+HOST_ONLY = "/thaw"  # the SDK's paths (snapshot/sdk.py): /thaw/ready, /thaw/before-snapshot, /thaw/after-restore
+
+
+def _host_only(path: str) -> bool:
+    """Whether ``path`` (decoded) names one of the SDK's paths, however written ("//thaw/x", "/a/../thaw/x")."""
+    path = posixpath.normpath("/" + path.lstrip("/"))
+    return path == HOST_ONLY or path.startswith(HOST_ONLY + "/")
 
 class Gateway:
     """The reverse proxy, hold queue and autoscaler of one deployment (see the module docstring).
@@ -730,6 +740,9 @@ class Gateway:
     async def _handle_proxy(self, request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):  # absolute-form, "*" or CONNECT targets: not for a replica
             return self._error(400, f"request target {request.raw_path[:80]!r} is not a path")
+        if _host_only(request.path):  # the SDK's snapshot hooks: a client could park a replica's weights, or
+            # give it env it takes as secrets
+            return self._error(404, f"{request.path[:80]} is for the replica's host, not served through the gateway")
         said = request.headers.getall("Content-Encoding", [])  # aiohttp decodes by the last line alone
         codings = [c for c in said if c.strip()]  # "": no coding
         if len(said) > 1 or codings and codings[0].lower() not in DECODED:

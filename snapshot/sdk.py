@@ -40,6 +40,7 @@ from typing import Callable
 READY_PATH = "/thaw/ready"
 BEFORE_SNAPSHOT_PATH = "/thaw/before-snapshot"
 AFTER_RESTORE_PATH = "/thaw/after-restore"
+MAX_HOOK_BODY = 1 << 20  # bytes of a hook's JSON body (env and a restore id)
 
 _callbacks: list[Callable[[dict], None]] = []
 _before: list[Callable[[], None]] = []
@@ -209,11 +210,26 @@ def handle(handler) -> bool:
         return True
     if handler.command != "POST" or path not in (BEFORE_SNAPSHOT_PATH, AFTER_RESTORE_PATH):
         return False
-    body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
     try:
-        payload = json.loads(body or b"{}")
-    except ValueError as e:
-        _reply(handler, 400, {"error": f"body is not JSON: {e}"})
+        size = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        size = -1
+    if not 0 <= size <= MAX_HOOK_BODY:  # unread: the connection cannot be used again
+        handler.close_connection = True
+        _reply(handler, 413, {"error": f"Content-Length must be 0 to {MAX_HOOK_BODY} bytes"})
+        return True
+    error = None
+    try:
+        payload = json.loads(handler.rfile.read(size) or b"{}")
+    except (ValueError, RecursionError) as e:  # nested too deep
+        payload, error = None, f"body is not JSON: {type(e).__name__}"
+    env = payload.get("env") if isinstance(payload, dict) else None
+    if error is None and not (isinstance(payload, dict) and (env is None or isinstance(env, dict))
+                              and all(isinstance(k, str) and k and "=" not in k and "\0" not in k + str(v)
+                                      for k, v in (env or {}).items())):
+        error = 'body must be {"env": {NAME: value, ...}, "restore_id": ...}'
+    if error:
+        _reply(handler, 400, {"error": error})
         return True
     try:
         _reply(handler, 200, before_snapshot() if path == BEFORE_SNAPSHOT_PATH else after_restore(payload))

@@ -417,6 +417,53 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_i
         replica.stop()
 
 
+def test_the_sdks_hooks_refuse_hostile_bodies_and_apply_nothing():
+    """A body too long for memory, a negative or bad Content-Length (read until the client closed), JSON nested
+    past the parser, or a payload of the wrong shape: a traceback and no answer, or a 500 "callback failed" with
+    os.environ partly updated. Now 413 or 400, and nothing applied."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            if not sdk.handle(self):
+                self.send_error(404)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    def post(body: bytes, length: str | None = None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=10)
+        try:
+            conn.putrequest("POST", sdk.AFTER_RESTORE_PATH)
+            conn.putheader("Content-Length", str(len(body)) if length is None else length)
+            conn.endheaders()
+            conn.send(body)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    env = dict(os.environ)
+    try:
+        for body, length, status in ((b"[" * 100_000, None, 400), (b"[]", None, 400), (b'{"env": []}', None, 400),
+                                     (b'{"env": {"A=B": "x", "OK": "1"}}', None, 400), (b"{}", "-1", 413),
+                                     (b"{}", "two", 413), (b"{}", str(1 << 40), 413)):
+            got = post(body, length)
+            assert got[0] == status and "error" in got[1], (body[:20], length, got)
+        assert dict(os.environ) == env  # nothing applied
+        status, reply = post(b'{"env": {"THAW_SDK_TEST": "1"}, "restore_id": "r-1"}')
+        assert status == 200 and reply["env"] == ["THAW_SDK_TEST"] and os.environ["THAW_SDK_TEST"] == "1"
+    finally:
+        os.environ.pop("THAW_SDK_TEST", None)
+        srv.shutdown()
+        srv.server_close()
+
+
 @needs_criu
 def test_leave_running_checkpoint(roots, work):
     root = roots()

@@ -82,7 +82,8 @@ def test_server_answers_like_sentence_transformers_and_is_deterministic(server_u
 
 
 @pytest.mark.parametrize("body,code", [(b"not json", 400), (b'{"texts": []}', 400), (b'{"texts": [1]}', 400),
-                                       (b'{"texts": ' + b"[" * 200_000, 400)])  # too deep for json
+                                       (b'{"texts": ' + b"[" * 200_000, 400),  # too deep for json
+                                       (b'{"texts": ["\\ud800"]}', 400)])  # a lone surrogate: it was a 500
 def test_server_rejects_bad_requests(server_url, body, code):
     status, raw = post(server_url + "/embed", body)
     assert status == code and "error" in json.loads(raw)
@@ -94,6 +95,21 @@ def _answer(sock) -> bytes:
     while chunk := sock.recv(1 << 16):
         out += chunk
     return out
+
+
+def test_a_deployments_env_reaches_the_servers_settings_after_a_restore(monkeypatch):
+    """MAX_TEXTS and LOG_REQUESTS were read once, before the snapshot: a deployment's --env, which reaches a
+    restored replica through the after-restore hook, changed nothing there (a cold-booted one took it)."""
+    from thaw.examples.minilm import server
+    from thaw.snapshot import sdk
+
+    monkeypatch.setenv("MAX_TEXTS", "256")  # and put back (unset) after the test, whatever the restore sets
+    monkeypatch.setenv("LOG_REQUESTS", "0")
+    monkeypatch.setattr(sdk, "_callbacks", [])
+    state = server.State()
+    assert state.max_texts == 256 and not state.log_requests
+    sdk.after_restore({"env": {"MAX_TEXTS": "16", "LOG_REQUESTS": "1"}, "restore_id": "r-1"})
+    assert state.max_texts == 16 and state.log_requests
 
 
 def test_a_body_over_the_limit_gets_its_413_not_a_reset(server_url):

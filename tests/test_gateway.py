@@ -848,6 +848,34 @@ def test_a_deployment_whose_maximum_is_0_answers_at_once():
     asyncio.run(main())
 
 
+def test_the_sdks_snapshot_hooks_are_not_served_through_the_gateway():
+    """/thaw/before-snapshot parks a replica's weights (it then failed every request while its health check
+    passed) and /thaw/after-restore gives it env it takes as secrets: the replica's host calls them, not
+    clients. However the path is written; a path that only starts with the letters goes through."""
+    async def raw(url: str, target: str) -> tuple[int, bytes]:
+        host, port = url.split("//", 1)[1].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                     .encode())
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    async def main():
+        async with stack(FakeBackends(), (("a", 0.0),)) as (gw, url, client):
+            await until(lambda: gw.state()["ready"] == 1, timeout=5)
+            for target in ("/thaw/before-snapshot", "/thaw/after-restore", "//thaw/after-restore", "/thaw",
+                           "/%74haw/after-restore", "/x/../thaw/before-snapshot", "/./thaw/ready?x=1"):
+                status, body = await raw(url, target)
+                assert status == 404 and b"is for the replica's host, not served through the gateway" in body, \
+                    (target, status, body)
+            for target in ("/thawed", "/embed", "/x/thaw/y"):
+                status, body = await raw(url, target)
+                assert status == 200 and json.loads(body)["path"] == target, (target, status, body)
+    asyncio.run(main())
+
+
 def test_a_registry_that_fails_the_endpoint_listing_is_logged_once_in_one_line(caplog):
     """The gateway lists replicas every refresh_s (here 0.1 s): a registry down was a warning each time, its
     SQLAlchemy text over two lines. Once per distinct error, once when it works again; the last list serves."""

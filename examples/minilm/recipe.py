@@ -229,6 +229,9 @@ def _check_host() -> None:
         if shutil.which(tool) is None:
             raise FileNotFoundError(
                 f"{tool} not found (apt-get install debootstrap)")
+    if f"python{sys.version_info[0]}.{sys.version_info[1]}" != IMAGE_PYTHON:  # pip picks wheels for itself
+        raise RuntimeError(f"the image runs {SUITE}'s {IMAGE_PYTHON}, and pip installs the wheels of the Python "
+                           f"that runs it: run the recipe with {IMAGE_PYTHON}, not {sys.version.split()[0]}")
 
 
 # --------------------------------------------------------------------------

@@ -172,6 +172,17 @@ class Embedder:
             return normed.float().tolist()
 
 
+def _text(value) -> bool:
+    """Whether ``value`` is a str a tokenizer takes: UTF-8 can hold it (JSON can carry a lone surrogate)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def render_embeddings(name: str, dim: int, vectors: list[list[float]]) -> bytes:
     """The /embed body: compact JSON with floats rounded to fixed places."""
     rows = [[round(x, ROUND_DECIMALS) + 0.0 for x in row] for row in vectors]
@@ -183,10 +194,16 @@ class State:
     def __init__(self) -> None:
         self.embedder: Embedder | None = None
         self.ready = threading.Event()
-        self.max_texts = int(os.environ.get("MAX_TEXTS", "256"))
-        self.log_requests = _env_bool("LOG_REQUESTS", False)
+        self.configure()
+        if thaw_sdk:  # a deployment's --env reaches a restored replica only now
+            thaw_sdk.on_after_restore(lambda env: self.configure())
         self.started = time.monotonic()
         self.load_s: float | None = None
+
+    def configure(self) -> None:
+        """The settings the environment gives: at the start, and again after each restore."""
+        self.max_texts = int(os.environ.get("MAX_TEXTS", "256"))
+        self.log_requests = _env_bool("LOG_REQUESTS", False)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -272,8 +289,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(400, {"error": f"invalid JSON: {str(exc)[:200]}"})
             return
         texts = req.get("texts") if isinstance(req, dict) else None
-        if (not isinstance(texts, list) or not texts
-                or not all(isinstance(t, str) for t in texts)):
+        if not isinstance(texts, list) or not texts or not all(_text(t) for t in texts):
             self._send_json(400, {"error": 'expected {"texts": [str, ...]} '
                                            "with at least one text"})
             return
