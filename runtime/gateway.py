@@ -216,7 +216,6 @@ class _Retry(Exception):
         self.cause = cause
 
 
-
 HOST_ONLY = "/thaw"  # the SDK's paths (snapshot/sdk.py): /thaw/ready, /thaw/before-snapshot, /thaw/after-restore
 
 
@@ -224,6 +223,7 @@ def _host_only(path: str) -> bool:
     """Whether ``path`` (decoded) names one of the SDK's paths, however written ("//thaw/x", "/a/../thaw/x")."""
     path = posixpath.normpath("/" + path.lstrip("/"))
     return path == HOST_ONLY or path.startswith(HOST_ONLY + "/")
+
 
 class Gateway:
     """The reverse proxy, hold queue and autoscaler of one deployment (see the module docstring).
