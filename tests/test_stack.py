@@ -228,6 +228,16 @@ def test_a_bad_setting_is_one_line(tmp_path, name, value, message):
         assert res.returncode == 1 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
 
 
+def test_a_commands_help_shows_while_a_setting_is_bad(tmp_path):
+    """The group loads the configuration before click sees the command's --help: a bad setting hid every help."""
+    env = {**os.environ, "THAW_STATE_DIR": str(tmp_path / "state"), "THAW_API_PORT": "abc"}
+    for args in (("up", "--help"), ("build", "snapshot", "--help")):
+        res = thaw(env, *args)
+        assert res.stdout.startswith(f"Usage: thaw {' '.join(args[:-1])} [OPTIONS]"), res.stdout + res.stderr
+    res = thaw(env, "status", check=False)  # a command still says what is wrong
+    assert res.returncode == 1 and res.stderr.startswith("error: bad configuration: api_port:"), res.stderr
+
+
 def test_a_relative_state_dir_is_made_absolute(tmp_path, monkeypatch):
     """`thaw --state-dir .state up --s3`: SeaweedFS runs in <state_dir>/s3 and was given paths relative to where
     thaw ran; every process thaw starts gets the same absolute state dir."""

@@ -102,6 +102,8 @@ def cli(ctx, state_dir, temporal_address, db_url, verbose):
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if state_dir is not None and not state_dir.strip():  # click's Path would make "" the current directory
         _fail("--state-dir is empty: name a directory, or leave it out for THAW_STATE_DIR or the default")
+    if ctx.obj is None and "--help" in sys.argv[1:]:  # a command's help needs no configuration: a bad setting
+        return  # must not hide it (the command does not run; click has consumed its arguments by now)
     if ctx.obj is None:  # a Config handed in (click's obj=, by a program running this CLI in-process) is used as is
         ctx.obj = _configured(config_mod.load, state_dir=state_dir, temporal_address=temporal_address, db_url=db_url)
 
