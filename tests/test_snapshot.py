@@ -776,8 +776,8 @@ def test_a_build_on_a_host_whose_agent_is_gone_fails_in_bounded_time(cfg, worker
     with pytest.raises(WorkflowFailureError) as err:
         asyncio.run(build())
     assert time.monotonic() - t0 < 30
-    assert _failure_message(err.value) == ("no host agent took the work in time: is the host's agent running? "
-                                           "(`thaw hosts ls`)")
+    assert _failure_message(err.value) == ("no host agent took the work in time: is the host's agent running "
+                                           "(`thaw hosts ls`), or busy with other builds and restores (its log)?")
     assert snapshots.list_all(cfg.registry_url) == []
 
 

@@ -238,7 +238,8 @@ def _failure_message(err: BaseException) -> str:
     while getattr(err, "cause", None) is not None:
         err = err.cause
     if isinstance(err, ActivityTimeout) and err.type == TimeoutType.SCHEDULE_TO_START:
-        return "no host agent took the work in time: is the host's agent running? (`thaw hosts ls`)"
+        return ("no host agent took the work in time: is the host's agent running (`thaw hosts ls`), or busy with "
+                "other builds and restores (its log)?")
     return getattr(err, "message", None) or str(err)
 
 
