@@ -75,6 +75,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from thaw.errors import first_line
+from thaw.snapshot import sdk
 
 log = logging.getLogger("thaw.gateway")
 
@@ -216,13 +217,10 @@ class _Retry(Exception):
         self.cause = cause
 
 
-HOST_ONLY = "/thaw"  # the SDK's paths (snapshot/sdk.py): /thaw/ready, /thaw/before-snapshot, /thaw/after-restore
-
-
 def _host_only(path: str) -> bool:
     """Whether ``path`` (decoded) names one of the SDK's paths, however written ("//thaw/x", "/a/../thaw/x")."""
     path = posixpath.normpath("/" + path.lstrip("/"))
-    return path == HOST_ONLY or path.startswith(HOST_ONLY + "/")
+    return path == sdk.PATHS or path.startswith(sdk.PATHS + "/")
 
 
 class Gateway:

@@ -37,9 +37,10 @@ import threading
 import traceback
 from typing import Callable
 
-READY_PATH = "/thaw/ready"
-BEFORE_SNAPSHOT_PATH = "/thaw/before-snapshot"
-AFTER_RESTORE_PATH = "/thaw/after-restore"
+PATHS = "/thaw"  # every path the SDK answers is below this (a gateway in front of replicas refuses them)
+READY_PATH = f"{PATHS}/ready"
+BEFORE_SNAPSHOT_PATH = f"{PATHS}/before-snapshot"
+AFTER_RESTORE_PATH = f"{PATHS}/after-restore"
 MAX_HOOK_BODY = 1 << 20  # bytes of a hook's JSON body (env and a restore id)
 
 _callbacks: list[Callable[[dict], None]] = []
