@@ -452,7 +452,10 @@ class _LayerStream(io.RawIOBase):
                 self.kind, self._out = "zstd", _zstd_reader(self._buf, self._hash.what)
             else:
                 self.kind, self._out = "tar", self._buf
-            self._diff = hashlib.new(layer.diff_id.partition(":")[0]) if layer.diff_id else None
+            alg = layer.diff_id.partition(":")[0] if layer.diff_id else None
+            # an uncompressed layer's tar is its blob, whose digest _Hashing checks: not hashed again the same way
+            same = self.kind == "tar" and layer.digest.startswith(f"{alg}:")
+            self._diff = hashlib.new(alg) if alg and not same else None
         except BaseException:
             raw.close()
             raise
@@ -485,12 +488,12 @@ class _LayerStream(io.RawIOBase):
             if left < 0:
                 raise SourceError(f"{self._hash.what}: more than {MAX_TRAILER >> 20} MiB of data after the end of "
                                   f"its tar")
-        diff_id = self._hash.layer.diff_id
-        if self._diff and self._diff.hexdigest() != diff_id.partition(":")[2]:
+        layer = self._hash.layer
+        got = f"{self._diff.name}:{self._diff.hexdigest()}" if self._diff else layer.digest
+        if layer.diff_id and got != layer.diff_id:
             self._hash.drain()  # the blob's own digest failing is the better explanation
             raise SourceError(f"{self._hash.what}: its uncompressed tar does not match the config's diff_id "
-                              f"{diff_id} (got {self._diff.name}:{self._diff.hexdigest()}); the image is corrupt "
-                              f"or was tampered with")
+                              f"{layer.diff_id} (got {got}); the image is corrupt or was tampered with")
 
     def close(self) -> None:
         """Verify the digest (hashing whatever was left unread), then release everything."""
