@@ -28,6 +28,13 @@ def env_name_error(names, what: str = "--env") -> str | None:
     return f"{what} {', '.join(map(repr, bad))}: not an environment variable name" if bad else None
 
 
+def env_error(env: dict, what: str = "--env") -> str | None:
+    """One line on what makes ``env`` unusable as a process's environment (None: nothing does)."""
+    nul = sorted(k for k, v in env.items() if "\0" in str(v))  # an environment goes NUL-separated
+    return env_name_error(env, what) or (
+        f"{what} {', '.join(nul)}: a NUL character in the value (no process can be given one)" if nul else None)
+
+
 def workflow_id(name: str) -> str:
     return WORKFLOW_ID.format(name=name)
 
@@ -40,12 +47,9 @@ async def deploy(client: Client, cfg: Config, spec: PoolSpec) -> tuple[PoolSpec,
         raise NotFound(f"need 0 <= --min ({spec.min_replicas}) <= --max ({spec.max_replicas}) and --buffer >= 0")
     if not 0 <= spec.cooldown_s < math.inf:
         raise NotFound(f"--cooldown {spec.cooldown_s}: need a number of seconds >= 0")
-    error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
+    error = env_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         raise NotFound(error)
-    nul = sorted(k for k, v in spec.env.items() if "\0" in str(v))  # a replica's env goes NUL-separated
-    if nul:
-        raise NotFound(f"--env {', '.join(nul)}: a NUL character in the value (no process can be given one)")
     both = sorted(set(spec.env) & set(spec.secrets))
     if both:
         raise NotFound(f"{', '.join(both)}: given as --env and as --secret; a secret's value comes from "

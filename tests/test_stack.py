@@ -306,6 +306,7 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
 @pytest.mark.parametrize("args, message", [
     (["agent", "--host-id", "/srv"], "host_id: '/srv': use up to 63 letters"),
     (["secrets", "set", "A B", "--value", "x"], "secret 'A B': not an environment variable name"),
+    (["secrets", "set", "KEY", "--value", "a\0b"], "secret KEY: a NUL character in the value"),
     (["gateway", "demo", "--target-concurrency", "0"], "Invalid value for '--target-concurrency'"),
     (["gateway", "demo", "--port", "99999"], "Invalid value for '--port'"),
     (["hosts", "up", "0"], "Invalid value for 'COUNT'"),
@@ -316,6 +317,7 @@ def test_free_ports_stay_out_of_the_kernels_ephemeral_range():
     (["gateway", "demo", "--drain", "inf"], "Invalid value for '--drain': 'inf' is not a finite number"),
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--health", "healthz"], "--health 'healthz': a path"),
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--env", "1X=y"], "--env '1X': not an environment"),
+    (["build", "snapshot", "img", "--golden", "GOLDEN", "--env", "X=a\0b"], "--env X: a NUL character in the"),
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--port", "70000"], "Invalid value for '--port'"),
     (["build", "snapshot", "img", "--golden", "GOLDEN", "--golden-method", "get"], "a GET has no body"),
     (["build", "snapshot", "img", "--golden", "TEXT"], "not JSON (Expecting value"),

@@ -496,7 +496,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
     import base64
     import shlex
 
-    from thaw.runtime.pool import env_name_error
+    from thaw.runtime.pool import env_error, env_name_error
     from thaw.snapshot.replica import parse_signal
     from thaw.workflows.build_snapshot import BuildSnapshot, BuildSnapshotInput, Golden, ModelSpec
 
@@ -527,7 +527,7 @@ def build_snapshot(cfg, image, cmd, port, health, golden_file, golden_path, gold
     spec = ModelSpec(cmd=argv, port=port or 0, health=health, env=_pairs(env, "--env"),
                      secrets=list(secrets), ready_timeout_s=ready_timeout, user=user, shm_bytes=shm_bytes or 0,
                      stop_signal=stop_signal)
-    error = env_name_error(spec.env) or env_name_error(spec.secrets, "--secret")
+    error = env_error(spec.env) or env_name_error(spec.secrets, "--secret")
     if error:
         _fail(error)
     golden = Golden(path=golden_path, method=method, body_b64=base64.b64encode(body).decode(),
@@ -868,13 +868,16 @@ def secrets():
 @click.pass_obj
 def secrets_set(cfg, name, value):
     """Set secret NAME (value from --value or stdin) for the agents on this state dir."""
-    from thaw.runtime.pool import env_name_error
+    from thaw.runtime.pool import env_error, env_name_error
 
-    error = env_name_error([name], "secret")  # delivered to replicas as an environment variable
+    error = env_name_error([name], "secret")  # before a value is typed in
     if error:
         _fail(error)
     if value is None:
         value = sys.stdin.read().rstrip("\n")
+    error = env_error({name: value}, "secret")  # delivered to replicas as an environment variable
+    if error:
+        _fail(error)
     path = cfg.secrets_file
     with changing(path):  # two `thaw secrets set` at once: each must keep the other's
         try:
