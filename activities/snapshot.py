@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from dataclasses import replace
 
@@ -82,7 +83,8 @@ class SnapshotActivities:
     def plan_snapshot(self, inp: BuildSnapshotInput) -> Plan:
         image = images.get(self.cfg.registry_url, inp.image)
         host = live_host(self.cfg, inp.host)
-        return Plan(image.digest, image_defaults(inp.spec, image.config), host.id, host.task_queue)
+        spec = replace(image_defaults(inp.spec, image.config), hook_token=secrets.token_hex(16))
+        return Plan(image.digest, spec, host.id, host.task_queue)
 
     @activity.defn(name="register_snapshot")
     @user_errors_fail_fast

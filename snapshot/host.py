@@ -37,6 +37,7 @@ from thaw.imagefs.store import ChunkStore, StoreError, check_digest, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
+from .sdk import HOOK_TOKEN_ENV
 from .replica import (DEFAULT_HEALTH, GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer,
                       parse_signal, signal_name, tail)
 
@@ -350,13 +351,14 @@ def golden_answer(replica: criu.Replica, port: int, golden: dict, timeout: float
         raise SnapshotError(str(e)) from None
 
 
-def after_restore(replica: criu.Replica, port: int, env: dict[str, str], rid: str | None = None,
+def after_restore(replica: criu.Replica, spec: dict, env: dict[str, str], rid: str | None = None,
                   optional_env: dict[str, str] | None = None) -> None:
-    """The after-restore hook, delivering ``env`` and ``optional_env``: optional for a server without the SDK
-    unless ``env`` (secrets, a deployment's env) has something to deliver; a failing callback of the SDK
-    (HookFailed) is always an error."""
+    """The after-restore hook of a replica of ``spec`` (a snapshot's), delivering ``env`` and ``optional_env``:
+    optional for a server without the SDK unless ``env`` (secrets, a deployment's env) has something to deliver;
+    a failing callback of the SDK or its refusal (HookFailed) is always an error."""
     try:
-        criu.after_restore(replica, port, {**env, **(optional_env or {})}, rid)
+        criu.after_restore(replica, spec["port"], {**env, **(optional_env or {})}, rid,
+                           token=spec.get("hook_token") or "")
     except criu.ReplicaError as e:
         if env or isinstance(e, criu.HookFailed):
             raise
@@ -501,6 +503,8 @@ class HostSnapshots:
     def _launch(self, root: criu.Root, spec: dict, env: dict[str, str], log_path: Path, slot: int | None
                 ) -> criu.Replica:
         gpu = self.gpu
+        if spec.get("hook_token"):  # the SDK's hooks ask for it (and it takes it out of os.environ)
+            env = {**env, HOOK_TOKEN_ENV: spec["hook_token"]}
         return criu.launch(root.path, spec["cmd"], gpu.env(env, slot) if gpu else env, spec.get("cwd") or "/",
                            log_path, devices=gpu.devices_for(slot) if gpu else (), cg=self.cgroup,
                            user=spec.get("user") or "", shm_bytes=spec.get("shm_bytes") or 0)
@@ -752,7 +756,8 @@ class HostSnapshots:
                         f"a request whose answer does not change")
                 st.mark("golden")
                 beat("checkpoint")
-                sdk = criu.before_snapshot(replica, spec["port"])  # e.g. park_weights: weights to host memory
+                # e.g. park_weights: weights to host memory
+                sdk = criu.before_snapshot(replica, spec["port"], token=spec.get("hook_token") or "")
                 if spec.get("secrets") and not sdk:  # before a dump and store of GBs that no restore could use
                     raise SnapshotError(f"--secret {', '.join(spec['secrets'])}: the server does not use thaw_sdk, "
                                         f"and secrets reach a restored server only through its after-restore hook; "
@@ -839,7 +844,7 @@ class HostSnapshots:
             try:
                 write_record(work / RECORD, replica.pid)
                 self._restore_gpu({"host_facts": facts}, replica, Stages(), slot)
-                after_restore(replica, spec["port"], {})  # no secrets here
+                after_restore(replica, spec, {})  # no secrets here
                 replica.wait_healthy(spec["port"], spec["health"], timeout=60)
                 golden_answer(replica, spec["port"], golden)
             finally:
@@ -889,7 +894,7 @@ class HostSnapshots:
         try:
             self._restore_gpu(snap, replica, st, slot)
             # a process moved to another GPU starts its children on that one (if it takes the hook)
-            after_restore(replica, spec["port"], env, rid,
+            after_restore(replica, spec, env, rid,
                           None if slot is None else {"CUDA_VISIBLE_DEVICES": self.gpu.gpus[slot][0]})
             st.mark("hooks")
             replica.wait_healthy(spec["port"], spec["health"], timeout=60)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import _linux, cgroup
-from .sdk import AFTER_RESTORE_PATH, BEFORE_SNAPSHOT_PATH, READY_PATH
+from .sdk import AFTER_RESTORE_PATH, BEFORE_SNAPSHOT_PATH, HOOK_TOKEN_HEADER, READY_PATH
 
 NSINIT = Path(__file__).with_name("_nsinit.py")
 REAP = Path(__file__).with_name("_reap.py")
@@ -44,7 +44,8 @@ class ReplicaError(RuntimeError):
 
 
 class HookFailed(ReplicaError):
-    """The server's SDK ran a hook's callbacks (/thaw/before-snapshot, /thaw/after-restore) and one failed."""
+    """The server's SDK ran a hook's callbacks (/thaw/before-snapshot, /thaw/after-restore) and one failed, or
+    refused to run them (not the hook token it was launched with)."""
 
 
 @dataclass(eq=False)
@@ -276,23 +277,25 @@ def _json_object(resp: bytes) -> dict | None:
 
 
 def _hook_failed(replica: Replica, path: str, status: int, resp: bytes) -> HookFailed | None:
-    """The SDK's answer for a failing callback (500, ``{"error": "... in a callback of PATH ..."}``) as an error;
-    None for any other answer."""
-    if status != 500:
-        return None
+    """The SDK's answer for a failing callback (500, ``{"error": "... in a callback of PATH ..."}``) or for a
+    missing or wrong hook token (403, nothing ran) as an error; None for any other answer."""
     error = (_json_object(resp) or {}).get("error") or ""
-    if f"in a callback of {path}" not in error:
+    if not ((status == 500 and f"in a callback of {path}" in error) or (status == 403 and HOOK_TOKEN_HEADER in error)):
         return None
     return HookFailed(f"replica {replica.pid}: POST {path} answered {status}: {error}; log {replica.log_path}")
 
 
-def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) -> bool:
+def _hook_headers(token: str) -> dict:
+    return {HOOK_TOKEN_HEADER: token} if token else {}
+
+
+def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0, token: str = "") -> bool:
     """POST the server's /thaw/before-snapshot: its SDK's before-snapshot callbacks (e.g. ``park_weights``) run.
     True once they ran (the SDK's answer: 200 with ``{"callbacks": N}``); False for a server without the hook (any
     other answer, such as a server's 200 to every POST); HookFailed when the SDK says a callback failed: nothing
-    may be snapshotted then."""
+    may be snapshotted then. ``token``: the hook token the server was launched with (sdk.HOOK_TOKEN_ENV)."""
     status, resp = replica.http_request("POST", BEFORE_SNAPSHOT_PATH, b"{}", port, timeout,
-                                        content_type="application/json")
+                                        _hook_headers(token), "application/json")
     if status == 200:
         return "callbacks" in (_json_object(resp) or {})
     if failed := _hook_failed(replica, BEFORE_SNAPSHOT_PATH, status, resp):
@@ -301,12 +304,12 @@ def before_snapshot(replica: Replica, port: int = 8080, timeout: float = 300.0) 
 
 
 def after_restore(replica: Replica, port: int = 8080, secrets: dict | None = None, restore_id: str | None = None,
-                  timeout: float = 30.0) -> dict:
+                  timeout: float = 30.0, token: str = "") -> dict:
     """POST the secrets (and a fresh restore id) to the server's /thaw/after-restore; its JSON answer. A server
     without the hook is a ReplicaError, a failing callback HookFailed (the caller may ignore only the former)."""
     body = json.dumps({"env": secrets or {}, "restore_id": restore_id or uuid.uuid4().hex}).encode()
     status, resp = replica.http_request("POST", AFTER_RESTORE_PATH, body, port, timeout,
-                                        content_type="application/json")
+                                        _hook_headers(token), "application/json")
     if status != 200:
         hint = " (does the server use thaw_sdk?)" if status in (404, 405, 501) else ""
         raise (_hook_failed(replica, AFTER_RESTORE_PATH, status, resp)

@@ -16,6 +16,11 @@ Convention (the host side is ``thaw.snapshot.replica``):
   draw the same numbers) and runs the callbacks registered with ``@on_after_restore`` (re-read secrets,
   re-seed other generators, reopen connections).
 
+Both POSTs must carry the ``X-Thaw-Hook-Token`` header the host launched the server with (in ``THAW_HOOK_TOKEN``,
+which the SDK takes out of the environment at import); without it a POST answers 403 and runs nothing. A
+replica's published port is open to anything on the host's network: only its host may deliver env or park
+weights.
+
 ``park_weights(model)`` (torch on CUDA) uses both hooks: the weights wait out the snapshot in host memory and
 come back to the GPU at pinned-copy speed after a restore (see its docstring).
 
@@ -30,6 +35,7 @@ In an ``http.server`` handler::
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import random
@@ -42,6 +48,9 @@ READY_PATH = f"{PATHS}/ready"
 BEFORE_SNAPSHOT_PATH = f"{PATHS}/before-snapshot"
 AFTER_RESTORE_PATH = f"{PATHS}/after-restore"
 MAX_HOOK_BODY = 1 << 20  # bytes of a hook's JSON body (env and a restore id)
+HOOK_TOKEN_ENV = "THAW_HOOK_TOKEN"  # the host's launch sets it; none (a server launched by hand): no check
+HOOK_TOKEN_HEADER = "X-Thaw-Hook-Token"
+_token = os.environ.pop(HOOK_TOKEN_ENV, "")  # out of the server's environment and its children's
 
 _callbacks: list[Callable[[dict], None]] = []
 _before: list[Callable[[], None]] = []
@@ -211,6 +220,11 @@ def handle(handler) -> bool:
         return True
     if handler.command != "POST" or path not in (BEFORE_SNAPSHOT_PATH, AFTER_RESTORE_PATH):
         return False
+    given = (handler.headers.get(HOOK_TOKEN_HEADER) or "").encode("utf-8", "replace")
+    if _token and not hmac.compare_digest(given, _token.encode()):
+        handler.close_connection = True  # the body is left unread
+        _reply(handler, 403, {"error": f"{path} needs the {HOOK_TOKEN_HEADER} the host launched the server with"})
+        return True
     try:
         size = int(handler.headers.get("Content-Length") or 0)
     except ValueError:

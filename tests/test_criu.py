@@ -91,6 +91,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply({"digest": hashlib.sha256(DATA).hexdigest()[:16]})
         if self.path == "/seen":
             return self.reply(seen)
+        if self.path == "/environ":
+            return self.reply(sorted(os.environ))
         if self.path == "/trickle":  # an answer that comes a byte at a time (a stream, a wedged server)
             self.send_response(200)
             self.send_header("Content-Length", "100")
@@ -390,7 +392,7 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_i
                 with pytest.raises(HookFailed, match="RuntimeError in a callback of /thaw/after-restore"):
                     after_restore(replica, PORT, {})
                 with pytest.raises(HookFailed):  # the host's rule: with nothing to deliver, still an error
-                    host_after_restore(replica, PORT, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
+                    host_after_restore(replica, {"port": PORT}, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
             else:
                 assert before_snapshot(replica, PORT) is False
                 with pytest.raises(ReplicaError) as e:
@@ -398,9 +400,9 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_i
                 assert not isinstance(e.value, HookFailed)
                 # the host's rule: ignored unless there is env to deliver (the GPU a replica moved to is not:
                 # every GPU restore of a server without the SDK failed when it was)
-                host_after_restore(replica, PORT, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
+                host_after_restore(replica, {"port": PORT}, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
                 with pytest.raises(ReplicaError):
-                    host_after_restore(replica, PORT, {"API_KEY": SECRET})
+                    host_after_restore(replica, {"port": PORT}, {"API_KEY": SECRET})
         finally:
             replica.stop()
     # one that hangs up on any POST: the same rule (it was an error however little there was to deliver, and
@@ -408,11 +410,34 @@ def test_before_snapshot_callbacks_run_once_before_the_dump_and_a_failing_hook_i
     replica = start(roots(), work, "hangs-up", data_mb=1, SDK="0", HANG_UP_POSTS="1")
     try:
         replica.wait_ready(PORT, "/health", timeout=60)
-        host_after_restore(replica, PORT, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
+        host_after_restore(replica, {"port": PORT}, {}, optional_env={"CUDA_VISIBLE_DEVICES": "GPU-x"})
         with pytest.raises(SnapshotError, match=f"replica {replica.pid}: its after-restore hook failed: "
                                                 f"RemoteDisconnected: ") as e:
-            host_after_restore(replica, PORT, {"API_KEY": SECRET})
+            host_after_restore(replica, {"port": PORT}, {"API_KEY": SECRET})
         assert "\n" not in str(e.value)
+    finally:
+        replica.stop()
+
+
+def test_only_the_host_that_launched_a_server_may_call_its_hooks(roots, work):
+    """A replica's port is published on the host, so anything on the host's network could POST /thaw/after-restore
+    (env, secrets) or /thaw/before-snapshot (weights parked). The host launches the server with a hook token the
+    SDK takes out of its environment; a POST without it, or with another, runs nothing and is a HookFailed."""
+    replica = start(roots(), work, "token", data_mb=1, THAW_HOOK_TOKEN="t0ken")
+    try:
+        replica.wait_ready(PORT, "/health", timeout=60)
+        assert "THAW_HOOK_TOKEN" not in get(replica, "/environ") and "MARKER" in get(replica, "/environ")
+        for token in ("", "t0ke", "t0ken\u00e9"):
+            with pytest.raises(HookFailed, match=f"/thaw/before-snapshot answered 403: .*{sdk.HOOK_TOKEN_HEADER}"):
+                before_snapshot(replica, PORT, token=token)
+            with pytest.raises(HookFailed, match="/thaw/after-restore answered 403"):
+                after_restore(replica, PORT, {"API_KEY": SECRET}, token=token)
+            with pytest.raises(HookFailed):  # the host's rule: a refusal is an error, with or without env
+                host_after_restore(replica, {"port": PORT, "hook_token": token}, {})
+        assert get(replica, "/seen") == {} and get(replica, "/secret")["secret"] is None  # nothing ran
+        assert before_snapshot(replica, PORT, token="t0ken") is True
+        host_after_restore(replica, {"port": PORT, "hook_token": "t0ken"}, {"API_KEY": SECRET})
+        assert get(replica, "/seen") == {"before_snapshot": 1, "secret": SECRET}
     finally:
         replica.stop()
 

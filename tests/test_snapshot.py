@@ -210,6 +210,10 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
     row = snapshots.get(cfg.registry_url, snap["digest"][:8])
     assert row.spec["secrets"] == ["API_KEY"] and "API_KEY" not in row.spec["env"]
     assert snap["digest"][:16] in thaw_cli("snapshots", "ls").output
+    token = row.spec["hook_token"]  # drawn for this build; the hosts send it with the SDK's hooks
+    for args in (["show", snap["digest"]], ["show", snap["digest"], "--json"], ["ls", "--json"]):
+        shown = thaw_cli("snapshots", *args).output
+        assert len(token) == 32 and token not in shown and "(hidden)" in shown, args
 
     # the secret is nowhere in the snapshot's files (the launch env marker is: the search works)
     files = tmp_path / "snapfiles"
@@ -232,6 +236,9 @@ def test_snapshot_restores_four_replicas_with_identical_answers_and_secrets_afte
         status, body = running.replica.http_request("GET", "/secret", port=PORT)
         assert status == 200 and json.loads(body)["secret"] == SECRET  # injected after restore
     assert len(set(answers)) == 1 and json.loads(answers[0])["data_mb"] == DATA_MB
+    hook = {"body": b'{"env": {"API_KEY": "stolen"}}', "port": PORT, "content_type": "application/json"}
+    assert running.replica.http_request("POST", "/thaw/after-restore", **hook)[0] == 403  # no token: not the host
+    assert json.loads(running.replica.http_request("GET", "/secret", port=PORT)[1])["secret"] == SECRET
     assert len(states) == 1, "restored replicas carry the memory of the process that was checkpointed"
     assert json.loads(states.pop())["before_snapshot"] == 1, "the host ran the before-snapshot hook once, then dumped"
     assert len(snapshots.restores(cfg.registry_url, snap["digest"])) == 4

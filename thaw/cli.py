@@ -71,10 +71,18 @@ def _ms(timings: dict[str, int]) -> str:
     return breakdown(dict(sorted(timings.items(), key=lambda kv: rank.get(kv[0], rank["total"] - 0.5))))
 
 
+def _dump(row) -> dict:
+    """A registry row as JSON, a snapshot's hook token hidden (like a secret: for its hosts only)."""
+    data = row.model_dump(mode="json")
+    if isinstance(data.get("spec"), dict) and data["spec"].get("hook_token"):
+        data["spec"]["hook_token"] = "(hidden)"
+    return data
+
+
 def _table(rows, as_json: bool, header: str, line) -> None:
     """Registry rows as JSON, or as a header plus one ``line(row)`` each."""
     if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json") for r in rows], indent=2))
+        click.echo(json.dumps([_dump(r) for r in rows], indent=2))
         return
     click.echo(header)
     for r in rows:
@@ -580,7 +588,7 @@ def snapshots_show(cfg, digest, as_json):
     from thaw.registry import snapshots as q
 
     row = _registered(cfg, digest, "snapshot")
-    data = row.model_dump(mode="json")
+    data = _dump(row)
     data["restores"] = [e.model_dump(mode="json") for e in q.restores(cfg.registry_url, row.digest, limit=10)]
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -49,6 +49,7 @@ class ModelSpec:
     stop_signal: str = ""  # what asks the server to exit before a replica is stopped; empty: the image's StopSignal,
     # else SIGTERM
     ready_timeout_s: float = 600.0
+    hook_token: str = ""  # what the SDK's hooks need (snapshot/sdk.py), drawn when the build is planned
 
 
 @dataclass
