@@ -164,6 +164,7 @@ def main() -> None:
         if not buffers or min(buffers) < 0:
             raise sim.SimError(f"--buffers needs sizes >= 0, e.g. 0,4,16 (got {args.buffers!r})")
         timings, sources = sim.resolve_timings(args.db_url, args.cold_start_s, args.restore_s, args.provision_s)
+        timings.check()
         scaler = sim.Autoscaler(target_utilization=args.target_utilization, cooldown_s=args.cooldown_s)
         scaler.check()
         sim.check_finite("--p99-target-s", args.p99_target_s)

@@ -195,8 +195,8 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
                              f"(expected timestamp[,duration_s])")
         unknown = [c for c in first if c not in COLUMNS]
         if unknown:  # a "duration" or "duration_ms" column would be left out, every request taken as --service-s
-            raise TraceError(f"trace {path} line {rows[0][0]}: header has unknown column(s) {', '.join(unknown)} "
-                             f"(known: {', '.join(COLUMNS)})")
+            raise TraceError(f"trace {path} line {rows[0][0]}: header has unknown column(s) "
+                             f"{', '.join(map(repr, unknown))} (known: {', '.join(COLUMNS)})")
         ts_col = first.index("timestamp")
         dur_col = first.index("duration_s") if "duration_s" in first else None
         dep_col = first.index("deployment") if "deployment" in first else None
@@ -210,6 +210,8 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
         if not header and len(r) > 2:
             raise TraceError(f"trace {path} line {n}: {len(r)} columns without a header row (give one, e.g. "
                              f"{','.join(COLUMNS)})")
+        if header and len(r) > len(first):  # a column the header does not name would be left out
+            raise TraceError(f"trace {path} line {n}: {len(r)} columns, but the header names {len(first)}")
         cell = r[ts_col].strip() if ts_col < len(r) else ""
         try:
             t = _parse_time(cell)
@@ -237,10 +239,11 @@ def load_trace(path: str | Path, service_s: float = 0.5) -> Trace:
         raise TraceError(f"trace {path} has no requests (every row after the header is a comment)")
     t0 = min(t for t, _, _ in parsed)
     labels = sorted({x for _, _, x in parsed})
-    if all(x.isascii() and x.isdigit() for x in labels):
-        labels.sort(key=int)
+    if all(x.isascii() and x.isdigit() for x in labels):  # in numeric order, however many digits
+        labels.sort(key=lambda x: (len(x.lstrip("0")), x.lstrip("0")))
     index = {x: i for i, x in enumerate(labels)}
-    reqs = tuple(sorted(Request(t - t0, d, index[x]) for t, d, x in parsed))
+    # by arrival only: requests of the same instant queue in the file's order (sorted() keeps it)
+    reqs = tuple(sorted((Request(t - t0, d, index[x]) for t, d, x in parsed), key=lambda r: r.t))
     deps = f", {len(labels)} deployments" if len(labels) > 1 else ""
     return Trace(reqs, reqs[-1].t, f"{path} ({len(reqs)} requests{deps})", len(labels))
 
@@ -385,6 +388,10 @@ class Timings:
     restore_s: float = DEFAULT_RESTORE_S
     provision_s: float = DEFAULT_PROVISION_S
 
+    def check(self) -> None:
+        for name in ("cold_start_s", "restore_s", "provision_s"):
+            check_finite(name, getattr(self, name))
+
 
 @dataclass(frozen=True)
 class Autoscaler:
@@ -515,8 +522,7 @@ def simulate(trace: Trace, policy: Policy, timings: Timings = Timings(), scaler:
     scaler.check()
     if policy.kind == "static" and policy.replicas is None:
         raise SimError("static policy needs replicas=N here (size_static() picks it)")
-    for name in ("cold_start_s", "restore_s", "provision_s"):
-        check_finite(name, getattr(timings, name))
+    timings.check()
     check_finite("gpu_hour_usd", gpu_hour_usd)
     if any(r.deployment < 0 for r in trace.requests):
         raise SimError("a request's deployment must be >= 0")

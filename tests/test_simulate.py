@@ -337,6 +337,11 @@ def test_csv_trace(tmp_path, monkeypatch):
     tr = sim.load_trace(p, service_s=1.0)
     assert [(r.t, r.service_s) for r in tr.requests] == [(0.0, 1.0), (5.5, 0.25), (10.0, 2.0)]  # sorted
     assert tr.end_s == 10.0
+    # requests of one instant (a log's whole seconds) queue in the file's order, not shortest first
+    p.write_text("timestamp,duration_s\n0,1\n0,0.5\n0,0.2\n")
+    tr = sim.load_trace(p)
+    assert [r.service_s for r in tr.requests] == [1, 0.5, 0.2]
+    assert sim.simulate(tr, Policy("static", replicas=1), HAND_T, HAND).delays == [0, 1, 1.5]  # one at a time
     d = tmp_path / "deps.csv"
     d.write_text("deployment,timestamp\n10,0\n9,1\n10,2\n")  # whole-number labels sort as numbers
     tr = sim.load_trace(d)
@@ -369,8 +374,11 @@ def test_csv_trace(tmp_path, monkeypatch):
     ("timestamp,deployment\n1,a\n2,\n", "line 3: no deployment"),
     ("timestamp\n1\n\xff\n", "is not UTF-8 text"),
     ("timestamp\n# nothing yet\n", "every row after the header is a comment"),
-    ("timestamp,duration_ms\n1,500\n", "header has unknown column\\(s\\) duration_ms"),  # not 0.5 s each
+    ("timestamp,duration_ms\n1,500\n", "header has unknown column\\(s\\) 'duration_ms'"),  # not 0.5 s each
     ("1,0.5,chat\n", "line 1: 3 columns without a header row"),  # the deployment column was dropped
+    ("timestamp\n0,5\n", "line 2: 2 columns, but the header names 1"),  # 5 s taken for --service-s
+    ("timestamp,duration_s\n0,0.5\n1,0.5,chat\n", "line 3: 3 columns, but the header names 2"),
+    ("timestamp,\n0,\n", "header has unknown column\\(s\\) ''"),  # a spreadsheet's trailing comma
     ("timestamp\n1\n\"BIG\"\n", "is not CSV as expected: field larger than field limit"),  # BIG: 200 kB
 ])
 def test_csv_errors_are_one_line(tmp_path, text, match):
@@ -388,6 +396,9 @@ def test_csv_comments_and_labels(tmp_path):
     p.write_text("# exported today\ndeployment,timestamp\n# note\n#chat,5\n\u00b2,6\n\u00b3,7\n", encoding="utf-8")
     tr = sim.load_trace(p)
     assert [(r.t, r.deployment) for r in tr.requests] == [(0, 0), (1, 1), (2, 2)] and tr.n_deployments == 3
+    big = "1" + "0" * 5000  # more digits than int() takes: still in numeric order, no traceback
+    p.write_text(f"deployment,timestamp\n{big},0\n9,1\n010,2\n")
+    assert [r.deployment for r in sim.load_trace(p).requests] == [2, 0, 1]
 
 
 @pytest.mark.parametrize("call,match", [
@@ -537,6 +548,8 @@ def test_cli_errors(tmp_path, args, match, monkeypatch):
     (["--p99-target-s", "nan"], "--p99-target-s must be a finite number >= 0 (got nan)"),
     (["--gpu-hour-usd", "-1"], "--gpu-hour-usd must be a finite number >= 0 (got -1.0)"),
     (["--buffers", "2,-1"], "--buffers needs sizes >= 0"),
+    (["--provision-s", "-1"], "provision_s must be a finite number >= 0 (got -1.0)"),
+    (["--restore-s", "nan"], "restore_s must be a finite number >= 0 (got nan)"),
 ])
 def test_bench_errors(args, match):
     """bench/runtime_sim.py refuses bad numbers before it prints anything, in one line."""
