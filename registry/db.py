@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import event, inspect, literal, text
+from sqlalchemy import event, inspect, literal, make_url, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.schema import CreateIndex
@@ -22,12 +23,16 @@ from . import models  # noqa: F401  (registers the tables)
 log = logging.getLogger("thaw.registry")
 
 
+SCHEMA_LOCK = 0x7468_6177  # PostgreSQL advisory lock id ("thaw") held while a process creates missing tables
+
+
 @lru_cache(maxsize=8)
 def engine(url: str) -> Engine:
     setup = nullcontext()
-    if url.startswith("sqlite:///"):
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         # processes opening a new file at once take turns: its switch to WAL fails at once when another holds it
-        setup = changing(Path(url[len("sqlite:///"):]))
+        setup = changing(Path(parsed.database))
         eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(eng, "connect")
@@ -41,8 +46,13 @@ def engine(url: str) -> Engine:
         @event.listens_for(eng, "begin")
         def _begin(conn):  # a writer takes the write lock before it reads what it checks (see session)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("thaw_write") else "BEGIN")
-    elif url.startswith("postgresql"):  # UTC sessions: a column made naive (by sqlmodel < 0.0.45) reads right
-        eng = create_engine(url, pool_pre_ping=True, connect_args={"options": "-c timezone=UTC"})
+    elif parsed.get_backend_name() == "postgresql":
+        # UTC sessions: a column made naive (by sqlmodel < 0.0.45) reads right; after the user's own options (the
+        # URL's, else PGOPTIONS, which libpq reads only where none are given), not instead of them
+        given = parsed.query.get("options") or os.environ.get("PGOPTIONS") or ""
+        options = " ".join(filter(None, [given if isinstance(given, str) else " ".join(given), "-c timezone=UTC"]))
+        eng = create_engine(url, pool_pre_ping=True, connect_args={"options": options})
+        setup = _advisory_lock(eng, SCHEMA_LOCK)  # create_all looks, then creates: two at once clash
     else:
         eng = create_engine(url, pool_pre_ping=True)
     ddl = _writer(eng)  # each looks, then creates: under SQLite's write lock (a look before another process's
@@ -51,6 +61,17 @@ def engine(url: str) -> Engine:
         _add_missing_columns(ddl)
         _add_missing_indexes(ddl)
     return eng
+
+
+@contextmanager
+def _advisory_lock(eng: Engine, key: int) -> Iterator[None]:
+    """PostgreSQL's session advisory lock ``key``, held on a connection of its own for the ``with`` block."""
+    with eng.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
 
 
 def _add_missing_columns(eng: Engine) -> None:

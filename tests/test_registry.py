@@ -211,7 +211,7 @@ def postgres_url():
         from thaw.registry.db import engine
 
         engine(f"postgresql+psycopg://{db}:{pw}@127.0.0.1:{port}/{db}").dispose()
-        subprocess.run([*psql, f"DROP DATABASE IF EXISTS {db}"], check=False)
+        subprocess.run([*psql, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"], check=False)  # pools of other URLs
         subprocess.run([*psql, f"DROP ROLE IF EXISTS {db}"], check=False)
         if was_down:
             subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False)
@@ -228,6 +228,22 @@ def test_postgres_registry(postgres_url):
     with engine(postgres_url).connect() as conn:  # and so do columns an older sqlmodel made naive
         assert conn.exec_driver_sql("SHOW timezone").scalar() == "UTC"
     _removed_image(postgres_url)  # the code path with PostgreSQL's row locks; the race itself is not staged
+    # the user's own session options (here in the URL) are kept beside thaw's UTC: they were replaced by it
+    eng = engine(postgres_url + "?options=-c%20statement_timeout%3D4321")
+    with eng.connect() as conn:
+        assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "4321ms"
+        assert conn.exec_driver_sql("SHOW timezone").scalar() == "UTC"
+    eng.dispose()  # (the fixture drops the database)
+
+
+def test_a_sqlite_url_naming_its_driver_gets_the_same_set_up(tmp_path):
+    """sqlite+pysqlite:///FILE is the same database as sqlite:///FILE: WAL, and writers that take the lock."""
+    from thaw.registry.db import engine
+
+    url = f"sqlite+pysqlite:///{tmp_path / 'reg.db'}"
+    snapshots.upsert_host(url, "h", "q", {}, None, 4)
+    with engine(url).connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
 def test_gpu_snapshots_are_placed_on_gpu_hosts_only(tmp_path):
@@ -435,17 +451,26 @@ def test_saved_settings_apply_with_a_user_config_file_too(tmp_path, monkeypatch)
     assert (cfg.s3_bucket, cfg.temporal_ui_port) == ("saved-bucket", 9999)
 
 
-def test_processes_opening_a_new_registry_at_once_all_start(tmp_path):
-    """`thaw` commands, agents and workers started together on a new state dir each create the tables they
-    miss: one that looked before another created a table must not fail ("table ... already exists", or
-    SQLite's "database is locked" for a transaction that read before another wrote)."""
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgres"])
+def test_processes_opening_a_new_registry_at_once_all_start(tmp_path, request, db_kind):
+    """`thaw` commands, agents and workers started together on a new state dir (or a new PostgreSQL database)
+    each create the tables they miss: one that looked before another created a table must not fail ("table ...
+    already exists", PostgreSQL's duplicate key in pg_type, or SQLite's "database is locked" for a transaction
+    that read before another wrote)."""
     import sys
+
+    from sqlmodel import SQLModel
+
+    from thaw.registry.db import engine
 
     code = ("import sys, time; from thaw.registry import snapshots\n"
             "time.sleep(max(0, float(sys.argv[3]) - time.time()))  # all at once, once imported\n"
             "for _ in range(10): snapshots.upsert_host(sys.argv[1], sys.argv[2], 'q', {}, None, 4)")
     for round_ in range(3):
         url, at = f"sqlite:///{tmp_path / f'reg{round_}.db'}", str(time.time() + 5)
+        if db_kind == "postgres":  # the same database each round, without its tables
+            url = request.getfixturevalue("postgres_url")
+            SQLModel.metadata.drop_all(engine(url))
         procs = [subprocess.Popen([sys.executable, "-c", code, url, f"h{i}", at], stderr=subprocess.PIPE, text=True)
                  for i in range(6)]
         errs = [p.communicate(timeout=120)[1] for p in procs]
