@@ -87,10 +87,14 @@ class Heartbeat:
 
 def retried(e: BaseException) -> bool:
     """Whether Temporal runs this activity again after it raises ``e``: not after a non-retryable error, a
-    cancel, or its last attempt."""
+    cancel the workflow asked for (or of an activity the server no longer knows), or its last attempt. A cancel
+    for a timeout, a worker's shutdown, a pause or a reset is retried."""
     info = activity.info()
-    if (isinstance(e, ApplicationError) and e.non_retryable) or not isinstance(e, Exception) \
-            or isinstance(e, CancelledError) or activity.is_cancelled():
+    if isinstance(e, CancelledError) or activity.is_cancelled():
+        why = activity.cancellation_details()
+        if why is None or why.cancel_requested or why.not_found:
+            return False
+    elif (isinstance(e, ApplicationError) and e.non_retryable) or not isinstance(e, Exception):
         return False
     most = info.retry_policy.maximum_attempts if info.retry_policy else 0
     return not most or info.attempt < most

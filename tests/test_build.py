@@ -290,3 +290,31 @@ def test_a_full_disk_fails_a_build_at_once_and_registers_nothing(cfg, thaw_cli, 
             assert [i.digest for i in images.list_all(cfg.registry_url)] == [digest]
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+@pytest.mark.parametrize("why, again", [
+    (dict(cancel_requested=True), False),  # the workflow asked: the build ends, its staging goes
+    (dict(not_found=True), False),  # the server no longer knows the activity
+    (dict(timed_out=True), True),  # these run again: a finished ingest's staging is kept for the next attempt
+    (dict(worker_shutdown=True), True),
+    (dict(paused=True), True),
+])
+def test_a_cancel_is_final_only_when_temporal_does_not_retry(why, again):
+    """The ingest-and-store activity drops its staging area (the image's new chunks) only when Temporal will not
+    run it again: every cancel counted as final, so a timed-out or shut-down attempt threw away a finished
+    ingest and each retry re-read and re-chunked the whole source."""
+    from temporalio.activity import ActivityCancellationDetails
+    from temporalio.exceptions import CancelledError
+    from temporalio.testing import ActivityEnvironment
+
+    from thaw.activities.build_image import retried
+
+    env = ActivityEnvironment()
+
+    def attempt():
+        try:
+            env.cancel(ActivityCancellationDetails(**why))  # raised in this thread, as in a sync activity
+        except CancelledError as e:
+            return retried(e)
+    assert env.run(attempt) is again
+    assert ActivityEnvironment().run(lambda: retried(RuntimeError("S3 down"))) is True  # and errors as before
