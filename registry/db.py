@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager, nullcontext
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -124,6 +125,15 @@ def session(url: str, write: bool = False) -> Iterator[Session]:
     eng = engine(url)
     with Session(_writer(eng) if write else eng, expire_on_commit=False) as s:
         yield s
+
+
+def clock(s: Session) -> datetime:
+    """Now (UTC) by the database's clock where it is a server every host shares (PostgreSQL): the hosts' own
+    clocks may disagree by more than a heartbeat's or a lease's age allows. SQLite lives on this machine: its
+    clock is this one."""
+    if s.get_bind().dialect.name == "postgresql":
+        return s.exec(text("SELECT clock_timestamp()")).one()[0].astimezone(timezone.utc)
+    return datetime.now(timezone.utc)
 
 
 def _writer(eng: Engine) -> Engine:

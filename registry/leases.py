@@ -13,11 +13,11 @@ import time
 from typing import Callable, Iterator
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import delete, literal_column, text, update
+from sqlmodel import delete, literal_column, update
 
 from thaw.errors import first_line
 
-from .db import session
+from .db import clock, session
 from .models import Lease
 
 STORE = "store"
@@ -29,11 +29,8 @@ class LeaseHeld(RuntimeError):
 
 
 def _now(s) -> float:
-    """Epoch seconds by the database's clock where it is a server every host shares (PostgreSQL): the hosts'
-    own clocks may disagree by more than a lease lasts. SQLite lives on this machine: its clock is this one."""
-    if s.get_bind().dialect.name == "postgresql":
-        return float(s.exec(text("SELECT extract(epoch FROM clock_timestamp())")).one()[0])
-    return time.time()
+    """Epoch seconds by the database's clock (db.clock)."""
+    return clock(s).timestamp()
 
 
 def _now_sql(s):

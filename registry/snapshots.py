@@ -8,8 +8,8 @@ from typing import Callable
 from sqlmodel import col, delete, select, update
 
 from . import queries
-from .db import session
-from .models import Deployment, Host, Image, Replica, RestoreEvent, Snapshot, utcnow
+from .db import clock, session
+from .models import Deployment, Host, Image, Replica, RestoreEvent, Snapshot
 
 
 def register(url: str, snap: Snapshot) -> tuple[Snapshot, bool]:
@@ -70,7 +70,8 @@ def remove(url: str, ref: str, pool_running: Callable[[str], bool],
 
 
 def upsert_host(url: str, host_id: str, task_queue: str, facts: dict, pid: int | None, capacity: int = 4) -> Host:
-    now = utcnow()
+    with session(url) as s:
+        now = clock(s)  # the database's: every reader judges a heartbeat's age by it (live_hosts)
     return queries.upsert(url, Host(id=host_id, task_queue=task_queue), task_queue=task_queue, facts=facts, pid=pid,
                           capacity=capacity, started_at=now, heartbeat_at=now)
 
@@ -80,7 +81,7 @@ def heartbeat_host(url: str, host_id: str, gone: bool = False) -> None:
     with session(url, write=True) as s:
         row = s.get(Host, host_id)
         if row:
-            row.heartbeat_at = datetime(1970, 1, 1, tzinfo=timezone.utc) if gone else utcnow()
+            row.heartbeat_at = datetime(1970, 1, 1, tzinfo=timezone.utc) if gone else clock(s)
             s.add(row)
             s.commit()
 
@@ -94,14 +95,16 @@ def get_host(url: str, host_id: str) -> Host:
 
 
 def live_hosts(url: str, stale_s: float) -> list[Host]:
-    """Hosts whose agent heartbeated within ``stale_s`` seconds, freshest first."""
-    now = utcnow()
+    """Hosts whose agent heartbeated within ``stale_s`` seconds (by the database's clock), freshest first."""
+    with session(url) as s:
+        now = clock(s)
+        hosts = list(s.exec(queries.select(Host).order_by(Host.id)).all())
 
     def age(h: Host) -> float:
         seen = h.heartbeat_at if h.heartbeat_at.tzinfo else h.heartbeat_at.replace(tzinfo=now.tzinfo)
         return (now - seen).total_seconds()
 
-    return sorted((h for h in list_hosts(url) if age(h) <= stale_s), key=age)
+    return sorted((h for h in hosts if age(h) <= stale_s), key=age)
 
 
 def list_hosts(url: str) -> list[Host]:

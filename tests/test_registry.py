@@ -236,6 +236,32 @@ def test_postgres_registry(postgres_url):
     eng.dispose()  # (the fixture drops the database)
 
 
+def test_a_host_whose_clock_is_behind_is_judged_by_the_databases_clock(postgres_url, monkeypatch):
+    """Agents on several machines write their heartbeats to one PostgreSQL, and gateways, workers and `thaw
+    snapshots rm` judge their age: an agent's clock a minute behind made its host look dead at every beat (its
+    replicas got no traffic and were replaced). Heartbeats and ages now both read the database's clock."""
+    from datetime import timedelta
+
+    from thaw.registry import models
+    from thaw.registry.db import session
+
+    real = models.utcnow
+    behind = lambda: real() - timedelta(hours=1)  # noqa: E731 - this process plays the agent an hour behind
+    monkeypatch.setattr(models, "utcnow", behind)
+    monkeypatch.setattr(snapshots, "utcnow", behind, raising=False)  # (what the registry used to read)
+    snapshots.upsert_host(postgres_url, "skewed", "q", {}, None, 4)
+    snapshots.heartbeat_host(postgres_url, "skewed")
+    monkeypatch.undo()  # and now a reader with the right time
+    try:
+        assert "skewed" in {h.id for h in snapshots.live_hosts(postgres_url, 45)}
+        snapshots.heartbeat_host(postgres_url, "skewed", gone=True)
+        assert "skewed" not in {h.id for h in snapshots.live_hosts(postgres_url, 45)}
+    finally:  # the database is the module's
+        with session(postgres_url, write=True) as s:
+            s.delete(s.get(models.Host, "skewed"))
+            s.commit()
+
+
 def test_a_sqlite_url_naming_its_driver_gets_the_same_set_up(tmp_path):
     """sqlite+pysqlite:///FILE is the same database as sqlite:///FILE: WAL, and writers that take the lock."""
     from thaw.registry.db import engine
