@@ -1,6 +1,8 @@
 """Run by ``criu restore --exec-cmd`` with the host's ``python3 -I -S`` once the restored tree runs, which
-leaves it the parent of the restored pid 1. It prints ``ready <pid>`` on stdout, closes stdout, and waits for its
-children (so the replica's processes are never left as zombies), exiting with the restored init's exit code.
+leaves it the parent of the restored pid 1. It prints ``ready <pid>`` on stdout, closes stdout, waits for the
+agent to close its stdin (the agent holds the pid by a pidfd by then: a pid 1 that died at once stays a zombie
+until then, so its number is not reused under the agent), and waits for its children (so the replica's
+processes are never left as zombies), exiting with the restored init's exit code.
 
 Apart from ``_nsinit.py`` and with nothing but ``os`` imported: it starts on every restore's critical path.
 """
@@ -17,6 +19,8 @@ def reap():
         raise SystemExit(1)
     print(f"ready {children[0]}", flush=True)
     os.close(1)
+    os.read(0, 1)  # EOF once the agent attached (or died)
+    os.close(0)
     code = 0
     while True:
         try:

@@ -247,7 +247,8 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
     if huge_pages:
         env[HUGE_PAGES_ENV] = "1"
     try:
-        proc = subprocess.Popen(cgroup.join(cg, _with_kdat_cache(cmd)), stdin=subprocess.DEVNULL,
+        # stdin: the reaper's, closed once the restored pid 1 is held by its pidfd (_reap.py)
+        proc = subprocess.Popen(cgroup.join(cg, _with_kdat_cache(cmd)), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                 bufsize=0, pass_fds=(logfd, netns), start_new_session=True)
     except BaseException:
@@ -273,6 +274,7 @@ def restore(images_dir: Path, root: Path | None, log_path: Path, *, criu_log: Pa
             raise CriuError(f"criu restore did not finish in {timeout:g}s -- see log {criu_log}") from None
         raise
     finally:
+        proc.stdin.close()
         proc.stdout.close()
         proc.stderr.close()
         if netns is not None:

@@ -27,7 +27,7 @@ from thaw.snapshot import (CriuError, HookFailed, Incompatible, ReplicaError, af
 from thaw.snapshot import _linux, cgroup, sdk
 from thaw.snapshot.sdk import READY_PATH
 from thaw.snapshot.host import SnapshotError, after_restore as host_after_restore
-from thaw.snapshot.replica import answers_differ, comparable
+from thaw.snapshot.replica import REAP, answers_differ, comparable
 
 _skip = "needs root (namespaces, mounts, criu)" if os.geteuid() != 0 else criu_check()
 needs_criu = pytest.mark.skipif(_skip is not None, reason=f"CRIU unusable here: {_skip}")
@@ -440,6 +440,29 @@ def test_only_the_host_that_launched_a_server_may_call_its_hooks(roots, work):
         assert get(replica, "/seen") == {"before_snapshot": 1, "secret": SECRET}
     finally:
         replica.stop()
+
+
+def test_the_reaper_keeps_a_pid_1_that_died_at_once_until_the_agent_holds_it():
+    """criu exec()s the reaper, which prints ``ready <pid>``: a restored pid 1 that died at once (the OOM killer)
+    was reaped before the agent's pidfd_open, which then failed with a bare ProcessLookupError or, its pid
+    reused, held a stranger the next stop would SIGKILL. It stays a zombie until the agent closes its stdin."""
+    code = ("import os, sys\n"
+            "if os.fork() == 0:\n    os._exit(7)  # the restored pid 1, dead at once\n"
+            "os.execv(sys.executable, [sys.executable, '-I', '-S', sys.argv[1]])  # as criu --exec-cmd")
+    reaper = subprocess.Popen([sys.executable, "-c", code, str(REAP)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    try:
+        word, pid = reaper.stdout.readline().split()
+        assert word == b"ready"
+        time.sleep(0.3)
+        assert Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # not reaped
+        pidfd = os.pidfd_open(int(pid))
+        reaper.stdin.close()  # the agent holds it now
+        assert reaper.wait(10) == 7  # its exit code, as before
+        os.close(pidfd)
+    finally:
+        reaper.kill()
+        reaper.wait()
 
 
 def test_the_sdks_hooks_refuse_hostile_bodies_and_apply_nothing():
