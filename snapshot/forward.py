@@ -56,15 +56,20 @@ class Forwarder:
     def __init__(self, connect: Callable[[], socket.socket], bind: str = "127.0.0.1", port: int = 0):
         """Listen on ``bind:port`` (0: any free port); each connection gets an upstream from ``connect()``."""
         self.connect = connect
-        self.listener = socket.create_server((bind, port))
+        self.listener = socket.create_server((bind, port), family=socket.AF_INET6 if ":" in bind else socket.AF_INET)
         self.host, self.host_port = self.listener.getsockname()[:2]
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._accept, name=f"thaw-fwd-{self.host_port}", daemon=True)
         self._thread.start()
 
     @property
+    def address(self) -> str:
+        """host:port, an IPv6 host in brackets (as a URL has it)."""
+        return f"[{self.host}]:{self.host_port}" if ":" in self.host else f"{self.host}:{self.host_port}"
+
+    @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.host_port}"
+        return f"http://{self.address}"
 
     def _accept(self) -> None:
         while not self._closing.is_set():
@@ -83,7 +88,7 @@ class Forwarder:
     def _pipe(self, client: socket.socket) -> None:
         try:
             upstream = self.connect()
-        except (OSError, ReplicaError):
+        except (OSError, ReplicaError, RuntimeError):  # (RuntimeError: no thread to enter its namespace)
             _reset(client)  # the replica (or server) is gone: the caller sees a reset and can retry elsewhere
             return
         with client, upstream, selectors.DefaultSelector() as sel:

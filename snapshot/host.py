@@ -157,7 +157,7 @@ class Running:
     @property
     def published(self) -> dict[str, str]:
         """The replica's other published ports: ``{"9090": "host:port"}``."""
-        return {str(p): f"{f.host}:{f.host_port}" for p, f in self.forwarders.items() if p != self.port}
+        return {str(p): f.address for p, f in self.forwarders.items() if p != self.port}
 
     def stop(self, grace: float = 0.0, abort: threading.Event | None = None) -> None:
         """Stop the process tree and release its root (once: later calls do nothing). With ``grace``, its server

@@ -150,3 +150,21 @@ def test_closing_the_forwarder_resets_the_connections_under_way():
         with pytest.raises(ConnectionResetError):
             while s.recv(100):
                 pass
+
+
+def test_a_replica_is_published_on_an_ipv6_address_too():
+    """THAW_REPLICA_BIND=::1 (or ::): every replica restored, then failed to publish (an IPv4 socket for an IPv6
+    address) and was stopped. Its endpoint names the host in brackets, as a URL must."""
+    def echo(c):
+        with c:
+            c.sendall(c.recv(100))
+    srv = serve(echo)
+    fwd = Forwarder(replica_port(HostSocket(), srv.getsockname()[1]), "::1")
+    try:
+        assert fwd.endpoint == f"http://[::1]:{fwd.host_port}" and fwd.address == f"[::1]:{fwd.host_port}"
+        with socket.create_connection(("::1", fwd.host_port), timeout=10) as c:
+            c.sendall(b"ping")
+            assert c.recv(100) == b"ping"
+    finally:
+        fwd.close()
+        srv.close()
