@@ -451,7 +451,11 @@ def open_log(log_path: Path) -> tuple[int, str]:
     """Open (append) a replica's log; the fd and its CRIU external-file id ``file[mnt_id:inode]``."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-    return fd, f"file[{_linux.fd_mnt_id(fd):x}:{os.fstat(fd).st_ino:x}]"
+    try:
+        return fd, f"file[{_linux.fd_mnt_id(fd):x}:{os.fstat(fd).st_ino:x}]"
+    except BaseException:  # out of fds for /proc/self/fdinfo, say: the log's must not leak
+        os.close(fd)
+        raise
 
 
 def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, log_path: Path, *,
@@ -477,8 +481,14 @@ def launch(root: Path | None, argv: list[str], env: dict[str, str], cwd: str, lo
         raise ValueError("launch() needs a command")
     t0 = time.monotonic()
     logfd, ext = open_log(log_path)
-    status_r, status_w = os.pipe()
-    env_r, env_w = os.pipe()
+    fds = [logfd]
+    try:
+        fds += [*os.pipe(), *os.pipe()]
+    except BaseException:  # out of fds: none of these may leak
+        for fd in fds:
+            os.close(fd)
+        raise
+    status_r, status_w, env_r, env_w = fds[1:]
     cmd = [*UNSHARE, *(UNSHARE_ROOT if root else []), "--", sys.executable, "-I", "-S", str(NSINIT), "init",
            "--root", str(root or ""),
            "--status-fd", str(status_w), "--env-fd", str(env_r), "--log-fd", str(logfd), "--cwd", cwd,
