@@ -218,6 +218,22 @@ def _stop_after_failure(running: Running) -> None:
         log.warning("replica %s: clean-up after a failed start: %s", running.id, e)
 
 
+def _kill_if(pid: int, still: Callable[[int], bool]) -> None:
+    """SIGKILL ``pid`` if ``still(pid)`` holds once the process is held by a pidfd: a check on a bare pid, then a
+    kill, could hit another process given the number in between."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # gone
+        return
+    try:
+        if still(pid):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:  # exited meanwhile
+        pass
+    finally:
+        os.close(pidfd)
+
+
 def clear(d: Path) -> None:
     """Stop the replica recorded in ``d`` (by pid, only if that pid still has the recorded start time),
     unmount whatever is mounted under ``d``, remove ``d``: what an agent that died left behind."""
@@ -226,14 +242,11 @@ def clear(d: Path) -> None:
         info = json.loads(rec.read_text() or "{}")
     except (OSError, ValueError):  # none, or cut short by a killed agent: the mount scan below still finds it
         info = {}
-    if info:
-        pid = info.get("pid")
-        if pid and info.get("start") and _starttime(pid) == info["start"]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    if info.get("pid") and info.get("start"):
+        _kill_if(info["pid"], lambda p: _starttime(p) == info["start"])
+    mine = os.readlink("/proc/self/ns/mnt")
     for pid in _pids_using(d):  # replicas that no record names: their agent was killed mid-restore
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        _kill_if(pid, lambda p: _uses(str(p), d, mine))  # (the scan took a while: it may have exited since)
     for mnt in sorted((m for m in _linux.mountpoints() if m.startswith(f"{d}/")), key=len, reverse=True):
         with contextlib.suppress(OSError):
             _linux.umount(mnt, _linux.MNT_DETACH)
@@ -244,19 +257,17 @@ def _pids_using(d: Path) -> list[int]:
     """Processes in other mount namespaces whose root ("/") is a mount naming a path under ``d`` (a replica on
     its overlay root). Not those that merely hold a copy of such a mount: a criu (and the reaper it becomes)
     restoring another replica copied the agent's mounts of that moment into its namespace."""
-    mine, needle, out = os.readlink("/proc/self/ns/mnt"), f"{d}/", []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            if os.readlink(f"/proc/{name}/ns/mnt") == mine:
-                continue
-            if any(m.mountpoint == "/" and any(needle in p for p in _named_paths(m))
-                   for m in imagefs_mount.mountinfo(name)):
-                out.append(int(name))
-        except OSError:
-            continue
-    return out
+    mine = os.readlink("/proc/self/ns/mnt")
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and _uses(name, d, mine)]
+
+
+def _uses(pid: str, d: Path, mine: str) -> bool:
+    """Whether process ``pid``, in a mount namespace other than ``mine``, has a root naming a path under ``d``."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") != mine and any(
+            m.mountpoint == "/" and any(f"{d}/" in p for p in _named_paths(m)) for m in imagefs_mount.mountinfo(pid))
+    except OSError:
+        return False
 
 
 def _named_paths(m: imagefs_mount.MountInfo) -> list[str]:
