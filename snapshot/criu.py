@@ -93,6 +93,9 @@ def _with_kdat_cache(cmd: list[str]) -> list[str]:
     if st is None or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         log.warning("%s is not a private directory of ours: criu re-probes the kernel on every run", KDAT_RUN_DIR)
         return cmd
+    if "--exec-cmd" in cmd:  # what criu becomes (the reaper, for the replica's life) goes back to our namespace:
+        at = cmd.index("--exec-cmd") + 2  # this one holds a copy of every mount we had, unmounted here or not
+        cmd = [*cmd[:at], "nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *cmd[at:]]
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
             'mount --bind "$0" /run && exec "$@"', KDAT_RUN_DIR, *cmd]
 

@@ -344,6 +344,9 @@ def test_secret_arrives_after_restore_only(snapshot, roots, work):
     cp, _ = snapshot
     replica = restore(cp.images_dir, roots().path, work / "secret.log")
     try:
+        # the reaper (what criu became) lives in the agent's mount namespace, not in the one criu may have run
+        # in for its kdat cache, which held a copy of every mount of the agent (stopped replicas' roots too)
+        assert os.readlink(f"/proc/{replica.proc.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
         assert get(replica, "/secret")["secret"] is None
         answer = after_restore(replica, PORT, {"API_KEY": SECRET}, restore_id="rid-1")
         assert answer == {"restore_id": "rid-1", "env": ["API_KEY"], "callbacks": 1}
@@ -440,6 +443,20 @@ def test_only_the_host_that_launched_a_server_may_call_its_hooks(roots, work):
         assert get(replica, "/seen") == {"before_snapshot": 1, "secret": SECRET}
     finally:
         replica.stop()
+
+
+def test_clear_stops_a_replica_no_record_names_and_unmounts_its_root(image, work):
+    """What an agent killed mid-restore leaves: a replica on an overlay root under its dir, no record. An agent
+    start (cleanup_stale -> clear) finds it by its root's mount, kills it (held by a pidfd first: the scan of
+    /proc takes a while, so its pid could be another process's by then), unmounts and removes the dir."""
+    from thaw.snapshot.host import clear
+
+    d = work / "orphan"
+    replica = start(prepare_root(image, d), work, "orphan", data_mb=1)
+    replica.wait_ready(PORT, "/health", timeout=60)
+    clear(d)
+    assert replica.proc.wait(10) is not None and not d.exists()
+    assert not [m for m in _linux.mountpoints() if m.startswith(f"{d}/")]
 
 
 def test_the_reaper_keeps_a_pid_1_that_died_at_once_until_the_agent_holds_it():
