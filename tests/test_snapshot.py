@@ -1002,11 +1002,14 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     from thaw.registry import deployments
     from thaw.registry.models import Replica
     deployments.add_replica(cfg.registry_url, Replica(id="r-orphan", deployment="", snapshot_digest=snap,
-                                                      host_id="gone", endpoint="http://127.0.0.1:9", outcome="restored"))
-    for cmd in ("stop", "logs"):  # a host whose agent is not heartbeating
-        res = thaw_cli("replicas", cmd, "r-orphan", ok=False)
-        assert res.exit_code == 1 and "the agent of host gone is down" in res.output, res.output
-    deployments.remove_replica(cfg.registry_url, "r-orphan")
+                                                      host_id="gone", endpoint="http://127.0.0.1:9",
+                                                      outcome="restored"))
+    for cmd, then in (("stop", "(`thaw replicas stop --forget` forgets it now)"), ("logs", "its logs stay")):
+        res = thaw_cli("replicas", cmd, "r-orphan", ok=False)  # a host whose agent is not heartbeating
+        assert res.exit_code == 1 and "the agent of host gone is down" in res.output and then in res.output, res.output
+    # a host that never comes back: its kept replica held the snapshot against `thaw snapshots rm` for good
+    assert "forgot r-orphan" in thaw_cli("replicas", "stop", "--forget", "r-orphan").output
+    assert "r-orphan" not in {r.id for r in deployments.replicas(cfg.registry_url)}
     assert set(agent.serving) == {r["replica"] for r in reps}, "a refused stop stops nothing"
 
     # a criu restoring one replica copies the agent's mounts, the other's overlay root among them, into the

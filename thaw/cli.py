@@ -767,8 +767,9 @@ def _published(ports: dict[str, str] | None) -> str:
     return "".join(f" {p}->{a}" for p, a in sorted((ports or {}).items()))
 
 
-def _replica_hosts(cfg, ids) -> list:
-    """(registry row, its agent's task queue) of each serving replica in ``ids``; one-line failure otherwise."""
+def _replica_hosts(cfg, ids, down_ok: bool = False) -> list:
+    """(registry row, its agent's task queue) of each serving replica in ``ids``; one-line failure otherwise.
+    ``down_ok``: a replica whose host's agent is down comes with the queue None."""
     from thaw.registry import deployments, snapshots
 
     rows = {r.id: r for r in deployments.replicas(cfg.registry_url)}
@@ -778,7 +779,9 @@ def _replica_hosts(cfg, ids) -> list:
         r = rows.get(rid)
         if r is None:
             _fail(f"no replica {rid!r} serving (see `thaw replicas ls`)")
-        out.append((r, _agent_queue(live, rid, r.host_id, "a restarted agent stops what it left running")))
+        out.append((r, None if down_ok and r.host_id not in live else _agent_queue(
+            live, rid, r.host_id, "a restarted agent stops what it left running (`thaw replicas stop --forget` "
+                                  "forgets it now)")))
     return out
 
 
@@ -791,20 +794,31 @@ def _agent_queue(live: dict, rid: str, host_id: str, then: str) -> str:
 
 @replicas.command("stop")
 @click.argument("ids", nargs=-1, required=True)
+@click.option("--forget", is_flag=True, help="A replica whose host's agent is down: forget it now (it holds its "
+                                             "snapshot against `thaw snapshots rm`); the agent, if it ever starts "
+                                             "again, stops what it left running.")
 @click.pass_obj
-def replicas_stop(cfg, ids):
+def replicas_stop(cfg, ids, forget):
     """Stop replicas kept by `thaw restore --keep` (a deployment's: `thaw scale NAME N`)."""
+    from thaw.registry import deployments
     from thaw.workflows.build_snapshot import StopReplicas, StopTarget
 
-    targets = []
-    for r, queue in _replica_hosts(cfg, ids):
+    targets, gone = [], []
+    for r, queue in _replica_hosts(cfg, ids, down_ok=forget):
         if r.deployment:
             _fail(f"replica {r.id} belongs to deployment {r.deployment!r}: its pool would replace it; "
                   f"use `thaw scale {r.deployment} N` or `thaw undeploy {r.deployment}`")
-        targets.append(StopTarget(r.id, queue))
-    _run_workflow(cfg, StopReplicas.run, targets, f"stop-replicas-{uuid.uuid4().hex[:12]}",
-                  f"stop of {len(targets)} replica(s)", quiet=True)
-    click.echo(f"stopped {' '.join(t.replica_id for t in targets)}")
+        if queue:
+            targets.append(StopTarget(r.id, queue))
+        else:
+            gone.append(r)
+    if targets:
+        _run_workflow(cfg, StopReplicas.run, targets, f"stop-replicas-{uuid.uuid4().hex[:12]}",
+                      f"stop of {len(targets)} replica(s)", quiet=True)
+        click.echo(f"stopped {' '.join(t.replica_id for t in targets)}")
+    for r in gone:
+        deployments.remove_replica(cfg.registry_url, r.id)
+        click.echo(f"forgot {r.id} (the agent of host {r.host_id} is down; if it starts again, it stops it)")
 
 
 @replicas.command("logs")
