@@ -1012,9 +1012,9 @@ def test_kept_replicas_are_published_listed_protect_their_snapshot_and_stop(cfg,
     assert "r-orphan" not in {r.id for r in deployments.replicas(cfg.registry_url)}
     assert set(agent.serving) == {r["replica"] for r in reps}, "a refused stop stops nothing"
 
-    # a criu restoring one replica copies the agent's mounts, the other's overlay root among them, into the
-    # namespace its reaper keeps: removing a stopped replica's dir detaches those copies (else its overlay and
-    # upper layer would live on until the other replica stops)
+    # a criu run in a namespace of its own (the kdat cache) copies the agent's mounts, the other's overlay root
+    # among them: its reaper goes back to the agent's namespace, and were a copy held anywhere, removing a stopped
+    # replica's dir detaches it (else its overlay and upper layer would live on until the other replica stops)
     def held(by, rid):
         return [m for m in mountinfo(by.replica.proc.pid) if rid in m.mountpoint + m.super_options]
 
