@@ -563,15 +563,26 @@ class HostSnapshots:
                                     stop_signal=parse_signal(spec.get("stop_signal") or "SIGTERM"),
                                     on_stop=functools.partial(self.give_gpu, slot))
         except BaseException:
-            try:
-                if replica is not None:
-                    replica.stop()
-            finally:
+            def release() -> None:
                 self.give_gpu(slot)
                 root.cleanup()
                 shutil.rmtree(work, ignore_errors=True)
                 _end_logs(logs, keep=True)  # the error names them
-            raise
+
+            alive = None
+            try:
+                if replica is not None:
+                    replica.stop()
+            except criu.ReplicaError as e:  # it outlived its SIGKILL: its GPU, root and dir stay its own till gone
+                alive = replica
+                log.error("replica %s: not stopped after its failed start (%s); what it uses goes once it is gone",
+                          rid, first_line(e))
+                threading.Thread(target=lambda: (alive.proc.wait(), release()), name=f"thaw-release-{rid}",
+                                 daemon=True).start()
+            finally:
+                if alive is None:
+                    release()
+            raise  # what failed the start
 
     def close(self) -> None:
         """Unpin and unmount this host's image and snapshot trees, remove its replicas' cgroup (stop the replicas

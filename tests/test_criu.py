@@ -459,6 +459,39 @@ def test_clear_stops_a_replica_no_record_names_and_unmounts_its_root(image, work
     assert not [m for m in _linux.mountpoints() if m.startswith(f"{d}/")]
 
 
+def test_a_failed_start_whose_process_outlives_its_sigkill_keeps_its_gpu_and_root_till_it_is_gone(tmp_path):
+    """A replica that failed to start is stopped; one that outlives its SIGKILL (stuck in the kernel, a wedged
+    driver call) still uses its GPU and root: they were handed back at once (the next replica got a busy GPU, the
+    root was detached under it). Now they go once it is gone, and the start's own error is what is raised."""
+    import threading
+    import types
+
+    from thaw.snapshot.host import HostSnapshots
+
+    gone, released = threading.Event(), []
+
+    class Stuck:
+        proc = types.SimpleNamespace(wait=lambda: gone.wait(30))
+
+        def stop(self):
+            raise ReplicaError("replica 42 is still there 10 s after SIGKILL")
+
+    host = types.SimpleNamespace(give_gpu=lambda slot: released.append(f"gpu {slot}"))
+    root = types.SimpleNamespace(cleanup=lambda: released.append("root"))
+    work, logs = tmp_path / "work", tmp_path / "logs" / "r-1"
+    work.mkdir()
+    logs.mkdir(parents=True)
+    with pytest.raises(KeyError):  # the start's own failure (here: a spec without a port), not the stop's
+        HostSnapshots._own(host, "r-1", Stuck, root, {}, work, logs, 0)
+    time.sleep(0.2)
+    assert released == [] and work.exists()
+    gone.set()
+    deadline = time.monotonic() + 10
+    while len(released) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert released == ["gpu 0", "root"] and not work.exists()
+
+
 def test_the_reaper_keeps_a_pid_1_that_died_at_once_until_the_agent_holds_it():
     """criu exec()s the reaper, which prints ``ready <pid>``: a restored pid 1 that died at once (the OOM killer)
     was reaped before the agent's pidfd_open, which then failed with a bare ProcessLookupError or, its pid
