@@ -78,12 +78,14 @@ class HostActivities:
         t0 = time.monotonic()
         dump = Path(ck.dump_dir)
         stored = dump.parent / STORED_FILE
-        if stored.exists():  # an earlier attempt stored it and dropped the dump
-            return StoredSnapshot(**json.loads(stored.read_text()))
-        if not dump.is_dir():
-            raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
-        after_gc(self.cfg)
-        with keepalive("store"):  # a large dump, or its upload to S3, outlasts the heartbeat timeout
+        # a large dump, or its upload to S3, outlasts the heartbeat timeout; a retry waits for an attempt that
+        # timed out but still stores here (it would drop the dump under the retry's reads)
+        with keepalive("store"), self.host.build_lock(ck.build_id):
+            if stored.exists():  # an earlier attempt stored it and dropped the dump
+                return StoredSnapshot(**json.loads(stored.read_text()))
+            if not dump.is_dir():
+                raise SnapshotError(f"checkpoint of build {ck.build_id} is gone from {dump}; rebuild the snapshot")
+            after_gc(self.cfg)
             # the whiteouts among what the server wrote to its root (Root.keep_writes left out other devices); no
             # size limits of images: a process's memory (with the GPU memory a checkpoint parks in it) is one
             # pages-N.img, over 64 GiB for a large model, and this host's disk holds it already
@@ -91,11 +93,11 @@ class HostActivities:
                                          max_file_size=sys.maxsize, max_image_size=sys.maxsize)
             manifest, _, new_bytes = ingest_and_commit(SourceSpec("dir", str(dump)), self.host.store,
                                                        f"{ck.build_id}-snapshot", limits)
-        stats = manifest.stats()
-        res = StoredSnapshot(manifest.digest, stats["size"], stats["files"], new_bytes,
-                             int((time.monotonic() - t0) * 1000))
-        write_atomic(stored, json.dumps(dataclasses.asdict(res)))
-        shutil.rmtree(dump)
+            stats = manifest.stats()
+            res = StoredSnapshot(manifest.digest, stats["size"], stats["files"], new_bytes,
+                                 int((time.monotonic() - t0) * 1000))
+            write_atomic(stored, json.dumps(dataclasses.asdict(res)))
+            shutil.rmtree(dump)
         return res
 
     @activity.defn(name="discard_build")

@@ -685,10 +685,11 @@ class HostSnapshots:
         return sorted(d.name for d in builds.iterdir() if (d / RESULT).exists()) if builds.is_dir() else []
 
     @contextlib.contextmanager
-    def _build(self, build_id: str):
-        """Held by a checkpoint attempt and by a discard of ``build_id``: a retry that arrives while an attempt
-        that timed out still runs here (blocked in a dump, say) waits for it instead of clearing its dir. Waits
-        in 1 s steps: a cancel that Temporal raises into the waiting thread lands between them."""
+    def build_lock(self, build_id: str):
+        """Held by a checkpoint attempt, a store attempt and a discard of ``build_id``: a retry that arrives while
+        an attempt that timed out still runs here (blocked in a dump, say) waits for it instead of clearing its dir
+        (or, storing, reading a dump the other drops). Waits in 1 s steps: a cancel that Temporal raises into the
+        waiting thread lands between them."""
         with self._builds_lock:
             lock = self._builds.setdefault(build_id, threading.Lock())
         while not lock.acquire(timeout=1):
@@ -703,7 +704,7 @@ class HostSnapshots:
         prune_logs). What the agent remembers of ended builds is bounded: their locks go now (an attempt already
         waiting on one is refused when it gets it; a later one takes a new lock and is refused too), their ids
         after DISCARDED_KEPT_S, long past any attempt of a closed workflow."""
-        with self._build(build_id) as lock:
+        with self.build_lock(build_id) as lock:
             now = time.monotonic()
             with self._builds_lock:
                 self._discarded = {b: t for b, t in self._discarded.items() if now - t < DISCARDED_KEPT_S}
@@ -717,7 +718,7 @@ class HostSnapshots:
     def take(self, build_id: str, image_digest: str, spec: dict, golden: dict,
              beat: Callable[[str], None] = lambda stage: None) -> dict:
         """Launch once, wait healthy, answer the golden request, checkpoint. Idempotent per build_id."""
-        with self._build(build_id):
+        with self.build_lock(build_id):
             if build_id in self._discarded:  # an attempt that waited out its workflow's end: nobody wants it
                 raise SnapshotError(f"build {build_id} has ended (its dir was dropped): not launched again")
             return self._take(build_id, image_digest, spec, golden, beat)

@@ -6,6 +6,7 @@ The image is a small real root filesystem (Debian's python3.11 + stdlib) with te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -1385,7 +1386,7 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
     entered, got, real = [], [], host._take
     host._take = lambda *a: entered.append(a[0]) or real(*a)
     try:
-        with host._build("b1"):  # the first attempt, still running
+        with host.build_lock("b1"):  # the first attempt, still running
             t = threading.Thread(target=lambda: got.append(host.take("b1", "img", {}, {})))
             t.start()
             t.join(1.5)
@@ -1395,7 +1396,7 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
         t.join(10)
         assert got == [{"dump_dir": "d"}] and entered == ["b1"]
         host._discarded["b0"] = time.monotonic() - DISCARDED_KEPT_S - 1  # a build that ended a day ago
-        with host._build("b1"):
+        with host.build_lock("b1"):
             t = threading.Thread(target=host.discard, args=("b1",))
             t.start()
             t.join(1.5)
@@ -1406,6 +1407,37 @@ def test_a_checkpoint_retry_waits_for_the_attempt_still_running(cfg):
         with pytest.raises(SnapshotError, match="build b1 has ended"):  # an attempt arriving late
             host.take("b1", "img", {}, {})
         assert entered == ["b1"] and not work.exists()
+    finally:
+        host.close()
+
+
+def test_a_store_retry_waits_for_the_attempt_still_storing(cfg):
+    """A store that outran its time limit is retried on the host while the first attempt still runs (it learns of
+    its cancel at its next heartbeat): the retry ingested the same dump, which the first attempt deleted when it
+    finished, and failed the build for good on the missing files. It waits, then answers with what was stored."""
+    import threading
+
+    from thaw.activities.host import STORED_FILE, HostActivities
+    from thaw.snapshot.host import HostSnapshots
+    from thaw.workflows.build_snapshot import CheckpointResult, StoredSnapshot
+
+    host = HostSnapshots(cfg)
+    acts = HostActivities(cfg, host)
+    work = cfg.work_dir / "builds" / "b2"
+    (work / "dump").mkdir(parents=True)
+    ck = CheckpointResult("b2", str(work / "dump"), "g", 1, {}, "k", {})
+    got = []
+    try:
+        with host.build_lock("b2"):  # the first attempt, still storing
+            t = threading.Thread(target=lambda: got.append(acts.store_snapshot(ck)))
+            t.start()
+            t.join(1.5)
+            assert t.is_alive()
+            stored = StoredSnapshot("d" * 64, 10, 2, 10, 5)  # what it ends with: the record, the dump gone
+            (work / STORED_FILE).write_text(json.dumps(dataclasses.asdict(stored)))
+            (work / "dump").rmdir()
+        t.join(10)
+        assert got == [stored]
     finally:
         host.close()
 
