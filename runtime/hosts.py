@@ -140,7 +140,8 @@ def _stop_agent(proc: subprocess.Popen, host_cfg: Config) -> None:
     30 s; then clear what it left."""
     from .agent import release_if_dead
 
-    _stop_pid(proc.pid, timeout=30)
+    if proc.returncode is None:  # not reaped yet (wait_started polls it): its pid is still its own
+        _stop_pid(proc.pid, timeout=30)
     with contextlib.suppress(Exception):  # the registry down, say: the host goes stale on its own
         release_if_dead(host_cfg)
 
