@@ -221,7 +221,7 @@ class HostActivities:
 
     def _serve(self, running: Running, deployment: str, snapshot: str, outcome: str, ports=()) -> str:
         """Publish ``running``, record it in the registry and keep it serving under this agent; returns its
-        endpoint, or "" (replica stopped) when the agent is stopping: it would have no owner."""
+        endpoint, or "" (replica stopped) when the agent is leaving: it would have no owner (and no traffic)."""
         try:
             endpoint = running.publish(self.cfg.replica_bind, ports)
             deployments.add_replica(self.cfg.registry_url, Replica(
@@ -232,7 +232,7 @@ class HostActivities:
                 running.stop()
             raise
         with self.lock:
-            if not self.closing and running.id not in self.unwanted:
+            if not self.closing and not self.leaving.is_set() and running.id not in self.unwanted:
                 self.serving[running.id] = running
                 return endpoint
         with contextlib.suppress(criu.ReplicaError):

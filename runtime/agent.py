@@ -48,11 +48,26 @@ def register(cfg: Config, host: HostSnapshots) -> None:
                           cfg.host_capacity)
 
 
+_beat_lock = threading.Lock()  # a heartbeat's check and write, and the write that marks the host gone
+
+
 def beat(cfg: Config, acts: HostActivities) -> None:
-    """One heartbeat: this host marked alive in the registry. Nothing once the agent is stopping: it marks the
-    host gone itself."""
-    if not acts.closing:
-        snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+    """One heartbeat: this host marked alive in the registry. Nothing once the agent is leaving: it marks the
+    host gone itself (a beat written after that would make it look live again)."""
+    with _beat_lock:
+        if not acts.closing and not acts.leaving.is_set():
+            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id)
+
+
+def mark_gone(cfg: Config, acts: HostActivities) -> None:
+    """The agent is leaving: no work placed on this host from now on, not only after host_stale_s (its worker
+    takes no more; starts placed here would wait out their pickup timeout)."""
+    acts.leaving.set()
+    with _beat_lock:
+        try:
+            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id, gone=True)
+        except Exception as e:  # noqa: BLE001 - the registry down: the host goes stale in host_stale_s
+            log.warning("agent %s: could not mark the host gone: %s", cfg.host_id, first_line(e))
 
 
 def tidy(cfg: Config, acts: HostActivities) -> None:
@@ -227,11 +242,11 @@ def s3_relay(cfg: Config) -> Forwarder | None:
         raise RuntimeError(f"S3 relay on 127.0.0.1:{url.port}: {e.strerror or e}") from None
 
 
-async def _leave_when(stop: asyncio.Event, acts: HostActivities) -> None:
-    """Once the agent is told to stop (SIGTERM), replica stops under way end their drain and grace: its worker
-    waits for those before the agent's own stop can run."""
+async def _leave_when(stop: asyncio.Event, cfg: Config, acts: HostActivities) -> None:
+    """Once the agent is told to stop (SIGTERM), replica stops under way end their drain and grace (its worker
+    waits for those before the agent's own stop can run), and the host is marked gone."""
     await stop.wait()
-    acts.leaving.set()
+    await asyncio.to_thread(mark_gone, cfg, acts)
 
 
 async def run(cfg: Config, ready_file: Path | None = None) -> None:
@@ -254,17 +269,14 @@ async def run(cfg: Config, ready_file: Path | None = None) -> None:
     acts = HostActivities(cfg, host)
     log.info("agent %s: facts %s; metrics on :%s", cfg.host_id,
              {k: v for k, v in host.facts.items() if k != "cpu_flags"}, port)
-    leave = asyncio.ensure_future(_leave_when(stop, acts))
+    leave = asyncio.ensure_future(_leave_when(stop, cfg, acts))
     try:
         await serve(cfg, lambda client, ex: build_agent_worker(client, cfg, acts, ex), ready_file,
                     background=lambda client: background(cfg, acts, client), stop=stop)
     finally:
         leave.cancel()
         acts.stop_all()
-        try:  # no work placed here until an agent runs again (not after host_stale_s)
-            snapshots.heartbeat_host(cfg.registry_url, cfg.host_id, gone=True)
-        except Exception as e:  # noqa: BLE001 - the registry down: the host goes stale in host_stale_s
-            log.warning("agent %s: could not mark the host gone: %s", cfg.host_id, e)
+        mark_gone(cfg, acts)  # again: the agent may end without a SIGTERM (its worker failed)
         host.close()
         if relay:
             relay.close()

@@ -1033,6 +1033,29 @@ def test_an_agent_that_stops_or_cannot_reach_temporal_is_not_left_live(cfg, work
     assert any(h.id == "lonely" for h in snapshots.list_hosts(cfg.registry_url)) and not live("lonely")
 
 
+def test_a_leaving_agent_marks_its_host_gone_at_once_and_no_late_beat_undoes_it(cfg):
+    """SIGTERM: the agent's worker takes no more work at once, but the host was marked gone only once the work
+    under way ended (a start can take minutes), so pools placed starts on a queue nobody polled; and a heartbeat
+    under way could write "alive" after "gone". Now it is marked gone when it starts leaving, and no beat after."""
+    import threading
+    import types
+
+    from thaw.runtime.agent import beat, mark_gone
+
+    def live():
+        return any(h.id == "leaver" for h in snapshots.live_hosts(cfg.registry_url, cfg.host_stale_s))
+
+    mine = cfg.model_copy(update={"host_id": "leaver"})
+    acts = types.SimpleNamespace(closing=False, leaving=threading.Event())
+    snapshots.upsert_host(cfg.registry_url, "leaver", "thaw-host-leaver", {}, None, 4)
+    beat(mine, acts)
+    assert live()
+    mark_gone(mine, acts)  # what SIGTERM does now, before the work under way ends
+    assert acts.leaving.is_set() and not live()
+    beat(mine, acts)  # one that was under way
+    assert not live()
+
+
 def test_a_second_agent_of_a_host_is_refused_and_leaves_the_first_alone(cfg, worker):
     """Two agents of one host (one from `thaw up`, one run by hand) would each take the other's replicas for
     stale ones: the second refuses to start, in one line, before it touches anything; so does an agent whose
