@@ -523,6 +523,7 @@ def test_the_agents_health_checks_go_on_after_a_failed_round_and_end_with_the_ag
 def test_the_agents_heartbeat_is_not_held_by_its_clean_up(cfg, monkeypatch):
     """The real agent's loops: stopping an orphan replica waits for its process to go, an unmount for its daemon.
     Those ran in the heartbeat's round, and a few of them made a live host look dead (every replica replaced)."""
+    import threading
     import types
 
     from thaw.runtime import agent
@@ -530,8 +531,9 @@ def test_the_agents_heartbeat_is_not_held_by_its_clean_up(cfg, monkeypatch):
     beats = []
     monkeypatch.setattr(agent.snapshots, "heartbeat_host", lambda url, host_id: beats.append(time.monotonic()))
     slow = lambda *a: time.sleep(1.0)  # noqa: E731
-    acts = types.SimpleNamespace(closing=False, serving={}, reap=slow, stop_orphans=slow, host=types.SimpleNamespace(
-        pins=types.SimpleNamespace(pinned_bytes=0), gpu_loads=lambda: [], release_idle=slow))
+    acts = types.SimpleNamespace(closing=False, leaving=threading.Event(), serving={}, reap=slow, stop_orphans=slow,
+                                 host=types.SimpleNamespace(pins=types.SimpleNamespace(pinned_bytes=0),
+                                                            gpu_loads=lambda: [], release_idle=slow))
     fast = cfg.model_copy(update={"agent_heartbeat_s": 0.05, "mount_idle_s": 1})
 
     async def main():
