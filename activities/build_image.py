@@ -87,12 +87,13 @@ class Heartbeat:
 
 def retried(e: BaseException) -> bool:
     """Whether Temporal runs this activity again after it raises ``e``: not after a non-retryable error, a
-    cancel the workflow asked for (or of an activity the server no longer knows), or its last attempt. A cancel
-    for a timeout, a worker's shutdown, a pause or a reset is retried."""
+    cancel the workflow asked for, or its last attempt. A cancel for a timeout, a worker's shutdown, a pause or
+    a reset is retried; so may one for an attempt the server no longer knows (it timed out and the next attempt
+    may already use the staging area: what a closed build leaves, `thaw gc` sweeps)."""
     info = activity.info()
     if isinstance(e, CancelledError) or activity.is_cancelled():
         why = activity.cancellation_details()
-        if why is None or why.cancel_requested or why.not_found:
+        if why is None or why.cancel_requested:
             return False
     elif (isinstance(e, ApplicationError) and e.non_retryable) or not isinstance(e, Exception):
         return False

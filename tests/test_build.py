@@ -294,7 +294,7 @@ def test_a_full_disk_fails_a_build_at_once_and_registers_nothing(cfg, thaw_cli, 
 
 @pytest.mark.parametrize("why, again", [
     (dict(cancel_requested=True), False),  # the workflow asked: the build ends, its staging goes
-    (dict(not_found=True), False),  # the server no longer knows the activity
+    (dict(not_found=True), True),  # the server no longer knows this attempt: the next may use the staging now
     (dict(timed_out=True), True),  # these run again: a finished ingest's staging is kept for the next attempt
     (dict(worker_shutdown=True), True),
     (dict(paused=True), True),
