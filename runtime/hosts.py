@@ -187,9 +187,9 @@ def down(cfg: Config) -> list[str]:
 
     done, kept, failed = [], [], []
     for h in _load(cfg):
-        # still that agent (a pid reused since is in another namespace), checked again once its pidfd is held
-        if _in_netns(h["pid"], h["netns"]):
-            _stop_pid(h["pid"], timeout=30, ours=lambda: _in_netns(h["pid"], h["netns"]))  # then SIGKILL: its session
+        # SIGTERM, then SIGKILL of its session, if still that agent once its pidfd is held (a pid reused since is
+        # in another namespace; a pid gone is nothing to stop)
+        _stop_pid(h["pid"], timeout=30, ours=lambda: _in_netns(h["pid"], h["netns"]))
         try:  # it died, or was killed in the end: what it left goes
             cleared = release_if_dead(cfg.model_copy(update={"host_id": h["host_id"]}))
             why = "" if cleared else "its agent still runs (stuck in the kernel?)"
