@@ -37,9 +37,9 @@ from thaw.imagefs.store import ChunkStore, StoreError, check_digest, digest_of
 from . import _linux, cgroup, compat, criu, cuda, nvidia
 from .forward import Forwarder, replica_port
 from .pin import Pins
-from .sdk import HOOK_TOKEN_ENV
 from .replica import (DEFAULT_HEALTH, GOLDEN_TIMEOUT_S, answers_differ, golden_answer as replica_golden_answer,
                       parse_signal, signal_name, tail)
+from .sdk import HOOK_TOKEN_ENV
 
 log = logging.getLogger("thaw.snapshot")
 RECORD = "replica.json"
